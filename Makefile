@@ -1,0 +1,34 @@
+# llmray developer entry points. Each target builds its own .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: venv test lint format demo gpu-test clean
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+
+venv: $(BIN)/activate
+
+lint: venv
+	$(BIN)/ruff check llmray tests bench jobs
+	$(BIN)/ruff format --check llmray tests bench jobs
+
+format: venv
+	$(BIN)/ruff format llmray tests bench jobs
+	$(BIN)/ruff check --fix llmray tests bench jobs
+
+test: venv lint
+	$(BIN)/pytest -q
+
+demo: venv
+	$(BIN)/llmray demo
+
+gpu-test:
+	$(PY) -m pytest -q -m gpu tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

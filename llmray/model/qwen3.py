@@ -1,0 +1,243 @@
+"""The Qwen3 decoder, single device, with Hugging Face ``Qwen3ForCausalLM`` parameter names.
+
+Sources: the Qwen3 technical report and transformers' ``modeling_qwen3.py`` (pre-norm blocks with RMSNorm,
+GQA with per-head q/k RMSNorm, rotary embeddings in rotate-half layout, SwiGLU MLP, optional tied head).
+
+Seams for the rest of llmray (this file imports none of them):
+- ``kernels="torch" | "triton" | "auto"`` picks the implementation of norm/rope/activation/loss (ops.py);
+- ``attn_metadata`` (an ``AttentionBackend``) receives q/k/v and owns the KV cache (engine, generate);
+- quantisation and LoRA wrap the ``nn.Linear`` modules from outside (peft, bitsandbytes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from llmray.config import ModelConfig
+from llmray.model.attention import AttentionBackend, causal_attention
+from llmray.model.ops import ModelOps, resolve_ops
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_pos, head_dim/2) in fp32, as HF computes them (inv_freq in fp32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, hidden)
+        positions: torch.Tensor,  # (B, T)
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        ops: ModelOps,
+        attn_metadata: AttentionBackend | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+        k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        q, k = ops.rope(q, k, positions, rope_cos, rope_sin)
+        if attn_metadata is None:
+            out = causal_attention(q, k, v, self.scale)
+        else:
+            out = attn_metadata.attend(self.layer_idx, q, k, v)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Qwen3Attention(config, layer_idx)
+        self.mlp = Qwen3MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        ops: ModelOps,
+        attn_metadata: AttentionBackend | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (normed input for the next block's branch, residual stream) — fused add+norm."""
+        eps = self.input_layernorm.eps
+        if residual is None:
+            residual, h = x, ops.rms_norm(x, self.input_layernorm.weight, eps)
+        else:
+            h, residual = ops.add_rms_norm(x, residual, self.input_layernorm.weight, eps)
+        h = self.self_attn(h, positions, rope_cos, rope_sin, ops, attn_metadata)
+        h, residual = ops.add_rms_norm(h, residual, self.post_attention_layernorm.weight, eps)
+        return self.mlp(h, ops), residual
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen3ForCausalLM(nn.Module):
+    """Qwen3 causal LM. ``forward`` serves training (full causal sequences) and the engine (packed tokens)."""
+
+    def __init__(self, config: ModelConfig, kernels: str = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.kernels = kernels
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.gradient_checkpointing = False
+        self._ops: ModelOps | None = None
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    # --- ops selection -------------------------------------------------------------------------
+    @property
+    def ops(self) -> ModelOps:
+        if self._ops is None:
+            self._ops = resolve_ops(self.kernels, self.model.embed_tokens.weight.device)
+        return self._ops
+
+    def set_kernels(self, kernels: str) -> None:
+        """Switch between "torch", "triton" and "auto" implementations of the element-wise ops."""
+        self.kernels = kernels
+        self._ops = None
+
+    def _apply(self, fn, *args, **kwargs):  # re-resolve "auto" after .to(device)
+        out = super()._apply(fn, *args, **kwargs)
+        self._ops = None
+        return out
+
+    # --- Hugging Face-style hooks used by peft / gradient checkpointing -----------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def enable_input_require_grads(self) -> None:
+        self.model.embed_tokens.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+
+    # --- forward --------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,  # (B, T) int64; the engine packs a step's tokens as (1, N)
+        positions: torch.Tensor | None = None,  # (B, T); default 0..T-1
+        attn_metadata: AttentionBackend | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states (B, T, hidden)."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        b, t = input_ids.shape
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        elif positions.dim() == 1:
+            positions = positions.unsqueeze(0)
+        ops = self.ops
+        x = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer in self.model.layers:
+            args = (x, residual, positions, self.rope_cos, self.rope_sin, ops, attn_metadata)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                if residual is None:  # checkpoint() needs a tensor argument in every slot
+                    x, residual = checkpoint(lambda a, *r: layer(a, None, *r), x, *args[2:], use_reentrant=False)
+                else:
+                    x, residual = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x, residual = layer(*args)
+        if residual is None:
+            return ops.rms_norm(x, self.model.norm.weight, self.model.norm.eps)
+        h, _ = ops.add_rms_norm(x, residual, self.model.norm.weight, self.model.norm.eps)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., hidden) -> logits (..., vocab) in fp32."""
+        return self.lm_head(hidden).float()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_metadata: AttentionBackend | None = None,
+        targets: torch.Tensor | None = None,  # (B, T) next-token ids aligned with input_ids; -100 = ignore
+        label_smoothing: float = 0.0,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) in fp32, or the mean next-token loss if ``targets`` is given.
+
+        With targets the loss goes through ``ops.linear_cross_entropy`` so the Triton path never
+        materialises the (tokens, vocab) logits.
+        """
+        h = self.hidden_states(input_ids, positions, attn_metadata)
+        if targets is None:
+            return self.compute_logits(h)
+        return self.ops.linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]),
+            self.lm_head.weight,
+            targets.reshape(-1),
+            ignore_index=-100,
+            label_smoothing=label_smoothing,
+        )
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
