@@ -158,9 +158,11 @@ class Qwen3ForCausalLM(nn.Module):
         self.kernels = kernels
         self._ops = None
 
-    def _apply(self, fn, *args, **kwargs):  # re-resolve "auto" after .to(device)
+    def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        self._ops = None
+        self._ops = None  # re-resolve "auto" after .to(device)
+        # rotary tables stay fp32 whatever dtype the weights take (as HF keeps inv_freq in fp32)
+        self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
         return out
 
     # --- Hugging Face-style hooks used by peft / gradient checkpointing -----------------------
@@ -200,10 +202,8 @@ class Qwen3ForCausalLM(nn.Module):
         for layer in self.model.layers:
             args = (x, residual, positions, self.rope_cos, self.rope_sin, ops, attn_metadata)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                if residual is None:  # checkpoint() needs a tensor argument in every slot
-                    x, residual = checkpoint(lambda a, *r: layer(a, None, *r), x, *args[2:], use_reentrant=False)
-                else:
-                    x, residual = checkpoint(layer, *args, use_reentrant=False)
+                # recomputed in backward; bind ``layer`` now (a closure would see the last layer)
+                x, residual = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x, residual = layer(*args)
         if residual is None:

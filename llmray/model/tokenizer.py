@@ -1,0 +1,181 @@
+"""Tokenizers built on the ``tokenizers`` library, saved so ``transformers.AutoTokenizer`` loads them unchanged.
+
+Two trainable kinds: char-level (WordLevel over single characters, nanoGPT's shakespeare_char) and
+byte-level BPE (GPT-2/Qwen style). ``Tokenizer.load`` also reads any Hugging Face ``tokenizer.json``
+(byte-level BPE, Metaspace/SentencePiece-style BPE, WordLevel); decoding always goes through the library.
+A ChatML chat template (``<|im_start|>`` / ``<|im_end|>``) is saved in ``tokenizer_config.json`` and rendered
+with jinja2 exactly as transformers renders it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+EOS_TOKEN = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _token_str(value: Any) -> str | None:
+    """tokenizer_config.json stores special tokens as strings or as AddedToken dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus the special tokens and chat template of ``tokenizer_config.json``."""
+
+    def __init__(self, backend: HFTokenizer, config: dict[str, Any] | None = None) -> None:
+        self.backend = backend
+        self.config = dict(config or {})
+        self.config.setdefault("chat_template", CHATML_TEMPLATE)
+
+    # --- special tokens -------------------------------------------------------------------------
+    def _special_id(self, key: str) -> int | None:
+        tok = _token_str(self.config.get(key))
+        return None if tok is None else self.backend.token_to_id(tok)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_id("eos_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._special_id("bos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        pad = self._special_id("pad_token")
+        return self.eos_token_id if pad is None else pad
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def chat_template(self) -> str:
+        return self.config["chat_template"]
+
+    # --- encode / decode ------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+    ) -> str | list[int]:
+        """Render ``messages`` with the chat template (jinja2 sandbox, as transformers does)."""
+        text = _render_template(self.chat_template, messages, add_generation_prompt, self.config)
+        return self.encode(text) if tokenize else text
+
+    # --- persistence ----------------------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(out / "tokenizer.json"))
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": self.config.get("model_max_length", 131072),
+            **{k: v for k, v in self.config.items() if k not in ("tokenizer_class",)},
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        specials = {k: cfg[k] for k in ("eos_token", "bos_token", "pad_token") if cfg.get(k) is not None}
+        (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> Tokenizer:
+        path = Path(model_dir)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.exists():
+            raise FileNotFoundError(
+                f"{tok_file} not found: a model directory needs a tokenizer.json (Hugging Face tokenizers format)"
+            )
+        config: dict[str, Any] = {}
+        cfg_file = path / "tokenizer_config.json"
+        if cfg_file.exists():
+            config = json.loads(cfg_file.read_text())
+        template_file = path / "chat_template.jinja"
+        if "chat_template" not in config and template_file.exists():
+            config["chat_template"] = template_file.read_text()
+        for key in ("added_tokens_decoder", "auto_map"):
+            config.pop(key, None)
+        return cls(HFTokenizer.from_file(str(tok_file)), config)
+
+
+def _render_template(
+    template: str, messages: list[dict[str, str]], add_generation_prompt: bool, config: dict[str, Any]
+) -> str:
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    specials = {k: _token_str(config.get(k)) for k in ("eos_token", "bos_token", "pad_token")}
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, **specials
+    )
+
+
+def _with_specials(backend: HFTokenizer, eos: bool) -> dict[str, Any]:
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    return {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN} if eos else {}
+
+
+def char_tokenizer(text: str, special_tokens: bool = True) -> Tokenizer:
+    """One token per distinct character of ``text`` (ids in sorted character order, as nanoGPT).
+
+    With ``special_tokens`` the ChatML/eos tokens are appended after the characters.
+    """
+    chars = sorted(set(text))
+    if not chars:
+        raise ValueError("cannot build a char tokenizer from empty text")
+    backend = HFTokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    config = _with_specials(backend, eos=True) if special_tokens else {}
+    return Tokenizer(backend, config)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (with eos and ChatML special tokens) on ``texts``."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE (needs >= 259)")
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(backend, {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN})
