@@ -85,7 +85,7 @@ TORCH_OPS = ModelOps(
 
 
 def resolve_ops(kernels: str, device: torch.device | str | None = None) -> ModelOps:
-    """"torch" | "triton" | "auto" (Triton on CUDA, torch elsewhere) -> the op set."""
+    """ "torch" | "triton" | "auto" (Triton on CUDA, torch elsewhere) -> the op set."""
     if kernels == "auto":
         kernels = "triton" if torch.device(device or "cpu").type == "cuda" else "torch"
     if kernels == "torch":

@@ -63,7 +63,10 @@ def test_shape_mismatch_names_tensor_and_shapes(tiny_model, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"tensor model.layers.0.mlp.down_proj.weight has shape \(64, 128\), the config expects \(64, 96\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor model.layers.0.mlp.down_proj.weight has shape \(64, 128\), the config expects \(64, 96\)",
+    ):
         load_model(tmp_path)
 
 
@@ -78,6 +81,9 @@ def test_pickle_weights_are_refused(tmp_path, tiny_model):
 def test_missing_tensor_reported(tiny_model, tmp_path):
     state = {k: v for k, v in tiny_model.state_dict().items() if "layers.1.mlp.up_proj" not in k}
     save_model(tiny_model, tmp_path)
-    save_file({k: v.clone().contiguous() for k, v in state.items() if k != "lm_head.weight"}, str(tmp_path / "model.safetensors"))
+    save_file(
+        {k: v.clone().contiguous() for k, v in state.items() if k != "lm_head.weight"},
+        str(tmp_path / "model.safetensors"),
+    )
     with pytest.raises(ValueError, match="lacks tensors.*layers.1.mlp.up_proj"):
         load_model(tmp_path)

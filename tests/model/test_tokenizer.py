@@ -66,7 +66,9 @@ def test_chat_template_tokenizes_special_tokens_as_one_id():
 
 def test_loads_foreign_metaspace_and_wordlevel_tokenizers(tmp_path):
     # SentencePiece-style BPE (Metaspace pre-tokenizer + decoder), as Llama/Mistral ship it
-    sp = HFTokenizer(models.BPE(vocab={"▁": 0, "h": 1, "i": 2, "▁h": 3, "▁hi": 4}, merges=[("▁", "h"), ("▁h", "i")]))
+    sp = HFTokenizer(
+        models.BPE(vocab={"▁": 0, "h": 1, "i": 2, "▁h": 3, "▁hi": 4}, merges=[("▁", "h"), ("▁h", "i")])
+    )
     sp.pre_tokenizer = pre_tokenizers.Metaspace()
     sp.decoder = decoders.Metaspace()
     (tmp_path / "sp").mkdir()
