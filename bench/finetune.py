@@ -1,0 +1,216 @@
+"""Fine-tuning costs on the qwen3-0.6b preset (random weights) at sequence length 1024.
+
+Two parts:
+1. ``params`` (CPU, meta device, no weights): trainable-parameter share of LoRA configurations, the
+   reduction against full fine-tuning and the adapter's size on disk (a safetensors file of the adapter's
+   shapes, fp32 as llmray saves adapters).
+2. ``gpu``: peak GPU memory and tokens/s of one training step (forward + backward + AdamW) for full
+   fine-tuning vs LoRA vs QLoRA at the same batch. Full fine-tuning: bf16 weights, grads and AdamW state
+   (the leanest full fine-tune: a baseline that flatters full fine-tuning's memory). LoRA: bf16 frozen base,
+   fp32 adapters, bf16 autocast. QLoRA: NF4 double-quantised base (bitsandbytes), bf16 compute, fp32
+   adapters, gradient checkpointing. Ray is not involved: the step is timed directly with CUDA events.
+
+    python bench/finetune.py params --out bench/results/finetune_params.json
+    python bench/finetune.py gpu --out $OUT/finetune.json [--batch 8] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llmray.config import LoraConfig, ModelConfig  # noqa: E402
+from llmray.model.qwen3 import Qwen3ForCausalLM  # noqa: E402
+from llmray.train import lora  # noqa: E402
+
+PRESET = "qwen3-0.6b"
+PARAM_CONFIGS = [("attn", 4), ("attn", 8), ("all-attn", 8), ("all-linear", 8), ("all-linear", 16)]
+
+
+def bench_params() -> dict:
+    from peft import get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    cfg = ModelConfig.preset(PRESET)
+    rows = []
+    for targets, r in PARAM_CONFIGS:
+        with torch.device("meta"):
+            model = Qwen3ForCausalLM(cfg, kernels="torch")
+        full = model.num_params()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        pm = get_peft_model(model, lora.peft_config(LoraConfig(r=r, alpha=2 * r, targets=targets)))
+        trainable, _ = lora.trainable_parameters(pm)
+        state = get_peft_model_state_dict(pm)
+        with tempfile.TemporaryDirectory() as tmp:
+            file = Path(tmp) / "adapter_model.safetensors"
+            save_file({k: torch.zeros(v.shape, dtype=torch.float32) for k, v in state.items()}, str(file))
+            size = file.stat().st_size
+        rows.append(
+            {
+                "targets": targets,
+                "target_modules": LoraConfig(targets=targets).target_modules(),
+                "r": r,
+                "trainable_params": trainable,
+                "full_params": full,
+                "trainable_share_pct": round(100 * trainable / full, 4),
+                "reduction_vs_full": round(full / trainable, 1),
+                "adapter_bytes_fp32": size,
+                "adapter_mb_fp32": round(size / 2**20, 2),
+                "reaches_1000x": full / trainable >= 1000,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return {"preset": PRESET, "configs": rows}
+
+
+def _build(mode: str, targets: str, r: int, kernels: str, device: torch.device):
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(ModelConfig.preset(PRESET), kernels=kernels).to(torch.bfloat16)
+    if mode == "full":
+        return model.train(), list(model.parameters())
+    cfg = LoraConfig(r=r, alpha=2 * r, targets=targets, qlora=mode == "qlora")
+    pm = lora.apply_lora(model, cfg, device, "bfloat16", gradient_checkpointing=mode == "qlora")
+    return pm.train(), [p for p in pm.parameters() if p.requires_grad]
+
+
+def bench_step(mode: str, targets: str, r: int, batch: int, seq: int, steps: int, kernels: str) -> dict:
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    model, params = _build(mode, targets, r, kernels, device)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    vocab = ModelConfig.preset(PRESET).vocab_size
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), device=device, generator=g)
+    tgt = torch.randint(0, vocab, (batch, seq), device=device, generator=g)
+    weights_bytes = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+
+    def step() -> float:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, targets=tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(2):  # warm-up (optimizer state allocated, kernels compiled)
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        loss = step()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    trainable, total = lora.trainable_parameters(model)
+    row = {
+        "mode": mode,
+        "targets": None if mode == "full" else targets,
+        "r": None if mode == "full" else r,
+        "kernels": kernels,
+        "batch": batch,
+        "seq_len": seq,
+        "step_ms": round(ms, 2),
+        "tokens_per_s": round(batch * seq / ms * 1000, 1),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "model_mem_gib": round(weights_bytes / 2**30, 3),
+        "trainable_params": trainable,
+        "total_params": total,
+        "gradient_checkpointing": mode == "qlora",
+        "final_loss": round(float(loss), 4),
+    }
+    if mode != "full":
+        with tempfile.TemporaryDirectory() as tmp:
+            out = lora.save_adapter(model, Path(tmp) / "a", None)
+            row["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size
+    del model, opt, params
+    return row
+
+
+def bench_gpu(args: argparse.Namespace) -> dict:
+    runs = [("full", "", 0), ("lora", "all-linear", 16), ("qlora", "all-linear", 16), ("lora", "attn", 8), ("qlora", "attn", 8)]
+    result = {
+        "preset": PRESET,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "runs": [],
+        "errors": [],
+    }
+    for mode, targets, r in runs:
+        for kernels in ("auto", "torch"):  # auto = Triton ops on CUDA; torch only if Triton fails (recorded)
+            try:
+                row = bench_step(mode, targets, r, args.batch, args.seq_len, args.steps, kernels)
+            except Exception as e:  # recorded in the result, then the torch ops are tried
+                result["errors"].append({"mode": mode, "targets": targets, "kernels": kernels, "error": repr(e)[:400],
+                                         "trace": traceback.format_exc()[-1200:]})
+                print(f"{mode} {targets} kernels={kernels} failed: {e!r}", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            result["runs"].append(row)
+            print(json.dumps(row), flush=True)
+            break
+        _summarise(result)
+        Path(args.out).write_text(json.dumps(result, indent=2))  # after each run: a timeout keeps the rest
+    return result
+
+
+def _summarise(result: dict) -> None:
+    by = {(r["mode"], r["targets"]): r for r in result["runs"]}
+    full = by.get(("full", None))
+    if full is None:
+        return
+    summary = {}
+    for (mode, targets), row in by.items():
+        if mode == "full":
+            continue
+        summary[f"{mode}/{targets}"] = {
+            "peak_mem_vs_full": round(row["peak_mem_gib"] / full["peak_mem_gib"], 3),
+            "tokens_per_s_vs_full": round(row["tokens_per_s"] / full["tokens_per_s"], 3),
+        }
+    result["summary"] = summary
+    q, lo = by.get(("qlora", "all-linear")), by.get(("lora", "all-linear"))
+    result["targets"] = {
+        "qlora_peak_mem_le_0.4x_full": None if q is None else q["peak_mem_gib"] <= 0.4 * full["peak_mem_gib"],
+        "lora_tokens_per_s_ge_1.2x_full": None if lo is None else lo["tokens_per_s"] >= 1.2 * full["tokens_per_s"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=("params", "gpu"))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=6)
+    args = ap.parse_args()
+    t0 = time.time()
+    if args.part == "params":
+        result = bench_params()
+        result["command"] = " ".join(sys.argv)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("the gpu part needs CUDA")
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        bench_gpu(args)
+    print(f"done in {time.time() - t0:.1f}s -> {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Paged KV-cache bookkeeping in pure Python: fixed-size blocks, reference counts, prefix caching.
+
+A block holds ``block_size`` tokens' K/V. Each sequence owns a block table (logical -> physical). A full
+block is registered in the prefix cache under a hash chain (parent hash, adapter id, its token ids); a new
+sequence whose prompt starts with the same full blocks shares them (ref count + 1) instead of computing
+them again. A hash hit is confirmed by an exact check (same tokens, same adapter, same parent block), so a
+hash collision can never serve wrong K/V. Freed blocks that hold cached content go to an LRU list and are
+evicted (their hash forgotten) only when a new block is needed; blocks without content are reused first.
+No torch here: the scheduler and these invariants are tested on CPU (cf. nano-vllm's block_manager.py).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from llmray.engine.sequence import Sequence
+
+_ROOT_HASH = -1  # parent hash of a sequence's first block
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set while the block is registered in the prefix cache
+    token_ids: tuple[int, ...] | None = None  # its tokens, for the exact check on a hit
+    adapter_id: int = 0
+    parent_block_id: int = -1  # physical id of the block before it in the sequence that registered it
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockManager:
+    """Allocates KV blocks to sequences; check/act pairs (``can_allocate``/``allocate``) as in nano-vllm."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_empty: list[int] = list(range(num_blocks - 1, -1, -1))  # stack; no cached content
+        self.free_cached: OrderedDict[int, None] = OrderedDict()  # LRU: oldest first, evicted first
+        self.hash_to_block: dict[int, int] = {}
+        self.prefix_cache_queries = 0  # prompt tokens looked up
+        self.prefix_cache_hits = 0  # of which served from the cache
+
+    # --- state --------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_empty) + len(self.free_cached)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def _take_free_block(self) -> int:
+        if self.free_empty:
+            block_id = self.free_empty.pop()
+        else:
+            block_id, _ = self.free_cached.popitem(last=False)  # evict the least recently used
+            block = self.blocks[block_id]
+            if self.hash_to_block.get(block.hash) == block_id:
+                del self.hash_to_block[block.hash]
+            block.hash, block.token_ids, block.parent_block_id = None, None, -1
+        block = self.blocks[block_id]
+        assert block.ref_count == 0, f"free block {block_id} has ref_count {block.ref_count}"
+        block.ref_count = 1
+        return block_id
+
+    def _hash_blocks(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """Extend ``seq.block_hashes`` to cover the full blocks among the first ``num_tokens`` tokens."""
+        bs = self.block_size
+        hashes = seq.block_hashes
+        for i in range(len(hashes), num_tokens // bs):
+            parent = hashes[i - 1] if i else _ROOT_HASH
+            hashes.append(hash((parent, seq.adapter_id, tuple(seq.token_ids[i * bs : (i + 1) * bs]))))
+        return hashes
+
+    # --- admission ----------------------------------------------------------------------------
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Physical ids of cached blocks matching the longest full-block prefix of ``seq``.
+
+        At least the last token is always left to compute (its logits pick the next token).
+        """
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        hashes = self._hash_blocks(seq, seq.num_tokens - 1)
+        found: list[int] = []
+        for i, h in enumerate(hashes[: (seq.num_tokens - 1) // bs]):
+            block_id = self.hash_to_block.get(h)
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            parent = found[-1] if found else -1
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            if block.token_ids != tokens or block.adapter_id != seq.adapter_id or block.parent_block_id != parent:
+                break  # a hash collision: exact check failed
+            found.append(block_id)
+        return found
+
+    def _num_new_blocks(self, seq: Sequence, num_new_tokens: int, num_have: int) -> int:
+        return max(0, cdiv(seq.num_computed_tokens + num_new_tokens, self.block_size) - num_have)
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int]) -> bool:
+        """Can a waiting ``seq`` start with ``cached`` blocks plus room for ``num_new_tokens`` more tokens?"""
+        total = cdiv(len(cached) * self.block_size + num_new_tokens, self.block_size)
+        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # taken from the free lists
+        return total - len(cached) <= self.num_free_blocks - revived
+
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int]) -> None:
+        assert not seq.block_table and seq.num_computed_tokens == 0, "allocate() is for waiting sequences"
+        for block_id in cached:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_cached[block_id]
+            block.ref_count += 1
+        seq.block_table = list(cached)
+        seq.num_computed_tokens = len(cached) * self.block_size
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += seq.num_computed_tokens
+        for _ in range(self._num_new_blocks(seq, num_new_tokens, len(seq.block_table))):
+            seq.block_table.append(self._take_free_block())
+
+    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
+        return self._num_new_blocks(seq, num_new_tokens, len(seq.block_table)) <= self.num_free_blocks
+
+    def append(self, seq: Sequence, num_new_tokens: int) -> None:
+        for _ in range(self._num_new_blocks(seq, num_new_tokens, len(seq.block_table))):
+            seq.block_table.append(self._take_free_block())
+
+    # --- after a step ---------------------------------------------------------------------------
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the full blocks whose K/V are now computed (call after ``num_computed_tokens`` grew)."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        hashes = self._hash_blocks(seq, seq.num_computed_tokens)
+        for i in range(seq.num_computed_tokens // bs):
+            block = self.blocks[seq.block_table[i]]
+            if block.token_ids is not None:
+                continue  # already registered (by this sequence or shared from the cache)
+            block.hash = hashes[i]
+            block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            block.adapter_id = seq.adapter_id
+            block.parent_block_id = seq.block_table[i - 1] if i else -1
+            self.hash_to_block.setdefault(hashes[i], block.block_id)
+
+    def free(self, seq: Sequence) -> None:
+        """Release every block of ``seq`` (finish, abort or preemption)."""
+        for block_id in reversed(seq.block_table):  # tail blocks end up evicted first
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                if block.token_ids is not None and self.hash_to_block.get(block.hash) == block_id:
+                    self.free_cached[block_id] = None
+                else:
+                    block.hash, block.token_ids, block.parent_block_id = None, None, -1
+                    self.free_empty.append(block_id)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    # --- testing --------------------------------------------------------------------------------
+    def check_invariants(self, live: list[Sequence]) -> None:
+        """Assert the ref counts equal the live block tables' references and the free lists are exact."""
+        refs = [0] * self.num_blocks
+        for seq in live:
+            for block_id in seq.block_table:
+                refs[block_id] += 1
+        for block in self.blocks:
+            assert block.ref_count == refs[block.block_id], (block, refs[block.block_id])
+        free = list(self.free_empty) + list(self.free_cached)
+        assert len(free) == len(set(free)), "a block is listed free twice"
+        assert set(free) == {b.block_id for b in self.blocks if b.ref_count == 0}, "free lists out of sync"
+        for h, block_id in self.hash_to_block.items():
+            assert self.blocks[block_id].hash == h, "hash map points to a block with another hash"

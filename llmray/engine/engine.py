@@ -1,0 +1,201 @@
+"""The engine core: ``step()`` = ``scheduler.schedule()`` -> ``runner.run()`` -> postprocess.
+
+Single-threaded; ``LLM`` drives it in a loop and ``AsyncLLM`` from a background thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmray.config import EngineConfig
+from llmray.engine.detokenizer import IncrementalDetokenizer
+from llmray.engine.outputs import RequestOutput
+from llmray.engine.runner import ModelRunner
+from llmray.engine.sampling_params import SamplingParams
+from llmray.engine.scheduler import Scheduler
+from llmray.engine.sequence import Sequence
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    """device "auto" = cuda if available; dtype "auto" = bfloat16 on CUDA, float32 on CPU."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, DTYPES[config.dtype]
+
+
+def make_engine_config(**engine_kwargs: Any) -> EngineConfig:
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(engine_kwargs) - names)
+    if unknown:
+        raise ValueError(f"unknown engine options {unknown}; EngineConfig has {sorted(names)}")
+    return EngineConfig(**engine_kwargs)
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, float]] | None
+    num_reported: int = 0  # output tokens already handed out
+    stop_reason: str | int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    """Holds the model runner, the scheduler and the live requests."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any | None, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_config = model.config
+        limit = model.config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        self.eos_token_id = eos if eos is not None else model.config.eos_token_id
+        self.runner = ModelRunner(model, config, self.max_model_len, self.eos_token_id)
+        self.scheduler = Scheduler(
+            num_blocks=self.runner.num_blocks,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.requests: dict[str, _Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.peak_blocks_used = 0
+
+    # --- requests -----------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass prompts as lists of token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty: it must hold at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return ids
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> None:
+        if lora is not None:
+            raise ValueError(f"LoRA adapter {lora!r} requested, but this engine serves only the base model")
+        self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        lora: str | None = None,
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        ids = self.encode(prompt)
+        self.validate(ids, params, lora)
+        seq = Sequence(request_id, ids, params, adapter_id=0)
+        self.scheduler.add(seq)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        self.requests[request_id] = _Request(seq, detok, [] if params.logprobs is not None else None)
+        self.prompt_tokens_total += len(ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req.seq, "abort")
+        self.runner.sampler.release(req.seq)
+        return self._output(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # --- one step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns an output for every request that got a token (or finished)."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        used = self.scheduler.block_manager.num_blocks - self.scheduler.block_manager.num_free_blocks
+        self.peak_blocks_used = max(self.peak_blocks_used, used)
+        sampled = self.runner.run(sched.scheduled)
+        self.scheduler.commit(sched)
+        outputs = []
+        for st in sampled:
+            seq = sched.scheduled[st.seq_index].seq
+            req = self.requests[seq.request_id]
+            seq.append_token(st.token_id)
+            self.generation_tokens_total += 1
+            if req.logprobs is not None and st.logprobs is not None:
+                req.logprobs.append(st.logprobs)
+            reason = self._check_stop(req, st.token_id)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.runner.sampler.release(seq)
+                del self.requests[seq.request_id]
+            outputs.append(self._output(req))
+        return outputs
+
+    def _check_stop(self, req: _Request, token: int) -> str | None:
+        seq, p = req.seq, req.seq.sampling_params
+        n = seq.num_output_tokens
+        stop_str = req.detok.update([token]) if self.tokenizer is not None else None
+        if n >= p.min_tokens:
+            if token in p.stop_token_ids:
+                req.stop_reason = token
+                return "stop"
+            if not p.ignore_eos and token == self.eos_token_id:
+                return "stop"
+            if stop_str is not None:
+                req.stop_reason = stop_str
+                return "stop"
+        if n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, req: _Request) -> RequestOutput:
+        seq = req.seq
+        out_ids = seq.output_token_ids
+        new = out_ids[req.num_reported :]
+        req.num_reported = len(out_ids)
+        finished = seq.finish_reason is not None
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=out_ids,
+            text=req.detok.text,
+            finish_reason=seq.finish_reason,
+            logprobs=list(req.logprobs) if req.logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens,
+            new_token_ids=new,
+            new_text=req.detok.delta(finished),
+            stop_reason=req.stop_reason,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        bm = self.scheduler.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": bm.usage,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_total_blocks": bm.num_blocks,
+            "prefix_cache_hits": bm.prefix_cache_hits,
+            "prefix_cache_queries": bm.prefix_cache_queries,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "generation_tokens_total": self.generation_tokens_total,
+        }

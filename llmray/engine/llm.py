@@ -1,0 +1,241 @@
+"""User-facing engine: ``LLM`` (offline batches) and ``AsyncLLM`` (streaming, for the server).
+
+``LLM(model_dir, **engine_kwargs).generate(prompts, SamplingParams(...))`` loads a Hugging Face Qwen3
+directory; ``LLM.from_model(model, tokenizer, **engine_kwargs)`` wraps an in-memory model (tests, benches).
+``AsyncLLM`` runs the engine loop in a background thread; each request streams through an asyncio queue,
+and a consumer that stops iterating aborts its request (its KV blocks are freed at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmray.engine.engine import LLMEngine, make_engine_config, resolve_device_dtype
+from llmray.engine.outputs import RequestOutput
+from llmray.engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "AsyncLLM", "RequestOutput", "SamplingParams", "build_engine"]
+
+
+def build_engine(
+    model_dir: str | Path | None = None,
+    model: torch.nn.Module | None = None,
+    tokenizer: Any | None = None,
+    **engine_kwargs: Any,
+) -> LLMEngine:
+    """An ``LLMEngine`` from a model directory, or from an in-memory model (moved to the engine's device/dtype)."""
+    config = make_engine_config(**engine_kwargs)
+    device, dtype = resolve_device_dtype(config)
+    if model is None:
+        if model_dir is None:
+            raise ValueError("pass a model directory or an in-memory model")
+        from llmray.model.checkpoint import load_model
+        from llmray.model.tokenizer import Tokenizer
+
+        model = load_model(model_dir, device=device, dtype=dtype, kernels=config.kernels)
+        tokenizer = Tokenizer.load(model_dir)
+    else:
+        model = model.to(device=device, dtype=dtype).eval()
+        model.set_kernels(config.kernels)
+    return LLMEngine(model, tokenizer, config)
+
+
+def _prompt_list(prompts: str | list[int] | Sequence[str | list[int]]) -> list[str | list[int]]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt of token ids
+    return prompts
+
+
+class LLM:
+    """Offline generation: every prompt is batched by the scheduler; returns outputs in prompt order."""
+
+    def __init__(self, model_dir: str | Path | None = None, *, _engine: LLMEngine | None = None, **engine_kwargs: Any):
+        self.engine = _engine if _engine is not None else build_engine(model_dir, **engine_kwargs)
+        self._counter = 0
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer: Any | None = None, **engine_kwargs: Any) -> LLM:
+        return cls(_engine=build_engine(model=model, tokenizer=tokenizer, **engine_kwargs))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora: str | Sequence[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (a string or a list of token ids); ``sampling_params`` one or one per prompt."""
+        plist = _prompt_list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(plist)
+        else:
+            params = list(sampling_params)
+        loras = [lora] * len(plist) if lora is None or isinstance(lora, str) else list(lora)
+        if len(params) != len(plist) or len(loras) != len(plist):
+            raise ValueError(
+                f"got {len(plist)} prompts but {len(params)} sampling params and {len(loras)} lora names"
+            )
+        ids = []
+        for prompt, p, name in zip(plist, params, loras, strict=True):
+            rid = f"llm-{self._counter}"
+            self._counter += 1
+            self.engine.add_request(rid, prompt, p, name)
+            ids.append(rid)
+        final: dict[str, RequestOutput] = {}
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return [final[r] for r in ids]
+
+
+class AsyncLLM:
+    """Engine loop in a background thread; ``generate_stream`` yields ``RequestOutput``s as tokens arrive."""
+
+    def __init__(self, model_dir: str | Path | None = None, *, _engine: LLMEngine | None = None, **engine_kwargs: Any):
+        self.engine = _engine if _engine is not None else build_engine(model_dir, **engine_kwargs)
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="llmray-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer: Any | None = None, **engine_kwargs: Any) -> AsyncLLM:
+        return cls(_engine=build_engine(model=model, tokenizer=tokenizer, **engine_kwargs))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    # --- engine thread ------------------------------------------------------------------------
+    def _push(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _handle(self, command: tuple) -> None:
+        kind, request_id, *args = command
+        if kind == "add":
+            try:
+                self.engine.add_request(request_id, *args)
+            except ValueError as e:  # validated already; a race (e.g. duplicate id) still reaches the caller
+                self._push(request_id, e)
+        elif kind == "abort":
+            out = self.engine.abort(request_id)
+            if out is not None:
+                self._push(request_id, out)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                try:
+                    if self.engine.has_unfinished():
+                        command = self._commands.get_nowait()
+                    else:
+                        command = self._commands.get(timeout=0.05)  # idle: wait for work
+                    self._handle(command)
+                    while True:
+                        self._handle(self._commands.get_nowait())
+                except queue.Empty:
+                    pass
+                if self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        self._push(out.request_id, out)
+        except BaseException as e:  # the loop is dead: every waiting request gets the error
+            self._error = e
+            with self._lock:
+                streams = list(self._streams)
+            for request_id in streams:
+                self._push(request_id, e)
+
+    # --- public API ---------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the engine loop died: {self._error!r}") from self._error
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine loop is not running (shut down)")
+
+    async def generate_stream(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        lora: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's state after each new token; the last output has ``finish_reason`` set."""
+        self._check_alive()
+        params = sampling_params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        ids = self.engine.encode(prompt)
+        self.engine.validate(ids, params, lora)  # bad requests fail here, in the caller, as ValueError
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._commands.put(("add", request_id, ids, params, lora))
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, ValueError):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"the engine loop died: {item!r}") from item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._thread.join(timeout=30)

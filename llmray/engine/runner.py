@@ -1,0 +1,263 @@
+"""The only engine code that touches the device: KV cache, step inputs, CUDA graphs, model and sampler.
+
+One ``run(scheduled)`` = build the packed inputs of the step with numpy over the batch (no per-token Python
+loops), call ``model.hidden_states`` with our ``PagedAttentionMetadata``, take the logits of the tokens that
+sample, sample on the device, and read the sampled tokens back: the step's single host sync.
+Decode-only steps are padded to a bucket size (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, ...) and, on CUDA,
+replayed from CUDA graphs captured at start-up (``enforce_eager=True`` runs them eagerly, same kernels and
+same padding, so both give the same tokens). Cf. nano-vllm's model_runner.py and gpt-fast.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmray.config import EngineConfig
+from llmray.engine.attention_metadata import PagedAttentionMetadata
+from llmray.engine.block_manager import cdiv
+from llmray.engine.sampler import Sampler
+from llmray.engine.scheduler import ScheduledSeq
+from llmray.kernels.paged_attention import default_num_splits
+
+
+@dataclass
+class SampledToken:
+    seq_index: int  # index into the scheduled list
+    token_id: int
+    logprobs: dict[int, float] | None  # chosen token + top-n, or None if not requested
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8, 16, 32, 48, 64] + list(range(96, max_num_seqs + 32, 32))
+    out = sorted({min(s, max_num_seqs) for s in sizes})
+    return out
+
+
+class ModelRunner:
+    def __init__(self, model, config: EngineConfig, max_model_len: int, eos_token_id: int | None) -> None:
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        mc = model.config
+        self.num_layers, self.num_kv_heads, self.head_dim = mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim
+        self.scale = mc.head_dim**-0.5
+        self.config = config
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = cdiv(max_model_len, config.block_size)
+        self.eos_token_id = eos_token_id
+        self.is_cuda = self.device.type == "cuda"
+        self.use_triton = self.is_cuda  # tests set it on CPU under TRITON_INTERPRET=1
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.is_cuda else 1
+        self.buckets = decode_buckets(config.max_num_seqs)
+        self.num_blocks = config.num_kv_blocks or self._profile_num_blocks()
+        shape = (2, self.num_layers, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = [self.kv_cache[0, i] for i in range(self.num_layers)]
+        self.v_cache = [self.kv_cache[1, i] for i in range(self.num_layers)]
+        self.sampler = Sampler(self.device, config.seed)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if self.is_cuda and not config.enforce_eager:
+            self._capture_graphs()
+
+    @property
+    def block_bytes(self) -> int:
+        elem = torch.finfo(self.dtype).bits // 8
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    # --- KV cache sizing ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _profile_num_blocks(self) -> int:
+        cfg = self.config
+        if not self.is_cuda:  # CPU: room for a few full-length sequences
+            return self.max_blocks_per_seq * min(cfg.max_num_seqs, 4)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        n = min(cfg.max_num_batched_tokens, self.max_model_len)
+        ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
+        hidden = self.model.hidden_states(ids)  # a full-budget prefill step's activations
+        rows = min(n, cfg.max_num_seqs)
+        logits = self.model.compute_logits(hidden[0, :rows])
+        torch.cuda.synchronize()
+        vocab = logits.shape[-1]
+        activations = torch.cuda.max_memory_allocated() - before + 6 * rows * vocab * 4  # + sampler temporaries
+        del hidden, logits
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        usable = total * cfg.gpu_memory_utilization - (total - free) - activations - (1 << 30)  # 1 GiB: graphs
+        num_blocks = int(usable // self.block_bytes)
+        if num_blocks < 1:
+            raise ValueError(
+                f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, "
+                f"{activations / 2**30:.1f} GiB needed for activations; raise gpu_memory_utilization "
+                f"({cfg.gpu_memory_utilization}) or lower max_num_batched_tokens ({cfg.max_num_batched_tokens})"
+            )
+        return num_blocks
+
+    # --- inputs -----------------------------------------------------------------------------------
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device, non_blocking=True)
+
+    def _block_table_array(self, items: list[ScheduledSeq], rows: int, width: int) -> np.ndarray:
+        tables = [it.seq.block_table for it in items]
+        lens = np.fromiter((len(t) for t in tables), np.int64, len(tables))
+        out = np.zeros((rows, width), np.int32)
+        flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, int(lens.sum()))
+        out[: len(tables)][np.arange(width)[None, :] < lens[:, None]] = flat
+        return out
+
+    def _metadata(self, tables, query_start, ctx, slots, num_decodes, max_query_len, num_splits):
+        return PagedAttentionMetadata(
+            k_cache=self.k_cache,
+            v_cache=self.v_cache,
+            slot_mapping=slots,
+            block_tables=tables,
+            query_start=query_start,
+            context_lens=ctx,
+            num_decodes=num_decodes,
+            max_query_len=max_query_len,
+            scale=self.scale,
+            num_splits=num_splits,
+            use_triton=self.use_triton,
+        )
+
+    def _splits(self, bucket: int) -> int:
+        return default_num_splits(bucket, self.num_kv_heads, self.num_sms) if self.is_cuda else 2
+
+    # --- decode steps (padded buckets, CUDA graphs) ------------------------------------------------
+    def _decode_inputs(self, items: list[ScheduledSeq], bucket: int, width: int) -> tuple[np.ndarray, ...]:
+        b, bs = len(items), self.block_size
+        ids = np.zeros(bucket, np.int64)
+        ids[:b] = [it.seq.token_ids[it.start] for it in items]
+        pos = np.zeros(bucket, np.int64)
+        pos[:b] = [it.start for it in items]
+        tables = self._block_table_array(items, bucket, width)
+        ctx = np.ones(bucket, np.int32)  # padding rows attend to one (ignored) token
+        ctx[:b] = pos[:b] + 1
+        slots = np.full(bucket, -1, np.int64)
+        slots[:b] = tables[np.arange(b), pos[:b] // bs].astype(np.int64) * bs + pos[:b] % bs
+        return ids, pos, tables, ctx, slots
+
+    def _capture_graphs(self) -> None:
+        maxb = self.buckets[-1]
+        dev = self.device
+        self._g_ids = torch.zeros(maxb, dtype=torch.long, device=dev)
+        self._g_pos = torch.zeros(maxb, dtype=torch.long, device=dev)
+        self._g_tables = torch.zeros(maxb, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self._g_ctx = torch.ones(maxb, dtype=torch.int32, device=dev)
+        self._g_slots = torch.full((maxb,), -1, dtype=torch.long, device=dev)
+        self._g_qstart = torch.arange(maxb + 1, dtype=torch.int32, device=dev)
+        pool = None
+        for bucket in reversed(self.buckets):
+            meta = self._metadata(
+                self._g_tables[:bucket],
+                self._g_qstart[: bucket + 1],
+                self._g_ctx[:bucket],
+                self._g_slots[:bucket],
+                bucket,
+                0,
+                self._splits(bucket),
+            )
+            ids, pos = self._g_ids[:bucket][None], self._g_pos[:bucket][None]
+            self.model.hidden_states(ids, pos, meta)  # warm-up: compiles the Triton kernels for this shape
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.model.hidden_states(ids, pos, meta)[0]
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bucket] = (graph, hidden)
+        torch.cuda.synchronize()
+
+    def _run_decode(self, items: list[ScheduledSeq]) -> torch.Tensor:
+        b = len(items)
+        bucket = next(s for s in self.buckets if s >= b)
+        width = max(len(it.seq.block_table) for it in items)
+        ids, pos, tables, ctx, slots = self._decode_inputs(items, bucket, width)
+        if bucket in self.graphs:
+            graph, hidden = self.graphs[bucket]
+            self._g_ids[:bucket].copy_(self._to_device(ids), non_blocking=True)
+            self._g_pos[:bucket].copy_(self._to_device(pos), non_blocking=True)
+            # columns past ``width`` keep stale ids: the kernels never read past a sequence's context
+            self._g_tables[:bucket, :width].copy_(self._to_device(tables), non_blocking=True)
+            self._g_ctx[:bucket].copy_(self._to_device(ctx), non_blocking=True)
+            self._g_slots[:bucket].copy_(self._to_device(slots), non_blocking=True)
+            graph.replay()
+        else:
+            meta = self._metadata(
+                self._to_device(tables),
+                torch.arange(bucket + 1, dtype=torch.int32, device=self.device),
+                self._to_device(ctx),
+                self._to_device(slots),
+                bucket,
+                0,
+                self._splits(bucket),
+            )
+            hidden = self.model.hidden_states(self._to_device(ids)[None], self._to_device(pos)[None], meta)[0]
+        return self.model.compute_logits(hidden)[:b]  # (b, V)
+
+    # --- mixed prefill/decode steps (eager) --------------------------------------------------------
+    def _run_mixed(self, items: list[ScheduledSeq], sample_rows: list[int]) -> torch.Tensor:
+        b, bs = len(items), self.block_size
+        q_lens = np.fromiter((it.num_new_tokens for it in items), np.int64, b)
+        starts = np.fromiter((it.start for it in items), np.int64, b)
+        cu = np.zeros(b + 1, np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        ids = np.fromiter(
+            itertools.chain.from_iterable(it.seq.token_ids[it.start : it.start + it.num_new_tokens] for it in items),
+            np.int64,
+            int(cu[-1]),
+        )
+        pos = np.arange(cu[-1]) - np.repeat(cu[:-1] - starts, q_lens)  # (N,)
+        width = max(len(it.seq.block_table) for it in items)
+        tables = self._block_table_array(items, b, width)
+        seq_of_token = np.repeat(np.arange(b), q_lens)
+        slots = tables[seq_of_token, pos // bs].astype(np.int64) * bs + pos % bs
+        num_decodes = int((q_lens == 1).sum())  # items arrive sorted: one-token sequences first
+        meta = self._metadata(
+            self._to_device(tables),
+            self._to_device(cu.astype(np.int32)),
+            self._to_device((starts + q_lens).astype(np.int32)),
+            self._to_device(slots),
+            num_decodes,
+            int(q_lens[num_decodes:].max()) if num_decodes < b else 0,
+            self._splits(next((s for s in self.buckets if s >= num_decodes), num_decodes)),
+        )
+        hidden = self.model.hidden_states(self._to_device(ids)[None], self._to_device(pos)[None], meta)[0]
+        last = self._to_device(cu[1:][sample_rows] - 1)
+        return self.model.compute_logits(hidden[last])
+
+    # --- one step -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, scheduled: list[ScheduledSeq]) -> list[SampledToken]:
+        """Compute one step; returns a sampled token for every scheduled chunk that reaches its sequence's end."""
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+        items = [scheduled[i] for i in order]
+        sample_rows = [j for j, it in enumerate(items) if it.samples]
+        if items[-1].num_new_tokens == 1 and len(items) <= self.buckets[-1]:
+            logits = self._run_decode(items)
+            if len(sample_rows) < len(items):
+                logits = logits[self._to_device(np.array(sample_rows, np.int64))]
+        else:
+            logits = self._run_mixed(items, sample_rows)
+        if not sample_rows:
+            return []
+        out = self.sampler(logits, [items[j].seq for j in sample_rows], self.eos_token_id)
+        tokens = out.token_ids.tolist()  # the step's host sync
+        lp_vals = lp_ids = None
+        if out.logprobs is not None:
+            lp_vals, lp_ids = out.logprobs.tolist(), out.logprob_ids.tolist()
+        result = []
+        for r, j in enumerate(sample_rows):
+            n = items[j].seq.sampling_params.logprobs
+            lps = None
+            if n is not None and lp_vals is not None:
+                lps = {lp_ids[r][0]: lp_vals[r][0]}
+                lps.update(zip(lp_ids[r][1 : n + 1], lp_vals[r][1 : n + 1], strict=True))
+            result.append(SampledToken(order[j], tokens[r], lps))
+        return result

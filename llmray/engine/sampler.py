@@ -1,0 +1,142 @@
+"""Token sampling on the device for a batch of sequences, each with its own SamplingParams.
+
+Order (as vLLM): penalties (repetition over prompt+output, frequency/presence over output), min_tokens
+masking of EOS/stop tokens, then greedy rows take the argmax; the other rows divide by temperature, apply
+top-k, top-p and min-p, and draw with the exponential-race trick (argmax p / E, E ~ Exp(1)), which equals
+sampling from p. A seeded request draws its noise from its own ``torch.Generator``, so its tokens do not
+depend on what else shares the batch. Logprobs are of the raw model distribution (before any processing).
+Nothing here syncs with the host; the engine reads the results once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llmray.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # (B,) int64 on the device
+    logprobs: torch.Tensor | None = None  # (B, 1 + n): the chosen token's logprob, then the top-n
+    logprob_ids: torch.Tensor | None = None  # (B, 1 + n) token ids matching ``logprobs``
+
+
+def _padded(rows: list[list[int]], pad: int) -> np.ndarray:
+    width = max(1, max(len(r) for r in rows))
+    out = np.full((len(rows), width), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.seq_generators: dict[int, torch.Generator] = {}  # seq_id -> its own generator (seeded requests)
+
+    def release(self, seq: Sequence) -> None:
+        self.seq_generators.pop(seq.seq_id, None)
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def _from_numpy(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(self.device, non_blocking=True)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int | None) -> SamplerOutput:
+        """logits (B, V) fp32, one row per sequence that samples this step."""
+        params = [s.sampling_params for s in seqs]
+        bsz, vocab = logits.shape
+        n_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if n_logprobs is not None else None
+
+        if any(p.has_penalties for p in params):
+            logits = self._apply_penalties(logits.clone(), seqs)
+        masks = [
+            (i, t)
+            for i, s in enumerate(seqs)
+            if s.num_output_tokens < s.sampling_params.min_tokens
+            for t in [*([eos_token_id] if eos_token_id is not None else []), *s.sampling_params.stop_token_ids]
+        ]
+        if masks:
+            rows, cols = zip(*masks, strict=True)
+            logits = logits.index_put((self._tensor(rows, torch.long), self._tensor(cols, torch.long)),
+                                      torch.tensor(float("-inf"), device=self.device))
+
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, seqs, greedy)
+        out = SamplerOutput(tokens)
+        if raw_logprobs is not None:
+            chosen = raw_logprobs.gather(1, tokens[:, None])
+            ids = [tokens[:, None]]
+            vals = [chosen]
+            if n_logprobs:
+                top = raw_logprobs.topk(n_logprobs, dim=-1)
+                vals.append(top.values)
+                ids.append(top.indices)
+            out.logprobs, out.logprob_ids = torch.cat(vals, 1), torch.cat(ids, 1)
+        return out
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        bsz, vocab = logits.shape
+        params = [s.sampling_params for s in seqs]
+        outputs = self._from_numpy(_padded([s.output_token_ids for s in seqs], vocab))
+        counts = torch.zeros(bsz, vocab + 1, device=self.device)
+        counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=counts.dtype))
+        counts = counts[:, :vocab]
+        freq = self._tensor([p.frequency_penalty for p in params], torch.float32)[:, None]
+        pres = self._tensor([p.presence_penalty for p in params], torch.float32)[:, None]
+        logits = logits - freq * counts - pres * (counts > 0).float()
+        rep = self._tensor([p.repetition_penalty for p in params], torch.float32)[:, None]
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = torch.zeros(bsz, vocab + 1, dtype=torch.bool, device=self.device)
+            everything = self._from_numpy(_padded([s.token_ids for s in seqs], vocab))
+            seen.scatter_(1, everything, True)
+            seen = seen[:, :vocab]
+            penalized = torch.where(logits > 0, logits / rep, logits * rep)
+            logits = torch.where(seen, penalized, logits)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+        params = [s.sampling_params for s in seqs]
+        argmax = logits.argmax(dim=-1)
+        temps = self._tensor([1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)],
+                             torch.float32)
+        scaled = logits / temps[:, None]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            scaled = self._top_k_top_p(scaled, params)
+        probs = torch.softmax(scaled, dim=-1)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = self._tensor([p.min_p for p in params], torch.float32)[:, None]
+            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            seed = seq.sampling_params.seed
+            if seed is not None and not greedy[i]:
+                gen = self.seq_generators.get(seq.seq_id)
+                if gen is None:
+                    gen = torch.Generator(device=self.device).manual_seed(seed)
+                    self.seq_generators[seq.seq_id] = gen
+                noise[i].exponential_(generator=gen)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(self._tensor(greedy, torch.bool), argmax, sampled)
+
+    def _top_k_top_p(self, logits: torch.Tensor, params: list) -> torch.Tensor:
+        vocab = logits.shape[1]
+        k = self._tensor([p.top_k if p.top_k > 0 else vocab for p in params], torch.long)
+        top_p = self._tensor([p.top_p for p in params], torch.float32)
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
+        sorted_p = torch.softmax(sorted_logits, dim=-1)
+        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p[:, None]  # always keeps the first token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)

@@ -1,0 +1,181 @@
+"""Fused linear + cross-entropy: the mean loss of (hidden @ weight.T) without the full (tokens, vocab) logits.
+
+Same signature and numerics as ``llmray.model.ops.linear_cross_entropy_torch`` (mean over targets that are
+not ``ignore_index``; ``label_smoothing`` as ``F.cross_entropy``). Method (as Liger-Kernel's
+fused_linear_cross_entropy): the tokens are split into chunks; per chunk, cuBLAS computes the logits
+(chunk, V) in the input dtype, one Triton program per row takes an online log-sum-exp over the vocabulary
+and overwrites the logits in place with d loss / d logits, and the chunk's gradients follow at once:
+dH[chunk] = dlogits @ W, dW += dlogits.T @ h. So the forward already holds both gradients; the backward
+only scales them by the incoming gradient. Peak extra memory is one chunk of logits plus dW and dH.
+
+Per-row loss with smoothing eps over V classes: lse - (1 - eps) x_y - (eps / V) sum_j x_j;
+its gradient: softmax - (1 - eps) onehot(y) - eps / V, divided by the number of counted targets.
+All-ignored targets give a NaN loss (0 / 0, as F.cross_entropy) and zero gradients. dW is accumulated
+across chunks in the weight's dtype (one rounding per chunk in bf16), as Liger does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmray.kernels._common import check_device
+from llmray.model.ops import linear_cross_entropy_torch as linear_cross_entropy_ref
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "cross_entropy_rows", "default_chunk_size"]
+
+
+@triton.jit
+def _ce_rows_kernel(
+    LOGITS, stride_l, TARGETS, LOSS, N_VALID,
+    V, ignore_index, smoothing,
+    COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride_l
+    y = tl.load(TARGETS + row).to(tl.int64)
+    valid = y != ignore_index
+    y_safe = tl.where(valid, y, 0)
+    # pass 1: online max / sum-exp (and the plain sum of logits for smoothing)
+    m = float("-inf")
+    d = 0.0
+    sx = 0.0
+    for off in range(0, V, BLOCK_V):
+        cols = off + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+        if HAS_SMOOTHING:
+            sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    lse = m + tl.log(d)
+    x_y = tl.load(base + y_safe).to(tl.float32)
+    loss = lse - (1.0 - smoothing) * x_y
+    if HAS_SMOOTHING:
+        loss -= smoothing / V * sx
+    tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+    if COMPUTE_GRAD:
+        # pass 2: overwrite the logits with d(mean loss)/d(logits)
+        scale = tl.where(valid, 1.0 / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0), 0.0)
+        for off in range(0, V, BLOCK_V):
+            cols = off + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse)
+            if HAS_SMOOTHING:
+                g -= smoothing / V
+            g = tl.where(cols == y_safe, g - (1.0 - smoothing), g)
+            tl.store(base + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_rows(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    n_valid: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    compute_grad: bool = True,
+) -> torch.Tensor:
+    """Per-row losses (R,) fp32 of logits (R, V); with ``compute_grad`` the logits are overwritten in place
+    by the gradient of sum(losses) / n_valid (``n_valid``: a one-element device tensor, no host sync)."""
+    r, v = logits.shape
+    loss = torch.empty(r, device=logits.device, dtype=torch.float32)
+    if r == 0:
+        return loss
+    if logits.stride(1) != 1:
+        raise ValueError("cross_entropy_rows needs logits with unit stride along the vocabulary")
+    block_v = min(triton.next_power_of_2(v), 8192 if logits.element_size() < 4 else 4096)
+    _ce_rows_kernel[(r,)](
+        logits, logits.stride(0), targets, loss, n_valid,
+        v, ignore_index, float(label_smoothing),
+        COMPUTE_GRAD=compute_grad, HAS_SMOOTHING=label_smoothing > 0, BLOCK_V=block_v,
+        num_warps=16 if block_v >= 8192 else 8,
+    )  # fmt: skip
+    return loss
+
+
+def default_chunk_size(n_tokens: int, vocab: int) -> int:
+    """Rows per chunk: a power of two keeping one chunk of logits at <= 2^28 elements (512 MB in bf16)."""
+    rows = 1 << max(0, ((1 << 28) // max(vocab, 1)).bit_length() - 1)
+    return max(1, min(rows, triton.next_power_of_2(max(n_tokens, 1))))
+
+
+def _fused_forward(hidden, weight, targets, ignore_index, label_smoothing, grad_h, grad_w, chunk_size):
+    """Loss (fp32 scalar) and, as asked, dH (N, h) and dW (V, h) of the mean loss."""
+    n = hidden.shape[0]
+    n_valid = (targets != ignore_index).sum()  # device scalar; no host sync
+    losses = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    dh = torch.empty_like(hidden) if grad_h else None
+    dw = torch.zeros_like(weight) if grad_w else None
+    compute_grad = grad_h or grad_w
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        h = hidden[start:end]  # (c, h)
+        logits = h @ weight.t()  # (c, V) in the input dtype, as the reference's matmul
+        losses[start:end] = cross_entropy_rows(
+            logits, targets[start:end], n_valid, ignore_index, label_smoothing, compute_grad
+        )
+        if grad_h:
+            torch.mm(logits, weight, out=dh[start:end])
+        if grad_w:
+            dw.addmm_(logits.t(), h)
+    return losses.sum() / n_valid, dh, dw
+
+
+class _LinearCrossEntropyFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, label_smoothing, chunk_size):
+        loss, dh, dw = _fused_forward(
+            hidden,
+            weight,
+            targets,
+            ignore_index,
+            label_smoothing,
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            chunk_size,
+        )
+        ctx.grads = (dh, dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy's gradients were consumed by an earlier backward")
+        dh, dw = ctx.grads
+        ctx.grads = None  # the buffers are scaled in place: one backward only
+        if dh is not None:
+            dh.mul_(grad_loss.to(dh.dtype))
+        if dw is not None:
+            dw.mul_(grad_loss.to(dw.dtype))
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of hidden (N, h) @ weight (V, h).T against targets (N,); differentiable in
+    hidden and weight. ``chunk_size`` rows of logits exist at a time (default: ``default_chunk_size``)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy needs hidden (N, h) and weight (V, h), got {tuple(hidden.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1] or targets.dtype.is_floating_point:
+        raise ValueError(f"targets must be integer of shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    check_device(hidden, weight, targets)
+    hidden, targets = hidden.contiguous(), targets.contiguous()
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropyFn.apply(hidden, weight, targets, ignore_index, label_smoothing, chunk)
+    loss, _, _ = _fused_forward(hidden, weight, targets, ignore_index, label_smoothing, False, False, chunk)
+    return loss

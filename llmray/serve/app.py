@@ -1,0 +1,138 @@
+"""``build_app(args) -> serve.Application``: the llmray OpenAI application on Ray Serve.
+
+The one thing ``serve run llmray.serve.app:build_app model=/models/x`` and a KubeRay ``serveConfigV2``
+(``import_path: llmray.serve.app:build_app`` + ``args:``) name. Two deployments:
+
+- ``OpenAIIngress`` (FastAPI, CPU, ``ingress_replicas`` replicas) — HTTP, auth, validation, SSE;
+- ``LLMServer`` (one engine per replica; ``num_gpus: 1`` on GPU clusters, a fraction of a CPU locally) with
+  ``autoscaling_config`` between ``min_replicas`` and ``max_replicas`` on ongoing requests, and
+  ``max_ongoing_requests`` raised to the engine's batch (Serve's default is only 5) plus
+  ``max_queued_requests``, beyond which the ingress answers 429.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ray import serve
+
+from llmray.serve.ingress import HandleBackend, IngressConfig, build_openai_app
+from llmray.serve.server import LLMServer
+
+
+class ServeArgs(BaseModel):
+    """Arguments of ``build_app`` (also the YAML ``args:`` of a RayService)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str  # model directory (Hugging Face Qwen3 checkpoint)
+    served_model_name: str | None = None  # the `model` clients send; default: the directory's name
+    loras: dict[str, str] = Field(default_factory=dict)  # adapter name -> PEFT directory
+    lora_root: str | None = None  # every sub-directory holding adapter_config.json is an adapter
+    api_key: str | None = None  # default: $LLMRAY_API_KEY; none = open
+    engine: Literal["llmray", "mock"] = "llmray"
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # EngineConfig fields
+    use_gpu: bool | None = None  # None: True when the Ray cluster (or this machine) has a GPU
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float | None = Field(None, gt=0)  # default: half the engine batch
+    max_ongoing_requests: int | None = Field(None, ge=1)  # default: the engine's max_num_seqs
+    max_queued_requests: int | None = Field(None, ge=-1)  # default: 2 x max_ongoing_requests; -1 = no limit
+    num_cpus: float = Field(0.5, gt=0)  # per LLMServer replica
+    ingress_replicas: int = Field(2, ge=1)
+    ingress_num_cpus: float = Field(0.1, gt=0)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    retry_after_s: int = Field(1, ge=0)
+    autoscaling_overrides: dict[str, Any] = Field(default_factory=dict)  # e.g. upscale_delay_s (tests)
+    health_check_period_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeArgs:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}")
+        if not Path(self.model).is_dir() and self.engine != "mock":
+            raise ValueError(f"model directory {self.model!r} does not exist")
+        return self
+
+    def lora_dirs(self) -> dict[str, str]:
+        loras = dict(self.loras)
+        if self.lora_root:
+            root = Path(self.lora_root)
+            if not root.is_dir():
+                raise ValueError(f"lora_root {self.lora_root!r} is not a directory")
+            for sub in sorted(root.iterdir()):
+                if (sub / "adapter_config.json").exists():
+                    loras.setdefault(sub.name, str(sub))
+        return loras
+
+
+def _cluster_has_gpu() -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class OpenAIIngress:
+    """The FastAPI ingress deployment; the ASGI app is built per replica around the LLMServer handle."""
+
+    def __init__(self, llm_server: Any, config: dict[str, Any]) -> None:
+        self.backend = HandleBackend(llm_server)
+        self.config = IngressConfig(**config)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_openai_app(self.backend, self.config)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The llmray OpenAI application (see ``ServeArgs`` for the keys of ``args``)."""
+    try:
+        a = ServeArgs.model_validate(args)
+    except ValidationError as e:
+        raise ValueError(f"invalid llmray serve arguments: {e}") from None
+    loras = a.lora_dirs()
+    name = a.served_model_name or Path(a.model).resolve().name
+    api_key = a.api_key if a.api_key is not None else os.environ.get("LLMRAY_API_KEY") or None
+    use_gpu = _cluster_has_gpu() if a.use_gpu is None else a.use_gpu
+
+    batch = int(a.engine_kwargs.get("max_num_seqs", 256))
+    max_ongoing = a.max_ongoing_requests or batch
+    max_queued = a.max_queued_requests if a.max_queued_requests is not None else 2 * max_ongoing
+    autoscaling = {
+        "min_replicas": a.min_replicas,
+        "initial_replicas": a.min_replicas,
+        "max_replicas": a.max_replicas,
+        "target_ongoing_requests": a.target_ongoing_requests or max(1.0, max_ongoing / 2),
+        **a.autoscaling_overrides,
+    }
+    actor = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": a.num_cpus}
+    llm = serve.deployment(LLMServer, name="LLMServer").options(
+        ray_actor_options=actor,
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=max_ongoing,
+        max_queued_requests=max_queued,
+        health_check_period_s=a.health_check_period_s,
+        health_check_timeout_s=max(30.0, a.health_check_period_s),
+    )
+    ingress_cls = serve.ingress()(OpenAIIngress)
+    ingress = serve.deployment(ingress_cls, name="OpenAIIngress").options(
+        num_replicas=a.ingress_replicas,
+        ray_actor_options={"num_cpus": a.ingress_num_cpus},
+        max_ongoing_requests=max(1000, 4 * max_ongoing * a.max_replicas),
+    )
+    ingress_config = {
+        "served_model_name": name,
+        "lora_names": sorted(loras),
+        "api_key": api_key,
+        "max_body_bytes": a.max_body_bytes,
+        "retry_after_s": a.retry_after_s,
+        "max_model_len": a.engine_kwargs.get("max_model_len"),
+    }
+    server = llm.bind(a.model, name, a.engine, a.engine_kwargs, loras)
+    return ingress.bind(server, ingress_config)

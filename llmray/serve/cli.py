@@ -1,0 +1,117 @@
+"""``llmray serve``: start or join Ray and run the OpenAI application until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+ENGINE_FLAGS = {  # flag -> (EngineConfig field, type)
+    "max-num-seqs": ("max_num_seqs", int),
+    "max-num-batched-tokens": ("max_num_batched_tokens", int),
+    "max-model-len": ("max_model_len", int),
+    "block-size": ("block_size", int),
+    "num-kv-blocks": ("num_kv_blocks", int),
+    "gpu-memory-utilization": ("gpu_memory_utilization", float),
+    "dtype": ("dtype", str),
+    "kernels": ("kernels", str),
+}
+
+
+def _lora_pair(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora expects NAME=DIR, got {text!r}")
+    return name, path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (Hugging Face Qwen3 checkpoint)")
+    p.add_argument("--served-model-name", help="name clients send as `model` (default: the directory name)")
+    p.add_argument("--lora", action="append", type=_lora_pair, default=[], metavar="NAME=DIR",
+                   help="a PEFT adapter served under NAME (repeatable)")  # fmt: skip
+    p.add_argument("--lora-root", metavar="DIR", help="serve every adapter directory under DIR by its name")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on all interfaces)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $LLMRAY_API_KEY)")
+    p.add_argument("--min-replicas", type=int, default=1, help="engine replicas kept at least")
+    p.add_argument("--max-replicas", type=int, default=1, help="engine replicas the autoscaler may add")
+    p.add_argument("--target-ongoing-requests", type=float, help="autoscaling target per engine replica")
+    p.add_argument("--max-queued-requests", type=int, help="queued requests per deployment before 429")
+    p.add_argument("--ingress-replicas", type=int, default=2)
+    p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GPU per engine replica (default: when the cluster has GPUs)")  # fmt: skip
+    p.add_argument("--engine", choices=("llmray", "mock"), default="llmray", help="mock: no model (testing)")
+    for flag, (_, typ) in ENGINE_FLAGS.items():
+        p.add_argument(f"--{flag}", type=typ, default=None, help=f"engine: {flag.replace('-', ' ')}")
+    p.add_argument("--enforce-eager", action="store_true", help="engine: no CUDA graphs")
+    p.add_argument("--no-prefix-caching", action="store_true", help="engine: disable prefix caching")
+
+
+def args_to_app_args(ns: argparse.Namespace) -> dict[str, Any]:
+    """The ``build_app`` dict for parsed ``llmray serve`` flags."""
+    engine_kwargs = {
+        field: getattr(ns, flag.replace("-", "_"))
+        for flag, (field, _) in ENGINE_FLAGS.items()
+        if getattr(ns, flag.replace("-", "_")) is not None
+    }
+    if ns.enforce_eager:
+        engine_kwargs["enforce_eager"] = True
+    if ns.no_prefix_caching:
+        engine_kwargs["enable_prefix_caching"] = False
+    out: dict[str, Any] = {
+        "model": ns.model,
+        "loras": dict(ns.lora),
+        "lora_root": ns.lora_root,
+        "api_key": ns.api_key or os.environ.get("LLMRAY_API_KEY") or None,
+        "engine": ns.engine,
+        "engine_kwargs": engine_kwargs,
+        "use_gpu": ns.use_gpu,
+        "min_replicas": ns.min_replicas,
+        "max_replicas": ns.max_replicas,
+        "ingress_replicas": ns.ingress_replicas,
+    }
+    for key in ("served_model_name", "target_ongoing_requests", "max_queued_requests"):
+        if getattr(ns, key) is not None:
+            out[key] = getattr(ns, key)
+    return out
+
+
+def run_serve(ns: argparse.Namespace) -> int:
+    """Start (or join, with RAY_ADDRESS / a running `ray start`) Ray, deploy, block until Ctrl-C."""
+    import ray
+    from ray import serve
+
+    from llmray.serve.app import build_app
+
+    ray.init(ignore_reinit_error=True)  # joins a running cluster when there is one, else starts one
+    try:
+        app = build_app(args_to_app_args(ns))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    serve.start(http_options={"host": ns.host, "port": ns.port})
+    serve.run(app, name="llmray", route_prefix="/", blocking=False)
+    print(f"llmray: serving on http://{ns.host}:{ns.port}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("llmray: shutting down", flush=True)
+    finally:
+        serve.shutdown()
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a model with an OpenAI-compatible API on Ray Serve")
+    add_arguments(p)
+    p.set_defaults(func=run_serve)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmray serve", description=__doc__)
+    add_arguments(parser)
+    return run_serve(parser.parse_args(argv))

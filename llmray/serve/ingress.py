@@ -1,0 +1,278 @@
+"""The OpenAI HTTP front door: FastAPI routes over a backend that streams engine events.
+
+``build_openai_app(backend, config)`` makes the FastAPI app; in Serve the backend is a
+``DeploymentHandle`` to ``LLMServer`` (``HandleBackend``), in fast tests an in-process ``LLMServer`` over
+the mock engine (``LocalBackend``). The order of checks per request: API key (401) → body size (413, before
+parsing) → JSON and schema (400 naming the field) → model name (404) → LLMServer queue (429 +
+``Retry-After``) → the first engine event (400 for prompt + max_tokens over the context window). Only then is
+a status sent, so a streamed request gets real error statuses too; an error after that is an SSE
+``data: {"error": ...}`` event followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmray.serve.errors import APIError, from_validation_error
+from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now
+from llmray.serve.render import ChoiceState, chat_chunk, completion_chunk, final_response, usage_of
+
+logger = logging.getLogger("llmray.serve")
+
+
+@dataclass
+class IngressConfig:
+    served_model_name: str
+    lora_names: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    retry_after_s: int = 1
+    max_model_len: int | None = None
+
+
+class HandleBackend:
+    """Streams from the ``LLMServer`` deployment through a Serve ``DeploymentHandle``."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.stream_handle = handle.options(stream=True)
+
+    async def stream(self, kind: str, body: dict, arrival_s: float) -> AsyncIterator[list[dict]]:
+        gen = self.stream_handle.stream.remote(kind, body, arrival_s)
+        finished = False
+        try:
+            async for item in gen:
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                gen.cancel()  # propagates to the replica: its generator is cancelled and aborts the engine
+
+    async def health(self) -> None:
+        await self.handle.check_health.remote()
+
+
+class LocalBackend:
+    """Streams from an in-process ``LLMServer`` (tests; no Ray)."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    async def stream(self, kind: str, body: dict, arrival_s: float) -> AsyncIterator[list[dict]]:
+        async for item in self.server.stream(kind, body, arrival_s):
+            yield item
+
+    async def health(self) -> None:
+        self.server.check_health()
+
+
+def _is_backpressure(exc: BaseException) -> bool:
+    try:
+        from ray.serve.exceptions import BackPressureError
+    except ImportError:  # ray absent: LocalBackend only
+        return False
+    return isinstance(exc, BackPressureError)
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object; 413 once it passes ``limit`` bytes (checked before parsing)."""
+    too_big = APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        data = json.loads(b"".join(chunks) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
+    """The FastAPI app serving /v1/models, /v1/completions, /v1/chat/completions and /health."""
+    app = FastAPI(title="llmray", docs_url=None, redoc_url=None)
+    served = [config.served_model_name, *config.lora_names]
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(exc.status_code, str(exc.detail))
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in the ingress")
+        err = APIError(500, f"internal server error ({type(exc).__name__})")
+        return JSONResponse(err.body(), status_code=500)
+
+    def check_auth(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), config.api_key.encode()
+        )
+        if not ok:
+            raise APIError(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            await backend.health()
+        except Exception as e:
+            raise APIError(503, f"the engine is not healthy: {e}") from None
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        created = now()
+        cards = [ModelCard(id=config.served_model_name, created=created, max_model_len=config.max_model_len)]
+        cards += [
+            ModelCard(id=name, created=created, root=name, parent=config.served_model_name)
+            for name in config.lora_names
+        ]
+        return ModelList(data=cards).model_dump()
+
+    async def handle(request: Request, kind: str) -> Response:
+        arrival = time.time()
+        check_auth(request)
+        data = await _read_json(request, config.max_body_bytes)
+        model = CompletionRequest if kind == "completions" else ChatCompletionRequest
+        try:
+            req = model.model_validate(data)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        if req.model not in served:
+            raise APIError(
+                404,
+                f"the model '{req.model}' does not exist; available: {served}",
+                "model",
+                "model_not_found",
+            )
+        events = backend.stream(kind, req.model_dump(), arrival)
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            raise APIError(500, "the engine returned no output") from None
+        except Exception as e:
+            if _is_backpressure(e):
+                raise APIError(
+                    429,
+                    "the server is at capacity (engine queue full); retry after a moment",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(config.retry_after_s)},
+                ) from None
+            raise
+        if first and "error" in first[0]:
+            await events.aclose()
+            raise APIError.from_dict(first[0])
+        n_prompts = len(req.prompts()) if isinstance(req, CompletionRequest) else 1
+        rid = new_id("cmpl" if kind == "completions" else "chatcmpl")
+        if req.stream:
+            return StreamingResponse(
+                _sse(events, first, req, kind, rid, n_prompts),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        states: dict[int, ChoiceState] = {}
+        try:
+            batch = first
+            while True:
+                for ev in batch:
+                    if "error" in ev:
+                        raise APIError.from_dict(ev)
+                    states.setdefault(ev["index"], ChoiceState()).add(ev)
+                batch = await anext(events, None)
+                if batch is None:
+                    break
+        finally:
+            await events.aclose()
+        return JSONResponse(final_response(kind, rid, req, states, n_prompts))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await handle(request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await handle(request, "chat")
+
+    return app
+
+
+async def _sse(
+    events: AsyncIterator[list[dict]],
+    first: list[dict],
+    req: CompletionRequest | ChatCompletionRequest,
+    kind: str,
+    rid: str,
+    n_prompts: int,
+) -> AsyncIterator[str]:
+    """SSE lines: one chunk per event, the usage chunk when asked, an error event if one arrives, [DONE]."""
+    created = now()
+    states: dict[int, ChoiceState] = {}
+    make = completion_chunk if kind == "completions" else chat_chunk
+    try:
+        batch: list[dict] | None = first
+        while batch is not None:
+            lines, failed = [], False
+            for ev in batch:
+                if "error" in ev:
+                    lines.append(f"data: {json.dumps({'error': ev['error']})}\n\n")
+                    failed = True
+                    break
+                st = states.setdefault(ev["index"], ChoiceState())
+                chunk = make(rid, created, req, ev, st)
+                st.add(ev)
+                if chunk is not None:
+                    lines.append(f"data: {json.dumps(chunk)}\n\n")
+            if lines:
+                yield "".join(lines)
+            batch = None if failed else await anext(events, None)
+        if req.include_usage() and not failed:
+            obj = "text_completion" if kind == "completions" else "chat.completion.chunk"
+            usage = usage_of(states, req.n, n_prompts)
+            tail = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": req.model,
+                "choices": [],
+                "usage": usage,
+            }
+            yield f"data: {json.dumps(tail)}\n\n"
+    except Exception as e:  # after the 200 went out: report in-band, never a stack trace
+        logger.exception("stream failed midway")
+        err = APIError(500, f"the stream failed midway ({type(e).__name__})")
+        yield f"data: {json.dumps(err.body())}\n\n"
+    finally:
+        await events.aclose()  # on a client disconnect this cancels the LLMServer call -> engine abort
+    yield "data: [DONE]\n\n"

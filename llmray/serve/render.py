@@ -1,0 +1,141 @@
+"""Turn LLMServer events into OpenAI JSON: stream chunks, final responses, usage, logprobs.
+
+An event (see ``llmray.serve.server``) is one engine step for one choice: the text delta, the number of
+new tokens, their logprobs (``{"token", "logprob", "top": [[token, logprob], ...]}`` each), the finish
+reason and cumulative token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmray.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionResponse,
+    Usage,
+    now,
+)
+
+
+@dataclass
+class ChoiceState:
+    """What one choice has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    text_len: int = 0
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    has_logprobs: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    role_sent: bool = False
+
+    def add(self, ev: dict[str, Any]) -> None:
+        self.text.append(ev["text"])
+        self.text_len += len(ev["text"])
+        if ev.get("logprobs") is not None:
+            self.has_logprobs = True
+            self.logprobs.extend(ev["logprobs"])
+        self.finish_reason = ev["finish_reason"] or self.finish_reason
+        self.prompt_tokens = ev["prompt_tokens"]
+        self.completion_tokens = ev["completion_tokens"]
+
+
+def usage_of(states: dict[int, ChoiceState], n: int, n_prompts: int) -> dict[str, int]:
+    """Prompt tokens counted once per prompt (not per choice), completion tokens over all choices."""
+    prompt = sum(states[p * n].prompt_tokens for p in range(n_prompts) if p * n in states)
+    completion = sum(st.completion_tokens for st in states.values())
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    ).model_dump()
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """The legacy completions format: parallel lists plus character offsets into the choice's text."""
+    offsets, pos = [], offset
+    for e in entries:
+        offsets.append(pos)
+        pos += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{t: lp for t, lp in e["top"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    def item(token: str, lp: float) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**item(e["token"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]}
+            for e in entries
+        ]
+    }
+
+
+def completion_chunk(rid: str, created: int, req: Any, ev: dict[str, Any], st: ChoiceState) -> dict | None:
+    if not ev["text"] and ev["finish_reason"] is None and not ev.get("logprobs"):
+        return None
+    lp = completion_logprobs(ev["logprobs"], st.text_len) if ev.get("logprobs") is not None else None
+    choice = {"index": ev["index"], "text": ev["text"], "logprobs": lp, "finish_reason": ev["finish_reason"]}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": req.model,
+        "choices": [choice],
+    }
+
+
+def chat_chunk(rid: str, created: int, req: Any, ev: dict[str, Any], st: ChoiceState) -> dict | None:
+    if st.role_sent and not ev["text"] and ev["finish_reason"] is None and not ev.get("logprobs"):
+        return None
+    delta: dict[str, Any] = {"content": ev["text"]}
+    if not st.role_sent:
+        delta = {"role": "assistant", "content": ev["text"]}
+        st.role_sent = True
+    lp = chat_logprobs(ev["logprobs"]) if ev.get("logprobs") is not None else None
+    choice = {"index": ev["index"], "delta": delta, "logprobs": lp, "finish_reason": ev["finish_reason"]}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": req.model,
+        "choices": [choice],
+    }
+
+
+def final_response(kind: str, rid: str, req: Any, states: dict[int, ChoiceState], n_prompts: int) -> dict:
+    """The non-streamed response body (``usage`` always included)."""
+    usage = Usage(**usage_of(states, req.n, n_prompts))
+    wants_lp = req.num_logprobs() is not None
+    if kind == "completions":
+        choices = [
+            CompletionChoice(
+                index=i,
+                text="".join(st.text),
+                logprobs=completion_logprobs(st.logprobs, 0) if wants_lp else None,
+                finish_reason=st.finish_reason,
+            )
+            for i, st in sorted(states.items())
+        ]
+        resp = CompletionResponse(id=rid, created=now(), model=req.model, choices=choices, usage=usage)
+        return resp.model_dump()
+    chat_choices = [
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content="".join(st.text)),
+            logprobs=chat_logprobs(st.logprobs) if wants_lp else None,
+            finish_reason=st.finish_reason,
+        )
+        for i, st in sorted(states.items())
+    ]
+    resp = ChatCompletionResponse(id=rid, created=now(), model=req.model, choices=chat_choices, usage=usage)
+    return resp.model_dump()

@@ -1,0 +1,293 @@
+"""``LLMServer``: the Serve deployment that owns one engine (``AsyncLLM``) per replica.
+
+The ingress sends it a validated OpenAI request body; ``stream`` turns it into engine requests (the chat
+template applied, ``n`` choices fanned out as ``n`` engine requests with seeds ``seed + i``) and yields
+lists of small events as tokens are produced::
+
+    {"index": choice, "text": delta, "num_tokens": k, "logprobs": [...] | None, "finish_reason": ...,
+     "prompt_tokens": P, "completion_tokens": C}
+
+or a single ``{"error": {...}, "status": 400}`` event when the request cannot run (errors travel as data,
+so no exception type has to survive Ray). When the caller stops iterating (client disconnect, Serve
+cancellation), every engine request of the call is aborted at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+
+from llmray.serve.errors import APIError, from_validation_error, from_value_error
+from llmray.serve.metrics import ServeMetrics
+from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
+
+STATS_POLL_S = 1.0  # how often engine gauges are refreshed
+_DONE = object()
+
+
+def load_engine(engine: str, model_dir: str, engine_kwargs: dict[str, Any], loras: dict[str, str]):
+    """Build ``(engine, SamplingParams class)``: ``engine`` is "llmray" (the real AsyncLLM) or "mock"."""
+    if engine == "mock":
+        from llmray.serve.mock_engine import MockAsyncLLM, MockSamplingParams
+
+        return MockAsyncLLM(model_dir, **engine_kwargs), MockSamplingParams
+    if engine == "llmray":
+        from llmray.engine.llm import AsyncLLM
+        from llmray.engine.sampling_params import SamplingParams
+
+        kwargs = dict(engine_kwargs)
+        if loras:
+            kwargs["loras"] = dict(loras)
+        return AsyncLLM(model_dir, **kwargs), SamplingParams
+    raise ValueError(f"engine must be 'llmray' or 'mock', got {engine!r}")
+
+
+class LLMServer:
+    """One engine replica. Wrapped by ``serve.deployment`` in ``llmray.serve.app``."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        served_model_name: str,
+        engine: str = "llmray",
+        engine_kwargs: dict[str, Any] | None = None,
+        loras: dict[str, str] | None = None,
+        enable_metrics: bool = True,
+    ) -> None:
+        self.model_name = served_model_name
+        self.loras = dict(loras or {})
+        self.engine, self._sampling_cls = load_engine(
+            engine, model_dir, dict(engine_kwargs or {}), self.loras
+        )
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = int(self.engine.max_model_len)
+        self.metrics = ServeMetrics(served_model_name, enabled=enable_metrics)
+        self._poll_task: asyncio.Task | None = None
+
+    # --- Serve hooks ------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy (it gets replaced)."""
+        if not self.engine.is_alive():
+            raise RuntimeError("the engine loop is not running")
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self.engine.stats())
+
+    def model_info(self) -> dict[str, Any]:
+        return {"model": self.model_name, "max_model_len": self.max_model_len, "loras": sorted(self.loras)}
+
+    def __del__(self) -> None:
+        shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    async def _poll_stats(self) -> None:
+        while True:
+            self.metrics.update_from_stats(self.engine.stats())
+            await asyncio.sleep(STATS_POLL_S)
+
+    # --- request preparation ----------------------------------------------------------------------
+    def _parse(self, kind: str, body: dict[str, Any]) -> CompletionRequest | ChatCompletionRequest:
+        model = CompletionRequest if kind == "completions" else ChatCompletionRequest
+        try:
+            return model.model_validate(body)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+
+    def _prompt_ids(self, req: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=req.add_generation_prompt, tokenize=False
+                )
+            except Exception as e:  # jinja TemplateError from a template's raise_exception
+                raise APIError(
+                    400, f"the chat template rejected the messages: {e}", param="messages"
+                ) from None
+            return [self.tokenizer.encode(text)]
+        vocab = self.tokenizer.vocab_size
+        out = []
+        for p in req.prompts():
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise APIError(
+                    400, f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt"
+                )
+            if not ids:
+                raise APIError(400, "the prompt encodes to zero tokens; send a non-empty prompt", "prompt")
+            out.append(ids)
+        return out
+
+    def _max_tokens(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> int:
+        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        room = self.max_model_len - prompt_len
+        asked = req.max_new_tokens()
+        if asked is None:  # chat default: the rest of the context window
+            if room < 1:
+                raise APIError(
+                    400,
+                    f"the prompt has {prompt_len} tokens, which fills the context window of "
+                    f"{self.max_model_len} tokens; shorten the prompt",
+                    "messages",
+                )
+            return room
+        if asked > room:
+            raise APIError(
+                400,
+                f"this model's context window is {self.max_model_len} tokens, but the prompt has {prompt_len} "
+                f"tokens and {param}={asked} ({prompt_len + asked} in all); lower {param} to at most "
+                f"{max(room, 0)} or shorten the prompt",
+                param,
+                code="context_length_exceeded",
+            )
+        return asked
+
+    def _sampling(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int, i: int) -> Any:
+        kwargs: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "min_tokens": min(req.min_tokens, max_tokens),
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "top_k": 0 if req.top_k in (None, -1) else req.top_k,
+            "min_p": req.min_p or 0.0,
+            "seed": None if req.seed is None else req.seed + i,
+            "stop": req.stop_list(),
+            "stop_token_ids": list(req.stop_token_ids or []),
+            "ignore_eos": req.ignore_eos,
+            "presence_penalty": req.presence_penalty or 0.0,
+            "frequency_penalty": req.frequency_penalty or 0.0,
+            "repetition_penalty": req.repetition_penalty or 1.0,
+            "logprobs": req.num_logprobs(),
+        }
+        try:
+            return self._sampling_cls(**kwargs)
+        except ValueError as e:
+            raise from_value_error(e) from None
+
+    def _lora(self, model: str) -> str | None:
+        if model == self.model_name:
+            return None
+        if model in self.loras:
+            return model
+        raise APIError(
+            404, f"the model '{model}' does not exist; this server has {self.model_name!r}", "model"
+        )
+
+    # --- the streaming entry point ----------------------------------------------------------------
+    async def stream(
+        self, kind: str, body: dict[str, Any], arrival_s: float | None = None
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """Run one OpenAI request; yields lists of events (see the module docstring)."""
+        start = time.time()
+        if arrival_s is not None:
+            self.metrics.observe_queue(start - arrival_s)
+        if self._poll_task is None and self.metrics.enabled:
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll_stats())
+        try:
+            req = self._parse(kind, body)
+            lora = self._lora(req.model)
+            jobs = []
+            for p_idx, ids in enumerate(self._prompt_ids(req)):
+                max_tokens = self._max_tokens(req, len(ids))
+                for i in range(req.n):
+                    jobs.append((p_idx * req.n + i, ids, self._sampling(req, max_tokens, i)))
+        except APIError as e:
+            yield [{"error": e.to_dict()["error"], "status": e.status}]
+            return
+        base_id = uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        rids = [f"{base_id}-{idx}" for idx, _, _ in jobs]
+        unfinished = set(rids)
+        tasks = [
+            asyncio.create_task(self._pump(queue, rid, idx, ids, sp, lora, start))
+            for rid, (idx, ids, sp) in zip(rids, jobs)
+        ]
+        try:
+            active = len(tasks)
+            while active:
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                events = []
+                for item in batch:
+                    if isinstance(item, tuple) and item[0] is _DONE:
+                        active -= 1
+                        unfinished.discard(item[1])
+                    else:
+                        events.append(item)
+                if events:
+                    yield events
+                    if any("error" in ev for ev in events):
+                        return
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+            for rid in unfinished:
+                await self.engine.abort(rid)
+
+    async def _pump(
+        self,
+        queue: asyncio.Queue,
+        rid: str,
+        index: int,
+        ids: list[int],
+        sp: Any,
+        lora: str | None,
+        start: float,
+    ) -> None:
+        """Feed one engine request's outputs into ``queue`` as events; a sentinel when it ends."""
+        last = None
+        try:
+            async for out in self.engine.generate_stream(ids, sp, request_id=rid, lora=lora):
+                now = time.time()
+                new_ids = list(out.new_token_ids)
+                if last is None:
+                    self.metrics.observe_first_token(now - start)
+                else:
+                    self.metrics.observe_tokens(now - last, len(new_ids))
+                last = now
+                ev: dict[str, Any] = {
+                    "index": index,
+                    "text": out.new_text,
+                    "num_tokens": len(new_ids),
+                    "finish_reason": out.finish_reason,
+                    "prompt_tokens": len(out.prompt_token_ids),
+                    "completion_tokens": len(out.token_ids),
+                    "logprobs": None,
+                }
+                if sp.logprobs is not None and out.logprobs is not None and new_ids:
+                    ev["logprobs"] = [
+                        self._logprob_entry(t, lp, sp.logprobs)
+                        for t, lp in zip(new_ids, out.logprobs[-len(new_ids) :])
+                    ]
+                queue.put_nowait(ev)
+            self.metrics.observe_finished(time.time() - start)
+        except ValueError as e:
+            err = from_value_error(e)
+            queue.put_nowait({"error": err.body()["error"], "status": 400})
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            msg = f"the engine failed on this request ({type(e).__name__}: {e})"
+            queue.put_nowait({"error": APIError(500, msg).body()["error"], "status": 500})
+        finally:
+            queue.put_nowait((_DONE, rid))
+
+    def _token_str(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _logprob_entry(self, token_id: int, lps: dict[int, float], k: int) -> dict[str, Any]:
+        top = sorted(lps.items(), key=lambda kv: -kv[1])[:k]
+        return {
+            "token": self._token_str(token_id),
+            "logprob": float(lps.get(token_id, -9999.0)),  # JSON has no -inf
+            "top": [[self._token_str(t), float(v)] for t, v in top],
+        }

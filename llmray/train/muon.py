@@ -1,0 +1,234 @@
+"""Muon (MomentUm Orthogonalized by Newton-Schulz) for 2-D hidden weights, AdamW for everything else.
+
+Sources: Keller Jordan, "Muon: An optimizer for hidden layers in neural networks" (2024) and
+github.com/KellerJordan/Muon (``MuonWithAuxAdam``); ``torch.optim.Muon`` (same update, same defaults).
+
+One optimizer object holds both parts as parameter groups (``use_muon=True|False``), so a checkpoint is
+one ``state_dict``: Muon groups keep a ``momentum_buffer`` per matrix, AdamW groups ``exp_avg``,
+``exp_avg_sq`` and ``step``.
+
+Muon update for a weight W (out, in) with gradient G:
+    B <- mu B + (1 - mu) G                     (momentum, mu = 0.95)
+    U <- G + mu (B - G) = lerp(G, B, mu)       (Nesterov)
+    O <- NewtonSchulz5(U)                      (≈ U V^T of the SVD U S V^T, computed in bf16)
+    W <- W (1 - lr wd) - lr * scale(W) * O     (decoupled weight decay, shape-aware scale)
+``scale`` is ``sqrt(max(1, out/in))`` ("original", Keller Jordan) or ``0.2 sqrt(max(out, in))``
+("match_rms_adamw", Moonlight: the update's RMS matches AdamW's so AdamW learning rates carry over).
+
+Matrices of one shape are orthogonalised together as a batch (one bmm per Newton-Schulz product instead
+of one matmul per matrix). Under data parallelism (``torch.distributed`` initialised) every rank holds
+the same all-reduced gradients; each rank updates the momentum of every matrix (cheap, element-wise,
+so every rank's state is complete and rank 0 can checkpoint it), orthogonalises only its 1/world share
+of each shape group, and the new weights are all-gathered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(
+    g: torch.Tensor,  # (..., rows, cols): one matrix or a batch of matrices
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Quintic Newton-Schulz iteration towards the orthogonal factor of ``g``, in bf16.
+
+    The coefficients maximise the slope at zero, so singular values land in roughly [0.7, 1.2] after
+    5 steps rather than exactly 1, which trains as well as the exact polar factor (Keller Jordan).
+    Returns bf16 with the input's shape.
+    """
+    if g.dim() < 2:
+        raise ValueError(f"Newton-Schulz needs a matrix (or a batch of matrices), got shape {tuple(g.shape)}")
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.size(-2) > g.size(-1)
+    if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
+        x = x.mT
+    # spectral norm <= Frobenius norm, so this puts every singular value in [0, 1]
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    batched = x.dim() == 3
+    for _ in range(steps):
+        if batched:
+            gram = torch.bmm(x, x.mT)  # (n, r, r)
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+            x = torch.baddbmm(x, poly, x, beta=a)  # a X + (b A + c A^2) X
+        else:
+            gram = x @ x.mT
+            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+            x = torch.addmm(x, poly, x, beta=a)
+    return x.mT if tall else x
+
+
+def adjusted_lr(lr: float, shape: torch.Size | tuple[int, ...], adjust_lr_fn: str) -> float:
+    """Shape-aware Muon step size for a weight of ``shape`` (out, in)."""
+    rows, cols = shape[-2], shape[-1]
+    if adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"adjust_lr_fn must be 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+
+
+class MuonWithAuxAdam(torch.optim.Optimizer):
+    """Muon for groups with ``use_muon=True`` (2-D weights), AdamW for groups with ``use_muon=False``.
+
+    Muon group keys: lr, momentum (0.95), nesterov (True), weight_decay, ns_steps (5), adjust_lr_fn.
+    AdamW group keys: lr, betas, eps, weight_decay.
+    """
+
+    def __init__(self, param_groups: Iterable[dict[str, Any]]) -> None:
+        groups = []
+        for group in param_groups:
+            group = dict(group)
+            if "use_muon" not in group:
+                raise ValueError("each parameter group needs use_muon=True (2-D hidden weights) or False (AdamW)")
+            if group["use_muon"]:
+                group.setdefault("lr", 0.02)
+                group.setdefault("momentum", 0.95)
+                group.setdefault("nesterov", True)
+                group.setdefault("weight_decay", 0.0)
+                group.setdefault("ns_steps", 5)
+                group.setdefault("adjust_lr_fn", "original")
+                for p in group["params"]:
+                    if p.dim() != 2:
+                        raise ValueError(
+                            f"Muon takes 2-D weights only; got a parameter of shape {tuple(p.shape)}: "
+                            "put embeddings, norms and biases in a use_muon=False (AdamW) group"
+                        )
+                adjusted_lr(1.0, (1, 1), group["adjust_lr_fn"])  # validate the name now
+            else:
+                group.setdefault("lr", 3e-4)
+                group.setdefault("betas", (0.9, 0.95))
+                group.setdefault("eps", 1e-8)
+                group.setdefault("weight_decay", 0.0)
+            groups.append(group)
+        super().__init__(groups, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_group(group)
+            else:
+                self._adamw_group(group)
+        return loss
+
+    def _muon_group(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - mu)
+        by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        for shape, plist in by_shape.items():
+            per_rank = math.ceil(len(plist) / world)
+            mine = plist[rank * per_rank : (rank + 1) * per_rank]  # this rank's share, may be empty
+            if mine:
+                bufs = [self.state[p]["momentum_buffer"] for p in mine]
+                if group["nesterov"]:
+                    upd = torch._foreach_lerp([p.grad for p in mine], bufs, mu)
+                else:
+                    upd = bufs
+                ortho = zeropower_via_newtonschulz5(torch.stack(upd), steps=group["ns_steps"])  # (n, r, c)
+                step_lr = adjusted_lr(lr, shape, group["adjust_lr_fn"])
+                if wd:
+                    torch._foreach_mul_(mine, 1 - lr * wd)
+                torch._foreach_add_(mine, list(ortho.to(mine[0].dtype).unbind(0)), alpha=-step_lr)
+            if world > 1:
+                # every rank contributes per_rank matrices (zero padding past the end); all receive all
+                send = torch.zeros((per_rank, *shape), dtype=plist[0].dtype, device=plist[0].device)
+                for i, p in enumerate(mine):
+                    send[i].copy_(p)
+                recv = [torch.empty_like(send) for _ in range(world)]
+                dist.all_gather(recv, send)
+                gathered = torch.cat(recv)  # (world * per_rank, rows, cols)
+                for i, p in enumerate(plist):
+                    p.copy_(gathered[i])
+
+    def _adamw_group(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0  # a Python int: no host sync per step, JSON in checkpoints
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+        # every parameter of a group is created together, so they share one step count
+        step = self.state[params[0]]["step"]
+        grads = [p.grad for p in params]
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(bias2))
+        torch._foreach_add_(denom, eps)
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_addcdiv_(params, m, denom, value=-lr / bias1)
+
+
+def muon_param_groups(
+    model: torch.nn.Module,
+    muon_lr: float,
+    adam_lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    adjust_lr_fn: str = "original",
+) -> list[dict[str, Any]]:
+    """Split a Qwen3 model: 2-D weights inside the decoder layers -> Muon; embeddings, head, norms -> AdamW.
+
+    The embedding and the head are 2-D too but are not "hidden" weights (their rows are looked up or
+    compared against one by one), so they stay with AdamW as Muon's authors prescribe. A tied head is
+    one parameter and appears once.
+    """
+    seen: set[int] = set()
+    hidden, matrices, vectors = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.dim() == 2 and ".layers." in f".{name}":
+            hidden.append(p)
+        elif p.dim() >= 2:
+            matrices.append(p)  # embed_tokens, lm_head
+        else:
+            vectors.append(p)  # RMSNorm weights
+    groups: list[dict[str, Any]] = []
+    if hidden:
+        groups.append(
+            dict(params=hidden, use_muon=True, lr=muon_lr, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn)
+        )
+    if matrices:
+        groups.append(dict(params=matrices, use_muon=False, lr=adam_lr, betas=betas, weight_decay=weight_decay))
+    if vectors:
+        groups.append(dict(params=vectors, use_muon=False, lr=adam_lr, betas=betas, weight_decay=0.0))
+    return groups

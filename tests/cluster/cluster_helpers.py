@@ -1,0 +1,159 @@
+"""A real local Ray head for the cluster tests, isolated from every other Ray on the machine.
+
+Several engineers (and CI jobs) share this machine, so nothing here uses ``ray stop`` (it kills every Ray
+process of the user) or the default ports/temp dir: each head gets free ports and its own ``--temp-dir``,
+and ``stop()`` kills exactly the processes that carry that temp dir on their command line plus their
+descendants (workers rename themselves ``ray::...`` but stay children of their raylet).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, data: dict | None = None, timeout: float = 10.0, method: str | None = None) -> Any:
+    body = None if data is None else json.dumps(data).encode()
+    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read().decode())
+
+
+def http_text(url: str, timeout: float = 10.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - polled services may not be up yet; re-raised below
+            last_exc = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for ``ray``/``serve`` CLIs and the processes they start: this venv first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray >= 2.52 turns on token auth when ~/.ray/auth_token exists (another local ray.init may have
+    # written it); pin the mode so the REST calls below behave the same on every machine.
+    env["RAY_AUTH_MODE"] = "disabled"
+    env["RAY_metrics_report_interval_ms"] = "1000"  # export metrics every second, not every 10 s
+    env.update(extra or {})
+    return env
+
+
+class LocalRayHead:
+    """``ray start --head`` on free ports in a private temp dir; ``stop()`` kills only its own processes."""
+
+    def __init__(self, num_cpus: int = 8, num_gpus: int = 0, env: dict[str, str] | None = None, args: list[str] | None = None):
+        self.temp_dir = tempfile.mkdtemp(prefix="lr9-", dir="/tmp")  # short: unix socket paths < 108 chars
+        self.gcs_port, self.dashboard_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.env = ray_env(env)
+        self.cmd = [
+            str(BIN / "ray"), "start", "--head", "--disable-usage-stats",
+            f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+            f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
+            "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+            f"--metrics-export-port={self.metrics_port}",
+            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={self.temp_dir}", "--object-store-memory=300000000",
+            *(args or []),
+        ]  # fmt: skip
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        import ray._private.services
+
+        return f"{ray._private.services.get_node_ip_address()}:{self.gcs_port}"
+
+    def start(self, timeout: float = 120.0) -> LocalRayHead:
+        try:
+            proc = subprocess.run(self.cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir)
+            if proc.returncode != 0:
+                raise RuntimeError(f"ray start failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+            wait_for(lambda: http_json(f"{self.dashboard_url}/api/version"), 60, what="the Ray dashboard")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def run_cli(self, args: list[str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+        return subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+    def alive_nodes(self) -> list[dict[str, Any]]:
+        """Alive nodes through the dashboard's state API: ``[{node_id, resources_total, labels, ...}]``."""
+        reply = http_json(f"{self.dashboard_url}/api/v0/nodes?limit=100&detail=true")
+        return [n for n in reply["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def _own_processes(self) -> list[psutil.Process]:
+        roots = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in part for part in (p.info["cmdline"] or [])):
+                    roots.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        procs = {p.pid: p for p in roots}
+        for p in roots:
+            try:
+                procs.update({c.pid: c for c in p.children(recursive=True)})
+            except psutil.NoSuchProcess:
+                continue
+        procs.pop(os.getpid(), None)
+        return list(procs.values())
+
+    def stop(self) -> None:
+        procs = self._own_processes()
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+    def __enter__(self) -> LocalRayHead:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,118 @@
+"""RMSNorm and fused add + RMSNorm kernels against the torch reference: outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmray.kernels.rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+
+EPS = 1e-6
+DTYPES = [torch.float32, torch.bfloat16]
+# CPU (interpreter): odd row counts; 4097 rows kept narrow so the interpreter stays fast
+CPU_SHAPES = [(1, 64), (7, 200), (123, 96), (4097, 24)]
+GPU_SHAPES = [(1, 64), (7, 1000), (123, 4096), (4097, 1000), (4097, 128), (16384, 1024), (262144, 128)]
+
+
+def _inputs(rows, width, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(rows, width, generator=g).to(device, dtype)
+    w = (1 + 0.1 * torch.randn(width, generator=g)).to(device, dtype)
+    dy = torch.randn(rows, width, generator=g).to(device, dtype)
+    return x, w, dy
+
+
+def _check_rms_norm(rows, width, dtype, device, assert_matches):
+    x, w, dy = _inputs(rows, width, dtype, device)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    y = rms_norm(x, w, EPS)
+    y.backward(dy)
+    # reference in fp32 on the same inputs
+    xr, wr = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    yr = rms_norm_ref(xr, wr, EPS)
+    yr.backward(dy.float())
+    assert y.dtype == dtype
+    assert_matches(y, yr, dtype, "y")
+    assert_matches(x.grad, xr.grad, dtype, "dx")
+    assert_matches(w.grad, wr.grad, dtype, "dw", reduced=True)
+
+
+def _check_add_rms_norm(rows, width, dtype, device, assert_matches):
+    x, w, dy = _inputs(rows, width, dtype, device)
+    r, _, ds = _inputs(rows, width, dtype, device, seed=1)
+    for t in (x, r, w):
+        t.requires_grad_(True)
+    y, s = add_rms_norm(x, r, w, EPS)
+    torch.autograd.backward((y, s), (dy, ds))
+    # reference: the sum rounded to dtype (as x + residual in torch), then the norm in fp32
+    s_ref = (x.detach() + r.detach()).float().requires_grad_(True)
+    wr = w.detach().float().requires_grad_(True)
+    yr = rms_norm_ref(s_ref, wr, EPS)
+    torch.autograd.backward((yr, s_ref), (dy.float(), ds.float()))
+    assert_matches(s, s_ref, dtype, "sum")
+    assert_matches(y, yr, dtype, "y")
+    assert_matches(x.grad, s_ref.grad, dtype, "dx")
+    assert_matches(r.grad, s_ref.grad, dtype, "dresidual")
+    assert_matches(w.grad, wr.grad, dtype, "dw", reduced=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,width", CPU_SHAPES)
+def test_rms_norm(rows, width, dtype, device, assert_matches):
+    _check_rms_norm(rows, width, dtype, device, assert_matches)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,width", CPU_SHAPES)
+def test_add_rms_norm(rows, width, dtype, device, assert_matches):
+    _check_add_rms_norm(rows, width, dtype, device, assert_matches)
+
+
+def test_head_norm_on_strided_views(device, assert_matches):
+    """q/k RMSNorm over head_dim of (B, T, H, D) views: of a projection, and of a slice of a fused qkv."""
+    torch.manual_seed(0)
+    w = torch.randn(16, device=device)
+    proj = torch.randn(2, 5, 4 * 16, device=device)
+    q = proj.view(2, 5, 4, 16)
+    assert_matches(rms_norm(q, w, EPS), rms_norm_ref(q, w, EPS), torch.float32, "view")
+    qkv = torch.randn(2, 5, 8 * 16, device=device)
+    k = qkv[..., 64:96].unflatten(-1, (2, 16))  # rows not at a single stride: copied
+    assert_matches(rms_norm(k, w, EPS), rms_norm_ref(k, w, EPS), torch.float32, "qkv slice")
+    xt = torch.randn(16, 6, device=device).t()  # last dim not unit-stride
+    assert_matches(rms_norm(xt, w, EPS), rms_norm_ref(xt, w, EPS), torch.float32, "transposed")
+
+
+def test_no_grad_path_and_frozen_weight(device, assert_matches):
+    x, w, dy = _inputs(9, 40, torch.float32, device)
+    with torch.no_grad():
+        assert_matches(rms_norm(x, w, EPS), rms_norm_ref(x, w, EPS), torch.float32, "no_grad")
+    x.requires_grad_(True)  # weight frozen (LoRA): only dx
+    rms_norm(x, w, EPS).backward(dy)
+    xr = x.detach().clone().requires_grad_(True)
+    rms_norm_ref(xr, w, EPS).backward(dy)
+    assert w.grad is None
+    assert_matches(x.grad, xr.grad, torch.float32, "dx")
+
+
+def test_rejects_mismatched_inputs(device):
+    x = torch.randn(3, 8, device=device)
+    with pytest.raises(ValueError, match="expected \\(8,\\)"):
+        rms_norm(x, torch.ones(7, device=device), EPS)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        add_rms_norm(x, x.double(), torch.ones(8, device=device), EPS)
+
+
+def test_reference_alias():
+    x, w = torch.randn(4, 8), torch.randn(8)
+    torch.testing.assert_close(add_rms_norm_ref(x, x, w, EPS)[1], 2 * x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,width", GPU_SHAPES)
+def test_rms_norm_gpu(rows, width, dtype, assert_matches):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _check_rms_norm(rows, width, dtype, "cuda", assert_matches)
+    _check_add_rms_norm(rows, width, dtype, "cuda", assert_matches)

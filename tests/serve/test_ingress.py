@@ -1,0 +1,198 @@
+"""The OpenAI ingress alone: FastAPI TestClient over an in-process LLMServer with the mock engine (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from llmray.serve.ingress import IngressConfig, LocalBackend, build_openai_app
+from llmray.serve.server import LLMServer
+
+MODEL = "mock-model"
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def make_client(**engine_kwargs) -> tuple[TestClient, LLMServer]:
+    server = LLMServer("unused", MODEL, engine="mock", engine_kwargs=engine_kwargs, enable_metrics=False)
+    config = IngressConfig(MODEL, lora_names=["my-adapter"], api_key=KEY, max_body_bytes=64 * 1024)
+    return TestClient(build_openai_app(LocalBackend(server), config)), server
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    return make_client(token_delay_s=0.0)[0]
+
+
+def sse_events(text: str) -> list:
+    lines = [ln[len("data: ") :] for ln in text.split("\n\n") if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]", text[-200:]
+    return [json.loads(ln) for ln in lines[:-1]]
+
+
+def test_models_and_health(client):
+    r = client.get("/v1/models", headers=AUTH)
+    assert r.status_code == 200
+    assert [m["id"] for m in r.json()["data"]] == [MODEL, "my-adapter"]
+    assert client.get("/health").status_code == 200  # open without a key
+
+
+def test_completions_non_streamed(client):
+    body = {
+        "model": MODEL,
+        "prompt": "hello",
+        "max_tokens": 7,
+        "n": 3,
+        "seed": 5,
+        "logprobs": 2,
+        "new_field": 1,
+    }
+    r = client.post("/v1/completions", headers=AUTH, json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "text_completion" and len(out["choices"]) == 3
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 21, "total_tokens": 26}
+    for c in out["choices"]:
+        lp = c["logprobs"]
+        assert len(lp["tokens"]) == 7 and len(lp["top_logprobs"][0]) == 2
+        assert "".join(lp["tokens"]) == c["text"] and lp["text_offset"][1] == len(lp["tokens"][0])
+    # seeded choices use seed+i: the same request again gives the same three texts
+    again = client.post("/v1/completions", headers=AUTH, json=body).json()
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in out["choices"]]
+
+
+def test_batched_prompts_and_token_ids(client):
+    body = {"model": MODEL, "prompt": [[1, 2, 3], [4, 5]], "max_tokens": 3, "n": 2}
+    out = client.post("/v1/completions", headers=AUTH, json=body).json()
+    assert len(out["choices"]) == 4
+    assert out["usage"]["prompt_tokens"] == 5 and out["usage"]["completion_tokens"] == 12
+
+
+def test_chat_streamed_with_usage(client):
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ],
+        "max_completion_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
+    r = client.post("/v1/chat/completions", headers=AUTH, json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    content = [e for e in events if e["choices"]]
+    assert content[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(len(e["choices"][0]["logprobs"]["content"]) for e in content) == 6
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_stop_string(client):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    full = client.post("/v1/completions", headers=AUTH, json=body).json()["choices"][0]["text"]
+    stop = full[10:12]
+    cut = client.post("/v1/completions", headers=AUTH, json={**body, "stop": [stop]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 3.5}, "temperature"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, "top_p"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, "n"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 50}, "logprobs"),
+        ("/v1/completions", {"model": MODEL}, "prompt"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+            "messages[0].role",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            None,
+        ),
+    ],
+)
+def test_400_names_the_field(client, path, body, param):
+    r = client.post(path, headers=AUTH, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param and (param is None or param in err["message"])
+
+
+def test_errors_statuses(client):
+    # prompt + max_tokens over the context window: both numbers named
+    r = client.post("/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": "hi", "max_tokens": 300})
+    assert (
+        r.status_code == 400
+        and "2 tokens" in r.json()["error"]["message"]
+        and "300" in r.json()["error"]["message"]
+    )
+    # the same, streamed: still a real status, not a 200 stream
+    r = client.post(
+        "/v1/completions",
+        headers=AUTH,
+        json={"model": MODEL, "prompt": "hi", "max_tokens": 300, "stream": True},
+    )
+    assert r.status_code == 400
+    assert client.post("/v1/completions", headers=AUTH, content=b"{not json").status_code == 400
+    assert client.post("/v1/completions", headers=AUTH, json=[1, 2]).status_code == 400
+    # auth: missing and wrong key
+    assert client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"}).status_code == 401
+    r = client.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = client.post("/v1/completions", headers=AUTH, json={"model": "gpt-9", "prompt": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = client.post("/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": "x" * 70_000})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = client.get("/v1/nothing", headers=AUTH)
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_error_midway_is_an_sse_event():
+    client, _ = make_client(token_delay_s=0.0, fail_after=3)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 10, "stream": True}
+    r = client.post("/v1/completions", headers=AUTH, json=body)
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert [e["choices"][0]["text"] != "" for e in events[:-1]] == [True] * 3
+    assert events[-1]["error"]["code"] == 500 and "mock engine failure" in events[-1]["error"]["message"]
+    # the same failure without streaming is a 500 in the envelope, not a stack trace
+    r = client.post("/v1/completions", headers=AUTH, json={**body, "stream": False})
+    assert r.status_code == 500 and "Traceback" not in r.text
+
+
+def test_health_fails_when_engine_dead():
+    client, server = make_client()
+    server.check_health()
+    server.engine.kill()
+    with pytest.raises(RuntimeError, match="engine loop"):
+        server.check_health()
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+
+
+def test_backpressure_is_429_with_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    class FullBackend:
+        async def stream(self, kind, body, arrival_s):
+            raise BackPressureError(num_queued_requests=8, max_queued_requests=8)
+            yield []  # pragma: no cover - makes this an async generator
+
+    client = TestClient(build_openai_app(FullBackend(), IngressConfig(MODEL, retry_after_s=2)))
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert r.status_code == 429 and r.headers["retry-after"] == "2"
+    assert r.json()["error"]["type"] == "rate_limit_error"

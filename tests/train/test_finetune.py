@@ -1,0 +1,165 @@
+"""Fine-tuning runs: LoRA and QLoRA lower the validation loss, only adapters change, resume is exact,
+the Ray Train run survives a worker failure, bad data stops the run before anything is written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmray.config import LoraConfig
+from llmray.model.checkpoint import load_model
+from llmray.train import finetune, lora
+from llmray.train.chat_data import ChatDataError
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+THINGS = ["apple", "sky", "grass", "sun", "coal", "snow", "rose", "sea", "leaf", "lemon"]
+COLOURS = ["red", "green", "blue", "yellow", "black", "white"]
+
+
+def make_chat_jsonl(path: Path, n: int, offset: int = 0) -> Path:
+    """A tiny learnable chat task: the assistant's reply follows a fixed pattern."""
+    rows = []
+    for i in range(offset, offset + n):
+        thing, colour = THINGS[i % len(THINGS)], COLOURS[(i * 7) % len(COLOURS)]
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You answer briefly."},
+                    {"role": "user", "content": f"What color is the {thing}?"},
+                    {"role": "assistant", "content": f"The {thing} is {colour}."},
+                ]
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chat")
+    return make_chat_jsonl(d / "train.jsonl", 48), make_chat_jsonl(d / "val.jsonl", 8, offset=100)
+
+
+def _cfg(base, chat_files, out, **kw) -> finetune.FinetuneConfig:
+    defaults = dict(
+        lora=LoraConfig(r=8, alpha=16, targets="all-linear"),
+        max_steps=16,
+        lr=2e-2,
+        batch_size=8,
+        seq_len=96,
+        checkpoint_every=8,
+        kernels="torch",
+    )
+    defaults.update(kw)
+    return finetune.FinetuneConfig(
+        base=str(base), data=str(chat_files[0]), val_data=str(chat_files[1]), out=str(out), **defaults
+    )
+
+
+def _run_local(cfg: finetune.FinetuneConfig, ckpt_root: Path | None = None) -> tuple[dict, finetune.LocalSession]:
+    train, val, stats = finetune.prepare_data(cfg)
+    session = finetune.LocalSession(ckpt_root=ckpt_root)
+    config = {"cfg": cfg.to_dict(), "train": train, "val": val, "pad_id": stats["pad_id"]}
+    return finetune.train_loop(config, session), session
+
+
+def _adapter(session: finetune.LocalSession) -> Path:
+    return session.reports[-1][1] / "adapter"
+
+
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
+def test_tiny_run_lowers_val_loss_and_changes_only_adapters(tiny_model_dir, chat_files, tmp_path, qlora):
+    cfg = _cfg(tiny_model_dir, chat_files, tmp_path / "out", lora=LoraConfig(r=8, alpha=16, targets="all-linear", qlora=qlora))
+    metrics, session = _run_local(cfg, ckpt_root=tmp_path / "ckpt")
+    assert metrics["step"] == 16 and len(session.reports) == 2  # checkpoints at steps 8 and 16
+    assert metrics["val_loss_after"] < metrics["val_loss_before"] - 0.3, metrics
+    assert "val_loss_after" in session.reports[-1][0]
+    adapter = _adapter(session)
+    # only adapter tensors were saved, and the base on disk is what training started from
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    # only adapter parameters changed: the trained PeftModel's base equals the checkpoint's
+    base = load_model(tiny_model_dir, dtype=torch.float32, kernels="torch").state_dict()
+    trained = lora.load_with_adapter(tiny_model_dir, adapter)
+    for name, value in trained.base_model.model.state_dict().items():
+        if "lora_" not in name:
+            torch.testing.assert_close(value, base[name.replace(".base_layer", "")], rtol=0, atol=0)
+    # the trained adapter on transformers gives llmray's logits
+    ids = torch.randint(0, 300, (2, 20))
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, str(adapter)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, trained(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_resume_from_checkpoint_is_exact(tiny_model_dir, chat_files, tmp_path):
+    """8 steps + resume to 16 gives the same adapter as 16 uninterrupted steps (data order from the step)."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tiny_model_dir, chat_files, tmp_path / "out", lora=LoraConfig(r=4, targets="attn"))
+    _, full = _run_local(cfg, ckpt_root=tmp_path / "full")
+    part_root = tmp_path / "part"
+    _run_local(_cfg(tiny_model_dir, chat_files, tmp_path / "out", lora=LoraConfig(r=4, targets="attn"), max_steps=16, checkpoint_every=8), ckpt_root=part_root)
+    # drop the final checkpoint: the next run resumes from step 8
+    import shutil
+
+    shutil.rmtree(part_root / "checkpoint_00000016")
+    metrics, resumed = _run_local(cfg, ckpt_root=part_root)
+    assert metrics["step"] == 16 and len(resumed.reports) == 1
+    a = load_file(str(_adapter(full) / "adapter_model.safetensors"))
+    b = load_file(str(_adapter(resumed) / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert metrics["val_loss_before"] == full.reports[-1][0]["val_loss_before"]
+
+
+def test_bad_line_stops_before_anything_is_written(tiny_model_dir, chat_files, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = chat_files[0].read_text().splitlines()
+    lines[6] = lines[6][:-2]  # line 7: cut JSON
+    bad.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    cfg = _cfg(tiny_model_dir, chat_files, out)
+    cfg.data = str(bad)
+    with pytest.raises(ChatDataError, match=r"bad\.jsonl:7: not valid JSON"):
+        finetune.run_finetune(cfg)
+    assert not out.exists()
+    # the CLI reports it and exits 2
+    parser = argparse.ArgumentParser()
+    finetune.add_cli(parser.add_subparsers())
+    args = parser.parse_args(["finetune", "--base", str(tiny_model_dir), "--data", str(bad), "--out", str(out)])
+    assert args.func(args) == 2 and not out.exists()
+
+
+def test_ray_train_run_with_worker_failure(ray_local, tiny_model_dir, chat_files, tmp_path, capsys):
+    """Two Ray Train workers (gradients all-reduced); one crash at step 5 resumes from the step-4 checkpoint."""
+    out = tmp_path / "run"
+    cfg = _cfg(
+        tiny_model_dir, chat_files, out, num_workers=2, batch_size=4, max_steps=8, checkpoint_every=4,
+        max_failures=1, lora=LoraConfig(r=4, alpha=8, targets="attn", qlora=True),
+    )
+    metrics = finetune.run_finetune(cfg, fail_at_step=5)
+    assert metrics["step"] == 8 and metrics["val_loss_after"] < metrics["val_loss_before"]
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    saved = json.loads((out / "llmray.json").read_text())
+    assert saved["val_loss_after"] == metrics["val_loss_after"] and saved["lora"]["qlora"] is True
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "resumed" and r["step"] == 4 for r in rows)
+    assert rows[-1]["event"] == "final" and rows[-1]["val_loss_before"] == metrics["val_loss_before"]
+    assert "validation loss" in capsys.readouterr().out
+    # merge the QLoRA-trained adapter into the full-precision base
+    merged = lora.merge_adapter(tiny_model_dir, out, tmp_path / "merged", dtype=torch.float32)
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_model(merged, kernels="torch")(ids), lora.load_with_adapter(tiny_model_dir, out)(ids), rtol=1e-5, atol=1e-5
+        )
