@@ -36,7 +36,8 @@ RUN pip install --no-cache-dir \
         "pyyaml==6.0.4" \
         "tqdm==4.70.1" \
         "matplotlib==3.11.2" \
-        "numpy==2.4.6"
+        "numpy==2.4.6" \
+        "openai==3.57.0"
 
 COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 llmray ./llmray

@@ -75,10 +75,10 @@ def bench_params() -> dict:
     return {"preset": PRESET, "configs": rows}
 
 
-def _build(mode: str, targets: str, r: int, kernels: str, device: torch.device):
+def _build(mode: str, targets: str, r: int, kernels: str, device: torch.device, preset: str):
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen3ForCausalLM(ModelConfig.preset(PRESET), kernels=kernels).to(torch.bfloat16)
+        model = Qwen3ForCausalLM(ModelConfig.preset(preset), kernels=kernels).to(torch.bfloat16)
     if mode == "full":
         return model.train(), list(model.parameters())
     cfg = LoraConfig(r=r, alpha=2 * r, targets=targets, qlora=mode == "qlora")
@@ -86,20 +86,26 @@ def _build(mode: str, targets: str, r: int, kernels: str, device: torch.device):
     return pm.train(), [p for p in pm.parameters() if p.requires_grad]
 
 
-def bench_step(mode: str, targets: str, r: int, batch: int, seq: int, steps: int, kernels: str) -> dict:
-    device = torch.device("cuda")
-    torch.cuda.empty_cache()
-    model, params = _build(mode, targets, r, kernels, device)
+def bench_step(
+    mode: str, targets: str, r: int, batch: int, seq: int, steps: int, kernels: str, device: str, preset: str
+) -> dict:
+    """One configuration's step time and peak memory (``device="cpu"`` only checks the script runs)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+    model, params = _build(mode, targets, r, kernels, device, preset)
     opt = torch.optim.AdamW(params, lr=1e-5)
-    vocab = ModelConfig.preset(PRESET).vocab_size
+    vocab = ModelConfig.preset(preset).vocab_size
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), device=device, generator=g)
     tgt = torch.randint(0, vocab, (batch, seq), device=device, generator=g)
-    weights_bytes = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    weights_bytes = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
 
     def step() -> float:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             loss = model(ids, targets=tgt)
         loss.backward()
         opt.step()
@@ -108,14 +114,19 @@ def bench_step(mode: str, targets: str, r: int, batch: int, seq: int, steps: int
 
     for _ in range(2):  # warm-up (optimizer state allocated, kernels compiled)
         step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    if cuda:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / steps
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(end) / steps
+    else:
+        ms = (time.perf_counter() - t0) * 1000 / steps
     trainable, total = lora.trainable_parameters(model)
     row = {
         "mode": mode,
@@ -126,26 +137,31 @@ def bench_step(mode: str, targets: str, r: int, batch: int, seq: int, steps: int
         "seq_len": seq,
         "step_ms": round(ms, 2),
         "tokens_per_s": round(batch * seq / ms * 1000, 1),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "model_mem_gib": round(weights_bytes / 2**30, 3),
         "trainable_params": trainable,
         "total_params": total,
         "gradient_checkpointing": mode == "qlora",
-        "final_loss": round(float(loss), 4),
+        "final_loss": round(float(loss.detach()), 4),
     }
     if mode != "full":
         with tempfile.TemporaryDirectory() as tmp:
             out = lora.save_adapter(model, Path(tmp) / "a", None)
             row["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size
-    del model, opt, params
     return row
 
 
 def bench_gpu(args: argparse.Namespace) -> dict:
-    runs = [("full", "", 0), ("lora", "all-linear", 16), ("qlora", "all-linear", 16), ("lora", "attn", 8), ("qlora", "attn", 8)]
+    runs = [
+        ("full", "", 0),
+        ("lora", "all-linear", 16),
+        ("qlora", "all-linear", 16),
+        ("lora", "attn", 8),
+        ("qlora", "attn", 8),
+    ]
     result = {
-        "preset": PRESET,
-        "device": torch.cuda.get_device_name(),
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
@@ -155,12 +171,22 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     for mode, targets, r in runs:
         for kernels in ("auto", "torch"):  # auto = Triton ops on CUDA; torch only if Triton fails (recorded)
             try:
-                row = bench_step(mode, targets, r, args.batch, args.seq_len, args.steps, kernels)
+                row = bench_step(
+                    mode, targets, r, args.batch, args.seq_len, args.steps, kernels, args.device, args.preset
+                )
             except Exception as e:  # recorded in the result, then the torch ops are tried
-                result["errors"].append({"mode": mode, "targets": targets, "kernels": kernels, "error": repr(e)[:400],
-                                         "trace": traceback.format_exc()[-1200:]})
+                result["errors"].append(
+                    {
+                        "mode": mode,
+                        "targets": targets,
+                        "kernels": kernels,
+                        "error": repr(e)[:400],
+                        "trace": traceback.format_exc()[-1200:],
+                    }
+                )
                 print(f"{mode} {targets} kernels={kernels} failed: {e!r}", flush=True)
-                torch.cuda.empty_cache()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             result["runs"].append(row)
             print(json.dumps(row), flush=True)
@@ -173,7 +199,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
 def _summarise(result: dict) -> None:
     by = {(r["mode"], r["targets"]): r for r in result["runs"]}
     full = by.get(("full", None))
-    if full is None:
+    if full is None or full["peak_mem_gib"] is None:
         return
     summary = {}
     for (mode, targets), row in by.items():
@@ -187,7 +213,9 @@ def _summarise(result: dict) -> None:
     q, lo = by.get(("qlora", "all-linear")), by.get(("lora", "all-linear"))
     result["targets"] = {
         "qlora_peak_mem_le_0.4x_full": None if q is None else q["peak_mem_gib"] <= 0.4 * full["peak_mem_gib"],
-        "lora_tokens_per_s_ge_1.2x_full": None if lo is None else lo["tokens_per_s"] >= 1.2 * full["tokens_per_s"],
+        "lora_tokens_per_s_ge_1.2x_full": None
+        if lo is None
+        else lo["tokens_per_s"] >= 1.2 * full["tokens_per_s"],
     }
 
 
@@ -198,6 +226,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--preset", default=PRESET, help="gpu part only (tiny + --device cpu: a dry run)")
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     t0 = time.time()
     if args.part == "params":
@@ -205,8 +235,8 @@ def main() -> None:
         result["command"] = " ".join(sys.argv)
         Path(args.out).write_text(json.dumps(result, indent=2))
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("the gpu part needs CUDA")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("the gpu part needs CUDA (or --device cpu --preset tiny for a dry run)")
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         bench_gpu(args)
     print(f"done in {time.time() - t0:.1f}s -> {args.out}", flush=True)

@@ -111,6 +111,18 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=1024,
         rope_theta=10000.0,
     ),
+    # The demo's default on a laptop CPU (vocab set by the tokenizer trained on the corpus).
+    "mini": ModelConfig(
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+    ),
     # The blog series' "seed" model: about 7.03M parameters with an 8k BPE vocabulary.
     "seed-7m": ModelConfig(
         vocab_size=8192,

@@ -8,6 +8,15 @@ The one thing ``serve run llmray.serve.app:build_app model=/models/x`` and a Kub
   ``autoscaling_config`` between ``min_replicas`` and ``max_replicas`` on ongoing requests, and
   ``max_ongoing_requests`` raised to the engine's batch (Serve's default is only 5) plus
   ``max_queued_requests``, beyond which the ingress answers 429.
+
+A RayService names it like this (``args`` are the fields of ``ServeArgs``)::
+
+    serveConfigV2: |
+      applications:
+        - name: llmray
+          import_path: llmray.serve.app:build_app
+          route_prefix: /
+          args: {model: /models/qwen3-0.6b, use_gpu: true, min_replicas: 1, max_replicas: 4}
 """
 
 from __future__ import annotations

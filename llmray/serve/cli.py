@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -95,6 +96,12 @@ def run_serve(ns: argparse.Namespace) -> int:
     serve.start(http_options={"host": ns.host, "port": ns.port})
     serve.run(app, name="llmray", route_prefix="/", blocking=False)
     print(f"llmray: serving on http://{ns.host}:{ns.port}/v1 (Ctrl-C to stop)", flush=True)
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, stop)  # also when started in the background (SIGINT ignored there)
+    signal.signal(signal.SIGTERM, stop)  # `kill`, Kubernetes pod shutdown
     try:
         while True:
             time.sleep(3600)
@@ -102,6 +109,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         print("llmray: shutting down", flush=True)
     finally:
         serve.shutdown()
+        ray.shutdown()
     return 0
 
 

@@ -77,12 +77,17 @@ class LocalBackend:
         self.server.check_health()
 
 
-def _is_backpressure(exc: BaseException) -> bool:
+def _serve_error_status(exc: BaseException) -> int | None:
+    """429 for a full LLMServer queue, 503 when no LLMServer replica can take requests, else None."""
     try:
-        from ray.serve.exceptions import BackPressureError
+        from ray.serve import exceptions as ex
     except ImportError:  # ray absent: LocalBackend only
-        return False
-    return isinstance(exc, BackPressureError)
+        return None
+    if isinstance(exc, ex.BackPressureError):
+        return 429
+    if isinstance(exc, ex.DeploymentUnavailableError | ex.ReplicaUnavailableError):
+        return 503
+    return None
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -183,14 +188,17 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
         except StopAsyncIteration:
             raise APIError(500, "the engine returned no output") from None
         except Exception as e:
-            if _is_backpressure(e):
-                raise APIError(
-                    429,
-                    "the server is at capacity (engine queue full); retry after a moment",
-                    code="rate_limit_exceeded",
-                    headers={"Retry-After": str(config.retry_after_s)},
-                ) from None
-            raise
+            status = _serve_error_status(e)
+            if status is None:
+                raise
+            message = {
+                429: "the server is at capacity (engine queue full); retry after a moment",
+                503: "no engine replica is available right now; retry after a moment",
+            }[status]
+            code = "rate_limit_exceeded" if status == 429 else "engine_unavailable"
+            raise APIError(
+                status, message, code=code, headers={"Retry-After": str(config.retry_after_s)}
+            ) from None
         if first and "error" in first[0]:
             await events.aclose()
             raise APIError.from_dict(first[0])

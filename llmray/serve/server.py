@@ -15,6 +15,7 @@ cancellation), every engine request of the call is aborted at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from llmray.serve.errors import APIError, from_validation_error, from_value_erro
 from llmray.serve.metrics import ServeMetrics
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
 
+logger = logging.getLogger("llmray.serve")
 STATS_POLL_S = 1.0  # how often engine gauges are refreshed
 _DONE = object()
 
@@ -88,7 +90,10 @@ class LLMServer:
 
     async def _poll_stats(self) -> None:
         while True:
-            self.metrics.update_from_stats(self.engine.stats())
+            try:
+                self.metrics.update_from_stats(self.engine.stats())
+            except Exception:  # a metrics hiccup must not stop serving; it is logged, and retried next poll
+                logger.exception("refreshing engine metrics failed")
             await asyncio.sleep(STATS_POLL_S)
 
     # --- request preparation ----------------------------------------------------------------------

@@ -64,6 +64,7 @@ class TokenizedExample:
     line: int
     input_ids: np.ndarray
     targets: np.ndarray
+    truncated: bool = False
 
     @property
     def num_loss_tokens(self) -> int:
@@ -92,7 +93,9 @@ def _parse_messages(raw: Any) -> list[dict[str, Any]]:
         if role not in ROLES:
             raise ValueError(f"messages[{i}].role={role!r}; expected one of {', '.join(ROLES)}")
         if m.get("tool_calls") or m.get("function_call"):
-            raise ValueError(f"messages[{i}] has tool/function calls, which llmray fine-tuning does not support")
+            raise ValueError(
+                f"messages[{i}] has tool/function calls, which llmray fine-tuning does not support"
+            )
         if "content" not in m or m["content"] is None:
             raise ValueError(f"messages[{i}] has no content")
         try:
@@ -104,6 +107,8 @@ def _parse_messages(raw: Any) -> list[dict[str, Any]]:
             raise ValueError(f"messages[{i}].weight={weight!r}; expected 0 or 1")
         if "weight" in m and role != "assistant":
             raise ValueError(f"messages[{i}].weight is only allowed on assistant messages")
+        if role == "assistant" and weight and not content.strip():
+            raise ValueError(f"messages[{i}] is an assistant message with empty content: nothing to learn")
         messages.append({"role": role, "content": content, "weight": weight})
     if not any(m["role"] == "assistant" and m["weight"] for m in messages):
         raise ValueError("no assistant message to learn from (every example needs one with weight 1)")
@@ -151,28 +156,45 @@ def read_jsonl(path: str | Path) -> list[Example]:
     return examples
 
 
-def _assistant_spans(tok: Tokenizer, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
-    """Render ``messages`` and return (text, character spans of the weighted assistant turns).
+def _common_prefix_len(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
-    A turn's span runs from the end of the prompt rendered up to it (with the generation prompt) to the
-    end of the conversation rendered through it, so it holds the reply and the template's end-of-turn
-    token(s): the model learns to stop.
+
+def _assistant_spans(tok: Tokenizer, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+    """Render ``messages`` and return (text, character spans of the weighted assistant replies).
+
+    Each message's (stripped) content is located in the rendering in order; an assistant reply's span
+    runs from its content through the template's end-of-turn text (e.g. ``<|im_end|>\n``, taken from the
+    conversation rendered up to that reply), so the model learns to stop. Locating content, rather than
+    diffing renderings of prefixes, also works for templates whose history differs from a final turn
+    (Qwen3 writes an empty ``<think></think>`` block only before the last reply); that block stays in
+    the context, outside the loss, as it sits in a non-thinking generation prompt.
     """
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
     text = tok.apply_chat_template(plain, add_generation_prompt=False)
-    spans = []
+    spans, cursor = [], 0
     for i, m in enumerate(messages):
-        if m["role"] != "assistant" or not m["weight"]:
+        needle = m["content"].strip()
+        if not needle:
             continue
-        before = tok.apply_chat_template(plain[:i], add_generation_prompt=True) if i else ""
-        through = tok.apply_chat_template(plain[: i + 1], add_generation_prompt=False)
-        if not text.startswith(through) or not through.startswith(before):
+        start = text.find(needle, cursor)
+        if start < 0:
             raise ValueError(
-                "the chat template does not render conversations prefix-consistently, so assistant "
-                "turns cannot be located for loss masking; use a template whose rendering of the first "
-                "k messages is a prefix of the rendering of all of them"
+                f"messages[{i}].content does not appear verbatim in the chat template's rendering, so "
+                "the assistant turns cannot be located for loss masking"
             )
-        spans.append((len(before), len(through)))
+        end = start + len(needle)
+        if m["role"] == "assistant" and m["weight"]:
+            through = tok.apply_chat_template(plain[: i + 1], add_generation_prompt=False)
+            suffix = through[through.rfind(needle) + len(needle) :]
+            end += _common_prefix_len(suffix, text[end : end + len(suffix)])
+            spans.append((start, end))
+        cursor = end
     return text, spans
 
 
@@ -218,7 +240,7 @@ def tokenize_file(
             continue
         if len(t.input_ids) > seq_len:
             truncated += 1
-            t = TokenizedExample(t.line, t.input_ids[:seq_len], t.targets[:seq_len].copy())
+            t = TokenizedExample(t.line, t.input_ids[:seq_len], t.targets[:seq_len].copy(), truncated=True)
             t.targets[-1] = IGNORE  # its target lies past the cut
             if t.num_loss_tokens == 0:
                 errors.append(
@@ -246,7 +268,37 @@ def split_heldout(
     order = np.random.default_rng(seed).permutation(len(examples))
     n_val = max(1, int(round(len(examples) * fraction)))
     val = set(order[:n_val].tolist())
-    return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
+    return [e for i, e in enumerate(examples) if i not in val], [
+        e for i, e in enumerate(examples) if i in val
+    ]
+
+
+def load_train_val(
+    tok: Tokenizer,
+    data: str | Path,
+    val_data: str | Path | None,
+    seq_len: int,
+    val_fraction: float,
+    seed: int,
+) -> tuple[list[TokenizedExample], list[TokenizedExample], dict[str, Any]]:
+    """Tokenise the training file and the validation file (or hold ``val_fraction`` of the training one out)."""
+    train, _ = tokenize_file(data, tok, seq_len)
+    if val_data:
+        val, _ = tokenize_file(val_data, tok, seq_len)
+        source = str(val_data)
+    else:
+        train, val = split_heldout(train, val_fraction, seed)
+        source = f"{len(val)} examples held out of {data}"
+
+    def summary(examples: list[TokenizedExample]) -> dict[str, int]:
+        return {
+            "examples": len(examples),
+            "truncated_to_seq_len": sum(bool(e.truncated) for e in examples),
+            "tokens": int(sum(len(e.input_ids) for e in examples)),
+            "loss_tokens": int(sum(e.num_loss_tokens for e in examples)),
+        }
+
+    return train, val, {"train": summary(train), "val": summary(val), "val_source": source}
 
 
 def length_bucketed_batches(

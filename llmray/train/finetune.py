@@ -86,21 +86,15 @@ def prepare_data(cfg: FinetuneConfig) -> tuple[dict, dict, dict[str, Any]]:
     from llmray.model.tokenizer import Tokenizer
 
     tok = Tokenizer.load(cfg.base)
-    train, train_stats = chat_data.tokenize_file(cfg.data, tok, cfg.seq_len)
-    if cfg.val_data:
-        val, val_stats = chat_data.tokenize_file(cfg.val_data, tok, cfg.seq_len)
-        val_source = cfg.val_data
-    else:
-        train, val = chat_data.split_heldout(train, cfg.val_fraction, cfg.seed)
-        val_stats = {"examples": len(val), "loss_tokens": sum(e.num_loss_tokens for e in val)}
-        val_source = f"{len(val)} examples held out of {cfg.data}"
-    per_step = cfg.batch_size * cfg.num_workers
-    if len(train) < per_step:
+    train, val, stats = chat_data.load_train_val(
+        tok, cfg.data, cfg.val_data, cfg.seq_len, cfg.val_fraction, cfg.seed
+    )
+    if len(train) < cfg.batch_size * cfg.num_workers:
         raise ValueError(
             f"{len(train)} training examples cannot fill one step of {cfg.num_workers} worker(s) × "
             f"--batch-size {cfg.batch_size}; lower --batch-size or add data"
         )
-    stats = {"train": train_stats, "val": val_stats, "val_source": val_source, "pad_id": tok.pad_token_id or 0}
+    stats["pad_id"] = tok.pad_token_id or 0
     return chat_data.to_arrays(train), chat_data.to_arrays(val), stats
 
 
@@ -153,38 +147,6 @@ def _all_reduce(t: torch.Tensor, world: int) -> None:
         torch.distributed.all_reduce(t)
 
 
-def save_training_state(path: Path, pm, opt: torch.optim.Optimizer, state: dict, base: str) -> None:
-    """Checkpoint dir: adapter/ (PEFT), optimizer.safetensors (AdamW moments), state.json (step...)."""
-    from safetensors.torch import save_file
-
-    lora.save_adapter(pm, path / "adapter", base)
-    tensors, meta = {}, {}
-    for idx, st in opt.state_dict()["state"].items():
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                meta[f"{idx}.{key}"] = value
-    save_file(tensors, str(path / "optimizer.safetensors"))
-    (path / "state.json").write_text(json.dumps({**state, "optimizer_scalars": meta}, indent=2))
-
-
-def load_training_state(path: Path, pm, opt: torch.optim.Optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    lora.load_adapter_state(pm, load_file(str(path / "adapter" / "adapter_model.safetensors")))
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    per_param: dict[int, dict] = {}
-    for key, value in list(tensors.items()) + list(state.pop("optimizer_scalars").items()):
-        idx, name = key.split(".", 1)
-        per_param.setdefault(int(idx), {})[name] = value
-    sd = opt.state_dict()
-    sd["state"] = per_param
-    opt.load_state_dict(sd)
-    return state
-
-
 def build_model(cfg: FinetuneConfig, device: torch.device):
     """Base checkpoint → (NF4) → peft LoRA on ``device``; bf16 base on CUDA, fp32 on CPU."""
     from llmray.model.checkpoint import load_model
@@ -217,13 +179,10 @@ class RaySession(_Session):
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self._ckpt = ray.train.get_checkpoint()
-        self._ckpt_ctx = None
 
     def checkpoint_dir(self) -> Path | None:
-        if self._ckpt is None:
-            return None
-        self._ckpt_ctx = self._ckpt.as_directory()
-        return Path(self._ckpt_ctx.__enter__())
+        # a local copy (downloaded if the run's storage is remote); adapter + optimizer state are small
+        return None if self._ckpt is None else Path(self._ckpt.to_directory())
 
     def report(self, metrics: dict, ckpt: Path | None) -> None:
         import ray.train
@@ -277,12 +236,19 @@ def train_loop(config: dict, session: _Session) -> dict:
 
     resume = session.checkpoint_dir()
     if resume is not None:
-        state = load_training_state(resume, pm, opt)
+        state = lora.load_training_state(resume, pm, opt)
         log({"event": "resumed", "step": state["step"], "from": str(resume)})
     else:
         state = {"step": 0, "val_loss_before": evaluate(pm, val, cfg, rank, world, pad_id, device)}
-        log({"event": "val", "step": 0, "val_loss_before": state["val_loss_before"],
-             "trainable_params": trainable, "total_params": all_params})
+        log(
+            {
+                "event": "val",
+                "step": 0,
+                "val_loss_before": state["val_loss_before"],
+                "trainable_params": trainable,
+                "total_params": all_params,
+            }
+        )
     step, t0, tokens, metrics = state["step"], time.perf_counter(), 0, None
     while step < total:
         if config.get("fail_at_step") == step and not Path(config["fail_marker"]).exists():
@@ -294,17 +260,25 @@ def train_loop(config: dict, session: _Session) -> dict:
         with autocast(device):
             loss = pm(ids.to(device), targets=tgt.to(device))
         loss.backward()
-        if world > 1:
-            for p in params:
-                _all_reduce(p.grad, world)
-                p.grad /= world
+        if world > 1:  # average the adapter gradients: one all-reduce over a flat buffer
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            _all_reduce(flat, world)
+            for p, g in zip(params, flat.div_(world).split([p.numel() for p in params])):
+                p.grad.copy_(g.view_as(p.grad))
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens += ids.numel()
-        log({"step": step, "loss": round(loss.item(), 5), "grad_norm": round(float(gnorm), 4),
-             "lr": opt.param_groups[0]["lr"], "tokens_per_s": round(tokens * world / (time.perf_counter() - t0), 1)})
+        log(
+            {
+                "step": step,
+                "loss": round(loss.item(), 5),
+                "grad_norm": round(float(gnorm), 4),
+                "lr": opt.param_groups[0]["lr"],
+                "tokens_per_s": round(tokens * world / (time.perf_counter() - t0), 1),
+            }
+        )
         if step % cfg.checkpoint_every == 0 or step == total:
             final = step == total
             state["step"] = step
@@ -317,7 +291,7 @@ def train_loop(config: dict, session: _Session) -> dict:
                 ckpt = None
                 if rank == 0:
                     ckpt = Path(tmp)
-                    save_training_state(ckpt, pm, opt, {**state, "metrics": metrics}, cfg.base)
+                    lora.save_training_state(ckpt, pm, opt, {**state, "metrics": metrics}, cfg.base)
                 session.report(metrics, ckpt)
     return metrics if metrics is not None else state.get("metrics", {})
 
@@ -347,7 +321,7 @@ def run_finetune(cfg: FinetuneConfig, fail_at_step: int | None = None) -> dict[s
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"fine-tuning {cfg.base} on {stats['train']['examples']} examples "
-        f"({stats['train']['loss_tokens']} loss tokens, {stats['train']['truncated']} truncated to "
+        f"({stats['train']['loss_tokens']} loss tokens, {stats['train']['truncated_to_seq_len']} truncated to "
         f"{cfg.seq_len}); validation: {stats['val_source']}",
         flush=True,
     )
@@ -401,7 +375,9 @@ def _publish_adapter(adapter: Path, out: Path, metrics: dict) -> None:
     tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True))
     os.replace(tmp, out / "llmray.json")
     with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"event": "final", **{k: metrics[k] for k in metrics if k not in ("data",)}}) + "\n")
+        f.write(
+            json.dumps({"event": "final", **{k: metrics[k] for k in metrics if k not in ("data",)}}) + "\n"
+        )
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -412,8 +388,9 @@ def _finetune_cmd(args: argparse.Namespace) -> int:
         data=args.data,
         out=args.out,
         val_data=args.val_data,
-        lora=LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets,
-                        qlora=args.qlora),
+        lora=LoraConfig(
+            r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets, qlora=args.qlora
+        ),
         max_steps=args.max_steps,
         num_workers=args.num_workers,
         use_gpu=args.use_gpu,
@@ -447,13 +424,19 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``llmray finetune`` and ``llmray merge``."""
     p = subparsers.add_parser("finetune", help="LoRA/QLoRA fine-tuning on chat JSONL under Ray Train")
     p.add_argument("--base", required=True, help="base checkpoint directory (Hugging Face Qwen3 format)")
-    p.add_argument("--data", required=True, help='JSONL: {"messages": [...]} or {"prompt", "completion"} lines')
+    p.add_argument(
+        "--data", required=True, help='JSONL: {"messages": [...]} or {"prompt", "completion"} lines'
+    )
     p.add_argument("--val-data", help="held-out JSONL (default: 10%% of --data held out)")
-    p.add_argument("--out", required=True, help="output directory: PEFT adapter, metrics.jsonl, Ray run state")
+    p.add_argument(
+        "--out", required=True, help="output directory: PEFT adapter, metrics.jsonl, Ray run state"
+    )
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--lora-targets", default="attn", help="attn (q,v) | all-attn | all-linear | q_proj,v_proj,...")
+    p.add_argument(
+        "--lora-targets", default="attn", help="attn (q,v) | all-attn | all-linear | q_proj,v_proj,..."
+    )
     p.add_argument("--qlora", action="store_true", help="NF4 base weights (bitsandbytes), LoRA on top")
     p.add_argument("--max-steps", type=int, default=None, help="default: one epoch")
     p.add_argument("--num-workers", type=int, default=1)
@@ -462,7 +445,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per worker per step")
     p.add_argument("--seq-len", type=int, default=1024, help="longer examples are truncated")
     p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts from the last checkpoint")
+    p.add_argument(
+        "--max-failures", type=int, default=0, help="worker-group restarts from the last checkpoint"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_finetune_cmd)
 

@@ -32,7 +32,12 @@ from llmray.config import LoraConfig as LlmrayLoraConfig
 from llmray.model.qwen3 import Qwen3ForCausalLM
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def _bnb():
@@ -92,7 +97,9 @@ def quantize_nf4(
     model.to(device)  # quantises every Params4bit (to uint8 storage) on the way
     for mod in model.modules():
         if isinstance(mod, bnb.nn.Linear4bit) and mod.weight.dtype != torch.uint8:
-            raise RuntimeError(f"bitsandbytes did not quantise a Linear4bit on {device}: weight {mod.weight.dtype}")
+            raise RuntimeError(
+                f"bitsandbytes did not quantise a Linear4bit on {device}: weight {mod.weight.dtype}"
+            )
     # the flags peft reads (peft/tuners/lora/model.py _create_and_replace, peft_model.py)
     model.is_loaded_in_4bit = True
     model.is_quantized = True
@@ -174,11 +181,15 @@ def load_adapter_state(pm: Any, state: dict[str, torch.Tensor]) -> None:
     result = set_peft_model_state_dict(pm, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
-        raise ValueError(f"adapter state does not fit the model: missing {missing[:4]}, "
-                         f"unexpected {list(result.unexpected_keys)[:4]}")
+        raise ValueError(
+            f"adapter state does not fit the model: missing {missing[:4]}, "
+            f"unexpected {list(result.unexpected_keys)[:4]}"
+        )
 
 
-def save_adapter(pm: Any, out_dir: str | Path, base_dir: str | Path | None, extra: dict | None = None) -> Path:
+def save_adapter(
+    pm: Any, out_dir: str | Path, base_dir: str | Path | None, extra: dict | None = None
+) -> Path:
     """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) atomically.
 
     The config is made portable: ``task_type`` CAUSAL_LM, ``base_model_name_or_path`` the base checkpoint,
@@ -213,6 +224,41 @@ def save_adapter(pm: Any, out_dir: str | Path, base_dir: str | Path | None, extr
     else:
         os.replace(tmp, out)
     return out
+
+
+# --- training checkpoints: adapter/ (PEFT dir), optimizer.safetensors, state.json (never pickle) ---
+def save_training_state(
+    path: Path, pm: Any, opt: torch.optim.Optimizer, state: dict, base: str | None
+) -> None:
+    """Checkpoint dir: adapter/ (PEFT), optimizer.safetensors (AdamW moments), state.json (step...)."""
+    from safetensors.torch import save_file
+
+    save_adapter(pm, path / "adapter", base)
+    tensors, meta = {}, {}
+    for idx, st in opt.state_dict()["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                meta[f"{idx}.{key}"] = value
+    save_file(tensors, str(path / "optimizer.safetensors"))
+    (path / "state.json").write_text(json.dumps({**state, "optimizer_scalars": meta}, indent=2))
+
+
+def load_training_state(path: Path, pm: Any, opt: torch.optim.Optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    load_adapter_state(pm, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    per_param: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(state.pop("optimizer_scalars").items()):
+        idx, name = key.split(".", 1)
+        per_param.setdefault(int(idx), {})[name] = value
+    sd = opt.state_dict()
+    sd["state"] = per_param
+    opt.load_state_dict(sd)
+    return state
 
 
 def check_adapter_dir(lora_dir: str | Path) -> Path:

@@ -90,7 +90,9 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         for group in param_groups:
             group = dict(group)
             if "use_muon" not in group:
-                raise ValueError("each parameter group needs use_muon=True (2-D hidden weights) or False (AdamW)")
+                raise ValueError(
+                    "each parameter group needs use_muon=True (2-D hidden weights) or False (AdamW)"
+                )
             if group["use_muon"]:
                 group.setdefault("lr", 0.02)
                 group.setdefault("momentum", 0.95)
@@ -225,10 +227,14 @@ def muon_param_groups(
     groups: list[dict[str, Any]] = []
     if hidden:
         groups.append(
-            dict(params=hidden, use_muon=True, lr=muon_lr, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn)
+            dict(
+                params=hidden, use_muon=True, lr=muon_lr, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn
+            )
         )
     if matrices:
-        groups.append(dict(params=matrices, use_muon=False, lr=adam_lr, betas=betas, weight_decay=weight_decay))
+        groups.append(
+            dict(params=matrices, use_muon=False, lr=adam_lr, betas=betas, weight_decay=weight_decay)
+        )
     if vectors:
         groups.append(dict(params=vectors, use_muon=False, lr=adam_lr, betas=betas, weight_decay=0.0))
     return groups

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,10 +27,18 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free right now and not handed out before by this process (the OS may reuse one at once)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def http_json(url: str, data: dict | None = None, timeout: float = 10.0, method: str | None = None) -> Any:
@@ -56,7 +65,10 @@ def wait_for(predicate, timeout: float, interval: float = 1.0, what: str = "cond
         except Exception as e:  # noqa: BLE001 - polled services may not be up yet; re-raised below
             last_exc = e
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+    raise TimeoutError(
+        f"timed out after {timeout:.0f}s waiting for {what}"
+        + (f" (last error: {last_exc!r})" if last_exc else "")
+    )
 
 
 def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -76,7 +88,13 @@ def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class LocalRayHead:
     """``ray start --head`` on free ports in a private temp dir; ``stop()`` kills only its own processes."""
 
-    def __init__(self, num_cpus: int = 8, num_gpus: int = 0, env: dict[str, str] | None = None, args: list[str] | None = None):
+    def __init__(
+        self,
+        num_cpus: int = 8,
+        num_gpus: int = 0,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ):
         self.temp_dir = tempfile.mkdtemp(prefix="lr9-", dir="/tmp")  # short: unix socket paths < 108 chars
         self.gcs_port, self.dashboard_port, self.metrics_port = free_port(), free_port(), free_port()
         self.env = ray_env(env)
@@ -103,7 +121,9 @@ class LocalRayHead:
 
     def start(self, timeout: float = 120.0) -> LocalRayHead:
         try:
-            proc = subprocess.run(self.cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir)
+            proc = subprocess.run(
+                self.cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir
+            )
             if proc.returncode != 0:
                 raise RuntimeError(f"ray start failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
             wait_for(lambda: http_json(f"{self.dashboard_url}/api/version"), 60, what="the Ray dashboard")
@@ -151,6 +171,8 @@ class LocalRayHead:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=5)
+        if not os.environ.get("LLMRAY_KEEP_RAY_TMP"):  # set it to keep the session logs for debugging
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRayHead:
         return self.start()

@@ -114,10 +114,14 @@ def cluster_spec_errors(spec: dict[str, Any], annotations: dict[str, str], where
     if not autoscaling and v2_env:
         errs.append(f"{where}: RAY_enable_autoscaler_v2 set while enableInTreeAutoscaling is false")
     if autoscaling and (version == "v2" or v2_env):
-        for tmpl_where, tmpl in [("head", head["template"])] + [(g["groupName"], g["template"]) for g in groups]:
+        for tmpl_where, tmpl in [("head", head["template"])] + [
+            (g["groupName"], g["template"]) for g in groups
+        ]:
             policy = tmpl["spec"].get("restartPolicy", "Never")
             if policy != "Never":
-                errs.append(f"{where}: {tmpl_where} restartPolicy={policy}; autoscaler v2 needs Never or unset")
+                errs.append(
+                    f"{where}: {tmpl_where} restartPolicy={policy}; autoscaler v2 needs Never or unset"
+                )
     if annotations.get("ray.io/ft-enabled") and spec.get("gcsFaultToleranceOptions"):
         errs.append(f"{where}: ray.io/ft-enabled annotation and gcsFaultToleranceOptions are both set")
     if "RAY_REDIS_ADDRESS" in _env_names(head_containers[0]) and not spec.get("gcsFaultToleranceOptions"):

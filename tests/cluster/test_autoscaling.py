@@ -16,8 +16,8 @@ provider through the ``external`` provider type) and runs the head in a private 
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -44,7 +44,12 @@ def worker_types_from_manifest() -> tuple[dict, dict]:
     for group in spec["workerGroupSpecs"]:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         types[group["groupName"]] = {
-            "resources": {"CPU": int(limits["cpu"]), "GPU": int(limits.get("nvidia.com/gpu", 0))},
+            # Logical resources as Ray would advertise the pod; a small object store (shared machine).
+            "resources": {
+                "CPU": int(limits["cpu"]),
+                "GPU": int(limits.get("nvidia.com/gpu", 0)),
+                "object_store_memory": 200_000_000,
+            },
             "node_config": {},
             "min_workers": group["minReplicas"],
             "max_workers": min(group["maxReplicas"], MAX_LOCAL_WORKERS),
@@ -56,7 +61,9 @@ class IsolatedAutoscalingCluster(AutoscalingCluster):
     """AutoscalingCluster (autoscaler v2) that leaves other Ray instances alone (see the module docstring)."""
 
     def __init__(self, head_resources: dict, worker_node_types: dict, idle_timeout_minutes: float):
-        super().__init__(head_resources, worker_node_types, autoscaler_v2=True, idle_timeout_minutes=idle_timeout_minutes)
+        super().__init__(
+            head_resources, worker_node_types, autoscaler_v2=True, idle_timeout_minutes=idle_timeout_minutes
+        )
 
     def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
         from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
@@ -79,13 +86,31 @@ class IsolatedAutoscalingCluster(AutoscalingCluster):
             },
             "head_node_type": "ray.head.default",
             "upscaling_speed": 1.0,
+            # The rest of the fake provider's example.yaml: empty, but prepare_config needs the keys.
+            "auth": {},
+            "docker": {},
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False,
+            "rsync_exclude": [],
+            "rsync_filter": [],
+            **{
+                k: []
+                for k in (
+                    "initialization_commands",
+                    "setup_commands",
+                    "head_setup_commands",
+                    "worker_setup_commands",
+                    "head_start_ray_commands",
+                    "worker_start_ray_commands",
+                )
+            },
             **config_kwargs,
         }
 
     def start(self, _system_config=None, override_env=None) -> LocalRayHead:
         from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
-        config_file = Path(tempfile.mkdtemp(prefix="lr9-as-")) / "autoscaling.json"
         env = {
             "AUTOSCALER_UPDATE_INTERVAL_S": "1",
             "RAY_FAKE_CLUSTER": "1",
@@ -97,12 +122,25 @@ class IsolatedAutoscalingCluster(AutoscalingCluster):
         res = self._head_resources
         self.head = LocalRayHead(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0), env=env)
         self._config["provider"]["gcs_address"] = self.head.gcs_address  # workers join this head
+        config_file = Path(self.head.temp_dir) / "autoscaling.json"
         config_file.write_text(json.dumps(self._config))
         self.head.cmd.append(f"--autoscaling-config={config_file}")
         return self.head.start()
 
     def shutdown(self) -> None:
         self.head.stop()
+
+    def autoscaler_log(self, lines: int = 40) -> str:
+        """The tail of the autoscaler's logs (for failure messages)."""
+        logs = Path(self.head.temp_dir) / "session_latest" / "logs"
+        parts = []
+        for name in ("monitor.err", "monitor.log"):
+            path = logs / name
+            if path.exists():
+                parts.append(
+                    f"--- {name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+                )
+        return "\n".join(parts)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +150,8 @@ def cluster():
     assert types["gpu-workers"]["min_workers"] == 0 and types["gpu-workers"]["max_workers"] == 2
     c = IsolatedAutoscalingCluster(head_resources, types, idle_timeout_minutes=0.1)
     try:
-        yield c.start()
+        c.start()
+        yield c
     finally:
         c.shutdown()
 
@@ -127,8 +166,14 @@ def llm_replicas(head: LocalRayHead, app: str) -> int:
     return sum(1 for r in replicas if r["state"] == "RUNNING")
 
 
-def test_serve_load_adds_gpu_node_and_idle_removes_it(cluster, tiny_model_dir, tmp_path):
-    head = cluster
+def test_serve_load_adds_gpu_node_and_idle_removes_it(cluster, tiny_model_dir, tmp_path, record_property):
+    head = cluster.head
+    t0, timeline = time.monotonic(), {}
+
+    def mark(event: str) -> None:
+        timeline[event] = round(time.monotonic() - t0, 1)
+        print(f"[autoscaling] +{timeline[event]:6.1f}s {event}", flush=True)
+
     assert gpu_nodes(head) == 0, "the GPU group starts at minReplicas=0"
     port = free_port()
     (doc,) = [d for d in yaml.safe_load_all((REPO / "cluster" / "rayservice.yaml").read_text()) if d]
@@ -144,17 +189,32 @@ def test_serve_load_adds_gpu_node_and_idle_removes_it(cluster, tiny_model_dir, t
     )  # fmt: skip
     cfg_file = tmp_path / "serve.yaml"
     cfg_file.write_text(yaml.safe_dump(config))
-    proc = head.run_cli([str(BIN / "serve"), "deploy", str(cfg_file), "--address", head.dashboard_url], timeout=120)
+    proc = head.run_cli(
+        [str(BIN / "serve"), "deploy", str(cfg_file), "--address", head.dashboard_url], timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     # The first LLMServer replica needs {"GPU": 1}: the autoscaler launches the first GPU node for it.
-    wait_for(lambda: llm_replicas(head, app["name"]) == 1, 180, what="the first LLMServer replica on a new GPU node")
+    try:
+        wait_for(
+            lambda: llm_replicas(head, app["name"]) == 1,
+            180,
+            what="the first LLMServer replica on a new GPU node",
+        )
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{cluster.autoscaler_log()}") from None
     assert gpu_nodes(head) == 1
+    mark("1 GPU node, 1 LLMServer replica (scaled from 0 nodes)")
 
     stop, statuses = threading.Event(), []
 
     def load(i: int) -> None:
-        body = {"model": app["args"]["served_model_name"], "prompt": f"load {i}", "max_tokens": 200, "stream": True}
+        body = {
+            "model": app["args"]["served_model_name"],
+            "prompt": f"load {i}",
+            "max_tokens": 200,
+            "stream": True,
+        }
         with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
             while not stop.is_set():
                 with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
@@ -167,15 +227,22 @@ def test_serve_load_adds_gpu_node_and_idle_removes_it(cluster, tiny_model_dir, t
     for t in threads:
         t.start()
     try:
+        mark("load started (4 streaming clients)")
         wait_for(lambda: gpu_nodes(head) == 2, 150, what="the autoscaler to add a second GPU node")
+        mark("2 GPU nodes")
         wait_for(lambda: llm_replicas(head, app["name"]) == 2, 120, what="a second LLMServer replica")
+        mark("2 LLMServer replicas")
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=60)
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    mark(f"load stopped ({len(statuses)} requests, all 200)")
 
     # Idle: Serve drops back to min_replicas, then the autoscaler removes the idle GPU node.
     wait_for(lambda: llm_replicas(head, app["name"]) == 1, 90, what="LLMServer back to 1 replica")
+    mark("1 LLMServer replica")
     wait_for(lambda: gpu_nodes(head) == 1, 90, what="the idle GPU node to be removed")
+    mark("1 GPU node (idle node removed)")
     assert llm_replicas(head, app["name"]) == 1
+    record_property("autoscaling_timeline_s", json.dumps(timeline))

@@ -10,10 +10,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +36,9 @@ def _hadolint() -> str:
 
 
 def test_hadolint_passes():
-    proc = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [_hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -69,9 +71,13 @@ def test_base_image_ray_matches_ray_pin():
 
 
 def test_non_root_workdir_no_secrets():
-    lines = [ln.strip() for ln in DOCKERFILE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = [
+        ln.strip() for ln in DOCKERFILE.read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
-    assert users and users[-1] in ("ray", "1000", "1000:100"), f"last USER is {users[-1:]}, not the image's ray"
+    assert users and users[-1] in ("ray", "1000", "1000:100"), (
+        f"last USER is {users[-1:]}, not the image's ray"
+    )
     assert "WORKDIR /home/ray/llmray" in lines
     joined = "\n".join(lines).lower()
     for needle in ("aws_secret", "aws_access_key", "token=", "password", "hf_token", "api_key"):

@@ -58,9 +58,13 @@ def with_flags(argv: list[str], drop: set[str], **values: str) -> list[str]:
 
 
 def test_pretrain_job_submit(head, tmp_path):
-    assert (REPO / "jobs" / "pretrain.py").exists(), "jobs/pretrain.py (the pretraining entry script) is missing"
+    assert (REPO / "jobs" / "pretrain.py").exists(), (
+        "jobs/pretrain.py (the pretraining entry script) is missing"
+    )
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400)))
+    corpus.write_text(
+        "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
+    )
     out = tmp_path / "run"
     argv = with_flags(
         manifest_entrypoint("rayjob-pretrain.yaml"),
@@ -109,7 +113,7 @@ def dashboard_metric_names() -> set[str]:
     """Every ``ray_llmray_*`` / ``ray_serve_*`` metric the Grafana dashboard queries."""
     dash = json.loads(DASHBOARD_JSON.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    return {m for e in exprs for m in re.findall(r"\b(ray_(?:llmray|serve)_[a-z_]+)\{", e)}
+    return {m for e in exprs for m in re.findall(r"\b(ray_(?:llmray|serve)_[a-z0-9_]+)\{", e)}
 
 
 def test_serve_deploy_openai_metrics_dashboard(head, tiny_model_dir, tmp_path):
@@ -120,7 +124,9 @@ def test_serve_deploy_openai_metrics_dashboard(head, tiny_model_dir, tmp_path):
     (app,) = config["applications"]
     cfg_file = tmp_path / "serve.yaml"
     cfg_file.write_text(yaml.safe_dump(config))
-    proc = head.run_cli([str(BIN / "serve"), "deploy", str(cfg_file), "--address", head.dashboard_url], timeout=120)
+    proc = head.run_cli(
+        [str(BIN / "serve"), "deploy", str(cfg_file), "--address", head.dashboard_url], timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def app_status():
@@ -133,13 +139,18 @@ def test_serve_deploy_openai_metrics_dashboard(head, tiny_model_dir, tmp_path):
     details = wait_for(app_status, 180, what="the Serve application to be RUNNING")
     assert details["route_prefix"] == "/"
     deployments = details["deployments"]
-    assert {name: d["status"] for name, d in deployments.items()} == {"OpenAIIngress": "HEALTHY", "LLMServer": "HEALTHY"}
+    assert {name: d["status"] for name, d in deployments.items()} == {
+        "OpenAIIngress": "HEALTHY",
+        "LLMServer": "HEALTHY",
+    }
     assert details["deployed_app_config"]["import_path"] == "llmray.serve.app:build_app"
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="test-key", max_retries=0, timeout=60)
     name = app["args"]["served_model_name"]
     assert [m.id for m in client.models.list().data] == [name]
-    prompt = "the quick brown fox jumps over the lazy dog " * 6  # > 2 KV blocks: the repeat hits the prefix cache
+    prompt = (
+        "the quick brown fox jumps over the lazy dog " * 6
+    )  # > 2 KV blocks: the repeat hits the prefix cache
     completion = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
     assert completion.choices[0].finish_reason in ("stop", "length")
     assert 1 <= completion.usage.completion_tokens <= 8 and completion.usage.prompt_tokens > 16
@@ -159,21 +170,27 @@ def test_serve_deploy_openai_metrics_dashboard(head, tiny_model_dir, tmp_path):
 
     def scraped() -> str | None:
         text = http_text(f"http://127.0.0.1:{head.metrics_port}/metrics")
-        names = set(re.findall(r"^(ray_(?:llmray|serve)_[a-z_]+)\{", text, flags=re.M))
+        names = set(re.findall(r"^(ray_(?:llmray|serve)_[a-z0-9_]+)\{", text, flags=re.M))
         return text if wanted <= names else None
 
     try:
         text = wait_for(scraped, 60, what=f"the series {sorted(wanted)} on the metrics export port")
     except TimeoutError:
         text = http_text(f"http://127.0.0.1:{head.metrics_port}/metrics")
-        have = set(re.findall(r"^(ray_llmray_[a-z_]+)", text, flags=re.M))
-        raise AssertionError(f"missing {sorted(wanted - have)}; ray_llmray_* series present: {sorted(have)}") from None
+        have = set(re.findall(r"^(ray_llmray_[a-z0-9_]+)", text, flags=re.M))
+        raise AssertionError(
+            f"missing {sorted(wanted - have)}; ray_llmray_* series present: {sorted(have)}"
+        ) from None
     tokens = [
         float(v)
-        for v in re.findall(rf'^ray_llmray_generation_tokens_total\{{[^}}]*model_name="{name}"[^}}]*\}} (\S+)', text, flags=re.M)
+        for v in re.findall(
+            rf'^ray_llmray_generation_tokens_total\{{[^}}]*model_name="{name}"[^}}]*\}} (\S+)',
+            text,
+            flags=re.M,
+        )
     ]
     assert tokens and sum(tokens) >= completion.usage.completion_tokens + again.usage.completion_tokens
-    ttft_count = re.findall(r'^ray_llmray_time_to_first_token_seconds_count\{[^}]*\} (\S+)', text, flags=re.M)
+    ttft_count = re.findall(r"^ray_llmray_time_to_first_token_seconds_count\{[^}]*\} (\S+)", text, flags=re.M)
     assert sum(map(float, ttft_count)) >= 3
 
     proc = head.run_cli([str(BIN / "serve"), "shutdown", "-y", "--address", head.dashboard_url], timeout=120)

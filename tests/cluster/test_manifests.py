@@ -34,9 +34,13 @@ def _doc(name: str) -> dict:
 
 def _cluster_specs(doc: dict) -> list[dict]:
     spec = doc["spec"]
-    return [{"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[
-        doc["kind"]
-    ]]
+    return [
+        {
+            "RayCluster": spec,
+            "RayJob": spec.get("rayClusterSpec"),
+            "RayService": spec.get("rayClusterConfig"),
+        }[doc["kind"]]
+    ]
 
 
 def test_inventory():
@@ -122,7 +126,9 @@ def test_resources_image_and_version_consistent(path, doc):
     assert "FROM rayproject/ray:2.60.0-py312-gpu" in dockerfile
     for spec in _cluster_specs(doc):
         assert spec["rayVersion"] == "2.60.0"
-        templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
+        templates = [spec["headGroupSpec"]["template"]] + [
+            g["template"] for g in spec.get("workerGroupSpecs", [])
+        ]
         for tmpl in templates:
             for c in tmpl["spec"]["containers"]:
                 assert c["image"] == "llmray:0.1.0", f"{path.name}: container {c['name']} image {c['image']}"
@@ -142,13 +148,17 @@ def test_rayjob_entrypoint(name):
     assert (REPO / "jobs").is_dir()
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert env["working_dir"] == "/home/ray/llmray" and "WORKDIR /home/ray/llmray" in (REPO / "Dockerfile").read_text()
+    assert (
+        env["working_dir"] == "/home/ray/llmray"
+        and "WORKDIR /home/ray/llmray" in (REPO / "Dockerfile").read_text()
+    )
     out = argv[argv.index("--out") + 1]
     assert out.startswith(("/mnt/llmray/", "s3://")), "checkpoints must go to shared storage"
     workers = int(argv[argv.index("--num-workers") + 1])
     assert "--use-gpu" in argv
     gpus = sum(
-        g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        g["replicas"]
+        * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
         for g in spec["rayClusterSpec"]["workerGroupSpecs"]
     )
     assert gpus >= workers, f"{name}: {workers} GPU train workers but the cluster has {gpus} GPUs"

@@ -94,7 +94,9 @@ def test_serve_config_parses_with_serve_schema(name, config):
     assert app.route_prefix == "/"
     assert schema.http_options.port == 8000 and schema.http_options.host == "0.0.0.0"
     assert 1 <= app.args["min_replicas"] < app.args["max_replicas"]
-    assert app.args["use_gpu"] is True, "set use_gpu: an autoscaled-to-zero GPU group shows no GPUs at build time"
+    assert app.args["use_gpu"] is True, (
+        "set use_gpu: an autoscaled-to-zero GPU group shows no GPUs at build time"
+    )
 
 
 def test_misspelled_serve_field_fails():
@@ -106,7 +108,10 @@ def test_misspelled_serve_field_fails():
     ServeDeploySchema.model_validate(config)  # Serve itself ignores the typo ...
     assert unknown_fields(ServeDeploySchema, config) == ["applications[0].import_paht"]  # ... we do not
     config["applications"] = [
-        dict(config["applications"][0], deployments=[{"name": "LLMServer", "autoscaling_config": {"max_replica": 2}}])
+        dict(
+            config["applications"][0],
+            deployments=[{"name": "LLMServer", "autoscaling_config": {"max_replica": 2}}],
+        )
     ]
     assert unknown_fields(ServeDeploySchema, config) == [
         "applications[0].import_paht",
@@ -130,7 +135,10 @@ def test_import_path_builds_the_application(name, config, tiny_model_dir, tmp_pa
     application = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
     built = build_app(application, name=app.name)
     deployments = {d.name: d for d in built.deployments}
-    assert set(deployments) == {"OpenAIIngress", "LLMServer"} and built.ingress_deployment_name == "OpenAIIngress"
+    assert (
+        set(deployments) == {"OpenAIIngress", "LLMServer"}
+        and built.ingress_deployment_name == "OpenAIIngress"
+    )
     llm = deployments["LLMServer"]
     assert llm.ray_actor_options["num_gpus"] == 1  # one GPU per engine replica: GPU pods autoscale
     auto = llm._deployment_config.autoscaling_config

@@ -121,7 +121,71 @@ def test_length_bucketed_batches_deterministic_and_complete(tok):
 
 
 def test_arrays_roundtrip(tok):
-    ex = [chat_data.tokenize_example(tok, chat_data.parse_line('{"prompt": "a", "completion": "bc"}', n)) for n in (1, 2)]
+    ex = [
+        chat_data.tokenize_example(tok, chat_data.parse_line('{"prompt": "a", "completion": "bc"}', n))
+        for n in (1, 2)
+    ]
     back = chat_data.from_arrays(chat_data.to_arrays(ex))
     assert [b.line for b in back] == [1, 2]
-    assert all(np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.targets, b.targets) for a, b in zip(ex, back))
+    assert all(
+        np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.targets, b.targets)
+        for a, b in zip(ex, back)
+    )
+
+
+# Qwen3's published chat template (tool branches left out): the final reply after the last user query
+# gets an empty <think></think> block, earlier replies do not, so renderings of prefixes are no prefixes.
+QWEN3_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if ns.multi_step_tool and message.role == 'user' %}"
+    "{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}{%- set content = message.content %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}{%- set reasoning_content = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if loop.index0 > ns.last_query_index %}{%- if loop.last or (not loop.last and reasoning_content) %}"
+    "{{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n'"
+    " + content.lstrip('\\n') }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+
+def test_qwen3_template_multi_turn(tok):
+    qtok = Tokenizer(tok.backend, {**tok.config, "chat_template": QWEN3_TEMPLATE})
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "Green."},
+    ]
+    ex = chat_data.tokenize_example(qtok, chat_data.parse_line(json.dumps({"messages": msgs}), 1))
+    text = tok.decode(ex.input_ids.tolist(), skip_special_tokens=False)
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nGreen.<|im_end|>\n")
+    assert "<|im_start|>assistant\nBlue.<|im_end|>" in text
+    assert _loss_text(qtok, ex) == "Blue.<|im_end|>\nGreen.<|im_end|>\n"  # the think block is context
+
+
+def test_reply_equal_to_an_earlier_user_message_is_located_after_it(tok):
+    msgs = [
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "sure"},
+        {"role": "user", "content": "sure"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    ex = chat_data.tokenize_example(tok, chat_data.parse_line(json.dumps({"messages": msgs}), 1))
+    assert _loss_text(tok, ex) == "sure<|im_end|>\nok<|im_end|>\n"
+    # the first trained token is the first reply's, not the first user message's "ok"
+    first = int((ex.targets != IGNORE).nonzero()[0][0]) + 1
+    assert tok.decode(ex.input_ids[first:].tolist(), skip_special_tokens=False).startswith("sure<|im_end|>")

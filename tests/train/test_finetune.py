@@ -62,7 +62,9 @@ def _cfg(base, chat_files, out, **kw) -> finetune.FinetuneConfig:
     )
 
 
-def _run_local(cfg: finetune.FinetuneConfig, ckpt_root: Path | None = None) -> tuple[dict, finetune.LocalSession]:
+def _run_local(
+    cfg: finetune.FinetuneConfig, ckpt_root: Path | None = None
+) -> tuple[dict, finetune.LocalSession]:
     train, val, stats = finetune.prepare_data(cfg)
     session = finetune.LocalSession(ckpt_root=ckpt_root)
     config = {"cfg": cfg.to_dict(), "train": train, "val": val, "pad_id": stats["pad_id"]}
@@ -75,7 +77,12 @@ def _adapter(session: finetune.LocalSession) -> Path:
 
 @pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
 def test_tiny_run_lowers_val_loss_and_changes_only_adapters(tiny_model_dir, chat_files, tmp_path, qlora):
-    cfg = _cfg(tiny_model_dir, chat_files, tmp_path / "out", lora=LoraConfig(r=8, alpha=16, targets="all-linear", qlora=qlora))
+    cfg = _cfg(
+        tiny_model_dir,
+        chat_files,
+        tmp_path / "out",
+        lora=LoraConfig(r=8, alpha=16, targets="all-linear", qlora=qlora),
+    )
     metrics, session = _run_local(cfg, ckpt_root=tmp_path / "ckpt")
     assert metrics["step"] == 16 and len(session.reports) == 2  # checkpoints at steps 8 and 16
     assert metrics["val_loss_after"] < metrics["val_loss_before"] - 0.3, metrics
@@ -108,7 +115,17 @@ def test_resume_from_checkpoint_is_exact(tiny_model_dir, chat_files, tmp_path):
     cfg = _cfg(tiny_model_dir, chat_files, tmp_path / "out", lora=LoraConfig(r=4, targets="attn"))
     _, full = _run_local(cfg, ckpt_root=tmp_path / "full")
     part_root = tmp_path / "part"
-    _run_local(_cfg(tiny_model_dir, chat_files, tmp_path / "out", lora=LoraConfig(r=4, targets="attn"), max_steps=16, checkpoint_every=8), ckpt_root=part_root)
+    _run_local(
+        _cfg(
+            tiny_model_dir,
+            chat_files,
+            tmp_path / "out",
+            lora=LoraConfig(r=4, targets="attn"),
+            max_steps=16,
+            checkpoint_every=8,
+        ),
+        ckpt_root=part_root,
+    )
     # drop the final checkpoint: the next run resumes from step 8
     import shutil
 
@@ -136,7 +153,9 @@ def test_bad_line_stops_before_anything_is_written(tiny_model_dir, chat_files, t
     # the CLI reports it and exits 2
     parser = argparse.ArgumentParser()
     finetune.add_cli(parser.add_subparsers())
-    args = parser.parse_args(["finetune", "--base", str(tiny_model_dir), "--data", str(bad), "--out", str(out)])
+    args = parser.parse_args(
+        ["finetune", "--base", str(tiny_model_dir), "--data", str(bad), "--out", str(out)]
+    )
     assert args.func(args) == 2 and not out.exists()
 
 
@@ -144,8 +163,15 @@ def test_ray_train_run_with_worker_failure(ray_local, tiny_model_dir, chat_files
     """Two Ray Train workers (gradients all-reduced); one crash at step 5 resumes from the step-4 checkpoint."""
     out = tmp_path / "run"
     cfg = _cfg(
-        tiny_model_dir, chat_files, out, num_workers=2, batch_size=4, max_steps=8, checkpoint_every=4,
-        max_failures=1, lora=LoraConfig(r=4, alpha=8, targets="attn", qlora=True),
+        tiny_model_dir,
+        chat_files,
+        out,
+        num_workers=2,
+        batch_size=4,
+        max_steps=8,
+        checkpoint_every=4,
+        max_failures=1,
+        lora=LoraConfig(r=4, alpha=8, targets="attn", qlora=True),
     )
     metrics = finetune.run_finetune(cfg, fail_at_step=5)
     assert metrics["step"] == 8 and metrics["val_loss_after"] < metrics["val_loss_before"]
@@ -161,5 +187,38 @@ def test_ray_train_run_with_worker_failure(ray_local, tiny_model_dir, chat_files
     ids = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(
-            load_model(merged, kernels="torch")(ids), lora.load_with_adapter(tiny_model_dir, out)(ids), rtol=1e-5, atol=1e-5
+            load_model(merged, kernels="torch")(ids),
+            lora.load_with_adapter(tiny_model_dir, out)(ids),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
+def test_tiny_run_on_cuda(tiny_model_dir, chat_files, tmp_path, qlora):
+    """On CUDA: bf16 base (NF4 for QLoRA, bf16 compute), fp32 adapters, bf16 autocast; the loss falls."""
+    import bitsandbytes as bnb
+
+    cfg = _cfg(
+        tiny_model_dir,
+        chat_files,
+        tmp_path / "out",
+        lora=LoraConfig(r=8, alpha=16, targets="all-linear", qlora=qlora),
+    )
+    train, val, stats = finetune.prepare_data(cfg)
+    session = finetune.LocalSession(device="cuda")
+    metrics = finetune.train_loop(
+        {"cfg": cfg.to_dict(), "train": train, "val": val, "pad_id": stats["pad_id"]}, session
+    )
+    assert metrics["val_loss_after"] < metrics["val_loss_before"] - 0.3, metrics
+    pm = finetune.build_model(cfg, torch.device("cuda"))
+    q = pm.base_model.model.model.layers[0].self_attn.q_proj
+    if qlora:
+        assert (
+            isinstance(q, peft.tuners.lora.bnb.Linear4bit) and q.get_base_layer().weight.device.type == "cuda"
+        )
+        assert (
+            isinstance(q.get_base_layer().weight, bnb.nn.Params4bit)
+            and q.get_base_layer().compute_dtype == torch.bfloat16
         )

@@ -64,7 +64,10 @@ def test_qlora_attn_preset_quantises_every_linear_but_wraps_only_targets(tiny_mo
     pm = lora.apply_lora(tiny_model, LoraConfig(r=4, targets="attn", qlora=True))
     layer = pm.base_model.model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, peft.tuners.lora.bnb.Linear4bit)
-    assert type(layer.self_attn.k_proj) is bnb.nn.Linear4bit and layer.self_attn.k_proj.weight.dtype == torch.uint8
+    assert (
+        type(layer.self_attn.k_proj) is bnb.nn.Linear4bit
+        and layer.self_attn.k_proj.weight.dtype == torch.uint8
+    )
     assert type(layer.mlp.down_proj) is bnb.nn.Linear4bit
 
 
@@ -73,9 +76,9 @@ def test_qlora_gradients_equal_lora_over_dequantised_base(tiny_model):
 
     The eval pass guards against bitsandbytes' CPU inference repacking, whose kernel has no backward.
     """
-    from bitsandbytes.functional import dequantize_4bit
-
     import copy
+
+    from bitsandbytes.functional import dequantize_4bit
 
     ref = copy.deepcopy(tiny_model)  # apply_lora quantises tiny_model in place
     cfg = LoraConfig(r=4, alpha=8, targets="all-linear", qlora=True)

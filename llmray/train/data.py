@@ -1,0 +1,248 @@
+"""Pretraining data on Ray Data: read -> tokenize (``map_batches``) -> split -> packed windows -> workers.
+
+1. ``resolve_paths``: local files, directories (recursively), globs; ``s3://``/``gs://``/... URIs go
+   to Ray Data untouched. Formats by extension: plain text (``.txt``, ``.md``, ``.py``, ...: one document
+   per file), JSONL (``.jsonl``/``.json``, one document per line, ``text`` field) and parquet (``text``
+   column).
+2. ``tokenize_corpus``: ``map_batches`` runs the tokenizer over documents in parallel (``preserve_order``
+   keeps file and row order), documents are joined with the eos token (a single text file has none, as in
+   nanoGPT) into one token stream.
+3. ``split_tokens``: deterministic train/validation split: the first 90% of the stream trains, the last
+   10% validates (nanoGPT's split for a single text file).
+4. ``train_windows_dataset``: packed fixed-length windows (seq_len + 1 tokens: inputs and shifted targets)
+   as a Ray Dataset over row ids. Row ``i`` is a pure function of (i, seed): epoch ``e = i // n`` visits
+   the ``n`` non-overlapping windows of the stream in a seeded permutation, shifted by a seeded offset in
+   [0, seq_len) so every epoch sees different window boundaries. ``preserve_order`` and equal-size blocks
+   make ``streaming_split`` hand every worker the same rows on every run, so a resumed run skips the
+   batches it already consumed and continues on the same data. ``local_batches`` yields the same rows
+   without Ray (single process benchmarks, tests).
+
+The token stream is held in memory (int32): fine for corpora up to a few hundred million tokens.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmray.model.tokenizer import Tokenizer
+
+TEXT_EXTS = (".txt", ".text", ".md", ".rst", ".py")
+JSON_EXTS = (".jsonl", ".json", ".ndjson")
+PARQUET_EXTS = (".parquet",)
+
+
+def resolve_paths(data: str | list[str]) -> list[str]:
+    """Expand comma-separated paths, directories and globs; URIs (``scheme://``) pass through."""
+    entries = data if isinstance(data, list) else [d for d in str(data).split(",") if d.strip()]
+    out: list[str] = []
+    for entry in entries:
+        entry = entry.strip()
+        if "://" in entry:
+            out.append(entry)
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(entry), recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"--data {entry!r} matches no file")
+        for m in matches:
+            if os.path.isdir(m):
+                exts = TEXT_EXTS + JSON_EXTS + PARQUET_EXTS
+                out.extend(sorted(str(p) for p in Path(m).rglob("*") if p.is_file() and p.suffix in exts))
+            else:
+                out.append(m)
+    if not out:
+        raise FileNotFoundError(f"--data {data!r} names no readable files (text, JSONL or parquet)")
+    return out
+
+
+def file_format(path: str) -> str:
+    suffix = Path(path.split("?")[0]).suffix.lower()
+    if suffix in JSON_EXTS:
+        return "json"
+    if suffix in PARQUET_EXTS:
+        return "parquet"
+    if suffix in TEXT_EXTS or suffix == "":
+        return "text"
+    raise ValueError(
+        f"cannot tell the format of {path}: use .txt/.md/.py (plain text), .jsonl (a 'text' field per line) "
+        "or .parquet (a 'text' column)"
+    )
+
+
+def read_documents(paths: list[str], text_field: str = "text"):
+    """A Ray Dataset with one ``text`` row per document, in file order."""
+    import ray.data
+
+    formats = {file_format(p) for p in paths}
+    if len(formats) > 1:
+        raise ValueError(f"--data mixes formats {sorted(formats)}; pass files of one format per run")
+    fmt = formats.pop()
+    if fmt == "text":
+        ds = ray.data.read_binary_files(paths, include_paths=False)
+        return ds.map_batches(_decode_bytes, batch_format="numpy", num_cpus=0.25)
+    if fmt == "json":
+        ds = ray.data.read_json(paths, lines=True)
+    else:
+        ds = ray.data.read_parquet(paths, columns=[text_field])
+    if text_field not in ds.columns():
+        raise ValueError(f"{paths[0]} has no {text_field!r} field; columns are {ds.columns()}")
+    return ds.select_columns([text_field]).rename_columns({text_field: "text"}) if text_field != "text" else ds
+
+
+def _decode_bytes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"text": np.array([b.decode("utf-8", errors="replace") for b in batch["bytes"]], dtype=object)}
+
+
+class _TokenizeBatch:
+    """Ray Data UDF: the tokenizer is built once per actor from its JSON form."""
+
+    def __init__(self, tokenizer_json: str, tokenizer_config: dict[str, Any], eos_id: int | None) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.tok = Tokenizer(HFTokenizer.from_str(tokenizer_json), tokenizer_config)
+        self.eos_id = eos_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = self.tok.encode_batch([str(t) for t in batch["text"]])
+        if self.eos_id is not None:
+            ids = [x + [self.eos_id] for x in ids]
+        flat = np.fromiter((i for x in ids for i in x), dtype=np.int32)
+        # one output row per input batch: (1,) object array holding the batch's token stream
+        out = np.empty(1, dtype=object)
+        out[0] = flat
+        return {"ids": out}
+
+
+def tokenize_corpus(ds, tokenizer: Tokenizer, add_eos: bool, batch_size: int = 64) -> np.ndarray:
+    """Tokenize every document (Ray Data ``map_batches``) and concatenate them in order: (N,) int32."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    eos = tokenizer.eos_token_id if add_eos else None
+    if add_eos and eos is None:
+        raise ValueError("the tokenizer has no eos token to separate documents with")
+    tokenized = ds.map_batches(
+        _TokenizeBatch,
+        fn_constructor_kwargs=dict(
+            tokenizer_json=tokenizer.backend.to_str(), tokenizer_config=tokenizer.config, eos_id=eos
+        ),
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=(1, 2),
+        num_cpus=0.25,
+    )
+    parts = [np.asarray(row["ids"], dtype=np.int32) for row in tokenized.iter_rows()]
+    if not parts:
+        raise ValueError("the corpus holds no documents")
+    return np.concatenate(parts)
+
+
+def corpus_texts(ds, max_chars: int | None = None) -> Iterator[str]:
+    """Documents of a Ray Dataset in order (to train a tokenizer), stopping after ``max_chars``."""
+    seen = 0
+    for row in ds.iter_rows():
+        text = str(row["text"])
+        yield text
+        seen += len(text)
+        if max_chars is not None and seen >= max_chars:
+            return
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """First ``1 - val_fraction`` of the stream trains, the rest validates (nanoGPT's split)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    cut = int(len(tokens) * (1 - val_fraction))
+    return tokens[:cut], tokens[cut:]
+
+
+class WindowSampler:
+    """Row id -> start of a (seq_len + 1)-token window; deterministic in (row, seed)."""
+
+    def __init__(self, num_tokens: int, seq_len: int, seed: int) -> None:
+        self.seq_len = seq_len
+        self.seed = seed
+        self.per_epoch = (num_tokens - 1 - seq_len) // seq_len  # windows per epoch, any offset fits
+        if self.per_epoch < 1:
+            raise ValueError(
+                f"the training split has {num_tokens} tokens, too few for one window of seq_len={seq_len} + 1"
+            )
+        self._cache: dict[int, tuple[np.ndarray, int]] = {}
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, int]:
+        if epoch not in self._cache:
+            if len(self._cache) > 4:
+                self._cache.clear()
+            rng = np.random.default_rng([self.seed, epoch])
+            self._cache[epoch] = (rng.permutation(self.per_epoch), int(rng.integers(self.seq_len)))
+        return self._cache[epoch]
+
+    def starts(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty(len(rows), dtype=np.int64)
+        epochs = rows // self.per_epoch
+        for e in np.unique(epochs):
+            perm, offset = self._epoch(int(e))
+            sel = epochs == e
+            out[sel] = perm[rows[sel] % self.per_epoch] * self.seq_len + offset
+        return out
+
+    def windows(self, tokens: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), seq_len + 1) int64 token windows."""
+        idx = self.starts(rows)[:, None] + np.arange(self.seq_len + 1)[None, :]
+        return tokens[idx].astype(np.int64)
+
+
+class _WindowBatch:
+    """Ray Data UDF: row ids -> packed windows (the token stream is shipped once per actor)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int) -> None:
+        self.tokens = tokens
+        self.sampler = WindowSampler(len(tokens), seq_len, seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"tokens": self.sampler.windows(self.tokens, batch["id"].astype(np.int64))}
+
+
+def train_windows_dataset(tokens: np.ndarray, seq_len: int, seed: int, num_rows: int, rows_per_block: int):
+    """Ray Dataset of ``num_rows`` packed windows ``{"tokens": (seq_len + 1,) int64}`` in a fixed order."""
+    import ray.data
+
+    WindowSampler(len(tokens), seq_len, seed)  # validate sizes on the driver
+    return ray.data.range(num_rows).map_batches(
+        _WindowBatch,
+        fn_constructor_kwargs=dict(tokens=tokens, seq_len=seq_len, seed=seed),
+        batch_size=rows_per_block,
+        batch_format="numpy",
+        concurrency=1,
+        num_cpus=0.25,
+    )
+
+
+def local_batches(
+    tokens: np.ndarray, seq_len: int, seed: int, batch_size: int, start_row: int = 0, device: Any = "cpu"
+) -> Iterator[torch.Tensor]:
+    """Without Ray: the same rows as ``train_windows_dataset`` for one worker, (B, seq_len + 1) int64."""
+    sampler = WindowSampler(len(tokens), seq_len, seed)
+    row = start_row
+    while True:
+        rows = np.arange(row, row + batch_size)
+        yield torch.from_numpy(sampler.windows(tokens, rows)).to(device, non_blocking=True)
+        row += batch_size
+
+
+def val_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
+    """Consecutive non-overlapping validation windows from the start of the split: (n, seq_len + 1)."""
+    n = (len(tokens) - 1) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise ValueError(f"the validation split has {len(tokens)} tokens, too few for seq_len={seq_len}")
+    idx = (np.arange(n) * seq_len)[:, None] + np.arange(seq_len + 1)[None, :]
+    return tokens[idx].astype(np.int64)

@@ -1,0 +1,441 @@
+"""Pretraining on Ray Train V2: ``TorchTrainer`` over Ray Data shards, Muon, resumable checkpoints.
+
+The driver (``run_pretrain``) reads and tokenizes the corpus with Ray Data (training a tokenizer first
+when none is given), splits it 90/10, builds the packed-window dataset and starts a ``TorchTrainer``
+(``ScalingConfig(num_workers, use_gpu)``, ``RunConfig(name, storage_path, FailureConfig(max_failures))``).
+Each worker (``train_worker``) runs ``train_steps``: DDP when more than one worker, bf16 autocast on
+GPU, optional ``torch.compile``, gradient accumulation, warmup + cosine/WSD, gradient clipping, periodic
+validation, and every ``checkpoint_every`` steps ``ray.train.report`` with a checkpoint holding model,
+optimizer (Muon momentum included), schedule, step and data position (safetensors + JSON). A restarted
+worker group (``max_failures``) or a re-run with the same output directory resumes from the latest
+checkpoint: the data shard skips the batches already consumed, so the loss curve continues unchanged.
+Finally the driver writes the model as a Hugging Face Qwen3 directory with its tokenizer into ``out``,
+next to ``metrics.jsonl`` (rank 0, every step) and ``loss_curve.png``.
+
+``train_steps`` also runs without Ray (``run_local``: one process, same rows as one Ray worker), which
+the speed benchmark uses to leave Ray's start-up out of its clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llmray.config import ModelConfig
+from llmray.train import data as D
+from llmray.train.loop import (
+    MetricsLogger,
+    build_optimizer,
+    load_checkpoint,
+    lr_multiplier,
+    mfu,
+    plot_loss_curve,
+    read_metrics,
+    save_checkpoint,
+    set_lr,
+)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs; field names are the CLI's long flags (``-`` for ``_``)."""
+
+    data: str = ""
+    out: str = ""
+    preset: str = "shakespeare-char"
+    tokenizer: str = "char"  # char | bpe | DIR holding tokenizer.json
+    bpe_vocab: int = 8192
+    text_field: str = "text"
+    val_fraction: float = 0.1
+    max_steps: int = 1000
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional, so Ray Data keeps CPUs next to the workers
+    optimizer: str = "muon"
+    seq_len: int = 256
+    batch_size: int = 64  # sequences per optimizer step per worker (micro_batch_size * grad_accum)
+    grad_accum: int = 1
+    lr: float = 3e-3  # AdamW lr (embeddings, norms, head; everything with --optimizer adamw)
+    muon_lr: float = 0.02
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_windows: int = 512  # validation windows per evaluation (from the start of the split)
+    checkpoint_every: int = 200
+    log_every: int = 1
+    seed: int = 0
+    compile: bool = False
+    kernels: str = "auto"
+    name: str = "pretrain"
+    storage_path: str | None = None  # default: <out>/ray_results
+    max_failures: int = 0
+    target_val_loss: float | None = None  # stop once validation reaches it (benchmarks)
+    fail_at_step: int | None = None  # testing: the first attempt raises at this step
+
+    def __post_init__(self) -> None:
+        if not self.data or not self.out:
+            raise ValueError("pretraining needs --data PATH|GLOB and --out DIR")
+        if self.optimizer not in ("muon", "adamw"):
+            raise ValueError(f"--optimizer must be muon or adamw, got {self.optimizer!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}")
+        for name in ("max_steps", "num_workers", "seq_len", "batch_size", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+# --- the per-worker loop ----------------------------------------------------------------------------------
+def evaluate(model: torch.nn.Module, windows: np.ndarray, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Mean next-token loss and accuracy over (n, T + 1) windows; sharded over ranks, all-reduced."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    mine = windows[rank::world]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _autocast(device):
+        for i in range(0, len(mine), batch_size):
+            batch = torch.from_numpy(mine[i : i + batch_size]).to(device)
+            logits = model(batch[:, :-1])  # (B, T, V) fp32
+            targets = batch[:, 1:]
+            sums[0] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double()
+            sums[1] += (logits.argmax(-1) == targets).sum().double()
+            sums[2] += targets.numel()
+    if world > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    return {"val_loss": (sums[0] / sums[2]).item(), "val_accuracy": (sums[1] / sums[2]).item()}
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_steps(
+    cfg: PretrainConfig,
+    model_config: ModelConfig,
+    batches: Iterator[torch.Tensor],
+    val_tokens: np.ndarray,
+    device: torch.device,
+    resume_dir: str | None,
+    report: Callable[[dict[str, Any], str | None], None],
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, Any]:
+    """Train from step 0 or from ``resume_dir``; ``report(metrics, checkpoint_dir_or_None)`` at checkpoints."""
+    from llmray.model.qwen3 import Qwen3ForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    model = Qwen3ForCausalLM(model_config, kernels=cfg.kernels).to(device)
+    opt = build_optimizer(model, cfg.optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+    state: dict[str, Any] = {"step": 0, "batches_consumed": 0, "elapsed_s": 0.0}
+    if resume_dir is not None:
+        state = load_checkpoint(resume_dir, model, opt)
+    step = state["step"]
+    for _ in range(state["batches_consumed"]):  # Ray Data iterators cannot seek: replay the order, drop
+        next(batches)
+    consumed = state["batches_consumed"]
+    fwd: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_fwd = torch.compile(fwd) if cfg.compile else fwd
+    val_win = D.val_windows(val_tokens, cfg.seq_len, cfg.eval_windows)
+    logger = MetricsLogger(
+        Path(cfg.out) / "metrics.jsonl", cfg.max_steps, resume_step=step, enabled=rank == 0
+    )
+    tokens_per_step = cfg.batch_size * cfg.seq_len * world
+    t_start, t_log, log_step = time.perf_counter(), time.perf_counter(), step
+    elapsed0 = state.get("elapsed_s", 0.0)
+    model.train()
+    last: dict[str, Any] = {}
+    while step < cfg.max_steps:
+        mult = lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+        set_lr(opt, mult)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)  # (B, T + 1)
+            consumed += 1
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            ctx = fwd.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
+            with ctx, _autocast(device):
+                loss = train_fwd(batch[:, :-1], targets=batch[:, 1:]) / cfg.grad_accum
+                loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if cfg.fail_at_step is not None and step == cfg.fail_at_step and rank == 0:
+            marker = Path(cfg.out) / ".injected_failure"
+            if not marker.exists():
+                marker.write_text("1")
+                raise RuntimeError(f"injected failure at step {step} (fail_at_step, for tests)")
+        record: dict[str, Any] = {}
+        is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+        is_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+        if step % cfg.log_every == 0 or is_eval or is_ckpt:
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            now = time.perf_counter()
+            tok_s = tokens_per_step * (step - log_step) / max(now - t_log, 1e-9)
+            t_log, log_step = now, step
+            record = {
+                "step": step,
+                "loss": loss_sum.item(),
+                "lr": opt.param_groups[0]["lr"],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tok_s,
+                "mfu": mfu(tok_s, model_config, cfg.seq_len) if device.type == "cuda" else 0.0,
+                "tokens": step * tokens_per_step,
+                "elapsed_s": elapsed0 + now - t_start,
+            }
+        if is_eval:
+            record.update(evaluate(model, val_win, cfg.micro_batch_size, device))
+            record["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+        reached = cfg.target_val_loss is not None and record.get("val_loss", 1e9) <= cfg.target_val_loss
+        if record:
+            logger.log(record)
+            last = record
+        if is_ckpt or reached:
+            state = {
+                "step": step,
+                "batches_consumed": consumed,
+                "elapsed_s": elapsed0 + time.perf_counter() - t_start,
+                "seed": cfg.seed,
+                "lr_multiplier": mult,
+                "schedule": cfg.schedule,
+                "max_steps": cfg.max_steps,
+            }
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt_dir = None
+                if rank == 0:
+                    ckpt_dir = str(save_checkpoint(Path(tmp) / "checkpoint", model, opt, state))
+                report(dict(last, step=step), ckpt_dir)
+        if reached:
+            break
+    return last
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train V2 entry point of every worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = PretrainConfig(**config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    shard = ray.train.get_dataset_shard("train")
+    batches = iter(
+        shard.iter_torch_batches(
+            batch_size=cfg.micro_batch_size, dtypes=torch.int64, device=device, drop_last=True, prefetch_batches=4
+        )
+    )
+    batches = (b["tokens"] for b in batches)
+    checkpoint = ray.train.get_checkpoint()
+    resume_ctx = checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)
+
+    def report(metrics: dict[str, Any], ckpt_dir: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    with resume_ctx as resume_dir:
+        train_steps(
+            cfg,
+            ModelConfig(**config["model_config"]),
+            batches,
+            config["val_tokens"],
+            device,
+            resume_dir,
+            report,
+            rank,
+            world,
+        )
+
+
+# --- the driver -------------------------------------------------------------------------------------------
+def prepare_corpus(cfg: PretrainConfig) -> tuple[Any, ModelConfig, np.ndarray, np.ndarray]:
+    """Tokenizer (reused from ``out`` on resume, loaded, or trained), model config, train/val token streams."""
+    from llmray.model.tokenizer import Tokenizer, char_tokenizer, train_bpe
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = D.resolve_paths(cfg.data)
+    ds = D.read_documents(paths, cfg.text_field)
+    trained_here = cfg.tokenizer in ("char", "bpe")
+    if (out / "tokenizer.json").exists():
+        tok = Tokenizer.load(out)  # a run in this directory already chose (or trained) it: keep ids stable
+    elif cfg.tokenizer == "char":
+        tok = char_tokenizer("".join(D.corpus_texts(ds)))
+    elif cfg.tokenizer == "bpe":
+        tok = train_bpe(D.corpus_texts(ds, max_chars=200_000_000), vocab_size=cfg.bpe_vocab)
+    elif Path(cfg.tokenizer).is_dir():
+        tok = Tokenizer.load(cfg.tokenizer)
+    else:
+        raise ValueError(f"--tokenizer must be char, bpe or a directory with tokenizer.json, got {cfg.tokenizer!r}")
+    tok.save(out)
+    add_eos = len(paths) > 1 or D.file_format(paths[0]) != "text"
+    tokens = D.tokenize_corpus(ds, tok, add_eos=add_eos)
+    train, val = D.split_tokens(tokens, cfg.val_fraction)
+    mc = ModelConfig.preset(cfg.preset)
+    if trained_here:
+        mc = mc.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    elif tok.vocab_size > mc.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but preset {cfg.preset} only {mc.vocab_size}")
+    return tok, mc, train, val
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run (or resume) pretraining on Ray Train; returns the last metrics and where results went."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # the default in Ray 2.60; explicit for older Rays
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS (a `ray job submit` job) or a local embedded Ray
+    tok, mc, train_tokens, val_tokens = prepare_corpus(cfg)
+    rows = cfg.max_steps * cfg.batch_size * cfg.num_workers
+    train_ds = D.train_windows_dataset(train_tokens, cfg.seq_len, cfg.seed, rows, cfg.micro_batch_size)
+    out = Path(cfg.out).resolve()
+    cfg = dataclasses.replace(cfg, out=str(out))
+    storage = cfg.storage_path or str(out / "ray_results")
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "model_config": mc.to_dict(), "val_tokens": val_tokens},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train_ds},
+        # preserve_order + no locality: every run hands each worker the same rows (resume skips them)
+        dataset_config=DataConfig(
+            execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training ended without a checkpoint (error: {result.error})")
+    with result.checkpoint.as_directory() as ckpt:
+        export_model(ckpt, mc, tok, out)
+    metrics = read_metrics(out / "metrics.jsonl")
+    plot_loss_curve({cfg.optimizer: metrics}, out / "loss_curve.png", title=f"{cfg.preset} on {cfg.data}")
+    return {
+        "out": str(out),
+        "checkpoint": result.checkpoint.path,
+        "metrics_file": str(out / "metrics.jsonl"),
+        "loss_curve": str(out / "loss_curve.png"),
+        "last": metrics[-1] if metrics else {},
+    }
+
+
+def export_model(checkpoint_dir: str | Path, mc: ModelConfig, tokenizer: Any, out: str | Path) -> Path:
+    """Write a training checkpoint's weights as a Hugging Face Qwen3 directory (with the tokenizer)."""
+    from llmray.model.checkpoint import save_model
+    from llmray.model.qwen3 import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM(mc, kernels="torch")
+    load_checkpoint(checkpoint_dir, model, None)
+    return save_model(model, out, tokenizer=tokenizer, dtype=torch.float32)
+
+
+def run_local(cfg: PretrainConfig, device: str | torch.device = "cuda") -> dict[str, Any]:
+    """One process, no Ray (benchmarks): same tokenization, rows and loop as one Ray Train worker."""
+    device = torch.device(device)
+    tok, mc, train_tokens, val_tokens = prepare_corpus(cfg)
+    checkpoints = Path(cfg.out) / "checkpoints"
+
+    def report(metrics: dict[str, Any], ckpt_dir: str | None) -> None:
+        if ckpt_dir:  # keep the latest checkpoint (already complete: save_checkpoint renames atomically)
+            shutil.rmtree(checkpoints / "latest", ignore_errors=True)
+            shutil.copytree(ckpt_dir, checkpoints / "latest")
+
+    batches = D.local_batches(train_tokens, cfg.seq_len, cfg.seed, cfg.micro_batch_size, device=device)
+    t0 = time.perf_counter()
+    last = train_steps(cfg, mc, batches, val_tokens, device, None, report)
+    return {"last": last, "wall_s": time.perf_counter() - t0, "model_config": mc, "tokenizer": tok}
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``llmray pretrain`` (flags = PretrainConfig fields)."""
+    p = subparsers.add_parser("pretrain", help="pretrain a Qwen3-architecture model on Ray Train (Muon)")
+    add_pretrain_arguments(p)
+    p.set_defaults(func=_cli_main)
+
+
+def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="text/JSONL/parquet file(s): path, dir, glob or s3:// URI")
+    p.add_argument("--out", required=True, help="output dir: HF model, metrics.jsonl, loss_curve.png, checkpoints")
+    defaults = PretrainConfig(data="-", out="-")
+    helps = {
+        "preset": "model shape (tiny, seed-7m, shakespeare-char, qwen3-0.6b, qwen3-1.7b)",
+        "tokenizer": "char | bpe (trained on the corpus) | DIR with tokenizer.json",
+        "optimizer": "muon (Muon + AdamW) | adamw",
+        "schedule": "cosine | wsd | constant",
+        "storage_path": "Ray Train storage (default OUT/ray_results; s3:// on clusters)",
+    }
+    for f in dataclasses.fields(PretrainConfig):
+        if f.name in ("data", "out", "fail_at_step"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name))
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            if f.name == "target_val_loss":
+                kind = float
+            p.add_argument(flag, type=kind, default=default, help=helps.get(f.name, f"default {default}"))
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    names = {f.name for f in dataclasses.fields(PretrainConfig)}
+    return PretrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _cli_main(args: argparse.Namespace) -> int:
+    result = run_pretrain(config_from_args(args))
+    last = result["last"]
+    print(
+        f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f} "
+        f"val_loss {last.get('val_loss', float('nan')):.4f}\n"
+        f"model (Hugging Face Qwen3 + tokenizer): {result['out']}\n"
+        f"metrics: {result['metrics_file']}\nloss curve: {result['loss_curve']}\n"
+        f"last checkpoint: {result['checkpoint']}"
+    )
+    return 0

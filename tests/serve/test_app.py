@@ -1,0 +1,53 @@
+"""``build_app`` arguments and the ``llmray serve`` flags (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from ray import serve
+
+from llmray.serve.app import ServeArgs, build_app
+from llmray.serve.cli import add_cli, args_to_app_args
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_cli_flags_map_to_app_args(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMRAY_API_KEY", "from-env")
+    ns = parse(["--model", str(tmp_path), "--lora", "a=/x", "--lora", "b=/y", "--max-replicas", "3",
+                "--max-num-seqs", "32", "--enforce-eager", "--port", "9000"])  # fmt: skip
+    assert ns.func.__name__ == "run_serve" and ns.port == 9000 and ns.host == "127.0.0.1"
+    args = args_to_app_args(ns)
+    assert args["loras"] == {"a": "/x", "b": "/y"} and args["api_key"] == "from-env"
+    assert args["engine_kwargs"] == {"max_num_seqs": 32, "enforce_eager": True}
+    assert (args["min_replicas"], args["max_replicas"]) == (1, 3)
+    assert isinstance(build_app(args), serve.Application)
+    with pytest.raises(SystemExit):
+        parse(["--model", str(tmp_path), "--lora", "no-equals-sign"])
+
+
+def test_build_app_validates(tmp_path):
+    with pytest.raises(ValueError, match="max_replicas=1 is below min_replicas=2"):
+        build_app({"model": str(tmp_path), "min_replicas": 2})
+    with pytest.raises(ValueError, match="does not exist"):
+        build_app({"model": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="unknown_key"):
+        build_app({"model": str(tmp_path), "unknown_key": 1})
+
+
+def test_lora_root_lists_adapters(tmp_path):
+    for name in ("alpha", "beta"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    (tmp_path / "not-an-adapter").mkdir()
+    args = ServeArgs(model=str(tmp_path), lora_root=str(tmp_path), loras={"gamma": "/g"})
+    assert args.lora_dirs() == {
+        "gamma": "/g",
+        "alpha": str(tmp_path / "alpha"),
+        "beta": str(tmp_path / "beta"),
+    }
