@@ -8,15 +8,24 @@ same corpus and fine-tune a LoRA adapter → serve base and adapter on Ray Serve
 
 from __future__ import annotations
 
+import argparse
 import ast
 import json
+import os
 import random
 import sysconfig
 import time
 from pathlib import Path
 
-QUICK = dict(preset="tiny", max_steps=60, ft_steps=40, seq_len=128, corpus_mb=0.6, chat_examples=240)
-FULL = dict(preset="demo-small", max_steps=600, ft_steps=200, seq_len=256, corpus_mb=3.0, chat_examples=1200)
+from llmray.config import LoraConfig
+
+QUICK = dict(
+    preset="tiny", max_steps=40, ft_steps=30, seq_len=128, corpus_mb=0.4, chat_examples=200, bpe_vocab=1024
+)
+FULL = dict(
+    preset="mini", max_steps=400, ft_steps=150, seq_len=256, corpus_mb=2.0, chat_examples=800, bpe_vocab=2048
+)
+QUESTION = "Write a Python function `dedent`: Remove any common leading whitespace from every line in `text`."
 
 
 def stdlib_files() -> list[Path]:
@@ -51,7 +60,7 @@ def docstring_pairs(files: list[Path], limit: int, max_chars: int = 600) -> list
             tree = ast.parse(source)
         except SyntaxError:
             continue
-        for node in tree.body:
+        for node in ast.walk(tree):  # functions and methods
             if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
                 continue
             doc = ast.get_docstring(node)
@@ -86,3 +95,120 @@ class Stages:
     def start(self, title: str) -> None:
         self.n += 1
         print(f"\n[{self.n}/{self.total}] {title}  (t+{time.time() - self.t0:.0f}s)", flush=True)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    import openai
+    import ray
+    from ray import serve
+
+    from llmray.serve.app import build_app
+    from llmray.train.finetune import FinetuneConfig, run_finetune
+    from llmray.train.pretrain import PretrainConfig, run_pretrain
+
+    knobs = dict(QUICK if args.quick else FULL)
+    for key in ("preset", "max_steps"):
+        if getattr(args, key) is not None:
+            knobs[key] = getattr(args, key)
+    out = Path(args.out).resolve()
+    stages = Stages(5)
+    stages.start(
+        "corpus: " + ("--data " + args.data if args.data else "the Python standard library's sources")
+    )
+    if args.data:
+        import glob
+
+        sources = sorted(Path(p) for p in glob.glob(args.data, recursive=True) if Path(p).is_file())
+        if not sources:
+            raise SystemExit(f"error: --data {args.data!r} matches no files")
+    else:
+        sources = stdlib_files()
+    corpus = write_corpus(sources, out / "corpus", knobs["corpus_mb"])
+    pairs = docstring_pairs(sources, knobs["chat_examples"])
+    if len(pairs) < 20:
+        raise SystemExit(f"error: only {len(pairs)} documented functions found in the corpus; need 20")
+    n_val = max(10, len(pairs) // 10)
+    chat_train = write_jsonl(pairs[n_val:], out / "chat" / "train.jsonl")
+    chat_val = write_jsonl(pairs[:n_val], out / "chat" / "val.jsonl")
+    print(f"{len(corpus)} files ({sum(p.stat().st_size for p in corpus) / 1e6:.1f} MB) -> {out / 'corpus'}")
+    print(f"{len(pairs) - n_val} + {n_val} docstring->function chats -> {out / 'chat'}")
+
+    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, configure_logging=False)
+    try:
+        stages.start(f"pretrain ({knobs['preset']}, {knobs['max_steps']} steps, BPE tokenizer) on Ray Train")
+        base_dir = out / "base"
+        pre = run_pretrain(
+            PretrainConfig(
+                data=str(out / "corpus" / "*.txt"), out=str(base_dir), preset=knobs["preset"], tokenizer="bpe",
+                bpe_vocab=knobs["bpe_vocab"], max_steps=knobs["max_steps"], seq_len=knobs["seq_len"],
+                batch_size=16, eval_every=max(10, knobs["max_steps"] // 4), checkpoint_every=knobs["max_steps"],
+                warmup_steps=max(5, knobs["max_steps"] // 20), use_gpu=args.use_gpu, lr=3e-3,
+            )
+        )  # fmt: skip
+        stages.start(f"fine-tune a LoRA adapter ({knobs['ft_steps']} steps) on Ray Train")
+        adapter_dir = out / "adapter"
+        ft = run_finetune(
+            FinetuneConfig(
+                base=str(base_dir), data=str(chat_train), val_data=str(chat_val), out=str(adapter_dir),
+                max_steps=knobs["ft_steps"], batch_size=8, seq_len=knobs["seq_len"], lr=2e-3,
+                checkpoint_every=knobs["ft_steps"], use_gpu=args.use_gpu,
+                lora=LoraConfig(r=8, alpha=16, targets="all-linear"),
+            )
+        )  # fmt: skip
+        stages.start("serve base + adapter on Ray Serve (OpenAI API)")
+        app = build_app(
+            {
+                "model": str(base_dir), "served_model_name": "demo-base", "loras": {"docstrings": str(adapter_dir)},
+                "use_gpu": args.use_gpu, "ingress_replicas": 1, "engine_kwargs": {"max_num_seqs": 16},
+            }
+        )  # fmt: skip
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        serve.run(app, name="llmray-demo", route_prefix="/")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="demo")
+        stages.start("ask both through the openai client")
+        answers = {}
+        for model in ("demo-base", "docstrings"):
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=48, temperature=0.0
+            )
+            answers[model] = reply.choices[0].message.content
+            print(f"--- {model} ---\n{answers[model]}\n")
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+    last = pre["last"]
+    summary = {
+        "pretrain": {"steps": last.get("step"), "loss": last.get("loss"), "val_loss": last.get("val_loss")},
+        "finetune": {"val_loss_base": ft["val_loss_before"], "val_loss_adapter": ft["val_loss_after"]},
+        "answers": answers,
+        "artifacts": {
+            "corpus": str(out / "corpus"), "chat_data": str(out / "chat"), "base_model": str(base_dir),
+            "pretrain_metrics": str(pre["metrics_file"]), "loss_curve": str(pre["loss_curve"]),
+            "adapter": str(adapter_dir), "finetune_metrics": str(adapter_dir / "metrics.jsonl"),
+        },
+        "wall_s": round(time.time() - stages.t0, 1),
+    }  # fmt: skip
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\n=== llmray demo done in {summary['wall_s']:.0f}s ===")
+    print(
+        f"pretraining: val loss {summary['pretrain']['val_loss']:.3f} after {summary['pretrain']['steps']} steps"
+    )
+    print(
+        f"fine-tuning: validation loss base {ft['val_loss_before']:.3f} -> adapter {ft['val_loss_after']:.3f}"
+    )
+    for key, path in summary["artifacts"].items():
+        print(f"  {key:18s} {path}")
+    print(f"  {'summary':18s} {out / 'demo_summary.json'}")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="the whole pipeline on a local Ray, on CPU, with no download")
+    p.add_argument("--quick", action="store_true", help="smallest settings (about 3 minutes on 2 cores)")
+    p.add_argument("--data", help="corpus glob (default: the Python standard library's own sources)")
+    p.add_argument("--preset", help="model preset (default: mini; tiny with --quick)")
+    p.add_argument("--max-steps", type=int, help="pretraining steps")
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--out", default="runs/demo", help="where every artifact goes (default runs/demo)")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=run_demo)

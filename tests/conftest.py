@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmray.config import ModelConfig
+# Triton decides at kernel-definition time whether to interpret: set it before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from llmray.config import ModelConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -86,12 +86,20 @@ def _rms_norm_bwd_kernel(
 
 
 def rms_norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    config: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Launch the forward on rows x (M, N) [+ residual (M, N)] -> (y (M, N), sum (M, N) or None, rstd (M,))."""
+    """Launch the forward on rows x (M, N) [+ residual (M, N)] -> (y (M, N), sum (M, N) or None, rstd (M,)).
+
+    ``config`` = (BLOCK_M, num_warps) overrides the heuristic (bench sweeps only)."""
     m, n = x.shape
     if weight.shape != (n,):
-        raise ValueError(f"RMSNorm weight has shape {tuple(weight.shape)}, expected ({n},) for inputs (..., {n})")
+        raise ValueError(
+            f"RMSNorm weight has shape {tuple(weight.shape)}, expected ({n},) for inputs (..., {n})"
+        )
     check_device(x, weight)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
@@ -99,6 +107,8 @@ def rms_norm_fwd(
     if m == 0:
         return y, s, rstd
     block_m, block_n, warps = row_block_config(n, m)
+    if config is not None:
+        block_m, warps = config
     r = residual if residual is not None else x
     _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
         x, r, weight, y, s if s is not None else y, rstd,
@@ -116,6 +126,7 @@ def rms_norm_bwd(
     rstd: torch.Tensor,
     ds: torch.Tensor | None = None,
     compute_dw: bool = True,
+    config: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Backward on rows: dy, x (M, N), rstd (M,), optional ds (M, N) added to dx -> (dx, dw or None)."""
     m, n = x.shape
@@ -123,6 +134,8 @@ def rms_norm_bwd(
     if m == 0:
         return dx, torch.zeros_like(weight) if compute_dw else None
     block_m, block_n, warps = row_block_config(n, m)
+    if config is not None:
+        block_m, warps = config
     progs = num_programs_for_reduction(triton.cdiv(m, block_m), x.device)
     rows_per_prog = triton.cdiv(triton.cdiv(m, progs), block_m) * block_m
     progs = triton.cdiv(m, rows_per_prog)

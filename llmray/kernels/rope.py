@@ -60,7 +60,9 @@ def _rope_kernel(
 
 def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"rope needs q (B, T, H, D) and k (B, T, Hkv, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"rope needs q (B, T, H, D) and k (B, T, Hkv, D), got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if positions.shape != q.shape[:2] or positions.dtype.is_floating_point:
         raise ValueError(
             f"rope needs integer positions of shape (B, T)={tuple(q.shape[:2])}, "

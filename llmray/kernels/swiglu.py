@@ -51,22 +51,25 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
     check_device(gate, up)
 
 
-def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, block: int = BLOCK, num_warps: int = 4) -> torch.Tensor:
     """silu(gate) * up for contiguous gate, up of one shape -> new tensor."""
     y = torch.empty_like(gate, memory_format=torch.contiguous_format)
     n = gate.numel()
     if n:
-        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](gate, up, y, n, BLOCK=BLOCK, num_warps=4)
+        _swiglu_fwd_kernel[(triton.cdiv(n, block),)](gate, up, y, n, BLOCK=block, num_warps=num_warps)
     return y
 
 
-def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_bwd(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, block: int = BLOCK, num_warps: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (d_gate, d_up) for contiguous dy, gate, up."""
     dg = torch.empty_like(gate, memory_format=torch.contiguous_format)
     du = torch.empty_like(up, memory_format=torch.contiguous_format)
     n = gate.numel()
     if n:
-        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dy, gate, up, dg, du, n, BLOCK=BLOCK, num_warps=4)
+        grid = (triton.cdiv(n, block),)
+        _swiglu_bwd_kernel[grid](dy, gate, up, dg, du, n, BLOCK=block, num_warps=num_warps)
     return dg, du
 
 

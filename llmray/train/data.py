@@ -9,12 +9,14 @@
    nanoGPT) into one token stream.
 3. ``split_tokens``: deterministic train/validation split: the first 90% of the stream trains, the last
    10% validates (nanoGPT's split for a single text file).
-4. ``train_windows_dataset``: packed fixed-length windows (seq_len + 1 tokens: inputs and shifted targets)
+4. ``train_windows_datasets``: packed fixed-length windows (seq_len + 1 tokens: inputs and shifted targets)
    as a Ray Dataset over row ids. Row ``i`` is a pure function of (i, seed): epoch ``e = i // n`` visits
    the ``n`` non-overlapping windows of the stream in a seeded permutation, shifted by a seeded offset in
-   [0, seq_len) so every epoch sees different window boundaries. ``preserve_order`` and equal-size blocks
-   make ``streaming_split`` hand every worker the same rows on every run, so a resumed run skips the
-   batches it already consumed and continues on the same data. ``local_batches`` yields the same rows
+   [0, seq_len) so every epoch sees different window boundaries. Worker ``r`` of ``w`` gets its own dataset
+   (``get_dataset_shard(f"train_{r}")``) holding the r-th ``B`` rows of every step's ``w * B``, so every
+   run (and every restart) feeds each worker the same batches: a resumed run skips the batches it
+   already consumed and continues on the same data, and the global batch of a step is the same for any
+   number of workers. ``local_batches`` yields the same rows
    without Ray (single process benchmarks, tests).
 
 The token stream is held in memory (int32): fine for corpora up to a few hundred million tokens.
@@ -135,7 +137,7 @@ def tokenize_corpus(ds, tokenizer: Tokenizer, add_eos: bool, batch_size: int = 6
         ),
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=(1, 2),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
         num_cpus=0.25,
     )
     parts = [np.asarray(row["ids"], dtype=np.int32) for row in tokenized.iter_rows()]
@@ -199,36 +201,58 @@ class WindowSampler:
         return tokens[idx].astype(np.int64)
 
 
-class _WindowBatch:
-    """Ray Data UDF: row ids -> packed windows (the token stream is shipped once per actor)."""
+def rank_rows(local_rows: np.ndarray, rank: int, world: int, batch_size: int) -> np.ndarray:
+    """Worker ``rank``'s i-th row -> global row: step k of the run reads global rows [k*world*B, (k+1)*world*B),
+    worker r the r-th B of them, so the global batch of a step does not depend on the number of workers."""
+    return (local_rows // batch_size) * world * batch_size + rank * batch_size + local_rows % batch_size
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int) -> None:
-        self.tokens = tokens
-        self.sampler = WindowSampler(len(tokens), seq_len, seed)
+
+class _WindowBatch:
+    """Ray Data UDF: a worker's row ids -> packed windows (the token stream is shipped once per actor)."""
+
+    def __init__(self, tokens: Any, seq_len: int, seed: int, rank: int, world: int, batch_size: int):
+        import ray
+
+        self.tokens = ray.get(tokens) if isinstance(tokens, ray.ObjectRef) else tokens  # (N,) int32
+        self.sampler = WindowSampler(len(self.tokens), seq_len, seed)
+        self.rank, self.world, self.batch_size = rank, world, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"tokens": self.sampler.windows(self.tokens, batch["id"].astype(np.int64))}
+        rows = rank_rows(batch["id"].astype(np.int64), self.rank, self.world, self.batch_size)
+        return {"tokens": self.sampler.windows(self.tokens, rows)}
 
 
-def train_windows_dataset(tokens: np.ndarray, seq_len: int, seed: int, num_rows: int, rows_per_block: int):
-    """Ray Dataset of ``num_rows`` packed windows ``{"tokens": (seq_len + 1,) int64}`` in a fixed order."""
+def train_windows_datasets(
+    tokens: np.ndarray, seq_len: int, seed: int, rows_per_worker: int, num_workers: int, batch_size: int
+) -> dict[str, Any]:
+    """One Ray Dataset per worker, ``train_<rank>``: its ``rows_per_worker`` windows, in order.
+
+    Each worker's rows are fixed by (seed, rank, world) rather than by how ``streaming_split`` happens
+    to hand out blocks, so any run (and any restart) feeds every worker the same batches.
+    """
     import ray.data
 
     WindowSampler(len(tokens), seq_len, seed)  # validate sizes on the driver
-    return ray.data.range(num_rows).map_batches(
-        _WindowBatch,
-        fn_constructor_kwargs=dict(tokens=tokens, seq_len=seq_len, seed=seed),
-        batch_size=rows_per_block,
-        batch_format="numpy",
-        concurrency=1,
-        num_cpus=0.25,
-    )
+    tokens_ref = ray.put(tokens)  # shipped once, shared by every worker's pipeline
+    return {
+        f"train_{rank}": ray.data.range(rows_per_worker).map_batches(
+            _WindowBatch,
+            fn_constructor_kwargs=dict(
+                tokens=tokens_ref, seq_len=seq_len, seed=seed, rank=rank, world=num_workers, batch_size=batch_size
+            ),
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=0.25,
+        )
+        for rank in range(num_workers)
+    }
 
 
 def local_batches(
     tokens: np.ndarray, seq_len: int, seed: int, batch_size: int, start_row: int = 0, device: Any = "cpu"
 ) -> Iterator[torch.Tensor]:
-    """Without Ray: the same rows as ``train_windows_dataset`` for one worker, (B, seq_len + 1) int64."""
+    """Without Ray: the rows ``train_windows_datasets`` gives a single worker, (B, seq_len + 1) int64."""
     sampler = WindowSampler(len(tokens), seq_len, seed)
     row = start_row
     while True:

@@ -29,6 +29,7 @@ import torch
 
 from llmray.config import LoraConfig
 from llmray.train import chat_data, lora
+from llmray.train.loop import MetricsLogger, build_optimizer, lr_multiplier, set_lr
 
 RUN_NAME = "finetune"
 
@@ -99,14 +100,6 @@ def prepare_data(cfg: FinetuneConfig) -> tuple[dict, dict, dict[str, Any]]:
 
 
 # --- the worker loop ------------------------------------------------------------------------------
-def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
-    """Linear warmup then cosine decay to 10% of ``lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def steps_per_epoch(n_examples: int, batch_size: int, world: int) -> int:
     return max(1, math.ceil(n_examples / batch_size) // world)
 
@@ -220,30 +213,23 @@ def train_loop(config: dict, session: _Session) -> dict:
     torch.manual_seed(cfg.seed)
     pm = build_model(cfg, device)
     params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = build_optimizer(pm, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)  # adapters only
     total = cfg.max_steps or steps_per_epoch(len(train), cfg.batch_size, world)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
     trainable, all_params = lora.trainable_parameters(pm)
-    metrics_file = Path(config["metrics_file"]) if config.get("metrics_file") else None
-
-    def log(row: dict) -> None:
-        if rank != 0:
-            return
-        print(json.dumps(row), flush=True)
-        if metrics_file is not None:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
     resume = session.checkpoint_dir()
+    state = lora.load_training_state(resume, pm, opt) if resume is not None else {"step": 0}
+    logger = MetricsLogger(config.get("metrics_file"), total, resume_step=state["step"], enabled=rank == 0)
     if resume is not None:
-        state = lora.load_training_state(resume, pm, opt)
-        log({"event": "resumed", "step": state["step"], "from": str(resume)})
+        logger.log({"event": "resumed", "step": state["step"], "from": str(resume)}, console=False)
+        print(f"resumed from {resume} at step {state['step']}", flush=True)
     else:
-        state = {"step": 0, "val_loss_before": evaluate(pm, val, cfg, rank, world, pad_id, device)}
-        log(
+        state["val_loss_before"] = evaluate(pm, val, cfg, rank, world, pad_id, device)
+        logger.log(
             {
                 "event": "val",
                 "step": 0,
+                "val_loss": state["val_loss_before"],
                 "val_loss_before": state["val_loss_before"],
                 "trainable_params": trainable,
                 "total_params": all_params,
@@ -255,8 +241,7 @@ def train_loop(config: dict, session: _Session) -> dict:
             Path(config["fail_marker"]).write_text("failed once")  # test hook: one injected crash
             raise RuntimeError(f"injected failure at step {step}")
         ids, tgt = batch_for_step(train, step, cfg, rank, world, pad_id)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, warmup, cfg.lr)
+        set_lr(opt, lr_multiplier(step, total, warmup, "cosine", min_lr_ratio=0.1))
         with autocast(device):
             loss = pm(ids.to(device), targets=tgt.to(device))
         loss.backward()
@@ -270,7 +255,7 @@ def train_loop(config: dict, session: _Session) -> dict:
         opt.zero_grad(set_to_none=True)
         step += 1
         tokens += ids.numel()
-        log(
+        logger.log(
             {
                 "step": step,
                 "loss": round(loss.item(), 5),
@@ -286,7 +271,7 @@ def train_loop(config: dict, session: _Session) -> dict:
             if final:
                 metrics["val_loss_after"] = evaluate(pm, val, cfg, rank, world, pad_id, device)
                 metrics.update(trainable_params=trainable, total_params=all_params)
-                log({"event": "val", **metrics})
+                logger.log({"event": "val", "val_loss": metrics["val_loss_after"], **metrics})
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:

@@ -253,7 +253,7 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
     batches = iter(
         shard.iter_torch_batches(
             batch_size=cfg.micro_batch_size, dtypes=torch.int64, device=device, drop_last=True, prefetch_batches=4
@@ -324,8 +324,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (a `ray job submit` job) or a local embedded Ray
     tok, mc, train_tokens, val_tokens = prepare_corpus(cfg)
-    rows = cfg.max_steps * cfg.batch_size * cfg.num_workers
-    train_ds = D.train_windows_dataset(train_tokens, cfg.seq_len, cfg.seed, rows, cfg.micro_batch_size)
+    datasets = D.train_windows_datasets(
+        train_tokens, cfg.seq_len, cfg.seed, cfg.max_steps * cfg.batch_size, cfg.num_workers, cfg.micro_batch_size
+    )
     out = Path(cfg.out).resolve()
     cfg = dataclasses.replace(cfg, out=str(out))
     storage = cfg.storage_path or str(out / "ray_results")
@@ -341,11 +342,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": train_ds},
-        # preserve_order + no locality: every run hands each worker the same rows (resume skips them)
-        dataset_config=DataConfig(
-            execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False
-        ),
+        datasets=datasets,
+        # one dataset per worker, not split: each worker's rows are fixed (resume skips the consumed ones)
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     if result.checkpoint is None:

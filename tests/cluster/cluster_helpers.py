@@ -8,6 +8,7 @@ descendants (workers rename themselves ``ray::...`` but stay children of their r
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -164,7 +166,7 @@ class LocalRayHead:
                 p.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
+        _, alive = psutil.wait_procs(procs, timeout=5)
         for p in alive:
             try:
                 p.kill()
@@ -179,3 +181,23 @@ class LocalRayHead:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serve_configs() -> list[tuple[str, dict]]:
+    """``(manifest name, parsed serveConfigV2)`` for every RayService under cluster/."""
+    out = []
+    for path in sorted((REPO / "cluster").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "RayService":
+                out.append((path.name, yaml.safe_load(doc["spec"]["serveConfigV2"])))
+    return out
+
+
+def local_serve_config(config: dict, model_dir: Path, lora_root: Path) -> dict:
+    """The manifest's serve config pointed at a local checkpoint (what the cluster tests deploy)."""
+    config = copy.deepcopy(config)
+    for app in config["applications"]:
+        app["args"]["model"] = str(model_dir)
+        if "lora_root" in app["args"]:
+            app["args"]["lora_root"] = str(lora_root)
+    return config

@@ -23,9 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from cluster_helpers import BIN, REPO, LocalRayHead, free_port, http_json, wait_for
+from cluster_helpers import BIN, REPO, LocalRayHead, free_port, http_json, local_serve_config, wait_for
 from ray.cluster_utils import AutoscalingCluster
-from test_serve_config import local_serve_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

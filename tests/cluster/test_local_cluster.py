@@ -21,8 +21,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster_helpers import BIN, REPO, LocalRayHead, free_port, http_json, http_text, wait_for
-from test_serve_config import local_serve_config
+from cluster_helpers import (
+    BIN,
+    REPO,
+    LocalRayHead,
+    free_port,
+    http_json,
+    http_text,
+    local_serve_config,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -69,11 +77,15 @@ def test_pretrain_job_submit(head, tmp_path):
     argv = with_flags(
         manifest_entrypoint("rayjob-pretrain.yaml"),
         drop={"--use-gpu"},
-        data=str(corpus), out=str(out), preset="tiny", tokenizer="char", max_steps="4", num_workers="1",
+        data=str(corpus), out=str(out), storage_path=str(tmp_path / "ray_results"), preset="tiny",
+        tokenizer="char", max_steps="4", checkpoint_every="2", num_workers="1", cpus_per_worker="1",
     )  # fmt: skip
     assert argv[:2] == ["python", "jobs/pretrain.py"]
     submission_id = f"llmray-pretrain-{uuid.uuid4().hex[:8]}"
-    runtime_env = {"excludes": [".git", ".venv", ".gpu", "bench/results", "runs", "outputs"]}
+    (job_doc,) = [d for d in yaml.safe_load_all((REPO / "cluster" / "rayjob-pretrain.yaml").read_text()) if d]
+    runtime_env = yaml.safe_load(job_doc["spec"]["runtimeEnvYAML"])  # the RayJob's env vars ...
+    runtime_env.pop("working_dir")  # ... with this checkout as the working dir instead of the image's
+    runtime_env["excludes"] = [".git", ".venv", ".gpu", "bench/results", "runs", "outputs"]
     cmd = [
         str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--submission-id", submission_id,
         "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--", *argv,
@@ -89,10 +101,17 @@ def test_pretrain_job_submit(head, tmp_path):
     job_logs = http_json(f"{head.dashboard_url}/api/jobs/{submission_id}/logs")["logs"]
     assert str(out) in job_logs, "jobs/pretrain.py should print where its results went"
 
-    weights = sorted(out.rglob("model.safetensors"))
-    assert weights, f"no checkpoint under {out}: {sorted(p.relative_to(out) for p in out.rglob('*'))[:40]}"
-    config = json.loads((weights[-1].parent / "config.json").read_text())
-    assert config["model_type"] == "qwen3"
+    # The Train run behind the job, as the dashboard's Train tab shows it.
+    runs = http_json(f"{head.dashboard_url}/api/train/v2/runs/v1")["train_runs"]
+    (run,) = [r for r in runs if r["job_id"] == job["job_id"]]
+    assert run["name"] == "pretrain" and run["status"] == "FINISHED", {k: run[k] for k in ("name", "status")}
+
+    # The Hugging Face model in --out, Ray Train's checkpoints in --storage-path.
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and (out / "model.safetensors").stat().st_size > 0
+    assert (out / "metrics.jsonl").read_text().count("\n") >= 4
+    checkpoints = sorted((tmp_path / "ray_results").rglob("checkpoint_*"))
+    assert checkpoints, f"no Ray Train checkpoint under {tmp_path / 'ray_results'}"
 
 
 def _serve_config(tiny_model_dir: Path, tmp_path: Path, port: int) -> dict:

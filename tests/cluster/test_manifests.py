@@ -152,8 +152,16 @@ def test_rayjob_entrypoint(name):
         env["working_dir"] == "/home/ray/llmray"
         and "WORKDIR /home/ray/llmray" in (REPO / "Dockerfile").read_text()
     )
-    out = argv[argv.index("--out") + 1]
-    assert out.startswith(("/mnt/llmray/", "s3://")), "checkpoints must go to shared storage"
+    for flag in ("--out", "--storage-path"):
+        if flag in argv:
+            path = argv[argv.index(flag) + 1]
+            assert path.startswith(("/mnt/llmray/", "s3://")), f"{flag} {path}: every Ray node must reach it"
+    mounts = {
+        m["mountPath"]
+        for g in [spec["rayClusterSpec"]["headGroupSpec"], *spec["rayClusterSpec"]["workerGroupSpecs"]]
+        for m in g["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    assert "/mnt/llmray" in mounts
     workers = int(argv[argv.index("--num-workers") + 1])
     assert "--use-gpu" in argv
     gpus = sum(

@@ -11,20 +11,10 @@ import typing
 from pathlib import Path
 
 import pytest
-import yaml
+from cluster_helpers import local_serve_config, serve_configs
 from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def serve_configs() -> list[tuple[str, dict]]:
-    """``(manifest name, parsed serveConfigV2)`` for every RayService under cluster/."""
-    out = []
-    for path in sorted((REPO / "cluster").glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc.get("kind") == "RayService":
-                out.append((path.name, yaml.safe_load(doc["spec"]["serveConfigV2"])))
-    return out
 
 
 SERVE_CONFIGS = serve_configs()
@@ -65,18 +55,6 @@ def unknown_fields(model: type[BaseModel], data: typing.Any, path: str = "") -> 
         for i, item in enumerate(value if listed and isinstance(value, list) else [value]):
             out += unknown_fields(sub, item, f"{path}{key}{f'[{i}]' if listed else ''}.")
     return out
-
-
-def local_serve_config(config: dict, model_dir: Path, lora_root: Path) -> dict:
-    """The manifest's serve config pointed at a local checkpoint (what the cluster tests deploy)."""
-    import copy
-
-    config = copy.deepcopy(config)
-    for app in config["applications"]:
-        app["args"]["model"] = str(model_dir)
-        if "lora_root" in app["args"]:
-            app["args"]["lora_root"] = str(lora_root)
-    return config
 
 
 def test_a_rayservice_exists():

@@ -11,7 +11,13 @@ from llmray.model.qwen3 import rope_tables
 DTYPES = [torch.float32, torch.bfloat16]
 # (B, T, H, Hkv, D): token counts 1, 7, 123 on CPU (one interpreted program per token)
 CPU_SHAPES = [(1, 1, 4, 2, 16), (2, 7, 3, 1, 64), (1, 123, 4, 2, 32)]
-GPU_SHAPES = [(1, 1, 16, 8, 128), (1, 7, 16, 8, 128), (3, 123, 14, 2, 64), (1, 4097, 16, 8, 128), (4, 4096, 16, 8, 128)]
+GPU_SHAPES = [
+    (1, 1, 16, 8, 128),
+    (1, 7, 16, 8, 128),
+    (3, 123, 14, 2, 64),
+    (1, 4097, 16, 8, 128),
+    (4, 4096, 16, 8, 128),
+]
 
 
 def _check(b, t, h, hkv, d, dtype, device, assert_matches, packed=False):
