@@ -16,6 +16,8 @@ LABEL org.opencontainers.image.title="llmray" \
 # 1000:100 is the base image's own non-root user `ray` in group `users` (numeric so that
 # Kubernetes' runAsNonRoot can verify it without reading /etc/passwd).
 USER 1000:100
+# Created by `ray`, not by WORKDIR (which may create it as root): `pip install .` builds in this tree.
+RUN mkdir -p /home/ray/llmray
 WORKDIR /home/ray/llmray
 
 # Dependencies first (their own layer, rebuilt only when the pins change), then the code.

@@ -59,54 +59,88 @@ def sync() -> None:
 
 
 class StepProfiler:
-    """Wall time of schedule / runner.run / the rest of each engine step."""
+    """Host wall time per engine step: scheduling, launching (inputs + enqueue), waiting for the device
+    (``collect``: the host sync), and the rest (postprocessing). With async scheduling the next step is
+    launched before the current one is collected, so the wait is what the host overlap could not hide."""
 
     def __init__(self, engine) -> None:
-        self.rows: list[tuple[float, float, float, int, int]] = []  # total, schedule, run, seqs, tokens
-        sched, run, step = engine.scheduler.schedule, engine.runner.run, engine.step
-        cur = {}
+        self.engine = engine
+        self.rows: list[dict] = []
+        self.saved = (engine.scheduler.schedule, engine.runner.launch, engine.runner.collect, engine.step)
+        sched, launch, collect, step = self.saved
+        cur: dict = {}
 
-        def schedule():
-            t = time.perf_counter()
-            out = sched()
-            cur["sched"], cur["seqs"], cur["tokens"] = time.perf_counter() - t, len(out.scheduled), out.num_tokens
-            return out
+        def timed(name, fn):
+            def wrapper(*a):
+                t = time.perf_counter()
+                r = fn(*a)
+                cur[name] = cur.get(name, 0.0) + time.perf_counter() - t
+                if name == "schedule":
+                    cur["seqs"], cur["tokens"] = len(r.scheduled), r.num_tokens
+                return r
 
-        def run_(items):
-            t = time.perf_counter()
-            r = run(items)
-            cur["run"] = time.perf_counter() - t
-            return r
+            return wrapper
 
         def step_():
             t = time.perf_counter()
             cur.clear()
             r = step()
-            if "run" in cur:
-                self.rows.append((time.perf_counter() - t, cur["sched"], cur["run"], cur["seqs"], cur["tokens"]))
+            cur["total"] = time.perf_counter() - t
+            self.rows.append(dict(cur))
             return r
 
-        engine.scheduler.schedule, engine.runner.run, engine.step = schedule, run_, step_
+        engine.scheduler.schedule = timed("schedule", sched)
+        engine.runner.launch = timed("launch", launch)
+        engine.runner.collect = timed("collect", collect)
+        engine.step = step_
+
+    def restore(self) -> None:
+        e = self.engine
+        e.scheduler.schedule, e.runner.launch, e.runner.collect, e.step = self.saved
 
     def summary(self) -> dict:
         rows = self.rows
-        decode = [r for r in rows if r[3] == r[4]]
-        big = [r for r in decode if r[3] >= 200]
+        big = [r for r in rows if r.get("seqs", 0) >= 200 and r.get("seqs") == r.get("tokens")]
 
-        def mean(xs):
-            return sum(xs) / len(xs) * 1e3 if xs else None
+        def tot(k, rs=rows):
+            return sum(r.get(k, 0.0) for r in rs)
+
+        def mean_ms(k):
+            return tot(k, big) / len(big) * 1e3 if big else None
 
         return {
             "steps": len(rows),
-            "decode_steps": len(decode),
-            "wall_s": sum(r[0] for r in rows),
-            "schedule_s": sum(r[1] for r in rows),
-            "runner_s": sum(r[2] for r in rows),
-            "postprocess_s": sum(r[0] - r[1] - r[2] for r in rows),
-            "mean_step_ms_decode_bs200+": mean([r[0] for r in big]),
-            "mean_schedule_ms_decode_bs200+": mean([r[1] for r in big]),
-            "mean_runner_ms_decode_bs200+": mean([r[2] for r in big]),
+            "wall_s": tot("total"),
+            "schedule_s": tot("schedule"),
+            "launch_s (inputs + enqueue, host)": tot("launch"),
+            "collect_s (waiting for the device)": tot("collect"),
+            "postprocess_s": tot("total") - tot("schedule") - tot("launch") - tot("collect"),
+            "decode_steps_bs200+": len(big),
+            "mean_step_ms_bs200+": mean_ms("total"),
+            "mean_schedule_ms_bs200+": mean_ms("schedule"),
+            "mean_launch_ms_bs200+": mean_ms("launch"),
+            "mean_collect_ms_bs200+": mean_ms("collect"),
         }
+
+
+@torch.inference_mode()  # the graph's static input buffers are inference tensors
+def graph_step_time(engine, prompts, outs) -> dict:
+    """Device time of one 256-sequence decode step (graph replay) at the workload's mean context."""
+    import triton
+
+    r = engine.runner
+    ctx = (sum(map(len, prompts)) + sum(outs) // 2) // len(prompts)
+    nblk = -(-ctx // r.block_size)
+    r._g_tables[:256, :nblk] = (
+        torch.arange(256 * nblk, device="cuda", dtype=torch.int32).view(256, nblk) % r.num_blocks
+    )
+    r._g_ctx[:256] = ctx
+    r._g_slots[:256] = -1
+    graph = r.graphs[256][0]
+    return {
+        "gpu_ms_decode_step_bs256_graph": triton.testing.do_bench(graph.replay),
+        "decode_step_context": ctx,
+    }
 
 
 def timed_generate(llm, prompts, params) -> float:
@@ -119,6 +153,7 @@ def timed_generate(llm, prompts, params) -> float:
 
 def stream_times(engine, rid: str, prompt: list[int], params) -> list[float]:
     """Seconds from submission to each output of request ``rid`` (engine alone in the loop)."""
+    engine.stream_outputs = True
     sync()
     t0 = time.perf_counter()
     engine.add_request(rid, prompt, params)
@@ -146,8 +181,11 @@ def decode_kernel_bandwidth(cfg: ModelConfig, dtype: torch.dtype) -> list[dict]:
         q = torch.randn(bsz, h, d, device="cuda", dtype=dtype)
         moved = 2 * bsz * ctx * hkv * d * kc.element_size()
         for splits in sorted({1, default_num_splits(bsz, hkv)}):
-            ms = triton.testing.do_bench(lambda s=splits: paged_decode(q, kc, vc, tables, lens, d**-0.5, num_splits=s))
-            rows.append({"batch": bsz, "context": ctx, "num_splits": splits, "ms": ms, "GB_per_s": moved / ms / 1e6})
+            args = (q, kc, vc, tables, lens, d**-0.5)
+            ms = triton.testing.do_bench(lambda a=args, s=splits: paged_decode(*a, num_splits=s))
+            rows.append(
+                {"batch": bsz, "context": ctx, "num_splits": splits, "ms": ms, "GB_per_s": moved / ms / 1e6}
+            )
         del kc, vc
     return rows
 
@@ -160,7 +198,9 @@ def hf_child(args) -> None:
     from llmray.model.checkpoint import hf_config_dict
 
     cfg = model_config(args.quick)
-    hf_cfg = Qwen3Config(**{k: v for k, v in hf_config_dict(cfg, torch.bfloat16).items() if k != "torch_dtype"})
+    hf_cfg = Qwen3Config(
+        **{k: v for k, v in hf_config_dict(cfg, torch.bfloat16).items() if k != "torch_dtype"}
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -188,7 +228,9 @@ def hf_child(args) -> None:
         model.generate(input_ids=ids, attention_mask=mask, **kw)
         sync()
         dt = time.perf_counter() - t
-    Path(args.hf_out).write_text(json.dumps({"seconds": dt, "requested_tokens": sum(outs), "tok_per_s": sum(outs) / dt}))
+    Path(args.hf_out).write_text(
+        json.dumps({"seconds": dt, "requested_tokens": sum(outs), "tok_per_s": sum(outs) / dt})
+    )
 
 
 def subset(args, cfg):
@@ -222,7 +264,9 @@ def plot(res: dict, path: Path) -> None:
         "llmray\n256-seq workload": res.get("workload", {}).get("output_tok_per_s"),
         "llmray\n32-seq subset": res.get("subset", {}).get("llmray_tok_per_s"),
         "HF dynamic\n32-seq subset": res.get("subset", {}).get("hf_dynamic", {}).get("tok_per_s"),
-        "HF static+compile\n32-seq subset": res.get("subset", {}).get("hf_static_compile", {}).get("tok_per_s"),
+        "HF static+compile\n32-seq subset": res.get("subset", {})
+        .get("hf_static_compile", {})
+        .get("tok_per_s"),
     }
     thr = {k: v for k, v in thr.items() if v}
     a.bar(list(thr), list(thr.values()), color=["C0", "C0", "C1", "C1"][: len(thr)])
@@ -244,6 +288,85 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def bins(rows: list[dict]) -> dict:
+    """Per-step host timings grouped by batch size (decode-only steps) plus the mixed prefill steps."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if "seqs" not in r:
+            continue
+        if r["seqs"] != r["tokens"]:
+            key = "mixed"
+        else:
+            key = next(f"bs<={hi}" for hi in (8, 32, 64, 128, 199, 256) if r["seqs"] <= hi)
+        groups.setdefault(key, []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        out[key] = {"steps": len(rs)} | {
+            f"mean_{k}_ms": sum(r.get(k, 0.0) for r in rs) / len(rs) * 1e3
+            for k in ("total", "schedule", "launch", "collect")
+        }
+    return out
+
+
+def profile_main(args) -> None:
+    """Sync vs async scheduling on the workload (host timings by batch size) + torch.profiler tables."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from llmray.engine.llm import LLM
+    from llmray.engine.sampling_params import SamplingParams
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model_config(args.quick)
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    model = build_model(cfg, device, dtype, args.kernels)
+    llm = LLM.from_model(model, kernels=args.kernels, max_num_seqs=256, max_num_batched_tokens=8192)
+    engine = llm.engine
+    prompts, outs = workload(args.num_seqs, args.min_len, args.max_len, cfg.vocab_size)
+    sp = [SamplingParams(max_tokens=o, temperature=0.6, ignore_eos=True) for o in outs]
+    llm.generate(
+        workload(8, 16, 64, cfg.vocab_size, seed=1)[0], SamplingParams(max_tokens=16, ignore_eos=True)
+    )
+    res: dict = {"command": "python " + " ".join(sys.argv)}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    tables = []
+    for key, overlap, pinned in (
+        ("sync", False, True),
+        ("async", True, True),
+        ("async_pageable", True, False),
+    ):
+        engine.async_scheduling = overlap
+        engine.runner.sampler.pin_memory = pinned
+        prof = StepProfiler(engine)
+        dt = timed_generate(llm, prompts, sp)
+        prof.restore()
+        res[key] = {"seconds": dt, "output_tok_per_s": sum(outs) / dt, "by_batch": bins(prof.rows)}
+        (out_dir / "engine_profile.json").write_text(json.dumps(res, indent=2))
+        # torch.profiler over a few decode steps at batch 96 (after the prefill steps)
+        for i in range(min(96, len(prompts))):
+            engine.add_request(f"p{key}{i}", prompts[i], SamplingParams(max_tokens=40, ignore_eos=True))
+        for _ in range(12):
+            engine.step()
+        with profile(activities=acts) as p:
+            for _ in range(5):
+                engine.step()
+        sync()
+        while engine.has_unfinished():
+            engine.step()
+        tables.append(f"=== {key}: 5 decode steps at batch 96 ===\n")
+        tables.append(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    engine.stream_outputs = True
+    stream_times(engine, "w", prompts[0][:1000], SamplingParams(max_tokens=1))
+    with profile(activities=acts) as p:
+        stream_times(engine, "t", prompts[1][:1000] + prompts[2][:24], SamplingParams(max_tokens=1))
+    tables.append("=== one eager prefill step (1024 tokens) ===\n")
+    tables.append(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    (out_dir / "engine_profile.txt").write_text("\n".join(tables))
+    print(json.dumps(res, indent=2))
+    print("\n".join(tables))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -256,6 +379,7 @@ def main() -> None:
     ap.add_argument("--hf-timeout", type=int, default=150)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--kernels", default="auto")
+    ap.add_argument("--profile", action="store_true", help="sync vs async scheduling + torch.profiler tables")
     ap.add_argument("--hf", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--hf-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -263,6 +387,8 @@ def main() -> None:
         args.num_seqs, args.min_len, args.max_len, args.hf_seqs, args.hf_max_new = 16, 8, 48, 4, 16
     if args.hf:
         return hf_child(args)
+    if args.profile:
+        return profile_main(args)
 
     from llmray.engine.llm import LLM
     from llmray.engine.sampling_params import SamplingParams
@@ -299,8 +425,13 @@ def main() -> None:
     engine = llm.engine
     prompts, outs = workload(args.num_seqs, args.min_len, args.max_len, cfg.vocab_size)
     sp = [SamplingParams(max_tokens=o, temperature=0.6, ignore_eos=True) for o in outs]
-    warm = workload(8, 16, 64, cfg.vocab_size, seed=1)[0]
-    llm.generate(warm, SamplingParams(max_tokens=16, temperature=0.6, ignore_eos=True))
+    # warm-up with full-size mixed steps too: Triton specialises kernels on argument values (e.g. strides
+    # divisible by 16), and compiling those inside the timed run cost ~0.5 s per first-seen variant
+    warm = (
+        workload(8, 16, 64, cfg.vocab_size, seed=1)[0]
+        + workload(48, args.min_len, args.max_len, cfg.vocab_size, 3)[0]
+    )
+    llm.generate(warm, SamplingParams(max_tokens=24, temperature=0.6, ignore_eos=True))
     prof = StepProfiler(engine)
     dt = timed_generate(llm, prompts, sp)
     res["workload"] = {
@@ -324,31 +455,23 @@ def main() -> None:
         "num_preemptions": engine.scheduler.num_preemptions,
         "profile": prof.summary(),
     }
-    engine.scheduler.schedule, engine.runner.run, engine.step = (
-        type(engine.scheduler).schedule.__get__(engine.scheduler),
-        type(engine.runner).run.__get__(engine.runner),
-        type(engine).step.__get__(engine),
-    )
+    prof.restore()
     save()
-    if cuda and 256 in engine.runner.graphs:  # GPU time of one 256-seq decode step at the mean context
-        import triton
-
-        r = engine.runner
-        ctx = (sum(map(len, prompts)) + sum(outs) // 2) // len(prompts)
-        nblk = -(-ctx // r.block_size)
-        r._g_tables[:256, :nblk] = torch.arange(256 * nblk, device="cuda", dtype=torch.int32).view(256, nblk) % r.num_blocks
-        r._g_ctx[:256] = ctx
-        r._g_slots[:256] = -1
-        graph = r.graphs[256][0]
-        res["workload"]["profile"]["gpu_ms_decode_step_bs256_graph"] = triton.testing.do_bench(graph.replay)
-        res["workload"]["profile"]["decode_step_context"] = ctx
+    if cuda and 256 in engine.runner.graphs:
+        res["workload"]["profile"].update(graph_step_time(engine, prompts, outs))
         save()
 
     # --- the engine on the HF subset ------------------------------------------------------------------
     sub_prompts, sub_outs = subset(args, cfg)
-    dt = timed_generate(llm, sub_prompts, [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in sub_outs])
-    res["subset"] = {"num_seqs": len(sub_prompts), "output_cap": args.hf_max_new, "requested_tokens": sum(sub_outs),
-                     "llmray_tok_per_s": sum(sub_outs) / dt}
+    dt = timed_generate(
+        llm, sub_prompts, [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in sub_outs]
+    )
+    res["subset"] = {
+        "num_seqs": len(sub_prompts),
+        "output_cap": args.hf_max_new,
+        "requested_tokens": sum(sub_outs),
+        "llmray_tok_per_s": sum(sub_outs) / dt,
+    }
     save()
 
     # --- single stream and TTFT -------------------------------------------------------------------------
@@ -358,15 +481,20 @@ def main() -> None:
     greedy = SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True)
     stream_times(engine, "warm", rand(long_prompt), greedy)
     stamps = stream_times(engine, "single", rand(long_prompt), greedy)
-    ss = {"prompt": long_prompt, "new_tokens": n_new,
-          "llmray_ms_per_token": (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3}
+    ss = {
+        "prompt": long_prompt,
+        "new_tokens": n_new,
+        "llmray_ms_per_token": (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3,
+    }
     cold, hit = (1024, 1000) if not args.quick else (128, 120)
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     ttft = {}
     for attempt in range(2):  # the first round warms up the shapes
         a = rand(cold)
         ttft["cold_ms"] = stream_times(engine, f"cold{attempt}", a, one)[0] * 1e3
-        ttft["prefix_hit_ms"] = stream_times(engine, f"hit{attempt}", a[:hit] + rand(cold - hit), one)[0] * 1e3
+        ttft["prefix_hit_ms"] = (
+            stream_times(engine, f"hit{attempt}", a[:hit] + rand(cold - hit), one)[0] * 1e3
+        )
     ttft["prompt_tokens"], ttft["shared_prefix_tokens"] = cold, hit
     ttft["hit_over_cold"] = ttft["prefix_hit_ms"] / ttft["cold_ms"]
     res["ttft"] = ttft

@@ -198,6 +198,7 @@ def main() -> int:
     )
     ap.add_argument("--ingress-replicas", type=int, default=2)
     ap.add_argument("--skip-direct", action="store_true")
+    ap.add_argument("--stream-interval-ms", type=float, default=20.0, help="LLMServer token batching")
     ap.add_argument("--out", default="bench/results/serve.json")
     a = ap.parse_args()
 
@@ -210,6 +211,8 @@ def main() -> int:
     vocab = Tokenizer.load(model_dir).vocab_size - 3  # plain tokens only (the last three are special)
     result: dict[str, Any] = {
         "bench": "serve",
+        "command": "python " + " ".join(sys.argv),
+        "stream_interval_ms": a.stream_interval_ms,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "model": str(model_dir) if a.model else "qwen3-0.6b random weights, bf16",
         "prompt_len": a.prompt_len,
@@ -251,7 +254,8 @@ def main() -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = {"model": str(model_dir), "served_model_name": "bench", "engine_kwargs": engine_kwargs,
-                "ingress_replicas": a.ingress_replicas, "max_queued_requests": -1, "ingress_num_cpus": 1}  # fmt: skip
+                "ingress_replicas": a.ingress_replicas, "max_queued_requests": -1, "ingress_num_cpus": 1,
+                "stream_interval_ms": a.stream_interval_ms}  # fmt: skip
     t0 = time.time()
     serve.run(build_app(app_args), name="llmray", route_prefix="/")
     result["serve_startup_s"] = round(time.time() - t0, 1)

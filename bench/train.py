@@ -83,7 +83,10 @@ def part_a_b(args, results: dict, out: Path) -> None:
         "best_val_loss": best,
         "run_wall_s": run["wall_s"],
         "params": mc.num_params(),
-        "config": {k: getattr(cfg, k) for k in ("seq_len", "batch_size", "max_steps", "lr", "muon_lr", "warmup_steps")},
+        "config": {
+            k: getattr(cfg, k)
+            for k in ("seq_len", "batch_size", "max_steps", "lr", "muon_lr", "warmup_steps")
+        },
         "path": "in-process train_steps (the Ray worker loop) with local_batches; data via Ray Data",
         "nanogpt_reference": "val 1.4697 in ~3 min on one A100 (dropout 0.2; our Qwen3 has no dropout)",
     }
@@ -91,15 +94,26 @@ def part_a_b(args, results: dict, out: Path) -> None:
     write(results, out)
     # (b) Muon vs AdamW, steps to 1.55
     curves, sweep = {}, []
-    runs = [("muon", 0.015), ("muon", 0.03), ("muon", 0.06), ("adamw", 1e-3), ("adamw", 2e-3), ("adamw", 4e-3)]
+    runs = [
+        ("muon", 0.015),
+        ("muon", 0.03),
+        ("muon", 0.06),
+        ("adamw", 1e-3),
+        ("adamw", 2e-3),
+        ("adamw", 4e-3),
+    ]
     for opt, lr in runs:
         if time.perf_counter() - T0 > args.budget_s * 0.55:
             log(f"(b) skipping {opt} lr={lr}: time guard")
             continue
         kw = {"muon_lr": lr} if opt == "muon" else {"lr": lr}
-        cfg = dataclasses.replace(base, out=str(out / f"b_{opt}_{lr}"), optimizer=opt, target_val_loss=1.55, **kw)
+        cfg = dataclasses.replace(
+            base, out=str(out / f"b_{opt}_{lr}"), optimizer=opt, target_val_loss=1.55, **kw
+        )
         if opt == "muon" and lr == 0.03 and hit is not None:
-            records = [r for r in run["records"] if r["step"] <= hit["step"]]  # (a) is this run to 1.55 and on
+            records = [
+                r for r in run["records"] if r["step"] <= hit["step"]
+            ]  # (a) is this run to 1.55 and on
         else:
             records = train_run(cfg, mc, train, val)["records"]
         h = first_reaching(records, 1.55)
@@ -113,66 +127,87 @@ def part_a_b(args, results: dict, out: Path) -> None:
         ok = [s for s in sweep if s["optimizer"] == opt and s["steps_to_1.55"]]
         best[opt] = min(ok, key=lambda s: s["steps_to_1.55"]) if ok else None
     ratio = (
-        best["muon"]["steps_to_1.55"] / best["adamw"]["steps_to_1.55"] if best["muon"] and best["adamw"] else None
+        best["muon"]["steps_to_1.55"] / best["adamw"]["steps_to_1.55"]
+        if best["muon"] and best["adamw"]
+        else None
     )
-    results["b_muon_vs_adamw"] = {"sweep": sweep, "best": best, "muon_over_adamw_steps": ratio, "target": 0.75}
+    results["b_muon_vs_adamw"] = {
+        "sweep": sweep,
+        "best": best,
+        "muon_over_adamw_steps": ratio,
+        "target": 0.75,
+    }
     plot_loss_curve(curves, out / "train_muon_vs_adamw.png", title="shakespeare-char: Muon vs AdamW (val)")
-    plot_loss_curve({"muon (a)": run["records"]}, out / "train_shakespeare_char.png", title="(a) shakespeare-char")
+    plot_loss_curve(
+        {"muon (a)": run["records"]}, out / "train_shakespeare_char.png", title="(a) shakespeare-char"
+    )
     write(results, out)
 
 
-def part_c(args, results: dict, out: Path) -> None:
+def throughput(mc: ModelConfig, kernels: str, compiled: bool, bsz: int, seq: int) -> dict:
+    """Full training steps (fwd + bwd + Muon) on random tokens: 3 warm-up steps, 6 timed with CUDA events."""
     from llmray.model.qwen3 import Qwen3ForCausalLM
     from llmray.train.loop import build_optimizer
 
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(mc, kernels=kernels).cuda().train()
+    opt = build_optimizer(model, "muon", lr=3e-4, muon_lr=0.02)
+    fwd = torch.compile(model) if compiled else model
+    x = torch.randint(0, mc.vocab_size, (bsz, seq + 1), device="cuda")
+
+    def step() -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fwd(x[:, :-1], targets=x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t = time.perf_counter()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t
+    n = 6
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        loss = step()
+    end.record()
+    torch.cuda.synchronize()
+    s_per_step = start.elapsed_time(end) / 1e3 / n
+    tok_s = bsz * seq / s_per_step
+    return {
+        "tokens_per_s": tok_s,
+        "mfu": mfu(tok_s, mc, seq),
+        "step_s": s_per_step,
+        "warmup_s_incl_compile": warm,
+        "loss": float(loss),
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
+
+
+def part_c(args, results: dict, out: Path) -> None:
     mc = ModelConfig.preset(SMOKE.get("c_preset", "qwen3-0.6b"))
     seq, bsz = SMOKE.get("c_shape", (2048, 8))
     res = {"seq_len": seq, "batch": bsz, "flops_per_token": flops_per_token(mc, seq), "peak_flops": 989e12}
-    variants = [("torch", False), ("triton", False), ("torch", True), ("triton", True)]
-    for kernels, compiled in variants:
+    for kernels, compiled in [("torch", False), ("triton", False), ("torch", True), ("triton", True)]:
         name = f"{kernels}{'+compile' if compiled else ''}"
         if time.perf_counter() - T0 > args.budget_s * (0.8 if not compiled else 0.7):
             res[name] = "skipped: time guard"
             continue
-        model = opt = None
         try:
-            torch.manual_seed(0)
-            model = Qwen3ForCausalLM(mc, kernels=kernels).cuda().train()
-            opt = build_optimizer(model, "muon", lr=3e-4, muon_lr=0.02)
-            fwd = torch.compile(model) if compiled else model
-            x = torch.randint(0, mc.vocab_size, (bsz, seq + 1), device="cuda")
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = fwd(x[:, :-1], targets=x[:, 1:])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss
-
-            t = time.perf_counter()
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
-            warm = time.perf_counter() - t
-            n = 6
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(n):
-                loss = step()
-            end.record()
-            torch.cuda.synchronize()
-            s_per_step = start.elapsed_time(end) / 1e3 / n
-            tok_s = bsz * seq / s_per_step
-            res[name] = {"tokens_per_s": tok_s, "mfu": mfu(tok_s, mc, seq), "step_s": s_per_step,
-                         "warmup_s": warm, "loss": float(loss), "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}  # fmt: skip
+            res[name] = throughput(mc, kernels, compiled, bsz, seq)
         except Exception as e:  # report, keep the other variants
             res[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
         log(f"(c) {name}: {res[name]}")
-        model = opt = fwd = None  # noqa: F841 (free the weights before the next variant)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    res["hf_eager_reference"] = {"tokens_per_s": 49_300, "mfu": 0.214, "note": "HF transformers eager, 8x2048 (issue)"}
+    res["hf_eager_reference"] = {
+        "tokens_per_s": 49_300,
+        "mfu": 0.214,
+        "note": "HF transformers eager, 8x2048 (issue)",
+    }
     results["c_qwen3_0.6b_throughput"] = res
     write(results, out)
 
@@ -186,7 +221,9 @@ def part_d(args, results: dict, out: Path) -> None:
     t = time.perf_counter()
     tok, mc, train, val = prepare_corpus(cfg)
     prep = time.perf_counter() - t
-    log(f"(d) BPE corpus: {len(train)} train / {len(val)} val tokens, vocab {tok.vocab_size}, prep {prep:.1f}s")
+    log(
+        f"(d) BPE corpus: {len(train)} train / {len(val)} val tokens, vocab {tok.vocab_size}, prep {prep:.1f}s"
+    )
     run = train_run(cfg, mc, train, val)
     evals = [r for r in run["records"] if "val_loss" in r]
     best = min(evals, key=lambda r: r["val_loss"])
@@ -202,8 +239,39 @@ def part_d(args, results: dict, out: Path) -> None:
         "blog": {"loss": 4.49, "accuracy": 0.3185, "wall_min": 20.3},
         "note": "different corpus than the blog's; TinyShakespeare is ~0.3M BPE tokens and overfits quickly",
     }
-    plot_loss_curve({"seed-7m": run["records"]}, out / "train_seed7m_bpe.png", title="(d) seed-7m, BPE Shakespeare")
+    plot_loss_curve(
+        {"seed-7m": run["records"]}, out / "train_seed7m_bpe.png", title="(d) seed-7m, BPE Shakespeare"
+    )
     log(f"(d) {results['d_seed_7m_bpe']}")
+    write(results, out)
+
+
+def part_e(args, results: dict, out: Path) -> None:
+    """(a) through Ray Train (TorchTrainer, 1 GPU worker, Ray Data shard): the production path's overhead."""
+    from llmray.train.pretrain import run_pretrain
+
+    if time.perf_counter() - T0 > args.budget_s * 0.75:
+        results["e_ray_train"] = "skipped: time guard"
+        return
+    cfg = PretrainConfig(
+        data=args.data, out=str(out / "e_ray"), preset="shakespeare-char", tokenizer="char", seq_len=256,
+        batch_size=64, max_steps=2000, warmup_steps=100, lr=3e-3, muon_lr=0.03, eval_every=50, eval_windows=512,
+        log_every=50, checkpoint_every=500, compile=True, kernels="torch", use_gpu=True, num_workers=1,
+        cpus_per_worker=1.0, target_val_loss=1.47,
+    )  # fmt: skip
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.get("train", {}).items() if k != "batch_size"})
+    if SMOKE:
+        cfg = dataclasses.replace(cfg, use_gpu=False, checkpoint_every=6)
+    t = time.perf_counter()
+    r = run_pretrain(cfg)
+    hit = first_reaching(read_metrics(r["metrics_file"]), 1.47)
+    results["e_ray_train"] = {
+        "wall_s_total_incl_ray_data_and_startup": time.perf_counter() - t,
+        "train_s_to_1.47": hit["elapsed_s"] if hit else None,
+        "step_at_1.47": hit["step"] if hit else None,
+        "last": r["last"],
+    }
+    log(f"(e) {results['e_ray_train']}")
     write(results, out)
 
 
@@ -217,8 +285,8 @@ def write(results: dict, out: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT / ".data" / "tinyshakespeare" / "input.txt"))
-    p.add_argument("--parts", default="abcd")
-    p.add_argument("--budget-s", type=float, default=330.0)
+    p.add_argument("--parts", default="abcde")
+    p.add_argument("--budget-s", type=float, default=280.0)
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     p.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny steps, no numbers")
     args = p.parse_args()
@@ -232,7 +300,7 @@ def main() -> int:
         return 2
     import ray
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 4), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(8, os.cpu_count() or 8), include_dashboard=False, log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -240,7 +308,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(sys.argv)}
-    parts = {"a": part_a_b, "d": part_d, "c": part_c}
+    parts = {"a": part_a_b, "d": part_d, "c": part_c, "e": part_e}
     for key, fn in parts.items():
         if key in args.parts or (key == "a" and "b" in args.parts):
             try:

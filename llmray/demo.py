@@ -133,7 +133,14 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"{len(corpus)} files ({sum(p.stat().st_size for p in corpus) / 1e6:.1f} MB) -> {out / 'corpus'}")
     print(f"{len(pairs) - n_val} + {n_val} docstring->function chats -> {out / 'chat'}")
 
-    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, configure_logging=False)
+    # the stages print their own progress; keep Ray Data's per-operator progress logs out of the way
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    ray.init(
+        num_cpus=max(8, os.cpu_count() or 1),
+        include_dashboard=False,
+        configure_logging=False,
+        logging_level="WARNING",
+    )
     try:
         stages.start(f"pretrain ({knobs['preset']}, {knobs['max_steps']} steps, BPE tokenizer) on Ray Train")
         base_dir = out / "base"

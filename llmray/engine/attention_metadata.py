@@ -42,7 +42,9 @@ class PagedAttentionMetadata:
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
         if not self.use_triton:
             kv_store_ref(k0, v0, kc, vc, self.slot_mapping)
-            out = paged_attention_ref(q0, kc, vc, self.block_tables, self.query_start, self.context_lens, self.scale)
+            out = paged_attention_ref(
+                q0, kc, vc, self.block_tables, self.query_start, self.context_lens, self.scale
+            )
             return out.unsqueeze(0)
         kv_store(k0, v0, kc, vc, self.slot_mapping)
         out = torch.empty_like(q0)

@@ -99,7 +99,11 @@ class BlockManager:
             block = self.blocks[block_id]
             parent = found[-1] if found else -1
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            if block.token_ids != tokens or block.adapter_id != seq.adapter_id or block.parent_block_id != parent:
+            if (
+                block.token_ids != tokens
+                or block.adapter_id != seq.adapter_id
+                or block.parent_block_id != parent
+            ):
                 break  # a hash collision: exact check failed
             found.append(block_id)
         return found
@@ -122,6 +126,7 @@ class BlockManager:
             block.ref_count += 1
         seq.block_table = list(cached)
         seq.num_computed_tokens = len(cached) * self.block_size
+        seq.num_registered_blocks = len(cached)
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
             self.prefix_cache_queries += seq.num_tokens
@@ -142,8 +147,11 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
+        full = seq.num_computed_tokens // bs
+        if full <= seq.num_registered_blocks:
+            return  # the common decode step: no block filled up
         hashes = self._hash_blocks(seq, seq.num_computed_tokens)
-        for i in range(seq.num_computed_tokens // bs):
+        for i in range(seq.num_registered_blocks, full):
             block = self.blocks[seq.block_table[i]]
             if block.token_ids is not None:
                 continue  # already registered (by this sequence or shared from the cache)
@@ -152,6 +160,7 @@ class BlockManager:
             block.adapter_id = seq.adapter_id
             block.parent_block_id = seq.block_table[i - 1] if i else -1
             self.hash_to_block.setdefault(hashes[i], block.block_id)
+        seq.num_registered_blocks = full
 
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (finish, abort or preemption)."""
@@ -167,6 +176,7 @@ class BlockManager:
                     self.free_empty.append(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
 
     # --- testing --------------------------------------------------------------------------------
     def check_invariants(self, live: list[Sequence]) -> None:

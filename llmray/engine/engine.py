@@ -14,17 +14,19 @@ import torch
 from llmray.config import EngineConfig
 from llmray.engine.detokenizer import IncrementalDetokenizer
 from llmray.engine.outputs import RequestOutput
-from llmray.engine.runner import ModelRunner
+from llmray.engine.runner import ModelRunner, PendingStep
 from llmray.engine.sampling_params import SamplingParams
-from llmray.engine.scheduler import Scheduler
-from llmray.engine.sequence import Sequence
+from llmray.engine.scheduler import Scheduler, SchedulerOutput
+from llmray.engine.sequence import PLACEHOLDER, Sequence
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
     """device "auto" = cuda if available; dtype "auto" = bfloat16 on CUDA, float32 on CPU."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    )
     if config.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, DTYPES[config.dtype]
@@ -38,11 +40,19 @@ def make_engine_config(**engine_kwargs: Any) -> EngineConfig:
     return EngineConfig(**engine_kwargs)
 
 
+@dataclass
+class _Step:
+    sched: SchedulerOutput
+    pending: PendingStep
+    slots: list[int]  # index in seq.token_ids of each sampled token's placeholder
+
+
 @dataclass(eq=False)
 class _Request:
     seq: Sequence
     detok: IncrementalDetokenizer
     logprobs: list[dict[int, float]] | None
+    num_known: int = 0  # output tokens read back (later ones may be placeholders of a step in flight)
     num_reported: int = 0  # output tokens already handed out
     stop_reason: str | int | None = None
     extra: dict = field(default_factory=dict)
@@ -72,6 +82,9 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.peak_blocks_used = 0
+        self.async_scheduling = True  # overlap host work with the device step (tests switch it off)
+        self._inflight: _Step | None = None
+        self.stream_outputs = True  # False: step() returns finished requests only (offline LLM.generate)
 
     # --- requests -----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -120,38 +133,66 @@ class LLMEngine:
         self.runner.sampler.release(req.seq)
         return self._output(req)
 
-    def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
-
     # --- one step -----------------------------------------------------------------------------
+    # With ``async_scheduling`` the next step is scheduled and launched before the current one is read back,
+    # so the host work (scheduling, inputs, postprocessing) overlaps the GPU. The next step's input for a
+    # sequence that samples now is a PLACEHOLDER token id, replaced on the device by the sampled token;
+    # a sequence that turns out to have finished just has its speculative token discarded.
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or self._inflight is not None
+
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns an output for every request that got a token (or finished)."""
+        """Run one step; returns an output for every request that got a token (only finished ones if
+        ``stream_outputs`` is False: building outputs copies each request's tokens)."""
+        current = self._inflight if self._inflight is not None else self._launch()
+        self._inflight = None
+        if current is None:
+            return []
+        if self.async_scheduling and not any(s.sampling_params.has_penalties for s in self.scheduler.running):
+            self._inflight = self._launch()  # penalties read the output tokens: those steps run synchronously
+        return self._read_back(current)
+
+    def _launch(self) -> _Step | None:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
-            return []
-        used = self.scheduler.block_manager.num_blocks - self.scheduler.block_manager.num_free_blocks
-        self.peak_blocks_used = max(self.peak_blocks_used, used)
-        sampled = self.runner.run(sched.scheduled)
-        self.scheduler.commit(sched)
+            return None
+        bm = self.scheduler.block_manager
+        self.peak_blocks_used = max(self.peak_blocks_used, bm.num_blocks - bm.num_free_blocks)
+        pending = self.runner.launch(sched.scheduled)
+        self.scheduler.advance(sched)
+        slots = []
+        for seq in pending.seqs:
+            seq.append_token(PLACEHOLDER)
+            slots.append(seq.num_tokens - 1)
+        return _Step(sched, pending, slots)
+
+    def _read_back(self, step: _Step) -> list[RequestOutput]:
+        sampled = self.runner.collect(step.pending)
         outputs = []
-        for st in sampled:
-            seq = sched.scheduled[st.seq_index].seq
+        for st, slot in zip(sampled, step.slots, strict=True):
+            seq = step.sched.scheduled[st.seq_index].seq
+            if seq.is_finished:
+                continue  # aborted, or finished by an earlier token: a speculative token, discarded
+            seq.token_ids[slot] = st.token_id
             req = self.requests[seq.request_id]
-            seq.append_token(st.token_id)
+            req.num_known += 1
             self.generation_tokens_total += 1
             if req.logprobs is not None and st.logprobs is not None:
                 req.logprobs.append(st.logprobs)
             reason = self._check_stop(req, st.token_id)
             if reason is not None:
+                del seq.token_ids[slot + 1 :]  # a token sampled after this one is in flight: drop it
                 self.scheduler.finish(seq, reason)
                 self.runner.sampler.release(seq)
                 del self.requests[seq.request_id]
-            outputs.append(self._output(req))
+            if reason is not None or self.stream_outputs:
+                outputs.append(self._output(req))
+        self.scheduler.cache_blocks(step.sched)
         return outputs
 
     def _check_stop(self, req: _Request, token: int) -> str | None:
-        seq, p = req.seq, req.seq.sampling_params
-        n = seq.num_output_tokens
+        p = req.seq.sampling_params
+        n = req.num_known
         stop_str = req.detok.update([token]) if self.tokenizer is not None else None
         if n >= p.min_tokens:
             if token in p.stop_token_ids:
@@ -162,13 +203,13 @@ class LLMEngine:
             if stop_str is not None:
                 req.stop_reason = stop_str
                 return "stop"
-        if n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if n >= p.max_tokens or req.seq.num_prompt_tokens + n >= self.max_model_len:
             return "length"
         return None
 
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq
-        out_ids = seq.output_token_ids
+        out_ids = seq.token_ids[seq.num_prompt_tokens : seq.num_prompt_tokens + req.num_known]
         new = out_ids[req.num_reported :]
         req.num_reported = len(out_ids)
         finished = seq.finish_reason is not None

@@ -60,8 +60,11 @@ def _prompt_list(prompts: str | list[int] | Sequence[str | list[int]]) -> list[s
 class LLM:
     """Offline generation: every prompt is batched by the scheduler; returns outputs in prompt order."""
 
-    def __init__(self, model_dir: str | Path | None = None, *, _engine: LLMEngine | None = None, **engine_kwargs: Any):
+    def __init__(
+        self, model_dir: str | Path | None = None, *, _engine: LLMEngine | None = None, **engine_kwargs: Any
+    ):
         self.engine = _engine if _engine is not None else build_engine(model_dir, **engine_kwargs)
+        self.engine.stream_outputs = False
         self._counter = 0
 
     @classmethod
@@ -118,7 +121,9 @@ class LLM:
 class AsyncLLM:
     """Engine loop in a background thread; ``generate_stream`` yields ``RequestOutput``s as tokens arrive."""
 
-    def __init__(self, model_dir: str | Path | None = None, *, _engine: LLMEngine | None = None, **engine_kwargs: Any):
+    def __init__(
+        self, model_dir: str | Path | None = None, *, _engine: LLMEngine | None = None, **engine_kwargs: Any
+    ):
         self.engine = _engine if _engine is not None else build_engine(model_dir, **engine_kwargs)
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -129,7 +134,9 @@ class AsyncLLM:
         self._thread.start()
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer: Any | None = None, **engine_kwargs: Any) -> AsyncLLM:
+    def from_model(
+        cls, model: torch.nn.Module, tokenizer: Any | None = None, **engine_kwargs: Any
+    ) -> AsyncLLM:
         return cls(_engine=build_engine(model=model, tokenizer=tokenizer, **engine_kwargs))
 
     @property

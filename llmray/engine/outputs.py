@@ -14,7 +14,9 @@ class RequestOutput:
     token_ids: list[int]  # generated tokens so far
     text: str  # generated text so far (stop string excluded)
     finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
-    logprobs: list[dict[int, float]] | None = None  # per generated token: {token_id: logprob} (chosen + top-n)
+    logprobs: list[dict[int, float]] | None = (
+        None  # per generated token: {token_id: logprob} (chosen + top-n)
+    )
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""

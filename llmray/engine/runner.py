@@ -19,9 +19,17 @@ import torch
 from llmray.config import EngineConfig
 from llmray.engine.attention_metadata import PagedAttentionMetadata
 from llmray.engine.block_manager import cdiv
-from llmray.engine.sampler import Sampler
+from llmray.engine.sampler import Sampler, SamplerOutput
 from llmray.engine.scheduler import ScheduledSeq
+from llmray.engine.sequence import Sequence
 from llmray.kernels.paged_attention import default_num_splits
+
+
+@dataclass
+class PendingStep:
+    indices: list[int]  # positions in the scheduled list of the chunks that sample
+    seqs: list[Sequence]
+    out: SamplerOutput | None  # device tensors, not read yet
 
 
 @dataclass
@@ -43,7 +51,11 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         mc = model.config
-        self.num_layers, self.num_kv_heads, self.head_dim = mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim
+        self.num_layers, self.num_kv_heads, self.head_dim = (
+            mc.num_hidden_layers,
+            mc.num_key_value_heads,
+            mc.head_dim,
+        )
         self.scale = mc.head_dim**-0.5
         self.config = config
         self.block_size = config.block_size
@@ -52,7 +64,9 @@ class ModelRunner:
         self.eos_token_id = eos_token_id
         self.is_cuda = self.device.type == "cuda"
         self.use_triton = self.is_cuda  # tests set it on CPU under TRITON_INTERPRET=1
-        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.is_cuda else 1
+        self.num_sms = (
+            torch.cuda.get_device_properties(self.device).multi_processor_count if self.is_cuda else 1
+        )
         self.buckets = decode_buckets(config.max_num_seqs)
         self.num_blocks = config.num_kv_blocks or self._profile_num_blocks()
         shape = (2, self.num_layers, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
@@ -61,6 +75,10 @@ class ModelRunner:
         self.v_cache = [self.kv_cache[1, i] for i in range(self.num_layers)]
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._stage_idx = 0
+        self._prev_tokens = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._prev_rows: dict[int, int] = {}
         if self.is_cuda and not config.enforce_eager:
             self._capture_graphs()
 
@@ -86,11 +104,15 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[0, :rows])
         torch.cuda.synchronize()
         vocab = logits.shape[-1]
-        activations = torch.cuda.max_memory_allocated() - before + 6 * rows * vocab * 4  # + sampler temporaries
+        activations = (
+            torch.cuda.max_memory_allocated() - before + 6 * rows * vocab * 4
+        )  # + sampler temporaries
         del hidden, logits
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        usable = total * cfg.gpu_memory_utilization - (total - free) - activations - (1 << 30)  # 1 GiB: graphs
+        usable = (
+            total * cfg.gpu_memory_utilization - (total - free) - activations - (1 << 30)
+        )  # 1 GiB: graphs
         num_blocks = int(usable // self.block_bytes)
         if num_blocks < 1:
             raise ValueError(
@@ -101,16 +123,53 @@ class ModelRunner:
         return num_blocks
 
     # --- inputs -----------------------------------------------------------------------------------
-    def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(self.device, non_blocking=True)
+    def _stage(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """Move int arrays to the device in ONE copy (through a pinned, double-buffered staging area on CUDA).
+
+        Returns int64 device tensors shaped like the inputs. Two staging buffers alternate, so writing the
+        inputs of step N+1 never races the still-pending copy of step N (at most one step is in flight).
+        """
+        sizes = [a.size for a in arrays]
+        total = sum(sizes)
+        if not self.is_cuda:
+            flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.int64))
+        else:
+            self._stage_idx ^= 1
+            buf = self._staging[self._stage_idx]
+            if buf is None or buf.numel() < total:
+                buf = torch.empty(max(total, 1 << 16), dtype=torch.int64, pin_memory=True)
+                self._staging[self._stage_idx] = buf
+            view = buf.numpy()
+            off = 0
+            for a in arrays:
+                view[off : off + a.size] = a.ravel()
+                off += a.size
+            flat = buf[:total].to(self.device, non_blocking=True)
+        out, off = [], 0
+        for a, n in zip(arrays, sizes, strict=True):
+            out.append(flat[off : off + n].view(a.shape))
+            off += n
+        return out
 
     def _block_table_array(self, items: list[ScheduledSeq], rows: int, width: int) -> np.ndarray:
         tables = [it.seq.block_table for it in items]
         lens = np.fromiter((len(t) for t in tables), np.int64, len(tables))
-        out = np.zeros((rows, width), np.int32)
-        flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, int(lens.sum()))
+        out = np.zeros((rows, width), np.int64)
+        flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(lens.sum()))
         out[: len(tables)][np.arange(width)[None, :] < lens[:, None]] = flat
         return out
+
+    def _placeholder_sources(self, ids: np.ndarray, seq_of: list) -> np.ndarray:
+        """Row of the previous step's sampled tokens feeding each placeholder input (-1 ids); 0 elsewhere."""
+        src = np.zeros(ids.shape[0], np.int64)
+        for i in np.flatnonzero(ids < 0).tolist():
+            src[i] = self._prev_rows[seq_of[i].seq_id]
+        return src
+
+    def _resolve_ids(self, ids: torch.Tensor, src: torch.Tensor, has_placeholders: bool) -> torch.Tensor:
+        if not has_placeholders:
+            return ids
+        return torch.where(ids < 0, self._prev_tokens[src], ids)
 
     def _metadata(self, tables, query_start, ctx, slots, num_decodes, max_query_len, num_splits):
         return PagedAttentionMetadata(
@@ -131,19 +190,7 @@ class ModelRunner:
         return default_num_splits(bucket, self.num_kv_heads, self.num_sms) if self.is_cuda else 2
 
     # --- decode steps (padded buckets, CUDA graphs) ------------------------------------------------
-    def _decode_inputs(self, items: list[ScheduledSeq], bucket: int, width: int) -> tuple[np.ndarray, ...]:
-        b, bs = len(items), self.block_size
-        ids = np.zeros(bucket, np.int64)
-        ids[:b] = [it.seq.token_ids[it.start] for it in items]
-        pos = np.zeros(bucket, np.int64)
-        pos[:b] = [it.start for it in items]
-        tables = self._block_table_array(items, bucket, width)
-        ctx = np.ones(bucket, np.int32)  # padding rows attend to one (ignored) token
-        ctx[:b] = pos[:b] + 1
-        slots = np.full(bucket, -1, np.int64)
-        slots[:b] = tables[np.arange(b), pos[:b] // bs].astype(np.int64) * bs + pos[:b] % bs
-        return ids, pos, tables, ctx, slots
-
+    @torch.inference_mode()
     def _capture_graphs(self) -> None:
         maxb = self.buckets[-1]
         dev = self.device
@@ -175,30 +222,39 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def _run_decode(self, items: list[ScheduledSeq]) -> torch.Tensor:
-        b = len(items)
+        b, bs = len(items), self.block_size
         bucket = next(s for s in self.buckets if s >= b)
         width = max(len(it.seq.block_table) for it in items)
-        ids, pos, tables, ctx, slots = self._decode_inputs(items, bucket, width)
+        ids = np.zeros(bucket, np.int64)
+        ids[:b] = [it.seq.token_ids[it.start] for it in items]
+        pos = np.zeros(bucket, np.int64)
+        pos[:b] = [it.start for it in items]
+        tables = self._block_table_array(items, bucket, width)
+        ctx = np.ones(bucket, np.int64)  # padding rows attend to one (ignored) token
+        ctx[:b] = pos[:b] + 1
+        slots = np.full(bucket, -1, np.int64)
+        slots[:b] = tables[np.arange(b), pos[:b] // bs] * bs + pos[:b] % bs
+        placeholders = bool((ids < 0).any())
+        src = (
+            self._placeholder_sources(ids, [it.seq for it in items])
+            if placeholders
+            else np.zeros(1, np.int64)
+        )
+        d_ids, d_pos, d_tables, d_ctx, d_slots, d_src = self._stage(ids, pos, tables, ctx, slots, src)
+        d_ids = self._resolve_ids(d_ids, d_src, placeholders)
         if bucket in self.graphs:
             graph, hidden = self.graphs[bucket]
-            self._g_ids[:bucket].copy_(self._to_device(ids), non_blocking=True)
-            self._g_pos[:bucket].copy_(self._to_device(pos), non_blocking=True)
+            self._g_ids[:bucket].copy_(d_ids)
+            self._g_pos[:bucket].copy_(d_pos)
             # columns past ``width`` keep stale ids: the kernels never read past a sequence's context
-            self._g_tables[:bucket, :width].copy_(self._to_device(tables), non_blocking=True)
-            self._g_ctx[:bucket].copy_(self._to_device(ctx), non_blocking=True)
-            self._g_slots[:bucket].copy_(self._to_device(slots), non_blocking=True)
+            self._g_tables[:bucket, :width].copy_(d_tables)
+            self._g_ctx[:bucket].copy_(d_ctx)
+            self._g_slots[:bucket].copy_(d_slots)
             graph.replay()
         else:
-            meta = self._metadata(
-                self._to_device(tables),
-                torch.arange(bucket + 1, dtype=torch.int32, device=self.device),
-                self._to_device(ctx),
-                self._to_device(slots),
-                bucket,
-                0,
-                self._splits(bucket),
-            )
-            hidden = self.model.hidden_states(self._to_device(ids)[None], self._to_device(pos)[None], meta)[0]
+            qstart = torch.arange(bucket + 1, device=self.device)
+            meta = self._metadata(d_tables, qstart, d_ctx, d_slots, bucket, 0, self._splits(bucket))
+            hidden = self.model.hidden_states(d_ids[None], d_pos[None], meta)[0]
         return self.model.compute_logits(hidden)[:b]  # (b, V)
 
     # --- mixed prefill/decode steps (eager) --------------------------------------------------------
@@ -209,7 +265,9 @@ class ModelRunner:
         cu = np.zeros(b + 1, np.int64)
         np.cumsum(q_lens, out=cu[1:])
         ids = np.fromiter(
-            itertools.chain.from_iterable(it.seq.token_ids[it.start : it.start + it.num_new_tokens] for it in items),
+            itertools.chain.from_iterable(
+                it.seq.token_ids[it.start : it.start + it.num_new_tokens] for it in items
+            ),
             np.int64,
             int(cu[-1]),
         )
@@ -217,47 +275,70 @@ class ModelRunner:
         width = max(len(it.seq.block_table) for it in items)
         tables = self._block_table_array(items, b, width)
         seq_of_token = np.repeat(np.arange(b), q_lens)
-        slots = tables[seq_of_token, pos // bs].astype(np.int64) * bs + pos % bs
+        slots = tables[seq_of_token, pos // bs] * bs + pos % bs
         num_decodes = int((q_lens == 1).sum())  # items arrive sorted: one-token sequences first
+        placeholders = bool((ids < 0).any())
+        src = np.zeros(1, np.int64)
+        if placeholders:
+            src = self._placeholder_sources(ids, [items[i].seq for i in seq_of_token.tolist()])
+        last = cu[1:][sample_rows] - 1
+        d_ids, d_pos, d_tables, d_cu, d_ctx, d_slots, d_src, d_last = self._stage(
+            ids, pos, tables, cu, starts + q_lens, slots, src, last
+        )
+        d_ids = self._resolve_ids(d_ids, d_src, placeholders)
         meta = self._metadata(
-            self._to_device(tables),
-            self._to_device(cu.astype(np.int32)),
-            self._to_device((starts + q_lens).astype(np.int32)),
-            self._to_device(slots),
+            d_tables,
+            d_cu,
+            d_ctx,
+            d_slots,
             num_decodes,
             int(q_lens[num_decodes:].max()) if num_decodes < b else 0,
             self._splits(next((s for s in self.buckets if s >= num_decodes), num_decodes)),
         )
-        hidden = self.model.hidden_states(self._to_device(ids)[None], self._to_device(pos)[None], meta)[0]
-        last = self._to_device(cu[1:][sample_rows] - 1)
-        return self.model.compute_logits(hidden[last])
+        hidden = self.model.hidden_states(d_ids[None], d_pos[None], meta)[0]
+        return self.model.compute_logits(hidden[d_last])
 
     # --- one step -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq]) -> list[SampledToken]:
-        """Compute one step; returns a sampled token for every scheduled chunk that reaches its sequence's end."""
+    def launch(self, scheduled: list[ScheduledSeq]) -> PendingStep:
+        """Queue one step on the device (no host sync). Inputs whose token id is a placeholder (-1) take the
+        token sampled for that sequence by the previous launch, on the device."""
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         items = [scheduled[i] for i in order]
         sample_rows = [j for j, it in enumerate(items) if it.samples]
         if items[-1].num_new_tokens == 1 and len(items) <= self.buckets[-1]:
             logits = self._run_decode(items)
             if len(sample_rows) < len(items):
-                logits = logits[self._to_device(np.array(sample_rows, np.int64))]
+                logits = logits[self.sampler._tensor(sample_rows, torch.long)]
         else:
             logits = self._run_mixed(items, sample_rows)
-        if not sample_rows:
+        seqs = [items[j].seq for j in sample_rows]
+        pending = PendingStep([order[j] for j in sample_rows], seqs, None)
+        if seqs:
+            pending.out = self.sampler(logits, seqs, self.eos_token_id)
+            self._prev_tokens = pending.out.token_ids
+            self._prev_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
+        return pending
+
+    def collect(self, pending: PendingStep) -> list[SampledToken]:
+        """Wait for a launched step and read its sampled tokens: the step's single host sync."""
+        out = pending.out
+        if out is None:
             return []
-        out = self.sampler(logits, [items[j].seq for j in sample_rows], self.eos_token_id)
-        tokens = out.token_ids.tolist()  # the step's host sync
+        tokens = out.token_ids.tolist()
         lp_vals = lp_ids = None
         if out.logprobs is not None:
             lp_vals, lp_ids = out.logprobs.tolist(), out.logprob_ids.tolist()
         result = []
-        for r, j in enumerate(sample_rows):
-            n = items[j].seq.sampling_params.logprobs
+        for r, (index, seq) in enumerate(zip(pending.indices, pending.seqs, strict=True)):
+            n = seq.sampling_params.logprobs
             lps = None
             if n is not None and lp_vals is not None:
                 lps = {lp_ids[r][0]: lp_vals[r][0]}
                 lps.update(zip(lp_ids[r][1 : n + 1], lp_vals[r][1 : n + 1], strict=True))
-            result.append(SampledToken(order[j], tokens[r], lps))
+            result.append(SampledToken(index, tokens[r], lps))
         return result
+
+    def run(self, scheduled: list[ScheduledSeq]) -> list[SampledToken]:
+        """Compute one step and wait for it; a sampled token for every chunk that reaches its sequence's end."""
+        return self.collect(self.launch(scheduled))

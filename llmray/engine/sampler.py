@@ -38,15 +38,23 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seq_generators: dict[int, torch.Generator] = {}  # seq_id -> its own generator (seeded requests)
+        self.pin_memory = True  # stage per-step parameters through pinned host memory
 
     def release(self, seq: Sequence) -> None:
         self.seq_generators.pop(seq.seq_id, None)
 
+    def _from_cpu(self, t: torch.Tensor) -> torch.Tensor:
+        # pinned (PyTorch's caching host allocator): a pageable copy would wait for the device to go idle,
+        # which defeats launching the next step while this one runs
+        if self.device.type == "cuda" and self.pin_memory:
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        return self._from_cpu(torch.tensor(values, dtype=dtype))
 
     def _from_numpy(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(self.device, non_blocking=True)
+        return self._from_cpu(torch.from_numpy(a))
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int | None) -> SamplerOutput:
         """logits (B, V) fp32, one row per sequence that samples this step."""
@@ -61,12 +69,17 @@ class Sampler:
             (i, t)
             for i, s in enumerate(seqs)
             if s.num_output_tokens < s.sampling_params.min_tokens
-            for t in [*([eos_token_id] if eos_token_id is not None else []), *s.sampling_params.stop_token_ids]
+            for t in [
+                *([eos_token_id] if eos_token_id is not None else []),
+                *s.sampling_params.stop_token_ids,
+            ]
         ]
         if masks:
             rows, cols = zip(*masks, strict=True)
-            logits = logits.index_put((self._tensor(rows, torch.long), self._tensor(cols, torch.long)),
-                                      torch.tensor(float("-inf"), device=self.device))
+            logits = logits.index_put(
+                (self._tensor(rows, torch.long), self._tensor(cols, torch.long)),
+                torch.full((len(rows),), float("-inf"), device=self.device),
+            )
 
         greedy = [p.greedy for p in params]
         if all(greedy):
@@ -108,8 +121,9 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         params = [s.sampling_params for s in seqs]
         argmax = logits.argmax(dim=-1)
-        temps = self._tensor([1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)],
-                             torch.float32)
+        temps = self._tensor(
+            [1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)], torch.float32
+        )
         scaled = logits / temps[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             scaled = self._top_k_top_p(scaled, params)

@@ -41,7 +41,11 @@ class SamplingParams:
             ("repetition_penalty", self.repetition_penalty > 0.0, "> 0 (1 = off)"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "None or an integer in [0, 20]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
-            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "token ids >= 0"),
+            (
+                "stop_token_ids",
+                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+                "token ids >= 0",
+            ),
             ("seed", self.seed is None or isinstance(self.seed, int), "None or an integer"),
         ]
         for name, ok, what in checks:

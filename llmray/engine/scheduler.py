@@ -119,6 +119,8 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if seq.num_output_tokens >= seq.sampling_params.max_tokens:
+                continue  # its last token is still in flight: it finishes when that step is read back
             n = min(seq.num_uncomputed_tokens, budget)
             while not bm.can_append(seq, n):
                 others = [s for s in self.running if s.seq_id not in taken and s is not seq]
@@ -148,11 +150,19 @@ class Scheduler:
                 budget -= n
         return SchedulerOutput(scheduled, preempted)
 
-    def commit(self, out: SchedulerOutput) -> None:
-        """After the runner computed a step: advance ``num_computed_tokens`` and cache the full blocks."""
+    def advance(self, out: SchedulerOutput) -> None:
+        """Once a step is launched: its tokens count as computed (the next schedule starts after them)."""
         for item in out.scheduled:
-            seq = item.seq
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # aborted while the step ran
-            seq.num_computed_tokens = item.start + item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)
+            if item.seq.status is SequenceStatus.RUNNING:
+                item.seq.num_computed_tokens = item.start + item.num_new_tokens
+
+    def cache_blocks(self, out: SchedulerOutput) -> None:
+        """Once a step's sampled tokens are known: register the blocks that filled up in the prefix cache."""
+        for item in out.scheduled:
+            if item.seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(item.seq)
+
+    def commit(self, out: SchedulerOutput) -> None:
+        """``advance`` + ``cache_blocks`` (a step run synchronously)."""
+        self.advance(out)
+        self.cache_blocks(out)

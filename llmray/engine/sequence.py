@@ -10,6 +10,8 @@ from llmray.engine.sampling_params import SamplingParams
 
 _seq_counter = itertools.count()
 
+PLACEHOLDER = -1  # a token sampled by a step still in flight (async scheduling); filled in when read back
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted (blocks freed; recomputed on resume)
@@ -35,6 +37,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # hash chain over the full blocks of token_ids
+    num_registered_blocks: int = 0  # leading blocks of block_table already in the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0

@@ -218,9 +218,9 @@ def _precision(dtype: torch.dtype, precision: str | None) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def default_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = 132, max_splits: int = 16) -> int:
-    """Enough split-K programs to fill the GPU about twice when the batch alone would not."""
-    return max(1, min(max_splits, (2 * num_sms) // max(1, num_seqs * num_kv_heads)))
+def default_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = 132, max_splits: int = 32) -> int:
+    """Enough split-K programs for about four per SM when the batch alone has fewer."""
+    return max(1, min(max_splits, (4 * num_sms) // max(1, num_seqs * num_kv_heads)))
 
 
 def paged_decode(

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving on Ray Serve: ``build_app`` (app.py) = FastAPI ingress + LLMServer engine replicas."""

@@ -57,6 +57,9 @@ class ServeArgs(BaseModel):
     retry_after_s: int = Field(1, ge=0)
     autoscaling_overrides: dict[str, Any] = Field(default_factory=dict)  # e.g. upscale_delay_s (tests)
     health_check_period_s: float = Field(10.0, gt=0)
+    # after the first token, each request's stream yields at most once per interval (0 = every step);
+    # Ray Serve LLM batches the same way (50 ms). Fewer Ray messages per token: see bench/serve.py
+    stream_interval_ms: float = Field(20.0, ge=0)
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeArgs:
@@ -143,5 +146,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "retry_after_s": a.retry_after_s,
         "max_model_len": a.engine_kwargs.get("max_model_len"),
     }
-    server = llm.bind(a.model, name, a.engine, a.engine_kwargs, loras)
+    server = llm.bind(
+        a.model, name, a.engine, a.engine_kwargs, loras, stream_interval_ms=a.stream_interval_ms
+    )
     return ingress.bind(server, ingress_config)

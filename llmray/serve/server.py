@@ -8,7 +8,9 @@ lists of small events as tokens are produced::
      "prompt_tokens": P, "completion_tokens": C}
 
 or a single ``{"error": {...}, "status": 400}`` event when the request cannot run (errors travel as data,
-so no exception type has to survive Ray). When the caller stops iterating (client disconnect, Serve
+so no exception type has to survive Ray). With ``stream_interval_ms`` > 0 the first token goes out at once
+and later ones are batched per interval (one Ray streaming message carries several tokens; consecutive
+events of a choice are folded into one). When the caller stops iterating (client disconnect, Serve
 cancellation), every engine request of the call is aborted at once.
 """
 
@@ -60,8 +62,12 @@ class LLMServer:
         engine_kwargs: dict[str, Any] | None = None,
         loras: dict[str, str] | None = None,
         enable_metrics: bool = True,
+        stream_interval_ms: float = 0.0,
     ) -> None:
         self.model_name = served_model_name
+        # after the first token, yield at most once per interval (tokens in between travel together):
+        # fewer Ray streaming messages per token, at the cost of burstier inter-token arrivals
+        self.stream_interval_s = stream_interval_ms / 1000.0
         self.loras = dict(loras or {})
         self.engine, self._sampling_cls = load_engine(
             engine, model_dir, dict(engine_kwargs or {}), self.loras
@@ -214,10 +220,16 @@ class LLMServer:
             asyncio.create_task(self._pump(queue, rid, idx, ids, sp, lora, start))
             for rid, (idx, ids, sp) in zip(rids, jobs)
         ]
+        loop = asyncio.get_running_loop()
+        last_yield: float | None = None
         try:
             active = len(tasks)
             while active:
                 batch = [await queue.get()]
+                if self.stream_interval_s and last_yield is not None:
+                    wait = last_yield + self.stream_interval_s - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 while not queue.empty():
                     batch.append(queue.get_nowait())
                 events = []
@@ -228,7 +240,8 @@ class LLMServer:
                     else:
                         events.append(item)
                 if events:
-                    yield events
+                    yield _merge(events)
+                    last_yield = loop.time()
                     if any("error" in ev for ev in events):
                         return
         finally:
@@ -296,3 +309,26 @@ class LLMServer:
             "logprob": float(lps.get(token_id, -9999.0)),  # JSON has no -inf
             "top": [[self._token_str(t), float(v)] for t, v in top],
         }
+
+
+def _merge(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold consecutive token events of one choice into one (an error event ends the list)."""
+    out: list[dict[str, Any]] = []
+    last_by_index: dict[int, dict[str, Any]] = {}
+    for ev in events:
+        if "error" in ev:
+            out.append(ev)
+            break
+        prev = last_by_index.get(ev["index"])
+        if prev is None or prev["finish_reason"] is not None:
+            ev = dict(ev)
+            out.append(ev)
+            last_by_index[ev["index"]] = ev
+            continue
+        prev["text"] += ev["text"]
+        prev["num_tokens"] += ev["num_tokens"]
+        if ev["logprobs"] is not None:
+            prev["logprobs"] = (prev["logprobs"] or []) + ev["logprobs"]
+        for key in ("finish_reason", "prompt_tokens", "completion_tokens"):
+            prev[key] = ev[key]
+    return out

@@ -20,6 +20,7 @@
    without Ray (single process benchmarks, tests).
 
 The token stream is held in memory (int32): fine for corpora up to a few hundred million tokens.
+This module imports no torch at module level, so Ray Data's tokenizer actors start quickly.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from llmray.model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 TEXT_EXTS = (".txt", ".text", ".md", ".rst", ".py")
 JSON_EXTS = (".jsonl", ".json", ".ndjson")
@@ -94,7 +97,9 @@ def read_documents(paths: list[str], text_field: str = "text"):
         ds = ray.data.read_parquet(paths, columns=[text_field])
     if text_field not in ds.columns():
         raise ValueError(f"{paths[0]} has no {text_field!r} field; columns are {ds.columns()}")
-    return ds.select_columns([text_field]).rename_columns({text_field: "text"}) if text_field != "text" else ds
+    return (
+        ds.select_columns([text_field]).rename_columns({text_field: "text"}) if text_field != "text" else ds
+    )
 
 
 def _decode_bytes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -238,7 +243,12 @@ def train_windows_datasets(
         f"train_{rank}": ray.data.range(rows_per_worker).map_batches(
             _WindowBatch,
             fn_constructor_kwargs=dict(
-                tokens=tokens_ref, seq_len=seq_len, seed=seed, rank=rank, world=num_workers, batch_size=batch_size
+                tokens=tokens_ref,
+                seq_len=seq_len,
+                seed=seed,
+                rank=rank,
+                world=num_workers,
+                batch_size=batch_size,
             ),
             batch_size=batch_size,
             batch_format="numpy",
@@ -253,6 +263,8 @@ def local_batches(
     tokens: np.ndarray, seq_len: int, seed: int, batch_size: int, start_row: int = 0, device: Any = "cpu"
 ) -> Iterator[torch.Tensor]:
     """Without Ray: the rows ``train_windows_datasets`` gives a single worker, (B, seq_len + 1) int64."""
+    import torch
+
     sampler = WindowSampler(len(tokens), seq_len, seed)
     row = start_row
     while True:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -113,7 +115,9 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _split_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -160,10 +164,14 @@ def load_checkpoint(
     meta = json.loads((path / STATE_FILE).read_text())
     weights = load_file(str(path / MODEL_FILE))
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    shared = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    shared = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in model.named_parameters()
+    }
     missing = [m for m in missing if m not in shared]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if optimizer is not None:
         if "optimizer" not in meta:
             raise ValueError(f"checkpoint {path} holds no optimizer state")
@@ -182,6 +190,41 @@ def load_checkpoint(
     return meta["trainer"]
 
 
+# --- evaluation --------------------------------------------------------------------------------------------
+def evaluate_windows(
+    model: torch.nn.Module, windows: np.ndarray, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """Mean next-token loss and accuracy over (n, T + 1) windows; sharded over ranks, all-reduced."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    mine = windows[rank::world]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), autocast_context(device):
+        for i in range(0, len(mine), batch_size):
+            batch = torch.from_numpy(mine[i : i + batch_size]).to(device)
+            logits = model(batch[:, :-1])  # (B, T, V) fp32
+            targets = batch[:, 1:]
+            sums[0] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double()
+            sums[1] += (logits.argmax(-1) == targets).sum().double()
+            sums[2] += targets.numel()
+    if world > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    return {"val_loss": (sums[0] / sums[2]).item(), "val_accuracy": (sums[1] / sums[2]).item()}
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA (fp32 master weights and optimizer state); nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # --- throughput -----------------------------------------------------------------------------------------
 def flops_per_token(config: Any, seq_len: int) -> float:
     """Training FLOPs per token: 6 N + 6 L S H D (N = matmul parameters, tied head counted once)."""
@@ -191,7 +234,9 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     return 6 * n + attn
 
 
-def mfu(tokens_per_s: float, config: Any, seq_len: int, peak_flops: float = H100_H200_BF16_PEAK_FLOPS) -> float:
+def mfu(
+    tokens_per_s: float, config: Any, seq_len: int, peak_flops: float = H100_H200_BF16_PEAK_FLOPS
+) -> float:
     return tokens_per_s * flops_per_token(config, seq_len) / peak_flops
 
 
@@ -210,7 +255,9 @@ class MetricsLogger:
         self.first_step = resume_step
         if enabled and self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+            kept = (
+                [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+            )
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict[str, Any], console: bool = True) -> None:
@@ -228,7 +275,12 @@ class MetricsLogger:
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * max(0, self.max_steps - step)
         parts = [f"step {step}/{self.max_steps}"]
-        for key, fmt in (("loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("lr", "{:.2e}"), ("tokens_per_s", "{:,.0f}")):
+        for key, fmt in (
+            ("loss", "{:.4f}"),
+            ("val_loss", "{:.4f}"),
+            ("lr", "{:.2e}"),
+            ("tokens_per_s", "{:,.0f}"),
+        ):
             if key in r:
                 parts.append(f"{key.replace('tokens_per_s', 'tok/s')} " + fmt.format(r[key]))
         if "mfu" in r:

@@ -32,13 +32,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from llmray.config import ModelConfig
 from llmray.train import data as D
 from llmray.train.loop import (
     MetricsLogger,
+    autocast_context,
     build_optimizer,
+    evaluate_windows,
     load_checkpoint,
     lr_multiplier,
     mfu,
@@ -94,7 +95,9 @@ class PretrainConfig:
         if self.optimizer not in ("muon", "adamw"):
             raise ValueError(f"--optimizer must be muon or adamw, got {self.optimizer!r}")
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}")
+            raise ValueError(
+                f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}"
+            )
         for name in ("max_steps", "num_workers", "seq_len", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -105,36 +108,6 @@ class PretrainConfig:
 
 
 # --- the per-worker loop ----------------------------------------------------------------------------------
-def evaluate(model: torch.nn.Module, windows: np.ndarray, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Mean next-token loss and accuracy over (n, T + 1) windows; sharded over ranks, all-reduced."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
-    mine = windows[rank::world]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), _autocast(device):
-        for i in range(0, len(mine), batch_size):
-            batch = torch.from_numpy(mine[i : i + batch_size]).to(device)
-            logits = model(batch[:, :-1])  # (B, T, V) fp32
-            targets = batch[:, 1:]
-            sums[0] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double()
-            sums[1] += (logits.argmax(-1) == targets).sum().double()
-            sums[2] += targets.numel()
-    if world > 1:
-        dist.all_reduce(sums)
-    model.train(was_training)
-    return {"val_loss": (sums[0] / sums[2]).item(), "val_accuracy": (sums[1] / sums[2]).item()}
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_steps(
     cfg: PretrainConfig,
     model_config: ModelConfig,
@@ -156,8 +129,10 @@ def train_steps(
     if resume_dir is not None:
         state = load_checkpoint(resume_dir, model, opt)
     step = state["step"]
+    if step >= cfg.max_steps:  # a re-run of a finished run (same output directory): nothing left to do
+        return {"step": step}
     for _ in range(state["batches_consumed"]):  # Ray Data iterators cannot seek: replay the order, drop
-        next(batches)
+        _next_batch(batches, state["batches_consumed"])
     consumed = state["batches_consumed"]
     fwd: torch.nn.Module = model
     if world > 1:
@@ -179,11 +154,11 @@ def train_steps(
         set_lr(opt, mult)
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            batch = next(batches)  # (B, T + 1)
+            batch = _next_batch(batches, consumed)  # (B, T + 1)
             consumed += 1
             sync = world == 1 or micro == cfg.grad_accum - 1
             ctx = fwd.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
-            with ctx, _autocast(device):
+            with ctx, autocast_context(device):
                 loss = train_fwd(batch[:, :-1], targets=batch[:, 1:]) / cfg.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
@@ -216,7 +191,7 @@ def train_steps(
                 "elapsed_s": elapsed0 + now - t_start,
             }
         if is_eval:
-            record.update(evaluate(model, val_win, cfg.micro_batch_size, device))
+            record.update(evaluate_windows(model, val_win, cfg.micro_batch_size, device))
             record["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
         reached = cfg.target_val_loss is not None and record.get("val_loss", 1e9) <= cfg.target_val_loss
         if record:
@@ -242,6 +217,16 @@ def train_steps(
     return last
 
 
+def _next_batch(batches: Iterator[torch.Tensor], consumed: int) -> torch.Tensor:
+    try:
+        return next(batches)
+    except StopIteration:
+        raise RuntimeError(
+            f"the training data ran out after {consumed} batches: the dataset holds max_steps * batch_size "
+            "rows per worker, so a resumed run must not use a smaller --max-steps than its checkpoint's step"
+        ) from None
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train V2 entry point of every worker."""
     import ray.train
@@ -256,7 +241,11 @@ def train_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard(f"train_{rank}")
     batches = iter(
         shard.iter_torch_batches(
-            batch_size=cfg.micro_batch_size, dtypes=torch.int64, device=device, drop_last=True, prefetch_batches=4
+            batch_size=cfg.micro_batch_size,
+            dtypes=torch.int64,
+            device=device,
+            drop_last=True,
+            prefetch_batches=4,
         )
     )
     batches = (b["tokens"] for b in batches)
@@ -300,7 +289,9 @@ def prepare_corpus(cfg: PretrainConfig) -> tuple[Any, ModelConfig, np.ndarray, n
     elif Path(cfg.tokenizer).is_dir():
         tok = Tokenizer.load(cfg.tokenizer)
     else:
-        raise ValueError(f"--tokenizer must be char, bpe or a directory with tokenizer.json, got {cfg.tokenizer!r}")
+        raise ValueError(
+            f"--tokenizer must be char, bpe or a directory with tokenizer.json, got {cfg.tokenizer!r}"
+        )
     tok.save(out)
     add_eos = len(paths) > 1 or D.file_format(paths[0]) != "text"
     tokens = D.tokenize_corpus(ds, tok, add_eos=add_eos)
@@ -309,7 +300,9 @@ def prepare_corpus(cfg: PretrainConfig) -> tuple[Any, ModelConfig, np.ndarray, n
     if trained_here:
         mc = mc.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, bos_token_id=None)
     elif tok.vocab_size > mc.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but preset {cfg.preset} only {mc.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {tok.vocab_size} tokens but preset {cfg.preset} only {mc.vocab_size}"
+        )
     return tok, mc, train, val
 
 
@@ -325,16 +318,27 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         ray.init()  # RAY_ADDRESS (a `ray job submit` job) or a local embedded Ray
     tok, mc, train_tokens, val_tokens = prepare_corpus(cfg)
     datasets = D.train_windows_datasets(
-        train_tokens, cfg.seq_len, cfg.seed, cfg.max_steps * cfg.batch_size, cfg.num_workers, cfg.micro_batch_size
+        train_tokens,
+        cfg.seq_len,
+        cfg.seed,
+        cfg.max_steps * cfg.batch_size,
+        cfg.num_workers,
+        cfg.micro_batch_size,
     )
     out = Path(cfg.out).resolve()
     cfg = dataclasses.replace(cfg, out=str(out))
     storage = cfg.storage_path or str(out / "ray_results")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "model_config": mc.to_dict(), "val_tokens": val_tokens},
+        train_loop_config={
+            "cfg": dataclasses.asdict(cfg),
+            "model_config": mc.to_dict(),
+            "val_tokens": val_tokens,
+        },
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),
         run_config=RunConfig(
             name=cfg.name,
@@ -344,7 +348,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         ),
         datasets=datasets,
         # one dataset per worker, not split: each worker's rows are fixed (resume skips the consumed ones)
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -399,7 +405,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="text/JSONL/parquet file(s): path, dir, glob or s3:// URI")
-    p.add_argument("--out", required=True, help="output dir: HF model, metrics.jsonl, loss_curve.png, checkpoints")
+    p.add_argument(
+        "--out", required=True, help="output dir: HF model, metrics.jsonl, loss_curve.png, checkpoints"
+    )
     defaults = PretrainConfig(data="-", out="-")
     helps = {
         "preset": "model shape (tiny, seed-7m, shakespeare-char, qwen3-0.6b, qwen3-1.7b)",
@@ -414,12 +422,22 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name))
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name)
+            )
         else:
             kind = {int: int, float: float}.get(type(default), str)
             if f.name == "target_val_loss":
                 kind = float
-            p.add_argument(flag, type=kind, default=default, help=helps.get(f.name, f"default {default}"))
+            choices = {"optimizer": ("muon", "adamw"), "schedule": ("cosine", "wsd", "constant")}.get(f.name)
+            choices = ("auto", "torch", "triton") if f.name == "kernels" else choices
+            p.add_argument(
+                flag,
+                type=kind,
+                default=default,
+                choices=choices,
+                help=helps.get(f.name, f"default {default}"),
+            )
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:

@@ -187,3 +187,36 @@ def test_no_secrets_in_manifests():
         text = path.read_text().lower()
         for needle in ("aws_secret_access_key", "sk-", "password: ", "api_key: "):
             assert needle not in text, f"{path.name} seems to embed a secret ({needle!r})"
+
+
+@pytest.mark.parametrize("name", ["rayjob-pretrain.yaml", "rayjob-finetune.yaml"])
+def test_rayjob_entrypoint_flags_parse(name):
+    """The entrypoint's flags are ones the job script accepts (its own argparse parser, no run)."""
+    import argparse
+    import importlib
+
+    command = name.removeprefix("rayjob-")[:-5]
+    module = importlib.import_module(f"llmray.train.{command}")
+    parser = argparse.ArgumentParser(prog=f"jobs/{command}.py", exit_on_error=False)
+    module.add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args([command, *shlex.split(_doc(name)["spec"]["entrypoint"])[2:]])
+    assert args.use_gpu is True and args.num_workers >= 1
+    if command == "pretrain":
+        cfg = module.config_from_args(args)  # PretrainConfig validates the values
+        assert cfg.preset == "qwen3-0.6b" and cfg.storage_path.startswith(("/mnt/llmray/", "s3://"))
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--no-such-flag"])
+
+
+def test_gpu_worker_groups_agree():
+    """The RayService and RayJobs use the same GPU pod shape as ray-cluster.yaml (one image, one node type)."""
+
+    def shape(group: dict) -> tuple:
+        c = group["template"]["spec"]["containers"][0]
+        return group["groupName"], c["resources"]["limits"], group.get("rayStartParams", {})
+
+    (reference,) = _doc("ray-cluster.yaml")["spec"]["workerGroupSpecs"]
+    for _, doc in RAY_DOCS:
+        for spec in _cluster_specs(doc):
+            for group in spec["workerGroupSpecs"]:
+                assert shape(group) == shape(reference), f"{doc['metadata']['name']}: {group['groupName']}"

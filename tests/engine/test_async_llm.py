@@ -87,7 +87,7 @@ def test_dead_loop_is_reported(engine, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine.engine.runner, "run", boom)
+    monkeypatch.setattr(engine.engine.runner, "launch", boom)
 
     async def main():
         async for _ in engine.generate_stream([1, 2, 3], SamplingParams(max_tokens=4)):

@@ -114,7 +114,8 @@ def test_stop_token_ids_min_tokens_and_eos(model, prompts, refs):
     assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop" and out.stop_reason == stop
     # min_tokens masks the stop token until reached: the output then differs from the greedy one there
     out = llm.generate(
-        prompts[2], SamplingParams(max_tokens=10, min_tokens=first + 2, temperature=0.0, stop_token_ids=[stop])
+        prompts[2],
+        SamplingParams(max_tokens=10, min_tokens=first + 2, temperature=0.0, stop_token_ids=[stop]),
     )[0]
     assert stop not in out.token_ids[: first + 2]
     llm.engine.eos_token_id = ref[0]  # pretend the first greedy token is EOS
@@ -144,7 +145,9 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(model, prompts):
     other = SamplingParams(max_tokens=8, temperature=0.7, ignore_eos=True)
     crowd = llm.generate([prompts[0], prompts[1], prompts[3]], [other, p, other])[1].token_ids
     assert alone == crowd
-    different = llm.generate(prompts[1], SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True))
+    different = llm.generate(
+        prompts[1], SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    )
     assert different[0].token_ids != alone
 
 
@@ -167,3 +170,21 @@ def test_text_and_stop_strings_with_a_tokenizer(tiny_model_dir):
         out = llm.generate("the model", SamplingParams(max_tokens=12, temperature=0.0, stop=[stop]))[0]
         assert out.finish_reason == "stop" and out.stop_reason == stop
         assert out.text == full.text[: full.text.index(stop)]
+
+
+def test_sync_and_async_scheduling_agree(model, prompts, refs):
+    """Overlapped scheduling (placeholder tokens, speculative steps discarded) changes nothing observable."""
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[refs[i][4]]) if i % 2 else GREEDY
+        for i in range(len(prompts))
+    ]
+    results = []
+    for overlap in (False, True):
+        llm = LLM.from_model(model, kernels="torch", block_size=4, num_kv_blocks=24, max_num_batched_tokens=9)
+        llm.engine.async_scheduling = overlap
+        results.append([(o.token_ids, o.finish_reason) for o in llm.generate(prompts, params)])
+        assert llm.stats()["num_free_blocks"] == 24
+    assert results[0] == results[1]
+    for i, (toks, reason) in enumerate(results[1]):
+        stop = refs[i].index(refs[i][4]) + 1 if i % 2 else 10
+        assert toks == refs[i][:stop] and reason == ("stop" if i % 2 else "length")

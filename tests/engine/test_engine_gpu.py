@@ -17,8 +17,13 @@ def _model(dtype):
     from llmray.model.qwen3 import Qwen3ForCausalLM
 
     # Qwen3-0.6B attention shapes (16 q heads, 8 kv heads, head_dim 128) with 4 layers and a small vocab
-    cfg = ModelConfig.preset("qwen3-0.6b", num_hidden_layers=4, vocab_size=4096, max_position_embeddings=4096,
-        bos_token_id=None, eos_token_id=None,
+    cfg = ModelConfig.preset(
+        "qwen3-0.6b",
+        num_hidden_layers=4,
+        vocab_size=4096,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -167,7 +167,7 @@ def test_error_midway_is_an_sse_event():
     r = client.post("/v1/completions", headers=AUTH, json=body)
     assert r.status_code == 200
     events = sse_events(r.text)
-    assert [e["choices"][0]["text"] != "" for e in events[:-1]] == [True] * 3
+    assert len("".join(e["choices"][0]["text"] for e in events[:-1])) == 3  # 3 one-character tokens
     assert events[-1]["error"]["code"] == 500 and "mock engine failure" in events[-1]["error"]["message"]
     # the same failure without streaming is a 500 in the envelope, not a stack trace
     r = client.post("/v1/completions", headers=AUTH, json={**body, "stream": False})
@@ -196,3 +196,24 @@ def test_backpressure_is_429_with_retry_after():
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
     assert r.status_code == 429 and r.headers["retry-after"] == "2"
     assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_stream_interval_batches_tokens_per_chunk():
+    server = LLMServer("unused", MODEL, engine="mock", engine_kwargs={"token_delay_s": 0.002},
+                       enable_metrics=False, stream_interval_ms=30)  # fmt: skip
+    client = TestClient(build_openai_app(LocalBackend(server), IngressConfig(MODEL)))
+    body = {
+        "model": MODEL,
+        "prompt": "hi",
+        "max_tokens": 60,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": 0,
+    }
+    full = client.post("/v1/completions", json=body).json()["choices"][0]
+    events = sse_events(client.post("/v1/completions", json={**body, "stream": True}).text)
+    assert len(events[0]["choices"][0]["logprobs"]["tokens"]) == 1  # the first token is not held back
+    assert len(events) < 30  # 60 tokens at 2 ms each, batched per 30 ms
+    assert "".join(e["choices"][0]["text"] for e in events) == full["text"]
+    assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events) == 60
+    assert events[-1]["choices"][0]["finish_reason"] == "length"

@@ -61,7 +61,9 @@ def test_windows_deterministic_cover_epoch_and_shift():
     w = s.windows(tokens, rows)
     assert w.shape == (len(rows), 17)
     assert (np.diff(w, axis=1) == 1).all()  # contiguous slices of the stream
-    assert np.array_equal(w, D.WindowSampler(len(tokens), 16, 3).windows(tokens, rows))  # same seed, same rows
+    assert np.array_equal(
+        w, D.WindowSampler(len(tokens), 16, 3).windows(tokens, rows)
+    )  # same seed, same rows
     e0 = w[: s.per_epoch, 0]
     assert len(set((e0 - e0.min()) % 16)) == 1 and len(set(e0)) == s.per_epoch  # one epoch: all windows once
     offsets = {int(w[e * s.per_epoch, 0] % 16) for e in range(3)}
@@ -74,9 +76,13 @@ def test_windows_deterministic_cover_epoch_and_shift():
 
 def test_ray_worker_datasets_interleave_to_the_single_worker_rows(ray_local):
     tokens = np.arange(5000, dtype=np.int32)
-    dss = D.train_windows_datasets(tokens, seq_len=32, seed=1, rows_per_worker=16, num_workers=2, batch_size=4)
+    dss = D.train_windows_datasets(
+        tokens, seq_len=32, seed=1, rows_per_worker=16, num_workers=2, batch_size=4
+    )
     w0, w1 = (np.stack([r["tokens"] for r in dss[f"train_{r}"].iter_rows()]) for r in range(2))
     # step k: worker 0 holds global rows [8k, 8k+4), worker 1 [8k+4, 8k+8): together one worker's 2x batch
     local = iter(D.local_batches(tokens, 32, 1, batch_size=8))
     for k in range(4):
-        assert np.array_equal(np.concatenate([w0[4 * k : 4 * k + 4], w1[4 * k : 4 * k + 4]]), next(local).numpy())
+        assert np.array_equal(
+            np.concatenate([w0[4 * k : 4 * k + 4], w1[4 * k : 4 * k + 4]]), next(local).numpy()
+        )

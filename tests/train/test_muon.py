@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -125,9 +124,11 @@ def test_param_split_and_single_state_dict(tiny_model):
     assert len(sd["state"]) == len({id(p) for p in tiny_model.parameters()})
 
 
-def _ddp_worker(rank: int, world: int, port: int, shapes, grads, out_file: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank: int, world: int, rendezvous: str, shapes, grads, out_file: str):
+    # a file rendezvous: no TCP port that another test on the machine could hold
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world
+    )
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     opt = MuonWithAuxAdam([dict(params=params, use_muon=True, lr=0.02, weight_decay=0.05)])
@@ -137,6 +138,7 @@ def _ddp_worker(rank: int, world: int, port: int, shapes, grads, out_file: str):
         opt.step()
     if rank == 1:
         save_file({str(i): p.detach().contiguous() for i, p in enumerate(params)}, out_file)
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still talks to it
     torch.distributed.destroy_process_group()
 
 
@@ -152,9 +154,11 @@ def test_distributed_split_equals_single_device(tmp_path):
             p.grad = g.clone()
         opt.step()
     ctx = mp.get_context("spawn")
-    port = 29500 + os.getpid() % 1000
     out_file = str(tmp_path / "rank1.safetensors")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, shapes, grads, out_file)) for r in range(2)]
+    rendezvous = str(tmp_path / "rendezvous")
+    procs = [
+        ctx.Process(target=_ddp_worker, args=(r, 2, rendezvous, shapes, grads, out_file)) for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:

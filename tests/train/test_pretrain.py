@@ -15,8 +15,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import shared_data
+
 from llmray.config import ModelConfig
 from llmray.train import data as D
 from llmray.train.loop import lr_multiplier, read_metrics
@@ -125,7 +125,13 @@ def test_cli_flags_and_config_validation(tmp_path):
          "--max-steps", "7", "--num-workers", "2", "--use-gpu", "--tokenizer", "bpe", "--compile"]
     )  # fmt: skip
     cfg = config_from_args(args)
-    assert (cfg.optimizer, cfg.max_steps, cfg.num_workers, cfg.use_gpu, cfg.compile) == ("adamw", 7, 2, True, True)
+    assert (cfg.optimizer, cfg.max_steps, cfg.num_workers, cfg.use_gpu, cfg.compile) == (
+        "adamw",
+        7,
+        2,
+        True,
+        True,
+    )
     with pytest.raises(ValueError, match="--optimizer must be muon or adamw"):
         dataclasses.replace(cfg, optimizer="sgd")
     with pytest.raises(ValueError, match="multiple of --grad-accum"):

@@ -1,0 +1,101 @@
+"""Multi-LoRA throughput: one engine, a workload spread over 0, 1, 4 and 16 adapters (rank 16, all-linear).
+
+Qwen3-0.6B shapes with random bf16 weights; adapters are random PEFT directories written at start.
+Rows: base model on an engine without LoRA, base requests on the LoRA engine, then 1/4/16 adapters
+(requests assigned round-robin). Target (issue 8): 16 adapters >= 80% of base throughput.
+
+    python bench/lora.py --out bench/results/lora.json [--num-seqs 256 --prompt-len 256 --output-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from llmray.config import ModelConfig
+from llmray.engine.llm import LLM
+from llmray.engine.sampling_params import SamplingParams
+from llmray.lora.adapter import MODULES, module_shape
+from llmray.model.qwen3 import Qwen3ForCausalLM
+
+
+def write_adapter(path: Path, config: ModelConfig, rank: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for module in MODULES:
+            fan_in, fan_out = module_shape(config, module)
+            part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{part}.{module}"
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, fan_in, generator=g) / fan_in**0.5).to(torch.bfloat16)
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(fan_out, rank, generator=g) * 0.01).to(torch.bfloat16)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(MODULES), "bias": "none"}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def run(llm: LLM, prompts: list[list[int]], loras: list[str | None], output_len: int) -> dict:
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    llm.generate(prompts[:4], params, lora=loras[:4])  # warm-up (loads adapters into slots)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, lora=loras)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"output_tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/lora.json")
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--preset", default="qwen3-0.6b")
+    args = ap.parse_args()
+    config = ModelConfig.preset(args.preset)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).to("cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, config.vocab_size, (args.num_seqs, args.prompt_len), generator=g).tolist()
+    results = {"workload": vars(args), "device": torch.cuda.get_device_name(), "rows": {}}
+    base = LLM.from_model(model, None, enable_prefix_caching=False)
+    results["rows"]["base_engine_without_lora"] = run(base, prompts, [None] * len(prompts), args.output_len)
+    del base
+    torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [f"a{i}" for i in range(16)]
+        for i, name in enumerate(names):
+            write_adapter(Path(tmp) / name, config, args.rank, seed=i)
+        llm = LLM.from_model(
+            Qwen3ForCausalLM(config).to("cuda", torch.bfloat16),
+            None,
+            enable_prefix_caching=False,
+            max_loras=16,
+            max_lora_rank=args.rank,
+            loras={n: str(Path(tmp) / n) for n in names},
+        )
+        results["rows"]["base_on_lora_engine"] = run(llm, prompts, [None] * len(prompts), args.output_len)
+        for k in (1, 4, 16):
+            loras = [names[i % k] for i in range(len(prompts))]
+            results["rows"][f"{k}_adapters"] = run(llm, prompts, loras, args.output_len)
+    ref = results["rows"]["base_engine_without_lora"]["tokens_per_s"]
+    for row in results["rows"].values():
+        row["vs_base"] = round(row["tokens_per_s"] / ref, 3)
+    results["target_16_adapters_ge_0.8x_base"] = results["rows"]["16_adapters"]["vs_base"] >= 0.8
+    print(json.dumps(results, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
