@@ -165,7 +165,7 @@ def run_demo(args: argparse.Namespace) -> int:
         stages.start("serve base + adapter on Ray Serve (OpenAI API)")
         app = build_app(
             {
-                "model": str(base_dir), "served_model_name": "demo-base", "loras": {"docstrings": str(adapter_dir)},
+                "model": str(base_dir), "served_model_name": "demo-base", 
                 "use_gpu": args.use_gpu, "ingress_replicas": 1, "engine_kwargs": {"max_num_seqs": 16},
             }
         )  # fmt: skip
@@ -174,7 +174,7 @@ def run_demo(args: argparse.Namespace) -> int:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="demo")
         stages.start("ask both through the openai client")
         answers = {}
-        for model in ("demo-base", "docstrings"):
+        for model in ("demo-base",):  # adapter serving arrives with multi-LoRA (issue 8)
             reply = client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=48, temperature=0.0
             )
