@@ -165,7 +165,7 @@ def run_demo(args: argparse.Namespace) -> int:
         stages.start("serve base + adapter on Ray Serve (OpenAI API)")
         app = build_app(
             {
-                "model": str(base_dir), "served_model_name": "demo-base", 
+                "model": str(base_dir), "served_model_name": "demo-base",
                 "use_gpu": args.use_gpu, "ingress_replicas": 1, "engine_kwargs": {"max_num_seqs": 16},
             }
         )  # fmt: skip
@@ -187,7 +187,7 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = {
         "pretrain": {"steps": last.get("step"), "loss": last.get("loss"), "val_loss": last.get("val_loss")},
         "finetune": {"val_loss_base": ft["val_loss_before"], "val_loss_adapter": ft["val_loss_after"]},
-        "answers": answers,
+        "answers": answers,  # the base model through HTTP
         "artifacts": {
             "corpus": str(out / "corpus"), "chat_data": str(out / "chat"), "base_model": str(base_dir),
             "pretrain_metrics": str(pre["metrics_file"]), "loss_curve": str(pre["loss_curve"]),
