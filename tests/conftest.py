@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,19 +15,10 @@ if not torch.cuda.is_available():
 
 from llmray.config import ModelConfig  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _support.data import shared_data  # noqa: E402,F401  (re-exported for tests)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_data(relative: str) -> Path:
-    """Path of a file under the shared data folder (``$LLMRAY_SHARED_DATA`` or ``<repo>/../shared/data``).
-
-    Skips the calling test with a clear reason where the data is absent.
-    """
-    root = Path(os.environ.get("LLMRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
-    path = root / relative
-    if not path.exists():
-        pytest.skip(f"shared data {path} is absent (set LLMRAY_SHARED_DATA to the folder holding it)")
-    return path
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ RAY_DOCS = [(p, d) for p in MANIFESTS for d in load_docs(p) if d.get("kind") in 
 
 @pytest.fixture(scope="module")
 def crd_dir() -> Path:
-    from conftest import shared_data
+    from _support.data import shared_data
 
     return shared_data("kuberay-crds")
 

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
+from _support.data import shared_data
 
 from llmray.config import ModelConfig
 from llmray.train import data as D
