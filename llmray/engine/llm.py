@@ -57,18 +57,13 @@ def _prompt_list(prompts: str | list[int] | Sequence[str | list[int]]) -> list[s
     return prompts
 
 
-class LLM:
-    """Offline generation: every prompt is batched by the scheduler; returns outputs in prompt order."""
+class _EngineFront:
+    """What ``LLM`` and ``AsyncLLM`` share: construction from an in-memory model and engine accessors."""
 
-    def __init__(
-        self, model_dir: str | Path | None = None, *, _engine: LLMEngine | None = None, **engine_kwargs: Any
-    ):
-        self.engine = _engine if _engine is not None else build_engine(model_dir, **engine_kwargs)
-        self.engine.stream_outputs = False
-        self._counter = 0
+    engine: LLMEngine
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer: Any | None = None, **engine_kwargs: Any) -> LLM:
+    def from_model(cls, model: torch.nn.Module, tokenizer: Any | None = None, **engine_kwargs: Any):
         return cls(_engine=build_engine(model=model, tokenizer=tokenizer, **engine_kwargs))
 
     @property
@@ -78,6 +73,17 @@ class LLM:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+
+class LLM(_EngineFront):
+    """Offline generation: every prompt is batched by the scheduler; returns outputs in prompt order."""
+
+    def __init__(
+        self, model_dir: str | Path | None = None, *, _engine: LLMEngine | None = None, **engine_kwargs: Any
+    ):
+        self.engine = _engine if _engine is not None else build_engine(model_dir, **engine_kwargs)
+        self.engine.stream_outputs = False
+        self._counter = 0
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
@@ -118,7 +124,7 @@ class LLM:
         return [final[r] for r in ids]
 
 
-class AsyncLLM:
+class AsyncLLM(_EngineFront):
     """Engine loop in a background thread; ``generate_stream`` yields ``RequestOutput``s as tokens arrive."""
 
     def __init__(
@@ -132,20 +138,6 @@ class AsyncLLM:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="llmray-engine", daemon=True)
         self._thread.start()
-
-    @classmethod
-    def from_model(
-        cls, model: torch.nn.Module, tokenizer: Any | None = None, **engine_kwargs: Any
-    ) -> AsyncLLM:
-        return cls(_engine=build_engine(model=model, tokenizer=tokenizer, **engine_kwargs))
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self._error is None
