@@ -191,6 +191,7 @@ class EngineConfig:
     device: str = "auto"
     kernels: str = "auto"
     seed: int = 0
+    enable_lora: bool = False  # set up adapter slots (also implied by passing ``loras=`` to the engine)
     max_loras: int = 4  # adapter slots on the device
     max_lora_rank: int = 16
     max_cpu_loras: int = 16  # LRU of adapters in host memory
@@ -210,6 +211,11 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
         if self.kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"kernels must be auto|torch|triton, got {self.kernels!r}")
+        if self.max_loras < 1 or self.max_lora_rank < 1 or self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"need max_loras >= 1, max_lora_rank >= 1 and max_cpu_loras >= max_loras; got "
+                f"{self.max_loras}, {self.max_lora_rank}, {self.max_cpu_loras}"
+            )
 
 
 @dataclass

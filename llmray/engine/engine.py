@@ -18,6 +18,7 @@ from llmray.engine.runner import ModelRunner, PendingStep
 from llmray.engine.sampling_params import SamplingParams
 from llmray.engine.scheduler import Scheduler, SchedulerOutput
 from llmray.engine.sequence import PLACEHOLDER, Sequence
+from llmray.lora.adapter import LoraAdapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,7 +62,13 @@ class _Request:
 class LLMEngine:
     """Holds the model runner, the scheduler and the live requests."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any | None, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any | None,
+        config: EngineConfig,
+        loras: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.model_config = model.config
@@ -69,7 +76,17 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or limit, limit)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.eos_token_id = eos if eos is not None else model.config.eos_token_id
-        self.runner = ModelRunner(model, config, self.max_model_len, self.eos_token_id)
+        self.lora = None  # LoraManager when adapters are served (before the runner: graphs capture them)
+        if config.enable_lora or loras:
+            from llmray.lora.manager import LoraManager
+
+            max_rows = max(config.max_num_batched_tokens, config.max_num_seqs, 1)
+            self.lora = LoraManager(
+                model, model.config, config.max_loras, config.max_lora_rank, config.max_cpu_loras, max_rows
+            )
+            for name, path in (loras or {}).items():
+                self.lora.add(name, path)
+        self.runner = ModelRunner(model, config, self.max_model_len, self.eos_token_id, self.lora)
         self.scheduler = Scheduler(
             num_blocks=self.runner.num_blocks,
             block_size=config.block_size,
@@ -78,6 +95,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
         )
+        self.scheduler.admit = self._admit if self.lora is not None else None
         self.requests: dict[str, _Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -104,8 +122,46 @@ class LLMEngine:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> None:
         if lora is not None:
-            raise ValueError(f"LoRA adapter {lora!r} requested, but this engine serves only the base model")
+            if self.lora is None:
+                raise ValueError(
+                    f"LoRA adapter {lora!r} requested, but this engine was started without LoRA support "
+                    "(pass loras={name: dir} or enable_lora=True)"
+                )
+            if lora not in self.lora.paths:
+                raise ValueError(f"unknown LoRA adapter {lora!r}; this engine has {self.lora.names()}")
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+
+    # --- LoRA adapters (call from the engine's thread) -------------------------------------------
+    def add_lora(self, name: str, path: str | LoraAdapter) -> None:
+        """Serve the adapter in directory ``path`` (or an already loaded one) as ``name``; replaces one of
+        that name (requests running on the old one finish on it). AdapterError for a bad directory."""
+        if self.lora is None:
+            raise ValueError("this engine was started without LoRA support (enable_lora=True)")
+        self.lora.register(path if isinstance(path, LoraAdapter) else self.lora.load(name, path))
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving ``name`` (KeyError if unknown); requests already running on it still complete."""
+        if self.lora is None:
+            raise KeyError(f"unknown LoRA adapter {name!r}")
+        self.lora.remove(name)
+
+    def list_loras(self) -> list[str]:
+        return self.lora.names() if self.lora is not None else []
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Scheduler hook: take a device slot for the sequence's adapter at its first admission."""
+        if seq.lora_adapter is None or seq.lora_slot >= 0:
+            return True
+        if not self.lora.can_acquire(seq.lora_adapter):
+            return False
+        seq.lora_slot = self.lora.acquire(seq.lora_adapter)
+        return True
+
+    def _release(self, seq: Sequence) -> None:
+        self.runner.sampler.release(seq)
+        if seq.lora_slot >= 0:
+            self.lora.release(seq.lora_slot)
+            seq.lora_slot = -1
 
     def add_request(
         self,
@@ -119,7 +175,9 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         ids = self.encode(prompt)
         self.validate(ids, params, lora)
-        seq = Sequence(request_id, ids, params, adapter_id=0)
+        adapter = self.lora.get(lora) if lora is not None else None
+        adapter_id = self.lora.id_of(lora) if lora is not None else 0
+        seq = Sequence(request_id, ids, params, adapter_id, lora_name=lora, lora_adapter=adapter)
         self.scheduler.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
         self.requests[request_id] = _Request(seq, detok, [] if params.logprobs is not None else None)
@@ -130,7 +188,7 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.finish(req.seq, "abort")
-        self.runner.sampler.release(req.seq)
+        self._release(req.seq)
         return self._output(req)
 
     # --- one step -----------------------------------------------------------------------------
@@ -183,7 +241,7 @@ class LLMEngine:
             if reason is not None:
                 del seq.token_ids[slot + 1 :]  # a token sampled after this one is in flight: drop it
                 self.scheduler.finish(seq, reason)
-                self.runner.sampler.release(seq)
+                self._release(seq)
                 del self.requests[seq.request_id]
             if reason is not None or self.stream_outputs:
                 outputs.append(self._output(req))
@@ -239,4 +297,5 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens_total": self.prompt_tokens_total,
             "generation_tokens_total": self.generation_tokens_total,
+            "num_loras": len(self.lora.paths) if self.lora is not None else 0,
         }

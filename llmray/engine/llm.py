@@ -29,9 +29,13 @@ def build_engine(
     model_dir: str | Path | None = None,
     model: torch.nn.Module | None = None,
     tokenizer: Any | None = None,
+    loras: dict[str, str | Path] | None = None,
     **engine_kwargs: Any,
 ) -> LLMEngine:
-    """An ``LLMEngine`` from a model directory, or from an in-memory model (moved to the engine's device/dtype)."""
+    """An ``LLMEngine`` from a model directory, or from an in-memory model (moved to the engine's device/dtype).
+
+    ``loras`` = {name: PEFT adapter directory} served next to the base model (implies ``enable_lora``).
+    """
     config = make_engine_config(**engine_kwargs)
     device, dtype = resolve_device_dtype(config)
     if model is None:
@@ -45,7 +49,16 @@ def build_engine(
     else:
         model = model.to(device=device, dtype=dtype).eval()
         model.set_kernels(config.kernels)
-    return LLMEngine(model, tokenizer, config)
+    return LLMEngine(model, tokenizer, config, {k: str(v) for k, v in (loras or {}).items()})
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _prompt_list(prompts: str | list[int] | Sequence[str | list[int]]) -> list[str | list[int]]:
@@ -74,6 +87,10 @@ class _EngineFront:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    def list_loras(self) -> list[str]:
+        """Names of the LoRA adapters served next to the base model."""
+        return self.engine.list_loras()
+
 
 class LLM(_EngineFront):
     """Offline generation: every prompt is batched by the scheduler; returns outputs in prompt order."""
@@ -87,6 +104,13 @@ class LLM(_EngineFront):
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
+
+    def add_lora(self, name: str, path: str | Path) -> None:
+        """Serve the PEFT adapter in ``path`` as ``name`` (AdapterError, a ValueError, if it cannot be)."""
+        self.engine.add_lora(name, str(path))
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
 
     def generate(
         self,
@@ -164,6 +188,13 @@ class AsyncLLM(_EngineFront):
             out = self.engine.abort(request_id)
             if out is not None:
                 self._push(request_id, out)
+        elif kind == "call":  # run fn on the engine thread, hand its result or error to the caller's future
+            loop, future, fn = args
+            try:
+                result, error = fn(), None
+            except Exception as e:
+                result, error = None, e
+            loop.call_soon_threadsafe(_settle, future, result, error)
 
     def _loop(self) -> None:
         try:
@@ -234,6 +265,25 @@ class AsyncLLM(_EngineFront):
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    async def _on_engine_thread(self, fn: Any) -> Any:
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("call", None, loop, future, fn))
+        return await future
+
+    async def add_lora(self, name: str, path: str | Path) -> None:
+        """Serve the PEFT adapter in ``path`` as ``name``; replaces an adapter of that name (requests running
+        on the old one finish on it). AdapterError (a ValueError) names what is wrong with the directory."""
+        if self.engine.lora is None:
+            raise ValueError("this engine was started without LoRA support (enable_lora=True)")
+        adapter = await asyncio.to_thread(self.engine.lora.load, name, str(path))  # disk I/O off the loop
+        await self._on_engine_thread(lambda: self.engine.add_lora(name, adapter))
+
+    async def remove_lora(self, name: str) -> None:
+        """Stop serving ``name`` (KeyError if unknown); requests already accepted for it still complete."""
+        await self._on_engine_thread(lambda: self.engine.remove_lora(name))
 
     def shutdown(self) -> None:
         self._stopping = True

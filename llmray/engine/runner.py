@@ -46,8 +46,11 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model, config: EngineConfig, max_model_len: int, eos_token_id: int | None) -> None:
+    def __init__(
+        self, model, config: EngineConfig, max_model_len: int, eos_token_id: int | None, lora=None
+    ) -> None:
         self.model = model
+        self.lora_batch = lora.batch if lora is not None else None  # per-row adapter slots (LoraManager)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         mc = model.config
@@ -74,7 +77,8 @@ class ModelRunner:
         self.k_cache = [self.kv_cache[0, i] for i in range(self.num_layers)]
         self.v_cache = [self.kv_cache[1, i] for i in range(self.num_layers)]
         self.sampler = Sampler(self.device, config.seed)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (bucket, with LoRA) -> graph and its output; the LoRA variant exists only when adapters are served
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._staging: list[torch.Tensor | None] = [None, None]
         self._stage_idx = 0
         self._prev_tokens = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -201,7 +205,9 @@ class ModelRunner:
         self._g_slots = torch.full((maxb,), -1, dtype=torch.long, device=dev)
         self._g_qstart = torch.arange(maxb + 1, dtype=torch.int32, device=dev)
         pool = None
-        for bucket in reversed(self.buckets):
+        variants = (False, True) if self.lora_batch is not None else (False,)
+        for bucket, with_lora in itertools.product(reversed(self.buckets), variants):
+            self._set_lora_enabled(with_lora)
             meta = self._metadata(
                 self._g_tables[:bucket],
                 self._g_qstart[: bucket + 1],
@@ -218,8 +224,24 @@ class ModelRunner:
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self.model.hidden_states(ids, pos, meta)[0]
             pool = graph.pool() if pool is None else pool
-            self.graphs[bucket] = (graph, hidden)
+            self.graphs[(bucket, with_lora)] = (graph, hidden)
+        self._set_lora_enabled(False)
         torch.cuda.synchronize()
+
+    def _set_lora_enabled(self, enabled: bool) -> None:
+        if self.lora_batch is not None:
+            self.lora_batch.enabled = enabled
+
+    def _lora_rows(self, slots: np.ndarray | None) -> tuple[np.ndarray, bool]:
+        """Per-row adapter slots to stage (a 1-element dummy when no row of the step uses an adapter)."""
+        if slots is None or not (slots >= 0).any():
+            return np.zeros(1, np.int64), False
+        return slots, True
+
+    def _apply_lora_rows(self, d_slots: torch.Tensor, use: bool) -> None:
+        self._set_lora_enabled(use)
+        if use:
+            self.lora_batch.set_rows(d_slots)
 
     def _run_decode(self, items: list[ScheduledSeq]) -> torch.Tensor:
         b, bs = len(items), self.block_size
@@ -240,10 +262,18 @@ class ModelRunner:
             if placeholders
             else np.zeros(1, np.int64)
         )
-        d_ids, d_pos, d_tables, d_ctx, d_slots, d_src = self._stage(ids, pos, tables, ctx, slots, src)
+        lora_rows = None
+        if self.lora_batch is not None:
+            lora_rows = np.full(bucket, -1, np.int64)
+            lora_rows[:b] = [it.seq.lora_slot for it in items]
+        lora_rows, use_lora = self._lora_rows(lora_rows)
+        d_ids, d_pos, d_tables, d_ctx, d_slots, d_src, d_lora = self._stage(
+            ids, pos, tables, ctx, slots, src, lora_rows
+        )
         d_ids = self._resolve_ids(d_ids, d_src, placeholders)
-        if bucket in self.graphs:
-            graph, hidden = self.graphs[bucket]
+        self._apply_lora_rows(d_lora, use_lora)
+        if (bucket, use_lora) in self.graphs:
+            graph, hidden = self.graphs[(bucket, use_lora)]
             self._g_ids[:bucket].copy_(d_ids)
             self._g_pos[:bucket].copy_(d_pos)
             # columns past ``width`` keep stale ids: the kernels never read past a sequence's context
@@ -282,10 +312,15 @@ class ModelRunner:
         if placeholders:
             src = self._placeholder_sources(ids, [items[i].seq for i in seq_of_token.tolist()])
         last = cu[1:][sample_rows] - 1
-        d_ids, d_pos, d_tables, d_cu, d_ctx, d_slots, d_src, d_last = self._stage(
-            ids, pos, tables, cu, starts + q_lens, slots, src, last
+        lora_rows = None
+        if self.lora_batch is not None:
+            lora_rows = np.repeat(np.fromiter((it.seq.lora_slot for it in items), np.int64, b), q_lens)
+        lora_rows, use_lora = self._lora_rows(lora_rows)
+        d_ids, d_pos, d_tables, d_cu, d_ctx, d_slots, d_src, d_last, d_lora = self._stage(
+            ids, pos, tables, cu, starts + q_lens, slots, src, last, lora_rows
         )
         d_ids = self._resolve_ids(d_ids, d_src, placeholders)
+        self._apply_lora_rows(d_lora, use_lora)
         meta = self._metadata(
             d_tables,
             d_cu,

@@ -14,6 +14,7 @@ No torch here (tested on CPU with hypothesis).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmray.engine.block_manager import BlockManager, cdiv
@@ -61,6 +62,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # called before a waiting sequence is admitted; False leaves it waiting (its LoRA adapter has no
+        # free device slot) and admission goes on with the sequences behind it
+        self.admit: Callable[[Sequence], bool] | None = None
 
     # --- requests -------------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -136,18 +140,23 @@ class Scheduler:
             taken.add(seq.seq_id)
             budget -= n
         if not preempted:
+            skipped: list[Sequence] = []  # waiting on a LoRA slot; keep their place in the queue
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 cached = bm.find_cached_prefix(seq)
                 n = min(seq.num_tokens - len(cached) * bm.block_size, budget)
                 if not bm.can_allocate(seq, n, cached):
                     break
-                bm.allocate(seq, n, cached)
                 self.waiting.popleft()
+                if self.admit is not None and not self.admit(seq):
+                    skipped.append(seq)
+                    continue
+                bm.allocate(seq, n, cached)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens))
                 budget -= n
+            self.waiting.extendleft(reversed(skipped))
         return SchedulerOutput(scheduled, preempted)
 
     def advance(self, out: SchedulerOutput) -> None:

@@ -30,7 +30,10 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    adapter_id: int = 0  # LoRA slot; 0 = the base model. Part of the prefix-cache hash.
+    adapter_id: int = 0  # LoRA adapter's stable id; 0 = the base model. Part of the prefix-cache hash.
+    lora_name: str | None = None  # adapter this request runs on (None = the base model)
+    lora_adapter: object | None = None  # its LoraAdapter, the version current when the request was accepted
+    lora_slot: int = -1  # device slot holding its adapter, taken at first admission; -1 = none
     seq_id: int = field(default_factory=lambda: next(_seq_counter))  # arrival order
     token_ids: list[int] = field(init=False)  # prompt + output
     num_computed_tokens: int = 0

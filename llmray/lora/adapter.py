@@ -50,6 +50,7 @@ class LoraAdapter:
     path: Path
     rank: int
     scaling: float
+    version: int = 0  # set when registered: requests run on the version they were accepted with
     # (layer index, module name) -> (A (r, in), B (out, r)) on the CPU, in the adapter's dtype
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 

@@ -1,13 +1,19 @@
 """Adapter registry for one engine: host-memory LRU of loaded adapters and a fixed set of device slots.
 
 ``add(name, path)`` validates and reads an adapter (AdapterError on a bad directory, the engine keeps
-serving); ``acquire(name)`` returns the device slot holding it, loading it into a free slot or evicting the
-least recently used slot that no running request holds; ``release(name)`` drops one hold.
+serving). A request takes ``get(name)`` (the registered adapter, with its version) when it is accepted;
+``acquire(adapter)`` at admission returns the device slot holding that version, loading it into a free slot
+or evicting the least recently used slot that no running request holds; ``release(slot)`` drops one hold.
+
+A request always runs on the adapter version it was accepted with: removing or re-registering a name
+while requests use it *retires* the old version's slot (new requests no longer see it; it is cleared
+when its last hold is released). Nothing accepted is lost by a load or unload.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,14 +24,19 @@ from llmray.config import ModelConfig
 from llmray.lora.adapter import MODULES, LoraAdapter, load_adapter
 from llmray.lora.layers import LoraBatch, LoRALinear
 
+_versions = itertools.count(1)
+
 
 class NoFreeSlot(RuntimeError):
     """Every device slot holds an adapter of a running request; try again after one finishes."""
 
 
 def adapter_id(name: str, path: str | Path) -> int:
-    """A stable positive id for prefix-cache hashes (same name and directory -> same id)."""
-    digest = hashlib.blake2b(f"{name}\0{Path(path).resolve()}".encode(), digest_size=7).digest()
+    """A stable positive id for prefix-cache hashes: same name, directory and weights file -> same id."""
+    path = Path(path).resolve()
+    weights = path / "adapter_model.safetensors"
+    stamp = f"{weights.stat().st_mtime_ns}:{weights.stat().st_size}" if weights.exists() else ""
+    digest = hashlib.blake2b(f"{name}\0{path}\0{stamp}".encode(), digest_size=7).digest()
     return int.from_bytes(digest, "big") + 1
 
 
@@ -57,84 +68,124 @@ class LoraManager:
                 setattr(parent, module, wrapped)
                 self.layers[(i, module)] = wrapped
         self.paths: dict[str, Path] = {}  # registered name -> directory
-        self.host: OrderedDict[str, LoraAdapter] = OrderedDict()  # LRU of adapters read into host memory
-        self.slot_of: OrderedDict[str, int] = OrderedDict()  # LRU of device-resident adapters
-        self.holds: dict[str, int] = {}  # running requests per adapter
+        self.ids: dict[str, int] = {}  # registered name -> prefix-cache adapter id
+        self.versions: dict[str, int] = {}  # registered name -> version
+        self.host: OrderedDict[str, LoraAdapter] = OrderedDict()  # LRU of registered adapters in host memory
+        self.slot_of: OrderedDict[tuple[str, int], int] = OrderedDict()  # (name, version) -> slot, LRU
+        self.holds: dict[int, int] = {}  # slot -> running requests using it
+        self.retired: set[int] = set()  # slots of removed/replaced versions, cleared at their last release
 
     # --- registry ---------------------------------------------------------------------------------
-    def add(self, name: str, path: str | Path) -> LoraAdapter:
-        adapter = load_adapter(name, path, self.config, self.max_rank)  # validates before registering
-        if name in self.slot_of and self.holds.get(name, 0) == 0:
-            self._clear_slot(name)  # re-registered: the resident copy is stale
-        self.paths[name] = Path(path)
+    def load(self, name: str, path: str | Path) -> LoraAdapter:
+        """Validate and read an adapter (no state change: safe to call from any thread)."""
+        return load_adapter(name, path, self.config, self.max_rank)
+
+    def register(self, adapter: LoraAdapter) -> None:
+        """Make a loaded adapter servable under its name (replacing any adapter of that name)."""
+        if adapter.name in self.paths:
+            self._unregister(adapter.name)
+        adapter.version = next(_versions)
+        self.paths[adapter.name] = adapter.path
+        self.ids[adapter.name] = adapter_id(adapter.name, adapter.path)
+        self.versions[adapter.name] = adapter.version
         self._remember(adapter)
+
+    def add(self, name: str, path: str | Path) -> LoraAdapter:
+        adapter = self.load(name, path)  # validates before registering
+        self.register(adapter)
         return adapter
 
     def remove(self, name: str) -> None:
+        """Unregister ``name``; requests accepted on it still run on it (see the module docstring)."""
         if name not in self.paths:
-            raise KeyError(name)
-        if self.holds.get(name, 0):
-            raise RuntimeError(f"adapter {name!r} is in use by {self.holds[name]} running request(s)")
+            raise KeyError(f"unknown LoRA adapter {name!r}")
+        self._unregister(name)
+
+    def _unregister(self, name: str) -> None:
+        version = self.versions.pop(name)
         self.paths.pop(name)
+        self.ids.pop(name)
         self.host.pop(name, None)
-        if name in self.slot_of:
-            self._clear_slot(name)
+        slot = self.slot_of.get((name, version))
+        if slot is not None:
+            if self.holds.get(slot, 0):
+                self.retired.add(slot)
+            else:
+                self._clear(self.slot_of.pop((name, version)))
 
     def names(self) -> list[str]:
-        return sorted(self.paths)
+        return sorted(list(self.paths))
 
     def id_of(self, name: str) -> int:
-        return adapter_id(name, self.paths[name])
+        return self.ids[name]
+
+    def get(self, name: str) -> LoraAdapter:
+        """The registered adapter ``name`` (re-read from disk if the host LRU dropped it)."""
+        if name not in self.paths:
+            raise KeyError(f"unknown LoRA adapter {name!r}")
+        adapter = self.host.get(name)
+        if adapter is None:
+            adapter = self.load(name, self.paths[name])
+            adapter.version = self.versions[name]
+            self._remember(adapter)
+        self.host.move_to_end(name)
+        return adapter
 
     # --- device slots -------------------------------------------------------------------------------
-    def can_acquire(self, name: str) -> bool:
+    def _free_slots(self) -> list[int]:
+        used = set(self.slot_of.values())
+        return [s for s in range(self.max_loras) if s not in used]
+
+    def can_acquire(self, adapter: LoraAdapter) -> bool:
         return (
-            name in self.slot_of
-            or len(self.slot_of) < self.max_loras
-            or any(self.holds.get(n, 0) == 0 for n in self.slot_of)
+            (adapter.name, adapter.version) in self.slot_of
+            or bool(self._free_slots())
+            or any(self.holds.get(s, 0) == 0 for s in self.slot_of.values())
         )
 
-    def acquire(self, name: str) -> int:
-        if name not in self.paths:
-            raise KeyError(f"unknown adapter {name!r}")
-        if name not in self.slot_of:
-            self._load_into_slot(name)
-        self.slot_of.move_to_end(name)
-        self.holds[name] = self.holds.get(name, 0) + 1
-        return self.slot_of[name]
+    def acquire(self, adapter: LoraAdapter | str) -> int:
+        """Hold the device slot of ``adapter`` (a name means its registered version), loading it if needed."""
+        if isinstance(adapter, str):
+            adapter = self.get(adapter)
+        key = (adapter.name, adapter.version)
+        if key not in self.slot_of:
+            self._load_into_slot(adapter)
+        self.slot_of.move_to_end(key)
+        slot = self.slot_of[key]
+        self.holds[slot] = self.holds.get(slot, 0) + 1
+        return slot
 
-    def release(self, name: str) -> None:
-        if self.holds.get(name, 0) <= 0:
-            raise RuntimeError(f"release of adapter {name!r} that is not held")
-        self.holds[name] -= 1
+    def release(self, slot: int) -> None:
+        if self.holds.get(slot, 0) <= 0:
+            raise RuntimeError(f"release of LoRA slot {slot} that is not held")
+        self.holds[slot] -= 1
+        if self.holds[slot] == 0 and slot in self.retired:
+            self.retired.discard(slot)
+            key = next(k for k, s in self.slot_of.items() if s == slot)
+            self._clear(self.slot_of.pop(key))
 
-    def _load_into_slot(self, name: str) -> None:
-        used = set(self.slot_of.values())
-        free = [s for s in range(self.max_loras) if s not in used]
+    def _load_into_slot(self, adapter: LoraAdapter) -> None:
+        free = self._free_slots()
         if not free:
-            victim = next((n for n in self.slot_of if self.holds.get(n, 0) == 0), None)
+            victim = next((k for k, s in self.slot_of.items() if self.holds.get(s, 0) == 0), None)
             if victim is None:
                 raise NoFreeSlot(f"all {self.max_loras} LoRA slots hold adapters of running requests")
-            free = [self._clear_slot(victim)]
+            free = [self.slot_of.pop(victim)]
         slot = free[0]
-        adapter = self.host.get(name) or self._remember(
-            load_adapter(name, self.paths[name], self.config, self.max_rank)
-        )
-        self.host.move_to_end(name)
         with torch.no_grad():
             for key, layer in self.layers.items():
                 a, b = adapter.weights.get(key, (None, None))
                 layer.load_slot(slot, a, b)
             self.batch.scales[slot] = adapter.scaling
-        self.slot_of[name] = slot
+        self.slot_of[(adapter.name, adapter.version)] = slot
+        if self.versions.get(adapter.name) != adapter.version:
+            self.retired.add(slot)  # an old version for a request accepted before its unload
 
-    def _clear_slot(self, name: str) -> int:
-        slot = self.slot_of.pop(name)
+    def _clear(self, slot: int) -> None:
         with torch.no_grad():
             for layer in self.layers.values():
                 layer.load_slot(slot, None, None)
             self.batch.scales[slot] = 0.0
-        return slot
 
     def _remember(self, adapter: LoraAdapter) -> LoraAdapter:
         self.host[adapter.name] = adapter

@@ -80,16 +80,24 @@ def test_slots_lru_and_holds(tiny_model, adapters, tmp_path):
     mgr.add("a", adapters["a"][1])
     mgr.add("b", adapters["b"][1])
     assert mgr.acquire("a") == 0
-    assert not mgr.can_acquire("b")
+    assert not mgr.can_acquire(mgr.get("b"))
     with pytest.raises(NoFreeSlot):
         mgr.acquire("b")
-    mgr.release("a")
-    assert mgr.acquire("b") == 0 and list(mgr.slot_of) == ["b"]  # a evicted from the device
-    with pytest.raises(RuntimeError, match="in use"):
-        mgr.remove("b")
-    mgr.release("b")
+    mgr.release(0)
+    assert mgr.acquire("b") == 0 and [k[0] for k in mgr.slot_of] == ["b"]  # a evicted from the device
+    layer = mgr.layers[(0, "down_proj")]
+    assert layer.lora_b[0].abs().sum() > 0  # b targets down_proj, a does not
+    # removing an adapter in use retires its slot: the running request keeps its weights until release
     mgr.remove("b")
-    assert mgr.names() == ["a"] and mgr.id_of("a") > 0
+    assert mgr.names() == ["a"] and not mgr.can_acquire(mgr.get("a"))
+    assert layer.lora_b[0].abs().sum() > 0
+    mgr.release(0)
+    assert layer.lora_b[0].abs().sum() == 0 and mgr.batch.scales[0] == 0
+    assert mgr.acquire("a") == 0 and mgr.id_of("a") > 0
+    with pytest.raises(RuntimeError, match="not held"):
+        mgr.release(0) or mgr.release(0)
+    with pytest.raises(KeyError, match="unknown LoRA adapter"):
+        mgr.remove("b")
 
 
 def test_bad_adapter_directories(tiny_model, adapters, tmp_path):
