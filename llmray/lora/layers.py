@@ -65,7 +65,7 @@ class LoRALinear(nn.Module):
         flat_out = out.view(-1, out.shape[-1])
         slots = self.batch.slots[: flat_x.shape[0]]
         if x.is_cuda:
-            y = lora_shrink(flat_x, self.lora_a, slots, self.batch.scales)  # (N, R) fp32
+            y = lora_shrink(flat_x, self.lora_a, slots, self.batch.scales)  # (splits, N, R) fp32
             lora_expand(y, self.lora_b, slots, flat_out)
         else:
             delta = lora_delta_ref(flat_x, self.lora_a, self.lora_b, slots, self.batch.scales)
