@@ -338,7 +338,11 @@ class ModelRunner:
     def launch(self, scheduled: list[ScheduledSeq]) -> PendingStep:
         """Queue one step on the device (no host sync). Inputs whose token id is a placeholder (-1) take the
         token sampled for that sequence by the previous launch, on the device."""
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+        # one-token (decode) chunks first; rows of one LoRA adapter next to each other (one A/B read per tile)
+        order = sorted(
+            range(len(scheduled)),
+            key=lambda i: (scheduled[i].num_new_tokens != 1, scheduled[i].seq.lora_slot),
+        )
         items = [scheduled[i] for i in order]
         sample_rows = [j for j, it in enumerate(items) if it.samples]
         if items[-1].num_new_tokens == 1 and len(items) <= self.buckets[-1]:
