@@ -4,6 +4,10 @@ Swapped in for the model's linear layers from outside (gpt-fast style); the mode
 of it. All wrapped layers share one ``LoraBatch`` whose ``slots`` tensor (one int32 per packed row,
 -1 = base model) the engine writes before each forward; it is a persistent buffer so CUDA graphs
 replay with the slots of the current step.
+
+Layers that read the same input (q/k/v, gate/up) share a ``ShrinkGroup``: their A matrices are slices of
+one stacked buffer, and the first member called with an input runs one shrink for all of them (x is read
+once, one launch instead of three); the others reuse its output when called with the same tensor.
 """
 
 from __future__ import annotations
@@ -31,15 +35,48 @@ class LoraBatch:
         self.slots[n:].fill_(-1)
 
 
+class ShrinkGroup:
+    """Stacked A matrices of linears sharing an input: (S, G·R, K); member i owns rows [i·R, (i+1)·R)."""
+
+    def __init__(self, size: int, num_slots: int, max_rank: int, in_features: int, like: torch.Tensor):
+        self.rank = max_rank
+        self.lora_a = torch.zeros(
+            num_slots, size * max_rank, in_features, dtype=like.dtype, device=like.device
+        )
+        self._x: torch.Tensor | None = None  # the input of the last shrink (kept alive: identity is safe)
+        self._y: torch.Tensor | None = None  # its output (splits, N, G·R) fp32
+
+    def member_a(self, i: int) -> torch.Tensor:
+        return self.lora_a[:, i * self.rank : (i + 1) * self.rank]  # (S, R, K) view
+
+    def shrink(self, x: torch.Tensor, flat_x: torch.Tensor, batch: LoraBatch, i: int) -> torch.Tensor:
+        """y (splits, N, R) of member ``i`` for the input ``x`` (rows flat_x (N, K)); one shrink per input."""
+        if self._x is not x:
+            self._x = x
+            self._y = lora_shrink(flat_x, self.lora_a, batch.slots[: flat_x.shape[0]], batch.scales)
+        return self._y[..., i * self.rank : (i + 1) * self.rank]
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, batch: LoraBatch) -> None:
+    use_kernels_on_cpu = False  # tests set it (with TRITON_INTERPRET=1) to run the Triton path on the CPU
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_slots: int,
+        max_rank: int,
+        batch: LoraBatch,
+        group: ShrinkGroup | None = None,
+        index: int = 0,
+    ) -> None:
         super().__init__()
         self.base = base
         self.batch = batch
         w = base.weight
-        self.register_buffer(
-            "lora_a", torch.zeros(num_slots, max_rank, base.in_features, dtype=w.dtype, device=w.device)
-        )
+        if group is None:
+            group = ShrinkGroup(1, num_slots, max_rank, base.in_features, w)
+        self.group, self.index = group, index
+        self.lora_a = group.member_a(index)  # (S, R, in) view into the group's stacked buffer
         self.register_buffer(
             "lora_b", torch.zeros(num_slots, base.out_features, max_rank, dtype=w.dtype, device=w.device)
         )
@@ -64,8 +101,8 @@ class LoRALinear(nn.Module):
         flat_x = x.reshape(-1, x.shape[-1])
         flat_out = out.view(-1, out.shape[-1])
         slots = self.batch.slots[: flat_x.shape[0]]
-        if x.is_cuda:
-            y = lora_shrink(flat_x, self.lora_a, slots, self.batch.scales)  # (splits, N, R) fp32
+        if x.is_cuda or self.use_kernels_on_cpu:
+            y = self.group.shrink(x, flat_x, self.batch, self.index)
             lora_expand(y, self.lora_b, slots, flat_out)
         else:
             delta = lora_delta_ref(flat_x, self.lora_a, self.lora_b, slots, self.batch.scales)

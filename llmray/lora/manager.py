@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from llmray.config import ModelConfig
 from llmray.lora.adapter import MODULES, LoraAdapter, load_adapter
-from llmray.lora.layers import LoraBatch, LoRALinear
+from llmray.lora.layers import LoraBatch, LoRALinear, ShrinkGroup
 
 _versions = itertools.count(1)
 
@@ -62,9 +62,15 @@ class LoraManager:
         self.batch = LoraBatch(max_rows, max_loras, device)
         self.layers: dict[tuple[int, str], LoRALinear] = {}
         for i, layer in enumerate(model.model.layers):
+            groups = {}  # linears reading the same input share one stacked shrink
+            for members in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+                first = getattr(layer.self_attn if members[0] == "q_proj" else layer.mlp, members[0])
+                group = ShrinkGroup(len(members), max_loras, max_rank, first.in_features, first.weight)
+                groups.update({m: (group, j) for j, m in enumerate(members)})
             for module in MODULES:
                 parent = layer.self_attn if module in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-                wrapped = LoRALinear(getattr(parent, module), max_loras, max_rank, self.batch)
+                group, index = groups.get(module, (None, 0))
+                wrapped = LoRALinear(getattr(parent, module), max_loras, max_rank, self.batch, group, index)
                 setattr(parent, module, wrapped)
                 self.layers[(i, module)] = wrapped
         self.paths: dict[str, Path] = {}  # registered name -> directory

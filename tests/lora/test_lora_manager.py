@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -40,7 +41,19 @@ def adapters(tiny_model, tmp_path):
     return {"a": (a, tmp_path / "a"), "b": (b, tmp_path / "b")}
 
 
-def test_mixed_batch_rows_equal_each_adapter_alone(tiny_model, adapters):
+@pytest.fixture(params=["torch", "triton"])
+def lora_path(request, monkeypatch):
+    """Run the LoRA deltas through the torch reference, or the Triton kernels (interpreter on CPU)."""
+    from llmray.lora.layers import LoRALinear
+
+    if request.param == "triton" and not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton path on CPU needs TRITON_INTERPRET=1 before triton is imported")
+        monkeypatch.setattr(LoRALinear, "use_kernels_on_cpu", True)
+    return request.param
+
+
+def test_mixed_batch_rows_equal_each_adapter_alone(tiny_model, adapters, lora_path):
     x = torch.randint(0, tiny_model.config.vocab_size, (1, 12))
     with torch.no_grad():
         expect = {"a": adapters["a"][0](x), "b": adapters["b"][0](x), None: tiny_model(x)}
