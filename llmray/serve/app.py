@@ -17,11 +17,18 @@ A RayService names it like this (``args`` are the fields of ``ServeArgs``)::
           import_path: llmray.serve.app:build_app
           route_prefix: /
           args: {model: /models/qwen3-0.6b, use_gpu: true, min_replicas: 1, max_replicas: 4}
+
+LoRA: ``loras`` ({name: dir}, preloaded by every replica) and ``lora_root`` (adapters under it are served
+by their directory names, loaded on first use, and ``/v1/load_lora_adapter`` may add more from under it)
+turn adapter serving on (``enable_lora`` for the engine). All replicas share the name -> directory
+registry ``<lora_root>/.llmray-adapters.json`` (``llmray/serve/lora_registry.py``); ``build_app`` draws
+the token that lets the replicas of one deployment seed it with the startup adapters once.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import serve
 
 from llmray.serve.ingress import HandleBackend, IngressConfig, build_openai_app
+from llmray.serve.protocol import check_adapter_name
 from llmray.serve.server import LLMServer
 
 
@@ -57,6 +65,9 @@ class ServeArgs(BaseModel):
     retry_after_s: int = Field(1, ge=0)
     autoscaling_overrides: dict[str, Any] = Field(default_factory=dict)  # e.g. upscale_delay_s (tests)
     health_check_period_s: float = Field(10.0, gt=0)
+    # on shutdown or downscale, replicas finish in-flight requests for up to this long (Serve's default,
+    # 20 s, cuts any generation longer than that); the ingress gets the same, as streams pass through it
+    graceful_shutdown_timeout_s: float = Field(120.0, gt=0)
     # after the first token, each request's stream yields at most once per interval (0 = every step);
     # Ray Serve LLM batches the same way (50 ms). Fewer Ray messages per token: see bench/serve.py
     stream_interval_ms: float = Field(20.0, ge=0)
@@ -78,6 +89,8 @@ class ServeArgs(BaseModel):
             for sub in sorted(root.iterdir()):
                 if (sub / "adapter_config.json").exists():
                     loras.setdefault(sub.name, str(sub))
+        for name in loras:
+            check_adapter_name(name)  # names are client-visible model ids: never a path
         return loras
 
 
@@ -108,7 +121,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         a = ServeArgs.model_validate(args)
     except ValidationError as e:
         raise ValueError(f"invalid llmray serve arguments: {e}") from None
-    loras = a.lora_dirs()
+    loras = a.lora_dirs()  # validates lora_root and the adapter names
     name = a.served_model_name or Path(a.model).resolve().name
     api_key = a.api_key if a.api_key is not None else os.environ.get("LLMRAY_API_KEY") or None
     use_gpu = _cluster_has_gpu() if a.use_gpu is None else a.use_gpu
@@ -131,22 +144,32 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         max_queued_requests=max_queued,
         health_check_period_s=a.health_check_period_s,
         health_check_timeout_s=max(30.0, a.health_check_period_s),
+        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
     )
     ingress_cls = serve.ingress()(OpenAIIngress)
     ingress = serve.deployment(ingress_cls, name="OpenAIIngress").options(
         num_replicas=a.ingress_replicas,
         ray_actor_options={"num_cpus": a.ingress_num_cpus},
+        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
         max_ongoing_requests=max(1000, 4 * max_ongoing * a.max_replicas),
     )
     ingress_config = {
         "served_model_name": name,
         "lora_names": sorted(loras),
+        "dynamic_loras": bool(loras or a.lora_root),
         "api_key": api_key,
         "max_body_bytes": a.max_body_bytes,
         "retry_after_s": a.retry_after_s,
         "max_model_len": a.engine_kwargs.get("max_model_len"),
     }
     server = llm.bind(
-        a.model, name, a.engine, a.engine_kwargs, loras, stream_interval_ms=a.stream_interval_ms
+        a.model,
+        name,
+        a.engine,
+        a.engine_kwargs,
+        a.loras,  # preloaded; the lora_root sub-directories are registered and loaded on first use
+        stream_interval_ms=a.stream_interval_ms,
+        lora_root=a.lora_root,
+        lora_seed=uuid.uuid4().hex,  # one per deployment: its replicas seed the registry once
     )
     return ingress.bind(server, ingress_config)

@@ -1,4 +1,9 @@
-"""``llmray serve``: start or join Ray and run the OpenAI application until Ctrl-C."""
+"""``llmray serve``: start or join Ray and run the OpenAI application until Ctrl-C.
+
+LoRA: ``--lora NAME=DIR`` (repeatable) preloads adapters; ``--lora-root DIR`` enables loading adapters
+from under DIR at runtime (``POST /v1/load_lora_adapter``) and serves its adapter sub-directories;
+``--max-loras`` / ``--max-lora-rank`` / ``--max-cpu-loras`` size the engine's adapter slots.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,9 @@ ENGINE_FLAGS = {  # flag -> (EngineConfig field, type)
     "gpu-memory-utilization": ("gpu_memory_utilization", float),
     "dtype": ("dtype", str),
     "kernels": ("kernels", str),
+    "max-loras": ("max_loras", int),
+    "max-lora-rank": ("max_lora_rank", int),
+    "max-cpu-loras": ("max_cpu_loras", int),
 }
 
 
@@ -33,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="name clients send as `model` (default: the directory name)")
     p.add_argument("--lora", action="append", type=_lora_pair, default=[], metavar="NAME=DIR",
                    help="a PEFT adapter served under NAME (repeatable)")  # fmt: skip
-    p.add_argument("--lora-root", metavar="DIR", help="serve every adapter directory under DIR by its name")
+    p.add_argument("--lora-root", metavar="DIR",
+                   help="adapters load only from under DIR: its adapter sub-directories are served by name, "
+                   "POST /v1/load_lora_adapter adds more; the replicas' shared registry lives there")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on all interfaces)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $LLMRAY_API_KEY)")

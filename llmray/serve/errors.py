@@ -23,8 +23,18 @@ ERROR_TYPES = {
 }
 
 
+MAX_MESSAGE_CHARS = 1024  # an error message never grows with the input that caused it
+MAX_ECHO_CHARS = 80  # the most of a client's own value that a message quotes back
+
+
+def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """``repr``-free, bounded text of a client-supplied value for an error message."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class APIError(Exception):
-    """An error with an HTTP status, rendered as the OpenAI error envelope."""
+    """An error with an HTTP status, rendered as the OpenAI error envelope (message length bounded)."""
 
     def __init__(
         self,
@@ -34,6 +44,7 @@ class APIError(Exception):
         code: str | int | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.status = status
         self.message = message

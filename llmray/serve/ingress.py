@@ -7,10 +7,20 @@ parsing) → JSON and schema (400 naming the field) → model name (404) → LLM
 ``Retry-After``) → the first engine event (400 for prompt + max_tokens over the context window). Only then is
 a status sent, so a streamed request gets real error statuses too; an error after that is an SSE
 ``data: {"error": ...}`` event followed by ``data: [DONE]``.
+
+LoRA adapters (``IngressConfig.dynamic_loras``, set when the server has ``--lora`` or ``--lora-root``):
+``/v1/models`` lists the registered adapters (asked of an LLMServer replica, ``parent`` = the base model);
+a request naming an adapter goes through the handle with ``multiplexed_model_id=<adapter>`` so Serve
+routes it to a replica that holds the adapter (any replica otherwise, which loads it on demand; an
+unknown name is the replica's 404). ``POST /v1/load_lora_adapter`` ``{"lora_name", "lora_path"}`` and
+``POST /v1/unload_lora_adapter`` ``{"lora_name"}`` (vLLM's names; API key required) run on one replica,
+which checks the name and path and updates the registry all replicas share
+(``llmray/serve/lora_registry.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -21,11 +31,20 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmray.serve.errors import APIError, from_validation_error
-from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_id, now
+from llmray.serve.errors import APIError, clip, from_validation_error
+from llmray.serve.lora_registry import is_adapter_name
+from llmray.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    new_id,
+    now,
+    openapi_request_body,
+)
 from llmray.serve.render import ChoiceState, chat_chunk, completion_chunk, final_response, usage_of
 
 logger = logging.getLogger("llmray.serve")
@@ -39,6 +58,18 @@ class IngressConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     retry_after_s: int = 1
     max_model_len: int | None = None
+    health_timeout_s: float = 3.0  # /health answers 503 rather than wait for an engine replica to appear
+    dynamic_loras: bool = False  # adapters come from the LLMServer registry (lora_names is then unused)
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM sends it; unused
 
 
 class HandleBackend:
@@ -48,8 +79,16 @@ class HandleBackend:
         self.handle = handle
         self.stream_handle = handle.options(stream=True)
 
-    async def stream(self, kind: str, body: dict, arrival_s: float) -> AsyncIterator[list[dict]]:
-        gen = self.stream_handle.stream.remote(kind, body, arrival_s)
+    def _for(self, handle: Any, adapter: str | None) -> Any:
+        """``handle`` routed by Serve model multiplexing when the request names an adapter."""
+        if adapter is None or not is_adapter_name(adapter):
+            return handle
+        return handle.options(multiplexed_model_id=adapter)
+
+    async def stream(
+        self, kind: str, body: dict, arrival_s: float, adapter: str | None = None
+    ) -> AsyncIterator[list[dict]]:
+        gen = self._for(self.stream_handle, adapter).stream.remote(kind, body, arrival_s)
         finished = False
         try:
             async for item in gen:
@@ -62,6 +101,15 @@ class HandleBackend:
     async def health(self) -> None:
         await self.handle.check_health.remote()
 
+    async def list_adapters(self) -> list[dict]:
+        return await self.handle.list_adapters.remote()
+
+    async def load_adapter(self, name: str, path: str) -> dict:
+        return await self._for(self.handle, name).load_adapter.remote(name, path)
+
+    async def unload_adapter(self, name: str) -> dict:
+        return await self._for(self.handle, name).unload_adapter.remote(name)
+
 
 class LocalBackend:
     """Streams from an in-process ``LLMServer`` (tests; no Ray)."""
@@ -69,12 +117,23 @@ class LocalBackend:
     def __init__(self, server: Any) -> None:
         self.server = server
 
-    async def stream(self, kind: str, body: dict, arrival_s: float) -> AsyncIterator[list[dict]]:
+    async def stream(
+        self, kind: str, body: dict, arrival_s: float, adapter: str | None = None
+    ) -> AsyncIterator[list[dict]]:
         async for item in self.server.stream(kind, body, arrival_s):
             yield item
 
     async def health(self) -> None:
         self.server.check_health()
+
+    async def list_adapters(self) -> list[dict]:
+        return self.server.list_adapters()
+
+    async def load_adapter(self, name: str, path: str) -> dict:
+        return await self.server.load_adapter(name, path)
+
+    async def unload_adapter(self, name: str) -> dict:
+        return await self.server.unload_adapter(name)
 
 
 def _serve_error_status(exc: BaseException) -> int | None:
@@ -87,7 +146,20 @@ def _serve_error_status(exc: BaseException) -> int | None:
         return 429
     if isinstance(exc, ex.DeploymentUnavailableError | ex.ReplicaUnavailableError):
         return 503
+    from ray.exceptions import RayActorError
+
+    if isinstance(exc, RayActorError):  # the replica serving the request died (crash, OOM kill, node loss)
+        return 503
     return None
+
+
+def _replica_lost(exc: BaseException) -> APIError:
+    return APIError(
+        503,
+        f"the engine replica serving this request stopped ({type(exc).__name__}); retry the request",
+        code="engine_unavailable",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -127,6 +199,9 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if _serve_error_status(exc) == 503:
+            err = _replica_lost(exc)
+            return JSONResponse(err.body(), status_code=503, headers=err.headers)
         logger.exception("unhandled error in the ingress")
         err = APIError(500, f"internal server error ({type(exc).__name__})")
         return JSONResponse(err.body(), status_code=500)
@@ -150,7 +225,11 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         try:
-            await backend.health()
+            await asyncio.wait_for(backend.health(), config.health_timeout_s)
+        except TimeoutError:
+            raise APIError(
+                503, f"no engine replica answered the health check within {config.health_timeout_s:g} s"
+            ) from None
         except Exception as e:
             raise APIError(503, f"the engine is not healthy: {e}") from None
         return Response(status_code=200)
@@ -160,9 +239,14 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
         check_auth(request)
         created = now()
         cards = [ModelCard(id=config.served_model_name, created=created, max_model_len=config.max_model_len)]
+        adapters = (
+            await backend.list_adapters()
+            if config.dynamic_loras
+            else [{"id": name, "created": created} for name in config.lora_names]
+        )
         cards += [
-            ModelCard(id=name, created=created, root=name, parent=config.served_model_name)
-            for name in config.lora_names
+            ModelCard(id=a["id"], created=a["created"], root=a["id"], parent=config.served_model_name)
+            for a in adapters
         ]
         return ModelList(data=cards).model_dump()
 
@@ -175,14 +259,16 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
             req = model.model_validate(data)
         except ValidationError as e:
             raise from_validation_error(e) from None
-        if req.model not in served:
+        adapter = None if req.model == config.served_model_name else req.model
+        if not config.dynamic_loras and req.model not in served:  # else the LLMServer replica decides
             raise APIError(
                 404,
-                f"the model '{req.model}' does not exist; available: {served}",
+                f"the model '{clip(req.model)}' does not exist; available: {served}",
                 "model",
                 "model_not_found",
             )
-        events = backend.stream(kind, req.model_dump(), arrival)
+        routing = {"adapter": adapter} if adapter is not None else {}  # base requests: plain calls
+        events = backend.stream(kind, req.model_dump(), arrival, **routing)
         try:
             first = await anext(events)
         except StopAsyncIteration:
@@ -225,11 +311,37 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
             await events.aclose()
         return JSONResponse(final_response(kind, rid, req, states, n_prompts))
 
-    @app.post("/v1/completions")
+    async def adapter_call(request: Request, schema: type[BaseModel], call: Any) -> JSONResponse:
+        check_auth(request)
+        data = await _read_json(request, config.max_body_bytes)
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        result = await call(body)
+        if "error" in result:
+            raise APIError.from_dict(result)
+        return JSONResponse(result)
+
+    @app.post("/v1/load_lora_adapter", openapi_extra=openapi_request_body(LoadLoraAdapterRequest))
+    async def load_lora_adapter(request: Request) -> Response:
+        async def call(body: LoadLoraAdapterRequest) -> dict:
+            return await backend.load_adapter(body.lora_name, body.lora_path)
+
+        return await adapter_call(request, LoadLoraAdapterRequest, call)
+
+    @app.post("/v1/unload_lora_adapter", openapi_extra=openapi_request_body(UnloadLoraAdapterRequest))
+    async def unload_lora_adapter(request: Request) -> Response:
+        async def call(body: UnloadLoraAdapterRequest) -> dict:
+            return await backend.unload_adapter(body.lora_name)
+
+        return await adapter_call(request, UnloadLoraAdapterRequest, call)
+
+    @app.post("/v1/completions", openapi_extra=openapi_request_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         return await handle(request, "completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_request_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await handle(request, "chat")
 
@@ -278,8 +390,11 @@ async def _sse(
             }
             yield f"data: {json.dumps(tail)}\n\n"
     except Exception as e:  # after the 200 went out: report in-band, never a stack trace
-        logger.exception("stream failed midway")
-        err = APIError(500, f"the stream failed midway ({type(e).__name__})")
+        if _serve_error_status(e) == 503:
+            err = _replica_lost(e)
+        else:
+            logger.exception("stream failed midway")
+            err = APIError(500, f"the stream failed midway ({type(e).__name__})")
         yield f"data: {json.dumps(err.body())}\n\n"
     finally:
         await events.aclose()  # on a client disconnect this cancels the LLMServer call -> engine abort

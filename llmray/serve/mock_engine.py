@@ -4,7 +4,10 @@ Same interface as ``llmray.engine.llm.AsyncLLM``: ``generate_stream`` (async gen
 ``RequestOutput``), ``abort``, ``stats``, ``is_alive``, ``tokenizer``, ``max_model_len``, ``shutdown``.
 Tokens are drawn from a seeded RNG (seed, else a hash of the prompt), so outputs are deterministic; a
 per-token delay makes streaming, disconnects and backpressure observable. Each running request holds
-``ceil(len / block_size)`` blocks of a fixed pool, like a paged KV cache.
+``ceil(len / block_size)`` blocks of a fixed pool, like a paged KV cache. LoRA: ``add_lora`` /
+``remove_lora`` / ``list_loras`` like the engine (a directory needs adapter_config.json and
+adapter_model.safetensors, else ``ValueError``); a request's adapter name is mixed into its RNG seed, so
+an adapter answers differently from the base model.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import random
 import string
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llmray.model.tokenizer import Tokenizer, char_tokenizer
 
@@ -71,6 +75,7 @@ class MockAsyncLLM:
         block_size: int = 16,
         token_delay_s: float = 0.002,
         fail_after: int | None = None,
+        loras: dict[str, str] | None = None,
         **_: object,
     ) -> None:
         self.tokenizer: Tokenizer = char_tokenizer(string.ascii_letters + string.digits + " .,!?\n")
@@ -85,11 +90,38 @@ class MockAsyncLLM:
         self._prompt_tokens = 0
         self._gen_tokens = 0
         self._words = [self.tokenizer.encode(w) for w in ("hello ", "world ", "ray ", "serve ", "llm. ")]
+        self.loras: dict[str, str] = {}
+        for name, path in (loras or {}).items():
+            self._check_adapter(name, path)
+            self.loras[name] = str(path)
+
+    # --- LoRA (same contract as AsyncLLM) ---------------------------------------------------------
+    @staticmethod
+    def _check_adapter(name: str, path: str) -> None:
+        p = Path(path)
+        if not (p / "adapter_config.json").is_file():
+            raise ValueError(f"adapter {name!r}: {p} has no adapter_config.json (not a PEFT adapter)")
+        if not (p / "adapter_model.safetensors").is_file():
+            raise ValueError(f"adapter {name!r}: {p} has no weights; expected adapter_model.safetensors")
+
+    async def add_lora(self, name: str, path: str) -> None:
+        self._check_adapter(name, path)
+        self.loras[name] = str(path)
+
+    async def remove_lora(self, name: str) -> None:
+        if name not in self.loras:
+            raise KeyError(f"unknown LoRA adapter {name!r}")
+        del self.loras[name]
+
+    def list_loras(self) -> list[str]:
+        return sorted(self.loras)
 
     # --- contract ---------------------------------------------------------------------------------
     async def generate_stream(self, prompt, sampling_params, request_id: str | None = None, lora=None):
         if not self._alive:
             raise RuntimeError("engine loop is dead")
+        if lora is not None and lora not in self.loras:
+            raise ValueError(f"unknown LoRA adapter {lora!r}; this engine has {self.list_loras()}")
         sp = sampling_params
         rid = request_id or uuid.uuid4().hex
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -99,7 +131,8 @@ class MockAsyncLLM:
                 f"{self.max_model_len} tokens"
             )
         seed = sp.seed if sp.seed is not None else hash(tuple(ids)) & 0xFFFF
-        rng = random.Random(seed if sp.temperature > 0 else 0)
+        seed = seed if sp.temperature > 0 else 0
+        rng = random.Random(seed if lora is None else f"{seed}/{lora}")  # an adapter answers differently
         eos = self.tokenizer.eos_token_id
         out_ids: list[int] = []
         text = ""

@@ -7,18 +7,39 @@ Reference: https://platform.openai.com/docs/api-reference (completions, chat, mo
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16  # choices per request; each is one engine request
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs / logprobs
+MAX_PROMPTS = 128  # prompts in one batched /v1/completions request (each x n is an engine request)
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4); each is searched after every token
+MAX_STOP_CHARS = 256  # characters per stop string (the stream holds back that much text)
+MAX_STOP_TOKEN_IDS = 64
+MAX_INT32 = 2**31 - 1  # bound for integers the engine puts into int tensors (top_k, token ids)
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON allows escapes of lone UTF-16 surrogates (``"\\ud800"``); no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text must be valid Unicode; it holds a lone surrogate {text[e.start]!r} at position {e.start}"
+        ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # every client string that reaches the tokenizer
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and +-Infinity (which Python's JSON parser accepts) are refused in every float field
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -28,23 +49,25 @@ class StreamOptions(_Request):
 class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str
+    model: Text
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)  # -1 and 0 both mean off
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)  # -1 and 0 both mean off
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_INT32)]] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS
+    )
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    user: str | None = None
+    min_tokens: int = Field(0, ge=0, le=MAX_INT32)
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -52,6 +75,10 @@ class _SamplingFields(_Request):
         items = [v] if isinstance(v, str) else (v or [])
         if any(s == "" for s in items):
             raise ValueError("stop strings must be non-empty")
+        if len(items) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings are allowed, got {len(items)}")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"each stop string must be at most {MAX_STOP_CHARS} characters")
         return v
 
     def stop_list(self) -> list[str]:
@@ -64,8 +91,8 @@ class _SamplingFields(_Request):
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: Text | list[Text] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -75,6 +102,8 @@ class CompletionRequest(_SamplingFields):
     def _non_empty(cls, v: Any) -> Any:
         if isinstance(v, list) and (not v or any(isinstance(p, list | str) and not p for p in v)):
             raise ValueError("prompt must be non-empty")
+        if isinstance(v, list) and v and isinstance(v[0], list | str) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
         return v
 
     @model_validator(mode="after")
@@ -103,13 +132,13 @@ class CompletionRequest(_SamplingFields):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -121,8 +150,8 @@ class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
@@ -138,6 +167,24 @@ class ChatCompletionRequest(_SamplingFields):
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_adapter_name(name: str) -> str:
+    """A LoRA adapter name is one path component: letters, digits, ``._-``; no ``..``, ``/`` or ``\\``.
+
+    Names become the ``model`` clients send and may be joined to an adapter root directory, so a name like
+    ``../../etc`` must never reach the filesystem.
+    """
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or ".." in name:
+        shown = name[:80] if isinstance(name, str) else type(name).__name__
+        raise ValueError(
+            f"invalid LoRA adapter name {shown!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit, without '..' or path separators"
+        )
+    return name
 
 
 # --- responses -------------------------------------------------------------------------------------
@@ -258,3 +305,33 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# --- OpenAPI ---------------------------------------------------------------------------------------
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return {**_inline_refs(defs[ref.removeprefix("#/$defs/")], defs), **_inline_refs(rest, defs)}
+        return {k: _inline_refs(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def openapi_request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads ``model`` from the raw body (so FastAPI cannot see it).
+
+    Without it the served /openapi.json declares no request body, and clients, SDK generators and schema
+    fuzzers (schemathesis) learn nothing about the fields. ``$defs`` are inlined (the models are not
+    recursive), so the operation is self-contained.
+    """
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _inline_refs(schema, defs)}},
+        }
+    }

@@ -12,6 +12,12 @@ so no exception type has to survive Ray). With ``stream_interval_ms`` > 0 the fi
 and later ones are batched per interval (one Ray streaming message carries several tokens; consecutive
 events of a choice are folded into one). When the caller stops iterating (client disconnect, Serve
 cancellation), every engine request of the call is aborted at once.
+
+LoRA (with ``loras`` or ``lora_root``): a request whose ``model`` names an adapter is checked against the
+registry shared by all replicas and the adapter is loaded into this engine on demand (404 unknown, 400 a
+directory that cannot be served); ``load_adapter`` / ``unload_adapter`` / ``list_adapters`` back the
+ingress's LoRA routes. Inside Serve a ``serve.multiplexed`` loader records the adapters this replica holds,
+so the router sends later requests for them here (``llmray/serve/lora_registry.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llmray.serve.errors import APIError, from_validation_error, from_value_error
+from llmray.serve.errors import APIError, clip, from_validation_error, from_value_error
+from llmray.serve.lora_registry import LoraRegistry, ReplicaAdapters
 from llmray.serve.metrics import ServeMetrics
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -39,7 +46,7 @@ def load_engine(engine: str, model_dir: str, engine_kwargs: dict[str, Any], lora
     if engine == "mock":
         from llmray.serve.mock_engine import MockAsyncLLM, MockSamplingParams
 
-        return MockAsyncLLM(model_dir, **engine_kwargs), MockSamplingParams
+        return MockAsyncLLM(model_dir, loras=dict(loras), **engine_kwargs), MockSamplingParams
     if engine == "llmray":
         from llmray.engine.llm import AsyncLLM
         from llmray.engine.sampling_params import SamplingParams
@@ -63,15 +70,26 @@ class LLMServer:
         loras: dict[str, str] | None = None,
         enable_metrics: bool = True,
         stream_interval_ms: float = 0.0,
+        lora_root: str | None = None,
+        lora_seed: str | None = None,
     ) -> None:
         self.model_name = served_model_name
         # after the first token, yield at most once per interval (tokens in between travel together):
         # fewer Ray streaming messages per token, at the cost of burstier inter-token arrivals
         self.stream_interval_s = stream_interval_ms / 1000.0
-        self.loras = dict(loras or {})
-        self.engine, self._sampling_cls = load_engine(
-            engine, model_dir, dict(engine_kwargs or {}), self.loras
-        )
+        # LoRA: the registry (shared through lora_root) names every adapter; the engine preloads the
+        # startup adapters still registered and loads the others on demand (llmray/serve/lora_registry.py)
+        engine_kwargs = dict(engine_kwargs or {})
+        self.lora_enabled = bool(loras or lora_root)
+        self.registry = LoraRegistry(lora_root, served_model_name, dict(loras or {}), seed=lora_seed)
+        entries = self.registry.entries()
+        preload = {n: e.path for n, e in entries.items() if n in (loras or {})}
+        if self.lora_enabled:
+            engine_kwargs.setdefault("enable_lora", True)  # adapters may be loaded later
+        self.engine, self._sampling_cls = load_engine(engine, model_dir, engine_kwargs, preload)
+        hook = _multiplexed_hook(int(engine_kwargs.get("max_cpu_loras", 16))) if self.lora_enabled else None
+        held = {n: entries[n].version for n in preload}
+        self.adapters = ReplicaAdapters(self.engine, self.registry, held, on_hold=hook)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = int(self.engine.max_model_len)
         self.metrics = ServeMetrics(served_model_name, enabled=enable_metrics)
@@ -87,7 +105,36 @@ class LLMServer:
         return dict(self.engine.stats())
 
     def model_info(self) -> dict[str, Any]:
-        return {"model": self.model_name, "max_model_len": self.max_model_len, "loras": sorted(self.loras)}
+        return {
+            "model": self.model_name,
+            "max_model_len": self.max_model_len,
+            "loras": self.adapter_names(),  # registered (all replicas)
+            "loras_held": sorted(self.adapters.held),  # loaded into this replica's engine
+        }
+
+    # --- LoRA adapters (called by the ingress; errors travel as {"error", "status"} data) -----------
+    def adapter_names(self) -> list[str]:
+        return sorted(self.registry.entries())
+
+    def list_adapters(self) -> list[dict[str, Any]]:
+        """``{"id", "created"}`` per registered adapter (the ingress makes /v1/models cards of them)."""
+        return self.adapters.cards()
+
+    async def load_adapter(self, lora_name: str, lora_path: str) -> dict[str, Any]:
+        """Load and register an adapter from under lora_root (``POST /v1/load_lora_adapter``)."""
+        try:
+            entry = await self.adapters.load(lora_name, lora_path)
+        except APIError as e:
+            return e.to_dict()
+        return {"lora_name": entry.name, "lora_path": entry.path, "version": entry.version}
+
+    async def unload_adapter(self, lora_name: str) -> dict[str, Any]:
+        """Unregister an adapter and drop it here; other replicas drop it at their next request for it."""
+        try:
+            await self.adapters.unload(lora_name)
+        except APIError as e:
+            return e.to_dict()
+        return {"lora_name": lora_name, "unloaded": True}
 
     def __del__(self) -> None:
         shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
@@ -121,11 +168,11 @@ class LLMServer:
                 raise APIError(
                     400, f"the chat template rejected the messages: {e}", param="messages"
                 ) from None
-            return [self.tokenizer.encode(text)]
+            return [self._encode(text, "messages")]
         vocab = self.tokenizer.vocab_size
         out = []
         for p in req.prompts():
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            ids = self._encode(p, "prompt") if isinstance(p, str) else list(p)
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise APIError(
@@ -135,6 +182,16 @@ class LLMServer:
                 raise APIError(400, "the prompt encodes to zero tokens; send a non-empty prompt", "prompt")
             out.append(ids)
         return out
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        """Tokenize client text; a tokenizer that cannot (e.g. a char vocabulary without an unknown token
+        meeting an unseen character) is the client's 400, not a 500."""
+        try:
+            return self.tokenizer.encode(text)
+        except Exception as e:  # tokenizers raises plain Exception for an unknown symbol
+            raise APIError(
+                400, f"this model's tokenizer cannot encode the {param}: {clip(e, 200)}", param
+            ) from None
 
     def _max_tokens(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> int:
         param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
@@ -182,13 +239,13 @@ class LLMServer:
         except ValueError as e:
             raise from_value_error(e) from None
 
-    def _lora(self, model: str) -> str | None:
+    async def _lora(self, model: str) -> str | None:
         if model == self.model_name:
             return None
-        if model in self.loras:
-            return model
+        if self.lora_enabled:
+            return await self.adapters.resolve(model)  # 404 unknown / loaded on demand
         raise APIError(
-            404, f"the model '{model}' does not exist; this server has {self.model_name!r}", "model"
+            404, f"the model '{clip(model)}' does not exist; this server has {self.model_name!r}", "model"
         )
 
     # --- the streaming entry point ----------------------------------------------------------------
@@ -203,7 +260,7 @@ class LLMServer:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll_stats())
         try:
             req = self._parse(kind, body)
-            lora = self._lora(req.model)
+            lora = await self._lora(req.model)
             jobs = []
             for p_idx, ids in enumerate(self._prompt_ids(req)):
                 max_tokens = self._max_tokens(req, len(ids))
@@ -289,8 +346,11 @@ class LLMServer:
                 queue.put_nowait(ev)
             self.metrics.observe_finished(time.time() - start)
         except ValueError as e:
-            err = from_value_error(e)
-            queue.put_nowait({"error": err.body()["error"], "status": 400})
+            if lora is not None and str(e).startswith("unknown LoRA adapter"):  # unloaded meanwhile
+                err = APIError(404, str(e), "model", "model_not_found")
+            else:
+                err = from_value_error(e)
+            queue.put_nowait({"error": err.body()["error"], "status": err.status})
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -309,6 +369,27 @@ class LLMServer:
             "logprob": float(lps.get(token_id, -9999.0)),  # JSON has no -inf
             "top": [[self._token_str(t), float(v)] for t, v in top],
         }
+
+
+def _multiplexed_hook(max_adapters: int) -> Any:
+    """Inside a Serve replica: an async ``serve.multiplexed`` loader whose only job is to record the
+    adapters this replica holds, which Serve reports to the router so requests sent with
+    ``multiplexed_model_id=name`` prefer replicas that hold ``name``. (The engine owns the weights and its
+    own LRU; an id the router forgets costs a routing preference, never an adapter.) None outside Serve."""
+    try:
+        from ray import serve
+        from ray.serve.exceptions import RayServeException
+    except ImportError:  # no Ray: in-process tests and tools
+        return None
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return None
+
+    async def hold(name: str) -> str:
+        return name
+
+    return serve.multiplexed(max_num_models_per_replica=max(1, max_adapters))(hold)
 
 
 def _merge(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

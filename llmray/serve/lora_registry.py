@@ -1,0 +1,355 @@
+"""The adapter registry shared by every ``LLMServer`` replica: adapter name -> PEFT directory.
+
+Where it lives: a JSON file, ``<lora_root>/.llmray-adapters.json``. Why a file and not a named Ray actor:
+the adapters themselves must already be readable by every replica under ``--lora-root`` (a shared volume
+on KubeRay), so a file next to them adds no new requirement; it survives a restart of the Serve app or
+of the whole Ray cluster (adapters loaded at runtime come back); it needs no actor lifecycle (detached
+actors outlive their app and must be cleaned up); and it is testable without Ray. Writes take an
+exclusive ``fcntl`` lock on ``<lora_root>/.llmray-adapters.lock`` and replace the file atomically
+(temp file + ``os.replace``), so readers need no lock and never see half a file. Readers cache the parsed
+file and re-read it only when ``stat`` says it changed (inode, mtime_ns, size): one ``stat`` per adapter
+request.
+
+File format::
+
+    {"format": 1, "seed": "<deployment token>", "next_version": 7,
+     "adapters": {"name": {"path": "/abs/dir", "version": 6, "created": 1732800000}}}
+
+``version`` grows on every (re)load of a name, so a replica holding an older version of an adapter
+reloads it. ``seed``: the startup adapters (``--lora NAME=DIR`` and the adapter sub-directories of
+``--lora-root``) are merged into the file once per deployment (every replica of one deployment shares
+the token that ``build_app`` draws), so a replica started later by the autoscaler does not bring back an
+adapter that was unloaded meanwhile, while a restarted server does.
+
+Security: adapter names pass ``protocol.check_adapter_name`` (one path component: letters, digits, ``._-``,
+no ``..``) and differ from the base model's name; a runtime
+``lora_path`` must resolve (symlinks followed) to a directory strictly under the root (``resolve_under``).
+Without a root there is no registry file: only the startup adapters are served, and loading or unloading
+at runtime is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmray.serve.errors import APIError, clip
+from llmray.serve.protocol import check_adapter_name
+
+logger = logging.getLogger("llmray.serve")
+
+REGISTRY_FILE = ".llmray-adapters.json"
+LOCK_FILE = ".llmray-adapters.lock"
+FORMAT = 1
+_UNCHANGED = object()  # returned by an update that needs no write
+
+
+class RegistryError(ValueError):
+    """A request the registry refuses (bad name, path outside the root, no root); the message says why."""
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    name: str
+    path: str  # absolute directory
+    version: int  # grows on every (re)load of the name
+    created: int  # unix seconds of the load (the OpenAI model card's `created`)
+
+
+def is_adapter_name(name: object) -> bool:
+    try:
+        check_adapter_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+def validate_name(name: object, base_name: str) -> str:
+    """``name`` if it can name an adapter, else RegistryError saying what a valid name is."""
+    try:
+        check_adapter_name(name)
+    except ValueError as e:
+        raise RegistryError(str(e)) from None
+    if name == base_name:
+        raise RegistryError(f"adapter name {name!r} is the base model's name; choose another name")
+    return name
+
+
+def resolve_under(root: str | Path, lora_path: str) -> Path:
+    """The directory ``lora_path`` names (relative to ``root``, or absolute), symlinks resolved, which must
+    lie strictly under ``root``; RegistryError naming the problem otherwise."""
+    root_dir = Path(root).resolve()
+    if not isinstance(lora_path, str) or not lora_path.strip() or "\x00" in lora_path:
+        raise RegistryError("lora_path must be a non-empty path to an adapter directory under the LoRA root")
+    try:
+        target = (root_dir / lora_path).resolve()  # an absolute lora_path replaces root_dir here
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name too long
+        raise RegistryError(f"lora_path {lora_path[:200]!r} cannot be resolved ({e})") from None
+    if target == root_dir or not target.is_relative_to(root_dir):
+        raise RegistryError(
+            f"lora_path {lora_path[:200]!r} resolves to {target}, which is not under the LoRA root "
+            f"{root_dir}; adapters load only from sub-directories of --lora-root"
+        )
+    try:
+        is_dir = target.is_dir()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise RegistryError(f"lora_path {lora_path[:200]!r} cannot be read ({e.strerror})") from None
+    if not is_dir:
+        raise RegistryError(f"lora_path {lora_path[:200]!r}: {target} is not a directory")
+    return target
+
+
+def scan_root(root: str | Path) -> dict[str, str]:
+    """{sub-directory name: path} for each sub-directory of ``root`` that holds an adapter_config.json."""
+    found = {}
+    for sub in sorted(Path(root).iterdir()):
+        if (sub / "adapter_config.json").exists():
+            found[sub.name] = str(sub)
+    return found
+
+
+class LoraRegistry:
+    """Name -> directory for one served base model; file-backed when ``root`` is set (see module doc)."""
+
+    def __init__(
+        self,
+        root: str | None,
+        base_name: str,
+        startup: dict[str, str] | None = None,
+        seed: str | None = None,
+    ) -> None:
+        self.base_name = base_name
+        self.root = Path(root).resolve() if root else None
+        startup = dict(startup or {})
+        if self.root is not None:
+            if not self.root.is_dir():
+                raise ValueError(f"lora_root {root!r} is not a directory")
+            for name, path in scan_root(self.root).items():
+                if is_adapter_name(name) and name != base_name:
+                    startup.setdefault(name, path)
+                else:
+                    logger.warning(
+                        "not serving adapter directory %s: %r is not a valid adapter name", path, name
+                    )
+        for name in startup:
+            validate_name(name, base_name)
+        self._static = {
+            n: AdapterEntry(n, str(Path(p).resolve()), 0, int(time.time())) for n, p in startup.items()
+        }
+        self._cache_key: tuple[int, int, int] | None = None
+        self._cache: dict[str, AdapterEntry] = {}
+        if self.root is not None:
+            self._seed(seed or "")
+
+    @property
+    def file(self) -> Path | None:
+        return self.root / REGISTRY_FILE if self.root is not None else None
+
+    # --- reading --------------------------------------------------------------------------------
+    def entries(self) -> dict[str, AdapterEntry]:
+        """Every adapter now registered (re-reads the file only when it changed)."""
+        if self.root is None:
+            return dict(self._static)
+        try:
+            st = os.stat(self.file)
+        except FileNotFoundError:
+            return {}
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != self._cache_key:
+            self._cache = {
+                n: AdapterEntry(n, e["path"], int(e["version"]), int(e.get("created", 0)))
+                for n, e in self._read()["adapters"].items()
+            }
+            self._cache_key = key
+        return dict(self._cache)
+
+    def get(self, name: str) -> AdapterEntry | None:
+        return self.entries().get(name)
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.file.read_text())
+        except FileNotFoundError:
+            data = {}
+        except json.JSONDecodeError as e:
+            raise RuntimeError(
+                f"the adapter registry {self.file} is corrupt ({e}); delete it to reset"
+            ) from None
+        data.setdefault("format", FORMAT)
+        data.setdefault("adapters", {})
+        data.setdefault("next_version", 1)
+        return data
+
+    # --- writing (file-backed only) -------------------------------------------------------------
+    def _update(self, change: Any) -> Any:
+        """Run ``change(data)`` on the file's contents under the lock and write the result atomically."""
+        if self.root is None:
+            raise RegistryError(
+                "loading or unloading adapters at runtime needs the shared registry: start the server with "
+                "--lora-root DIR"
+            )
+        with open(self.root / LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                data = self._read()
+                result = change(data)
+                if result is _UNCHANGED:
+                    return result
+                fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".llmray-adapters.", suffix=".tmp")
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(data, f, indent=1, sort_keys=True)
+                    os.replace(tmp, self.file)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return result
+
+    def _seed(self, seed: str) -> None:
+        def change(data: dict) -> object:
+            if data.get("seed") == seed and seed:
+                return _UNCHANGED  # this deployment already seeded the file: keep what was unloaded since
+            data["seed"] = seed
+            for name, e in self._static.items():
+                data["adapters"][name] = {
+                    "path": e.path,
+                    "version": data["next_version"],
+                    "created": e.created,
+                }
+                data["next_version"] += 1
+
+        self._update(change)
+
+    def register(self, name: str, path: str | Path) -> AdapterEntry:
+        """Add or replace ``name`` -> ``path`` (already validated by the caller); returns the new entry."""
+
+        def change(data: dict) -> AdapterEntry:
+            entry = AdapterEntry(name, str(path), int(data["next_version"]), int(time.time()))
+            data["adapters"][name] = {"path": entry.path, "version": entry.version, "created": entry.created}
+            data["next_version"] = entry.version + 1
+            return entry
+
+        return self._update(change)
+
+    def unregister(self, name: str) -> bool:
+        """Remove ``name``; False when it was not registered."""
+
+        def change(data: dict) -> object:
+            return True if data["adapters"].pop(name, None) is not None else _UNCHANGED
+
+        return self._update(change) is True
+
+
+class ReplicaAdapters:
+    """The adapters one replica's engine holds, kept in step with the registry.
+
+    ``resolve(name)`` runs before each adapter request: a name the registry lacks is a 404 (and dropped
+    from this engine if it held it: how an unload made on another replica reaches this one); a registered
+    name this engine lacks, or holds in an older version, is loaded on demand. ``on_hold(name)`` (inside
+    Serve: the ``serve.multiplexed`` loader) tells Serve's router that this replica holds the adapter, so
+    later requests for it prefer this replica.
+    """
+
+    def __init__(
+        self, engine: Any, registry: LoraRegistry, held: dict[str, int], on_hold: Any = None
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.held = dict(held)  # name -> registry version loaded into the engine
+        self.on_hold = on_hold
+        self._lock = asyncio.Lock()  # one engine load/unload at a time per replica
+
+    def _not_found(self, name: str) -> APIError:
+        names = sorted(self.registry.entries())
+        shown = names[:20] + (["..."] if len(names) > 20 else [])
+        return APIError(
+            404,
+            f"the model '{clip(name)}' does not exist; the base model is '{self.registry.base_name}' and the "
+            f"adapters are {shown}",
+            "model",
+            "model_not_found",
+        )
+
+    async def resolve(self, name: str) -> str:
+        """Make sure this engine serves the registered adapter ``name`` (APIError 404 / 400 otherwise)."""
+        entry = self.registry.get(name) if is_adapter_name(name) else None
+        if entry is None:
+            if name in self.held:
+                async with self._lock:
+                    await self._drop(name)
+            raise self._not_found(name)
+        if self.held.get(name) != entry.version:
+            async with self._lock:
+                if self.held.get(name) != entry.version:
+                    try:
+                        await self.engine.add_lora(name, entry.path)
+                    except ValueError as e:  # AdapterError: the directory changed since it was registered
+                        raise APIError(400, str(e), "model", "invalid_adapter") from None
+                    self.held[name] = entry.version
+        if self.on_hold is not None:
+            await self.on_hold(name)
+        return name
+
+    async def load(self, name: str, lora_path: str) -> AdapterEntry:
+        """Validate, load into this engine, then register (so a bad directory never enters the registry)."""
+        try:
+            validate_name(name, self.registry.base_name)
+        except RegistryError as e:
+            raise APIError(400, str(e), "lora_name", "invalid_value") from None
+        if self.registry.root is None:
+            raise APIError(
+                400,
+                "loading adapters at runtime is disabled: start the server with --lora-root DIR and put "
+                "adapters under it",
+                "lora_path",
+                "lora_root_not_configured",
+            )
+        try:
+            target = await asyncio.to_thread(resolve_under, self.registry.root, lora_path)
+        except RegistryError as e:
+            raise APIError(400, str(e), "lora_path", "invalid_value") from None
+        async with self._lock:
+            try:
+                await self.engine.add_lora(name, str(target))
+            except ValueError as e:  # AdapterError names what is wrong with the directory
+                raise APIError(400, str(e), "lora_path", "invalid_adapter") from None
+            entry = await asyncio.to_thread(self.registry.register, name, target)
+            self.held[name] = entry.version
+        if self.on_hold is not None:
+            await self.on_hold(name)
+        return entry
+
+    async def unload(self, name: str) -> None:
+        """Remove ``name`` from the registry and from this engine (running requests on it still finish)."""
+        if self.registry.root is None:
+            raise APIError(
+                400,
+                "unloading adapters at runtime is disabled: start the server with --lora-root DIR",
+                "lora_name",
+                "lora_root_not_configured",
+            )
+        removed = is_adapter_name(name) and await asyncio.to_thread(self.registry.unregister, name)
+        async with self._lock:
+            held = await self._drop(name)
+        if not removed and not held:
+            raise self._not_found(name)
+
+    async def _drop(self, name: str) -> bool:
+        if self.held.pop(name, None) is None:
+            return False
+        await self.engine.remove_lora(name)
+        return True
+
+    def cards(self) -> list[dict[str, Any]]:
+        """``{"id", "created"}`` of each registered adapter, by name."""
+        return [{"id": e.name, "created": e.created} for _, e in sorted(self.registry.entries().items())]

@@ -1,0 +1,349 @@
+"""Serving LoRA adapters: /v1/models cards, load/unload routes, path rules, the shared registry, routing.
+
+Most tests run the ingress over in-process ``LLMServer`` replicas on the mock engine (no Ray); one runs the
+real engine with a peft adapter on the tiny model and compares with ``LLM(..., loras=...)``; one runs two
+replicas on a local Ray Serve to exercise multiplexed routing with streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from llmray.serve.ingress import IngressConfig, LocalBackend, build_openai_app
+from llmray.serve.lora_registry import REGISTRY_FILE, LoraRegistry
+from llmray.serve.server import LLMServer
+
+MODEL = "base-model"
+KEY = "sk-lora"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def fake_adapter(path: Path) -> Path:
+    """A directory the mock engine accepts (it checks the two file names only)."""
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (path / "adapter_model.safetensors").write_bytes(b"")
+    return path
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    root = tmp_path / "loras"
+    fake_adapter(root / "alpha")
+    fake_adapter(root / "spare")
+    return root
+
+
+def make_client(root: Path | None, seed: str = "deploy-1", **kwargs) -> tuple[TestClient, LLMServer]:
+    server = LLMServer(
+        "unused",
+        MODEL,
+        engine="mock",
+        engine_kwargs={"token_delay_s": 0.0},
+        enable_metrics=False,
+        lora_root=None if root is None else str(root),
+        lora_seed=seed,
+        **kwargs,
+    )
+    config = IngressConfig(MODEL, api_key=KEY, dynamic_loras=True)
+    return TestClient(build_openai_app(LocalBackend(server), config)), server
+
+
+def complete(client: TestClient, model: str, **extra):
+    body = {"model": model, "prompt": "hello there", "max_tokens": 6, "temperature": 0, **extra}
+    return client.post("/v1/completions", headers=AUTH, json=body)
+
+
+def load(client: TestClient, name: str, path: str, headers=AUTH):
+    return client.post("/v1/load_lora_adapter", headers=headers, json={"lora_name": name, "lora_path": path})
+
+
+def unload(client: TestClient, name: str, headers=AUTH):
+    return client.post("/v1/unload_lora_adapter", headers=headers, json={"lora_name": name})
+
+
+def test_models_list_adapters_with_parent(root, tmp_path):
+    beta = fake_adapter(tmp_path / "elsewhere" / "beta")  # a startup --lora may live outside the root
+    client, server = make_client(root, loras={"beta": str(beta)})
+    cards = client.get("/v1/models", headers=AUTH).json()["data"]
+    assert [c["id"] for c in cards] == [MODEL, "alpha", "beta", "spare"]
+    for card in cards[1:]:
+        assert card["object"] == "model" and card["parent"] == MODEL and card["root"] == card["id"]
+        assert card["owned_by"] == "llmray" and isinstance(card["created"], int) and card["created"] > 0
+    assert cards[0]["parent"] is None
+    assert server.engine.list_loras() == ["beta"]  # --lora preloaded; root sub-directories on first use
+    assert complete(client, "alpha").status_code == 200
+    assert server.engine.list_loras() == ["alpha", "beta"]
+
+
+def test_load_request_unload_then_404(root):
+    client, server = make_client(root)
+    fake_adapter(root / "sql-v2")
+    r = load(client, "sql", "sql-v2")
+    assert r.status_code == 200, r.text
+    assert r.json()["lora_name"] == "sql" and r.json()["lora_path"] == str((root / "sql-v2").resolve())
+    assert "sql" in [c["id"] for c in client.get("/v1/models", headers=AUTH).json()["data"]]
+
+    base, adapted = complete(client, MODEL), complete(client, "sql")
+    assert base.status_code == adapted.status_code == 200
+    assert adapted.json()["model"] == "sql" and adapted.json()["usage"]["completion_tokens"] == 6
+    assert adapted.json()["choices"][0]["text"] != base.json()["choices"][0]["text"]  # the adapter is used
+    chunks = client.post("/v1/completions", headers=AUTH, json={"model": "sql", "prompt": "hello there",
+                         "max_tokens": 6, "temperature": 0, "stream": True}).text  # fmt: skip
+    assert chunks.rstrip().endswith("data: [DONE]") and '"model": "sql"' in chunks
+
+    r = unload(client, "sql")
+    assert r.status_code == 200 and r.json() == {"lora_name": "sql", "unloaded": True}
+    assert "sql" not in server.engine.list_loras()
+    r = complete(client, "sql")
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["type"] == "not_found_error" and err["param"] == "model" and err["code"] == "model_not_found"
+    assert "'sql' does not exist" in err["message"]
+    assert unload(client, "sql").status_code == 404
+    assert complete(client, "never-heard-of-it").status_code == 404
+    assert complete(client, MODEL).status_code == 200
+
+
+def test_paths_outside_the_root_and_bad_names_are_400(root, tmp_path):
+    client, _ = make_client(root)
+    outside = fake_adapter(tmp_path / "outside")
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    (root / "inside-link").symlink_to(root / "alpha", target_is_directory=True)
+    for path in ("../outside", str(outside), "escape", ".", str(root), "alpha/../../outside"):
+        r = load(client, "x", path)
+        assert r.status_code == 400, (path, r.text)
+        assert "not under the LoRA root" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "lora_path"
+    r = load(client, "x", "missing")
+    assert r.status_code == 400 and "is not a directory" in r.json()["error"]["message"]
+    for name in ("../x", "a/b", "", "x" * 300):
+        r = load(client, name, "alpha")
+        assert r.status_code == 400 and "invalid LoRA adapter name" in r.json()["error"]["message"], name
+    r = load(client, MODEL, "alpha")
+    assert r.status_code == 400 and "base model's name" in r.json()["error"]["message"]
+    r = client.post("/v1/load_lora_adapter", headers=AUTH, json={"lora_name": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path"
+    assert load(client, "via-link", "inside-link").status_code == 200  # a link that stays inside is fine
+    names = set(json.loads((root / REGISTRY_FILE).read_text())["adapters"])
+    assert names == {"alpha", "spare", "via-link"}  # nothing refused reached the registry
+
+
+def test_bad_adapter_directory_is_400_and_serving_continues(root):
+    client, _ = make_client(root)
+    (root / "no-config").mkdir()
+    (root / "no-config" / "adapter_model.safetensors").write_bytes(b"")
+    r = load(client, "broken", "no-config")
+    assert r.status_code == 400 and "adapter_config.json" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "invalid_adapter"
+    assert "broken" not in [c["id"] for c in client.get("/v1/models", headers=AUTH).json()["data"]]
+    assert complete(client, "broken").status_code == 404
+    assert complete(client, MODEL).status_code == 200 and complete(client, "alpha").status_code == 200
+
+
+def test_lora_routes_need_the_api_key(root):
+    client, _ = make_client(root)
+    for r in (load(client, "x", "alpha", headers={}), unload(client, "alpha", headers={})):
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    bad = {"Authorization": "Bearer nope"}
+    assert load(client, "x", "alpha", headers=bad).status_code == 401
+    assert [c["id"] for c in client.get("/v1/models", headers=AUTH).json()["data"]] == [
+        MODEL,
+        "alpha",
+        "spare",
+    ]
+
+
+def test_without_a_lora_root_runtime_loading_is_refused(tmp_path):
+    beta = fake_adapter(tmp_path / "beta")
+    client, _ = make_client(None, loras={"beta": str(beta)})
+    r = load(client, "x", str(beta))
+    assert r.status_code == 400 and "--lora-root" in r.json()["error"]["message"]
+    assert unload(client, "beta").status_code == 400
+    assert complete(client, "beta").status_code == 200  # startup adapters are still served
+
+
+def test_replicas_share_the_registry(root):
+    a, server_a = make_client(root)
+    b, server_b = make_client(root)  # a second replica of the same deployment
+    fake_adapter(root / "new")
+    assert load(a, "fresh", "new").status_code == 200
+    assert "fresh" in [c["id"] for c in b.get("/v1/models", headers=AUTH).json()["data"]]
+    assert "fresh" not in server_b.engine.list_loras()
+    r = complete(b, "fresh")  # B never got the load call: it loads on demand
+    assert (
+        r.status_code == 200
+        and r.json()["choices"][0]["text"] == complete(a, "fresh").json()["choices"][0]["text"]
+    )
+    assert "fresh" in server_b.engine.list_loras()
+
+    assert unload(b, "fresh").status_code == 200 and unload(b, "alpha").status_code == 200
+    assert "fresh" in server_a.engine.list_loras()
+    assert complete(a, "fresh").status_code == 404  # A consults the registry and drops it
+    assert "fresh" not in server_a.engine.list_loras()
+
+    # replacing a name elsewhere: replica A reloads the newer version on its next request
+    assert load(b, "spare", "new").status_code == 200
+    assert complete(a, "spare").status_code == 200
+    assert (
+        server_a.adapters.held["spare"]
+        == LoraRegistry(str(root), MODEL, seed="deploy-1").get("spare").version
+    )
+
+    # a replica started later in the same deployment does not bring back the unloaded startup adapter...
+    c, _ = make_client(root)
+    assert complete(c, "alpha").status_code == 404
+    # ...a new deployment (a server restart) serves every adapter sub-directory of the root again
+    d, _ = make_client(root, seed="deploy-2")
+    ids = [m["id"] for m in d.get("/v1/models", headers=AUTH).json()["data"]]
+    assert ids == [MODEL, "alpha", "new", "spare"]
+
+
+# --- the real engine ----------------------------------------------------------------------------------------
+def peft_adapter(model_dir: Path, out: Path) -> Path:
+    """A rank-4 q/v adapter with non-zero B (so it changes greedy outputs), written by peft."""
+    import peft
+    import torch
+
+    from llmray.model.checkpoint import load_model
+
+    torch.manual_seed(3)
+    model = load_model(model_dir, kernels="torch")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    pm = peft.get_peft_model(copy.deepcopy(model), cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    pm.save_pretrained(out)
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_real_engine_serves_a_loaded_adapter_like_llm(tiny_model_dir, tmp_path):
+    pytest.importorskip("peft")
+    from llmray.engine.llm import LLM
+    from llmray.engine.sampling_params import SamplingParams
+
+    root = tmp_path / "loras"
+    root.mkdir()
+    adapter = peft_adapter(tiny_model_dir, root / "tuned")
+    (root / "pickled").mkdir()
+    (root / "pickled" / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    (root / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04not-unpickled")
+    kw = {
+        "max_num_seqs": 4,
+        "num_kv_blocks": 64,
+        "max_model_len": 128,
+        "max_lora_rank": 8,
+        "kernels": "torch",
+    }
+    server = LLMServer(str(tiny_model_dir), "tiny", engine="llmray", engine_kwargs=kw, enable_metrics=False,
+                       lora_root=str(root), lora_seed="real")  # fmt: skip
+    client = TestClient(build_openai_app(LocalBackend(server), IngressConfig("tiny", dynamic_loras=True)))
+    try:
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": "pickled"})
+        assert r.status_code == 400 and "pickle" in r.json()["error"]["message"]
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "t1", "lora_path": "tuned"})
+        assert r.status_code == 200, r.text
+        body = {"prompt": "hello world", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        base = client.post("/v1/completions", json={"model": "tiny", **body}).json()
+        served = client.post("/v1/completions", json={"model": "t1", **body}).json()
+        on_demand = client.post("/v1/completions", json={"model": "tuned", **body}).json()  # root sub-dir
+        assert served["usage"]["completion_tokens"] == 8 and served["choices"][0]["text"]
+        assert served["choices"][0]["text"] != base["choices"][0]["text"]
+        assert on_demand["choices"][0]["text"] == served["choices"][0]["text"]
+        # unload (and load another) while a request on the adapter runs: it still gets every token
+        long = {
+            "model": "t1",
+            "prompt": "hello world",
+            "max_tokens": 40,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+
+        async def unload_midway() -> tuple[list[dict], dict, dict]:
+            stream = server.stream("completions", long)
+            events = list(await anext(stream))
+            unloaded = await server.unload_adapter("t1")
+            loaded = await server.load_adapter("t2", "tuned")
+            async for batch in stream:
+                events += batch
+            return events, unloaded, loaded
+
+        events, unloaded, loaded = asyncio.run(unload_midway())
+        assert unloaded == {"lora_name": "t1", "unloaded": True} and loaded["lora_name"] == "t2"
+        assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 40
+        midway_text = "".join(ev["text"] for ev in events)
+        assert client.post("/v1/completions", json={"model": "t1", **body}).status_code == 404
+    finally:
+        server.engine.shutdown()
+    llm = LLM(tiny_model_dir, loras={"t1": str(adapter)}, **kw)
+    assert (
+        midway_text
+        == llm.generate(
+            "hello world", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), lora="t1"
+        )[0].text
+    )
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expect = llm.generate("hello world", sp, lora="t1")[0]
+    assert served["choices"][0]["text"] == expect.text
+    assert base["choices"][0]["text"] == llm.generate("hello world", sp)[0].text
+
+
+# --- Ray Serve: two replicas, multiplexed routing, streaming -------------------------------------------------
+@pytest.mark.timeout(300)
+def test_two_replicas_on_ray_serve(root, tmp_path):
+    import httpx
+    from serve_helpers import llm_server_handle, serve_app, sse_data
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    args = {"model": str(model_dir), "served_model_name": MODEL, "engine": "mock", "api_key": KEY,
+            "lora_root": str(root), "min_replicas": 2, "max_replicas": 2, "ingress_replicas": 1,
+            "num_cpus": 0.25, "engine_kwargs": {"token_delay_s": 0.001}}  # fmt: skip
+    with serve_app(args) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+        ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+        assert ids == [MODEL, "alpha", "spare"]
+        fake_adapter(root / "later")  # copied in while serving
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "later", "lora_path": "later"})
+        assert r.status_code == 200, r.text
+        time.sleep(1.0)  # the replica reports its multiplexed ids to the router every 0.1 s
+        body = {"model": "later", "prompt": "hi", "max_tokens": 5, "temperature": 0, "stream": True}
+        texts = []
+        for _ in range(4):  # multiplexed routing + streaming through the DeploymentHandle
+            with http.stream("POST", "/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                events = list(sse_data(resp.iter_lines()))
+            assert events[-1] == "[DONE]"
+            texts.append("".join(e["choices"][0]["text"] for e in events[:-1]))
+        assert len(set(texts)) == 1 and len(texts[0]) > 0
+        # Serve routed every request to the replica that got the load call: the other never loaded it
+        held = {tuple(llm_server_handle().model_info.remote().result()["loras_held"]) for _ in range(20)}
+        assert held == {("later",), ()}
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "later"}).status_code == 200
+        for _ in range(3):  # whichever replica answers, the unloaded adapter is gone
+            r = http.post("/v1/completions", json={**body, "stream": False})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert not list(root.glob("*.tmp"))  # every registry write was replaced atomically
+
+
+def test_registry_writes_from_many_writers_are_not_lost(root):
+    """Concurrent register calls (separate registries = separate replicas) all land, versions unique."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    regs = [LoraRegistry(str(root), MODEL, seed="deploy-1") for _ in range(4)]
+    names = [f"a{i}" for i in range(24)]
+    with ThreadPoolExecutor(4) as pool:
+        entries = list(pool.map(lambda i: regs[i % 4].register(names[i], root / "alpha"), range(24)))
+    on_disk = regs[0].entries()
+    assert set(names) <= set(on_disk) and len({e.version for e in entries}) == 24
+    assert all(on_disk[e.name].version == e.version for e in entries)
+    assert regs[1].unregister("a3") and not regs[2].unregister("a3") and "a3" not in regs[3].entries()
