@@ -14,6 +14,7 @@ import json
 import os
 import random
 import sysconfig
+import textwrap
 import time
 from pathlib import Path
 
@@ -60,11 +61,12 @@ def docstring_pairs(files: list[Path], limit: int, max_chars: int = 600) -> list
             tree = ast.parse(source)
         except SyntaxError:
             continue
+        lines = source.splitlines(keepends=True)  # (ast.get_source_segment re-splits the file per call)
         for node in ast.walk(tree):  # functions and methods
             if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
                 continue
             doc = ast.get_docstring(node)
-            code = ast.get_source_segment(source, node)
+            code = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno])).rstrip()
             if not doc or not code or len(code) > max_chars:
                 continue
             summary = doc.strip().splitlines()[0]
@@ -166,6 +168,7 @@ def run_demo(args: argparse.Namespace) -> int:
         app = build_app(
             {
                 "model": str(base_dir), "served_model_name": "demo-base",
+                "loras": {"demo-docstrings": str(adapter_dir)},
                 "use_gpu": args.use_gpu, "ingress_replicas": 1, "engine_kwargs": {"max_num_seqs": 16},
             }
         )  # fmt: skip
@@ -173,12 +176,19 @@ def run_demo(args: argparse.Namespace) -> int:
         serve.run(app, name="llmray-demo", route_prefix="/")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="demo")
         stages.start("ask both through the openai client")
-        answers = {}
-        for model in ("demo-base",):  # adapter serving arrives with multi-LoRA (issue 8)
+        answers, usage = {}, {}
+        served = sorted(m.id for m in client.models.list().data)
+        print(f"served models: {served}")
+        for model in ("demo-base", "demo-docstrings"):  # the base model and the LoRA adapter, one replica
             reply = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": QUESTION}], max_tokens=48, temperature=0.0
+                model=model,
+                messages=[{"role": "user", "content": QUESTION}],
+                max_tokens=48,
+                temperature=0.0,
+                frequency_penalty=1.0,  # a few-minute model repeats itself; the penalty keeps answers readable
             )
             answers[model] = reply.choices[0].message.content
+            usage[model] = reply.usage.completion_tokens
             print(f"--- {model} ---\n{answers[model]}\n")
         serve.shutdown()
     finally:
@@ -187,7 +197,9 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = {
         "pretrain": {"steps": last.get("step"), "loss": last.get("loss"), "val_loss": last.get("val_loss")},
         "finetune": {"val_loss_base": ft["val_loss_before"], "val_loss_adapter": ft["val_loss_after"]},
-        "answers": answers,  # the base model through HTTP
+        "served_models": served,  # GET /v1/models
+        "answers": answers,  # base model and adapter, through HTTP
+        "completion_tokens": usage,
         "artifacts": {
             "corpus": str(out / "corpus"), "chat_data": str(out / "chat"), "base_model": str(base_dir),
             "pretrain_metrics": str(pre["metrics_file"]), "loss_curve": str(pre["loss_curve"]),
