@@ -116,9 +116,9 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _split_optimizer_state(
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer, sd: dict[str, Any] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
+    sd = optimizer.state_dict() if sd is None else sd
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in sd["state"].items():
@@ -136,16 +136,22 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a training checkpoint directory atomically (temporary sibling, then rename)."""
+    """Write a training checkpoint directory atomically (temporary sibling, then rename).
+
+    ``model_state`` / ``optimizer_state``: already gathered full tensors (FSDP2, ``llmray.train.fsdp``)
+    to write instead of the model's and optimizer's own (sharded) state.
+    """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(model_tensors(model), str(tmp / MODEL_FILE))
+    save_file(model_state if model_state is not None else model_tensors(model), str(tmp / MODEL_FILE))
     meta: dict[str, Any] = {"trainer": state}
     if optimizer is not None:
-        tensors, meta["optimizer"] = _split_optimizer_state(optimizer)
+        tensors, meta["optimizer"] = _split_optimizer_state(optimizer, optimizer_state)
         save_file(tensors, str(tmp / OPTIM_FILE))
     (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
     if path.exists():
@@ -155,23 +161,22 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    weights: bool = True,
 ) -> dict[str, Any]:
-    """Restore model (and optimizer) in place from ``save_checkpoint``'s directory; returns the trainer state."""
+    """Restore model (and optimizer) in place from ``save_checkpoint``'s directory; returns the trainer state.
+
+    ``weights=False`` restores only the optimizer (FSDP2 loads the weights before sharding, the optimizer
+    after; its saved full tensors are cut to this rank's rows).
+    """
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"{path} is not a training checkpoint (no {STATE_FILE})")
     meta = json.loads((path / STATE_FILE).read_text())
-    weights = load_file(str(path / MODEL_FILE))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    shared = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
-        n for n, _ in model.named_parameters()
-    }
-    missing = [m for m in missing if m not in shared]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    if weights:
+        _load_weights(path, model)
     if optimizer is not None:
         if "optimizer" not in meta:
             raise ValueError(f"checkpoint {path} holds no optimizer state")
@@ -186,15 +191,39 @@ def load_checkpoint(
         for g in groups:
             if "betas" in g:
                 g["betas"] = tuple(g["betas"])
+        from llmray.train.fsdp import shard_optimizer_state
+
+        shard_optimizer_state(state, optimizer)  # no-op unless the parameters are FSDP2 DTensors
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     return meta["trainer"]
 
 
+def _load_weights(path: Path, model: torch.nn.Module) -> None:
+    weights = load_file(str(path / MODEL_FILE))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    shared = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in model.named_parameters()
+    }
+    missing = [m for m in missing if m not in shared]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
 # --- evaluation --------------------------------------------------------------------------------------------
 def evaluate_windows(
-    model: torch.nn.Module, windows: np.ndarray, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    windows: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    lockstep: bool = False,
 ) -> dict[str, float]:
-    """Mean next-token loss and accuracy over (n, T + 1) windows; sharded over ranks, all-reduced."""
+    """Mean next-token loss and accuracy over (n, T + 1) windows; sharded over ranks, all-reduced.
+
+    ``lockstep``: every rank runs the same number of forwards (FSDP2 all-gathers weights inside each
+    forward, so a rank with one batch fewer would hang the others); surplus forwards are not counted.
+    """
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -205,7 +234,11 @@ def evaluate_windows(
     was_training = model.training
     model.eval()
     with torch.no_grad(), autocast_context(device):
-        for i in range(0, len(mine), batch_size):
+        n_batches = math.ceil(math.ceil(len(windows) / world) / batch_size) if lockstep else None
+        starts = list(range(0, len(mine), batch_size))
+        for _ in range(len(starts), n_batches or 0):
+            model(torch.from_numpy(windows[:1, :-1]).to(device))  # keeps the collectives in step
+        for i in starts:
             batch = torch.from_numpy(mine[i : i + batch_size]).to(device)
             logits = model(batch[:, :-1])  # (B, T, V) fp32
             targets = batch[:, 1:]

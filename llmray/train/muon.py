@@ -19,7 +19,9 @@ Matrices of one shape are orthogonalised together as a batch (one bmm per Newton
 of one matmul per matrix). Under data parallelism (``torch.distributed`` initialised) every rank holds
 the same all-reduced gradients; each rank updates the momentum of every matrix (cheap, element-wise,
 so every rank's state is complete and rank 0 can checkpoint it), orthogonalises only its 1/world share
-of each shape group, and the new weights are all-gathered.
+of each shape group, and the new weights are all-gathered. Under FSDP2 (parameters are DTensors holding
+rows of each matrix) each update matrix is brought whole to one rank, orthogonalised there, and every
+rank gets its rows back (``llmray.train.fsdp.orthogonalize_rows``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from llmray.train.fsdp import is_dtensor, orthogonalize_rows
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -141,6 +145,9 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
         for p in params:
             by_shape.setdefault(tuple(p.shape), []).append(p)
+        if any(is_dtensor(p) for p in params):  # FSDP2: each rank holds rows of every matrix
+            self._muon_sharded(group, by_shape)
+            return
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
         for shape, plist in by_shape.items():
@@ -167,6 +174,24 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
                 gathered = torch.cat(recv)  # (world * per_rank, rows, cols)
                 for i, p in enumerate(plist):
                     p.copy_(gathered[i])
+
+    def _muon_sharded(
+        self, group: dict[str, Any], by_shape: dict[tuple[int, ...], list[torch.Tensor]]
+    ) -> None:
+        """FSDP2 (DTensor rows): each update matrix is orthogonalised whole by one rank, rows sent back.
+
+        ``orthogonalize_rows`` moves the matrices (all-to-all) so each rank runs Newton-Schulz on 1/world
+        of them; the result equals the unsharded update.
+        """
+        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        ns_steps = group["ns_steps"]
+        for shape, plist in by_shape.items():
+            bufs = [self.state[p]["momentum_buffer"] for p in plist]
+            upd = torch._foreach_lerp([p.grad for p in plist], bufs, mu) if group["nesterov"] else bufs
+            ortho = orthogonalize_rows(upd, lambda x: zeropower_via_newtonschulz5(x, steps=ns_steps))
+            if wd:
+                torch._foreach_mul_(plist, 1 - lr * wd)
+            torch._foreach_add_(plist, ortho, alpha=-adjusted_lr(lr, shape, group["adjust_lr_fn"]))
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
         params = [p for p in group["params"] if p.grad is not None]

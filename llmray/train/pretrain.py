@@ -3,12 +3,13 @@
 The driver (``run_pretrain``) reads and tokenizes the corpus with Ray Data (training a tokenizer first
 when none is given), splits it 90/10, builds the packed-window dataset and starts a ``TorchTrainer``
 (``ScalingConfig(num_workers, use_gpu)``, ``RunConfig(name, storage_path, FailureConfig(max_failures))``).
-Each worker (``train_worker``) runs ``train_steps``: DDP when more than one worker, bf16 autocast on
-GPU, optional ``torch.compile``, gradient accumulation, warmup + cosine/WSD, gradient clipping, periodic
-validation, and every ``checkpoint_every`` steps ``ray.train.report`` with a checkpoint holding model,
-optimizer (Muon momentum included), schedule, step and data position (safetensors + JSON). A restarted
-worker group (``max_failures``) or a re-run with the same output directory resumes from the latest
-checkpoint: the data shard skips the batches already consumed, so the loss curve continues unchanged.
+Each worker (``train_worker``) runs ``train_steps``: DDP (or FSDP2 with ``parallel="fsdp"``,
+``llmray.train.fsdp``) when more than one worker, bf16 autocast on GPU, optional ``torch.compile``,
+gradient accumulation, warmup + cosine/WSD, gradient clipping, periodic validation, and every
+``checkpoint_every`` steps ``ray.train.report`` with a checkpoint holding model, optimizer (Muon
+momentum included), schedule, step and data position (safetensors + JSON). A restarted worker group
+(``max_failures``) or a re-run with the same output directory resumes from the latest checkpoint: the
+data shard skips the batches already consumed, so the loss curve continues unchanged.
 Finally the driver writes the model as a Hugging Face Qwen3 directory with its tokenizer into ``out``,
 next to ``metrics.jsonl`` (rank 0, every step) and ``loss_curve.png``.
 
@@ -23,6 +24,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +37,8 @@ import torch
 
 from llmray.config import ModelConfig
 from llmray.train import data as D
+from llmray.train import fsdp as P
+from llmray.train.fsdp import PARALLEL_MODES
 from llmray.train.loop import (
     MetricsLogger,
     autocast_context,
@@ -66,6 +70,7 @@ class PretrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional, so Ray Data keeps CPUs next to the workers
     optimizer: str = "muon"
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block; llmray.train.fsdp)
     seq_len: int = 256
     batch_size: int = 64  # sequences per optimizer step per worker (micro_batch_size * grad_accum)
     grad_accum: int = 1
@@ -88,12 +93,15 @@ class PretrainConfig:
     max_failures: int = 0
     target_val_loss: float | None = None  # stop once validation reaches it (benchmarks)
     fail_at_step: int | None = None  # testing: the first attempt raises at this step
+    fail_kill: bool = False  # testing: at fail_at_step, SIGKILL the rank-0 worker process instead of raising
 
     def __post_init__(self) -> None:
         if not self.data or not self.out:
             raise ValueError("pretraining needs --data PATH|GLOB and --out DIR")
         if self.optimizer not in ("muon", "adamw"):
             raise ValueError(f"--optimizer must be muon or adamw, got {self.optimizer!r}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"--parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}"
@@ -122,24 +130,24 @@ def train_steps(
     """Train from step 0 or from ``resume_dir``; ``report(metrics, checkpoint_dir_or_None)`` at checkpoints."""
     from llmray.model.qwen3 import Qwen3ForCausalLM
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # every rank draws the same initial weights
     model = Qwen3ForCausalLM(model_config, kernels=cfg.kernels).to(device)
-    opt = build_optimizer(model, cfg.optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+    fsdp = cfg.parallel == "fsdp" and world > 1
     state: dict[str, Any] = {"step": 0, "batches_consumed": 0, "elapsed_s": 0.0}
     if resume_dir is not None:
-        state = load_checkpoint(resume_dir, model, opt)
+        state = load_checkpoint(resume_dir, model, None)  # weights first: FSDP2 shards the loaded model
+    if state["step"] >= cfg.max_steps:  # a re-run of a finished run (same output directory): nothing left
+        return {"step": state["step"]}
+    compile_mode = ("blocks" if fsdp else "model") if cfg.compile else "none"
+    train_fwd = P.parallelize(model, cfg.parallel, world, device, compile_mode)
+    fwd = train_fwd._orig_mod if compile_mode == "model" else train_fwd  # type: ignore[union-attr]
+    opt = build_optimizer(model, cfg.optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+    if resume_dir is not None:
+        load_checkpoint(resume_dir, model, opt, weights=False)
     step = state["step"]
-    if step >= cfg.max_steps:  # a re-run of a finished run (same output directory): nothing left to do
-        return {"step": step}
     for _ in range(state["batches_consumed"]):  # Ray Data iterators cannot seek: replay the order, drop
         _next_batch(batches, state["batches_consumed"])
     consumed = state["batches_consumed"]
-    fwd: torch.nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        fwd = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_fwd = torch.compile(fwd) if cfg.compile else fwd
     val_win = D.val_windows(val_tokens, cfg.seq_len, cfg.eval_windows)
     logger = MetricsLogger(
         Path(cfg.out) / "metrics.jsonl", cfg.max_steps, resume_step=step, enabled=rank == 0
@@ -157,7 +165,9 @@ def train_steps(
             batch = _next_batch(batches, consumed)  # (B, T + 1)
             consumed += 1
             sync = world == 1 or micro == cfg.grad_accum - 1
-            ctx = fwd.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
+            ctx = fwd.no_sync() if not (sync or fsdp) else contextlib.nullcontext()  # type: ignore[operator]
+            if fsdp:
+                P.set_gradient_sync(model, sync)
             with ctx, autocast_context(device):
                 loss = train_fwd(batch[:, :-1], targets=batch[:, 1:]) / cfg.grad_accum
                 loss.backward()
@@ -170,6 +180,8 @@ def train_steps(
             marker = Path(cfg.out) / ".injected_failure"
             if not marker.exists():
                 marker.write_text("1")
+                if cfg.fail_kill:  # a hard crash of the worker process: no exception, no cleanup
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected failure at step {step} (fail_at_step, for tests)")
         record: dict[str, Any] = {}
         is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
@@ -184,14 +196,14 @@ def train_steps(
                 "step": step,
                 "loss": loss_sum.item(),
                 "lr": opt.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm),
+                "grad_norm": P.to_float(grad_norm),
                 "tokens_per_s": tok_s,
                 "mfu": mfu(tok_s, model_config, cfg.seq_len) if device.type == "cuda" else 0.0,
                 "tokens": step * tokens_per_step,
                 "elapsed_s": elapsed0 + now - t_start,
             }
         if is_eval:
-            record.update(evaluate_windows(model, val_win, cfg.micro_batch_size, device))
+            record.update(evaluate_windows(model, val_win, cfg.micro_batch_size, device, lockstep=fsdp))
             record["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
         reached = cfg.target_val_loss is not None and record.get("val_loss", 1e9) <= cfg.target_val_loss
         if record:
@@ -207,10 +219,12 @@ def train_steps(
                 "schedule": cfg.schedule,
                 "max_steps": cfg.max_steps,
             }
+            # FSDP2: every rank joins the gathers; rank 0 writes the same plain files as without sharding
+            full = (P.full_model_tensors(model), P.full_optimizer_state(opt)) if fsdp else (None, None)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt_dir = None
                 if rank == 0:
-                    ckpt_dir = str(save_checkpoint(Path(tmp) / "checkpoint", model, opt, state))
+                    ckpt_dir = str(save_checkpoint(Path(tmp) / "checkpoint", model, opt, state, *full))
                 report(dict(last, step=step), ckpt_dir)
         if reached:
             break
@@ -413,11 +427,12 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
         "preset": "model shape (tiny, seed-7m, shakespeare-char, qwen3-0.6b, qwen3-1.7b)",
         "tokenizer": "char | bpe (trained on the corpus) | DIR with tokenizer.json",
         "optimizer": "muon (Muon + AdamW) | adamw",
+        "parallel": "ddp (replicated weights) | fsdp (FSDP2: weights, grads, optimizer state sharded)",
         "schedule": "cosine | wsd | constant",
         "storage_path": "Ray Train storage (default OUT/ray_results; s3:// on clusters)",
     }
     for f in dataclasses.fields(PretrainConfig):
-        if f.name in ("data", "out", "fail_at_step"):
+        if f.name in ("data", "out", "fail_at_step", "fail_kill"):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -429,7 +444,11 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
             kind = {int: int, float: float}.get(type(default), str)
             if f.name == "target_val_loss":
                 kind = float
-            choices = {"optimizer": ("muon", "adamw"), "schedule": ("cosine", "wsd", "constant")}.get(f.name)
+            choices = {
+                "optimizer": ("muon", "adamw"),
+                "schedule": ("cosine", "wsd", "constant"),
+                "parallel": PARALLEL_MODES,
+            }.get(f.name)
             choices = ("auto", "torch", "triton") if f.name == "kernels" else choices
             p.add_argument(
                 flag,
