@@ -141,7 +141,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         bufs = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - mu)
+        torch._foreach_lerp_(_local(bufs), _local([p.grad for p in params]), 1 - mu)
         by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
         for p in params:
             by_shape.setdefault(tuple(p.shape), []).append(p)
@@ -187,11 +187,15 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         ns_steps = group["ns_steps"]
         for shape, plist in by_shape.items():
             bufs = [self.state[p]["momentum_buffer"] for p in plist]
-            upd = torch._foreach_lerp([p.grad for p in plist], bufs, mu) if group["nesterov"] else bufs
+            upd = bufs
+            if group["nesterov"]:  # elementwise on the local shards, then wrapped as DTensors again
+                local = torch._foreach_lerp(_local([p.grad for p in plist]), _local(bufs), mu)
+                upd = [_like(t, b) for t, b in zip(local, bufs, strict=True)]
             ortho = orthogonalize_rows(upd, lambda x: zeropower_via_newtonschulz5(x, steps=ns_steps))
             if wd:
-                torch._foreach_mul_(plist, 1 - lr * wd)
-            torch._foreach_add_(plist, ortho, alpha=-adjusted_lr(lr, shape, group["adjust_lr_fn"]))
+                torch._foreach_mul_(_local(plist), 1 - lr * wd)
+            step_lr = adjusted_lr(lr, shape, group["adjust_lr_fn"])
+            torch._foreach_add_(_local(plist), _local(ortho), alpha=-step_lr)
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -208,9 +212,10 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             state["step"] += 1
         # every parameter of a group is created together, so they share one step count
         step = self.state[params[0]]["step"]
-        grads = [p.grad for p in params]
-        m = [self.state[p]["exp_avg"] for p in params]
-        v = [self.state[p]["exp_avg_sq"] for p in params]
+        grads = _local([p.grad for p in params])
+        m = _local([self.state[p]["exp_avg"] for p in params])
+        v = _local([self.state[p]["exp_avg_sq"] for p in params])
+        params = _local(params)
         torch._foreach_lerp_(m, grads, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
@@ -221,6 +226,23 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_addcdiv_(params, m, denom, value=-lr / bias1)
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The local shards of DTensors (FSDP2), other tensors as they are: the optimizer's elementwise
+    foreach ops run on shards (torch 2.11's DTensor has no sharding rule for some of them, e.g. lerp)."""
+    return [t.to_local() if is_dtensor(t) else t for t in tensors]
+
+
+def _like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``local`` wrapped as a DTensor placed like ``like`` (or ``local`` itself for a plain tensor)."""
+    if not is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
 
 
 def muon_param_groups(
