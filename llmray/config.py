@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -248,36 +248,3 @@ class LoraConfig:
         if not names:
             raise ValueError(f"LoRA targets {self.targets!r} name no modules")
         return names
-
-
-@dataclass
-class TrainConfig:
-    """Pretraining/fine-tuning loop settings (see llmray/train)."""
-
-    seq_len: int = 256
-    batch_size: int = 32  # sequences per step per worker (micro-batch × grad_accum)
-    grad_accum: int = 1
-    max_steps: int = 1000
-    lr: float = 1e-3
-    muon_lr: float = 0.02
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # cosine | wsd | constant
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    optimizer: str = "muon"  # muon | adamw
-    eval_every: int = 100
-    eval_batches: int = 20
-    checkpoint_every: int = 200
-    seed: int = 0
-    compile: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("muon", "adamw"):
-            raise ValueError(f"optimizer must be muon or adamw, got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "wsd", "constant"):
-            raise ValueError(f"schedule must be cosine, wsd or constant, got {self.schedule!r}")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -27,3 +27,22 @@ def test_generate_reports_bad_values(tiny_model_dir, capsys):
     args = _parse(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--top-p", "0"])
     assert args.func(args) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_generate_with_a_lora_adapter(tiny_model_dir, tmp_path, capsys):
+    from _support.lora import ALL_LINEAR, make_peft_adapter
+
+    from llmray.model.checkpoint import load_model
+
+    make_peft_adapter(load_model(tiny_model_dir, kernels="torch"), tmp_path / "a", ALL_LINEAR, 4, 8, seed=5)
+    argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "hello", "--max-tokens", "6"]
+    args = _parse([*argv, "--lora", str(tmp_path / "a")])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    tuned = LLM(tiny_model_dir, loras={"a": tmp_path / "a"}).generate("hello", params, lora="a")[0]
+    assert printed == tuned.text + "\n"
+    assert tuned.token_ids != LLM(tiny_model_dir).generate("hello", params)[0].token_ids
+    args = _parse([*argv, "--lora", str(tmp_path)])  # not an adapter directory: a clear error, exit 2
+    assert args.func(args) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
