@@ -129,6 +129,12 @@ class LLMEngine:
                 )
             if lora not in self.lora.paths:
                 raise ValueError(f"unknown LoRA adapter {lora!r}; this engine has {self.lora.names()}")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(
+                f"SamplingParams.stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+            )
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
 
     # --- LoRA adapters (call from the engine's thread) -------------------------------------------

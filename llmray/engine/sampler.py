@@ -92,7 +92,7 @@ class Sampler:
             ids = [tokens[:, None]]
             vals = [chosen]
             if n_logprobs:
-                top = raw_logprobs.topk(n_logprobs, dim=-1)
+                top = raw_logprobs.topk(min(n_logprobs, vocab), dim=-1)
                 vals.append(top.values)
                 ids.append(top.indices)
             out.logprobs, out.logprob_ids = torch.cat(vals, 1), torch.cat(ids, 1)
@@ -145,12 +145,14 @@ class Sampler:
 
     def _top_k_top_p(self, logits: torch.Tensor, params: list) -> torch.Tensor:
         vocab = logits.shape[1]
-        k = self._tensor([p.top_k if p.top_k > 0 else vocab for p in params], torch.long)
+        k = self._tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], torch.long)
         top_p = self._tensor([p.top_p for p in params], torch.float32)
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
         sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
         sorted_p = torch.softmax(sorted_logits, dim=-1)
-        drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p[:, None]  # always keeps the first token
+        # the mass before each token reaching top_p drops it; the most likely token always stays (a top_p
+        # that underflows float32 to 0 would otherwise drop every token)
+        drop = ((sorted_p.cumsum(dim=-1) - sorted_p) >= top_p[:, None]) & (ranks > 0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)

@@ -46,7 +46,11 @@ class SamplingParams:
                 all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                 "token ids >= 0",
             ),
-            ("seed", self.seed is None or isinstance(self.seed, int), "None or an integer"),
+            (
+                "seed",
+                self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
+                "None or an integer in [-2**63, 2**64)",
+            ),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -58,7 +62,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below 1e-5 sample greedily (as vLLM): dividing by them overflows float32."""
+        return self.temperature < 1e-5
 
     @property
     def has_penalties(self) -> bool:
