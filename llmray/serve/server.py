@@ -218,6 +218,14 @@ class LLMServer:
         return asked
 
     def _sampling(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int, i: int) -> Any:
+        vocab = self.tokenizer.vocab_size
+        outside = [t for t in req.stop_token_ids or [] if t >= vocab]
+        if outside:  # the engine indexes logits with them (min_tokens masking)
+            raise APIError(
+                400,
+                f"stop_token_ids holds {outside[0]}, outside the vocabulary [0, {vocab})",
+                "stop_token_ids",
+            )
         kwargs: dict[str, Any] = {
             "max_tokens": max_tokens,
             "min_tokens": min(req.min_tokens, max_tokens),

@@ -1,0 +1,181 @@
+"""Faults in serving: the engine replica is SIGKILLed mid-load; graceful shutdown drains in-flight requests.
+
+One Serve app (real engine, tiny model, one LLMServer replica with a 1 s health check, one ingress). While
+streamed and non-streamed requests run, the LLMServer replica's process is killed with SIGKILL (a crash,
+no cleanup). Then: every in-flight client ends well before its timeout with an error in the OpenAI
+envelope, as a retryable 503 ``engine_unavailable`` (an SSE ``data: {"error": ...}`` event then ``[DONE]``
+for streams, a JSON body otherwise); Serve starts a new replica; ``/health`` answers promptly throughout
+(503 while no engine can answer, 200 after); requests sent after the crash wait for the new replica, and
+they and later ones succeed with the same greedy output as before the crash. Last, deleting the app
+while requests stream drains them: each finishes with all its tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from rel_helpers import AUTH, MODEL, replica_pids, serve_app, stream_completion, wait_for
+
+pytestmark = pytest.mark.timeout(400)
+CLIENT_TIMEOUT_S = 60.0
+GREEDY = {"model": MODEL, "prompt": "the same prompt", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+LONG = {"model": MODEL, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def url(tiny_model_dir):
+    args = {
+        "model": str(tiny_model_dir),
+        "engine": "llmray",
+        # a tight token budget keeps 200-token requests running for seconds on the tiny model
+        "engine_kwargs": {"max_num_seqs": 16, "num_kv_blocks": 256, "max_model_len": 512, "kernels": "torch"},
+        "ingress_replicas": 1,
+        "num_cpus": 0.5,
+        "health_check_period_s": 1.0,
+        "stream_interval_ms": 0,
+    }
+    with serve_app(args) as base:
+        yield base
+
+
+def _greedy_text(url: str) -> str:
+    r = httpx.post(f"{url}/v1/completions", headers=AUTH, json=GREEDY, timeout=CLIENT_TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def _health(url: str) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    try:
+        status = httpx.get(f"{url}/health", timeout=CLIENT_TIMEOUT_S).status_code
+    except httpx.HTTPError:
+        status = -1
+    return status, time.perf_counter() - t0
+
+
+async def _non_streamed(client: httpx.AsyncClient, url: str, i: int) -> tuple[int, dict, float]:
+    t0 = time.perf_counter()
+    body = {**LONG, "prompt": f"non-streamed {i}"}
+    r = await client.post(f"{url}/v1/completions", headers=AUTH, json=body, timeout=CLIENT_TIMEOUT_S)
+    return r.status_code, r.json(), time.perf_counter() - t0
+
+
+async def _greedy(client: httpx.AsyncClient, url: str) -> tuple[int, str]:
+    r = await client.post(f"{url}/v1/completions", headers=AUTH, json=GREEDY, timeout=CLIENT_TIMEOUT_S)
+    return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+
+
+def _envelope(err: dict) -> bool:
+    return set(err) >= {"message", "type", "param", "code"} and isinstance(err["message"], str)
+
+
+def test_replica_crash_mid_load(url):
+    before_text = _greedy_text(url)
+    [pid] = replica_pids("LLMServer")
+    health_log: list[tuple[int, float]] = []
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
+            streams = [
+                asyncio.create_task(stream_completion(client, url, {**LONG, "prompt": f"stream {i}"}))
+                for i in range(12)
+            ]
+            plain = [asyncio.create_task(_non_streamed(client, url, i)) for i in range(4)]
+            await asyncio.sleep(1.5)  # the streams are producing tokens now
+            os.kill(pid, signal.SIGKILL)
+            t_kill = time.perf_counter()
+            await asyncio.sleep(0.5)
+            # sent after the crash, not in flight: they wait for the new replica and succeed
+            later = [asyncio.create_task(_greedy(client, url)) for _ in range(3)]
+            for _ in range(3):  # /health while the replica is gone: prompt, never hanging
+                health_log.append(await asyncio.to_thread(_health, url))
+            return (
+                await asyncio.gather(*streams),
+                await asyncio.gather(*plain),
+                await asyncio.gather(*later),
+                t_kill,
+            )
+
+    t0 = time.perf_counter()
+    streamed, plain, later, t_kill = asyncio.run(scenario())
+    assert time.perf_counter() - t0 < CLIENT_TIMEOUT_S  # nobody hung until the client timeout
+
+    for res in streamed:
+        assert res.status == 200 and res.exception is None, res
+        assert res.done  # the stream was closed properly with [DONE]
+        assert len(res.chunks) >= 1  # it was in flight when the replica died
+        finished = [c for c in res.chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        if not finished:  # cut by the crash: told so in-band, in the envelope, as retryable
+            assert res.error is not None and _envelope(res.error), res
+            assert res.error["code"] == "engine_unavailable" and res.error["type"] == "service_unavailable"
+    assert sum(r.error is not None for r in streamed) >= 6  # most of them were cut mid-stream
+    for status, body, _ in plain:
+        if status != 200:
+            assert status == 503 and _envelope(body["error"]), (status, body)
+            assert body["error"]["code"] == "engine_unavailable"
+    assert any(status != 200 for status, _, _ in plain)
+
+    assert later == [(200, before_text)] * 3, later
+    for status, seconds in health_log:  # 503 while no replica answers within 3 s, never a hang
+        assert status in (200, 503) and seconds < 6, health_log
+    assert health_log[0][0] == 503  # a new replica takes longer than 3 s to load the engine
+
+    # Serve replaces the replica; /health reports it; requests succeed again with the same greedy output
+    assert wait_for(lambda: replica_pids("LLMServer") not in ([], [pid]), 90, interval_s=1.0)
+    assert wait_for(lambda: _health(url)[0] == 200, 60, interval_s=0.5)
+    [new_pid] = replica_pids("LLMServer")
+    assert new_pid != pid
+    assert [_greedy_text(url) for _ in range(3)] == [before_text] * 3
+    cut = next(r.error for r in streamed if r.error)
+    failed = next(body for status, body, _ in plain if status != 200)
+    print(
+        f"\nhealth after the kill: {health_log}; recovered {time.perf_counter() - t_kill:.1f}s after it; "
+        f"stream error {cut}; non-streamed error {failed}; {sum(r.error is not None for r in streamed)}/12 "
+        f"streams and {sum(st != 200 for st, _, _ in plain)}/4 non-streamed requests cut"
+    )
+
+
+def test_graceful_shutdown_drains_in_flight_requests(url):
+    from ray import serve
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
+            streams = [
+                asyncio.create_task(
+                    stream_completion(client, url, {**LONG, "max_tokens": 120, "prompt": f"drain {i}"})
+                )
+                for i in range(6)
+            ]
+            await asyncio.sleep(1.0)
+            deleter = threading.Thread(target=serve.delete, args=("llmray",), daemon=True)
+            deleter.start()  # the app goes away while they stream
+            results = await asyncio.gather(*streams)
+            await asyncio.to_thread(deleter.join, 60)
+            return results
+
+    results = asyncio.run(scenario())
+    for res in results:
+        assert res.status == 200 and res.exception is None and res.error is None, res
+        assert res.done
+        assert res.chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for c in res.chunks if c["choices"]) >= 2
+    assert "llmray" not in serve.status().applications  # and the app is gone
+
+
+def test_deployments_drain_for_longer_than_serves_default(tiny_model_dir):
+    """Serve's default graceful_shutdown_timeout_s (20 s) would cut long generations at downscale."""
+    from llmray.serve.app import build_app
+
+    app = build_app({"model": str(tiny_model_dir), "engine": "mock"})
+    ingress = app._bound_deployment
+    llm_server = ingress.init_args[0]._bound_deployment
+    for dep in (ingress, llm_server):
+        assert dep._deployment_config.graceful_shutdown_timeout_s == 120.0
+    app = build_app({"model": str(tiny_model_dir), "engine": "mock", "graceful_shutdown_timeout_s": 600})
+    assert app._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 600
