@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import serve
 
 from llmray.serve.ingress import HandleBackend, IngressConfig, build_openai_app
+from llmray.serve.lora_registry import scan_root
 from llmray.serve.protocol import check_adapter_name
 from llmray.serve.server import LLMServer
 
@@ -86,9 +87,8 @@ class ServeArgs(BaseModel):
             root = Path(self.lora_root)
             if not root.is_dir():
                 raise ValueError(f"lora_root {self.lora_root!r} is not a directory")
-            for sub in sorted(root.iterdir()):
-                if (sub / "adapter_config.json").exists():
-                    loras.setdefault(sub.name, str(sub))
+            for name, path in scan_root(root).items():
+                loras.setdefault(name, path)
         for name in loras:
             check_adapter_name(name)  # names are client-visible model ids: never a path
         return loras

@@ -108,11 +108,20 @@ def resolve_under(root: str | Path, lora_path: str) -> Path:
 
 
 def scan_root(root: str | Path) -> dict[str, str]:
-    """{sub-directory name: path} for each sub-directory of ``root`` that holds an adapter_config.json."""
+    """{sub-directory name: path} for each sub-directory of ``root`` that holds an adapter_config.json.
+
+    A symlink leading out of the root is skipped (with a warning), as ``load_lora_adapter`` refuses it.
+    """
     found = {}
     for sub in sorted(Path(root).iterdir()):
-        if (sub / "adapter_config.json").exists():
-            found[sub.name] = str(sub)
+        if not (sub / "adapter_config.json").exists():
+            continue
+        try:
+            resolve_under(root, sub.name)
+        except RegistryError as e:
+            logger.warning("skipping adapter directory %s: %s", sub, e)
+            continue
+        found[sub.name] = str(sub)
     return found
 
 

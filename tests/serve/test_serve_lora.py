@@ -347,3 +347,13 @@ def test_registry_writes_from_many_writers_are_not_lost(root):
     assert set(names) <= set(on_disk) and len({e.version for e in entries}) == 24
     assert all(on_disk[e.name].version == e.version for e in entries)
     assert regs[1].unregister("a3") and not regs[2].unregister("a3") and "a3" not in regs[3].entries()
+
+
+def test_directory_discovery_skips_symlinks_out_of_the_root(root, tmp_path):
+    from llmray.serve.lora_registry import scan_root
+
+    outside = fake_adapter(tmp_path / "elsewhere")
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    (root / "inside-link").symlink_to(root / "alpha", target_is_directory=True)
+    found = scan_root(root)
+    assert "escape" not in found and "inside-link" in found and "alpha" in found
