@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from _support.polling import wait_for  # noqa: F401  (re-exported for the tests here)
 
 KEY = "sk-rel"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -48,15 +49,6 @@ def serve_app(app_args: dict[str, Any], shutdown: bool = True) -> Iterator[str]:
             with contextlib.suppress(Exception):
                 serve.shutdown()
         ray.shutdown()
-
-
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return bool(predicate())
 
 
 def engine_stats() -> dict[str, Any]:

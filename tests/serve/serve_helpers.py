@@ -6,9 +6,10 @@ import contextlib
 import json
 import os
 import socket
-import time
 from collections.abc import Iterator
 from typing import Any
+
+from _support.polling import wait_for  # noqa: F401  (re-exported for the tests here)
 
 KEY = "sk-llmray-test"
 
@@ -60,15 +61,6 @@ def replica_count(deployment: str = "LLMServer") -> int:
 
     status = serve.status().applications["llmray"].deployments[deployment]
     return int(status.replica_states.get("RUNNING", 0))
-
-
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()
 
 
 def sse_data(lines: Iterator[str]) -> Iterator[Any]:
