@@ -9,6 +9,7 @@ and a consumer that stops iterating aborts its request (its KV blocks are freed 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import uuid
@@ -23,6 +24,7 @@ from llmray.engine.outputs import RequestOutput
 from llmray.engine.sampling_params import SamplingParams
 
 __all__ = ["LLM", "AsyncLLM", "RequestOutput", "SamplingParams", "build_engine"]
+logger = logging.getLogger("llmray.engine")
 
 
 def build_engine(
@@ -159,6 +161,7 @@ class AsyncLLM(_EngineFront):
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._error: BaseException | None = None
+        self._failures = 0  # consecutive failed steps
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="llmray-engine", daemon=True)
         self._thread.start()
@@ -210,7 +213,13 @@ class AsyncLLM(_EngineFront):
                 except queue.Empty:
                     pass
                 if self.engine.has_unfinished():
-                    for out in self.engine.step():
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:
+                        self._fail_running(e)  # raises again if the engine cannot recover
+                        continue
+                    self._failures = 0
+                    for out in outputs:
                         self._push(out.request_id, out)
         except BaseException as e:  # the loop is dead: every waiting request gets the error
             self._error = e
@@ -218,6 +227,20 @@ class AsyncLLM(_EngineFront):
                 streams = list(self._streams)
             for request_id in streams:
                 self._push(request_id, e)
+
+    def _fail_running(self, error: Exception) -> None:
+        """A step raised: fail the requests it held (each stream gets the error), then keep serving.
+
+        A second failure in a row (e.g. a broken device) re-raises and ends the loop.
+        """
+        self._failures += 1
+        logger.exception("engine step failed; aborting %d request(s)", len(self.engine.requests))
+        if self._failures > 1:
+            raise error
+        self.engine._inflight = None  # the launched step is abandoned with its requests
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            self._push(request_id, RuntimeError(f"the engine step failed: {error!r}"))
 
     # --- public API ---------------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -251,6 +274,8 @@ class AsyncLLM(_EngineFront):
                 item = await q.get()
                 if isinstance(item, ValueError):
                     raise item
+                if isinstance(item, RuntimeError):
+                    raise item  # this request's step failed, or the loop died
                 if isinstance(item, BaseException):
                     raise RuntimeError(f"the engine loop died: {item!r}") from item
                 finished = item.finished

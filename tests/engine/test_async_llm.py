@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from llmray.engine.llm import AsyncLLM
 from llmray.engine.sampling_params import SamplingParams
@@ -83,6 +82,30 @@ def test_bad_request_raises_value_error(engine):
     assert engine.is_alive()
 
 
+def test_a_failed_step_fails_its_requests_and_the_engine_keeps_serving(engine, monkeypatch, tiny_model):
+    launch = engine.engine.runner.launch
+    calls = [0]
+
+    def fails_once(*a, **k):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("one bad step")
+        return launch(*a, **k)
+
+    monkeypatch.setattr(engine.engine.runner, "launch", fails_once)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        return [o async for o in engine.generate_stream([1, 2, 3], params)]
+
+    with pytest.raises(RuntimeError, match="engine step failed.*one bad step"):
+        asyncio.run(main())
+    assert engine.is_alive()
+    assert asyncio.run(main())[-1].token_ids == generate(tiny_model, [1, 2, 3], 4)
+    s = engine.stats()
+    assert s["num_running"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]
+
+
 def test_dead_loop_is_reported(engine, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("device lost")
@@ -93,9 +116,10 @@ def test_dead_loop_is_reported(engine, monkeypatch):
         async for _ in engine.generate_stream([1, 2, 3], SamplingParams(max_tokens=4)):
             pass
 
+    with pytest.raises(RuntimeError, match="engine step failed.*device lost"):
+        asyncio.run(main())  # the first failure fails its requests only
     with pytest.raises(RuntimeError, match="device lost"):
-        asyncio.run(main())
+        asyncio.run(main())  # a second failure in a row ends the loop
     assert not engine.is_alive()
     with pytest.raises(RuntimeError, match="engine loop died"):
         asyncio.run(main())
-    torch.manual_seed(0)
