@@ -197,6 +197,14 @@ class LLMEngine:
         self._release(req.seq)
         return self._output(req)
 
+    def abort_all(self) -> list[str]:
+        """Abort every request and drop a launched step (after a failed step); returns their ids."""
+        self._inflight = None
+        ids = list(self.requests)
+        for request_id in ids:
+            self.abort(request_id)
+        return ids
+
     # --- one step -----------------------------------------------------------------------------
     # With ``async_scheduling`` the next step is scheduled and launched before the current one is read back,
     # so the host work (scheduling, inputs, postprocessing) overlaps the GPU. The next step's input for a

@@ -237,9 +237,7 @@ class AsyncLLM(_EngineFront):
         logger.exception("engine step failed; aborting %d request(s)", len(self.engine.requests))
         if self._failures > 1:
             raise error
-        self.engine._inflight = None  # the launched step is abandoned with its requests
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
+        for request_id in self.engine.abort_all():
             self._push(request_id, RuntimeError(f"the engine step failed: {error!r}"))
 
     # --- public API ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from llmray.engine.block_manager import cdiv
 from llmray.engine.sampler import Sampler, SamplerOutput
 from llmray.engine.scheduler import ScheduledSeq
 from llmray.engine.sequence import Sequence
+from llmray.kernels._common import num_sms
 from llmray.kernels.paged_attention import default_num_splits
 
 
@@ -67,9 +68,7 @@ class ModelRunner:
         self.eos_token_id = eos_token_id
         self.is_cuda = self.device.type == "cuda"
         self.use_triton = self.is_cuda  # tests set it on CPU under TRITON_INTERPRET=1
-        self.num_sms = (
-            torch.cuda.get_device_properties(self.device).multi_processor_count if self.is_cuda else 1
-        )
+        self.num_sms = num_sms(self.device) if self.is_cuda else 1
         self.buckets = decode_buckets(config.max_num_seqs)
         self.num_blocks = config.num_kv_blocks or self._profile_num_blocks()
         shape = (2, self.num_layers, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)

@@ -6,6 +6,7 @@ No ``@triton.autotune`` anywhere: configs come from a simple size heuristic, whi
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -50,9 +51,18 @@ def row_block_config(n_cols: int, n_rows: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (read once per device)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def num_programs_for_reduction(n_rows: int, device: torch.device) -> int:
     """How many programs share the rows of a weight-gradient reduction (partial sums, then a sum)."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, 4 * sms))
+        return max(1, min(n_rows, 4 * num_sms(device)))
     return max(1, min(n_rows, 4))

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmray.kernels._common import num_sms
+
 
 @triton.jit
 def _next_slot(slots, cur):
@@ -97,17 +99,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 models keep fp32 products
 
 
-_SMS: dict[int, int] = {}
-
-
 def _num_splits(tiles: int, k: int, device: torch.device) -> int:
     """Split K so that a small batch (decode: 16 row tiles) still fills the GPU: ~2 programs per SM."""
     if device.type != "cuda":
         return 2 if k > 64 else 1  # the interpreter: still exercise the split path
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return max(1, min(16, triton.cdiv(2 * _SMS[idx], tiles), k // 128))
+    return max(1, min(16, triton.cdiv(2 * num_sms(device), tiles), k // 128))
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -39,12 +39,15 @@ class ShrinkGroup:
     """Stacked A matrices of linears sharing an input: (S, G·R, K); member i owns rows [i·R, (i+1)·R)."""
 
     def __init__(self, size: int, num_slots: int, max_rank: int, in_features: int, like: torch.Tensor):
-        self.rank = max_rank
+        self.size, self.rank = size, max_rank
         self.lora_a = torch.zeros(
             num_slots, size * max_rank, in_features, dtype=like.dtype, device=like.device
         )
-        self._x: torch.Tensor | None = None  # the input of the last shrink (kept alive: identity is safe)
+        self._x: torch.Tensor | None = None  # the input of the current shrink (identity marks it)
         self._y: torch.Tensor | None = None  # its output (splits, N, G·R) fp32
+        self._unread = (
+            0  # members yet to read ``_y``; at 0 both are dropped (no activation outlives the step)
+        )
 
     def member_a(self, i: int) -> torch.Tensor:
         return self.lora_a[:, i * self.rank : (i + 1) * self.rank]  # (S, R, K) view
@@ -52,9 +55,13 @@ class ShrinkGroup:
     def shrink(self, x: torch.Tensor, flat_x: torch.Tensor, batch: LoraBatch, i: int) -> torch.Tensor:
         """y (splits, N, R) of member ``i`` for the input ``x`` (rows flat_x (N, K)); one shrink per input."""
         if self._x is not x:
-            self._x = x
+            self._x, self._unread = x, self.size
             self._y = lora_shrink(flat_x, self.lora_a, batch.slots[: flat_x.shape[0]], batch.scales)
-        return self._y[..., i * self.rank : (i + 1) * self.rank]
+        y = self._y[..., i * self.rank : (i + 1) * self.rank]
+        self._unread -= 1
+        if self._unread == 0:
+            self._x = self._y = None
+        return y
 
 
 class LoRALinear(nn.Module):

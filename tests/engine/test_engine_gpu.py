@@ -4,33 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _support.models import gpu_test_model
 
-from llmray.config import ModelConfig
 from llmray.engine.llm import LLM
 from llmray.engine.sampling_params import SamplingParams
 from llmray.model.generate import generate
 
 pytestmark = pytest.mark.gpu
-
-
-def _model(dtype):
-    from llmray.model.qwen3 import Qwen3ForCausalLM
-
-    # Qwen3-0.6B attention shapes (16 q heads, 8 kv heads, head_dim 128) with 4 layers and a small vocab
-    cfg = ModelConfig.preset(
-        "qwen3-0.6b",
-        num_hidden_layers=4,
-        vocab_size=4096,
-        max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen3ForCausalLM(cfg)
-    for p in model.parameters():  # larger weights: peaked logits, so greedy has no near-ties
-        p.data.mul_(4.0)
-    return model.to(dtype).eval()
 
 
 def _prompts(n=8, seed=0):
@@ -40,7 +20,7 @@ def _prompts(n=8, seed=0):
 
 
 def test_fp32_greedy_equals_reference():
-    model = _model(torch.float32)
+    model = gpu_test_model(torch.float32)
     prompts = _prompts()
     refs = [generate(model, p, 24) for p in prompts]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -53,7 +33,7 @@ def test_fp32_greedy_equals_reference():
 
 
 def test_cuda_graphs_on_and_off_give_the_same_tokens():
-    model = _model(torch.bfloat16)
+    model = gpu_test_model(torch.bfloat16)
     prompts = _prompts()
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     tokens = []
@@ -66,7 +46,7 @@ def test_cuda_graphs_on_and_off_give_the_same_tokens():
 
 
 def test_seeded_request_ignores_its_batch_mates():
-    model = _model(torch.float32)
+    model = gpu_test_model(torch.float32)
     prompts = _prompts()
     llm = LLM.from_model(model, dtype="float32", num_kv_blocks=2048, max_num_seqs=16)
     seeded = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)

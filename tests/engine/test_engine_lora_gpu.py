@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from _support.models import gpu_test_model
 from safetensors.torch import save_file
 
-from llmray.config import ModelConfig
 from llmray.engine.llm import LLM
 from llmray.engine.sampling_params import SamplingParams
 from llmray.lora.adapter import MODULES, load_adapter, module_shape
@@ -16,25 +16,6 @@ from llmray.model.generate import generate
 
 pytestmark = pytest.mark.gpu
 PARAMS = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-
-
-def _model(dtype):
-    from llmray.model.qwen3 import Qwen3ForCausalLM
-
-    cfg = ModelConfig.preset(
-        "qwen3-0.6b",
-        num_hidden_layers=4,
-        vocab_size=4096,
-        max_position_embeddings=4096,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen3ForCausalLM(cfg)
-    for p in model.parameters():  # peaked logits: greedy has no near-ties
-        p.data.mul_(4.0)
-    return model.to(dtype).eval()
 
 
 def _write_adapter(path, config, rank, seed, modules=MODULES):
@@ -71,7 +52,7 @@ def _merged(model, adapter_dir):
 
 
 def test_fp32_mixed_batch_with_graphs_equals_merged_reference(tmp_path):
-    model = _model(torch.float32)
+    model = gpu_test_model(torch.float32)
     cfg = model.config
     _write_adapter(tmp_path / "a", cfg, 16, seed=1)
     _write_adapter(tmp_path / "b", cfg, 8, seed=2, modules=("q_proj", "v_proj"))
@@ -95,7 +76,7 @@ def test_fp32_mixed_batch_with_graphs_equals_merged_reference(tmp_path):
 
 
 def test_bf16_lora_graphs_on_and_off_agree(tmp_path):
-    cfg = _model(torch.bfloat16).config
+    cfg = gpu_test_model(torch.bfloat16).config
     for i in range(3):
         _write_adapter(tmp_path / f"a{i}", cfg, 16, seed=i)
     g = torch.Generator().manual_seed(4)
@@ -104,7 +85,7 @@ def test_bf16_lora_graphs_on_and_off_agree(tmp_path):
     tokens = []
     for eager in (False, True):
         llm = LLM.from_model(
-            _model(torch.bfloat16),
+            gpu_test_model(torch.bfloat16),
             enforce_eager=eager,
             num_kv_blocks=1024,
             max_loras=2,

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from _support.lora import make_peft_adapter
 
 from llmray.lora.adapter import AdapterError, load_adapter
 from llmray.lora.manager import LoraManager, NoFreeSlot
@@ -15,22 +16,10 @@ from llmray.lora.manager import LoraManager, NoFreeSlot
 peft = pytest.importorskip("peft")
 
 
-def make_adapter(model, path, targets, r, alpha, seed):
-    torch.manual_seed(seed)
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
-    pm = peft.get_peft_model(copy.deepcopy(model), cfg)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
-    pm.save_pretrained(path)
-    return pm.eval()
-
-
 @pytest.fixture
 def adapters(tiny_model, tmp_path):
-    a = make_adapter(tiny_model, tmp_path / "a", ["q_proj", "v_proj"], 4, 8, seed=1)
-    b = make_adapter(
+    a = make_peft_adapter(tiny_model, tmp_path / "a", ["q_proj", "v_proj"], 4, 8, seed=1)
+    b = make_peft_adapter(
         tiny_model,
         tmp_path / "b",
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

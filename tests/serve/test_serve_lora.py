@@ -8,7 +8,6 @@ replicas on a local Ray Serve to exercise multiplexed routing with streaming.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import time
 from pathlib import Path
@@ -209,20 +208,11 @@ def test_replicas_share_the_registry(root):
 # --- the real engine ----------------------------------------------------------------------------------------
 def peft_adapter(model_dir: Path, out: Path) -> Path:
     """A rank-4 q/v adapter with non-zero B (so it changes greedy outputs), written by peft."""
-    import peft
-    import torch
+    from _support.lora import make_peft_adapter
 
     from llmray.model.checkpoint import load_model
 
-    torch.manual_seed(3)
-    model = load_model(model_dir, kernels="torch")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    pm = peft.get_peft_model(copy.deepcopy(model), cfg)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
-    pm.save_pretrained(out)
+    make_peft_adapter(load_model(model_dir, kernels="torch"), out, ["q_proj", "v_proj"], r=4, alpha=8, seed=3)
     return out
 
 
