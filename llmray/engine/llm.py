@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,56 @@ class LLM(_EngineFront):
                 self.engine.abort(rid)
             raise
         return [final[r] for r in ids]
+
+    def generate_stream(
+        self,
+        requests: Iterable[tuple],
+        sampling_params: SamplingParams | None = None,
+        lora: str | None = None,
+        *,
+        max_in_flight: int | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Yield each request's final output as soon as it finishes (completion order, not input order).
+
+        ``requests``: an iterable (consumed lazily) of ``(request_id, prompt)``, ``(request_id, prompt,
+        params)`` or ``(request_id, prompt, params, lora)``; ``prompt`` is a string or token ids, a missing or
+        None ``params``/``lora`` takes ``sampling_params``/``lora``. New requests are added as others finish,
+        at most ``max_in_flight`` at once (default: twice the engine's ``max_num_seqs``), so the continuous
+        batch stays full and nothing waits for the slowest request. Yielded outputs carry the caller's
+        request id. A request the engine refuses raises ValueError (validate first to skip bad ones);
+        closing the generator early aborts the requests still running.
+        """
+        limit = max_in_flight or 2 * self.engine.config.max_num_seqs
+        if limit < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {limit}")
+        source = iter(requests)
+        running: dict[str, str] = {}  # engine id -> caller id
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and len(running) < limit:
+                    item = next(source, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    caller_id, prompt, *rest = item
+                    params = (rest[0] if rest else None) or sampling_params or SamplingParams()
+                    name = rest[1] if len(rest) > 1 and rest[1] is not None else lora
+                    rid = f"stream-{self._counter}"
+                    self._counter += 1
+                    self.engine.add_request(rid, prompt, params, name)
+                    running[rid] = caller_id
+                if not running and exhausted:
+                    while self.engine.has_unfinished():  # drain a step launched ahead (async scheduling)
+                        self.engine.step()
+                    return
+                for out in self.engine.step():
+                    if out.finished and out.request_id in running:
+                        out.request_id = running.pop(out.request_id)
+                        yield out
+        finally:
+            for rid in running:
+                self.engine.abort(rid)
 
 
 class AsyncLLM(_EngineFront):
