@@ -25,6 +25,7 @@ from llmray.engine.sampling_params import SamplingParams
 
 __all__ = ["LLM", "AsyncLLM", "RequestOutput", "SamplingParams", "build_engine"]
 logger = logging.getLogger("llmray.engine")
+_END = object()  # generate_stream: the request iterable is exhausted
 
 
 def build_engine(
@@ -161,7 +162,9 @@ class LLM(_EngineFront):
 
         ``requests``: an iterable (consumed lazily) of ``(request_id, prompt)``, ``(request_id, prompt,
         params)`` or ``(request_id, prompt, params, lora)``; ``prompt`` is a string or token ids, a missing or
-        None ``params``/``lora`` takes ``sampling_params``/``lora``. New requests are added as others finish,
+        None ``params``/``lora`` takes ``sampling_params``/``lora``. A live feed may yield None for "nothing
+        new yet": the stream steps the running requests and asks again (such a feed should block while
+        nothing runs, ``self.engine.has_unfinished()`` False). New requests are added as others finish,
         at most ``max_in_flight`` at once (default: twice the engine's ``max_num_seqs``), so the continuous
         batch stays full and nothing waits for the slowest request. Yielded outputs carry the caller's
         request id. A request the engine refuses raises ValueError (validate first to skip bad ones);
@@ -176,9 +179,11 @@ class LLM(_EngineFront):
         try:
             while True:
                 while not exhausted and len(running) < limit:
-                    item = next(source, None)
-                    if item is None:
+                    item = next(source, _END)
+                    if item is _END:
                         exhausted = True
+                        break
+                    if item is None:  # a live feed has nothing new right now
                         break
                     caller_id, prompt, *rest = item
                     params = (rest[0] if rest else None) or sampling_params or SamplingParams()

@@ -71,3 +71,21 @@ def test_stream_defaults_early_close_and_bad_request(llm):
         list(llm.generate_stream([("bad", [])], params))
     assert not llm.engine.requests
     assert [o.request_id for o in llm.generate_stream([("ok", [7, 8])], params)] == ["ok"]
+
+
+def test_live_feed_yields_none_while_waiting(llm):
+    """A feed yielding None (nothing new yet) keeps the running requests stepping."""
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    seen = []
+
+    def feed():
+        yield ("first", [1, 2, 3])
+        for _ in range(5):
+            yield None  # e.g. an empty queue while "first" runs
+        yield ("second", [4, 5, 6])
+
+    for out in llm.generate_stream(feed(), params):
+        seen.append(out.request_id)
+    assert sorted(seen) == ["first", "second"]
+    ref = llm.generate([[1, 2, 3], [4, 5, 6]], params)
+    assert seen and all(len(r.token_ids) == 3 for r in ref)
