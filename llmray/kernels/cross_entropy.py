@@ -11,7 +11,9 @@ only scales them by the incoming gradient. Peak extra memory is one chunk of log
 Per-row loss with smoothing eps over V classes: lse - (1 - eps) x_y - (eps / V) sum_j x_j;
 its gradient: softmax - (1 - eps) onehot(y) - eps / V, divided by the number of counted targets.
 All-ignored targets give a NaN loss (0 / 0, as F.cross_entropy) and zero gradients. dW is accumulated
-across chunks in the weight's dtype (one rounding per chunk in bf16), as Liger does.
+across chunks in the weight's dtype (one rounding per chunk in bf16), as Liger does. Under autocast both
+operands are cast to the autocast dtype first (as autocast casts the reference's matmul) and the fused
+op runs in that dtype; the casts are differentiable, so fp32 master weights receive fp32 gradients.
 """
 
 from __future__ import annotations
@@ -173,6 +175,20 @@ def linear_cross_entropy(
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     check_device(hidden, weight, targets)
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        # as autocast would run the reference's matmul: both operands in the autocast dtype (differentiable
+        # casts, so an fp32 master weight gets its gradient back in fp32), then no autocast inside
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return linear_cross_entropy(
+                hidden.to(dt), weight.to(dt), targets, ignore_index, label_smoothing, chunk_size
+            )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(
+            f"linear_cross_entropy needs hidden and weight of one dtype outside autocast, got {hidden.dtype} "
+            f"and {weight.dtype}"
+        )
     hidden, targets = hidden.contiguous(), targets.contiguous()
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):

@@ -2,7 +2,13 @@
 
 y = x / sqrt(mean(x^2) + eps) * w over the last dim, computed in fp32 and stored in x.dtype (as the torch
 reference ``llmray.model.ops.rms_norm_torch``). The add variant returns (rms_norm(x + r), x + r) with the
-sum rounded to x.dtype before the norm, exactly as ``x + residual`` in torch.
+sum rounded to torch's promoted dtype of (x, r) before the norm, exactly as ``x + residual`` in torch: under
+bf16 autocast with fp32 master weights the branch output x is bf16 and the residual stream fp32, so the
+sum (and the residual stream) stays fp32.
+
+Under autocast an fp32 normed output is stored in the autocast dtype (bf16): every consumer of a norm's
+output is a matmul that autocast would cast to bf16 anyway, so the values are the same and one cast
+kernel (and half the bytes) is saved per norm. Outside autocast the output dtype is the reference's.
 
 Layout: any (..., N) input is viewed as (M, N) rows; a program normalises a tile of BLOCK_M whole rows
 (several narrow q/k-head rows per program, one wide row per program). The backward recomputes x_hat from
@@ -16,11 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
-from llmray.kernels._common import as_rows, check_device, num_programs_for_reduction, row_block_config
+from llmray.kernels._common import as_rows, check_device, num_sms, row_block_config
 from llmray.model.ops import add_rms_norm_torch as add_rms_norm_ref
 from llmray.model.ops import rms_norm_torch as rms_norm_ref
 
-__all__ = ["rms_norm", "add_rms_norm", "rms_norm_ref", "add_rms_norm_ref", "rms_norm_fwd", "rms_norm_bwd"]
+__all__ = [
+    "rms_norm",
+    "add_rms_norm",
+    "rms_norm_ref",
+    "add_rms_norm_ref",
+    "rms_norm_fwd",
+    "rms_norm_bwd",
+    "dw_programs",
+]
 
 
 @triton.jit
@@ -39,7 +53,7 @@ def _rms_norm_fwd_kernel(
     x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0)
-        s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like torch's x + residual
+        s = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)  # rounded like torch's x + residual
         tl.store(S + r64 * stride_s + cols[None, :], s, mask=mask)
         xf = s.to(tl.float32)
     else:
@@ -91,19 +105,22 @@ def rms_norm_fwd(
     eps: float,
     residual: torch.Tensor | None = None,
     config: tuple[int, int] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Launch the forward on rows x (M, N) [+ residual (M, N)] -> (y (M, N), sum (M, N) or None, rstd (M,)).
 
-    ``config`` = (BLOCK_M, num_warps) overrides the heuristic (bench sweeps only)."""
+    The sum takes torch's promoted dtype of (x, residual); y takes ``out_dtype`` (default: the sum's, or
+    x's). ``config`` = (BLOCK_M, num_warps) overrides the heuristic (bench sweeps only)."""
     m, n = x.shape
     if weight.shape != (n,):
         raise ValueError(
             f"RMSNorm weight has shape {tuple(weight.shape)}, expected ({n},) for inputs (..., {n})"
         )
     check_device(x, weight)
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    y = torch.empty((m, n), device=x.device, dtype=out_dtype or sum_dtype)
     rstd = torch.empty(m, device=x.device, dtype=torch.float32)
-    s = torch.empty_like(y) if residual is not None else None
+    s = torch.empty((m, n), device=x.device, dtype=sum_dtype) if residual is not None else None
     if m == 0:
         return y, s, rstd
     block_m, block_n, warps = row_block_config(n, m)
@@ -112,11 +129,26 @@ def rms_norm_fwd(
     r = residual if residual is not None else x
     _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
         x, r, weight, y, s if s is not None else y, rstd,
-        x.stride(0), r.stride(0), y.stride(0), y.stride(0),
+        x.stride(0), r.stride(0), y.stride(0), s.stride(0) if s is not None else y.stride(0),
         m, n, eps,
         HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
     return y, s, rstd
+
+
+def dw_programs(m: int, n: int, block_m: int, device: torch.device, per_sm: int | None = None) -> int:
+    """Programs sharing the rows of the weight-gradient reduction (each writes one fp32 partial row).
+
+    The backward is bound by memory latency: each program walks its rows one tile at a time, so the
+    bytes in flight grow with the number of programs. 8 per SM (1,056 on an H200) keeps ~64 KB per SM
+    in flight; fewer (the earlier 4 per SM) left the 16k x 1,024 backward at ~2.2 TB/s. The partial sums
+    add P x N x 4 bytes (written once, read once), capped at 1/8 of the rows' own traffic."""
+    blocks = triton.cdiv(m, block_m)
+    if device.type != "cuda":
+        return max(1, min(blocks, 4))
+    per_sm = per_sm or 8
+    cap = max(1, 3 * m // 32)  # P*N*4 bytes written + read <= 1/8 of 3*M*N*2 (bf16 dy, x, dx)
+    return max(1, min(blocks, per_sm * num_sms(device), cap))
 
 
 def rms_norm_bwd(
@@ -127,16 +159,19 @@ def rms_norm_bwd(
     ds: torch.Tensor | None = None,
     compute_dw: bool = True,
     config: tuple[int, int] | None = None,
+    programs_per_sm: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Backward on rows: dy, x (M, N), rstd (M,), optional ds (M, N) added to dx -> (dx, dw or None)."""
+    """Backward on rows: dy, x (M, N), rstd (M,), optional ds (M, N) added to dx -> (dx in x.dtype, dw or None).
+
+    dy may be of another dtype than x (a bf16 output of an fp32 input under autocast)."""
     m, n = x.shape
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dx = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return dx, torch.zeros_like(weight) if compute_dw else None
     block_m, block_n, warps = row_block_config(n, m)
     if config is not None:
         block_m, warps = config
-    progs = num_programs_for_reduction(triton.cdiv(m, block_m), x.device)
+    progs = dw_programs(m, n, block_m, x.device, programs_per_sm)
     rows_per_prog = triton.cdiv(triton.cdiv(m, progs), block_m) * block_m
     progs = triton.cdiv(m, rows_per_prog)
     dw_part = torch.empty((progs, n), device=x.device, dtype=torch.float32) if compute_dw else dx
@@ -147,14 +182,24 @@ def rms_norm_bwd(
         m, n, rows_per_prog,
         HAS_DS=ds is not None, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
-    return dx, dw_part.sum(0).to(weight.dtype) if compute_dw else None
+    if not compute_dw:
+        return dx, None
+    return dx, (dw_part[0] if progs == 1 else dw_part.sum(0)).to(weight.dtype)
+
+
+def _out_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The autocast dtype for an fp32 result inside an autocast region (see the module docstring)."""
+    dev = x.device.type
+    if dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return dtype
 
 
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
         x2 = as_rows(x)  # (M, N)
-        y, _, rstd = rms_norm_fwd(x2, weight, eps)
+        y, _, rstd = rms_norm_fwd(x2, weight, eps, out_dtype=out_dtype)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         return y.view(x.shape)
@@ -163,16 +208,16 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_bwd(as_rows(dy), x2, weight, rstd, compute_dw=ctx.needs_input_grad[1])
-        return dx.view(ctx.x_shape), dw, None
+        return dx.view(ctx.x_shape), dw, None, None
 
 
 class _AddRMSNormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    def forward(ctx, x, residual, weight, eps: float, out_dtype: torch.dtype):
         x2, r2 = as_rows(x), as_rows(residual)
-        y, s, rstd = rms_norm_fwd(x2, weight, eps, residual=r2)
+        y, s, rstd = rms_norm_fwd(x2, weight, eps, residual=r2, out_dtype=out_dtype)
         ctx.save_for_backward(s, weight, rstd)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, residual.dtype)
         return y.view(x.shape), s.view(x.shape)
 
     @staticmethod
@@ -182,8 +227,8 @@ class _AddRMSNormFn(torch.autograd.Function):
             dy = torch.zeros_like(s2)
         ds2 = as_rows(ds) if ds is not None else None
         dx, dw = rms_norm_bwd(as_rows(dy), s2, weight, rstd, ds=ds2, compute_dw=ctx.needs_input_grad[2])
-        dx = dx.view(ctx.x_shape)
-        return dx, dx, dw, None
+        dx = dx.view(ctx.x_shape)  # in the sum's dtype; each input gets its own
+        return dx.to(ctx.dtypes[0]), dx.to(ctx.dtypes[1]), dw, None, None
 
 
 def _needs_autograd(*tensors: torch.Tensor) -> bool:
@@ -192,22 +237,28 @@ def _needs_autograd(*tensors: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of x (..., N) with weight (N,); differentiable in x and weight."""
+    out_dtype = _out_dtype(x, x.dtype)
     if _needs_autograd(x, weight):
-        return _RMSNormFn.apply(x, weight, eps)
-    y, _, _ = rms_norm_fwd(as_rows(x), weight, eps)
+        return _RMSNormFn.apply(x, weight, eps, out_dtype)
+    y, _, _ = rms_norm_fwd(as_rows(x), weight, eps, out_dtype=out_dtype)
     return y.view(x.shape)
 
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) in one pass; x and residual (..., N) of one dtype."""
-    if x.shape != residual.shape or x.dtype != residual.dtype:
+    """(rms_norm(x + residual), x + residual) in one pass; x and residual (..., N) of one shape.
+
+    Mixed dtypes (bf16 x, fp32 residual under autocast) follow torch's promotion for the sum."""
+    if x.shape != residual.shape:
         raise ValueError(
-            f"add_rms_norm needs x and residual of one shape and dtype, got {tuple(x.shape)} {x.dtype} "
-            f"and {tuple(residual.shape)} {residual.dtype}"
+            f"add_rms_norm needs x and residual of one shape, got {tuple(x.shape)} and {tuple(residual.shape)}"
         )
+    for t in (x, residual):
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"add_rms_norm needs floating-point inputs, got {t.dtype}")
+    out_dtype = _out_dtype(x, torch.promote_types(x.dtype, residual.dtype))
     if _needs_autograd(x, residual, weight):
-        return _AddRMSNormFn.apply(x, residual, weight, eps)
-    y, s, _ = rms_norm_fwd(as_rows(x), weight, eps, residual=as_rows(residual))
+        return _AddRMSNormFn.apply(x, residual, weight, eps, out_dtype)
+    y, s, _ = rms_norm_fwd(as_rows(x), weight, eps, residual=as_rows(residual), out_dtype=out_dtype)
     return y.view(x.shape), s.view(x.shape)

@@ -90,6 +90,24 @@ def test_one_backward_only(device):
         loss.backward()
 
 
+def test_fp32_weights_under_bf16_autocast(device, assert_normwise):
+    """The training setup: fp32 hidden and (master) weight under bf16 autocast, as the reference runs it."""
+    g = torch.Generator(device="cpu").manual_seed(3)
+    h = torch.randn(40, 32, generator=g).to(device).requires_grad_(True)
+    w = (0.2 * torch.randn(300, 32, generator=g)).to(device).requires_grad_(True)
+    t = torch.randint(0, 300, (40,), generator=g).to(device)
+    hr, wr = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, chunk_size=16)
+        ref = linear_cross_entropy_ref(hr, wr, t)
+    loss.backward()
+    ref.backward()
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=0.0)
+    assert_normwise(h.grad, hr.grad, 2e-2, "dh")
+    assert_normwise(w.grad, wr.grad, 2e-2, "dw")
+
+
 def test_rejects_bad_inputs(device):
     h, w = torch.randn(3, 8, device=device), torch.randn(5, 8, device=device)
     with pytest.raises(ValueError, match="targets must be integer"):

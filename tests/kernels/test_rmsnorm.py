@@ -99,8 +99,49 @@ def test_rejects_mismatched_inputs(device):
     x = torch.randn(3, 8, device=device)
     with pytest.raises(ValueError, match="expected \\(8,\\)"):
         rms_norm(x, torch.ones(7, device=device), EPS)
-    with pytest.raises(ValueError, match="one shape and dtype"):
-        add_rms_norm(x, x.double(), torch.ones(8, device=device), EPS)
+    with pytest.raises(ValueError, match="one shape"):
+        add_rms_norm(x, x[:2], torch.ones(8, device=device), EPS)
+
+
+def _check_mixed_add_rms_norm(rows, width, device, assert_matches):
+    """bf16 branch output + fp32 residual stream (fp32 weights under bf16 autocast): the sum is fp32 as
+    torch's promotion makes it; outside autocast y is fp32 too, inside it is bf16 (autocast's dtype)."""
+    x, _, dy = _inputs(rows, width, torch.bfloat16, device)
+    r, w, ds = _inputs(rows, width, torch.float32, device, seed=1)
+    for autocast in (False, True):
+        xs, rs, ws = (t.detach().clone().requires_grad_(True) for t in (x, r, w))
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            y, s = add_rms_norm(xs, rs, ws, EPS)
+        assert s.dtype == torch.float32
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+        torch.autograd.backward((y, s), (dy.to(y.dtype), ds))
+        xr, rr, wr = (t.detach().clone().requires_grad_(True) for t in (x, r, w))
+        yr, sr = add_rms_norm_ref(xr, rr, wr, EPS)
+        torch.autograd.backward((yr, sr), (dy.to(y.dtype).float(), ds))
+        assert_matches(s, sr, torch.float32, "sum")
+        assert_matches(y, yr, y.dtype, "y")
+        assert xs.grad.dtype == torch.bfloat16 and rs.grad.dtype == torch.float32
+        assert_matches(xs.grad, xr.grad, torch.bfloat16, "dx")
+        assert_matches(rs.grad, rr.grad, torch.float32, "dresidual")
+        assert_matches(ws.grad, wr.grad, torch.float32, "dw", reduced=True)
+
+
+def test_add_rms_norm_mixed_dtypes(device, assert_matches):
+    _check_mixed_add_rms_norm(37, 96, device, assert_matches)
+
+
+def test_rms_norm_fp32_input_under_autocast(device, assert_matches):
+    x, w, dy = _inputs(11, 64, torch.float32, device)
+    x.requires_grad_(True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = rms_norm(x, w, EPS)
+    assert y.dtype == torch.bfloat16
+    y.backward(dy.bfloat16())
+    xr = x.detach().clone().requires_grad_(True)
+    rms_norm_ref(xr, w, EPS).backward(dy.bfloat16().float())
+    assert_matches(y, rms_norm_ref(x.detach(), w, EPS), torch.bfloat16, "y")
+    assert x.grad.dtype == torch.float32
+    assert_matches(x.grad, xr.grad, torch.float32, "dx")
 
 
 def test_reference_alias():
@@ -116,3 +157,5 @@ def test_rms_norm_gpu(rows, width, dtype, assert_matches):
         pytest.skip("needs a CUDA GPU")
     _check_rms_norm(rows, width, dtype, "cuda", assert_matches)
     _check_add_rms_norm(rows, width, dtype, "cuda", assert_matches)
+    if dtype == torch.float32:
+        _check_mixed_add_rms_norm(rows, width, "cuda", assert_matches)

@@ -85,3 +85,32 @@ def test_model_triton_matches_torch_gpu(dtype):
     for name, g in grads_32.items():
         ek, et = _rel_err(grads_k[name], g), _rel_err(grads_t[name], g)
         assert ek <= 1.5 * et + 5e-3, (name, ek, et)
+
+
+def _autocast_step(model, kernels, ids, targets, device_type):
+    """One training forward + backward as the harness runs it: fp32 weights under bf16 autocast."""
+    model.set_kernels(kernels)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        loss = model(ids, targets=targets)
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_triton_under_bf16_autocast_matches_torch(device_type):
+    """fp32 master weights + bf16 autocast: the embedding (fp32) feeds the residual stream and the attention
+    branch returns bf16, so add_rms_norm sees a bf16 input with an fp32 residual (once a crash)."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cfg = ModelConfig.preset("tiny" if device_type == "cpu" else "seed-7m")
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg, kernels="torch").to(device_type).train()
+    ids, targets = _batch(cfg, 2, 24 if device_type == "cpu" else 256, device_type)
+    loss_t, grads_t = _autocast_step(model, "torch", ids, targets, device_type)
+    loss_k, grads_k = _autocast_step(model, "triton", ids, targets, device_type)
+    assert model.ops.name == "triton"
+    torch.testing.assert_close(loss_k, loss_t, rtol=2e-3, atol=0.0)
+    for name, g in grads_t.items():
+        assert grads_k[name].dtype == torch.float32, name
+        assert _rel_err(grads_k[name], g) < 3e-2, (name, _rel_err(grads_k[name], g))
