@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmray.kernels.kv_store import from_cache, is_fp8
+
 LOG2E = 1.4426950408889634
 
 
@@ -31,6 +33,9 @@ def _decode_kernel(
     v_cache_ptr,
     block_tables_ptr,
     context_lens_ptr,
+    query_start_ptr,  # INDIRECT: sequence b's query token is query_start[b] (skipped unless its q_len is 1)
+    k_scale_ptr,  # FP8: (1,) fp32 scales of the cache
+    v_scale_ptr,
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
@@ -52,11 +57,20 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    INDIRECT: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    tok = b
+    if INDIRECT:
+        tok = tl.load(query_start_ptr + b)
+        if tl.load(query_start_ptr + b + 1) - tok != 1:
+            return  # a prefill chunk (the prefill kernel's) or a padding sequence
     ctx = tl.load(context_lens_ptr + b)
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, ctx)
@@ -67,7 +81,7 @@ def _decode_kernel(
     gmask = g < GROUP
     dmask = d < D
     q = tl.load(
-        q_ptr + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
         mask=gmask[:, None] & dmask[None, :],
         other=0.0,
     )  # (BLOCK_G, BLOCK_D)
@@ -82,21 +96,23 @@ def _decode_kernel(
         addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch  # (BLOCK_N,)
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
+    if FP8:
+        acc = acc * tl.load(v_scale_ptr)
 
     omask = gmask[:, None] & dmask[None, :]
     if NUM_SPLITS == 1:
         out = acc / l_sum[:, None]
         tl.store(
-            out_ptr + b * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=omask,
         )
@@ -113,6 +129,7 @@ def _decode_kernel(
 def _merge_kernel(
     part_out_ptr,
     part_lse_ptr,
+    query_start_ptr,
     out_ptr,
     stride_ot,
     stride_oh,
@@ -121,9 +138,15 @@ def _merge_kernel(
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    INDIRECT: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    tok = b
+    if INDIRECT:
+        tok = tl.load(query_start_ptr + b)
+        if tl.load(query_start_ptr + b + 1) - tok != 1:
+            return
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     smask = s < NUM_SPLITS
@@ -135,7 +158,7 @@ def _merge_kernel(
         part_out_ptr + row[:, None] * D + d[None, :], mask=smask[:, None] & (d[None, :] < D), other=0.0
     )
     out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
-    tl.store(out_ptr + b * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+    tl.store(out_ptr + tok * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
@@ -146,6 +169,10 @@ def _prefill_kernel(
     block_tables_ptr,
     query_start_ptr,
     context_lens_ptr,
+    tile_seq_ptr,  # TILED: program i works on tile (tile_seq[i], tile_m[i]); tile_seq < 0 = no work
+    tile_m_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     out_ptr,
     qk_scale,
     stride_qt,
@@ -163,15 +190,26 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    TILED: tl.constexpr,
+    FP8: tl.constexpr,
 ):
-    sq = tl.program_id(0)
-    mblk = tl.program_id(1)
-    h = tl.program_id(2)
+    if TILED:
+        sq = tl.load(tile_seq_ptr + tl.program_id(0))
+        mblk = tl.load(tile_m_ptr + tl.program_id(0))
+        h = tl.program_id(1)
+        if sq < 0:
+            return
+    else:
+        sq = tl.program_id(0)
+        mblk = tl.program_id(1)
+        h = tl.program_id(2)
     q_start = tl.load(query_start_ptr + sq)
     q_len = tl.load(query_start_ptr + sq + 1) - q_start
     if mblk * BLOCK_M >= q_len:
         return
     ctx = tl.load(context_lens_ptr + sq)
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     prefix = ctx - q_len  # tokens cached before this chunk
     kvh = h // GROUP
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -195,15 +233,17 @@ def _prefill_kernel(
         addr = page * stride_cb + (offs_n % PAGE) * stride_cs + kvh * stride_ch
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(nmask[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
+    if FP8:
+        acc = acc * tl.load(v_scale_ptr)
     out = acc / l_sum[:, None]
     tl.store(
         out_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + d[None, :],
@@ -231,16 +271,27 @@ def paged_decode(
     context_lens: torch.Tensor,  # (B,) int32, >= 1 (the new token included)
     scale: float,
     num_splits: int = 1,
-    out: torch.Tensor | None = None,  # (B, H, D)
+    out: torch.Tensor | None = None,  # (B, H, D), or (N, H, D) with query_start
     precision: str | None = None,
+    query_start: torch.Tensor | None = None,  # (B + 1,): q/out rows are packed tokens; only q_len 1 runs
+    k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention of one query per sequence over its paged context (Triton)."""
-    bsz, h, d = q.shape
+    """Decode attention of one query per sequence over its paged context (Triton).
+
+    With ``query_start``, q holds packed tokens and sequence b's query is token query_start[b]; sequences
+    whose chunk is not exactly one token are skipped (a CUDA graph can launch over every sequence slot)."""
+    bsz = block_tables.shape[0]
+    _, h, d = q.shape
     _, page, hkv, _ = k_cache.shape
     group = h // hkv
     out = torch.empty_like(q) if out is None else out
     if bsz == 0:
         return out
+    fp8 = is_fp8(k_cache)
+    if fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("an fp8 KV cache needs k_scale and v_scale")
+    indirect = query_start is not None
     if num_splits > 1:
         part_out = torch.empty(bsz, h, num_splits, d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(bsz, h, num_splits, dtype=torch.float32, device=q.device)
@@ -254,6 +305,9 @@ def paged_decode(
         v_cache,
         block_tables,
         context_lens,
+        query_start if indirect else context_lens,
+        k_scale if fp8 else context_lens,
+        v_scale if fp8 else context_lens,
         out,
         part_out,
         part_lse,
@@ -275,6 +329,8 @@ def paged_decode(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         PRECISION=_precision(q.dtype, precision),
+        INDIRECT=indirect,
+        FP8=fp8,
         num_warps=4,
         num_stages=2,
     )
@@ -282,6 +338,7 @@ def paged_decode(
         _merge_kernel[(bsz, h)](
             part_out,
             part_lse,
+            query_start if indirect else part_lse,
             out,
             out.stride(0),
             out.stride(1),
@@ -290,6 +347,7 @@ def paged_decode(
             BLOCK_D=block_d,
             NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits),
+            INDIRECT=indirect,
         )
     return out
 
@@ -305,23 +363,43 @@ def paged_prefill(
     scale: float,
     out: torch.Tensor | None = None,  # (N, H, D)
     precision: str | None = None,
+    tiles: tuple[torch.Tensor, torch.Tensor] | None = None,  # (tile_seq, tile_m) int32 (T,), see below
+    k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its cached prefix plus themselves (Triton)."""
+    """Causal attention of each sequence's new tokens over its cached prefix plus themselves (Triton).
+
+    ``tiles``: the work list (one program per tile and head): tile i covers queries [tile_m[i] * BLOCK_M,
+    +BLOCK_M) of sequence tile_seq[i] (-1: nothing), with BLOCK_M = ``prefill_block_m(q.dtype)``. The grid
+    then does not depend on the batch (CUDA graphs) and has no idle (sequence, block) programs."""
     _, h, d = q.shape
     _, page, hkv, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out
     nseq = block_tables.shape[0]
-    if nseq == 0 or max_query_len == 0:
+    if nseq == 0 or (max_query_len == 0 and tiles is None):
         return out
-    fp32 = q.dtype == torch.float32
-    block_m, block_n = (32, 32) if fp32 else (64, 64)
-    _prefill_kernel[(nseq, triton.cdiv(max_query_len, block_m), h)](
+    fp8 = is_fp8(k_cache)
+    if fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("an fp8 KV cache needs k_scale and v_scale")
+    block_m = prefill_block_m(q.dtype)
+    block_n = block_m
+    if tiles is not None:
+        grid = (tiles[0].shape[0], h)
+        tile_seq, tile_m = tiles
+    else:
+        grid = (nseq, triton.cdiv(max_query_len, block_m), h)
+        tile_seq = tile_m = query_start
+    _prefill_kernel[grid](
         q,
         k_cache,
         v_cache,
         block_tables,
         query_start,
         context_lens,
+        tile_seq,
+        tile_m,
+        k_scale if fp8 else query_start,
+        v_scale if fp8 else query_start,
         out,
         scale * LOG2E,
         q.stride(0),
@@ -339,10 +417,17 @@ def paged_prefill(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         PRECISION=_precision(q.dtype, precision),
+        TILED=tiles is not None,
+        FP8=fp8,
         num_warps=4,
         num_stages=2,
     )
     return out
+
+
+def prefill_block_m(dtype: torch.dtype) -> int:
+    """Query rows per prefill program (the unit of ``tiles``)."""
+    return 32 if dtype == torch.float32 else 64
 
 
 def paged_attention_ref(
@@ -353,6 +438,8 @@ def paged_attention_ref(
     query_start: torch.Tensor,  # (B + 1,)
     context_lens: torch.Tensor,  # (B,)
     scale: float,
+    k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch reference (and CPU path) for both kernels: per sequence, gather its pages and run causal SDPA."""
     _, h, d = q.shape
@@ -365,8 +452,9 @@ def paged_attention_ref(
         keys = k_cache[pages].reshape(-1, hkv, d)[:ctx]  # (ctx, Hkv, D)
         vals = v_cache[pages].reshape(-1, hkv, d)[:ctx]
         qi = q[s:e].transpose(0, 1)  # (H, t, D)
-        kt = keys.transpose(0, 1).repeat_interleave(h // hkv, dim=0).to(q.dtype)  # (H, ctx, D)
-        vt = vals.transpose(0, 1).repeat_interleave(h // hkv, dim=0).to(q.dtype)
+        keys, vals = from_cache(keys, q.dtype, k_scale), from_cache(vals, q.dtype, v_scale)
+        kt = keys.transpose(0, 1).repeat_interleave(h // hkv, dim=0)  # (H, ctx, D)
+        vt = vals.transpose(0, 1).repeat_interleave(h // hkv, dim=0)
         t = e - s
         mask = torch.ones(t, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - t)
         out[s:e] = F.scaled_dot_product_attention(qi, kt, vt, attn_mask=mask, scale=scale).transpose(0, 1)

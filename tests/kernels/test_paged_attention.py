@@ -100,3 +100,39 @@ def test_prefill_real_shapes_gpu(dtype, atol):
     _prefill_check(
         [123, 1024, 600, 4097], [123, 512, 7, 97], h=16, hkv=8, d=128, page=16, dtype=dtype, atol=atol
     )
+
+
+def _fp8_case(ctx_lens, q_lens, seed):
+    q, kc, vc, bt, qs, cl = make_case(ctx_lens, q_lens, 4, 2, 16, 4, torch.float32, seed=seed)
+    ks, vs = torch.tensor([0.02], device=DEVICE), torch.tensor([0.01], device=DEVICE)
+    kc8 = (kc / ks).to(torch.float8_e4m3fn)
+    vc8 = (vc / vs).to(torch.float8_e4m3fn)
+    return q, kc8, vc8, bt, qs, cl, ks, vs
+
+
+def test_fp8_cache_decode_and_prefill_match_the_reference():
+    """Kernels reading an e4m3 cache (scaled) equal the reference over the dequantised cache."""
+    q, kc8, vc8, bt, qs, cl, ks, vs = _fp8_case([1, 7, 37], [1, 1, 1], seed=2)
+    ref = paged_attention_ref(q, kc8.float() * ks, vc8.float() * vs, bt, qs, cl, 0.25)
+    torch.testing.assert_close(paged_attention_ref(q, kc8, vc8, bt, qs, cl, 0.25, ks, vs), ref)
+    out = paged_decode(q, kc8, vc8, bt, cl, 0.25, num_splits=2, k_scale=ks, v_scale=vs)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    q, kc8, vc8, bt, qs, cl, ks, vs = _fp8_case([9, 33], [9, 13], seed=3)
+    ref = paged_attention_ref(q, kc8.float() * ks, vc8.float() * vs, bt, qs, cl, 0.25)
+    out = paged_prefill(q, kc8, vc8, bt, qs, cl, 13, 0.25, k_scale=ks, v_scale=vs)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch():
+    """The CUDA-graph form: decode over every sequence slot (only 1-token chunks run, at their packed
+    token), prefill over a padded work list of (sequence, query block) tiles."""
+    ctx, qlen = [5, 40, 1, 33, 1], [1, 36, 1, 13, 0]  # the last sequence is padding (no tokens)
+    q, kc, vc, bt, qs, cl = make_case(ctx, [max(n, 0) for n in qlen], 4, 2, 16, 4, torch.float32, seed=4)
+    ref = paged_attention_ref(q, kc, vc, bt[:4], qs[:5], cl[:4], 0.25)
+    out = torch.zeros_like(q)
+    paged_decode(q, kc, vc, bt, cl, 0.25, num_splits=2, out=out, query_start=qs)
+    # 32-row tiles (fp32): seq 1 has 36 queries -> tiles 0 and 1; seq 3 one tile; then padding tiles
+    tile_seq = torch.tensor([1, 1, 3, -1, -1], dtype=torch.int32, device=DEVICE)
+    tile_m = torch.tensor([0, 1, 0, 0, 0], dtype=torch.int32, device=DEVICE)
+    paged_prefill(q, kc, vc, bt, qs, cl, 0, 0.25, out=out, tiles=(tile_seq, tile_m))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
