@@ -13,6 +13,7 @@ import torch
 
 from llmray.config import EngineConfig
 from llmray.engine.detokenizer import IncrementalDetokenizer
+from llmray.engine.errors import RequestError
 from llmray.engine.outputs import RequestOutput
 from llmray.engine.runner import ModelRunner, PendingStep
 from llmray.engine.sampling_params import SamplingParams
@@ -51,7 +52,7 @@ class _Step:
 @dataclass(eq=False)
 class _Request:
     seq: Sequence
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None in the core process (the front-end detokenizes)
     logprobs: list[dict[int, float]] | None
     num_known: int = 0  # output tokens read back (later ones may be placeholders of a step in flight)
     num_reported: int = 0  # output tokens already handed out
@@ -103,6 +104,10 @@ class LLMEngine:
         self.async_scheduling = True  # overlap host work with the device step (tests switch it off)
         self._inflight: _Step | None = None
         self.stream_outputs = True  # False: step() returns finished requests only (offline LLM.generate)
+        # the engine core process (llmray/engine/core.py) sets both: the front-end detokenizes and checks stop
+        # strings, and step() returns one (request_id, token, finish_reason, stop_reason, logprobs) per token
+        self.detokenize = True
+        self.delta_outputs = False
 
     # --- requests -----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -113,29 +118,38 @@ class LLMEngine:
         else:
             ids = [int(t) for t in prompt]
         if not ids:
-            raise ValueError("the prompt is empty: it must hold at least one token")
+            raise RequestError("the prompt is empty: it must hold at least one token", "prompt")
         vocab = self.model_config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            raise RequestError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt"
+            )
         return ids
 
     def validate(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> None:
         if lora is not None:
             if self.lora is None:
-                raise ValueError(
+                raise RequestError(
                     f"LoRA adapter {lora!r} requested, but this engine was started without LoRA support "
-                    "(pass loras={name: dir} or enable_lora=True)"
+                    "(pass loras={name: dir} or enable_lora=True)",
+                    "model",
                 )
             if lora not in self.lora.paths:
-                raise ValueError(f"unknown LoRA adapter {lora!r}; this engine has {self.lora.names()}")
+                raise RequestError(
+                    f"unknown LoRA adapter {lora!r}; this engine has {self.lora.names()}", "model"
+                )
         vocab = self.model_config.vocab_size
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
-            raise ValueError(
-                f"SamplingParams.stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+            raise RequestError(
+                f"SamplingParams.stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                "stop_token_ids",
             )
-        self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+        try:
+            self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+        except ValueError as e:
+            raise RequestError(str(e), "max_tokens") from None
 
     # --- LoRA adapters (call from the engine's thread) -------------------------------------------
     def add_lora(self, name: str, path: str | LoraAdapter) -> None:
@@ -185,7 +199,7 @@ class LLMEngine:
         adapter_id = self.lora.id_of(lora) if lora is not None else 0
         seq = Sequence(request_id, ids, params, adapter_id, lora_name=lora, lora_adapter=adapter)
         self.scheduler.add(seq)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop) if self.detokenize else None
         self.requests[request_id] = _Request(seq, detok, [] if params.logprobs is not None else None)
         self.prompt_tokens_total += len(ids)
 
@@ -257,7 +271,9 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 self._release(seq)
                 del self.requests[seq.request_id]
-            if reason is not None or self.stream_outputs:
+            if self.delta_outputs:
+                outputs.append((seq.request_id, st.token_id, reason, req.stop_reason, st.logprobs))
+            elif reason is not None or self.stream_outputs:
                 outputs.append(self._output(req))
         self.scheduler.cache_blocks(step.sched)
         return outputs
@@ -265,7 +281,7 @@ class LLMEngine:
     def _check_stop(self, req: _Request, token: int) -> str | None:
         p = req.seq.sampling_params
         n = req.num_known
-        stop_str = req.detok.update([token]) if self.tokenizer is not None else None
+        stop_str = req.detok.update([token]) if self.tokenizer is not None and req.detok is not None else None
         if n >= p.min_tokens:
             if token in p.stop_token_ids:
                 req.stop_reason = token
@@ -289,12 +305,12 @@ class LLMEngine:
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
             token_ids=out_ids,
-            text=req.detok.text,
+            text=req.detok.text if req.detok is not None else "",
             finish_reason=seq.finish_reason,
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
             new_token_ids=new,
-            new_text=req.detok.delta(finished),
+            new_text=req.detok.delta(finished) if req.detok is not None else "",
             stop_reason=req.stop_reason,
         )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmray.engine.errors import RequestError
+
 
 @dataclass
 class SamplingParams:
@@ -54,10 +56,11 @@ class SamplingParams:
         ]
         for name, ok, what in checks:
             if not ok:
-                raise ValueError(f"SamplingParams.{name} must be {what}, got {getattr(self, name)!r}")
+                raise RequestError(f"SamplingParams.{name} must be {what}, got {getattr(self, name)!r}", name)
         if self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"SamplingParams.min_tokens={self.min_tokens} must not exceed max_tokens={self.max_tokens}"
+            raise RequestError(
+                f"SamplingParams.min_tokens={self.min_tokens} must not exceed max_tokens={self.max_tokens}",
+                "min_tokens",
             )
 
     @property

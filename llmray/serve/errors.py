@@ -97,10 +97,18 @@ def from_validation_error(err: ValidationError) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
+def engine_unavailable(message: str) -> APIError:
+    """The retryable 503 for a request whose engine stopped (the client should send it again)."""
+    return APIError(503, message, code="engine_unavailable", headers={"Retry-After": "1"})
+
+
 def from_value_error(err: ValueError) -> APIError:
-    """An engine ``ValueError`` (user-facing message) as a 400; names the field when the message does."""
+    """An engine ``ValueError`` as a 400 naming the field: the engine's ``RequestError.param`` (older
+    engines' messages are searched for a field name)."""
     message = str(err)
-    param = None
+    param = getattr(err, "param", None)
+    if param is not None:
+        return APIError(400, message, param=param, code="invalid_value")
     for name in (
         "max_tokens",
         "temperature",

@@ -117,7 +117,24 @@ class MockAsyncLLM:
         return sorted(self.loras)
 
     # --- contract ---------------------------------------------------------------------------------
-    async def generate_stream(self, prompt, sampling_params, request_id: str | None = None, lora=None):
+    async def generate_stream(
+        self, prompt, sampling_params, request_id: str | None = None, lora=None, interval_s: float = 0.0
+    ):
+        """Like ``AsyncLLM.generate_stream``: after the first output, at most one per ``interval_s``."""
+        loop = asyncio.get_running_loop()
+        held: MockRequestOutput | None = None
+        last_yield: float | None = None
+        async for out in self._tokens(prompt, sampling_params, request_id, lora):
+            if held is not None:
+                out.new_token_ids = held.new_token_ids + out.new_token_ids
+                out.new_text = held.new_text + out.new_text
+            held = out
+            now = loop.time()
+            if out.finish_reason or last_yield is None or now - last_yield >= interval_s:
+                yield out
+                held, last_yield = None, now
+
+    async def _tokens(self, prompt, sampling_params, request_id: str | None = None, lora=None):
         if not self._alive:
             raise RuntimeError("engine loop is dead")
         if lora is not None and lora not in self.loras:

@@ -27,11 +27,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from pydantic import ValidationError
 
-from llmray.serve.errors import APIError, clip, from_validation_error, from_value_error
+from llmray.engine.errors import EngineDeadError
+from llmray.serve.errors import APIError, clip, engine_unavailable, from_validation_error, from_value_error
 from llmray.serve.lora_registry import LoraRegistry, ReplicaAdapters
 from llmray.serve.metrics import ServeMetrics
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -39,6 +41,10 @@ from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
 logger = logging.getLogger("llmray.serve")
 STATS_POLL_S = 1.0  # how often engine gauges are refreshed
 _DONE = object()
+
+
+def _progress(text: str) -> None:
+    print(text, flush=True)  # start-up progress of the engine core, in the replica's log
 
 
 def load_engine(engine: str, model_dir: str, engine_kwargs: dict[str, Any], loras: dict[str, str]):
@@ -54,7 +60,8 @@ def load_engine(engine: str, model_dir: str, engine_kwargs: dict[str, Any], lora
         kwargs = dict(engine_kwargs)
         if loras:
             kwargs["loras"] = dict(loras)
-        return AsyncLLM(model_dir, **kwargs), SamplingParams
+        # the engine core runs in a process of its own; this replica process never touches the device
+        return AsyncLLM(model_dir, on_progress=_progress, **kwargs), SamplingParams
     raise ValueError(f"engine must be 'llmray' or 'mock', got {engine!r}")
 
 
@@ -99,7 +106,7 @@ class LLMServer:
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy (it gets replaced)."""
         if not self.engine.is_alive():
-            raise RuntimeError("the engine loop is not running")
+            raise RuntimeError("the engine loop is not running (its core process stopped)")
 
     def stats(self) -> dict[str, Any]:
         return dict(self.engine.stats())
@@ -137,6 +144,7 @@ class LLMServer:
         return {"lora_name": lora_name, "unloaded": True}
 
     def __del__(self) -> None:
+        """Serve calls this after draining the replica's requests (graceful shutdown, scale-down)."""
         shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
         if shutdown is not None:
             shutdown()
@@ -278,43 +286,37 @@ class LLMServer:
             yield [{"error": e.to_dict()["error"], "status": e.status}]
             return
         base_id = uuid.uuid4().hex
+        if len(jobs) == 1:  # the common case: one engine request, its events passed straight through
+            idx, ids, sp = jobs[0]
+            async with aclosing(self._events(f"{base_id}-{idx}", idx, ids, sp, lora, start)) as events:
+                async for ev in events:
+                    yield [ev]
+            return
         queue: asyncio.Queue = asyncio.Queue()
-        rids = [f"{base_id}-{idx}" for idx, _, _ in jobs]
-        unfinished = set(rids)
         tasks = [
-            asyncio.create_task(self._pump(queue, rid, idx, ids, sp, lora, start))
-            for rid, (idx, ids, sp) in zip(rids, jobs)
+            asyncio.create_task(self._pump(queue, f"{base_id}-{idx}", idx, ids, sp, lora, start))
+            for idx, ids, sp in jobs
         ]
-        loop = asyncio.get_running_loop()
-        last_yield: float | None = None
         try:
             active = len(tasks)
             while active:
                 batch = [await queue.get()]
-                if self.stream_interval_s and last_yield is not None:
-                    wait = last_yield + self.stream_interval_s - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
                 while not queue.empty():
                     batch.append(queue.get_nowait())
                 events = []
                 for item in batch:
-                    if isinstance(item, tuple) and item[0] is _DONE:
+                    if item is _DONE:
                         active -= 1
-                        unfinished.discard(item[1])
                     else:
                         events.append(item)
                 if events:
                     yield _merge(events)
-                    last_yield = loop.time()
                     if any("error" in ev for ev in events):
                         return
         finally:
             for t in tasks:
                 if not t.done():
-                    t.cancel()
-            for rid in unfinished:
-                await self.engine.abort(rid)
+                    t.cancel()  # closes its engine stream, which aborts the request in the core
 
     async def _pump(
         self,
@@ -326,46 +328,61 @@ class LLMServer:
         lora: str | None,
         start: float,
     ) -> None:
-        """Feed one engine request's outputs into ``queue`` as events; a sentinel when it ends."""
+        """Feed one engine request's events into ``queue`` (``n`` > 1 or several prompts); ``_DONE`` at the end."""
+        try:
+            async with aclosing(self._events(rid, index, ids, sp, lora, start)) as events:
+                async for ev in events:
+                    queue.put_nowait(ev)
+        finally:
+            queue.put_nowait(_DONE)
+
+    async def _events(
+        self, rid: str, index: int, ids: list[int], sp: Any, lora: str | None, start: float
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One engine request as events (at most one per stream interval after the first token); an error
+        ends it as an ``{"error", "status"}`` event. Closing it aborts the request in the engine."""
         last = None
         try:
-            async for out in self.engine.generate_stream(ids, sp, request_id=rid, lora=lora):
-                now = time.time()
-                new_ids = list(out.new_token_ids)
-                if last is None:
-                    self.metrics.observe_first_token(now - start)
-                else:
-                    self.metrics.observe_tokens(now - last, len(new_ids))
-                last = now
-                ev: dict[str, Any] = {
-                    "index": index,
-                    "text": out.new_text,
-                    "num_tokens": len(new_ids),
-                    "finish_reason": out.finish_reason,
-                    "prompt_tokens": len(out.prompt_token_ids),
-                    "completion_tokens": len(out.token_ids),
-                    "logprobs": None,
-                }
-                if sp.logprobs is not None and out.logprobs is not None and new_ids:
-                    ev["logprobs"] = [
-                        self._logprob_entry(t, lp, sp.logprobs)
-                        for t, lp in zip(new_ids, out.logprobs[-len(new_ids) :])
-                    ]
-                queue.put_nowait(ev)
+            stream = self.engine.generate_stream(
+                ids, sp, request_id=rid, lora=lora, interval_s=self.stream_interval_s
+            )
+            async with aclosing(stream) as outputs:
+                async for out in outputs:
+                    now = time.time()
+                    new_ids = out.new_token_ids
+                    if last is None:
+                        self.metrics.observe_first_token(now - start)
+                    else:
+                        self.metrics.observe_tokens(now - last, len(new_ids))
+                    last = now
+                    ev: dict[str, Any] = {
+                        "index": index,
+                        "text": out.new_text,
+                        "num_tokens": len(new_ids),
+                        "finish_reason": out.finish_reason,
+                        "prompt_tokens": len(out.prompt_token_ids),
+                        "completion_tokens": len(out.token_ids),
+                        "logprobs": None,
+                    }
+                    if sp.logprobs is not None and out.logprobs is not None and new_ids:
+                        ev["logprobs"] = [
+                            self._logprob_entry(t, lp, sp.logprobs)
+                            for t, lp in zip(new_ids, out.logprobs[-len(new_ids) :])
+                        ]
+                    yield ev
             self.metrics.observe_finished(time.time() - start)
+        except EngineDeadError as e:
+            yield _error_event(engine_unavailable(f"the engine stopped ({e}); retry the request"))
         except ValueError as e:
-            if lora is not None and str(e).startswith("unknown LoRA adapter"):  # unloaded meanwhile
-                err = APIError(404, str(e), "model", "model_not_found")
+            if (
+                lora is not None and getattr(e, "param", None) == "model"
+            ):  # the adapter was unloaded meanwhile
+                yield _error_event(APIError(404, str(e), "model", "model_not_found"))
             else:
-                err = from_value_error(e)
-            queue.put_nowait({"error": err.body()["error"], "status": err.status})
-        except asyncio.CancelledError:
-            raise
+                yield _error_event(from_value_error(e))
         except Exception as e:
             msg = f"the engine failed on this request ({type(e).__name__}: {e})"
-            queue.put_nowait({"error": APIError(500, msg).body()["error"], "status": 500})
-        finally:
-            queue.put_nowait((_DONE, rid))
+            yield _error_event(APIError(500, msg))
 
     def _token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -398,6 +415,10 @@ def _multiplexed_hook(max_adapters: int) -> Any:
         return name
 
     return serve.multiplexed(max_num_models_per_replica=max(1, max_adapters))(hold)
+
+
+def _error_event(err: APIError) -> dict[str, Any]:
+    return {"error": err.body()["error"], "status": err.status, "headers": err.headers}
 
 
 def _merge(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

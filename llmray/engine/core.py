@@ -1,0 +1,220 @@
+"""The engine core: the step loop, fed by commands and answering with one message per step.
+
+``EngineCore`` wraps an ``LLMEngine`` (model, scheduler, KV cache, adapters) and speaks a small protocol of
+tuples (pickled when the core runs in its own process, passed as is when it runs in a thread)::
+
+    in:  ("add", rid, prompt_ids, SamplingParams, lora)   ("abort", [rid, ...])
+         ("call", call_id, name, args)  name in add_lora | remove_lora | list_loras
+         ("drain",)  finish what runs, refuse new requests, then exit     ("shutdown",)
+    out: ("ready", info)  ("progress", text)
+         ("step", rids, tokens, finished, logprobs, stats)   one per step: each running request's NEW token
+              (rids[i] got tokens[i]); finished = [(rid, finish_reason, stop_reason)]; logprobs = {rid: {id:
+              logprob}} or None; stats = LLMEngine.stats() (the replica's metrics come from these)
+         ("error", rid, message, param)   the request was refused (param: the field at fault)
+         ("failed", [rid, ...], message)  a step raised: these requests failed, the engine keeps serving
+         ("reply", call_id, ok, result)   ("dead", message)
+
+Run as ``python -m llmray.engine.core FD_IN FD_OUT`` (started by ``llmray.engine.core_client``): the first
+message on FD_IN is the spec ``{"model_dir", "engine_kwargs", "loras", "engine_factory"}``. The process
+exits when its parent dies (PR_SET_PDEATHSIG where the parent asked for it, a parent-pid watchdog, and EOF
+on the command pipe), so a replica killed with SIGKILL never leaves an orphan holding the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+IDLE_POLL_S = 0.05  # how long an idle core waits for a command before looking again
+
+
+class EngineCore:
+    """Drives one ``LLMEngine``; ``send`` receives every outgoing message."""
+
+    def __init__(self, engine: Any, send: Callable[[tuple], None]) -> None:
+        engine.detokenize = False  # the front-end detokenizes and applies stop strings
+        engine.delta_outputs = True
+        engine.stream_outputs = True
+        self.engine = engine
+        self.send = send
+        self.failures = 0  # consecutive failed steps
+        self.finished: list[tuple] = []  # aborts to report with the next message
+        self.draining = False
+        self.stopped = False
+
+    # --- commands ---------------------------------------------------------------------------------
+    def handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "add":
+            _, rid, ids, params, lora = msg
+            if self.draining:
+                self.send(("error", rid, "the engine is shutting down; retry the request", None))
+                return
+            try:
+                self.engine.add_request(rid, ids, params, lora)
+            except ValueError as e:
+                self.send(("error", rid, str(e), getattr(e, "param", None)))
+        elif kind == "abort":
+            for rid in msg[1]:
+                if self.engine.abort(rid) is not None:
+                    self.finished.append((rid, "abort", None))
+        elif kind == "call":
+            _, call_id, name, args = msg
+            try:
+                result = getattr(self, f"call_{name}")(*args)
+                self.send(("reply", call_id, True, result))
+            except Exception as e:  # KeyError / AdapterError travel back by type name and message
+                self.send(("reply", call_id, False, (type(e).__name__, str(e))))
+        elif kind == "drain":
+            self.draining = True
+        elif kind == "shutdown":
+            self.stopped = True
+
+    def call_add_lora(self, name: str, path: str) -> list[str]:
+        self.engine.add_lora(name, path)
+        return self.engine.list_loras()
+
+    def call_remove_lora(self, name: str) -> list[str]:
+        self.engine.remove_lora(name)
+        return self.engine.list_loras()
+
+    def call_list_loras(self) -> list[str]:
+        return self.engine.list_loras()
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def step(self) -> None:
+        """One engine step and its message; a failed step fails its requests (twice in a row: raises)."""
+        try:
+            outs = self.engine.step()
+        except Exception as e:
+            self.failures += 1
+            if self.failures > 1:
+                raise
+            ids = self.engine.abort_all()
+            self.send(("failed", ids, f"the engine step failed: {e!r}"))
+            return
+        self.failures = 0
+        rids = [o[0] for o in outs]
+        tokens = [o[1] for o in outs]
+        finished = self.finished + [(o[0], o[2], o[3]) for o in outs if o[2] is not None]
+        lps = {o[0]: o[4] for o in outs if o[4] is not None} or None
+        self.finished = []
+        self.send(("step", rids, tokens, finished, lps, self.engine.stats()))
+
+    def run(self, poll: Callable[[float], list[tuple]]) -> None:
+        """Step without pause while there is work; ``poll(timeout)`` returns the commands that arrived."""
+        engine = self.engine
+        self.send(("step", [], [], [], None, engine.stats()))  # the first stats
+        while not self.stopped:
+            msgs = poll(0.0 if engine.has_unfinished() else IDLE_POLL_S)
+            for msg in msgs:
+                self.handle(msg)
+            if engine.has_unfinished():
+                self.step()
+            elif msgs or self.finished:  # idle after commands (e.g. an abort): report it and fresh stats
+                self.send(("step", [], [], self.finished, None, engine.stats()))
+                self.finished = []
+            if self.draining and not engine.has_unfinished():
+                break
+
+
+def engine_info(engine: Any) -> dict[str, Any]:
+    """What the front-end needs to know about the engine (sent with "ready")."""
+    return {
+        "max_model_len": int(engine.max_model_len),
+        "vocab_size": int(engine.model_config.vocab_size),
+        "eos_token_id": engine.eos_token_id,
+        "loras": engine.list_loras(),
+        "num_total_blocks": engine.scheduler.block_manager.num_blocks,
+        "pid": os.getpid(),
+    }
+
+
+def load_factory(spec: str) -> Callable[..., Any]:
+    """``"module:callable"`` -> the callable (an engine factory: (model_dir, loras, **kwargs) -> LLMEngine)."""
+    module, sep, name = spec.partition(":")
+    if not sep:
+        raise ValueError(f"engine_factory must be 'module:callable', got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
+    if use_pdeathsig and sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(3)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="llmray-core-watchdog", daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(3)
+
+
+def main(argv: list[str]) -> int:
+    from multiprocessing.connection import Connection
+
+    fd_in, fd_out = int(argv[0]), int(argv[1])
+    _die_with_parent(int(os.environ["LLMRAY_CORE_PARENT"]), os.environ.get("LLMRAY_CORE_PDEATHSIG") == "1")
+    rx = Connection(fd_in, writable=False)
+    tx = Connection(fd_out, readable=False)
+    try:
+        spec = rx.recv()
+    except EOFError:
+        return 0
+    t0 = time.perf_counter()
+
+    def progress(text: str) -> None:
+        tx.send(("progress", f"[engine core {os.getpid()}] {text} ({time.perf_counter() - t0:.1f}s)"))
+
+    try:
+        progress("loading the model")
+        if spec.get("engine_factory"):
+            engine = load_factory(spec["engine_factory"])(
+                spec["model_dir"], spec["loras"], **spec["engine_kwargs"]
+            )
+        else:
+            from llmray.engine.llm import build_engine
+
+            engine = build_engine(spec["model_dir"], loras=spec["loras"], **spec["engine_kwargs"])
+        progress(f"engine ready: {engine.scheduler.block_manager.num_blocks} KV blocks")
+    except BaseException as e:
+        tx.send(("dead", f"the engine could not start: {type(e).__name__}: {e}"))
+        return 1
+    tx.send(("ready", engine_info(engine)))
+    core = EngineCore(engine, tx.send)
+
+    def poll(timeout: float) -> list[tuple]:
+        msgs: list[tuple] = []
+        if rx.poll(timeout):
+            msgs.append(rx.recv())
+            while rx.poll(0):
+                msgs.append(rx.recv())
+        return msgs
+
+    try:
+        core.run(poll)
+    except (EOFError, OSError):  # the front-end is gone: nobody to serve
+        return 0
+    except BaseException as e:
+        try:
+            tx.send(("dead", f"the engine loop died: {e!r}"))
+        except OSError:
+            pass
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
