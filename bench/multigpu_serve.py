@@ -66,7 +66,7 @@ def write_random_model(out: Path, preset: str, device: str) -> Path:
     base = ModelConfig.preset(preset)
     n_chars = base.vocab_size - len(SPECIAL_TOKENS)
     cps = [c for c in range(0x4E00, 0x4E00 + n_chars + 2048) if not 0xD800 <= c <= 0xDFFF][:n_chars]
-    tok = char_tokenizer("".join(map(chr, cps)))
+    tok = char_tokenizer("".join(map(chr, cps)), base_chars="")
     if tok.vocab_size != base.vocab_size:
         raise RuntimeError(f"char tokenizer has {tok.vocab_size} tokens, preset {preset} {base.vocab_size}")
     cfg = base.replace(eos_token_id=tok.eos_token_id, bos_token_id=None, max_position_embeddings=8192)

@@ -51,7 +51,7 @@ def write_random_qwen3(out: Path) -> Path:
     base = ModelConfig.preset("qwen3-0.6b")
     n_chars = base.vocab_size - len(SPECIAL_TOKENS)
     cps = [c for c in range(0x4E00, 0x4E00 + n_chars + 2048) if not 0xD800 <= c <= 0xDFFF][:n_chars]
-    tok = char_tokenizer("".join(map(chr, cps)))
+    tok = char_tokenizer("".join(map(chr, cps)), base_chars="")
     assert tok.vocab_size == base.vocab_size, tok.vocab_size
     cfg = base.replace(eos_token_id=tok.eos_token_id, bos_token_id=None, max_position_embeddings=8192)
     torch.manual_seed(0)

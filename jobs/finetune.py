@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmray.train.finetune import add_cli
+from llmray.train.cli import add_cli
 
 
 def main(argv: list[str] | None = None) -> int:

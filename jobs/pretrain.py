@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds the llmray package
 
 from llmray.cli import _apply_config  # noqa: E402
-from llmray.train.pretrain import add_cli  # noqa: E402
+from llmray.train.cli import add_cli  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -1,32 +1,81 @@
 """The ``llmray`` command. Each package registers its own subcommands (``add_cli(subparsers)``);
-this module adds ``--config FILE.yaml`` to every one of them (keys = long flag names; flags win)."""
+this module adds ``--config FILE.yaml`` to every one of them (keys = long flag names; flags win).
+
+One error style for every command: bad input prints ``error: <what is wrong>`` (one line, naming the flag
+or file) and exits 2; anything else prints ``error: ...`` and exits 1. ``--debug`` (anywhere before a
+``bench`` script's own flags) or ``LLMRAY_DEBUG=1`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import runpy
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
 # module -> it defines add_cli(subparsers) registering the subcommand(s) named in DESIGN.md
 COMMAND_MODULES = (
-    "llmray.train.pretrain",  # pretrain
-    "llmray.train.finetune",  # finetune, merge
+    "llmray.train.cli",  # pretrain, finetune, merge
     "llmray.engine.cli",  # generate
     "llmray.serve.cli",  # serve
     "llmray.demo",  # demo
+    "llmray.batch.cli",  # batch
 )
-BENCHES = ("engine", "kernels", "serve", "train", "finetune", "lora")
+BENCHES = ("engine", "kernels", "serve", "train", "finetune", "lora", "batch")
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with our error line: ``error: <message> (see `llmray X --help`)``, exit 2, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows ``(default: X)`` after every option whose help does not already say its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            text == argparse.SUPPRESS
+            or "(default" in text
+            or "(required" in text
+            or not action.option_strings
+        ):
+            return action.help
+        if action.required:
+            return f"{text} (required)".strip()
+        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
+            return action.help  # flags (store_true) and options without a default
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("llmray")
+    except Exception:
+        from llmray import __version__
+
+        return __version__
 
 
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "bench", help="run a benchmark from bench/ (GPU numbers come from these)", add_help=False
+        "bench",
+        help="run a benchmark from bench/ (GPU numbers come from these)",
+        add_help=False,
+        description="Runs bench/WHICH.py with the remaining flags; `llmray bench WHICH --help` shows them.",
     )
-    p.add_argument("which", choices=BENCHES)
+    p.add_argument("which", choices=BENCHES, help="the benchmark script")
     p.set_defaults(func=_run_bench)
 
 
@@ -41,15 +90,20 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="llmray",
         description="Qwen3-architecture LLMs from pretraining to serving on Ray.",
+        epilog="`llmray COMMAND --help` shows a command's flags and their defaults. --debug (or LLMRAY_DEBUG=1) "
+        "shows tracebacks.",
     )
+    parser.add_argument("--version", action="version", version=f"llmray {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_cli(subparsers)
     _add_bench(subparsers)
     for sub in subparsers.choices.values():
+        sub.formatter_class = DefaultsHelpFormatter
         if sub.prog.endswith(" bench"):
             continue
         sub.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are long flag names")
@@ -61,11 +115,11 @@ def _apply_config(sub: argparse.ArgumentParser, path: str) -> None:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        raise SystemExit(f"error: config file {path} not found") from None
+        raise SystemExit(f"error: --config {path} not found") from None
     except yaml.YAMLError as e:
-        raise SystemExit(f"error: config file {path} is not valid YAML: {e}") from None
+        raise SystemExit(f"error: --config {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"error: config file {path} must hold a mapping of flag names to values")
+        raise SystemExit(f"error: --config {path} must hold a mapping of flag names to values")
     by_flag = {}
     for action in sub._actions:
         for opt in action.option_strings:
@@ -82,24 +136,72 @@ def _apply_config(sub: argparse.ArgumentParser, path: str) -> None:
     sub.set_defaults(**defaults)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _debug() -> bool:
+    return os.environ.get("LLMRAY_DEBUG", "") not in ("", "0")
+
+
+def _split_debug(argv: list[str]) -> list[str]:
+    """Drop ``--debug`` (anywhere but among a bench script's flags) and set LLMRAY_DEBUG=1 for it."""
+    end = 2 if argv[:1] == ["bench"] else len(argv)
+    if "--debug" in argv[:end]:
+        os.environ["LLMRAY_DEBUG"] = "1"
+        argv = [a for i, a in enumerate(argv) if not (a == "--debug" and i < end)]
+    return argv
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     if argv and argv[0] == "bench":
+        if len(argv) == 1 or argv[1] in ("-h", "--help"):
+            print(commands["bench"].format_help())
+            return 0
         known, rest = parser.parse_known_args(argv)
         known.rest = rest
         return known.func(known)
-    if argv and argv[0] in parser._subparsers._group_actions[0].choices and "--config" in argv[1:]:
-        sub = parser._subparsers._group_actions[0].choices[argv[0]]
+    if argv and argv[0] in commands and "--config" in argv[1:]:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             parser.error("--config needs a file path")
-        _apply_config(sub, argv[i + 1])
+        _apply_config(commands[argv[0]], argv[i + 1])
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     return int(args.func(args) or 0)
+
+
+def _last_line(e: BaseException) -> str:
+    """A Ray error's message holds the remote traceback: its last non-empty line says what went wrong."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _split_debug(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        if isinstance(e.code, str):  # raise SystemExit("error: ...")
+            print(e.code if e.code.startswith("error:") else f"error: {e.code}", file=sys.stderr)
+            return 2
+        return int(e.code or 0)
+    except USAGE_ERRORS as e:
+        if _debug():
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if _debug():
+            raise
+        print(
+            f"error: {type(e).__name__}: {_last_line(e)}\n(the full traceback: rerun with --debug)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

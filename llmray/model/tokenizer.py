@@ -10,6 +10,7 @@ with jinja2 exactly as transformers renders it.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,29 @@ from tokenizers import Tokenizer as HFTokenizer
 EOS_TOKEN = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END]
+# every char vocabulary holds these, whatever its corpus: ordinary English and code always encode
+BASE_CHARS = "".join(map(chr, range(32, 127))) + "\n\t"
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+class UnknownCharactersError(ValueError):
+    """Text holds characters a char-level (WordLevel) vocabulary lacks; ``chars`` names them."""
+
+    def __init__(self, chars: list[str], where: str = "the text") -> None:
+        self.chars = chars
+        super().__init__(f"{where} holds characters the tokenizer cannot encode: {describe_chars(chars)}")
+
+
+def describe_chars(chars: Sequence[str], limit: int = 8) -> str:
+    """``'é' (U+00E9 LATIN SMALL LETTER E WITH ACUTE), ...`` for error messages."""
+    parts = [f"{c!r} (U+{ord(c):04X} {unicodedata.name(c, '?')})" for c in list(chars)[:limit]]
+    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
+    return ", ".join(parts) + more
 
 
 def _token_str(value: Any) -> str | None:
@@ -69,12 +87,43 @@ class Tokenizer:
     def chat_template(self) -> str:
         return self.config["chat_template"]
 
+    @property
+    def is_char_level(self) -> bool:
+        """A WordLevel vocabulary without an unknown token (``char_tokenizer``): some text cannot encode."""
+        if not hasattr(self, "_char_level"):
+            model = json.loads(self.backend.to_str())["model"]
+            unk = model.get("unk_token")  # WordLevel(unk_token=None) saves "<unk>" without such a token
+            self._char_level = model.get("type") == "WordLevel" and (not unk or unk not in model["vocab"])
+        return self._char_level
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """Characters of ``text`` this tokenizer cannot encode (sorted; always empty for byte-level BPE)."""
+        if not self.is_char_level:
+            return []
+        for tok in self.backend.get_added_tokens_decoder().values():
+            text = text.replace(tok.content, "")
+        vocab = self.backend.get_vocab(with_added_tokens=False)
+        return sorted(c for c in set(text) if c not in vocab)
+
     # --- encode / decode ------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of ``text``; ``UnknownCharactersError`` names characters a char vocabulary lacks."""
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except Exception:
+            unknown = self.unknown_chars(text)
+            if unknown:
+                raise UnknownCharactersError(unknown) from None
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        except Exception:
+            unknown = self.unknown_chars("".join(texts))
+            if unknown:
+                raise UnknownCharactersError(unknown) from None
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -147,12 +196,14 @@ def _with_specials(backend: HFTokenizer, eos: bool) -> dict[str, Any]:
     return {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN} if eos else {}
 
 
-def char_tokenizer(text: str, special_tokens: bool = True) -> Tokenizer:
-    """One token per distinct character of ``text`` (ids in sorted character order, as nanoGPT).
+def char_tokenizer(text: str, special_tokens: bool = True, base_chars: str = BASE_CHARS) -> Tokenizer:
+    """One token per distinct character of ``text`` and ``base_chars`` (sorted character order, as nanoGPT).
 
-    With ``special_tokens`` the ChatML/eos tokens are appended after the characters.
+    ``base_chars`` (printable ASCII, newline and tab) are always in the vocabulary, so ordinary English and
+    code encode whatever the corpus; any other character the corpus lacks is refused by ``encode`` (never
+    replaced by an unknown token). With ``special_tokens`` the ChatML/eos tokens follow the characters.
     """
-    chars = sorted(set(text))
+    chars = sorted(set(text) | set(base_chars))
     if not chars:
         raise ValueError("cannot build a char tokenizer from empty text")
     backend = HFTokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))

@@ -223,7 +223,7 @@ class _WindowBatch:
         self.rank, self.world, self.batch_size = rank, world, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = rank_rows(batch["id"].astype(np.int64), self.rank, self.world, self.batch_size)
+        rows = rank_rows(batch["data"].astype(np.int64), self.rank, self.world, self.batch_size)
         return {"tokens": self.sampler.windows(self.tokens, rows)}
 
 
@@ -240,7 +240,9 @@ def train_windows_datasets(
     WindowSampler(len(tokens), seq_len, seed)  # validate sizes on the driver
     tokens_ref = ray.put(tokens)  # shipped once, shared by every worker's pipeline
     return {
-        f"train_{rank}": ray.data.range(rows_per_worker).map_batches(
+        # row ids from the driver's object store, not ray.data.range: its read tasks take 1 CPU each, and
+        # with the window actor (0.25) that is more than a 2-CPU head has next to a 1-CPU worker (a hang)
+        f"train_{rank}": ray.data.from_numpy(_row_id_blocks(rows_per_worker, batch_size)).map_batches(
             _WindowBatch,
             fn_constructor_kwargs=dict(
                 tokens=tokens_ref,
@@ -257,6 +259,12 @@ def train_windows_datasets(
         )
         for rank in range(num_workers)
     }
+
+
+def _row_id_blocks(rows: int, batch_size: int, batches_per_block: int = 64) -> list[np.ndarray]:
+    """0..rows-1 as int64 blocks of ``batches_per_block`` batches (column ``data`` of ``from_numpy``)."""
+    step = batch_size * batches_per_block
+    return [np.arange(i, min(i + step, rows), dtype=np.int64) for i in range(0, rows, step)]
 
 
 def local_batches(

@@ -13,12 +13,10 @@ reported with the final checkpoint, whose adapter the driver copies into ``--out
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -319,8 +317,9 @@ def run_finetune(cfg: FinetuneConfig, fail_at_step: int | None = None) -> dict[s
     }
     if fail_at_step is not None:
         config.update(fail_at_step=fail_at_step, fail_marker=str(out / ".injected_failure"))
-    if not ray.is_initialized():
-        ray.init(configure_logging=False, log_to_driver=True)
+    from llmray.train.ray_env import init_ray
+
+    init_ray(out / "ray.log", gpus=cfg.num_workers if cfg.use_gpu else 0)  # Ray's own logs into a file
     resources = {"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": 0.5}
     trainer = TorchTrainer(
         train_worker,
@@ -363,82 +362,3 @@ def _publish_adapter(adapter: Path, out: Path, metrics: dict) -> None:
         f.write(
             json.dumps({"event": "final", **{k: metrics[k] for k in metrics if k not in ("data",)}}) + "\n"
         )
-
-
-# --- CLI ------------------------------------------------------------------------------------------
-def _finetune_cmd(args: argparse.Namespace) -> int:
-    targets = args.lora_targets
-    cfg = FinetuneConfig(
-        base=args.base,
-        data=args.data,
-        out=args.out,
-        val_data=args.val_data,
-        lora=LoraConfig(
-            r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets, qlora=args.qlora
-        ),
-        max_steps=args.max_steps,
-        num_workers=args.num_workers,
-        use_gpu=args.use_gpu,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        checkpoint_every=args.checkpoint_every,
-        max_failures=args.max_failures,
-        seed=args.seed,
-    )
-    try:
-        run_finetune(cfg)
-    except (chat_data.ChatDataError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _merge_cmd(args: argparse.Namespace) -> int:
-    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-    try:
-        out = lora.merge_adapter(args.base, args.lora, args.out, dtype=dtypes[args.dtype])
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"merged {args.lora} into {args.base}: {args.dtype} checkpoint written to {out}")
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``llmray finetune`` and ``llmray merge``."""
-    p = subparsers.add_parser("finetune", help="LoRA/QLoRA fine-tuning on chat JSONL under Ray Train")
-    p.add_argument("--base", required=True, help="base checkpoint directory (Hugging Face Qwen3 format)")
-    p.add_argument(
-        "--data", required=True, help='JSONL: {"messages": [...]} or {"prompt", "completion"} lines'
-    )
-    p.add_argument("--val-data", help="held-out JSONL (default: 10%% of --data held out)")
-    p.add_argument(
-        "--out", required=True, help="output directory: PEFT adapter, metrics.jsonl, Ray run state"
-    )
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument(
-        "--lora-targets", default="attn", help="attn (q,v) | all-attn | all-linear | q_proj,v_proj,..."
-    )
-    p.add_argument("--qlora", action="store_true", help="NF4 base weights (bitsandbytes), LoRA on top")
-    p.add_argument("--max-steps", type=int, default=None, help="default: one epoch")
-    p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per worker per step")
-    p.add_argument("--seq-len", type=int, default=1024, help="longer examples are truncated")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument(
-        "--max-failures", type=int, default=0, help="worker-group restarts from the last checkpoint"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_finetune_cmd)
-
-    m = subparsers.add_parser("merge", help="merge a LoRA adapter into its base (full-precision merge)")
-    m.add_argument("--base", required=True, help="base checkpoint directory")
-    m.add_argument("--lora", required=True, help="PEFT adapter directory")
-    m.add_argument("--out", required=True, help="new checkpoint directory")
-    m.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
-    m.set_defaults(func=_merge_cmd)

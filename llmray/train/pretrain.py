@@ -19,7 +19,6 @@ the speed benchmark uses to leave Ray's start-up out of its clock.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -323,13 +322,14 @@ def prepare_corpus(cfg: PretrainConfig) -> tuple[Any, ModelConfig, np.ndarray, n
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) pretraining on Ray Train; returns the last metrics and where results went."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # the default in Ray 2.60; explicit for older Rays
-    import ray
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS (a `ray job submit` job) or a local embedded Ray
+    from llmray.train.ray_env import init_ray
+
+    # RAY_ADDRESS (a `ray job submit` job) or a local embedded Ray; Ray's own logs into OUT/ray.log
+    init_ray(Path(cfg.out).resolve() / "ray.log", gpus=cfg.num_workers if cfg.use_gpu else 0)
     tok, mc, train_tokens, val_tokens = prepare_corpus(cfg)
     datasets = D.train_windows_datasets(
         train_tokens,
@@ -407,71 +407,3 @@ def run_local(cfg: PretrainConfig, device: str | torch.device = "cuda") -> dict[
     t0 = time.perf_counter()
     last = train_steps(cfg, mc, batches, val_tokens, device, None, report)
     return {"last": last, "wall_s": time.perf_counter() - t0, "model_config": mc, "tokenizer": tok}
-
-
-# --- CLI ----------------------------------------------------------------------------------------------------
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``llmray pretrain`` (flags = PretrainConfig fields)."""
-    p = subparsers.add_parser("pretrain", help="pretrain a Qwen3-architecture model on Ray Train (Muon)")
-    add_pretrain_arguments(p)
-    p.set_defaults(func=_cli_main)
-
-
-def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="text/JSONL/parquet file(s): path, dir, glob or s3:// URI")
-    p.add_argument(
-        "--out", required=True, help="output dir: HF model, metrics.jsonl, loss_curve.png, checkpoints"
-    )
-    defaults = PretrainConfig(data="-", out="-")
-    helps = {
-        "preset": "model shape (tiny, seed-7m, shakespeare-char, qwen3-0.6b, qwen3-1.7b)",
-        "tokenizer": "char | bpe (trained on the corpus) | DIR with tokenizer.json",
-        "optimizer": "muon (Muon + AdamW) | adamw",
-        "parallel": "ddp (replicated weights) | fsdp (FSDP2: weights, grads, optimizer state sharded)",
-        "schedule": "cosine | wsd | constant",
-        "storage_path": "Ray Train storage (default OUT/ray_results; s3:// on clusters)",
-    }
-    for f in dataclasses.fields(PretrainConfig):
-        if f.name in ("data", "out", "fail_at_step", "fail_kill"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            p.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=helps.get(f.name)
-            )
-        else:
-            kind = {int: int, float: float}.get(type(default), str)
-            if f.name == "target_val_loss":
-                kind = float
-            choices = {
-                "optimizer": ("muon", "adamw"),
-                "schedule": ("cosine", "wsd", "constant"),
-                "parallel": PARALLEL_MODES,
-            }.get(f.name)
-            choices = ("auto", "torch", "triton") if f.name == "kernels" else choices
-            p.add_argument(
-                flag,
-                type=kind,
-                default=default,
-                choices=choices,
-                help=helps.get(f.name, f"default {default}"),
-            )
-
-
-def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    names = {f.name for f in dataclasses.fields(PretrainConfig)}
-    return PretrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-
-
-def _cli_main(args: argparse.Namespace) -> int:
-    result = run_pretrain(config_from_args(args))
-    last = result["last"]
-    print(
-        f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f} "
-        f"val_loss {last.get('val_loss', float('nan')):.4f}\n"
-        f"model (Hugging Face Qwen3 + tokenizer): {result['out']}\n"
-        f"metrics: {result['metrics_file']}\nloss curve: {result['loss_curve']}\n"
-        f"last checkpoint: {result['checkpoint']}"
-    )
-    return 0

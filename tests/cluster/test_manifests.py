@@ -196,7 +196,7 @@ def test_rayjob_entrypoint_flags_parse(name):
     import importlib
 
     command = name.removeprefix("rayjob-")[:-5]
-    module = importlib.import_module(f"llmray.train.{command}")
+    module = importlib.import_module("llmray.train.cli")
     parser = argparse.ArgumentParser(prog=f"jobs/{command}.py", exit_on_error=False)
     module.add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args([command, *shlex.split(_doc(name)["spec"]["entrypoint"])[2:]])

@@ -18,7 +18,7 @@ MESSAGES = [
 
 
 def test_char_tokenizer_round_trip_and_ids():
-    tok = char_tokenizer(TEXT, special_tokens=False)
+    tok = char_tokenizer(TEXT, special_tokens=False, base_chars="")
     chars = sorted(set(TEXT))
     assert tok.vocab_size == len(chars) and tok.eos_token_id is None
     ids = tok.encode("Speak, all.")

@@ -12,6 +12,7 @@ import torch
 
 from llmray.config import LoraConfig
 from llmray.model.checkpoint import load_model
+from llmray.train import cli as train_cli
 from llmray.train import finetune, lora
 from llmray.train.chat_data import ChatDataError
 
@@ -152,7 +153,7 @@ def test_bad_line_stops_before_anything_is_written(tiny_model_dir, chat_files, t
     assert not out.exists()
     # the CLI reports it and exits 2
     parser = argparse.ArgumentParser()
-    finetune.add_cli(parser.add_subparsers())
+    train_cli.add_cli(parser.add_subparsers())
     args = parser.parse_args(
         ["finetune", "--base", str(tiny_model_dir), "--data", str(bad), "--out", str(out)]
     )

@@ -199,7 +199,8 @@ def test_ray_train_fsdp_run_exports_a_loadable_model(ray_local, tmp_path):
     from _support.data import shared_data
 
     from llmray.model.checkpoint import load_model
-    from llmray.train.pretrain import add_cli, config_from_args, run_pretrain
+    from llmray.train.cli import add_cli, config_from_args
+    from llmray.train.pretrain import run_pretrain
 
     corpus = tmp_path / "small.txt"
     corpus.write_text(shared_data("tinyshakespeare/input.txt").read_text()[:20_000])

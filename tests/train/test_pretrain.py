@@ -20,7 +20,8 @@ from _support.data import shared_data
 from llmray.config import ModelConfig
 from llmray.train import data as D
 from llmray.train.loop import lr_multiplier, read_metrics
-from llmray.train.pretrain import PretrainConfig, add_cli, config_from_args, run_pretrain, train_steps
+from llmray.train.cli import add_cli, config_from_args
+from llmray.train.pretrain import PretrainConfig, run_pretrain, train_steps
 
 STEPS, FAIL_AT = 16, 10
 

@@ -1,0 +1,235 @@
+"""``llmray pretrain``, ``llmray finetune``, ``llmray merge``: flags generated from the config dataclasses.
+
+Every field of ``PretrainConfig`` / ``FinetuneConfig`` is a flag (``llmray.train.flags``), its default in
+``--help``. Before anything is written or Ray starts, paths are made absolute against the caller's working
+directory (Ray workers run elsewhere) and ``llmray.train.preflight`` checks every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmray.config import PRESETS
+from llmray.train import preflight
+from llmray.train.finetune import FinetuneConfig
+from llmray.train.flags import add_dataclass_flags, build_dataclass
+from llmray.train.fsdp import PARALLEL_MODES
+from llmray.train.pretrain import PretrainConfig
+
+KERNELS = ("auto", "triton", "torch")
+USE_GPU = "one GPU per Ray Train worker"
+TEST_HOOKS = ("fail_at_step", "fail_kill")
+
+PRETRAIN_HELP = {
+    "data": "text/JSONL/parquet file(s): path, dir, glob or s3:// URI (comma-separated for several)",
+    "out": "output dir: HF model, metrics.jsonl, loss_curve.png, ray.log, checkpoints",
+    "preset": "model shape",
+    "tokenizer": "char | bpe (trained on the corpus) | DIR with tokenizer.json",
+    "bpe_vocab": "BPE vocabulary size (with --tokenizer bpe)",
+    "text_field": "JSONL/parquet field holding the text",
+    "val_fraction": "share of the token stream held out for validation",
+    "max_steps": "optimizer steps",
+    "num_workers": "Ray Train workers (data-parallel)",
+    "use_gpu": USE_GPU,
+    "cpus_per_worker": "CPUs each worker reserves (fractional leaves room for Ray Data)",
+    "optimizer": "muon (Muon + AdamW) | adamw",
+    "parallel": "ddp (replicated weights) | fsdp (FSDP2: weights, grads, optimizer state sharded)",
+    "seq_len": "tokens per training window",
+    "batch_size": "sequences per optimizer step per worker",
+    "grad_accum": "micro-batches per step (--batch-size is split into them)",
+    "lr": "AdamW learning rate (embeddings, norms, head; everything with --optimizer adamw)",
+    "muon_lr": "Muon learning rate (matrices)",
+    "warmup_steps": "linear warm-up steps",
+    "schedule": "learning-rate schedule after warm-up",
+    "min_lr_ratio": "final learning rate / peak",
+    "eval_every": "steps between validations",
+    "eval_windows": "validation windows per evaluation",
+    "checkpoint_every": "steps between checkpoints",
+    "log_every": "steps between progress lines",
+    "compile": "torch.compile the model",
+    "kernels": "auto (Triton on CUDA) | triton | torch",
+    "name": "Ray Train run name",
+    "storage_path": "Ray Train storage (s3:// on clusters)",
+    "max_failures": "worker-group restarts from the last checkpoint",
+    "target_val_loss": "stop once validation loss reaches it",
+}
+PRETRAIN_NONE = {"storage_path": "OUT/ray_results", "target_val_loss": "off"}
+
+FINETUNE_HELP = {
+    "base": "base checkpoint directory (Hugging Face Qwen3 format)",
+    "data": 'JSONL: {"messages": [...]} or {"prompt", "completion"} lines',
+    "out": "output directory: PEFT adapter, metrics.jsonl, ray.log, Ray run state",
+    "val_data": "held-out JSONL",
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA alpha (scale alpha/r)",
+    "lora_dropout": "LoRA dropout",
+    "lora_targets": "attn (q,v) | all-attn | all-linear | q_proj,v_proj,...",
+    "lora_qlora": "NF4 base weights (bitsandbytes), LoRA on top",
+    "max_steps": "optimizer steps",
+    "num_workers": "Ray Train workers (data-parallel)",
+    "use_gpu": USE_GPU,
+    "lr": "AdamW learning rate",
+    "warmup_steps": "linear warm-up steps",
+    "batch_size": "sequences per worker per step",
+    "seq_len": "longer examples are truncated",
+    "val_fraction": "share of --data held out when --val-data is not given",
+    "checkpoint_every": "steps between checkpoints",
+    "gradient_checkpointing": "recompute activations in backward",
+    "compute_dtype": "QLoRA compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32",
+    "kernels": "auto (Triton on CUDA) | triton | torch",
+    "max_failures": "worker-group restarts from the last checkpoint",
+}
+FINETUNE_NONE = {
+    "val_data": "10% of --data held out",
+    "max_steps": "one epoch",
+    "warmup_steps": "5% of the steps",
+    "gradient_checkpointing": "on for QLoRA",
+}
+
+
+def _pretrain_choices() -> dict[str, tuple[str, ...]]:
+    return {
+        "preset": tuple(PRESETS),
+        "optimizer": ("muon", "adamw"),
+        "schedule": ("cosine", "wsd", "constant"),
+        "parallel": tuple(PARALLEL_MODES),
+        "kernels": KERNELS,
+    }
+
+
+def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    add_dataclass_flags(
+        p, PretrainConfig, helps=PRETRAIN_HELP, choices=_pretrain_choices(), required=("data", "out"),
+        hidden=TEST_HOOKS, none_means=PRETRAIN_NONE,
+    )  # fmt: skip
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    add_dataclass_flags(
+        p, FinetuneConfig, helps=FINETUNE_HELP, choices={"kernels": KERNELS}, required=("base", "data", "out"),
+        none_means=FINETUNE_NONE, rename={"lora_qlora": "qlora"},
+    )  # fmt: skip
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``llmray pretrain``, ``llmray finetune`` and ``llmray merge``."""
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain a Qwen3-architecture model on Ray Train (Muon)",
+        description="Pretrain on Ray Train; every flag is a PretrainConfig field.",
+    )
+    add_pretrain_arguments(p)
+    p.set_defaults(func=pretrain_command, config_class=PretrainConfig)
+
+    f = subparsers.add_parser(
+        "finetune",
+        help="LoRA/QLoRA fine-tuning on chat JSONL under Ray Train",
+        description="LoRA/QLoRA fine-tuning on Ray Train; every flag is a FinetuneConfig field.",
+    )
+    add_finetune_arguments(f)
+    f.set_defaults(func=finetune_command, config_class=FinetuneConfig)
+
+    m = subparsers.add_parser("merge", help="merge a LoRA adapter into its base (full-precision merge)")
+    m.add_argument("--base", required=True, help="base checkpoint directory (required)")
+    m.add_argument("--lora", required=True, help="PEFT adapter directory (required)")
+    m.add_argument("--out", required=True, help="new checkpoint directory (required)")
+    m.add_argument(
+        "--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"), help="(default: bfloat16)"
+    )
+    m.set_defaults(func=merge_command)
+
+
+# --- flags -> config --------------------------------------------------------------------------------------
+def _resolved(values: dict[str, Any], cls: type) -> dict[str, Any]:
+    """Path flags made absolute against the caller's working directory (URIs and globs kept as such)."""
+    v = dict(values)
+    if cls is PretrainConfig:
+        v["data"] = preflight.resolve_paths_list(v["data"])
+        for key in ("out", "storage_path"):
+            v[key] = preflight.resolve_path(v.get(key))
+        if v.get("tokenizer") not in (None, "char", "bpe"):
+            v["tokenizer"] = preflight.resolve_path(v["tokenizer"])
+    else:
+        for key in ("base", "data", "val_data", "out"):
+            v[key] = preflight.resolve_path(v.get(key))
+    return v
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig | FinetuneConfig:
+    """The config of a parsed ``pretrain``/``finetune`` command line, with absolute paths."""
+    cls = getattr(args, "config_class", PretrainConfig)
+    return build_dataclass(cls, _resolved(vars(args), cls))
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def usage_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Bad input -> ``error: <message>`` on stderr and exit code 2 (the traceback with LLMRAY_DEBUG=1)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except USAGE_ERRORS as e:
+            if os.environ.get("LLMRAY_DEBUG", "") not in ("", "0"):
+                raise
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+
+    return run
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(note, flush=True)
+
+
+@usage_errors
+def pretrain_command(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    _print_notes(preflight.check_pretrain(cfg))
+    from llmray.train.pretrain import run_pretrain
+
+    print(f"pretraining {cfg.preset} on {cfg.data} for {cfg.max_steps} steps -> {cfg.out}", flush=True)
+    result = run_pretrain(cfg)
+    last = result["last"]
+    print(
+        f"done: step {last.get('step')} loss {last.get('loss', float('nan')):.4f} "
+        f"val_loss {last.get('val_loss', float('nan')):.4f}\n"
+        f"model (Hugging Face Qwen3 + tokenizer): {result['out']}\n"
+        f"metrics: {result['metrics_file']}\nloss curve: {result['loss_curve']}\n"
+        f"last checkpoint: {result['checkpoint']}"
+    )
+    return 0
+
+
+@usage_errors
+def finetune_command(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    _print_notes(preflight.check_finetune(cfg))
+    from llmray.train.finetune import run_finetune
+
+    run_finetune(cfg)
+    return 0
+
+
+@usage_errors
+def merge_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmray.train import lora
+
+    base, adapter, out = (preflight.resolve_path(x) for x in (args.base, args.lora, args.out))
+    preflight.check_merge(base, adapter, out)
+    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+    written = lora.merge_adapter(base, adapter, out, dtype=dtypes[args.dtype])
+    print(f"merged {adapter} into {base}: {args.dtype} checkpoint written to {Path(written)}")
+    return 0

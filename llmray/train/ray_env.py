@@ -1,0 +1,118 @@
+"""Starting (or joining) Ray for a training command, quietly: our lines on the console, Ray's in a file.
+
+``init_ray(log_file)`` joins RAY_ADDRESS / a running ``ray start``, or starts an embedded local Ray. Ray's
+own driver-side logs (start-up, Ray Data execution plans and progress, Ray Train controller messages) go
+to ``log_file`` and the console shows warnings and errors only; Ray Data's progress bars are off; Ray Train
+V2's print patch is off in the workers (it forwarded each worker ``print`` twice), so every step line
+appears once. ``LLMRAY_VERBOSE=1`` keeps Ray's logs on the console too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+WORKER_ENV = {
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # Ray Train V2 tees print() to stdout and to a logger: twice
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # hundreds of progress-bar lines per run in a log file
+}
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+
+
+def verbose() -> bool:
+    return os.environ.get("LLMRAY_VERBOSE", "") not in ("", "0")
+
+
+def route_ray_logs(log_file: str | Path | None) -> Path | None:
+    """Ray's driver-side loggers into ``log_file`` (INFO and up); WARNING and up stay on the console."""
+    if verbose():
+        return None
+    path = Path(log_file) if log_file else None
+    handlers: list[logging.Handler] = []
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(path)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setLevel(logging.INFO)
+        handlers.append(fh)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.ERROR)
+    console.setFormatter(logging.Formatter("ray %(levelname)s: %(message)s"))
+    handlers.append(console)
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            if getattr(h, "_llmray", False) or isinstance(h, logging.StreamHandler):
+                logger.removeHandler(h)
+        if name == "ray":
+            for h in handlers:
+                h._llmray = True  # type: ignore[attr-defined]
+                logger.addHandler(h)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+        else:
+            logger.propagate = True  # up to "ray"
+    return path
+
+
+def _job_env_vars() -> set[str]:
+    """Env var names a ``ray job submit`` runtime env already sets (ray.init must not set them again)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return set()
+
+
+def init_ray(log_file: str | Path | None = None, gpus: int = 0, **local_kwargs: object) -> Path | None:
+    """Join or start Ray (nothing when already initialized); returns the file Ray's logs go to.
+
+    ``gpus``: what the run will ask for (a note when a cluster has fewer). ``local_kwargs`` (e.g.
+    ``num_cpus``) apply only when an embedded local Ray is started.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return None
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)  # the driver itself, and an embedded Ray's workers
+    path = route_ray_logs(log_file)
+    taken = _job_env_vars()
+    env_vars = {k: os.environ[k] for k in WORKER_ENV if k not in taken}
+    from llmray.train.preflight import local_ray_starts
+
+    kwargs: dict[str, object] = dict(
+        runtime_env={"env_vars": env_vars},
+        configure_logging=verbose(),
+        log_to_driver=True,
+    )
+    if local_ray_starts():
+        kwargs.update(include_dashboard=False, **local_kwargs)
+    if path is not None:
+        print(f"Ray's logs: {path}", flush=True)
+    ray.init(**kwargs)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    warn_if_cluster_lacks_gpus(gpus)
+    return path
+
+
+def warn_if_cluster_lacks_gpus(num_gpus: int) -> None:
+    """On a cluster, say so when it has fewer GPUs than asked (an autoscaler may add them: we wait)."""
+    import ray
+
+    if num_gpus <= 0:
+        return
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have < num_gpus:
+        print(
+            f"waiting for {num_gpus} GPU(s): the Ray cluster has {have} now; an autoscaler may add GPU "
+            "nodes (Ctrl-C to stop)",
+            flush=True,
+        )
