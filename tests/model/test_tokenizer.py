@@ -88,3 +88,25 @@ def test_loads_foreign_metaspace_and_wordlevel_tokenizers(tmp_path):
 def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.load(tmp_path)
+
+
+def test_char_vocab_always_holds_printable_ascii_and_newline():
+    tok = char_tokenizer("abc")  # a corpus of three letters
+    text = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # ~!@$%^&*{}|\\\"'`\n"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.unknown_chars(text) == []
+
+
+def test_unknown_characters_are_refused_by_name_never_replaced():
+    from llmray.model.tokenizer import UnknownCharactersError
+
+    tok = char_tokenizer("abc")
+    with pytest.raises(UnknownCharactersError, match=r"'é' \(U\+00E9 LATIN SMALL LETTER E WITH ACUTE\)") as e:
+        tok.encode("café<|im_end|>")
+    assert e.value.chars == ["é"] and isinstance(e.value, ValueError)
+    with pytest.raises(UnknownCharactersError, match="U\\+2014"):
+        tok.encode_batch(["ok", "a — b"])
+    assert tok.unknown_chars("x<|im_start|>y") == []  # special tokens are not characters
+    assert (
+        train_bpe([TEXT] * 3, vocab_size=320).unknown_chars("😀 ü") == []
+    )  # byte-level BPE encodes anything

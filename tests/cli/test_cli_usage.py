@@ -1,0 +1,218 @@
+"""Every command as a new user meets it: --version, --help with defaults, one error line (exit 2, no
+traceback, nothing written, no Ray) for bad input, paths resolved against the caller's cwd, stale state in
+--out refused or named, --use-gpu without a GPU refused at once, a warm-up longer than the run named."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+import typing
+
+import pytest
+
+from llmray.cli import build_parser, main
+from llmray.train import preflight
+from llmray.train.cli import config_from_args
+from llmray.train.finetune import FinetuneConfig
+from llmray.train.pretrain import PretrainConfig
+
+COMMANDS = ("pretrain", "finetune", "merge", "generate", "serve", "demo", "bench")
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _ray_started() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("To be, or not to be, that is the question.\n" * 50)
+    return path
+
+
+def test_version_in_a_fresh_process():
+    proc = subprocess.run([sys.executable, "-m", "llmray.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("llmray "), proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_help_exits_0_and_shows_defaults(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llmray " + command)
+    if command != "bench":
+        assert "(default" in out
+    if command in ("pretrain", "finetune"):
+        assert "--kernels {auto,triton,torch}" in out and "--use-gpu" in out
+    if command == "pretrain":
+        assert "mini" in out  # every preset named
+
+
+def _flattened_fields(cls: type, prefix: str = "") -> list[str]:
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            names += _flattened_fields(hints[f.name], prefix + f.name + "_")
+        else:
+            names.append(prefix + f.name)
+    return names
+
+
+@pytest.mark.parametrize("command,cls", [("pretrain", PretrainConfig), ("finetune", FinetuneConfig)])
+def test_every_config_field_is_a_flag(command, cls):
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    dests = {a.dest for a in sub._actions}
+    assert set(_flattened_fields(cls)) <= dests
+    use_gpu = next(a for a in sub._actions if a.dest == "use_gpu")
+    assert use_gpu.help.startswith("one GPU per Ray Train worker")  # one meaning on both
+
+
+def test_paths_are_resolved_against_the_callers_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "finetune",
+            "--base",
+            "runs/base",
+            "--data",
+            "chat.jsonl",
+            "--val-data",
+            "v.jsonl",
+            "--out",
+            "runs/ft",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.base, cfg.data, cfg.val_data, cfg.out) == tuple(
+        str(tmp_path / p) for p in ("runs/base", "chat.jsonl", "v.jsonl", "runs/ft")
+    )
+    args = parser.parse_args(
+        [
+            "pretrain",
+            "--data",
+            "a/*.txt,s3://b/c.txt",
+            "--out",
+            "o",
+            "--tokenizer",
+            "tok",
+            "--storage-path",
+            "st",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert cfg.data == f"{tmp_path}/a/*.txt,s3://b/c.txt"
+    assert (cfg.out, cfg.tokenizer, cfg.storage_path) == (
+        f"{tmp_path}/o",
+        f"{tmp_path}/tok",
+        f"{tmp_path}/st",
+    )
+    assert config_from_args(parser.parse_args(["pretrain", "--data", "x", "--out", "o"])).tokenizer == "char"
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["pretrain", "--data", "{tmp}/missing.txt", "--out", "{tmp}/out"], "--data"),
+        (["pretrain", "--data", "{corpus}", "--out", "{tmp}/out", "--preset", "nope"], "--preset"),
+        (
+            [
+                "pretrain",
+                "--data",
+                "{corpus}",
+                "--out",
+                "{tmp}/out",
+                "--tokenizer",
+                "bpe",
+                "--bpe-vocab",
+                "100",
+            ],
+            "259",
+        ),
+        (["pretrain", "--data", "{corpus}", "--out", "{tmp}/out", "--batch-size", "0"], "--batch-size"),
+        (["pretrain", "--data", "{corpus}", "--out", "{tmp}/out", "--max-steps", "x"], "--max-steps"),
+        (["finetune", "--base", "{tmp}/nobase", "--data", "{corpus}", "--out", "{tmp}/out"], "nobase"),
+        (["merge", "--base", "{tmp}/nobase", "--lora", "{tmp}/a", "--out", "{tmp}/out"], "nobase"),
+        (["generate", "--model", "{tmp}/nomodel", "--prompt", "hi"], "nomodel"),
+        (["pretrain", "--out", "{tmp}/out"], "--data"),
+        (
+            ["pretrain", "--data", "{corpus}", "--out", "{tmp}/out", "--config", "{tmp}/none.yaml"],
+            "none.yaml",
+        ),
+    ],
+)
+def test_bad_input_is_one_error_line_exit_2_nothing_written_no_ray(argv, needle, tmp_path, corpus, capsys):
+    argv = [a.format(tmp=tmp_path, corpus=corpus) for a in argv]
+    assert main(argv) == 2
+    line = _err_line(capsys)
+    assert needle in line, line
+    assert not (tmp_path / "out").exists() and not _ray_started()
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMRAY_DEBUG", "0")  # restored after the test (--debug sets it to 1)
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "pretrain", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
+
+
+def test_stale_tokenizer_in_out_is_refused_or_named(tmp_path, corpus, capsys):
+    from llmray.model.tokenizer import char_tokenizer
+
+    out = tmp_path / "out"
+    char_tokenizer(corpus.read_text()).save(out)  # what a failed earlier run left behind
+    argv = ["pretrain", "--data", str(corpus), "--out", str(out), "--tokenizer", "bpe", "--bpe-vocab", "512"]
+    assert main(argv) == 2
+    line = _err_line(capsys)
+    assert "holds a char tokenizer" in line and "--tokenizer bpe --bpe-vocab 512" in line
+    cfg = config_from_args(build_parser().parse_args([*argv[:5], "--tokenizer", "char"]))
+    notes = preflight.check_pretrain(cfg)
+    assert any(n.startswith(f"reusing {out / 'tokenizer.json'}") for n in notes)
+
+
+def test_use_gpu_without_a_gpu_fails_within_seconds(tmp_path, corpus, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(preflight, "local_ray_starts", lambda: True)  # as on a laptop: an embedded Ray
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    t0 = time.monotonic()
+    assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "out"), "--use-gpu"]) == 2
+    assert time.monotonic() - t0 < 10
+    assert "--use-gpu needs 1 GPU(s)" in _err_line(capsys) and not _ray_started()
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a cluster: an autoscaler may add GPU nodes
+    monkeypatch.setattr(preflight, "local_ray_starts", lambda: False)
+    preflight.check_gpus(True, 4)
+
+
+def test_warmup_longer_than_the_run_is_named(tmp_path, corpus):
+    args = build_parser().parse_args(
+        ["pretrain", "--data", str(corpus), "--out", str(tmp_path / "o"), "--max-steps", "10"]
+    )
+    notes = preflight.check_pretrain(config_from_args(args))
+    assert any(n.startswith("warning: --max-steps 10 is shorter than --warmup-steps 50") for n in notes)
+    args = build_parser().parse_args(
+        [
+            "pretrain",
+            "--data",
+            str(corpus),
+            "--out",
+            str(tmp_path / "o"),
+            "--max-steps",
+            "10",
+            "--warmup-steps",
+            "2",
+        ]
+    )
+    assert not any("warning" in n for n in preflight.check_pretrain(config_from_args(args)))
