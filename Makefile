@@ -24,8 +24,9 @@ format: venv
 test: venv lint
 	$(BIN)/pytest -q
 
+# stages, times and losses only; `make demo ARGS=--verbose` adds Ray's logs and every step line
 demo: venv
-	$(BIN)/llmray demo
+	$(BIN)/llmray demo $(ARGS)
 
 gpu-test:
 	$(PY) -m pytest -q -m gpu tests
