@@ -1,0 +1,243 @@
+"""``llmray batch``: run the engine over JSONL/Parquet files on Ray Data, resumable shard by shard.
+
+Inputs are cut into shards (``--shard-rows``); Ray Data reads them, the processor generates, and this
+driver collects each shard's rows and writes the shard's output file atomically once all its rows are back.
+A rerun of the same command skips the shards whose files exist: a crash loses only the shards in
+progress, and no row is written twice. Output rows: the input fields, ``input_line`` (1-based line or row
+number in the input file), ``generated_text``, ``num_generated_tokens``, ``num_prompt_tokens``,
+``finish_reason`` and ``error`` (None when fine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+from llmray.batch.io import Manifest, Shard, done_shards, plan_shards, read_shard, resolve_inputs, write_shard
+from llmray.batch.rows import RESULT_COLUMNS
+
+
+def _lora_pair(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora expects NAME=DIR, got {text!r}")
+    return name, path
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "batch", help="generate for every row of JSONL/Parquet files on Ray Data (resumable)"
+    )
+    p.add_argument("--model", required=True, help="Hugging Face Qwen3 model directory")
+    p.add_argument(
+        "--input", required=True, help="FILE | GLOB | DIR | s3://... (.jsonl or .parquet; comma list)"
+    )
+    p.add_argument("--output", required=True, help="output directory (one file per input shard)")
+    p.add_argument("--lora", action="append", type=_lora_pair, default=[], metavar="NAME=DIR")
+    p.add_argument("--concurrency", type=int, default=1, help="engines (actors); one GPU each with --use-gpu")
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--max-tokens", type=int, default=None, help="default for rows without their own")
+    p.add_argument("--temperature", type=float, default=None, help="default for rows without their own")
+    p.add_argument("--top-p", type=float, default=None, help="default for rows without their own")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per Ray Data batch")
+    p.add_argument("--shard-rows", type=int, default=1000, help="rows per output file (the resume unit)")
+    p.add_argument("--output-format", choices=("jsonl", "parquet"), default=None, help="default: the input's")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="engine: sequences per step")
+    p.add_argument("--max-model-len", type=int, default=None, help="engine: context window")
+    p.add_argument("--max-shards", type=int, default=None, help="process at most N pending shards this run")
+    p.add_argument("--token-ids", action="store_true", help="also write generated_token_ids")
+    p.add_argument("--sync", action="store_true", help="one batch at a time per engine (for comparison)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    defaults = {
+        k: v
+        for k, v in (
+            ("max_tokens", args.max_tokens),
+            ("temperature", args.temperature),
+            ("top_p", args.top_p),
+        )
+        if v is not None
+    }
+    engine_kwargs = {
+        k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("max_model_len", args.max_model_len)) if v
+    }
+    try:
+        summary = run_batch(
+            args.model,
+            args.input,
+            args.output,
+            loras=dict(args.lora),
+            concurrency=args.concurrency,
+            use_gpu=args.use_gpu,
+            sampling_params=defaults,
+            engine_kwargs=engine_kwargs,
+            batch_size=args.batch_size,
+            shard_rows=args.shard_rows,
+            output_format=args.output_format,
+            max_shards=args.max_shards,
+            include_token_ids=args.token_ids,
+            streaming=not args.sync,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+class _Progress:
+    """One status line: rows done of total, shards written, output tokens per second."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.rows = self.tokens = self.errors = self.shards = 0
+        self.start = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, rows: int, tokens: int, errors: int, force: bool = False) -> None:
+        self.rows, self.tokens, self.errors = self.rows + rows, self.tokens + tokens, self.errors + errors
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last < (0.5 if self.tty else 10.0)):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.rows / elapsed
+        eta = (self.total - self.rows) / rate if rate > 0 else float("inf")
+        line = (
+            f"batch: {self.rows}/{self.total} rows ({100 * self.rows / max(self.total, 1):.1f}%), "
+            f"{self.shards} shards written, {self.errors} errors, {self.tokens / elapsed:.1f} tok/s, "
+            f"{elapsed:.0f}s elapsed, eta {eta:.0f}s"
+        )
+        print(
+            ("\r" + line) if self.tty else line, end="" if self.tty and not force else "\n", file=sys.stderr
+        )
+
+
+def _plan(inputs: list[str], output: str, shard_rows: int, fmt: str) -> list[Shard]:
+    manifest = Manifest.load(output)
+    if manifest is not None:
+        if (manifest.inputs, manifest.shard_rows, manifest.output_format) != (inputs, shard_rows, fmt):
+            raise ValueError(
+                f"{output} holds a run of other inputs or settings (inputs {manifest.inputs[:3]}..., "
+                f"--shard-rows {manifest.shard_rows}, format {manifest.output_format}); "
+                "pass a new --output or the same flags to resume"
+            )
+        return manifest.plan()
+    shards = plan_shards(inputs, shard_rows)
+    Manifest(inputs, shard_rows, fmt, [asdict(s) for s in shards]).save(output)
+    return shards
+
+
+def _output_row(row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        fields = json.loads(row["_json"])
+    except ValueError:
+        fields = {}
+    if not isinstance(fields, dict):
+        fields = {}
+    out = {**fields, "input_line": row["input_line"]}
+    for name in (*RESULT_COLUMNS, "generated_token_ids"):
+        if name in row:
+            out[name] = row[name]
+    return out
+
+
+def run_batch(
+    model: str,
+    input_spec: str,
+    output: str,
+    *,
+    loras: dict[str, str] | None = None,
+    concurrency: int = 1,
+    use_gpu: bool = False,
+    sampling_params: dict[str, Any] | None = None,
+    engine_kwargs: dict[str, Any] | None = None,
+    batch_size: int = 64,
+    shard_rows: int = 1000,
+    output_format: str | None = None,
+    max_shards: int | None = None,
+    include_token_ids: bool = False,
+    streaming: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate for every input row not yet written; returns a summary (rows, errors, tokens, seconds)."""
+    import ray
+    import ray.data
+
+    from llmray.batch.io import input_format
+    from llmray.batch.processor import build_processor
+
+    inputs = resolve_inputs(input_spec)
+    fmt = output_format or input_format(inputs[0])
+    processor = build_processor(
+        model,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        engine_kwargs=engine_kwargs,
+        lora=loras,
+        use_gpu=use_gpu,
+        sampling_params=sampling_params,
+        streaming=streaming,
+        include_token_ids=include_token_ids,
+        json_column="_json",
+    )
+    shards = _plan(inputs, output, shard_rows, fmt)
+    done = done_shards(output, fmt)
+    pending = [s for s in shards if s.name not in done and s.rows > 0]
+    if max_shards is not None:
+        pending = pending[:max_shards]
+    already = sum(s.name in done for s in shards)
+    summary = dict(shards=len(shards), skipped=already, pending=len(pending), written=0, rows=0, errors=0)
+    if not pending:
+        return {**summary, "tokens": 0, "seconds": 0.0}
+    if not ray.is_initialized():
+        ray.init(configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    items = [{"shard": json.dumps(asdict(s))} for s in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard, num_cpus=0.25)
+    ds = processor(ds)
+    by_name = {s.name: s for s in pending}
+    buckets: dict[str, list[dict[str, Any]]] = {}
+    bar = _Progress(sum(s.rows for s in pending), progress)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        rows = batch.to_pylist()
+        for row in rows:
+            name = row["_shard"]
+            bucket = buckets.setdefault(name, [])
+            bucket.append(_output_row(row))
+            if len(bucket) == by_name[name].rows:
+                write_shard(output, name, fmt, buckets.pop(name))
+                bar.shards += 1
+        bar.update(
+            len(rows), sum(r["num_generated_tokens"] for r in rows), sum(bool(r["error"]) for r in rows)
+        )
+    bar.update(0, 0, 0, force=True)
+    if buckets:  # cannot happen unless rows went missing: say so rather than write a partial shard
+        raise RuntimeError(
+            f"shards {sorted(buckets)[:5]} did not get all their rows back; rerun to retry them"
+        )
+    elapsed = time.perf_counter() - bar.start
+    return {
+        **summary,
+        "written": bar.shards,
+        "rows": bar.rows,
+        "errors": bar.errors,
+        "tokens": bar.tokens,
+        "seconds": round(elapsed, 3),
+        "tokens_per_s": round(bar.tokens / max(elapsed, 1e-9), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmray")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["batch", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

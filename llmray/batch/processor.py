@@ -1,0 +1,328 @@
+"""A Ray Data processor running the llmray engine over a dataset: ``build_processor(model_dir, ...)(ds)``.
+
+One engine per actor (``num_gpus=1`` with ``use_gpu``, else a fraction of a CPU, so a 2-core machine runs
+two). The default actor is asynchronous, as ``ray.data.llm``'s vLLM stage: Ray Data hands each actor
+several batches at once (``max_concurrent_batches``), every batch's rows go into one feed, and a single
+engine thread runs ``LLM.generate_stream`` over that feed, so the continuous batch stays full across
+batch boundaries and no batch waits for another's slowest row. ``streaming=False`` gives the simple
+synchronous actor (one batch at a time, ``generate_stream`` over it; the engine drains at each batch's
+tail), kept for comparison (bench/batch.py measures both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmray.batch.rows import RESULT_COLUMNS, Prepared, RowError, clip, prepare, result
+
+__all__ = ["Processor", "build_processor"]
+
+
+def _engine_kwargs(engine_kwargs: dict[str, Any] | None, loras: dict[str, str], use_gpu: bool) -> dict:
+    kwargs = dict(engine_kwargs or {})
+    if not use_gpu:
+        kwargs.setdefault("device", "cpu")
+    if loras:
+        ranks = [
+            json.loads((Path(p) / "adapter_config.json").read_text()).get("r", 16) for p in loras.values()
+        ]
+        kwargs.setdefault("max_lora_rank", max(16, *ranks))
+        kwargs.setdefault("max_loras", min(len(loras), 4))
+        kwargs.setdefault("max_cpu_loras", max(len(loras), 1))
+    return kwargs
+
+
+def _parse_json_row(text: Any) -> dict[str, Any]:
+    try:
+        row = json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise RowError(f"the line is not valid JSON: {clip(e, 200)}") from None
+    if not isinstance(row, dict):
+        raise RowError(f"the line must hold a JSON object, got {type(row).__name__}")
+    return row
+
+
+class _EngineHolder:
+    """What both actor kinds share: the engine, row preparation and result columns."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        engine_kwargs: dict[str, Any],
+        loras: dict[str, str],
+        defaults: dict[str, Any],
+        include_token_ids: bool,
+        torch_threads: int | None,
+        max_in_flight: int | None,
+        json_column: str | None = None,
+    ) -> None:
+        import torch
+
+        from llmray.engine.llm import LLM
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.llm = LLM(model_dir, loras=loras or None, **engine_kwargs)
+        self.defaults = defaults
+        self.include_token_ids = include_token_ids
+        self.max_in_flight = max_in_flight
+        self.json_column = json_column
+
+    def _prepare(self, rows: list[dict[str, Any]]) -> list[Prepared | str]:
+        out: list[Prepared | str] = []
+        for row in rows:
+            try:
+                if self.json_column is not None:
+                    row = _parse_json_row(row.get(self.json_column))
+                out.append(prepare(row, self.llm.engine, self.defaults, None))
+            except RowError as e:
+                out.append(str(e))
+        return out
+
+    def _table(self, batch: Any, results: list[dict[str, Any]], token_ids: list[list[int] | None]) -> Any:
+        """The input batch (a pyarrow Table) plus the result columns."""
+        import pyarrow as pa
+
+        types = dict(
+            generated_text=pa.string(),
+            num_generated_tokens=pa.int64(),
+            num_prompt_tokens=pa.int64(),
+            finish_reason=pa.string(),
+            error=pa.string(),
+        )
+        names = list(RESULT_COLUMNS) + (["generated_token_ids"] if self.include_token_ids else [])
+        table = batch.drop_columns([n for n in names if n in batch.column_names])
+        for name in RESULT_COLUMNS:
+            table = table.append_column(name, pa.array([r[name] for r in results], type=types[name]))
+        if self.include_token_ids:
+            table = table.append_column("generated_token_ids", pa.array(token_ids, type=pa.list_(pa.int64())))
+        return table
+
+    def _finish(self, batch: Any, prepared: list[Prepared | str], outs: dict[int, Any]) -> Any:
+        results, token_ids = [], []
+        for i, p in enumerate(prepared):
+            if isinstance(p, str):
+                results.append(result(error=p))
+                token_ids.append(None)
+            else:
+                out = outs[i]
+                results.append(result(out))
+                token_ids.append(list(out.token_ids))
+        return self._table(batch, results, token_ids)
+
+
+class SyncEngineActor(_EngineHolder):
+    """One batch at a time: ``generate_stream`` over the batch's rows (the engine drains at its tail)."""
+
+    def __call__(self, batch: Any) -> Any:
+        prepared = self._prepare(batch.to_pylist())
+        feed = ((i, p.prompt_ids, p.params, p.lora) for i, p in enumerate(prepared) if not isinstance(p, str))
+        outs = {
+            out.request_id: out for out in self.llm.generate_stream(feed, max_in_flight=self.max_in_flight)
+        }
+        return self._finish(batch, prepared, outs)
+
+
+@dataclass
+class _Call:
+    """One batch waiting in an async actor: where its outputs go."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    pending: set[int] = field(default_factory=set)
+
+
+class StreamingEngineActor(_EngineHolder):
+    """Several batches at once; one engine thread runs ``generate_stream`` over a feed all batches share."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._feed: queue.SimpleQueue = queue.SimpleQueue()
+        self._calls: dict[int, _Call] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="llmray-batch-engine", daemon=True)
+        self._thread.start()
+
+    # --- engine thread ------------------------------------------------------------------------
+    def _source(self) -> Iterator[tuple | None]:
+        engine = self.llm.engine
+        while True:
+            try:  # block while the engine is idle; never while requests are running
+                yield self._feed.get(block=not engine.has_unfinished(), timeout=0.5)
+            except queue.Empty:
+                yield None
+
+    def _send(self, call_id: int, item: Any) -> None:
+        with self._lock:
+            call = self._calls.get(call_id)
+        if call is not None:
+            call.loop.call_soon_threadsafe(call.queue.put_nowait, item)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                for out in self.llm.generate_stream(self._source(), max_in_flight=self.max_in_flight):
+                    call_id, row = out.request_id
+                    self._send(call_id, (row, out))
+            except Exception as e:  # a failed step: every batch waiting here fails, the engine carries on
+                while True:
+                    try:
+                        self._feed.get_nowait()
+                    except queue.Empty:
+                        break
+                with self._lock:
+                    waiting = list(self._calls)
+                for call_id in waiting:
+                    self._send(call_id, (-1, RuntimeError(f"the engine failed: {clip(repr(e))}")))
+
+    # --- Ray Data's side ----------------------------------------------------------------------
+    async def __call__(self, batch: Any) -> AsyncIterator[Any]:
+        prepared = await asyncio.to_thread(self._prepare, batch.to_pylist())  # tokenizing off the loop
+        call_id = next(self._ids)
+        call = _Call(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            self._calls[call_id] = call
+        outs: dict[int, Any] = {}
+        try:
+            for i, p in enumerate(prepared):
+                if not isinstance(p, str):
+                    call.pending.add(i)
+                    self._feed.put(((call_id, i), p.prompt_ids, p.params, p.lora))
+            while call.pending:
+                row, out = await call.queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                outs[row] = out
+                call.pending.discard(row)
+        finally:
+            with self._lock:
+                self._calls.pop(call_id, None)
+        yield self._finish(batch, prepared, outs)
+
+
+@dataclass
+class Processor:
+    """``processor(ds)`` -> the dataset with result columns (see ``build_processor``)."""
+
+    model_dir: str
+    concurrency: int
+    batch_size: int
+    engine_kwargs: dict[str, Any]
+    loras: dict[str, str]
+    defaults: dict[str, Any]
+    use_gpu: bool
+    streaming: bool
+    max_concurrent_batches: int
+    num_cpus: float
+    include_token_ids: bool
+    max_in_flight: int | None
+    json_column: str | None = None
+    preprocess: Callable[[dict], dict] | None = None
+    postprocess: Callable[[dict], dict] | None = None
+
+    def __call__(self, ds: Any) -> Any:
+        import ray.data
+
+        if self.preprocess is not None:
+            ds = ds.map(self.preprocess, num_cpus=0.25)
+        threads = None if self.use_gpu else max(1, (os.cpu_count() or 1) // self.concurrency)
+        actor = StreamingEngineActor if self.streaming else SyncEngineActor
+        per_actor = self.max_concurrent_batches if self.streaming else 1
+        ds = ds.map_batches(
+            actor,
+            fn_constructor_kwargs=dict(
+                model_dir=self.model_dir,
+                engine_kwargs=self.engine_kwargs,
+                loras=self.loras,
+                defaults=self.defaults,
+                include_token_ids=self.include_token_ids,
+                torch_threads=threads,
+                max_in_flight=self.max_in_flight,
+                json_column=self.json_column,
+            ),
+            batch_size=self.batch_size,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            compute=ray.data.ActorPoolStrategy(
+                size=self.concurrency,
+                max_tasks_in_flight_per_actor=2 * per_actor,
+                max_concurrent_calls_per_actor=per_actor,
+            ),
+            num_gpus=1 if self.use_gpu else 0,
+            num_cpus=1 if self.use_gpu else self.num_cpus,
+        )
+        if self.postprocess is not None:
+            ds = ds.map(self.postprocess, num_cpus=0.25)
+        return ds
+
+
+def build_processor(
+    model_dir: str | Path,
+    *,
+    concurrency: int = 1,
+    batch_size: int = 64,
+    engine_kwargs: dict[str, Any] | None = None,
+    lora: dict[str, str | Path] | None = None,
+    preprocess: Callable[[dict], dict] | None = None,
+    postprocess: Callable[[dict], dict] | None = None,
+    use_gpu: bool = False,
+    sampling_params: dict[str, Any] | None = None,
+    streaming: bool = True,
+    max_concurrent_batches: int = 8,
+    num_cpus: float = 0.5,
+    include_token_ids: bool = False,
+    max_in_flight: int | None = None,
+    json_column: str | None = None,
+) -> Processor:
+    """A processor for ``ray.data`` datasets: ``ds = build_processor(model_dir, ...)(ds)``.
+
+    Input rows hold ``prompt``, ``messages`` or ``prompt_token_ids``, optionally ``sampling_params``
+    (overlaid on ``sampling_params`` here), ``lora`` (a name in ``lora`` = {name: PEFT dir}) and any other
+    columns, which are kept. Output rows add ``generated_text``, ``num_generated_tokens``,
+    ``num_prompt_tokens``, ``finish_reason`` and ``error`` (None when fine; a bad row gets an error, the job
+    goes on), plus ``generated_token_ids`` with ``include_token_ids``. ``concurrency`` engines (actors),
+    each ``num_gpus=1`` with ``use_gpu``, else ``num_cpus``; ``preprocess``/``postprocess`` map rows
+    before/after. ``max_in_flight`` bounds the requests in one engine (default 2 x max_num_seqs).
+    ``json_column``: rows arrive as JSON object text in this column (heterogeneous JSONL rows, whose
+    fields Arrow could not hold in one schema); a line that is no JSON object becomes an error row.
+    """
+    if concurrency < 1 or batch_size < 1 or max_concurrent_batches < 1:
+        raise ValueError("concurrency, batch_size and max_concurrent_batches must be >= 1")
+    loras = {str(k): str(v) for k, v in (lora or {}).items()}
+    for name, path in loras.items():
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ValueError(f"LoRA adapter {name!r}: {path} holds no adapter_config.json (a PEFT directory)")
+    model = str(model_dir)
+    if "://" not in model and not (Path(model) / "config.json").is_file():
+        raise ValueError(f"--model {model}: no config.json there (a Hugging Face Qwen3 directory)")
+    defaults = dict(sampling_params or {})
+    from llmray.batch.rows import sampling_params as check
+
+    check(None, defaults)  # bad defaults fail here, not in every row
+    return Processor(
+        model_dir=model,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        engine_kwargs=_engine_kwargs(engine_kwargs, loras, use_gpu),
+        loras=loras,
+        defaults=defaults,
+        use_gpu=use_gpu,
+        streaming=streaming,
+        max_concurrent_batches=max_concurrent_batches,
+        num_cpus=num_cpus,
+        include_token_ids=include_token_ids,
+        max_in_flight=max_in_flight,
+        json_column=json_column,
+        preprocess=preprocess,
+        postprocess=postprocess,
+    )
