@@ -1,15 +1,18 @@
-"""Serving latency: the OpenAI API through HTTP + Ray Serve, next to the same workload on ``AsyncLLM`` directly.
+"""Serving at engine speed: offline ``LLM``, ``AsyncLLM`` and HTTP through ``llmray serve``, on identical requests.
 
-At each concurrency (default 1, 16, 64, 256) the same requests (random token-id prompts of ``--prompt-len``,
-``--max-tokens`` new tokens, ``ignore_eos``) run (a) as streamed ``/v1/completions`` through the Serve app
-(proxy → FastAPI ingress → LLMServer replica → engine) and (b) on an in-process ``AsyncLLM``. Reported per
-level: TTFT p50/p99, inter-token latency p50/p99 (gaps between streamed chunks, spread over the tokens in
-each chunk), time per output token (TPOT) p50, end-to-end p50, output tokens/s; plus the end-to-end time of
-one 50-token request. Without ``--model`` it writes a random-weight Qwen3-0.6B (bf16) with a char-level
-tokenizer covering the whole 151,936-token vocabulary (every sampled id decodes to one character).
+One run: (1) start-up: ``llmray serve`` launched as a user would (a subprocess) with an empty Triton cache
+(cold) and again with the cache it left (warm), each timed from launch to its first answered request; the
+warm server stays up for (3). Then for each mix (``--mixes``, prompt/output tokens, ``ignore_eos``, greedy,
+random token-id prompts) and each concurrency, on the same requests and back to back:
+(2a) offline ``LLM.generate_stream(..., max_in_flight=c)``, (2b) ``AsyncLLM`` (its engine core in its own
+process) driven by ``c`` asyncio clients in this process, (3) HTTP: streamed ``/v1/completions`` from
+``--client-procs`` client processes. Reported: output tok/s, TTFT p50/p99, TPOT p50/p99, and per mix
+``http_vs_offline`` / ``async_vs_offline`` (the 128/128 mix's ``http_vs_offline`` also at the top level).
+Without ``--model`` a random-weight Qwen3-0.6B (bf16) with a char tokenizer over its whole vocabulary is
+written first.
 
-    python bench/serve.py --out bench/results/serve.json                          # GPU
-    python bench/serve.py --model DIR --concurrency 1,4 --max-tokens 16 --prompt-len 8 --out /tmp/s.json  # CPU
+    python bench/serve.py --out bench/results/serve.json                                             # GPU
+    python bench/serve.py --model DIR --mixes 16/16 --concurrency 64 --requests 64:192 --cpu --out /tmp/s.json
 """
 
 from __future__ import annotations
@@ -17,31 +20,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import os
-import random
-import socket
-import statistics
+import signal
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmray.config import ModelConfig  # noqa: E402
-
-
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+from serve_client import run_http_level, summarize, warm_pool  # noqa: E402
 
 
 def write_random_qwen3(out: Path) -> Path:
     """Random-weight Qwen3-0.6B in bf16 with a char tokenizer of exactly vocab_size tokens."""
+    import torch
+
+    from llmray.config import ModelConfig
     from llmray.model.checkpoint import save_model
     from llmray.model.qwen3 import Qwen3ForCausalLM
     from llmray.model.tokenizer import SPECIAL_TOKENS, char_tokenizer
@@ -51,252 +52,197 @@ def write_random_qwen3(out: Path) -> Path:
     base = ModelConfig.preset("qwen3-0.6b")
     n_chars = base.vocab_size - len(SPECIAL_TOKENS)
     cps = [c for c in range(0x4E00, 0x4E00 + n_chars + 2048) if not 0xD800 <= c <= 0xDFFF][:n_chars]
-    tok = char_tokenizer("".join(map(chr, cps)), base_chars="")
+    tok = char_tokenizer("".join(map(chr, cps)))
     assert tok.vocab_size == base.vocab_size, tok.vocab_size
     cfg = base.replace(eos_token_id=tok.eos_token_id, bos_token_id=None, max_position_embeddings=8192)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen3ForCausalLM(cfg, kernels="torch")
     save_model(model, out, tokenizer=tok, dtype=torch.bfloat16)
-    del model
     return out
 
 
 def make_prompts(n: int, prompt_len: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
     rng = random.Random(seed)  # distinct prompts: no prefix-cache hits between requests
     return [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(n)]
 
 
-def summarize(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
-    ttft = [r["ttft"] for r in records if r["ttft"] is not None]
-    itl = [g for r in records for g in r["gaps"]]
-    tpot = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in records if r["tokens"] > 1 and r["ttft"]]
-    tokens = sum(r["tokens"] for r in records)
-    ms = lambda x: None if x is None else round(1000 * x, 3)  # noqa: E731
-    return {
-        "requests": len(records),
-        "ttft_ms_p50": ms(pct(ttft, 50)),
-        "ttft_ms_p99": ms(pct(ttft, 99)),
-        "itl_ms_p50": ms(pct(itl, 50)),
-        "itl_ms_p99": ms(pct(itl, 99)),
-        "tpot_ms_p50": ms(pct(tpot, 50)),
-        "e2e_ms_p50": ms(pct([r["e2e"] for r in records], 50)),
-        "output_tokens": tokens,
-        "output_tok_per_s": round(tokens / wall_s, 1),
-        "wall_s": round(wall_s, 3),
-    }
+# --- llmray serve as a subprocess ------------------------------------------------------------------
+def _first_answer(url: str, model: str) -> bool:
+    body = json.dumps({"model": model, "prompt": [1, 2, 3], "max_tokens": 2}).encode()
+    req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status == 200
+    except Exception:
+        return False
 
 
-# --- (a) through HTTP + Serve ------------------------------------------------------------------------
-async def http_request(session, url: str, model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-            "temperature": 0, "stream_options": {"include_usage": True}}  # fmt: skip
-    t0 = time.perf_counter()
-    last, ttft, gaps, tokens = None, None, [], 0
-    async with session.post(f"{url}/v1/completions", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if not chunk.get("choices") or not chunk["choices"][0]["text"]:
-                continue
-            now = time.perf_counter()
-            k = max(1, len(chunk["choices"][0]["text"]))  # char tokenizer: one character per token
-            if last is None:
-                ttft = now - t0
-            else:
-                gaps.extend([(now - last) / k] * k)
-            last = now
-    return {"ttft": ttft, "gaps": gaps, "tokens": tokens, "e2e": time.perf_counter() - t0}
+def launch_serve(
+    flags: list[str], port: int, env: dict[str, str], log: Path
+) -> tuple[subprocess.Popen, float]:
+    """Start ``llmray serve``; return the process and the seconds from launch to its first answer."""
+    cmd = [sys.executable, "-m", "llmray.cli", "serve", "--port", str(port), *flags]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    while not _first_answer(url, "bench"):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"llmray serve exited ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}"
+            )
+        if time.monotonic() - t0 > 600:
+            raise RuntimeError(f"llmray serve did not answer within 600 s; see {log}")
+        time.sleep(0.25)
+    return proc, time.monotonic() - t0
 
 
-async def run_http_level(url: str, model: str, prompts: list[list[int]], conc: int, max_tokens: int) -> dict:
-    import aiohttp
-
-    sem = asyncio.Semaphore(conc)
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
-
-        async def one(p: list[int]) -> dict:
-            async with sem:
-                return await http_request(session, url, model, p, max_tokens)
-
-        t0 = time.perf_counter()
-        records = await asyncio.gather(*(one(p) for p in prompts))
-        return summarize(list(records), time.perf_counter() - t0)
+def stop_serve(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
-async def http_e2e_50(url: str, model: str, prompt: list[int], repeats: int = 5) -> float:
-    import aiohttp
-
-    times = []
-    async with aiohttp.ClientSession() as session:
-        for _ in range(repeats):
-            body = {"model": model, "prompt": prompt, "max_tokens": 50, "ignore_eos": True, "temperature": 0}
-            t0 = time.perf_counter()
-            async with session.post(f"{url}/v1/completions", json=body) as resp:
-                out = await resp.json()
-            assert out["usage"]["completion_tokens"] == 50, out
-            times.append(time.perf_counter() - t0)
-    return round(1000 * statistics.median(times), 3)
-
-
-# --- (b) AsyncLLM directly ---------------------------------------------------------------------------
-async def direct_request(llm, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+# --- offline and AsyncLLM ---------------------------------------------------------------------------
+def run_offline(llm: Any, prompts: list[list[int]], conc: int, max_tokens: int) -> dict[str, Any]:
     from llmray.engine.sampling_params import SamplingParams
 
     sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
-    t0 = time.perf_counter()
-    last, ttft, gaps, tokens = None, None, [], 0
-    async for out in llm.generate_stream(prompt, sp):
-        k = len(out.new_token_ids)
-        tokens = len(out.token_ids)
-        if not k:
-            continue
-        now = time.perf_counter()
-        if last is None:
-            ttft = now - t0
-        else:
-            gaps.extend([(now - last) / k] * k)
-        last = now
-    return {"ttft": ttft, "gaps": gaps, "tokens": tokens, "e2e": time.perf_counter() - t0}
+    t0 = time.monotonic()
+    tokens = sum(len(o.token_ids) for o in llm.generate_stream(enumerate(prompts), sp, max_in_flight=conc))
+    wall = time.monotonic() - t0
+    return {"requests": len(prompts), "output_tokens": tokens, "output_tok_per_s": round(tokens / wall, 1),
+            "wall_s": round(wall, 3)}  # fmt: skip
 
 
-async def run_direct_level(llm, prompts: list[list[int]], conc: int, max_tokens: int) -> dict:
+async def _async_level(llm: Any, prompts: list[list[int]], conc: int, max_tokens: int) -> dict[str, Any]:
+    from llmray.engine.sampling_params import SamplingParams
+
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
     sem = asyncio.Semaphore(conc)
 
     async def one(p: list[int]) -> dict:
         async with sem:
-            return await direct_request(llm, p, max_tokens)
+            t0 = time.monotonic()
+            ttft, tokens = None, 0
+            async for out in llm.generate_stream(p, sp, interval_s=0.0):
+                if ttft is None and out.new_token_ids:
+                    ttft = time.monotonic() - t0
+                tokens = len(out.token_ids)
+            end = time.monotonic()
+            return {"ttft": ttft, "tokens": tokens, "e2e": end - t0, "start": t0, "end": end, "error": None}
 
-    t0 = time.perf_counter()
-    records = await asyncio.gather(*(one(p) for p in prompts))
-    return summarize(list(records), time.perf_counter() - t0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return summarize(list(await asyncio.gather(*(one(p) for p in prompts))))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model dir (default: write a random-weight Qwen3-0.6B to --model-out)")
     ap.add_argument("--model-out", default="/tmp/llmray-qwen3-0.6b-random")
-    ap.add_argument("--concurrency", default="1,16,64,256")
-    ap.add_argument("--requests", type=int, default=0, help="requests per level (default: max(conc, 8))")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--mixes", default="128/128,1024/128", help="prompt/output token pairs")
+    ap.add_argument("--concurrency", default="1,16,64,256,512")
+    ap.add_argument("--requests", default="1:16,16:64,64:256,256:2048,512:2048",
+                    help="requests per level, conc:n pairs (the second mix runs half as many)")  # fmt: skip
     ap.add_argument(
-        "--engine-kwargs", default='{"max_num_seqs": 256, "max_model_len": 4096, "num_kv_blocks": 8192}'
+        "--engine-kwargs", default='{"max_num_seqs": 256, "max_model_len": 2048, "num_kv_blocks": 8192}'
     )
     ap.add_argument("--ingress-replicas", type=int, default=2)
-    ap.add_argument("--skip-direct", action="store_true")
-    ap.add_argument("--stream-interval-ms", type=float, default=20.0, help="LLMServer token batching")
+    ap.add_argument("--stream-interval-ms", type=float, default=20.0)
+    ap.add_argument("--client-procs", type=int, default=4)
+    ap.add_argument("--skip-startup", action="store_true", help="one launch only (not timed cold/warm)")
+    ap.add_argument("--cpu", action="store_true", help="no GPU: the server runs its engine on the CPU")
     ap.add_argument("--out", default="bench/results/serve.json")
     a = ap.parse_args()
 
+    import torch
+
+    t_start = time.monotonic()
     levels = [int(c) for c in a.concurrency.split(",")]
-    engine_kwargs = json.loads(a.engine_kwargs)
-    t_start = time.time()
+    counts = {int(k): int(v) for k, v in (p.split(":") for p in a.requests.split(","))}
+    mixes = [tuple(int(x) for x in m.split("/")) for m in a.mixes.split(",")]
+    kw = json.loads(a.engine_kwargs)
     model_dir = Path(a.model) if a.model else write_random_qwen3(Path(a.model_out))
     from llmray.model.tokenizer import Tokenizer
 
     vocab = Tokenizer.load(model_dir).vocab_size - 3  # plain tokens only (the last three are special)
-    result: dict[str, Any] = {
-        "bench": "serve",
-        "command": "python " + " ".join(sys.argv),
-        "stream_interval_ms": a.stream_interval_ms,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "model": str(model_dir) if a.model else "qwen3-0.6b random weights, bf16",
-        "prompt_len": a.prompt_len,
-        "max_tokens": a.max_tokens,
-        "engine_kwargs": engine_kwargs,
-        "ingress_replicas": a.ingress_replicas,
-        "serve": {},
-        "direct": {},
-        "setup_s": round(time.time() - t_start, 1),
-    }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "bench": "serve", "command": "python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "model": str(model_dir) if a.model else "qwen3-0.6b random weights, bf16",
+        "engine_kwargs": kw, "ingress_replicas": a.ingress_replicas, "stream_interval_ms": a.stream_interval_ms,
+        "client_procs": a.client_procs, "http_vs_offline": {}, "startup_s": {}, "mixes": {},
+    }  # fmt: skip
 
     def save() -> None:
-        s, d = result["serve"], result["direct"]
-        cmp = {}
-        for c in map(str, levels):
-            if c in s and c in d:
-                cmp[c] = {
-                    "ttft_p50_added_ms": round(s[c]["ttft_ms_p50"] - d[c]["ttft_ms_p50"], 3),
-                    "throughput_ratio": round(s[c]["output_tok_per_s"] / d[c]["output_tok_per_s"], 3),
-                }
-        result["serve_vs_direct"] = cmp
         out.write_text(json.dumps(result, indent=2))
 
-    prompts = {c: make_prompts(a.requests or max(c, 8), a.prompt_len, vocab, seed=c) for c in levels}
-    warm = make_prompts(8, a.prompt_len, vocab, seed=999)
-
-    # Both engines stay up (KV cache sized by num_kv_blocks, so they share the GPU); the levels alternate
-    # HTTP+Serve then direct, so each pair is measured back to back and partial runs still compare.
-    import ray
-    from ray import serve
-
-    from llmray.engine.llm import AsyncLLM
-    from llmray.engine.sampling_params import SamplingParams
-    from llmray.serve.app import build_app
-
-    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app_args = {"model": str(model_dir), "served_model_name": "bench", "engine_kwargs": engine_kwargs,
-                "ingress_replicas": a.ingress_replicas, "max_queued_requests": -1, "ingress_num_cpus": 1,
-                "stream_interval_ms": a.stream_interval_ms}  # fmt: skip
-    t0 = time.time()
-    serve.run(build_app(app_args), name="llmray", route_prefix="/")
-    result["serve_startup_s"] = round(time.time() - t0, 1)
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.time()
-    llm = None if a.skip_direct else AsyncLLM(str(model_dir), **engine_kwargs)
-    result["direct_startup_s"] = round(time.time() - t0, 1)
-
-    async def direct_e2e_50() -> float:
-        times = []
-        for _ in range(5):
-            t1 = time.perf_counter()
-            sp = SamplingParams(max_tokens=50, ignore_eos=True, temperature=0.0)
-            async for _o in llm.generate_stream(warm[0], sp):
-                pass
-            times.append(time.perf_counter() - t1)
-        return round(1000 * statistics.median(times), 3)
-
-    async def run_all() -> None:
-        await run_http_level(url, "bench", warm, 8, 16)
-        result["serve_e2e_50_tokens_ms"] = await http_e2e_50(url, "bench", warm[0])
-        if llm is not None:
-            await run_direct_level(llm, warm, 8, 16)
-            result["direct_e2e_50_tokens_ms"] = await direct_e2e_50()
-        save()
-        for c in levels:
-            result["serve"][str(c)] = await run_http_level(url, "bench", prompts[c], c, a.max_tokens)
-            print(json.dumps({"serve": c, **result["serve"][str(c)]}), flush=True)
-            if llm is not None:
-                result["direct"][str(c)] = await run_direct_level(llm, prompts[c], c, a.max_tokens)
-                print(json.dumps({"direct": c, **result["direct"][str(c)]}), flush=True)
-            save()
-
-    asyncio.run(run_all())
-    if llm is not None:
-        llm.shutdown()
-    serve.shutdown()
-    ray.shutdown()
-    result["total_s"] = round(time.time() - t_start, 1)
+    # (1) llmray serve, launched as a user would; cold = empty Triton cache, warm = the cache it left
+    port = 8000 + os.getpid() % 1000
+    flags = ["--model", str(model_dir), "--served-model-name", "bench", "--max-queued-requests", "-1",
+             "--ingress-replicas", str(a.ingress_replicas), "--stream-interval-ms", str(a.stream_interval_ms)]  # fmt: skip
+    flags += [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    flags += ["--no-use-gpu"] if a.cpu else []
+    env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cold-")}
+    logs = Path(tempfile.mkdtemp(prefix="llmray-serve-logs-"))
+    if not a.skip_startup:
+        proc, cold = launch_serve(flags, port, env, logs / "cold.log")
+        result["startup_s"]["cold"] = round(cold, 1)
+        stop_serve(proc)
+    proc, warm = launch_serve(flags, port, env, logs / "warm.log")
+    result["startup_s"]["warm" if not a.skip_startup else "first"] = round(warm, 1)
+    print(json.dumps({"startup_s": result["startup_s"]}), flush=True)
     save()
-    print(json.dumps(result, indent=2))
+    url = f"http://127.0.0.1:{port}"
+
+    from llmray.engine.llm import LLM, AsyncLLM
+
+    pool = ProcessPoolExecutor(a.client_procs, mp_context=mp.get_context("spawn"))
+    try:
+        warm_pool(pool, a.client_procs)
+        offline = LLM(model_dir, **kw)
+        t0 = time.monotonic()
+        aengine = AsyncLLM(model_dir, **kw)
+        result["async_llm_startup_s"] = round(time.monotonic() - t0, 1)
+        warmup = make_prompts(32, 128, vocab, seed=999)
+        run_offline(offline, warmup, 32, 16)
+        asyncio.run(_async_level(aengine, warmup, 32, 16))
+        run_http_level(pool, a.client_procs, url, "bench", warmup, 32, 16)
+        for m_i, (plen, olen) in enumerate(mixes):
+            mix = result["mixes"].setdefault(f"{plen}/{olen}", {"offline": {}, "async_llm": {}, "http": {}})
+            for c in levels:
+                n = counts.get(c, max(c, 8)) // (1 if m_i == 0 else 2)
+                prompts = make_prompts(max(n, 1), plen, vocab, seed=1000 * m_i + c)
+                k = str(c)
+                mix["offline"][k] = run_offline(offline, prompts, c, olen)
+                mix["async_llm"][k] = asyncio.run(_async_level(aengine, prompts, c, olen))
+                mix["http"][k] = run_http_level(pool, a.client_procs, url, "bench", prompts, c, olen)
+                off = mix["offline"][k]["output_tok_per_s"]
+                mix.setdefault("http_vs_offline", {})[k] = round(mix["http"][k]["output_tok_per_s"] / off, 3)
+                mix.setdefault("async_vs_offline", {})[k] = round(
+                    mix["async_llm"][k]["output_tok_per_s"] / off, 3
+                )
+                if m_i == 0:
+                    result["http_vs_offline"][k] = mix["http_vs_offline"][k]
+                print(json.dumps({"mix": f"{plen}/{olen}", "c": c, "offline": off, "async": mix["async_llm"][k],
+                                  "http": mix["http"][k]}), flush=True)  # fmt: skip
+                result["total_s"] = round(time.monotonic() - t_start, 1)
+                save()
+        aengine.shutdown()
+    finally:
+        pool.shutdown(cancel_futures=True)
+        stop_serve(proc)
+    result["total_s"] = round(time.monotonic() - t_start, 1)
+    save()
+    print(json.dumps({k: result[k] for k in ("http_vs_offline", "startup_s", "total_s")}), flush=True)
     return 0
 
 

@@ -57,7 +57,7 @@ class ServeArgs(BaseModel):
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float | None = Field(None, gt=0)  # default: half the engine batch
-    max_ongoing_requests: int | None = Field(None, ge=1)  # default: the engine's max_num_seqs
+    max_ongoing_requests: int | None = Field(None, ge=1)  # default: 2 x the engine's max_num_seqs
     max_queued_requests: int | None = Field(None, ge=-1)  # default: 2 x max_ongoing_requests; -1 = no limit
     num_cpus: float = Field(0.5, gt=0)  # per LLMServer replica
     ingress_replicas: int = Field(2, ge=1)
@@ -127,13 +127,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     use_gpu = _cluster_has_gpu() if a.use_gpu is None else a.use_gpu
 
     batch = int(a.engine_kwargs.get("max_num_seqs", 256))
-    max_ongoing = a.max_ongoing_requests or batch
+    # twice the engine batch: a finished request's slot is refilled from the engine's own queue at once,
+    # not after a round trip through Serve's router (bench/serve.py, docs/serving.md)
+    max_ongoing = a.max_ongoing_requests or 2 * batch
     max_queued = a.max_queued_requests if a.max_queued_requests is not None else 2 * max_ongoing
     autoscaling = {
         "min_replicas": a.min_replicas,
         "initial_replicas": a.min_replicas,
         "max_replicas": a.max_replicas,
-        "target_ongoing_requests": a.target_ongoing_requests or max(1.0, max_ongoing / 2),
+        "target_ongoing_requests": a.target_ongoing_requests or max(1.0, batch / 2),
         **a.autoscaling_overrides,
     }
     actor = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": a.num_cpus}

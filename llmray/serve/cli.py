@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-replicas", type=int, default=1, help="engine replicas the autoscaler may add")
     p.add_argument("--target-ongoing-requests", type=float, help="autoscaling target per engine replica")
     p.add_argument("--max-queued-requests", type=int, help="queued requests per deployment before 429")
+    p.add_argument("--max-ongoing-requests", type=int,
+                   help="requests one engine replica takes at once (default: 2 x max-num-seqs)")  # fmt: skip
     p.add_argument("--ingress-replicas", type=int, default=2)
     p.add_argument("--stream-interval-ms", type=float, default=None,
                    help="batch each stream's tokens over this interval after the first (default 20; 0 = off)")  # fmt: skip
@@ -86,7 +88,9 @@ def args_to_app_args(ns: argparse.Namespace) -> dict[str, Any]:
         "max_replicas": ns.max_replicas,
         "ingress_replicas": ns.ingress_replicas,
     }
-    for key in ("served_model_name", "target_ongoing_requests", "max_queued_requests", "stream_interval_ms"):
+    keys = ("served_model_name", "target_ongoing_requests", "max_queued_requests", "max_ongoing_requests",
+            "stream_interval_ms")  # fmt: skip
+    for key in keys:
         if getattr(ns, key) is not None:
             out[key] = getattr(ns, key)
     return out

@@ -46,6 +46,7 @@ from llmray.serve.protocol import (
     openapi_request_body,
 )
 from llmray.serve.render import ChoiceState, chat_chunk, completion_chunk, final_response, usage_of
+from llmray.serve.request_log import RequestIdMiddleware, install_log_filter
 
 logger = logging.getLogger("llmray.serve")
 
@@ -86,9 +87,14 @@ class HandleBackend:
         return handle.options(multiplexed_model_id=adapter)
 
     async def stream(
-        self, kind: str, body: dict, arrival_s: float, adapter: str | None = None
+        self,
+        kind: str,
+        body: dict,
+        arrival_s: float,
+        adapter: str | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[list[dict]]:
-        gen = self._for(self.stream_handle, adapter).stream.remote(kind, body, arrival_s)
+        gen = self._for(self.stream_handle, adapter).stream.remote(kind, body, arrival_s, request_id)
         finished = False
         try:
             async for item in gen:
@@ -118,9 +124,14 @@ class LocalBackend:
         self.server = server
 
     async def stream(
-        self, kind: str, body: dict, arrival_s: float, adapter: str | None = None
+        self,
+        kind: str,
+        body: dict,
+        arrival_s: float,
+        adapter: str | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[list[dict]]:
-        async for item in self.server.stream(kind, body, arrival_s):
+        async for item in self.server.stream(kind, body, arrival_s, request_id):
             yield item
 
     async def health(self) -> None:
@@ -186,6 +197,8 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
 def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
     """The FastAPI app serving /v1/models, /v1/completions, /v1/chat/completions and /health."""
     app = FastAPI(title="llmray", docs_url=None, redoc_url=None)
+    app.add_middleware(RequestIdMiddleware)  # X-Request-Id echoed, and in the request's log lines
+    install_log_filter()
     served = [config.served_model_name, *config.lora_names]
 
     @app.exception_handler(APIError)
@@ -268,6 +281,7 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
                 "model_not_found",
             )
         routing = {"adapter": adapter} if adapter is not None else {}  # base requests: plain calls
+        routing["request_id"] = request.state.request_id
         events = backend.stream(kind, req.model_dump(), arrival, **routing)
         try:
             first = await anext(events)

@@ -37,6 +37,7 @@ from llmray.serve.errors import APIError, clip, engine_unavailable, from_validat
 from llmray.serve.lora_registry import LoraRegistry, ReplicaAdapters
 from llmray.serve.metrics import ServeMetrics
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
+from llmray.serve.request_log import REQUEST_ID, install_log_filter
 
 logger = logging.getLogger("llmray.serve")
 STATS_POLL_S = 1.0  # how often engine gauges are refreshed
@@ -54,7 +55,7 @@ def load_engine(engine: str, model_dir: str, engine_kwargs: dict[str, Any], lora
 
         return MockAsyncLLM(model_dir, loras=dict(loras), **engine_kwargs), MockSamplingParams
     if engine == "llmray":
-        from llmray.engine.llm import AsyncLLM
+        from llmray.engine.async_llm import AsyncLLM  # not llm.py: the replica never imports torch
         from llmray.engine.sampling_params import SamplingParams
 
         kwargs = dict(engine_kwargs)
@@ -101,6 +102,7 @@ class LLMServer:
         self.max_model_len = int(self.engine.max_model_len)
         self.metrics = ServeMetrics(served_model_name, enabled=enable_metrics)
         self._poll_task: asyncio.Task | None = None
+        install_log_filter()
 
     # --- Serve hooks ------------------------------------------------------------------------------
     def check_health(self) -> None:
@@ -266,9 +268,11 @@ class LLMServer:
 
     # --- the streaming entry point ----------------------------------------------------------------
     async def stream(
-        self, kind: str, body: dict[str, Any], arrival_s: float | None = None
+        self, kind: str, body: dict[str, Any], arrival_s: float | None = None, request_id: str | None = None
     ) -> AsyncIterator[list[dict[str, Any]]]:
-        """Run one OpenAI request; yields lists of events (see the module docstring)."""
+        """Run one OpenAI request; yields lists of events (see the module docstring). ``request_id`` (the
+        client's X-Request-Id) prefixes this replica's log lines for the request."""
+        REQUEST_ID.set(request_id)
         start = time.time()
         if arrival_s is not None:
             self.metrics.observe_queue(start - arrival_s)

@@ -188,7 +188,7 @@ def test_backpressure_is_429_with_retry_after():
     from ray.serve.exceptions import BackPressureError
 
     class FullBackend:
-        async def stream(self, kind, body, arrival_s):
+        async def stream(self, kind, body, arrival_s, **_):
             raise BackPressureError(num_queued_requests=8, max_queued_requests=8)
             yield []  # pragma: no cover - makes this an async generator
 
@@ -217,3 +217,29 @@ def test_stream_interval_batches_tokens_per_chunk():
     assert "".join(e["choices"][0]["text"] for e in events) == full["text"]
     assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events) == 60
     assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_request_id_is_echoed_and_prefixes_log_lines(caplog):
+    import logging
+
+    from llmray.serve.request_log import REQUEST_ID
+
+    client, _ = make_client(token_delay_s=0.0)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    r = client.post("/v1/completions", json=body, headers={**AUTH, "X-Request-Id": "client-id-1"})
+    assert r.status_code == 200 and r.headers["x-request-id"] == "client-id-1"
+    r = client.post(
+        "/v1/completions", json={**body, "stream": True}, headers={**AUTH, "X-Request-Id": "client-id-2"}
+    )
+    assert r.headers["x-request-id"] == "client-id-2"
+    made = client.post("/v1/completions", json=body, headers=AUTH).headers["x-request-id"]
+    assert len(made) == 32
+    bad = client.post("/v1/completions", json={}, headers={**AUTH, "X-Request-Id": "x" * 500})
+    assert bad.status_code == 400 and len(bad.headers["x-request-id"]) == 32  # never echoed as given
+    token = REQUEST_ID.set("client-id-3")
+    try:
+        with caplog.at_level(logging.INFO, logger="llmray.serve"):
+            logging.getLogger("llmray.serve").info("working on it")
+    finally:
+        REQUEST_ID.reset(token)
+    assert "[client-id-3] working on it" in caplog.text
