@@ -195,8 +195,14 @@ class EngineConfig:
     max_loras: int = 4  # adapter slots on the device
     max_lora_rank: int = 16
     max_cpu_loras: int = 16  # LRU of adapters in host memory
+    kv_cache_dtype: str = "auto"  # auto = the model dtype; fp8 = e4m3 with per-layer scales (half the bytes)
+    max_graph_tokens: int = 512  # mixed prefill+decode steps up to this many tokens replay CUDA graphs
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be auto|fp8, got {self.kv_cache_dtype!r}")
+        if self.max_graph_tokens < 0:
+            raise ValueError(f"max_graph_tokens must be >= 0, got {self.max_graph_tokens}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -1,9 +1,13 @@
 """The engine's attention backend for one step: paged KV store + paged attention over packed tokens.
 
-A step's tokens are packed as one row (B=1, T=N): first the decode sequences (one query token each),
-then the prefill chunks. ``attend`` writes the new K/V into the cache by slot mapping and attends each
-query over its sequence's cached context through the block table. On CUDA this is our Triton kernels
-(``llmray.kernels.kv_store`` and ``paged_attention``); elsewhere the torch references.
+A step's tokens are packed as one row (B=1, T=N), sequence by sequence (one-token chunks first).
+``attend`` writes the new K/V into the cache by slot mapping and attends each query over its sequence's
+cached context through the block table. On CUDA this is our Triton kernels (``llmray.kernels.kv_store``
+and ``paged_attention``); elsewhere the torch references.
+
+The kernels' grids do not depend on the step's contents, so a CUDA graph replays any batch of its size:
+the decode kernel runs over ``decode_rows`` sequence slots and skips those whose chunk is not one token
+(or that are padding); the prefill kernel runs over a padded work list of (sequence, query block) tiles.
 """
 
 from __future__ import annotations
@@ -23,14 +27,16 @@ class PagedAttentionMetadata:
     k_cache: list[torch.Tensor]  # per layer (num_blocks, block_size, Hkv, D)
     v_cache: list[torch.Tensor]
     slot_mapping: torch.Tensor  # (N,) int64: cache slot of each new token; -1 = padding, not stored
-    block_tables: torch.Tensor  # (B, max_blocks) int32, decode sequences first
-    query_start: torch.Tensor  # (B + 1,) int32: sequence i's tokens are [query_start[i], query_start[i+1])
-    context_lens: torch.Tensor  # (B,) int32: cached tokens + this step's tokens
-    num_decodes: int  # the first num_decodes sequences have exactly one query token
-    max_query_len: int  # longest prefill chunk (0 if none)
+    block_tables: torch.Tensor  # (B, max_blocks) int: one row per sequence slot
+    query_start: torch.Tensor  # (B + 1,) int: sequence i's tokens are [query_start[i], query_start[i+1])
+    context_lens: torch.Tensor  # (B,) int: cached tokens + this step's tokens
+    decode_rows: int  # the decode kernel runs over the first decode_rows sequence slots (0: not launched)
+    tiles: tuple[torch.Tensor, torch.Tensor] | None  # prefill work list (tile_seq, tile_m); None: no prefill
     scale: float
     num_splits: int = 1  # split-K programs per decode sequence
     use_triton: bool = True
+    k_scales: torch.Tensor | None = None  # (layers, 1) fp32 for an fp8 cache
+    v_scales: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -40,36 +46,45 @@ class PagedAttentionMetadata:
         """q (1, N, H, D), k/v (1, N, Hkv, D) -> (1, N, H, D)."""
         q0, k0, v0 = q[0], k[0], v[0]
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
+        ks = vs = None
+        if self.k_scales is not None:
+            ks, vs = self.k_scales[layer_idx], self.v_scales[layer_idx]
         if not self.use_triton:
-            kv_store_ref(k0, v0, kc, vc, self.slot_mapping)
+            kv_store_ref(k0, v0, kc, vc, self.slot_mapping, ks, vs)
             out = paged_attention_ref(
-                q0, kc, vc, self.block_tables, self.query_start, self.context_lens, self.scale
+                q0, kc, vc, self.block_tables, self.query_start, self.context_lens, self.scale, ks, vs
             )
             return out.unsqueeze(0)
-        kv_store(k0, v0, kc, vc, self.slot_mapping)
+        kv_store(k0, v0, kc, vc, self.slot_mapping, ks, vs)
         out = torch.empty_like(q0)
-        nd = self.num_decodes
-        if nd:
+        if self.decode_rows:
+            rows = self.decode_rows
             paged_decode(
-                q0[:nd],
+                q0,
                 kc,
                 vc,
-                self.block_tables[:nd],
-                self.context_lens[:nd],
+                self.block_tables[:rows],
+                self.context_lens[:rows],
                 self.scale,
                 num_splits=self.num_splits,
-                out=out[:nd],
+                out=out,
+                query_start=self.query_start[: rows + 1],
+                k_scale=ks,
+                v_scale=vs,
             )
-        if self.num_seqs > nd:
+        if self.tiles is not None:
             paged_prefill(
                 q0,
                 kc,
                 vc,
-                self.block_tables[nd:],
-                self.query_start[nd:],
-                self.context_lens[nd:],
-                self.max_query_len,
+                self.block_tables,
+                self.query_start,
+                self.context_lens,
+                0,
                 self.scale,
                 out=out,
+                tiles=self.tiles,
+                k_scale=ks,
+                v_scale=vs,
             )
         return out.unsqueeze(0)

@@ -99,6 +99,8 @@ class EngineCore:
             self.send(("failed", ids, f"the engine step failed: {e!r}"))
             return
         self.failures = 0
+        for rid, message in self.engine.pop_failed():  # a request that failed alone (issue 17 item 5)
+            self.send(("failed", [rid], message))
         rids = [o[0] for o in outs]
         tokens = [o[1] for o in outs]
         finished = self.finished + [(o[0], o[2], o[3]) for o in outs if o[2] is not None]

@@ -103,6 +103,8 @@ class LLMEngine:
         self.peak_blocks_used = 0
         self.async_scheduling = True  # overlap host work with the device step (tests switch it off)
         self._inflight: _Step | None = None
+        self.failed: list[tuple[str, str]] = []  # requests that failed alone (see _fail_request)
+        self._failed_outputs: list[RequestOutput] = []
         self.stream_outputs = True  # False: step() returns finished requests only (offline LLM.generate)
         # the engine core process (llmray/engine/core.py) sets both: the front-end detokenizes and checks stop
         # strings, and step() returns one (request_id, token, finish_reason, stop_reason, logprobs) per token
@@ -169,13 +171,39 @@ class LLMEngine:
         return self.lora.names() if self.lora is not None else []
 
     def _admit(self, seq: Sequence) -> bool:
-        """Scheduler hook: take a device slot for the sequence's adapter at its first admission."""
+        """Scheduler hook: take a device slot for the sequence's adapter at its first admission.
+
+        An adapter that cannot be loaded fails its request alone (the others are admitted)."""
         if seq.lora_adapter is None or seq.lora_slot >= 0:
             return True
-        if not self.lora.can_acquire(seq.lora_adapter):
+        try:
+            if not self.lora.can_acquire(seq.lora_adapter):
+                return False
+            seq.lora_slot = self.lora.acquire(seq.lora_adapter)
+        except Exception as e:
+            self._fail_request(seq, f"its LoRA adapter {seq.lora_name!r} could not be loaded: {e!r}")
             return False
-        seq.lora_slot = self.lora.acquire(seq.lora_adapter)
         return True
+
+    def _fail_request(self, seq: Sequence, message: str) -> None:
+        """End one request with finish_reason "error" (its own fault); the others go on.
+
+        The request appears in ``self.failed`` ((request_id, message), drained by the caller) and, unless
+        the engine emits deltas, as a finished output of the next ``step()``."""
+        req = self.requests.pop(seq.request_id, None)
+        if req is None:
+            return
+        self.scheduler.finish(seq, "error")
+        self._release(seq)
+        req.stop_reason = message
+        self.failed.append((seq.request_id, message))
+        if not self.delta_outputs:
+            self._failed_outputs.append(self._output(req))
+
+    def pop_failed(self) -> list[tuple[str, str]]:
+        """(request_id, message) of the requests that failed alone since the last call."""
+        out, self.failed = self.failed, []
+        return out
 
     def _release(self, seq: Sequence) -> None:
         self.runner.sampler.release(seq)
@@ -232,11 +260,16 @@ class LLMEngine:
         ``stream_outputs`` is False: building outputs copies each request's tokens)."""
         current = self._inflight if self._inflight is not None else self._launch()
         self._inflight = None
+        failed, self._failed_outputs = self._failed_outputs, []
         if current is None:
-            return []
-        if self.async_scheduling and not any(s.sampling_params.has_penalties for s in self.scheduler.running):
-            self._inflight = self._launch()  # penalties read the output tokens: those steps run synchronously
-        return self._read_back(current)
+            return failed
+        # penalties read the output tokens and constraints need the last token on the host to fill their
+        # bitmask: steps holding such requests run synchronously (no launch ahead)
+        if self.async_scheduling and not any(
+            s.sampling_params.has_penalties or s.constraint is not None for s in self.scheduler.running
+        ):
+            self._inflight = self._launch()
+        return failed + self._read_back(current)
 
     def _launch(self) -> _Step | None:
         sched = self.scheduler.schedule()
@@ -259,13 +292,27 @@ class LLMEngine:
             seq = step.sched.scheduled[st.seq_index].seq
             if seq.is_finished:
                 continue  # aborted, or finished by an earlier token: a speculative token, discarded
+            if st.error is not None:
+                del seq.token_ids[slot:]
+                self._fail_request(seq, st.error)
+                outputs.extend(self._failed_outputs)
+                self._failed_outputs = []
+                continue
             seq.token_ids[slot] = st.token_id
             req = self.requests[seq.request_id]
             req.num_known += 1
             self.generation_tokens_total += 1
             if req.logprobs is not None and st.logprobs is not None:
                 req.logprobs.append(st.logprobs)
-            reason = self._check_stop(req, st.token_id)
+            try:
+                done = self._check_constraint(seq, st.token_id) if seq.constraint is not None else None
+                reason = self._check_stop(req, st.token_id) or done
+            except Exception as e:  # this request's stop check or constraint broke: it fails alone
+                del seq.token_ids[slot + 1 :]
+                self._fail_request(seq, f"processing its output failed: {e!r}")
+                outputs.extend(self._failed_outputs)
+                self._failed_outputs = []
+                continue
             if reason is not None:
                 del seq.token_ids[slot + 1 :]  # a token sampled after this one is in flight: drop it
                 self.scheduler.finish(seq, reason)
@@ -277,6 +324,12 @@ class LLMEngine:
                 outputs.append(self._output(req))
         self.scheduler.cache_blocks(step.sched)
         return outputs
+
+    def _check_constraint(self, seq: Sequence, token: int) -> str | None:
+        """Constrained decoding: the constraint takes the token; "stop" once its grammar is complete."""
+        if not seq.constraint.accept_token(token):
+            raise ValueError(f"its token constraint rejected the sampled token {token}")
+        return "stop" if seq.constraint.is_terminated() else None
 
     def _check_stop(self, req: _Request, token: int) -> str | None:
         p = req.seq.sampling_params

@@ -1,29 +1,35 @@
-"""The only engine code that touches the device: KV cache, step inputs, CUDA graphs, model and sampler.
+"""The only engine code that touches the device: one step = inputs -> forward (graph or eager) -> sampler.
 
-One ``run(scheduled)`` = build the packed inputs of the step with numpy over the batch (no per-token Python
-loops), call ``model.hidden_states`` with our ``PagedAttentionMetadata``, take the logits of the tokens that
-sample, sample on the device, and read the sampled tokens back: the step's single host sync.
-Decode-only steps are padded to a bucket size (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, ...) and, on CUDA,
-replayed from CUDA graphs captured at start-up (``enforce_eager=True`` runs them eagerly, same kernels and
-same padding, so both give the same tokens). Cf. nano-vllm's model_runner.py and gpt-fast.
+``launch(scheduled)`` builds the step's packed inputs into pinned memory and moves them with one copy
+(step_inputs.py), replays a CUDA graph for decode-only steps and for mixed steps up to
+``max_graph_tokens`` tokens (cuda_graphs.py) or runs the model eagerly, samples on the device, and
+returns without waiting; ``collect`` reads the sampled tokens back: the step's single host sync. The KV
+cache (sizing, fp8) lives in kv_cache.py. Constrained rows get their token bitmask here (one host->device
+copy, applied in the sampler); a failure that belongs to one request (its constraint, its sampling state)
+is reported for that request alone. ``warmup`` runs at start-up so that no Triton kernel compiles and no
+CUDA graph is captured while serving.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from llmray.config import EngineConfig
 from llmray.engine.attention_metadata import PagedAttentionMetadata
-from llmray.engine.block_manager import cdiv
+from llmray.engine.cuda_graphs import CudaGraphs, decode_buckets
+from llmray.engine.kv_cache import KVCache
 from llmray.engine.sampler import Sampler, SamplerOutput
 from llmray.engine.scheduler import ScheduledSeq
-from llmray.engine.sequence import Sequence
+from llmray.engine.sequence import PLACEHOLDER, Sequence
+from llmray.engine.step_inputs import Layout, StepBatch, StepInputs, tile_capacity
+from llmray.engine.warmup import warmup
 from llmray.kernels._common import num_sms
-from llmray.kernels.paged_attention import default_num_splits
+from llmray.kernels.paged_attention import default_num_splits, prefill_block_m
+
+logger = logging.getLogger("llmray.engine")
 
 
 @dataclass
@@ -31,6 +37,7 @@ class PendingStep:
     indices: list[int]  # positions in the scheduled list of the chunks that sample
     seqs: list[Sequence]
     out: SamplerOutput | None  # device tensors, not read yet
+    failed: dict[int, str] = field(default_factory=dict)  # sampling row -> why that request failed
 
 
 @dataclass
@@ -38,12 +45,7 @@ class SampledToken:
     seq_index: int  # index into the scheduled list
     token_id: int
     logprobs: dict[int, float] | None  # chosen token + top-n, or None if not requested
-
-
-def decode_buckets(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8, 16, 32, 48, 64] + list(range(96, max_num_seqs + 32, 32))
-    out = sorted({min(s, max_num_seqs) for s in sizes})
-    return out
+    error: str | None = None  # this request failed in this step (its token is meaningless)
 
 
 class ModelRunner:
@@ -52,287 +54,126 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.lora_batch = lora.batch if lora is not None else None  # per-row adapter slots (LoraManager)
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        mc = model.config
-        self.num_layers, self.num_kv_heads, self.head_dim = (
-            mc.num_hidden_layers,
-            mc.num_key_value_heads,
-            mc.head_dim,
-        )
-        self.scale = mc.head_dim**-0.5
         self.config = config
-        self.block_size = config.block_size
         self.max_model_len = max_model_len
-        self.max_blocks_per_seq = cdiv(max_model_len, config.block_size)
         self.eos_token_id = eos_token_id
+        self.cache = KVCache(model, config, max_model_len)
+        self.device, self.dtype = self.cache.device, self.cache.model_dtype
+        self.num_blocks, self.block_size = self.cache.num_blocks, config.block_size
+        self.max_blocks_per_seq = self.cache.max_blocks_per_seq
+        self.scale = model.config.head_dim**-0.5
+        self.vocab_size = model.config.vocab_size
         self.is_cuda = self.device.type == "cuda"
         self.use_triton = self.is_cuda  # tests set it on CPU under TRITON_INTERPRET=1
         self.num_sms = num_sms(self.device) if self.is_cuda else 1
+        self.block_m = prefill_block_m(self.dtype)
         self.buckets = decode_buckets(config.max_num_seqs)
-        self.num_blocks = config.num_kv_blocks or self._profile_num_blocks()
-        shape = (2, self.num_layers, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.k_cache = [self.kv_cache[0, i] for i in range(self.num_layers)]
-        self.v_cache = [self.kv_cache[1, i] for i in range(self.num_layers)]
+        tokens = max(config.max_num_batched_tokens, config.max_num_seqs, config.max_graph_tokens)
+        seqs = max(config.max_num_seqs, min(tokens, config.max_graph_tokens))
+        capacity = 5 * tokens + 3 * seqs + 2 * tile_capacity(tokens, seqs, self.block_m) + 8
+        capacity += seqs * (self.max_blocks_per_seq + 1)
+        self.inputs = StepInputs(
+            self.device, capacity, config.block_size, self.block_m, self.max_blocks_per_seq
+        )
         self.sampler = Sampler(self.device, config.seed)
-        # (bucket, with LoRA) -> graph and its output; the LoRA variant exists only when adapters are served
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._staging: list[torch.Tensor | None] = [None, None]
-        self._stage_idx = 0
-        self._prev_tokens = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._prev_rows: dict[int, int] = {}
+        self.prev_tokens = torch.zeros(seqs, dtype=torch.long, device=self.device)  # last step's samples
+        self._prev_rows: dict[int, int] = {}  # seq_id -> its row in prev_tokens
+        self._cuda_graphs: CudaGraphs | None = None
+        self.graphs: dict = {}
         if self.is_cuda and not config.enforce_eager:
-            self._capture_graphs()
+            self._cuda_graphs = CudaGraphs(
+                self._forward,
+                self.inputs.dev,
+                config.max_num_seqs,
+                self.max_blocks_per_seq,
+                config.max_graph_tokens,
+                config.max_num_batched_tokens,
+                self.block_m,
+                self.lora_batch is not None,
+            )
+            self._cuda_graphs.capture()
+            self.graphs = self._cuda_graphs.graphs
+        self.warmup_s = warmup(self) if self.is_cuda else 0.0
+
+    # kept for callers that read the cache through the runner
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.cache.kv_cache
 
     @property
     def block_bytes(self) -> int:
-        elem = torch.finfo(self.dtype).bits // 8
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return self.cache.block_bytes
 
-    # --- KV cache sizing ------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _profile_num_blocks(self) -> int:
-        cfg = self.config
-        if not self.is_cuda:  # CPU: room for a few full-length sequences
-            return self.max_blocks_per_seq * min(cfg.max_num_seqs, 4)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        n = min(cfg.max_num_batched_tokens, self.max_model_len)
-        ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
-        hidden = self.model.hidden_states(ids)  # a full-budget prefill step's activations
-        rows = min(n, cfg.max_num_seqs)
-        logits = self.model.compute_logits(hidden[0, :rows])
-        torch.cuda.synchronize()
-        vocab = logits.shape[-1]
-        activations = (
-            torch.cuda.max_memory_allocated() - before + 6 * rows * vocab * 4
-        )  # + sampler temporaries
-        del hidden, logits
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        usable = (
-            total * cfg.gpu_memory_utilization - (total - free) - activations - (1 << 30)
-        )  # 1 GiB: graphs
-        num_blocks = int(usable // self.block_bytes)
-        if num_blocks < 1:
-            raise ValueError(
-                f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB, "
-                f"{activations / 2**30:.1f} GiB needed for activations; raise gpu_memory_utilization "
-                f"({cfg.gpu_memory_utilization}) or lower max_num_batched_tokens ({cfg.max_num_batched_tokens})"
-            )
-        return num_blocks
-
-    # --- inputs -----------------------------------------------------------------------------------
-    def _stage(self, *arrays: np.ndarray) -> list[torch.Tensor]:
-        """Move int arrays to the device in ONE copy (through a pinned, double-buffered staging area on CUDA).
-
-        Returns int64 device tensors shaped like the inputs. Two staging buffers alternate, so writing the
-        inputs of step N+1 never races the still-pending copy of step N (at most one step is in flight).
-        """
-        sizes = [a.size for a in arrays]
-        total = sum(sizes)
+    def _splits(self, rows: int) -> int:
         if not self.is_cuda:
-            flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.int64))
-        else:
-            self._stage_idx ^= 1
-            buf = self._staging[self._stage_idx]
-            if buf is None or buf.numel() < total:
-                buf = torch.empty(max(total, 1 << 16), dtype=torch.int64, pin_memory=True)
-                self._staging[self._stage_idx] = buf
-            view = buf.numpy()
-            off = 0
-            for a in arrays:
-                view[off : off + a.size] = a.ravel()
-                off += a.size
-            flat = buf[:total].to(self.device, non_blocking=True)
-        out, off = [], 0
-        for a, n in zip(arrays, sizes, strict=True):
-            out.append(flat[off : off + n].view(a.shape))
-            off += n
-        return out
-
-    def _block_table_array(self, items: list[ScheduledSeq], rows: int, width: int) -> np.ndarray:
-        tables = [it.seq.block_table for it in items]
-        lens = np.fromiter((len(t) for t in tables), np.int64, len(tables))
-        out = np.zeros((rows, width), np.int64)
-        flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, int(lens.sum()))
-        out[: len(tables)][np.arange(width)[None, :] < lens[:, None]] = flat
-        return out
-
-    def _placeholder_sources(self, ids: np.ndarray, seq_of: list) -> np.ndarray:
-        """Row of the previous step's sampled tokens feeding each placeholder input (-1 ids); 0 elsewhere."""
-        src = np.zeros(ids.shape[0], np.int64)
-        for i in np.flatnonzero(ids < 0).tolist():
-            src[i] = self._prev_rows[seq_of[i].seq_id]
-        return src
-
-    def _resolve_ids(self, ids: torch.Tensor, src: torch.Tensor, has_placeholders: bool) -> torch.Tensor:
-        if not has_placeholders:
-            return ids
-        return torch.where(ids < 0, self._prev_tokens[src], ids)
-
-    def _metadata(self, tables, query_start, ctx, slots, num_decodes, max_query_len, num_splits):
-        return PagedAttentionMetadata(
-            k_cache=self.k_cache,
-            v_cache=self.v_cache,
-            slot_mapping=slots,
-            block_tables=tables,
-            query_start=query_start,
-            context_lens=ctx,
-            num_decodes=num_decodes,
-            max_query_len=max_query_len,
-            scale=self.scale,
-            num_splits=num_splits,
-            use_triton=self.use_triton,
-        )
-
-    def _splits(self, bucket: int) -> int:
-        return default_num_splits(bucket, self.num_kv_heads, self.num_sms) if self.is_cuda else 2
-
-    # --- decode steps (padded buckets, CUDA graphs) ------------------------------------------------
-    @torch.inference_mode()
-    def _capture_graphs(self) -> None:
-        maxb = self.buckets[-1]
-        dev = self.device
-        self._g_ids = torch.zeros(maxb, dtype=torch.long, device=dev)
-        self._g_pos = torch.zeros(maxb, dtype=torch.long, device=dev)
-        self._g_tables = torch.zeros(maxb, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self._g_ctx = torch.ones(maxb, dtype=torch.int32, device=dev)
-        self._g_slots = torch.full((maxb,), -1, dtype=torch.long, device=dev)
-        self._g_qstart = torch.arange(maxb + 1, dtype=torch.int32, device=dev)
-        pool = None
-        variants = (False, True) if self.lora_batch is not None else (False,)
-        for bucket, with_lora in itertools.product(reversed(self.buckets), variants):
-            self._set_lora_enabled(with_lora)
-            meta = self._metadata(
-                self._g_tables[:bucket],
-                self._g_qstart[: bucket + 1],
-                self._g_ctx[:bucket],
-                self._g_slots[:bucket],
-                bucket,
-                0,
-                self._splits(bucket),
-            )
-            ids, pos = self._g_ids[:bucket][None], self._g_pos[:bucket][None]
-            self.model.hidden_states(ids, pos, meta)  # warm-up: compiles the Triton kernels for this shape
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self.model.hidden_states(ids, pos, meta)[0]
-            pool = graph.pool() if pool is None else pool
-            self.graphs[(bucket, with_lora)] = (graph, hidden)
-        self._set_lora_enabled(False)
-        torch.cuda.synchronize()
+            return 2
+        return default_num_splits(next((b for b in self.buckets if b >= rows), rows), 8, self.num_sms)
 
     def _set_lora_enabled(self, enabled: bool) -> None:
         if self.lora_batch is not None:
             self.lora_batch.enabled = enabled
 
-    def _lora_rows(self, slots: np.ndarray | None) -> tuple[np.ndarray, bool]:
-        """Per-row adapter slots to stage (a 1-element dummy when no row of the step uses an adapter)."""
-        if slots is None or not (slots >= 0).any():
-            return np.zeros(1, np.int64), False
-        return slots, True
+    def _forward(
+        self,
+        views: dict,
+        tables: torch.Tensor,
+        layout: Layout,
+        kind: str,
+        with_lora: bool,
+        decode_rows: int | None = None,
+        placeholders: bool = True,
+    ) -> torch.Tensor:
+        """The model over a step's inputs (graph-capturable): hidden states (T, hidden).
 
-    def _apply_lora_rows(self, d_slots: torch.Tensor, use: bool) -> None:
-        self._set_lora_enabled(use)
-        if use:
-            self.lora_batch.set_rows(d_slots)
-
-    def _run_decode(self, items: list[ScheduledSeq]) -> torch.Tensor:
-        b, bs = len(items), self.block_size
-        bucket = next(s for s in self.buckets if s >= b)
-        width = max(len(it.seq.block_table) for it in items)
-        ids = np.zeros(bucket, np.int64)
-        ids[:b] = [it.seq.token_ids[it.start] for it in items]
-        pos = np.zeros(bucket, np.int64)
-        pos[:b] = [it.start for it in items]
-        tables = self._block_table_array(items, bucket, width)
-        ctx = np.ones(bucket, np.int64)  # padding rows attend to one (ignored) token
-        ctx[:b] = pos[:b] + 1
-        slots = np.full(bucket, -1, np.int64)
-        slots[:b] = tables[np.arange(b), pos[:b] // bs] * bs + pos[:b] % bs
-        placeholders = bool((ids < 0).any())
-        src = (
-            self._placeholder_sources(ids, [it.seq for it in items])
-            if placeholders
-            else np.zeros(1, np.int64)
-        )
-        lora_rows = None
-        if self.lora_batch is not None:
-            lora_rows = np.full(bucket, -1, np.int64)
-            lora_rows[:b] = [it.seq.lora_slot for it in items]
-        lora_rows, use_lora = self._lora_rows(lora_rows)
-        d_ids, d_pos, d_tables, d_ctx, d_slots, d_src, d_lora = self._stage(
-            ids, pos, tables, ctx, slots, src, lora_rows
-        )
-        d_ids = self._resolve_ids(d_ids, d_src, placeholders)
-        self._apply_lora_rows(d_lora, use_lora)
-        if (bucket, use_lora) in self.graphs:
-            graph, hidden = self.graphs[(bucket, use_lora)]
-            self._g_ids[:bucket].copy_(d_ids)
-            self._g_pos[:bucket].copy_(d_pos)
-            # columns past ``width`` keep stale ids: the kernels never read past a sequence's context
-            self._g_tables[:bucket, :width].copy_(d_tables)
-            self._g_ctx[:bucket].copy_(d_ctx)
-            self._g_slots[:bucket].copy_(d_slots)
-            graph.replay()
-        else:
-            qstart = torch.arange(bucket + 1, device=self.device)
-            meta = self._metadata(d_tables, qstart, d_ctx, d_slots, bucket, 0, self._splits(bucket))
-            hidden = self.model.hidden_states(d_ids[None], d_pos[None], meta)[0]
-        return self.model.compute_logits(hidden)[:b]  # (b, V)
-
-    # --- mixed prefill/decode steps (eager) --------------------------------------------------------
-    def _run_mixed(self, items: list[ScheduledSeq], sample_rows: list[int]) -> torch.Tensor:
-        b, bs = len(items), self.block_size
-        q_lens = np.fromiter((it.num_new_tokens for it in items), np.int64, b)
-        starts = np.fromiter((it.start for it in items), np.int64, b)
-        cu = np.zeros(b + 1, np.int64)
-        np.cumsum(q_lens, out=cu[1:])
-        ids = np.fromiter(
-            itertools.chain.from_iterable(
-                it.seq.token_ids[it.start : it.start + it.num_new_tokens] for it in items
-            ),
-            np.int64,
-            int(cu[-1]),
-        )
-        pos = np.arange(cu[-1]) - np.repeat(cu[:-1] - starts, q_lens)  # (N,)
-        width = max(len(it.seq.block_table) for it in items)
-        tables = self._block_table_array(items, b, width)
-        seq_of_token = np.repeat(np.arange(b), q_lens)
-        slots = tables[seq_of_token, pos // bs] * bs + pos % bs
-        num_decodes = int((q_lens == 1).sum())  # items arrive sorted: one-token sequences first
-        placeholders = bool((ids < 0).any())
-        src = np.zeros(1, np.int64)
+        kind "decode" | "mixed" (graphs: the decode kernel over every sequence slot) or "eager"."""
+        ids = views["ids"]
         if placeholders:
-            src = self._placeholder_sources(ids, [items[i].seq for i in seq_of_token.tolist()])
-        last = cu[1:][sample_rows] - 1
-        lora_rows = None
-        if self.lora_batch is not None:
-            lora_rows = np.repeat(np.fromiter((it.seq.lora_slot for it in items), np.int64, b), q_lens)
-        lora_rows, use_lora = self._lora_rows(lora_rows)
-        d_ids, d_pos, d_tables, d_cu, d_ctx, d_slots, d_src, d_last, d_lora = self._stage(
-            ids, pos, tables, cu, starts + q_lens, slots, src, last, lora_rows
+            ids = torch.where(ids < 0, self.prev_tokens[views["src"]], ids)
+        self._set_lora_enabled(with_lora)
+        if with_lora:
+            self.lora_batch.set_rows(views["lora"])
+        decode_rows = layout.seqs if decode_rows is None else decode_rows
+        with_tiles = kind == "mixed" or (kind == "eager" and layout.tiles > 0)
+        meta = PagedAttentionMetadata(
+            k_cache=self.cache.k_cache,
+            v_cache=self.cache.v_cache,
+            slot_mapping=views["slots"],
+            block_tables=tables,
+            query_start=views["qstart"],
+            context_lens=views["ctx"],
+            decode_rows=decode_rows,
+            tiles=(views["tile_seq"], views["tile_m"]) if with_tiles else None,
+            scale=self.scale,
+            num_splits=self._splits(decode_rows or 1),
+            use_triton=self.use_triton,
+            k_scales=self.cache.k_scales,
+            v_scales=self.cache.v_scales,
         )
-        d_ids = self._resolve_ids(d_ids, d_src, placeholders)
-        self._apply_lora_rows(d_lora, use_lora)
-        meta = self._metadata(
-            d_tables,
-            d_cu,
-            d_ctx,
-            d_slots,
-            num_decodes,
-            int(q_lens[num_decodes:].max()) if num_decodes < b else 0,
-            self._splits(next((s for s in self.buckets if s >= num_decodes), num_decodes)),
-        )
-        hidden = self.model.hidden_states(d_ids[None], d_pos[None], meta)[0]
-        return self.model.compute_logits(hidden[d_last])
+        return self.model.hidden_states(ids[None], views["pos"][None], meta)[0]
 
     # --- one step -----------------------------------------------------------------------------------
+    def _run_model(self, items: list[ScheduledSeq], sample_rows: list[int]) -> tuple[StepBatch, torch.Tensor]:
+        num_tokens = sum(it.num_new_tokens for it in items)
+        use_lora = self.lora_batch is not None and any(it.seq.lora_slot >= 0 for it in items)
+        all_decode = items[-1].num_new_tokens == 1
+        graphs = self._cuda_graphs
+        pick = graphs.pick(num_tokens, len(items), all_decode) if graphs is not None else None
+        layout = graphs.layout(*pick) if pick is not None else None
+        batch = self.inputs.build(items, sample_rows, layout, self._prev_rows, self.lora_batch is not None)
+        if pick is not None:
+            hidden = graphs.replay(pick[0], pick[1], use_lora, batch.tables)
+        else:
+            hidden = self._forward(
+                batch.views,
+                batch.tables,
+                batch.layout,
+                "eager",
+                use_lora,
+                batch.num_decodes,
+                batch.has_placeholders,
+            )
+        return batch, hidden
+
     @torch.inference_mode()
     def launch(self, scheduled: list[ScheduledSeq]) -> PendingStep:
         """Queue one step on the device (no host sync). Inputs whose token id is a placeholder (-1) take the
@@ -344,19 +185,65 @@ class ModelRunner:
         )
         items = [scheduled[i] for i in order]
         sample_rows = [j for j, it in enumerate(items) if it.samples]
-        if items[-1].num_new_tokens == 1 and len(items) <= self.buckets[-1]:
-            logits = self._run_decode(items)
-            if len(sample_rows) < len(items):
-                logits = logits[self.sampler._tensor(sample_rows, torch.long)]
-        else:
-            logits = self._run_mixed(items, sample_rows)
+        batch, hidden = self._run_model(items, sample_rows)
         seqs = [items[j].seq for j in sample_rows]
         pending = PendingStep([order[j] for j in sample_rows], seqs, None)
         if seqs:
-            pending.out = self.sampler(logits, seqs, self.eos_token_id)
-            self._prev_tokens = pending.out.token_ids
+            logits = self.model.compute_logits(hidden[batch.last])  # (R, V) fp32
+            bitmask = self._constraint_bitmask(seqs, pending.failed)
+            pending.out = self._sample(logits, seqs, bitmask, pending.failed)
+            self.prev_tokens[: len(seqs)].copy_(pending.out.token_ids)
             self._prev_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
         return pending
+
+    def _constraint_bitmask(self, seqs: list[Sequence], failed: dict[int, str]) -> torch.Tensor | None:
+        """int32 (R, ceil(V/32)) on the device for steps with constrained rows (free rows all ones)."""
+        if all(s.constraint is None for s in seqs):
+            return None
+        words = -(-self.vocab_size // 32)
+        host = torch.full((len(seqs), words), -1, dtype=torch.int32, pin_memory=self.is_cuda)
+        for r, seq in enumerate(seqs):
+            if seq.constraint is None:
+                continue
+            if seq.num_tokens and seq.token_ids[-1] == PLACEHOLDER:
+                raise RuntimeError("a constrained sequence was launched before its last token was known")
+            try:
+                seq.constraint.fill_bitmask(host, r)
+            except Exception as e:  # this request's constraint is broken: it fails alone
+                logger.warning("constraint of request %s failed: %r", seq.request_id, e)
+                failed[r] = f"its token constraint failed: {e!r}"
+                host[r] = -1
+        return host.to(self.device, non_blocking=True)
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None, failed: dict[int, str]
+    ) -> SamplerOutput:
+        try:
+            return self.sampler(logits, seqs, self.eos_token_id, bitmask)
+        except Exception as batch_error:
+            # find the request(s) whose sampling state breaks the sampler; the others sample without them
+            keep = []
+            for r, seq in enumerate(seqs):
+                try:
+                    self.sampler(logits[r : r + 1], [seq], self.eos_token_id, _row(bitmask, r))
+                    keep.append(r)
+                except Exception as e:
+                    logger.warning("sampling request %s failed: %r", seq.request_id, e)
+                    failed[r] = f"sampling failed: {e!r}"
+            if len(keep) == len(seqs):
+                raise batch_error
+            tokens = torch.zeros(len(seqs), dtype=torch.long, device=self.device)
+            if not keep:
+                return SamplerOutput(tokens)
+            idx = torch.tensor(keep, device=self.device)
+            out = self.sampler(logits[idx], [seqs[r] for r in keep], self.eos_token_id, _row(bitmask, idx))
+            tokens[idx] = out.token_ids
+            full = SamplerOutput(tokens)
+            if out.logprobs is not None:
+                full.logprobs = out.logprobs.new_zeros(len(seqs), out.logprobs.shape[1])
+                full.logprob_ids = out.logprob_ids.new_zeros(len(seqs), out.logprob_ids.shape[1])
+                full.logprobs[idx], full.logprob_ids[idx] = out.logprobs, out.logprob_ids
+            return full
 
     def collect(self, pending: PendingStep) -> list[SampledToken]:
         """Wait for a launched step and read its sampled tokens: the step's single host sync."""
@@ -374,9 +261,15 @@ class ModelRunner:
             if n is not None and lp_vals is not None:
                 lps = {lp_ids[r][0]: lp_vals[r][0]}
                 lps.update(zip(lp_ids[r][1 : n + 1], lp_vals[r][1 : n + 1], strict=True))
-            result.append(SampledToken(index, tokens[r], lps))
+            result.append(SampledToken(index, tokens[r], lps, pending.failed.get(r)))
         return result
 
     def run(self, scheduled: list[ScheduledSeq]) -> list[SampledToken]:
         """Compute one step and wait for it; a sampled token for every chunk that reaches its sequence's end."""
         return self.collect(self.launch(scheduled))
+
+
+def _row(bitmask: torch.Tensor | None, rows) -> torch.Tensor | None:
+    if bitmask is None:
+        return None
+    return bitmask[rows : rows + 1] if isinstance(rows, int) else bitmask[rows]

@@ -1,7 +1,7 @@
 """Token sampling on the device for a batch of sequences, each with its own SamplingParams.
 
 Order (as vLLM): penalties (repetition over prompt+output, frequency/presence over output), min_tokens
-masking of EOS/stop tokens, then greedy rows take the argmax; the other rows divide by temperature, apply
+masking of EOS/stop tokens, the constrained-decoding bitmask (tokens whose bit is 0 get -inf), then greedy rows take the argmax; the other rows divide by temperature, apply
 top-k, top-p and min-p, and draw with the exponential-race trick (argmax p / E, E ~ Exp(1)), which equals
 sampling from p. A seeded request draws its noise from its own ``torch.Generator``, so its tokens do not
 depend on what else shares the batch. Logprobs are of the raw model distribution (before any processing).
@@ -33,6 +33,14 @@ def _padded(rows: list[list[int]], pad: int) -> np.ndarray:
     return out
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf where the row's bit for the token is 0. logits (B, V), bitmask int32 (B, ceil(V/32))."""
+    bsz, vocab = logits.shape
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).view(bsz, -1)[:, :vocab].bool()
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
@@ -56,8 +64,15 @@ class Sampler:
     def _from_numpy(self, a: np.ndarray) -> torch.Tensor:
         return self._from_cpu(torch.from_numpy(a))
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_id: int | None) -> SamplerOutput:
-        """logits (B, V) fp32, one row per sequence that samples this step."""
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        eos_token_id: int | None,
+        bitmask: torch.Tensor | None = None,
+    ) -> SamplerOutput:
+        """logits (B, V) fp32, one row per sequence that samples this step; bitmask int32 (B, ceil(V/32)) on
+        the device (bit t%32 of word t//32 = token t allowed) for steps with constrained rows."""
         params = [s.sampling_params for s in seqs]
         bsz, vocab = logits.shape
         n_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
@@ -80,6 +95,9 @@ class Sampler:
                 (self._tensor(rows, torch.long), self._tensor(cols, torch.long)),
                 torch.full((len(rows),), float("-inf"), device=self.device),
             )
+
+        if bitmask is not None:
+            logits = apply_token_bitmask(logits, bitmask)
 
         greedy = [p.greedy for p in params]
         if all(greedy):

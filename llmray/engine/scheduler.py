@@ -93,7 +93,7 @@ class Scheduler:
         """Free a sequence's blocks at once and drop it from the queues (finish or abort)."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status is SequenceStatus.WAITING:
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:  # (not while being admitted)
             self.waiting.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
@@ -149,7 +149,8 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 if self.admit is not None and not self.admit(seq):
-                    skipped.append(seq)
+                    if seq.status is not SequenceStatus.FINISHED:  # (the hook may fail the request)
+                        skipped.append(seq)
                     continue
                 bm.allocate(seq, n, cached)
                 seq.status = SequenceStatus.RUNNING

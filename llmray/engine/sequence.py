@@ -5,12 +5,35 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from llmray.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 _seq_counter = itertools.count()
 
 PLACEHOLDER = -1  # a token sampled by a step still in flight (async scheduling); filled in when read back
+
+
+@runtime_checkable
+class TokenConstraint(Protocol):
+    """Constrained decoding (structured outputs): which tokens a request may sample next.
+
+    The engine calls, for a request whose ``Sequence.constraint`` is set: ``fill_bitmask`` before each step
+    that samples it (its previous token already accepted), ``accept_token`` with each sampled token once
+    read back (False: the request fails alone), and ``is_terminated`` after it (True: it finishes "stop").
+    """
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write row ``row`` of ``bitmask`` (int32 (rows, ceil(vocab/32)), host; bit t%32 of word t//32 set =
+        token t allowed). The row arrives all ones (every token allowed)."""
+        ...
+
+    def accept_token(self, token_id: int) -> bool: ...
+
+    def is_terminated(self) -> bool: ...
 
 
 class SequenceStatus(enum.Enum):
@@ -44,6 +67,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    constraint: TokenConstraint | None = None  # constrained decoding (set by the engine at add_request)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

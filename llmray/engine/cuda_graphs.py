@@ -1,0 +1,109 @@
+"""CUDA graphs for decode-only AND mixed prefill+decode steps, captured at start-up, replayed per step.
+
+A graph is captured per (kind, bucket, with LoRA):
+- "decode": ``bucket`` one-token sequences (T = S = bucket); buckets 1, 2, 4, 8, 16, 32, 48, 64, 96, ...
+- "mixed": ``bucket`` tokens of any mix of decodes and prefill chunks (S = min(bucket, max_num_seqs)
+  sequence slots, a padded prefill tile list); buckets 16, 32, 64, ... up to ``max_graph_tokens``.
+Its inputs are views of the runner's persistent device input buffer at the bucket's layout (see
+step_inputs.py), plus one static block-table buffer: replaying a step costs one copy of the block tables
+and ``graph.replay()``. Larger steps run eagerly (their device time dwarfs the launch cost).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+
+from llmray.engine.step_inputs import FIXED, Layout, tile_capacity
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8, 16, 32, 48, 64] + list(range(96, max_num_seqs + 32, 32))
+    return sorted({min(s, max_num_seqs) for s in sizes})
+
+
+def mixed_buckets(max_graph_tokens: int, max_num_batched_tokens: int) -> list[int]:
+    top = min(max_graph_tokens, max_num_batched_tokens)
+    return [t for t in (16, 32, 64, 128, 256, 512, 1024, 2048) if t <= top]
+
+
+class CudaGraphs:
+    """Holds the captured graphs; ``forward(views, tables, layout, kind, with_lora)`` is the runner's."""
+
+    def __init__(
+        self,
+        forward: Callable[..., torch.Tensor],
+        dev_flat: torch.Tensor,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        max_graph_tokens: int,
+        max_num_batched_tokens: int,
+        block_m: int,
+        lora_variants: bool,
+    ) -> None:
+        self.forward = forward
+        self.dev = dev_flat
+        self.max_num_seqs = max_num_seqs
+        self.block_m = block_m
+        self.decode = decode_buckets(max_num_seqs)
+        self.mixed = mixed_buckets(max_graph_tokens, max_num_batched_tokens)
+        self.variants = (False, True) if lora_variants else (False,)
+        smax = max([self.decode[-1]] + [self.layout("mixed", b).seqs for b in self.mixed])
+        self.tables = torch.zeros(smax, max_blocks_per_seq, dtype=torch.int64, device=dev_flat.device)
+        self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def layout(self, kind: str, bucket: int) -> Layout:
+        if kind == "decode":
+            return Layout(bucket, bucket, 0)
+        seqs = min(bucket, self.max_num_seqs)
+        return Layout(bucket, seqs, tile_capacity(bucket, seqs, self.block_m))
+
+    def pick(self, num_tokens: int, num_seqs: int, all_decode: bool) -> tuple[str, int] | None:
+        """The graph (kind, bucket) a step of this size replays, or None (run it eagerly)."""
+        if all_decode and num_seqs <= self.decode[-1]:
+            return "decode", next(b for b in self.decode if b >= num_seqs)
+        for b in self.mixed:
+            if b >= num_tokens and self.layout("mixed", b).seqs >= num_seqs:
+                return "mixed", b
+        return None
+
+    def _blank(self, layout: Layout) -> dict[str, torch.Tensor]:
+        """Inputs of a step with no tokens in any slot: both attention kernels skip everything."""
+        views = layout.views(self.dev)
+        for name in FIXED:
+            views[name].zero_()
+        views["slots"].fill_(-1)
+        views["lora"].fill_(-1)
+        views["tile_seq"].fill_(-1)
+        return views
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = None
+        keys = [("decode", b) for b in self.decode] + [("mixed", b) for b in self.mixed]
+        keys.sort(key=lambda k: -self.layout(*k).tokens)  # largest first: later graphs reuse its pool
+        for (kind, bucket), with_lora in itertools.product(keys, self.variants):
+            layout = self.layout(kind, bucket)
+            views = self._blank(layout)
+            tables = self.tables[: layout.seqs]
+            self.forward(views, tables, layout, kind, with_lora)  # warm-up: compiles the Triton kernels
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.forward(views, tables, layout, kind, with_lora)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[(kind, bucket, with_lora)] = (graph, hidden)
+        torch.cuda.synchronize()
+
+    def replay(self, kind: str, bucket: int, with_lora: bool, tables: torch.Tensor) -> torch.Tensor:
+        """Run the graph on the inputs already in the device buffer; ``tables`` (S, width) block tables."""
+        # columns past ``width`` keep stale ids: the kernels never read past a sequence's context
+        self.tables[: tables.shape[0], : tables.shape[1]].copy_(tables)
+        if not self.graphs:  # not captured (CPU tests): the same padded step, run eagerly
+            layout = self.layout(kind, bucket)
+            return self.forward(layout.views(self.dev), self.tables[: layout.seqs], layout, kind, with_lora)
+        graph, hidden = self.graphs[(kind, bucket, with_lora)]
+        graph.replay()
+        return hidden
