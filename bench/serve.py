@@ -158,6 +158,9 @@ def main() -> int:
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--skip-startup", action="store_true", help="one launch only (not timed cold/warm)")
     ap.add_argument("--cpu", action="store_true", help="no GPU: the server runs its engine on the CPU")
+    ap.add_argument(
+        "--deadline-s", type=float, default=0, help="start no new level after this long (0 = none)"
+    )
     ap.add_argument("--out", default="bench/results/serve.json")
     a = ap.parse_args()
 
@@ -191,7 +194,8 @@ def main() -> int:
              "--ingress-replicas", str(a.ingress_replicas), "--stream-interval-ms", str(a.stream_interval_ms)]  # fmt: skip
     flags += [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     flags += ["--no-use-gpu"] if a.cpu else []
-    env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cold-")}
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cold-")  # this process's engines share it
+    env = dict(os.environ)
     logs = Path(tempfile.mkdtemp(prefix="llmray-serve-logs-"))
     if not a.skip_startup:
         proc, cold = launch_serve(flags, port, env, logs / "cold.log")
@@ -219,6 +223,9 @@ def main() -> int:
         for m_i, (plen, olen) in enumerate(mixes):
             mix = result["mixes"].setdefault(f"{plen}/{olen}", {"offline": {}, "async_llm": {}, "http": {}})
             for c in levels:
+                if a.deadline_s and time.monotonic() - t_start > a.deadline_s:
+                    result.setdefault("skipped_for_time", []).append(f"{plen}/{olen}@{c}")
+                    continue
                 n = counts.get(c, max(c, 8)) // (1 if m_i == 0 else 2)
                 prompts = make_prompts(max(n, 1), plen, vocab, seed=1000 * m_i + c)
                 k = str(c)

@@ -19,7 +19,7 @@ import logging
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -222,7 +222,7 @@ class AsyncLLM:
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
         lora: str | None = None,
-        interval_s: float = 0.0,
+        interval_s: float | Callable[[], float] = 0.0,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's new tokens and text as they arrive (at most once per ``interval_s`` after
         the first); the last output has ``finish_reason`` set. A refused request raises ValueError
@@ -260,8 +260,13 @@ class AsyncLLM:
             if not finished or st.stop_reason is not None:
                 self.core.send(("abort", [rid]))  # a no-op in the core if it finished there already
 
-    async def _wait(self, st: _Stream, last_yield: float | None, interval_s: float) -> None:
+    async def _wait(
+        self, st: _Stream, last_yield: float | None, interval: float | Callable[[], float]
+    ) -> None:
         loop = st.loop
+        interval_s = (
+            interval() if callable(interval) else interval
+        )  # a callable: the caller adapts it to load
         if interval_s > 0 and last_yield is not None:
             remaining = last_yield + interval_s - loop.time()
             if remaining > 0:  # inside the interval: wake early only if the request ends

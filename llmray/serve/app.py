@@ -72,6 +72,10 @@ class ServeArgs(BaseModel):
     # after the first token, each request's stream yields at most once per interval (0 = every step);
     # Ray Serve LLM batches the same way (50 ms). Fewer Ray messages per token: see bench/serve.py
     stream_interval_ms: float = Field(20.0, ge=0)
+    # Ray streaming messages per second per LLMServer replica: with N streams the interval becomes
+    # max(stream_interval_ms, N / this), so Serve's per-message cost stays bounded at high concurrency
+    # (0 = the fixed interval only); docs/serving.md has the measurement
+    stream_messages_per_s: float = Field(4000.0, ge=0)
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeArgs:
@@ -171,6 +175,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         a.engine_kwargs,
         a.loras,  # preloaded; the lora_root sub-directories are registered and loaded on first use
         stream_interval_ms=a.stream_interval_ms,
+        stream_messages_per_s=a.stream_messages_per_s,
         lora_root=a.lora_root,
         lora_seed=uuid.uuid4().hex,  # one per deployment: its replicas seed the registry once
     )

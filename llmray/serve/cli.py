@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ingress-replicas", type=int, default=2)
     p.add_argument("--stream-interval-ms", type=float, default=None,
                    help="batch each stream's tokens over this interval after the first (default 20; 0 = off)")  # fmt: skip
+    p.add_argument("--stream-messages-per-s", type=float, default=None,
+                   help="per engine replica: with N streams the interval grows to N / this (default 4000; 0 = off)")  # fmt: skip
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="one GPU per engine replica (default: when the cluster has GPUs)")  # fmt: skip
     p.add_argument("--engine", choices=("llmray", "mock"), default="llmray", help="mock: no model (testing)")
@@ -89,7 +91,7 @@ def args_to_app_args(ns: argparse.Namespace) -> dict[str, Any]:
         "ingress_replicas": ns.ingress_replicas,
     }
     keys = ("served_model_name", "target_ongoing_requests", "max_queued_requests", "max_ongoing_requests",
-            "stream_interval_ms")  # fmt: skip
+            "stream_interval_ms", "stream_messages_per_s")  # fmt: skip
     for key in keys:
         if getattr(ns, key) is not None:
             out[key] = getattr(ns, key)

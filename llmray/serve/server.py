@@ -78,6 +78,7 @@ class LLMServer:
         loras: dict[str, str] | None = None,
         enable_metrics: bool = True,
         stream_interval_ms: float = 0.0,
+        stream_messages_per_s: float = 0.0,
         lora_root: str | None = None,
         lora_seed: str | None = None,
     ) -> None:
@@ -85,6 +86,10 @@ class LLMServer:
         # after the first token, yield at most once per interval (tokens in between travel together):
         # fewer Ray streaming messages per token, at the cost of burstier inter-token arrivals
         self.stream_interval_s = stream_interval_ms / 1000.0
+        # a budget of Ray streaming messages per second for the whole replica (0 = none): with many streams
+        # the interval grows to active_streams / budget, so Serve's per-message cost stays bounded
+        self.stream_messages_per_s = stream_messages_per_s
+        self._active = 0  # engine requests streaming from this replica
         # LoRA: the registry (shared through lora_root) names every adapter; the engine preloads the
         # startup adapters still registered and loads the others on demand (llmray/serve/lora_registry.py)
         engine_kwargs = dict(engine_kwargs or {})
@@ -340,15 +345,22 @@ class LLMServer:
         finally:
             queue.put_nowait(_DONE)
 
+    def _interval(self) -> float:
+        """This moment's stream interval: the configured one, longer when many streams share the replica."""
+        if self.stream_interval_s <= 0 or self.stream_messages_per_s <= 0:
+            return self.stream_interval_s
+        return max(self.stream_interval_s, self._active / self.stream_messages_per_s)
+
     async def _events(
         self, rid: str, index: int, ids: list[int], sp: Any, lora: str | None, start: float
     ) -> AsyncIterator[dict[str, Any]]:
         """One engine request as events (at most one per stream interval after the first token); an error
         ends it as an ``{"error", "status"}`` event. Closing it aborts the request in the engine."""
         last = None
+        self._active += 1
         try:
             stream = self.engine.generate_stream(
-                ids, sp, request_id=rid, lora=lora, interval_s=self.stream_interval_s
+                ids, sp, request_id=rid, lora=lora, interval_s=self._interval
             )
             async with aclosing(stream) as outputs:
                 async for out in outputs:
@@ -387,6 +399,8 @@ class LLMServer:
         except Exception as e:
             msg = f"the engine failed on this request ({type(e).__name__}: {e})"
             yield _error_event(APIError(500, msg))
+        finally:
+            self._active -= 1
 
     def _token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
