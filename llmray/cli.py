@@ -171,6 +171,20 @@ def _run(argv: list[str]) -> int:
     return int(args.func(args) or 0)
 
 
+def _message(e: BaseException) -> str:
+    """A pydantic ValidationError as ``field: problem; ...`` (one line), anything else as ``str(e)``."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            items = errors()
+            return "; ".join(
+                f"{'.'.join(map(str, it.get('loc', ()))) or 'input'}: {it['msg']}" for it in items
+            )
+        except Exception:
+            pass
+    return str(e)
+
+
 def _last_line(e: BaseException) -> str:
     """A Ray error's message holds the remote traceback: its last non-empty line says what went wrong."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -192,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as e:
         if _debug():
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 2
     except Exception as e:
         if _debug():

@@ -19,6 +19,8 @@ WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # Ray Train V2 tees print() to stdout and to a logger: twice
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # hundreds of progress-bar lines per run in a log file
 }
+# workers only: a worker's Ray Data INFO lines (execution plans) reach the console through log_to_driver
+WORKER_ONLY_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
 
@@ -69,11 +71,14 @@ def _job_env_vars() -> set[str]:
         return set()
 
 
-def init_ray(log_file: str | Path | None = None, gpus: int = 0, **local_kwargs: object) -> Path | None:
+def init_ray(
+    log_file: str | Path | None = None, gpus: int = 0, worker_output: bool = True, **local_kwargs: object
+) -> Path | None:
     """Join or start Ray (nothing when already initialized); returns the file Ray's logs go to.
 
-    ``gpus``: what the run will ask for (a note when a cluster has fewer). ``local_kwargs`` (e.g.
-    ``num_cpus``) apply only when an embedded local Ray is started.
+    ``gpus``: what the run will ask for (a note when a cluster has fewer). ``worker_output``: forward the
+    workers' prints (step lines) to this console. ``local_kwargs`` (e.g. ``num_cpus``) apply only when an
+    embedded local Ray is started.
     """
     import ray
 
@@ -81,26 +86,55 @@ def init_ray(log_file: str | Path | None = None, gpus: int = 0, **local_kwargs: 
         return None
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)  # the driver itself, and an embedded Ray's workers
+    import ray.data  # configures Ray Data's loggers: route them after that
+
     path = route_ray_logs(log_file)
     taken = _job_env_vars()
     env_vars = {k: os.environ[k] for k in WORKER_ENV if k not in taken}
+    if not verbose():
+        env_vars.update({k: v for k, v in WORKER_ONLY_ENV.items() if k not in taken and k not in os.environ})
     from llmray.train.preflight import local_ray_starts
 
     kwargs: dict[str, object] = dict(
         runtime_env={"env_vars": env_vars},
         configure_logging=verbose(),
-        log_to_driver=True,
+        log_to_driver=worker_output or verbose(),
     )
     if local_ray_starts():
         kwargs.update(include_dashboard=False, **local_kwargs)
     if path is not None:
         print(f"Ray's logs: {path}", flush=True)
-    ray.init(**kwargs)
-    import ray.data
-
+    # ray.init drops the "ray" logger's handlers and then logs (e.g. the token-auth warning): while it
+    # runs, records that find no handler go to Ray's log file instead of Python's stderr fallback
+    fallback = logging.lastResort
+    if path is not None:
+        logging.lastResort = logging.FileHandler(path)
+        logging.lastResort.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    try:
+        ray.init(**kwargs)
+    finally:
+        if logging.lastResort is not fallback:
+            logging.lastResort.close()
+        logging.lastResort = fallback
+    route_ray_logs(log_file)  # route again after ray.init
     ray.data.DataContext.get_current().enable_progress_bars = False
     warn_if_cluster_lacks_gpus(gpus)
     return path
+
+
+def train_run_kwargs() -> dict[str, object]:
+    """``RunConfig`` keywords that keep a Ray Train run quiet wherever Ray was started (tests, jobs).
+
+    Worker env: one print per step line, no progress bars, Ray Data warnings only; Ray Train's own
+    log level WARNING (its INFO lines stay in the session's log files). Empty with ``LLMRAY_VERBOSE=1``.
+    """
+    if verbose():
+        return {}
+    from ray.train import LoggingConfig
+
+    taken = _job_env_vars()
+    env = {k: v for k, v in {**WORKER_ENV, **WORKER_ONLY_ENV}.items() if k not in taken}
+    return {"worker_runtime_env": {"env_vars": env}, "logging_config": LoggingConfig(log_level="WARNING")}
 
 
 def warn_if_cluster_lacks_gpus(num_gpus: int) -> None:
