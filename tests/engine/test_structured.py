@@ -1,0 +1,209 @@
+"""Grammar-constrained decoding without a model: token bytes of each tokenizer kind, specs, compilation limits,
+and random walks under the mask (a random-weight model samples like this) that must give valid documents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from llmray.engine.structured import StructuredOutput
+from llmray.engine.structured.compiler import GrammarCompiler, unpack_bitmask
+from llmray.engine.structured.spec import MAX_SPEC_BYTES
+from llmray.engine.structured.vocab import build_vocab
+from llmray.model.tokenizer import SPECIAL_TOKENS, Tokenizer, char_tokenizer, train_bpe
+
+CORPUS = (Path(__file__).parents[1] / "_support" / "tokenizer_corpus.txt").read_text()
+JSON_CHARS = '{}[]":,-.0123456789 \n\tabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_@'
+
+NESTED = {
+    "type": "object",
+    "properties": {
+        "user": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 12},
+                "role": {"enum": ["admin", "editor", "viewer"]},
+                "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            },
+            "required": ["name", "role", "age"],
+        },
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        "active": {"type": "boolean"},
+    },
+    "required": ["user", "tags", "active"],
+}
+SHORT = {  # every valid document is short: enums, booleans, a bounded array
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+    },
+    "required": ["color", "ok", "flags"],
+    "additionalProperties": False,
+}
+
+
+def metaspace_bpe(text: str) -> Tokenizer:
+    """A SentencePiece-style BPE (Metaspace, byte fallback), as Llama/Mistral tokenizer.json files are."""
+    backend = HFTokenizer(models.BPE(byte_fallback=True, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIAL_TOKENS + byte_tokens, initial_alphabet=list(JSON_CHARS + "▁")
+    )
+    backend.train_from_iterator([text] * 2, trainer=trainer)
+    return Tokenizer(backend, {"eos_token": "<|endoftext|>"})
+
+
+@pytest.fixture(scope="module")
+def tokenizers() -> dict[str, Tokenizer]:
+    return {
+        "byte_level": train_bpe([CORPUS] * 4, vocab_size=400),
+        "metaspace": metaspace_bpe(CORPUS),
+        "char": char_tokenizer(CORPUS + JSON_CHARS),
+    }
+
+
+@pytest.fixture(scope="module")
+def compilers(tokenizers) -> dict[str, GrammarCompiler]:
+    # a model vocabulary padded past the tokenizer's (as Qwen3's 151,936 > 151,669)
+    return {k: GrammarCompiler(t, t.vocab_size + 13, t.eos_token_id) for k, t in tokenizers.items()}
+
+
+def walk(compiler: GrammarCompiler, spec: StructuredOutput, seed: int, max_tokens: int = 400) -> list[int]:
+    """Sample uniformly among the allowed tokens until the grammar terminates (a random model)."""
+    c = compiler.constraint(spec)
+    gen = torch.Generator().manual_seed(seed)
+    bitmask = torch.zeros((1, (compiler.vocab_size + 31) // 32), dtype=torch.int32)
+    ids: list[int] = []
+    while not c.is_terminated():
+        assert len(ids) < max_tokens, "the grammar did not terminate"
+        c.fill_bitmask(bitmask, 0)
+        allowed = unpack_bitmask(bitmask[0], compiler.vocab_size).float()
+        assert allowed.sum() > 0, "dead end: no token allowed"
+        token = int(torch.multinomial(allowed, 1, generator=gen))
+        assert c.accept_token(token)
+        ids.append(token)
+    return ids
+
+
+def text_of(tok: Tokenizer, ids: list[int]) -> str:
+    return tok.decode([t for t in ids if t != tok.eos_token_id])
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace", "char"])
+def test_token_bytes_spell_the_text(tokenizers, kind):
+    tok = tokenizers[kind]
+    vocab = build_vocab(tok)
+    assert vocab.kind == ("raw" if kind == "char" else kind)
+    text = 'Say {"a": [1, 2.5, "x y"]} and naïve café\n\tend'
+    if kind == "char":
+        text = "".join(c for c in text if tok.backend.token_to_id(c) is not None)
+    ids = tok.encode(text)
+    assert vocab.text_bytes(ids).decode("utf-8").lstrip() == tok.decode(ids).lstrip()
+    assert vocab.tokens[tok.eos_token_id] == b""  # special tokens are never part of a document
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace", "char"])
+def test_random_walks_validate_against_the_schema(tokenizers, compilers, kind):
+    spec = StructuredOutput(json=NESTED)
+    for seed in range(3):
+        ids = walk(compilers[kind], spec, seed)
+        assert ids[-1] == tokenizers[kind].eos_token_id  # finished by the stop token once complete
+        jsonschema.validate(json.loads(text_of(tokenizers[kind], ids)), NESTED)
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "char"])
+def test_short_schema_finishes_within_120_tokens(tokenizers, compilers, kind):
+    for seed in range(5):
+        ids = walk(compilers[kind], StructuredOutput(json=SHORT), seed)
+        assert len(ids) <= 120
+        jsonschema.validate(json.loads(text_of(tokenizers[kind], ids)), SHORT)
+
+
+def test_whitespace_is_bounded(tokenizers, compilers):
+    """At most 2 whitespace characters per gap: no run of 3 anywhere in any document."""
+    for seed in range(5):
+        text = text_of(tokenizers["char"], walk(compilers["char"], StructuredOutput(json_object=True), seed))
+        assert isinstance(json.loads(text), dict)
+        run = 0
+        in_string = False
+        for i, ch in enumerate(text):
+            if ch == '"' and (i == 0 or text[i - 1] != "\\"):
+                in_string = not in_string
+            run = run + 1 if (ch in " \n\t\r" and not in_string) else 0
+            assert run <= 2, text
+
+
+def test_regex_choice_and_affixes(tokenizers, compilers):
+    tok, comp = tokenizers["byte_level"], compilers["byte_level"]
+    spec = StructuredOutput(regex=r"[a-c]{2}-\d{3}", prefix="<tool_call>\n", suffix="\n</tool_call>")
+    for seed in range(3):
+        text = text_of(tok, walk(comp, spec, seed))
+        assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>")
+        core = text[len("<tool_call>\n") : -len("\n</tool_call>")]
+        assert len(core) == 6 and core[2] == "-" and core[3:].isdigit()
+    seen = {text_of(tok, walk(comp, StructuredOutput(choice=["alpha", "beta"]), s)) for s in range(6)}
+    assert seen <= {"alpha", "beta"} and seen
+
+
+def test_bad_specs_are_value_errors_naming_the_problem(compilers):
+    comp = compilers["byte_level"]
+    with pytest.raises(ValueError, match="structured_output.json.*'nope'"):
+        comp.constraint(StructuredOutput(json={"type": "object", "properties": {"a": {"$ref": "#/nope"}}}))
+    with pytest.raises(ValueError, match="uniqueItems.*properties.x"):
+        comp.constraint(StructuredOutput(json={"properties": {"x": {"type": "array", "uniqueItems": True}}}))
+    with pytest.raises(ValueError, match="not valid JSON"):
+        StructuredOutput(json="{nope")
+    with pytest.raises(ValueError, match="larger than the limit"):
+        StructuredOutput(json={"enum": ["x" * 100] * (MAX_SPEC_BYTES // 100)})
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutput(json={"type": "object"}, regex="a+")
+    with pytest.raises(ValueError, match="structured_output.regex"):
+        comp.constraint(StructuredOutput(regex="(unclosed"))
+    with pytest.raises(ValueError, match="structured_output.grammar"):
+        comp.constraint(StructuredOutput(grammar="root ::= missing_rule"))
+
+
+def test_cache_and_time_limit(tokenizers):
+    tok = tokenizers["byte_level"]
+    comp = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_id)
+    spec = StructuredOutput(json=NESTED)
+    comp.constraint(spec)
+    comp.constraint(StructuredOutput(json=json.dumps(NESTED)))  # same schema as text: the same cache entry
+    assert comp.num_compiles == 1
+    comp.compile_timeout_s = 0.0  # the worker thread has not even started when the wait gives up
+    with pytest.raises(ValueError, match="did not compile within"):
+        comp.constraint(StructuredOutput(json=SHORT))
+    with pytest.raises(ValueError, match="did not compile within"):  # the failure is cached
+        comp.constraint(StructuredOutput(json=SHORT))
+    comp.close()
+
+
+def test_vocabulary_that_cannot_write_json_is_refused():
+    tok = char_tokenizer(
+        "abc xyz", base_chars=""
+    )  # no '{' among its tokens: only leading whitespace could be written
+    comp = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_id)
+    with pytest.raises(ValueError, match="no token that can start"):
+        comp.constraint(StructuredOutput(json_object=True))
+
+
+def test_spec_is_hashable_picklable_and_canonical():
+    import pickle
+
+    a = StructuredOutput(json={"b": 1, "a": 2})
+    b = StructuredOutput.from_dict({"json": '{"a": 2, "b": 1}'})
+    assert a.key == b.key and a == pickle.loads(pickle.dumps(a))
+    with pytest.raises(ValueError, match="unknown keys"):
+        StructuredOutput.from_dict({"json_schema": {}})
