@@ -29,6 +29,43 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Qwen3-style: ChatML plus tools (a system block listing them; assistant ``<tool_call>`` blocks; tool results
+# as ``<tool_response>`` user turns) and thinking (``enable_thinking=False`` writes an empty think block).
+# Without tools or thinking it renders exactly as CHATML_TEMPLATE. The default for tokenizers we write.
+QWEN3_STYLE_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}{%- endif %}"
+    "{{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    'within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\n</tool_call><|im_end|>\n\' }}'
+    "{%- elif messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' and loop.first %}"
+    "{%- elif message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if message.reasoning_content %}"
+    "{{- '<think>\n' + message.reasoning_content + '\n</think>\n\n' }}{%- endif %}"
+    "{{- message.content or '' }}"
+    "{%- for call in message.tool_calls or [] %}"
+    "{%- if message.content or not loop.first %}{{- '\n' }}{%- endif %}"
+    "{%- set fn = call.function if call.function is defined else call %}"
+    '{{- \'<tool_call>\n{"name": "\' + fn.name + \'", "arguments": \' }}'
+    "{%- if fn.arguments is string %}{{- fn.arguments }}{%- else %}{{- fn.arguments | tojson }}{%- endif %}"
+    "{{- '}\n</tool_call>' }}{%- endfor %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}"
+    "{%- endif %}{%- endif %}"
+)
 
 
 class UnknownCharactersError(ValueError):
@@ -59,7 +96,7 @@ class Tokenizer:
     def __init__(self, backend: HFTokenizer, config: dict[str, Any] | None = None) -> None:
         self.backend = backend
         self.config = dict(config or {})
-        self.config.setdefault("chat_template", CHATML_TEMPLATE)
+        self.config.setdefault("chat_template", QWEN3_STYLE_TEMPLATE)
 
     # --- special tokens -------------------------------------------------------------------------
     def _special_id(self, key: str) -> int | None:
@@ -130,12 +167,16 @@ class Tokenizer:
 
     def apply_chat_template(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        **template_kwargs: Any,
     ) -> str | list[int]:
-        """Render ``messages`` with the chat template (jinja2 sandbox, as transformers does)."""
-        text = _render_template(self.chat_template, messages, add_generation_prompt, self.config)
+        """Render ``messages`` with the chat template (jinja2 sandbox, as transformers does); ``tools`` and
+        ``template_kwargs`` (e.g. ``enable_thinking=False``) are template variables, as in transformers."""
+        variables = {**template_kwargs, "tools": tools}
+        text = _render_template(self.chat_template, messages, add_generation_prompt, self.config, variables)
         return self.encode(text) if tokenize else text
 
     # --- persistence ----------------------------------------------------------------------------
@@ -174,7 +215,11 @@ class Tokenizer:
 
 
 def _render_template(
-    template: str, messages: list[dict[str, str]], add_generation_prompt: bool, config: dict[str, Any]
+    template: str,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    config: dict[str, Any],
+    variables: dict[str, Any] | None = None,
 ) -> str:
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -187,7 +232,7 @@ def _render_template(
     env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
     specials = {k: _token_str(config.get(k)) for k in ("eos_token", "bos_token", "pad_token")}
     return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, **specials
+        messages=messages, add_generation_prompt=add_generation_prompt, **{**(variables or {}), **specials}
     )
 
 
