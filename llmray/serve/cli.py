@@ -64,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for flag, (_, typ) in ENGINE_FLAGS.items():
         p.add_argument(f"--{flag}", type=typ, default=None, help=f"engine: {flag.replace('-', ' ')}")
     p.add_argument("--enforce-eager", action="store_true", help="engine: no CUDA graphs")
+    p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=False,
+                   help="start Ray's dashboard with a new local Ray (slower start-up; off by default)")  # fmt: skip
     p.add_argument("--no-prefix-caching", action="store_true", help="engine: disable prefix caching")
 
 
@@ -105,7 +107,16 @@ def run_serve(ns: argparse.Namespace) -> int:
 
     from llmray.serve.app import build_app
 
-    ray.init(ignore_reinit_error=True)  # joins a running cluster when there is one, else starts one
+    t0 = time.monotonic()
+
+    def progress(text: str) -> None:
+        print(f"llmray: {text} ({time.monotonic() - t0:.1f}s)", flush=True)
+
+    progress("starting Ray" + (" with its dashboard" if ns.dashboard else ""))
+    # joins a running cluster when there is one, else starts one; a local start skips the dashboard unless
+    # asked (its start-up is seconds, and a minute when its front-end files are missing); metrics still flow
+    ray.init(ignore_reinit_error=True, include_dashboard=ns.dashboard)
+    progress("Ray is up; deploying (the engine core prints its own progress)")
     try:
         app = build_app(args_to_app_args(ns))
     except ValueError as e:
@@ -113,7 +124,7 @@ def run_serve(ns: argparse.Namespace) -> int:
         return 2
     serve.start(http_options={"host": ns.host, "port": ns.port})
     serve.run(app, name="llmray", route_prefix="/", blocking=False)
-    print(f"llmray: serving on http://{ns.host}:{ns.port}/v1 (Ctrl-C to stop)", flush=True)
+    progress(f"serving on http://{ns.host}:{ns.port}/v1 (Ctrl-C to stop)")
 
     def stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
