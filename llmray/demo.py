@@ -4,6 +4,9 @@ Corpus: the Python standard library's own source files (present on every machine
 tokenizer and pretrain a small model under Ray Train → derive chat data (docstring → function) from the
 same corpus and fine-tune a LoRA adapter → serve base and adapter on Ray Serve → ask both through the
 ``openai`` client → print answers, losses and where every artifact is → shut down.
+
+The console shows each stage with its time and losses; Ray's own logs go to ``OUT/ray.log`` and every step
+to the runs' ``metrics.jsonl`` (``--verbose`` also prints Ray's logs and the workers' step lines).
 """
 
 from __future__ import annotations
@@ -93,10 +96,26 @@ class Stages:
 
     def __init__(self, total: int) -> None:
         self.total, self.n, self.t0 = total, 0, time.time()
+        self.t_stage = self.t0
 
     def start(self, title: str) -> None:
         self.n += 1
-        print(f"\n[{self.n}/{self.total}] {title}  (t+{time.time() - self.t0:.0f}s)", flush=True)
+        self.t_stage = time.time()
+        print(f"\n[{self.n}/{self.total}] {title}  (t+{self.t_stage - self.t0:.0f}s)", flush=True)
+
+    def took(self) -> str:
+        return f"{time.time() - self.t_stage:.0f}s"
+
+
+def loss_story(metrics_file: str | Path, points: int = 5) -> str:
+    """``loss 6.93 (step 1) -> 4.10 (10) -> ... -> 2.31 (40)``: a few points of a run's loss curve."""
+    rows = [json.loads(ln) for ln in Path(metrics_file).read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if "loss" in r and "step" in r and r.get("event") is None]
+    if not rows:
+        return "no loss recorded"
+    picks = sorted({round(i * (len(rows) - 1) / (points - 1)) for i in range(points)})
+    parts = [f"{rows[i]['loss']:.2f} (step {rows[i]['step']})" for i in picks]
+    return "loss " + " -> ".join(parts)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -104,14 +123,22 @@ def run_demo(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from llmray.config import ModelConfig
     from llmray.serve.app import build_app
     from llmray.train.finetune import FinetuneConfig, run_finetune
+    from llmray.train.preflight import check_gpus
     from llmray.train.pretrain import PretrainConfig, run_pretrain
 
     knobs = dict(QUICK if args.quick else FULL)
     for key in ("preset", "max_steps"):
         if getattr(args, key) is not None:
             knobs[key] = getattr(args, key)
+    ModelConfig.preset(knobs["preset"])  # flags first: nothing is written and no Ray starts for bad input
+    if knobs["max_steps"] < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {knobs['max_steps']}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    check_gpus(args.use_gpu, 1)
     out = Path(args.out).resolve()
     stages = Stages(5)
     stages.start(
@@ -135,14 +162,12 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"{len(corpus)} files ({sum(p.stat().st_size for p in corpus) / 1e6:.1f} MB) -> {out / 'corpus'}")
     print(f"{len(pairs) - n_val} + {n_val} docstring->function chats -> {out / 'chat'}")
 
-    # the stages print their own progress; keep Ray Data's per-operator progress logs out of the way
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(
-        num_cpus=max(8, os.cpu_count() or 1),
-        include_dashboard=False,
-        configure_logging=False,
-        logging_level="WARNING",
-    )
+    from llmray.train.ray_env import init_ray
+
+    if args.verbose:
+        os.environ["LLMRAY_VERBOSE"] = "1"
+    # logical CPUs beyond the cores: train workers, Ray Data and Serve replicas ask fractions of them
+    init_ray(out / "ray.log", worker_output=args.verbose, num_cpus=max(8, os.cpu_count() or 1))
     try:
         stages.start(f"pretrain ({knobs['preset']}, {knobs['max_steps']} steps, BPE tokenizer) on Ray Train")
         base_dir = out / "base"
@@ -154,6 +179,9 @@ def run_demo(args: argparse.Namespace) -> int:
                 warmup_steps=max(5, knobs["max_steps"] // 20), use_gpu=args.use_gpu, lr=3e-3,
             )
         )  # fmt: skip
+        last = pre["last"]
+        print(f"{loss_story(pre['metrics_file'])}; validation {last.get('val_loss', float('nan')):.2f}")
+        print(f"took {stages.took()}", flush=True)
         stages.start(f"fine-tune a LoRA adapter ({knobs['ft_steps']} steps) on Ray Train")
         adapter_dir = out / "adapter"
         ft = run_finetune(
@@ -164,6 +192,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 lora=LoraConfig(r=8, alpha=16, targets="all-linear"),
             )
         )  # fmt: skip
+        print(f"{loss_story(adapter_dir / 'metrics.jsonl')}; took {stages.took()}", flush=True)
         stages.start("serve base + adapter on Ray Serve (OpenAI API)")
         app = build_app(
             {
@@ -174,6 +203,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )  # fmt: skip
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(app, name="llmray-demo", route_prefix="/")
+        print(f"serving on http://127.0.0.1:{args.port}/v1; took {stages.took()}", flush=True)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="demo")
         stages.start("ask both through the openai client")
         answers, usage = {}, {}
@@ -223,11 +253,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="the whole pipeline on a local Ray, on CPU, with no download")
-    p.add_argument("--quick", action="store_true", help="smallest settings (about 3 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="smallest settings (about 2 minutes on 2 cores)")
     p.add_argument("--data", help="corpus glob (default: the Python standard library's own sources)")
     p.add_argument("--preset", help="model preset (default: mini; tiny with --quick)")
     p.add_argument("--max-steps", type=int, help="pretraining steps")
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--out", default="runs/demo", help="where every artifact goes (default runs/demo)")
+    p.add_argument(
+        "--use-gpu", action="store_true", help="one GPU per Ray Train worker and per engine replica"
+    )
+    p.add_argument("--verbose", action="store_true", help="Ray's logs and every step line on the console too")
+    p.add_argument("--out", default="runs/demo", help="where every artifact goes")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=run_demo)

@@ -54,6 +54,10 @@ PRETRAIN_HELP = {
     "log_every": "steps between progress lines",
     "compile": "torch.compile the model",
     "kernels": "auto (Triton on CUDA) | triton | torch",
+    "precision": "auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32",
+    "weight_decay": "decoupled weight decay",
+    "grad_clip": "gradient-norm clipping",
+    "seed": "model init and data order",
     "name": "Ray Train run name",
     "storage_path": "Ray Train storage (s3:// on clusters)",
     "max_failures": "worker-group restarts from the last checkpoint",
@@ -83,6 +87,11 @@ FINETUNE_HELP = {
     "gradient_checkpointing": "recompute activations in backward",
     "compute_dtype": "QLoRA compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32",
     "kernels": "auto (Triton on CUDA) | triton | torch",
+    "precision": "auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32",
+    "lora_impl": "ours (llmray's LoRA training layers) | peft (the fallback)",
+    "grad_clip": "gradient-norm clipping",
+    "weight_decay": "AdamW weight decay",
+    "seed": "held-out split, batch order, adapter init",
     "max_failures": "worker-group restarts from the last checkpoint",
 }
 FINETUNE_NONE = {

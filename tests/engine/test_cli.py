@@ -46,3 +46,23 @@ def test_generate_with_a_lora_adapter(tiny_model_dir, tmp_path, capsys):
     args = _parse([*argv, "--lora", str(tmp_path)])  # not an adapter directory: a clear error, exit 2
     assert args.func(args) == 2
     assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_generate_checks_flags_before_loading_the_engine(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import llmray.engine.llm as llm_module
+
+    def no_engine(*a, **k):
+        raise AssertionError("the engine must not load for bad flags")
+
+    monkeypatch.setattr(llm_module, "LLM", no_engine)
+    for argv, needle in (
+        (["--model", str(tiny_model_dir), "--prompt", "x", "--max-tokens", "0"], "--max-tokens must be >= 1"),
+        (["--model", str(tmp_path / "none"), "--prompt", "x"], "does not exist"),
+    ):
+        args = _parse(["generate", *argv])
+        assert args.func(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and "Traceback" not in err, err
+    monkeypatch.chdir(tiny_model_dir.parent)  # a relative --model resolves against the working directory
+    args = _parse(["generate", "--model", tiny_model_dir.name, "--prompt", "x", "--max-tokens", "0"])
+    assert args.func(args) == 2 and args.model == str(tiny_model_dir)
