@@ -6,8 +6,10 @@ no cleanup). Then: every in-flight client ends well before its timeout with an e
 envelope, as a retryable 503 ``engine_unavailable`` (an SSE ``data: {"error": ...}`` event then ``[DONE]``
 for streams, a JSON body otherwise); Serve starts a new replica; ``/health`` answers promptly throughout
 (503 while no engine can answer, 200 after); requests sent after the crash wait for the new replica, and
-they and later ones succeed with the same greedy output as before the crash. Last, deleting the app
-while requests stream drains them: each finishes with all its tokens.
+they and later ones succeed with the same greedy output as before the crash; the killed replica's engine
+core process exits too (no orphan holds the device). Then the engine core process alone is SIGKILLed
+mid-stream: every stream gets the 503 in-band, the replica turns unhealthy and Serve replaces it. Last,
+deleting the app while requests stream drains them: each finishes with all its tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 
 import httpx
 import pytest
-from rel_helpers import AUTH, MODEL, replica_pids, serve_app, stream_completion, wait_for
+from rel_helpers import AUTH, MODEL, engine_stats, replica_pids, serve_app, stream_completion, wait_for
 
 pytestmark = pytest.mark.timeout(400)
 CLIENT_TIMEOUT_S = 60.0
@@ -71,6 +73,15 @@ async def _greedy(client: httpx.AsyncClient, url: str) -> tuple[int, str]:
     return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
 
 
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _envelope(err: dict) -> bool:
     return set(err) >= {"message", "type", "param", "code"} and isinstance(err["message"], str)
 
@@ -78,6 +89,7 @@ def _envelope(err: dict) -> bool:
 def test_replica_crash_mid_load(url):
     before_text = _greedy_text(url)
     [pid] = replica_pids("LLMServer")
+    core_pid = engine_stats()["core_pid"]
     health_log: list[tuple[int, float]] = []
 
     async def scenario():
@@ -122,6 +134,7 @@ def test_replica_crash_mid_load(url):
     assert any(status != 200 for status, _, _ in plain)
 
     assert later == [(200, before_text)] * 3, later
+    assert wait_for(lambda: not _pid_alive(core_pid), 15), "the engine core outlived its replica"
     for status, seconds in health_log:  # 503 while no replica answers within 3 s, never a hang
         assert status in (200, 503) and seconds < 6, health_log
     assert health_log[0][0] == 503  # a new replica takes longer than 3 s to load the engine
@@ -139,6 +152,40 @@ def test_replica_crash_mid_load(url):
         f"stream error {cut}; non-streamed error {failed}; {sum(r.error is not None for r in streamed)}/12 "
         f"streams and {sum(st != 200 for st, _, _ in plain)}/4 non-streamed requests cut"
     )
+
+
+def test_engine_core_killed_mid_stream(url):
+    """The engine core process (not the replica) dies: every stream ends with the retryable 503 in-band,
+    /health turns 503 (the replica reports its dead core), and Serve replaces the replica."""
+    assert wait_for(lambda: _health(url)[0] == 200, 120, interval_s=0.5)
+    before_text = _greedy_text(url)
+    [pid] = replica_pids("LLMServer")
+    core_pid = engine_stats()["core_pid"]
+    assert core_pid not in (None, pid)
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
+            streams = [
+                asyncio.create_task(stream_completion(client, url, {**LONG, "prompt": f"core {i}"}))
+                for i in range(8)
+            ]
+            await asyncio.sleep(1.5)
+            os.kill(core_pid, signal.SIGKILL)
+            return await asyncio.gather(*streams)
+
+    streamed = asyncio.run(scenario())
+    for res in streamed:
+        assert res.status == 200 and res.exception is None and res.done, res
+        finished = [c for c in res.chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        if not finished:
+            assert res.error is not None and _envelope(res.error), res
+            assert res.error["code"] == "engine_unavailable" and res.error["type"] == "service_unavailable"
+    assert sum(r.error is not None for r in streamed) >= 6
+    assert _health(url)[0] == 503 or replica_pids("LLMServer") != [pid]  # unhealthy until replaced
+    assert wait_for(lambda: replica_pids("LLMServer") not in ([], [pid]), 120, interval_s=1.0)
+    assert wait_for(lambda: _health(url)[0] == 200, 90, interval_s=0.5)
+    assert engine_stats()["core_pid"] != core_pid
+    assert _greedy_text(url) == before_text
 
 
 def test_graceful_shutdown_drains_in_flight_requests(url):
