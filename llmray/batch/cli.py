@@ -100,6 +100,7 @@ class _Progress:
         self.total, self.enabled = total, enabled
         self.rows = self.tokens = self.errors = self.shards = 0
         self.start = self.last = time.perf_counter()
+        self.printed: tuple[int, int] | None = None
         self.tty = sys.stderr.isatty()
 
     def update(self, rows: int, tokens: int, errors: int, force: bool = False) -> None:
@@ -107,7 +108,11 @@ class _Progress:
         now = time.perf_counter()
         if not self.enabled or (not force and now - self.last < (0.5 if self.tty else 10.0)):
             return
-        self.last = now
+        if force and self.printed == (self.rows, self.shards):  # the last line already says it
+            if self.tty:
+                print(file=sys.stderr)
+            return
+        self.last, self.printed = now, (self.rows, self.shards)
         elapsed = max(now - self.start, 1e-9)
         rate = self.rows / elapsed
         eta = (self.total - self.rows) / rate if rate > 0 else float("inf")

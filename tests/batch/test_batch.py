@@ -143,10 +143,12 @@ def test_cli_killed_mid_run_resumes_without_loss_or_duplicates(ray_local, tiny_m
 
     rows = [r for r in _rows(80) if "lora" not in r]
     for r in rows:
-        r["sampling_params"]["max_tokens"] = 12
+        r["sampling_params"]["max_tokens"] = 16
     src, out = tmp_path / "in.jsonl", tmp_path / "out"
     _write_jsonl(src, rows, extra_lines=["", "{broken json"])
-    flags = ["--shard-rows", "10", "--max-num-seqs", "2", "--max-model-len", "256", "--token-ids"]
+    # batches of one shard, two sequences at a time: shards finish one after another, so the kill lands mid-run
+    flags = ["--shard-rows", "10", "--batch-size", "10", "--max-num-seqs", "2", "--max-model-len", "256"]
+    flags.append("--token-ids")
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONPATH=str(REPO))
     cmd = [sys.executable, str(REPO / "jobs" / "batch.py"), "--model", str(tiny_model_dir)]
     proc = subprocess.Popen(
@@ -170,6 +172,7 @@ def test_cli_killed_mid_run_resumes_without_loss_or_duplicates(ray_local, tiny_m
         str(src),
         str(out),
         engine_kwargs={"max_num_seqs": 2, "max_model_len": 256},
+        batch_size=10,
         shard_rows=10,
         include_token_ids=True,
         progress=False,
