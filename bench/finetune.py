@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmray.config import LoraConfig, ModelConfig  # noqa: E402
 from llmray.model.qwen3 import Qwen3ForCausalLM  # noqa: E402
-from llmray.train import lora  # noqa: E402
+from llmray.train import lora, lora_layers  # noqa: E402
 
 PRESET = "qwen3-0.6b"
 PARAM_CONFIGS = [("attn", 4), ("attn", 8), ("all-attn", 8), ("all-linear", 8), ("all-linear", 16)]
@@ -75,26 +75,42 @@ def bench_params() -> dict:
     return {"preset": PRESET, "configs": rows}
 
 
-def _build(mode: str, targets: str, r: int, kernels: str, device: torch.device, preset: str):
+def _build(mode: str, targets: str, r: int, kernels: str, device: torch.device, preset: str, impl: str):
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3ForCausalLM(ModelConfig.preset(preset), kernels=kernels).to(torch.bfloat16)
     if mode == "full":
         return model.train(), list(model.parameters())
     cfg = LoraConfig(r=r, alpha=2 * r, targets=targets, qlora=mode == "qlora")
-    pm = lora.apply_lora(model, cfg, device, "bfloat16", gradient_checkpointing=mode == "qlora")
+    if impl == "peft":
+        pm = lora.apply_lora(model, cfg, device, "bfloat16", gradient_checkpointing=mode == "qlora")
+    else:  # llmray's own layers (the default of llmray finetune)
+        if cfg.qlora:
+            lora.quantize_nf4(model, device, torch.bfloat16)
+        pm = lora_layers.apply_lora(model, cfg)
+        if cfg.qlora:
+            pm.gradient_checkpointing_enable()
     return pm.train(), [p for p in pm.parameters() if p.requires_grad]
 
 
 def bench_step(
-    mode: str, targets: str, r: int, batch: int, seq: int, steps: int, kernels: str, device: str, preset: str
+    mode: str,
+    targets: str,
+    r: int,
+    batch: int,
+    seq: int,
+    steps: int,
+    kernels: str,
+    device: str,
+    preset: str,
+    impl: str = "ours",
 ) -> dict:
     """One configuration's step time and peak memory (``device="cpu"`` only checks the script runs)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
-    model, params = _build(mode, targets, r, kernels, device, preset)
+    model, params = _build(mode, targets, r, kernels, device, preset, impl)
     opt = torch.optim.AdamW(params, lr=1e-5)
     vocab = ModelConfig.preset(preset).vocab_size
     g = torch.Generator(device=device).manual_seed(0)
@@ -130,6 +146,7 @@ def bench_step(
     trainable, total = lora.trainable_parameters(model)
     row = {
         "mode": mode,
+        "lora_impl": None if mode == "full" else impl,
         "targets": None if mode == "full" else targets,
         "r": None if mode == "full" else r,
         "kernels": kernels,
@@ -146,18 +163,20 @@ def bench_step(
     }
     if mode != "full":
         with tempfile.TemporaryDirectory() as tmp:
-            out = lora.save_adapter(model, Path(tmp) / "a", None)
+            save = lora_layers.save_adapter if impl == "ours" else lora.save_adapter
+            out = save(model, Path(tmp) / "a", None)
             row["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size
     return row
 
 
 def bench_gpu(args: argparse.Namespace) -> dict:
-    runs = [
-        ("full", "", 0),
-        ("lora", "all-linear", 16),
-        ("qlora", "all-linear", 16),
-        ("lora", "attn", 8),
-        ("qlora", "attn", 8),
+    runs = [  # (mode, targets, r, lora_impl)
+        ("full", "", 0, "-"),
+        ("lora", "attn", 8, "ours"),
+        ("lora", "attn", 8, "peft"),
+        ("lora", "all-linear", 16, "ours"),
+        ("lora", "all-linear", 16, "peft"),
+        ("qlora", "all-linear", 16, "ours"),
     ]
     result = {
         "preset": args.preset,
@@ -168,55 +187,50 @@ def bench_gpu(args: argparse.Namespace) -> dict:
         "runs": [],
         "errors": [],
     }
-    for mode, targets, r in runs:
-        for kernels in ("auto", "torch"):  # auto = Triton ops on CUDA; torch only if Triton fails (recorded)
-            try:
-                row = bench_step(
-                    mode, targets, r, args.batch, args.seq_len, args.steps, kernels, args.device, args.preset
-                )
-            except Exception as e:  # recorded in the result, then the torch ops are tried
-                result["errors"].append(
-                    {
-                        "mode": mode,
-                        "targets": targets,
-                        "kernels": kernels,
-                        "error": repr(e)[:400],
-                        "trace": traceback.format_exc()[-1200:],
-                    }
-                )
-                print(f"{mode} {targets} kernels={kernels} failed: {e!r}", flush=True)
-                if args.device == "cuda":
-                    torch.cuda.empty_cache()
-                continue
-            result["runs"].append(row)
-            print(json.dumps(row), flush=True)
-            break
+    details = Path(args.out).with_name(Path(args.out).stem + "_details.json")
+    for mode, targets, r, impl in runs:
+        try:
+            row = bench_step(
+                mode, targets, r, args.batch, args.seq_len, args.steps, "auto", args.device, args.preset, impl
+            )
+        except Exception as e:  # recorded in the result; the other runs go on
+            result["errors"].append({"mode": mode, "targets": targets, "lora_impl": impl, "error": repr(e)[:400],
+                                     "trace": traceback.format_exc()[-1200:]})  # fmt: skip
+            print(f"{mode} {targets} {impl} failed: {e!r}", flush=True)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        result["runs"].append(row)
+        print(json.dumps(row), flush=True)
         _summarise(result)
-        Path(args.out).write_text(json.dumps(result, indent=2))  # after each run: a timeout keeps the rest
+        details.write_text(json.dumps(result, indent=2))  # after each run: a timeout keeps the rest
+        keys = ("device", "lora_attn_r8_over_full", "lora_all_linear_r16_over_full", "qlora_mem_over_full")
+        Path(args.out).write_text(json.dumps({k: result.get(k) for k in keys}, indent=2))
     return result
 
 
 def _summarise(result: dict) -> None:
-    by = {(r["mode"], r["targets"]): r for r in result["runs"]}
-    full = by.get(("full", None))
-    if full is None or full["peak_mem_gib"] is None:
+    by = {(r["mode"], r["targets"], r.get("lora_impl")): r for r in result["runs"]}
+    full = by.get(("full", None, None))
+    if full is None:
         return
     summary = {}
-    for (mode, targets), row in by.items():
+    for (mode, targets, impl), row in by.items():
         if mode == "full":
             continue
-        summary[f"{mode}/{targets}"] = {
-            "peak_mem_vs_full": round(row["peak_mem_gib"] / full["peak_mem_gib"], 3),
+        summary[f"{mode}/{targets}/r{row['r']}/{impl}"] = {
+            "peak_mem_vs_full": round(row["peak_mem_gib"] / full["peak_mem_gib"], 3)
+            if full["peak_mem_gib"]
+            else None,
             "tokens_per_s_vs_full": round(row["tokens_per_s"] / full["tokens_per_s"], 3),
         }
     result["summary"] = summary
-    q, lo = by.get(("qlora", "all-linear")), by.get(("lora", "all-linear"))
-    result["targets"] = {
-        "qlora_peak_mem_le_0.4x_full": None if q is None else q["peak_mem_gib"] <= 0.4 * full["peak_mem_gib"],
-        "lora_tokens_per_s_ge_1.2x_full": None
-        if lo is None
-        else lo["tokens_per_s"] >= 1.2 * full["tokens_per_s"],
-    }
+    for key, name in (("lora_attn_r8_over_full", "lora/attn/r8/ours"),
+                      ("lora_all_linear_r16_over_full", "lora/all-linear/r16/ours")):  # fmt: skip
+        if name in summary:
+            result[key] = summary[name]["tokens_per_s_vs_full"]
+    if "qlora/all-linear/r16/ours" in summary:
+        result["qlora_mem_over_full"] = summary["qlora/all-linear/r16/ours"]["peak_mem_vs_full"]
 
 
 def main() -> None:

@@ -125,6 +125,9 @@ def elementwise_cases(tokens: int, device: str, dtype: torch.dtype, small: bool)
         dict(name="rms_norm", shape=[tokens, hidden], ops=(rms_norm, rms_norm_ref),
              inputs=lambda: [rnd(tokens, hidden), w_h], consts=[1e-6], grads=[rnd(tokens, hidden)],
              bytes_fwd=2 * m_h * e, bytes_fwd_bwd=5 * m_h * e),
+        dict(name="rms_norm_4096", shape=[tokens, 4 * hidden], ops=(rms_norm, rms_norm_ref),
+             inputs=lambda: [rnd(tokens, 4 * hidden), 1 + 0.1 * rnd(4 * hidden)], consts=[1e-6],
+             grads=[rnd(tokens, 4 * hidden)], bytes_fwd=2 * 4 * m_h * e, bytes_fwd_bwd=5 * 4 * m_h * e),
         dict(name="rms_norm_qk_heads", shape=[tokens, heads, head_dim], ops=(rms_norm, rms_norm_ref),
              inputs=lambda: [rnd(tokens, heads, head_dim), w_d], consts=[1e-6], grads=[rnd(tokens, heads, head_dim)],
              bytes_fwd=2 * m_qk * e, bytes_fwd_bwd=5 * m_qk * e),
@@ -249,6 +252,27 @@ def run_sweeps(device: str, dtype: torch.dtype, small: bool = False) -> list[dic
     return rows
 
 
+def run_rms_bwd_programs(device: str, dtype: torch.dtype, small: bool = False) -> list[dict]:
+    """GPU time of the RMSNorm backward kernel (dW partial sums included) by programs per SM."""
+    from llmray.kernels.rmsnorm import rms_norm_bwd, rms_norm_fwd
+
+    timer = graph_ms if CUDA else bench_ms
+    t = 64 if small else 16384
+    rows = []
+    e = torch.tensor([], dtype=dtype).element_size()
+    for n in (1024, 4096):
+        x, dy = torch.randn(t, n, device=device, dtype=dtype), torch.randn(t, n, device=device, dtype=dtype)
+        w = torch.ones(n, device=device, dtype=torch.float32)
+        _, _, rstd = rms_norm_fwd(x, w, 1e-6)
+        for per_sm in (2, 4, 8, 16):
+            ms = timer(
+                lambda x=x, w=w, dy=dy, rstd=rstd, k=per_sm: rms_norm_bwd(dy, x, w, rstd, programs_per_sm=k)
+            )
+            rows.append(dict(kernel="rms_norm_bwd", shape=[t, n], programs_per_sm=per_sm, bwd_gpu_ms=ms,
+                             bwd_GBps=3 * t * n * e / ms / 1e6))  # fmt: skip
+    return rows
+
+
 def summarize(result: dict) -> dict:
     """The issue's targets, evaluated on this run's numbers."""
     # ceiling: the faster of the two timings of the 4 GB copy (inside a CUDA graph the copy is a memcpy
@@ -288,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--no-sweep", action="store_true", help="skip the launch-config sweeps")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU allowed (checks the script only)")
+    p.add_argument("--only", default="", help="comma-separated case names (e.g. rms_norm,rms_norm_4096)")
     args = p.parse_args(argv)
     if not CUDA and not args.dry_run:
         p.error("needs a CUDA GPU (use --dry-run with TRITON_INTERPRET=1 to check the script on CPU)")
@@ -310,14 +335,21 @@ def main(argv: list[str] | None = None) -> int:
         result["targets"] = summarize(result) if result["elementwise"] else {}
         out.write_text(json.dumps(result, indent=1))
 
+    only = [c for c in args.only.split(",") if c]
     for case in elementwise_cases(tokens, device, dtype, small=args.dry_run):
+        if only and case["name"] not in only:
+            continue
         t0 = time.perf_counter()
         result["elementwise"].extend(run_elementwise(case, use_compile=CUDA and not args.no_compile))
         print(f"# {case['name']}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         save()
     ce_shape = (64, 1000, 32) if args.dry_run else (8192, 151936, 1024)
-    result["fused_ce"] = run_fused_ce(*ce_shape, device, dtype)
-    save()
+    if not only or "fused_ce" in only:
+        result["fused_ce"] = run_fused_ce(*ce_shape, device, dtype)
+        save()
+    if not only or "rms_norm" in only:
+        result["rms_bwd_programs"] = run_rms_bwd_programs(device, dtype, small=args.dry_run)
+        save()
     if not args.no_sweep:
         t0 = time.perf_counter()
         result["sweeps"] = run_sweeps(device, dtype, small=args.dry_run)

@@ -2,10 +2,12 @@
 
 Flow: the driver reads and tokenises the JSONL files (every bad line reported with its number before
 anything is written), then a ``TorchTrainer`` runs :func:`train_worker` on each worker: base checkpoint →
-(NF4 quantisation) → peft LoRA → AdamW on the adapter only, gradients all-reduced across workers,
+(NF4 quantisation) → LoRA layers (llmray's own, ``llmray.train.lora_layers``; peft's with
+``lora_impl="peft"``) → AdamW on the adapter only, gradients all-reduced across workers,
 length-bucketed batches chosen deterministically from the step number (so a resumed run continues on
-exactly the batches it would have seen). Every ``checkpoint_every`` steps rank 0 reports a checkpoint
-(PEFT adapter dir + optimizer state in safetensors + step in JSON); a restarted worker group
+exactly the batches it would have seen). Every ``checkpoint_every`` steps rank 0 reports a checkpoint in
+the one training format (``llmray.train.loop``: adapter tensors, optimizer state, trainer_state.json; plus
+the PEFT adapter dir); a restarted worker group
 (``FailureConfig``) or a re-run with the same ``--out`` resumes from the latest one. Validation loss on
 held-out data is measured before and after training; it is printed, written to ``metrics.jsonl`` and
 reported with the final checkpoint, whose adapter the driver copies into ``--out``.
@@ -17,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +27,21 @@ from typing import Any
 import torch
 
 from llmray.config import LoraConfig
-from llmray.train import chat_data, lora
-from llmray.train.loop import MetricsLogger, build_optimizer, lr_multiplier, set_lr
+from llmray.train import chat_data, lora, lora_layers
+from llmray.train.harness import PRECISIONS, evaluate, resolve_precision, train_step
+from llmray.train.loop import (
+    LEGACY_FINETUNE_STATE,
+    MODEL_FILE,
+    STATE_FILE,
+    build_optimizer,
+    load_checkpoint,
+    lr_multiplier,
+    resolve_checkpoint,
+    save_checkpoint,
+    set_lr,
+)
+from llmray.train.metrics import MetricsLogger
+from llmray.train.session import RaySession, Session, run_trainer
 
 RUN_NAME = "finetune"
 
@@ -53,12 +67,20 @@ class FinetuneConfig:
     val_fraction: float = 0.1  # held out of --data when --val-data is not given
     checkpoint_every: int = 100
     gradient_checkpointing: bool | None = None  # default: on for QLoRA
-    compute_dtype: str = "auto"  # QLoRA compute dtype: bf16 on CUDA, fp32 on CPU
-    kernels: str = "auto"
+    compute_dtype: str = "auto"  # QLoRA compute dtype: the precision's (bf16 on CUDA, fp32 on CPU)
+    kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
+    precision: str = "auto"  # auto (bf16 base + autocast on CUDA, fp32 elsewhere) | bf16 | fp32
+    lora_impl: str = "ours"  # ours (llmray.train.lora_layers) | peft (the fallback)
     max_failures: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be auto, triton or torch, got {self.kernels!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.lora_impl not in ("ours", "peft"):
+            raise ValueError(f"lora_impl must be ours or peft, got {self.lora_impl!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         for name in ("num_workers", "batch_size", "seq_len", "checkpoint_every"):
@@ -110,129 +132,101 @@ def batch_for_step(examples, step: int, cfg: FinetuneConfig, rank: int, world: i
     return chat_data.collate(examples, batches[i * world + rank], pad_id)
 
 
-@torch.no_grad()
-def evaluate(model, examples, cfg: FinetuneConfig, rank: int, world: int, pad_id: int, device) -> float:
-    """Token-weighted mean loss over ``examples`` (sharded over workers, sums all-reduced)."""
-    was_training = model.training
-    model.eval()
+def val_batches(examples, cfg: FinetuneConfig, rank: int, world: int, pad_id: int) -> list:
+    """This rank's share of the validation batches (fixed order)."""
     batches = chat_data.length_bucketed_batches(examples, cfg.batch_size, cfg.seed, 0, shuffle=False)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss × tokens, tokens)
-    for idx in batches[rank::world]:
-        ids, tgt = chat_data.collate(examples, idx, pad_id)
-        n = int((tgt != chat_data.IGNORE).sum())
-        with autocast(device):
-            loss = model(ids.to(device), targets=tgt.to(device))
-        sums += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=device)
-    _all_reduce(sums, world)
-    model.train(was_training)
-    return float(sums[0] / sums[1])
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp32 adapters, bf16 matmuls); a no-op context on CPU (fp32 throughout)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-
-
-def _all_reduce(t: torch.Tensor, world: int) -> None:
-    if world > 1:
-        torch.distributed.all_reduce(t)
+    return [chat_data.collate(examples, idx, pad_id) for idx in batches[rank::world]]
 
 
 def build_model(cfg: FinetuneConfig, device: torch.device):
-    """Base checkpoint → (NF4) → peft LoRA on ``device``; bf16 base on CUDA, fp32 on CPU."""
+    """Base checkpoint → (NF4) → LoRA layers (ours, or peft's with ``lora_impl="peft"``) on ``device``.
+
+    The frozen base takes the compute dtype (bf16 on CUDA by default); adapters are fp32."""
     from llmray.model.checkpoint import load_model
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_precision(cfg.precision, device)
     base = load_model(cfg.base, device="cpu", dtype=dtype, kernels=cfg.kernels)
     gc = cfg.lora.qlora if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
-    pm = lora.apply_lora(base, cfg.lora, device, cfg.compute_dtype, gradient_checkpointing=gc)
-    return pm.train()
+    compute = cfg.compute_dtype if cfg.compute_dtype != "auto" else str(dtype).removeprefix("torch.")
+    if cfg.lora_impl == "peft":
+        return lora.apply_lora(base, cfg.lora, device, compute, gradient_checkpointing=gc).train()
+    if cfg.lora.qlora:
+        lora.quantize_nf4(base, device, lora.resolve_compute_dtype(device, compute))
+    model = lora_layers.apply_lora(base.to(device), cfg.lora)
+    if gc:
+        model.gradient_checkpointing_enable()
+    return model.train()
 
 
-class _Session:
-    """What the loop needs from Ray Train; ``LocalSession`` runs the same loop in-process (tests, bench)."""
-
-    rank, world, device = 0, 1, torch.device("cpu")
-
-    def checkpoint_dir(self) -> Path | None:
-        return None
-
-    def report(self, metrics: dict, ckpt: Path | None) -> None:
-        pass
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """The trainable tensors under peft's file names, whichever implementation trains them."""
+    return lora_layers.adapter_state(model) if lora_layers.lora_modules(model) else lora.adapter_state(model)
 
 
-class RaySession(_Session):
-    def __init__(self) -> None:
-        import ray.train
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self._ckpt = ray.train.get_checkpoint()
-
-    def checkpoint_dir(self) -> Path | None:
-        # a local copy (downloaded if the run's storage is remote); adapter + optimizer state are small
-        return None if self._ckpt is None else Path(self._ckpt.to_directory())
-
-    def report(self, metrics: dict, ckpt: Path | None) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt is not None else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+def _write_adapter(model, path: Path, base: str) -> None:
+    if lora_layers.lora_modules(model):
+        lora_layers.save_adapter(model, path, base)
+    else:
+        lora.save_adapter(model, path, base)
 
 
-class LocalSession(_Session):
-    """In-process single worker: checkpoints go to ``ckpt_root``, reports are kept in ``self.reports``."""
+def _resume(path: Path, model, opt) -> dict:
+    """The trainer state of a checkpoint: the one format, or the earlier adapter/ + state.json one."""
+    from safetensors.torch import load_file
 
-    def __init__(self, device: str | torch.device = "cpu", ckpt_root: Path | None = None) -> None:
-        self.device = torch.device(device)
-        self.ckpt_root = ckpt_root
-        self.reports: list[tuple[dict, Path | None]] = []
+    path = resolve_checkpoint(path)
+    if (path / LEGACY_FINETUNE_STATE).exists() and not (path / STATE_FILE).exists():
+        if lora_layers.lora_modules(model):
+            raise ValueError(
+                f"{path} is a fine-tuning checkpoint of the earlier format; resume it with --lora-impl peft "
+                "(which reads it), or start a new run from its adapter/ directory"
+            )
+        return lora.load_training_state(path, model, opt)
+    state = load_checkpoint(path, model, opt, weights=False)
+    tensors = load_file(str(path / MODEL_FILE))
+    if lora_layers.lora_modules(model):
+        lora_layers.load_adapter_state(model, tensors)
+    else:
+        lora.load_adapter_state(model, tensors)
+    return state
 
-    def checkpoint_dir(self) -> Path | None:
-        ckpts = sorted(self.ckpt_root.glob("checkpoint_*")) if self.ckpt_root else []
-        return ckpts[-1] if ckpts else None
 
-    def report(self, metrics: dict, ckpt: Path | None) -> None:
-        if ckpt is not None and self.ckpt_root is not None:
-            dest = self.ckpt_root / f"checkpoint_{metrics['step']:08d}"
-            shutil.copytree(ckpt, dest, dirs_exist_ok=True)
-            ckpt = dest
-        self.reports.append((metrics, ckpt))
+def _grad_all_reduce(params: list[torch.Tensor], world: int) -> None:
+    """Average the adapter gradients over workers: one all-reduce over a flat buffer."""
+    if world == 1:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    for p, g in zip(params, flat.div_(world).split([p.numel() for p in params]), strict=True):
+        p.grad.copy_(g.view_as(p.grad))
 
 
-def train_loop(config: dict, session: _Session) -> dict:
+def train_loop(config: dict, session: Session) -> dict:
     """One worker's fine-tuning loop (Ray Train's train_loop_per_worker body). Returns final metrics."""
     cfg = FinetuneConfig.from_dict(config["cfg"])
     train = chat_data.from_arrays(config["train"])
     val = chat_data.from_arrays(config["val"])
     pad_id, rank, world, device = config["pad_id"], session.rank, session.world, session.device
     torch.manual_seed(cfg.seed)
-    pm = build_model(cfg, device)
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = build_optimizer(pm, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)  # adapters only
+    model = build_model(cfg, device)
+    dtype = resolve_precision(cfg.precision, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)  # adapters only
     total = cfg.max_steps or steps_per_epoch(len(train), cfg.batch_size, world)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
-    trainable, all_params = lora.trainable_parameters(pm)
-    resume = session.checkpoint_dir()
-    state = lora.load_training_state(resume, pm, opt) if resume is not None else {"step": 0}
+    trainable, all_params = lora.trainable_parameters(model)
+    val_b = val_batches(val, cfg, rank, world, pad_id)
+    with session.resume_dir() as resume:
+        state = _resume(resume, model, opt) if resume is not None else {"step": 0}
     logger = MetricsLogger(config.get("metrics_file"), total, resume_step=state["step"], enabled=rank == 0)
     if resume is not None:
         logger.log({"event": "resumed", "step": state["step"], "from": str(resume)}, console=False)
         print(f"resumed from {resume} at step {state['step']}", flush=True)
     else:
-        state["val_loss_before"] = evaluate(pm, val, cfg, rank, world, pad_id, device)
-        logger.log(
-            {
-                "event": "val",
-                "step": 0,
-                "val_loss": state["val_loss_before"],
-                "val_loss_before": state["val_loss_before"],
-                "trainable_params": trainable,
-                "total_params": all_params,
-            }
-        )
+        state["val_loss_before"] = evaluate(model, val_b, device, dtype, world)["val_loss"]
+        logger.log({"event": "val", "step": 0, "val_loss": state["val_loss_before"],
+                    "val_loss_before": state["val_loss_before"], "trainable_params": trainable,
+                    "total_params": all_params})  # fmt: skip
     step, t0, tokens, metrics = state["step"], time.perf_counter(), 0, None
     while step < total:
         if config.get("fail_at_step") == step and not Path(config["fail_marker"]).exists():
@@ -240,43 +234,34 @@ def train_loop(config: dict, session: _Session) -> dict:
             raise RuntimeError(f"injected failure at step {step}")
         ids, tgt = batch_for_step(train, step, cfg, rank, world, pad_id)
         set_lr(opt, lr_multiplier(step, total, warmup, "cosine", min_lr_ratio=0.1))
-        with autocast(device):
-            loss = pm(ids.to(device), targets=tgt.to(device))
-        loss.backward()
-        if world > 1:  # average the adapter gradients: one all-reduce over a flat buffer
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            _all_reduce(flat, world)
-            for p, g in zip(params, flat.div_(world).split([p.numel() for p in params])):
-                p.grad.copy_(g.view_as(p.grad))
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss, gnorm = train_step(
+            model, [(ids.to(device), tgt.to(device))], 1, opt, params, device, dtype, cfg.grad_clip,
+            after_backward=lambda: _grad_all_reduce(params, world),
+        )  # fmt: skip
         step += 1
         tokens += ids.numel()
-        logger.log(
-            {
-                "step": step,
-                "loss": round(loss.item(), 5),
-                "grad_norm": round(float(gnorm), 4),
-                "lr": opt.param_groups[0]["lr"],
-                "tokens_per_s": round(tokens * world / (time.perf_counter() - t0), 1),
-            }
-        )
+        logger.log({"step": step, "loss": round(loss.item(), 5), "grad_norm": round(float(gnorm), 4),
+                    "lr": opt.param_groups[0]["lr"],
+                    "tokens_per_s": round(tokens * world / (time.perf_counter() - t0), 1)})  # fmt: skip
         if step % cfg.checkpoint_every == 0 or step == total:
-            final = step == total
             state["step"] = step
             metrics = {"step": step, "loss": loss.item(), "val_loss_before": state["val_loss_before"]}
-            if final:
-                metrics["val_loss_after"] = evaluate(pm, val, cfg, rank, world, pad_id, device)
+            if step == total:
+                metrics["val_loss_after"] = evaluate(model, val_b, device, dtype, world)["val_loss"]
                 metrics.update(trainable_params=trainable, total_params=all_params)
                 logger.log({"event": "val", "val_loss": metrics["val_loss_after"], **metrics})
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    ckpt = Path(tmp)
-                    lora.save_training_state(ckpt, pm, opt, {**state, "metrics": metrics}, cfg.base)
-                session.report(metrics, ckpt)
+            _checkpoint(session, model, opt, {**state, "metrics": metrics}, cfg.base)
     return metrics if metrics is not None else state.get("metrics", {})
+
+
+def _checkpoint(session: Session, model, opt, state: dict, base: str) -> None:
+    """The one checkpoint format with the adapter tensors as the model file, plus the PEFT adapter dir."""
+
+    def write(d: Path) -> None:
+        extra = lambda tmp: _write_adapter(model, tmp / "adapter", base)  # noqa: E731
+        save_checkpoint(d, model, opt, state, model_state=adapter_tensors(model), extra=extra)
+
+    session.checkpoint(state["metrics"], write)
 
 
 def train_worker(config: dict) -> None:
@@ -290,10 +275,6 @@ def run_finetune(cfg: FinetuneConfig, fail_at_step: int | None = None) -> dict[s
 
     Bad data raises before ``cfg.out`` is created. ``fail_at_step`` injects one worker crash (tests).
     """
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from llmray.model.checkpoint import load_config
 
     load_config(cfg.base)  # a clear error for a wrong --base before reading the data
@@ -320,25 +301,15 @@ def run_finetune(cfg: FinetuneConfig, fail_at_step: int | None = None) -> dict[s
     from llmray.train.ray_env import init_ray
 
     init_ray(out / "ray.log", gpus=cfg.num_workers if cfg.use_gpu else 0)  # Ray's own logs into a file
-    resources = {"CPU": 1, "GPU": 1} if cfg.use_gpu else {"CPU": 0.5}
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME,
-            storage_path=str(out / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
+    result = run_trainer(
+        train_worker, config, num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        cpus_per_worker=1.0 if cfg.use_gpu else 0.5, name=RUN_NAME, storage_path=str(out / "ray"),
+        max_failures=cfg.max_failures,
+    )  # fmt: skip
     if result.checkpoint is None:
         raise RuntimeError(f"fine-tuning finished without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as ckpt:
-        state = json.loads((Path(ckpt) / "state.json").read_text())
+        state = json.loads((Path(ckpt) / STATE_FILE).read_text())["trainer"]
         metrics = {**state["metrics"], "data": stats, "lora": asdict(cfg.lora), "base": str(cfg.base)}
         _publish_adapter(Path(ckpt) / "adapter", out, metrics)
     print(

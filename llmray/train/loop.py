@@ -2,33 +2,37 @@
 
 - ``build_optimizer``: Muon + AdamW (one object) or plain AdamW over a model's trainable parameters;
 - ``lr_multiplier`` / ``set_lr``: warmup then cosine, WSD (warmup-stable-decay) or constant;
-- ``save_checkpoint`` / ``load_checkpoint``: model and optimizer tensors in safetensors, everything else
-  (step, schedule, data position, optimizer hyper-parameters and scalar state) in JSON; never pickle.
-  A checkpoint directory is written under a temporary name and renamed, so it is complete or absent;
-- ``MetricsLogger``: rank 0's per-step metrics to the console (step, loss, tokens/s, MFU, ETA) and to a
-  JSONL file (Ray Train V2 keeps only metrics reported together with a checkpoint);
-- ``flops_per_token`` / ``mfu``; ``plot_loss_curve`` (PNG from the JSONL file).
+- ``save_checkpoint`` / ``load_checkpoint``: the one checkpoint format of pretraining and fine-tuning:
+  model (or adapter) and optimizer tensors in safetensors, everything else (step, schedule, data position,
+  optimizer hyper-parameters and scalar state) in JSON; never pickle. A checkpoint directory is written
+  under a temporary name and renamed into place (``replace_dir``), so it is complete or absent.
+
+Metrics, MFU and plots live in ``llmray.train.metrics`` (re-exported here); precision, autocast, the step
+and evaluation in ``llmray.train.harness``; the Ray Train session in ``llmray.train.session``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from llmray.train.metrics import (  # noqa: F401  (re-exported: the loop's public names)
+    H100_H200_BF16_PEAK_FLOPS,
+    MetricsLogger,
+    flops_per_token,
+    mfu,
+    plot_loss_curve,
+    read_metrics,
+)
 from llmray.train.muon import MuonWithAuxAdam, muon_param_groups
-
-H100_H200_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak (SXM), as used for MFU
 
 
 # --- optimizer and schedule ----------------------------------------------------------------------------
@@ -100,6 +104,7 @@ def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:
 
 # --- checkpoints ----------------------------------------------------------------------------------------
 MODEL_FILE, OPTIM_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "trainer_state.json"
+LEGACY_FINETUNE_STATE = "state.json"  # fine-tuning checkpoints before the one format: adapter/ + state.json
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -138,11 +143,13 @@ def save_checkpoint(
     state: dict[str, Any],
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a training checkpoint directory atomically (temporary sibling, then rename).
+    """Write a training checkpoint directory atomically (temporary sibling, then ``replace_dir``).
 
-    ``model_state`` / ``optimizer_state``: already gathered full tensors (FSDP2, ``llmray.train.fsdp``)
-    to write instead of the model's and optimizer's own (sharded) state.
+    ``model_state`` / ``optimizer_state``: the tensors to write instead of the model's and optimizer's own
+    state: gathered full tensors (FSDP2, ``llmray.train.fsdp``) or only the trainable ones (LoRA).
+    ``extra(tmp_dir)`` adds files (fine-tuning: the PEFT adapter) before the rename.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -154,10 +161,41 @@ def save_checkpoint(
         tensors, meta["optimizer"] = _split_optimizer_state(optimizer, optimizer_state)
         save_file(tensors, str(tmp / OPTIM_FILE))
     (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    if extra is not None:
+        extra(tmp)
+    replace_dir(tmp, path)
     return path
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put the complete directory ``new`` at ``path``; never rmtree + copy. An existing ``path`` is renamed
+    aside first and deleted only once ``new`` is in place, so a crash at any point leaves either the old
+    checkpoint (at ``path`` or, between the two renames, at ``<path>.old-<pid>``, which
+    ``resolve_checkpoint`` picks up) or the new one."""
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` if it holds a checkpoint; else the previous one a crash left aside by ``replace_dir``.
+
+    Raises with a conversion hint for fine-tuning checkpoints of the earlier format (state.json)."""
+    path = Path(path)
+    if (path / STATE_FILE).exists():
+        return path
+    if (path / LEGACY_FINETUNE_STATE).exists():
+        return path  # the fine-tuning loader reads it (llmray.train.finetune)
+    aside = sorted(path.parent.glob(f"{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    aside = [p for p in aside if (p / STATE_FILE).exists()]
+    if not path.exists() and aside:
+        return aside[-1]
+    raise FileNotFoundError(
+        f"{path} is not a training checkpoint (no {STATE_FILE}); llmray checkpoints hold {MODEL_FILE}, "
+        f"{OPTIM_FILE} and {STATE_FILE}"
+    )
 
 
 def load_checkpoint(
@@ -171,9 +209,12 @@ def load_checkpoint(
     ``weights=False`` restores only the optimizer (FSDP2 loads the weights before sharding, the optimizer
     after; its saved full tensors are cut to this rank's rows).
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"{path} is not a training checkpoint (no {STATE_FILE})")
+        raise ValueError(
+            f"{path} is a fine-tuning checkpoint of the earlier format (adapter/ + state.json); resume it "
+            "with `llmray finetune` (which still reads that format), or start a new run from its adapter/"
+        )
     meta = json.loads((path / STATE_FILE).read_text())
     if weights:
         _load_weights(path, model)
@@ -209,151 +250,3 @@ def _load_weights(path: Path, model: torch.nn.Module) -> None:
         raise ValueError(
             f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-
-
-# --- evaluation --------------------------------------------------------------------------------------------
-def evaluate_windows(
-    model: torch.nn.Module,
-    windows: np.ndarray,
-    batch_size: int,
-    device: torch.device,
-    lockstep: bool = False,
-) -> dict[str, float]:
-    """Mean next-token loss and accuracy over (n, T + 1) windows; sharded over ranks, all-reduced.
-
-    ``lockstep``: every rank runs the same number of forwards (FSDP2 all-gathers weights inside each
-    forward, so a rank with one batch fewer would hang the others); surplus forwards are not counted.
-    """
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
-    mine = windows[rank::world]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast_context(device):
-        n_batches = math.ceil(math.ceil(len(windows) / world) / batch_size) if lockstep else None
-        starts = list(range(0, len(mine), batch_size))
-        for _ in range(len(starts), n_batches or 0):
-            model(torch.from_numpy(windows[:1, :-1]).to(device))  # keeps the collectives in step
-        for i in starts:
-            batch = torch.from_numpy(mine[i : i + batch_size]).to(device)
-            logits = model(batch[:, :-1])  # (B, T, V) fp32
-            targets = batch[:, 1:]
-            sums[0] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").double()
-            sums[1] += (logits.argmax(-1) == targets).sum().double()
-            sums[2] += targets.numel()
-    if world > 1:
-        dist.all_reduce(sums)
-    model.train(was_training)
-    return {"val_loss": (sums[0] / sums[2]).item(), "val_accuracy": (sums[1] / sums[2]).item()}
-
-
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA (fp32 master weights and optimizer state); nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# --- throughput -----------------------------------------------------------------------------------------
-def flops_per_token(config: Any, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N + 6 L S H D (N = matmul parameters, tied head counted once)."""
-    n = config.num_params() - config.num_hidden_layers * (2 * config.hidden_size + 2 * config.head_dim)
-    n -= config.hidden_size  # final norm
-    attn = 6 * config.num_hidden_layers * seq_len * config.num_attention_heads * config.head_dim
-    return 6 * n + attn
-
-
-def mfu(
-    tokens_per_s: float, config: Any, seq_len: int, peak_flops: float = H100_H200_BF16_PEAK_FLOPS
-) -> float:
-    return tokens_per_s * flops_per_token(config, seq_len) / peak_flops
-
-
-# --- logging --------------------------------------------------------------------------------------------
-class MetricsLogger:
-    """Per-step metrics of rank 0: one JSON line each in ``path`` and a progress line on the console.
-
-    ``resume_step`` drops lines past the step a resumed run restarts from, so the file holds one curve.
-    """
-
-    def __init__(self, path: str | Path | None, max_steps: int, resume_step: int = 0, enabled: bool = True):
-        self.path = Path(path) if path else None
-        self.max_steps = max_steps
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
-        self.first_step = resume_step
-        if enabled and self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            kept = (
-                [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
-            )
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def log(self, record: dict[str, Any], console: bool = True) -> None:
-        if not self.enabled:
-            return
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if console:
-            print(self.progress_line(record), flush=True, file=sys.stdout)
-
-    def progress_line(self, r: dict[str, Any]) -> str:
-        step = r.get("step", 0)
-        done = max(1, step - self.first_step)
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / done * max(0, self.max_steps - step)
-        parts = [f"step {step}/{self.max_steps}"]
-        for key, fmt in (
-            ("loss", "{:.4f}"),
-            ("val_loss", "{:.4f}"),
-            ("lr", "{:.2e}"),
-            ("tokens_per_s", "{:,.0f}"),
-        ):
-            if key in r:
-                parts.append(f"{key.replace('tokens_per_s', 'tok/s')} " + fmt.format(r[key]))
-        if "mfu" in r:
-            parts.append(f"mfu {100 * r['mfu']:.1f}%")
-        parts.append(f"eta {eta:.0f}s")
-        return " | ".join(parts)
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_loss_curve(
-    curves: dict[str, list[dict[str, Any]]], out_png: str | Path, title: str = "loss", x: str = "step"
-) -> Path:
-    """One PNG with train loss (thin) and val loss (markers) of each named metrics list."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (name, records) in enumerate(curves.items()):
-        color = f"C{i}"
-        train = [(r[x], r["loss"]) for r in records if "loss" in r]
-        val = [(r[x], r["val_loss"]) for r in records if "val_loss" in r]
-        if train:
-            ax.plot(*zip(*train, strict=True), color=color, alpha=0.35, lw=0.8, label=f"{name} train")
-        if val:
-            ax.plot(*zip(*val, strict=True), color=color, marker="o", ms=3, lw=1.5, label=f"{name} val")
-    ax.set_xlabel(x)
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out

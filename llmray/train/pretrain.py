@@ -13,20 +13,21 @@ data shard skips the batches already consumed, so the loss curve continues uncha
 Finally the driver writes the model as a Hugging Face Qwen3 directory with its tokenizer into ``out``,
 next to ``metrics.jsonl`` (rank 0, every step) and ``loss_curve.png``.
 
-``train_steps`` also runs without Ray (``run_local``: one process, same rows as one Ray worker), which
-the speed benchmark uses to leave Ray's start-up out of its clock.
+The loop (``train_steps``: ``build_worker``, then ``run_step`` per step, evaluation, ``_checkpoint``) sees
+its runtime only through a ``llmray.train.session.Session``: ``RaySession`` in a Ray Train worker,
+``LocalSession`` in one process (tests; benchmarks that keep Ray's start-up off the clock). Precision,
+autocast, the step and evaluation are ``llmray.train.harness``'s, shared with fine-tuning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
-import shutil
 import signal
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,19 +39,10 @@ from llmray.config import ModelConfig
 from llmray.train import data as D
 from llmray.train import fsdp as P
 from llmray.train.fsdp import PARALLEL_MODES
-from llmray.train.loop import (
-    MetricsLogger,
-    autocast_context,
-    build_optimizer,
-    evaluate_windows,
-    load_checkpoint,
-    lr_multiplier,
-    mfu,
-    plot_loss_curve,
-    read_metrics,
-    save_checkpoint,
-    set_lr,
-)
+from llmray.train.harness import PRECISIONS, evaluate, resolve_precision, train_step
+from llmray.train.loop import build_optimizer, load_checkpoint, lr_multiplier, save_checkpoint, set_lr
+from llmray.train.metrics import MetricsLogger, mfu, plot_loss_curve, read_metrics
+from llmray.train.session import RaySession, Session, run_trainer
 
 
 @dataclass
@@ -86,7 +78,8 @@ class PretrainConfig:
     log_every: int = 1
     seed: int = 0
     compile: bool = False
-    kernels: str = "auto"
+    kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
     name: str = "pretrain"
     storage_path: str | None = None  # default: <out>/ray_results
     max_failures: int = 0
@@ -99,6 +92,10 @@ class PretrainConfig:
             raise ValueError("pretraining needs --data PATH|GLOB and --out DIR")
         if self.optimizer not in ("muon", "adamw"):
             raise ValueError(f"--optimizer must be muon or adamw, got {self.optimizer!r}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"--kernels must be auto, triton or torch, got {self.kernels!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"--parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.batch_size % self.grad_accum:
@@ -115,119 +112,152 @@ class PretrainConfig:
 
 
 # --- the per-worker loop ----------------------------------------------------------------------------------
+@dataclass
+class _Worker:
+    """One worker's training state between steps."""
+
+    model: torch.nn.Module  # the plain model (parameters, evaluation, checkpoints)
+    train_fwd: Any  # what the step calls: the model, DDP or compiled
+    ddp: Any  # the DDP wrapper (no_sync) or None
+    fsdp: bool
+    opt: torch.optim.Optimizer
+    dtype: torch.dtype  # compute dtype (autocast)
+    state: dict[str, Any]  # step, batches_consumed, elapsed_s (the checkpoint's trainer state)
+
+
+def build_worker(
+    cfg: PretrainConfig, model_config: ModelConfig, session: Session, resume: Path | None
+) -> _Worker:
+    """Model (same initial weights on every rank), parallel wrapper, optimizer; restored from ``resume``."""
+    from llmray.model.qwen3 import Qwen3ForCausalLM
+
+    device, world = session.device, session.world
+    torch.manual_seed(cfg.seed)  # every rank draws the same initial weights
+    model = Qwen3ForCausalLM(model_config, kernels=cfg.kernels).to(device)
+    fsdp = cfg.parallel == "fsdp" and world > 1
+    state: dict[str, Any] = {"step": 0, "batches_consumed": 0, "elapsed_s": 0.0}
+    if resume is not None:
+        state = load_checkpoint(resume, model, None)  # weights first: FSDP2 shards the loaded model
+    compile_mode = ("blocks" if fsdp or model.ops.name == "triton" else "model") if cfg.compile else "none"
+    train_fwd = P.parallelize(model, cfg.parallel, world, device, compile_mode)
+    fwd = train_fwd._orig_mod if compile_mode == "model" else train_fwd  # type: ignore[union-attr]
+    opt = build_optimizer(model, cfg.optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
+    if resume is not None:
+        load_checkpoint(resume, model, opt, weights=False)
+    ddp = fwd if world > 1 and not fsdp else None
+    return _Worker(model, train_fwd, ddp, fsdp, opt, resolve_precision(cfg.precision, device), state)
+
+
+def run_step(w: _Worker, cfg: PretrainConfig, batches: Iterator[torch.Tensor], world: int) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches; gradients synchronised on the last one."""
+    mult = lr_multiplier(w.state["step"], cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+    set_lr(w.opt, mult)
+
+    def micro_batches():
+        for _ in range(cfg.grad_accum):
+            batch = _next_batch(batches, w.state["batches_consumed"])  # (B, T + 1)
+            w.state["batches_consumed"] += 1
+            yield batch[:, :-1], batch[:, 1:]
+
+    def sync_context(i: int):
+        sync = world == 1 or i == cfg.grad_accum - 1
+        if w.fsdp:
+            P.set_gradient_sync(w.model, sync)
+        return w.ddp.no_sync() if w.ddp is not None and not sync else contextlib.nullcontext()
+
+    loss, grad_norm = train_step(
+        w.train_fwd, micro_batches(), cfg.grad_accum, w.opt, list(w.model.parameters()),
+        w.model.lm_head.weight.device, w.dtype, cfg.grad_clip, before_backward=sync_context,
+    )  # fmt: skip
+    w.state["step"] += 1
+    w.state["lr_multiplier"] = mult
+    return {"loss": loss, "grad_norm": grad_norm}
+
+
+def _maybe_fail(cfg: PretrainConfig, step: int, rank: int) -> None:
+    """Testing: the first attempt raises (or SIGKILLs itself) at ``fail_at_step``."""
+    if cfg.fail_at_step is None or step != cfg.fail_at_step or rank != 0:
+        return
+    marker = Path(cfg.out) / ".injected_failure"
+    if not marker.exists():
+        marker.write_text("1")
+        if cfg.fail_kill:  # a hard crash of the worker process: no exception, no cleanup
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected failure at step {step} (fail_at_step, for tests)")
+
+
+def _val_batches(val_tokens: np.ndarray, cfg: PretrainConfig, rank: int, world: int) -> tuple[list, int]:
+    """This rank's validation (ids, targets) batches, and how many forwards the busiest rank runs."""
+    windows = D.val_windows(val_tokens, cfg.seq_len, cfg.eval_windows)  # (n, T + 1)
+    mine = torch.from_numpy(windows[rank::world])
+    batches = [(w[:, :-1], w[:, 1:]) for w in mine.split(cfg.micro_batch_size)]
+    return batches, math.ceil(math.ceil(len(windows) / world) / cfg.micro_batch_size)
+
+
 def train_steps(
     cfg: PretrainConfig,
     model_config: ModelConfig,
     batches: Iterator[torch.Tensor],
     val_tokens: np.ndarray,
-    device: torch.device,
-    resume_dir: str | None,
-    report: Callable[[dict[str, Any], str | None], None],
-    rank: int = 0,
-    world: int = 1,
+    session: Session,
 ) -> dict[str, Any]:
-    """Train from step 0 or from ``resume_dir``; ``report(metrics, checkpoint_dir_or_None)`` at checkpoints."""
-    from llmray.model.qwen3 import Qwen3ForCausalLM
-
-    torch.manual_seed(cfg.seed)  # every rank draws the same initial weights
-    model = Qwen3ForCausalLM(model_config, kernels=cfg.kernels).to(device)
-    fsdp = cfg.parallel == "fsdp" and world > 1
-    state: dict[str, Any] = {"step": 0, "batches_consumed": 0, "elapsed_s": 0.0}
-    if resume_dir is not None:
-        state = load_checkpoint(resume_dir, model, None)  # weights first: FSDP2 shards the loaded model
-    if state["step"] >= cfg.max_steps:  # a re-run of a finished run (same output directory): nothing left
-        return {"step": state["step"]}
-    compile_mode = ("blocks" if fsdp else "model") if cfg.compile else "none"
-    train_fwd = P.parallelize(model, cfg.parallel, world, device, compile_mode)
-    fwd = train_fwd._orig_mod if compile_mode == "model" else train_fwd  # type: ignore[union-attr]
-    opt = build_optimizer(model, cfg.optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
-    if resume_dir is not None:
-        load_checkpoint(resume_dir, model, opt, weights=False)
-    step = state["step"]
-    for _ in range(state["batches_consumed"]):  # Ray Data iterators cannot seek: replay the order, drop
-        _next_batch(batches, state["batches_consumed"])
-    consumed = state["batches_consumed"]
-    val_win = D.val_windows(val_tokens, cfg.seq_len, cfg.eval_windows)
+    """Train from step 0 or from the session's checkpoint; checkpoints go through ``session.checkpoint``."""
+    rank, world, device = session.rank, session.world, session.device
+    with session.resume_dir() as resume:
+        w = build_worker(cfg, model_config, session, resume)
+    if w.state["step"] >= cfg.max_steps:  # a re-run of a finished run (same output directory): nothing left
+        return {"step": w.state["step"]}
+    for _ in range(w.state["batches_consumed"]):  # Ray Data iterators cannot seek: replay the order, drop
+        _next_batch(batches, w.state["batches_consumed"])
+    val, n_val = _val_batches(val_tokens, cfg, rank, world)
     logger = MetricsLogger(
-        Path(cfg.out) / "metrics.jsonl", cfg.max_steps, resume_step=step, enabled=rank == 0
+        Path(cfg.out) / "metrics.jsonl", cfg.max_steps, resume_step=w.state["step"], enabled=rank == 0
     )
     tokens_per_step = cfg.batch_size * cfg.seq_len * world
-    t_start, t_log, log_step = time.perf_counter(), time.perf_counter(), step
-    elapsed0 = state.get("elapsed_s", 0.0)
-    model.train()
+    t_start = t_log = time.perf_counter()
+    log_step, elapsed0 = w.state["step"], w.state.get("elapsed_s", 0.0)
+    w.model.train()
     last: dict[str, Any] = {}
-    while step < cfg.max_steps:
-        mult = lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-        set_lr(opt, mult)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            batch = _next_batch(batches, consumed)  # (B, T + 1)
-            consumed += 1
-            sync = world == 1 or micro == cfg.grad_accum - 1
-            ctx = fwd.no_sync() if not (sync or fsdp) else contextlib.nullcontext()  # type: ignore[operator]
-            if fsdp:
-                P.set_gradient_sync(model, sync)
-            with ctx, autocast_context(device):
-                loss = train_fwd(batch[:, :-1], targets=batch[:, 1:]) / cfg.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if cfg.fail_at_step is not None and step == cfg.fail_at_step and rank == 0:
-            marker = Path(cfg.out) / ".injected_failure"
-            if not marker.exists():
-                marker.write_text("1")
-                if cfg.fail_kill:  # a hard crash of the worker process: no exception, no cleanup
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise RuntimeError(f"injected failure at step {step} (fail_at_step, for tests)")
-        record: dict[str, Any] = {}
+    while w.state["step"] < cfg.max_steps:
+        out = run_step(w, cfg, batches, world)
+        step = w.state["step"]
+        _maybe_fail(cfg, step, rank)
         is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
         is_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+        record: dict[str, Any] = {}
         if step % cfg.log_every == 0 or is_eval or is_ckpt:
             if world > 1:
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+                torch.distributed.all_reduce(out["loss"], op=torch.distributed.ReduceOp.AVG)
             now = time.perf_counter()
             tok_s = tokens_per_step * (step - log_step) / max(now - t_log, 1e-9)
             t_log, log_step = now, step
             record = {
-                "step": step,
-                "loss": loss_sum.item(),
-                "lr": opt.param_groups[0]["lr"],
-                "grad_norm": P.to_float(grad_norm),
-                "tokens_per_s": tok_s,
+                "step": step, "loss": out["loss"].item(), "lr": w.opt.param_groups[0]["lr"],
+                "grad_norm": P.to_float(out["grad_norm"]), "tokens_per_s": tok_s,
                 "mfu": mfu(tok_s, model_config, cfg.seq_len) if device.type == "cuda" else 0.0,
-                "tokens": step * tokens_per_step,
-                "elapsed_s": elapsed0 + now - t_start,
-            }
+                "tokens": step * tokens_per_step, "elapsed_s": elapsed0 + now - t_start,
+            }  # fmt: skip
         if is_eval:
-            record.update(evaluate_windows(model, val_win, cfg.micro_batch_size, device, lockstep=fsdp))
+            lockstep = n_val if w.fsdp else None
+            record.update(evaluate(w.model, val, device, w.dtype, world, lockstep))
             record["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
         reached = cfg.target_val_loss is not None and record.get("val_loss", 1e9) <= cfg.target_val_loss
         if record:
             logger.log(record)
             last = record
         if is_ckpt or reached:
-            state = {
-                "step": step,
-                "batches_consumed": consumed,
-                "elapsed_s": elapsed0 + time.perf_counter() - t_start,
-                "seed": cfg.seed,
-                "lr_multiplier": mult,
-                "schedule": cfg.schedule,
-                "max_steps": cfg.max_steps,
-            }
-            # FSDP2: every rank joins the gathers; rank 0 writes the same plain files as without sharding
-            full = (P.full_model_tensors(model), P.full_optimizer_state(opt)) if fsdp else (None, None)
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt_dir = None
-                if rank == 0:
-                    ckpt_dir = str(save_checkpoint(Path(tmp) / "checkpoint", model, opt, state, *full))
-                report(dict(last, step=step), ckpt_dir)
+            w.state["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+            _checkpoint(w, cfg, session, dict(last, step=step))
         if reached:
             break
     return last
+
+
+def _checkpoint(w: _Worker, cfg: PretrainConfig, session: Session, metrics: dict[str, Any]) -> None:
+    """Every rank joins the FSDP2 gathers; rank 0 writes the plain single-device format."""
+    state = {**w.state, "seed": cfg.seed, "schedule": cfg.schedule, "max_steps": cfg.max_steps}
+    full = (P.full_model_tensors(w.model), P.full_optimizer_state(w.opt)) if w.fsdp else (None, None)
+    session.checkpoint(metrics, lambda d: save_checkpoint(d, w.model, w.opt, state, *full))
 
 
 def _next_batch(batches: Iterator[torch.Tensor], consumed: int) -> torch.Tensor:
@@ -242,45 +272,15 @@ def _next_batch(batches: Iterator[torch.Tensor], consumed: int) -> torch.Tensor:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train V2 entry point of every worker."""
-    import ray.train
-    import ray.train.torch
-
     cfg = PretrainConfig(**config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
-    batches = iter(
-        shard.iter_torch_batches(
-            batch_size=cfg.micro_batch_size,
-            dtypes=torch.int64,
-            device=device,
-            drop_last=True,
-            prefetch_batches=4,
-        )
-    )
-    batches = (b["tokens"] for b in batches)
-    checkpoint = ray.train.get_checkpoint()
-    resume_ctx = checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(None)
-
-    def report(metrics: dict[str, Any], ckpt_dir: str | None) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
-
-    with resume_ctx as resume_dir:
-        train_steps(
-            cfg,
-            ModelConfig(**config["model_config"]),
-            batches,
-            config["val_tokens"],
-            device,
-            resume_dir,
-            report,
-            rank,
-            world,
-        )
+    session = RaySession()
+    shard = session.dataset_shard(f"train_{session.rank}")
+    batches = shard.iter_torch_batches(
+        batch_size=cfg.micro_batch_size, dtypes=torch.int64, device=session.device, drop_last=True,
+        prefetch_batches=4,
+    )  # fmt: skip
+    tokens = (b["tokens"] for b in batches)
+    train_steps(cfg, ModelConfig(**config["model_config"]), tokens, config["val_tokens"], session)
 
 
 # --- the driver -------------------------------------------------------------------------------------------
@@ -323,8 +323,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) pretraining on Ray Train; returns the last metrics and where results went."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # the default in Ray 2.60; explicit for older Rays
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import DataConfig
 
     from llmray.train.ray_env import init_ray
 
@@ -342,31 +341,14 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     out = Path(cfg.out).resolve()
     cfg = dataclasses.replace(cfg, out=str(out))
     storage = cfg.storage_path or str(out / "ray_results")
-    trainer = TorchTrainer(
+    result = run_trainer(
         train_worker,
-        train_loop_config={
-            "cfg": dataclasses.asdict(cfg),
-            "model_config": mc.to_dict(),
-            "val_tokens": val_tokens,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets=datasets,
+        {"cfg": dataclasses.asdict(cfg), "model_config": mc.to_dict(), "val_tokens": val_tokens},
+        num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker,
+        name=cfg.name, storage_path=storage, max_failures=cfg.max_failures, datasets=datasets,
         # one dataset per worker, not split: each worker's rows are fixed (resume skips the consumed ones)
-        dataset_config=DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
-        ),
-    )
-    result = trainer.fit()
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )  # fmt: skip
     if result.checkpoint is None:
         raise RuntimeError(f"training ended without a checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as ckpt:
@@ -390,20 +372,3 @@ def export_model(checkpoint_dir: str | Path, mc: ModelConfig, tokenizer: Any, ou
     model = Qwen3ForCausalLM(mc, kernels="torch")
     load_checkpoint(checkpoint_dir, model, None)
     return save_model(model, out, tokenizer=tokenizer, dtype=torch.float32)
-
-
-def run_local(cfg: PretrainConfig, device: str | torch.device = "cuda") -> dict[str, Any]:
-    """One process, no Ray (benchmarks): same tokenization, rows and loop as one Ray Train worker."""
-    device = torch.device(device)
-    tok, mc, train_tokens, val_tokens = prepare_corpus(cfg)
-    checkpoints = Path(cfg.out) / "checkpoints"
-
-    def report(metrics: dict[str, Any], ckpt_dir: str | None) -> None:
-        if ckpt_dir:  # keep the latest checkpoint (already complete: save_checkpoint renames atomically)
-            shutil.rmtree(checkpoints / "latest", ignore_errors=True)
-            shutil.copytree(ckpt_dir, checkpoints / "latest")
-
-    batches = D.local_batches(train_tokens, cfg.seq_len, cfg.seed, cfg.micro_batch_size, device=device)
-    t0 = time.perf_counter()
-    last = train_steps(cfg, mc, batches, val_tokens, device, None, report)
-    return {"last": last, "wall_s": time.perf_counter() - t0, "model_config": mc, "tokenizer": tok}

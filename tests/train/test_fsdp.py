@@ -26,6 +26,7 @@ from llmray.config import ModelConfig
 from llmray.train import data as D
 from llmray.train.loop import MODEL_FILE, OPTIM_FILE, load_checkpoint, read_metrics
 from llmray.train.pretrain import PretrainConfig, train_steps
+from llmray.train.session import LocalSession
 
 STEPS, WORLD, BATCH, SEQ = 6, 2, 4, 32  # BATCH sequences per rank per step
 
@@ -53,14 +54,10 @@ def _rank_batches(tokens: np.ndarray, seed: int, rank: int):
 
 
 def _run(cfg: PretrainConfig, mc: ModelConfig, train, val, rank: int, resume: str | None, keep: Path):
-    def report(metrics, ckpt_dir):
-        if ckpt_dir:  # rank 0 only: keep each checkpoint (the temporary directory goes away)
-            import shutil
-
-            shutil.copytree(ckpt_dir, keep / f"step{metrics['step']}")
-
+    """One rank's loop; rank 0 keeps every checkpoint as ``keep/checkpoint_<step>``."""
+    session = LocalSession(root=keep, keep=100, rank=rank, world=WORLD, resume=resume)
     batches = _rank_batches(train, cfg.seed, rank)  # a resumed loop skips the batches consumed before
-    train_steps(cfg, mc, batches, val, torch.device("cpu"), resume, report, rank, WORLD)
+    train_steps(cfg, mc, batches, val, session)
 
 
 def _helpers_check(rank: int) -> dict:
@@ -115,7 +112,7 @@ def _worker(rank: int, port: int, root: str) -> None:
         ("ddp", base, None),
         ("fsdp", dataclasses.replace(base, out=str(root_p / "fsdp"), parallel="fsdp"), None),
         ("fsdp_resumed", dataclasses.replace(base, out=str(root_p / "fsdp_resumed"), parallel="fsdp"),
-         str(root_p / "ckpt_fsdp" / "step3")),
+         str(root_p / "ckpt_fsdp" / "checkpoint_00000003")),
     ]:  # fmt: skip
         keep = root_p / f"ckpt_{name}"
         keep.mkdir(exist_ok=True)
@@ -164,7 +161,7 @@ def test_fsdp_loss_curve_equals_ddp(runs):
 def test_fsdp_checkpoint_is_the_plain_format_and_loads(runs):
     from llmray.model.qwen3 import Qwen3ForCausalLM
 
-    d, f = runs / "ckpt_ddp" / "step6", runs / "ckpt_fsdp" / "step6"
+    d, f = runs / "ckpt_ddp" / "checkpoint_00000006", runs / "ckpt_fsdp" / "checkpoint_00000006"
     wd, wf = load_file(str(d / MODEL_FILE)), load_file(str(f / MODEL_FILE))
     assert sorted(wd) == sorted(wf) and "lm_head.weight" not in wf  # tied head stored once, as DDP
     for k in wd:

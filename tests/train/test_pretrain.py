@@ -19,9 +19,10 @@ from _support.data import shared_data
 
 from llmray.config import ModelConfig
 from llmray.train import data as D
-from llmray.train.loop import lr_multiplier, read_metrics
 from llmray.train.cli import add_cli, config_from_args
+from llmray.train.loop import lr_multiplier, read_metrics
 from llmray.train.pretrain import PretrainConfig, run_pretrain, train_steps
+from llmray.train.session import LocalSession
 
 STEPS, FAIL_AT = 16, 10
 
@@ -70,7 +71,7 @@ def _reference_losses(cfg: PretrainConfig) -> list[float]:
     ref_cfg = dataclasses.replace(cfg, num_workers=1, batch_size=2 * cfg.batch_size, out=cfg.out + "/ref")
     ref_cfg = dataclasses.replace(ref_cfg, fail_at_step=None, checkpoint_every=10_000)
     batches = D.local_batches(train, cfg.seq_len, cfg.seed, ref_cfg.batch_size)
-    train_steps(ref_cfg, mc, batches, val, torch.device("cpu"), None, lambda m, c: None)
+    train_steps(ref_cfg, mc, batches, val, LocalSession())
     return [r["loss"] for r in read_metrics(f"{ref_cfg.out}/metrics.jsonl")]
 
 

@@ -1,0 +1,101 @@
+"""Training-step throughput of a model preset: the measurement behind bench/train.py's MFU numbers.
+
+``measure`` times the harness's own step (``llmray.train.harness.train_step``) on random tokens;
+``throughput_worker`` runs the variants one after the other inside a Ray Train worker (so the benchmark
+measures what ``llmray pretrain`` runs) and writes their results to a JSON file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmray.config import ModelConfig
+from llmray.train.metrics import mfu
+
+VARIANTS = [("torch", "blocks"), ("triton", "none"), ("triton", "blocks")]  # (kernels, compile)
+
+
+def measure(
+    mc: ModelConfig, kernels: str, compile_mode: str, bsz: int, seq: int, device: str, steps: int = 6
+) -> dict[str, Any]:
+    """Full training steps (fwd + bwd + Muon) on random tokens: 3 warm-up steps, ``steps`` timed (CUDA events).
+
+    The harness's own step (``llmray.train.harness.train_step``: bf16 autocast over fp32 master weights,
+    clipping, the optimizer step inside the timed step). ``compile_mode="blocks"`` compiles each decoder
+    block (one graph reused by all 28); for the torch ops the loss (logits + cross-entropy) is compiled too,
+    so the torch.compile-only baseline fuses its loss as a whole-model compile would.
+    """
+    from llmray.model.ops import linear_cross_entropy_torch
+    from llmray.model.qwen3 import Qwen3ForCausalLM
+    from llmray.train.fsdp import compile_blocks
+    from llmray.train.harness import train_step
+    from llmray.train.loop import build_optimizer
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(mc, kernels=kernels).train()
+    if compile_mode == "blocks":
+        compile_blocks(model)
+        if model.ops.name == "torch":
+            model._ops = dataclasses.replace(
+                model.ops, linear_cross_entropy=torch.compile(linear_cross_entropy_torch)
+            )
+    opt = build_optimizer(model, "muon", lr=3e-4, muon_lr=0.02)
+    params = list(model.parameters())
+    x = torch.randint(0, mc.vocab_size, (bsz, seq + 1), device=device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def step():
+        return train_step(model, [(x[:, :-1], x[:, 1:])], 1, opt, params, torch.device(device), dtype, 1.0)[0]
+
+    t = time.perf_counter()
+    for _ in range(3):
+        step()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    warm = time.perf_counter() - t
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    if device == "cuda":
+        end.record()
+        sync()
+        s_per_step = start.elapsed_time(end) / 1e3 / steps
+    else:
+        s_per_step = (time.perf_counter() - t) / steps
+    tok_s = bsz * seq / s_per_step
+    return {
+        "tokens_per_s": tok_s, "mfu": mfu(tok_s, mc, seq), "step_s": s_per_step,
+        "warmup_s_incl_compile": warm, "loss": float(loss),
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
+    }  # fmt: skip
+
+
+def throughput_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: every variant in one process, one after the other; results to a JSON file."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device().type
+    torch.backends.cuda.matmul.allow_tf32 = True
+    mc = ModelConfig.preset(config["preset"])
+    res = {}
+    for kernels, comp in VARIANTS:
+        name = f"{kernels}{'+compile_blocks' if comp != 'none' else ''}"
+        try:
+            res[name] = measure(mc, kernels, comp, config["bsz"], config["seq"], device)
+        except Exception as e:  # report, keep the other variants
+            res[name] = f"failed: {type(e).__name__}: {str(e)[:400]}"
+        print(f"(c) {name}: {res[name]}", flush=True)
+        Path(config["out_file"]).write_text(json.dumps(res, indent=1))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
