@@ -281,8 +281,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(sys.argv)}
     parts = {"a": part_a_b, "d": part_d, "c": part_c, "e": part_e}
-    for key, fn in parts.items():
-        if key in args.parts or (key == "a" and "b" in args.parts):
+    order = [k for k in dict.fromkeys(args.parts.replace("b", "a")) if k in parts]  # in the order asked
+    for key, fn in ((k, parts[k]) for k in order):
+        if True:
             try:
                 fn(args, results, out)
             except Exception as e:
