@@ -130,7 +130,8 @@ class MockAsyncLLM:
                 out.new_text = held.new_text + out.new_text
             held = out
             now = loop.time()
-            if out.finish_reason or last_yield is None or now - last_yield >= interval_s:
+            interval = interval_s() if callable(interval_s) else interval_s
+            if out.finish_reason or last_yield is None or now - last_yield >= interval:
                 yield out
                 held, last_yield = None, now
 
