@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -141,6 +142,23 @@ def _plan(inputs: list[str], output: str, shard_rows: int, fmt: str) -> list[Sha
     return shards
 
 
+def _check_local_resources(concurrency: int, use_gpu: bool, num_cpus: float) -> None:
+    import ray
+
+    have = ray.cluster_resources()
+    if use_gpu and have.get("GPU", 0) < concurrency:
+        raise ValueError(
+            f"--use-gpu --concurrency {concurrency} needs {concurrency} GPU(s); this machine has "
+            f"{int(have.get('GPU', 0))} (drop --use-gpu to run on CPU, or lower --concurrency)"
+        )
+    need = concurrency * (1 if use_gpu else num_cpus) + 0.25  # the engines + one reader task
+    if need > have.get("CPU", 0):
+        raise ValueError(
+            f"--concurrency {concurrency} needs {need:g} CPUs; this machine has {have.get('CPU', 0):g} "
+            "(lower --concurrency)"
+        )
+
+
 def _output_row(row: dict[str, Any]) -> dict[str, Any]:
     try:
         fields = json.loads(row["_json"])
@@ -203,8 +221,11 @@ def run_batch(
     summary = dict(shards=len(shards), skipped=already, pending=len(pending), written=0, rows=0, errors=0)
     if not pending:
         return {**summary, "tokens": 0, "seconds": 0.0}
+    started = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=False)
+    if started:  # a local Ray of our own: an actor it cannot place would wait forever
+        _check_local_resources(concurrency, use_gpu, processor.num_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = [{"shard": json.dumps(asdict(s))} for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard, num_cpus=0.25)
