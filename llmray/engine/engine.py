@@ -223,13 +223,28 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         ids = self.encode(prompt)
         self.validate(ids, params, lora)
+        constraint = self._constraint(params) if params.structured_output is not None else None
         adapter = self.lora.get(lora) if lora is not None else None
         adapter_id = self.lora.id_of(lora) if lora is not None else 0
         seq = Sequence(request_id, ids, params, adapter_id, lora_name=lora, lora_adapter=adapter)
+        seq.constraint = constraint
         self.scheduler.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop) if self.detokenize else None
         self.requests[request_id] = _Request(seq, detok, [] if params.logprobs is not None else None)
         self.prompt_tokens_total += len(ids)
+
+    def _constraint(self, params: SamplingParams) -> Any:
+        """Structured outputs: the request's grammar constraint (``llmray.engine.structured``: xgrammar,
+        compiled once per tokenizer at the first constrained request, cached by spec). RequestError for a
+        spec that cannot be compiled."""
+        if getattr(self, "_grammars", None) is None:
+            from llmray.engine.structured.compiler import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_id)
+        try:
+            return self._grammars.constraint(params.structured_output, params.stop_token_ids)
+        except ValueError as e:
+            raise RequestError(str(e), "structured_output") from None
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmray.engine.errors import RequestError
+from llmray.engine.structured.spec import StructuredOutput
 
 
 @dataclass
@@ -25,6 +26,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtract count * penalty
     repetition_penalty: float = 1.0  # CTRL/HF semantics over prompt + output tokens (1 = off)
     logprobs: int | None = None  # top-n logprobs per generated token (0 = the chosen token only)
+    # constrained decoding: a StructuredOutput (or its dict, e.g. {"json": schema}); see llmray.engine.structured
+    structured_output: StructuredOutput | dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,6 +65,11 @@ class SamplingParams:
                 f"SamplingParams.min_tokens={self.min_tokens} must not exceed max_tokens={self.max_tokens}",
                 "min_tokens",
             )
+        if self.structured_output is not None:
+            try:
+                self.structured_output = StructuredOutput.from_dict(self.structured_output)
+            except ValueError as e:
+                raise RequestError(f"SamplingParams.{e}", "structured_output") from None
 
     @property
     def greedy(self) -> bool:
