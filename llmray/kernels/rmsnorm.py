@@ -139,14 +139,15 @@ def rms_norm_fwd(
 def dw_programs(m: int, n: int, block_m: int, device: torch.device, per_sm: int | None = None) -> int:
     """Programs sharing the rows of the weight-gradient reduction (each writes one fp32 partial row).
 
-    The backward is bound by memory latency: each program walks its rows one tile at a time, so the
-    bytes in flight grow with the number of programs. 8 per SM (1,056 on an H200) keeps ~64 KB per SM
-    in flight; fewer (the earlier 4 per SM) left the 16k x 1,024 backward at ~2.2 TB/s. The partial sums
-    add P x N x 4 bytes (written once, read once), capped at 1/8 of the rows' own traffic."""
+    The backward is bound by memory latency: each program walks its rows one tile at a time, so narrow
+    rows need more programs for enough bytes in flight. H200 sweep (bench/results/kernels_rms.json,
+    "rms_bwd_programs"): at 16k x 1,024, 8 per SM 0.0438 ms vs 2 per SM 0.0531; at 16k x 4,096 (one
+    4,096-wide row per tile) 2 per SM 0.131 ms vs 8 per SM 0.139. The partial sums add P x N x 4 bytes
+    (written once, read once), capped at 1/8 of the rows' own traffic."""
     blocks = triton.cdiv(m, block_m)
     if device.type != "cuda":
         return max(1, min(blocks, 4))
-    per_sm = per_sm or 8
+    per_sm = per_sm or (8 if n <= 2048 else 2)
     cap = max(1, 3 * m // 32)  # P*N*4 bytes written + read <= 1/8 of 3*M*N*2 (bf16 dy, x, dx)
     return max(1, min(blocks, per_sm * num_sms(device), cap))
 
