@@ -70,7 +70,7 @@ class ModelRunner:
         self.buckets = decode_buckets(config.max_num_seqs)
         tokens = max(config.max_num_batched_tokens, config.max_num_seqs, config.max_graph_tokens)
         seqs = max(config.max_num_seqs, min(tokens, config.max_graph_tokens))
-        capacity = 5 * tokens + 3 * seqs + 2 * tile_capacity(tokens, seqs, self.block_m) + 8
+        capacity = 5 * tokens + 3 * seqs + 2 * tile_capacity(tokens, seqs, self.block_m) + 24
         capacity += seqs * (self.max_blocks_per_seq + 1)
         self.inputs = StepInputs(
             self.device, capacity, config.block_size, self.block_m, self.max_blocks_per_seq
@@ -80,7 +80,7 @@ class ModelRunner:
         self._prev_rows: dict[int, int] = {}  # seq_id -> its row in prev_tokens
         self._cuda_graphs: CudaGraphs | None = None
         self.graphs: dict = {}
-        if self.is_cuda and not config.enforce_eager:
+        if self.is_cuda:  # enforce_eager: the same padded steps, run eagerly (the same tokens either way)
             self._cuda_graphs = CudaGraphs(
                 self._forward,
                 self.inputs.dev,
@@ -91,7 +91,8 @@ class ModelRunner:
                 self.block_m,
                 self.lora_batch is not None,
             )
-            self._cuda_graphs.capture()
+            if not config.enforce_eager:
+                self._cuda_graphs.capture()
             self.graphs = self._cuda_graphs.graphs
         self.warmup_s = warmup(self) if self.is_cuda else 0.0
 
@@ -107,7 +108,8 @@ class ModelRunner:
     def _splits(self, rows: int) -> int:
         if not self.is_cuda:
             return 2
-        return default_num_splits(next((b for b in self.buckets if b >= rows), rows), 8, self.num_sms)
+        bucket = next((b for b in self.buckets if b >= rows), rows)
+        return default_num_splits(bucket, self.cache.num_kv_heads, self.num_sms)
 
     def _set_lora_enabled(self, enabled: bool) -> None:
         if self.lora_batch is not None:

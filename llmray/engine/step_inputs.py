@@ -38,14 +38,19 @@ class Layout:
 
     @property
     def fixed_size(self) -> int:
-        return sum(self.sizes())
+        return sum(_even(n) for n in self.sizes())
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each array starts 16-byte aligned (an even offset): Triton specialises on pointer alignment."""
         out, off = {}, 0
         for name, n in zip(FIXED, self.sizes(), strict=True):
             out[name] = flat[off : off + n]
-            off += n
+            off += _even(n)
         return out
+
+
+def _even(n: int) -> int:
+    return n + (n & 1)
 
 
 def tile_capacity(tokens: int, seqs: int, block_m: int) -> int:
@@ -107,7 +112,8 @@ class StepInputs:
         # compiled variant serves every step
         width = min(-(-max(len(it.seq.block_table) for it in items) // 16) * 16, self.max_width)
         r = len(sample_rows)
-        total = layout.fixed_size + r + s_pad * width
+        tables_at = layout.fixed_size + _even(r)
+        total = tables_at + s_pad * width
         if total > self.capacity:
             raise ValueError(f"step inputs need {total} ints; the staging buffer holds {self.capacity}")
         self._turn = (self._turn + 1) % len(self.host)
@@ -126,7 +132,7 @@ class StepInputs:
                 n,
             )
         pos = np.arange(n) - np.repeat(cu[:-1] - starts, q_lens)
-        tables = flat[layout.fixed_size + r : total].numpy().reshape(s_pad, width)
+        tables = flat[tables_at:total].numpy().reshape(s_pad, width)
         tables[:] = 0
         lens = np.fromiter((len(it.seq.block_table) for it in items), np.int64, b)
         chain = itertools.chain.from_iterable(it.seq.block_table for it in items)
@@ -163,7 +169,7 @@ class StepInputs:
             layout=layout,
             views=layout.views(dev),
             last=dev[layout.fixed_size : layout.fixed_size + r],
-            tables=dev[layout.fixed_size + r : total].view(s_pad, width),
+            tables=dev[tables_at:total].view(s_pad, width),
             num_tokens=n,
             num_seqs=b,
             num_decodes=num_decodes,

@@ -70,7 +70,7 @@ def test_fp32_mixed_batch_with_graphs_equals_merged_reference(tmp_path):
         max_lora_rank=16,
         loras={"a": tmp_path / "a", "b": tmp_path / "b"},
     )
-    assert (1, True) in llm.engine.runner.graphs  # decode steps replay LoRA graphs
+    assert ("decode", 1, True) in llm.engine.runner.graphs  # decode steps replay LoRA graphs
     outs = llm.generate(prompts, PARAMS, lora=names)
     assert [o.token_ids for o in outs] == expect
 

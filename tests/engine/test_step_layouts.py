@@ -1,0 +1,64 @@
+"""Padded step layouts (what CUDA graphs replay) run eagerly on CPU: the same tokens as the reference.
+
+The graph path's inputs — decode kernel over every sequence slot, prefill over a padded tile list, padding
+tokens at slot -1, placeholders resolved on the device — run here through the Triton interpreter, with the
+graphs' padding but without capture, on decode-only steps, mixed steps and prefix-cache hits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmray.engine.cuda_graphs import CudaGraphs, mixed_buckets
+from llmray.engine.llm import LLM
+from llmray.engine.sampling_params import SamplingParams
+from llmray.engine.step_inputs import Layout, tile_capacity
+from llmray.model.generate import generate
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from llmray.config import ModelConfig
+    from llmray.model.qwen3 import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="torch").eval()
+
+
+def test_layout_sizes_and_buckets():
+    assert Layout(16, 8, 3).sizes() == [16] * 5 + [9, 8, 3, 3]
+    assert tile_capacity(64, 32, 64) == 1 + 32 + 1
+    assert mixed_buckets(512, 8192) == [16, 32, 64, 128, 256, 512]
+    assert mixed_buckets(100, 48) == [16, 32]
+
+
+def test_graph_layouts_run_eagerly_match_the_reference(model):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from llmray.kernels.paged_attention import _decode_kernel
+
+    if torch.cuda.is_available() or not isinstance(_decode_kernel, InterpretedFunction):
+        pytest.skip("needs TRITON_INTERPRET=1 set before triton is imported (tests/engine/conftest.py does)")
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(0, 512, (13,), generator=g).tolist()
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (3, 21, 1)]
+    prompts += [shared + [7], shared + [8, 9]]  # the second hits the prefix cache (3 blocks of 4)
+    refs = [generate(model, p, GREEDY.max_tokens) for p in prompts]
+    llm = LLM.from_model(
+        model, kernels="torch", block_size=4, max_num_seqs=4, max_num_batched_tokens=24, max_graph_tokens=16
+    )
+    r = llm.engine.runner
+    r.use_triton = True
+    graphs = CudaGraphs(r._forward, r.inputs.dev, 4, r.max_blocks_per_seq, 16, 24, r.block_m, False)
+    r._cuda_graphs = graphs
+    used = []
+    pick = graphs.pick
+    graphs.pick = lambda *a: used.append(pick(*a)) or used[-1]
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == refs
+    kinds = {u[0] for u in used if u is not None}
+    assert kinds == {"decode", "mixed"} and None in used  # both graph kinds and eager steps ran
+    assert outs[4].num_cached_tokens == 12
