@@ -126,6 +126,12 @@ class _TokenizeBatch:
         return {"ids": out}
 
 
+def _no_restarts() -> dict[str, Any]:
+    """Actor options: constructor args live in the object store, and Ray logs an error line on the console
+    for every restartable actor built from such args."""
+    return {"max_restarts": 0}
+
+
 def tokenize_corpus(ds, tokenizer: Tokenizer, add_eos: bool, batch_size: int = 64) -> np.ndarray:
     """Tokenize every document (Ray Data ``map_batches``) and concatenate them in order: (N,) int32."""
     import ray.data
@@ -144,6 +150,7 @@ def tokenize_corpus(ds, tokenizer: Tokenizer, add_eos: bool, batch_size: int = 6
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
         num_cpus=0.25,
+        ray_remote_args_fn=_no_restarts,
     )
     parts = [np.asarray(row["ids"], dtype=np.int32) for row in tokenized.iter_rows()]
     if not parts:
@@ -256,6 +263,7 @@ def train_windows_datasets(
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.25,
+            ray_remote_args_fn=_no_restarts,  # a lost actor fails the worker: Ray Train restarts it
         )
         for rank in range(num_workers)
     }

@@ -101,7 +101,9 @@ def init_ray(
         log_to_driver=worker_output or verbose(),
     )
     if local_ray_starts():
-        kwargs.update(include_dashboard=False, **local_kwargs)
+        # the dashboard stays (Ray's default): without its State API, Ray Train V2's PlacementGroupCleaner
+        # can take a busy controller for dead and remove the workers' placement group mid-run
+        kwargs.update(local_kwargs)
     if path is not None:
         print(f"Ray's logs: {path}", flush=True)
     # ray.init drops the "ray" logger's handlers and then logs (e.g. the token-auth warning): while it

@@ -18,7 +18,7 @@ from llmray.train.cli import config_from_args
 from llmray.train.finetune import FinetuneConfig
 from llmray.train.pretrain import PretrainConfig
 
-COMMANDS = ("pretrain", "finetune", "merge", "generate", "serve", "demo", "bench")
+COMMANDS = ("pretrain", "finetune", "merge", "generate", "serve", "demo", "batch", "bench")
 
 
 def _err_line(capsys) -> str:
