@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import serve
 
 from llmray.serve.ingress import HandleBackend, IngressConfig, build_openai_app
+from llmray.serve.limits import MAX_BODY_BYTES
 from llmray.serve.lora_registry import scan_root
 from llmray.serve.protocol import check_adapter_name
 from llmray.serve.server import LLMServer
@@ -51,7 +52,8 @@ class ServeArgs(BaseModel):
     loras: dict[str, str] = Field(default_factory=dict)  # adapter name -> PEFT directory
     lora_root: str | None = None  # every sub-directory holding adapter_config.json is an adapter
     api_key: str | None = None  # default: $LLMRAY_API_KEY; none = open
-    engine: Literal["llmray", "mock"] = "llmray"
+    engine: Literal["llmray"] = "llmray"  # kept for older configs; stand-ins come from engine_factory
+    engine_factory: str | None = None  # "module:callable" building a stand-in engine (tests); None = llmray
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # EngineConfig fields
     use_gpu: bool | None = None  # None: True when the Ray cluster (or this machine) has a GPU
     min_replicas: int = Field(1, ge=1)
@@ -62,7 +64,7 @@ class ServeArgs(BaseModel):
     num_cpus: float = Field(0.5, gt=0)  # per LLMServer replica
     ingress_replicas: int = Field(2, ge=1)
     ingress_num_cpus: float = Field(0.1, gt=0)
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
     retry_after_s: int = Field(1, ge=0)
     autoscaling_overrides: dict[str, Any] = Field(default_factory=dict)  # e.g. upscale_delay_s (tests)
     health_check_period_s: float = Field(10.0, gt=0)
@@ -81,7 +83,7 @@ class ServeArgs(BaseModel):
     def _replicas(self) -> ServeArgs:
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}")
-        if not Path(self.model).is_dir() and self.engine != "mock":
+        if not Path(self.model).is_dir() and self.engine_factory is None:
             raise ValueError(f"model directory {self.model!r} does not exist")
         return self
 
@@ -161,7 +163,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     )
     ingress_config = {
         "served_model_name": name,
-        "lora_names": sorted(loras),
         "dynamic_loras": bool(loras or a.lora_root),
         "api_key": api_key,
         "max_body_bytes": a.max_body_bytes,
@@ -171,9 +172,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     server = llm.bind(
         a.model,
         name,
-        a.engine,
-        a.engine_kwargs,
-        a.loras,  # preloaded; the lora_root sub-directories are registered and loaded on first use
+        engine_factory=a.engine_factory,
+        engine_kwargs=a.engine_kwargs,
+        loras=a.loras,  # preloaded; the lora_root sub-directories are registered and loaded on first use
         stream_interval_ms=a.stream_interval_ms,
         stream_messages_per_s=a.stream_messages_per_s,
         lora_root=a.lora_root,

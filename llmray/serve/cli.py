@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="per engine replica: with N streams the interval grows to N / this (default 4000; 0 = off)")  # fmt: skip
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="one GPU per engine replica (default: when the cluster has GPUs)")  # fmt: skip
-    p.add_argument("--engine", choices=("llmray", "mock"), default="llmray", help="mock: no model (testing)")
+    p.add_argument("--engine-factory", metavar="MODULE:CALLABLE",
+                   help="build a stand-in engine instead of llmray's (test doubles; importable by the replicas)")  # fmt: skip
     for flag, (_, typ) in ENGINE_FLAGS.items():
         p.add_argument(f"--{flag}", type=typ, default=None, help=f"engine: {flag.replace('-', ' ')}")
     p.add_argument("--enforce-eager", action="store_true", help="engine: no CUDA graphs")
@@ -85,7 +86,7 @@ def args_to_app_args(ns: argparse.Namespace) -> dict[str, Any]:
         "loras": dict(ns.lora),
         "lora_root": ns.lora_root,
         "api_key": ns.api_key or os.environ.get("LLMRAY_API_KEY") or None,
-        "engine": ns.engine,
+        "engine_factory": ns.engine_factory,
         "engine_kwargs": engine_kwargs,
         "use_gpu": ns.use_gpu,
         "min_replicas": ns.min_replicas,

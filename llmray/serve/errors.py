@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from llmray.serve.limits import MAX_ECHO_CHARS, MAX_MESSAGE_CHARS
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -21,10 +23,6 @@ ERROR_TYPES = {
     500: "internal_server_error",
     503: "service_unavailable",
 }
-
-
-MAX_MESSAGE_CHARS = 1024  # an error message never grows with the input that caused it
-MAX_ECHO_CHARS = 80  # the most of a client's own value that a message quotes back
 
 
 def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:

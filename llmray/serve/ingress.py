@@ -1,8 +1,9 @@
 """The OpenAI HTTP front door: FastAPI routes over a backend that streams engine events.
 
 ``build_openai_app(backend, config)`` makes the FastAPI app; in Serve the backend is a
-``DeploymentHandle`` to ``LLMServer`` (``HandleBackend``), in fast tests an in-process ``LLMServer`` over
-the mock engine (``LocalBackend``). The order of checks per request: API key (401) → body size (413, before
+``DeploymentHandle`` to ``LLMServer`` (``HandleBackend``); tests pass an in-process stand-in
+(``tests/_support/local_backend.py``). Each request is parsed once, here, into its pydantic model, which
+travels to ``LLMServer`` as is. The order of checks per request: API key (401) → body size (413, before
 parsing) → JSON and schema (400 naming the field) → model name (404) → LLMServer queue (429 +
 ``Retry-After``) → the first engine event (400 for prompt + max_tokens over the context window). Only then is
 a status sent, so a streamed request gets real error statuses too; an error after that is an SSE
@@ -26,7 +27,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,6 +36,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmray.serve.errors import APIError, clip, from_validation_error
+from llmray.serve.events import Event
+from llmray.serve.limits import MAX_BODY_BYTES
 from llmray.serve.lora_registry import is_adapter_name
 from llmray.serve.protocol import (
     ChatCompletionRequest,
@@ -54,13 +57,12 @@ logger = logging.getLogger("llmray.serve")
 @dataclass
 class IngressConfig:
     served_model_name: str
-    lora_names: list[str] = field(default_factory=list)
     api_key: str | None = None
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = MAX_BODY_BYTES
     retry_after_s: int = 1
     max_model_len: int | None = None
     health_timeout_s: float = 3.0  # /health answers 503 rather than wait for an engine replica to appear
-    dynamic_loras: bool = False  # adapters come from the LLMServer registry (lora_names is then unused)
+    dynamic_loras: bool = False  # adapters (from the LLMServer registry) are served: --lora / --lora-root
 
 
 class LoadLoraAdapterRequest(BaseModel):
@@ -89,11 +91,11 @@ class HandleBackend:
     async def stream(
         self,
         kind: str,
-        body: dict,
+        body: Any,
         arrival_s: float,
         adapter: str | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[list[dict]]:
+    ) -> AsyncIterator[list[Event]]:
         gen = self._for(self.stream_handle, adapter).stream.remote(kind, body, arrival_s, request_id)
         finished = False
         try:
@@ -117,41 +119,11 @@ class HandleBackend:
         return await self._for(self.handle, name).unload_adapter.remote(name)
 
 
-class LocalBackend:
-    """Streams from an in-process ``LLMServer`` (tests; no Ray)."""
-
-    def __init__(self, server: Any) -> None:
-        self.server = server
-
-    async def stream(
-        self,
-        kind: str,
-        body: dict,
-        arrival_s: float,
-        adapter: str | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[list[dict]]:
-        async for item in self.server.stream(kind, body, arrival_s, request_id):
-            yield item
-
-    async def health(self) -> None:
-        self.server.check_health()
-
-    async def list_adapters(self) -> list[dict]:
-        return self.server.list_adapters()
-
-    async def load_adapter(self, name: str, path: str) -> dict:
-        return await self.server.load_adapter(name, path)
-
-    async def unload_adapter(self, name: str) -> dict:
-        return await self.server.unload_adapter(name)
-
-
 def _serve_error_status(exc: BaseException) -> int | None:
     """429 for a full LLMServer queue, 503 when no LLMServer replica can take requests, else None."""
     try:
         from ray.serve import exceptions as ex
-    except ImportError:  # ray absent: LocalBackend only
+    except ImportError:  # ray absent: in-process tests only
         return None
     if isinstance(exc, ex.BackPressureError):
         return 429
@@ -199,7 +171,7 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
     app = FastAPI(title="llmray", docs_url=None, redoc_url=None)
     app.add_middleware(RequestIdMiddleware)  # X-Request-Id echoed, and in the request's log lines
     install_log_filter()
-    served = [config.served_model_name, *config.lora_names]
+    served = [config.served_model_name]
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -252,11 +224,7 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
         check_auth(request)
         created = now()
         cards = [ModelCard(id=config.served_model_name, created=created, max_model_len=config.max_model_len)]
-        adapters = (
-            await backend.list_adapters()
-            if config.dynamic_loras
-            else [{"id": name, "created": created} for name in config.lora_names]
-        )
+        adapters = await backend.list_adapters() if config.dynamic_loras else []
         cards += [
             ModelCard(id=a["id"], created=a["created"], root=a["id"], parent=config.served_model_name)
             for a in adapters
@@ -282,7 +250,7 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
             )
         routing = {"adapter": adapter} if adapter is not None else {}  # base requests: plain calls
         routing["request_id"] = request.state.request_id
-        events = backend.stream(kind, req.model_dump(), arrival, **routing)
+        events = backend.stream(kind, req, arrival, **routing)  # parsed once, here
         try:
             first = await anext(events)
         except StopAsyncIteration:

@@ -14,13 +14,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_N = 16  # choices per request; each is one engine request
-MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs / logprobs
-MAX_PROMPTS = 128  # prompts in one batched /v1/completions request (each x n is an engine request)
-MAX_STOP = 16  # stop strings per request (OpenAI allows 4); each is searched after every token
-MAX_STOP_CHARS = 256  # characters per stop string (the stream holds back that much text)
-MAX_STOP_TOKEN_IDS = 64
-MAX_INT32 = 2**31 - 1  # bound for integers the engine puts into int tensors (top_k, token ids)
+from llmray.engine.sampling_params import SamplingParams
+from llmray.serve.limits import (
+    MAX_INT32,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_PROMPTS,
+    MAX_SEED,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+)
 
 
 def _valid_unicode(text: str) -> str:
@@ -57,7 +61,7 @@ class _SamplingFields(_Request):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=MAX_INT32)  # -1 and 0 both mean off
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: Text | list[Text] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_INT32)]] | None = Field(
         None, max_length=MAX_STOP_TOKEN_IDS
@@ -86,6 +90,29 @@ class _SamplingFields(_Request):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def num_logprobs(self) -> int | None:
+        raise NotImplementedError
+
+    def to_sampling_params(self, max_tokens: int, index: int = 0) -> SamplingParams:
+        """The engine's settings for choice ``index`` (seeds ``seed + index``); ``max_tokens`` as resolved
+        against the context window. The engine validates them (``RequestError`` names the field)."""
+        return SamplingParams(
+            max_tokens=max_tokens,
+            min_tokens=min(self.min_tokens, max_tokens),
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if self.top_k in (None, -1) else self.top_k,
+            min_p=self.min_p or 0.0,
+            seed=None if self.seed is None else self.seed + index,
+            stop=self.stop_list(),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logprobs=self.num_logprobs(),
+        )
 
 
 class CompletionRequest(_SamplingFields):

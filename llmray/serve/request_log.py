@@ -14,8 +14,12 @@ import uuid
 from contextvars import ContextVar
 from typing import Any
 
+from llmray.serve.limits import MAX_REQUEST_ID_CHARS
+
 REQUEST_ID: ContextVar[str | None] = ContextVar("llmray_request_id", default=None)
-_VALID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # anything else (or nothing) gets an id of ours
+_VALID = re.compile(
+    rf"[A-Za-z0-9._:/+=-]{{1,{MAX_REQUEST_ID_CHARS}}}"
+)  # anything else (or nothing) gets an id of ours
 HEADER = b"x-request-id"
 
 

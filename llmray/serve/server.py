@@ -1,14 +1,11 @@
 """``LLMServer``: the Serve deployment that owns one engine (``AsyncLLM``) per replica.
 
-The ingress sends it a validated OpenAI request body; ``stream`` turns it into engine requests (the chat
-template applied, ``n`` choices fanned out as ``n`` engine requests with seeds ``seed + i``) and yields
-lists of small events as tokens are produced::
-
-    {"index": choice, "text": delta, "num_tokens": k, "logprobs": [...] | None, "finish_reason": ...,
-     "prompt_tokens": P, "completion_tokens": C}
-
-or a single ``{"error": {...}, "status": 400}`` event when the request cannot run (errors travel as data,
-so no exception type has to survive Ray). With ``stream_interval_ms`` > 0 the first token goes out at once
+The ingress sends it the request it parsed (the pydantic model: parsed once); ``stream`` turns it into
+engine requests (the chat template applied, ``n`` choices fanned out as ``n`` engine requests with seeds
+``seed + i``, ``to_sampling_params`` on the model) and yields lists of ``llmray.serve.events`` events as
+tokens are produced: ``TokenEvent``s, or one ``ErrorEvent`` when the request cannot run (errors travel as
+data, so no exception type has to survive Ray). The engine's core runs in a process of its own; a dead
+core makes every stream end with the retryable 503 ``engine_unavailable`` and ``check_health`` fail. With ``stream_interval_ms`` > 0 the first token goes out at once
 and later ones are batched per interval (one Ray streaming message carries several tokens; consecutive
 events of a choice are folded into one). When the caller stops iterating (client disconnect, Serve
 cancellation), every engine request of the call is aborted at once.
@@ -30,10 +27,11 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from llmray.engine.errors import EngineDeadError
 from llmray.serve.errors import APIError, clip, engine_unavailable, from_validation_error, from_value_error
+from llmray.serve.events import Event, TokenEvent, error_event
 from llmray.serve.lora_registry import LoraRegistry, ReplicaAdapters
 from llmray.serve.metrics import ServeMetrics
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -48,22 +46,22 @@ def _progress(text: str) -> None:
     print(text, flush=True)  # start-up progress of the engine core, in the replica's log
 
 
-def load_engine(engine: str, model_dir: str, engine_kwargs: dict[str, Any], loras: dict[str, str]):
-    """Build ``(engine, SamplingParams class)``: ``engine`` is "llmray" (the real AsyncLLM) or "mock"."""
-    if engine == "mock":
-        from llmray.serve.mock_engine import MockAsyncLLM, MockSamplingParams
+def load_engine(
+    model_dir: str, engine_kwargs: dict[str, Any], loras: dict[str, str], engine_factory: str | None = None
+):
+    """The replica's engine: ``AsyncLLM`` over an engine core process, or what ``engine_factory``
+    ("module:callable", called as ``f(model_dir, loras=..., **engine_kwargs)``; test doubles) builds."""
+    if engine_factory:
+        from llmray.engine.core import load_factory
 
-        return MockAsyncLLM(model_dir, loras=dict(loras), **engine_kwargs), MockSamplingParams
-    if engine == "llmray":
-        from llmray.engine.async_llm import AsyncLLM  # not llm.py: the replica never imports torch
-        from llmray.engine.sampling_params import SamplingParams
+        return load_factory(engine_factory)(model_dir, loras=dict(loras), **engine_kwargs)
+    from llmray.engine.async_llm import AsyncLLM  # not llm.py: the replica never imports torch
 
-        kwargs = dict(engine_kwargs)
-        if loras:
-            kwargs["loras"] = dict(loras)
-        # the engine core runs in a process of its own; this replica process never touches the device
-        return AsyncLLM(model_dir, on_progress=_progress, **kwargs), SamplingParams
-    raise ValueError(f"engine must be 'llmray' or 'mock', got {engine!r}")
+    kwargs = dict(engine_kwargs)
+    if loras:
+        kwargs["loras"] = dict(loras)
+    # the engine core runs in a process of its own; this replica process never touches the device
+    return AsyncLLM(model_dir, on_progress=_progress, **kwargs)
 
 
 class LLMServer:
@@ -73,7 +71,7 @@ class LLMServer:
         self,
         model_dir: str,
         served_model_name: str,
-        engine: str = "llmray",
+        engine_factory: str | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         loras: dict[str, str] | None = None,
         enable_metrics: bool = True,
@@ -99,7 +97,7 @@ class LLMServer:
         preload = {n: e.path for n, e in entries.items() if n in (loras or {})}
         if self.lora_enabled:
             engine_kwargs.setdefault("enable_lora", True)  # adapters may be loaded later
-        self.engine, self._sampling_cls = load_engine(engine, model_dir, engine_kwargs, preload)
+        self.engine = load_engine(model_dir, engine_kwargs, preload, engine_factory)
         hook = _multiplexed_hook(int(engine_kwargs.get("max_cpu_loras", 16))) if self.lora_enabled else None
         held = {n: entries[n].version for n in preload}
         self.adapters = ReplicaAdapters(self.engine, self.registry, held, on_hold=hook)
@@ -241,25 +239,9 @@ class LLMServer:
                 f"stop_token_ids holds {outside[0]}, outside the vocabulary [0, {vocab})",
                 "stop_token_ids",
             )
-        kwargs: dict[str, Any] = {
-            "max_tokens": max_tokens,
-            "min_tokens": min(req.min_tokens, max_tokens),
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "top_p": 1.0 if req.top_p is None else req.top_p,
-            "top_k": 0 if req.top_k in (None, -1) else req.top_k,
-            "min_p": req.min_p or 0.0,
-            "seed": None if req.seed is None else req.seed + i,
-            "stop": req.stop_list(),
-            "stop_token_ids": list(req.stop_token_ids or []),
-            "ignore_eos": req.ignore_eos,
-            "presence_penalty": req.presence_penalty or 0.0,
-            "frequency_penalty": req.frequency_penalty or 0.0,
-            "repetition_penalty": req.repetition_penalty or 1.0,
-            "logprobs": req.num_logprobs(),
-        }
         try:
-            return self._sampling_cls(**kwargs)
-        except ValueError as e:
+            return req.to_sampling_params(max_tokens, i)
+        except ValueError as e:  # RequestError: names the field
             raise from_value_error(e) from None
 
     async def _lora(self, model: str) -> str | None:
@@ -273,8 +255,12 @@ class LLMServer:
 
     # --- the streaming entry point ----------------------------------------------------------------
     async def stream(
-        self, kind: str, body: dict[str, Any], arrival_s: float | None = None, request_id: str | None = None
-    ) -> AsyncIterator[list[dict[str, Any]]]:
+        self,
+        kind: str,
+        body: CompletionRequest | ChatCompletionRequest | dict[str, Any],
+        arrival_s: float | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[list[Event]]:
         """Run one OpenAI request; yields lists of events (see the module docstring). ``request_id`` (the
         client's X-Request-Id) prefixes this replica's log lines for the request."""
         REQUEST_ID.set(request_id)
@@ -284,7 +270,7 @@ class LLMServer:
         if self._poll_task is None and self.metrics.enabled:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll_stats())
         try:
-            req = self._parse(kind, body)
+            req = body if isinstance(body, BaseModel) else self._parse(kind, body)  # the ingress parsed it
             lora = await self._lora(req.model)
             jobs = []
             for p_idx, ids in enumerate(self._prompt_ids(req)):
@@ -292,7 +278,7 @@ class LLMServer:
                 for i in range(req.n):
                     jobs.append((p_idx * req.n + i, ids, self._sampling(req, max_tokens, i)))
         except APIError as e:
-            yield [{"error": e.to_dict()["error"], "status": e.status}]
+            yield [error_event(e)]
             return
         base_id = uuid.uuid4().hex
         if len(jobs) == 1:  # the common case: one engine request, its events passed straight through
@@ -353,7 +339,7 @@ class LLMServer:
 
     async def _events(
         self, rid: str, index: int, ids: list[int], sp: Any, lora: str | None, start: float
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[Event]:
         """One engine request as events (at most one per stream interval after the first token); an error
         ends it as an ``{"error", "status"}`` event. Closing it aborts the request in the engine."""
         last = None
@@ -371,7 +357,7 @@ class LLMServer:
                     else:
                         self.metrics.observe_tokens(now - last, len(new_ids))
                     last = now
-                    ev: dict[str, Any] = {
+                    ev: TokenEvent = {
                         "index": index,
                         "text": out.new_text,
                         "num_tokens": len(new_ids),
@@ -388,17 +374,17 @@ class LLMServer:
                     yield ev
             self.metrics.observe_finished(time.time() - start)
         except EngineDeadError as e:
-            yield _error_event(engine_unavailable(f"the engine stopped ({e}); retry the request"))
+            yield error_event(engine_unavailable(f"the engine stopped ({e}); retry the request"))
         except ValueError as e:
             if (
                 lora is not None and getattr(e, "param", None) == "model"
             ):  # the adapter was unloaded meanwhile
-                yield _error_event(APIError(404, str(e), "model", "model_not_found"))
+                yield error_event(APIError(404, str(e), "model", "model_not_found"))
             else:
-                yield _error_event(from_value_error(e))
+                yield error_event(from_value_error(e))
         except Exception as e:
             msg = f"the engine failed on this request ({type(e).__name__}: {e})"
-            yield _error_event(APIError(500, msg))
+            yield error_event(APIError(500, msg))
         finally:
             self._active -= 1
 
@@ -435,11 +421,7 @@ def _multiplexed_hook(max_adapters: int) -> Any:
     return serve.multiplexed(max_num_models_per_replica=max(1, max_adapters))(hold)
 
 
-def _error_event(err: APIError) -> dict[str, Any]:
-    return {"error": err.body()["error"], "status": err.status, "headers": err.headers}
-
-
-def _merge(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _merge(events: list[Event]) -> list[Event]:
     """Fold consecutive token events of one choice into one (an error event ends the list)."""
     out: list[dict[str, Any]] = []
     last_by_index: dict[int, dict[str, Any]] = {}

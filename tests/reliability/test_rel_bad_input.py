@@ -11,12 +11,13 @@ import json
 
 import pytest
 import schemathesis
+from _support.local_backend import MOCK_ENGINE, LocalBackend
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
 from llmray.serve.errors import MAX_MESSAGE_CHARS
-from llmray.serve.ingress import IngressConfig, LocalBackend, build_openai_app
+from llmray.serve.ingress import IngressConfig, build_openai_app
 from llmray.serve.server import LLMServer
 
 MODEL = "mock-model"
@@ -29,7 +30,7 @@ def make_app():
     server = LLMServer(
         "unused",
         MODEL,
-        engine="mock",
+        engine_factory=MOCK_ENGINE,
         engine_kwargs={"token_delay_s": 0.0, "max_model_len": 256},
         enable_metrics=False,
     )
@@ -97,7 +98,6 @@ def real_engine(tiny_model_dir):
     server = LLMServer(
         str(tiny_model_dir),
         MODEL,
-        engine="llmray",
         engine_kwargs={"max_model_len": 64, "num_kv_blocks": 256, "max_num_seqs": 32, "kernels": "torch"},
         enable_metrics=False,
     )

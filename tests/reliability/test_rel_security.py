@@ -11,11 +11,12 @@ import pickle
 from pathlib import Path
 
 import pytest
+from _support.local_backend import MOCK_ENGINE, LocalBackend
 from fastapi.testclient import TestClient
 from starlette.routing import Route
 
 from llmray.serve.errors import MAX_ECHO_CHARS, MAX_MESSAGE_CHARS
-from llmray.serve.ingress import IngressConfig, LocalBackend, build_openai_app
+from llmray.serve.ingress import IngressConfig, build_openai_app
 from llmray.serve.protocol import check_adapter_name
 from llmray.serve.server import LLMServer
 
@@ -28,7 +29,11 @@ LIMIT = 64 * 1024
 @pytest.fixture(scope="module")
 def app():
     server = LLMServer(
-        "unused", MODEL, engine="mock", engine_kwargs={"token_delay_s": 0.0}, enable_metrics=False
+        "unused",
+        MODEL,
+        engine_factory=MOCK_ENGINE,
+        engine_kwargs={"token_delay_s": 0.0},
+        enable_metrics=False,
     )
     return build_openai_app(LocalBackend(server), IngressConfig(MODEL, api_key=KEY, max_body_bytes=LIMIT))
 
@@ -223,7 +228,13 @@ def test_serve_args_refuse_traversal_names(tmp_path, tiny_model_dir):
     from llmray.serve.app import build_app
 
     with pytest.raises(ValueError, match="invalid LoRA adapter name"):
-        build_app({"model": str(tiny_model_dir), "engine": "mock", "loras": {"../../etc": str(tmp_path)}})
+        build_app(
+            {
+                "model": str(tiny_model_dir),
+                "engine_factory": MOCK_ENGINE,
+                "loras": {"../../etc": str(tmp_path)},
+            }
+        )
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "..%2F..%2Fetc", "/etc/passwd", "mock-model/../x"])
@@ -246,7 +257,7 @@ def test_lora_loading_routes_refuse_traversal(tmp_path):
     outside = _fake_adapter(tmp_path / "outside")
     (root / "link").symlink_to(outside, target_is_directory=True)  # a symlink escaping the root
     server = LLMServer(
-        "unused", MODEL, engine="mock", engine_kwargs={"token_delay_s": 0.0}, enable_metrics=False,
+        "unused", MODEL, engine_factory=MOCK_ENGINE, engine_kwargs={"token_delay_s": 0.0}, enable_metrics=False,
         lora_root=str(root),
     )  # fmt: skip
     app = build_openai_app(LocalBackend(server), IngressConfig(MODEL, api_key=KEY, dynamic_loras=True))

@@ -22,6 +22,7 @@ import time
 
 import httpx
 import pytest
+from _support.local_backend import MOCK_ENGINE
 from rel_helpers import AUTH, MODEL, engine_stats, replica_pids, serve_app, stream_completion, wait_for
 
 pytestmark = pytest.mark.timeout(400)
@@ -219,10 +220,12 @@ def test_deployments_drain_for_longer_than_serves_default(tiny_model_dir):
     """Serve's default graceful_shutdown_timeout_s (20 s) would cut long generations at downscale."""
     from llmray.serve.app import build_app
 
-    app = build_app({"model": str(tiny_model_dir), "engine": "mock"})
+    app = build_app({"model": str(tiny_model_dir), "engine_factory": MOCK_ENGINE})
     ingress = app._bound_deployment
     llm_server = ingress.init_args[0]._bound_deployment
     for dep in (ingress, llm_server):
         assert dep._deployment_config.graceful_shutdown_timeout_s == 120.0
-    app = build_app({"model": str(tiny_model_dir), "engine": "mock", "graceful_shutdown_timeout_s": 600})
+    app = build_app(
+        {"model": str(tiny_model_dir), "engine_factory": MOCK_ENGINE, "graceful_shutdown_timeout_s": 600}
+    )
     assert app._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 600

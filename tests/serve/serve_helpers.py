@@ -7,6 +7,7 @@ import json
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from _support.polling import wait_for  # noqa: F401  (re-exported for the tests here)
@@ -38,6 +39,10 @@ def serve_app(app_args: dict[str, Any], metrics_port: int | None = None) -> Iter
     kwargs: dict[str, Any] = {}
     if metrics_port is not None:
         kwargs = {"_metrics_export_port": metrics_port, "_system_config": {"metrics_report_interval_ms": 500}}
+    tests_dir = str(
+        Path(__file__).resolve().parents[1]
+    )  # replicas import test doubles (_support.mock_engine)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
     port = free_port()
     try:

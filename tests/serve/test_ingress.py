@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from _support.local_backend import MOCK_ENGINE, LocalBackend
 from fastapi.testclient import TestClient
 
-from llmray.serve.ingress import IngressConfig, LocalBackend, build_openai_app
+from llmray.serve.ingress import IngressConfig, build_openai_app
 from llmray.serve.server import LLMServer
 
 MODEL = "mock-model"
@@ -16,8 +17,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def make_client(**engine_kwargs) -> tuple[TestClient, LLMServer]:
-    server = LLMServer("unused", MODEL, engine="mock", engine_kwargs=engine_kwargs, enable_metrics=False)
-    config = IngressConfig(MODEL, lora_names=["my-adapter"], api_key=KEY, max_body_bytes=64 * 1024)
+    server = LLMServer(
+        "unused", MODEL, engine_factory=MOCK_ENGINE, engine_kwargs=engine_kwargs, enable_metrics=False
+    )
+    config = IngressConfig(MODEL, api_key=KEY, max_body_bytes=64 * 1024)
     return TestClient(build_openai_app(LocalBackend(server), config)), server
 
 
@@ -35,7 +38,7 @@ def sse_events(text: str) -> list:
 def test_models_and_health(client):
     r = client.get("/v1/models", headers=AUTH)
     assert r.status_code == 200
-    assert [m["id"] for m in r.json()["data"]] == [MODEL, "my-adapter"]
+    assert [m["id"] for m in r.json()["data"]] == [MODEL]  # adapters: test_serve_lora.py
     assert client.get("/health").status_code == 200  # open without a key
 
 
@@ -199,7 +202,7 @@ def test_backpressure_is_429_with_retry_after():
 
 
 def test_stream_interval_batches_tokens_per_chunk():
-    server = LLMServer("unused", MODEL, engine="mock", engine_kwargs={"token_delay_s": 0.002},
+    server = LLMServer("unused", MODEL, engine_factory=MOCK_ENGINE, engine_kwargs={"token_delay_s": 0.002},
                        enable_metrics=False, stream_interval_ms=30)  # fmt: skip
     client = TestClient(build_openai_app(LocalBackend(server), IngressConfig(MODEL)))
     body = {

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from _support.local_backend import MOCK_ENGINE, LocalBackend
 from fastapi.testclient import TestClient
 
-from llmray.serve.ingress import IngressConfig, LocalBackend, build_openai_app
+from llmray.serve.ingress import IngressConfig, build_openai_app
 from llmray.serve.lora_registry import REGISTRY_FILE, LoraRegistry
 from llmray.serve.server import LLMServer
 
@@ -44,7 +45,7 @@ def make_client(root: Path | None, seed: str = "deploy-1", **kwargs) -> tuple[Te
     server = LLMServer(
         "unused",
         MODEL,
-        engine="mock",
+        engine_factory=MOCK_ENGINE,
         engine_kwargs={"token_delay_s": 0.0},
         enable_metrics=False,
         lora_root=None if root is None else str(root),
@@ -235,7 +236,7 @@ def test_real_engine_serves_a_loaded_adapter_like_llm(tiny_model_dir, tmp_path):
         "max_lora_rank": 8,
         "kernels": "torch",
     }
-    server = LLMServer(str(tiny_model_dir), "tiny", engine="llmray", engine_kwargs=kw, enable_metrics=False,
+    server = LLMServer(str(tiny_model_dir), "tiny", engine_kwargs=kw, enable_metrics=False,
                        lora_root=str(root), lora_seed="real")  # fmt: skip
     client = TestClient(build_openai_app(LocalBackend(server), IngressConfig("tiny", dynamic_loras=True)))
     try:
@@ -296,7 +297,7 @@ def test_two_replicas_on_ray_serve(root, tmp_path):
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    args = {"model": str(model_dir), "served_model_name": MODEL, "engine": "mock", "api_key": KEY,
+    args = {"model": str(model_dir), "served_model_name": MODEL, "engine_factory": MOCK_ENGINE, "api_key": KEY,
             "lora_root": str(root), "min_replicas": 2, "max_replicas": 2, "ingress_replicas": 1,
             "num_cpus": 0.25, "engine_kwargs": {"token_delay_s": 0.001}}  # fmt: skip
     with serve_app(args) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:

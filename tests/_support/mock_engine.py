@@ -1,4 +1,6 @@
-"""A mock of the engine contract (``AsyncLLM``), so the serve layer is tested without a model.
+"""A test double of the engine contract (``AsyncLLM``), so the serve layer is tested without a model.
+
+``LLMServer(engine_factory="_support.mock_engine:MockAsyncLLM")``; it takes the engine's own ``SamplingParams``.
 
 Same interface as ``llmray.engine.llm.AsyncLLM``: ``generate_stream`` (async generator of
 ``RequestOutput``), ``abort``, ``stats``, ``is_alive``, ``tokenizer``, ``max_model_len``, ``shutdown``.
@@ -17,36 +19,10 @@ import math
 import random
 import string
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from llmray.model.tokenizer import Tokenizer, char_tokenizer
-
-
-@dataclass
-class MockSamplingParams:
-    """Field-for-field copy of the engine's ``SamplingParams`` (validated the same way)."""
-
-    max_tokens: int = 16
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
 
 
 @dataclass
