@@ -57,8 +57,10 @@ class EngineCore:
                 return
             try:
                 self.engine.add_request(rid, ids, params, lora)
-            except ValueError as e:
+            except ValueError as e:  # the client's mistake: RequestError names the field
                 self.send(("error", rid, str(e), getattr(e, "param", None)))
+            except Exception as e:  # anything else fails this request alone, never the core
+                self.send(("failed", [rid], f"the engine could not add the request: {type(e).__name__}: {e}"))
         elif kind == "abort":
             for rid in msg[1]:
                 if self.engine.abort(rid) is not None:

@@ -64,9 +64,12 @@ class ProcessCore:
         os.close(out_w)
         self._tx = Connection(cmd_w, readable=False)
         self._rx = Connection(out_r, writable=False)
-        self._send_lock = threading.Lock()
         self._tx.send(spec)
         self.info: dict[str, Any] = {}
+        # sends go through a thread: a full pipe (the core inside a long step) never blocks the event loop
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="llmray-core-sender", daemon=True)
+        self._sender.start()
 
     def wait_ready(self) -> dict[str, Any]:
         """Block until the core has loaded the engine (progress lines go to ``on_progress``)."""
@@ -119,11 +122,17 @@ class ProcessCore:
         self.on_message(("dead", reason))
 
     def send(self, msg: tuple) -> None:
-        try:
-            with self._send_lock:
+        self._outbox.put(msg)
+
+    def _send_loop(self) -> None:
+        while True:
+            msg = self._outbox.get()
+            if msg is None:
+                return
+            try:
                 self._tx.send(msg)
-        except OSError:
-            pass  # the core is gone: the reader reports it
+            except (OSError, ValueError):  # the core is gone (or the pipe closed): the reader reports it
+                return
 
     def is_alive(self) -> bool:
         return self.proc.poll() is None
@@ -143,6 +152,7 @@ class ProcessCore:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._outbox.put(None)  # ends the sender thread
         for conn in (self._tx, getattr(self, "_rx", None)):
             if conn is not None and not conn.closed:
                 conn.close()
