@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,6 +131,10 @@ def _no_restarts() -> dict[str, Any]:
     """Actor options: constructor args live in the object store, and Ray logs an error line on the console
     for every restartable actor built from such args."""
     return {"max_restarts": 0}
+
+
+# Ray 2.60 names no parameter for max_restarts but warns that ray_remote_args_fn will go in 2.64
+warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
 
 
 def tokenize_corpus(ds, tokenizer: Tokenizer, add_eos: bool, batch_size: int = 64) -> np.ndarray:
