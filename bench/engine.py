@@ -218,6 +218,29 @@ def _summarise(rows: list[dict], mode: str) -> dict:
     return out
 
 
+def decode_kernel_ms(cfg: ModelConfig) -> dict:
+    """Paged decode kernel alone at batch 256, context 843 (the workload's mean): bf16 vs fp8 cache."""
+    import triton
+
+    from llmray.kernels.paged_attention import paged_decode
+
+    h, hkv, d, page, bsz, ctx = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16, 256, 843
+    nblk = -(-ctx // page)
+    q = torch.randn(bsz, h, d, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(bsz * nblk, device="cuda").view(bsz, nblk).to(torch.int32)
+    lens = torch.full((bsz,), ctx, device="cuda", dtype=torch.int32)
+    scale = torch.ones(1, device="cuda")
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+        kc = torch.randn(bsz * nblk, page, hkv, d, device="cuda").to(dtype)
+        vc = torch.randn_like(kc, dtype=torch.float32).to(dtype)
+        out[name] = triton.testing.do_bench(
+            lambda kc=kc, vc=vc: paged_decode(q, kc, vc, tables, lens, d**-0.5, k_scale=scale, v_scale=scale)
+        )
+        del kc, vc
+    return out
+
+
 def profile_child(args) -> None:
     """``--profile-only``: the profile and two workload runs of whatever ``llmray`` is first on the path."""
     model, cfg = build_model(args.quick)
@@ -279,8 +302,11 @@ def main() -> None:
             res.update(latency(llm, cfg.vocab_size, args.quick))
             save()
             if cuda:
+                prof["decode_kernel_ms_bs256_ctx843"] = decode_kernel_ms(cfg)
                 prof["after"] = profile(llm, prompts, [min(o, args.profile_tokens) for o in outs])
                 prof["after"]["warmup_s"] = getattr(r, "warmup_s", None)
+        if kv == "fp8" and cuda:
+            prof["after_fp8"] = profile(llm, prompts, [min(o, args.profile_tokens) for o in outs])
         save()
         del llm, r
         gc.collect()  # the runner and its graphs reference each other

@@ -37,6 +37,9 @@ class PagedAttentionMetadata:
     use_triton: bool = True
     k_scales: torch.Tensor | None = None  # (layers, 1) fp32 for an fp8 cache
     v_scales: torch.Tensor | None = None
+    # the first decode_rows sequences are one-token chunks at tokens 0..decode_rows-1 (decode-only steps and
+    # eager steps): the decode kernel indexes q directly, no query_start lookup before its loads
+    decode_direct: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -68,7 +71,7 @@ class PagedAttentionMetadata:
                 self.scale,
                 num_splits=self.num_splits,
                 out=out,
-                query_start=self.query_start[: rows + 1],
+                query_start=None if self.decode_direct else self.query_start[: rows + 1],
                 k_scale=ks,
                 v_scale=vs,
             )

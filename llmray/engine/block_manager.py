@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from llmray.engine.sequence import Sequence
+from llmray.engine.sequence import PLACEHOLDER, Sequence
 
 _ROOT_HASH = -1  # parent hash of a sequence's first block
 
@@ -147,10 +147,17 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        full = seq.num_computed_tokens // bs
+        n = min(seq.num_computed_tokens, seq.num_tokens)
+        full = n // bs
         if full <= seq.num_registered_blocks:
             return  # the common decode step: no block filled up
-        hashes = self._hash_blocks(seq, seq.num_computed_tokens)
+        start = seq.num_registered_blocks * bs
+        if PLACEHOLDER in seq.token_ids[start:n]:  # a token of a step in flight (finish/abort): not known yet
+            n = seq.token_ids.index(PLACEHOLDER, start)
+            full = n // bs
+            if full <= seq.num_registered_blocks:
+                return
+        hashes = self._hash_blocks(seq, n)
         for i in range(seq.num_registered_blocks, full):
             block = self.blocks[seq.block_table[i]]
             if block.token_ids is not None:

@@ -150,6 +150,7 @@ class ModelRunner:
             use_triton=self.use_triton,
             k_scales=self.cache.k_scales,
             v_scales=self.cache.v_scales,
+            decode_direct=kind != "mixed",
         )
         return self.model.hidden_states(ids[None], views["pos"][None], meta)[0]
 

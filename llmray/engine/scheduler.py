@@ -90,8 +90,11 @@ class Scheduler:
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Free a sequence's blocks at once and drop it from the queues (finish or abort)."""
+        """Free a sequence's blocks at once and drop it from the queues (finish or abort). Its computed full
+        blocks enter the prefix cache first (a request that ends in the step of its prefill still leaves
+        its prompt for the next one sharing it)."""
         if seq.status is SequenceStatus.RUNNING:
+            self.block_manager.cache_full_blocks(seq)
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:  # (not while being admitted)
             self.waiting.remove(seq)

@@ -59,6 +59,7 @@ def _decode_kernel(
     PRECISION: tl.constexpr,
     INDIRECT: tl.constexpr,
     FP8: tl.constexpr,
+    CDT: tl.constexpr,  # dot input dtype (fp16 for an fp8 cache under bf16: e4m3 -> f16 is one instruction)
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -84,7 +85,7 @@ def _decode_kernel(
         q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
         mask=gmask[:, None] & dmask[None, :],
         other=0.0,
-    )  # (BLOCK_G, BLOCK_D)
+    ).to(CDT)  # (BLOCK_G, BLOCK_D)
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
@@ -96,13 +97,13 @@ def _decode_kernel(
         addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch  # (BLOCK_N,)
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+        s = tl.dot(q, tl.trans(k.to(CDT)), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0).to(CDT)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     if FP8:
@@ -192,6 +193,7 @@ def _prefill_kernel(
     PRECISION: tl.constexpr,
     TILED: tl.constexpr,
     FP8: tl.constexpr,
+    CDT: tl.constexpr,
 ):
     if TILED:
         sq = tl.load(tile_seq_ptr + tl.program_id(0))
@@ -221,7 +223,7 @@ def _prefill_kernel(
         q_ptr + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + d[None, :],
         mask=mmask[:, None] & dmask[None, :],
         other=0.0,
-    )  # (BLOCK_M, BLOCK_D)
+    ).to(CDT)  # (BLOCK_M, BLOCK_D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -233,13 +235,13 @@ def _prefill_kernel(
         addr = page * stride_cb + (offs_n % PAGE) * stride_cs + kvh * stride_ch
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, tl.trans(k.to(CDT)), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(nmask[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0).to(CDT)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     if FP8:
@@ -256,6 +258,13 @@ def _precision(dtype: torch.dtype, precision: str | None) -> str:
     if precision is not None:
         return precision
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _compute_dtype(dtype: torch.dtype, fp8: bool):
+    """Dot inputs: the query's dtype, but fp16 for an fp8 cache under bf16 (a native e4m3 conversion)."""
+    if fp8 and dtype == torch.bfloat16:
+        return tl.float16
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = 132, max_splits: int = 32) -> int:
@@ -331,6 +340,7 @@ def paged_decode(
         PRECISION=_precision(q.dtype, precision),
         INDIRECT=indirect,
         FP8=fp8,
+        CDT=_compute_dtype(q.dtype, fp8),
         num_warps=4,
         num_stages=2,
     )
@@ -419,6 +429,7 @@ def paged_prefill(
         PRECISION=_precision(q.dtype, precision),
         TILED=tiles is not None,
         FP8=fp8,
+        CDT=_compute_dtype(q.dtype, fp8),
         num_warps=4,
         num_stages=2,
     )

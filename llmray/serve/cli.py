@@ -23,6 +23,7 @@ ENGINE_FLAGS = {  # flag -> (EngineConfig field, type)
     "gpu-memory-utilization": ("gpu_memory_utilization", float),
     "dtype": ("dtype", str),
     "kernels": ("kernels", str),
+    "kv-cache-dtype": ("kv_cache_dtype", str),  # auto | fp8 (e4m3 with scales: half the KV bytes)
     "max-loras": ("max_loras", int),
     "max-lora-rank": ("max_lora_rank", int),
     "max-cpu-loras": ("max_cpu_loras", int),

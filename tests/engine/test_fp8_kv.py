@@ -132,3 +132,10 @@ def test_fp8_predictions_match_on_a_trained_model(trained):
     assert ppl["base"] < 20  # the model did learn something (a uniform guess is 65)
     assert rate >= 0.95
     assert ppl["fp8"] <= 1.01 * ppl["base"]
+
+
+@pytest.mark.gpu
+def test_fp8_predictions_match_on_a_trained_model_gpu(trained):
+    """The same check on the GPU (selected by ``-m gpu``): bf16, Triton kernels, CUDA graphs."""
+    assert CUDA
+    test_fp8_predictions_match_on_a_trained_model(trained)
