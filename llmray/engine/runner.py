@@ -38,6 +38,10 @@ class PendingStep:
     seqs: list[Sequence]
     out: SamplerOutput | None  # device tensors, not read yet
     failed: dict[int, str] = field(default_factory=dict)  # sampling row -> why that request failed
+    # CUDA: the results copied (non-blocking) into pinned host memory, and an event after the copies, so
+    # that collecting this step waits for this step only, not for the next one launched behind it
+    host: SamplerOutput | None = None
+    ready: torch.cuda.Event | None = None
 
 
 @dataclass
@@ -78,6 +82,10 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         self.prev_tokens = torch.zeros(seqs, dtype=torch.long, device=self.device)  # last step's samples
         self._prev_rows: dict[int, int] = {}  # seq_id -> its row in prev_tokens
+        self._out_bufs = [
+            torch.zeros(seqs, dtype=torch.long, pin_memory=self.is_cuda) for _ in range(2)
+        ]  # pinned landing buffers of the sampled tokens (CUDA)
+        self._out_turn = 0
         self._cuda_graphs: CudaGraphs | None = None
         self.graphs: dict = {}
         if self.is_cuda:  # enforce_eager: the same padded steps, run eagerly (the same tokens either way)
@@ -197,7 +205,26 @@ class ModelRunner:
             pending.out = self._sample(logits, seqs, bitmask, pending.failed)
             self.prev_tokens[: len(seqs)].copy_(pending.out.token_ids)
             self._prev_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
+            if self.is_cuda:
+                self._copy_out(pending)
         return pending
+
+    def _copy_out(self, pending: PendingStep) -> None:
+        """Start the device->host copy of the step's results now, behind its own work only."""
+        out = pending.out
+        self._out_turn ^= 1
+        buf = self._out_bufs[self._out_turn]  # two alternate: at most one step is launched ahead
+        host = SamplerOutput(buf[: out.token_ids.shape[0]])
+        host.token_ids.copy_(out.token_ids, non_blocking=True)
+        if out.logprobs is not None:
+            host.logprobs = torch.empty(out.logprobs.shape, dtype=out.logprobs.dtype, pin_memory=True)
+            host.logprob_ids = torch.empty(
+                out.logprob_ids.shape, dtype=out.logprob_ids.dtype, pin_memory=True
+            )
+            host.logprobs.copy_(out.logprobs, non_blocking=True)
+            host.logprob_ids.copy_(out.logprob_ids, non_blocking=True)
+        pending.host, pending.ready = host, torch.cuda.Event()
+        pending.ready.record()
 
     def _constraint_bitmask(self, seqs: list[Sequence], failed: dict[int, str]) -> torch.Tensor | None:
         """int32 (R, ceil(V/32)) on the device for steps with constrained rows (free rows all ones)."""
@@ -253,6 +280,9 @@ class ModelRunner:
         out = pending.out
         if out is None:
             return []
+        if pending.ready is not None:
+            pending.ready.synchronize()
+            out = pending.host
         tokens = out.token_ids.tolist()
         lp_vals = lp_ids = None
         if out.logprobs is not None:
