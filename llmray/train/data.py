@@ -133,8 +133,14 @@ def _no_restarts() -> dict[str, Any]:
     return {"max_restarts": 0}
 
 
-# Ray 2.60 names no parameter for max_restarts but warns that ray_remote_args_fn will go in 2.64
-warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
+def _map_actors(ds: Any, fn: Any, **kwargs: Any) -> Any:
+    """``ds.map_batches`` on actors that are not restarted (see ``_no_restarts``).
+
+    Ray 2.60 names no parameter for max_restarts and warns that ``ray_remote_args_fn`` goes in 2.64.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args_fn` is deprecated")
+        return ds.map_batches(fn, ray_remote_args_fn=_no_restarts, **kwargs)
 
 
 def tokenize_corpus(ds, tokenizer: Tokenizer, add_eos: bool, batch_size: int = 64) -> np.ndarray:
@@ -146,7 +152,8 @@ def tokenize_corpus(ds, tokenizer: Tokenizer, add_eos: bool, batch_size: int = 6
     eos = tokenizer.eos_token_id if add_eos else None
     if add_eos and eos is None:
         raise ValueError("the tokenizer has no eos token to separate documents with")
-    tokenized = ds.map_batches(
+    tokenized = _map_actors(
+        ds,
         _TokenizeBatch,
         fn_constructor_kwargs=dict(
             tokenizer_json=tokenizer.backend.to_str(), tokenizer_config=tokenizer.config, eos_id=eos
@@ -155,7 +162,6 @@ def tokenize_corpus(ds, tokenizer: Tokenizer, add_eos: bool, batch_size: int = 6
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
         num_cpus=0.25,
-        ray_remote_args_fn=_no_restarts,
     )
     parts = [np.asarray(row["ids"], dtype=np.int32) for row in tokenized.iter_rows()]
     if not parts:
@@ -254,7 +260,8 @@ def train_windows_datasets(
     return {
         # row ids from the driver's object store, not ray.data.range: its read tasks take 1 CPU each, and
         # with the window actor (0.25) that is more than a 2-CPU head has next to a 1-CPU worker (a hang)
-        f"train_{rank}": ray.data.from_numpy(_row_id_blocks(rows_per_worker, batch_size)).map_batches(
+        f"train_{rank}": _map_actors(  # a lost window actor fails the worker: Ray Train restarts it
+            ray.data.from_numpy(_row_id_blocks(rows_per_worker, batch_size)),
             _WindowBatch,
             fn_constructor_kwargs=dict(
                 tokens=tokens_ref,
@@ -268,7 +275,6 @@ def train_windows_datasets(
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.25,
-            ray_remote_args_fn=_no_restarts,  # a lost actor fails the worker: Ray Train restarts it
         )
         for rank in range(num_workers)
     }
