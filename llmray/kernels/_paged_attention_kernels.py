@@ -1,0 +1,234 @@
+"""Triton kernels of paged attention (launchers, docs and the torch reference: ``paged_attention.py``)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    query_start_ptr,  # INDIRECT: sequence b's query token is query_start[b] (skipped unless its q_len is 1)
+    k_scale_ptr,  # FP8: (1,) fp32 scales of the cache
+    v_scale_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    H: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INDIRECT: tl.constexpr,
+    FP8: tl.constexpr,
+    CDT: tl.constexpr,  # dot input dtype (fp16 for an fp8 cache under bf16: e4m3 -> f16 is one instruction)
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    tok = b
+    if INDIRECT:
+        tok = tl.load(query_start_ptr + b)
+        if tl.load(query_start_ptr + b + 1) - tok != 1:
+            return  # a prefill chunk (the prefill kernel's) or a padding sequence
+    ctx = tl.load(context_lens_ptr + b)
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, ctx)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    dmask = d < D
+    q = tl.load(
+        q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        mask=gmask[:, None] & dmask[None, :],
+        other=0.0,
+    ).to(CDT)  # (BLOCK_G, BLOCK_D)
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs < end
+        page = tl.load(block_tables_ptr + b * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
+        addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch  # (BLOCK_N,)
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, tl.trans(k.to(CDT)), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0).to(CDT)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    if FP8:
+        acc = acc * tl.load(v_scale_ptr)
+
+    omask = gmask[:, None] & dmask[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / l_sum[:, None]
+        tl.store(
+            out_ptr + tok * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=omask,
+        )
+    else:
+        nonempty = l_sum > 0
+        out = tl.where(nonempty[:, None], acc / tl.where(nonempty, l_sum, 1.0)[:, None], 0.0)
+        lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l_sum, 1.0)), float("-inf"))  # base 2
+        row = (b * H + heads) * NUM_SPLITS + split  # part_out (B, H, S, D), part_lse (B, H, S)
+        tl.store(part_out_ptr + row[:, None] * D + d[None, :], out, mask=omask)
+        tl.store(part_lse_ptr + row, lse, mask=gmask)
+
+
+@triton.jit
+def _merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    query_start_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INDIRECT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    tok = b
+    if INDIRECT:
+        tok = tl.load(query_start_ptr + b)
+        if tl.load(query_start_ptr + b + 1) - tok != 1:
+            return
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    smask = s < NUM_SPLITS
+    row = (b * H + h) * NUM_SPLITS + s
+    lse = tl.load(part_lse_ptr + row, mask=smask, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
+    w = tl.where(smask, w, 0.0)
+    o = tl.load(
+        part_out_ptr + row[:, None] * D + d[None, :], mask=smask[:, None] & (d[None, :] < D), other=0.0
+    )
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    tl.store(out_ptr + tok * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    query_start_ptr,
+    context_lens_ptr,
+    tile_seq_ptr,  # TILED: program i works on tile (tile_seq[i], tile_m[i]); tile_seq < 0 = no work
+    tile_m_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    out_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TILED: tl.constexpr,
+    FP8: tl.constexpr,
+    CDT: tl.constexpr,
+):
+    if TILED:
+        sq = tl.load(tile_seq_ptr + tl.program_id(0))
+        mblk = tl.load(tile_m_ptr + tl.program_id(0))
+        h = tl.program_id(1)
+        if sq < 0:
+            return
+    else:
+        sq = tl.program_id(0)
+        mblk = tl.program_id(1)
+        h = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + sq)
+    q_len = tl.load(query_start_ptr + sq + 1) - q_start
+    if mblk * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + sq)
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    prefix = ctx - q_len  # tokens cached before this chunk
+    kvh = h // GROUP
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < q_len
+    q_pos = prefix + offs_m
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(
+        q_ptr + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + d[None, :],
+        mask=mmask[:, None] & dmask[None, :],
+        other=0.0,
+    ).to(CDT)  # (BLOCK_M, BLOCK_D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    end = tl.minimum(ctx, prefix + (mblk + 1) * BLOCK_M)  # keys past the tile's last query are masked
+    for n0 in range(0, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        page = tl.load(block_tables_ptr + sq * stride_bt + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+        addr = page * stride_cb + (offs_n % PAGE) * stride_cs + kvh * stride_ch
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(CDT)), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where(nmask[None, :] & (offs_n[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0).to(CDT)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    if FP8:
+        acc = acc * tl.load(v_scale_ptr)
+    out = acc / l_sum[:, None]
+    tl.store(
+        out_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mmask[:, None] & dmask[None, :],
+    )
