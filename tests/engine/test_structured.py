@@ -207,3 +207,12 @@ def test_spec_is_hashable_picklable_and_canonical():
     assert a.key == b.key and a == pickle.loads(pickle.dumps(a))
     with pytest.raises(ValueError, match="unknown keys"):
         StructuredOutput.from_dict({"json_schema": {}})
+
+
+def test_masks_prefetched_on_worker_threads_equal_inline_ones(tokenizers, compilers):
+    tok = tokenizers["byte_level"]
+    inline = GrammarCompiler(tok, tok.vocab_size + 13, tok.eos_token_id, fill_threads=0)
+    spec = StructuredOutput(json=NESTED)
+    assert compilers["byte_level"].fill_threads > 0
+    for seed in range(2):
+        assert walk(inline, spec, seed) == walk(compilers["byte_level"], spec, seed)

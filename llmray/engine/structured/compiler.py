@@ -19,7 +19,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -88,29 +88,54 @@ def _json_object_schema() -> dict[str, Any]:
 
 
 class GrammarConstraint:
-    """One request's grammar state over the engine's vocabulary (the ``TokenConstraint`` protocol)."""
+    """One request's grammar state over the engine's vocabulary (the ``TokenConstraint`` protocol).
 
-    def __init__(self, compiled: Any, stop_token_ids: list[int]) -> None:
+    With a ``pool``, accepting a token starts computing the next mask on a worker thread (xgrammar releases
+    the GIL), so the masks of a step's constrained rows are computed in parallel, overlapping the engine's
+    other host work; ``fill_bitmask`` then copies the finished row. Without one, ``fill_bitmask`` computes.
+    """
+
+    def __init__(
+        self,
+        compiled: Any,
+        stop_token_ids: list[int],
+        vocab_size: int,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> None:
         import xgrammar as xgr
 
         self.matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids or None)
         self.num_accepted = 0
+        self._terminated = False
+        self._pool = pool
+        self._next: Future | None = None
+        self._row = torch.empty((1, (vocab_size + 31) // 32), dtype=torch.int32) if pool is not None else None
+
+    def _compute(self) -> None:
+        self.matcher.fill_next_token_bitmask(self._row, 0)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens of this request into ``bitmask[row]`` (int32, 1 bit per token)."""
+        if self._next is not None:
+            future, self._next = self._next, None
+            future.result()
+            bitmask[row].copy_(self._row[0])
+            return
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept_token(self, token_id: int) -> bool:
+        if self._next is not None:  # a mask computed but never used (the step was dropped): wait for it
+            self._next.result()
+            self._next = None
         ok = bool(self.matcher.accept_token(int(token_id)))
         self.num_accepted += ok
+        self._terminated = bool(self.matcher.is_terminated())
+        if ok and not self._terminated and self._pool is not None:
+            self._next = self._pool.submit(self._compute)
         return ok
 
     def is_terminated(self) -> bool:
-        return bool(self.matcher.is_terminated())
-
-    def is_completed(self) -> bool:
-        """The document so far is complete (a stop token would be accepted now)."""
-        return bool(self.matcher.is_completed())
+        return self._terminated
 
 
 class GrammarCompiler:
@@ -124,6 +149,7 @@ class GrammarCompiler:
         compile_timeout_s: float = DEFAULT_COMPILE_TIMEOUT_S,
         max_entries: int = DEFAULT_CACHE_ENTRIES,
         max_threads: int | None = None,
+        fill_threads: int | None = None,
     ) -> None:
         import xgrammar as xgr
 
@@ -143,6 +169,13 @@ class GrammarCompiler:
         self._cache: OrderedDict[tuple, Any] = OrderedDict()  # key -> CompiledGrammar | ValueError
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmray-grammar")
+        # next-token masks computed in parallel as tokens are accepted (GrammarConstraint); 0 = in fill_bitmask
+        self.fill_threads = threads if fill_threads is None else fill_threads
+        self._fill_pool = (
+            ThreadPoolExecutor(self.fill_threads, thread_name_prefix="llmray-mask")
+            if self.fill_threads
+            else None
+        )
         self.num_compiles = 0
         # tokens that are more than whitespace: a grammar whose first step allows none of them can only
         # emit a little leading whitespace and then get stuck
@@ -229,7 +262,7 @@ class GrammarCompiler:
         vocabulary cannot write even the first character of any matching document."""
         compiled = self.compiled(spec)
         stops = list(dict.fromkeys([*self.stop_token_ids, *(extra_stop_token_ids or [])]))
-        c = GrammarConstraint(compiled, stops)
+        c = GrammarConstraint(compiled, stops, self.vocab_size, self._fill_pool)
         probe = torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32)
         c.fill_bitmask(probe, 0)
         if not bool((unpack_bitmask(probe[0], self.vocab_size) & self._content).any()):
@@ -241,6 +274,8 @@ class GrammarCompiler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._fill_pool is not None:
+            self._fill_pool.shutdown(wait=False)
 
 
 def unpack_bitmask(row: torch.Tensor, vocab_size: int) -> torch.Tensor:
