@@ -23,6 +23,7 @@ from llmray.train.fsdp import PARALLEL_MODES
 from llmray.train.pretrain import PretrainConfig
 
 KERNELS = ("auto", "triton", "torch")
+PRECISIONS = ("auto", "bf16", "fp32")  # fields a config may not have yet are simply not flags
 USE_GPU = "one GPU per Ray Train worker"
 TEST_HOOKS = ("fail_at_step", "fail_kill")
 
@@ -109,6 +110,7 @@ def _pretrain_choices() -> dict[str, tuple[str, ...]]:
         "schedule": ("cosine", "wsd", "constant"),
         "parallel": tuple(PARALLEL_MODES),
         "kernels": KERNELS,
+        "precision": PRECISIONS,
     }
 
 
@@ -121,7 +123,8 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_flags(
-        p, FinetuneConfig, helps=FINETUNE_HELP, choices={"kernels": KERNELS}, required=("base", "data", "out"),
+        p, FinetuneConfig, helps=FINETUNE_HELP, choices={"kernels": KERNELS, "precision": PRECISIONS, "lora_impl": ("ours", "peft")},
+        required=("base", "data", "out"),
         none_means=FINETUNE_NONE, rename={"lora_qlora": "qlora"},
     )  # fmt: skip
 
