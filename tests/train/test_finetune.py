@@ -13,7 +13,7 @@ import torch
 from llmray.config import LoraConfig
 from llmray.model.checkpoint import load_model
 from llmray.train import cli as train_cli
-from llmray.train import finetune, lora
+from llmray.train import finetune, lora, lora_layers
 from llmray.train.chat_data import ChatDataError
 from llmray.train.session import LocalSession
 
@@ -212,14 +212,15 @@ def test_tiny_run_on_cuda(tiny_model_dir, chat_files, tmp_path, qlora):
     metrics = finetune.train_loop(
         {"cfg": cfg.to_dict(), "train": train, "val": val, "pad_id": stats["pad_id"]}, session
     )
-    assert metrics["val_loss_after"] < metrics["val_loss_before"] - 0.3, metrics
+    assert metrics["val_loss_after"] < metrics["val_loss_before"] - 0.2, metrics
     pm = finetune.build_model(cfg, torch.device("cuda"))
-    q = pm.base_model.model.model.layers[0].self_attn.q_proj
+    q = pm.model.layers[0].self_attn.q_proj  # llmray's own LoRA layer (the default lora_impl)
+    assert isinstance(q, lora_layers.LoraLinear) and q.lora_A.dtype == torch.float32
     if qlora:
+        assert q.base_layer.weight.device.type == "cuda"
         assert (
-            isinstance(q, peft.tuners.lora.bnb.Linear4bit) and q.get_base_layer().weight.device.type == "cuda"
+            isinstance(q.base_layer.weight, bnb.nn.Params4bit)
+            and q.base_layer.compute_dtype == torch.bfloat16
         )
-        assert (
-            isinstance(q.get_base_layer().weight, bnb.nn.Params4bit)
-            and q.get_base_layer().compute_dtype == torch.bfloat16
-        )
+    else:
+        assert q.base_layer.weight.dtype == torch.bfloat16
