@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmray.engine.sampling_params import SamplingParams
+from llmray.serve.structured_api import StructuredFields, ToolCallItem, ToolFields
 from llmray.serve.limits import (
     MAX_INT32,
     MAX_LOGPROBS,
@@ -112,10 +113,11 @@ class _SamplingFields(_Request):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
             logprobs=self.num_logprobs(),
+            structured_output=self.response_format_spec(),
         )
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(_SamplingFields, StructuredFields):
     """POST /v1/completions."""
 
     prompt: Text | list[Text] | list[int] | list[list[int]]
@@ -166,6 +168,9 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallItem] | None = None  # an assistant turn that called tools
+    tool_call_id: Text | None = None  # a tool result answers this call
+    reasoning_content: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -173,7 +178,7 @@ class ChatMessage(_Request):
         return self.content or ""
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, ToolFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -268,7 +273,9 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -290,6 +297,8 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):

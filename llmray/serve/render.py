@@ -19,6 +19,7 @@ from llmray.serve.protocol import (
     Usage,
     now,
 )
+from llmray.serve.structured_api import merge_call_deltas
 
 
 @dataclass
@@ -33,8 +34,14 @@ class ChoiceState:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     role_sent: bool = False
+    reasoning: list[str] = field(default_factory=list)  # chat: reasoning_content deltas
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # chat: whole calls by index
 
     def add(self, ev: dict[str, Any]) -> None:
+        if ev.get("reasoning"):
+            self.reasoning.append(ev["reasoning"])
+        if ev.get("tool_calls"):
+            merge_call_deltas(self.tool_calls, ev["tool_calls"])
         self.text.append(ev["text"])
         self.text_len += len(ev["text"])
         if ev.get("logprobs") is not None:
@@ -95,12 +102,23 @@ def completion_chunk(rid: str, created: int, req: Any, ev: dict[str, Any], st: C
 
 
 def chat_chunk(rid: str, created: int, req: Any, ev: dict[str, Any], st: ChoiceState) -> dict | None:
-    if st.role_sent and not ev["text"] and ev["finish_reason"] is None and not ev.get("logprobs"):
+    extra = {k: ev[k] for k in ("reasoning", "tool_calls") if ev.get(k)}
+    if (
+        st.role_sent
+        and not ev["text"]
+        and ev["finish_reason"] is None
+        and not ev.get("logprobs")
+        and not extra
+    ):
         return None
     delta: dict[str, Any] = {"content": ev["text"]}
     if not st.role_sent:
         delta = {"role": "assistant", "content": ev["text"]}
         st.role_sent = True
+    if "reasoning" in extra:
+        delta["reasoning_content"] = extra["reasoning"]
+    if "tool_calls" in extra:
+        delta["tool_calls"] = extra["tool_calls"]
     lp = chat_logprobs(ev["logprobs"]) if ev.get("logprobs") is not None else None
     choice = {"index": ev["index"], "delta": delta, "logprobs": lp, "finish_reason": ev["finish_reason"]}
     return {
@@ -131,7 +149,11 @@ def final_response(kind: str, rid: str, req: Any, states: dict[int, ChoiceState]
     chat_choices = [
         ChatChoice(
             index=i,
-            message=AssistantMessage(content="".join(st.text)),
+            message=AssistantMessage(
+                content="".join(st.text) if st.text_len or not st.tool_calls else None,
+                reasoning_content="".join(st.reasoning) if st.reasoning else None,
+                tool_calls=[st.tool_calls[k] for k in sorted(st.tool_calls)] or None,
+            ),
             logprobs=chat_logprobs(st.logprobs) if wants_lp else None,
             finish_reason=st.finish_reason,
         )

@@ -20,6 +20,7 @@ so the router sends later requests for them here (``llmray/serve/lora_registry.p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -36,6 +37,7 @@ from llmray.serve.lora_registry import LoraRegistry, ReplicaAdapters
 from llmray.serve.metrics import ServeMetrics
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
 from llmray.serve.request_log import REQUEST_ID, install_log_filter
+from llmray.serve.structured_api import ChatPlan, ChoiceOutput, plan_chat, split_event
 
 logger = logging.getLogger("llmray.serve")
 STATS_POLL_S = 1.0  # how often engine gauges are refreshed
@@ -170,18 +172,18 @@ class LLMServer:
         except ValidationError as e:
             raise from_validation_error(e) from None
 
-    def _prompt_ids(self, req: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
+    def _chat_plan(self, req: ChatCompletionRequest) -> ChatPlan:
+        """The rendered prompt (tools, chat_template_kwargs) and the output handling of a chat request."""
+        try:
+            return plan_chat(req, self.tokenizer)
+        except Exception as e:  # jinja TemplateError from a template's raise_exception
+            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+
+    def _prompt_ids(
+        self, req: CompletionRequest | ChatCompletionRequest, plan: ChatPlan | None = None
+    ) -> list[list[int]]:
         if isinstance(req, ChatCompletionRequest):
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            try:
-                text = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=req.add_generation_prompt, tokenize=False
-                )
-            except Exception as e:  # jinja TemplateError from a template's raise_exception
-                raise APIError(
-                    400, f"the chat template rejected the messages: {e}", param="messages"
-                ) from None
-            return [self._encode(text, "messages")]
+            return [self._encode(plan.prompt, "messages")]
         vocab = self.tokenizer.vocab_size
         out = []
         for p in req.prompts():
@@ -230,7 +232,13 @@ class LLMServer:
             )
         return asked
 
-    def _sampling(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int, i: int) -> Any:
+    def _sampling(
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        max_tokens: int,
+        i: int,
+        plan: ChatPlan | None = None,
+    ) -> Any:
         vocab = self.tokenizer.vocab_size
         outside = [t for t in req.stop_token_ids or [] if t >= vocab]
         if outside:  # the engine indexes logits with them (min_tokens masking)
@@ -240,9 +248,12 @@ class LLMServer:
                 "stop_token_ids",
             )
         try:
-            return req.to_sampling_params(max_tokens, i)
+            sp = req.to_sampling_params(max_tokens, i)
+            if plan is not None and plan.tool_mode == "forced":  # the grammar of the forced tool call
+                sp = dataclasses.replace(sp, structured_output=plan.structured_output)
+            return sp
         except ValueError as e:  # RequestError: names the field
-            raise from_value_error(e) from None
+            raise _api_param(from_value_error(e), plan) from None
 
     async def _lora(self, model: str) -> str | None:
         if model == self.model_name:
@@ -273,23 +284,24 @@ class LLMServer:
             req = body if isinstance(body, BaseModel) else self._parse(kind, body)  # the ingress parsed it
             lora = await self._lora(req.model)
             jobs = []
-            for p_idx, ids in enumerate(self._prompt_ids(req)):
+            plan = self._chat_plan(req) if isinstance(req, ChatCompletionRequest) else None
+            for p_idx, ids in enumerate(self._prompt_ids(req, plan)):
                 max_tokens = self._max_tokens(req, len(ids))
                 for i in range(req.n):
-                    jobs.append((p_idx * req.n + i, ids, self._sampling(req, max_tokens, i)))
+                    jobs.append((p_idx * req.n + i, ids, self._sampling(req, max_tokens, i, plan)))
         except APIError as e:
             yield [error_event(e)]
             return
         base_id = uuid.uuid4().hex
         if len(jobs) == 1:  # the common case: one engine request, its events passed straight through
             idx, ids, sp = jobs[0]
-            async with aclosing(self._events(f"{base_id}-{idx}", idx, ids, sp, lora, start)) as events:
+            async with aclosing(self._events(f"{base_id}-{idx}", idx, ids, sp, lora, start, plan)) as events:
                 async for ev in events:
                     yield [ev]
             return
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [
-            asyncio.create_task(self._pump(queue, f"{base_id}-{idx}", idx, ids, sp, lora, start))
+            asyncio.create_task(self._pump(queue, f"{base_id}-{idx}", idx, ids, sp, lora, start, plan))
             for idx, ids, sp in jobs
         ]
         try:
@@ -322,10 +334,11 @@ class LLMServer:
         sp: Any,
         lora: str | None,
         start: float,
+        plan: ChatPlan | None = None,
     ) -> None:
         """Feed one engine request's events into ``queue`` (``n`` > 1 or several prompts); ``_DONE`` at the end."""
         try:
-            async with aclosing(self._events(rid, index, ids, sp, lora, start)) as events:
+            async with aclosing(self._events(rid, index, ids, sp, lora, start, plan)) as events:
                 async for ev in events:
                     queue.put_nowait(ev)
         finally:
@@ -338,11 +351,19 @@ class LLMServer:
         return max(self.stream_interval_s, self._active / self.stream_messages_per_s)
 
     async def _events(
-        self, rid: str, index: int, ids: list[int], sp: Any, lora: str | None, start: float
+        self,
+        rid: str,
+        index: int,
+        ids: list[int],
+        sp: Any,
+        lora: str | None,
+        start: float,
+        plan: ChatPlan | None,
     ) -> AsyncIterator[Event]:
         """One engine request as events (at most one per stream interval after the first token); an error
         ends it as an ``{"error", "status"}`` event. Closing it aborts the request in the engine."""
         last = None
+        split = ChoiceOutput(plan) if plan is not None else None  # content / reasoning / tool calls
         self._active += 1
         try:
             stream = self.engine.generate_stream(
@@ -371,6 +392,8 @@ class LLMServer:
                             self._logprob_entry(t, lp, sp.logprobs)
                             for t, lp in zip(new_ids, out.logprobs[-len(new_ids) :])
                         ]
+                    if split is not None:
+                        split_event(ev, split)
                     yield ev
             self.metrics.observe_finished(time.time() - start)
         except EngineDeadError as e:
@@ -381,7 +404,7 @@ class LLMServer:
             ):  # the adapter was unloaded meanwhile
                 yield error_event(APIError(404, str(e), "model", "model_not_found"))
             else:
-                yield error_event(from_value_error(e))
+                yield error_event(_api_param(from_value_error(e), plan))
         except Exception as e:
             msg = f"the engine failed on this request ({type(e).__name__}: {e})"
             yield error_event(APIError(500, msg))
@@ -437,8 +460,19 @@ def _merge(events: list[Event]) -> list[Event]:
             continue
         prev["text"] += ev["text"]
         prev["num_tokens"] += ev["num_tokens"]
+        if ev.get("reasoning"):
+            prev["reasoning"] = prev.get("reasoning", "") + ev["reasoning"]
+        if ev.get("tool_calls"):
+            prev["tool_calls"] = prev.get("tool_calls", []) + ev["tool_calls"]
         if ev["logprobs"] is not None:
             prev["logprobs"] = (prev["logprobs"] or []) + ev["logprobs"]
         for key in ("finish_reason", "prompt_tokens", "completion_tokens"):
             prev[key] = ev[key]
     return out
+
+
+def _api_param(err: APIError, plan: ChatPlan | None) -> APIError:
+    """The engine names ``structured_output``; the client sent ``response_format`` or ``tool_choice``."""
+    if err.param == "structured_output":
+        err.param = "tool_choice" if plan is not None and plan.tool_mode == "forced" else "response_format"
+    return err

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from llmray.serve.reasoning import ReasoningParser, prompt_opens_thinking, template_has_thinking
 from llmray.serve.tool_calls import (
@@ -114,16 +114,25 @@ class StructuredFields(_Model):
     response_format: ResponseFormat | None = None
     metadata: dict[str, Any] | None = None  # accepted, no effect on the output
     store: bool | None = None
+    # declared only to be refused by name (400 with param) when set to something that changes the output
+    logit_bias: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    best_of: Any = None
 
-    @model_validator(mode="before")
+    @field_validator(*UNSUPPORTED)
     @classmethod
-    def _refuse_unsupported(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for name, changes_output in UNSUPPORTED.items():
-                if name in data and changes_output(data[name]):
-                    hint = HINTS.get(name, "leave it out")
-                    raise ValueError(f"{name} is not supported by this server; {hint}")
-        return data
+    def _refuse_unsupported(cls, v: Any, info: ValidationInfo) -> Any:
+        if UNSUPPORTED[info.field_name](v):
+            raise ValueError(
+                f"{info.field_name} is not supported by this server; {HINTS.get(info.field_name, 'leave it out')}"
+            )
+        return v
 
     def response_format_spec(self) -> dict[str, Any] | None:
         """The engine's ``structured_output`` for ``response_format`` (None for text)."""
@@ -143,24 +152,35 @@ class ToolFields(StructuredFields):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ToolFields:
-        names = [t.function.name for t in self.tools or []]
+    @field_validator("tools")
+    @classmethod
+    def _distinct(cls, v: list[ToolDef] | None) -> list[ToolDef] | None:
+        names = [t.function.name for t in v or []]
         if len(set(names)) != len(names):
             raise ValueError("tools must have distinct function names")
-        choice = self.tool_choice
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_fits(cls, choice: Any, info: ValidationInfo) -> Any:
+        names = [t.function.name for t in info.data.get("tools") or []]
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise ValueError(
-                f"tool_choice names the function {choice.function.name!r}, which is not in tools"
-            )
+            raise ValueError(f"it names the function {choice.function.name!r}, which is not in tools")
         if choice == "required" and not names:
-            raise ValueError('tool_choice "required" needs tools')
-        if self.forced_tool() and self.response_format_spec() is not None:
-            raise ValueError("response_format cannot be combined with a forced tool_choice; use one of them")
-        for key in self.chat_template_kwargs or {}:
+            raise ValueError('"required" needs tools')
+        rf = info.data.get("response_format")
+        forced = names and (choice == "required" or isinstance(choice, NamedToolChoice))
+        if forced and rf is not None and rf.type != "text":
+            raise ValueError("a forced tool call cannot be combined with response_format; use one of them")
+        return choice
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in v or {}:
             if not _TEMPLATE_KWARG.fullmatch(key) or key in _RESERVED_KWARGS:
-                raise ValueError(f"chat_template_kwargs key {key!r} is not allowed")
-        return self
+                raise ValueError(f"the key {key[:64]!r} is not allowed")
+        return v
 
     def tool_mode(self) -> str:
         """ "none" (no tools in the prompt), "auto" (parsed from the output) or "forced" (grammar)."""
@@ -282,6 +302,20 @@ class ChoiceOutput:
         if engine_reason == "stop" and self.plan.tool_mode == "forced" and self.plan.forced_name is None:
             return "tool_calls"
         return engine_reason
+
+
+def split_event(ev: dict[str, Any], out: ChoiceOutput) -> None:
+    """Rewrite a chat token event in place: ``text`` keeps the answer, ``reasoning`` and ``tool_calls``
+    (OpenAI deltas) are added when present, and the finish reason becomes ``"tool_calls"`` when due."""
+    final = ev["finish_reason"] is not None
+    piece = out.feed(ev["text"], final=final)
+    ev["text"] = piece["content"]
+    if piece["reasoning_content"]:
+        ev["reasoning"] = piece["reasoning_content"]
+    if piece["tool_calls"]:
+        ev["tool_calls"] = piece["tool_calls"]
+    if final:
+        ev["finish_reason"] = out.finish_reason(ev["finish_reason"])
 
 
 def _openai_call_deltas(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
