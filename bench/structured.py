@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmray.config import ModelConfig  # noqa: E402
 from llmray.engine.llm import LLM  # noqa: E402
 from llmray.engine.sampling_params import SamplingParams  # noqa: E402
-from llmray.model.checkpoint import save_model  # noqa: E402
 from llmray.model.qwen3 import Qwen3ForCausalLM  # noqa: E402
 from llmray.model.tokenizer import Tokenizer  # noqa: E402
 
@@ -58,7 +57,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.load(p)
 
 
-def write_model(tok: Tokenizer, preset: str, out: Path) -> Path:
+def build_llm(tok: Tokenizer, preset: str) -> LLM:
+    """Random weights of ``preset`` in memory (no checkpoint write), our tokenizer."""
     base = ModelConfig.preset(preset)
     vocab = max(base.vocab_size, tok.vocab_size)  # qwen3-0.6b: 151,936 = our tokenizer's size
     cfg = base.replace(
@@ -67,10 +67,7 @@ def write_model(tok: Tokenizer, preset: str, out: Path) -> Path:
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen3ForCausalLM(cfg, kernels="torch")
-    save_model(
-        model, out, tokenizer=tok, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    )
-    return out
+    return LLM.from_model(model, tokenizer=tok)
 
 
 def timed(llm: LLM, prompts: list, params: list) -> tuple[float, list]:
@@ -97,8 +94,7 @@ def main() -> None:
     import jsonschema
 
     tok = load_tokenizer(args.tokenizer)
-    model_dir = write_model(tok, args.preset, Path(tempfile.mkdtemp()) / "model")
-    llm = LLM(model_dir)
+    llm = build_llm(tok, args.preset)
     gen = torch.Generator().manual_seed(0)
     prompts = [
         torch.randint(300, tok.vocab_size - 10, (args.prompt_len,), generator=gen).tolist()
@@ -112,7 +108,8 @@ def main() -> None:
     free = [params(i, False) for i in range(args.num)]
     half = [params(i, i % 2 == 1) for i in range(args.num)]
     t0 = time.perf_counter()
-    llm.generate(prompts[:8], [params(i, i % 2 == 1) for i in range(8)])  # warm-up: kernels, grammar compile
+    w = min(8, args.num)
+    llm.generate(prompts[:w], [params(i, i % 2 == 1) for i in range(w)])  # warm-up: kernels, grammar compile
     warm_s = time.perf_counter() - t0
     res: dict = {"free": [], "half": [], "half_inline": []}
     outs_half: list = []
