@@ -2,6 +2,7 @@
 
     python bench/batch.py --out bench/results                 # GPU: Qwen3-0.6B shapes (about 1.5 minutes)
     python bench/batch.py --quick --compare-sync --out /tmp/b  # tiny model on CPU; also the synchronous actor
+    python bench/batch.py --occupancy                          # CPU: engine steps, streaming vs synchronous actor
 
 Rows follow the nano-vllm workload: prompt and output lengths uniform in [100, 1024] (seed 0), random
 token ids as ``prompt_token_ids``, temperature 0.6, ignore_eos. The model directory (random bf16 weights,
@@ -127,6 +128,53 @@ def run_batch_timed(
     return dict(seconds_end_to_end=seconds, output_tokens=summary["tokens"], rows=summary["rows"])
 
 
+def occupancy(args) -> dict:
+    """The two actor designs on one in-process engine (tiny model, CPU), counted in engine steps (no timing
+    noise): one continuous feed over all rows (the streaming actor) against ``generate_stream`` over one
+    batch at a time (the synchronous actor, which drains at every batch's tail)."""
+    from llmray.config import ModelConfig
+    from llmray.engine.llm import LLM
+    from llmray.engine.sampling_params import SamplingParams
+    from llmray.model.qwen3 import Qwen3ForCausalLM
+
+    cfg = ModelConfig.preset("tiny", max_position_embeddings=4096)
+    torch.manual_seed(0)
+    seqs = args.occ_seqs
+    llm = LLM.from_model(Qwen3ForCausalLM(cfg, kernels="torch"), kernels="torch", max_num_seqs=seqs)
+    rows = workload(args.occ_rows, 4, args.occ_max_len, cfg.vocab_size)
+    reqs = [(r["id"], r["prompt_token_ids"], SamplingParams(**r["sampling_params"])) for r in rows]
+    counts = {"steps": 0, "seqs": 0}
+    step = llm.engine.step
+
+    def counted():
+        counts["steps"] += 1
+        counts["seqs"] += len(llm.engine.scheduler.running)
+        return step()
+
+    llm.engine.step = counted
+    res = {
+        "rows": len(rows),
+        "max_num_seqs": seqs,
+        "prompt_and_output_lengths": f"uniform in [4, {args.occ_max_len}]",
+    }
+    sizes = [(f"sync_batch_{b}", b) for b in (seqs, 4 * seqs)]
+    for name, size in [("streaming", len(reqs)), *sizes]:
+        counts.update(steps=0, seqs=0)
+        t = time.perf_counter()
+        for i in range(0, len(reqs), size):
+            for _ in llm.generate_stream(reqs[i : i + size]):
+                pass
+        res[name] = dict(
+            engine_steps=counts["steps"],
+            mean_running_seqs=counts["seqs"] / counts["steps"],
+            seconds=time.perf_counter() - t,
+        )
+        print(name, res[name], flush=True)
+    for name, _ in sizes:
+        res[f"{name}_steps_over_streaming"] = res[name]["engine_steps"] / res["streaming"]["engine_steps"]
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
@@ -135,6 +183,10 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=100)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--compare-sync", action="store_true", help="also run the synchronous actor")
+    ap.add_argument("--occupancy", action="store_true", help="only the in-process step count of both designs")
+    ap.add_argument("--occ-rows", type=int, default=256)
+    ap.add_argument("--occ-seqs", type=int, default=32)
+    ap.add_argument("--occ-max-len", type=int, default=48)
     ap.add_argument("--offline-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
@@ -142,6 +194,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.offline_child:
         return offline_child(args)
+    if args.occupancy:
+        res = {"command": "python " + " ".join(sys.argv), "device": "cpu", **occupancy(args)}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "batch_occupancy_cpu.json").write_text(json.dumps(res, indent=2))
+        return print(json.dumps(res, indent=2))
     if args.quick:
         args.rows, args.min_len, args.max_len = min(args.rows, 64), 8, 48
     cuda = torch.cuda.is_available()
