@@ -139,3 +139,17 @@ def test_cli_flags_and_config_validation(tmp_path):
     with pytest.raises(ValueError, match="multiple of --grad-accum"):
         dataclasses.replace(cfg, batch_size=6, grad_accum=4)
     assert ModelConfig.preset("tiny").vocab_size == 512
+
+
+def test_triton_kernels_on_ray_train_under_the_interpreter(ray_local, corpus, tmp_path):
+    """``--kernels triton`` on CPU: Ray Train workers run the Triton kernels in Triton's interpreter
+    (TRITON_INTERPRET=1, inherited from the driver's environment), bf16 autocast included."""
+    import os
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    cfg = _cfg(corpus, tmp_path / "out", kernels="triton", precision="bf16", num_workers=1, max_steps=3,
+               batch_size=4, checkpoint_every=3, eval_every=3, eval_windows=4)  # fmt: skip
+    result = run_pretrain(cfg)
+    records = read_metrics(result["metrics_file"])
+    assert [r["step"] for r in records] == [1, 2, 3] and np.isfinite(records[-1]["val_loss"])
+    assert os.path.exists(os.path.join(result["out"], "model.safetensors"))
