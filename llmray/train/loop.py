@@ -250,3 +250,10 @@ def _load_weights(path: Path, model: torch.nn.Module) -> None:
         raise ValueError(
             f"checkpoint {path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+
+
+def autocast_context(device: torch.device) -> Any:
+    """The harness's autocast at the default precision (bf16 on CUDA, none on CPU); kept for old callers."""
+    from llmray.train.harness import autocast, resolve_precision
+
+    return autocast(device, resolve_precision("auto", device))
