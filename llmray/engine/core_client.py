@@ -52,6 +52,9 @@ class ProcessCore:
             dict.fromkeys(paths + env.get("PYTHONPATH", "").split(os.pathsep))
         )
         env["LLMRAY_CORE_PARENT"] = str(os.getpid())
+        # OpenMP threads that spin while they wait starve the replica's processes on a small CPU machine
+        # (a tiny-model step took 30x longer on 2 busy cores); sleeping waiters cost the GPU path nothing
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # PR_SET_PDEATHSIG fires when the spawning *thread* exits: ask for it only from the main thread
         env["LLMRAY_CORE_PDEATHSIG"] = "1" if threading.current_thread() is threading.main_thread() else "0"
         self.proc = subprocess.Popen(
