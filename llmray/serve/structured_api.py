@@ -206,6 +206,7 @@ class ChatPlan:
     tool_mode: str = "none"
     forced_prefix: str = ""  # output the server wrote into the prompt (parsed as if generated)
     forced_name: str | None = None
+    named: bool = False  # tool_choice named the function (its call finishes "stop", as OpenAI's)
     reasoning: bool = False  # split <think> blocks
     in_reasoning: bool = False  # the prompt left a think block open
 
@@ -253,6 +254,7 @@ def plan_chat(req: Any, tokenizer: Any) -> ChatPlan:
         plan.prompt += prefix
         plan.forced_prefix, plan.structured_output = prefix, {"json": schema}
         plan.forced_name = named or (req.tools[0].function.name if len(req.tools) == 1 else None)
+        plan.named = named is not None
     else:
         plan.reasoning = template_has_thinking(template)
         plan.in_reasoning = plan.reasoning and prompt_opens_thinking(prompt)
@@ -297,9 +299,8 @@ class ChoiceOutput:
 
     def finish_reason(self, engine_reason: str | None) -> str | None:
         """``"tool_calls"`` when the model called tools (auto, required); a named call finishes "stop"."""
-        if engine_reason == "stop" and self.num_calls and self.plan.forced_name is None:
-            return "tool_calls"
-        if engine_reason == "stop" and self.plan.tool_mode == "forced" and self.plan.forced_name is None:
+        called = self.num_calls or self.plan.tool_mode == "forced"
+        if engine_reason == "stop" and called and not self.plan.named:
             return "tool_calls"
         return engine_reason
 
