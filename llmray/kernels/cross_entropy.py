@@ -1,6 +1,6 @@
 """Fused linear + cross-entropy: the mean loss of (hidden @ weight.T) without the full (tokens, vocab) logits.
 
-Same signature and numerics as ``llmray.model.ops.linear_cross_entropy_torch`` (mean over targets that are
+Same signature and numerics as ``llmray.kernels.reference.linear_cross_entropy_ref`` (mean over targets that are
 not ``ignore_index``; ``label_smoothing`` as ``F.cross_entropy``). Method (as Liger-Kernel's
 fused_linear_cross_entropy): the tokens are split into chunks; per chunk, cuBLAS computes the logits
 (chunk, V) in the input dtype, one Triton program per row takes an online log-sum-exp over the vocabulary
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from llmray.kernels._common import check_device
-from llmray.model.ops import linear_cross_entropy_torch as linear_cross_entropy_ref
+from llmray.kernels.reference import linear_cross_entropy_ref
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "cross_entropy_rows", "default_chunk_size"]
 

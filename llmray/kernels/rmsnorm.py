@@ -1,7 +1,7 @@
 """RMSNorm and fused residual-add + RMSNorm: Triton forward/backward kernels, launchers, autograd.
 
 y = x / sqrt(mean(x^2) + eps) * w over the last dim, computed in fp32 and stored in x.dtype (as the torch
-reference ``llmray.model.ops.rms_norm_torch``). The add variant returns (rms_norm(x + r), x + r) with the
+reference ``llmray.kernels.reference.rms_norm_ref``). The add variant returns (rms_norm(x + r), x + r) with the
 sum rounded to torch's promoted dtype of (x, r) before the norm, exactly as ``x + residual`` in torch: under
 bf16 autocast with fp32 master weights the branch output x is bf16 and the residual stream fp32, so the
 sum (and the residual stream) stays fp32.
@@ -23,8 +23,7 @@ import triton
 import triton.language as tl
 
 from llmray.kernels._common import as_rows, check_device, num_sms, row_block_config
-from llmray.model.ops import add_rms_norm_torch as add_rms_norm_ref
-from llmray.model.ops import rms_norm_torch as rms_norm_ref
+from llmray.kernels.reference import add_rms_norm_ref, rms_norm_ref
 
 __all__ = [
     "rms_norm",

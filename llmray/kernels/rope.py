@@ -1,6 +1,6 @@
 """Rotary position embedding (rotate-half / GPT-NeoX / HF Qwen3 layout) on q and k in one Triton launch.
 
-Same signature and numerics as ``llmray.model.ops.rope_torch``: q (B, T, H, D), k (B, T, Hkv, D),
+Same signature and numerics as ``llmray.kernels.reference.rope_ref``: q (B, T, H, D), k (B, T, Hkv, D),
 positions (B, T) integer (a training batch's 0..T-1, or the engine's per-token positions with B=1),
 cos/sin (max_pos, D/2) fp32 tables gathered per token; computed in fp32, stored in q.dtype.
 
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from llmray.kernels._common import check_device
-from llmray.model.ops import rope_torch as rope_ref
+from llmray.kernels.reference import rope_ref
 
 __all__ = ["rope", "rope_ref", "rope_apply"]
 

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from llmray.kernels._common import check_device
-from llmray.model.ops import swiglu_torch as swiglu_ref
+from llmray.kernels.reference import swiglu_ref
 
 __all__ = ["swiglu", "swiglu_ref", "swiglu_fwd", "swiglu_bwd"]
 

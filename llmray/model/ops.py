@@ -1,70 +1,30 @@
 """The element-wise and loss ops the model calls, as a swappable set.
 
-``TORCH_OPS`` is plain PyTorch (the reference, and the CPU path); ``resolve_ops("triton")`` returns the
-Triton implementations from ``llmray.kernels`` with the same signatures. The model never branches on
+``TORCH_OPS`` is plain PyTorch (``llmray.kernels.reference``: the CPU path); ``resolve_ops("triton")`` returns
+the Triton implementations from ``llmray.kernels`` with the same signatures. The model never branches on
 the implementation: it calls ``self.ops.<op>``.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = x / rms(x) * weight over the last dim; computed in fp32, returned in x.dtype."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
-
-
-def add_rms_norm_torch(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (rms_norm(x + residual), x + residual): the pre-norm block's residual stream update."""
-    s = x + residual
-    return rms_norm_torch(s, weight, eps), s
-
-
-def rope_torch(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary embedding, rotate-half (GPT-NeoX / HF Qwen3) layout.
-
-    q (B, T, H, D), k (B, T, Hkv, D), positions (B, T) int64, cos/sin (max_pos, D/2) fp32 tables.
-    """
-    c = cos[positions].unsqueeze(-2)  # (B, T, 1, D/2)
-    s = sin[positions].unsqueeze(-2)
-
-    def rot(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-
-    return rot(q), rot(k)
-
-
-def swiglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
-def linear_cross_entropy_torch(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Mean cross-entropy of (hidden @ weight.T) against targets. hidden (N, h), weight (V, h), targets (N,)."""
-    logits = (hidden @ weight.t()).float()
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing)
+from llmray.kernels.reference import (
+    add_rms_norm_ref,
+    linear_cross_entropy_ref,
+    rms_norm_ref,
+    rope_ref,
+    swiglu_ref,
+)
 
 
 @dataclass(frozen=True)
 class ModelOps:
-    """One implementation of each op the model calls (signatures as the torch functions above)."""
+    """One implementation of each op the model calls (signatures as in ``llmray.kernels.reference``)."""
 
     name: str
     rms_norm: Callable[..., torch.Tensor]
@@ -76,12 +36,30 @@ class ModelOps:
 
 TORCH_OPS = ModelOps(
     name="torch",
-    rms_norm=rms_norm_torch,
-    add_rms_norm=add_rms_norm_torch,
-    rope=rope_torch,
-    swiglu=swiglu_torch,
-    linear_cross_entropy=linear_cross_entropy_torch,
+    rms_norm=rms_norm_ref,
+    add_rms_norm=add_rms_norm_ref,
+    rope=rope_ref,
+    swiglu=swiglu_ref,
+    linear_cross_entropy=linear_cross_entropy_ref,
 )
+
+
+@functools.cache
+def triton_ops() -> ModelOps:
+    """The Triton op set (imported on first use: ``@triton.jit`` binds the interpreter at import time)."""
+    from llmray.kernels.cross_entropy import linear_cross_entropy
+    from llmray.kernels.rmsnorm import add_rms_norm, rms_norm
+    from llmray.kernels.rope import rope
+    from llmray.kernels.swiglu import swiglu
+
+    return ModelOps(
+        name="triton",
+        rms_norm=rms_norm,
+        add_rms_norm=add_rms_norm,
+        rope=rope,
+        swiglu=swiglu,
+        linear_cross_entropy=linear_cross_entropy,
+    )
 
 
 def resolve_ops(kernels: str, device: torch.device | str | None = None) -> ModelOps:
@@ -92,8 +70,7 @@ def resolve_ops(kernels: str, device: torch.device | str | None = None) -> Model
         return TORCH_OPS
     if kernels == "triton":
         try:
-            from llmray.kernels.model_ops import TRITON_OPS
+            return triton_ops()
         except ImportError as e:  # triton missing: say so rather than silently using torch
-            raise RuntimeError(f"kernels='triton' needs the triton package and llmray.kernels: {e}") from e
-        return TRITON_OPS
+            raise RuntimeError(f"kernels='triton' needs the triton package: {e}") from e
     raise ValueError(f"kernels must be 'torch', 'triton' or 'auto', got {kernels!r}")

@@ -31,7 +31,7 @@ def measure(
     block (one graph reused by all 28); for the torch ops the loss (logits + cross-entropy) is compiled too,
     so the torch.compile-only baseline fuses its loss as a whole-model compile would.
     """
-    from llmray.model.ops import linear_cross_entropy_torch
+    from llmray.kernels.reference import linear_cross_entropy_ref
     from llmray.model.qwen3 import Qwen3ForCausalLM
     from llmray.train.fsdp import compile_blocks
     from llmray.train.harness import train_step
@@ -44,7 +44,7 @@ def measure(
         compile_blocks(model)
         if model.ops.name == "torch":
             model._ops = dataclasses.replace(
-                model.ops, linear_cross_entropy=torch.compile(linear_cross_entropy_torch)
+                model.ops, linear_cross_entropy=torch.compile(linear_cross_entropy_ref)
             )
     opt = build_optimizer(model, "muon", lr=3e-4, muon_lr=0.02)
     params = list(model.parameters())

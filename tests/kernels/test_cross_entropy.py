@@ -1,4 +1,4 @@
-"""Fused linear + cross-entropy against linear_cross_entropy_torch: loss, dH and dW.
+"""Fused linear + cross-entropy against linear_cross_entropy_ref: loss, dH and dW.
 
 Reference choice: in bf16 both paths compute the logits with a bf16 GEMM (rounded to bf16) before the
 fp32 softmax, so the kernel is compared with the torch reference run in the same dtype: the loss to
