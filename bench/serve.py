@@ -52,7 +52,7 @@ def write_random_qwen3(out: Path) -> Path:
     base = ModelConfig.preset("qwen3-0.6b")
     n_chars = base.vocab_size - len(SPECIAL_TOKENS)
     cps = [c for c in range(0x4E00, 0x4E00 + n_chars + 2048) if not 0xD800 <= c <= 0xDFFF][:n_chars]
-    tok = char_tokenizer("".join(map(chr, cps)))
+    tok = char_tokenizer("".join(map(chr, cps)), base_chars="")  # exactly the model vocabulary
     assert tok.vocab_size == base.vocab_size, tok.vocab_size
     cfg = base.replace(eos_token_id=tok.eos_token_id, bos_token_id=None, max_position_embeddings=8192)
     torch.manual_seed(0)
@@ -158,6 +158,13 @@ def main() -> int:
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--skip-startup", action="store_true", help="one launch only (not timed cold/warm)")
     ap.add_argument("--cpu", action="store_true", help="no GPU: the server runs its engine on the CPU")
+    ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VAL",
+                    help="environment of the llmray serve process (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")  # fmt: skip
+    ap.add_argument("--serve-flags", default="", help="extra llmray serve flags, e.g. '--engine mock'")
+    ap.add_argument(
+        "--prompt-vocab", type=int, default=0, help="prompt token ids below this (default: the model's)"
+    )
+    ap.add_argument("--http-only", action="store_true", help="HTTP only (no offline / AsyncLLM comparison)")
     ap.add_argument(
         "--deadline-s", type=float, default=0, help="start no new level after this long (0 = none)"
     )
@@ -174,7 +181,9 @@ def main() -> int:
     model_dir = Path(a.model) if a.model else write_random_qwen3(Path(a.model_out))
     from llmray.model.tokenizer import Tokenizer
 
-    vocab = Tokenizer.load(model_dir).vocab_size - 3  # plain tokens only (the last three are special)
+    vocab = (
+        a.prompt_vocab or Tokenizer.load(model_dir).vocab_size - 3
+    )  # plain tokens (the last 3 are special)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
@@ -194,8 +203,12 @@ def main() -> int:
              "--ingress-replicas", str(a.ingress_replicas), "--stream-interval-ms", str(a.stream_interval_ms)]  # fmt: skip
     flags += [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     flags += ["--no-use-gpu"] if a.cpu else []
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cold-")  # this process's engines share it
-    env = dict(os.environ)
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix="triton-cold-"
+    )  # this process's engines share it
+    env = dict(os.environ, **dict(kv.split("=", 1) for kv in a.serve_env))
+    flags += a.serve_flags.split()
+    result["serve_env"], result["serve_flags"] = a.serve_env, a.serve_flags
     logs = Path(tempfile.mkdtemp(prefix="llmray-serve-logs-"))
     if not a.skip_startup:
         proc, cold = launch_serve(flags, port, env, logs / "cold.log")
@@ -212,13 +225,14 @@ def main() -> int:
     pool = ProcessPoolExecutor(a.client_procs, mp_context=mp.get_context("spawn"))
     try:
         warm_pool(pool, a.client_procs)
-        offline = LLM(model_dir, **kw)
-        t0 = time.monotonic()
-        aengine = AsyncLLM(model_dir, **kw)
-        result["async_llm_startup_s"] = round(time.monotonic() - t0, 1)
-        warmup = make_prompts(32, 128, vocab, seed=999)
-        run_offline(offline, warmup, 32, 16)
-        asyncio.run(_async_level(aengine, warmup, 32, 16))
+        warmup = make_prompts(32, 16, vocab, seed=999)
+        if not a.http_only:
+            offline = LLM(model_dir, **kw)
+            t0 = time.monotonic()
+            aengine = AsyncLLM(model_dir, **kw)
+            result["async_llm_startup_s"] = round(time.monotonic() - t0, 1)
+            run_offline(offline, warmup, 32, 16)
+            asyncio.run(_async_level(aengine, warmup, 32, 16))
         run_http_level(pool, a.client_procs, url, "bench", warmup, 32, 16)
         for m_i, (plen, olen) in enumerate(mixes):
             mix = result["mixes"].setdefault(f"{plen}/{olen}", {"offline": {}, "async_llm": {}, "http": {}})
@@ -229,9 +243,13 @@ def main() -> int:
                 n = counts.get(c, max(c, 8)) // (1 if m_i == 0 else 2)
                 prompts = make_prompts(max(n, 1), plen, vocab, seed=1000 * m_i + c)
                 k = str(c)
+                mix["http"][k] = run_http_level(pool, a.client_procs, url, "bench", prompts, c, olen)
+                if a.http_only:
+                    print(json.dumps({"mix": f"{plen}/{olen}", "c": c, "http": mix["http"][k]}), flush=True)
+                    save()
+                    continue
                 mix["offline"][k] = run_offline(offline, prompts, c, olen)
                 mix["async_llm"][k] = asyncio.run(_async_level(aengine, prompts, c, olen))
-                mix["http"][k] = run_http_level(pool, a.client_procs, url, "bench", prompts, c, olen)
                 off = mix["offline"][k]["output_tok_per_s"]
                 mix.setdefault("http_vs_offline", {})[k] = round(mix["http"][k]["output_tok_per_s"] / off, 3)
                 mix.setdefault("async_vs_offline", {})[k] = round(
@@ -243,7 +261,8 @@ def main() -> int:
                                   "http": mix["http"][k]}), flush=True)  # fmt: skip
                 result["total_s"] = round(time.monotonic() - t_start, 1)
                 save()
-        aengine.shutdown()
+        if not a.http_only:
+            aengine.shutdown()
     finally:
         pool.shutdown(cancel_futures=True)
         stop_serve(proc)
