@@ -152,6 +152,8 @@ def run_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from llmray.train.ray_env import train_run_kwargs
+
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     kwargs: dict[str, Any] = {}
     if datasets is not None:
@@ -167,6 +169,7 @@ def run_trainer(
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            **train_run_kwargs(),  # quiet wherever Ray was started: each step line once, Ray's INFO off
         ),
         **kwargs,
     )
