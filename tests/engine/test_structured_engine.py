@@ -28,7 +28,9 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir):
-    return LLM(tiny_model_dir, kernels="torch")
+    return LLM(
+        tiny_model_dir, kernels="torch", enable_prefix_caching=False
+    )  # alone vs mixed: one prefill path
 
 
 def test_schema_outputs_validate(llm):
