@@ -119,9 +119,9 @@ def _fused_forward(hidden, weight, targets, ignore_index, label_smoothing, grad_
         losses[start:end] = cross_entropy_rows(
             logits, targets[start:end], n_valid, ignore_index, label_smoothing, compute_grad
         )
-        if grad_h:
+        if dh is not None:
             torch.mm(logits, weight, out=dh[start:end])
-        if grad_w:
+        if dw is not None:
             dw.addmm_(logits.t(), h)
     return losses.sum() / n_valid, dh, dw
 

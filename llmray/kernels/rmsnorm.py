@@ -216,6 +216,7 @@ class _AddRMSNormFn(torch.autograd.Function):
     def forward(ctx, x, residual, weight, eps: float, out_dtype: torch.dtype):
         x2, r2 = as_rows(x), as_rows(residual)
         y, s, rstd = rms_norm_fwd(x2, weight, eps, residual=r2, out_dtype=out_dtype)
+        assert s is not None, "rms_norm_fwd returns the sum when given a residual"
         ctx.save_for_backward(s, weight, rstd)
         ctx.x_shape, ctx.dtypes = x.shape, (x.dtype, residual.dtype)
         return y.view(x.shape), s.view(x.shape)
@@ -261,4 +262,5 @@ def add_rms_norm(
     if _needs_autograd(x, residual, weight):
         return _AddRMSNormFn.apply(x, residual, weight, eps, out_dtype)
     y, s, _ = rms_norm_fwd(as_rows(x), weight, eps, residual=as_rows(residual), out_dtype=out_dtype)
+    assert s is not None, "rms_norm_fwd returns the sum when given a residual"
     return y.view(x.shape), s.view(x.shape)
