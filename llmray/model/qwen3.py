@@ -124,6 +124,9 @@ class Qwen3Model(nn.Module):
 class Qwen3ForCausalLM(nn.Module):
     """Qwen3 causal LM. ``forward`` serves training (full causal sequences) and the engine (packed tokens)."""
 
+    rope_cos: torch.Tensor  # (max_pos, head_dim // 2) fp32 buffer, registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, config: ModelConfig, kernels: str = "auto") -> None:
         super().__init__()
         self.config = config
