@@ -165,6 +165,13 @@ def _common_prefix_len(a: str, b: str) -> int:
     return n
 
 
+def _render(tok: Tokenizer, messages: list[dict[str, Any]]) -> str:
+    """The chat template's text rendering of ``messages`` (no generation prompt)."""
+    text = tok.apply_chat_template(messages, add_generation_prompt=False)
+    assert isinstance(text, str), "apply_chat_template(tokenize=False) returns text"
+    return text
+
+
 def _assistant_spans(tok: Tokenizer, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
     """Render ``messages`` and return (text, character spans of the weighted assistant replies).
 
@@ -176,7 +183,7 @@ def _assistant_spans(tok: Tokenizer, messages: list[dict[str, Any]]) -> tuple[st
     the context, outside the loss, as it sits in a non-thinking generation prompt.
     """
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    text = tok.apply_chat_template(plain, add_generation_prompt=False)
+    text = _render(tok, plain)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         needle = m["content"].strip()
@@ -190,7 +197,7 @@ def _assistant_spans(tok: Tokenizer, messages: list[dict[str, Any]]) -> tuple[st
             )
         end = start + len(needle)
         if m["role"] == "assistant" and m["weight"]:
-            through = tok.apply_chat_template(plain[: i + 1], add_generation_prompt=False)
+            through = _render(tok, plain[: i + 1])
             suffix = through[through.rfind(needle) + len(needle) :]
             end += _common_prefix_len(suffix, text[end : end + len(suffix)])
             spans.append((start, end))
@@ -212,6 +219,7 @@ def tokenize_example(tok: Tokenizer, ex: Example) -> TokenizedExample:
     else:
         if tok.eos_token_id is None:
             raise ValueError("prompt/completion data needs a tokenizer with an eos token")
+        assert ex.completion is not None, "an Example without messages has a completion (parse_line)"
         p = tok.encode(ex.prompt) if ex.prompt else []
         c = tok.encode(ex.completion) + [tok.eos_token_id]
         ids = np.asarray(p + c, dtype=np.int64)

@@ -195,10 +195,14 @@ def _grad_all_reduce(params: list[torch.Tensor], world: int) -> None:
     """Average the adapter gradients over workers: one all-reduce over a flat buffer."""
     if world == 1:
         return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    grads = []
+    for p in params:
+        assert p.grad is not None, "every trainable adapter parameter has a gradient after backward"
+        grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
     torch.distributed.all_reduce(flat)
-    for p, g in zip(params, flat.div_(world).split([p.numel() for p in params]), strict=True):
-        p.grad.copy_(g.view_as(p.grad))
+    for g, avg in zip(grads, flat.div_(world).split([g.numel() for g in grads]), strict=True):
+        g.copy_(avg.view_as(g))
 
 
 def train_loop(config: dict, session: Session) -> dict:
@@ -217,7 +221,7 @@ def train_loop(config: dict, session: Session) -> dict:
     trainable, all_params = lora.trainable_parameters(model)
     val_b = val_batches(val, cfg, rank, world, pad_id)
     with session.resume_dir() as resume:
-        state = _resume(resume, model, opt) if resume is not None else {"step": 0}
+        state: dict[str, Any] = _resume(resume, model, opt) if resume is not None else {"step": 0}
     logger = MetricsLogger(config.get("metrics_file"), total, resume_step=state["step"], enabled=rank == 0)
     if resume is not None:
         logger.log({"event": "resumed", "step": state["step"], "from": str(resume)}, console=False)
@@ -227,7 +231,8 @@ def train_loop(config: dict, session: Session) -> dict:
         logger.log({"event": "val", "step": 0, "val_loss": state["val_loss_before"],
                     "val_loss_before": state["val_loss_before"], "trainable_params": trainable,
                     "total_params": all_params})  # fmt: skip
-    step, t0, tokens, metrics = state["step"], time.perf_counter(), 0, None
+    step, t0, tokens = state["step"], time.perf_counter(), 0
+    metrics: dict[str, Any] | None = None
     while step < total:
         if config.get("fail_at_step") == step and not Path(config["fail_marker"]).exists():
             Path(config["fail_marker"]).write_text("failed once")  # test hook: one injected crash

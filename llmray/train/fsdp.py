@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 PARALLEL_MODES = ("ddp", "fsdp")
 COMPILE_MODES = ("none", "blocks", "model")
@@ -44,7 +47,7 @@ def _dtensor_cls() -> type:
     return DTensor
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: object) -> TypeGuard[DTensor]:
     return isinstance(t, _dtensor_cls())
 
 
@@ -126,42 +129,48 @@ def parallelize(
             gradient_as_bucket_view=True,
         )
     if compile == "model":
-        fwd = torch.compile(fwd)
+        compiled = torch.compile(fwd)
+        assert isinstance(compiled, nn.Module), "torch.compile wraps a module in an OptimizedModule"
+        fwd = compiled
     return fwd
 
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:
     """FSDP2's counterpart of DDP's ``no_sync``: skip the reduce-scatter on accumulation micro-steps."""
-    model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        raise TypeError(f"set_gradient_sync needs a fully_shard model (FSDP2), got {type(model).__name__}")
+    model.set_requires_gradient_sync(sync)
 
 
 def to_float(x: torch.Tensor | float) -> float:
     """A scalar (a DTensor one from ``clip_grad_norm_`` under FSDP2 included) as a Python float."""
     if is_dtensor(x):
-        x = x.full_tensor()  # type: ignore[union-attr]
+        x = x.full_tensor()
     return float(x)
 
 
 # --- sharded matrices for Muon ------------------------------------------------------------------------
-def _check_row_sharded(t: Any) -> None:
+def _row_sharded(t: torch.Tensor) -> DTensor:
+    """``t`` as a DTensor sharded on dim 0 over a 1-D mesh (ValueError for anything else)."""
     from torch.distributed.tensor import Shard
 
-    if tuple(t.placements) != (Shard(0),):
-        raise ValueError(
-            f"Muon under FSDP2 expects parameters sharded on dim 0 over a 1-D mesh, got {t.placements}"
-        )
+    if not is_dtensor(t) or tuple(t.placements) != (Shard(0),):
+        got = t.placements if is_dtensor(t) else f"a plain {type(t).__name__}"
+        raise ValueError(f"Muon under FSDP2 expects parameters sharded on dim 0 over a 1-D mesh, got {got}")
+    return t
 
 
 def gather_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Full matrices (n, rows, cols) from n DTensors of one shape sharded on rows (a collective)."""
-    for t in tensors:
-        _check_row_sharded(t)
-    mesh = tensors[0].device_mesh  # type: ignore[attr-defined]
+    dts = [_row_sharded(t) for t in tensors]
+    mesh = dts[0].device_mesh
     world = mesh.size()
-    rows, cols = tensors[0].shape
+    rows, cols = dts[0].shape
     if rows % world:  # uneven shards (padded by FSDP2): gather matrix by matrix
-        return torch.stack([t.full_tensor() for t in tensors])  # type: ignore[attr-defined]
-    local = torch.stack([t.to_local() for t in tensors])  # type: ignore[attr-defined]  # (n, rows/world, cols)
+        return torch.stack([t.full_tensor() for t in dts])
+    local = torch.stack([t.to_local() for t in dts])  # (n, rows/world, cols)
     out = local.new_empty((world * len(tensors), *local.shape[1:]))  # (world * n, rows/world, cols)
     # torch >= 2.13 names it all_gather_single (all_gather_into_tensor warns there); 2.11 has only the latter
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -183,20 +192,19 @@ def orthogonalize_rows(
     """
     from torch.distributed.tensor import DTensor
 
-    for t in tensors:
-        _check_row_sharded(t)
-    mesh = tensors[0].device_mesh  # type: ignore[attr-defined]
+    dts = [_row_sharded(t) for t in tensors]
+    mesh = dts[0].device_mesh
     world = mesh.size()
-    rows, cols = tensors[0].shape
+    rows, cols = dts[0].shape
     if rows % world:
         out = fn(gather_rows(tensors))
-        return [local_rows(o, t) for o, t in zip(out.unbind(0), tensors, strict=True)]
-    n, r = len(tensors), rows // world
+        return [local_rows(o, t) for o, t in zip(out.unbind(0), dts, strict=True)]
+    n, r = len(dts), rows // world
     m = math.ceil(n / world)
     group = mesh.get_group()
-    local = tensors[0].to_local()  # type: ignore[attr-defined]
+    local = dts[0].to_local()
     send = local.new_zeros((world * m, r, cols))  # slot o * m + j: my rows of matrix o * m + j
-    send[:n].copy_(torch.stack([t.to_local() for t in tensors]))  # type: ignore[attr-defined]
+    send[:n].copy_(torch.stack([t.to_local() for t in dts]))
     recv = torch.empty_like(send)  # (world, m, r, cols): [src, j] = src's rows of my matrix j
     dist.all_to_all_single(recv, send, group=group)
     mine = recv.view(world, m, r, cols).transpose(0, 1).reshape(m, rows, cols)  # my m whole matrices
@@ -207,7 +215,7 @@ def orthogonalize_rows(
     shards = recv2.view(world * m, r, cols)[:n]
     return [
         DTensor.from_local(s, mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
-        for s, t in zip(shards.unbind(0), tensors, strict=True)
+        for s, t in zip(shards.unbind(0), dts, strict=True)
     ]
 
 
@@ -215,16 +223,14 @@ def local_rows(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's rows of ``full`` (rows, cols) as a DTensor placed like ``like`` (no communication)."""
     from torch.distributed.tensor import DTensor
 
-    _check_row_sharded(like)
-    mesh = like.device_mesh  # type: ignore[attr-defined]
+    dt = _row_sharded(like)
+    mesh = dt.device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()
     chunk = math.ceil(full.shape[0] / world)  # torch.chunk's split, as FSDP2 and Shard(0) use
     start = min(rank * chunk, full.shape[0])
-    n_local = like.to_local().shape[0]  # type: ignore[attr-defined]
+    n_local = dt.to_local().shape[0]
     local = full[start : start + n_local].contiguous()
-    return DTensor.from_local(
-        local, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
-    )
+    return DTensor.from_local(local, mesh, dt.placements, run_check=False, shape=dt.shape, stride=dt.stride())
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------
@@ -240,7 +246,12 @@ def full_model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     aliases = _alias_names(model)
-    return {k: v.contiguous() for k, v in sd.items() if k not in aliases}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        assert isinstance(v, torch.Tensor), f"a model state dict holds tensors, got {type(v).__name__} at {k}"
+        if k not in aliases:
+            out[k] = v.contiguous()
+    return out
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

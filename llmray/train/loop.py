@@ -53,7 +53,8 @@ def build_optimizer(
         opt: torch.optim.Optimizer = MuonWithAuxAdam(groups)
     elif optimizer == "adamw":
         seen: set[int] = set()
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for p in model.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))

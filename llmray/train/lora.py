@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from llmray.config import LoraConfig as LlmrayLoraConfig
-from llmray.model.qwen3 import Qwen3ForCausalLM
+from llmray.model.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_FILES = (
@@ -68,6 +68,9 @@ def quantize_nf4(
     """
     bnb = _bnb()
     for layer in model.model.layers:
+        assert isinstance(layer, Qwen3DecoderLayer), (
+            f"Qwen3Model.layers holds decoder layers, got {type(layer).__name__}"
+        )
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if not isinstance(child, nn.Linear):
@@ -100,10 +103,11 @@ def quantize_nf4(
             raise RuntimeError(
                 f"bitsandbytes did not quantise a Linear4bit on {device}: weight {mod.weight.dtype}"
             )
-    # the flags peft reads (peft/tuners/lora/model.py _create_and_replace, peft_model.py)
-    model.is_loaded_in_4bit = True
-    model.is_quantized = True
-    model.quantization_method = "bitsandbytes"
+    # the flags peft reads (peft/tuners/lora/model.py _create_and_replace, peft_model.py): plain
+    # attributes, which nn.Module's typed __setattr__ (tensors and modules) does not describe
+    flags = {"is_loaded_in_4bit": True, "is_quantized": True, "quantization_method": "bitsandbytes"}
+    for flag, value in flags.items():
+        setattr(model, flag, value)
     return model
 
 
@@ -178,7 +182,8 @@ def adapter_state(pm: Any) -> dict[str, torch.Tensor]:
 def load_adapter_state(pm: Any, state: dict[str, torch.Tensor]) -> None:
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(pm, state)
+    # torch's load_state_dict result (missing_keys, unexpected_keys); peft annotates it `namedtuple`
+    result: Any = set_peft_model_state_dict(pm, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise ValueError(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -35,9 +35,10 @@ import torch.nn as nn
 from llmray.config import LoraConfig
 
 PREFIX = "base_model.model."
+M = TypeVar("M", bound=nn.Module)
 
 
-def _dequantize(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize(base: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's weight (out, in) in ``dtype``: as stored, or dequantised from NF4."""
     w = base.weight
     if w.dtype == torch.uint8 and hasattr(w, "quant_state"):  # bitsandbytes Params4bit
@@ -49,7 +50,7 @@ def _dequantize(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 class _LoraFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a, b, base: nn.Module, scale: float):  # x (N, in), a (r, in), b (out, r)
+    def forward(ctx, x, a, b, base: nn.Linear, scale: float):  # x (N, in), a (r, in), b (out, r)
         w = _dequantize(base, x.dtype)
         h = x @ a.t()  # (N, r): the shrink
         y = torch.addmm(x @ w.t(), h, b.t(), alpha=scale)  # base + expand in one accumulate
@@ -76,6 +77,8 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
+        if not isinstance(base, nn.Linear):  # bitsandbytes' Linear4bit is an nn.Linear too
+            raise TypeError(f"LoraLinear wraps an nn.Linear or a Linear4bit, got {type(base).__name__}")
         self.base_layer = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -101,7 +104,7 @@ class LoraLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+def apply_lora(model: M, cfg: LoraConfig) -> M:
     """Freeze ``model`` and put a ``LoraLinear`` on every linear layer named in ``cfg.target_modules()``."""
     names = cfg.target_modules()
     for p in model.parameters():
@@ -114,7 +117,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     for name, mod in targets:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1], LoraLinear(mod, cfg.r, cfg.alpha, cfg.dropout))
-    model.lora_config = cfg  # for save_adapter
+    model.lora_config = cfg  # type: ignore[assignment]  # a plain attribute (for save_adapter): nn.Module's __setattr__ is typed for tensors and modules only
     return model
 
 
@@ -163,7 +166,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_dir: str | Path | N
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = peft_config(model.lora_config)
+    lora_cfg = getattr(model, "lora_config", None)
+    if not isinstance(lora_cfg, LoraConfig):
+        raise ValueError(f"save_adapter needs a model prepared by apply_lora, got {type(model).__name__}")
+    cfg = peft_config(lora_cfg)
     cfg.base_model_name_or_path = str(Path(base_dir).resolve()) if base_dir else None
     cfg.task_type = "CAUSAL_LM"
     cfg.inference_mode = True

@@ -120,7 +120,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         super().__init__(groups, {})
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -141,7 +141,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         bufs = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_lerp_(_local(bufs), _local([p.grad for p in params]), 1 - mu)
+        torch._foreach_lerp_(_local(bufs), _local([_grad(p) for p in params]), 1 - mu)
         by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
         for p in params:
             by_shape.setdefault(tuple(p.shape), []).append(p)
@@ -156,7 +156,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             if mine:
                 bufs = [self.state[p]["momentum_buffer"] for p in mine]
                 if group["nesterov"]:
-                    upd = torch._foreach_lerp([p.grad for p in mine], bufs, mu)
+                    upd = list(torch._foreach_lerp([_grad(p) for p in mine], bufs, mu))
                 else:
                     upd = bufs
                 ortho = zeropower_via_newtonschulz5(torch.stack(upd), steps=group["ns_steps"])  # (n, r, c)
@@ -189,7 +189,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             bufs = [self.state[p]["momentum_buffer"] for p in plist]
             upd = bufs
             if group["nesterov"]:  # elementwise on the local shards, then wrapped as DTensors again
-                local = torch._foreach_lerp(_local([p.grad for p in plist]), _local(bufs), mu)
+                local = torch._foreach_lerp(_local([_grad(p) for p in plist]), _local(bufs), mu)
                 upd = [_like(t, b) for t, b in zip(local, bufs, strict=True)]
             ortho = orthogonalize_rows(upd, lambda x: zeropower_via_newtonschulz5(x, steps=ns_steps))
             if wd:
@@ -212,7 +212,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             state["step"] += 1
         # every parameter of a group is created together, so they share one step count
         step = self.state[params[0]]["step"]
-        grads = _local([p.grad for p in params])
+        grads = _local([_grad(p) for p in params])
         m = _local([self.state[p]["exp_avg"] for p in params])
         v = _local([self.state[p]["exp_avg_sq"] for p in params])
         params = _local(params)
@@ -226,6 +226,12 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_addcdiv_(params, m, denom, value=-lr / bias1)
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``; the groups' steps take only parameters that have one."""
+    assert p.grad is not None, "the optimizer steps only parameters with a gradient"
+    return p.grad
 
 
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from llmray.train.harness import PRECISIONS, evaluate, resolve_precision, train_
 from llmray.train.loop import build_optimizer, load_checkpoint, lr_multiplier, save_checkpoint, set_lr
 from llmray.train.metrics import MetricsLogger, mfu, plot_loss_curve, read_metrics
 from llmray.train.session import RaySession, Session, run_trainer
+
+if TYPE_CHECKING:
+    from llmray.model.qwen3 import Qwen3ForCausalLM
 
 
 @dataclass
@@ -116,7 +119,7 @@ class PretrainConfig:
 class _Worker:
     """One worker's training state between steps."""
 
-    model: torch.nn.Module  # the plain model (parameters, evaluation, checkpoints)
+    model: Qwen3ForCausalLM  # the plain model (parameters, evaluation, checkpoints)
     train_fwd: Any  # what the step calls: the model, DDP or compiled
     ddp: Any  # the DDP wrapper (no_sync) or None
     fsdp: bool
@@ -140,7 +143,8 @@ def build_worker(
         state = load_checkpoint(resume, model, None)  # weights first: FSDP2 shards the loaded model
     compile_mode = ("blocks" if fsdp or model.ops.name == "triton" else "model") if cfg.compile else "none"
     train_fwd = P.parallelize(model, cfg.parallel, world, device, compile_mode)
-    fwd = train_fwd._orig_mod if compile_mode == "model" else train_fwd  # type: ignore[union-attr]
+    fwd = train_fwd._orig_mod if compile_mode == "model" else train_fwd
+    assert isinstance(fwd, torch.nn.Module), "torch.compile keeps the module it wraps as _orig_mod"
     opt = build_optimizer(model, cfg.optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
     if resume is not None:
         load_checkpoint(resume, model, opt, weights=False)

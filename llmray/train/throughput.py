@@ -87,7 +87,7 @@ def throughput_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device().type
     torch.backends.cuda.matmul.allow_tf32 = True
     mc = ModelConfig.preset(config["preset"])
-    res = {}
+    res: dict[str, dict[str, Any] | str] = {}  # variant -> measurements or its failure
     for kernels, comp in VARIANTS:
         name = f"{kernels}{'+compile_blocks' if comp != 'none' else ''}"
         try:
