@@ -7,7 +7,7 @@ runtime (cheap to pickle, no class has to exist on the other side), typed for th
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from llmray.serve.errors import APIError
 
@@ -20,6 +20,8 @@ class TokenEvent(TypedDict):
     prompt_tokens: int
     completion_tokens: int  # so far
     logprobs: list[dict[str, Any]] | None  # per new token: {"token", "logprob", "top": [[token, logprob]]}
+    reasoning: NotRequired[str]  # chat: new reasoning_content text (Qwen3 <think>)
+    tool_calls: NotRequired[list[dict[str, Any]]]  # chat: tool-call deltas
 
 
 class ErrorEvent(TypedDict):
@@ -33,3 +35,30 @@ Event = TokenEvent | ErrorEvent
 
 def error_event(err: APIError) -> ErrorEvent:
     return {"error": err.body()["error"], "status": err.status, "headers": err.headers}
+
+
+def merge_events(events: list[Event]) -> list[Event]:
+    """Fold consecutive token events of one choice into one (an error event ends the list)."""
+    out: list[dict[str, Any]] = []
+    last_by_index: dict[int, dict[str, Any]] = {}
+    for ev in events:
+        if "error" in ev:
+            out.append(ev)
+            break
+        prev = last_by_index.get(ev["index"])
+        if prev is None or prev["finish_reason"] is not None:
+            ev = dict(ev)
+            out.append(ev)
+            last_by_index[ev["index"]] = ev
+            continue
+        prev["text"] += ev["text"]
+        prev["num_tokens"] += ev["num_tokens"]
+        if ev.get("reasoning"):
+            prev["reasoning"] = prev.get("reasoning", "") + ev["reasoning"]
+        if ev.get("tool_calls"):
+            prev["tool_calls"] = prev.get("tool_calls", []) + ev["tool_calls"]
+        if ev["logprobs"] is not None:
+            prev["logprobs"] = (prev["logprobs"] or []) + ev["logprobs"]
+        for key in ("finish_reason", "prompt_tokens", "completion_tokens"):
+            prev[key] = ev[key]
+    return out

@@ -362,3 +362,24 @@ class ReplicaAdapters:
     def cards(self) -> list[dict[str, Any]]:
         """``{"id", "created"}`` of each registered adapter, by name."""
         return [{"id": e.name, "created": e.created} for _, e in sorted(self.registry.entries().items())]
+
+
+def multiplexed_hook(max_adapters: int) -> Any:
+    """Inside a Serve replica: an async ``serve.multiplexed`` loader whose only job is to record the
+    adapters this replica holds, which Serve reports to the router so requests sent with
+    ``multiplexed_model_id=name`` prefer replicas that hold ``name``. (The engine owns the weights and its
+    own LRU; an id the router forgets costs a routing preference, never an adapter.) None outside Serve."""
+    try:
+        from ray import serve
+        from ray.serve.exceptions import RayServeException
+    except ImportError:  # no Ray: in-process tests and tools
+        return None
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return None
+
+    async def hold(name: str) -> str:
+        return name
+
+    return serve.multiplexed(max_num_models_per_replica=max(1, max_adapters))(hold)

@@ -32,8 +32,8 @@ from pydantic import BaseModel, ValidationError
 
 from llmray.engine.errors import EngineDeadError
 from llmray.serve.errors import APIError, clip, engine_unavailable, from_validation_error, from_value_error
-from llmray.serve.events import Event, TokenEvent, error_event
-from llmray.serve.lora_registry import LoraRegistry, ReplicaAdapters
+from llmray.serve.events import Event, TokenEvent, error_event, merge_events
+from llmray.serve.lora_registry import LoraRegistry, ReplicaAdapters, multiplexed_hook
 from llmray.serve.metrics import ServeMetrics
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
 from llmray.serve.request_log import REQUEST_ID, install_log_filter
@@ -100,7 +100,7 @@ class LLMServer:
         if self.lora_enabled:
             engine_kwargs.setdefault("enable_lora", True)  # adapters may be loaded later
         self.engine = load_engine(model_dir, engine_kwargs, preload, engine_factory)
-        hook = _multiplexed_hook(int(engine_kwargs.get("max_cpu_loras", 16))) if self.lora_enabled else None
+        hook = multiplexed_hook(int(engine_kwargs.get("max_cpu_loras", 16))) if self.lora_enabled else None
         held = {n: entries[n].version for n in preload}
         self.adapters = ReplicaAdapters(self.engine, self.registry, held, on_hold=hook)
         self.tokenizer = self.engine.tokenizer
@@ -317,7 +317,7 @@ class LLMServer:
                     else:
                         events.append(item)
                 if events:
-                    yield _merge(events)
+                    yield merge_events(events)
                     if any("error" in ev for ev in events):
                         return
         finally:
@@ -421,54 +421,6 @@ class LLMServer:
             "logprob": float(lps.get(token_id, -9999.0)),  # JSON has no -inf
             "top": [[self._token_str(t), float(v)] for t, v in top],
         }
-
-
-def _multiplexed_hook(max_adapters: int) -> Any:
-    """Inside a Serve replica: an async ``serve.multiplexed`` loader whose only job is to record the
-    adapters this replica holds, which Serve reports to the router so requests sent with
-    ``multiplexed_model_id=name`` prefer replicas that hold ``name``. (The engine owns the weights and its
-    own LRU; an id the router forgets costs a routing preference, never an adapter.) None outside Serve."""
-    try:
-        from ray import serve
-        from ray.serve.exceptions import RayServeException
-    except ImportError:  # no Ray: in-process tests and tools
-        return None
-    try:
-        serve.get_replica_context()
-    except RayServeException:
-        return None
-
-    async def hold(name: str) -> str:
-        return name
-
-    return serve.multiplexed(max_num_models_per_replica=max(1, max_adapters))(hold)
-
-
-def _merge(events: list[Event]) -> list[Event]:
-    """Fold consecutive token events of one choice into one (an error event ends the list)."""
-    out: list[dict[str, Any]] = []
-    last_by_index: dict[int, dict[str, Any]] = {}
-    for ev in events:
-        if "error" in ev:
-            out.append(ev)
-            break
-        prev = last_by_index.get(ev["index"])
-        if prev is None or prev["finish_reason"] is not None:
-            ev = dict(ev)
-            out.append(ev)
-            last_by_index[ev["index"]] = ev
-            continue
-        prev["text"] += ev["text"]
-        prev["num_tokens"] += ev["num_tokens"]
-        if ev.get("reasoning"):
-            prev["reasoning"] = prev.get("reasoning", "") + ev["reasoning"]
-        if ev.get("tool_calls"):
-            prev["tool_calls"] = prev.get("tool_calls", []) + ev["tool_calls"]
-        if ev["logprobs"] is not None:
-            prev["logprobs"] = (prev["logprobs"] or []) + ev["logprobs"]
-        for key in ("finish_reason", "prompt_tokens", "completion_tokens"):
-            prev[key] = ev[key]
-    return out
 
 
 def _api_param(err: APIError, plan: ChatPlan | None) -> APIError:
