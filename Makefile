@@ -16,6 +16,7 @@ venv: $(BIN)/activate
 lint: venv
 	$(BIN)/ruff check llmray tests bench jobs
 	$(BIN)/ruff format --check llmray tests bench jobs
+	$(BIN)/mypy llmray
 
 format: venv
 	$(BIN)/ruff format llmray tests bench jobs
@@ -32,4 +33,4 @@ gpu-test:
 	$(PY) -m pytest -q -m gpu tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
