@@ -10,8 +10,11 @@ a 151,936-entry word-level tokenizer so every id detokenizes) is written under /
 in a child process (engine started and warmed up first, then timed); ``llmray batch`` (``run_batch``) runs
 in this process on a local Ray, timed from start to the last shard written, so its time includes Ray Data
 start, the actor's start, model load, KV sizing and graph capture. A one-row run of the same pipeline
-(same caches, one 1-token row) first measures that fixed start-up; ``batch_over_offline`` compares the
-full run minus it with ``LLM.generate``, ``..._end_to_end`` compares the full run as is. Writes batch.json.
+(one 1-token row) is timed first and reported beside it, for information only: subtracting it from the full
+run is not valid (on the H200 the one-row run took 18.4 s and the 256-row run 18.7 s: start-up costs differ
+between the two runs), so ``batch_over_offline`` is the end-to-end ratio, start-up included; with 256 rows
+it is dominated by that start-up, and rows in the thousands are needed to see the steady state. Writes
+batch.json.
 
 """
 
@@ -240,13 +243,10 @@ def main() -> None:
     for name, streaming in variants:
         b = run_batch_timed(model_dir, rows_path, engine, cuda, streaming, name)
         assert b["output_tokens"] == offline["output_tokens"], (b, offline)
-        steady = max(b["seconds_end_to_end"] - startup, 1e-9)
         b["tok_per_s_end_to_end"] = b["output_tokens"] / b["seconds_end_to_end"]
-        b["tok_per_s_without_pipeline_startup"] = b["output_tokens"] / steady
         res[f"llmray_batch_{name}"] = b
-        if name == "streaming":
-            res["batch_over_offline"] = b["tok_per_s_without_pipeline_startup"] / offline["tok_per_s"]
-            res["batch_over_offline_end_to_end"] = b["tok_per_s_end_to_end"] / offline["tok_per_s"]
+        if name == "streaming":  # end to end, pipeline start-up included (see the module docstring)
+            res["batch_over_offline"] = b["tok_per_s_end_to_end"] / offline["tok_per_s"]
         else:
             res["sync_over_streaming_end_to_end"] = (
                 b["tok_per_s_end_to_end"] / res["llmray_batch_streaming"]["tok_per_s_end_to_end"]
