@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmray.engine.sampling_params import SamplingParams
-from llmray.serve.structured_api import StructuredFields, ToolCallItem, ToolFields
 from llmray.serve.limits import (
     MAX_INT32,
     MAX_LOGPROBS,
@@ -26,6 +25,7 @@ from llmray.serve.limits import (
     MAX_STOP_CHARS,
     MAX_STOP_TOKEN_IDS,
 )
+from llmray.serve.structured_api import StructuredFields, ToolCallItem, ToolFields
 
 
 def _valid_unicode(text: str) -> str:
