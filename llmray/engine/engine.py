@@ -1,4 +1,4 @@
-"""The engine core: ``step()`` = ``scheduler.schedule()`` -> ``runner.run()`` -> postprocess.
+"""The engine core: ``step()`` = ``scheduler.schedule()`` -> ``runner.launch()`` / ``runner.collect()`` -> postprocess.
 
 Single-threaded; ``LLM`` drives it in a loop and ``AsyncLLM`` from a background thread.
 """
@@ -6,7 +6,7 @@ Single-threaded; ``LLM`` drives it in a loop and ``AsyncLLM`` from a background 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,14 +50,13 @@ class _Step:
 
 
 @dataclass(eq=False)
-class _Request:
+class _RequestState:
     seq: Sequence
     detok: IncrementalDetokenizer | None  # None in the core process (the front-end detokenizes)
     logprobs: list[dict[int, float]] | None
     num_known: int = 0  # output tokens read back (later ones may be placeholders of a step in flight)
     num_reported: int = 0  # output tokens already handed out
     stop_reason: str | int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -97,7 +96,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.scheduler.admit = self._admit if self.lora is not None else None
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, _RequestState] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.peak_blocks_used = 0
@@ -230,7 +229,7 @@ class LLMEngine:
         seq.constraint = constraint
         self.scheduler.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop) if self.detokenize else None
-        self.requests[request_id] = _Request(seq, detok, [] if params.logprobs is not None else None)
+        self.requests[request_id] = _RequestState(seq, detok, [] if params.logprobs is not None else None)
         self.prompt_tokens_total += len(ids)
 
     def _constraint(self, params: SamplingParams) -> Any:
@@ -346,7 +345,7 @@ class LLMEngine:
             raise ValueError(f"its token constraint rejected the sampled token {token}")
         return "stop" if seq.constraint.is_terminated() else None
 
-    def _check_stop(self, req: _Request, token: int) -> str | None:
+    def _check_stop(self, req: _RequestState, token: int) -> str | None:
         p = req.seq.sampling_params
         n = req.num_known
         stop_str = req.detok.update([token]) if self.tokenizer is not None and req.detok is not None else None
@@ -363,7 +362,7 @@ class LLMEngine:
             return "length"
         return None
 
-    def _output(self, req: _Request) -> RequestOutput:
+    def _output(self, req: _RequestState) -> RequestOutput:
         seq = req.seq
         out_ids = seq.token_ids[seq.num_prompt_tokens : seq.num_prompt_tokens + req.num_known]
         new = out_ids[req.num_reported :]

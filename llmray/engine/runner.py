@@ -297,10 +297,6 @@ class ModelRunner:
             result.append(SampledToken(index, tokens[r], lps, pending.failed.get(r)))
         return result
 
-    def run(self, scheduled: list[ScheduledSeq]) -> list[SampledToken]:
-        """Compute one step and wait for it; a sampled token for every chunk that reaches its sequence's end."""
-        return self.collect(self.launch(scheduled))
-
 
 def _row(bitmask: torch.Tensor | None, rows) -> torch.Tensor | None:
     if bitmask is None:
