@@ -18,7 +18,7 @@ from typing import NoReturn
 
 import yaml
 
-# module -> it defines add_cli(subparsers) registering the subcommand(s) named in DESIGN.md
+# module -> it defines add_cli(subparsers), which registers the subcommand(s) named in its comment
 COMMAND_MODULES = (
     "llmray.train.cli",  # pretrain, finetune, merge
     "llmray.engine.cli",  # generate

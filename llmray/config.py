@@ -58,10 +58,6 @@ class ModelConfig:
             if tok is not None and not 0 <= tok < self.vocab_size:
                 raise ValueError(f"{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
 
-    @property
-    def num_kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def num_params(self) -> int:
         """Parameter count (a tied head counted once)."""
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size

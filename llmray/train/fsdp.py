@@ -51,11 +51,6 @@ def is_dtensor(t: object) -> TypeGuard[DTensor]:
     return isinstance(t, _dtensor_cls())
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """True once ``fully_shard`` turned the model's parameters into DTensors."""
-    return any(is_dtensor(p) for p in model.parameters())
-
-
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a llmray Qwen3 model (``model.model.layers``)."""
     inner = getattr(model, "model", None)
