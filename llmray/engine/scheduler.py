@@ -70,11 +70,16 @@ class Scheduler:
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise ValueError if a request of this size could never run."""
         total = num_prompt_tokens + max_tokens
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {num_prompt_tokens} tokens, which fill the context window of "
+                f"{self.max_model_len} tokens on their own; shorten the prompt"
+            )
         if total > self.max_model_len:
             raise ValueError(
                 f"the prompt has {num_prompt_tokens} tokens and max_tokens={max_tokens}: {total} tokens exceed "
                 f"the context window of {self.max_model_len} tokens (lower max_tokens to at most "
-                f"{max(self.max_model_len - num_prompt_tokens, 0)})"
+                f"{self.max_model_len - num_prompt_tokens})"
             )
         bm = self.block_manager
         if cdiv(total, bm.block_size) > bm.num_blocks:

@@ -24,6 +24,8 @@ ERROR_TYPES = {
     503: "service_unavailable",
 }
 
+DEFAULT_CODES = {400: "invalid_value"}  # a 400 that names no more specific code: a bad field value
+
 
 def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
     """``repr``-free, bounded text of a client-supplied value for an error message."""
@@ -47,7 +49,7 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.code = code if code is not None else status
+        self.code = code if code is not None else DEFAULT_CODES.get(status, status)
         self.headers = headers or {}
 
     @property
@@ -79,11 +81,28 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str:
     return out
 
 
+class FieldError(ValueError):
+    """A request-level (model validator) failure that still names its field: ``param``."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
 def from_validation_error(err: ValidationError) -> APIError:
     """The first validation failure as a 400 naming the field (``param``) and what was wrong."""
     first = err.errors(include_url=False)[0]
     param = _loc_to_param(tuple(first.get("loc", ()))) or None
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):  # a model validator: the field it is about
+        param = f"{param}.{cause.param}" if param else cause.param
+        return APIError(400, str(cause), param=param, code="invalid_value")
     msg = first.get("msg", "invalid value")
+    for prefix in _PYDANTIC_PREFIXES:  # pydantic's wrapping of a validator's ValueError
+        msg = msg.removeprefix(prefix)
     if first.get("type") == "missing":
         message = f"'{param}' is a required field"
     elif param:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmray.engine.sampling_params import SamplingParams
+from llmray.serve.errors import FieldError
 from llmray.serve.limits import (
     MAX_INT32,
     MAX_LOGPROBS,
@@ -138,9 +139,9 @@ class CompletionRequest(_SamplingFields, StructuredFields):
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
         if self.echo:
-            raise ValueError("echo=true is not supported; send echo=false")
+            raise FieldError("echo", "echo=true is not supported; send echo=false")
         if self.suffix:
-            raise ValueError("suffix is not supported; leave it out")
+            raise FieldError("suffix", "suffix is not supported; leave it out")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -191,7 +192,7 @@ class ChatCompletionRequest(_SamplingFields, ToolFields):
     @model_validator(mode="after")
     def _logprobs_flag(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs=true")
         return self
 
     def max_new_tokens(self) -> int | None:

@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from llmray.engine.errors import EngineDeadError
+from llmray.model.tokenizer import UnknownCharactersError, describe_chars
 from llmray.serve.errors import APIError, clip, engine_unavailable, from_validation_error, from_value_error
 from llmray.serve.events import Event, TokenEvent, error_event, merge_events
 from llmray.serve.lora_registry import LoraRegistry, ReplicaAdapters, multiplexed_hook
@@ -203,6 +204,11 @@ class LLMServer:
         meeting an unseen character) is the client's 400, not a 500."""
         try:
             return self.tokenizer.encode(text)
+        except UnknownCharactersError as e:
+            msg = f"the {param} hold{'' if param == 'messages' else 's'} characters this model's tokenizer"
+            raise APIError(
+                400, f"{msg} cannot encode: {describe_chars(e.chars)}", param, "unknown_characters"
+            ) from None
         except Exception as e:  # tokenizers raises plain Exception for an unknown symbol
             raise APIError(
                 400, f"this model's tokenizer cannot encode the {param}: {clip(e, 200)}", param
@@ -212,21 +218,20 @@ class LLMServer:
         param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
         room = self.max_model_len - prompt_len
         asked = req.max_new_tokens()
-        if asked is None:  # chat default: the rest of the context window
-            if room < 1:
-                raise APIError(
-                    400,
-                    f"the prompt has {prompt_len} tokens, which fills the context window of "
-                    f"{self.max_model_len} tokens; shorten the prompt",
-                    "messages",
-                )
-            return room
+        if room < 1:  # the prompt alone fills the window: no max_tokens helps
+            what = "prompt" if isinstance(req, CompletionRequest) else "messages"
+            msg = f"this model's context window of {self.max_model_len} tokens is filled by the {what} alone"
+            raise APIError(
+                400, f"{msg} ({prompt_len} tokens); shorten the {what}", what, "context_length_exceeded"
+            )
+        if asked is None:
+            return room  # chat default: the rest of the context window
         if asked > room:
             raise APIError(
                 400,
                 f"this model's context window is {self.max_model_len} tokens, but the prompt has {prompt_len} "
                 f"tokens and {param}={asked} ({prompt_len + asked} in all); lower {param} to at most "
-                f"{max(room, 0)} or shorten the prompt",
+                f"{room} or shorten the prompt",
                 param,
                 code="context_length_exceeded",
             )
@@ -261,7 +266,10 @@ class LLMServer:
         if self.lora_enabled:
             return await self.adapters.resolve(model)  # 404 unknown / loaded on demand
         raise APIError(
-            404, f"the model '{clip(model)}' does not exist; this server has {self.model_name!r}", "model"
+            404,
+            f"the model '{clip(model)}' does not exist; this server has {self.model_name!r}",
+            "model",
+            "model_not_found",
         )
 
     # --- the streaming entry point ----------------------------------------------------------------

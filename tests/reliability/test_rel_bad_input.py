@@ -164,7 +164,7 @@ CASES = [
     ("empty-prompt", "/v1/completions", {**OK, "prompt": ""}, 400, "prompt", None),
     ("empty-prompt-list", "/v1/completions", {**OK, "prompt": []}, 400, "prompt", "invalid_value"),
     ("empty-messages", "/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages", "invalid_value"),
-    ("1mb-prompt", "/v1/completions", {**OK, "prompt": "a" * (1024 * 1024)}, 400, "max_tokens",
+    ("1mb-prompt", "/v1/completions", {**OK, "prompt": "a" * (1024 * 1024)}, 400, "prompt",
      "context_length_exceeded"),
     ("unknown-model", "/v1/completions", {**OK, "model": "gpt-9"}, 404, "model", "model_not_found"),
     ("stop-100", "/v1/completions", {**OK, "stop": [f"s{i}" for i in range(100)]}, 400, "stop", "invalid_value"),
@@ -183,9 +183,9 @@ CASES = [
     ("temperature-too-high", "/v1/completions", {**OK, "temperature": 7}, 400, "temperature", "invalid_value"),
     ("top-k-overflow", "/v1/completions", {**OK, "top_k": 10**30}, 400, "top_k", "invalid_value"),
     ("logprobs-100", "/v1/completions", {**OK, "logprobs": 100}, 400, "logprobs", "invalid_value"),
-    ("top-logprobs-without-logprobs", "/v1/chat/completions", {**CHAT, "top_logprobs": 3}, 400, None,
+    ("top-logprobs-without-logprobs", "/v1/chat/completions", {**CHAT, "top_logprobs": 3}, 400, "top_logprobs",
      "invalid_value"),
-    ("echo-unsupported", "/v1/completions", {**OK, "echo": True}, 400, None, "invalid_value"),
+    ("echo-unsupported", "/v1/completions", {**OK, "echo": True}, 400, "echo", "invalid_value"),
 ]  # fmt: skip
 
 

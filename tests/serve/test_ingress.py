@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from _support.local_backend import MOCK_ENGINE, LocalBackend
@@ -123,8 +124,10 @@ def test_stop_string(client):
         (
             "/v1/chat/completions",
             {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
-            None,
+            "top_logprobs",
         ),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, "echo"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "suffix": "x"}, "suffix"),
     ],
 )
 def test_400_names_the_field(client, path, body, param):
@@ -132,7 +135,58 @@ def test_400_names_the_field(client, path, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
-    assert err["param"] == param and (param is None or param in err["message"])
+    assert err["param"] == param and param in err["message"] and err["code"] == "invalid_value"
+    assert "Value error" not in err["message"]  # pydantic's wrapping is not shown
+
+
+@pytest.mark.parametrize(
+    "path,body,param",
+    [
+        ("/v1/completions", {"model": MODEL, "prompt": "a" * 300, "max_tokens": 5}, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "a" * 100, "max_tokens": 200}, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "a" * 300}]},
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "a" * 100}],
+                "max_completion_tokens": 200,
+            },
+            "max_completion_tokens",
+        ),
+    ],
+)
+def test_over_the_context_window_is_context_length_exceeded(client, path, body, param):
+    """Both endpoints answer OpenAI's code; a prompt that alone fills the window asks to shorten it."""
+    r = client.post(path, headers=AUTH, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == param, err
+    assert "at most 0" not in err["message"] and "256" in err["message"]
+    if param in ("prompt", "messages"):
+        assert f"shorten the {param}" in err["message"]
+    else:
+        assert re.search(rf"lower {param} to at most [1-9]\d+ ", err["message"]), err["message"]
+
+
+@pytest.mark.parametrize(
+    "path,extra,param",
+    [
+        ("/v1/completions", {"prompt": "snow \u2603 caf\u00e9"}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "caf\u00e9 \u2603"}]}, "messages"),
+    ],
+)
+def test_text_the_tokenizer_cannot_encode_is_a_400_naming_the_characters(client, path, extra, param):
+    r = client.post(path, headers=AUTH, json={"model": MODEL, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["code"] == "unknown_characters"
+    assert "U+2603 SNOWMAN" in err["message"] and "U+00E9" in err["message"], err["message"]
+    assert "WordLevel" not in err["message"] and "[UNK]" not in err["message"]
 
 
 def test_errors_statuses(client):
