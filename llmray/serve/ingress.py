@@ -136,12 +136,12 @@ def _serve_error_status(exc: BaseException) -> int | None:
     return None
 
 
-def _replica_lost(exc: BaseException) -> APIError:
+def _replica_lost(exc: BaseException, retry_after_s: int) -> APIError:
     return APIError(
         503,
         f"the engine replica serving this request stopped ({type(exc).__name__}); retry the request",
         code="engine_unavailable",
-        headers={"Retry-After": "1"},
+        headers={"Retry-After": str(retry_after_s)},
     )
 
 
@@ -185,7 +185,7 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         if _serve_error_status(exc) == 503:
-            err = _replica_lost(exc)
+            err = _replica_lost(exc, config.retry_after_s)
             return JSONResponse(err.body(), status_code=503, headers=err.headers)
         logger.exception("unhandled error in the ingress")
         err = APIError(500, f"internal server error ({type(exc).__name__})")
@@ -269,12 +269,15 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
             ) from None
         if first and "error" in first[0]:
             await events.aclose()
-            raise APIError.from_dict(first[0])
+            err = APIError.from_dict(first[0])
+            if "Retry-After" in err.headers:  # the LLMServer's retryable 503: the configured wait
+                err.headers["Retry-After"] = str(config.retry_after_s)
+            raise err
         n_prompts = len(req.prompts()) if isinstance(req, CompletionRequest) else 1
         rid = new_id("cmpl" if kind == "completions" else "chatcmpl")
         if req.stream:
             return StreamingResponse(
-                _sse(events, first, req, kind, rid, n_prompts),
+                _sse(events, first, req, kind, rid, n_prompts, config.retry_after_s),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -337,6 +340,7 @@ async def _sse(
     kind: str,
     rid: str,
     n_prompts: int,
+    retry_after_s: int,
 ) -> AsyncIterator[str]:
     """SSE lines: one chunk per event, the usage chunk when asked, an error event if one arrives, [DONE]."""
     created = now()
@@ -373,7 +377,7 @@ async def _sse(
             yield f"data: {json.dumps(tail)}\n\n"
     except Exception as e:  # after the 200 went out: report in-band, never a stack trace
         if _serve_error_status(e) == 503:
-            err = _replica_lost(e)
+            err = _replica_lost(e, retry_after_s)
         else:
             logger.exception("stream failed midway")
             err = APIError(500, f"the stream failed midway ({type(e).__name__})")

@@ -67,7 +67,10 @@ class ServeMetrics:
         self.running = gauge("llmray_num_requests_running", "Requests in the engine's running batch")
         self.waiting = gauge("llmray_num_requests_waiting", "Requests waiting in the engine's queue")
         self.kv_usage = gauge("llmray_kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1)")
-        self.prefix_hits = counter("llmray_prefix_cache_hits_total", "Prefix-cache hits (blocks reused)")
+        self.prefix_hits = counter(
+            "llmray_prefix_cache_hits_total",
+            "Prompt tokens served from the prefix cache (as vLLM counts hits)",
+        )
         self.prompt_tokens = counter("llmray_prompt_tokens_total", "Prompt tokens processed")
         self.gen_tokens = counter("llmray_generation_tokens_total", "Tokens generated")
 
