@@ -59,10 +59,3 @@ def _sm_count(index: int) -> int:
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (read once per device)."""
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def num_programs_for_reduction(n_rows: int, device: torch.device) -> int:
-    """How many programs share the rows of a weight-gradient reduction (partial sums, then a sum)."""
-    if device.type == "cuda":
-        return max(1, min(n_rows, 4 * num_sms(device)))
-    return max(1, min(n_rows, 4))

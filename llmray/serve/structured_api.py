@@ -16,7 +16,6 @@ and the engine request, and how each choice's output text turns into ``content``
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -345,11 +344,3 @@ def merge_call_deltas(calls: dict[int, dict[str, Any]], deltas: list[dict[str, A
         if "name" in fn:
             call["function"]["name"] = fn["name"]
         call["function"]["arguments"] += fn.get("arguments", "")
-
-
-def check_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True

@@ -39,13 +39,6 @@ class ToolCall:
     name: str
     arguments: str = ""
 
-    def to_openai(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        }
-
 
 class _ValueScanner:
     """Finds where one JSON value ends in a stream of characters (objects, arrays, strings, literals)."""

@@ -231,25 +231,8 @@ def save_adapter(
     return out
 
 
-# --- training checkpoints: adapter/ (PEFT dir), optimizer.safetensors, state.json (never pickle) ---
-def save_training_state(
-    path: Path, pm: Any, opt: torch.optim.Optimizer, state: dict, base: str | None
-) -> None:
-    """Checkpoint dir: adapter/ (PEFT), optimizer.safetensors (AdamW moments), state.json (step...)."""
-    from safetensors.torch import save_file
-
-    save_adapter(pm, path / "adapter", base)
-    tensors, meta = {}, {}
-    for idx, st in opt.state_dict()["state"].items():
-        for key, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                meta[f"{idx}.{key}"] = value
-    save_file(tensors, str(path / "optimizer.safetensors"))
-    (path / "state.json").write_text(json.dumps({**state, "optimizer_scalars": meta}, indent=2))
-
-
+# --- the earlier fine-tuning checkpoint format, read to resume it: adapter/ (PEFT dir),
+# optimizer.safetensors, state.json (never pickle); new checkpoints are loop.save_checkpoint's ---
 def load_training_state(path: Path, pm: Any, opt: torch.optim.Optimizer) -> dict:
     from safetensors.torch import load_file
 
