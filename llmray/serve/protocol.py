@@ -43,16 +43,16 @@ def _valid_unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]  # every client string that reaches the tokenizer
 
 
-class _Request(BaseModel):
+class _RequestBody(BaseModel):
     # NaN and +-Infinity (which Python's JSON parser accepts) are refused in every float field
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
-class StreamOptions(_Request):
+class StreamOptions(_RequestBody):
     include_usage: bool = False
 
 
-class _SamplingFields(_Request):
+class _SamplingFields(_RequestBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: Text
@@ -160,12 +160,12 @@ class CompletionRequest(_SamplingFields, StructuredFields):
         return self.logprobs
 
 
-class TextPart(_Request):
+class TextPart(_RequestBody):
     type: Literal["text"]
     text: Text
 
 
-class ChatMessage(_Request):
+class ChatMessage(_RequestBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
@@ -295,29 +295,6 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -331,17 +308,6 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: int | str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
 
 
 # --- OpenAPI ---------------------------------------------------------------------------------------
