@@ -122,12 +122,12 @@ def _char_data_problem(tok: Any, paths: list[str], flag: str) -> None:
 
 def check_pretrain(cfg: Any) -> list[str]:
     """Validate a ``PretrainConfig`` (paths already absolute) before anything is written; returns notes."""
-    from llmray.train import data as D
+    from llmray.train import data as train_data
 
     ModelConfig.preset(cfg.preset)  # unknown preset: ValueError naming the choices
-    paths = D.resolve_paths(cfg.data)
+    paths = train_data.resolve_paths(cfg.data)
     for p in paths:
-        D.file_format(p)
+        train_data.file_format(p)
     notes: list[str] = []
     if cfg.tokenizer == "bpe" and cfg.bpe_vocab < MIN_BPE_VOCAB:
         raise ValueError(f"--bpe-vocab must be >= {MIN_BPE_VOCAB} for byte-level BPE, got {cfg.bpe_vocab}")
@@ -146,7 +146,7 @@ def check_pretrain(cfg: Any) -> list[str]:
     tok_dir = out if (out / "tokenizer.json").exists() else None
     if tok_dir is None and cfg.tokenizer not in ("char", "bpe"):
         tok_dir = Path(cfg.tokenizer)
-    if tok_dir is not None and all(D.file_format(p) == "text" for p in paths):
+    if tok_dir is not None and all(train_data.file_format(p) == "text" for p in paths):
         from llmray.model.tokenizer import Tokenizer
 
         tok = Tokenizer.load(tok_dir)

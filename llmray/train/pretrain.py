@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from llmray.config import ModelConfig
-from llmray.train import data as D
-from llmray.train import fsdp as P
+from llmray.train import data as train_data
+from llmray.train import fsdp as parallelism
 from llmray.train.fsdp import PARALLEL_MODES
 from llmray.train.harness import PRECISIONS, evaluate, resolve_precision, train_step
 from llmray.train.loop import build_optimizer, load_checkpoint, lr_multiplier, save_checkpoint, set_lr
@@ -142,7 +142,7 @@ def build_worker(
     if resume is not None:
         state = load_checkpoint(resume, model, None)  # weights first: FSDP2 shards the loaded model
     compile_mode = ("blocks" if fsdp or model.ops.name == "triton" else "model") if cfg.compile else "none"
-    train_fwd = P.parallelize(model, cfg.parallel, world, device, compile_mode)
+    train_fwd = parallelism.parallelize(model, cfg.parallel, world, device, compile_mode)
     fwd = train_fwd._orig_mod if compile_mode == "model" else train_fwd
     assert isinstance(fwd, torch.nn.Module), "torch.compile keeps the module it wraps as _orig_mod"
     opt = build_optimizer(model, cfg.optimizer, lr=cfg.lr, muon_lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
@@ -166,7 +166,7 @@ def run_step(w: _Worker, cfg: PretrainConfig, batches: Iterator[torch.Tensor], w
     def sync_context(i: int):
         sync = world == 1 or i == cfg.grad_accum - 1
         if w.fsdp:
-            P.set_gradient_sync(w.model, sync)
+            parallelism.set_gradient_sync(w.model, sync)
         return w.ddp.no_sync() if w.ddp is not None and not sync else contextlib.nullcontext()
 
     loss, grad_norm = train_step(
@@ -192,7 +192,7 @@ def _maybe_fail(cfg: PretrainConfig, step: int, rank: int) -> None:
 
 def _val_batches(val_tokens: np.ndarray, cfg: PretrainConfig, rank: int, world: int) -> tuple[list, int]:
     """This rank's validation (ids, targets) batches, and how many forwards the busiest rank runs."""
-    windows = D.val_windows(val_tokens, cfg.seq_len, cfg.eval_windows)  # (n, T + 1)
+    windows = train_data.val_windows(val_tokens, cfg.seq_len, cfg.eval_windows)  # (n, T + 1)
     mine = torch.from_numpy(windows[rank::world])
     batches = [(w[:, :-1], w[:, 1:]) for w in mine.split(cfg.micro_batch_size)]
     return batches, math.ceil(math.ceil(len(windows) / world) / cfg.micro_batch_size)
@@ -237,7 +237,7 @@ def train_steps(
             t_log, log_step = now, step
             record = {
                 "step": step, "loss": out["loss"].item(), "lr": w.opt.param_groups[0]["lr"],
-                "grad_norm": P.to_float(out["grad_norm"]), "tokens_per_s": tok_s,
+                "grad_norm": parallelism.to_float(out["grad_norm"]), "tokens_per_s": tok_s,
                 "mfu": mfu(tok_s, model_config, cfg.seq_len) if device.type == "cuda" else 0.0,
                 "tokens": step * tokens_per_step, "elapsed_s": elapsed0 + now - t_start,
             }  # fmt: skip
@@ -260,7 +260,11 @@ def train_steps(
 def _checkpoint(w: _Worker, cfg: PretrainConfig, session: Session, metrics: dict[str, Any]) -> None:
     """Every rank joins the FSDP2 gathers; rank 0 writes the plain single-device format."""
     state = {**w.state, "seed": cfg.seed, "schedule": cfg.schedule, "max_steps": cfg.max_steps}
-    full = (P.full_model_tensors(w.model), P.full_optimizer_state(w.opt)) if w.fsdp else (None, None)
+    full = (
+        (parallelism.full_model_tensors(w.model), parallelism.full_optimizer_state(w.opt))
+        if w.fsdp
+        else (None, None)
+    )
     session.checkpoint(metrics, lambda d: save_checkpoint(d, w.model, w.opt, state, *full))
 
 
@@ -294,15 +298,15 @@ def prepare_corpus(cfg: PretrainConfig) -> tuple[Any, ModelConfig, np.ndarray, n
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = D.resolve_paths(cfg.data)
-    ds = D.read_documents(paths, cfg.text_field)
+    paths = train_data.resolve_paths(cfg.data)
+    ds = train_data.read_documents(paths, cfg.text_field)
     trained_here = cfg.tokenizer in ("char", "bpe")
     if (out / "tokenizer.json").exists():
         tok = Tokenizer.load(out)  # a run in this directory already chose (or trained) it: keep ids stable
     elif cfg.tokenizer == "char":
-        tok = char_tokenizer("".join(D.corpus_texts(ds)))
+        tok = char_tokenizer("".join(train_data.corpus_texts(ds)))
     elif cfg.tokenizer == "bpe":
-        tok = train_bpe(D.corpus_texts(ds, max_chars=200_000_000), vocab_size=cfg.bpe_vocab)
+        tok = train_bpe(train_data.corpus_texts(ds, max_chars=200_000_000), vocab_size=cfg.bpe_vocab)
     elif Path(cfg.tokenizer).is_dir():
         tok = Tokenizer.load(cfg.tokenizer)
     else:
@@ -310,9 +314,9 @@ def prepare_corpus(cfg: PretrainConfig) -> tuple[Any, ModelConfig, np.ndarray, n
             f"--tokenizer must be char, bpe or a directory with tokenizer.json, got {cfg.tokenizer!r}"
         )
     tok.save(out)
-    add_eos = len(paths) > 1 or D.file_format(paths[0]) != "text"
-    tokens = D.tokenize_corpus(ds, tok, add_eos=add_eos)
-    train, val = D.split_tokens(tokens, cfg.val_fraction)
+    add_eos = len(paths) > 1 or train_data.file_format(paths[0]) != "text"
+    tokens = train_data.tokenize_corpus(ds, tok, add_eos=add_eos)
+    train, val = train_data.split_tokens(tokens, cfg.val_fraction)
     mc = ModelConfig.preset(cfg.preset)
     if trained_here:
         mc = mc.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, bos_token_id=None)
@@ -334,7 +338,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     # RAY_ADDRESS (a `ray job submit` job) or a local embedded Ray; Ray's own logs into OUT/ray.log
     init_ray(Path(cfg.out).resolve() / "ray.log", gpus=cfg.num_workers if cfg.use_gpu else 0)
     tok, mc, train_tokens, val_tokens = prepare_corpus(cfg)
-    datasets = D.train_windows_datasets(
+    datasets = train_data.train_windows_datasets(
         train_tokens,
         cfg.seq_len,
         cfg.seed,
