@@ -3,6 +3,9 @@
 LoRA: ``--lora NAME=DIR`` (repeatable) preloads adapters; ``--lora-root DIR`` enables loading adapters
 from under DIR at runtime (``POST /v1/load_lora_adapter``) and serves its adapter sub-directories;
 ``--max-loras`` / ``--max-lora-rank`` / ``--max-cpu-loras`` size the engine's adapter slots.
+
+Metrics: a Ray started here exports Prometheus metrics on ``--metrics-port`` (default 8080, the port the
+cluster manifests use); start-up prints this node's ``/metrics`` URL (a joined cluster's own port).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ ENGINE_FLAGS = {  # flag -> (EngineConfig field, type)
     "max-lora-rank": ("max_lora_rank", int),
     "max-cpu-loras": ("max_cpu_loras", int),
 }
+DEFAULT_METRICS_PORT = 8080  # cluster/*.yaml: metrics-export-port "8080"
 
 
 def _lora_pair(text: str) -> tuple[str, str]:
@@ -69,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=False,
                    help="start Ray's dashboard with a new local Ray (slower start-up; off by default)")  # fmt: skip
     p.add_argument("--no-prefix-caching", action="store_true", help="engine: disable prefix caching")
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                   help="Prometheus port of a Ray started here (a joined cluster keeps its own; default: "
+                   "%(default)s); start-up prints the /metrics URL")  # fmt: skip
 
 
 def args_to_app_args(ns: argparse.Namespace) -> dict[str, Any]:
@@ -102,6 +109,25 @@ def args_to_app_args(ns: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def ray_init_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
+    """``ray.init`` arguments: joins a running cluster when there is one, else starts one; a local start
+    skips the dashboard unless asked (seconds of start-up, a minute when its front-end files are missing),
+    and exports metrics on ``--metrics-port`` (ignored by Ray when joining)."""
+    return {
+        "ignore_reinit_error": True,
+        "include_dashboard": ns.dashboard,
+        "_metrics_export_port": ns.metrics_port,
+    }
+
+
+def metrics_url(nodes: list[dict[str, Any]], node_ip: str) -> str | None:
+    """This node's Prometheus endpoint from ``ray.nodes()`` (None when Ray reports no port)."""
+    for node in nodes:
+        if node.get("Alive") and node.get("NodeManagerAddress") == node_ip and node.get("MetricsExportPort"):
+            return f"http://{node_ip}:{node['MetricsExportPort']}/metrics"
+    return None
+
+
 def run_serve(ns: argparse.Namespace) -> int:
     """Start (or join, with RAY_ADDRESS / a running `ray start`) Ray, deploy, block until Ctrl-C."""
     import ray
@@ -115,10 +141,10 @@ def run_serve(ns: argparse.Namespace) -> int:
         print(f"llmray: {text} ({time.monotonic() - t0:.1f}s)", flush=True)
 
     progress("starting Ray" + (" with its dashboard" if ns.dashboard else ""))
-    # joins a running cluster when there is one, else starts one; a local start skips the dashboard unless
-    # asked (its start-up is seconds, and a minute when its front-end files are missing); metrics still flow
-    ray.init(ignore_reinit_error=True, include_dashboard=ns.dashboard)
-    progress("Ray is up; deploying (the engine core prints its own progress)")
+    ray.init(**ray_init_kwargs(ns))
+    url = metrics_url(ray.nodes(), ray.util.get_node_ip_address())
+    progress(f"Ray is up; metrics at {url or 'no metrics port reported by Ray'}")
+    progress("deploying (the engine core prints its own progress)")
     try:
         app = build_app(args_to_app_args(ns))
     except ValueError as e:

@@ -8,7 +8,7 @@ import pytest
 from ray import serve
 
 from llmray.serve.app import ServeArgs, build_app
-from llmray.serve.cli import add_cli, args_to_app_args
+from llmray.serve.cli import DEFAULT_METRICS_PORT, add_cli, args_to_app_args, metrics_url, ray_init_kwargs
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -29,6 +29,23 @@ def test_cli_flags_map_to_app_args(tmp_path, monkeypatch):
     assert isinstance(build_app(args), serve.Application)
     with pytest.raises(SystemExit):
         parse(["--model", str(tmp_path), "--lora", "no-equals-sign"])
+
+
+def test_metrics_port_reaches_the_local_ray_start_and_its_url_is_found(tmp_path):
+    """A local Ray exports metrics on a fixed, printed port (Ray's own default is random)."""
+    kw = ray_init_kwargs(parse(["--model", str(tmp_path)]))
+    assert kw["_metrics_export_port"] == DEFAULT_METRICS_PORT == 8080
+    assert (
+        ray_init_kwargs(parse(["--model", str(tmp_path), "--metrics-port", "9101"]))["_metrics_export_port"]
+        == 9101
+    )
+    nodes = [
+        {"Alive": False, "NodeManagerAddress": "10.0.0.5", "MetricsExportPort": 1111},
+        {"Alive": True, "NodeManagerAddress": "10.0.0.9", "MetricsExportPort": 2222},
+        {"Alive": True, "NodeManagerAddress": "10.0.0.5", "MetricsExportPort": 8080},
+    ]
+    assert metrics_url(nodes, "10.0.0.5") == "http://10.0.0.5:8080/metrics"
+    assert metrics_url(nodes, "10.0.0.7") is None
 
 
 def test_build_app_validates(tmp_path):
