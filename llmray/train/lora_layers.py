@@ -181,7 +181,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_dir: str | Path | N
     return out
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
+def apply_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
     """Put the LoRA layers of a PEFT adapter directory (ours or peft's) on ``model``; returns its config."""
     from safetensors.torch import load_file
 

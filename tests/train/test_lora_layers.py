@@ -94,7 +94,7 @@ def test_adapters_round_trip_with_peft(tmp_path):
     # we load what peft writes, with peft's logits
     lora.save_adapter(pm, tmp_path / "peft", None)
     mine = _base().eval()
-    lora_layers.load_adapter(mine, tmp_path / "peft")
+    lora_layers.apply_peft_adapter(mine, tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mine(ids), pm.eval()(ids), rtol=1e-5, atol=1e-5)
