@@ -2,7 +2,9 @@
 
 Names follow vLLM's without the colon; Ray's exporter prefixes ``ray_``, so Prometheus sees e.g.
 ``ray_llmray_time_to_first_token_seconds_bucket``. Serve adds deployment/replica/application tags; we add
-``model_name``. Gauges and the engine-side counters (prefix-cache hits) are refreshed from
+``model_name``: the histograms (per request; a histogram's ``_count`` counts requests) carry the name the
+request asked for, an adapter's own for an adapter request; engine-wide gauges and counters carry the base
+model's. Gauges and the engine-side counters (prefix-cache hits) are refreshed from
 ``AsyncLLM.stats()`` by the LLMServer's poll loop (token and prefix-hit counters too, as deltas);
 per-request histograms are observed as tokens stream.
 """
@@ -74,23 +76,28 @@ class ServeMetrics:
         self.prompt_tokens = counter("llmray_prompt_tokens_total", "Prompt tokens processed")
         self.gen_tokens = counter("llmray_generation_tokens_total", "Tokens generated")
 
+    def _tags_for(self, model: str | None) -> dict[str, str] | None:
+        """Per-request tags: the adapter's name for an adapter request (None: the base model's defaults)."""
+        return None if model is None else {"model_name": model}
+
     # --- per request ------------------------------------------------------------------------------
-    def observe_queue(self, seconds: float) -> None:
+    # ``model``: the adapter a request asked for (None: the base model)
+    def observe_queue(self, seconds: float, model: str | None = None) -> None:
         if self.enabled:
-            self.queue.observe(max(seconds, 0.0))
+            self.queue.observe(max(seconds, 0.0), tags=self._tags_for(model))
 
-    def observe_first_token(self, seconds: float) -> None:
+    def observe_first_token(self, seconds: float, model: str | None = None) -> None:
         if self.enabled:
-            self.ttft.observe(seconds)
+            self.ttft.observe(seconds, tags=self._tags_for(model))
 
-    def observe_tokens(self, interval_s: float, num_tokens: int) -> None:
+    def observe_tokens(self, interval_s: float, num_tokens: int, model: str | None = None) -> None:
         """``num_tokens`` new tokens arrived ``interval_s`` after the previous ones (one observation)."""
         if self.enabled and num_tokens > 0:
-            self.itl.observe(interval_s / num_tokens)
+            self.itl.observe(interval_s / num_tokens, tags=self._tags_for(model))
 
-    def observe_finished(self, seconds: float) -> None:
+    def observe_finished(self, seconds: float, model: str | None = None) -> None:
         if self.enabled:
-            self.e2e.observe(seconds)
+            self.e2e.observe(seconds, tags=self._tags_for(model))
 
     # --- engine state -----------------------------------------------------------------------------
     def update_from_stats(self, stats: dict[str, Any]) -> None:

@@ -284,13 +284,13 @@ class LLMServer:
         client's X-Request-Id) prefixes this replica's log lines for the request."""
         REQUEST_ID.set(request_id)
         start = time.time()
-        if arrival_s is not None:
-            self.metrics.observe_queue(start - arrival_s)
         if self._poll_task is None and self.metrics.enabled:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll_stats())
         try:
             req = body if isinstance(body, BaseModel) else self._parse(kind, body)  # the ingress parsed it
             lora = await self._lora(req.model)
+            if arrival_s is not None:
+                self.metrics.observe_queue(start - arrival_s, lora)  # under the adapter's name, if one
             jobs = []
             plan = self._chat_plan(req) if isinstance(req, ChatCompletionRequest) else None
             for p_idx, ids in enumerate(self._prompt_ids(req, plan)):
@@ -382,9 +382,9 @@ class LLMServer:
                     now = time.time()
                     new_ids = out.new_token_ids
                     if last is None:
-                        self.metrics.observe_first_token(now - start)
+                        self.metrics.observe_first_token(now - start, lora)
                     else:
-                        self.metrics.observe_tokens(now - last, len(new_ids))
+                        self.metrics.observe_tokens(now - last, len(new_ids), lora)
                     last = now
                     ev: TokenEvent = {
                         "index": index,
@@ -403,7 +403,7 @@ class LLMServer:
                     if split is not None:
                         split_event(ev, split)
                     yield ev
-            self.metrics.observe_finished(time.time() - start)
+            self.metrics.observe_finished(time.time() - start, lora)
         except EngineDeadError as e:
             yield error_event(engine_unavailable(f"the engine stopped ({e}); retry the request"))
         except ValueError as e:

@@ -300,3 +300,41 @@ def test_request_id_is_echoed_and_prefixes_log_lines(caplog):
     finally:
         REQUEST_ID.reset(token)
     assert "[client-id-3] working on it" in caplog.text
+
+
+def test_adapter_requests_are_observed_under_the_adapter_name(tmp_path, monkeypatch):
+    """Per-request metrics carry the model the request asked for: an adapter's own name, not the base's."""
+    from ray.serve import metrics as ray_metrics
+
+    seen: list[tuple[str, str]] = []  # (metric, model_name) per observation
+
+    class Recorder:
+        def __init__(self, name, **_):
+            self.name, self.default = name, {}
+
+        def set_default_tags(self, tags):
+            self.default = dict(tags)
+
+        def observe(self, value, tags=None):
+            seen.append((self.name, {**self.default, **(tags or {})}["model_name"]))
+
+        inc = set = observe
+
+    for kind in ("Histogram", "Counter", "Gauge"):
+        monkeypatch.setattr(ray_metrics, kind, Recorder)
+    adapter = tmp_path / "chat"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    server = LLMServer("unused", MODEL, engine_factory=MOCK_ENGINE, engine_kwargs={"token_delay_s": 0.0},
+                       loras={"chat": str(adapter)}, enable_metrics=True)  # fmt: skip
+    client = TestClient(build_openai_app(LocalBackend(server), IngressConfig(MODEL, dynamic_loras=True)))
+    for model in ("chat", MODEL):
+        r = client.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+    by_model = {m: {n for n, mm in seen if mm == m} for m in ("chat", MODEL)}
+    wanted = {"llmray_time_to_first_token_seconds", "llmray_e2e_request_latency_seconds"}
+    assert wanted | {"llmray_request_queue_time_seconds"} <= by_model["chat"], seen
+    assert wanted <= by_model[MODEL], seen
+    e2e = [m for n, m in seen if n == "llmray_e2e_request_latency_seconds"]
+    assert sorted(e2e) == sorted(["chat", MODEL])  # one request each, each under its own name
