@@ -39,7 +39,9 @@ RUN pip install --no-cache-dir \
         "tqdm==4.70.1" \
         "matplotlib==3.11.2" \
         "numpy==2.4.6" \
-        "openai==3.57.0"
+        "openai==3.57.0" \
+        "xgrammar==0.2.9" \
+        "apache-tvm-ffi==0.1.15.post2"
 
 COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 llmray ./llmray
