@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# OpenMP threads that spin while waiting starve every other process on a 2-core CI machine (Ray workers, the
+# engine core, serve replicas: CPU steps ran ~30x slower under load): wait passively. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 # Triton decides at kernel-definition time whether to interpret: set it before anything imports triton.
 if not torch.cuda.is_available():
