@@ -176,8 +176,9 @@ class AsyncLLM:
                     _call_soon(loop, _settle, fut, None, EngineDeadError(msg[1]))
             elif kind == "reply":
                 _, call_id, ok, result = msg
-                loop, fut = self._calls.pop(call_id, (None, None))
-                if loop is not None:
+                call = self._calls.pop(call_id, None)
+                if call is not None:
+                    loop, fut = call
                     if ok and isinstance(result, list):
                         self._loras = list(result)
                     _call_soon(

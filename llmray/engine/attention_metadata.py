@@ -51,6 +51,7 @@ class PagedAttentionMetadata:
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
         ks = vs = None
         if self.k_scales is not None:
+            assert self.v_scales is not None, "an fp8 cache has both scales"
             ks, vs = self.k_scales[layer_idx], self.v_scales[layer_idx]
         if not self.use_triton:
             kv_store_ref(k0, v0, kc, vc, self.slot_mapping, ks, vs)

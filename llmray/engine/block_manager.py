@@ -64,7 +64,7 @@ class BlockManager:
         else:
             block_id, _ = self.free_cached.popitem(last=False)  # evict the least recently used
             block = self.blocks[block_id]
-            if self.hash_to_block.get(block.hash) == block_id:
+            if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
                 del self.hash_to_block[block.hash]
             block.hash, block.token_ids, block.parent_block_id = None, None, -1
         block = self.blocks[block_id]
@@ -176,7 +176,8 @@ class BlockManager:
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
-                if block.token_ids is not None and self.hash_to_block.get(block.hash) == block_id:
+                cached = block.hash is not None and self.hash_to_block.get(block.hash) == block_id
+                if block.token_ids is not None and cached:
                     self.free_cached[block_id] = None
                 else:
                     block.hash, block.token_ids, block.parent_block_id = None, None, -1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,7 +19,12 @@ from llmray.engine.runner import ModelRunner, PendingStep
 from llmray.engine.sampling_params import SamplingParams
 from llmray.engine.scheduler import Scheduler, SchedulerOutput
 from llmray.engine.sequence import PLACEHOLDER, Sequence
+from llmray.engine.structured.spec import StructuredOutput
 from llmray.lora.adapter import LoraAdapter
+
+if TYPE_CHECKING:
+    from llmray.lora.manager import LoraManager
+    from llmray.model.qwen3 import Qwen3ForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,7 +69,7 @@ class LLMEngine:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: Qwen3ForCausalLM,
         tokenizer: Any | None,
         config: EngineConfig,
         loras: dict[str, str] | None = None,
@@ -76,7 +81,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or limit, limit)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.eos_token_id = eos if eos is not None else model.config.eos_token_id
-        self.lora = None  # LoraManager when adapters are served (before the runner: graphs capture them)
+        # a LoraManager when adapters are served (made before the runner: CUDA graphs capture it)
+        self.lora: LoraManager | None = None
         if config.enable_lora or loras:
             from llmray.lora.manager import LoraManager
 
@@ -175,6 +181,7 @@ class LLMEngine:
         An adapter that cannot be loaded fails its request alone (the others are admitted)."""
         if seq.lora_adapter is None or seq.lora_slot >= 0:
             return True
+        assert self.lora is not None, "a request with an adapter was validated against the LoraManager"
         try:
             if not self.lora.can_acquire(seq.lora_adapter):
                 return False
@@ -207,6 +214,7 @@ class LLMEngine:
     def _release(self, seq: Sequence) -> None:
         self.runner.sampler.release(seq)
         if seq.lora_slot >= 0:
+            assert self.lora is not None, "a sequence holds a LoRA slot only when adapters are served"
             self.lora.release(seq.lora_slot)
             seq.lora_slot = -1
 
@@ -223,8 +231,11 @@ class LLMEngine:
         ids = self.encode(prompt)
         self.validate(ids, params, lora)
         constraint = self._constraint(params) if params.structured_output is not None else None
-        adapter = self.lora.get(lora) if lora is not None else None
-        adapter_id = self.lora.id_of(lora) if lora is not None else 0
+        adapter: LoraAdapter | None = None
+        adapter_id = 0
+        if lora is not None:
+            assert self.lora is not None, "validate() rejects an adapter when LoRA is off"
+            adapter, adapter_id = self.lora.get(lora), self.lora.id_of(lora)
         seq = Sequence(request_id, ids, params, adapter_id, lora_name=lora, lora_adapter=adapter)
         seq.constraint = constraint
         self.scheduler.add(seq)
@@ -240,8 +251,10 @@ class LLMEngine:
             from llmray.engine.structured.compiler import GrammarCompiler
 
             self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_id)
+        spec = params.structured_output
+        assert isinstance(spec, StructuredOutput), "SamplingParams.__post_init__ parses the spec"
         try:
-            return self._grammars.constraint(params.structured_output, params.stop_token_ids)
+            return self._grammars.constraint(spec, params.stop_token_ids)
         except ValueError as e:
             raise RequestError(str(e), "structured_output") from None
 
@@ -301,7 +314,7 @@ class LLMEngine:
 
     def _read_back(self, step: _Step) -> list[RequestOutput]:
         sampled = self.runner.collect(step.pending)
-        outputs = []
+        outputs: list[Any] = []  # RequestOutputs, or (id, token, finish, stop, logprobs) when delta_outputs
         for st, slot in zip(sampled, step.slots, strict=True):
             seq = step.sched.scheduled[st.seq_index].seq
             if seq.is_finished:
@@ -341,9 +354,11 @@ class LLMEngine:
 
     def _check_constraint(self, seq: Sequence, token: int) -> str | None:
         """Constrained decoding: the constraint takes the token; "stop" once its grammar is complete."""
-        if not seq.constraint.accept_token(token):
+        constraint = seq.constraint
+        assert constraint is not None, "called for constrained sequences only"
+        if not constraint.accept_token(token):
             raise ValueError(f"its token constraint rejected the sampled token {token}")
-        return "stop" if seq.constraint.is_terminated() else None
+        return "stop" if constraint.is_terminated() else None
 
     def _check_stop(self, req: _RequestState, token: int) -> str | None:
         p = req.seq.sampling_params

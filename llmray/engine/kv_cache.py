@@ -55,7 +55,8 @@ class KVCache:
         self.k_cache = [self.kv_cache[0, i] for i in range(self.num_layers)]
         self.v_cache = [self.kv_cache[1, i] for i in range(self.num_layers)]
         # (layers, 1) fp32; rows are the (1,) scale tensors the kernels read (None without fp8)
-        self.k_scales = self.v_scales = None
+        self.k_scales: torch.Tensor | None = None
+        self.v_scales: torch.Tensor | None = None
         if self.fp8:
             self.k_scales = torch.ones(self.num_layers, 1, device=self.device)
             self.v_scales = torch.ones(self.num_layers, 1, device=self.device)
@@ -69,6 +70,7 @@ class KVCache:
     def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.fp8:
             return None, None
+        assert self.k_scales is not None and self.v_scales is not None, "an fp8 cache has its scales"
         return self.k_scales[layer], self.v_scales[layer]
 
     @torch.inference_mode()
@@ -78,6 +80,7 @@ class KVCache:
         ids = torch.randint(0, model.config.vocab_size, (2, num_tokens), generator=g).to(self.device)
         rec = _AmaxRecorder(self.num_layers, self.device)
         model.hidden_states(ids, None, rec)
+        assert self.k_scales is not None and self.v_scales is not None, "calibrate() is for an fp8 cache"
         self.k_scales.copy_((rec.k_amax * 2 / FP8_MAX).clamp(min=1e-6)[:, None])
         self.v_scales.copy_((rec.v_amax * 2 / FP8_MAX).clamp(min=1e-6)[:, None])
 

@@ -11,22 +11,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llmray.engine.engine import LLMEngine, make_engine_config, resolve_device_dtype
 from llmray.engine.outputs import RequestOutput
 from llmray.engine.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from llmray.model.qwen3 import Qwen3ForCausalLM
+
 __all__ = ["LLM", "AsyncLLM", "RequestOutput", "SamplingParams", "build_engine"]
 logger = logging.getLogger("llmray.engine")
-_END = object()  # generate_stream: the request iterable is exhausted
 
 
 def build_engine(
     model_dir: str | Path | None = None,
-    model: torch.nn.Module | None = None,
+    model: Qwen3ForCausalLM | None = None,
     tokenizer: Any | None = None,
     loras: dict[str, str | Path] | None = None,
     **engine_kwargs: Any,
@@ -54,10 +54,13 @@ def build_engine(
 def _prompt_list(prompts: str | list[int] | Sequence[str | list[int]]) -> list[str | list[int]]:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt of token ids
-    return prompts
+    items = list(prompts)
+    ids = [t for t in items if isinstance(t, int)]
+    if ids and len(ids) == len(items):
+        return [ids]  # one prompt of token ids
+    if ids:
+        raise ValueError("prompts mixes token ids with prompts: pass one list of ids or a list of prompts")
+    return [p for p in items if not isinstance(p, int)]
 
 
 class _EngineFront:
@@ -65,8 +68,11 @@ class _EngineFront:
 
     engine: LLMEngine
 
+    def __init__(self, *, _engine: LLMEngine) -> None:
+        self.engine = _engine
+
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer: Any | None = None, **engine_kwargs: Any):
+    def from_model(cls, model: Qwen3ForCausalLM, tokenizer: Any | None = None, **engine_kwargs: Any):
         return cls(_engine=build_engine(model=model, tokenizer=tokenizer, **engine_kwargs))
 
     @property
@@ -139,7 +145,7 @@ class LLM(_EngineFront):
 
     def generate_stream(
         self,
-        requests: Iterable[tuple],
+        requests: Iterable[tuple | None],
         sampling_params: SamplingParams | None = None,
         lora: str | None = None,
         *,
@@ -166,8 +172,9 @@ class LLM(_EngineFront):
         try:
             while True:
                 while not exhausted and len(running) < limit:
-                    item = next(source, _END)
-                    if item is _END:
+                    try:
+                        item = next(source)
+                    except StopIteration:
                         exhausted = True
                         break
                     if item is None:  # a live feed has nothing new right now

@@ -141,6 +141,7 @@ class ModelRunner:
             ids = torch.where(ids < 0, self.prev_tokens[views["src"]], ids)
         self._set_lora_enabled(with_lora)
         if with_lora:
+            assert self.lora_batch is not None, "with_lora is set only when the runner serves adapters"
             self.lora_batch.set_rows(views["lora"])
         decode_rows = layout.seqs if decode_rows is None else decode_rows
         with_tiles = kind == "mixed" or (kind == "eager" and layout.tiles > 0)
@@ -169,9 +170,9 @@ class ModelRunner:
         all_decode = items[-1].num_new_tokens == 1
         graphs = self._cuda_graphs
         pick = graphs.pick(num_tokens, len(items), all_decode) if graphs is not None else None
-        layout = graphs.layout(*pick) if pick is not None else None
+        layout = graphs.layout(*pick) if graphs is not None and pick is not None else None
         batch = self.inputs.build(items, sample_rows, layout, self._prev_rows, self.lora_batch is not None)
-        if pick is not None:
+        if graphs is not None and pick is not None:
             hidden = graphs.replay(pick[0], pick[1], use_lora, batch.tables)
         else:
             hidden = self._forward(
@@ -202,8 +203,8 @@ class ModelRunner:
         if seqs:
             logits = self.model.compute_logits(hidden[batch.last])  # (R, V) fp32
             bitmask = self._constraint_bitmask(seqs, pending.failed)
-            pending.out = self._sample(logits, seqs, bitmask, pending.failed)
-            self.prev_tokens[: len(seqs)].copy_(pending.out.token_ids)
+            pending.out = out = self._sample(logits, seqs, bitmask, pending.failed)
+            self.prev_tokens[: len(seqs)].copy_(out.token_ids)
             self._prev_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
             if self.is_cuda:
                 self._copy_out(pending)
@@ -212,11 +213,13 @@ class ModelRunner:
     def _copy_out(self, pending: PendingStep) -> None:
         """Start the device->host copy of the step's results now, behind its own work only."""
         out = pending.out
+        assert out is not None, "only a step that sampled is copied out"
         self._out_turn ^= 1
         buf = self._out_bufs[self._out_turn]  # two alternate: at most one step is launched ahead
         host = SamplerOutput(buf[: out.token_ids.shape[0]])
         host.token_ids.copy_(out.token_ids, non_blocking=True)
         if out.logprobs is not None:
+            assert out.logprob_ids is not None, "the sampler sets logprobs and logprob_ids together"
             host.logprobs = torch.empty(out.logprobs.shape, dtype=out.logprobs.dtype, pin_memory=True)
             host.logprob_ids = torch.empty(
                 out.logprob_ids.shape, dtype=out.logprob_ids.dtype, pin_memory=True
@@ -270,6 +273,7 @@ class ModelRunner:
             tokens[idx] = out.token_ids
             full = SamplerOutput(tokens)
             if out.logprobs is not None:
+                assert out.logprob_ids is not None, "the sampler sets logprobs and logprob_ids together"
                 full.logprobs = out.logprobs.new_zeros(len(seqs), out.logprobs.shape[1])
                 full.logprob_ids = out.logprob_ids.new_zeros(len(seqs), out.logprob_ids.shape[1])
                 full.logprobs[idx], full.logprob_ids[idx] = out.logprobs, out.logprob_ids
@@ -282,16 +286,19 @@ class ModelRunner:
             return []
         if pending.ready is not None:
             pending.ready.synchronize()
+            assert pending.host is not None, "_copy_out sets host and ready together"
             out = pending.host
         tokens = out.token_ids.tolist()
-        lp_vals = lp_ids = None
+        lp_vals: list[list[float]] | None = None
+        lp_ids: list[list[int]] | None = None
         if out.logprobs is not None:
+            assert out.logprob_ids is not None, "the sampler sets logprobs and logprob_ids together"
             lp_vals, lp_ids = out.logprobs.tolist(), out.logprob_ids.tolist()
         result = []
         for r, (index, seq) in enumerate(zip(pending.indices, pending.seqs, strict=True)):
             n = seq.sampling_params.logprobs
             lps = None
-            if n is not None and lp_vals is not None:
+            if n is not None and lp_vals is not None and lp_ids is not None:
                 lps = {lp_ids[r][0]: lp_vals[r][0]}
                 lps.update(zip(lp_ids[r][1 : n + 1], lp_vals[r][1 : n + 1], strict=True))
             result.append(SampledToken(index, tokens[r], lps, pending.failed.get(r)))

@@ -58,7 +58,7 @@ class Sampler:
             t = t.pin_memory()
         return t.to(self.device, non_blocking=True)
 
-    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+    def _tensor(self, values: list | tuple, dtype: torch.dtype) -> torch.Tensor:
         return self._from_cpu(torch.tensor(values, dtype=dtype))
 
     def _from_numpy(self, a: np.ndarray) -> torch.Tensor:

@@ -12,6 +12,8 @@ from llmray.engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from llmray.lora.adapter import LoraAdapter
+
 _seq_counter = itertools.count()
 
 PLACEHOLDER = -1  # a token sampled by a step still in flight (async scheduling); filled in when read back
@@ -55,7 +57,7 @@ class Sequence:
     sampling_params: SamplingParams
     adapter_id: int = 0  # LoRA adapter's stable id; 0 = the base model. Part of the prefix-cache hash.
     lora_name: str | None = None  # adapter this request runs on (None = the base model)
-    lora_adapter: object | None = None  # its LoraAdapter, the version current when the request was accepted
+    lora_adapter: LoraAdapter | None = None  # the version current when the request was accepted
     lora_slot: int = -1  # device slot holding its adapter, taken at first admission; -1 = none
     seq_id: int = field(default_factory=lambda: next(_seq_counter))  # arrival order
     token_ids: list[int] = field(init=False)  # prompt + output

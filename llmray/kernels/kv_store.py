@@ -101,6 +101,8 @@ def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | No
     """Values as the cache stores them: fp8 = clamp(x / scale) in e4m3; otherwise a plain cast."""
     if cache_dtype != FP8_DTYPE:
         return x.to(cache_dtype)
+    if scale is None:
+        raise ValueError("an fp8 KV cache needs its scale")
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
 
 
@@ -108,6 +110,8 @@ def from_cache(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) 
     """Cache values back in ``dtype`` (fp8 times its scale)."""
     if x.dtype != FP8_DTYPE:
         return x.to(dtype)
+    if scale is None:
+        raise ValueError("an fp8 KV cache needs its scale")
     return (x.float() * scale).to(dtype)
 
 

@@ -169,6 +169,7 @@ def paged_prefill(
         raise ValueError("an fp8 KV cache needs k_scale and v_scale")
     block_m = prefill_block_m(q.dtype)
     block_n = block_m
+    grid: tuple[int, ...]
     if tiles is not None:
         grid = (tiles[0].shape[0], h)
         tile_seq, tile_m = tiles

@@ -90,6 +90,8 @@ def load_adapter(name: str, path: str | Path, config: ModelConfig, max_rank: int
         raise AdapterError(f"adapter {name!r}: r must be a positive integer, got {rank!r}")
     if rank > max_rank:
         raise AdapterError(f"adapter {name!r}: rank {rank} exceeds the server's max_lora_rank={max_rank}")
+    if not isinstance(alpha, (int, float)):
+        raise AdapterError(f"adapter {name!r}: lora_alpha must be a number, got {alpha!r}")
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:

@@ -57,6 +57,7 @@ class ShrinkGroup:
         if self._x is not x:
             self._x, self._unread = x, self.size
             self._y = lora_shrink(flat_x, self.lora_a, batch.slots[: flat_x.shape[0]], batch.scales)
+        assert self._y is not None, "the current input's shrink is kept until every member has read it"
         y = self._y[..., i * self.rank : (i + 1) * self.rank]
         self._unread -= 1
         if self._unread == 0:
@@ -66,6 +67,7 @@ class ShrinkGroup:
 
 class LoRALinear(nn.Module):
     use_kernels_on_cpu = False  # tests set it (with TRITON_INTERPRET=1) to run the Triton path on the CPU
+    lora_b: torch.Tensor  # (S, out, R) buffer, registered in __init__
 
     def __init__(
         self,

@@ -16,13 +16,16 @@ import hashlib
 import itertools
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn as nn
 
 from llmray.config import ModelConfig
 from llmray.lora.adapter import MODULES, LoraAdapter, load_adapter
 from llmray.lora.layers import LoraBatch, LoRALinear, ShrinkGroup
+
+if TYPE_CHECKING:
+    from llmray.model.qwen3 import Qwen3ForCausalLM
 
 _versions = itertools.count(1)
 
@@ -43,7 +46,7 @@ def adapter_id(name: str, path: str | Path) -> int:
 class LoraManager:
     def __init__(
         self,
-        model: nn.Module,
+        model: Qwen3ForCausalLM,
         config: ModelConfig,
         max_loras: int,
         max_rank: int,
@@ -62,15 +65,16 @@ class LoraManager:
         self.batch = LoraBatch(max_rows, max_loras, device)
         self.layers: dict[tuple[int, str], LoRALinear] = {}
         for i, layer in enumerate(model.model.layers):
-            groups = {}  # linears reading the same input share one stacked shrink
+            # linears reading the same input share one stacked shrink
+            groups: dict[str, tuple[ShrinkGroup, int]] = {}
             for members in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
                 first = getattr(layer.self_attn if members[0] == "q_proj" else layer.mlp, members[0])
                 group = ShrinkGroup(len(members), max_loras, max_rank, first.in_features, first.weight)
                 groups.update({m: (group, j) for j, m in enumerate(members)})
             for module in MODULES:
                 parent = layer.self_attn if module in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-                group, index = groups.get(module, (None, 0))
-                wrapped = LoRALinear(getattr(parent, module), max_loras, max_rank, self.batch, group, index)
+                shared, index = groups.get(module, (None, 0))
+                wrapped = LoRALinear(getattr(parent, module), max_loras, max_rank, self.batch, shared, index)
                 setattr(parent, module, wrapped)
                 self.layers[(i, module)] = wrapped
         self.paths: dict[str, Path] = {}  # registered name -> directory

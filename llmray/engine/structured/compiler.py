@@ -112,6 +112,7 @@ class GrammarConstraint:
         self._row = torch.empty((1, (vocab_size + 31) // 32), dtype=torch.int32) if pool is not None else None
 
     def _compute(self) -> None:
+        assert self._row is not None, "scheduled on the pool only when a pool (and its row) exists"
         self.matcher.fill_next_token_bitmask(self._row, 0)
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
@@ -119,6 +120,7 @@ class GrammarConstraint:
         if self._next is not None:
             future, self._next = self._next, None
             future.result()
+            assert self._row is not None, "a mask computed ahead lands in the pool's row"
             bitmask[row].copy_(self._row[0])
             return
         self.matcher.fill_next_token_bitmask(bitmask, row)

@@ -93,7 +93,7 @@ class StructuredOutput:
         return self.key[0]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StructuredOutput:
+    def from_dict(cls, d: StructuredOutput | dict[str, Any]) -> StructuredOutput:
         """Build from ``{"json": ...}`` / ``{"regex": ...}`` etc. (how it crosses process boundaries)."""
         if isinstance(d, StructuredOutput):
             return d
