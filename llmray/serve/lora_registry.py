@@ -13,7 +13,12 @@ request.
 File format::
 
     {"format": 1, "seed": "<deployment token>", "next_version": 7,
-     "adapters": {"name": {"path": "/abs/dir", "version": 6, "created": 1732800000}}}
+     "adapters": {"name": {"path": "/abs/dir", "version": 6, "created": 1732800000}},
+     "unloaded": {"name": "/abs/dir"}}
+
+``unloaded``: adapters unloaded at runtime; a restarted server does not bring back a ``--lora-root``
+sub-directory recorded there (the same name and path), until it is loaded again. ``--lora NAME=DIR`` on
+the command line always serves its adapter.
 
 ``version`` grows on every (re)load of a name, so a replica holding an older version of an adapter
 reloads it. ``seed``: the startup adapters (``--lora NAME=DIR`` and the adapter sub-directories of
@@ -107,10 +112,36 @@ def resolve_under(root: str | Path, lora_path: str) -> Path:
     return target
 
 
+def adapter_problem(path: str | Path) -> str | None:
+    """Why the PEFT directory ``path`` cannot load (checked without torch: the config's JSON, its peft_type
+    and rank, the weights file), or None. The engine checks the tensors when it loads the adapter."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        return f"adapter_config.json cannot be read ({e})"
+    except json.JSONDecodeError as e:
+        return f"adapter_config.json is not valid JSON ({e.msg}, line {e.lineno} column {e.colno})"
+    if not isinstance(cfg, dict):
+        return "adapter_config.json does not hold a JSON object"
+    if cfg.get("peft_type", "LORA") != "LORA":
+        return f"peft_type must be LORA, got {clip(cfg.get('peft_type'))!r}"
+    rank = cfg.get("r", 1)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        return f"r must be a positive integer, got {clip(rank)!r}"
+    if not (path / "adapter_model.safetensors").is_file():
+        pickled = (path / "adapter_model.bin").exists()
+        return ("only a pickle-based adapter_model.bin" if pickled else "no weights") + (
+            "; expected adapter_model.safetensors"
+        )
+    return None
+
+
 def scan_root(root: str | Path) -> dict[str, str]:
     """{sub-directory name: path} for each sub-directory of ``root`` that holds an adapter_config.json.
 
-    A symlink leading out of the root is skipped (with a warning), as ``load_lora_adapter`` refuses it.
+    A symlink leading out of the root (``load_lora_adapter`` refuses it) and a directory that cannot load
+    (``adapter_problem``) are skipped, each with a warning naming the reason.
     """
     found = {}
     for sub in sorted(Path(root).iterdir()):
@@ -120,6 +151,10 @@ def scan_root(root: str | Path) -> dict[str, str]:
             resolve_under(root, sub.name)
         except RegistryError as e:
             logger.warning("skipping adapter directory %s: %s", sub, e)
+            continue
+        problem = adapter_problem(sub)
+        if problem is not None:
+            logger.warning("skipping adapter directory %s: %s", sub, problem)
             continue
         found[sub.name] = str(sub)
     return found
@@ -138,11 +173,14 @@ class LoraRegistry:
         self.base_name = base_name
         self.root = Path(root).resolve() if root else None
         startup = dict(startup or {})
+        self._scanned: set[str] = set()  # startup names found under the root (not given as --lora)
         if self.root is not None:
             if not self.root.is_dir():
                 raise ValueError(f"lora_root {root!r} is not a directory")
             for name, path in scan_root(self.root).items():
                 if is_adapter_name(name) and name != base_name:
+                    if name not in startup:
+                        self._scanned.add(name)
                     startup.setdefault(name, path)
                 else:
                     logger.warning(
@@ -229,7 +267,12 @@ class LoraRegistry:
             if data.get("seed") == seed and seed:
                 return _UNCHANGED  # this deployment already seeded the file: keep what was unloaded since
             data["seed"] = seed
+            unloaded = data.setdefault("unloaded", {})
             for name, e in self._static.items():
+                if name in self._scanned and unloaded.get(name) == e.path:
+                    logger.info("not serving adapter %s (%s): it was unloaded", name, e.path)
+                    continue
+                unloaded.pop(name, None)
                 data["adapters"][name] = {
                     "path": e.path,
                     "version": data["next_version"],
@@ -246,6 +289,7 @@ class LoraRegistry:
             entry = AdapterEntry(name, str(path), int(data["next_version"]), int(time.time()))
             data["adapters"][name] = {"path": entry.path, "version": entry.version, "created": entry.created}
             data["next_version"] = entry.version + 1
+            data.setdefault("unloaded", {}).pop(name, None)
             return entry
 
         return self._update(change)
@@ -254,7 +298,11 @@ class LoraRegistry:
         """Remove ``name``; False when it was not registered."""
 
         def change(data: dict) -> object:
-            return True if data["adapters"].pop(name, None) is not None else _UNCHANGED
+            entry = data["adapters"].pop(name, None)
+            if entry is None:
+                return _UNCHANGED
+            data.setdefault("unloaded", {})[name] = entry["path"]  # a restart does not bring it back
+            return True
 
         return self._update(change) is True
 

@@ -61,6 +61,7 @@ def test_lora_root_lists_adapters(tmp_path):
     for name in ("alpha", "beta"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text("{}")
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(b"")
     (tmp_path / "not-an-adapter").mkdir()
     args = ServeArgs(model=str(tmp_path), lora_root=str(tmp_path), loras={"gamma": "/g"})
     assert args.lora_dirs() == {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -200,10 +201,45 @@ def test_replicas_share_the_registry(root):
     # a replica started later in the same deployment does not bring back the unloaded startup adapter...
     c, _ = make_client(root)
     assert complete(c, "alpha").status_code == 404
-    # ...a new deployment (a server restart) serves every adapter sub-directory of the root again
+    # ...nor does a new deployment (a server restart): the registry file remembers the unload
     d, _ = make_client(root, seed="deploy-2")
     ids = [m["id"] for m in d.get("/v1/models", headers=AUTH).json()["data"]]
-    assert ids == [MODEL, "alpha", "new", "spare"]
+    assert ids == [MODEL, "new", "spare"]
+    assert json.loads((root / REGISTRY_FILE).read_text())["unloaded"]["alpha"] == str(root / "alpha")
+    # loading it again clears the record: the next restart serves it
+    assert load(d, "alpha", "alpha").status_code == 200
+    e, _ = make_client(root, seed="deploy-3")
+    assert [m["id"] for m in e.get("/v1/models", headers=AUTH).json()["data"]] == [
+        MODEL,
+        "alpha",
+        "new",
+        "spare",
+    ]
+
+
+def test_lora_root_lists_only_adapters_that_load(root, caplog):
+    """A broken adapter directory under the root is skipped with the reason logged, never listed."""
+    (root / "truncated").mkdir()
+    (root / "truncated" / "adapter_config.json").write_text('{"peft_type": "LORA", "r"')
+    (root / "truncated" / "adapter_model.safetensors").write_bytes(b"")
+    (root / "no-weights").mkdir()
+    (root / "no-weights" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (root / "pickled").mkdir()
+    (root / "pickled" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (root / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04")
+    fake_adapter(root / "prefix")
+    (root / "prefix" / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
+    with caplog.at_level(logging.WARNING, logger="llmray.serve"):
+        client, _ = make_client(root)
+    ids = [m["id"] for m in client.get("/v1/models", headers=AUTH).json()["data"]]
+    assert ids == [MODEL, "alpha", "spare"]
+    for name, why in [("truncated", "not valid JSON"), ("no-weights", "no weights"),
+                      ("pickled", "pickle-based"), ("prefix", "peft_type must be LORA")]:  # fmt: skip
+        assert any(name in r.getMessage() and why in r.getMessage() for r in caplog.records), (
+            name,
+            caplog.text,
+        )
+    assert complete(client, "truncated").status_code == 404
 
 
 # --- the real engine ----------------------------------------------------------------------------------------
