@@ -116,7 +116,8 @@ def _lines(f: Any) -> Iterator[bytes]:
 
 def _jsonl_shards(path: str, shard_rows: int) -> list[Shard]:
     fs, p = _fs(path)
-    shards, line, offset, start, start_off, rows = [], 0, 0, 0, 0, 0
+    shards: list[Shard] = []
+    line, offset, start, start_off, rows = 0, 0, 0, 0, 0
     with fs.open_input_stream(p) as f:
         for raw in _lines(f):
             if line - start == shard_rows:

@@ -17,7 +17,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,7 +108,8 @@ class _EngineHolder:
         return table
 
     def _finish(self, batch: Any, prepared: list[Prepared | str], outs: dict[int, Any]) -> Any:
-        results, token_ids = [], []
+        results: list[dict[str, Any]] = []
+        token_ids: list[list[int] | None] = []
         for i, p in enumerate(prepared):
             if isinstance(p, str):
                 results.append(result(error=p))
@@ -126,7 +127,8 @@ class SyncEngineActor(_EngineHolder):
     def __call__(self, batch: Any) -> Any:
         prepared = self._prepare(batch.to_pylist())
         feed = ((i, p.prompt_ids, p.params, p.lora) for i, p in enumerate(prepared) if not isinstance(p, str))
-        outs = {
+        # generate_stream hands each output back under the caller's id: here the row index
+        outs: dict[Any, Any] = {
             out.request_id: out for out in self.llm.generate_stream(feed, max_in_flight=self.max_in_flight)
         }
         return self._finish(batch, prepared, outs)
@@ -172,7 +174,8 @@ class StreamingEngineActor(_EngineHolder):
         while True:
             try:
                 for out in self.llm.generate_stream(self._source(), max_in_flight=self.max_in_flight):
-                    call_id, row = out.request_id
+                    caller_id: Any = out.request_id  # generate_stream hands back our (call id, row) id
+                    call_id, row = caller_id
                     self._send(call_id, (row, out))
             except Exception as e:  # a failed step: every batch waiting here fails, the engine carries on
                 while True:
@@ -272,7 +275,7 @@ def build_processor(
     concurrency: int = 1,
     batch_size: int = 64,
     engine_kwargs: dict[str, Any] | None = None,
-    lora: dict[str, str | Path] | None = None,
+    lora: Mapping[str, str | Path] | None = None,
     preprocess: Callable[[dict], dict] | None = None,
     postprocess: Callable[[dict], dict] | None = None,
     use_gpu: bool = False,
