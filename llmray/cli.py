@@ -127,12 +127,12 @@ def _apply_config(sub: argparse.ArgumentParser, path: str) -> None:
                 by_flag[opt[2:]] = action
     defaults = {}
     for key, value in data.items():
-        action = by_flag.get(str(key).replace("_", "-"))
-        if action is None or action.dest in ("config", "help"):
+        flag = by_flag.get(str(key).replace("_", "-"))
+        if flag is None or flag.dest in ("config", "help"):
             valid = ", ".join(sorted(k for k in by_flag if k not in ("config", "help")))
             raise SystemExit(f"error: {path}: unknown key {key!r}; valid keys: {valid}")
-        defaults[action.dest] = value
-        action.required = False
+        defaults[flag.dest] = value
+        flag.required = False
     sub.set_defaults(**defaults)
 
 
@@ -151,7 +151,9 @@ def _split_debug(argv: list[str]) -> list[str]:
 
 def _run(argv: list[str]) -> int:
     parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    # the subcommand parsers by name: argparse keeps them on its (private) _SubParsersAction
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands: dict[str, argparse.ArgumentParser] = sub.choices
     if argv and argv[0] == "bench":
         if len(argv) == 1 or argv[1] in ("-h", "--help"):
             print(commands["bench"].format_help())

@@ -20,13 +20,27 @@ import sysconfig
 import textwrap
 import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 from llmray.config import LoraConfig
 
-QUICK = dict(
+
+class Knobs(TypedDict):
+    """The demo's sizes: model preset, pretraining and fine-tuning steps, data sizes."""
+
+    preset: str
+    max_steps: int
+    ft_steps: int
+    seq_len: int
+    corpus_mb: float
+    chat_examples: int
+    bpe_vocab: int
+
+
+QUICK = Knobs(
     preset="tiny", max_steps=40, ft_steps=30, seq_len=128, corpus_mb=0.4, chat_examples=200, bpe_vocab=1024
 )
-FULL = dict(
+FULL = Knobs(
     preset="mini", max_steps=400, ft_steps=150, seq_len=256, corpus_mb=2.0, chat_examples=800, bpe_vocab=2048
 )
 QUESTION = "Write a Python function `dedent`: Remove any common leading whitespace from every line in `text`."
@@ -43,7 +57,8 @@ def stdlib_files() -> list[Path]:
 def write_corpus(files: list[Path], out_dir: Path, max_mb: float) -> list[Path]:
     """Copy source files (whole files, sorted by name) up to ``max_mb`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, total = [], 0
+    written: list[Path] = []
+    total = 0
     for f in files:
         text = f.read_text(encoding="utf-8", errors="replace")
         if total + len(text) > max_mb * 1e6 and written:
@@ -129,10 +144,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from llmray.train.preflight import check_gpus
     from llmray.train.pretrain import PretrainConfig, run_pretrain
 
-    knobs = dict(QUICK if args.quick else FULL)
-    for key in ("preset", "max_steps"):
-        if getattr(args, key) is not None:
-            knobs[key] = getattr(args, key)
+    knobs = (QUICK if args.quick else FULL).copy()
+    if args.preset is not None:
+        knobs["preset"] = args.preset
+    if args.max_steps is not None:
+        knobs["max_steps"] = args.max_steps
     ModelConfig.preset(knobs["preset"])  # flags first: nothing is written and no Ray starts for bad input
     if knobs["max_steps"] < 1:
         raise ValueError(f"--max-steps must be >= 1, got {knobs['max_steps']}")
@@ -220,6 +236,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 frequency_penalty=1.0,  # a few-minute model repeats itself; the penalty keeps answers readable
             )
             answers[model] = reply.choices[0].message.content
+            assert reply.usage is not None, "llmray reports usage on every chat completion"
             usage[model] = reply.usage.completion_tokens
             print(f"--- {model} ---\n{answers[model]}\n")
         if not embedded:  # on a shared cluster take the demo's app down (serve.shutdown logs retries)
@@ -227,7 +244,7 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     last = pre["last"]
-    summary = {
+    summary: dict[str, Any] = {
         "pretrain": {"steps": last.get("step"), "loss": last.get("loss"), "val_loss": last.get("val_loss")},
         "finetune": {"val_loss_base": ft["val_loss_before"], "val_loss_adapter": ft["val_loss_after"]},
         "served_models": served,  # GET /v1/models
