@@ -207,6 +207,7 @@ def _print_notes(notes: list[str]) -> None:
 @usage_errors
 def pretrain_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    assert isinstance(cfg, PretrainConfig), "the pretrain subcommand's config_class is PretrainConfig"
     _print_notes(preflight.check_pretrain(cfg))
     from llmray.train.pretrain import run_pretrain
 
@@ -226,6 +227,7 @@ def pretrain_command(args: argparse.Namespace) -> int:
 @usage_errors
 def finetune_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    assert isinstance(cfg, FinetuneConfig), "the finetune subcommand's config_class is FinetuneConfig"
     _print_notes(preflight.check_finetune(cfg))
     from llmray.train.finetune import run_finetune
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from llmray.config import ModelConfig
 
 MIN_BPE_VOCAB = 259  # 256 bytes + the 3 special tokens
 
 
+@overload
+def resolve_path(value: str) -> str: ...
+@overload
+def resolve_path(value: None) -> None: ...
 def resolve_path(value: str | None) -> str | None:
     """A local path made absolute against the caller's working directory (``~`` expanded); URIs unchanged.
 
@@ -39,7 +43,8 @@ def local_ray_starts() -> bool:
     try:  # the address of the last `ray start` on this machine, which ray.init() joins (None: start one)
         from ray._private.services import canonicalize_bootstrap_address
 
-        return canonicalize_bootstrap_address(None) is None
+        # ray annotates addr as str, but None ("no address given", as ray.init passes it) is documented
+        return canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]
     except Exception:  # a Ray without this helper: assume embedded
         return True
 
@@ -132,8 +137,7 @@ def check_pretrain(cfg: Any) -> list[str]:
     if cfg.tokenizer == "bpe" and cfg.bpe_vocab < MIN_BPE_VOCAB:
         raise ValueError(f"--bpe-vocab must be >= {MIN_BPE_VOCAB} for byte-level BPE, got {cfg.bpe_vocab}")
     if cfg.tokenizer not in ("char", "bpe"):
-        tok_dir = Path(cfg.tokenizer)
-        if not (tok_dir / "tokenizer.json").exists():
+        if not (Path(cfg.tokenizer) / "tokenizer.json").exists():
             raise FileNotFoundError(
                 f"--tokenizer {cfg.tokenizer}: no tokenizer.json there (use char, bpe or such a directory)"
             )

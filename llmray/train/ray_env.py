@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # Ray Train V2 tees print() to stdout and to a logger: twice
@@ -95,7 +96,7 @@ def init_ray(
         env_vars.update({k: v for k, v in WORKER_ONLY_ENV.items() if k not in taken and k not in os.environ})
     from llmray.train.preflight import local_ray_starts
 
-    kwargs: dict[str, object] = dict(
+    kwargs: dict[str, Any] = dict(  # ray.init's keywords
         runtime_env={"env_vars": env_vars},
         configure_logging=verbose(),
         log_to_driver=worker_output or verbose(),
@@ -115,8 +116,9 @@ def init_ray(
     try:
         ray.init(**kwargs)
     finally:
-        if logging.lastResort is not fallback:
-            logging.lastResort.close()
+        handler = logging.lastResort
+        if handler is not None and handler is not fallback:
+            handler.close()
         logging.lastResort = fallback
     route_ray_logs(log_file)  # route again after ray.init
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -124,7 +126,7 @@ def init_ray(
     return path
 
 
-def train_run_kwargs() -> dict[str, object]:
+def train_run_kwargs() -> dict[str, Any]:
     """``RunConfig`` keywords that keep a Ray Train run quiet wherever Ray was started (tests, jobs).
 
     Worker env: one print per step line, no progress bars, Ray Data warnings only; Ray Train's own
