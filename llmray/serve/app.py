@@ -145,7 +145,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         **a.autoscaling_overrides,
     }
     actor = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": a.num_cpus}
-    llm = serve.deployment(LLMServer, name="LLMServer").options(
+    llm = serve.deployment(name="LLMServer")(LLMServer).options(
         ray_actor_options=actor,
         autoscaling_config=autoscaling,
         max_ongoing_requests=max_ongoing,
@@ -155,7 +155,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
     )
     ingress_cls = serve.ingress()(OpenAIIngress)
-    ingress = serve.deployment(ingress_cls, name="OpenAIIngress").options(
+    ingress = serve.deployment(name="OpenAIIngress")(ingress_cls).options(
         num_replicas=a.ingress_replicas,
         ray_actor_options={"num_cpus": a.ingress_num_cpus},
         graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,

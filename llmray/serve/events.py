@@ -7,12 +7,12 @@ runtime (cheap to pickle, no class has to exist on the other side), typed for th
 
 from __future__ import annotations
 
-from typing import Any, NotRequired, TypedDict
+from typing import Any, TypedDict
 
 from llmray.serve.errors import APIError
 
 
-class TokenEvent(TypedDict):
+class _TokenFields(TypedDict):
     index: int  # the choice (prompt index x n + choice)
     text: str  # new text (stop strings and held-back text excluded)
     num_tokens: int  # new tokens
@@ -20,8 +20,11 @@ class TokenEvent(TypedDict):
     prompt_tokens: int
     completion_tokens: int  # so far
     logprobs: list[dict[str, Any]] | None  # per new token: {"token", "logprob", "top": [[token, logprob]]}
-    reasoning: NotRequired[str]  # chat: new reasoning_content text (Qwen3 <think>)
-    tool_calls: NotRequired[list[dict[str, Any]]]  # chat: tool-call deltas
+
+
+class TokenEvent(_TokenFields, total=False):  # total=False: typing.NotRequired needs Python 3.11
+    reasoning: str  # chat: new reasoning_content text (Qwen3 <think>)
+    tool_calls: list[dict[str, Any]]  # chat: tool-call deltas
 
 
 class ErrorEvent(TypedDict):
@@ -39,15 +42,15 @@ def error_event(err: APIError) -> ErrorEvent:
 
 def merge_events(events: list[Event]) -> list[Event]:
     """Fold consecutive token events of one choice into one (an error event ends the list)."""
-    out: list[dict[str, Any]] = []
-    last_by_index: dict[int, dict[str, Any]] = {}
+    out: list[Event] = []
+    last_by_index: dict[int, TokenEvent] = {}
     for ev in events:
         if "error" in ev:
             out.append(ev)
             break
         prev = last_by_index.get(ev["index"])
         if prev is None or prev["finish_reason"] is not None:
-            ev = dict(ev)
+            ev = ev.copy()
             out.append(ev)
             last_by_index[ev["index"]] = ev
             continue

@@ -26,7 +26,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +95,7 @@ class HandleBackend:
         arrival_s: float,
         adapter: str | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[list[Event]]:
+    ) -> AsyncGenerator[list[Event], None]:
         gen = self._for(self.stream_handle, adapter).stream.remote(kind, body, arrival_s, request_id)
         finished = False
         try:
@@ -334,7 +334,7 @@ def build_openai_app(backend: Any, config: IngressConfig) -> FastAPI:
 
 
 async def _sse(
-    events: AsyncIterator[list[dict]],
+    events: AsyncGenerator[list[dict], None],
     first: list[dict],
     req: CompletionRequest | ChatCompletionRequest,
     kind: str,

@@ -80,12 +80,12 @@ def is_adapter_name(name: object) -> bool:
 def validate_name(name: object, base_name: str) -> str:
     """``name`` if it can name an adapter, else RegistryError saying what a valid name is."""
     try:
-        check_adapter_name(name)
+        checked = check_adapter_name(name)
     except ValueError as e:
         raise RegistryError(str(e)) from None
-    if name == base_name:
-        raise RegistryError(f"adapter name {name!r} is the base model's name; choose another name")
-    return name
+    if checked == base_name:
+        raise RegistryError(f"adapter name {checked!r} is the base model's name; choose another name")
+    return checked
 
 
 def resolve_under(root: str | Path, lora_path: str) -> Path:
@@ -196,9 +196,10 @@ class LoraRegistry:
         if self.root is not None:
             self._seed(seed or "")
 
-    @property
-    def file(self) -> Path | None:
-        return self.root / REGISTRY_FILE if self.root is not None else None
+    def _file(self) -> Path:
+        """The registry file of a file-backed registry (the static one has none)."""
+        assert self.root is not None, "only a file-backed registry (--lora-root) has a file"
+        return self.root / REGISTRY_FILE
 
     # --- reading --------------------------------------------------------------------------------
     def entries(self) -> dict[str, AdapterEntry]:
@@ -206,7 +207,7 @@ class LoraRegistry:
         if self.root is None:
             return dict(self._static)
         try:
-            st = os.stat(self.file)
+            st = os.stat(self._file())
         except FileNotFoundError:
             return {}
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -223,12 +224,12 @@ class LoraRegistry:
 
     def _read(self) -> dict:
         try:
-            data = json.loads(self.file.read_text())
+            data = json.loads(self._file().read_text())
         except FileNotFoundError:
             data = {}
         except json.JSONDecodeError as e:
             raise RuntimeError(
-                f"the adapter registry {self.file} is corrupt ({e}); delete it to reset"
+                f"the adapter registry {self._file()} is corrupt ({e}); delete it to reset"
             ) from None
         data.setdefault("format", FORMAT)
         data.setdefault("adapters", {})
@@ -254,7 +255,7 @@ class LoraRegistry:
                 try:
                     with os.fdopen(fd, "w") as f:
                         json.dump(data, f, indent=1, sort_keys=True)
-                    os.replace(tmp, self.file)
+                    os.replace(tmp, self._file())
                 except BaseException:
                     Path(tmp).unlink(missing_ok=True)
                     raise
@@ -279,6 +280,7 @@ class LoraRegistry:
                     "created": e.created,
                 }
                 data["next_version"] += 1
+            return None
 
         self._update(change)
 

@@ -114,7 +114,8 @@ class _SamplingFields(_RequestBody):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
             logprobs=self.num_logprobs(),
-            structured_output=self.response_format_spec(),
+            # both request models mix StructuredFields in (it owns response_format)
+            structured_output=self.response_format_spec() if isinstance(self, StructuredFields) else None,
         )
 
 
@@ -150,8 +151,8 @@ class CompletionRequest(_SamplingFields, StructuredFields):
         if isinstance(p, str):
             return [p]
         if p and isinstance(p[0], int):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+            return [list(p)]
+        return list(p)  # type: ignore[arg-type]  # no int list here (returned above): list[str] or list[list[int]]
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
@@ -205,7 +206,7 @@ class ChatCompletionRequest(_SamplingFields, ToolFields):
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def check_adapter_name(name: str) -> str:
+def check_adapter_name(name: object) -> str:
     """A LoRA adapter name is one path component: letters, digits, ``._-``; no ``..``, ``/`` or ``\\``.
 
     Names become the ``model`` clients send and may be joined to an adapter root directory, so a name like

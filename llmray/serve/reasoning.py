@@ -13,7 +13,7 @@ THINK_START, THINK_END = "<think>", "</think>"
 
 
 def template_has_thinking(template: str | None) -> bool:
-    return bool(template) and THINK_END in template
+    return template is not None and THINK_END in template
 
 
 def prompt_opens_thinking(prompt: str) -> bool:

@@ -14,7 +14,9 @@ from llmray.serve.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionResponse,
     Usage,
     now,
@@ -139,7 +141,9 @@ def final_response(kind: str, rid: str, req: Any, states: dict[int, ChoiceState]
             CompletionChoice(
                 index=i,
                 text="".join(st.text),
-                logprobs=completion_logprobs(st.logprobs, 0) if wants_lp else None,
+                logprobs=CompletionLogprobs.model_validate(completion_logprobs(st.logprobs, 0))
+                if wants_lp
+                else None,
                 finish_reason=st.finish_reason,
             )
             for i, st in sorted(states.items())
@@ -154,10 +158,10 @@ def final_response(kind: str, rid: str, req: Any, states: dict[int, ChoiceState]
                 reasoning_content="".join(st.reasoning) if st.reasoning else None,
                 tool_calls=[st.tool_calls[k] for k in sorted(st.tool_calls)] or None,
             ),
-            logprobs=chat_logprobs(st.logprobs) if wants_lp else None,
+            logprobs=ChatLogprobs.model_validate(chat_logprobs(st.logprobs)) if wants_lp else None,
             finish_reason=st.finish_reason,
         )
         for i, st in sorted(states.items())
     ]
-    resp = ChatCompletionResponse(id=rid, created=now(), model=req.model, choices=chat_choices, usage=usage)
-    return resp.model_dump()
+    chat = ChatCompletionResponse(id=rid, created=now(), model=req.model, choices=chat_choices, usage=usage)
+    return chat.model_dump()

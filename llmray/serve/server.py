@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -184,6 +184,7 @@ class LLMServer:
         self, req: CompletionRequest | ChatCompletionRequest, plan: ChatPlan | None = None
     ) -> list[list[int]]:
         if isinstance(req, ChatCompletionRequest):
+            assert plan is not None, "a chat request is encoded from its ChatPlan"
             return [self._encode(plan.prompt, "messages")]
         vocab = self.tokenizer.vocab_size
         out = []
@@ -279,7 +280,7 @@ class LLMServer:
         body: CompletionRequest | ChatCompletionRequest | dict[str, Any],
         arrival_s: float | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[list[Event]]:
+    ) -> AsyncGenerator[list[Event], None]:
         """Run one OpenAI request; yields lists of events (see the module docstring). ``request_id`` (the
         client's X-Request-Id) prefixes this replica's log lines for the request."""
         REQUEST_ID.set(request_id)
@@ -318,15 +319,15 @@ class LLMServer:
                 batch = [await queue.get()]
                 while not queue.empty():
                     batch.append(queue.get_nowait())
-                events = []
+                ready: list[Event] = []
                 for item in batch:
                     if item is _DONE:
                         active -= 1
                     else:
-                        events.append(item)
-                if events:
-                    yield merge_events(events)
-                    if any("error" in ev for ev in events):
+                        ready.append(item)
+                if ready:
+                    yield merge_events(ready)
+                    if any("error" in ev for ev in ready):
                         return
         finally:
             for t in tasks:
@@ -367,7 +368,7 @@ class LLMServer:
         lora: str | None,
         start: float,
         plan: ChatPlan | None,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """One engine request as events (at most one per stream interval after the first token); an error
         ends it as an ``{"error", "status"}`` event. Closing it aborts the request in the engine."""
         last = None

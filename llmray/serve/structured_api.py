@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from llmray.serve.events import TokenEvent
 from llmray.serve.reasoning import ReasoningParser, prompt_opens_thinking, template_has_thinking
 from llmray.serve.tool_calls import (
     ToolCallParser,
@@ -127,10 +128,10 @@ class StructuredFields(_Model):
     @field_validator(*UNSUPPORTED)
     @classmethod
     def _refuse_unsupported(cls, v: Any, info: ValidationInfo) -> Any:
-        if UNSUPPORTED[info.field_name](v):
-            raise ValueError(
-                f"{info.field_name} is not supported by this server; {HINTS.get(info.field_name, 'leave it out')}"
-            )
+        name = info.field_name
+        assert name is not None, "a field validator runs for a named field"
+        if UNSUPPORTED[name](v):
+            raise ValueError(f"{name} is not supported by this server; {HINTS.get(name, 'leave it out')}")
         return v
 
     def response_format_spec(self) -> dict[str, Any] | None:
@@ -140,6 +141,7 @@ class StructuredFields(_Model):
             return None
         if rf.type == "json_object":
             return {"json_object": True}
+        assert rf.json_schema is not None, "ResponseFormat's validator requires json_schema for its type"
         return {"json": rf.json_schema.schema_}
 
 
@@ -304,7 +306,7 @@ class ChoiceOutput:
         return engine_reason
 
 
-def split_event(ev: dict[str, Any], out: ChoiceOutput) -> None:
+def split_event(ev: TokenEvent, out: ChoiceOutput) -> None:
     """Rewrite a chat token event in place: ``text`` keeps the answer, ``reasoning`` and ``tool_calls``
     (OpenAI deltas) are added when present, and the finish reason becomes ``"tool_calls"`` when due."""
     final = ev["finish_reason"] is not None

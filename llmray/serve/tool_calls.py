@@ -130,16 +130,18 @@ class ToolCallParser:
                 else:
                     break
             elif self.state == "args":
-                if not self._scanner.started:
+                scanner = self._scanner
+                assert scanner is not None, "the header state starts the arguments' scanner"
+                if not scanner.started:
                     self.buf = self.buf.lstrip()
                     if not self.buf:
                         break
-                n = self._scanner.feed(self.buf)
+                n = scanner.feed(self.buf)
                 if n:
                     self.calls[-1].arguments += self.buf[:n]
                     out.append({"tool_call": {"index": len(self.calls) - 1, "arguments": self.buf[:n]}})
                 self.buf = self.buf[n:]
-                if not self._scanner.done:
+                if not scanner.done:
                     break
                 self.state = "tail"
             else:  # tail: the wrapper's closing brace and the end tag are dropped
@@ -208,7 +210,7 @@ def parse_tool_calls(text: str, prefix: str = "") -> tuple[str | None, list[Tool
 
 # --- prompt side ---------------------------------------------------------------------------------------
 def template_takes_tools(template: str | None) -> bool:
-    return bool(template) and "tools" in template and TOOL_START in template
+    return template is not None and "tools" in template and TOOL_START in template
 
 
 def tools_system_text(tools: list[dict[str, Any]]) -> str:
