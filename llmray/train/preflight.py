@@ -43,8 +43,7 @@ def local_ray_starts() -> bool:
     try:  # the address of the last `ray start` on this machine, which ray.init() joins (None: start one)
         from ray._private.services import canonicalize_bootstrap_address
 
-        # ray annotates addr as str, but None ("no address given", as ray.init passes it) is documented
-        return canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]
+        return canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]  # ray annotates str, documents None
     except Exception:  # a Ray without this helper: assume embedded
         return True
 

@@ -52,7 +52,7 @@ def route_ray_logs(log_file: str | Path | None) -> Path | None:
                 logger.removeHandler(h)
         if name == "ray":
             for h in handlers:
-                h._llmray = True  # type: ignore[attr-defined]
+                h._llmray = True  # type: ignore[attr-defined]  # our mark on a Handler: the next call finds and replaces it
                 logger.addHandler(h)
             logger.setLevel(logging.INFO)
             logger.propagate = False
