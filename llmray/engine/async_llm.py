@@ -28,6 +28,7 @@ from llmray.engine.detokenizer import IncrementalDetokenizer
 from llmray.engine.errors import EngineDeadError, RequestError
 from llmray.engine.outputs import RequestOutput
 from llmray.engine.sampling_params import SamplingParams
+from llmray.lora.errors import AdapterError
 
 logger = logging.getLogger("llmray.engine")
 
@@ -397,6 +398,8 @@ def _call_error(result: tuple[str, str]) -> BaseException:
     kind, message = result
     if kind == "KeyError":
         return KeyError(message)
-    if kind.endswith(("ValueError", "AdapterError", "RequestError")):
+    if kind.endswith("AdapterError"):  # the core's error type survives the pipe: callers catch it by type
+        return AdapterError(message)
+    if kind.endswith(("ValueError", "RequestError")):
         return ValueError(message)
     return RuntimeError(f"{kind}: {message}")

@@ -18,15 +18,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from llmray.config import ModelConfig
+from llmray.lora.errors import AdapterError  # re-exported: callers catch it from here
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
 )
-
-
-class AdapterError(ValueError):
-    """A LoRA adapter directory that cannot be served (message names the problem)."""
 
 
 def module_shape(config: ModelConfig, module: str) -> tuple[int, int]:
