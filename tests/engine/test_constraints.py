@@ -77,15 +77,6 @@ class BadParams(SamplingParams):
 
 
 @pytest.fixture(scope="module")
-def model():
-    from llmray.config import ModelConfig
-    from llmray.model.qwen3 import Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    return Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="torch").eval()
-
-
-@pytest.fixture(scope="module")
 def prompts():
     g = torch.Generator().manual_seed(3)
     return [torch.randint(0, 512, (n,), generator=g).tolist() for n in (5, 17, 9)]

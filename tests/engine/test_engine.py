@@ -13,15 +13,6 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def model():
-    from llmray.config import ModelConfig
-    from llmray.model.qwen3 import Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    return Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="torch").eval()
-
-
-@pytest.fixture(scope="module")
 def prompts():
     g = torch.Generator().manual_seed(1)
     shared = torch.randint(0, 512, (24,), generator=g).tolist()

@@ -19,15 +19,6 @@ from llmray.model.generate import generate
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def model():
-    from llmray.config import ModelConfig
-    from llmray.model.qwen3 import Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    return Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="torch").eval()
-
-
 def test_layout_sizes_and_buckets():
     assert Layout(16, 8, 3).sizes() == [16] * 5 + [9, 8, 3, 3]
     assert tile_capacity(64, 32, 64) == 1 + 32 + 1
