@@ -1,27 +1,36 @@
-"""``llmray batch`` (Ray Data, one engine actor) against ``LLM.generate`` on the same rows, same machine.
+"""``llmray batch``'s processor against ``LLM.generate`` on the same rows, in the same run, same machine.
 
-    python bench/batch.py --out bench/results                 # GPU: Qwen3-0.6B shapes (about 1.5 minutes)
-    python bench/batch.py --quick --compare-sync --out /tmp/b  # tiny model on CPU; also the synchronous actor
-    python bench/batch.py --occupancy                          # CPU: engine steps, streaming vs synchronous actor
+    python bench/batch.py --out bench/results                        # GPU: 4,096 rows, 1 engine, then 2 if 2 GPUs
+    python bench/batch.py --quick --out /tmp/b                       # tiny model on CPU (checks the script)
+    python bench/batch.py --occupancy                                # CPU: engine steps, streaming vs synchronous
 
-Rows follow the nano-vllm workload: prompt and output lengths uniform in [100, 1024] (seed 0), random
-token ids as ``prompt_token_ids``, temperature 0.6, ignore_eos. The model directory (random bf16 weights,
-a 151,936-entry word-level tokenizer so every id detokenizes) is written under /tmp. ``LLM.generate`` runs
-in a child process (engine started and warmed up first, then timed); ``llmray batch`` (``run_batch``) runs
-in this process on a local Ray, timed from start to the last shard written, so its time includes Ray Data
-start, the actor's start, model load, KV sizing and graph capture. A one-row run of the same pipeline
-(one 1-token row) is timed first and reported beside it, for information only: subtracting it from the full
-run is not valid (on the H200 the one-row run took 18.4 s and the 256-row run 18.7 s: start-up costs differ
-between the two runs), so ``batch_over_offline`` is the end-to-end ratio, start-up included; with 256 rows
-it is dominated by that start-up, and rows in the thousands are needed to see the steady state. Writes
-batch.json.
+Rows: ``--rows`` prompts cut from the shared data's tinyshakespeare text at seeded random offsets (lengths
+uniform in [``--min-chars``, ``--max-chars``] characters: with the 151,936-entry BPE tokenizer in
+``--tokenizer-dir``, about 3 characters a token), each with ``max_tokens`` = ``--max-tokens``, temperature 0.6
+and ``ignore_eos`` (so both sides generate the same number of tokens). The model: Qwen3-0.6B shapes with
+random bf16 weights and that tokenizer, written under /tmp (``--quick``: the tiny preset with a character
+tokenizer, on CPU). The prompts are text, so both sides tokenize.
 
+1. ``LLM.generate`` over all rows in a child process: the engine's start-up (``LLM(...)``: model load, KV
+   sizing, warm-up and graph capture) and the generation are timed separately.
+2. ``run_batch`` (what ``llmray batch`` runs: the rows as a JSONL file, Ray Data, one engine actor per GPU,
+   output files) for each engine count in ``--engines`` (default 1, and 2 when two GPUs are visible), timed
+   from the call to the last output file, start-up included. Each engine also writes its own timeline
+   (``stats_dir``): when it started, when its engine was ready, when it got its first row and finished its
+   last; ``steady`` = output tokens / (last finish - first row) inside the engine(s), the figure to set
+   beside ``LLM.generate``'s. Start-up is reported as measured, never subtracted.
+
+``batch_over_offline`` = steady tok/s of one engine / ``LLM.generate`` tok/s (engine already started);
+``batch_over_offline_end_to_end`` = the same with each side's start-up included (run_batch's whole call vs
+``LLM(...)`` + ``generate``). ``two_engines_over_one`` = steady (and end-to-end) tok/s of 2 engines / 1.
+The JSON is rewritten after each step, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -36,34 +45,53 @@ sys.path.insert(0, str(REPO))
 WORK = Path("/tmp/llmray_bench_batch")
 
 
-def make_model_dir(quick: bool) -> Path:
-    """Random-weight Qwen3 directory with a word-level tokenizer covering the whole vocabulary."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers
+def shared_text() -> Path:
+    root = Path(os.environ.get("LLMRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
+    for path in (root / "tinyshakespeare" / "input.txt", REPO / ".data" / "tinyshakespeare" / "input.txt"):
+        if path.exists():
+            return path
+    raise SystemExit(f"no tinyshakespeare/input.txt under {root} or .data/ (set LLMRAY_SHARED_DATA)")
 
+
+def make_model_dir(quick: bool, tokenizer_dir: Path, text: str) -> Path:
+    """Random-weight Qwen3 directory: 0.6B shapes + the BPE tokenizer, or (quick) tiny + a char tokenizer."""
     from llmray.config import ModelConfig
     from llmray.model.checkpoint import save_model
     from llmray.model.qwen3 import Qwen3ForCausalLM
-    from llmray.model.tokenizer import Tokenizer
+    from llmray.model.tokenizer import Tokenizer, char_tokenizer
 
-    cfg = (
-        ModelConfig.preset("tiny", max_position_embeddings=4096)
-        if quick
-        else ModelConfig.preset("qwen3-0.6b")
-    )
-    out = WORK / ("tiny" if quick else "qwen3-0.6b-random")
+    if quick:
+        cfg = ModelConfig.preset("tiny", max_position_embeddings=4096)
+        tok = char_tokenizer(text)
+    else:
+        cfg = ModelConfig.preset("qwen3-0.6b")
+        tok = Tokenizer.load(tokenizer_dir)
+    if tok.vocab_size > cfg.vocab_size:
+        raise SystemExit(f"tokenizer {tokenizer_dir} has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
+    out = WORK / ("tiny-char" if quick else "qwen3-0.6b-bpe151k")
     if (out / "config.json").exists():
         return out
-    vocab = {f"t{i}": i for i in range(cfg.vocab_size - 1)} | {"<unk>": cfg.vocab_size - 1}
-    backend = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(dev):
         model = Qwen3ForCausalLM(cfg)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    save_model(model.to(dtype), out, tokenizer=Tokenizer(backend, {"model_max_length": 40960}), dtype=dtype)
+    save_model(model.to(dtype), out, tokenizer=tok, dtype=dtype)
+    del model
+    if dev == "cuda":
+        torch.cuda.empty_cache()
     return out
+
+
+def text_rows(text: str, n: int, lo: int, hi: int, max_tokens: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        length = rng.randint(lo, hi)
+        at = rng.randrange(0, len(text) - length)
+        params = {"max_tokens": max_tokens, "temperature": 0.6, "ignore_eos": True}
+        rows.append({"id": i, "prompt": text[at : at + length], "sampling_params": params})
+    return rows
 
 
 def workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -82,7 +110,7 @@ def sync() -> None:
 
 
 def offline_child(args) -> None:
-    """LLM.generate over the rows (after start-up and a warm-up), in its own process; prints JSON."""
+    """LLM.generate over the rows in its own process (start-up and generation timed apart); prints JSON."""
     from llmray.engine.llm import LLM
     from llmray.engine.sampling_params import SamplingParams
 
@@ -91,44 +119,100 @@ def offline_child(args) -> None:
     llm = LLM(args.model_dir, **json.loads(args.engine))
     sync()
     startup = time.perf_counter() - t
-    prompts = [r["prompt_token_ids"] for r in rows]
+    prompts = [r["prompt"] for r in rows]
     params = [SamplingParams(**r["sampling_params"]) for r in rows]
-    warm = min(len(rows), 32)
-    llm.generate(prompts[:warm], [SamplingParams(max_tokens=8, ignore_eos=True)] * warm)
-    sync()
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     sync()
     seconds = time.perf_counter() - t
     tokens = sum(len(o.token_ids) for o in outs)
-    print(
-        json.dumps(
-            dict(seconds=seconds, output_tokens=tokens, tok_per_s=tokens / seconds, engine_startup_s=startup)
-        )
-    )
+    res = dict(engine_startup_s=startup, seconds=seconds, output_tokens=tokens, tok_per_s=tokens / seconds)
+    res["tok_per_s_with_startup"] = tokens / (seconds + startup)
+    res["prompt_tokens"] = sum(len(o.prompt_token_ids) for o in outs)
+    print(json.dumps(res))
+
+
+def wait_gpus_free(limit_s: float = 30.0) -> float:
+    """Wait until no GPU holds more than 2 GiB (the previous engines' processes have exited)."""
+    t = time.perf_counter()
+    while time.perf_counter() - t < limit_s:
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            break
+        if all(int(x) < 2048 for x in out.split()):
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - t
 
 
 def run_batch_timed(
-    model_dir: Path, rows_path: Path, engine: dict, cuda: bool, streaming: bool, tag: str
+    model_dir: Path, rows_path: Path, engine: dict, cuda: bool, engines: int, tag: str
 ) -> dict:
+    """run_batch over the rows with ``engines`` engine actors; end-to-end time and each engine's timeline."""
     from llmray.batch.cli import run_batch
 
     out = WORK / f"out-{tag}-{time.time_ns()}"
-    t = time.perf_counter()
+    rows = sum(1 for _ in rows_path.open())
+    shard_rows = max(8, min(256, rows // (8 * engines)))  # several shards (Ray Data tasks) per engine
+    stats_dir = out / "_stats"
+    t0 = time.time()
     summary = run_batch(
         str(model_dir),
         str(rows_path),
         str(out),
+        concurrency=engines,
         use_gpu=cuda,
         engine_kwargs=engine,
         batch_size=64,
-        shard_rows=256,
-        streaming=streaming,
+        shard_rows=shard_rows,
         progress=True,
+        stats_dir=str(stats_dir),
     )
-    seconds = time.perf_counter() - t
+    t_end = time.time()
     assert summary["errors"] == 0, summary
-    return dict(seconds_end_to_end=seconds, output_tokens=summary["tokens"], rows=summary["rows"])
+    seconds = t_end - t0
+    res: dict = dict(
+        engines=engines,
+        rows=summary["rows"],
+        output_tokens=summary["tokens"],
+        seconds_end_to_end=seconds,
+        tok_per_s_end_to_end=summary["tokens"] / seconds,
+    )
+    stats = [json.loads(f.read_text()) for f in sorted(stats_dir.glob("engine-*.json"))]
+    res["engines_with_rows"] = sum(bool(st.get("rows")) for st in stats)
+    stats = [st for st in stats if st.get("rows")]
+    if not stats:
+        return {**res, "error": f"no engine wrote its stats under {stats_dir}"}
+    first = min(st["first_request"] for st in stats)
+    last = max(st["last_finish"] for st in stats)
+    tokens = sum(st["output_tokens"] for st in stats)
+    res["startup_s (call -> first row in an engine)"] = first - t0
+    res["startup_phases_s"] = dict(
+        ray_data_and_actor_start=min(st["actor_start"] for st in stats) - t0,
+        engine_start=max(st["engine_ready"] - st["actor_start"] for st in stats),
+        engine_ready_to_first_row=min(st["first_request"] - st["engine_ready"] for st in stats),
+    )
+    res["tail_s (last row finished -> call returned)"] = t_end - last
+    res["steady"] = dict(seconds=last - first, output_tokens=tokens, tok_per_s=tokens / (last - first))
+    res["per_engine"] = [
+        dict(
+            rows=st["rows"],
+            output_tokens=st["output_tokens"],
+            first_row_s=st["first_request"] - t0,
+            last_finish_s=st["last_finish"] - t0,
+            tok_per_s=st["output_tokens"] / (st["last_finish"] - st["first_request"]),
+            busy_s=st["engine_busy_s"],
+        )
+        for st in stats
+    ]
+    return res
 
 
 def occupancy(args) -> dict:
@@ -181,11 +265,15 @@ def occupancy(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
-    ap.add_argument("--quick", action="store_true", help="tiny model and workload on CPU (checks the script)")
-    ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--min-len", type=int, default=100)
-    ap.add_argument("--max-len", type=int, default=1024)
-    ap.add_argument("--compare-sync", action="store_true", help="also run the synchronous actor")
+    ap.add_argument("--quick", action="store_true", help="tiny model, few rows, on CPU (checks the script)")
+    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--min-chars", type=int, default=150)
+    ap.add_argument("--max-chars", type=int, default=1500)
+    ap.add_argument(
+        "--engines", default=None, help="engine counts to run, e.g. 1,2 (default: 1, and 2 if 2 GPUs)"
+    )
+    ap.add_argument("--tokenizer-dir", default=str(REPO / ".data" / "bpe151k"))
     ap.add_argument("--occupancy", action="store_true", help="only the in-process step count of both designs")
     ap.add_argument("--occ-rows", type=int, default=256)
     ap.add_argument("--occ-seqs", type=int, default=32)
@@ -197,34 +285,46 @@ def main() -> None:
     args = ap.parse_args()
     if args.offline_child:
         return offline_child(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.occupancy:
         res = {"command": "python " + " ".join(sys.argv), "device": "cpu", **occupancy(args)}
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "batch_occupancy_cpu.json").write_text(json.dumps(res, indent=2))
+        (out / "batch_occupancy_cpu.json").write_text(json.dumps(res, indent=2))
         return print(json.dumps(res, indent=2))
     if args.quick:
-        args.rows, args.min_len, args.max_len = min(args.rows, 64), 8, 48
+        args.rows, args.max_tokens, args.min_chars, args.max_chars = min(args.rows, 64), 16, 20, 120
     cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
+    counts = [int(c) for c in args.engines.split(",")] if args.engines else [1] + ([2] if gpus >= 2 else [])
     WORK.mkdir(parents=True, exist_ok=True)
+    text = shared_text().read_text()
     t = time.perf_counter()
-    model_dir = make_model_dir(args.quick)
+    model_dir = make_model_dir(args.quick, Path(args.tokenizer_dir), text)
     model_s = time.perf_counter() - t
-    from llmray.config import ModelConfig
-
-    vocab = ModelConfig.preset("tiny" if args.quick else "qwen3-0.6b").vocab_size
-    rows = workload(args.rows, args.min_len, args.max_len, vocab)
-    rows_path = WORK / f"rows-{args.rows}-{args.min_len}-{args.max_len}.jsonl"
+    rows = text_rows(text, args.rows, args.min_chars, args.max_chars, args.max_tokens)
+    rows_path = WORK / f"rows-{args.rows}-{args.min_chars}-{args.max_chars}-{args.max_tokens}.jsonl"
     rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    engine = dict(max_num_seqs=256, max_num_batched_tokens=8192) if cuda else dict(max_model_len=256)
+    engine = dict(max_num_seqs=256, max_num_batched_tokens=8192) if cuda else dict(max_model_len=512)
     res: dict = {
         "command": "python " + " ".join(sys.argv),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "model": "tiny preset" if args.quick else "qwen3-0.6b shapes, random bf16 weights",
+        "gpus_visible": gpus,
+        "model": "tiny preset, char tokenizer"
+        if args.quick
+        else "qwen3-0.6b shapes, random bf16 weights, 151,936-token BPE",
         "rows": args.rows,
-        "workload": f"nano-vllm shape: prompt and output lengths uniform in [{args.min_len}, {args.max_len}]",
+        "workload": (
+            f"tinyshakespeare passages of {args.min_chars}-{args.max_chars} characters as text prompts, "
+            f"max_tokens {args.max_tokens}, temperature 0.6, ignore_eos"
+        ),
         "engine": engine,
         "model_dir_write_s": model_s,
     }
+
+    def save() -> None:
+        (out / "batch.json").write_text(json.dumps(res, indent=2))
+
+    print(time.strftime("%H:%M:%S"), "offline LLM.generate ...", flush=True)
     child = [sys.executable, __file__, "--offline-child", "--model-dir", str(model_dir)]
     child += ["--rows-file", str(rows_path), "--engine", json.dumps(engine)]
     proc = subprocess.run(child, capture_output=True, text=True, check=False)
@@ -232,28 +332,37 @@ def main() -> None:
         raise SystemExit(f"offline child failed:\n{proc.stderr[-4000:]}")
     offline = json.loads(proc.stdout.strip().splitlines()[-1])
     res["offline_llm_generate"] = offline
+    res["prompt_tokens"] = offline["prompt_tokens"]
+    save()
+    print(json.dumps(offline), flush=True)
     import ray
 
+    t = time.perf_counter()
     ray.init(configure_logging=False, log_to_driver=False, include_dashboard=False)
-    one = WORK / "one-row.jsonl"
-    one.write_text(json.dumps({**rows[0], "sampling_params": {"max_tokens": 1}}) + "\n")
-    startup = run_batch_timed(model_dir, one, engine, cuda, True, "one-row")["seconds_end_to_end"]
-    res["one_row_pipeline_s (Ray Data + actor start + model load + KV sizing + graphs)"] = startup
-    variants = [("streaming", True)] + ([("sync", False)] if args.compare_sync else [])
-    for name, streaming in variants:
-        b = run_batch_timed(model_dir, rows_path, engine, cuda, streaming, name)
-        assert b["output_tokens"] == offline["output_tokens"], (b, offline)
-        b["tok_per_s_end_to_end"] = b["output_tokens"] / b["seconds_end_to_end"]
-        res[f"llmray_batch_{name}"] = b
-        if name == "streaming":  # end to end, pipeline start-up included (see the module docstring)
-            res["batch_over_offline"] = b["tok_per_s_end_to_end"] / offline["tok_per_s"]
-        else:
-            res["sync_over_streaming_end_to_end"] = (
-                b["tok_per_s_end_to_end"] / res["llmray_batch_streaming"]["tok_per_s_end_to_end"]
+    res["ray_init_s"] = time.perf_counter() - t
+    for n in counts:
+        if cuda and n > gpus:
+            res[f"llmray_batch_{n}_engines"] = f"skipped: {gpus} GPU(s) visible"
+            continue
+        if cuda:
+            res[f"gpu_free_wait_s_before_{n}"] = wait_gpus_free()
+        print(time.strftime("%H:%M:%S"), f"llmray batch, {n} engine(s) ...", flush=True)
+        b = run_batch_timed(model_dir, rows_path, engine, cuda, n, f"{n}-engines")
+        if b["output_tokens"] != offline["output_tokens"]:
+            b["error"] = f"{b['output_tokens']} output tokens, LLM.generate {offline['output_tokens']}"
+        key = "llmray_batch_streaming" if n == 1 else f"llmray_batch_{n}_engines"
+        res[key] = b
+        if n == 1 and "steady" in b:
+            res["batch_over_offline"] = b["steady"]["tok_per_s"] / offline["tok_per_s"]
+            res["batch_over_offline_end_to_end"] = (
+                b["tok_per_s_end_to_end"] / offline["tok_per_s_with_startup"]
             )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "batch.json").write_text(json.dumps(res, indent=2))
+        one = res.get("llmray_batch_streaming")
+        if n == 2 and isinstance(one, dict) and "steady" in b and "steady" in one:
+            res["two_engines_over_one"] = b["steady"]["tok_per_s"] / one["steady"]["tok_per_s"]
+            res["two_engines_over_one_end_to_end"] = b["tok_per_s_end_to_end"] / one["tok_per_s_end_to_end"]
+        save()
+        print(json.dumps(b), flush=True)
     print(json.dumps(res, indent=2))
 
 

@@ -53,6 +53,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--token-ids", action="store_true", help="also write generated_token_ids")
     p.add_argument("--sync", action="store_true", help="one batch at a time per engine (for comparison)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stats-dir", default=None, help="each engine writes its timings here (engine-PID.json)")
     p.set_defaults(func=run_cli)
 
 
@@ -86,6 +87,7 @@ def run_cli(args: argparse.Namespace) -> int:
             include_token_ids=args.token_ids,
             streaming=not args.sync,
             progress=not args.no_progress,
+            stats_dir=args.stats_dir,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -190,6 +192,7 @@ def run_batch(
     include_token_ids: bool = False,
     streaming: bool = True,
     progress: bool = True,
+    stats_dir: str | None = None,
 ) -> dict[str, Any]:
     """Generate for every input row not yet written; returns a summary (rows, errors, tokens, seconds)."""
     import ray
@@ -211,6 +214,7 @@ def run_batch(
         streaming=streaming,
         include_token_ids=include_token_ids,
         json_column="_json",
+        stats_dir=stats_dir,
     )
     shards = _plan(inputs, output, shard_rows, fmt)
     done = done_shards(output, fmt)

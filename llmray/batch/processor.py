@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,48 @@ def _engine_kwargs(engine_kwargs: dict[str, Any] | None, loras: dict[str, str], 
         kwargs.setdefault("max_loras", min(len(loras), 4))
         kwargs.setdefault("max_cpu_loras", max(len(loras), 1))
     return kwargs
+
+
+class _EngineStats:
+    """One engine's timeline (wall-clock seconds since the epoch) and totals, written as JSON to
+    ``stats_dir/engine-<pid>.json`` after every batch when ``stats_dir`` is set: ``actor_start``,
+    ``engine_ready`` (model loaded, KV cache sized, warmed up), ``first_request`` (first row handed to the
+    engine), ``last_finish``; ``rows``, ``output_tokens``, and ``engine_busy_s`` (time with requests running:
+    the steady-state rate is ``output_tokens / engine_busy_s``)."""
+
+    def __init__(self, stats_dir: str | None) -> None:
+        self.path = Path(stats_dir) / f"engine-{os.getpid()}.json" if stats_dir else None
+        self.data: dict[str, Any] = dict(actor_start=time.time(), rows=0, output_tokens=0, engine_busy_s=0.0)
+        self._busy_since: float | None = None
+
+    def mark(self, name: str) -> None:
+        self.data[name] = time.time()
+
+    def busy(self, running: bool) -> None:
+        """Called by the engine loop: whether requests are in the engine now (its busy time adds up)."""
+        now = time.time()
+        if running and self._busy_since is None:
+            self._busy_since = now
+            self.data.setdefault("first_request", now)
+        elif not running and self._busy_since is not None:
+            self.data["engine_busy_s"] += now - self._busy_since
+            self._busy_since = None
+
+    def finished(self, out: Any) -> None:
+        self.data["rows"] += 1
+        self.data["output_tokens"] += len(out.token_ids)
+        self.data["last_finish"] = time.time()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        data = dict(self.data)
+        if self._busy_since is not None:  # a snapshot while running: count the time up to now
+            data["engine_busy_s"] += time.time() - self._busy_since
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.path)
 
 
 def _parse_json_row(text: Any) -> dict[str, Any]:
@@ -64,7 +107,9 @@ class _EngineHolder:
         torch_threads: int | None,
         max_in_flight: int | None,
         json_column: str | None = None,
+        stats_dir: str | None = None,
     ) -> None:
+        self.stats = _EngineStats(stats_dir)  # starts its clock: the actor's start-up is measured from here
         import torch
 
         from llmray.engine.llm import LLM
@@ -72,6 +117,7 @@ class _EngineHolder:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.llm = LLM(model_dir, loras=loras or None, **engine_kwargs)
+        self.stats.mark("engine_ready")
         self.defaults = defaults
         self.include_token_ids = include_token_ids
         self.max_in_flight = max_in_flight
@@ -128,9 +174,13 @@ class SyncEngineActor(_EngineHolder):
         prepared = self._prepare(batch.to_pylist())
         feed = ((i, p.prompt_ids, p.params, p.lora) for i, p in enumerate(prepared) if not isinstance(p, str))
         # generate_stream hands each output back under the caller's id: here the row index
-        outs: dict[Any, Any] = {
-            out.request_id: out for out in self.llm.generate_stream(feed, max_in_flight=self.max_in_flight)
-        }
+        outs: dict[Any, Any] = {}
+        self.stats.busy(True)
+        for out in self.llm.generate_stream(feed, max_in_flight=self.max_in_flight):
+            outs[out.request_id] = out
+            self.stats.finished(out)
+        self.stats.busy(False)
+        self.stats.write()
         return self._finish(batch, prepared, outs)
 
 
@@ -157,12 +207,17 @@ class StreamingEngineActor(_EngineHolder):
 
     # --- engine thread ------------------------------------------------------------------------
     def _source(self) -> Iterator[tuple | None]:
-        engine = self.llm.engine
+        engine, stats = self.llm.engine, self.stats
         while True:
+            running = engine.has_unfinished()
+            stats.busy(running)
             try:  # block while the engine is idle; never while requests are running
-                yield self._feed.get(block=not engine.has_unfinished(), timeout=0.5)
+                item = self._feed.get(block=not running, timeout=0.5)
             except queue.Empty:
                 yield None
+            else:
+                stats.busy(True)
+                yield item
 
     def _send(self, call_id: int, item: Any) -> None:
         with self._lock:
@@ -176,6 +231,7 @@ class StreamingEngineActor(_EngineHolder):
                 for out in self.llm.generate_stream(self._source(), max_in_flight=self.max_in_flight):
                     caller_id: Any = out.request_id  # generate_stream hands back our (call id, row) id
                     call_id, row = caller_id
+                    self.stats.finished(out)
                     self._send(call_id, (row, out))
             except Exception as e:  # a failed step: every batch waiting here fails, the engine carries on
                 while True:
@@ -210,6 +266,7 @@ class StreamingEngineActor(_EngineHolder):
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
+        self.stats.write()
         yield self._finish(batch, prepared, outs)
 
 
@@ -230,6 +287,7 @@ class Processor:
     include_token_ids: bool
     max_in_flight: int | None
     json_column: str | None = None
+    stats_dir: str | None = None
     preprocess: Callable[[dict], dict] | None = None
     postprocess: Callable[[dict], dict] | None = None
 
@@ -252,6 +310,7 @@ class Processor:
                 torch_threads=threads,
                 max_in_flight=self.max_in_flight,
                 json_column=self.json_column,
+                stats_dir=self.stats_dir,
             ),
             batch_size=self.batch_size,
             batch_format="pyarrow",
@@ -286,6 +345,7 @@ def build_processor(
     include_token_ids: bool = False,
     max_in_flight: int | None = None,
     json_column: str | None = None,
+    stats_dir: str | Path | None = None,
 ) -> Processor:
     """A processor for ``ray.data`` datasets: ``ds = build_processor(model_dir, ...)(ds)``.
 
@@ -298,6 +358,8 @@ def build_processor(
     before/after. ``max_in_flight`` bounds the requests in one engine (default 2 x max_num_seqs).
     ``json_column``: rows arrive as JSON object text in this column (heterogeneous JSONL rows, whose
     fields Arrow could not hold in one schema); a line that is no JSON object becomes an error row.
+    ``stats_dir``: each engine writes its timeline and totals there (``engine-<pid>.json``, local to the
+    node the actor runs on; see ``_EngineStats``).
     """
     if concurrency < 1 or batch_size < 1 or max_concurrent_batches < 1:
         raise ValueError("concurrency, batch_size and max_concurrent_batches must be >= 1")
@@ -326,6 +388,7 @@ def build_processor(
         include_token_ids=include_token_ids,
         max_in_flight=max_in_flight,
         json_column=json_column,
+        stats_dir=str(stats_dir) if stats_dir is not None else None,
         preprocess=preprocess,
         postprocess=postprocess,
     )
