@@ -11,7 +11,7 @@ Two parts:
    adapters, gradient checkpointing. Ray is not involved: the step is timed directly with CUDA events.
 
     python bench/finetune.py params --out bench/results/finetune_params.json
-    python bench/finetune.py gpu --out $OUT/finetune.json [--batch 8] [--steps 6]
+    python bench/finetune.py gpu --out $OUT/finetune.json [--batch 8] [--steps 6] [--runs A,B] [--profile A]
 """
 
 from __future__ import annotations
@@ -104,14 +104,23 @@ def bench_step(
     device: str,
     preset: str,
     impl: str = "ours",
+    graphs: bool = False,
+    profile: bool = False,
 ) -> dict:
-    """One configuration's step time and peak memory (``device="cpu"`` only checks the script runs)."""
+    """One configuration's step time and peak memory (``device="cpu"`` only checks the script runs).
+
+    The step is the harness's own (``llmray.train.harness.train_step``: bf16 autocast, clipping, fused
+    AdamW inside the timed step); ``graphs``: forward + backward replayed from a CUDA graph
+    (``llmray.train.graphs.StepGraphs``), as ``llmray finetune`` runs on one GPU."""
+    from llmray.train.graphs import StepGraphs
+    from llmray.train.harness import train_step
+
     device = torch.device(device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
     model, params = _build(mode, targets, r, kernels, device, preset, impl)
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=cuda or None)
     vocab = ModelConfig.preset(preset).vocab_size
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), device=device, generator=g)
@@ -119,16 +128,13 @@ def bench_step(
     weights_bytes = torch.cuda.memory_allocated() if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    sg = StepGraphs(model, params, device, dtype) if graphs and cuda else None
 
-    def step() -> float:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = model(ids, targets=tgt)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    def step() -> torch.Tensor:
+        return train_step(model, [(ids, tgt)], 1, opt, params, device, dtype, 1.0, graphs=sg)[0]
 
-    for _ in range(2):  # warm-up (optimizer state allocated, kernels compiled)
+    for _ in range(4):  # warm-up (optimizer state allocated, kernels compiled, graph captured)
         step()
     if cuda:
         torch.cuda.synchronize()
@@ -150,6 +156,7 @@ def bench_step(
         "targets": None if mode == "full" else targets,
         "r": None if mode == "full" else r,
         "kernels": kernels,
+        "cuda_graphs": sg is not None and sg.replays > 0,
         "batch": batch,
         "seq_len": seq,
         "step_ms": round(ms, 2),
@@ -161,6 +168,8 @@ def bench_step(
         "gradient_checkpointing": mode == "qlora",
         "final_loss": round(float(loss.detach()), 4),
     }
+    if profile and cuda:
+        row["profile"] = _profile(step)
     if mode != "full":
         with tempfile.TemporaryDirectory() as tmp:
             save = lora_layers.save_adapter if impl == "ours" else lora.save_adapter
@@ -169,39 +178,75 @@ def bench_step(
     return row
 
 
+def _profile(step, n: int = 2) -> dict:
+    """GPU kernel time per step (summed) against wall time, and the 12 costliest kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) * 1e3 / n
+    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) is not None
+               and "CUDA" in str(e.device_type)]  # fmt: skip
+    busy = sum(e.self_device_time_total for e in kernels) / 1e3 / n
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+    return {
+        "wall_ms_per_step_profiled": round(wall, 2),
+        "gpu_kernel_ms_per_step": round(busy, 2),
+        "kernels_per_step": sum(e.count for e in kernels) // n,
+        "top": [[e.key[:90], e.count // n, round(e.self_device_time_total / 1e3 / n, 3)] for e in top],
+    }
+
+
+RUNS = {  # name -> (mode, targets, r, lora_impl, cuda graphs)
+    "full": ("full", "", 0, "-", False),
+    "full+graphs": ("full", "", 0, "-", True),
+    "ours/attn/r8": ("lora", "attn", 8, "ours", False),
+    "ours/attn/r8+graphs": ("lora", "attn", 8, "ours", True),
+    "ours/all-linear/r16": ("lora", "all-linear", 16, "ours", False),
+    "ours/all-linear/r16+graphs": ("lora", "all-linear", 16, "ours", True),
+    "peft/attn/r8": ("lora", "attn", 8, "peft", False),
+    "peft/all-linear/r16": ("lora", "all-linear", 16, "peft", False),
+    "peft/attn/r8+graphs": ("lora", "attn", 8, "peft", True),
+    "peft/all-linear/r16+graphs": ("lora", "all-linear", 16, "peft", True),
+    "qlora/ours/all-linear/r16": ("qlora", "all-linear", 16, "ours", False),
+}
+DEFAULT_RUNS = ("full+graphs,ours/attn/r8+graphs,ours/all-linear/r16+graphs,qlora/ours/all-linear/r16,full,"
+                "peft/attn/r8,peft/all-linear/r16,ours/attn/r8,ours/all-linear/r16")  # fmt: skip
+
+
 def bench_gpu(args: argparse.Namespace) -> dict:
-    runs = [  # (mode, targets, r, lora_impl)
-        ("full", "", 0, "-"),
-        ("lora", "attn", 8, "ours"),
-        ("lora", "attn", 8, "peft"),
-        ("lora", "all-linear", 16, "ours"),
-        ("lora", "all-linear", 16, "peft"),
-        ("qlora", "all-linear", 16, "ours"),
-    ]
     result = {
         "preset": args.preset,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": " ".join(sys.argv),
-        "runs": [],
+        "runs": {},
         "errors": [],
     }
     details = Path(args.out).with_name(Path(args.out).stem + "_details.json")
-    for mode, targets, r, impl in runs:
+    profiled = set(args.profile.split(",")) if args.profile else set()
+    for name in args.runs.split(","):
+        mode, targets, r, impl, graphs = RUNS[name]
+        t = time.perf_counter()
         try:
-            row = bench_step(
-                mode, targets, r, args.batch, args.seq_len, args.steps, "auto", args.device, args.preset, impl
-            )
+            row = bench_step(mode, targets, r, args.batch, args.seq_len, args.steps, "auto", args.device,
+                             args.preset, impl, graphs, profile=name in profiled)  # fmt: skip
         except Exception as e:  # recorded in the result; the other runs go on
-            result["errors"].append({"mode": mode, "targets": targets, "lora_impl": impl, "error": repr(e)[:400],
-                                     "trace": traceback.format_exc()[-1200:]})  # fmt: skip
-            print(f"{mode} {targets} {impl} failed: {e!r}", flush=True)
+            result["errors"].append(
+                {"run": name, "error": repr(e)[:400], "trace": traceback.format_exc()[-1500:]}
+            )
+            print(f"{name} failed: {e!r}", flush=True)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
             continue
-        result["runs"].append(row)
-        print(json.dumps(row), flush=True)
+        row["bench_s"] = round(time.perf_counter() - t, 1)
+        result["runs"][name] = row
+        print(name, json.dumps(row), flush=True)
         _summarise(result)
         details.write_text(json.dumps(result, indent=2))  # after each run: a timeout keeps the rest
         keys = ("device", "lora_attn_r8_over_full", "lora_all_linear_r16_over_full", "qlora_mem_over_full")
@@ -210,27 +255,31 @@ def bench_gpu(args: argparse.Namespace) -> dict:
 
 
 def _summarise(result: dict) -> None:
-    by = {(r["mode"], r["targets"], r.get("lora_impl")): r for r in result["runs"]}
-    full = by.get(("full", None, None))
-    if full is None:
-        return
+    """Each LoRA run against full fine-tuning run the same way (CUDA graphs or eager); the issue's keys
+    from llmray's default (our layers, graphs on one GPU; eager where the graph run is missing)."""
+    runs = result["runs"]
     summary = {}
-    for (mode, targets, impl), row in by.items():
-        if mode == "full":
+    for name, row in runs.items():
+        if row["mode"] == "full":
             continue
-        summary[f"{mode}/{targets}/r{row['r']}/{impl}"] = {
+        full = runs.get("full+graphs" if name.endswith("+graphs") else "full")
+        if full is None:
+            continue
+        summary[name] = {
+            "tokens_per_s_vs_full": round(row["tokens_per_s"] / full["tokens_per_s"], 3),
             "peak_mem_vs_full": round(row["peak_mem_gib"] / full["peak_mem_gib"], 3)
             if full["peak_mem_gib"]
             else None,
-            "tokens_per_s_vs_full": round(row["tokens_per_s"] / full["tokens_per_s"], 3),
         }
     result["summary"] = summary
-    for key, name in (("lora_attn_r8_over_full", "lora/attn/r8/ours"),
-                      ("lora_all_linear_r16_over_full", "lora/all-linear/r16/ours")):  # fmt: skip
-        if name in summary:
-            result[key] = summary[name]["tokens_per_s_vs_full"]
-    if "qlora/all-linear/r16/ours" in summary:
-        result["qlora_mem_over_full"] = summary["qlora/all-linear/r16/ours"]["peak_mem_vs_full"]
+    for key, name in (("lora_attn_r8_over_full", "ours/attn/r8"),
+                      ("lora_all_linear_r16_over_full", "ours/all-linear/r16")):  # fmt: skip
+        for n in (name + "+graphs", name):
+            if n in summary:
+                result[key] = summary[n]["tokens_per_s_vs_full"]
+                break
+    if "qlora/ours/all-linear/r16" in summary:
+        result["qlora_mem_over_full"] = summary["qlora/ours/all-linear/r16"]["peak_mem_vs_full"]
 
 
 def main() -> None:
@@ -240,6 +289,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--runs", default=DEFAULT_RUNS, help=f"gpu part: comma-separated, of {', '.join(RUNS)}")
+    ap.add_argument("--profile", default="", help="gpu part: runs to profile (GPU kernel time vs wall)")
     ap.add_argument("--preset", default=PRESET, help="gpu part only (tiny + --device cpu: a dry run)")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
@@ -251,7 +302,8 @@ def main() -> None:
     else:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit("the gpu part needs CUDA (or --device cpu --preset tiny for a dry run)")
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        if "+graphs" not in args.runs:  # graph capture keeps to the default allocator settings
+            os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         bench_gpu(args)
     print(f"done in {time.time() - t0:.1f}s -> {args.out}", flush=True)
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from llmray.train.graphs import StepGraphs
 
 PRECISIONS = ("auto", "bf16", "fp32")
 IGNORE = -100
@@ -51,25 +54,31 @@ def train_step(
     grad_clip: float,
     before_backward: Callable[[int], contextlib.AbstractContextManager] | None = None,
     after_backward: Callable[[], None] | None = None,
+    graphs: StepGraphs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over ``n_micro`` micro-batches of (ids, targets): mean loss and gradient norm.
 
     ``before_backward(i)`` wraps micro-batch i's forward + backward (DDP's ``no_sync`` / FSDP's gradient
-    sync switch); ``after_backward()`` runs before clipping (the LoRA gradient all-reduce).
+    sync switch); ``after_backward()`` runs before clipping (the LoRA gradient all-reduce). With
+    ``graphs`` (``llmray.train.graphs.StepGraphs`` over the same forward) each micro-batch's forward +
+    backward replays a CUDA graph, and gradients are zeroed in place instead of freed.
     """
     loss_sum = torch.zeros((), device=device)
     for i, (ids, targets) in enumerate(micro_batches):
         ctx = before_backward(i) if before_backward is not None else contextlib.nullcontext()
         with ctx:
-            with autocast(device, dtype):
-                loss = forward(ids, targets=targets) / n_micro
-            loss.backward()
+            if graphs is not None:
+                loss = graphs.fwd_bwd(ids, targets, n_micro)
+            else:
+                with autocast(device, dtype):
+                    loss = forward(ids, targets=targets) / n_micro
+                loss.backward()
         loss_sum += loss.detach()
     if after_backward is not None:
         after_backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=graphs is None)
     return loss_sum, grad_norm
 
 

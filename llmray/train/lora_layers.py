@@ -48,28 +48,84 @@ def _dequantize(base: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
     return w if w.dtype == dtype else w.to(dtype)
 
 
-class _LoraFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, a, b, base: nn.Linear, scale: float):  # x (N, in), a (r, in), b (out, r)
-        w = _dequantize(base, x.dtype)
-        h = x @ a.t()  # (N, r): the shrink
-        y = torch.addmm(x @ w.t(), h, b.t(), alpha=scale)  # base + expand in one accumulate
-        ctx.save_for_backward(x, a, b, h)
-        ctx.base, ctx.scale = base, scale
-        return y
+class _LoraGroupFn(torch.autograd.Function):
+    """y_i = x W_i^T + s (x A_i^T) B_i^T for the layers i that read one x: one shrink, one autograd node."""
 
     @staticmethod
-    def backward(ctx, dy):
-        x, a, b, h = ctx.saved_tensors
-        dy = dy.to(x.dtype)
-        dh = (dy @ b) * ctx.scale  # (N, r)
+    def forward(ctx, x, scale: float, bases: tuple, ranks: list[int], *ab):
+        # x (N, in) in the compute dtype; ab = (A_1, B_1, A_2, B_2, ...): fp32 A_i (r_i, in), B_i (out_i, r_i)
+        dt = x.dtype
+        a = (torch.cat(ab[0::2]) if len(bases) > 1 else ab[0]).to(dt)  # (R, in), R = sum r_i
+        sbs = [(b * scale).to(dt) for b in ab[1::2]]  # s B_i (out_i, r_i)
+        h = x @ a.t()  # (N, R): the shrink of every layer at once
+        ys = []
+        for base, sb, hi in zip(bases, sbs, h.split(ranks, dim=1), strict=True):
+            y = x @ _dequantize(base, dt).t()
+            ys.append(y.addmm_(hi, sb.t()))  # base + expand, accumulated in place
+        ctx.save_for_backward(x, a, h, *sbs)
+        ctx.bases, ctx.scale, ctx.ranks = bases, scale, ranks
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x, a, h, *sbs = ctx.saved_tensors
+        dys = [dy.to(x.dtype) for dy in dys]
+        dh = (
+            torch.cat([dy @ sb for dy, sb in zip(dys, sbs, strict=True)], 1)
+            if len(dys) > 1
+            else dys[0] @ sbs[0]
+        )
         dx = None
         if ctx.needs_input_grad[0]:
-            w = _dequantize(ctx.base, x.dtype)
-            dx = torch.addmm(dy @ w, dh, a)
-        da = dh.t() @ x if ctx.needs_input_grad[1] else None
-        db = (dy.t() @ h) * ctx.scale if ctx.needs_input_grad[2] else None
-        return dx, da, db, None, None
+            for base, dy in zip(ctx.bases, dys, strict=True):
+                w = _dequantize(base, x.dtype)
+                dx = dy @ w if dx is None else dx.addmm_(dy, w)
+            dx.addmm_(dh, a)
+        grads: list[torch.Tensor | None] = []
+        das = (dh.t() @ x).float().split(ctx.ranks) if any(ctx.needs_input_grad[4::2]) else None
+        for i, (dy, hi) in enumerate(zip(dys, h.split(ctx.ranks, dim=1), strict=True)):
+            grads.append(das[i] if das is not None else None)
+            grads.append((dy.t() @ hi).float().mul_(ctx.scale) if ctx.needs_input_grad[5 + 2 * i] else None)
+        return dx, None, None, None, *grads
+
+
+class _Group:
+    """Sibling LoRA layers that read one input (q/k/v, gate/up): the first call computes every member's
+    output in one ``_LoraGroupFn`` (one shrink GEMM for all), the siblings' calls with the same input
+    tensor take theirs. A call with another input while outputs are pending means the siblings do not
+    share their input: the group is switched off and each layer computes alone from then on."""
+
+    def __init__(self, members: list[LoraLinear]) -> None:
+        self.members = members
+        self.shared = True
+        self._x: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def output(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+        if not self.shared:
+            return _run([member], x)[0]
+        if self._x is not x or id(member) not in self._pending:
+            if self._pending:  # a sibling's output was never taken: not one shared input
+                self.shared, self._x, self._pending = False, None, {}
+                return _run([member], x)[0]
+            self._x = x
+            self._pending = dict(zip((id(m) for m in self.members), _run(self.members, x), strict=True))
+        y = self._pending.pop(id(member))
+        if not self._pending:
+            self._x = None
+        return y
+
+
+def _run(members: list[LoraLinear], x: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of ``members`` (one scale, one input x (..., in)) through one autograd node."""
+    shape, dev = x.shape, x.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    x2 = x.reshape(-1, shape[-1]).to(dt)
+    ab = [t for m in members for t in (m.lora_A, m.lora_B)]
+    bases = tuple(m.base_layer for m in members)
+    with torch.autocast(dev, enabled=False):
+        ys = _LoraGroupFn.apply(x2, members[0].scale, bases, [m.r for m in members], *ab)
+    return [y.view(*shape[:-1], m.out_features) for y, m in zip(ys, members, strict=True)]
 
 
 class LoraLinear(nn.Module):
@@ -89,19 +145,22 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's default initialisation
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.group: _Group | None = None  # siblings sharing this layer's input (set by apply_lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        x2 = x.reshape(-1, shape[-1]).to(dt)
         if self.dropout is not None and self.training:  # dropout on the adapter's input only: unfused
+            shape, dev = x.shape, x.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            x2 = x.reshape(-1, shape[-1]).to(dt)
             y = nn.functional.linear(x2, _dequantize(self.base_layer, dt))
             lora = self.dropout(x2) @ self.lora_A.to(dt).t() @ self.lora_B.to(dt).t()
             return (y + self.scale * lora).view(*shape[:-1], -1)
-        with torch.autocast(dev, enabled=False):
-            y = _LoraFn.apply(x2, self.lora_A.to(dt), self.lora_B.to(dt), self.base_layer, self.scale)
-        return y.view(*shape[:-1], self.out_features)
+        if self.group is not None:
+            return self.group.output(self, x)
+        return _run([self], x)[0]
+
+
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # Qwen3's layers that share an input
 
 
 def apply_lora(model: M, cfg: LoraConfig) -> M:
@@ -114,9 +173,18 @@ def apply_lora(model: M, cfg: LoraConfig) -> M:
     unknown = [n for n in names if n not in present]
     if unknown:
         raise ValueError(f"LoRA targets {unknown} name no linear layer; the model has {sorted(present)}")
+    parents: dict[str, nn.Module] = {}
     for name, mod in targets:
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+        parents[parent_name] = parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, name.rsplit(".", 1)[-1], LoraLinear(mod, cfg.r, cfg.alpha, cfg.dropout))
+    for parent in parents.values():
+        for names in GROUPS:
+            members = [m for n in names if isinstance(m := getattr(parent, n, None), LoraLinear)]
+            if len(members) > 1:
+                group = _Group(members)
+                for m in members:
+                    m.group = group
     model.lora_config = cfg  # type: ignore[assignment]  # a plain attribute (for save_adapter): nn.Module's __setattr__ is typed for tensors and modules only
     return model
 

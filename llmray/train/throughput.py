@@ -18,7 +18,7 @@ import torch
 from llmray.config import ModelConfig
 from llmray.train.metrics import mfu
 
-VARIANTS = [("torch", "blocks"), ("triton", "none"), ("triton", "blocks")]  # (kernels, compile)
+VARIANTS = [("torch", "blocks"), ("triton", "graphs"), ("triton", "none")]  # (kernels, compile | graphs)
 
 
 def measure(
@@ -30,10 +30,13 @@ def measure(
     clipping, the optimizer step inside the timed step). ``compile_mode="blocks"`` compiles each decoder
     block (one graph reused by all 28); for the torch ops the loss (logits + cross-entropy) is compiled too,
     so the torch.compile-only baseline fuses its loss as a whole-model compile would.
+    ``compile_mode="graphs"``: no compile; forward + backward replayed from a CUDA graph
+    (``llmray.train.graphs.StepGraphs``), as ``llmray pretrain`` runs on one GPU.
     """
     from llmray.kernels.reference import linear_cross_entropy_ref
     from llmray.model.qwen3 import Qwen3ForCausalLM
     from llmray.train.fsdp import compile_blocks
+    from llmray.train.graphs import StepGraphs
     from llmray.train.harness import train_step
     from llmray.train.loop import build_optimizer
 
@@ -50,12 +53,14 @@ def measure(
     params = list(model.parameters())
     x = torch.randint(0, mc.vocab_size, (bsz, seq + 1), device=device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    graphs = StepGraphs(model, params, torch.device(device), dtype) if compile_mode == "graphs" else None
 
     def step():
-        return train_step(model, [(x[:, :-1], x[:, 1:])], 1, opt, params, torch.device(device), dtype, 1.0)[0]
+        batch = [(x[:, :-1], x[:, 1:])]
+        return train_step(model, batch, 1, opt, params, torch.device(device), dtype, 1.0, graphs=graphs)[0]
 
     t = time.perf_counter()
-    for _ in range(3):
+    for _ in range(4 if graphs is not None else 3):
         step()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
@@ -77,6 +82,7 @@ def measure(
         "tokens_per_s": tok_s, "mfu": mfu(tok_s, mc, seq), "step_s": s_per_step,
         "warmup_s_incl_compile": warm, "loss": float(loss),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
+        "graph_replays": graphs.replays if graphs is not None else None,
     }  # fmt: skip
 
 
@@ -89,7 +95,7 @@ def throughput_worker(config: dict[str, Any]) -> None:
     mc = ModelConfig.preset(config["preset"])
     res: dict[str, dict[str, Any] | str] = {}  # variant -> measurements or its failure
     for kernels, comp in VARIANTS:
-        name = f"{kernels}{'+compile_blocks' if comp != 'none' else ''}"
+        name = kernels + {"none": "", "blocks": "+compile_blocks", "graphs": "+cuda_graphs"}[comp]
         try:
             res[name] = measure(mc, kernels, comp, config["bsz"], config["seq"], device)
         except Exception as e:  # report, keep the other variants
