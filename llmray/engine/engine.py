@@ -18,7 +18,7 @@ from llmray.engine.outputs import RequestOutput
 from llmray.engine.runner import ModelRunner, PendingStep
 from llmray.engine.sampling_params import SamplingParams
 from llmray.engine.scheduler import Scheduler, SchedulerOutput
-from llmray.engine.sequence import PLACEHOLDER, Sequence
+from llmray.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from llmray.engine.structured.spec import StructuredOutput
 from llmray.lora.adapter import LoraAdapter
 
@@ -212,7 +212,7 @@ class LLMEngine:
         return out
 
     def _release(self, seq: Sequence) -> None:
-        self.runner.sampler.release(seq)
+        self.runner.release(seq)
         if seq.lora_slot >= 0:
             assert self.lora is not None, "a sequence holds a LoRA slot only when adapters are served"
             self.lora.release(seq.lora_slot)
@@ -303,37 +303,45 @@ class LLMEngine:
         if not sched.scheduled:
             return None
         bm = self.scheduler.block_manager
-        self.peak_blocks_used = max(self.peak_blocks_used, bm.num_blocks - bm.num_free_blocks)
+        self.peak_blocks_used = max(
+            self.peak_blocks_used, bm.num_blocks - len(bm.free_empty) - len(bm.free_cached)
+        )
         pending = self.runner.launch(sched.scheduled)
         self.scheduler.advance(sched)
         slots = []
         for seq in pending.seqs:
-            seq.append_token(PLACEHOLDER)
-            slots.append(seq.num_tokens - 1)
+            tokens = seq.token_ids
+            slots.append(len(tokens))
+            tokens.append(PLACEHOLDER)
         return _Step(sched, pending, slots)
 
     def _read_back(self, step: _Step) -> list[RequestOutput]:
-        sampled = self.runner.collect(step.pending)
+        pending = step.pending
+        tokens, lps = self.runner.collect(pending)
+        failed = pending.failed
+        requests = self.requests
+        delta, stream = self.delta_outputs, self.stream_outputs
         outputs: list[Any] = []  # RequestOutputs, or (id, token, finish, stop, logprobs) when delta_outputs
-        for st, slot in zip(sampled, step.slots, strict=True):
-            seq = step.sched.scheduled[st.seq_index].seq
-            if seq.is_finished:
+        known = 0
+        for r, (seq, slot, token) in enumerate(zip(pending.seqs, step.slots, tokens, strict=True)):
+            if seq.status is SequenceStatus.FINISHED:
                 continue  # aborted, or finished by an earlier token: a speculative token, discarded
-            if st.error is not None:
+            if failed and r in failed:
                 del seq.token_ids[slot:]
-                self._fail_request(seq, st.error)
+                self._fail_request(seq, failed[r])
                 outputs.extend(self._failed_outputs)
                 self._failed_outputs = []
                 continue
-            seq.token_ids[slot] = st.token_id
-            req = self.requests[seq.request_id]
+            seq.token_ids[slot] = token
+            req = requests[seq.request_id]
             req.num_known += 1
-            self.generation_tokens_total += 1
-            if req.logprobs is not None and st.logprobs is not None:
-                req.logprobs.append(st.logprobs)
+            known += 1
+            lp = lps[r] if lps is not None else None
+            if req.logprobs is not None and lp is not None:
+                req.logprobs.append(lp)
             try:
-                done = self._check_constraint(seq, st.token_id) if seq.constraint is not None else None
-                reason = self._check_stop(req, st.token_id) or done
+                done = self._check_constraint(seq, token) if seq.constraint is not None else None
+                reason = self._check_stop(req, token) or done
             except Exception as e:  # this request's stop check or constraint broke: it fails alone
                 del seq.token_ids[slot + 1 :]
                 self._fail_request(seq, f"processing its output failed: {e!r}")
@@ -344,11 +352,12 @@ class LLMEngine:
                 del seq.token_ids[slot + 1 :]  # a token sampled after this one is in flight: drop it
                 self.scheduler.finish(seq, reason)
                 self._release(seq)
-                del self.requests[seq.request_id]
-            if self.delta_outputs:
-                outputs.append((seq.request_id, st.token_id, reason, req.stop_reason, st.logprobs))
-            elif reason is not None or self.stream_outputs:
+                del requests[seq.request_id]
+            if delta:
+                outputs.append((seq.request_id, token, reason, req.stop_reason, lp))
+            elif reason is not None or stream:
                 outputs.append(self._output(req))
+        self.generation_tokens_total += known
         self.scheduler.cache_blocks(step.sched)
         return outputs
 
@@ -361,19 +370,20 @@ class LLMEngine:
         return "stop" if constraint.is_terminated() else None
 
     def _check_stop(self, req: _RequestState, token: int) -> str | None:
-        p = req.seq.sampling_params
+        seq = req.seq
+        p = seq.sampling_params
         n = req.num_known
-        stop_str = req.detok.update([token]) if self.tokenizer is not None and req.detok is not None else None
+        stop_str = req.detok.update([token]) if req.detok is not None and self.tokenizer is not None else None
         if n >= p.min_tokens:
-            if token in p.stop_token_ids:
+            if p.stop_token_ids and token in p.stop_token_ids:
                 req.stop_reason = token
                 return "stop"
-            if not p.ignore_eos and token == self.eos_token_id:
+            if token == self.eos_token_id and not p.ignore_eos:
                 return "stop"
             if stop_str is not None:
                 req.stop_reason = stop_str
                 return "stop"
-        if n >= p.max_tokens or req.seq.num_prompt_tokens + n >= self.max_model_len:
+        if n >= p.max_tokens or len(seq.prompt_token_ids) + n >= self.max_model_len:
             return "length"
         return None
 

@@ -44,14 +44,6 @@ class PendingStep:
     ready: torch.cuda.Event | None = None
 
 
-@dataclass
-class SampledToken:
-    seq_index: int  # index into the scheduled list
-    token_id: int
-    logprobs: dict[int, float] | None  # chosen token + top-n, or None if not requested
-    error: str | None = None  # this request failed in this step (its token is meaningless)
-
-
 class ModelRunner:
     def __init__(
         self, model, config: EngineConfig, max_model_len: int, eos_token_id: int | None, lora=None
@@ -80,11 +72,12 @@ class ModelRunner:
             self.device, capacity, config.block_size, self.block_m, self.max_blocks_per_seq
         )
         self.sampler = Sampler(self.device, config.seed)
-        self.prev_tokens = torch.zeros(seqs, dtype=torch.long, device=self.device)  # last step's samples
-        self._prev_rows: dict[int, int] = {}  # seq_id -> its row in prev_tokens
+        # the latest launch's samples; seq.sample_row is each sampling sequence's row here
+        self.prev_tokens = torch.zeros(seqs, dtype=torch.long, device=self.device)
         self._out_bufs = [
             torch.zeros(seqs, dtype=torch.long, pin_memory=self.is_cuda) for _ in range(2)
         ]  # pinned landing buffers of the sampled tokens (CUDA)
+        self._lp_bufs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]  # ... of logprobs
         self._out_turn = 0
         self._cuda_graphs: CudaGraphs | None = None
         self.graphs: dict = {}
@@ -112,6 +105,11 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         return self.cache.block_bytes
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished sequence's sampler state and block-table row."""
+        self.sampler.release(seq)
+        self.inputs.rows.release(seq)
 
     def _splits(self, rows: int) -> int:
         if not self.is_cuda:
@@ -171,7 +169,7 @@ class ModelRunner:
         graphs = self._cuda_graphs
         pick = graphs.pick(num_tokens, len(items), all_decode) if graphs is not None else None
         layout = graphs.layout(*pick) if graphs is not None and pick is not None else None
-        batch = self.inputs.build(items, sample_rows, layout, self._prev_rows, self.lora_batch is not None)
+        batch = self.inputs.build(items, sample_rows, layout, self.lora_batch is not None)
         if graphs is not None and pick is not None:
             hidden = graphs.replay(pick[0], pick[1], use_lora, batch.tables)
         else:
@@ -191,21 +189,26 @@ class ModelRunner:
         """Queue one step on the device (no host sync). Inputs whose token id is a placeholder (-1) take the
         token sampled for that sequence by the previous launch, on the device."""
         # one-token (decode) chunks first; rows of one LoRA adapter next to each other (one A/B read per tile)
-        order = sorted(
-            range(len(scheduled)),
-            key=lambda i: (scheduled[i].num_new_tokens != 1, scheduled[i].seq.lora_slot),
-        )
-        items = [scheduled[i] for i in order]
+        later = [it.num_new_tokens != 1 for it in scheduled]
+        if self.lora_batch is None and later == sorted(later):  # the scheduler's order already (the norm)
+            order: list[int] | range = range(len(scheduled))
+            items = scheduled
+        else:
+            order = sorted(range(len(scheduled)), key=lambda i: (later[i], scheduled[i].seq.lora_slot))
+            items = [scheduled[i] for i in order]
         sample_rows = [j for j, it in enumerate(items) if it.samples]
         batch, hidden = self._run_model(items, sample_rows)
         seqs = [items[j].seq for j in sample_rows]
-        pending = PendingStep([order[j] for j in sample_rows], seqs, None)
+        pending = PendingStep(
+            sample_rows if items is scheduled else [order[j] for j in sample_rows], seqs, None
+        )
         if seqs:
             logits = self.model.compute_logits(hidden[batch.last])  # (R, V) fp32
             bitmask = self._constraint_bitmask(seqs, pending.failed)
             pending.out = out = self._sample(logits, seqs, bitmask, pending.failed)
             self.prev_tokens[: len(seqs)].copy_(out.token_ids)
-            self._prev_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
+            for r, seq in enumerate(seqs):
+                seq.sample_row = r
             if self.is_cuda:
                 self._copy_out(pending)
         return pending
@@ -220,10 +223,17 @@ class ModelRunner:
         host.token_ids.copy_(out.token_ids, non_blocking=True)
         if out.logprobs is not None:
             assert out.logprob_ids is not None, "the sampler sets logprobs and logprob_ids together"
-            host.logprobs = torch.empty(out.logprobs.shape, dtype=out.logprobs.dtype, pin_memory=True)
-            host.logprob_ids = torch.empty(
-                out.logprob_ids.shape, dtype=out.logprob_ids.dtype, pin_memory=True
-            )
+            rows, width = out.logprobs.shape
+            bufs = self._lp_bufs[self._out_turn]
+            if bufs is None or bufs[0].numel() < rows * width:  # persistent, grown to the largest step seen
+                size = self._out_bufs[0].shape[0] * width
+                bufs = (
+                    torch.empty(size, dtype=out.logprobs.dtype, pin_memory=True),
+                    torch.empty(size, dtype=out.logprob_ids.dtype, pin_memory=True),
+                )
+                self._lp_bufs[self._out_turn] = bufs
+            host.logprobs = bufs[0][: rows * width].view(rows, width)  # contiguous: a true async copy
+            host.logprob_ids = bufs[1][: rows * width].view(rows, width)
             host.logprobs.copy_(out.logprobs, non_blocking=True)
             host.logprob_ids.copy_(out.logprob_ids, non_blocking=True)
         pending.host, pending.ready = host, torch.cuda.Event()
@@ -279,30 +289,33 @@ class ModelRunner:
                 full.logprobs[idx], full.logprob_ids[idx] = out.logprobs, out.logprob_ids
             return full
 
-    def collect(self, pending: PendingStep) -> list[SampledToken]:
-        """Wait for a launched step and read its sampled tokens: the step's single host sync."""
+    def collect(self, pending: PendingStep) -> tuple[list[int], list[dict[int, float] | None] | None]:
+        """Wait for a launched step and read its sampled tokens: the step's single host sync.
+
+        Returns the token of each sampling row (``pending.seqs`` order; rows in ``pending.failed`` carry a
+        meaningless token) and, if any row asked for logprobs, each row's {token: logprob} (chosen + top-n)."""
         out = pending.out
         if out is None:
-            return []
+            return [], None
         if pending.ready is not None:
             pending.ready.synchronize()
             assert pending.host is not None, "_copy_out sets host and ready together"
             out = pending.host
         tokens = out.token_ids.tolist()
-        lp_vals: list[list[float]] | None = None
-        lp_ids: list[list[int]] | None = None
-        if out.logprobs is not None:
-            assert out.logprob_ids is not None, "the sampler sets logprobs and logprob_ids together"
-            lp_vals, lp_ids = out.logprobs.tolist(), out.logprob_ids.tolist()
-        result = []
-        for r, (index, seq) in enumerate(zip(pending.indices, pending.seqs, strict=True)):
+        if out.logprobs is None:
+            return tokens, None
+        assert out.logprob_ids is not None, "the sampler sets logprobs and logprob_ids together"
+        lp_vals, lp_ids = out.logprobs.tolist(), out.logprob_ids.tolist()
+        lps: list[dict[int, float] | None] = []
+        for r, seq in enumerate(pending.seqs):
             n = seq.sampling_params.logprobs
-            lps = None
-            if n is not None and lp_vals is not None and lp_ids is not None:
-                lps = {lp_ids[r][0]: lp_vals[r][0]}
-                lps.update(zip(lp_ids[r][1 : n + 1], lp_vals[r][1 : n + 1], strict=True))
-            result.append(SampledToken(index, tokens[r], lps, pending.failed.get(r)))
-        return result
+            if n is None:
+                lps.append(None)
+                continue
+            d = {lp_ids[r][0]: lp_vals[r][0]}
+            d.update(zip(lp_ids[r][1 : n + 1], lp_vals[r][1 : n + 1], strict=True))
+            lps.append(d)
+        return tokens, lps
 
 
 def _row(bitmask: torch.Tensor | None, rows) -> torch.Tensor | None:

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from llmray.engine.pinned import Stager
 from llmray.engine.sequence import Sequence
+
+_NP = {torch.float32: np.float32, torch.long: np.int64, torch.bool: np.bool_}
 
 
 @dataclass
@@ -46,23 +49,18 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seq_generators: dict[int, torch.Generator] = {}  # seq_id -> its own generator (seeded requests)
-        self.pin_memory = True  # stage per-step parameters through pinned host memory
+        # per-step parameters go through persistent pinned arenas (a pageable copy or a fresh pinned
+        # allocation would stall the host while the previous step runs: see pinned.py)
+        self.stager = Stager(device)
 
     def release(self, seq: Sequence) -> None:
         self.seq_generators.pop(seq.seq_id, None)
 
-    def _from_cpu(self, t: torch.Tensor) -> torch.Tensor:
-        # pinned (PyTorch's caching host allocator): a pageable copy would wait for the device to go idle,
-        # which defeats launching the next step while this one runs
-        if self.device.type == "cuda" and self.pin_memory:
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
-
     def _tensor(self, values: list | tuple, dtype: torch.dtype) -> torch.Tensor:
-        return self._from_cpu(torch.tensor(values, dtype=dtype))
+        return self.stager.to_device(values, _NP[dtype])
 
     def _from_numpy(self, a: np.ndarray) -> torch.Tensor:
-        return self._from_cpu(torch.from_numpy(a))
+        return self.stager.to_device(a)
 
     def __call__(
         self,
@@ -73,6 +71,19 @@ class Sampler:
     ) -> SamplerOutput:
         """logits (B, V) fp32, one row per sequence that samples this step; bitmask int32 (B, ceil(V/32)) on
         the device (bit t%32 of word t//32 = token t allowed) for steps with constrained rows."""
+        self.stager.begin_step()
+        try:
+            return self._call(logits, seqs, eos_token_id, bitmask)
+        finally:
+            self.stager.end_step()
+
+    def _call(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        eos_token_id: int | None,
+        bitmask: torch.Tensor | None,
+    ) -> SamplerOutput:
         params = [s.sampling_params for s in seqs]
         bsz, vocab = logits.shape
         n_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)

@@ -125,15 +125,25 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
         taken: set[int] = set()
-        order = sorted(self.running, key=lambda s: (not s.is_decoding, s.seq_id))  # decodes first
+        bs = bm.block_size
+        running = SequenceStatus.RUNNING
+        # decodes first, each group by arrival
+        order = sorted(self.running, key=lambda s: (len(s.token_ids) - s.num_computed_tokens != 1, s.seq_id))
         for seq in order:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not running:
                 continue  # preempted earlier in this loop
-            if seq.num_output_tokens >= seq.sampling_params.max_tokens:
+            ntok = len(seq.token_ids)
+            if ntok - len(seq.prompt_token_ids) >= seq.sampling_params.max_tokens:
                 continue  # its last token is still in flight: it finishes when that step is read back
-            n = min(seq.num_uncomputed_tokens, budget)
+            computed = seq.num_computed_tokens
+            n = min(ntok - computed, budget)
+            if computed + n <= len(seq.block_table) * bs:  # the common decode step: no new block
+                scheduled.append(ScheduledSeq(seq, n, computed))
+                taken.add(seq.seq_id)
+                budget -= n
+                continue
             while not bm.can_append(seq, n):
                 others = [s for s in self.running if s.seq_id not in taken and s is not seq]
                 victim = max(others, key=lambda s: s.seq_id) if others else seq
@@ -170,15 +180,22 @@ class Scheduler:
 
     def advance(self, out: SchedulerOutput) -> None:
         """Once a step is launched: its tokens count as computed (the next schedule starts after them)."""
+        running = SequenceStatus.RUNNING
         for item in out.scheduled:
-            if item.seq.status is SequenceStatus.RUNNING:
+            if item.seq.status is running:
                 item.seq.num_computed_tokens = item.start + item.num_new_tokens
 
     def cache_blocks(self, out: SchedulerOutput) -> None:
         """Once a step's sampled tokens are known: register the blocks that filled up in the prefix cache."""
+        bm = self.block_manager
+        if not bm.enable_prefix_caching:
+            return
+        bs, running = bm.block_size, SequenceStatus.RUNNING
         for item in out.scheduled:
-            if item.seq.status is SequenceStatus.RUNNING:
-                self.block_manager.cache_full_blocks(item.seq)
+            seq = item.seq
+            # (cache_full_blocks' own early exit, inlined: most steps fill no block)
+            if seq.status is running and seq.num_computed_tokens // bs > seq.num_registered_blocks:
+                bm.cache_full_blocks(seq)
 
     def commit(self, out: SchedulerOutput) -> None:
         """``advance`` + ``cache_blocks`` (a step run synchronously)."""

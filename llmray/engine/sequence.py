@@ -70,6 +70,13 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     constraint: TokenConstraint | None = None  # constrained decoding (set by the engine at add_request)
+    # the runner's bookkeeping (step_inputs.py): this sequence's row in the persistent host block table,
+    # the block_table list object that row mirrors and how many of its entries are written there, and the
+    # row of prev_tokens holding the token sampled for it by the latest launch (fills its placeholder)
+    table_row: int = field(default=-1, repr=False)
+    table_list: list[int] | None = field(default=None, repr=False)
+    table_len: int = field(default=0, repr=False)
+    sample_row: int = field(default=-1, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

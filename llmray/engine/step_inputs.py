@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from llmray.engine.scheduler import ScheduledSeq
+from llmray.engine.sequence import Sequence
 
 FIXED = ("ids", "pos", "slots", "src", "lora", "qstart", "ctx", "tile_seq", "tile_m")
 
@@ -75,6 +76,48 @@ class StepBatch:
     use_lora: bool
 
 
+class BlockTableRows:
+    """Every live sequence's block table as a row of one persistent host array, updated incrementally.
+
+    The block manager only appends to a sequence's ``block_table`` list or replaces the list (allocate,
+    free), so a step writes just the blocks added since the sequence's last step, and rewrites a row whose
+    list object changed (the row keeps a reference to the list it mirrors, so identity is reliable)."""
+
+    def __init__(self, width: int, rows: int = 64) -> None:
+        self.width = width
+        self.table = np.zeros((rows, width), np.int64)
+        self.free = list(range(rows - 1, -1, -1))
+
+    def take(self) -> int:
+        if not self.free:
+            n = self.table.shape[0]
+            self.table = np.concatenate([self.table, np.zeros_like(self.table)])
+            self.free = list(range(2 * n - 1, n - 1, -1))
+        return self.free.pop()
+
+    def release(self, seq: Sequence) -> None:
+        if seq.table_row >= 0:
+            self.free.append(seq.table_row)
+        seq.table_row, seq.table_list, seq.table_len = -1, None, 0
+
+    def sync(self, seq: Sequence) -> int:
+        """The sequence's row, brought up to date with its block table."""
+        row = seq.table_row
+        if row < 0:
+            row = seq.table_row = self.take()
+            seq.table_list = None
+        bt = seq.block_table
+        n = len(bt)
+        if seq.table_list is not bt or n < seq.table_len:
+            seq.table_list, seq.table_len = bt, 0
+            self.table[row] = 0
+        k = seq.table_len
+        if n != k:
+            self.table[row, k:n] = bt[k:]
+            seq.table_len = n
+        return row
+
+
 class StepInputs:
     def __init__(
         self, device: torch.device, capacity: int, block_size: int, block_m: int, max_width: int
@@ -84,24 +127,62 @@ class StepInputs:
         pin = device.type == "cuda"
         self.host = [torch.zeros(capacity, dtype=torch.int64, pin_memory=pin) for _ in range(2 if pin else 1)]
         self.dev = torch.zeros(capacity, dtype=torch.int64, device=device)
+        self.rows = BlockTableRows(max_width)
         self._turn = 0
+        self._views: dict[tuple[int, Layout], dict] = {}  # (host turn | -1 = device, layout) -> views
+
+    def _host_views(self, turn: int, layout: Layout) -> dict[str, np.ndarray]:
+        views = self._views.get((turn, layout))
+        if views is None:
+            if len(self._views) > 256:  # eager steps have exact layouts: keep the cache bounded
+                self._views.clear()
+            views = {k: v.numpy() for k, v in layout.views(self.host[turn]).items()}
+            self._views[(turn, layout)] = views
+        return views
+
+    def _dev_views(self, layout: Layout) -> dict[str, torch.Tensor]:
+        views = self._views.get((-1, layout))
+        if views is None:
+            views = self._views[(-1, layout)] = layout.views(self.dev)
+        return views
 
     def build(
         self,
         items: list[ScheduledSeq],
         sample_rows: list[int],
         layout: Layout | None,
-        prev_rows: dict[int, int],
         with_lora: bool,
     ) -> StepBatch:
-        """Inputs of ``items`` (one-token chunks first) padded to ``layout`` (None: exact sizes)."""
+        """Inputs of ``items`` (one-token chunks first) padded to ``layout`` (None: exact sizes).
+
+        A placeholder token (-1) of a sequence reads the token its latest launch sampled, row
+        ``seq.sample_row`` of the runner's prev_tokens, on the device."""
         b, bs = len(items), self.block_size
-        q_lens = np.fromiter((it.num_new_tokens for it in items), np.int64, b)
-        starts = np.fromiter((it.start for it in items), np.int64, b)
+        # one pass over the items (the per-step Python cost): chunk sizes, starts, table rows, the token of
+        # each one-token chunk and where its placeholder comes from
+        sync = self.rows.sync
+        q_list, start_list, row_list, src_list, tok_list = [], [], [], [], []
+        widest = 1
+        for it in items:
+            seq = it.seq
+            q_list.append(it.num_new_tokens)
+            start_list.append(it.start)
+            bt = seq.block_table
+            if seq.table_list is bt and len(bt) == seq.table_len:  # (sync's no-op case, inlined)
+                row_list.append(seq.table_row)
+            else:
+                row_list.append(sync(seq))
+            src_list.append(seq.sample_row)
+            if it.num_new_tokens == 1:
+                tok_list.append(seq.token_ids[it.start])
+            if seq.table_len > widest:
+                widest = seq.table_len
+        q_lens = np.array(q_list, np.int64)
+        starts = np.array(start_list, np.int64)
         cu = np.zeros(b + 1, np.int64)
         np.cumsum(q_lens, out=cu[1:])
         n = int(cu[-1])
-        num_decodes = int(np.searchsorted(q_lens != 1, True))  # one-token chunks come first
+        num_decodes = len(tok_list) if n == b else int(np.searchsorted(q_lens != 1, True))
         pre = np.flatnonzero(q_lens > 1)
         ntiles = -(-q_lens[pre] // self.block_m)
         c = int(ntiles.sum())
@@ -110,7 +191,7 @@ class StepInputs:
         s_pad = layout.seqs
         # block-table columns rounded up to 16: Triton specialises on the row stride's divisibility, so one
         # compiled variant serves every step
-        width = min(-(-max(len(it.seq.block_table) for it in items) // 16) * 16, self.max_width)
+        width = min(-(-widest // 16) * 16, self.max_width)
         r = len(sample_rows)
         tables_at = layout.fixed_size + _even(r)
         total = tables_at + s_pad * width
@@ -118,11 +199,12 @@ class StepInputs:
             raise ValueError(f"step inputs need {total} ints; the staging buffer holds {self.capacity}")
         self._turn = (self._turn + 1) % len(self.host)
         flat = self.host[self._turn]
-        hv = layout.views(flat)
-        h = {k: v.numpy() for k, v in hv.items()}
+        h = self._host_views(self._turn, layout)
 
-        if num_decodes == b:
-            ids = np.fromiter((it.seq.token_ids[it.start] for it in items), np.int64, b)
+        if n == b:  # decode-only
+            ids = np.array(tok_list, np.int64)
+            pos = starts
+            seq_of_token = np.arange(b)
         else:
             ids = np.fromiter(
                 itertools.chain.from_iterable(
@@ -131,23 +213,27 @@ class StepInputs:
                 np.int64,
                 n,
             )
-        pos = np.arange(n) - np.repeat(cu[:-1] - starts, q_lens)
+            pos = np.arange(n) - np.repeat(cu[:-1] - starts, q_lens)
+            seq_of_token = np.repeat(np.arange(b), q_lens)
         tables = flat[tables_at:total].numpy().reshape(s_pad, width)
-        tables[:] = 0
-        lens = np.fromiter((len(it.seq.block_table) for it in items), np.int64, b)
-        chain = itertools.chain.from_iterable(it.seq.block_table for it in items)
-        tables[:b][np.arange(width)[None, :] < lens[:, None]] = np.fromiter(chain, np.int64, int(lens.sum()))
-        seq_of_token = np.repeat(np.arange(b), q_lens)
+        np.take(self.rows.table[:, :width], np.array(row_list, np.int64), axis=0, out=tables[:b])
+        tables[b:] = 0
         h["ids"][:n] = ids
         h["ids"][n:] = 0
         h["pos"][:n] = pos
         h["pos"][n:] = 0
         h["slots"][:n] = tables[seq_of_token, pos // bs] * bs + pos % bs
         h["slots"][n:] = -1
-        placeholders = np.flatnonzero(ids < 0)
-        h["src"][:] = 0
-        for i in placeholders.tolist():
-            h["src"][i] = prev_rows[items[seq_of_token[i]].seq.seq_id]
+        placeholder = ids < 0
+        has_placeholders = bool(placeholder.any())
+        if has_placeholders:
+            src = np.array(src_list, np.int64)[seq_of_token]
+            if (src[placeholder] < 0).any():
+                raise RuntimeError("a placeholder token of a sequence that no launch sampled")
+            np.multiply(src, placeholder, out=h["src"][:n])
+        else:
+            h["src"][:n] = 0
+        h["src"][n:] = 0
         use_lora = False
         if with_lora:
             slots = np.fromiter((it.seq.lora_slot for it in items), np.int64, b)
@@ -167,7 +253,7 @@ class StepInputs:
         dev = self.dev
         return StepBatch(
             layout=layout,
-            views=layout.views(dev),
+            views=self._dev_views(layout),
             last=dev[layout.fixed_size : layout.fixed_size + r],
             tables=dev[tables_at:total].view(s_pad, width),
             num_tokens=n,
@@ -175,6 +261,6 @@ class StepInputs:
             num_decodes=num_decodes,
             num_prefill_tiles=c,
             width=width,
-            has_placeholders=placeholders.size > 0,
+            has_placeholders=has_placeholders,
             use_lora=use_lora,
         )

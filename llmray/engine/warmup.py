@@ -50,7 +50,7 @@ def _step(runner, decodes: int, prefill: int, prefix: int, params: SamplingParam
         items.append(ScheduledSeq(seq, prefill, prefix))
     runner.collect(runner.launch(items))
     for it in items:
-        runner.sampler.release(it.seq)
+        runner.release(it.seq)
 
 
 @torch.inference_mode()
@@ -73,7 +73,6 @@ def warmup(runner) -> float:
             _step(runner, decodes, n - decodes, prefix, params, lora)  # decodes + a chunk after a prefix
     for params in _PARAMS:  # decode-only steps through each sampler path
         _step(runner, min(4, cfg.max_num_seqs), 0, 0, params, lora)
-    runner._prev_rows = {}
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     logger.info("engine warm-up: %d step shapes in %.1f s", len(sizes), dt)

@@ -43,6 +43,10 @@ def _compute_dtype(dtype: torch.dtype, fp8: bool):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
+# decode kernel launch configuration by query dtype: (BLOCK_N, num_warps, num_stages)
+DECODE_CONFIG = {torch.float32: (32, 4, 2), torch.bfloat16: (64, 4, 2), torch.float16: (64, 4, 2)}
+
+
 def default_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = 132, max_splits: int = 32) -> int:
     """Enough split-K programs for about four per SM when the batch alone has fewer."""
     return max(1, min(max_splits, (4 * num_sms) // max(1, num_seqs * num_kv_heads)))
@@ -61,6 +65,7 @@ def paged_decode(
     query_start: torch.Tensor | None = None,  # (B + 1,): q/out rows are packed tokens; only q_len 1 runs
     k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
     v_scale: torch.Tensor | None = None,
+    config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages); None: the defaults
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over its paged context (Triton).
 
@@ -83,7 +88,7 @@ def paged_decode(
     else:
         part_out = part_lse = out  # unused
     block_d = triton.next_power_of_2(d)
-    block_n = 32 if q.dtype == torch.float32 else 64
+    block_n, warps, stages = config or DECODE_CONFIG.get(q.dtype, (64, 4, 2))
     _decode_kernel[(bsz, hkv, num_splits)](
         q,
         k_cache,
@@ -117,8 +122,8 @@ def paged_decode(
         INDIRECT=indirect,
         FP8=fp8,
         CDT=_compute_dtype(q.dtype, fp8),
-        num_warps=4,
-        num_stages=2,
+        num_warps=warps,
+        num_stages=stages,
     )
     if num_splits > 1:
         _merge_kernel[(bsz, h)](
