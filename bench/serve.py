@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from serve_client import run_http_level, summarize, warm_pool  # noqa: E402
 
@@ -165,6 +166,12 @@ def main() -> int:
         "--prompt-vocab", type=int, default=0, help="prompt token ids below this (default: the model's)"
     )
     ap.add_argument("--http-only", action="store_true", help="HTTP only (no offline / AsyncLLM comparison)")
+    ap.add_argument("--skip-async", action="store_true", help="no AsyncLLM in-process level (offline + HTTP)")
+    ap.add_argument("--log-dir", default=None, help="keep the llmray serve logs here (default: a temp dir)")
+    ap.add_argument("--paced-step-ms", type=float, default=None,
+                    help="no model: the engine core runs tests/_support/paced_engine.py (a step of this many ms "
+                    "gives every running request a token), so HTTP is measured against AsyncLLM on the same "
+                    "double: the serving stack's own ceiling (CPU)")  # fmt: skip
     ap.add_argument(
         "--deadline-s", type=float, default=0, help="start no new level after this long (0 = none)"
     )
@@ -178,7 +185,14 @@ def main() -> int:
     counts = {int(k): int(v) for k, v in (p.split(":") for p in a.requests.split(","))}
     mixes = [tuple(int(x) for x in m.split("/")) for m in a.mixes.split(",")]
     kw = json.loads(a.engine_kwargs)
-    model_dir = Path(a.model) if a.model else write_random_qwen3(Path(a.model_out))
+    paced = a.paced_step_ms is not None
+    if paced:
+        sys.path.insert(0, str(REPO / "tests"))
+        from _support.paced_engine import write_tokenizer_dir
+
+        model_dir = write_tokenizer_dir(Path(tempfile.gettempdir()) / "llmray-paced-tokenizer")
+    else:
+        model_dir = Path(a.model) if a.model else write_random_qwen3(Path(a.model_out))
     from llmray.model.tokenizer import Tokenizer
 
     vocab = (
@@ -189,7 +203,8 @@ def main() -> int:
     result: dict[str, Any] = {
         "bench": "serve", "command": "python " + " ".join(sys.argv),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "model": str(model_dir) if a.model else "qwen3-0.6b random weights, bf16",
+        "model": f"paced engine double, {a.paced_step_ms} ms per step" if paced
+        else str(model_dir) if a.model else "qwen3-0.6b random weights, bf16",
         "engine_kwargs": kw, "ingress_replicas": a.ingress_replicas, "stream_interval_ms": a.stream_interval_ms,
         "client_procs": a.client_procs, "http_vs_offline": {}, "startup_s": {}, "mixes": {},
     }  # fmt: skip
@@ -207,9 +222,14 @@ def main() -> int:
         prefix="triton-cold-"
     )  # this process's engines share it
     env = dict(os.environ, **dict(kv.split("=", 1) for kv in a.serve_env))
+    if paced:
+        flags += ["--engine-factory", "_support.paced_engine:PacedAsyncLLM"]
+        env["LLMRAY_PACED_STEP_MS"] = str(a.paced_step_ms)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO), env.get("PYTHONPATH", "")])
     flags += a.serve_flags.split()
     result["serve_env"], result["serve_flags"] = a.serve_env, a.serve_flags
-    logs = Path(tempfile.mkdtemp(prefix="llmray-serve-logs-"))
+    logs = Path(a.log_dir) if a.log_dir else Path(tempfile.mkdtemp(prefix="llmray-serve-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
     if not a.skip_startup:
         proc, cold = launch_serve(flags, port, env, logs / "cold.log")
         result["startup_s"]["cold"] = round(cold, 1)
@@ -226,13 +246,19 @@ def main() -> int:
     try:
         warm_pool(pool, a.client_procs)
         warmup = make_prompts(32, 16, vocab, seed=999)
-        if not a.http_only:
-            offline = LLM(model_dir, **kw)
-            t0 = time.monotonic()
-            aengine = AsyncLLM(model_dir, **kw)
-            result["async_llm_startup_s"] = round(time.monotonic() - t0, 1)
-            run_offline(offline, warmup, 32, 16)
+        if paced and not a.http_only:  # the reference: AsyncLLM over the same double, in this process
+            from _support.paced_engine import PacedAsyncLLM
+
+            aengine = PacedAsyncLLM(str(model_dir), step_ms=a.paced_step_ms, **kw)
             asyncio.run(_async_level(aengine, warmup, 32, 16))
+        elif not a.http_only:
+            offline = LLM(model_dir, **kw)
+            run_offline(offline, warmup, 32, 16)
+            if not a.skip_async:
+                t0 = time.monotonic()
+                aengine = AsyncLLM(model_dir, **kw)
+                result["async_llm_startup_s"] = round(time.monotonic() - t0, 1)
+                asyncio.run(_async_level(aengine, warmup, 32, 16))
         run_http_level(pool, a.client_procs, url, "bench", warmup, 32, 16)
         for m_i, (plen, olen) in enumerate(mixes):
             mix = result["mixes"].setdefault(f"{plen}/{olen}", {"offline": {}, "async_llm": {}, "http": {}})
@@ -248,20 +274,29 @@ def main() -> int:
                     print(json.dumps({"mix": f"{plen}/{olen}", "c": c, "http": mix["http"][k]}), flush=True)
                     save()
                     continue
+                if paced:
+                    mix["async_llm"][k] = asyncio.run(_async_level(aengine, prompts, c, olen))
+                    ratio = mix["http"][k]["output_tok_per_s"] / mix["async_llm"][k]["output_tok_per_s"]
+                    mix.setdefault("http_vs_async", {})[k] = round(ratio, 3)
+                    print(json.dumps({"mix": f"{plen}/{olen}", "c": c, "http_vs_async": round(ratio, 3),
+                                      "async": mix["async_llm"][k], "http": mix["http"][k]}), flush=True)  # fmt: skip
+                    save()
+                    continue
                 mix["offline"][k] = run_offline(offline, prompts, c, olen)
-                mix["async_llm"][k] = asyncio.run(_async_level(aengine, prompts, c, olen))
                 off = mix["offline"][k]["output_tok_per_s"]
                 mix.setdefault("http_vs_offline", {})[k] = round(mix["http"][k]["output_tok_per_s"] / off, 3)
-                mix.setdefault("async_vs_offline", {})[k] = round(
-                    mix["async_llm"][k]["output_tok_per_s"] / off, 3
-                )
+                if not a.skip_async:
+                    mix["async_llm"][k] = asyncio.run(_async_level(aengine, prompts, c, olen))
+                    mix.setdefault("async_vs_offline", {})[k] = round(
+                        mix["async_llm"][k]["output_tok_per_s"] / off, 3
+                    )
                 if m_i == 0:
                     result["http_vs_offline"][k] = mix["http_vs_offline"][k]
-                print(json.dumps({"mix": f"{plen}/{olen}", "c": c, "offline": off, "async": mix["async_llm"][k],
+                print(json.dumps({"mix": f"{plen}/{olen}", "c": c, "offline": off, "async": mix["async_llm"].get(k),
                                   "http": mix["http"][k]}), flush=True)  # fmt: skip
                 result["total_s"] = round(time.monotonic() - t_start, 1)
                 save()
-        if not a.http_only:
+        if not a.http_only and not a.skip_async:
             aengine.shutdown()
     finally:
         pool.shutdown(cancel_futures=True)

@@ -39,6 +39,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "e2e_ms_p50": ms(pct([r["e2e"] for r in ok], 50)),
         "output_tokens": tokens,
         "output_tok_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        **({"chunks_per_s": round(sum(r.get("chunks", 0) for r in ok) / wall, 1)} if wall > 0 else {}),
         "wall_s": round(wall, 3),
     }
 
@@ -47,7 +48,7 @@ async def _http_request(session: Any, url: str, model: str, prompt: list[int], m
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "temperature": 0, "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.monotonic()
-    ttft, tokens, error = None, 0, None
+    ttft, tokens, chunks, error = None, 0, 0, None
     try:
         async with session.post(f"{url}/v1/completions", json=body) as resp:
             if resp.status != 200:
@@ -56,6 +57,7 @@ async def _http_request(session: Any, url: str, model: str, prompt: list[int], m
                 async for raw in resp.content:
                     if not raw.startswith(b"data: {"):
                         continue
+                    chunks += 1
                     if ttft is None and b'"text": ""' not in raw[:400]:
                         ttft = time.monotonic() - t0
                     if b'"usage"' in raw:
@@ -67,7 +69,8 @@ async def _http_request(session: Any, url: str, model: str, prompt: list[int], m
     except Exception as e:  # a transport error is counted, never hidden
         error = f"{type(e).__name__}: {e}"
     end = time.monotonic()
-    return {"ttft": ttft, "tokens": tokens, "e2e": end - t0, "start": t0, "end": end, "error": error}
+    return {"ttft": ttft, "tokens": tokens, "chunks": chunks, "e2e": end - t0, "start": t0, "end": end,
+            "error": error}  # fmt: skip
 
 
 async def _client(url: str, model: str, prompts: list[list[int]], conc: int, max_tokens: int) -> list[dict]:

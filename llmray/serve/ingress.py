@@ -1,8 +1,8 @@
 """The OpenAI HTTP front door: FastAPI routes over a backend that streams engine events.
 
-``build_openai_app(backend, config)`` makes the FastAPI app; in Serve the backend is a
-``DeploymentHandle`` to ``LLMServer`` (``HandleBackend``); tests pass an in-process stand-in
-(``tests/_support/local_backend.py``). Each request is parsed once, here, into its pydantic model, which
+``build_openai_app(backend, config)`` makes the FastAPI app; its backend (``llmray/serve/backends.py``) is
+the ``LLMServer`` of the same replica (``ReplicaBackend``, the default: no Ray message per chunk) or a
+``DeploymentHandle`` to the ``LLMServer`` deployment (``HandleBackend``, ``ingress_mode="separate"``). Each request is parsed once, here, into its pydantic model, which
 travels to ``LLMServer`` as is. The order of checks per request: API key (401) → body size (413, before
 parsing) → JSON and schema (400 naming the field) → model name (404) → LLMServer queue (429 +
 ``Retry-After``) → the first engine event (400 for prompt + max_tokens over the context window). Only then is
@@ -35,10 +35,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmray.serve.backends import BackPressure
 from llmray.serve.errors import APIError, clip, from_validation_error
-from llmray.serve.events import Event
 from llmray.serve.limits import MAX_BODY_BYTES
-from llmray.serve.lora_registry import is_adapter_name
 from llmray.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -75,52 +74,10 @@ class UnloadLoraAdapterRequest(BaseModel):
     lora_int_id: int | None = None  # vLLM sends it; unused
 
 
-class HandleBackend:
-    """Streams from the ``LLMServer`` deployment through a Serve ``DeploymentHandle``."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-        self.stream_handle = handle.options(stream=True)
-
-    def _for(self, handle: Any, adapter: str | None) -> Any:
-        """``handle`` routed by Serve model multiplexing when the request names an adapter."""
-        if adapter is None or not is_adapter_name(adapter):
-            return handle
-        return handle.options(multiplexed_model_id=adapter)
-
-    async def stream(
-        self,
-        kind: str,
-        body: Any,
-        arrival_s: float,
-        adapter: str | None = None,
-        request_id: str | None = None,
-    ) -> AsyncGenerator[list[Event], None]:
-        gen = self._for(self.stream_handle, adapter).stream.remote(kind, body, arrival_s, request_id)
-        finished = False
-        try:
-            async for item in gen:
-                yield item
-            finished = True
-        finally:
-            if not finished:
-                gen.cancel()  # propagates to the replica: its generator is cancelled and aborts the engine
-
-    async def health(self) -> None:
-        await self.handle.check_health.remote()
-
-    async def list_adapters(self) -> list[dict]:
-        return await self.handle.list_adapters.remote()
-
-    async def load_adapter(self, name: str, path: str) -> dict:
-        return await self._for(self.handle, name).load_adapter.remote(name, path)
-
-    async def unload_adapter(self, name: str) -> dict:
-        return await self._for(self.handle, name).unload_adapter.remote(name)
-
-
 def _serve_error_status(exc: BaseException) -> int | None:
     """429 for a full LLMServer queue, 503 when no LLMServer replica can take requests, else None."""
+    if isinstance(exc, BackPressure):
+        return 429
     try:
         from ray.serve import exceptions as ex
     except ImportError:  # ray absent: in-process tests only

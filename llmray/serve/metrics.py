@@ -6,7 +6,8 @@ Names follow vLLM's without the colon; Ray's exporter prefixes ``ray_``, so Prom
 request asked for, an adapter's own for an adapter request; engine-wide gauges and counters carry the base
 model's. Gauges and the engine-side counters (prefix-cache hits) are refreshed from
 ``AsyncLLM.stats()`` by the LLMServer's poll loop (token and prefix-hit counters too, as deltas);
-per-request histograms are observed as tokens stream.
+per-request histograms are observed once per finished request (the inter-token latency as the request's
+mean, vLLM's time per output token): one observation per stream chunk cost more CPU than the chunk.
 """
 
 from __future__ import annotations
@@ -86,18 +87,20 @@ class ServeMetrics:
         if self.enabled:
             self.queue.observe(max(seconds, 0.0), tags=self._tags_for(model))
 
-    def observe_first_token(self, seconds: float, model: str | None = None) -> None:
-        if self.enabled:
-            self.ttft.observe(seconds, tags=self._tags_for(model))
-
-    def observe_tokens(self, interval_s: float, num_tokens: int, model: str | None = None) -> None:
-        """``num_tokens`` new tokens arrived ``interval_s`` after the previous ones (one observation)."""
-        if self.enabled and num_tokens > 0:
-            self.itl.observe(interval_s / num_tokens, tags=self._tags_for(model))
-
-    def observe_finished(self, seconds: float, model: str | None = None) -> None:
-        if self.enabled:
-            self.e2e.observe(seconds, tags=self._tags_for(model))
+    def observe_request(
+        self, start: float, first: float | None, end: float, tokens: int, model: str | None = None
+    ) -> None:
+        """A finished request (times from ``time.time()``): its TTFT, its mean inter-token latency and its
+        end-to-end latency, one observation each (per chunk, Ray's metric calls cost a replica at high
+        concurrency more than the rest of the stream does)."""
+        if not self.enabled:
+            return
+        tags = self._tags_for(model)
+        if first is not None:
+            self.ttft.observe(first - start, tags=tags)
+            if tokens > 1:
+                self.itl.observe((end - first) / (tokens - 1), tags=tags)
+        self.e2e.observe(end - start, tags=tags)
 
     # --- engine state -----------------------------------------------------------------------------
     def update_from_stats(self, stats: dict[str, Any]) -> None:

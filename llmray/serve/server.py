@@ -20,7 +20,6 @@ so the router sends later requests for them here (``llmray/serve/lora_registry.p
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
@@ -28,17 +27,17 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from llmray.engine.errors import EngineDeadError
-from llmray.model.tokenizer import UnknownCharactersError, describe_chars
-from llmray.serve.errors import APIError, clip, engine_unavailable, from_validation_error, from_value_error
+from llmray.serve.errors import APIError, clip, engine_unavailable, from_value_error
 from llmray.serve.events import Event, TokenEvent, error_event, merge_events
 from llmray.serve.lora_registry import LoraRegistry, ReplicaAdapters, multiplexed_hook
 from llmray.serve.metrics import ServeMetrics
+from llmray.serve.prepare import RequestPlanner, api_param
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
 from llmray.serve.request_log import REQUEST_ID, install_log_filter
-from llmray.serve.structured_api import ChatPlan, ChoiceOutput, plan_chat, split_event
+from llmray.serve.structured_api import ChatPlan, ChoiceOutput, split_event
 
 logger = logging.getLogger("llmray.serve")
 STATS_POLL_S = 1.0  # how often engine gauges are refreshed
@@ -106,6 +105,7 @@ class LLMServer:
         self.adapters = ReplicaAdapters(self.engine, self.registry, held, on_hold=hook)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = int(self.engine.max_model_len)
+        self.planner = RequestPlanner(self.tokenizer, self.max_model_len)
         self.metrics = ServeMetrics(served_model_name, enabled=enable_metrics)
         self._poll_task: asyncio.Task | None = None
         install_log_filter()
@@ -165,102 +165,6 @@ class LLMServer:
                 logger.exception("refreshing engine metrics failed")
             await asyncio.sleep(STATS_POLL_S)
 
-    # --- request preparation ----------------------------------------------------------------------
-    def _parse(self, kind: str, body: dict[str, Any]) -> CompletionRequest | ChatCompletionRequest:
-        model = CompletionRequest if kind == "completions" else ChatCompletionRequest
-        try:
-            return model.model_validate(body)
-        except ValidationError as e:
-            raise from_validation_error(e) from None
-
-    def _chat_plan(self, req: ChatCompletionRequest) -> ChatPlan:
-        """The rendered prompt (tools, chat_template_kwargs) and the output handling of a chat request."""
-        try:
-            return plan_chat(req, self.tokenizer)
-        except Exception as e:  # jinja TemplateError from a template's raise_exception
-            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-
-    def _prompt_ids(
-        self, req: CompletionRequest | ChatCompletionRequest, plan: ChatPlan | None = None
-    ) -> list[list[int]]:
-        if isinstance(req, ChatCompletionRequest):
-            assert plan is not None, "a chat request is encoded from its ChatPlan"
-            return [self._encode(plan.prompt, "messages")]
-        vocab = self.tokenizer.vocab_size
-        out = []
-        for p in req.prompts():
-            ids = self._encode(p, "prompt") if isinstance(p, str) else list(p)
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise APIError(
-                    400, f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt"
-                )
-            if not ids:
-                raise APIError(400, "the prompt encodes to zero tokens; send a non-empty prompt", "prompt")
-            out.append(ids)
-        return out
-
-    def _encode(self, text: str, param: str) -> list[int]:
-        """Tokenize client text; a tokenizer that cannot (e.g. a char vocabulary without an unknown token
-        meeting an unseen character) is the client's 400, not a 500."""
-        try:
-            return self.tokenizer.encode(text)
-        except UnknownCharactersError as e:
-            msg = f"the {param} hold{'' if param == 'messages' else 's'} characters this model's tokenizer"
-            raise APIError(
-                400, f"{msg} cannot encode: {describe_chars(e.chars)}", param, "unknown_characters"
-            ) from None
-        except Exception as e:  # tokenizers raises plain Exception for an unknown symbol
-            raise APIError(
-                400, f"this model's tokenizer cannot encode the {param}: {clip(e, 200)}", param
-            ) from None
-
-    def _max_tokens(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> int:
-        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
-        room = self.max_model_len - prompt_len
-        asked = req.max_new_tokens()
-        if room < 1:  # the prompt alone fills the window: no max_tokens helps
-            what = "prompt" if isinstance(req, CompletionRequest) else "messages"
-            msg = f"this model's context window of {self.max_model_len} tokens is filled by the {what} alone"
-            raise APIError(
-                400, f"{msg} ({prompt_len} tokens); shorten the {what}", what, "context_length_exceeded"
-            )
-        if asked is None:
-            return room  # chat default: the rest of the context window
-        if asked > room:
-            raise APIError(
-                400,
-                f"this model's context window is {self.max_model_len} tokens, but the prompt has {prompt_len} "
-                f"tokens and {param}={asked} ({prompt_len + asked} in all); lower {param} to at most "
-                f"{room} or shorten the prompt",
-                param,
-                code="context_length_exceeded",
-            )
-        return asked
-
-    def _sampling(
-        self,
-        req: CompletionRequest | ChatCompletionRequest,
-        max_tokens: int,
-        i: int,
-        plan: ChatPlan | None = None,
-    ) -> Any:
-        vocab = self.tokenizer.vocab_size
-        outside = [t for t in req.stop_token_ids or [] if t >= vocab]
-        if outside:  # the engine indexes logits with them (min_tokens masking)
-            raise APIError(
-                400,
-                f"stop_token_ids holds {outside[0]}, outside the vocabulary [0, {vocab})",
-                "stop_token_ids",
-            )
-        try:
-            sp = req.to_sampling_params(max_tokens, i)
-            if plan is not None and plan.tool_mode == "forced":  # the grammar of the forced tool call
-                sp = dataclasses.replace(sp, structured_output=plan.structured_output)
-            return sp
-        except ValueError as e:  # RequestError: names the field
-            raise _api_param(from_value_error(e), plan) from None
-
     async def _lora(self, model: str) -> str | None:
         if model == self.model_name:
             return None
@@ -288,16 +192,11 @@ class LLMServer:
         if self._poll_task is None and self.metrics.enabled:
             self._poll_task = asyncio.get_running_loop().create_task(self._poll_stats())
         try:
-            req = body if isinstance(body, BaseModel) else self._parse(kind, body)  # the ingress parsed it
+            req = body if isinstance(body, BaseModel) else self.planner.parse(kind, body)  # ingress parsed it
             lora = await self._lora(req.model)
             if arrival_s is not None:
                 self.metrics.observe_queue(start - arrival_s, lora)  # under the adapter's name, if one
-            jobs = []
-            plan = self._chat_plan(req) if isinstance(req, ChatCompletionRequest) else None
-            for p_idx, ids in enumerate(self._prompt_ids(req, plan)):
-                max_tokens = self._max_tokens(req, len(ids))
-                for i in range(req.n):
-                    jobs.append((p_idx * req.n + i, ids, self._sampling(req, max_tokens, i, plan)))
+            jobs, plan = self.planner.jobs(req)
         except APIError as e:
             yield [error_event(e)]
             return
@@ -371,29 +270,27 @@ class LLMServer:
     ) -> AsyncGenerator[Event, None]:
         """One engine request as events (at most one per stream interval after the first token); an error
         ends it as an ``{"error", "status"}`` event. Closing it aborts the request in the engine."""
-        last = None
+        first = None  # when the first token arrived
         split = ChoiceOutput(plan) if plan is not None else None  # content / reasoning / tool calls
         self._active += 1
         try:
             stream = self.engine.generate_stream(
                 ids, sp, request_id=rid, lora=lora, interval_s=self._interval
             )
+            completion = 0
             async with aclosing(stream) as outputs:
                 async for out in outputs:
-                    now = time.time()
                     new_ids = out.new_token_ids
-                    if last is None:
-                        self.metrics.observe_first_token(now - start, lora)
-                    else:
-                        self.metrics.observe_tokens(now - last, len(new_ids), lora)
-                    last = now
+                    if first is None:
+                        first = time.time()
+                    completion = len(out.token_ids)
                     ev: TokenEvent = {
                         "index": index,
                         "text": out.new_text,
                         "num_tokens": len(new_ids),
                         "finish_reason": out.finish_reason,
                         "prompt_tokens": len(out.prompt_token_ids),
-                        "completion_tokens": len(out.token_ids),
+                        "completion_tokens": completion,
                         "logprobs": None,
                     }
                     if sp.logprobs is not None and out.logprobs is not None and new_ids:
@@ -404,7 +301,8 @@ class LLMServer:
                     if split is not None:
                         split_event(ev, split)
                     yield ev
-            self.metrics.observe_finished(time.time() - start, lora)
+            # per request, not per chunk: a Ray metric observation costs ~0.1 ms of this replica's loop
+            self.metrics.observe_request(start, first, time.time(), completion, lora)
         except EngineDeadError as e:
             yield error_event(engine_unavailable(f"the engine stopped ({e}); retry the request"))
         except ValueError as e:
@@ -413,7 +311,7 @@ class LLMServer:
             ):  # the adapter was unloaded meanwhile
                 yield error_event(APIError(404, str(e), "model", "model_not_found"))
             else:
-                yield error_event(_api_param(from_value_error(e), plan))
+                yield error_event(api_param(from_value_error(e), plan))
         except Exception as e:
             msg = f"the engine failed on this request ({type(e).__name__}: {e})"
             yield error_event(APIError(500, msg))
@@ -430,10 +328,3 @@ class LLMServer:
             "logprob": float(lps.get(token_id, -9999.0)),  # JSON has no -inf
             "top": [[self._token_str(t), float(v)] for t, v in top],
         }
-
-
-def _api_param(err: APIError, plan: ChatPlan | None) -> APIError:
-    """The engine names ``structured_output``; the client sent ``response_format`` or ``tool_choice``."""
-    if err.param == "structured_output":
-        err.param = "tool_choice" if plan is not None and plan.tool_mode == "forced" else "response_format"
-    return err
