@@ -329,10 +329,12 @@ def length_bucketed_batches(
 
 
 def collate(
-    examples: list[TokenizedExample], indices: list[int], pad_id: int
+    examples: list[TokenizedExample], indices: list[int], pad_id: int, pad_multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a batch: input_ids (B, T) with ``pad_id``, targets (B, T) with -100."""
+    """Right-pad a batch: input_ids (B, T) with ``pad_id``, targets (B, T) with -100; T is the longest
+    example rounded up to a multiple of ``pad_multiple``."""
     length = max(len(examples[i].input_ids) for i in indices)
+    length = -(-length // pad_multiple) * pad_multiple
     ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
     tgt = torch.full((len(indices), length), IGNORE, dtype=torch.long)
     for row, i in enumerate(indices):

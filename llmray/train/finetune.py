@@ -28,6 +28,7 @@ import torch
 
 from llmray.config import LoraConfig
 from llmray.train import chat_data, lora, lora_layers
+from llmray.train.graphs import StepGraphs
 from llmray.train.harness import PRECISIONS, evaluate, resolve_precision, train_step
 from llmray.train.loop import (
     LEGACY_FINETUNE_STATE,
@@ -71,6 +72,7 @@ class FinetuneConfig:
     kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
     precision: str = "auto"  # auto (bf16 base + autocast on CUDA, fp32 elsewhere) | bf16 | fp32
     lora_impl: str = "ours"  # ours (llmray.train.lora_layers) | peft (the fallback)
+    cuda_graphs: bool = True  # forward + backward from CUDA graphs on CUDA (not with QLoRA / checkpointing)
     max_failures: int = 0
     seed: int = 0
 
@@ -124,12 +126,17 @@ def steps_per_epoch(n_examples: int, batch_size: int, world: int) -> int:
     return max(1, math.ceil(n_examples / batch_size) // world)
 
 
-def batch_for_step(examples, step: int, cfg: FinetuneConfig, rank: int, world: int, pad_id: int):
-    """The (input_ids, targets) batch of ``rank`` at global ``step``: a pure function of the step."""
+def batch_for_step(
+    examples, step: int, cfg: FinetuneConfig, rank: int, world: int, pad_id: int, pad_multiple: int = 1
+):
+    """The (input_ids, targets) batch of ``rank`` at global ``step``: a pure function of the step.
+
+    ``pad_multiple``: pad the length up to a multiple (fewer shapes for CUDA graphs; the padding's
+    targets are ignored, and causal attention keeps it from touching the real tokens)."""
     spe = steps_per_epoch(len(examples), cfg.batch_size, world)
     epoch, i = divmod(step, spe)
     batches = chat_data.length_bucketed_batches(examples, cfg.batch_size, cfg.seed, epoch)
-    return chat_data.collate(examples, batches[i * world + rank], pad_id)
+    return chat_data.collate(examples, batches[i * world + rank], pad_id, pad_multiple=pad_multiple)
 
 
 def val_batches(examples, cfg: FinetuneConfig, rank: int, world: int, pad_id: int) -> list:
@@ -156,6 +163,17 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
     if gc:
         model.gradient_checkpointing_enable()
     return model.train()
+
+
+GRAPH_PAD_MULTIPLE = 64  # batch lengths rounded up to this under CUDA graphs (one graph per shape)
+
+
+def model_uses_checkpointing(model) -> bool:
+    """Gradient checkpointing on (ours or peft's model): its recompute stays eager, no CUDA graphs."""
+    inner = getattr(getattr(model, "base_model", None), "model", model)
+    return bool(
+        getattr(inner, "gradient_checkpointing", False) or getattr(model, "gradient_checkpointing", False)
+    )
 
 
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
@@ -220,6 +238,10 @@ def train_loop(config: dict, session: Session) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
     trainable, all_params = lora.trainable_parameters(model)
     val_b = val_batches(val, cfg, rank, world, pad_id)
+    graphs = None
+    if cfg.cuda_graphs and device.type == "cuda" and not model_uses_checkpointing(model):
+        graphs = StepGraphs(model, params, device, dtype, max_graphs=8)
+    pad_multiple = GRAPH_PAD_MULTIPLE if graphs is not None else 1
     with session.resume_dir() as resume:
         state: dict[str, Any] = _resume(resume, model, opt) if resume is not None else {"step": 0}
     logger = MetricsLogger(config.get("metrics_file"), total, resume_step=state["step"], enabled=rank == 0)
@@ -237,11 +259,11 @@ def train_loop(config: dict, session: Session) -> dict:
         if config.get("fail_at_step") == step and not Path(config["fail_marker"]).exists():
             Path(config["fail_marker"]).write_text("failed once")  # test hook: one injected crash
             raise RuntimeError(f"injected failure at step {step}")
-        ids, tgt = batch_for_step(train, step, cfg, rank, world, pad_id)
+        ids, tgt = batch_for_step(train, step, cfg, rank, world, pad_id, pad_multiple)
         set_lr(opt, lr_multiplier(step, total, warmup, "cosine", min_lr_ratio=0.1))
         loss, gnorm = train_step(
             model, [(ids.to(device), tgt.to(device))], 1, opt, params, device, dtype, cfg.grad_clip,
-            after_backward=lambda: _grad_all_reduce(params, world),
+            after_backward=lambda: _grad_all_reduce(params, world), graphs=graphs,
         )  # fmt: skip
         step += 1
         tokens += ids.numel()

@@ -39,6 +39,7 @@ from llmray.config import ModelConfig
 from llmray.train import data as train_data
 from llmray.train import fsdp as parallelism
 from llmray.train.fsdp import PARALLEL_MODES
+from llmray.train.graphs import StepGraphs
 from llmray.train.harness import PRECISIONS, evaluate, resolve_precision, train_step
 from llmray.train.loop import build_optimizer, load_checkpoint, lr_multiplier, save_checkpoint, set_lr
 from llmray.train.metrics import MetricsLogger, mfu, plot_loss_curve, read_metrics
@@ -81,6 +82,7 @@ class PretrainConfig:
     log_every: int = 1
     seed: int = 0
     compile: bool = False
+    cuda_graphs: bool = True  # forward + backward replayed from CUDA graphs (one GPU worker, no compile)
     kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
     name: str = "pretrain"
@@ -126,6 +128,7 @@ class _Worker:
     opt: torch.optim.Optimizer
     dtype: torch.dtype  # compute dtype (autocast)
     state: dict[str, Any]  # step, batches_consumed, elapsed_s (the checkpoint's trainer state)
+    graphs: StepGraphs | None = None  # CUDA-graphed forward + backward (one GPU worker, no compile)
 
 
 def build_worker(
@@ -149,7 +152,11 @@ def build_worker(
     if resume is not None:
         load_checkpoint(resume, model, opt, weights=False)
     ddp = fwd if world > 1 and not fsdp else None
-    return _Worker(model, train_fwd, ddp, fsdp, opt, resolve_precision(cfg.precision, device), state)
+    dtype = resolve_precision(cfg.precision, device)
+    graphs = None
+    if cfg.cuda_graphs and device.type == "cuda" and world == 1 and compile_mode == "none":
+        graphs = StepGraphs(model, list(model.parameters()), device, dtype)
+    return _Worker(model, train_fwd, ddp, fsdp, opt, dtype, state, graphs)
 
 
 def run_step(w: _Worker, cfg: PretrainConfig, batches: Iterator[torch.Tensor], world: int) -> dict[str, Any]:
@@ -171,7 +178,7 @@ def run_step(w: _Worker, cfg: PretrainConfig, batches: Iterator[torch.Tensor], w
 
     loss, grad_norm = train_step(
         w.train_fwd, micro_batches(), cfg.grad_accum, w.opt, list(w.model.parameters()),
-        w.model.lm_head.weight.device, w.dtype, cfg.grad_clip, before_backward=sync_context,
+        w.model.lm_head.weight.device, w.dtype, cfg.grad_clip, before_backward=sync_context, graphs=w.graphs,
     )  # fmt: skip
     w.state["step"] += 1
     w.state["lr_multiplier"] = mult

@@ -120,6 +120,27 @@ def test_length_bucketed_batches_deterministic_and_complete(tok):
     assert ids.shape == tgt.shape and (tgt[ids == 7] == IGNORE).all()
 
 
+def test_padding_to_a_multiple_leaves_the_loss_unchanged():
+    """CUDA graphs pad batch lengths to a multiple (fewer shapes); the loss must not see the padding."""
+    import torch
+
+    from llmray.config import ModelConfig
+    from llmray.model.qwen3 import Qwen3ForCausalLM
+
+    rng = np.random.default_rng(0)
+    examples = [
+        chat_data.TokenizedExample(i, rng.integers(1, 60, n), np.where(rng.random(n) < 0.5, IGNORE, 3))
+        for i, n in enumerate((9, 13))
+    ]
+    ids, tgt = chat_data.collate(examples, [0, 1], pad_id=0)
+    ids64, tgt64 = chat_data.collate(examples, [0, 1], pad_id=0, pad_multiple=16)
+    assert ids.shape == (2, 13) and ids64.shape == (2, 16) and (tgt64[:, 13:] == IGNORE).all()
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids64, targets=tgt64), model(ids, targets=tgt), rtol=1e-5, atol=1e-6)
+
+
 def test_arrays_roundtrip(tok):
     ex = [
         chat_data.tokenize_example(tok, chat_data.parse_line('{"prompt": "a", "completion": "bc"}', n))
