@@ -170,7 +170,7 @@ def run_batch_timed(
         concurrency=engines,
         use_gpu=cuda,
         engine_kwargs=engine,
-        batch_size=64,
+        batch_size=min(64, shard_rows),  # Ray Data merges blocks smaller than a batch into one task
         shard_rows=shard_rows,
         progress=True,
         stats_dir=str(stats_dir),

@@ -288,6 +288,7 @@ class Processor:
     max_in_flight: int | None
     json_column: str | None = None
     stats_dir: str | None = None
+    wait_for_engines_s: int = 3600
     preprocess: Callable[[dict], dict] | None = None
     postprocess: Callable[[dict], dict] | None = None
 
@@ -296,6 +297,10 @@ class Processor:
 
         if self.preprocess is not None:
             ds = ds.map(self.preprocess, num_cpus=0.25)
+        if ds.context.wait_for_min_actors_s <= 0:
+            # rows go only to engines that are up: without this the first engine to start takes up to
+            # max_tasks_in_flight_per_actor blocks (often the whole dataset) before the others are ready
+            ds.context.wait_for_min_actors_s = self.wait_for_engines_s
         threads = None if self.use_gpu else max(1, (os.cpu_count() or 1) // self.concurrency)
         actor = StreamingEngineActor if self.streaming else SyncEngineActor
         per_actor = self.max_concurrent_batches if self.streaming else 1
@@ -317,7 +322,9 @@ class Processor:
             zero_copy_batch=True,
             compute=ray.data.ActorPoolStrategy(
                 size=self.concurrency,
-                max_tasks_in_flight_per_actor=2 * per_actor,
+                # a streaming actor already holds max_concurrent_batches blocks' rows in its feed: no
+                # more blocks wait in its queue (they would be held back from the other engines)
+                max_tasks_in_flight_per_actor=per_actor if self.streaming else 2,
                 max_concurrent_calls_per_actor=per_actor,
             ),
             num_gpus=1 if self.use_gpu else 0,
@@ -358,6 +365,8 @@ def build_processor(
     before/after. ``max_in_flight`` bounds the requests in one engine (default 2 x max_num_seqs).
     ``json_column``: rows arrive as JSON object text in this column (heterogeneous JSONL rows, whose
     fields Arrow could not hold in one schema); a line that is no JSON object becomes an error row.
+    Rows are handed out once every engine has started (the dataset's ``DataContext.wait_for_min_actors_s``,
+    when unset, becomes an hour), so the first engine up does not take them all.
     ``stats_dir``: each engine writes its timeline and totals there (``engine-<pid>.json``, local to the
     node the actor runs on; see ``_EngineStats``).
     """
