@@ -86,20 +86,25 @@ class Sampler:
     ) -> SamplerOutput:
         params = [s.sampling_params for s in seqs]
         bsz, vocab = logits.shape
-        n_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        # one pass over the rows for what this step needs (the per-step host cost)
+        n_logprobs: int | None = None
+        penalties = False
+        greedy: list[bool] = []
+        masks: list[tuple[int, int]] = []  # (row, token) masked to -inf before min_tokens
+        for i, (s, p) in enumerate(zip(seqs, params, strict=True)):
+            if p.logprobs is not None and (n_logprobs is None or p.logprobs > n_logprobs):
+                n_logprobs = p.logprobs
+            if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0:
+                penalties = True
+            if p.min_tokens and len(s.token_ids) - len(s.prompt_token_ids) < p.min_tokens:
+                if eos_token_id is not None:
+                    masks.append((i, eos_token_id))
+                masks.extend((i, t) for t in p.stop_token_ids)
+            greedy.append(p.temperature < 1e-5)  # SamplingParams.greedy
         raw_logprobs = torch.log_softmax(logits, dim=-1) if n_logprobs is not None else None
 
-        if any(p.has_penalties for p in params):
+        if penalties:
             logits = self._apply_penalties(logits.clone(), seqs)
-        masks = [
-            (i, t)
-            for i, s in enumerate(seqs)
-            if s.num_output_tokens < s.sampling_params.min_tokens
-            for t in [
-                *([eos_token_id] if eos_token_id is not None else []),
-                *s.sampling_params.stop_token_ids,
-            ]
-        ]
         if masks:
             rows, cols = zip(*masks, strict=True)
             logits = logits.index_put(
@@ -110,7 +115,6 @@ class Sampler:
         if bitmask is not None:
             logits = apply_token_bitmask(logits, bitmask)
 
-        greedy = [p.greedy for p in params]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
@@ -149,28 +153,35 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         params = [s.sampling_params for s in seqs]
-        argmax = logits.argmax(dim=-1)
-        temps = self._tensor(
-            [1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)], torch.float32
-        )
-        scaled = logits / temps[:, None]
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        temps, seeded = [], []
+        top_k_p = min_p_on = False
+        for i, (g, p) in enumerate(zip(greedy, params, strict=True)):
+            temps.append(1.0 if g else p.temperature)
+            if p.top_k > 0 or p.top_p < 1.0:
+                top_k_p = True
+            if p.min_p > 0.0:
+                min_p_on = True
+            if p.seed is not None and not g:
+                seeded.append(i)
+        scaled = logits / self._tensor(temps, torch.float32)[:, None]
+        if top_k_p:
             scaled = self._top_k_top_p(scaled, params)
         probs = torch.softmax(scaled, dim=-1)
-        if any(p.min_p > 0.0 for p in params):
+        if min_p_on:
             min_p = self._tensor([p.min_p for p in params], torch.float32)[:, None]
             probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for i, seq in enumerate(seqs):
-            seed = seq.sampling_params.seed
-            if seed is not None and not greedy[i]:
-                gen = self.seq_generators.get(seq.seq_id)
-                if gen is None:
-                    gen = torch.Generator(device=self.device).manual_seed(seed)
-                    self.seq_generators[seq.seq_id] = gen
-                noise[i].exponential_(generator=gen)
+        for i in seeded:
+            seq = seqs[i]
+            gen = self.seq_generators.get(seq.seq_id)
+            if gen is None:
+                gen = torch.Generator(device=self.device).manual_seed(params[i].seed)
+                self.seq_generators[seq.seq_id] = gen
+            noise[i].exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(self._tensor(greedy, torch.bool), argmax, sampled)
+        if not any(greedy):
+            return sampled
+        return torch.where(self._tensor(greedy, torch.bool), logits.argmax(dim=-1), sampled)
 
     def _top_k_top_p(self, logits: torch.Tensor, params: list) -> torch.Tensor:
         vocab = logits.shape[1]
