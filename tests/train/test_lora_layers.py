@@ -122,3 +122,51 @@ def test_qlora_nf4_base_matches_peft():
 def test_rejects_unknown_targets():
     with pytest.raises(ValueError, match="name no linear layer"):
         lora_layers.apply_lora(_base(), LoraConfig(targets="qq_proj"))
+
+
+def test_siblings_share_one_shrink_and_fall_back_when_inputs_differ():
+    """q/k/v (and gate/up) reading one input run as one autograd node; layers called with different
+    inputs still give each layer's own output (the group switches itself off)."""
+    ours = lora_layers.apply_lora(_base(), LoraConfig(r=4, alpha=8, targets="all-linear"))
+    _randomize_b(ours)
+    attn = ours.model.layers[0].self_attn
+    assert attn.q_proj.group is attn.k_proj.group is attn.v_proj.group is not None
+    assert ours.model.layers[0].mlp.gate_proj.group is not None and attn.o_proj.group is None
+    x = torch.randn(2, 5, ours.config.hidden_size, requires_grad=True)
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    nodes = {t.grad_fn.next_functions[0][0] for t in (q, k, v)}  # under each output's view
+    assert len(nodes) == 1 and "LoraGroupFn" in type(nodes.pop()).__name__  # one node for the three
+    alone = [lora_layers._run([m], x)[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    for got, want in zip((q, k, v), alone, strict=True):
+        torch.testing.assert_close(got, want)
+    (q.sum() + 2 * k.sum() + 3 * v.sum()).backward()
+    gx = x.grad.clone()
+    x.grad = None
+    (alone[0].sum() + 2 * alone[1].sum() + 3 * alone[2].sum()).backward()
+    torch.testing.assert_close(gx, x.grad)
+    y = torch.randn_like(x)
+    q2, k2 = attn.q_proj(x), attn.k_proj(y)  # v never taken, k reads another tensor
+    torch.testing.assert_close(k2, lora_layers._run([attn.k_proj], y)[0])
+    torch.testing.assert_close(q2, lora_layers._run([attn.q_proj], x)[0])
+    assert not attn.q_proj.group.shared
+
+
+def test_bf16_autocast_step_matches_peft():
+    """The GPU's mixed precision on the CPU: bf16 autocast over a bf16 base, fp32 adapters."""
+    cfg = LoraConfig(r=4, alpha=8, targets="all-linear")
+    ours, pm = _pair(cfg)
+    ours, pm = ours.to(torch.bfloat16), pm.to(torch.bfloat16)
+    for m in (ours, pm):
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+    ids, tgt = _batch(ours.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_o, loss_p = ours(ids, targets=tgt), pm(ids, targets=tgt)
+    loss_o.backward()
+    loss_p.backward()
+    torch.testing.assert_close(loss_o.float(), loss_p.float(), rtol=1e-2, atol=1e-2)
+    q = ours.model.layers[1].self_attn.q_proj
+    ref = pm.base_model.model.model.layers[1].self_attn.q_proj.lora_A["default"].weight.grad
+    assert q.lora_A.grad.dtype == torch.float32
+    torch.testing.assert_close(q.lora_A.grad, ref.float(), rtol=5e-2, atol=5e-3)
