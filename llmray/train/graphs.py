@@ -6,15 +6,20 @@ launchers, LoRA layers); on an H200 most of them run in microseconds, so the GPU
 wall time). ``StepGraphs`` captures forward and backward once per input shape and replays them with
 one launch; the optimizer step, gradient clipping and any gradient all-reduce stay eager (few launches).
 
-Protocol (what the caller must keep):
-- gradients are never set to None while graphs are in use: the captured backward accumulates into the
-  parameters' existing ``.grad`` tensors (at fixed addresses), so the caller zeroes them in place
-  (``optimizer.zero_grad(set_to_none=False)``) before each step's first micro-batch;
-- a shape is run eagerly ``warmup`` times (on the capture stream: lazy initialisation such as Triton
-  compiles and cuBLAS workspaces happens there, outside a capture), then captured and replayed;
-  at most ``max_graphs`` shapes get a graph, others always run eagerly;
-- the forward must be a pure function of its inputs and the parameters (no host syncs, no Python state
-  that changes between steps: dropout is fine, its RNG offsets are captured).
+Protocol (what the caller keeps), by ``accumulate``:
+- ``accumulate=False`` (the default): gradients are set to None after each optimizer step
+  (``zero_grad(set_to_none=True)``, as eagerly); a graph is captured with no gradients present, so its
+  backward writes each parameter's gradient into a buffer of its own (no zeroing, no accumulation pass)
+  and every replay binds those buffers to ``.grad`` again. Such a graph serves one-micro-batch steps;
+  with several micro-batches per step (gradient accumulation) the step runs eagerly.
+- ``accumulate=True``: gradients are never set to None: the captured backward adds into the parameters'
+  existing ``.grad`` tensors (fixed addresses), which the caller zeroes in place
+  (``zero_grad(set_to_none=False)``) before a step; serves gradient accumulation too.
+Both: a shape runs eagerly ``warmup`` times (on the capture stream: lazy initialisation such as Triton
+compiles and cuBLAS workspaces happens there, outside a capture), then is captured and replayed; at most
+``max_graphs`` shapes get a graph (one shared memory pool), others always run eagerly. The forward must
+be a pure function of its inputs and the parameters (no host syncs, no Python state that changes between
+steps; dropout is fine, its RNG offsets are captured).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class _Captured:
     ids: torch.Tensor  # static inputs the replay reads
     targets: torch.Tensor
     loss: torch.Tensor  # static output the replay writes
+    grads: list[torch.Tensor | None]  # accumulate=False: the parameters' gradients the replay writes
 
 
 class StepGraphs:
@@ -47,12 +53,13 @@ class StepGraphs:
         dtype: torch.dtype,
         warmup: int = 2,
         max_graphs: int = 4,
+        accumulate: bool = False,
     ) -> None:
         if torch.device(device).type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.forward, self.params = forward, list(params)
         self.device, self.dtype = torch.device(device), dtype
-        self.warmup, self.max_graphs = warmup, max_graphs
+        self.warmup, self.max_graphs, self.accumulate = warmup, max_graphs, accumulate
         self.graphs: dict[tuple, _Captured] = {}
         self.seen: Counter[tuple] = Counter()
         self.replays = 0
@@ -71,13 +78,19 @@ class StepGraphs:
         cap = self.graphs.get(key)
         if cap is None:
             self.seen[key] += 1
-            ready = self.seen[key] > self.warmup and all(p.grad is not None for p in self.params)
-            if not ready or len(self.graphs) >= self.max_graphs:
+            grads = [p.grad is not None for p in self.params]
+            ready = all(grads) if self.accumulate else (n_micro == 1 and not any(grads))
+            if not ready or self.seen[key] <= self.warmup or len(self.graphs) >= self.max_graphs:
                 return self._on_stream(lambda: self._eager(ids, targets, n_micro))
             cap = self._capture(key, ids, targets, n_micro)
+        elif not self.accumulate and any(p.grad is not None for p in self.params):
+            raise RuntimeError("StepGraphs(accumulate=False) needs the gradients set to None before a step")
         cap.ids.copy_(ids)
         cap.targets.copy_(targets)
         cap.graph.replay()
+        if not self.accumulate:
+            for p, g in zip(self.params, cap.grads, strict=True):
+                p.grad = g
         self.replays += 1
         return cap.loss.clone()
 
@@ -101,6 +114,11 @@ class StepGraphs:
             static_loss = loss.detach()
         if self._pool is None:
             self._pool = graph.pool()
-        cap = _Captured(graph, static_ids, static_targets, static_loss)
+        grads: list[torch.Tensor | None] = []
+        if not self.accumulate:
+            grads = [p.grad for p in self.params]  # written by every replay
+            for p in self.params:
+                p.grad = None
+        cap = _Captured(graph, static_ids, static_targets, static_loss, grads)
         self.graphs[key] = cap
         return cap

@@ -61,7 +61,7 @@ def train_step(
     ``before_backward(i)`` wraps micro-batch i's forward + backward (DDP's ``no_sync`` / FSDP's gradient
     sync switch); ``after_backward()`` runs before clipping (the LoRA gradient all-reduce). With
     ``graphs`` (``llmray.train.graphs.StepGraphs`` over the same forward) each micro-batch's forward +
-    backward replays a CUDA graph, and gradients are zeroed in place instead of freed.
+    backward replays a CUDA graph (gradients zeroed in place instead of freed if ``graphs.accumulate``).
     """
     loss_sum = torch.zeros((), device=device)
     for i, (ids, targets) in enumerate(micro_batches):
@@ -78,7 +78,7 @@ def train_step(
         after_backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=graphs is None)
+    optimizer.zero_grad(set_to_none=graphs is None or not graphs.accumulate)
     return loss_sum, grad_norm
 
 

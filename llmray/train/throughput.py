@@ -53,7 +53,11 @@ def measure(
     params = list(model.parameters())
     x = torch.randint(0, mc.vocab_size, (bsz, seq + 1), device=device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    graphs = StepGraphs(model, params, torch.device(device), dtype) if compile_mode == "graphs" else None
+    graphs = None
+    if compile_mode in ("graphs", "graphs_acc"):  # graphs_acc: StepGraphs(accumulate=True), for comparison
+        graphs = StepGraphs(
+            model, params, torch.device(device), dtype, accumulate=compile_mode == "graphs_acc"
+        )
 
     def step():
         batch = [(x[:, :-1], x[:, 1:])]
@@ -95,7 +99,9 @@ def throughput_worker(config: dict[str, Any]) -> None:
     mc = ModelConfig.preset(config["preset"])
     res: dict[str, dict[str, Any] | str] = {}  # variant -> measurements or its failure
     for kernels, comp in VARIANTS:
-        name = kernels + {"none": "", "blocks": "+compile_blocks", "graphs": "+cuda_graphs"}[comp]
+        name = kernels + {"none": "", "blocks": "+compile_blocks", "graphs": "+cuda_graphs"}.get(
+            comp, "+" + comp
+        )
         try:
             res[name] = measure(mc, kernels, comp, config["bsz"], config["seq"], device)
         except Exception as e:  # report, keep the other variants

@@ -18,13 +18,11 @@ from llmray.train.loop import build_optimizer
 pytestmark = pytest.mark.gpu
 
 
-def _run(
-    model, opt_name: str, batches, graphs: bool
-) -> tuple[list[float], Qwen3ForCausalLM, StepGraphs | None]:
+def _run(model, opt_name: str, batches, graphs: bool, accumulate: bool = False):
     dev = torch.device("cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, opt_name, lr=1e-3, muon_lr=0.02)
-    sg = StepGraphs(model, params, dev, torch.bfloat16, warmup=1) if graphs else None
+    sg = StepGraphs(model, params, dev, torch.bfloat16, warmup=1, accumulate=accumulate) if graphs else None
     losses = []
     for ids in batches:
         loss, _ = train_step(
@@ -39,16 +37,17 @@ def _batches(vocab: int, shapes) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, s, device="cuda", generator=g) for s in shapes]
 
 
-@pytest.mark.parametrize("kind", ["pretrain", "lora"])
-def test_graphed_steps_equal_eager(kind):
+@pytest.mark.parametrize(("kind", "accumulate"), [("pretrain", False), ("lora", False), ("pretrain", True)])
+def test_graphed_steps_equal_eager(kind, accumulate):
     torch.manual_seed(0)
     base = Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="triton").cuda().train()
     if kind == "lora":
         base = lora_layers.apply_lora(base.to(torch.bfloat16), LoraConfig(r=4, alpha=8, targets="all-linear"))
     shapes = [(4, 33)] * 5 + [(2, 17)] + [(4, 33)] * 2  # one other shape in between: eager
     batches = _batches(base.config.vocab_size, shapes)
-    eager, m_eager, _ = _run(copy.deepcopy(base), "muon" if kind == "pretrain" else "adamw", batches, False)
-    graphed, m_graph, sg = _run(copy.deepcopy(base), "muon" if kind == "pretrain" else "adamw", batches, True)
+    opt = "muon" if kind == "pretrain" else "adamw"
+    eager, m_eager, _ = _run(copy.deepcopy(base), opt, batches, False)
+    graphed, m_graph, sg = _run(copy.deepcopy(base), opt, batches, True, accumulate)
     assert sg is not None and sg.replays == 6 and len(sg.graphs) == 1, (sg.replays, list(sg.graphs))
     torch.testing.assert_close(graphed, eager, rtol=2e-3, atol=2e-3)
     for (n, a), b in zip(m_eager.named_parameters(), m_graph.parameters(), strict=True):
