@@ -155,7 +155,7 @@ def build_worker(
     dtype = resolve_precision(cfg.precision, device)
     graphs = None
     if cfg.cuda_graphs and device.type == "cuda" and world == 1 and compile_mode == "none":
-        graphs = StepGraphs(model, list(model.parameters()), device, dtype)
+        graphs = StepGraphs(model, list(model.parameters()), device, dtype, accumulate=cfg.grad_accum > 1)
     return _Worker(model, train_fwd, ddp, fsdp, opt, dtype, state, graphs)
 
 
