@@ -156,7 +156,8 @@ def part_c(args, results: dict, out: Path) -> None:
     out_file = out / "c_throughput.json"
     r = run_trainer(
         throughput_worker, {"preset": SMOKE.get("c_preset", "qwen3-0.6b"), "bsz": bsz, "seq": seq,
-                             "out_file": str(out_file)},
+                             "out_file": str(out_file),
+                             "variants": [tuple(v.split(":")) for v in args.c_variants.split(",")]},
         num_workers=1, use_gpu=DEVICE == "cuda", cpus_per_worker=1.0, name="bench_c",
         storage_path=str(out / "ray_c"), max_failures=0,
     )  # fmt: skip
@@ -216,7 +217,7 @@ def part_e(args, results: dict, out: Path) -> None:
         data=args.data, out=str(out / "e_ray"), preset="shakespeare-char", tokenizer="char", seq_len=256,
         batch_size=64, max_steps=2000, warmup_steps=100, lr=3e-3, muon_lr=0.03, eval_every=50, eval_windows=512,
         log_every=50, checkpoint_every=10**6, compile=args.e_compile, kernels=args.e_kernels, use_gpu=True,
-        num_workers=1, cpus_per_worker=1.0, target_val_loss=1.47,
+        num_workers=1, cpus_per_worker=1.0, target_val_loss=1.47, cuda_graphs=not args.e_no_graphs,
     )  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.get("train", {}).items() if k != "batch_size"})
     if SMOKE:
@@ -229,7 +230,7 @@ def part_e(args, results: dict, out: Path) -> None:
     train_s = hit["elapsed_s"] if hit else None
     results["shakespeare_char_s"] = round(train_s, 2) if train_s is not None else None
     results["e_ray_train"] = {
-        "kernels": cfg.kernels, "compile": cfg.compile,
+        "kernels": cfg.kernels, "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs,
         "train_s_to_1.47_incl_compile_and_evals": train_s,
         "step_at_1.47": hit["step"] if hit else None,
         "best_val_loss": min((x["val_loss"] for x in records if "val_loss" in x), default=None),
@@ -256,8 +257,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT / ".data" / "tinyshakespeare" / "input.txt"))
     p.add_argument("--parts", default="ce")
+    p.add_argument(
+        "--c-variants",
+        default="torch:blocks,triton:graphs,triton:none",
+        help="(c) kernels:mode pairs (mode: blocks = compile each block, graphs = CUDA graphs, none)",
+    )
     p.add_argument("--e-kernels", default="triton", help="(e) kernels: auto | triton | torch")
     p.add_argument("--e-compile", action="store_true", help="(e) torch.compile (off: our kernels need none)")
+    p.add_argument("--e-no-graphs", action="store_true", help="(e) eager steps instead of CUDA graphs")
     p.add_argument("--budget-s", type=float, default=280.0)
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     p.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny steps, no numbers")

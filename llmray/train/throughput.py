@@ -98,7 +98,7 @@ def throughput_worker(config: dict[str, Any]) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     mc = ModelConfig.preset(config["preset"])
     res: dict[str, dict[str, Any] | str] = {}  # variant -> measurements or its failure
-    for kernels, comp in VARIANTS:
+    for kernels, comp in config.get("variants", VARIANTS):
         name = kernels + {"none": "", "blocks": "+compile_blocks", "graphs": "+cuda_graphs"}.get(
             comp, "+" + comp
         )
