@@ -166,7 +166,7 @@ def profiler(engine, prompts, params, out_dir: Path, steps: int = 5) -> list:
 def _bench(fn, args: tuple, conf: tuple) -> float:
     import triton
 
-    return triton.testing.do_bench(lambda: fn(*args, config=conf), warmup=5, rep=20)
+    return triton.testing.do_bench(lambda: fn(*args, config=conf), warmup=5, rep=20, return_mode="median")
 
 
 def sweep(cfg) -> dict:
@@ -183,15 +183,23 @@ def sweep(cfg) -> dict:
         kc = torch.randn(bsz * nblk, page, hkv, d, device="cuda", dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
         splits = default_num_splits(bsz, hkv, sms)
-        confs = [(1, c) for c in ((64, 4, 2), (32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 2))]
+        base = (64, 4, 2)
+        confs = [
+            (1, c) for c in (base, (32, 4, 1, True), (64, 4, 1, True), (32, 2, 1, True), (64, 8, 1, True))
+        ]
+        confs += [(1, c) for c in ((32, 4, 2), (64, 4, 3), (128, 8, 2))]
         if bsz > 1:
-            confs += [(2, (64, 4, 2)), (4, (64, 4, 2)), (2, (128, 8, 2))]
+            confs += [(2, base), (2, (32, 4, 1, True)), (4, (32, 4, 1, True))]
+        ref = paged_decode(q, kc, vc, tables, lens, d**-0.5, splits, config=base).float()
         for split_x, conf in confs:
             ns = splits * split_x
             try:
+                out = paged_decode(q, kc, vc, tables, lens, d**-0.5, ns, config=conf).float()
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
                 ms = _bench(paged_decode, (q, kc, vc, tables, lens, d**-0.5, ns), conf)
+                ms = ms if err < 2e-2 else f"{ms} WRONG (rel err {err:.3g})"
             except Exception as e:  # a config that does not compile: note it and go on
-                ms = f"error {type(e).__name__}"
+                ms = f"error {type(e).__name__}: {str(e)[:200]}"
             res[f"bs{bsz} ctx{ctx} splits{ns} {conf}"] = ms
             print(f"  sweep bs{bsz} ctx{ctx} splits{ns} {conf}: {ms}", flush=True)
         del kc, vc
@@ -231,6 +239,7 @@ def main() -> None:
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--baseline-timeout", type=int, default=60)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-only", action="store_true", help="only the decode-kernel sweep")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -240,6 +249,11 @@ def main() -> None:
         return child(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sweep_only:
+        from llmray.config import ModelConfig
+
+        (out / "engine_sweep.json").write_text(json.dumps(sweep(ModelConfig.preset("qwen3-0.6b")), indent=2))
+        return
     res: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "command": " ".join(sys.argv)}
 
     def save():

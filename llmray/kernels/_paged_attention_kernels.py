@@ -40,6 +40,7 @@ def _decode_kernel(
     INDIRECT: tl.constexpr,
     FP8: tl.constexpr,
     CDT: tl.constexpr,  # dot input dtype (fp16 for an fp8 cache under bf16: e4m3 -> f16 is one instruction)
+    PREFETCH: tl.constexpr = False,  # load tile i+1 (pages, K, V) into registers before computing tile i
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -70,22 +71,52 @@ def _decode_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
+    if PREFETCH:
+        # register double buffering: the next tile's page ids, K and V are in flight during this tile's math
+        offs = start + tl.arange(0, BLOCK_N)
         nmask = offs < end
         page = tl.load(block_tables_ptr + b * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
-        addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch  # (BLOCK_N,)
+        addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch
         kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k.to(CDT)), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0).to(CDT)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        for n0 in range(start, end, BLOCK_N):
+            offs_nx = n0 + BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask_nx = offs_nx < end
+            page_nx = tl.load(block_tables_ptr + b * stride_bt + offs_nx // PAGE, mask=nmask_nx, other=0)
+            addr_nx = page_nx.to(tl.int64) * stride_cb + (offs_nx % PAGE) * stride_cs + kvh * stride_ch
+            mask_nx = nmask_nx[:, None] & dmask[None, :]
+            k_nx = tl.load(k_cache_ptr + addr_nx[:, None] + d[None, :], mask=mask_nx, other=0.0)
+            v_nx = tl.load(v_cache_ptr + addr_nx[:, None] + d[None, :], mask=mask_nx, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(CDT)), input_precision=PRECISION) * qk_scale
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            l_sum = l_sum * alpha + tl.sum(p, 1)
+            vc = v.to(CDT)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc, input_precision=PRECISION)
+            m = m_new
+            k, v, nmask = k_nx, v_nx, nmask_nx
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs < end
+            page = tl.load(block_tables_ptr + b * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
+            addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch  # (BLOCK_N,)
+            kv_mask = nmask[:, None] & dmask[None, :]
+            k = tl.load(
+                k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0
+            )  # (BLOCK_N, BLOCK_D)
+            s = tl.dot(q, tl.trans(k.to(CDT)), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            l_sum = l_sum * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0).to(CDT)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
     if FP8:
         acc = acc * tl.load(v_scale_ptr)
 

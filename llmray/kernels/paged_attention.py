@@ -43,7 +43,7 @@ def _compute_dtype(dtype: torch.dtype, fp8: bool):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-# decode kernel launch configuration by query dtype: (BLOCK_N, num_warps, num_stages)
+# decode kernel launch configuration by query dtype: (BLOCK_N, num_warps, num_stages[, prefetch])
 DECODE_CONFIG = {torch.float32: (32, 4, 2), torch.bfloat16: (64, 4, 2), torch.float16: (64, 4, 2)}
 
 
@@ -65,7 +65,7 @@ def paged_decode(
     query_start: torch.Tensor | None = None,  # (B + 1,): q/out rows are packed tokens; only q_len 1 runs
     k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
     v_scale: torch.Tensor | None = None,
-    config: tuple[int, int, int] | None = None,  # (BLOCK_N, num_warps, num_stages); None: the defaults
+    config: tuple | None = None,  # (BLOCK_N, num_warps, num_stages[, prefetch]); None: DECODE_CONFIG
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over its paged context (Triton).
 
@@ -88,7 +88,8 @@ def paged_decode(
     else:
         part_out = part_lse = out  # unused
     block_d = triton.next_power_of_2(d)
-    block_n, warps, stages = config or DECODE_CONFIG.get(q.dtype, (64, 4, 2))
+    block_n, warps, stages, *rest = config or DECODE_CONFIG.get(q.dtype, (64, 4, 2))
+    prefetch = bool(rest and rest[0])
     _decode_kernel[(bsz, hkv, num_splits)](
         q,
         k_cache,
@@ -122,6 +123,7 @@ def paged_decode(
         INDIRECT=indirect,
         FP8=fp8,
         CDT=_compute_dtype(q.dtype, fp8),
+        PREFETCH=prefetch,
         num_warps=warps,
         num_stages=stages,
     )

@@ -45,11 +45,11 @@ def make_case(ctx_lens, q_lens, h, hkv, d, page, dtype, seed=0):
     return q, k_cache, v_cache, tables.to(DEVICE), starts.to(DEVICE), ctx.to(DEVICE)
 
 
-def _decode_check(ctx_lens, h, hkv, d, page, dtype, splits, atol, precision=None):
+def _decode_check(ctx_lens, h, hkv, d, page, dtype, splits, atol, precision=None, config=None):
     q, kc, vc, bt, qs, cl = make_case(ctx_lens, [1] * len(ctx_lens), h, hkv, d, page, dtype)
     scale = d**-0.5
     ref = paged_attention_ref(q.float(), kc.float(), vc.float(), bt, qs, cl, scale)
-    out = paged_decode(q, kc, vc, bt, cl, scale, num_splits=splits, precision=precision)
+    out = paged_decode(q, kc, vc, bt, cl, scale, num_splits=splits, precision=precision, config=config)
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
 
 
@@ -65,6 +65,15 @@ def _prefill_check(ctx_lens, q_lens, h, hkv, d, page, dtype, atol, precision=Non
 def test_decode_matches_reference_fp32(splits):
     # odd context lengths: 1 token, within a page, across pages; GQA group 2; head_dim 16
     _decode_check([1, 7, 37], h=4, hkv=2, d=16, page=4, dtype=torch.float32, splits=splits, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_prefetch_variant_matches_reference(splits):
+    # the register double-buffered loop: tiles of 8 tokens over contexts of 1, 7, 37 (a partial last tile)
+    cfg = (8 if DEVICE == "cpu" else 32, 4, 1, True)
+    _decode_check(
+        [1, 7, 37], h=4, hkv=2, d=16, page=4, dtype=torch.float32, splits=splits, atol=1e-5, config=cfg
+    )
 
 
 def test_decode_mha_and_short_context_with_many_splits():
