@@ -46,9 +46,8 @@ class Force:
 def _train_char_model(steps: int, preset: str, device: str) -> tuple[Qwen3ForCausalLM, list[int], list[int]]:
     text = shared_data("tinyshakespeare/input.txt").read_text()
     chars = sorted(set(text))
-    ids = torch.tensor(
-        [chars.index(c) for c in text[:200_000]] if not CUDA else [chars.index(c) for c in text]
-    )
+    index = {c: i for i, c in enumerate(chars)}
+    ids = torch.tensor([index[c] for c in (text if CUDA else text[:200_000])])
     split = int(0.9 * len(ids))
     train, val = ids[:split], ids[split:]
     torch.manual_seed(0)
