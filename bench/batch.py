@@ -132,21 +132,27 @@ def offline_child(args) -> None:
     print(json.dumps(res))
 
 
-def wait_gpus_free(limit_s: float = 30.0) -> float:
-    """Wait until no GPU holds more than 2 GiB (the previous engines' processes have exited)."""
+def gpu_memory_used() -> list[int]:
+    """MiB in use on each GPU (nvidia-smi; empty when it cannot tell)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+        return [int(x) for x in out.split()]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return []
+
+
+def wait_gpus_free(baseline: list[int], limit_s: float = 20.0) -> float:
+    """Wait until every GPU is back within 1 GiB of ``baseline`` (the last run's engines have exited)."""
     t = time.perf_counter()
     while time.perf_counter() - t < limit_s:
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=10,
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
-            break
-        if all(int(x) < 2048 for x in out.split()):
+        used = gpu_memory_used()
+        if len(used) != len(baseline) or all(u <= b + 1024 for u, b in zip(used, baseline, strict=True)):
             break
         time.sleep(0.5)
     return time.perf_counter() - t
@@ -340,12 +346,13 @@ def main() -> None:
     t = time.perf_counter()
     ray.init(configure_logging=False, log_to_driver=False, include_dashboard=False)
     res["ray_init_s"] = time.perf_counter() - t
-    for n in counts:
+    baseline = gpu_memory_used() if cuda else []
+    for i, n in enumerate(counts):
         if cuda and n > gpus:
             res[f"llmray_batch_{n}_engines"] = f"skipped: {gpus} GPU(s) visible"
             continue
-        if cuda:
-            res[f"gpu_free_wait_s_before_{n}"] = wait_gpus_free()
+        if cuda and i:
+            res[f"gpu_free_wait_s_before_{n}"] = wait_gpus_free(baseline)
         print(time.strftime("%H:%M:%S"), f"llmray batch, {n} engine(s) ...", flush=True)
         b = run_batch_timed(model_dir, rows_path, engine, cuda, n, f"{n}-engines")
         if b["output_tokens"] != offline["output_tokens"]:
