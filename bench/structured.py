@@ -7,9 +7,12 @@ computed over a vocabulary of Qwen3's size and kind. Free rows sample with ``ign
 ``--max-tokens``; the schema keeps constrained rows going as long (an array of at least 8 strings), so both
 batches hold 256 rows for the whole run and the ratio measures the cost of constraining, not shorter
 answers. Runs alternate free / half / free / half ... (``--runs`` each) after a warm-up that compiles the
-grammar. Reported: output tok/s per run, ``half_schema_over_free`` (median over median), the share of
-constrained outputs that parse and validate (those that finished "stop") and the same ratio with masks
-computed inline (no worker threads) as ``half_schema_over_free_inline``.
+grammar; the JSON is rewritten after every run, so a run cut short still leaves what it measured.
+Reported: output tok/s per run, ``half_schema_over_free`` (median over median, the default grammar library:
+llguidance for JSON schemas), the share of constrained outputs that parse and validate (those that finished
+"stop"), then, as time allows (``--budget-s``): the all-free batch with async scheduling off
+(``free_sync_over_free``: what a step that cannot launch ahead costs) and the half batch on xgrammar
+(``half_schema_over_free_xgrammar``).
 
     python bench/structured.py --tokenizer .data/bpe151k.tar.xz --out bench/results/structured.json
 """
@@ -89,10 +92,15 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--budget-s", type=float, default=1e9, help="skip the optional runs past this many seconds"
+    )
+    ap.add_argument("--extras", default="sync,xgrammar", help="optional runs, in order: sync, xgrammar")
     ap.add_argument("--out", default="bench/results/structured.json")
     args = ap.parse_args()
     import jsonschema
 
+    t_start = time.perf_counter()
     tok = load_tokenizer(args.tokenizer)
     llm = build_llm(tok, args.preset)
     gen = torch.Generator().manual_seed(0)
@@ -101,8 +109,8 @@ def main() -> None:
         for _ in range(args.num)
     ]
 
-    def params(i: int, schema: bool) -> SamplingParams:
-        kw = {"structured_output": {"json": SCHEMA}} if schema else {"ignore_eos": True}
+    def params(i: int, schema: bool, backend: str = "auto") -> SamplingParams:
+        kw = {"structured_output": {"json": SCHEMA, "backend": backend}} if schema else {"ignore_eos": True}
         return SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=i, **kw)
 
     free = [params(i, False) for i in range(args.num)]
@@ -111,50 +119,69 @@ def main() -> None:
     w = min(8, args.num)
     llm.generate(prompts[:w], [params(i, i % 2 == 1) for i in range(w)])  # warm-up: kernels, grammar compile
     warm_s = time.perf_counter() - t0
-    res: dict = {"free": [], "half": [], "half_inline": []}
+    res: dict = {"free": [], "half": []}
+    result: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+    def write(outs_half: list) -> None:
+        med = {k: statistics.median(v) for k, v in res.items() if v}
+        constrained = [o for i, o in enumerate(outs_half) if i % 2 == 1]
+        valid = 0
+        for o in constrained:
+            if o.finish_reason == "stop":
+                try:
+                    jsonschema.validate(json.loads(o.text), SCHEMA)
+                    valid += 1
+                except (json.JSONDecodeError, jsonschema.ValidationError):
+                    pass
+        if "free" in med and "half" in med:
+            result["half_schema_over_free"] = round(med["half"] / med["free"], 3)
+        if "free" in med and "half_xgrammar" in med:
+            result["half_schema_over_free_xgrammar"] = round(med["half_xgrammar"] / med["free"], 3)
+        if "free" in med and "free_sync" in med:
+            result["free_sync_over_free"] = round(med["free_sync"] / med["free"], 3)
+        result.update({f"{k}_tok_s": [round(x) for x in v] for k, v in res.items()})
+        result.update(
+            {
+                "grammar_library": "llguidance (backend auto)",
+                "constrained_finished_stop": sum(o.finish_reason == "stop" for o in constrained),
+                "constrained_stop_valid": valid,
+                "constrained_mean_tokens": round(statistics.mean(len(o.token_ids) for o in constrained), 1)
+                if constrained
+                else None,
+                "warmup_s": round(warm_s, 1),
+                "elapsed_s": round(time.perf_counter() - t_start, 1),
+                "requests": args.num,
+                "prompt_len": args.prompt_len,
+                "max_tokens": args.max_tokens,
+                "vocab_size": tok.vocab_size,
+                "schema": SCHEMA,
+                "command": "python " + " ".join(sys.argv),
+            }
+        )
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "schema"}), flush=True)
+
     outs_half: list = []
     for _ in range(args.runs):
         res["free"].append(timed(llm, prompts, free)[0])
         tps, outs_half = timed(llm, prompts, half)
         res["half"].append(tps)
-    compiler = llm.engine._grammars
-    pool, compiler._fill_pool = compiler._fill_pool, None  # masks computed inline in fill_bitmask
-    for _ in range(max(1, args.runs - 1)):
-        res["half_inline"].append(timed(llm, prompts, half)[0])
-    compiler._fill_pool = pool
-    constrained = [o for i, o in enumerate(outs_half) if i % 2 == 1]
-    valid = 0
-    for o in constrained:
-        if o.finish_reason == "stop":
-            try:
-                jsonschema.validate(json.loads(o.text), SCHEMA)
-                valid += 1
-            except (json.JSONDecodeError, jsonschema.ValidationError):
-                pass
-    stopped = sum(o.finish_reason == "stop" for o in constrained)
-    med = {k: statistics.median(v) for k, v in res.items()}
-    result = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "half_schema_over_free": round(med["half"] / med["free"], 3),
-        "half_schema_over_free_inline": round(med["half_inline"] / med["free"], 3),
-        "free_tok_s": [round(x) for x in res["free"]],
-        "half_schema_tok_s": [round(x) for x in res["half"]],
-        "half_schema_inline_tok_s": [round(x) for x in res["half_inline"]],
-        "constrained_finished_stop": stopped,
-        "constrained_stop_valid": valid,
-        "constrained_mean_tokens": round(statistics.mean(len(o.token_ids) for o in constrained), 1),
-        "grammar_fill_threads": compiler.fill_threads,
-        "warmup_s": round(warm_s, 1),
-        "requests": args.num,
-        "prompt_len": args.prompt_len,
-        "max_tokens": args.max_tokens,
-        "vocab_size": tok.vocab_size,
-        "schema": SCHEMA,
-        "command": "python " + " ".join(sys.argv),
-    }
-    print(json.dumps(result, indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write(outs_half)
+    per_run = (time.perf_counter() - t0 - warm_s) / (2 * args.runs)
+    for extra in [e for e in args.extras.split(",") if e]:
+        if time.perf_counter() - t_start + 2.5 * per_run > args.budget_s:
+            print(f"skipping {extra}: budget", flush=True)
+            break
+        if extra == "sync":
+            llm.engine.async_scheduling = False
+            res["free_sync"] = [timed(llm, prompts, free)[0]]
+            llm.engine.async_scheduling = True
+        elif extra == "xgrammar":
+            hx = [params(i, i % 2 == 1, "xgrammar") for i in range(args.num)]
+            llm.generate(prompts[:w], hx[:w])  # compile
+            res["half_xgrammar"] = [timed(llm, prompts, hx)[0]]
+        write(outs_half)
 
 
 if __name__ == "__main__":

@@ -114,9 +114,12 @@ def test_token_bytes_spell_the_text(tokenizers, kind):
     assert vocab.tokens[tok.eos_token_id] == b""  # special tokens are never part of a document
 
 
-@pytest.mark.parametrize("kind", ["byte_level", "metaspace", "char"])
-def test_random_walks_validate_against_the_schema(tokenizers, compilers, kind):
-    spec = StructuredOutput(json=NESTED)
+@pytest.mark.parametrize(
+    "kind,backend",
+    [("byte_level", "auto"), ("metaspace", "auto"), ("char", "auto"), ("byte_level", "xgrammar")],
+)
+def test_random_walks_validate_against_the_schema(tokenizers, compilers, kind, backend):
+    spec = StructuredOutput(json=NESTED, backend=backend)
     for seed in range(3):
         ids = walk(compilers[kind], spec, seed)
         assert ids[-1] == tokenizers[kind].eos_token_id  # finished by the stop token once complete
@@ -159,7 +162,7 @@ def test_regex_choice_and_affixes(tokenizers, compilers):
 
 def test_bad_specs_are_value_errors_naming_the_problem(compilers):
     comp = compilers["byte_level"]
-    with pytest.raises(ValueError, match="structured_output.json.*'nope'"):
+    with pytest.raises(ValueError, match="structured_output.json.*nope"):
         comp.constraint(StructuredOutput(json={"type": "object", "properties": {"a": {"$ref": "#/nope"}}}))
     with pytest.raises(ValueError, match="uniqueItems.*properties.x"):
         comp.constraint(StructuredOutput(json={"properties": {"x": {"type": "array", "uniqueItems": True}}}))
@@ -203,8 +206,10 @@ def test_spec_is_hashable_picklable_and_canonical():
     import pickle
 
     a = StructuredOutput(json={"b": 1, "a": 2})
-    b = StructuredOutput.from_dict({"json": '{"a": 2, "b": 1}'})
+    b = StructuredOutput.from_dict({"json": '{"b": 1,  "a": 2}'})
     assert a.key == b.key and a == pickle.loads(pickle.dumps(a))
+    # property order is kept (documents follow it), so another order is another grammar
+    assert StructuredOutput(json={"a": 2, "b": 1}).key != a.key
     with pytest.raises(ValueError, match="unknown keys"):
         StructuredOutput.from_dict({"json_schema": {}})
 
@@ -212,7 +217,80 @@ def test_spec_is_hashable_picklable_and_canonical():
 def test_masks_prefetched_on_worker_threads_equal_inline_ones(tokenizers, compilers):
     tok = tokenizers["byte_level"]
     inline = GrammarCompiler(tok, tok.vocab_size + 13, tok.eos_token_id, fill_threads=0)
-    spec = StructuredOutput(json=NESTED)
+    spec = StructuredOutput(json=NESTED, backend="xgrammar")
     assert compilers["byte_level"].fill_threads > 0
     for seed in range(2):
         assert walk(inline, spec, seed) == walk(compilers["byte_level"], spec, seed)
+
+
+def test_each_kind_names_its_library_explicitly():
+    assert [
+        StructuredOutput(**{k: v}).library for k, v in [("json", {}), ("regex", "a"), ("choice", ["a"])]
+    ] == ["llguidance"] * 3
+    assert StructuredOutput(json_object=True).library == "llguidance"
+    assert StructuredOutput(grammar='root ::= "a"').library == "xgrammar"  # the EBNF dialect we document
+    assert StructuredOutput(json={}, backend="xgrammar").library == "xgrammar"
+    assert StructuredOutput(json={}).key != StructuredOutput(json={}, backend="xgrammar").key  # cached apart
+    with pytest.raises(ValueError, match="backend must be one of"):
+        StructuredOutput(json={}, backend="outlines")
+
+
+def test_regex_digits_are_ascii_in_both_libraries(tokenizers, compilers):
+    """llguidance's regexes are Rust's (Unicode \\d); ours mean [0-9] as xgrammar and JSON schema do."""
+    tok, comp = tokenizers["char"], compilers["char"]
+    for backend in ("llguidance", "xgrammar"):
+        c = comp.constraint(StructuredOutput(regex=r"\d\w", backend=backend))
+        mask = torch.zeros((1, (comp.vocab_size + 31) // 32), dtype=torch.int32)
+        c.fill_bitmask(mask, 0)
+        allowed = {
+            tok.decode([i]) for i in unpack_bitmask(mask[0], comp.vocab_size).nonzero().flatten().tolist()
+        }
+        assert allowed and allowed <= set("0123456789"), (backend, allowed)
+
+
+class _Broken:
+    def fill_bitmask(self, bitmask, row):
+        raise RuntimeError("broken")
+
+
+def test_one_call_fills_a_steps_rows_like_row_by_row(tokenizers, compilers):
+    from llmray.engine.structured.batch import fill_bitmasks
+
+    tok, comp = tokenizers["byte_level"], compilers["byte_level"]
+    words = (comp.vocab_size + 31) // 32
+    prefixes = [
+        '{"user": {"name": "ab',
+        '{"user": {"name": "x", "role": "',
+        '{"user": {"name": "x", "role": "admin", "age',
+    ]
+    rows = []
+    for i, p in enumerate(prefixes):
+        c = comp.constraint(StructuredOutput(json=NESTED))
+        assert all(c.accept_token(t) for t in tok.encode(p))
+        rows.append((2 * i, c))
+    xg = comp.constraint(StructuredOutput(json=NESTED, backend="xgrammar"))  # no batch API: filled per row
+    rows += [(1, xg), (3, _Broken())]
+    batch = torch.full((7, words), -1, dtype=torch.int32)
+    failed = fill_bitmasks(batch, rows)
+    assert list(failed) == [3] and "broken" in failed[3]
+    for r, c in rows[:-1]:
+        one = torch.full((1, words), -1, dtype=torch.int32)
+        c.fill_bitmask(one, 0)
+        assert torch.equal(batch[r], one[0]), r
+    assert bool((batch[5] == -1).all()) and bool(
+        (batch[6] == -1).all()
+    )  # rows without a constraint: untouched
+
+
+def test_a_requests_extra_stop_token_ends_the_document(tokenizers, compilers):
+    tok, comp = tokenizers["byte_level"], compilers["byte_level"]
+    stop = tok.encode("Z")[0]
+    c = comp.constraint(StructuredOutput(choice=["alpha", "beta"]), extra_stop_token_ids=[stop])
+    mask = torch.zeros((1, (comp.vocab_size + 31) // 32), dtype=torch.int32)
+    c.fill_bitmask(mask, 0)
+    assert not bool(unpack_bitmask(mask[0], comp.vocab_size)[stop])  # not before the document is complete
+    assert all(c.accept_token(t) for t in tok.encode("beta")) and not c.is_terminated()
+    c.fill_bitmask(mask, 0)
+    allowed = unpack_bitmask(mask[0], comp.vocab_size)
+    assert bool(allowed[stop]) and bool(allowed[tok.eos_token_id])
+    assert c.accept_token(stop) and c.is_terminated()

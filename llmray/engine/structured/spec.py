@@ -3,7 +3,10 @@
 Exactly one of ``json`` (a JSON schema, as a dict or JSON text), ``json_object`` (any JSON object), ``regex``,
 ``choice`` (one of these strings) or ``grammar`` (EBNF, GBNF dialect as xgrammar reads it). Optional
 ``prefix`` / ``suffix`` are literal text the constrained document must be wrapped in (tool calls:
-``<tool_call>\\n`` ... ``\\n</tool_call>``). Sizes are checked here (ValueError naming the field), so an
+``<tool_call>\\n`` ... ``\\n</tool_call>``). ``backend`` picks the grammar library: ``"auto"`` (default) is
+llguidance for json / json_object / regex / choice (its masks are far cheaper inside JSON strings) and
+xgrammar for ``grammar`` (the EBNF dialect we document is xgrammar's); ``"llguidance"`` or ``"xgrammar"``
+asks for one explicitly (llguidance reads ``grammar`` as Lark, or GBNF converted to Lark). Sizes are checked here (ValueError naming the field), so an
 oversized request is refused before it reaches the engine; whether a schema compiles is checked by the
 grammar compiler (``llmray.engine.structured.compiler``).
 """
@@ -18,6 +21,14 @@ MAX_SPEC_BYTES = 64 * 1024  # a schema / grammar / regex larger than this is ref
 MAX_CHOICES = 1024
 MAX_AFFIX_CHARS = 256
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+BACKENDS = ("auto", "llguidance", "xgrammar")
+AUTO_BACKEND = {  # the library each kind gets under backend="auto"
+    "json": "llguidance",
+    "json_object": "llguidance",
+    "regex": "llguidance",
+    "choice": "llguidance",
+    "grammar": "xgrammar",
+}
 
 
 def _err(name: str, what: str) -> ValueError:
@@ -35,7 +46,8 @@ class StructuredOutput:
     grammar: str | None = None
     prefix: str = ""
     suffix: str = ""
-    key: tuple[str, str, str, str] = field(init=False, repr=False, compare=False)
+    backend: str = "auto"
+    key: tuple[str, str, str, str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         given = [k for k in KINDS if (getattr(self, k) not in (None, False))]
@@ -57,7 +69,8 @@ class StructuredOutput:
             if not isinstance(schema, dict | bool):
                 raise _err("json", f"must be a JSON schema object, got {type(schema).__name__}")
             try:
-                text = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
+                # key order kept: a JSON grammar writes properties in the schema's order
+                text = json.dumps(schema, separators=(",", ":"), allow_nan=False)
             except (TypeError, ValueError) as e:
                 raise _err("json", f"cannot be serialised as JSON: {e}") from None
             object.__setattr__(self, "json", text)
@@ -86,11 +99,19 @@ class StructuredOutput:
             v = getattr(self, name)
             if not isinstance(v, str) or len(v) > MAX_AFFIX_CHARS:
                 raise _err(name, f"must be a string of at most {MAX_AFFIX_CHARS} characters")
-        object.__setattr__(self, "key", (kind, text, self.prefix, self.suffix))
+        if self.backend not in BACKENDS:
+            raise _err("backend", f"must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        backend = AUTO_BACKEND[kind] if self.backend == "auto" else self.backend
+        object.__setattr__(self, "key", (kind, text, self.prefix, self.suffix, backend))
 
     @property
     def kind(self) -> str:
         return self.key[0]
+
+    @property
+    def library(self) -> str:
+        """The grammar library this spec runs on ("llguidance" | "xgrammar"; ``auto`` resolved)."""
+        return self.key[4]
 
     @classmethod
     def from_dict(cls, d: StructuredOutput | dict[str, Any]) -> StructuredOutput:
@@ -99,9 +120,8 @@ class StructuredOutput:
             return d
         if not isinstance(d, dict):
             raise ValueError(f"structured_output must be a mapping, got {type(d).__name__}")
-        unknown = sorted(set(d) - {*KINDS, "prefix", "suffix"})
+        allowed = [*KINDS, "prefix", "suffix", "backend"]
+        unknown = sorted(set(d) - set(allowed))
         if unknown:
-            raise ValueError(
-                f"structured_output has unknown keys {unknown}; allowed: {[*KINDS, 'prefix', 'suffix']}"
-            )
+            raise ValueError(f"structured_output has unknown keys {unknown}; allowed: {allowed}")
         return cls(**d)

@@ -1,0 +1,279 @@
+"""The llguidance backend: a spec's grammar over the engine's vocabulary, and its per-request matcher.
+
+``LLGuidanceBackend(tokenizer, tokens, vocab_size, eos_token_id)`` is built by ``GrammarCompiler`` the first time
+a spec asks for llguidance (llguidance is imported then; building its token trie over a 151,936-token vocabulary
+takes about a second). ``compile`` builds one pristine ``LLMatcher`` per spec (the compiler caches it);
+``constraint`` deep-copies it (microseconds) into a fresh ``LLGuidanceConstraint``.
+
+Masks: ``LLGuidanceConstraint.fill_bitmasks(bitmask, rows)`` fills every llguidance row of a step in ONE call
+(``LLExecutor``: parallel threads, no GIL) straight into the step's host bitmask; ``fill_bitmask`` fills one row.
+Both write through llguidance's pointer API (``llguidance.torch`` is not imported: importing it runs
+``torch.compile``'s import of dynamo, 5-20 s).
+llguidance's mask inside JSON strings costs 15-40 µs on a 151,936-token vocabulary where xgrammar's costs
+490-700 µs (bench/results/grammar_strings.json), which is why ``auto`` picks it for JSON, regex and choice.
+
+Stop tokens: the engine's EOS is llguidance's end of sequence (allowed once the grammar accepts, which then
+stops). A request's extra stop tokens (``stop_token_ids``) are allowed by this module on top of the mask
+whenever the grammar accepts, and taking one finishes the document as EOS does.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from llmray.engine.structured.spec import StructuredOutput
+
+
+class _Wrapper:
+    """llguidance's ``TokenizerWrapper`` protocol over our token bytes (special tokens are ``b""``).
+
+    llguidance tokenizes text the grammar forces and allows only those tokens then, so a tokenization must
+    spell exactly the given bytes: the tokenizer's own when it does (byte-level BPE), else greedy longest
+    match over the token bytes (a Metaspace tokenizer prepends a space to what it encodes)."""
+
+    def __init__(
+        self, tokenizer: Any, tokens: list[bytes], eos_token_id: int, special_ids: list[int]
+    ) -> None:
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = None
+        self.tokens = tokens
+        self.special_token_ids = special_ids
+        self.is_tokenizer_wrapper = True
+        self._tok = tokenizer
+        self._ids: dict[bytes, int] = {}
+        for i, t in enumerate(tokens):
+            if t:
+                self._ids.setdefault(t, i)
+        self._longest = max((len(t) for t in self._ids), default=1)
+
+    def _greedy(self, data: bytes) -> list[int]:
+        out, i = [], 0
+        while i < len(data):
+            for n in range(min(self._longest, len(data) - i), 0, -1):
+                tid = self._ids.get(data[i : i + n])
+                if tid is not None:
+                    out.append(tid)
+                    i += n
+                    break
+            else:
+                i += 1  # a byte no token spells: it cannot be written anyway
+        return out
+
+    def __call__(self, s: bytes | str) -> list[int]:
+        data = s if isinstance(s, bytes) else s.encode("utf-8")
+        try:  # never raise: llguidance calls this from Rust and panics on an exception
+            ids = self._tok.encode(data.decode("utf-8", "replace"))
+        except Exception:
+            return self._greedy(data)
+        if b"".join(self.tokens[i] if 0 <= i < len(self.tokens) else b"?" for i in ids) == data:
+            return ids
+        return self._greedy(data)
+
+
+class LLGuidanceConstraint:
+    """One request's grammar state (the ``TokenConstraint`` protocol) on an ``LLMatcher``."""
+
+    backend = "llguidance"
+
+    def __init__(self, matcher: Any, executor: Any, eos_token_id: int, extra_stops: list[int]) -> None:
+        self.matcher = matcher
+        self.executor = executor
+        self.eos_token_id = eos_token_id
+        self.extra_stops = extra_stops  # the request's stop tokens beyond EOS
+        self.num_accepted = 0
+        self._terminated = False
+
+    def _add_stops(self, bitmask: torch.Tensor, row: int) -> None:
+        if self.extra_stops and self.matcher.is_accepting():
+            for t in self.extra_stops:
+                bitmask[row, t // 32] |= _bit(t)
+
+    def _check(self) -> None:
+        if self.matcher.is_error():
+            raise RuntimeError(f"llguidance: {self.matcher.get_error()}")
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens of this request into ``bitmask[row]`` (int32, 1 bit per token)."""
+        v = bitmask[row]
+        assert bitmask.dtype == torch.int32 and not bitmask.is_cuda and v.is_contiguous(), "host int32 rows"
+        self.matcher.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * 4)  # GIL released while it runs
+        self._check()
+        self._add_stops(bitmask, row)
+
+    @classmethod
+    def fill_bitmasks(
+        cls, bitmask: torch.Tensor, rows: list[tuple[int, LLGuidanceConstraint]]
+    ) -> dict[int, str]:
+        """Fill ``bitmask[r]`` for every ``(r, constraint)`` in one call per executor (parallel threads,
+        GIL released). ``bitmask``: contiguous host int32 (R, ceil(V/32)). Returns row -> why, for rows whose
+        matcher is in an error state (their row is left for the caller to reset)."""
+        assert bitmask.dtype == torch.int32 and not bitmask.is_cuda and bitmask.is_contiguous(), "host int32"
+        by_executor: dict[int, list[tuple[int, LLGuidanceConstraint]]] = {}
+        for r, c in rows:
+            by_executor.setdefault(id(c.executor), []).append((r, c))
+        for group in by_executor.values():
+            group[0][1].executor.unsafe_compute_mask_ptr(
+                [(c.matcher, r) for r, c in group], bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0]
+            )
+        failed: dict[int, str] = {}
+        for r, c in rows:
+            if c.matcher.is_error():
+                failed[r] = f"llguidance: {c.matcher.get_error()}"
+            else:
+                c._add_stops(bitmask, r)
+        return failed
+
+    def accept_token(self, token_id: int) -> bool:
+        token_id = int(token_id)
+        if token_id in self.extra_stops and token_id != self.eos_token_id:
+            ok = bool(self.matcher.is_accepting())  # the document is complete: a stop token ends it
+            self._terminated = ok
+            self.num_accepted += ok
+            return ok
+        ok = bool(self.matcher.consume_token(token_id))
+        self.num_accepted += ok
+        self._terminated = ok and token_id == self.eos_token_id
+        return ok
+
+    def is_terminated(self) -> bool:
+        return self._terminated
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+
+
+def closed_objects(node: Any) -> Any:
+    """A copy of a schema whose ``pattern`` regexes use ASCII ``\\d`` / ``\\w`` (``ascii_classes``) and where every object schema with ``properties`` and no ``additionalProperties`` (nor
+    ``unevaluatedProperties``) gets ``additionalProperties: false``: the strict reading xgrammar applies
+    and OpenAI's strict mode asks for, so a document never runs on with invented keys."""
+    if isinstance(node, list):
+        return [closed_objects(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = dict(node)
+    for k, v in node.items():
+        if k in _SUBSCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {name: closed_objects(sub) for name, sub in v.items()}
+        elif k in _SUBSCHEMA_LISTS and isinstance(v, list):
+            out[k] = [closed_objects(sub) for sub in v]
+        elif k in ("items", "additionalProperties", "additionalItems") and isinstance(v, dict):
+            out[k] = closed_objects(v)
+    if isinstance(node.get("pattern"), str):
+        out["pattern"] = ascii_classes(node["pattern"])
+    if "properties" in node and "additionalProperties" not in node and "unevaluatedProperties" not in node:
+        out["additionalProperties"] = False
+    return out
+
+
+_ASCII_CLASSES = {"d": "0-9", "w": "0-9A-Za-z_"}
+
+
+def ascii_classes(regex: str) -> str:
+    """``\\d`` / ``\\w`` (and ``\\D`` / ``\\W`` outside brackets) as ASCII classes: llguidance's regexes are Rust's,
+    where they are Unicode classes; JSON schema patterns (ECMA-262) and xgrammar mean the ASCII ones."""
+    out, i, in_class = [], 0, False
+    while i < len(regex):
+        ch = regex[i]
+        if ch == "\\" and i + 1 < len(regex):
+            nxt = regex[i + 1]
+            if nxt.lower() in _ASCII_CLASSES and not (in_class and nxt.isupper()):
+                cls = _ASCII_CLASSES[nxt.lower()]
+                out.append(cls if in_class else f"[{'^' if nxt.isupper() else ''}{cls}]")
+            else:
+                out.append(regex[i : i + 2])
+            i += 2
+            continue
+        if ch == "[" and not in_class:
+            in_class = True
+        elif ch == "]" and in_class and out and out[-1] != "[" and out[-1] != "[^":
+            in_class = False
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _bit(t: int) -> int:
+    """Bit ``t % 32`` of an int32 word, as a Python int in int32 range (bit 31 is negative)."""
+    b = 1 << (t % 32)
+    return b - (1 << 32) if b >= 1 << 31 else b
+
+
+class LLGuidanceBackend:
+    """llguidance over one vocabulary (token bytes indexed by id, padded to the model's ``vocab_size``)."""
+
+    name = "llguidance"
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        tokens: list[bytes],
+        special_ids: list[int],
+        vocab_size: int,
+        eos_token_id: int | None,
+        max_whitespace: int,
+        threads: int | None = None,
+    ) -> None:
+        import llguidance as llg
+
+        if eos_token_id is None:
+            raise ValueError(
+                "the llguidance grammar backend needs the model's end-of-sequence token and this model has none; "
+                'ask for structured_output.backend "xgrammar"'
+            )
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        wrapper = llg.TokenizerWrapper(_Wrapper(tokenizer, tokens, eos_token_id, special_ids))
+        self.tokenizer = llg.LLTokenizer(wrapper, n_vocab=vocab_size)
+        self.whitespace = f"[\\x20\\x0A\\x0D\\x09]{{0,{max_whitespace}}}"
+        self.executor = llg.LLExecutor(threads)
+
+    def grammar(self, spec: StructuredOutput, schema: Any) -> str:
+        """The llguidance grammar (JSON text) of a spec; ``schema`` is its parsed JSON schema for json kinds.
+        Raises ValueError / TypeError / Exception from the library; the caller names the spec field."""
+        import llguidance as llg
+
+        kind, text = spec.kind, spec.key[1]
+        if kind in ("json", "json_object"):
+            g = llg.LLMatcher.grammar_from_json_schema(
+                closed_objects(schema), defaults={"whitespace_pattern": self.whitespace}
+            )
+        elif kind == "regex":
+            g = llg.LLMatcher.grammar_from_regex(ascii_classes(text))
+        elif kind == "choice":
+            alts = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice or ())
+            g = llg.LLMatcher.grammar_from_lark(f"start: {alts}")
+        else:  # Lark, or GBNF converted to Lark (llguidance's dialect, asked for explicitly)
+            g = llg.grammar_from("grammar", text)
+        if not (spec.prefix or spec.suffix):
+            return g
+        inner = json.loads(g)["grammars"]
+        if len(inner) != 1:
+            raise ValueError("a grammar of several parts cannot take a prefix or suffix")
+        inner = {**inner[0], "name": "inner"}
+        wrap = " ".join(
+            [json.dumps(spec.prefix, ensure_ascii=False)] * bool(spec.prefix)
+            + ["@inner"]
+            + [json.dumps(spec.suffix, ensure_ascii=False)] * bool(spec.suffix)
+        )
+        return json.dumps({"grammars": [{"name": "wrap", "lark_grammar": f"start: {wrap}"}, inner]})
+
+    def compile(self, grammar: str) -> Any:
+        """A pristine matcher (runs on the compiler's worker thread: llguidance releases the GIL while it
+        builds it). ValueError with llguidance's message when the grammar is invalid."""
+        import llguidance as llg
+
+        matcher = llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(matcher.get_error())
+        return matcher
+
+    def constraint(self, compiled: Any, stop_token_ids: list[int]) -> LLGuidanceConstraint:
+        extra = [t for t in stop_token_ids if t != self.eos_token_id and 0 <= t < self.vocab_size]
+        return LLGuidanceConstraint(compiled.deep_copy(), self.executor, self.eos_token_id, extra)
+
+    def close(self) -> None:
+        pass
