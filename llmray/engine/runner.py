@@ -243,20 +243,43 @@ class ModelRunner:
         """int32 (R, ceil(V/32)) on the device for steps with constrained rows (free rows all ones)."""
         if all(s.constraint is None for s in seqs):
             return None
-        words = -(-self.vocab_size // 32)
-        host = torch.full((len(seqs), words), -1, dtype=torch.int32, pin_memory=self.is_cuda)
+        from llmray.engine.structured.batch import fill_bitmasks  # one call fills every constrained row
+
+        host = self._bitmask_buffer(len(seqs))
+        host.fill_(-1)
+        rows = []
         for r, seq in enumerate(seqs):
             if seq.constraint is None:
                 continue
             if seq.num_tokens and seq.token_ids[-1] == PLACEHOLDER:
                 raise RuntimeError("a constrained sequence was launched before its last token was known")
-            try:
-                seq.constraint.fill_bitmask(host, r)
-            except Exception as e:  # this request's constraint is broken: it fails alone
-                logger.warning("constraint of request %s failed: %r", seq.request_id, e)
-                failed[r] = f"its token constraint failed: {e!r}"
-                host[r] = -1
-        return host.to(self.device, non_blocking=True)
+            rows.append((r, seq.constraint))
+        for r, why in fill_bitmasks(host, rows).items():  # a broken constraint: its request fails alone
+            logger.warning("constraint of request %s failed: %s", seqs[r].request_id, why)
+            failed[r] = why
+            host[r] = -1
+        dev = host.to(self.device, non_blocking=True)
+        if self.is_cuda:
+            self._bitmask_fence[self._bitmask_turn] = torch.cuda.Event()
+            self._bitmask_fence[self._bitmask_turn].record()  # type: ignore[union-attr]  # just set
+        return dev
+
+    def _bitmask_buffer(self, rows: int) -> torch.Tensor:
+        """The step's host bitmask (rows, ceil(V/32)) int32: two persistent pinned buffers alternate (no
+        per-step pinned allocation); a buffer is reused once its last copy to the device has completed."""
+        words = -(-self.vocab_size // 32)
+        if not hasattr(self, "_bitmask_bufs") or self._bitmask_bufs[0].shape[0] < rows:
+            n = max(rows, self.prev_tokens.shape[0])
+            self._bitmask_bufs = [
+                torch.empty((n, words), dtype=torch.int32, pin_memory=self.is_cuda) for _ in range(2)
+            ]
+            self._bitmask_fence: list[torch.cuda.Event | None] = [None, None]
+            self._bitmask_turn = 0
+        self._bitmask_turn ^= 1
+        fence = self._bitmask_fence[self._bitmask_turn]
+        if fence is not None:
+            fence.synchronize()
+        return self._bitmask_bufs[self._bitmask_turn][:rows]
 
     def _sample(
         self, logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None, failed: dict[int, str]
