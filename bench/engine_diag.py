@@ -264,6 +264,7 @@ def main() -> None:
     llm, res["startup_s"] = make_llm(model)
     print(f"{time.strftime('%X')} startup {res['startup_s']:.1f} s", flush=True)
     res["nano_vllm_tok_s"] = timed_runs(llm, prompts, outs, args.runs, cfg.vocab_size)
+    res["sampler_fused"] = getattr(llm.engine.runner.sampler, "fused", None)
     save()
     engine = llm.engine
     cap = 8 if args.quick else 48

@@ -203,7 +203,9 @@ class ModelRunner:
             sample_rows if items is scheduled else [order[j] for j in sample_rows], seqs, None
         )
         if seqs:
-            logits = self.model.compute_logits(hidden[batch.last])  # (R, V) fp32
+            logits = self.model.lm_head(
+                hidden[batch.last]
+            )  # (R, V) model dtype: the sampler upcasts if needed
             bitmask = self._constraint_bitmask(seqs, pending.failed)
             pending.out = out = self._sample(logits, seqs, bitmask, pending.failed)
             self.prev_tokens[: len(seqs)].copy_(out.token_ids)

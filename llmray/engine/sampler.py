@@ -3,13 +3,16 @@
 Order (as vLLM): penalties (repetition over prompt+output, frequency/presence over output), min_tokens
 masking of EOS/stop tokens, the constrained-decoding bitmask (tokens whose bit is 0 get -inf), then greedy rows take the argmax; the other rows divide by temperature, apply
 top-k, top-p and min-p, and draw with the exponential-race trick (argmax p / E, E ~ Exp(1)), which equals
-sampling from p. A seeded request draws its noise from its own ``torch.Generator``, so its tokens do not
+sampling from p; on CUDA a step whose rows only set a temperature runs that as one fused Gumbel-max
+kernel (``llmray.kernels.sampling``: one pass over the logits, Philox noise drawn in the kernel from a
+per-call seed). A seeded request draws its noise from its own ``torch.Generator``, so its tokens do not
 depend on what else shares the batch. Logprobs are of the raw model distribution (before any processing).
 Nothing here syncs with the host; the engine reads the results once per step.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 from llmray.engine.pinned import Stager
 from llmray.engine.sequence import Sequence
 
+logger = logging.getLogger("llmray.engine")
 _NP = {torch.float32: np.float32, torch.long: np.int64, torch.bool: np.bool_}
 
 
@@ -48,6 +52,8 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.base_seed, self._draws = seed, 0  # the fused kernel's Philox seed: one per sampling call
+        self.fused = True  # temperature-only steps through the fused kernel (CUDA)
         self.seq_generators: dict[int, torch.Generator] = {}  # seq_id -> its own generator (seeded requests)
         # per-step parameters go through persistent pinned arenas (a pageable copy or a fresh pinned
         # allocation would stall the host while the previous step runs: see pinned.py)
@@ -69,7 +75,7 @@ class Sampler:
         eos_token_id: int | None,
         bitmask: torch.Tensor | None = None,
     ) -> SamplerOutput:
-        """logits (B, V) fp32, one row per sequence that samples this step; bitmask int32 (B, ceil(V/32)) on
+        """logits (B, V) (model dtype or fp32), one row per sequence that samples this step; bitmask int32 (B, ceil(V/32)) on
         the device (bit t%32 of word t//32 = token t allowed) for steps with constrained rows."""
         self.stager.begin_step()
         try:
@@ -101,6 +107,8 @@ class Sampler:
                     masks.append((i, eos_token_id))
                 masks.extend((i, t) for t in p.stop_token_ids)
             greedy.append(p.temperature < 1e-5)  # SamplingParams.greedy
+        if n_logprobs is not None or penalties or masks or bitmask is not None:
+            logits = logits.float()  # (argmax and sampling read model-dtype logits as they are)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if n_logprobs is not None else None
 
         if penalties:
@@ -163,6 +171,14 @@ class Sampler:
                 min_p_on = True
             if p.seed is not None and not g:
                 seeded.append(i)
+        if self.fused and self.device.type == "cuda" and not (top_k_p or min_p_on or seeded):
+            # the common case (temperature only): one kernel streams the logits once (Gumbel-max with
+            # in-kernel Philox noise) instead of scale, softmax, noise tensor, divide and argmax
+            try:
+                return self._gumbel(logits, temps, greedy)
+            except Exception as e:  # (a kernel that cannot compile here): the torch path from now on
+                logger.warning("fused sampling kernel unavailable, using torch ops: %r", e)
+                self.fused = False
         scaled = logits / self._tensor(temps, torch.float32)[:, None]
         if top_k_p:
             scaled = self._top_k_top_p(scaled, params)
@@ -182,6 +198,14 @@ class Sampler:
         if not any(greedy):
             return sampled
         return torch.where(self._tensor(greedy, torch.bool), logits.argmax(dim=-1), sampled)
+
+    def _gumbel(self, logits: torch.Tensor, temps: list[float], greedy: list[bool]) -> torch.Tensor:
+        from llmray.kernels.sampling import gumbel_argmax
+
+        rows = self._tensor([[1.0 / t for t in temps], [0.0 if g else 1.0 for g in greedy]], torch.float32)
+        self._draws += 1
+        seed = (self.base_seed * 1_000_003 + self._draws * 7_919) % (2**31 - 1)
+        return gumbel_argmax(logits, rows[0], rows[1], seed)
 
     def _top_k_top_p(self, logits: torch.Tensor, params: list) -> torch.Tensor:
         vocab = logits.shape[1]

@@ -26,6 +26,7 @@ logger = logging.getLogger("llmray.engine")
 
 _PARAMS = [
     SamplingParams(max_tokens=1, temperature=0.0),
+    SamplingParams(max_tokens=1, temperature=0.6),  # temperature only: the fused Gumbel-max kernel
     SamplingParams(max_tokens=1, temperature=0.8, top_p=0.9, top_k=50, min_p=0.01),
     SamplingParams(max_tokens=1, temperature=0.7, seed=1, logprobs=2),
     SamplingParams(max_tokens=1, temperature=0.0, repetition_penalty=1.1, presence_penalty=0.5),

@@ -1,0 +1,50 @@
+"""Fused Gumbel-max sampling kernel: greedy rows are the argmax, sampled rows follow softmax(logits / T).
+
+CPU (Triton interpreter, a few rows: one program per row is slow there): argmax rows, the seed's
+determinism. GPU (``-m gpu``): the sampled distribution over 20,000 rows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from llmray.kernels.sampling import gumbel_argmax  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(rows: int, vocab: int, temp: float, greedy: int):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(vocab, generator=g) * 1.5
+    logits = base.repeat(rows, 1)
+    logits[:greedy] = torch.randn(greedy, vocab, generator=g)  # greedy rows with their own logits
+    noise = torch.ones(rows)
+    noise[:greedy] = 0.0
+    inv = torch.full((rows,), 1.0 / temp)
+    return base, logits.to(DEVICE), inv.to(DEVICE), noise.to(DEVICE)
+
+
+def test_greedy_rows_take_the_argmax_and_a_seed_fixes_the_draws():
+    _, logits, inv, noise = _case(rows=8, vocab=40, temp=1.0, greedy=3)
+    out = gumbel_argmax(logits, inv, noise, seed=1234).cpu()
+    assert out.dtype == torch.int64 and out.shape == (8,)
+    assert torch.equal(out[:3], logits[:3].argmax(-1).cpu())
+    assert ((out >= 0) & (out < 40)).all()
+    assert torch.equal(out, gumbel_argmax(logits, inv, noise, seed=1234).cpu())
+    draws = {tuple(gumbel_argmax(logits, inv, noise, seed=s).cpu()[3:].tolist()) for s in range(4)}
+    assert len(draws) > 1  # other seeds, other tokens
+
+
+@pytest.mark.gpu
+def test_sampled_rows_follow_the_softmax_gpu():
+    base, logits, inv, noise = _case(rows=20_000, vocab=6, temp=0.7, greedy=0)
+    out = gumbel_argmax(logits.to(torch.bfloat16), inv, noise, seed=7).cpu()
+    freq = torch.bincount(out, minlength=6).float() / out.numel()
+    expect = torch.softmax(base.to(torch.bfloat16).float() / 0.7, -1)
+    assert (freq - expect).abs().max() < 0.015, (freq, expect)
