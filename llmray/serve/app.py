@@ -1,13 +1,21 @@
 """``build_app(args) -> serve.Application``: the llmray OpenAI application on Ray Serve.
 
 The one thing ``serve run llmray.serve.app:build_app model=/models/x`` and a KubeRay ``serveConfigV2``
-(``import_path: llmray.serve.app:build_app`` + ``args:``) name. Two deployments:
+(``import_path: llmray.serve.app:build_app`` + ``args:``) name. ``ingress_mode``:
 
-- ``OpenAIIngress`` (FastAPI, CPU, ``ingress_replicas`` replicas) — HTTP, auth, validation, SSE;
-- ``LLMServer`` (one engine per replica; ``num_gpus: 1`` on GPU clusters, a fraction of a CPU locally) with
-  ``autoscaling_config`` between ``min_replicas`` and ``max_replicas`` on ongoing requests, and
-  ``max_ongoing_requests`` raised to the engine's batch (Serve's default is only 5) plus
-  ``max_queued_requests``, beyond which the ingress answers 429.
+- ``"replica"`` (default): one deployment, ``LLMServer`` (one engine per replica; ``num_gpus: 1`` on GPU
+  clusters, a fraction of a CPU locally), serving the OpenAI FastAPI app itself: a stream's chunks go
+  from the engine core's pipe to the HTTP socket without a Ray message (with ``RAY_SERVE_ENABLE_HA_PROXY=1``,
+  which ``llmray serve`` sets when HAProxy is usable, HTTP reaches the replica without Serve's Python proxy
+  either). The replica holds up to ``max_ongoing_requests + max_queued_requests`` requests (the engine
+  queues what its batch cannot take) and answers 429 beyond;
+- ``"separate"``: ``OpenAIIngress`` (FastAPI, CPU, ``ingress_replicas`` replicas) in front of ``LLMServer``
+  (``max_ongoing_requests`` raised to the engine's batch, Serve's default is only 5, plus
+  ``max_queued_requests``, beyond which the ingress answers 429); it keeps Serve's model-multiplexing
+  routing of adapter requests to replicas holding the adapter, at two Ray hops per stream chunk.
+
+Both autoscale ``LLMServer`` between ``min_replicas`` and ``max_replicas`` on ongoing requests
+(docs/serving.md has the measurements behind the default).
 
 A RayService names it like this (``args`` are the fields of ``ServeArgs``)::
 
@@ -67,6 +75,7 @@ class ServeArgs(BaseModel):
     # "separate": an OpenAIIngress deployment in front (two Ray hops per chunk); docs/serving.md measures both
     ingress_mode: Literal["replica", "separate"] = "replica"
     ingress_replicas: int = Field(2, ge=1)  # ingress_mode="separate" only
+    access_log: bool = False  # Serve's access-log line per request
     ingress_num_cpus: float = Field(0.1, gt=0)
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
     retry_after_s: int = Field(1, ge=0)
@@ -179,6 +188,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         "lora_seed": uuid.uuid4().hex,  # one per deployment: its replicas seed the registry once
     }
     common = {
+        # no Serve access-log line per request: at hundreds of requests/s it costs the replica's event loop
+        # (llmray's own request logs carry the X-Request-Id); access_log=True brings it back
+        "logging_config": {"enable_access_log": a.access_log},
         "ray_actor_options": actor,
         "autoscaling_config": autoscaling,
         "health_check_period_s": a.health_check_period_s,
@@ -189,10 +201,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         # HTTP requests reach the replica as they come (Serve queues none in front of it): the replica
         # holds up to max_ongoing + max_queued of them (the engine queues what its batch cannot take)
         # and answers 429 beyond, as the separate ingress does when Serve's queue is full
+        # (Serve's own cap sits above ours, so the requests past our limit reach the replica and get the 429)
         limit = None if max_queued < 0 else max_ongoing + max_queued
         cls = serve.ingress()(LLMServerIngress)
+        serve_cap = 100_000 if limit is None else 2 * limit + 64
         deployment = serve.deployment(name="LLMServer")(cls).options(
-            max_ongoing_requests=limit or max(100_000, 4 * max_ongoing), max_queued_requests=-1, **common
+            max_ongoing_requests=serve_cap, max_queued_requests=-1, **common
         )
         return deployment.bind(
             a.model, name, ingress_config=ingress_config, max_requests=limit, **server_kwargs
@@ -206,5 +220,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         ray_actor_options={"num_cpus": a.ingress_num_cpus},
         graceful_shutdown_timeout_s=a.graceful_shutdown_timeout_s,
         max_ongoing_requests=max(1000, 4 * max_ongoing * a.max_replicas),
+        logging_config=common["logging_config"],
     )
     return ingress.bind(llm.bind(a.model, name, **server_kwargs), ingress_config)

@@ -141,12 +141,17 @@ def haproxy_usable() -> bool:
 
 def serve_env(ns: argparse.Namespace) -> dict[str, str]:
     """Ray Serve settings for a Ray started here (read by the controller, proxies and replicas at import):
-    HAProxy in front of the replicas' own HTTP servers when it is usable (docs/serving.md has the numbers);
-    an explicit environment variable always wins."""
-    env: dict[str, str] = {}
+    the replica's code on Serve's own event loop, and HAProxy in front of the replicas' own HTTP servers when
+    it is usable (docs/serving.md has the numbers); an explicit environment variable always wins."""
+    # the replica runs its code on Serve's own event loop, the one its HTTP server uses (Serve's default is
+    # a second loop in another thread: every stream chunk then crosses threads, and the GIL, once more)
+    env: dict[str, str] = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
     haproxy = ns.haproxy if ns.haproxy is not None else haproxy_usable()
     if haproxy:
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        # a replica stopping waits this long for load balancers to stop sending to it (Serve's default
+        # is 30 s); HAProxy on this node hears of it from the controller at once
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
     return {k: v for k, v in env.items() if k not in os.environ}
 
 

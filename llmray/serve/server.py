@@ -5,10 +5,14 @@ engine requests (the chat template applied, ``n`` choices fanned out as ``n`` en
 ``seed + i``, ``to_sampling_params`` on the model) and yields lists of ``llmray.serve.events`` events as
 tokens are produced: ``TokenEvent``s, or one ``ErrorEvent`` when the request cannot run (errors travel as
 data, so no exception type has to survive Ray). The engine's core runs in a process of its own; a dead
-core makes every stream end with the retryable 503 ``engine_unavailable`` and ``check_health`` fail. With ``stream_interval_ms`` > 0 the first token goes out at once
-and later ones are batched per interval (one Ray streaming message carries several tokens; consecutive
-events of a choice are folded into one). When the caller stops iterating (client disconnect, Serve
-cancellation), every engine request of the call is aborted at once.
+core makes every stream end with the retryable 503 ``engine_unavailable`` and ``check_health`` fail.
+Streaming: the first token goes out at once; with ``stream_interval_ms`` > 0 later ones are batched per
+interval (one chunk carries several tokens; consecutive events of a choice are folded into one), and with
+``stream_messages_per_s`` the interval grows with the streams the replica holds (a few streams get every
+token at once). In the default deployment the ingress runs in this replica and calls ``stream`` directly
+(``llmray/serve/backends.py``); behind a separate ingress each yield is one Ray streaming message. When the
+caller stops iterating (client disconnect, Serve cancellation), every engine request of the call is
+aborted at once.
 
 LoRA (with ``loras`` or ``lora_root``): a request whose ``model`` names an adapter is checked against the
 registry shared by all replicas and the adapter is loaded into this engine on demand (404 unknown, 400 a
@@ -32,15 +36,19 @@ from pydantic import BaseModel
 from llmray.engine.errors import EngineDeadError
 from llmray.serve.errors import APIError, clip, engine_unavailable, from_value_error
 from llmray.serve.events import Event, TokenEvent, error_event, merge_events
-from llmray.serve.lora_registry import LoraRegistry, ReplicaAdapters, multiplexed_hook
+from llmray.serve.lora_registry import LoraRegistry
 from llmray.serve.metrics import ServeMetrics
 from llmray.serve.prepare import RequestPlanner, api_param
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
+from llmray.serve.replica_adapters import ReplicaAdapters, multiplexed_hook
 from llmray.serve.request_log import REQUEST_ID, install_log_filter
 from llmray.serve.structured_api import ChatPlan, ChoiceOutput, split_event
 
 logger = logging.getLogger("llmray.serve")
 STATS_POLL_S = 1.0  # how often engine gauges are refreshed
+# with the message budget on, up to this many streams get every token at once (a few hundred messages/s);
+# beyond it each stream yields at most once per max(stream interval, active streams / budget)
+TOKEN_BY_TOKEN_STREAMS = 4
 _DONE = object()
 
 
@@ -256,7 +264,10 @@ class LLMServer:
         """This moment's stream interval: the configured one, longer when many streams share the replica."""
         if self.stream_interval_s <= 0 or self.stream_messages_per_s <= 0:
             return self.stream_interval_s
-        return max(self.stream_interval_s, self._active / self.stream_messages_per_s)
+        load = self._active / self.stream_messages_per_s  # the budget shared by the active streams
+        if self._active <= TOKEN_BY_TOKEN_STREAMS:  # a quiet replica streams every token as it comes
+            return load
+        return max(self.stream_interval_s, load)
 
     async def _events(
         self,

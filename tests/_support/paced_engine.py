@@ -57,7 +57,7 @@ class PacedEngine:
         self.max_num_seqs = max_num_seqs
         self.scheduler = SimpleNamespace(block_manager=SimpleNamespace(num_blocks=8192))
         self.detokenize = self.delta_outputs = self.stream_outputs = True
-        self._tokens = [t for t in range(vocab) if t != self.eos_token_id][:64]
+        self._tokens = self.tokenizer.encode(ALPHABET)  # plain characters: every token has text
         self.waiting: deque[list] = deque()
         self.running: dict[int, list] = {}  # rid -> [rid, produced, max_tokens]
         self.prompt_tokens_total = self.generation_tokens_total = 0
