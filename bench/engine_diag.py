@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import gzip
 import json
 import os
@@ -166,7 +167,11 @@ def profiler(engine, prompts, params, out_dir: Path, steps: int = 5) -> list:
 def _bench(fn, args: tuple, conf: tuple) -> float:
     import triton
 
-    return triton.testing.do_bench(lambda: fn(*args, config=conf), warmup=5, rep=20, return_mode="median")
+    return triton.testing.do_bench(lambda: fn(*args, conf), warmup=5, rep=20, return_mode="median")
+
+
+def _decode(fn, args: tuple, kw: dict, ns: int, conf: tuple) -> torch.Tensor:
+    return fn(*args, ns, config=conf, **kw)
 
 
 def sweep(cfg) -> dict:
@@ -174,34 +179,36 @@ def sweep(cfg) -> dict:
 
     h, hkv, d, page = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    base, pf = (64, 4, 2), (32, 4, 1, True)
+    cases = [
+        (256, 843, torch.bfloat16, [(1, c) for c in (base, pf, (64, 4, 1, True), (32, 2, 1, True), (64, 8, 1, True))]
+         + [(1, c) for c in ((32, 4, 2), (64, 4, 3), (128, 8, 2))] + [(2, base), (2, pf), (4, pf)]),
+        (256, 843, torch.float8_e4m3fn, [(1, base), (1, pf), (1, (64, 4, 1, True)), (2, pf)]),
+        (1, 800, torch.bfloat16, [(1, c) for c in (base, pf, (64, 4, 1, True), (32, 4, 2), (64, 4, 3))]),
+    ]  # fmt: skip
     res = {}
-    for bsz, ctx in ((256, 843), (1, 800)):
+    for bsz, ctx, kv_dtype, confs in cases:
         nblk = -(-ctx // page)
         q = torch.randn(bsz, h, d, device="cuda", dtype=torch.bfloat16)
         tables = torch.randperm(bsz * nblk, device="cuda").view(bsz, nblk).to(torch.int64)
         lens = torch.full((bsz,), ctx, device="cuda", dtype=torch.int64)
-        kc = torch.randn(bsz * nblk, page, hkv, d, device="cuda", dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
+        kc = torch.randn(bsz * nblk, page, hkv, d, device="cuda").to(kv_dtype)
+        vc = torch.randn(bsz * nblk, page, hkv, d, device="cuda").to(kv_dtype)
+        one = torch.ones(1, device="cuda")
         splits = default_num_splits(bsz, hkv, sms)
-        base = (64, 4, 2)
-        confs = [
-            (1, c) for c in (base, (32, 4, 1, True), (64, 4, 1, True), (32, 2, 1, True), (64, 8, 1, True))
-        ]
-        confs += [(1, c) for c in ((32, 4, 2), (64, 4, 3), (128, 8, 2))]
-        if bsz > 1:
-            confs += [(2, base), (2, (32, 4, 1, True)), (4, (32, 4, 1, True))]
-        ref = paged_decode(q, kc, vc, tables, lens, d**-0.5, splits, config=base).float()
+        kw = dict(k_scale=one, v_scale=one)
+        run = functools.partial(_decode, paged_decode, (q, kc, vc, tables, lens, d**-0.5), kw)
+        ref = run(splits, base).float()
         for split_x, conf in confs:
             ns = splits * split_x
+            name = f"bs{bsz} ctx{ctx} {str(kv_dtype)[6:]} splits{ns} {conf}"
             try:
-                out = paged_decode(q, kc, vc, tables, lens, d**-0.5, ns, config=conf).float()
-                err = ((out - ref).abs().max() / ref.abs().max()).item()
-                ms = _bench(paged_decode, (q, kc, vc, tables, lens, d**-0.5, ns), conf)
-                ms = ms if err < 2e-2 else f"{ms} WRONG (rel err {err:.3g})"
+                err = ((run(ns, conf).float() - ref).abs().max() / ref.abs().max()).item()
+                ms = _bench(run, (ns,), conf)
+                res[name] = ms if err < 2e-2 else f"{ms} WRONG (rel err {err:.3g})"
             except Exception as e:  # a config that does not compile: note it and go on
-                ms = f"error {type(e).__name__}: {str(e)[:200]}"
-            res[f"bs{bsz} ctx{ctx} splits{ns} {conf}"] = ms
-            print(f"  sweep bs{bsz} ctx{ctx} splits{ns} {conf}: {ms}", flush=True)
+                res[name] = f"error {type(e).__name__}: {str(e)[:200]}"
+            print(f"  sweep {name}: {res[name]}", flush=True)
         del kc, vc
     return res
 
