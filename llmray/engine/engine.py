@@ -107,6 +107,9 @@ class LLMEngine:
         self.generation_tokens_total = 0
         self.peak_blocks_used = 0
         self.async_scheduling = True  # overlap host work with the device step (tests switch it off)
+        # constrained requests: launch the next forward ahead, sample it once this step is read back (False:
+        # steps with constrained rows run synchronously; bench/structured.py compares both)
+        self.defer_constrained_sampling = True
         self._inflight: _Step | None = None
         self.failed: list[tuple[str, str]] = []  # requests that failed alone (see _fail_request)
         self._failed_outputs: list[RequestOutput] = []
@@ -290,15 +293,24 @@ class LLMEngine:
         failed, self._failed_outputs = self._failed_outputs, []
         if current is None:
             return failed
-        # penalties read the output tokens and constraints need the last token on the host to fill their
-        # bitmask: steps holding such requests run synchronously (no launch ahead)
-        if self.async_scheduling and not any(
-            s.sampling_params.has_penalties or s.constraint is not None for s in self.scheduler.running
+        # penalties read the output tokens on the host: steps holding such requests run synchronously (no
+        # launch ahead). Constraints need the last token accepted to fill their mask: the next step's forward
+        # is launched ahead, its sampling queued once this step is read back (structured outputs keep the
+        # overlap of the forward with the host's read-back and mask filling)
+        running = self.scheduler.running
+        constrained = any(s.constraint is not None for s in running)
+        if (
+            self.async_scheduling
+            and not any(s.sampling_params.has_penalties for s in running)
+            and (self.defer_constrained_sampling or not constrained)
         ):
-            self._inflight = self._launch()
-        return failed + self._read_back(current)
+            self._inflight = self._launch(defer_sampling=constrained)
+        outputs = failed + self._read_back(current)
+        if self._inflight is not None and self._inflight.pending.logits is not None:
+            self.runner.sample(self._inflight.pending)
+        return outputs
 
-    def _launch(self) -> _Step | None:
+    def _launch(self, defer_sampling: bool = False) -> _Step | None:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return None
@@ -306,7 +318,7 @@ class LLMEngine:
         self.peak_blocks_used = max(
             self.peak_blocks_used, bm.num_blocks - len(bm.free_empty) - len(bm.free_cached)
         )
-        pending = self.runner.launch(sched.scheduled)
+        pending = self.runner.launch(sched.scheduled, defer_sampling)
         self.scheduler.advance(sched)
         slots = []
         for seq in pending.seqs:

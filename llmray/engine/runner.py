@@ -42,6 +42,9 @@ class PendingStep:
     # that collecting this step waits for this step only, not for the next one launched behind it
     host: SamplerOutput | None = None
     ready: torch.cuda.Event | None = None
+    # launched with defer_sampling: the logits wait for ``sample`` (constrained rows need the previous
+    # step's tokens accepted before their masks can be filled)
+    logits: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -185,9 +188,10 @@ class ModelRunner:
         return batch, hidden
 
     @torch.inference_mode()
-    def launch(self, scheduled: list[ScheduledSeq]) -> PendingStep:
+    def launch(self, scheduled: list[ScheduledSeq], defer_sampling: bool = False) -> PendingStep:
         """Queue one step on the device (no host sync). Inputs whose token id is a placeholder (-1) take the
-        token sampled for that sequence by the previous launch, on the device."""
+        token sampled for that sequence by the previous launch, on the device. ``defer_sampling``: queue the
+        forward and logits only; ``sample(pending)`` queues the rest once the previous step is read back."""
         # one-token (decode) chunks first; rows of one LoRA adapter next to each other (one A/B read per tile)
         later = [it.num_new_tokens != 1 for it in scheduled]
         if self.lora_batch is None and later == sorted(later):  # the scheduler's order already (the norm)
@@ -206,14 +210,28 @@ class ModelRunner:
             logits = self.model.lm_head(
                 hidden[batch.last]
             )  # (R, V) model dtype: the sampler upcasts if needed
-            bitmask = self._constraint_bitmask(seqs, pending.failed)
-            pending.out = out = self._sample(logits, seqs, bitmask, pending.failed)
-            self.prev_tokens[: len(seqs)].copy_(out.token_ids)
-            for r, seq in enumerate(seqs):
-                seq.sample_row = r
-            if self.is_cuda:
-                self._copy_out(pending)
+            if defer_sampling:
+                pending.logits = logits
+                return pending
+            self._sample_step(pending, logits, deferred=False)
         return pending
+
+    @torch.inference_mode()
+    def sample(self, pending: PendingStep) -> None:
+        """Queue the sampling of a step launched with ``defer_sampling`` (its masks filled now)."""
+        logits, pending.logits = pending.logits, None
+        assert logits is not None, "sample() is for a step launched with defer_sampling"
+        self._sample_step(pending, logits, deferred=True)
+
+    def _sample_step(self, pending: PendingStep, logits: torch.Tensor, deferred: bool) -> None:
+        seqs = pending.seqs
+        bitmask = self._constraint_bitmask(seqs, pending.failed, deferred)
+        pending.out = out = self._sample(logits, seqs, bitmask, pending.failed)
+        self.prev_tokens[: len(seqs)].copy_(out.token_ids)
+        for r, seq in enumerate(seqs):
+            seq.sample_row = r
+        if self.is_cuda:
+            self._copy_out(pending)
 
     def _copy_out(self, pending: PendingStep) -> None:
         """Start the device->host copy of the step's results now, behind its own work only."""
@@ -241,8 +259,12 @@ class ModelRunner:
         pending.host, pending.ready = host, torch.cuda.Event()
         pending.ready.record()
 
-    def _constraint_bitmask(self, seqs: list[Sequence], failed: dict[int, str]) -> torch.Tensor | None:
-        """int32 (R, ceil(V/32)) on the device for steps with constrained rows (free rows all ones)."""
+    def _constraint_bitmask(
+        self, seqs: list[Sequence], failed: dict[int, str], deferred: bool = False
+    ) -> torch.Tensor | None:
+        """int32 (R, ceil(V/32)) on the device for steps with constrained rows (free rows all ones).
+        ``deferred``: the step's own placeholder already ends each sequence; the token before it must be
+        known. Finished sequences (their sample is discarded) keep all ones."""
         if all(s.constraint is None for s in seqs):
             return None
         from llmray.engine.structured.batch import fill_bitmasks  # one call fills every constrained row
@@ -251,9 +273,9 @@ class ModelRunner:
         host.fill_(-1)
         rows = []
         for r, seq in enumerate(seqs):
-            if seq.constraint is None:
+            if seq.constraint is None or seq.is_finished:
                 continue
-            if seq.num_tokens and seq.token_ids[-1] == PLACEHOLDER:
+            if seq.num_tokens > deferred and seq.token_ids[-1 - deferred] == PLACEHOLDER:
                 raise RuntimeError("a constrained sequence was launched before its last token was known")
             rows.append((r, seq.constraint))
         for r, why in fill_bitmasks(host, rows).items():  # a broken constraint: its request fails alone
