@@ -10,9 +10,9 @@ answers. Runs alternate free / half / free / half ... (``--runs`` each) after a 
 grammar; the JSON is rewritten after every run, so a run cut short still leaves what it measured.
 Reported: output tok/s per run, ``half_schema_over_free`` (median over median, the default grammar library:
 llguidance for JSON schemas), the share of constrained outputs that parse and validate (those that finished
-"stop"), then, as time allows (``--budget-s``): the all-free batch with async scheduling off
-(``free_sync_over_free``: what a step that cannot launch ahead costs) and the half batch on xgrammar
-(``half_schema_over_free_xgrammar``).
+"stop"), then, as time allows (``--budget-s``): the half batch with constrained steps synchronous
+(``half_schema_over_free_sync_steps``: ``LLMEngine.defer_constrained_sampling`` off), the half batch on xgrammar
+(``half_schema_over_free_xgrammar``) and the all-free batch with async scheduling off (``free_sync_over_free``).
 
     python bench/structured.py --tokenizer .data/bpe151k.tar.xz --out bench/results/structured.json
 """
@@ -95,7 +95,9 @@ def main() -> None:
     ap.add_argument(
         "--budget-s", type=float, default=1e9, help="skip the optional runs past this many seconds"
     )
-    ap.add_argument("--extras", default="sync,xgrammar", help="optional runs, in order: sync, xgrammar")
+    ap.add_argument(
+        "--extras", default="nodefer,xgrammar,sync", help="optional runs, in order: nodefer, xgrammar, sync"
+    )
     ap.add_argument("--out", default="bench/results/structured.json")
     args = ap.parse_args()
     import jsonschema
@@ -137,6 +139,8 @@ def main() -> None:
             result["half_schema_over_free"] = round(med["half"] / med["free"], 3)
         if "free" in med and "half_xgrammar" in med:
             result["half_schema_over_free_xgrammar"] = round(med["half_xgrammar"] / med["free"], 3)
+        if "free" in med and "half_nodefer" in med:
+            result["half_schema_over_free_sync_steps"] = round(med["half_nodefer"] / med["free"], 3)
         if "free" in med and "free_sync" in med:
             result["free_sync_over_free"] = round(med["free_sync"] / med["free"], 3)
         result.update({f"{k}_tok_s": [round(x) for x in v] for k, v in res.items()})
@@ -173,7 +177,11 @@ def main() -> None:
         if time.perf_counter() - t_start + 2.5 * per_run > args.budget_s:
             print(f"skipping {extra}: budget", flush=True)
             break
-        if extra == "sync":
+        if extra == "nodefer":
+            llm.engine.defer_constrained_sampling = False
+            res["half_nodefer"] = [timed(llm, prompts, half)[0]]
+            llm.engine.defer_constrained_sampling = True
+        elif extra == "sync":
             llm.engine.async_scheduling = False
             res["free_sync"] = [timed(llm, prompts, free)[0]]
             llm.engine.async_scheduling = True
