@@ -4,7 +4,8 @@
 tuples (pickled when the core runs in its own process, passed as is when it runs in a thread)::
 
     in:  ("add", rid, prompt_ids, SamplingParams, lora)   ("abort", [rid, ...])
-         ("call", call_id, name, args)  name in add_lora | remove_lora | list_loras
+         ("call", call_id, name, args)  name in add_lora | remove_lora | list_loras; answered in order,
+              add_lora's files read on a loader thread while the loop steps
          ("drain",)  finish what runs, refuse new requests, then exit     ("shutdown",)
     out: ("ready", info)  ("progress", text)
          ("step", rids, tokens, finished, logprobs, stats)   one per step: each running request's NEW token
@@ -27,10 +28,13 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 IDLE_POLL_S = 0.05  # how long an idle core waits for a command before looking again
+LOADING_POLL_S = 0.005  # the same while an adapter loads on the loader thread
 
 
 class EngineCore:
@@ -46,6 +50,9 @@ class EngineCore:
         self.finished: list[tuple] = []  # aborts to report with the next message
         self.draining = False
         self.stopped = False
+        # adapter commands run in order; an adapter's files are read on a worker thread while the loop steps
+        self._calls: deque[list] = deque()  # [call_id, name, args, Future | None]
+        self._loader: ThreadPoolExecutor | None = None
 
     # --- commands ---------------------------------------------------------------------------------
     def handle(self, msg: tuple) -> None:
@@ -67,18 +74,41 @@ class EngineCore:
                     self.finished.append((rid, "abort", None))
         elif kind == "call":
             _, call_id, name, args = msg
-            try:
-                result = getattr(self, f"call_{name}")(*args)
-                self.send(("reply", call_id, True, result))
-            except Exception as e:  # KeyError / AdapterError travel back by type name and message
-                self.send(("reply", call_id, False, (type(e).__name__, str(e))))
+            self._calls.append([call_id, name, args, None])
+            self.advance_calls()
         elif kind == "drain":
             self.draining = True
         elif kind == "shutdown":
             self.stopped = True
 
-    def call_add_lora(self, name: str, path: str) -> list[str]:
-        self.engine.add_lora(name, path)
+    def advance_calls(self) -> None:
+        """Answer the adapter commands whose turn it is. ``add_lora`` reads and validates the adapter on the
+        loader thread (``LoraManager.load`` changes no state) and registers it here once read, so a load
+        never stalls the steps of running requests; later commands wait for it (they stay in order)."""
+        lora = getattr(self.engine, "lora", None)
+        while self._calls:
+            call = self._calls[0]
+            call_id, name, args, pending = call
+            try:
+                if name == "add_lora" and lora is not None:
+                    if pending is None:
+                        if self._loader is None:
+                            self._loader = ThreadPoolExecutor(1, thread_name_prefix="llmray-lora-load")
+                        call[3] = self._loader.submit(lora.load, *args)
+                        return
+                    if not pending.done():
+                        return
+                    result = self.call_add_lora(args[0], pending.result())
+                else:
+                    result = getattr(self, f"call_{name}")(*args)
+                reply = ("reply", call_id, True, result)
+            except Exception as e:  # KeyError / AdapterError travel back by type name and message
+                reply = ("reply", call_id, False, (type(e).__name__, str(e)))
+            self._calls.popleft()
+            self.send(reply)
+
+    def call_add_lora(self, name: str, path: str | Any) -> list[str]:
+        self.engine.add_lora(name, path)  # a directory, or the adapter the loader thread read
         return self.engine.list_loras()
 
     def call_remove_lora(self, name: str) -> list[str]:
@@ -115,9 +145,12 @@ class EngineCore:
         engine = self.engine
         self.send(("step", [], [], [], None, engine.stats()))  # the first stats
         while not self.stopped:
-            msgs = poll(0.0 if engine.has_unfinished() else IDLE_POLL_S)
+            idle_s = LOADING_POLL_S if self._calls else IDLE_POLL_S
+            msgs = poll(0.0 if engine.has_unfinished() else idle_s)
             for msg in msgs:
                 self.handle(msg)
+            if self._calls:
+                self.advance_calls()
             if engine.has_unfinished():
                 self.step()
             elif msgs or self.finished:  # idle after commands (e.g. an abort): report it and fresh stats

@@ -146,6 +146,9 @@ def serve_env(ns: argparse.Namespace) -> dict[str, str]:
     # the replica runs its code on Serve's own event loop, the one its HTTP server uses (Serve's default is
     # a second loop in another thread: every stream chunk then crosses threads, and the GIL, once more)
     env: dict[str, str] = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    # a proxy (or the HAProxy manager) gets 30 s rather than 5 to report ready: on a busy machine Serve
+    # otherwise kills it three times over and the start fails
+    env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "30"
     haproxy = ns.haproxy if ns.haproxy is not None else haproxy_usable()
     if haproxy:
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"

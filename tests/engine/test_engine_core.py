@@ -145,3 +145,38 @@ def test_core_dies_with_its_parent(tiny_model_dir, tmp_path):
         assert wait_for(lambda: not _pid_alive(core_pid), 15), "the engine core outlived its parent"
     finally:
         proc.kill()
+
+
+def test_adapter_load_does_not_stall_the_steps(tiny_model_dir, tmp_path):
+    """An adapter's files are read on the loader thread: the running request keeps stepping meanwhile, and
+    the command is answered (in order) once the adapter is registered."""
+    import threading
+
+    from _support.lora import ATTN, make_peft_adapter
+
+    from llmray.engine.core import EngineCore
+    from llmray.engine.llm import build_engine
+    from llmray.model.checkpoint import load_model
+
+    make_peft_adapter(load_model(tiny_model_dir, kernels="torch").eval(), tmp_path / "a", ATTN, 4, 8, seed=1)
+    engine = build_engine(tiny_model_dir, enable_lora=True, max_loras=2, max_lora_rank=8, **KW)
+    read, release = engine.lora.load, threading.Event()
+
+    def slow_read(name, path):  # a slow disk: the read waits until the test has seen steps go on
+        release.wait(30)
+        return read(name, path)
+
+    engine.lora.load = slow_read
+    sent: list[tuple] = []
+    core = EngineCore(engine, sent.append)
+    core.handle(("add", 1, [5, 6, 7], SamplingParams(max_tokens=40, ignore_eos=True), None))
+    core.handle(("call", 7, "add_lora", ("a", str(tmp_path / "a"))))
+    core.handle(("call", 8, "list_loras", ()))  # answered after the load, not before
+    for _ in range(5):
+        core.step()
+        core.advance_calls()
+    assert sum(m[0] == "step" and 1 in m[1] for m in sent) == 5 and not [m for m in sent if m[0] == "reply"]
+    release.set()
+    assert wait_for(lambda: (core.advance_calls(), len([m for m in sent if m[0] == "reply"]) == 2)[1], 30)
+    replies = [m for m in sent if m[0] == "reply"]
+    assert replies == [("reply", 7, True, ["a"]), ("reply", 8, True, ["a"])]
