@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny model, a saved tiny model directory, shared data, one local Ray per module."""
+"""Shared fixtures: the tiny model, a saved tiny model directory, shared data, a local Ray shared by modules."""
 
 from __future__ import annotations
 
@@ -57,19 +57,47 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray per test module, with more logical CPUs than the 2-core CI machine has.
+_RAY: dict[str, str] = {}  # the gcs address of the Ray that ray_local started, while it runs
 
-    Train workers, Ray Data and Serve replicas must request fractional CPUs, or they wait forever.
+
+@pytest.fixture(scope="module")
+def ray_local(request):
+    """A local Ray with more logical CPUs than the 2-core CI machine has, shared by a folder's modules.
+
+    Starting Ray costs ~10 s on two cores, so the modules of one folder that use this fixture share one:
+    it starts with the first of them and stops after the last (modules between them find it idle). A
+    module keeps using it only if nobody replaced it (Serve and CLI tests start and stop Ray of their own).
+    Tests must not leave Serve apps, named actors or placement groups behind. Train workers, Ray Data and
+    Serve replicas must request fractional CPUs, or they wait forever.
     """
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if not (_RAY and ray.is_initialized() and _gcs_address(ray) == _RAY["gcs"]):
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _RAY["gcs"] = _gcs_address(ray)
     yield ray
+    if _later_user_in_folder(request) and ray.is_initialized() and _gcs_address(ray) == _RAY["gcs"]:
+        return  # the folder's next ray_local module takes it over
+    _RAY.clear()
     ray.shutdown()
+
+
+def _gcs_address(ray) -> str:
+    return str(ray.get_runtime_context().gcs_address)
+
+
+def _later_user_in_folder(request) -> bool:
+    """Whether a module after this one, in the same folder, uses ray_local in this session."""
+    path = request.node.path
+    items = request.session.items
+    later = [i for i in items[_last_index(items, path) + 1 :] if i.path.parent == path.parent]
+    return any("ray_local" in i.fixturenames for i in later)
+
+
+def _last_index(items, path) -> int:
+    return max((n for n, i in enumerate(items) if i.path == path), default=len(items))
 
 
 def cuda_available() -> bool:
