@@ -79,3 +79,24 @@ def test_bad_schema_is_refused_naming_the_problem(llm):
     assert e.value.param == "structured_output" and "bad" not in llm.engine.requests
     with pytest.raises(RequestError, match="exactly one"):
         SamplingParams(structured_output={})
+
+
+def test_deferred_sampling_gives_the_tokens_of_synchronous_steps(llm):
+    """Launching the next forward ahead and sampling it after read-back (the default) changes no token."""
+    prompts = ["x", "hello there", "y", "the engine", "z"]
+    params = [
+        SamplingParams(max_tokens=60, seed=1, structured_output={"json": SCHEMA}),
+        SamplingParams(max_tokens=20, seed=7),
+        SamplingParams(max_tokens=30, seed=2, structured_output={"choice": ["yes", "no", "maybe"]}),
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=40, seed=3, structured_output={"regex": r"[a-z]{3,9}( [a-z]{2,5}){2}"}),
+    ]
+    assert llm.engine.defer_constrained_sampling and llm.engine.async_scheduling
+    deferred = llm.generate(prompts, params)
+    llm.engine.defer_constrained_sampling = False
+    try:
+        synchronous = llm.generate(prompts, params)
+    finally:
+        llm.engine.defer_constrained_sampling = True
+    assert [o.token_ids for o in deferred] == [o.token_ids for o in synchronous]
+    assert [o.finish_reason for o in deferred] == [o.finish_reason for o in synchronous]
