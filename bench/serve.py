@@ -75,7 +75,7 @@ def _first_answer(url: str, model: str) -> bool:
     body = json.dumps({"model": model, "prompt": [1, 2, 3], "max_tokens": 2}).encode()
     req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=3) as r:  # a request caught by a proxy reload: retry soon
             return r.status == 200
     except Exception:
         return False
