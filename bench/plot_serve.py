@@ -17,14 +17,16 @@ def main(src: str, dst: str) -> int:
     import matplotlib.pyplot as plt
 
     r = json.loads(Path(src).read_text())
-    mixes = {k: v for k, v in r["mixes"].items() if v["offline"]}
+    mixes = {k: v for k, v in r["mixes"].items() if v["offline"] and v["http"]}
     fig, axes = plt.subplots(len(mixes), 2, figsize=(10, 3.6 * len(mixes)), squeeze=False)
     for row, (mix, m) in zip(axes, mixes.items(), strict=True):
         levels = sorted(m["offline"], key=int)
         x = [int(c) for c in levels]
-        for path, style in (("offline", "k-o"), ("async_llm", "b-s"), ("http", "r-^")):
-            row[0].plot(x, [m[path][c]["output_tok_per_s"] for c in levels], style, label=path)
-        for path, style in (("async_llm", "b-s"), ("http", "r-^")):
+        have = [p for p in ("offline", "async_llm", "http") if all(c in m.get(p, {}) for c in levels)]
+        styles = {"offline": "k-o", "async_llm": "b-s", "http": "r-^"}
+        for path in have:
+            row[0].plot(x, [m[path][c]["output_tok_per_s"] for c in levels], styles[path], label=path)
+        for path, style in ((p, styles[p]) for p in have if p != "offline"):
             row[1].plot(x, [m[path][c]["ttft_ms_p50"] for c in levels], style, label=f"{path} p50")
             row[1].plot(
                 x, [m[path][c]["ttft_ms_p99"] for c in levels], style.replace("-", ":"), label=f"{path} p99"

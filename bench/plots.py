@@ -5,8 +5,9 @@ Only what the JSON files hold is drawn; each figure's title names the JSON it ca
 - ``bench/results/engine_batch.png``     engine.json, engine_profile.json: paged-decode kernel bandwidth per
                                           (batch, context, splits); engine step time by decode batch size,
                                           split into schedule / launch / wait-for-device
-- ``bench/results/serve_concurrency.png`` serve.json: output tokens/s vs concurrency, Serve vs AsyncLLM
-- ``bench/results/serve_latency.png``    serve.json: TTFT and inter-token latency p50/p99 vs concurrency
+- ``bench/results/serve_concurrency.png`` serve.json: output tokens/s vs concurrency (128/128 mix), offline
+                                          vs AsyncLLM vs HTTP
+- ``bench/results/serve_latency.png``    serve.json: TTFT and time per output token p50/p99 vs concurrency
 - ``bench/results/serve_stream_interval_cpu.png`` serve_cpu_stream_interval.json (CPU, indicative)
 - ``bench/results/lora.png``             lora.json: multi-LoRA throughput vs base, LoRA kernel times
 - ``bench/results/multigpu.png``, ``multigpu_serve.png``  multigpu*.json: 1 vs 2 GPUs (tokens/s, loss
@@ -104,15 +105,27 @@ def engine_batch(results: Path) -> Path:
 
 
 # --- serving ---------------------------------------------------------------------------------------
+SERVE_PATHS = (
+    ("offline", "black", "offline LLM.generate"),
+    ("async_llm", BLUE, "AsyncLLM (engine core process)"),
+    ("http", ORANGE, "HTTP through llmray serve"),
+)
+
+
+def _serve_mix(s: dict[str, Any], mix: str = "128/128") -> tuple[list[int], list[tuple[str, str, str]], dict]:
+    """serve.json's levels of one mix and the paths measured at every one of them."""
+    m = s["mixes"][mix]
+    levels = _levels(m["http"])
+    paths = [p for p in SERVE_PATHS if all(str(c) in m.get(p[0], {}) for c in levels)]
+    return levels, paths, m
+
+
 def serve_concurrency(results: Path) -> Path:
     s = load(results, "serve.json")
-    levels = _levels(s["serve"])
+    levels, paths, m = _serve_mix(s)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, color, name in (
-        ("direct", BLUE, "AsyncLLM direct (engine)"),
-        ("serve", ORANGE, "HTTP + Ray Serve"),
-    ):
-        ys = [s[key][str(c)]["output_tok_per_s"] for c in levels]
+    for key, color, name in paths:
+        ys = [m[key][str(c)]["output_tok_per_s"] for c in levels]
         ax.plot(levels, ys, "o-", color=color, label=name)
         for c, y in zip(levels, ys):
             ax.annotate(
@@ -122,7 +135,7 @@ def serve_concurrency(results: Path) -> Path:
     ax.set_xticks(levels, [str(c) for c in levels])
     ax.set_xlabel("concurrent streaming requests")
     ax.set_ylabel("output tokens / s")
-    ax.set_title(f"throughput vs concurrency, {s['model']}\n(serve.json, stream_interval_ms=0)", fontsize=10)
+    ax.set_title(f"throughput vs concurrency, 128/128 tokens, {s['model']}\n(serve.json)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save(fig, results / "serve_concurrency.png")
@@ -130,22 +143,24 @@ def serve_concurrency(results: Path) -> Path:
 
 def serve_latency(results: Path) -> Path:
     s = load(results, "serve.json")
-    levels = _levels(s["serve"])
+    levels, paths, m = _serve_mix(s)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, metric, title in (
         (axes[0], "ttft", "time to first token"),
-        (axes[1], "itl", "inter-token latency"),
+        (axes[1], "tpot", "time per output token"),
     ):
-        for key, color, name in (("direct", BLUE, "AsyncLLM direct"), ("serve", ORANGE, "HTTP + Serve")):
+        for key, color, name in paths:
+            if key == "offline":  # offline has no per-request latencies
+                continue
             for pct, style in (("p50", "o-"), ("p99", "s--")):
-                ys = [s[key][str(c)][f"{metric}_ms_{pct}"] for c in levels]
+                ys = [m[key][str(c)][f"{metric}_ms_{pct}"] for c in levels]
                 ax.plot(levels, ys, style, color=color, label=f"{name} {pct}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrent streaming requests")
         ax.set_ylabel("ms (log)")
-        ax.set_title(f"{title} (serve.json)", fontsize=10)
+        ax.set_title(f"{title}, 128/128 tokens (serve.json)", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     return save(fig, results / "serve_latency.png")
@@ -314,9 +329,9 @@ def overview(results: Path, docs: Path) -> Path:
     ax.set_title(f"engine vs HF generate, {sub['num_seqs']} seqs (engine.json)", fontsize=10)
 
     ax = axes[0][1]
-    levels = _levels(s["serve"])
-    for key, color, name in (("direct", BLUE, "AsyncLLM direct"), ("serve", ORANGE, "HTTP + Ray Serve")):
-        ax.plot(levels, [s[key][str(c)]["output_tok_per_s"] for c in levels], "o-", color=color, label=name)
+    levels, paths, m = _serve_mix(s)
+    for key, color, name in paths:
+        ax.plot(levels, [m[key][str(c)]["output_tok_per_s"] for c in levels], "o-", color=color, label=name)
     ax.set_xscale("log", base=2)
     ax.set_xticks(levels, [str(c) for c in levels])
     ax.set_xlabel("concurrency")
