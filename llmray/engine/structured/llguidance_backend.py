@@ -48,6 +48,7 @@ class _Wrapper:
             if t:
                 self._ids.setdefault(t, i)
         self._longest = max((len(t) for t in self._ids), default=1)
+        self._cache: dict[bytes, tuple[int, ...]] = {}
 
     def _greedy(self, data: bytes) -> list[int]:
         out, i = [], 0
@@ -64,13 +65,22 @@ class _Wrapper:
 
     def __call__(self, s: bytes | str) -> list[int]:
         data = s if isinstance(s, bytes) else s.encode("utf-8")
+        hit = self._cache.get(data)  # forced texts (a schema's keys) repeat across requests and steps
+        if hit is None:
+            hit = self._encode(data)
+            if len(self._cache) >= 4096:
+                self._cache.clear()
+            self._cache[data] = hit
+        return list(hit)
+
+    def _encode(self, data: bytes) -> tuple[int, ...]:
         try:  # never raise: llguidance calls this from Rust and panics on an exception
             ids = self._tok.encode(data.decode("utf-8", "replace"))
         except Exception:
-            return self._greedy(data)
+            return tuple(self._greedy(data))
         if b"".join(self.tokens[i] if 0 <= i < len(self.tokens) else b"?" for i in ids) == data:
-            return ids
-        return self._greedy(data)
+            return tuple(ids)
+        return tuple(self._greedy(data))
 
 
 class LLGuidanceConstraint:
