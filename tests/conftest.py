@@ -58,6 +58,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 _RAY: dict[str, str] = {}  # the gcs address of the Ray that ray_local started, while it runs
+_NEXT: dict[str, pytest.Item | None] = {}  # the item this process runs next (None: none)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    _NEXT["item"] = nextitem  # read by ray_local's teardown, which runs after this
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +71,11 @@ def ray_local(request):
     """A local Ray with more logical CPUs than the 2-core CI machine has, shared by a folder's modules.
 
     Starting Ray costs ~10 s on two cores, so the modules of one folder that use this fixture share one:
-    it starts with the first of them and stops after the last (modules between them find it idle). A
-    module keeps using it only if nobody replaced it (Serve and CLI tests start and stop Ray of their own).
-    Tests must not leave Serve apps, named actors or placement groups behind. Train workers, Ray Data and
-    Serve replicas must request fractional CPUs, or they wait forever.
+    after a module it stays up while this process goes on in the same folder and a later module there
+    uses it (modules between them find it idle), and stops otherwise. A module reuses it only if nobody
+    replaced it (Serve and CLI tests start and stop Ray of their own). Tests must not leave Serve apps,
+    named actors or placement groups behind. Train workers, Ray Data and Serve replicas must request
+    fractional CPUs, or they wait forever.
     """
     import ray
 
@@ -78,8 +85,8 @@ def ray_local(request):
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
         _RAY["gcs"] = _gcs_address(ray)
     yield ray
-    if _later_user_in_folder(request) and ray.is_initialized() and _gcs_address(ray) == _RAY["gcs"]:
-        return  # the folder's next ray_local module takes it over
+    if _wanted_next_in_folder(request) and ray.is_initialized() and _gcs_address(ray) == _RAY["gcs"]:
+        return  # a later module of this folder takes it over
     _RAY.clear()
     ray.shutdown()
 
@@ -88,16 +95,14 @@ def _gcs_address(ray) -> str:
     return str(ray.get_runtime_context().gcs_address)
 
 
-def _later_user_in_folder(request) -> bool:
-    """Whether a module after this one, in the same folder, uses ray_local in this session."""
-    path = request.node.path
+def _wanted_next_in_folder(request) -> bool:
+    """Whether this process goes on in this module's folder and a module there uses ray_local later."""
+    nxt, folder = _NEXT.get("item"), request.node.path.parent
+    if nxt is None or nxt.path.parent != folder:
+        return False
     items = request.session.items
-    later = [i for i in items[_last_index(items, path) + 1 :] if i.path.parent == path.parent]
-    return any("ray_local" in i.fixturenames for i in later)
-
-
-def _last_index(items, path) -> int:
-    return max((n for n, i in enumerate(items) if i.path == path), default=len(items))
+    start = next((n for n, i in enumerate(items) if i is nxt), len(items))
+    return any(i.path.parent == folder and "ray_local" in i.fixturenames for i in items[start:])
 
 
 def cuda_available() -> bool:
