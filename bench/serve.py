@@ -168,6 +168,9 @@ def main() -> int:
     ap.add_argument("--http-only", action="store_true", help="HTTP only (no offline / AsyncLLM comparison)")
     ap.add_argument("--skip-async", action="store_true", help="no AsyncLLM in-process level (offline + HTTP)")
     ap.add_argument("--log-dir", default=None, help="keep the llmray serve logs here (default: a temp dir)")
+    ap.add_argument(
+        "--triton-cache", default=None, help="TRITON_CACHE_DIR to use (default: a new, empty one)"
+    )
     ap.add_argument("--paced-step-ms", type=float, default=None,
                     help="no model: the engine core runs tests/_support/paced_engine.py (a step of this many ms "
                     "gives every running request a token), so HTTP is measured against AsyncLLM on the same "
@@ -218,9 +221,9 @@ def main() -> int:
              "--ingress-replicas", str(a.ingress_replicas), "--stream-interval-ms", str(a.stream_interval_ms)]  # fmt: skip
     flags += [x for k, v in kw.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     flags += ["--no-use-gpu"] if a.cpu else []
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(
-        prefix="triton-cold-"
-    )  # this process's engines share it
+    # this process's engines and the server share it; empty (a cold start) unless --triton-cache names a
+    # directory an earlier run filled
+    os.environ["TRITON_CACHE_DIR"] = a.triton_cache or tempfile.mkdtemp(prefix="triton-cold-")
     env = dict(os.environ, **dict(kv.split("=", 1) for kv in a.serve_env))
     if paced:
         flags += ["--engine-factory", "_support.paced_engine:PacedAsyncLLM"]
