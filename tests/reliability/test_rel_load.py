@@ -47,6 +47,7 @@ def url(tiny_model_dir):
         },
         "max_ongoing_requests": 600,  # every client is admitted: no 429 in this test
         "max_queued_requests": 600,
+        "ingress_mode": "separate",  # the test names the ingress replica too
         "ingress_replicas": 1,
         "num_cpus": 0.5,
     }

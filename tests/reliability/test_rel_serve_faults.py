@@ -38,6 +38,9 @@ def url(tiny_model_dir):
         "engine": "llmray",
         # a tight token budget keeps 200-token requests running for seconds on the tiny model
         "engine_kwargs": {"max_num_seqs": 16, "num_kv_blocks": 256, "max_model_len": 512, "kernels": "torch"},
+        # the ingress as a deployment of its own: it outlives the killed engine replica and reports the cut
+        # streams in-band (in the default layout the HTTP server dies with the replica: a cut connection)
+        "ingress_mode": "separate",
         "ingress_replicas": 1,
         "num_cpus": 0.5,
         "health_check_period_s": 1.0,
@@ -221,6 +224,10 @@ def test_deployments_drain_for_longer_than_serves_default(tiny_model_dir):
     from llmray.serve.app import build_app
 
     app = build_app({"model": str(tiny_model_dir), "engine_factory": MOCK_ENGINE})
+    assert (
+        app._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 120.0
+    )  # the HTTP app's replica
+    app = build_app({"model": str(tiny_model_dir), "engine_factory": MOCK_ENGINE, "ingress_mode": "separate"})
     ingress = app._bound_deployment
     llm_server = ingress.init_args[0]._bound_deployment
     for dep in (ingress, llm_server):

@@ -255,6 +255,44 @@ def test_backpressure_is_429_with_retry_after():
     assert r.json()["error"]["type"] == "rate_limit_error"
 
 
+def test_replica_backend_answers_429_past_its_limit():
+    """The default deployment: the replica holds at most max_ongoing + max_queued requests, then 429."""
+    from llmray.serve.backends import ReplicaBackend
+
+    server = LLMServer("unused", MODEL, engine_factory=MOCK_ENGINE, enable_metrics=False)
+    backend = ReplicaBackend(server, max_requests=2)
+    client = TestClient(build_openai_app(backend, IngressConfig(MODEL, retry_after_s=3)))
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    assert client.post("/v1/completions", json=body).status_code == 200 and backend.ongoing == 0
+    backend.ongoing = 2  # two requests held
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_engine_death_mid_stream_is_an_in_band_503():
+    """A dead engine core mid-stream: the SSE stream ends with the retryable engine_unavailable, then [DONE]."""
+    from llmray.engine.errors import EngineDeadError
+
+    client, server = make_client(token_delay_s=0.0)
+    real = server.engine.generate_stream
+
+    async def dies(*args, **kwargs):
+        n = 0
+        async for out in real(*args, **kwargs):
+            yield out
+            n += 1
+            if n == 3:
+                raise EngineDeadError("the engine core process exited (exit code -9)")
+
+    server.engine.generate_stream = dies
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 20, "stream": True, "ignore_eos": True}
+    r = client.post("/v1/completions", json=body, headers=AUTH)
+    events = sse_events(r.text)
+    assert r.status_code == 200 and len(events) == 4
+    assert events[-1]["error"]["code"] == "engine_unavailable"
+
+
 def test_stream_interval_batches_tokens_per_chunk():
     server = LLMServer("unused", MODEL, engine_factory=MOCK_ENGINE, engine_kwargs={"token_delay_s": 0.002},
                        enable_metrics=False, stream_interval_ms=30)  # fmt: skip
