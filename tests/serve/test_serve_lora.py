@@ -335,6 +335,7 @@ def test_two_replicas_on_ray_serve(root, tmp_path):
     model_dir.mkdir()
     args = {"model": str(model_dir), "served_model_name": MODEL, "engine_factory": MOCK_ENGINE, "api_key": KEY,
             "lora_root": str(root), "min_replicas": 2, "max_replicas": 2, "ingress_replicas": 1,
+            "ingress_mode": "separate",  # multiplexed routing: a separate ingress calls through the handle
             "num_cpus": 0.25, "engine_kwargs": {"token_delay_s": 0.001}}  # fmt: skip
     with serve_app(args) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
         ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
