@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint format demo gpu-test clean
+.PHONY: venv test test-fast lint format demo gpu-test clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,17 @@ format: venv
 	$(BIN)/ruff format llmray tests bench jobs
 	$(BIN)/ruff check --fix llmray tests bench jobs
 
+# Two pytest-xdist workers, one test module each at a time (module-scoped fixtures, e.g. one Ray or one Serve
+# app per module, stay in one process), the slowest modules first (tests/conftest.py: SLOW_MODULES). Most
+# of the suite waits on Ray, Serve and subprocess start-up, so two workers nearly halve it on 2 cores.
+PYTEST_XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: venv lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_XDIST) --durations=25
+
+# while you iterate: no lint, and the `slow` tests (real Ray clusters) deselected
+test-fast: venv
+	$(BIN)/pytest -q $(PYTEST_XDIST) -m "not gpu and not slow"
 
 # stages, times and losses only; `make demo ARGS=--verbose` adds Ray's logs and every step line
 demo: venv
