@@ -157,6 +157,7 @@ def bench_step(
         "r": None if mode == "full" else r,
         "kernels": kernels,
         "cuda_graphs": sg is not None and sg.replays > 0,
+        "graph_failure": sg.failed if sg is not None else None,
         "batch": batch,
         "seq_len": seq,
         "step_ms": round(ms, 2),

@@ -24,6 +24,7 @@ steps; dropout is fine, its RNG offsets are captured).
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class StepGraphs:
         self.graphs: dict[tuple, _Captured] = {}
         self.seen: Counter[tuple] = Counter()
         self.replays = 0
+        self.failed: str | None = None  # why a capture failed (then every step runs eagerly)
         self._stream = torch.cuda.Stream(device=self.device)
         self._pool = None
 
@@ -80,9 +82,21 @@ class StepGraphs:
             self.seen[key] += 1
             grads = [p.grad is not None for p in self.params]
             ready = all(grads) if self.accumulate else (n_micro == 1 and not any(grads))
-            if not ready or self.seen[key] <= self.warmup or len(self.graphs) >= self.max_graphs:
+            full = len(self.graphs) >= self.max_graphs
+            if self.failed or not ready or self.seen[key] <= self.warmup or full:
                 return self._on_stream(lambda: self._eager(ids, targets, n_micro))
-            cap = self._capture(key, ids, targets, n_micro)
+            try:
+                cap = self._capture(key, ids, targets, n_micro)
+            except Exception as e:  # a capture that fails leaves training to eager steps, not to a crash
+                self.failed = f"{type(e).__name__}: {e}"
+                warnings.warn(
+                    f"CUDA graph capture failed, training goes on eagerly: {self.failed}", stacklevel=2
+                )
+                if not self.accumulate:
+                    for p in self.params:
+                        p.grad = None
+                torch.cuda.synchronize(self.device)
+                return self._on_stream(lambda: self._eager(ids, targets, n_micro))
         elif not self.accumulate and any(p.grad is not None for p in self.params):
             raise RuntimeError("StepGraphs(accumulate=False) needs the gradients set to None before a step")
         cap.ids.copy_(ids)

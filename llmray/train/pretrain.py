@@ -248,6 +248,8 @@ def train_steps(
                 "mfu": mfu(tok_s, model_config, cfg.seq_len) if device.type == "cuda" else 0.0,
                 "tokens": step * tokens_per_step, "elapsed_s": elapsed0 + now - t_start,
             }  # fmt: skip
+            if w.graphs is not None:
+                record["cuda_graph_replays"] = w.graphs.replays
         if is_eval:
             lockstep = n_val if w.fsdp else None
             record.update(evaluate(w.model, val, device, w.dtype, world, lockstep))
