@@ -40,6 +40,7 @@ RUN pip install --no-cache-dir \
         "matplotlib==3.11.2" \
         "numpy==2.4.6" \
         "openai==3.57.0" \
+        "llguidance==1.9.1" \
         "xgrammar==0.2.9" \
         "apache-tvm-ffi==0.1.15.post2"
 
