@@ -265,6 +265,7 @@ def main() -> None:
     )
     ap.add_argument("--baseline", default=None, help="a checkout holding the llmray package to compare with")
     ap.add_argument("--baseline-timeout", type=int, default=150)
+    ap.add_argument("--baseline-runs", type=int, default=2, help="timed workload runs of the baseline")
     ap.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -320,7 +321,8 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
         child = out_dir / "_baseline.json"
-        cmd = [sys.executable, __file__, "--profile-only", "--json-out", str(child), "--runs", "2"]
+        cmd = [sys.executable, __file__, "--profile-only", "--json-out", str(child)]
+        cmd += ["--runs", str(args.baseline_runs)]
         cmd += [
             "--num-seqs",
             str(args.num_seqs),

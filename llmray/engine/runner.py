@@ -53,6 +53,8 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.lora_batch = lora.batch if lora is not None else None  # per-row adapter slots (LoraManager)
+        if lora is None and hasattr(model, "fuse_projections"):
+            model.fuse_projections()  # q/k/v and gate/up as one GEMM each (before the cache takes the memory)
         self.config = config
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id

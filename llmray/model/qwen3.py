@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmray.config import ModelConfig
@@ -49,6 +50,7 @@ class Qwen3Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse_projections (inference)
 
     def forward(
         self,
@@ -60,9 +62,16 @@ class Qwen3Attention(nn.Module):
         attn_metadata: AttentionBackend | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is not None and type(self.q_proj) is nn.Linear and not torch.is_grad_enabled():
+            nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.qkv_weight).split([nq, nk, nk], dim=-1)  # one GEMM
+            q = q.view(b, t, self.num_heads, self.head_dim)
+            k = k.view(b, t, self.num_kv_heads, self.head_dim)
+            v = v.view(b, t, self.num_kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
         k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
         q, k = ops.rope(q, k, positions, rope_cos, rope_sin)
@@ -80,7 +89,16 @@ class Qwen3MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse_projections (inference)
+
     def forward(self, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
+        if (
+            self.gate_up_weight is not None
+            and type(self.gate_proj) is nn.Linear
+            and not torch.is_grad_enabled()
+        ):
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # one GEMM
+            return self.down_proj(ops.swiglu(gate, up))
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -162,11 +180,38 @@ class Qwen3ForCausalLM(nn.Module):
         self._ops = None
 
     def _apply(self, fn, *args, **kwargs):
+        fused = self.unfuse_projections()  # (plain tensors: rebuilt from the converted weights)
         out = super()._apply(fn, *args, **kwargs)
+        if fused:
+            self.fuse_projections()
         self._ops = None  # re-resolve "auto" after .to(device)
         # rotary tables stay fp32 whatever dtype the weights take (as HF keeps inv_freq in fp32)
         self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
         return out
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Inference: q/k/v and gate/up each as ONE GEMM over a concatenated copy of their weights (fewer
+        launches per layer; the engine calls it). Parameters, names and state_dict are untouched, so this
+        costs a copy of those weights; the fused path runs only without autograd and for projections not
+        wrapped by another module (LoRA keeps the separate path). ``.to()`` re-fuses; ``unfuse_projections``
+        drops the copies (call it before changing the weights in place)."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+            if attn.qkv_weight is None and all(type(p) is nn.Linear for p in projs):
+                attn.qkv_weight = torch.cat([p.weight for p in projs])
+            projs = [mlp.gate_proj, mlp.up_proj]
+            if mlp.gate_up_weight is None and all(type(p) is nn.Linear for p in projs):
+                mlp.gate_up_weight = torch.cat([p.weight for p in projs])
+
+    def unfuse_projections(self) -> bool:
+        """Drop the fused copies; True if there were any."""
+        fused = False
+        for layer in self.model.layers:
+            fused = fused or layer.self_attn.qkv_weight is not None or layer.mlp.gate_up_weight is not None
+            layer.self_attn.qkv_weight = layer.mlp.gate_up_weight = None
+        return fused
 
     # --- Hugging Face-style hooks used by peft / gradient checkpointing -----------------------
     def get_input_embeddings(self) -> nn.Embedding:

@@ -1,0 +1,28 @@
+"""The engine's fused q/k/v and gate/up GEMMs (``Qwen3ForCausalLM.fuse_projections``) compute the same
+function as the separate projections, follow ``.to()``, and stay out of autograd."""
+
+from __future__ import annotations
+
+import torch
+
+from llmray.config import ModelConfig
+from llmray.model.qwen3 import Qwen3ForCausalLM
+
+
+def test_fused_projections_match_and_follow_dtype_changes():
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="torch").eval()
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        ref = model(ids)
+        model.fuse_projections()
+        attn = model.model.layers[0].self_attn
+        assert attn.qkv_weight is not None and model.model.layers[0].mlp.gate_up_weight is not None
+        torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
+        model.to(torch.float64)  # the fused copies are rebuilt in the new dtype
+        assert attn.qkv_weight is not None and attn.qkv_weight.dtype == torch.float64
+        torch.testing.assert_close(model(ids).float(), ref, rtol=1e-4, atol=1e-4)
+    model.to(torch.float32).train()
+    model(ids, targets=ids).backward()  # with autograd the separate projections run and get gradients
+    assert attn.q_proj.weight.grad is not None and attn.v_proj.weight.grad is not None
+    assert model.unfuse_projections() and attn.qkv_weight is None
