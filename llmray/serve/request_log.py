@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from contextvars import ContextVar
 from typing import Any
 
 from llmray.serve.limits import MAX_REQUEST_ID_CHARS
+from llmray.serve.protocol import fast_id
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("llmray_request_id", default=None)
 _VALID = re.compile(
@@ -27,7 +27,7 @@ def request_id_from(value: str | None) -> str:
     """The client's id when it is short and plain, else a fresh one (never echo arbitrary bytes)."""
     if value and _VALID.fullmatch(value):
         return value
-    return uuid.uuid4().hex
+    return fast_id()
 
 
 class _RequestIdFilter(logging.Filter):

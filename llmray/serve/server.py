@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
@@ -39,7 +38,7 @@ from llmray.serve.events import Event, TokenEvent, error_event, merge_events
 from llmray.serve.lora_registry import LoraRegistry
 from llmray.serve.metrics import ServeMetrics
 from llmray.serve.prepare import RequestPlanner, api_param
-from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest
+from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, fast_id
 from llmray.serve.replica_adapters import ReplicaAdapters, multiplexed_hook
 from llmray.serve.request_log import REQUEST_ID, install_log_filter
 from llmray.serve.structured_api import ChatPlan, ChoiceOutput, split_event
@@ -208,7 +207,7 @@ class LLMServer:
         except APIError as e:
             yield [error_event(e)]
             return
-        base_id = uuid.uuid4().hex
+        base_id = fast_id()
         if len(jobs) == 1:  # the common case: one engine request, its events passed straight through
             idx, ids, sp = jobs[0]
             async with aclosing(self._events(f"{base_id}-{idx}", idx, ids, sp, lora, start, plan)) as events:
