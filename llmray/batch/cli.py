@@ -215,12 +215,17 @@ def run_batch(
         include_token_ids=include_token_ids,
         json_column="_json",
         stats_dir=stats_dir,
+        wait_for_engines=False,  # see below: each engine takes at most its share of the shards
     )
     shards = _plan(inputs, output, shard_rows, fmt)
     done = done_shards(output, fmt)
     pending = [s for s in shards if s.name not in done and s.rows > 0]
     if max_shards is not None:
         pending = pending[:max_shards]
+    # an engine works on at most this many shards at once (none queued beyond), so the first engine to start
+    # leaves the others their share while reading overlaps the engines' start-up; at least 2 keep its
+    # continuous batch fed (each shard feeds up to 4 batches at a time)
+    processor.max_concurrent_batches = max(2, min(8, -(-len(pending) // concurrency)))
     already = sum(s.name in done for s in shards)
     summary = dict(shards=len(shards), skipped=already, pending=len(pending), written=0, rows=0, errors=0)
     if not pending:

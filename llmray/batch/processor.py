@@ -288,7 +288,7 @@ class Processor:
     max_in_flight: int | None
     json_column: str | None = None
     stats_dir: str | None = None
-    wait_for_engines_s: int = 3600
+    wait_for_engines: bool | None = None
     preprocess: Callable[[dict], dict] | None = None
     postprocess: Callable[[dict], dict] | None = None
 
@@ -297,10 +297,12 @@ class Processor:
 
         if self.preprocess is not None:
             ds = ds.map(self.preprocess, num_cpus=0.25)
-        if ds.context.wait_for_min_actors_s <= 0:
+        wait = self.concurrency > 1 if self.wait_for_engines is None else self.wait_for_engines
+        if wait and ds.context.wait_for_min_actors_s <= 0:
             # rows go only to engines that are up: without this the first engine to start takes up to
-            # max_tasks_in_flight_per_actor blocks (often the whole dataset) before the others are ready
-            ds.context.wait_for_min_actors_s = self.wait_for_engines_s
+            # max_concurrent_batches blocks (often the whole dataset) before the others are ready. The price:
+            # Ray Data starts reading only then, instead of while the engines load.
+            ds.context.wait_for_min_actors_s = 3600
         threads = None if self.use_gpu else max(1, (os.cpu_count() or 1) // self.concurrency)
         actor = StreamingEngineActor if self.streaming else SyncEngineActor
         per_actor = self.max_concurrent_batches if self.streaming else 1
@@ -348,6 +350,7 @@ def build_processor(
     sampling_params: dict[str, Any] | None = None,
     streaming: bool = True,
     max_concurrent_batches: int = 8,
+    wait_for_engines: bool | None = None,
     num_cpus: float = 0.5,
     include_token_ids: bool = False,
     max_in_flight: int | None = None,
@@ -365,8 +368,10 @@ def build_processor(
     before/after. ``max_in_flight`` bounds the requests in one engine (default 2 x max_num_seqs).
     ``json_column``: rows arrive as JSON object text in this column (heterogeneous JSONL rows, whose
     fields Arrow could not hold in one schema); a line that is no JSON object becomes an error row.
-    Rows are handed out once every engine has started (the dataset's ``DataContext.wait_for_min_actors_s``,
-    when unset, becomes an hour), so the first engine up does not take them all.
+    ``max_concurrent_batches``: Ray Data tasks (blocks) an engine works on at once, none queued beyond.
+    ``wait_for_engines`` (default: when ``concurrency`` > 1): hand rows out once every engine has started
+    (the dataset's ``DataContext.wait_for_min_actors_s``, when unset, becomes an hour), so the first engine
+    up does not take them all; without it, reading overlaps the engines' start-up.
     ``stats_dir``: each engine writes its timeline and totals there (``engine-<pid>.json``, local to the
     node the actor runs on; see ``_EngineStats``).
     """
@@ -393,6 +398,7 @@ def build_processor(
         use_gpu=use_gpu,
         streaming=streaming,
         max_concurrent_batches=max_concurrent_batches,
+        wait_for_engines=wait_for_engines,
         num_cpus=num_cpus,
         include_token_ids=include_token_ids,
         max_in_flight=max_in_flight,
