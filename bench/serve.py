@@ -75,31 +75,42 @@ def _first_answer(url: str, model: str) -> bool:
     body = json.dumps({"model": model, "prompt": [1, 2, 3], "max_tokens": 2}).encode()
     req = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=3) as r:  # a request caught by a proxy reload: retry soon
+        with urllib.request.urlopen(req, timeout=5) as r:
             return r.status == 200
     except Exception:
         return False
 
 
+STARTUP: dict[str, list] = {}  # per launch: when `llmray serve` printed "serving on", when it first answered
+
+
 def launch_serve(
     flags: list[str], port: int, env: dict[str, str], log: Path
 ) -> tuple[subprocess.Popen, float]:
-    """Start ``llmray serve``; return the process and the seconds from launch to its first answer."""
+    """Start ``llmray serve``; return the process and the seconds from launch to its first answer. Requests
+    are sent once it prints "serving on" (before that a request only waits in a proxy without a replica)."""
     cmd = [sys.executable, "-m", "llmray.cli", "serve", "--port", str(port), *flags]
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
-    while not _first_answer(url, "bench"):
+    deployed = None
+    while deployed is None or not _first_answer(url, "bench"):
+        if deployed is None and "llmray: serving on" in log.read_text(errors="replace"):
+            deployed = time.monotonic() - t0
         if proc.poll() is not None:
             raise RuntimeError(
                 f"llmray serve exited ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}"
             )
         if time.monotonic() - t0 > 600:
             raise RuntimeError(f"llmray serve did not answer within 600 s; see {log}")
-        time.sleep(0.25)
-    return proc, time.monotonic() - t0
+        time.sleep(0.1 if deployed is None else 0.05)
+    total = time.monotonic() - t0
+    STARTUP.setdefault(log.stem, []).append(
+        {"deployed_s": round(deployed, 1), "first_answer_s": round(total, 1)}
+    )
+    return proc, total
 
 
 def stop_serve(proc: subprocess.Popen) -> None:
@@ -239,7 +250,8 @@ def main() -> int:
         stop_serve(proc)
     proc, warm = launch_serve(flags, port, env, logs / "warm.log")
     result["startup_s"]["warm" if not a.skip_startup else "first"] = round(warm, 1)
-    print(json.dumps({"startup_s": result["startup_s"]}), flush=True)
+    result["startup_detail"] = STARTUP
+    print(json.dumps({"startup_s": result["startup_s"], "detail": STARTUP}), flush=True)
     save()
     url = f"http://127.0.0.1:{port}"
 
