@@ -32,6 +32,13 @@ class ModelOps:
     rope: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     swiglu: Callable[..., torch.Tensor]
     linear_cross_entropy: Callable[..., torch.Tensor]
+    # silu(x[..., :I]) * x[..., I:] over a fused gate|up projection (the engine's fused MLP)
+    gated_swiglu: Callable[..., torch.Tensor] | None = None
+
+
+def _gated_swiglu_torch(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return swiglu_ref(gate, up)
 
 
 TORCH_OPS = ModelOps(
@@ -41,6 +48,7 @@ TORCH_OPS = ModelOps(
     rope=rope_ref,
     swiglu=swiglu_ref,
     linear_cross_entropy=linear_cross_entropy_ref,
+    gated_swiglu=_gated_swiglu_torch,
 )
 
 
@@ -48,6 +56,7 @@ TORCH_OPS = ModelOps(
 def triton_ops() -> ModelOps:
     """The Triton op set (imported on first use: ``@triton.jit`` binds the interpreter at import time)."""
     from llmray.kernels.cross_entropy import linear_cross_entropy
+    from llmray.kernels.gated_swiglu import gated_swiglu
     from llmray.kernels.rmsnorm import add_rms_norm, rms_norm
     from llmray.kernels.rope import rope
     from llmray.kernels.swiglu import swiglu
@@ -59,6 +68,7 @@ def triton_ops() -> ModelOps:
         rope=rope,
         swiglu=swiglu,
         linear_cross_entropy=linear_cross_entropy,
+        gated_swiglu=gated_swiglu,
     )
 
 

@@ -97,8 +97,10 @@ class Qwen3MLP(nn.Module):
             and type(self.gate_proj) is nn.Linear
             and not torch.is_grad_enabled()
         ):
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # one GEMM
-            return self.down_proj(ops.swiglu(gate, up))
+            gate_up = F.linear(x, self.gate_up_weight)  # one GEMM: (..., 2I) = [gate | up]
+            if ops.gated_swiglu is not None:
+                return self.down_proj(ops.gated_swiglu(gate_up))
+            return self.down_proj(ops.swiglu(*gate_up.chunk(2, dim=-1)))
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
