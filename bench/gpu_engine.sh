@@ -8,7 +8,7 @@ export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 [ -d .data/shared ] && export LLMRAY_SHARED_DATA=$PWD/.data/shared
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpu.txt"
 timeout ${TEST_TIMEOUT:-400} python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="" --durations=10 \
-  tests/kernels/test_paged_attention.py tests/kernels/test_kv_store.py tests/kernels/test_sampling.py tests/engine/test_engine_gpu.py \
+  tests/kernels/test_paged_attention.py tests/kernels/test_kv_store.py tests/kernels/test_sampling.py tests/kernels/test_gated_swiglu.py tests/engine/test_engine_gpu.py \
   tests/engine/test_fp8_kv.py tests/engine/test_engine_lora_gpu.py 2>&1 | tee "$OUT/engine_gpu_tests.log"
 echo "pytest exit: $?"
 BASE=""
