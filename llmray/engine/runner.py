@@ -209,9 +209,8 @@ class ModelRunner:
             sample_rows if items is scheduled else [order[j] for j in sample_rows], seqs, None
         )
         if seqs:
-            logits = self.model.lm_head(
-                hidden[batch.last]
-            )  # (R, V) model dtype: the sampler upcasts if needed
+            # (R, V) in the model dtype: the sampler upcasts where it needs fp32
+            logits = self.model.lm_head(hidden[batch.last])
             if defer_sampling:
                 pending.logits = logits
                 return pending
