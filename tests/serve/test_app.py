@@ -69,3 +69,24 @@ def test_lora_root_lists_adapters(tmp_path):
         "alpha": str(tmp_path / "alpha"),
         "beta": str(tmp_path / "beta"),
     }
+
+
+def test_serve_env_for_a_local_ray(tmp_path, monkeypatch):
+    """`llmray serve` starting its own Ray: replica code on Serve's loop, HAProxy when asked (or usable), and
+    an environment variable the user set always wins."""
+    from llmray.serve.cli import serve_env
+
+    for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"):
+        monkeypatch.delenv(key, raising=False)
+    env = serve_env(parse(["--model", str(tmp_path), "--haproxy"]))
+    assert (
+        env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    )
+    assert env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "30"
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in serve_env(parse(["--model", str(tmp_path), "--no-haproxy"]))
+    monkeypatch.setenv("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1")
+    assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in serve_env(parse(["--model", str(tmp_path)]))
+    args = args_to_app_args(parse(["--model", str(tmp_path), "--ingress-mode", "separate"]))
+    assert args["ingress_mode"] == "separate" and "ingress_mode" not in args_to_app_args(
+        parse(["--model", str(tmp_path)])
+    )
