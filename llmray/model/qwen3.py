@@ -62,7 +62,10 @@ class Qwen3Attention(nn.Module):
         attn_metadata: AttentionBackend | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.qkv_weight is not None and type(self.q_proj) is nn.Linear and not torch.is_grad_enabled():
+        # the fused GEMM for one token only: with more, the q/k slices of the fused row are not viewable as
+        # rows and the q/k norms would copy them (two more kernels than the two GEMM launches it saves)
+        fuse = b * t == 1 and self.qkv_weight is not None and type(self.q_proj) is nn.Linear
+        if fuse and not torch.is_grad_enabled():
             nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = F.linear(x, self.qkv_weight).split([nq, nk, nk], dim=-1)  # one GEMM
             q = q.view(b, t, self.num_heads, self.head_dim)
@@ -193,8 +196,8 @@ class Qwen3ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
-        """Inference: q/k/v and gate/up each as ONE GEMM over a concatenated copy of their weights (fewer
-        launches per layer; the engine calls it). Parameters, names and state_dict are untouched, so this
+        """Inference: gate/up, and q/k/v for a single-token forward (a batch-1 decode step), each as ONE GEMM
+        over a concatenated copy of their weights (fewer launches per layer; the engine calls it). Parameters, names and state_dict are untouched, so this
         costs a copy of those weights; the fused path runs only without autograd and for projections not
         wrapped by another module (LoRA keeps the separate path). ``.to()`` re-fuses; ``unfuse_projections``
         drops the copies (call it before changing the weights in place)."""

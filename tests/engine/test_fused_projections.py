@@ -13,12 +13,14 @@ def test_fused_projections_match_and_follow_dtype_changes():
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="torch").eval()
     ids = torch.randint(0, 512, (2, 9))
+    one = ids[:1, :1]  # q/k/v run fused for a single token (a batch-1 decode step)
     with torch.no_grad():
-        ref = model(ids)
+        ref, ref_one = model(ids), model(one)
         model.fuse_projections()
         attn = model.model.layers[0].self_attn
         assert attn.qkv_weight is not None and model.model.layers[0].mlp.gate_up_weight is not None
         torch.testing.assert_close(model(ids), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(one), ref_one, rtol=1e-5, atol=1e-5)
         model.to(torch.float64)  # the fused copies are rebuilt in the new dtype
         assert attn.qkv_weight is not None and attn.qkv_weight.dtype == torch.float64
         torch.testing.assert_close(model(ids).float(), ref, rtol=1e-4, atol=1e-4)
