@@ -306,8 +306,6 @@ def main() -> None:
                 prof["decode_kernel_ms_bs256_ctx843"] = decode_kernel_ms(cfg)
                 prof["after"] = profile(llm, prompts, [min(o, args.profile_tokens) for o in outs])
                 prof["after"]["warmup_s"] = getattr(r, "warmup_s", None)
-        if kv == "fp8" and cuda:
-            prof["after_fp8"] = profile(llm, prompts, [min(o, args.profile_tokens) for o in outs])
         save()
         del llm, r
         gc.collect()  # the runner and its graphs reference each other
