@@ -295,7 +295,7 @@ class ModelRunner:
         words = -(-self.vocab_size // 32)
         if not hasattr(self, "_bitmask_bufs") or self._bitmask_bufs[0].shape[0] < rows:
             n = max(rows, self.prev_tokens.shape[0])
-            self._bitmask_bufs = [
+            self._bitmask_bufs: list[torch.Tensor] = [
                 torch.empty((n, words), dtype=torch.int32, pin_memory=self.is_cuda) for _ in range(2)
             ]
             self._bitmask_fence: list[torch.cuda.Event | None] = [None, None]

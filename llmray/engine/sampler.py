@@ -191,7 +191,9 @@ class Sampler:
             seq = seqs[i]
             gen = self.seq_generators.get(seq.seq_id)
             if gen is None:
-                gen = torch.Generator(device=self.device).manual_seed(params[i].seed)
+                seed = params[i].seed
+                assert seed is not None, "seeded rows are the rows with a seed"
+                gen = torch.Generator(device=self.device).manual_seed(seed)
                 self.seq_generators[seq.seq_id] = gen
             noise[i].exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)

@@ -64,10 +64,10 @@ class Qwen3Attention(nn.Module):
         b, t, _ = x.shape
         # the fused GEMM for one token only: with more, the q/k slices of the fused row are not viewable as
         # rows and the q/k norms would copy them (two more kernels than the two GEMM launches it saves)
-        fuse = b * t == 1 and self.qkv_weight is not None and type(self.q_proj) is nn.Linear
-        if fuse and not torch.is_grad_enabled():
+        fused = self.qkv_weight if b * t == 1 and type(self.q_proj) is nn.Linear else None
+        if fused is not None and not torch.is_grad_enabled():
             nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = F.linear(x, self.qkv_weight).split([nq, nk, nk], dim=-1)  # one GEMM
+            q, k, v = F.linear(x, fused).split([nq, nk, nk], dim=-1)  # one GEMM
             q = q.view(b, t, self.num_heads, self.head_dim)
             k = k.view(b, t, self.num_kv_heads, self.head_dim)
             v = v.view(b, t, self.num_kv_heads, self.head_dim)
@@ -201,7 +201,7 @@ class Qwen3ForCausalLM(nn.Module):
         costs a copy of those weights; the fused path runs only without autograd and for projections not
         wrapped by another module (LoRA keeps the separate path). ``.to()`` re-fuses; ``unfuse_projections``
         drops the copies (call it before changing the weights in place)."""
-        for layer in self.model.layers:
+        for layer in self._decoder_layers():
             attn, mlp = layer.self_attn, layer.mlp
             projs = [attn.q_proj, attn.k_proj, attn.v_proj]
             if attn.qkv_weight is None and all(type(p) is nn.Linear for p in projs):
@@ -210,10 +210,13 @@ class Qwen3ForCausalLM(nn.Module):
             if mlp.gate_up_weight is None and all(type(p) is nn.Linear for p in projs):
                 mlp.gate_up_weight = torch.cat([p.weight for p in projs])
 
+    def _decoder_layers(self) -> list[Qwen3DecoderLayer]:
+        return [layer for layer in self.model.layers if isinstance(layer, Qwen3DecoderLayer)]
+
     def unfuse_projections(self) -> bool:
         """Drop the fused copies; True if there were any."""
         fused = False
-        for layer in self.model.layers:
+        for layer in self._decoder_layers():
             fused = fused or layer.self_attn.qkv_weight is not None or layer.mlp.gate_up_weight is not None
             layer.self_attn.qkv_weight = layer.mlp.gate_up_weight = None
         return fused
