@@ -24,8 +24,10 @@ format: venv
 
 # Two pytest-xdist workers, one test module each at a time (module-scoped fixtures, e.g. one Ray or one Serve
 # app per module, stay in one process), the slowest modules first (tests/conftest.py: SLOW_MODULES). Most
-# of the suite waits on Ray, Serve and subprocess start-up, so two workers nearly halve it on 2 cores.
-PYTEST_XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+# of the suite waits on Ray, Serve and subprocess start-up, so two workers nearly halve it on 2 cores. A
+# worker that dies fails its test and ends the run with "worker gwN crashed" (a replacement worker trips
+# an internal error in xdist's loadfile scheduler instead).
+PYTEST_XDIST := -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=0
 
 test: venv lint
 	$(BIN)/pytest -q $(PYTEST_XDIST) --durations=25
