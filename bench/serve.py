@@ -178,6 +178,8 @@ def main() -> int:
     )
     ap.add_argument("--http-only", action="store_true", help="HTTP only (no offline / AsyncLLM comparison)")
     ap.add_argument("--skip-async", action="store_true", help="no AsyncLLM in-process level (offline + HTTP)")
+    ap.add_argument("--async-levels", default="",
+                    help="with --skip-async: run AsyncLLM at these concurrencies only (e.g. 1: the engine's TTFT)")  # fmt: skip
     ap.add_argument("--log-dir", default=None, help="keep the llmray serve logs here (default: a temp dir)")
     ap.add_argument(
         "--triton-cache", default=None, help="TRITON_CACHE_DIR to use (default: a new, empty one)"
@@ -261,6 +263,7 @@ def main() -> int:
     try:
         warm_pool(pool, a.client_procs)
         warmup = make_prompts(32, 16, vocab, seed=999)
+        async_levels = {int(c) for c in a.async_levels.split(",") if c}
         if paced and not a.http_only:  # the reference: AsyncLLM over the same double, in this process
             from _support.paced_engine import PacedAsyncLLM
 
@@ -269,7 +272,7 @@ def main() -> int:
         elif not a.http_only:
             offline = LLM(model_dir, **kw)
             run_offline(offline, warmup, 32, 16)
-            if not a.skip_async:
+            if not a.skip_async or async_levels:
                 t0 = time.monotonic()
                 aengine = AsyncLLM(model_dir, **kw)
                 result["async_llm_startup_s"] = round(time.monotonic() - t0, 1)
@@ -300,7 +303,7 @@ def main() -> int:
                 mix["offline"][k] = run_offline(offline, prompts, c, olen)
                 off = mix["offline"][k]["output_tok_per_s"]
                 mix.setdefault("http_vs_offline", {})[k] = round(mix["http"][k]["output_tok_per_s"] / off, 3)
-                if not a.skip_async:
+                if not a.skip_async or c in async_levels:
                     mix["async_llm"][k] = asyncio.run(_async_level(aengine, prompts, c, olen))
                     mix.setdefault("async_vs_offline", {})[k] = round(
                         mix["async_llm"][k]["output_tok_per_s"] / off, 3
@@ -311,7 +314,7 @@ def main() -> int:
                                   "http": mix["http"][k]}), flush=True)  # fmt: skip
                 result["total_s"] = round(time.monotonic() - t_start, 1)
                 save()
-        if not a.http_only and not a.skip_async:
+        if not a.http_only and (paced or not a.skip_async or async_levels):
             aengine.shutdown()
     finally:
         pool.shutdown(cancel_futures=True)
