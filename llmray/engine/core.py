@@ -89,6 +89,7 @@ class EngineCore:
         while self._calls:
             call = self._calls[0]
             call_id, name, args, pending = call
+            reply: tuple[str, Any, bool, Any]
             try:
                 if name == "add_lora" and lora is not None:
                     if pending is None:
