@@ -17,6 +17,7 @@ Two parts:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -117,6 +118,7 @@ def bench_step(
 
     device = torch.device(device)
     cuda = device.type == "cuda"
+    gc.collect()  # earlier runs' models (LoRA sibling groups are reference cycles) leave before this one
     if cuda:
         torch.cuda.empty_cache()
     model, params = _build(mode, targets, r, kernels, device, preset, impl)
