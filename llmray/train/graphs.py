@@ -28,6 +28,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ class StepGraphs:
         self.replays = 0
         self.failed: str | None = None  # why a capture failed (then every step runs eagerly)
         self._stream = torch.cuda.Stream(device=self.device)
-        self._pool = None
+        self._pool: Any = None  # the graphs' shared memory pool (an opaque handle from torch)
 
     def _eager(self, ids: torch.Tensor, targets: torch.Tensor, n_micro: int) -> torch.Tensor:
         with autocast(self.device, self.dtype):

@@ -69,17 +69,19 @@ class _LoraGroupFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys):
         x, a, h, *sbs = ctx.saved_tensors
-        dys = [dy.to(x.dtype) for dy in dys]
+        dys_x = [dy.to(x.dtype) for dy in dys]  # the incoming grads in the activations' dtype
+        dys = tuple(dys_x)
         dh = (
             torch.cat([dy @ sb for dy, sb in zip(dys, sbs, strict=True)], 1)
             if len(dys) > 1
             else dys[0] @ sbs[0]
         )
-        dx = None
+        dx: torch.Tensor | None = None
         if ctx.needs_input_grad[0]:
             for base, dy in zip(ctx.bases, dys, strict=True):
                 w = _dequantize(base, x.dtype)
                 dx = dy @ w if dx is None else dx.addmm_(dy, w)
+            assert dx is not None  # a group has at least one member
             dx.addmm_(dh, a)
         grads: list[torch.Tensor | None] = []
         das = (dh.t() @ x).float().split(ctx.ranks) if any(ctx.needs_input_grad[4::2]) else None
@@ -179,8 +181,8 @@ def apply_lora(model: M, cfg: LoraConfig) -> M:
         parents[parent_name] = parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, name.rsplit(".", 1)[-1], LoraLinear(mod, cfg.r, cfg.alpha, cfg.dropout))
     for parent in parents.values():
-        for names in GROUPS:
-            members = [m for n in names if isinstance(m := getattr(parent, n, None), LoraLinear)]
+        for group_names in GROUPS:
+            members = [m for n in group_names if isinstance(m := getattr(parent, n, None), LoraLinear)]
             if len(members) > 1:
                 group = _Group(members)
                 for m in members:
