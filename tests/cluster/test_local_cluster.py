@@ -194,7 +194,9 @@ def test_serve_deploy_openai_metrics_dashboard(head, tiny_model_dir, tmp_path):
     def scraped() -> str | None:
         text = http_text(f"http://127.0.0.1:{head.metrics_port}/metrics")
         names = set(re.findall(r"^(ray_(?:llmray|serve)_[a-z0-9_]+)\{", text, flags=re.M))
-        return text if wanted <= names else None
+        # metrics are exported periodically: wait until all three requests' TTFTs are in the export too
+        counts = re.findall(r"^ray_llmray_time_to_first_token_seconds_count\{[^}]*\} (\S+)", text, flags=re.M)
+        return text if wanted <= names and sum(map(float, counts)) >= 3 else None
 
     try:
         text = wait_for(scraped, 60, what=f"the series {sorted(wanted)} on the metrics export port")
