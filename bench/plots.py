@@ -2,9 +2,8 @@
 
 Only what the JSON files hold is drawn; each figure's title names the JSON it came from. Figures:
 
-- ``bench/results/engine_batch.png``     engine.json, engine_profile.json: paged-decode kernel bandwidth per
-                                          (batch, context, splits); engine step time by decode batch size,
-                                          split into schedule / launch / wait-for-device
+- ``bench/results/engine_batch.png``     engine.json, engine_profile.json (``bench/plot_engine.py``): output
+                                          tok/s per run; a decode step's host phases and wall time
 - ``bench/results/serve_concurrency.png`` serve.json: output tokens/s vs concurrency (128/128 mix), offline
                                           vs AsyncLLM vs HTTP
 - ``bench/results/serve_latency.png``    serve.json: TTFT and time per output token p50/p99 vs concurrency
@@ -67,43 +66,6 @@ def _levels(d: dict[str, Any]) -> list[int]:
 
 
 # --- engine ----------------------------------------------------------------------------------------
-def engine_batch(results: Path) -> Path:
-    eng, prof = load(results, "engine.json"), load(results, "engine_profile.json")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
-    rows = eng["decode_kernel"]
-    labels = [f"B={r['batch']}\nctx {r['context']}\nsplits {r['num_splits']}" for r in rows]
-    a.bar(range(len(rows)), [r["GB_per_s"] for r in rows], color=BLUE)
-    for i, r in enumerate(rows):
-        a.text(i, r["GB_per_s"], f"{r['GB_per_s']:.0f}", ha="center", va="bottom", fontsize=8)
-    a.set_xticks(range(len(rows)), labels, fontsize=8)
-    a.set_ylabel("KV bytes read / kernel time (GB/s)")
-    a.set_title("paged-decode kernel bandwidth (engine.json)", fontsize=10)
-
-    by = prof["async"]["by_batch"]
-    keys = sorted((k for k in by if k.startswith("bs<=")), key=lambda k: int(k[4:]))
-    x = range(len(keys))
-    bottom = [0.0] * len(keys)
-    for part, color, name in (
-        ("mean_schedule_ms", GREY, "schedule (host)"),
-        ("mean_launch_ms", ORANGE, "build inputs + launch (host)"),
-        ("mean_collect_ms", BLUE, "wait for the device"),
-    ):
-        vals = [by[k][part] for k in keys]
-        b.bar(x, vals, bottom=bottom, color=color, label=name)
-        bottom = [u + v for u, v in zip(bottom, vals)]
-    for i, k in enumerate(keys):
-        b.text(i, bottom[i], f"{by[k]['steps']} steps", ha="center", va="bottom", fontsize=7)
-    b.set_xticks(list(x), [k.replace("bs<=", "batch ≤ ") for k in keys], fontsize=8)
-    b.set_ylabel("mean engine step (ms)")
-    b.set_title(
-        f"engine step by decode batch, async scheduling\n"
-        f"({prof['async']['output_tok_per_s']:,.0f} output tok/s on the workload; engine_profile.json)",
-        fontsize=10,
-    )
-    b.legend(fontsize=8)
-    return save(fig, results / "engine_batch.png")
-
-
 # --- serving ---------------------------------------------------------------------------------------
 SERVE_PATHS = (
     ("offline", "black", "offline LLM.generate"),
@@ -236,9 +198,17 @@ def _ft_label(r: dict[str, Any]) -> str:
     return "full" if r["mode"] == "full" else f"{r['mode']}\n{r['targets']} r{r['r']}"
 
 
-def finetune(results: Path) -> Path:
-    ft, params = load(results, "finetune.json"), load(results, "finetune_params.json")
+def _ft_runs(results: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The fine-tuning runs: finetune.json's list, or finetune_details.json's {name: run} (current format)."""
+    ft = load(results, "finetune.json")
+    if "runs" not in ft:
+        ft = load(results, "finetune_details.json")
     runs = ft["runs"]
+    return ft, list(runs.values()) if isinstance(runs, dict) else runs
+
+
+def finetune(results: Path) -> Path:
+    (ft, runs), params = _ft_runs(results), load(results, "finetune_params.json")
     labels = [_ft_label(r) for r in runs]
     colors = [GREY if r["mode"] == "full" else (BLUE if r["mode"] == "lora" else GREEN) for r in runs]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -316,17 +286,11 @@ def train_summary(results: Path) -> Path:
 # --- overview for the README -----------------------------------------------------------------------
 def overview(results: Path, docs: Path) -> Path:
     eng, s = load(results, "engine.json"), load(results, "serve.json")
-    k, ft = load(results, "kernels.json"), load(results, "finetune.json")
+    k, (_, ft_runs) = load(results, "kernels.json"), _ft_runs(results)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    sub = eng["subset"]
-    ax = axes[0][0]
-    vals = [sub["llmray_tok_per_s"], sub["hf_static_compile"]["tok_per_s"], sub["hf_dynamic"]["tok_per_s"]]
-    ax.bar(range(3), vals, color=[BLUE, GREY, GREY])
-    for i, v in enumerate(vals):
-        ax.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(3), ["llmray engine", "HF static cache\n+ compile", "HF dynamic\ncache"], fontsize=8)
-    ax.set_ylabel("output tokens / s")
-    ax.set_title(f"engine vs HF generate, {sub['num_seqs']} seqs (engine.json)", fontsize=10)
+    from plot_engine import engine_runs
+
+    engine_runs(axes[0][0], eng)
 
     ax = axes[0][1]
     levels, paths, m = _serve_mix(s)
@@ -361,7 +325,7 @@ def overview(results: Path, docs: Path) -> Path:
     ax.legend(fontsize=8)
 
     ax = axes[1][1]
-    runs = [r for r in ft["runs"] if r["targets"] in (None, "all-linear")]
+    runs = [r for r in ft_runs if r["targets"] in (None, "all-linear") and not r.get("lora_impl") == "peft"]
     vals = [r["peak_mem_gib"] for r in runs]
     ax.bar(range(len(runs)), vals, color=[GREY, BLUE, GREEN][: len(runs)])
     for i, v in enumerate(vals):
@@ -382,10 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     results, docs = Path(args.results), Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     import plots_scaling as scaling  # imports this module's helpers: load it only once this one is complete
+    from plot_engine import engine_batch
 
     plots = (engine_batch, serve_concurrency, serve_latency, serve_stream_interval, kernels, finetune)
     for plot in (*plots, train_summary, scaling.lora, scaling.multigpu, scaling.multigpu_serve):
-        plot(results)
+        try:
+            plot(results)
+        except KeyError as e:  # a results file another bench rewrote in a newer format: say so, draw the rest
+            print(f"skipped {plot.__name__}: its results JSON has no key {e}")
     overview(results, docs)
     if args.demo:
         scaling.demo_losses(Path(args.demo), docs)

@@ -3,7 +3,7 @@
 ``EngineCore`` wraps an ``LLMEngine`` (model, scheduler, KV cache, adapters) and speaks a small protocol of
 tuples (pickled when the core runs in its own process, passed as is when it runs in a thread)::
 
-    in:  ("add", rid, prompt_ids, SamplingParams, lora)   ("abort", [rid, ...])
+    in:  ("add", rid, prompt_ids, SamplingParams, lora)   ("abort", [rid, ...])   ("many", [command, ...])
          ("call", call_id, name, args)  name in add_lora | remove_lora | list_loras; answered in order,
               add_lora's files read on a loader thread while the loop steps
          ("drain",)  finish what runs, refuse new requests, then exit     ("shutdown",)
@@ -53,11 +53,15 @@ class EngineCore:
         # adapter commands run in order; an adapter's files are read on a worker thread while the loop steps
         self._calls: deque[list] = deque()  # [call_id, name, args, Future | None]
         self._loader: ThreadPoolExecutor | None = None
+        self.timer: LoopTimer | None = None
 
     # --- commands ---------------------------------------------------------------------------------
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
-        if kind == "add":
+        if kind == "many":  # commands the front-end queued together
+            for m in msg[1]:
+                self.handle(m)
+        elif kind == "add":
             _, rid, ids, params, lora = msg
             if self.draining:
                 self.send(("error", rid, "the engine is shutting down; retry the request", None))
@@ -124,6 +128,8 @@ class EngineCore:
         """One engine step and its message; a failed step fails its requests (twice in a row: raises)."""
         try:
             outs = self.engine.step()
+            if self.timer is not None:
+                self.timer.mark("engine_step")
         except Exception as e:
             self.failures += 1
             if self.failures > 1:
@@ -145,20 +151,50 @@ class EngineCore:
         """Step without pause while there is work; ``poll(timeout)`` returns the commands that arrived."""
         engine = self.engine
         self.send(("step", [], [], [], None, engine.stats()))  # the first stats
+        timer = self.timer = LoopTimer() if os.environ.get("LLMRAY_CORE_TIMING") else None
         while not self.stopped:
             idle_s = LOADING_POLL_S if self._calls else IDLE_POLL_S
+            if timer is not None:
+                timer.mark("work")
             msgs = poll(0.0 if engine.has_unfinished() else idle_s)
+            if timer is not None:
+                timer.mark("poll")
             for msg in msgs:
                 self.handle(msg)
             if self._calls:
                 self.advance_calls()
             if engine.has_unfinished():
+                if timer is not None:
+                    timer.mark("commands")
                 self.step()
+                if timer is not None:
+                    timer.mark("message", steps=1)
             elif msgs or self.finished:  # idle after commands (e.g. an abort): report it and fresh stats
                 self.send(("step", [], [], self.finished, None, engine.stats()))
                 self.finished = []
             if self.draining and not engine.has_unfinished():
                 break
+
+
+class LoopTimer:
+    """``LLMRAY_CORE_TIMING=1``: where the core loop's time goes (seconds per phase, steps per second),
+    printed to stderr (the replica's log) every 2 s while it steps."""
+
+    def __init__(self) -> None:
+        self.t = self.t_print = time.perf_counter()
+        self.totals: dict[str, float] = {}
+        self.steps = 0
+
+    def mark(self, phase: str, steps: int = 0) -> None:
+        t = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + t - self.t
+        self.t, self.steps = t, self.steps + steps
+        if t - self.t_print >= 2.0:
+            if self.steps:
+                parts = " ".join(f"{k}={v:.3f}s" for k, v in sorted(self.totals.items()))
+                print(f"[engine core timing] {t - self.t_print:.1f}s: {self.steps} steps {parts}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            self.totals, self.steps, self.t_print = {}, 0, t
 
 
 def engine_info(engine: Any) -> dict[str, Any]:

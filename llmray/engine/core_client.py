@@ -128,13 +128,19 @@ class ProcessCore:
         self._outbox.put(msg)
 
     def _send_loop(self) -> None:
+        outbox = self._outbox
         while True:
-            msg = self._outbox.get()
-            if msg is None:
-                return
+            msgs = [outbox.get()]
+            while not outbox.empty():  # what queued meanwhile goes as one write ("many")
+                msgs.append(outbox.get_nowait())
+            stop = None in msgs
+            msgs = [m for m in msgs if m is not None] if stop else msgs
             try:
-                self._tx.send(msg)
+                if msgs:
+                    self._tx.send(msgs[0] if len(msgs) == 1 else ("many", msgs))
             except (OSError, ValueError):  # the core is gone (or the pipe closed): the reader reports it
+                return
+            if stop:
                 return
 
     def is_alive(self) -> bool:

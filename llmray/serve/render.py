@@ -7,6 +7,7 @@ reason and cumulative token counts.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +59,7 @@ def usage_of(states: dict[int, ChoiceState], n: int, n_prompts: int) -> dict[str
     """Prompt tokens counted once per prompt (not per choice), completion tokens over all choices."""
     prompt = sum(states[p * n].prompt_tokens for p in range(n_prompts) if p * n in states)
     completion = sum(st.completion_tokens for st in states.values())
-    return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    ).model_dump()
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
@@ -87,6 +86,42 @@ def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
             for e in entries
         ]
     }
+
+
+class ChunkEncoder:
+    """One stream's SSE ``data:`` lines: the plain text chunks (no logprobs; for chat, content only once the
+    role was sent) from a prefix encoded once per request, byte for byte what ``json.dumps`` makes of
+    ``completion_chunk`` / ``chat_chunk``; any other chunk through those functions."""
+
+    def __init__(self, kind: str, rid: str, created: int, req: Any) -> None:
+        self.kind, self.rid, self.created, self.req = kind, rid, created, req
+        self.make = completion_chunk if kind == "completions" else chat_chunk
+        obj = "text_completion" if kind == "completions" else "chat.completion.chunk"
+        head = {"id": rid, "object": obj, "created": created, "model": req.model}
+        self.head = "data: " + json.dumps(head)[:-1] + ', "choices": [{"index": '
+        self.text_key = ', "text": ' if kind == "completions" else ', "delta": {"content": '
+        self.tail = (
+            ', "logprobs": null, "finish_reason": '
+            if kind == "completions"
+            else ('}, "logprobs": null, "finish_reason": ')
+        )
+
+    def encode(self, ev: dict[str, Any], st: ChoiceState) -> str | None:
+        """The event's line (``None``: nothing to send), ``st`` updated with the event."""
+        plain = ev.get("logprobs") is None and (
+            self.kind == "completions"
+            or (st.role_sent and not ev.get("reasoning") and not ev.get("tool_calls"))
+        )
+        if not plain:
+            chunk = self.make(self.rid, self.created, self.req, ev, st)
+            st.add(ev)
+            return None if chunk is None else f"data: {json.dumps(chunk)}\n\n"
+        text, finish = ev["text"], ev["finish_reason"]
+        st.add(ev)
+        if not text and finish is None:
+            return None
+        reason = "null" if finish is None else json.dumps(finish)
+        return f"{self.head}{ev['index']}{self.text_key}{json.dumps(text)}{self.tail}{reason}}}]}}\n\n"
 
 
 def completion_chunk(rid: str, created: int, req: Any, ev: dict[str, Any], st: ChoiceState) -> dict | None:
