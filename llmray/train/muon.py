@@ -16,7 +16,11 @@ Muon update for a weight W (out, in) with gradient G:
 ("match_rms_adamw", Moonlight: the update's RMS matches AdamW's so AdamW learning rates carry over).
 
 Matrices of one shape are orthogonalised together as a batch (one bmm per Newton-Schulz product instead
-of one matmul per matrix). Under data parallelism (``torch.distributed`` initialised) every rank holds
+of one matmul per matrix). On one CUDA process the elementwise work is fused and overlapped
+(``llmray.train.optim_kernels``): one Triton pass per matrix updates the momentum and writes the bf16
+Newton-Schulz input into its stack slot, one pass applies the update; these passes and AdamW (one
+``torch._fused_adamw_`` pass) run on a side stream while the main stream runs the compute-bound
+Newton-Schulz products (``overlap=False`` keeps everything on one stream). Under data parallelism (``torch.distributed`` initialised) every rank holds
 the same all-reduced gradients; each rank updates the momentum of every matrix (cheap, element-wise,
 so every rank's state is complete and rank 0 can checkpoint it), orthogonalises only its 1/world share
 of each shape group, and the new weights are all-gathered. Under FSDP2 (parameters are DTensors holding
@@ -34,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from llmray.train.fsdp import is_dtensor, orthogonalize_rows
+from llmray.train.optim_kernels import adamw_, muon_apply_, muon_momentum_
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -89,7 +94,11 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
     AdamW group keys: lr, betas, eps, weight_decay.
     """
 
-    def __init__(self, param_groups: Iterable[dict[str, Any]]) -> None:
+    def __init__(self, param_groups: Iterable[dict[str, Any]], overlap: bool = True) -> None:
+        self.overlap = overlap  # CUDA: elementwise passes on a side stream under Newton-Schulz
+        self.fused_adamw = True  # one torch._fused_adamw_ pass per group where it applies
+        self.fused_passes: bool | None = None  # Muon's Triton passes: None = on CUDA tensors
+        self._stream: torch.cuda.Stream | None = None
         groups = []
         for group in param_groups:
             group = dict(group)
@@ -125,12 +134,84 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        local: list[dict[str, Any]] = []  # Muon groups of plain tensors on one process
+        others: list[dict[str, Any]] = []  # every other group
         for group in self.param_groups:
-            if group["use_muon"]:
-                self._muon_group(group)
-            else:
-                self._adamw_group(group)
+            plain = world == 1 and not any(is_dtensor(p) for p in group["params"])
+            (local if group["use_muon"] and plain else others).append(group)
+        side = self._side_stream(local)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        # the momentum passes (memory-bound) go first on the side stream, AdamW after them, so both run
+        # under the Newton-Schulz products (compute-bound) on the main stream
+        prepared = [(g, self._muon_prepare(g, side)) for g in local]
+        with _on(side):
+            for group in others:
+                if group["use_muon"]:
+                    self._muon_group(group)
+                else:
+                    self._adamw_group(group)
+        for group, stacks in prepared:
+            self._muon_finish(group, stacks, side)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
         return loss
+
+    def _side_stream(self, groups: list[dict[str, Any]]) -> torch.cuda.Stream | None:
+        """The stream the elementwise passes overlap on (CUDA, ``overlap``), created once."""
+        if not self.overlap or not groups or not groups[0]["params"]:
+            return None
+        dev = groups[0]["params"][0].device
+        if dev.type != "cuda":
+            return None
+        if self._stream is None or self._stream.device != dev:
+            self._stream = torch.cuda.Stream(device=dev)
+        return self._stream
+
+    def _muon_prepare(self, group: dict[str, Any], side: torch.cuda.Stream | None) -> list[tuple]:
+        """Momentum update + the Newton-Schulz input of each shape group (one bf16 stack per shape),
+        on ``side`` if given; returns [(shape, params, stack, event or None)]."""
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        out = []
+        for shape, plist in by_shape.items():
+            # allocated on the main stream, which reads it last (after the event below)
+            stack = torch.empty((len(plist), *shape), dtype=torch.bfloat16, device=plist[0].device)
+            bufs = [self.state[p]["momentum_buffer"] for p in plist]
+            with _on(side):
+                muon_momentum_(
+                    [_grad(p) for p in plist],
+                    bufs,
+                    stack,
+                    group["momentum"],
+                    group["nesterov"],
+                    self.fused_passes,
+                )
+                event = side.record_event() if side is not None else None
+            out.append((shape, plist, stack, event))
+        return out
+
+    def _muon_finish(
+        self, group: dict[str, Any], stacks: list[tuple], side: torch.cuda.Stream | None
+    ) -> None:
+        """Newton-Schulz of each stack on the current stream, then the weight update (on ``side`` if given)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        for shape, plist, stack, event in stacks:
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+            ortho = zeropower_via_newtonschulz5(stack, steps=group["ns_steps"])  # (n, rows, cols) bf16
+            step_lr = adjusted_lr(lr, shape, group["adjust_lr_fn"])
+            if side is not None:
+                side.wait_event(torch.cuda.current_stream().record_event())
+                ortho.record_stream(side)  # its memory is not reused before the side stream has read it
+            with _on(side):
+                muon_apply_(plist, ortho, 1 - lr * wd, step_lr, self.fused_passes)
 
     def _muon_group(self, group: dict[str, Any]) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -216,6 +297,8 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         m = _local([self.state[p]["exp_avg"] for p in params])
         v = _local([self.state[p]["exp_avg_sq"] for p in params])
         params = _local(params)
+        if self.fused_adamw and adamw_(params, grads, m, v, step, lr, (beta1, beta2), eps, wd):
+            return
         torch._foreach_lerp_(m, grads, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
@@ -226,6 +309,13 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_addcdiv_(params, m, denom, value=-lr / bias1)
+
+
+def _on(stream: torch.cuda.Stream | None) -> Any:
+    """``torch.cuda.stream(stream)``, or nothing for None."""
+    import contextlib
+
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:

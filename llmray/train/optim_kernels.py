@@ -1,0 +1,136 @@
+"""The optimizer step's elementwise passes, fused (Triton on CUDA; the same math in torch ops elsewhere).
+
+Muon's step per weight W (fp32 master) with gradient G and momentum B, in plain torch ops
+(``llmray.train.muon``'s fallback) reads and writes every element about ten times: lerp into B, a Nesterov
+lerp into a new fp32 tensor, a stack, a bf16 cast, and after Newton-Schulz an fp32 cast and the add.
+Here that is two passes:
+- ``muon_momentum_``: B <- lerp(B, G, 1 - mu); U = lerp(G, B, mu) (Nesterov) or B, written in bf16 straight
+  into its slot of the stacked (n, rows, cols) Newton-Schulz input (14 bytes per element instead of ~42);
+- ``muon_apply_``: W <- W (1 - lr wd) - step_lr O, reading O in bf16 (10 bytes per element instead of ~18).
+``adamw_``: AdamW over a group in one pass per tensor (``torch._fused_adamw_``, the kernel behind
+``torch.optim.AdamW(fused=True)``) instead of seven foreach passes; same formula as
+``MuonWithAuxAdam._adamw_group``'s foreach fallback (bias-corrected, decoupled weight decay).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096
+
+
+@triton.jit
+def _momentum_kernel(G, BUF, U, n, mu, NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(BUF + offs, mask=mask, other=0.0).to(tl.float32)
+    b = b + (1.0 - mu) * (g - b)  # torch.lerp(b, g, 1 - mu), weight < 0.5
+    tl.store(BUF + offs, b.to(BUF.dtype.element_ty), mask=mask)
+    if NESTEROV:
+        u = b - (b - g) * (1.0 - mu)  # torch.lerp(g, b, mu), weight >= 0.5
+    else:
+        u = b
+    tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_kernel(P, O, R, C, so_r, so_c, decay, step, BR: tl.constexpr, BC: tl.constexpr):
+    # P: (R, C) contiguous; O: (R, C) with any strides (a tall weight's update arrives transposed)
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (r < R)[:, None] & (c < C)[None, :]
+    r64 = r.to(tl.int64)[:, None]
+    c64 = c.to(tl.int64)[None, :]
+    p = tl.load(P + r64 * C + c64, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(O + r64 * so_r + c64 * so_c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(P + r64 * C + c64, (p * decay - step * o).to(P.dtype.element_ty), mask=mask)
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """The default: the Triton kernels on contiguous CUDA tensors (``fused=True`` forces them, e.g. on CPU
+    under the interpreter in tests)."""
+    return all(t.device.type == "cuda" and t.is_contiguous() for t in tensors)
+
+
+def muon_momentum_(
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    out: torch.Tensor,  # (n, rows, cols), usually bf16: the Newton-Schulz input, written here
+    mu: float,
+    nesterov: bool,
+    fused: bool | None = None,
+) -> None:
+    """Update each momentum buffer in place and write the (Nesterov) update into ``out[i]``.
+
+    ``fused=None``: the Triton kernel where ``use_triton`` holds, torch ops otherwise."""
+    if len(grads) != len(bufs) or out.shape[0] != len(grads):
+        raise ValueError(f"{len(grads)} gradients, {len(bufs)} buffers and {out.shape[0]} output slots")
+    if fused is None:
+        fused = use_triton(out, *grads, *bufs)
+    if not fused:
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        upd = torch._foreach_lerp(grads, bufs, mu) if nesterov else bufs
+        for i, u in enumerate(upd):
+            out[i].copy_(u)
+        return
+    for i, (g, b) in enumerate(zip(grads, bufs, strict=True)):
+        n = g.numel()
+        _momentum_kernel[(triton.cdiv(n, BLOCK),)](
+            g, b, out[i], n, mu, NESTEROV=nesterov, BLOCK=BLOCK, num_warps=8
+        )
+
+
+def muon_apply_(
+    params: list[torch.Tensor],
+    ortho: torch.Tensor,  # (n, rows, cols): the orthogonalised updates, any float dtype and strides
+    decay: float,  # 1 - lr * weight_decay
+    step: float,  # the shape-adjusted learning rate
+    fused: bool | None = None,
+) -> None:
+    """params[i] <- params[i] * decay - step * ortho[i], in place."""
+    if ortho.shape[0] != len(params):
+        raise ValueError(f"{len(params)} parameters but {ortho.shape[0]} updates")
+    if fused is None:
+        fused = use_triton(*params) and ortho.device.type == "cuda"
+    if not fused:
+        if decay != 1.0:
+            torch._foreach_mul_(params, decay)
+        torch._foreach_add_(params, list(ortho.to(params[0].dtype).unbind(0)), alpha=-step)
+        return
+    rows, cols = ortho.shape[1:]
+    grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))
+    for i, p in enumerate(params):
+        o = ortho[i]
+        _apply_kernel[grid](
+            p, o, rows, cols, o.stride(0), o.stride(1), decay, step, BR=64, BC=64, num_warps=4
+        )
+
+
+def adamw_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    step: int,  # the step count after this update (1 on the first)
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> bool:
+    """One fused AdamW update of a group (all tensors of one device and dtype); False if it cannot run
+    fused here (the caller then takes the foreach path)."""
+    tensors = params + grads + exp_avgs + exp_avg_sqs
+    if not params or not hasattr(torch, "_fused_adamw_"):
+        return False
+    dev, dt = params[0].device, params[0].dtype
+    if any(t.device != dev or t.dtype != dt for t in tensors) or dt not in (torch.float32, torch.bfloat16):
+        return False
+    steps = list(torch.full((len(params),), float(step), device=dev, dtype=torch.float32).unbind(0))
+    torch._fused_adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, [], steps,
+        lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+    )  # fmt: skip
+    return True
