@@ -150,6 +150,9 @@ def _split_debug(argv: list[str]) -> list[str]:
 
 
 def _run(argv: list[str]) -> int:
+    if argv == ["--version"]:  # before the subcommands import torch and Ray: answers at once
+        print(f"llmray {_version()}")
+        return 0
     parser = build_parser()
     # the subcommand parsers by name: argparse keeps them on its (private) _SubParsersAction
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

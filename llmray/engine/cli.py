@@ -12,6 +12,14 @@ import sys
 from pathlib import Path
 
 
+def lora_pair(text: str) -> tuple[str, str]:
+    """``--lora NAME=DIR`` as ``(name, dir)``: the argparse ``type`` of ``llmray serve`` and ``llmray batch``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora expects NAME=DIR, got {text!r}")
+    return name, path
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="complete a prompt with the paged-KV engine")
     p.add_argument("--model", required=True, help="Hugging Face Qwen3 model directory")

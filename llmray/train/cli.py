@@ -105,49 +105,50 @@ FINETUNE_NONE = {
 }
 
 
-def _pretrain_choices() -> dict[str, tuple[str, ...]]:
-    return {
-        "preset": tuple(PRESETS),
-        "optimizer": ("muon", "adamw"),
-        "schedule": ("cosine", "wsd", "constant"),
-        "parallel": tuple(PARALLEL_MODES),
-        "kernels": KERNELS,
-        "precision": PRECISIONS,
-    }
+def _flag_spec(cls: type) -> dict[str, Any]:
+    """How ``add_dataclass_flags`` turns ``cls``'s fields into flags (choices read when the parser is built)."""
+    if cls is PretrainConfig:
+        choices = {
+            "preset": tuple(PRESETS),
+            "optimizer": ("muon", "adamw"),
+            "schedule": ("cosine", "wsd", "constant"),
+            "parallel": tuple(PARALLEL_MODES),
+        }
+        return {"helps": PRETRAIN_HELP, "choices": choices, "required": ("data", "out"), "hidden": TEST_HOOKS,
+                "none_means": PRETRAIN_NONE}  # fmt: skip
+    return {"helps": FINETUNE_HELP, "choices": {"lora_impl": ("ours", "peft")}, "required": ("base", "data", "out"),
+            "none_means": FINETUNE_NONE, "rename": {"lora_qlora": "qlora"}}  # fmt: skip
 
 
-def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
-    add_dataclass_flags(
-        p, PretrainConfig, helps=PRETRAIN_HELP, choices=_pretrain_choices(), required=("data", "out"),
-        hidden=TEST_HOOKS, none_means=PRETRAIN_NONE,
-    )  # fmt: skip
+def add_config_arguments(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of ``PretrainConfig`` or ``FinetuneConfig``."""
+    spec = _flag_spec(cls)
+    spec["choices"] |= {"kernels": KERNELS, "precision": PRECISIONS}
+    add_dataclass_flags(p, cls, **spec)
 
 
-def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
-    add_dataclass_flags(
-        p, FinetuneConfig, helps=FINETUNE_HELP, choices={"kernels": KERNELS, "precision": PRECISIONS, "lora_impl": ("ours", "peft")},
-        required=("base", "data", "out"),
-        none_means=FINETUNE_NONE, rename={"lora_qlora": "qlora"},
-    )  # fmt: skip
+# subcommand -> (config class, one-line help, description); the command functions are below
+TRAIN_COMMANDS = {
+    "pretrain": (
+        PretrainConfig,
+        "pretrain a Qwen3-architecture model on Ray Train (Muon)",
+        "Pretrain on Ray Train; every flag is a PretrainConfig field.",
+    ),
+    "finetune": (
+        FinetuneConfig,
+        "LoRA/QLoRA fine-tuning on chat JSONL under Ray Train",
+        "LoRA/QLoRA fine-tuning on Ray Train; every flag is a FinetuneConfig field.",
+    ),
+}
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``llmray pretrain``, ``llmray finetune`` and ``llmray merge``."""
-    p = subparsers.add_parser(
-        "pretrain",
-        help="pretrain a Qwen3-architecture model on Ray Train (Muon)",
-        description="Pretrain on Ray Train; every flag is a PretrainConfig field.",
-    )
-    add_pretrain_arguments(p)
-    p.set_defaults(func=pretrain_command, config_class=PretrainConfig)
-
-    f = subparsers.add_parser(
-        "finetune",
-        help="LoRA/QLoRA fine-tuning on chat JSONL under Ray Train",
-        description="LoRA/QLoRA fine-tuning on Ray Train; every flag is a FinetuneConfig field.",
-    )
-    add_finetune_arguments(f)
-    f.set_defaults(func=finetune_command, config_class=FinetuneConfig)
+    funcs = {"pretrain": pretrain_command, "finetune": finetune_command}
+    for name, (cls, help_line, description) in TRAIN_COMMANDS.items():
+        p = subparsers.add_parser(name, help=help_line, description=description)
+        add_config_arguments(p, cls)
+        p.set_defaults(func=funcs[name], config_class=cls)
 
     m = subparsers.add_parser("merge", help="merge a LoRA adapter into its base (full-precision merge)")
     m.add_argument("--base", required=True, help="base checkpoint directory (required)")

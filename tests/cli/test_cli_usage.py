@@ -42,8 +42,13 @@ def corpus(tmp_path):
 
 
 def test_version_in_a_fresh_process():
-    proc = subprocess.run([sys.executable, "-m", "llmray.cli", "--version"], capture_output=True, text=True)
+    code = "import sys; from llmray.cli import main; r = main(['--version']); print(sorted(set(sys.modules) & {'torch', 'ray'}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("llmray "), proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"  # answered before torch or Ray is imported
+    with pytest.raises(SystemExit) as e:  # argparse's own --version action answers the same
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0
 
 
 @pytest.mark.parametrize("command", COMMANDS)

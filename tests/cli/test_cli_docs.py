@@ -1,0 +1,107 @@
+"""Every command the docs show parses: each ``llmray ...`` line in a README/CONTRIBUTING/docs code block
+(and ``python jobs/{pretrain,finetune}.py ...``, which take the same flags) is accepted by the parser
+that ``llmray`` uses, so a renamed or removed flag fails here instead of in a new user's shell."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from llmray.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+JOBS = {"jobs/pretrain.py": "pretrain", "jobs/finetune.py": "finetune"}
+
+
+def shell_commands(text: str) -> list[str]:
+    """The commands of a markdown text's fenced code blocks, continuation lines joined."""
+    commands: list[str] = []
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [ln.strip() for ln in joined.splitlines() if ln.strip()]
+    return commands
+
+
+def llmray_argv(command: str) -> list[str] | None:
+    """``llmray pretrain --data x`` -> ``["pretrain", "--data", "x"]``; None for any other command."""
+    try:
+        words = shlex.split(command, comments=True)
+    except ValueError:
+        return None
+    if "--" in words:  # ray job submit ... -- python jobs/pretrain.py ...
+        words = words[words.index("--") + 1 :]
+    if words[:1] == ["llmray"]:
+        return words[1:]
+    if len(words) > 1 and words[0].startswith("python") and words[1] in JOBS:
+        rest = words[2:]
+        return [JOBS[words[1]], *rest] if rest[:1] != ["merge"] else rest
+    return None
+
+
+def documented() -> list[tuple[str, list[str]]]:
+    found = []
+    for doc in DOCS:
+        for command in shell_commands(doc.read_text()):
+            argv = llmray_argv(command)
+            if argv is not None and argv[:1] != ["bench"]:  # bench NAME takes the script's own flags
+                found.append((f"{doc.relative_to(ROOT)}: {command[:70]}", argv))
+    return found
+
+
+def _lenient_parser() -> argparse.ArgumentParser:
+    """``llmray``'s parser with no flag required: a doc line may take them from ``--config run.yaml``."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in sub.choices.values():
+        for action in command._actions:
+            action.required = False
+    return parser
+
+
+DOCUMENTED = documented()
+
+
+def test_the_docs_show_every_command():
+    shown = {argv[0] for _, argv in DOCUMENTED if argv}
+    assert {"pretrain", "finetune", "merge", "serve", "batch"} <= shown, shown
+
+
+@pytest.mark.parametrize("where,argv", DOCUMENTED, ids=[w for w, _ in DOCUMENTED])
+def test_a_documented_command_parses(where, argv, capsys):
+    try:
+        args = _lenient_parser().parse_args(argv)
+    except SystemExit as e:
+        pytest.fail(f"{where}: {capsys.readouterr().err.strip() or e}")
+    assert getattr(args, "func", None) is not None, where
+    sub = next(a for a in _lenient_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    known = {o for a in sub.choices[argv[0]]._actions for o in a.option_strings}
+    abbreviated = [w.split("=")[0] for w in argv if w.startswith("--") and w.split("=")[0] not in known]
+    assert not abbreviated, f"{where}: {abbreviated} (argparse accepts a prefix; the docs spell flags out)"
+
+
+def test_the_flags_named_in_prose_exist():
+    """`llmray serve --lora NAME=DIR` in a sentence: each --flag is one of that command's options."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    wrong = []
+    for doc in DOCS:
+        for span in re.findall(r"`llmray ([a-z-]+)([^`]*)`", doc.read_text()):
+            command, rest = span
+            if command not in sub.choices or command == "bench":
+                continue  # a dashboard's name, a global flag, bench's script flags
+            known = {o for a in sub.choices[command]._actions for o in a.option_strings}
+            wrong += [f"{doc.name}: llmray {command} {f}" for f in re.findall(r"--[a-z][a-z0-9-]*", rest)
+                      if f not in known]  # fmt: skip
+    assert not wrong, wrong
+
+
+def test_a_renamed_flag_is_caught():
+    docs = "```bash\nllmray pretrain --data x --out o --max-stepz 5   # a typo\n```\n"
+    (argv,) = [llmray_argv(c) for c in shell_commands(docs)]
+    with pytest.raises(SystemExit):
+        _lenient_parser().parse_args(argv)
