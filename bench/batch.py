@@ -1,29 +1,30 @@
 """``llmray batch``'s processor against ``LLM.generate`` on the same rows, in the same run, same machine.
 
-    python bench/batch.py --out bench/results                        # GPU: 4,096 rows, 1 engine, then 2 if 2 GPUs
+    python bench/batch.py --out bench/results                        # GPU: 10,000 nano-vllm rows, 1 engine (+2)
+    python bench/batch.py --workloads nano:1024,text:2048 --variants stage,in_engine --py-spy .data/serving/py-spy
     python bench/batch.py --quick --out /tmp/b                       # tiny model on CPU (checks the script)
-    python bench/batch.py --occupancy                                # CPU: engine steps, streaming vs synchronous
 
-Rows: ``--rows`` prompts cut from the shared data's tinyshakespeare text at seeded random offsets (lengths
-uniform in [``--min-chars``, ``--max-chars``] characters: with the 151,936-entry BPE tokenizer in
-``--tokenizer-dir``, about 3 characters a token), each with ``max_tokens`` = ``--max-tokens``, temperature 0.6
-and ``ignore_eos`` (so both sides generate the same number of tokens). The model: Qwen3-0.6B shapes with
-random bf16 weights and that tokenizer, written under /tmp (``--quick``: the tiny preset with a character
-tokenizer, on CPU). The prompts are text, so both sides tokenize.
+Workloads (``--workloads NAME:ROWS,...``; the first is the headline): ``nano``, the nano-vllm shape (issue 23's
+target): prompts of random token ids and ``max_tokens`` both uniform in [100, 1024] (seed 0); ``text``:
+tinyshakespeare passages of 150-1500 characters as text prompts (both sides tokenize), ``--max-tokens`` each.
+All rows: temperature 0.6, ``ignore_eos`` (both sides generate the same tokens count). The model: Qwen3-0.6B
+shapes with random bf16 weights and the 151,936-token BPE in ``--tokenizer-dir`` (``--quick``: the tiny preset
+with a character tokenizer, on CPU, short rows).
 
-1. ``LLM.generate`` over all rows in a child process: the engine's start-up (``LLM(...)``: model load, KV
-   sizing, warm-up and graph capture) and the generation are timed separately.
-2. ``run_batch`` (what ``llmray batch`` runs: the rows as a JSONL file, Ray Data, one engine actor per GPU,
-   output files) for each engine count in ``--engines`` (default 1, and 2 when two GPUs are visible), timed
-   from the call to the last output file, start-up included. Each engine also writes its own timeline
-   (``stats_dir``): when it started, when its engine was ready, when it got its first row and finished its
-   last; ``steady`` = output tokens / (last finish - first row) inside the engine(s), the figure to set
-   beside ``LLM.generate``'s. Start-up is reported as measured, never subtracted.
+1. ``LLM.generate`` over each workload in a child process, one engine for all (its start-up timed apart). With
+   ``--side-by-side`` (default when 2 GPUs are visible) it runs on GPU 1 while ``llmray batch``'s one-engine
+   runs use GPU 0, at the same time; otherwise before them.
+2. ``run_batch`` (what ``llmray batch`` runs: the rows as a JSONL file, Ray Data, output files) per workload,
+   per ``--variants`` (``stage``: rows tokenized by the RowPreparer stage, the default; ``in_engine``: in the
+   engine actor, as before), for 1 engine and (2 GPUs) 2 engines, timed from the call to the last output file.
+   Each engine writes its timeline (``stats_dir``); ``steady`` = output tokens / (last finish - first row in
+   any engine), the figure to set beside ``LLM.generate``'s. Start-up is reported as measured, never subtracted.
 
 ``batch_over_offline`` = steady tok/s of one engine / ``LLM.generate`` tok/s (engine already started);
-``batch_over_offline_end_to_end`` = the same with each side's start-up included (run_batch's whole call vs
-``LLM(...)`` + ``generate``). ``two_engines_over_one`` = steady (and end-to-end) tok/s of 2 engines / 1.
-The JSON is rewritten after each step, so a run cut short keeps what it measured.
+``batch_over_offline_end_to_end`` = the same with each side's start-up; ``two_engines_over_one`` = steady tok/s
+of 2 engines / 1 (``..._end_to_end`` likewise). The top-level figures are the first workload's; each workload's
+are under ``workloads``. ``--py-spy BIN`` records each engine process (and the offline one) for ``--py-spy-s``
+seconds into ``pyspy-*.txt`` (raw stacks). The JSON is rewritten after each step.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 WORK = Path("/tmp/llmray_bench_batch")
+VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 def shared_text() -> Path:
@@ -83,25 +86,31 @@ def make_model_dir(quick: bool, tokenizer_dir: Path, text: str) -> Path:
     return out
 
 
-def text_rows(text: str, n: int, lo: int, hi: int, max_tokens: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
+def make_rows(kind: str, n: int, args, text: str, vocab: int) -> tuple[list[dict], str]:
+    """A workload's rows (the batch input format) and its description."""
+    rng = random.Random(0)
     rows = []
+    if kind == "nano":
+        lo, hi = (10, 40) if args.quick else (100, 1024)
+        for i in range(n):
+            prompt = [rng.randrange(vocab) for _ in range(rng.randint(lo, hi))]
+            params = {"max_tokens": rng.randint(lo, hi), "temperature": 0.6, "ignore_eos": True}
+            rows.append({"id": i, "prompt_token_ids": prompt, "sampling_params": params})
+        return (
+            rows,
+            f"nano-vllm shape: random token-id prompts and max_tokens U[{lo}, {hi}], temperature 0.6, ignore_eos",
+        )
+    if kind != "text":
+        raise SystemExit(f"unknown workload {kind!r} (nano, text)")
     for i in range(n):
-        length = rng.randint(lo, hi)
+        length = rng.randint(args.min_chars, args.max_chars)
         at = rng.randrange(0, len(text) - length)
-        params = {"max_tokens": max_tokens, "temperature": 0.6, "ignore_eos": True}
+        params = {"max_tokens": args.max_tokens, "temperature": 0.6, "ignore_eos": True}
         rows.append({"id": i, "prompt": text[at : at + length], "sampling_params": params})
-    return rows
-
-
-def workload(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        prompt = [rng.randrange(vocab) for _ in range(rng.randint(lo, hi))]
-        params = {"max_tokens": rng.randint(lo, hi), "temperature": 0.6, "ignore_eos": True}
-        rows.append({"id": i, "prompt_token_ids": prompt, "sampling_params": params})
-    return rows
+    return rows, (
+        f"tinyshakespeare passages of {args.min_chars}-{args.max_chars} characters as text prompts, "
+        f"max_tokens {args.max_tokens}, temperature 0.6, ignore_eos"
+    )
 
 
 def sync() -> None:
@@ -109,26 +118,52 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def py_spy(binary: str | None, pid: int, path: Path, seconds: float, delay: float = 0.0) -> None:
+    """Record ``pid`` for ``seconds`` (after ``delay``), in the background, as raw stacks per thread: into
+    ``path`` the threads on a CPU (a thread waiting for the GIL is not), into ``path``-gil.txt the thread
+    holding the GIL. Nothing when ``binary`` is None."""
+    if not binary:
+        return
+
+    def run(extra: list[str], dest: str) -> None:
+        time.sleep(delay)
+        cmd = [binary, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200"]
+        cmd += ["--nonblocking", "--threads", "--format", "raw", "-o", dest, *extra]
+        with open(dest + ".log", "w") as log:
+            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+
+    for extra, dest in (([], str(path)), (["--gil"], str(path)[: -len(".txt")] + "-gil.txt")):
+        threading.Thread(target=run, args=(extra, dest), daemon=True).start()
+
+
 def offline_child(args) -> None:
-    """LLM.generate over the rows in its own process (start-up and generation timed apart); prints JSON."""
+    """LLM.generate over each rows file in its own process (one engine; start-up and each generation timed
+    apart); prints one JSON line {name: result}."""
     from llmray.engine.llm import LLM
     from llmray.engine.sampling_params import SamplingParams
 
-    rows = [json.loads(line) for line in Path(args.rows_file).read_text().splitlines()]
     t = time.perf_counter()
     llm = LLM(args.model_dir, **json.loads(args.engine))
     sync()
     startup = time.perf_counter() - t
-    prompts = [r["prompt"] for r in rows]
-    params = [SamplingParams(**r["sampling_params"]) for r in rows]
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    sync()
-    seconds = time.perf_counter() - t
-    tokens = sum(len(o.token_ids) for o in outs)
-    res = dict(engine_startup_s=startup, seconds=seconds, output_tokens=tokens, tok_per_s=tokens / seconds)
-    res["tok_per_s_with_startup"] = tokens / (seconds + startup)
-    res["prompt_tokens"] = sum(len(o.prompt_token_ids) for o in outs)
+    res = {}
+    for k, (name, path) in enumerate(json.loads(args.rows_file).items()):
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        prompts = [r.get("prompt") or r.get("prompt_token_ids") for r in rows]
+        params = [SamplingParams(**r["sampling_params"]) for r in rows]
+        if k == 0:
+            py_spy(args.py_spy, os.getpid(), Path(args.out) / f"pyspy-offline-{name}.txt", args.py_spy_s, 3.0)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        sync()
+        seconds = time.perf_counter() - t
+        tokens = sum(len(o.token_ids) for o in outs)
+        r = dict(engine_startup_s=startup, seconds=seconds, output_tokens=tokens, tok_per_s=tokens / seconds)
+        r["tok_per_s_with_startup"] = tokens / (seconds + startup)
+        r["prompt_tokens"] = sum(len(o.prompt_token_ids) for o in outs)
+        r["finished_at"] = time.time()
+        res[name] = r
+        print(json.dumps({name: r}), file=sys.stderr, flush=True)
     print(json.dumps(res))
 
 
@@ -147,20 +182,40 @@ def gpu_memory_used() -> list[int]:
         return []
 
 
-def wait_gpus_free(baseline: list[int], limit_s: float = 20.0) -> float:
-    """Wait until every GPU is back within 1 GiB of ``baseline`` (the last run's engines have exited)."""
+def wait_gpus_free(baseline: list[int], which: list[int] | None = None, limit_s: float = 20.0) -> float:
+    """Wait until the GPUs in ``which`` (default all) are back within 1 GiB of ``baseline`` (the last run's
+    engines have exited)."""
     t = time.perf_counter()
     while time.perf_counter() - t < limit_s:
         used = gpu_memory_used()
-        if len(used) != len(baseline) or all(u <= b + 1024 for u, b in zip(used, baseline, strict=True)):
+        idx = which if which is not None else range(len(baseline))
+        if len(used) != len(baseline) or all(used[i] <= baseline[i] + 1024 for i in idx):
             break
         time.sleep(0.5)
     return time.perf_counter() - t
 
 
-def run_batch_timed(
-    model_dir: Path, rows_path: Path, engine: dict, cuda: bool, engines: int, tag: str
-) -> dict:
+def watch_engines(stats_dir: Path, args, tag: str, stop: threading.Event) -> None:
+    """py-spy each engine process of a run once its stats file appears (engine up)."""
+    if not args.py_spy:
+        return
+
+    def run() -> None:
+        seen: set[str] = set()
+        while not stop.is_set():
+            for f in stats_dir.glob("engine-*.json"):
+                pid = f.stem.split("-")[1]
+                if pid not in seen:
+                    seen.add(pid)
+                    out = Path(args.out) / f"pyspy-{tag}-{pid}.txt"
+                    py_spy(args.py_spy, int(pid), out, args.py_spy_s, delay=args.py_spy_delay)
+            stop.wait(0.2)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def run_batch_timed(model_dir: Path, rows_path: Path, engine: dict, cuda: bool, engines: int, tag: str, args,
+                    prepare_stage: bool = True) -> dict:  # fmt: skip
     """run_batch over the rows with ``engines`` engine actors; end-to-end time and each engine's timeline."""
     from llmray.batch.cli import run_batch
 
@@ -168,25 +223,33 @@ def run_batch_timed(
     rows = sum(1 for _ in rows_path.open())
     shard_rows = max(8, min(256, rows // (8 * engines)))  # several shards (Ray Data tasks) per engine
     stats_dir = out / "_stats"
+    stop = threading.Event()
+    watch_engines(stats_dir, args, tag, stop)
     t0 = time.time()
-    summary = run_batch(
-        str(model_dir),
-        str(rows_path),
-        str(out),
-        concurrency=engines,
-        use_gpu=cuda,
-        engine_kwargs=engine,
-        batch_size=min(64, shard_rows),  # Ray Data merges blocks smaller than a batch into one task
-        shard_rows=shard_rows,
-        progress=True,
-        stats_dir=str(stats_dir),
-    )
+    try:
+        summary = run_batch(
+            str(model_dir),
+            str(rows_path),
+            str(out),
+            concurrency=engines,
+            use_gpu=cuda,
+            engine_kwargs=engine,
+            batch_size=min(64, shard_rows),  # Ray Data merges blocks smaller than a batch into one task
+            shard_rows=shard_rows,
+            progress=True,
+            stats_dir=str(stats_dir),
+            prepare_stage=prepare_stage,
+        )
+    finally:
+        stop.set()
     t_end = time.time()
     assert summary["errors"] == 0, summary
     seconds = t_end - t0
     res: dict = dict(
         engines=engines,
+        prepare_stage=prepare_stage,
         rows=summary["rows"],
+        shard_rows=shard_rows,
         output_tokens=summary["tokens"],
         seconds_end_to_end=seconds,
         tok_per_s_end_to_end=summary["tokens"] / seconds,
@@ -202,7 +265,7 @@ def run_batch_timed(
     res["startup_s (call -> first row in an engine)"] = first - t0
     res["startup_phases_s"] = dict(
         ray_data_and_actor_start=min(st["actor_start"] for st in stats) - t0,
-        engine_start=max(st["engine_ready"] - st["actor_start"] for st in stats),
+        engine_start_incl_imports=max(st["engine_ready"] - st["actor_start"] for st in stats),
         engine_ready_to_first_row=min(st["first_request"] - st["engine_ready"] for st in stats),
     )
     res["tail_s (last row finished -> call returned)"] = t_end - last
@@ -221,69 +284,40 @@ def run_batch_timed(
     return res
 
 
-def occupancy(args) -> dict:
-    """The two actor designs on one in-process engine (tiny model, CPU), counted in engine steps (no timing
-    noise): one continuous feed over all rows (the streaming actor) against ``generate_stream`` over one
-    batch at a time (the synchronous actor, which drains at every batch's tail)."""
-    from llmray.config import ModelConfig
-    from llmray.engine.llm import LLM
-    from llmray.engine.sampling_params import SamplingParams
-    from llmray.model.qwen3 import Qwen3ForCausalLM
+def start_ray(gpus: str | None) -> float:
+    """(Re)start a local Ray that sees the GPUs in ``gpus`` (a CUDA_VISIBLE_DEVICES value; None: as given)."""
+    import ray
 
-    cfg = ModelConfig.preset("tiny", max_position_embeddings=4096)
-    torch.manual_seed(0)
-    seqs = args.occ_seqs
-    llm = LLM.from_model(Qwen3ForCausalLM(cfg, kernels="torch"), kernels="torch", max_num_seqs=seqs)
-    rows = workload(args.occ_rows, 4, args.occ_max_len, cfg.vocab_size)
-    reqs = [(r["id"], r["prompt_token_ids"], SamplingParams(**r["sampling_params"])) for r in rows]
-    counts = {"steps": 0, "seqs": 0}
-    step = llm.engine.step
-
-    def counted():
-        counts["steps"] += 1
-        counts["seqs"] += len(llm.engine.scheduler.running)
-        return step()
-
-    llm.engine.step = counted
-    res = {
-        "rows": len(rows),
-        "max_num_seqs": seqs,
-        "prompt_and_output_lengths": f"uniform in [4, {args.occ_max_len}]",
-    }
-    sizes = [(f"sync_batch_{b}", b) for b in (seqs, 4 * seqs)]
-    for name, size in [("streaming", len(reqs)), *sizes]:
-        counts.update(steps=0, seqs=0)
-        t = time.perf_counter()
-        for i in range(0, len(reqs), size):
-            for _ in llm.generate_stream(reqs[i : i + size]):
-                pass
-        res[name] = dict(
-            engine_steps=counts["steps"],
-            mean_running_seqs=counts["seqs"] / counts["steps"],
-            seconds=time.perf_counter() - t,
-        )
-        print(name, res[name], flush=True)
-    for name, _ in sizes:
-        res[f"{name}_steps_over_streaming"] = res[name]["engine_steps"] / res["streaming"]["engine_steps"]
-    return res
+    if ray.is_initialized():
+        ray.shutdown()
+    if gpus is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        if VISIBLE is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = VISIBLE
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+    t = time.perf_counter()
+    ray.init(configure_logging=False, log_to_driver=False, include_dashboard=False)
+    return time.perf_counter() - t
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--quick", action="store_true", help="tiny model, few rows, on CPU (checks the script)")
-    ap.add_argument("--rows", type=int, default=4096)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--min-chars", type=int, default=150)
-    ap.add_argument("--max-chars", type=int, default=1500)
+    ap.add_argument("--workloads", default="nano:10000", help="NAME:ROWS,... (nano, text); first = headline")
     ap.add_argument(
-        "--engines", default=None, help="engine counts to run, e.g. 1,2 (default: 1, and 2 if 2 GPUs)"
+        "--variants", default="stage", help="stage,in_engine: where one engine's rows are tokenized"
     )
+    ap.add_argument("--max-tokens", type=int, default=128, help="text workload")
+    ap.add_argument("--min-chars", type=int, default=150, help="text workload")
+    ap.add_argument("--max-chars", type=int, default=1500, help="text workload")
+    ap.add_argument("--engines", default=None, help="engine counts, e.g. 1,2 (default: 1, and 2 if 2 GPUs)")
+    ap.add_argument("--side-by-side", type=int, default=None, help="1: LLM.generate on GPU 1 meanwhile")
     ap.add_argument("--tokenizer-dir", default=str(REPO / ".data" / "bpe151k"))
-    ap.add_argument("--occupancy", action="store_true", help="only the in-process step count of both designs")
-    ap.add_argument("--occ-rows", type=int, default=256)
-    ap.add_argument("--occ-seqs", type=int, default=32)
-    ap.add_argument("--occ-max-len", type=int, default=48)
+    ap.add_argument("--py-spy", default=None, help="py-spy binary: record engines and LLM.generate")
+    ap.add_argument("--py-spy-s", type=float, default=8.0)
+    ap.add_argument("--py-spy-delay", type=float, default=4.0, help="seconds after an engine is up")
     ap.add_argument("--offline-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--engine", help=argparse.SUPPRESS)
@@ -293,23 +327,29 @@ def main() -> None:
         return offline_child(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.occupancy:
-        res = {"command": "python " + " ".join(sys.argv), "device": "cpu", **occupancy(args)}
-        (out / "batch_occupancy_cpu.json").write_text(json.dumps(res, indent=2))
-        return print(json.dumps(res, indent=2))
-    if args.quick:
-        args.rows, args.max_tokens, args.min_chars, args.max_chars = min(args.rows, 64), 16, 20, 120
     cuda = torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0
     counts = [int(c) for c in args.engines.split(",")] if args.engines else [1] + ([2] if gpus >= 2 else [])
+    side = bool(args.side_by_side if args.side_by_side is not None else gpus >= 2)
+    variants = args.variants.split(",")
+    if args.quick:
+        args.max_tokens, args.min_chars, args.max_chars = 16, 20, 120
     WORK.mkdir(parents=True, exist_ok=True)
     text = shared_text().read_text()
     t = time.perf_counter()
     model_dir = make_model_dir(args.quick, Path(args.tokenizer_dir), text)
     model_s = time.perf_counter() - t
-    rows = text_rows(text, args.rows, args.min_chars, args.max_chars, args.max_tokens)
-    rows_path = WORK / f"rows-{args.rows}-{args.min_chars}-{args.max_chars}-{args.max_tokens}.jsonl"
-    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    work: dict[str, dict] = {}
+    files: dict[str, str] = {}
+    for spec in args.workloads.split(","):
+        kind, _, n = spec.partition(":")
+        n_rows = min(int(n or 1000), 64) if args.quick else int(n or 1000)
+        rows, desc = make_rows(kind, n_rows, args, text, vocab)
+        path = WORK / f"rows-{kind}-{n_rows}-{args.max_tokens}-{args.quick}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        work[kind] = {"rows": n_rows, "workload": desc}
+        files[kind] = str(path)
     engine = dict(max_num_seqs=256, max_num_batched_tokens=8192) if cuda else dict(max_model_len=512)
     res: dict = {
         "command": "python " + " ".join(sys.argv),
@@ -318,58 +358,102 @@ def main() -> None:
         "model": "tiny preset, char tokenizer"
         if args.quick
         else "qwen3-0.6b shapes, random bf16 weights, 151,936-token BPE",
-        "rows": args.rows,
-        "workload": (
-            f"tinyshakespeare passages of {args.min_chars}-{args.max_chars} characters as text prompts, "
-            f"max_tokens {args.max_tokens}, temperature 0.6, ignore_eos"
-        ),
         "engine": engine,
+        "offline_side_by_side": side,
         "model_dir_write_s": model_s,
+        "workloads": work,
     }
 
     def save() -> None:
+        first = work[next(iter(work))]
+        for key in ("batch_over_offline", "batch_over_offline_end_to_end", "two_engines_over_one"):
+            if key in first:
+                res[key] = first[key]
         (out / "batch.json").write_text(json.dumps(res, indent=2))
 
-    print(time.strftime("%H:%M:%S"), "offline LLM.generate ...", flush=True)
-    child = [sys.executable, __file__, "--offline-child", "--model-dir", str(model_dir)]
-    child += ["--rows-file", str(rows_path), "--engine", json.dumps(engine)]
-    proc = subprocess.run(child, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"offline child failed:\n{proc.stderr[-4000:]}")
-    offline = json.loads(proc.stdout.strip().splitlines()[-1])
-    res["offline_llm_generate"] = offline
-    res["prompt_tokens"] = offline["prompt_tokens"]
-    save()
-    print(json.dumps(offline), flush=True)
-    import ray
-
-    t = time.perf_counter()
-    ray.init(configure_logging=False, log_to_driver=False, include_dashboard=False)
-    res["ray_init_s"] = time.perf_counter() - t
+    print(
+        time.strftime("%H:%M:%S"),
+        "offline LLM.generate",
+        "on GPU 1, side by side" if side else "",
+        flush=True,
+    )
+    child = [sys.executable, __file__, "--offline-child", "--model-dir", str(model_dir), "--out", str(out)]
+    child += [
+        "--rows-file",
+        json.dumps(files),
+        "--engine",
+        json.dumps(engine),
+        "--py-spy-s",
+        str(args.py_spy_s),
+    ]
+    child += ["--py-spy", args.py_spy] if args.py_spy else []
+    devices = VISIBLE.split(",") if VISIBLE else [str(i) for i in range(gpus)]
     baseline = gpu_memory_used() if cuda else []
-    for i, n in enumerate(counts):
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": devices[1]} if side else {})}
+    log = open(out / "offline.log", "w")  # noqa: SIM115 (the child's stderr, read when it fails)
+    proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+
+    def offline_done() -> None:
+        stdout, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"offline child failed:\n{(out / 'offline.log').read_text()[-4000:]}")
+        for name, r in json.loads(stdout.strip().splitlines()[-1]).items():
+            work[name]["offline_llm_generate"] = r
+            work[name]["prompt_tokens"] = r["prompt_tokens"]
+        save()
+        print(time.strftime("%H:%M:%S"), "offline", stdout.strip().splitlines()[-1], flush=True)
+
+    res["ray_init_s"] = start_ray(devices[0] if side else None)  # while the offline child starts
+    if not side:
+        offline_done()
+
+    def ratios(w: dict) -> None:
+        off, one = w.get("offline_llm_generate"), w.get("llmray_batch_streaming")
+        for key, b in ((k, v) for k, v in w.items() if k.startswith("llmray_batch_streaming")):
+            if off and "steady" in b:
+                suffix = key[len("llmray_batch_streaming") :]
+                w["batch_over_offline" + suffix] = b["steady"]["tok_per_s"] / off["tok_per_s"]
+                w["batch_over_offline_end_to_end" + suffix] = (
+                    b["tok_per_s_end_to_end"] / off["tok_per_s_with_startup"]
+                )
+        two = w.get("llmray_batch_2_engines")
+        if isinstance(two, dict) and isinstance(one, dict) and "steady" in two and "steady" in one:
+            w["two_engines_over_one"] = two["steady"]["tok_per_s"] / one["steady"]["tok_per_s"]
+            w["two_engines_over_one_end_to_end"] = two["tok_per_s_end_to_end"] / one["tok_per_s_end_to_end"]
+            w["two_engines_sum_of_per_engine_rates_over_one"] = (
+                sum(e["tok_per_s"] for e in two["per_engine"]) / one["steady"]["tok_per_s"]
+            )
+
+    for n in counts:
         if cuda and n > gpus:
             res[f"llmray_batch_{n}_engines"] = f"skipped: {gpus} GPU(s) visible"
             continue
-        if cuda and i:
-            res[f"gpu_free_wait_s_before_{n}"] = wait_gpus_free(baseline)
-        print(time.strftime("%H:%M:%S"), f"llmray batch, {n} engine(s) ...", flush=True)
-        b = run_batch_timed(model_dir, rows_path, engine, cuda, n, f"{n}-engines")
-        if b["output_tokens"] != offline["output_tokens"]:
-            b["error"] = f"{b['output_tokens']} output tokens, LLM.generate {offline['output_tokens']}"
-        key = "llmray_batch_streaming" if n == 1 else f"llmray_batch_{n}_engines"
-        res[key] = b
-        if n == 1 and "steady" in b:
-            res["batch_over_offline"] = b["steady"]["tok_per_s"] / offline["tok_per_s"]
-            res["batch_over_offline_end_to_end"] = (
-                b["tok_per_s_end_to_end"] / offline["tok_per_s_with_startup"]
-            )
-        one = res.get("llmray_batch_streaming")
-        if n == 2 and isinstance(one, dict) and "steady" in b and "steady" in one:
-            res["two_engines_over_one"] = b["steady"]["tok_per_s"] / one["steady"]["tok_per_s"]
-            res["two_engines_over_one_end_to_end"] = b["tok_per_s_end_to_end"] / one["tok_per_s_end_to_end"]
-        save()
-        print(json.dumps(b), flush=True)
+        if n > 1 and side:
+            offline_done()  # both GPUs for the engines from here
+            side = False
+            res["ray_restart_s"] = start_ray(None)
+        runs = [(k, v) for v in (variants if n == 1 else ["stage"]) for k in work]
+        for kind, variant in runs:  # tokenizing in the engine: only text prompts have any to do
+            if variant == "in_engine" and kind != "text":
+                continue
+            if cuda:  # the last run's engines (or the offline child) have let their GPU go
+                res.setdefault("gpu_free_wait_s", []).append(wait_gpus_free(baseline, [0] if side else None))
+            tag = f"{kind}-{n}-{variant}"
+            print(time.strftime("%H:%M:%S"), f"llmray batch, {tag} ...", flush=True)
+            b = run_batch_timed(model_dir, Path(files[kind]), engine, cuda, n, tag, args, variant == "stage")
+            off = work[kind].get("offline_llm_generate")
+            if off and b["output_tokens"] != off["output_tokens"]:
+                b["error"] = f"{b['output_tokens']} output tokens, LLM.generate {off['output_tokens']}"
+            key = "llmray_batch_streaming" if n == 1 else f"llmray_batch_{n}_engines"
+            work[kind][key + ("" if variant == "stage" else "_tokenize_in_engine")] = b
+            ratios(work[kind])
+            save()
+            print(json.dumps(b), flush=True)
+    if side:
+        offline_done()
+    for w in work.values():
+        ratios(w)
+    save()
     print(json.dumps(res, indent=2))
 
 

@@ -144,7 +144,7 @@ def _plan(inputs: list[str], output: str, shard_rows: int, fmt: str) -> list[Sha
     return shards
 
 
-def _check_local_resources(concurrency: int, use_gpu: bool, num_cpus: float) -> None:
+def _check_local_resources(concurrency: int, use_gpu: bool, cpus: float) -> None:
     import ray
 
     have = ray.cluster_resources()
@@ -153,7 +153,7 @@ def _check_local_resources(concurrency: int, use_gpu: bool, num_cpus: float) -> 
             f"--use-gpu --concurrency {concurrency} needs {concurrency} GPU(s); this machine has "
             f"{int(have.get('GPU', 0))} (drop --use-gpu to run on CPU, or lower --concurrency)"
         )
-    need = concurrency * (1 if use_gpu else num_cpus) + 0.25  # the engines + one reader task
+    need = cpus + 0.25  # the engines, the row preparers + one reader task
     if need > have.get("CPU", 0):
         raise ValueError(
             f"--concurrency {concurrency} needs {need:g} CPUs; this machine has {have.get('CPU', 0):g} "
@@ -175,6 +175,16 @@ def _output_row(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def shards_per_engine(pending: int, shard_rows: int, engines: int, max_num_seqs: int) -> int:
+    """Shards (Ray Data tasks) an engine works on at once, none queued beyond: enough rows to keep its
+    continuous batch full (8 x max_num_seqs: a shard holds its slot until its slowest row is done), but with
+    several engines at most half of each one's share, so the rest goes to whichever engine is free first (the
+    first engine up, or the faster one, takes more) while reading overlaps the engines' start-up."""
+    fill = -(-8 * max_num_seqs // max(shard_rows, 1))
+    cap = fill if engines == 1 else min(fill, -(-pending // (2 * engines)))
+    return max(2, min(16, cap))
+
+
 def run_batch(
     model: str,
     input_spec: str,
@@ -193,8 +203,10 @@ def run_batch(
     streaming: bool = True,
     progress: bool = True,
     stats_dir: str | None = None,
+    prepare_stage: bool = True,
 ) -> dict[str, Any]:
-    """Generate for every input row not yet written; returns a summary (rows, errors, tokens, seconds)."""
+    """Generate for every input row not yet written; returns a summary (rows, errors, tokens, seconds).
+    ``prepare_stage=False``: rows are tokenized in the engine actors (see ``build_processor``)."""
     import ray
     import ray.data
 
@@ -216,16 +228,16 @@ def run_batch(
         json_column="_json",
         stats_dir=stats_dir,
         wait_for_engines=False,  # see below: each engine takes at most its share of the shards
+        prepare_stage=prepare_stage,
     )
     shards = _plan(inputs, output, shard_rows, fmt)
     done = done_shards(output, fmt)
     pending = [s for s in shards if s.name not in done and s.rows > 0]
     if max_shards is not None:
         pending = pending[:max_shards]
-    # an engine works on at most this many shards at once (none queued beyond), so the first engine to start
-    # leaves the others their share while reading overlaps the engines' start-up; at least 2 keep its
-    # continuous batch fed (each shard feeds up to 4 batches at a time)
-    processor.max_concurrent_batches = max(2, min(8, -(-len(pending) // concurrency)))
+    processor.max_concurrent_batches = shards_per_engine(
+        len(pending), shard_rows, concurrency, (engine_kwargs or {}).get("max_num_seqs", 256)
+    )
     already = sum(s.name in done for s in shards)
     summary = dict(shards=len(shards), skipped=already, pending=len(pending), written=0, rows=0, errors=0)
     if not pending:
@@ -234,7 +246,7 @@ def run_batch(
     if not ray.is_initialized():
         ray.init(configure_logging=False, log_to_driver=False)
     if started:  # a local Ray of our own: an actor it cannot place would wait forever
-        _check_local_resources(concurrency, use_gpu, processor.num_cpus)
+        _check_local_resources(concurrency, use_gpu, processor.cpus_needed())
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = [{"shard": json.dumps(asdict(s))} for s in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(read_shard, num_cpus=0.25)

@@ -1,7 +1,8 @@
 """A Ray Data processor running the llmray engine over a dataset: ``build_processor(model_dir, ...)(ds)``.
 
-One engine per actor (``num_gpus=1`` with ``use_gpu``, else a fraction of a CPU, so a 2-core machine runs
-two). The default actor is asynchronous, as ``ray.data.llm``'s vLLM stage: Ray Data hands each actor
+Two stages: ``RowPreparer`` actors (llmray/batch/prepare.py) parse rows, render chat templates and tokenize,
+then the engine actors generate. One engine per actor (``num_gpus=1`` with ``use_gpu``, else a fraction of
+a CPU, so a 2-core machine runs two). The default actor is asynchronous, as ``ray.data.llm``'s vLLM stage: Ray Data hands each actor
 several batches at once (``max_concurrent_batches``), every batch's rows go into one feed, and a single
 engine thread runs ``LLM.generate_stream`` over that feed, so the continuous batch stays full across
 batch boundaries and no batch waits for another's slowest row. ``streaming=False`` gives the simple
@@ -17,13 +18,15 @@ import json
 import os
 import queue
 import threading
-import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmray.batch.rows import RESULT_COLUMNS, Prepared, RowError, clip, prepare, result
+from llmray.batch.prepare import PREP_COLUMNS, PREP_ERROR, RowPreparer, batch_rows, prepared_rows
+from llmray.batch.rows import Prepared, RowError, clip, prepare, result_table
+from llmray.batch.stats import EngineStats
 
 __all__ = ["Processor", "build_processor"]
 
@@ -42,58 +45,6 @@ def _engine_kwargs(engine_kwargs: dict[str, Any] | None, loras: dict[str, str], 
     return kwargs
 
 
-class _EngineStats:
-    """One engine's timeline (wall-clock seconds since the epoch) and totals, written as JSON to
-    ``stats_dir/engine-<pid>.json`` after every batch when ``stats_dir`` is set: ``actor_start``,
-    ``engine_ready`` (model loaded, KV cache sized, warmed up), ``first_request`` (first row handed to the
-    engine), ``last_finish``; ``rows``, ``output_tokens``, and ``engine_busy_s`` (time with requests running:
-    the steady-state rate is ``output_tokens / engine_busy_s``)."""
-
-    def __init__(self, stats_dir: str | None) -> None:
-        self.path = Path(stats_dir) / f"engine-{os.getpid()}.json" if stats_dir else None
-        self.data: dict[str, Any] = dict(actor_start=time.time(), rows=0, output_tokens=0, engine_busy_s=0.0)
-        self._busy_since: float | None = None
-
-    def mark(self, name: str) -> None:
-        self.data[name] = time.time()
-
-    def busy(self, running: bool) -> None:
-        """Called by the engine loop: whether requests are in the engine now (its busy time adds up)."""
-        now = time.time()
-        if running and self._busy_since is None:
-            self._busy_since = now
-            self.data.setdefault("first_request", now)
-        elif not running and self._busy_since is not None:
-            self.data["engine_busy_s"] += now - self._busy_since
-            self._busy_since = None
-
-    def finished(self, out: Any) -> None:
-        self.data["rows"] += 1
-        self.data["output_tokens"] += len(out.token_ids)
-        self.data["last_finish"] = time.time()
-
-    def write(self) -> None:
-        if self.path is None:
-            return
-        data = dict(self.data)
-        if self._busy_since is not None:  # a snapshot while running: count the time up to now
-            data["engine_busy_s"] += time.time() - self._busy_since
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(self.path)
-
-
-def _parse_json_row(text: Any) -> dict[str, Any]:
-    try:
-        row = json.loads(text)
-    except (TypeError, ValueError) as e:
-        raise RowError(f"the line is not valid JSON: {clip(e, 200)}") from None
-    if not isinstance(row, dict):
-        raise RowError(f"the line must hold a JSON object, got {type(row).__name__}")
-    return row
-
-
 class _EngineHolder:
     """What both actor kinds share: the engine, row preparation and result columns."""
 
@@ -109,7 +60,7 @@ class _EngineHolder:
         json_column: str | None = None,
         stats_dir: str | None = None,
     ) -> None:
-        self.stats = _EngineStats(stats_dir)  # starts its clock: the actor's start-up is measured from here
+        self.stats = EngineStats(stats_dir)  # starts its clock: the actor's start-up is measured from here
         import torch
 
         from llmray.engine.llm import LLM
@@ -118,60 +69,36 @@ class _EngineHolder:
             torch.set_num_threads(torch_threads)
         self.llm = LLM(model_dir, loras=loras or None, **engine_kwargs)
         self.stats.mark("engine_ready")
+        self.stats.write()
         self.defaults = defaults
         self.include_token_ids = include_token_ids
         self.max_in_flight = max_in_flight
         self.json_column = json_column
 
-    def _prepare(self, rows: list[dict[str, Any]]) -> list[Prepared | str]:
+    def _prepare(self, batch: Any) -> list[Prepared | str]:
+        """Each row ready for the engine, or its error: from the ``RowPreparer`` stage's columns, or (a batch
+        that did not go through it) parsed and tokenized here."""
+        if PREP_ERROR in batch.column_names:
+            return prepared_rows(batch, self.llm.engine)
         out: list[Prepared | str] = []
-        for row in rows:
+        for row in batch_rows(batch, self.json_column):
             try:
-                if self.json_column is not None:
-                    row = _parse_json_row(row.get(self.json_column))
+                if isinstance(row, str):
+                    raise RowError(row)
                 out.append(prepare(row, self.llm.engine, self.defaults, None))
             except RowError as e:
                 out.append(str(e))
         return out
 
-    def _table(self, batch: Any, results: list[dict[str, Any]], token_ids: list[list[int] | None]) -> Any:
-        """The input batch (a pyarrow Table) plus the result columns."""
-        import pyarrow as pa
-
-        types = dict(
-            generated_text=pa.string(),
-            num_generated_tokens=pa.int64(),
-            num_prompt_tokens=pa.int64(),
-            finish_reason=pa.string(),
-            error=pa.string(),
-        )
-        names = list(RESULT_COLUMNS) + (["generated_token_ids"] if self.include_token_ids else [])
-        table = batch.drop_columns([n for n in names if n in batch.column_names])
-        for name in RESULT_COLUMNS:
-            table = table.append_column(name, pa.array([r[name] for r in results], type=types[name]))
-        if self.include_token_ids:
-            table = table.append_column("generated_token_ids", pa.array(token_ids, type=pa.list_(pa.int64())))
-        return table
-
     def _finish(self, batch: Any, prepared: list[Prepared | str], outs: dict[int, Any]) -> Any:
-        results: list[dict[str, Any]] = []
-        token_ids: list[list[int] | None] = []
-        for i, p in enumerate(prepared):
-            if isinstance(p, str):
-                results.append(result(error=p))
-                token_ids.append(None)
-            else:
-                out = outs[i]
-                results.append(result(out))
-                token_ids.append(list(out.token_ids))
-        return self._table(batch, results, token_ids)
+        return result_table(batch, prepared, outs, self.include_token_ids, drop=PREP_COLUMNS)
 
 
 class SyncEngineActor(_EngineHolder):
     """One batch at a time: ``generate_stream`` over the batch's rows (the engine drains at its tail)."""
 
     def __call__(self, batch: Any) -> Any:
-        prepared = self._prepare(batch.to_pylist())
+        prepared = self._prepare(batch)
         feed = ((i, p.prompt_ids, p.params, p.lora) for i, p in enumerate(prepared) if not isinstance(p, str))
         # generate_stream hands each output back under the caller's id: here the row index
         outs: dict[Any, Any] = {}
@@ -186,11 +113,31 @@ class SyncEngineActor(_EngineHolder):
 
 @dataclass
 class _Call:
-    """One batch waiting in an async actor: where its outputs go."""
+    """One batch waiting in an async actor: its finished rows, and one wake-up of its coroutine at a time
+    (not one per row: each wake-up takes the GIL from the engine thread)."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    items: deque = field(default_factory=deque)  # (row, output or exception), appended by the engine thread
+    woken: bool = False  # a wake-up is on its way to the loop
     pending: set[int] = field(default_factory=set)
+
+    def put(self, item: Any) -> None:
+        """From the engine thread."""
+        self.items.append(item)
+        if not self.woken:
+            self.woken = True
+            self.loop.call_soon_threadsafe(self.ready.set)
+
+    async def get_all(self) -> list[Any]:
+        """On the loop: every item so far (waits for one)."""
+        await self.ready.wait()
+        self.ready.clear()
+        self.woken = False  # before draining: an item appended after this line brings a new wake-up
+        out = []
+        while self.items:
+            out.append(self.items.popleft())
+        return out
 
 
 class StreamingEngineActor(_EngineHolder):
@@ -223,7 +170,7 @@ class StreamingEngineActor(_EngineHolder):
         with self._lock:
             call = self._calls.get(call_id)
         if call is not None:
-            call.loop.call_soon_threadsafe(call.queue.put_nowait, item)
+            call.put(item)
 
     def _run(self) -> None:
         while True:
@@ -246,9 +193,12 @@ class StreamingEngineActor(_EngineHolder):
 
     # --- Ray Data's side ----------------------------------------------------------------------
     async def __call__(self, batch: Any) -> AsyncIterator[Any]:
-        prepared = await asyncio.to_thread(self._prepare, batch.to_pylist())  # tokenizing off the loop
+        if PREP_ERROR in batch.column_names:  # prepared by the RowPreparer stage: token ids already
+            prepared = self._prepare(batch)
+        else:
+            prepared = await asyncio.to_thread(self._prepare, batch)  # tokenizing off the loop
         call_id = next(self._ids)
-        call = _Call(asyncio.get_running_loop(), asyncio.Queue())
+        call = _Call(asyncio.get_running_loop())
         with self._lock:
             self._calls[call_id] = call
         outs: dict[int, Any] = {}
@@ -258,11 +208,11 @@ class StreamingEngineActor(_EngineHolder):
                     call.pending.add(i)
                     self._feed.put(((call_id, i), p.prompt_ids, p.params, p.lora))
             while call.pending:
-                row, out = await call.queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                outs[row] = out
-                call.pending.discard(row)
+                for row, out in await call.get_all():
+                    if isinstance(out, BaseException):
+                        raise out
+                    outs[row] = out
+                    call.pending.discard(row)
         finally:
             with self._lock:
                 self._calls.pop(call_id, None)
@@ -291,12 +241,31 @@ class Processor:
     wait_for_engines: bool | None = None
     preprocess: Callable[[dict], dict] | None = None
     postprocess: Callable[[dict], dict] | None = None
+    prepare_stage: bool = True  # False: the engine actors tokenize (bench/batch.py compares)
+    prepare_cpus: float = 0.25  # per RowPreparer actor; one per engine
+
+    def cpus_needed(self) -> float:
+        """CPUs the stages' actors reserve (engines and preparers; reading tasks come on top)."""
+        engines = self.concurrency * (1 if self.use_gpu else self.num_cpus)
+        return engines + (self.concurrency * self.prepare_cpus if self.prepare_stage else 0)
 
     def __call__(self, ds: Any) -> Any:
         import ray.data
 
         if self.preprocess is not None:
             ds = ds.map(self.preprocess, num_cpus=0.25)
+        if self.prepare_stage:
+            ds = ds.map_batches(
+                RowPreparer,
+                fn_constructor_kwargs=dict(
+                    model_dir=self.model_dir, defaults=self.defaults, json_column=self.json_column
+                ),
+                batch_size=self.batch_size,
+                batch_format="pyarrow",
+                zero_copy_batch=True,
+                compute=ray.data.ActorPoolStrategy(size=self.concurrency),
+                num_cpus=self.prepare_cpus,
+            )
         wait = self.concurrency > 1 if self.wait_for_engines is None else self.wait_for_engines
         if wait and ds.context.wait_for_min_actors_s <= 0:
             # rows go only to engines that are up: without this the first engine to start takes up to
@@ -356,6 +325,7 @@ def build_processor(
     max_in_flight: int | None = None,
     json_column: str | None = None,
     stats_dir: str | Path | None = None,
+    prepare_stage: bool = True,
 ) -> Processor:
     """A processor for ``ray.data`` datasets: ``ds = build_processor(model_dir, ...)(ds)``.
 
@@ -373,7 +343,8 @@ def build_processor(
     (the dataset's ``DataContext.wait_for_min_actors_s``, when unset, becomes an hour), so the first engine
     up does not take them all; without it, reading overlaps the engines' start-up.
     ``stats_dir``: each engine writes its timeline and totals there (``engine-<pid>.json``, local to the
-    node the actor runs on; see ``_EngineStats``).
+    node the actor runs on; see ``EngineStats``). ``prepare_stage`` (default): rows are parsed, templated and
+    tokenized by ``RowPreparer`` actors (one per engine) before the engines; False: in the engine actors.
     """
     if concurrency < 1 or batch_size < 1 or max_concurrent_batches < 1:
         raise ValueError("concurrency, batch_size and max_concurrent_batches must be >= 1")
@@ -404,6 +375,7 @@ def build_processor(
         max_in_flight=max_in_flight,
         json_column=json_column,
         stats_dir=str(stats_dir) if stats_dir is not None else None,
+        prepare_stage=prepare_stage,
         preprocess=preprocess,
         postprocess=postprocess,
     )

@@ -33,9 +33,9 @@ class Prepared:
     lora: str | None
 
 
-def sampling_params(row_params: Any, defaults: dict[str, Any] | None = None) -> SamplingParams:
-    """``SamplingParams`` from the defaults overlaid with the row's dict (None values = unset: columnar
-    formats fill keys other rows set with nulls)."""
+def param_dict(row_params: Any, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The defaults overlaid with the row's dict (None values = unset: columnar formats fill keys other rows
+    set with nulls), OpenAI aliases renamed, checked by building ``SamplingParams`` from it."""
     merged = dict(defaults or {})
     if row_params is not None:
         if not isinstance(row_params, dict):
@@ -53,10 +53,21 @@ def sampling_params(row_params: Any, defaults: dict[str, Any] | None = None) -> 
         if name not in SAMPLING_NAMES:
             raise RowError(f"unknown sampling parameter {key!r}; known: {', '.join(sorted(SAMPLING_NAMES))}")
         out[name] = value
+    sampling_params_of(out)
+    return out
+
+
+def sampling_params_of(params: dict[str, Any]) -> SamplingParams:
+    """``SamplingParams`` from a dict of its field names (RowError when a value is wrong)."""
     try:
-        return SamplingParams(**out)
+        return SamplingParams(**params)
     except (TypeError, ValueError) as e:
         raise RowError(str(e)) from None
+
+
+def sampling_params(row_params: Any, defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """``SamplingParams`` from the defaults overlaid with the row's dict (see ``param_dict``)."""
+    return sampling_params_of(param_dict(row_params, defaults))
 
 
 def _message_text(content: Any) -> str:
@@ -108,20 +119,26 @@ def prompt_of(row: dict[str, Any], tokenizer: Any) -> str | list[int]:
 
 
 def prepare(row: dict[str, Any], engine: Any, defaults: dict[str, Any] | None, lora: str | None) -> Prepared:
-    """Check and encode a row for ``engine`` (an ``LLMEngine``); RowError says what is wrong."""
+    """Check and encode a row for ``engine`` (an ``LLMEngine``) in one place; RowError says what is wrong.
+    (The processor's pipeline splits this: llmray/batch/prepare.py tokenizes in a stage of its own.)"""
     prompt = prompt_of(row, engine.tokenizer)
     params = sampling_params(row.get("sampling_params"), defaults)
     name = row.get("lora") or lora
     if name is not None and not isinstance(name, str):
         raise RowError(f"lora must be an adapter name (a string), got {type(name).__name__}")
+    return check_ids(engine, prompt, params, name)
+
+
+def check_ids(engine: Any, prompt: str | list[int], params: SamplingParams, lora: str | None) -> Prepared:
+    """Encode (text) and check a prompt against ``engine``: vocabulary, context window, adapter name."""
     try:
         ids = engine.encode(prompt)
-        engine.validate(ids, params, name)
+        engine.validate(ids, params, lora)
     except RowError:
         raise
     except Exception as e:  # the tokenizer raises plain Exception for text it cannot encode
         raise RowError(clip(e)) from None
-    return Prepared(ids, params, name)
+    return Prepared(ids, params, lora)
 
 
 def clip(error: Any, limit: int = MAX_ERROR_CHARS) -> str:
@@ -142,3 +159,39 @@ def result(out: RequestOutput | None = None, error: str | None = None) -> dict[s
         finish_reason=out.finish_reason,
         error=error,
     )
+
+
+def result_table(
+    batch: Any,
+    prepared: list[Prepared | str],
+    outs: dict[int, RequestOutput],
+    include_token_ids: bool,
+    drop: tuple[str, ...] = (),
+) -> Any:
+    """The input batch (a pyarrow Table) without the ``drop`` columns, plus the result columns: row ``i``
+    from ``outs[i]``, or its error when ``prepared[i]`` is one."""
+    import pyarrow as pa
+
+    results: list[dict[str, Any]] = []
+    token_ids: list[list[int] | None] = []
+    for i, p in enumerate(prepared):
+        if isinstance(p, str):
+            results.append(result(error=p))
+            token_ids.append(None)
+        else:
+            results.append(result(outs[i]))
+            token_ids.append(list(outs[i].token_ids))
+    types = dict(
+        generated_text=pa.string(),
+        num_generated_tokens=pa.int64(),
+        num_prompt_tokens=pa.int64(),
+        finish_reason=pa.string(),
+        error=pa.string(),
+    )
+    names = [*RESULT_COLUMNS, "generated_token_ids", *drop]
+    table = batch.drop_columns([n for n in names if n in batch.column_names])
+    for name in RESULT_COLUMNS:
+        table = table.append_column(name, pa.array([r[name] for r in results], type=types[name]))
+    if include_token_ids:
+        table = table.append_column("generated_token_ids", pa.array(token_ids, type=pa.list_(pa.int64())))
+    return table

@@ -1,4 +1,5 @@
-"""The engine actor without Ray: several batches share one engine, and ``stats_dir`` gets its timeline."""
+"""The engine actor without Ray: several batches share one engine, ``stats_dir`` gets its timeline, and rows
+prepared by the ``RowPreparer`` stage give the same tokens and errors as rows tokenized in the actor."""
 
 from __future__ import annotations
 
@@ -6,40 +7,78 @@ import asyncio
 import json
 
 import pyarrow as pa
+import pytest
 
+from llmray.batch.prepare import PREP_COLUMNS, RowPreparer
 from llmray.batch.processor import StreamingEngineActor
 
+DEFAULTS = {"max_tokens": 3, "ignore_eos": True, "temperature": 0.0}
 
-def test_streaming_actor_batches_and_stats(tiny_model_dir, tmp_path):
-    actor = StreamingEngineActor(
-        str(tiny_model_dir),
-        dict(kernels="torch", max_model_len=64, max_num_seqs=4, device="cpu"),
-        {},
-        {"max_tokens": 3, "ignore_eos": True, "temperature": 0.0},
-        False,
-        1,
-        None,
-        stats_dir=str(tmp_path / "stats"),
-    )
-    batches = [
-        pa.table({"id": [0, 1], "prompt": ["the cat", "a dog"]}),
-        pa.table({"id": [2, 3], "prompt": ["", "tea"]}),  # an empty prompt is an error row
-    ]
 
+@pytest.fixture(scope="module")
+def actor(tiny_model_dir, tmp_path_factory):
+    stats = tmp_path_factory.mktemp("stats")
+    engine = dict(kernels="torch", max_model_len=64, max_num_seqs=4, device="cpu")
+    a = StreamingEngineActor(str(tiny_model_dir), engine, {}, DEFAULTS, True, 1, None, stats_dir=str(stats))
+    a.stats_dir = stats
+    return a
+
+
+def _run(actor, batches):
     async def run():
         async def one(batch):
             return [t async for t in actor(batch)]
 
-        return await asyncio.gather(*(one(b) for b in batches))  # both batches in the engine at once
+        return await asyncio.gather(*(one(b) for b in batches))  # all batches in the engine at once
 
-    tables = [t for ts in asyncio.run(run()) for t in ts]
-    rows = [r for t in tables for r in t.to_pylist()]
+    return [r for ts in asyncio.run(run()) for t in ts for r in t.to_pylist()]
+
+
+def test_streaming_actor_batches_and_stats(actor):
+    [path] = actor.stats_dir.glob("engine-*.json")  # written once the engine is up
+    assert json.loads(path.read_text())["rows"] == 0
+    batches = [
+        pa.table({"id": [0, 1], "prompt": ["the cat", "a dog"]}),
+        pa.table({"id": [2, 3], "prompt": ["", "tea"]}),  # an empty prompt is an error row
+    ]
+    rows = _run(actor, batches)
     assert [r["id"] for r in rows] == [0, 1, 2, 3]
     assert [r["num_generated_tokens"] for r in rows] == [3, 3, 0, 3]
     assert rows[2]["error"] and not any(r["error"] for r in rows if r["id"] != 2)
 
-    [path] = (tmp_path / "stats").glob("engine-*.json")
     st = json.loads(path.read_text())
     assert st["rows"] == 3 and st["output_tokens"] == 9
     assert st["actor_start"] <= st["engine_ready"] <= st["first_request"] <= st["last_finish"]
     assert 0 < st["engine_busy_s"] <= st["last_finish"] - st["first_request"] + 0.5
+
+
+def test_prepared_rows_match_rows_tokenized_in_the_actor(actor, tiny_model_dir):
+    lines = [
+        {"prompt": "the quick brown fox"},
+        {"messages": [{"role": "user", "content": "hello there"}]},
+        {"prompt_token_ids": [5, 6, 7, 8]},
+        {"prompt": "x", "sampling_params": {"max_tokens": 2, "temperature": None}},
+        {"prompt": ""},  # empty: the actor's check
+        {"prompt_token_ids": [10**6]},  # outside the vocabulary: the actor's check
+        {"prompt": "x", "sampling_params": {"max_tokens": 0}},  # the preparer's check
+        {"prompt": "x", "lora": "zzz"},  # no adapters here
+        {"prompt": "a", "messages": []},  # two prompts
+    ]
+    texts = [json.dumps(row) for row in lines] + ["{not json", "[1, 2]"]
+    batch = pa.table({"line": list(range(len(texts))), "_json": texts})
+    preparer = RowPreparer(str(tiny_model_dir), DEFAULTS, json_column="_json")
+    prepared = preparer(batch)
+    assert set(PREP_COLUMNS) <= set(prepared.column_names)
+    actor.json_column = "_json"
+    try:
+        direct, staged = _run(actor, [batch]), _run(actor, [prepared])
+    finally:
+        actor.json_column = None
+    assert [r["generated_token_ids"] for r in staged] == [r["generated_token_ids"] for r in direct]
+    assert [r["error"] for r in staged] == [r["error"] for r in direct]
+    assert [r["num_generated_tokens"] for r in staged] == [3, 3, 3, 2, 0, 0, 0, 0, 0, 0, 0]
+    errors = [r["error"] or "" for r in staged]
+    for i, words in [(4, "empty"), (5, "vocabulary"), (6, "max_tokens"), (7, "zzz"), (8, "exactly one")]:
+        assert words in errors[i], (i, errors[i])
+    assert "not valid JSON" in errors[9] and "JSON object" in errors[10]
+    assert not set(PREP_COLUMNS) & set(staged[0]) and staged[0]["line"] == 0
