@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any
 
+from llmray.engine.cli import lora_pair as _lora_pair  # NAME=DIR, shared with `llmray batch`
+
 ENGINE_FLAGS = {  # flag -> (EngineConfig field, type)
     "max-num-seqs": ("max_num_seqs", int),
     "max-num-batched-tokens": ("max_num_batched_tokens", int),
@@ -33,13 +35,6 @@ ENGINE_FLAGS = {  # flag -> (EngineConfig field, type)
     "max-cpu-loras": ("max_cpu_loras", int),
 }
 DEFAULT_METRICS_PORT = 8080  # cluster/*.yaml: metrics-export-port "8080"
-
-
-def _lora_pair(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--lora expects NAME=DIR, got {text!r}")
-    return name, path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
