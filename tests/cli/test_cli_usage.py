@@ -151,6 +151,8 @@ def test_paths_are_resolved_against_the_callers_cwd(tmp_path, monkeypatch):
         (["finetune", "--base", "{tmp}/nobase", "--data", "{corpus}", "--out", "{tmp}/out"], "nobase"),
         (["merge", "--base", "{tmp}/nobase", "--lora", "{tmp}/a", "--out", "{tmp}/out"], "nobase"),
         (["generate", "--model", "{tmp}/nomodel", "--prompt", "hi"], "nomodel"),
+        (["serve", "--model", "{tmp}/m", "--lora", "no-equals-sign"], "NAME=DIR"),
+        (["batch", "--model", "{tmp}/m", "--input", "i", "--output", "o", "--lora", "x="], "NAME=DIR"),
         (["pretrain", "--out", "{tmp}/out"], "--data"),
         (
             ["pretrain", "--data", "{corpus}", "--out", "{tmp}/out", "--config", "{tmp}/none.yaml"],
