@@ -20,13 +20,7 @@ from typing import Any
 
 from llmray.batch.io import Manifest, Shard, done_shards, plan_shards, read_shard, resolve_inputs, write_shard
 from llmray.batch.rows import RESULT_COLUMNS
-
-
-def _lora_pair(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--lora expects NAME=DIR, got {text!r}")
-    return name, path
+from llmray.engine.cli import lora_pair
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +32,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "--input", required=True, help="FILE | GLOB | DIR | s3://... (.jsonl or .parquet; comma list)"
     )
     p.add_argument("--output", required=True, help="output directory (one file per input shard)")
-    p.add_argument("--lora", action="append", type=_lora_pair, default=[], metavar="NAME=DIR")
+    p.add_argument("--lora", action="append", type=lora_pair, default=[], metavar="NAME=DIR")
     p.add_argument("--concurrency", type=int, default=1, help="engines (actors); one GPU each with --use-gpu")
     p.add_argument("--use-gpu", action="store_true")
     p.add_argument("--max-tokens", type=int, default=None, help="default for rows without their own")
