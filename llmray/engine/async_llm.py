@@ -44,13 +44,8 @@ class _Stream:
     def __init__(
         self, rid: int, request_id: str, loop: Any, ids: list[int], params: SamplingParams, tok: Any
     ):
-        self.rid, self.request_id, self.loop, self.prompt_ids, self.params = (
-            rid,
-            request_id,
-            loop,
-            ids,
-            params,
-        )
+        self.rid, self.request_id, self.loop = rid, request_id, loop
+        self.prompt_ids, self.params = ids, params
         self.detok = IncrementalDetokenizer(tok, ids, params.stop) if tok is not None else None
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
@@ -266,9 +261,7 @@ class AsyncLLM:
         self, st: _Stream, last_yield: float | None, interval: float | Callable[[], float]
     ) -> None:
         loop = st.loop
-        interval_s = (
-            interval() if callable(interval) else interval
-        )  # a callable: the caller adapts it to load
+        interval_s = interval() if callable(interval) else interval  # a callable: adapted to load
         if interval_s > 0 and last_yield is not None:
             remaining = last_yield + interval_s - loop.time()
             if remaining > 0:  # inside the interval: wake early only if the request ends

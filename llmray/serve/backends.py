@@ -4,15 +4,30 @@
 server directly: a token's text goes from the engine core's pipe to the HTTP socket without a Ray message.
 ``HandleBackend`` (``ingress_mode="separate"``: an ``OpenAIIngress`` deployment in front) streams through a
 ``DeploymentHandle``: two Ray hops per chunk (proxy -> ingress -> LLMServer), measured in docs/serving.md.
+A request whose replica dies before it produced anything is sent again (Serve routes it to a live or new
+replica); once output went out, the ingress reports the cut in-band (503 ``engine_unavailable``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from llmray.serve.events import Event
 from llmray.serve.lora_registry import is_adapter_name
+
+logger = logging.getLogger("llmray.serve")
+REPLICA_LOST_RETRIES = 2  # a request that got no output yet is sent again when its replica died
+
+
+def _replica_died(exc: BaseException) -> bool:
+    try:
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import ReplicaUnavailableError
+    except ImportError:
+        return False
+    return isinstance(exc, RayActorError | ReplicaUnavailableError)
 
 
 class BackPressure(Exception):
@@ -82,15 +97,25 @@ class HandleBackend:
         adapter: str | None = None,
         request_id: str | None = None,
     ) -> AsyncGenerator[list[Event], None]:
-        gen = self._for(self.stream_handle, adapter).stream.remote(kind, body, arrival_s, request_id)
-        finished = False
-        try:
-            async for item in gen:
-                yield item
-            finished = True
-        finally:
-            if not finished:
-                gen.cancel()  # propagates to the replica: its generator is cancelled and aborts the engine
+        handle = self._for(self.stream_handle, adapter)
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
+            gen = handle.stream.remote(kind, body, arrival_s, request_id)
+            started = finished = False
+            try:
+                async for item in gen:
+                    started = True
+                    yield item
+                finished = True
+                return
+            except Exception as e:
+                # the replica died before the request produced anything: nothing reached the client, so
+                # it runs again on a replica Serve starts or has (the router waits for one)
+                if started or attempt == REPLICA_LOST_RETRIES or not _replica_died(e):
+                    raise
+                logger.warning("the engine replica died before the request started; sending it again")
+            finally:
+                if not finished:
+                    gen.cancel()  # propagates to the replica: its generator is cancelled, the engine aborts
 
     async def health(self) -> None:
         await self.handle.check_health.remote()
