@@ -9,9 +9,11 @@ appears once. ``LLMRAY_VERBOSE=1`` keeps Ray's logs on the console too.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,15 @@ WORKER_ENV = {
 # workers only: a worker's Ray Data INFO lines (execution plans) reach the console through log_to_driver
 WORKER_ONLY_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+# Ray's own lines that other processes send to the driver's console (the workers' step lines are ours):
+RAY_NOISE = (
+    re.compile(
+        r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] \w+\.cc:\d+: "
+    ),  # Ray's C++ log lines
+    re.compile(
+        r"worker processes have been started on node"
+    ),  # the raylet's worker-pool warning (2-core hosts)
+)
 
 
 def verbose() -> bool:
@@ -121,9 +132,42 @@ def init_ray(
             handler.close()
         logging.lastResort = fallback
     route_ray_logs(log_file)  # route again after ray.init
+    if path is not None and not verbose():
+        divert_ray_noise(path)
     ray.data.DataContext.get_current().enable_progress_bars = False
     warn_if_cluster_lacks_gpus(gpus)
     return path
+
+
+def divert_ray_noise(log_file: Path) -> None:
+    """Lines matching ``RAY_NOISE`` that reach this driver from Ray's processes go to ``log_file`` instead
+    of the console: the raylet's messages (Ray's error listener prints them whatever ``log_to_driver``
+    says) and the forwarded output of workers and actors. Every other line is printed as before."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_llmray", False):
+        return
+
+    def print_or_divert(data: dict[str, Any], ignore_prefix: bool) -> None:
+        lines = data.get("lines") or []
+        noise = [ln for ln in lines if any(p.search(ln) for p in RAY_NOISE)]
+        if noise:
+            with open(log_file, "a") as f:
+                f.writelines(f"({data.get('actor_name') or data.get('pid')}) {ln}\n" for ln in noise)
+            lines = [ln for ln in lines if ln not in noise]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        original(data, ignore_prefix=ignore_prefix)
+
+    print_or_divert._llmray = True  # type: ignore[attr-defined]  # our mark: init_ray may run twice
+    ray_worker.print_to_stdstream = print_or_divert  # looked up per message by Ray's error listener
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    for name, handler in list(dispatcher.handlers):  # log_to_driver's handler holds the original function
+        if isinstance(handler, functools.partial) and handler.func is original:
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, functools.partial(print_or_divert, **handler.keywords))
 
 
 def train_run_kwargs() -> dict[str, Any]:

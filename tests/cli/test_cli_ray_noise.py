@@ -1,0 +1,57 @@
+"""Ray's own lines that other processes send to a training command's console (the raylet's worker-pool
+warning, Ray's C++ log lines from actors) go to OUT/ray.log; the workers' step lines stay on the console.
+In-process: Ray's printing functions are called as Ray's listener threads call them, no cluster started."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from llmray.train import ray_env
+
+RAYLET_WARNING = (
+    "WARNING: 8 PYTHON worker processes have been started on node: abc with address: 192.0.2.2, which is 4x "
+    "the maximum expected startup concurrency (2)."
+)
+CPP_LINE = (
+    "[2026-11-30 06:16:03,155 E 29594 29774] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+    "has constructor arguments in the object store and max_restarts > 0."
+)
+
+
+@pytest.fixture
+def ray_worker(monkeypatch):
+    """Ray's driver-side printing, restored after the test (another test's Ray in this process keeps its own)."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", original)
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    monkeypatch.setattr(dispatcher, "handlers", list(dispatcher.handlers))
+    # what ray.init(log_to_driver=True) registers: the workers' output, printed through the original
+    dispatcher.add_handler("ray_print_logs", functools.partial(original, ignore_prefix=True))
+    return ray_worker
+
+
+def test_ray_noise_goes_to_the_log_file_and_step_lines_stay(ray_worker, tmp_path, capsys):
+    log = tmp_path / "ray.log"
+    ray_env.divert_ray_noise(log)
+    ray_env.divert_ray_noise(log)  # a second init_ray in the process wraps nothing twice
+    # the raylet's message, as Ray's error listener prints it (looked up by name on each message)
+    ray_worker.print_to_stdstream(
+        {"lines": [RAYLET_WARNING], "pid": "raylet", "is_err": False}, ignore_prefix=False
+    )
+    # the workers' forwarded output, as log_to_driver's dispatcher hands it over
+    step = "step 7/100 | loss 5.8912 | 812 tok/s | eta 1m02s"
+    worker = {"lines": [CPP_LINE, step], "pid": 4242, "ip": "192.0.2.2", "is_err": False, "actor_name": "W"}
+    ray_worker.global_worker_stdstream_dispatcher.emit(worker)
+    ray_worker.global_worker_stdstream_dispatcher.emit(
+        {**worker, "lines": ["Traceback: a real error"], "is_err": True}
+    )
+    out, err = capsys.readouterr()
+    assert step in out and "Traceback: a real error" in err
+    assert "worker processes have been started" not in out + err and "core_worker.cc" not in out + err
+    written = log.read_text()
+    assert "(raylet) WARNING: 8 PYTHON worker processes" in written and "(W) [2026-11-30" in written
+    assert step not in written
