@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmray.config import LoraConfig, ModelConfig  # noqa: E402
 from llmray.model.qwen3 import Qwen3ForCausalLM  # noqa: E402
-from llmray.train import lora, lora_layers  # noqa: E402
+from llmray.train import adapters, peft_adapters  # noqa: E402
 
 PRESET = "qwen3-0.6b"
 PARAM_CONFIGS = [("attn", 4), ("attn", 8), ("all-attn", 8), ("all-linear", 8), ("all-linear", 16)]
@@ -51,8 +51,8 @@ def bench_params() -> dict:
         full = model.num_params()
         for p in model.parameters():
             p.requires_grad_(False)
-        pm = get_peft_model(model, lora.peft_config(LoraConfig(r=r, alpha=2 * r, targets=targets)))
-        trainable, _ = lora.trainable_parameters(pm)
+        pm = get_peft_model(model, peft_adapters.peft_config(LoraConfig(r=r, alpha=2 * r, targets=targets)))
+        trainable, _ = peft_adapters.trainable_parameters(pm)
         state = get_peft_model_state_dict(pm)
         with tempfile.TemporaryDirectory() as tmp:
             file = Path(tmp) / "adapter_model.safetensors"
@@ -84,11 +84,11 @@ def _build(mode: str, targets: str, r: int, kernels: str, device: torch.device, 
         return model.train(), list(model.parameters())
     cfg = LoraConfig(r=r, alpha=2 * r, targets=targets, qlora=mode == "qlora")
     if impl == "peft":
-        pm = lora.apply_lora(model, cfg, device, "bfloat16", gradient_checkpointing=mode == "qlora")
+        pm = peft_adapters.apply_lora(model, cfg, device, "bfloat16", gradient_checkpointing=mode == "qlora")
     else:  # llmray's own layers (the default of llmray finetune)
         if cfg.qlora:
-            lora.quantize_nf4(model, device, torch.bfloat16)
-        pm = lora_layers.apply_lora(model, cfg)
+            peft_adapters.quantize_nf4(model, device, torch.bfloat16)
+        pm = adapters.apply_lora(model, cfg)
         if cfg.qlora:
             pm.gradient_checkpointing_enable()
     return pm.train(), [p for p in pm.parameters() if p.requires_grad]
@@ -151,7 +151,7 @@ def bench_step(
         ms = start.elapsed_time(end) / steps
     else:
         ms = (time.perf_counter() - t0) * 1000 / steps
-    trainable, total = lora.trainable_parameters(model)
+    trainable, total = peft_adapters.trainable_parameters(model)
     row = {
         "mode": mode,
         "lora_impl": None if mode == "full" else impl,
@@ -175,7 +175,7 @@ def bench_step(
         row["profile"] = _profile(step)
     if mode != "full":
         with tempfile.TemporaryDirectory() as tmp:
-            save = lora_layers.save_adapter if impl == "ours" else lora.save_adapter
+            save = adapters.save_adapter if impl == "ours" else peft_adapters.save_adapter
             out = save(model, Path(tmp) / "a", None)
             row["adapter_bytes"] = (out / "adapter_model.safetensors").stat().st_size
     return row

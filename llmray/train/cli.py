@@ -242,11 +242,11 @@ def finetune_command(args: argparse.Namespace) -> int:
 def merge_command(args: argparse.Namespace) -> int:
     import torch
 
-    from llmray.train import lora
+    from llmray.train import peft_adapters
 
     base, adapter, out = (preflight.resolve_path(x) for x in (args.base, args.lora, args.out))
     preflight.check_merge(base, adapter, out)
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-    written = lora.merge_adapter(base, adapter, out, dtype=dtypes[args.dtype])
+    written = peft_adapters.merge_adapter(base, adapter, out, dtype=dtypes[args.dtype])
     print(f"merged {adapter} into {base}: {args.dtype} checkpoint written to {Path(written)}")
     return 0

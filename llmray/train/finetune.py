@@ -2,7 +2,7 @@
 
 Flow: the driver reads and tokenises the JSONL files (every bad line reported with its number before
 anything is written), then a ``TorchTrainer`` runs :func:`train_worker` on each worker: base checkpoint →
-(NF4 quantisation) → LoRA layers (llmray's own, ``llmray.train.lora_layers``; peft's with
+(NF4 quantisation) → LoRA layers (llmray's own, ``llmray.train.adapters``; peft's with
 ``lora_impl="peft"``) → AdamW on the adapter only, gradients all-reduced across workers,
 length-bucketed batches chosen deterministically from the step number (so a resumed run continues on
 exactly the batches it would have seen). Every ``checkpoint_every`` steps rank 0 reports a checkpoint in
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from llmray.config import LoraConfig
-from llmray.train import chat_data, lora, lora_layers
+from llmray.train import adapters, chat_data, peft_adapters
 from llmray.train.graphs import StepGraphs
 from llmray.train.harness import PRECISIONS, evaluate, resolve_precision, train_step
 from llmray.train.loop import (
@@ -71,7 +71,7 @@ class FinetuneConfig:
     compute_dtype: str = "auto"  # QLoRA compute dtype: the precision's (bf16 on CUDA, fp32 on CPU)
     kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
     precision: str = "auto"  # auto (bf16 base + autocast on CUDA, fp32 elsewhere) | bf16 | fp32
-    lora_impl: str = "ours"  # ours (llmray.train.lora_layers) | peft (the fallback)
+    lora_impl: str = "ours"  # ours (llmray.train.adapters) | peft (the fallback)
     cuda_graphs: bool = True  # forward + backward from CUDA graphs on CUDA (not with QLoRA / checkpointing)
     max_failures: int = 0
     seed: int = 0
@@ -156,10 +156,10 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
     gc = cfg.lora.qlora if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     compute = cfg.compute_dtype if cfg.compute_dtype != "auto" else str(dtype).removeprefix("torch.")
     if cfg.lora_impl == "peft":
-        return lora.apply_lora(base, cfg.lora, device, compute, gradient_checkpointing=gc).train()
+        return peft_adapters.apply_lora(base, cfg.lora, device, compute, gradient_checkpointing=gc).train()
     if cfg.lora.qlora:
-        lora.quantize_nf4(base, device, lora.resolve_compute_dtype(device, compute))
-    model = lora_layers.apply_lora(base.to(device), cfg.lora)
+        peft_adapters.quantize_nf4(base, device, peft_adapters.resolve_compute_dtype(device, compute))
+    model = adapters.apply_lora(base.to(device), cfg.lora)
     if gc:
         model.gradient_checkpointing_enable()
     return model.train()
@@ -178,14 +178,16 @@ def model_uses_checkpointing(model) -> bool:
 
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
     """The trainable tensors under peft's file names, whichever implementation trains them."""
-    return lora_layers.adapter_state(model) if lora_layers.lora_modules(model) else lora.adapter_state(model)
+    return (
+        adapters.adapter_state(model) if adapters.lora_modules(model) else peft_adapters.adapter_state(model)
+    )
 
 
 def _write_adapter(model, path: Path, base: str) -> None:
-    if lora_layers.lora_modules(model):
-        lora_layers.save_adapter(model, path, base)
+    if adapters.lora_modules(model):
+        adapters.save_adapter(model, path, base)
     else:
-        lora.save_adapter(model, path, base)
+        peft_adapters.save_adapter(model, path, base)
 
 
 def _resume(path: Path, model, opt) -> dict:
@@ -194,18 +196,18 @@ def _resume(path: Path, model, opt) -> dict:
 
     path = resolve_checkpoint(path)
     if (path / LEGACY_FINETUNE_STATE).exists() and not (path / STATE_FILE).exists():
-        if lora_layers.lora_modules(model):
+        if adapters.lora_modules(model):
             raise ValueError(
                 f"{path} is a fine-tuning checkpoint of the earlier format; resume it with --lora-impl peft "
                 "(which reads it), or start a new run from its adapter/ directory"
             )
-        return lora.load_training_state(path, model, opt)
+        return peft_adapters.load_training_state(path, model, opt)
     state = load_checkpoint(path, model, opt, weights=False)
     tensors = load_file(str(path / MODEL_FILE))
-    if lora_layers.lora_modules(model):
-        lora_layers.load_adapter_state(model, tensors)
+    if adapters.lora_modules(model):
+        adapters.load_adapter_state(model, tensors)
     else:
-        lora.load_adapter_state(model, tensors)
+        peft_adapters.load_adapter_state(model, tensors)
     return state
 
 
@@ -236,7 +238,7 @@ def train_loop(config: dict, session: Session) -> dict:
     opt = build_optimizer(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)  # adapters only
     total = cfg.max_steps or steps_per_epoch(len(train), cfg.batch_size, world)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
-    trainable, all_params = lora.trainable_parameters(model)
+    trainable, all_params = peft_adapters.trainable_parameters(model)
     val_b = val_batches(val, cfg, rank, world, pad_id)
     graphs = None
     if cfg.cuda_graphs and device.type == "cuda" and not model_uses_checkpointing(model):
@@ -349,7 +351,7 @@ def run_finetune(cfg: FinetuneConfig, fail_at_step: int | None = None) -> dict[s
 
 def _publish_adapter(adapter: Path, out: Path, metrics: dict) -> None:
     """Copy the adapter files into ``out`` (each via a temporary name) and write llmray.json."""
-    for name in lora.ADAPTER_FILES:
+    for name in peft_adapters.ADAPTER_FILES:
         tmp = out / f".{name}.tmp"
         shutil.copy2(adapter / name, tmp)
         os.replace(tmp, out / name)

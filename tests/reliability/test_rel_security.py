@@ -180,7 +180,7 @@ def test_training_checkpoints_never_unpickle(tmp_path, tiny_model):
 def test_adapters_never_unpickle(tmp_path, tiny_model_dir):
     from llmray.lora.adapter import AdapterError, load_adapter
     from llmray.model.checkpoint import load_config
-    from llmray.train.lora import load_with_adapter
+    from llmray.train.peft_adapters import load_with_adapter
 
     marker = tmp_path / "pwned"
     cfg = load_config(tiny_model_dir)

@@ -13,8 +13,8 @@ import torch
 
 from llmray.config import LoraConfig
 from llmray.model.checkpoint import load_model
+from llmray.train import adapters, finetune, peft_adapters
 from llmray.train import cli as train_cli
-from llmray.train import finetune, lora, lora_layers
 from llmray.train.chat_data import ChatDataError
 from llmray.train.session import LocalSession
 
@@ -98,7 +98,7 @@ def test_tiny_run_lowers_val_loss_and_changes_only_adapters(tiny_model_dir, chat
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
     # only adapter parameters changed: the trained PeftModel's base equals the checkpoint's
     base = load_model(tiny_model_dir, dtype=torch.float32, kernels="torch").state_dict()
-    trained = lora.load_with_adapter(tiny_model_dir, adapter)
+    trained = peft_adapters.load_with_adapter(tiny_model_dir, adapter)
     for name, value in trained.base_model.model.state_dict().items():
         if "lora_" not in name:
             torch.testing.assert_close(value, base[name.replace(".base_layer", "")], rtol=0, atol=0)
@@ -188,12 +188,12 @@ def test_ray_train_run_two_workers_qlora(ray_local, tiny_model_dir, chat_files, 
     assert rows[-1]["event"] == "final" and rows[-1]["val_loss_before"] == metrics["val_loss_before"]
     assert "validation loss" in capsys.readouterr().out
     # merge the QLoRA-trained adapter into the full-precision base
-    merged = lora.merge_adapter(tiny_model_dir, out, tmp_path / "merged", dtype=torch.float32)
+    merged = peft_adapters.merge_adapter(tiny_model_dir, out, tmp_path / "merged", dtype=torch.float32)
     ids = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(
             load_model(merged, kernels="torch")(ids),
-            lora.load_with_adapter(tiny_model_dir, out)(ids),
+            peft_adapters.load_with_adapter(tiny_model_dir, out)(ids),
             rtol=1e-5,
             atol=1e-5,
         )
@@ -219,7 +219,7 @@ def test_tiny_run_on_cuda(tiny_model_dir, chat_files, tmp_path, qlora):
     assert metrics["val_loss_after"] < metrics["val_loss_before"] - 0.2, metrics
     pm = finetune.build_model(cfg, torch.device("cuda"))
     q = pm.model.layers[0].self_attn.q_proj  # llmray's own LoRA layer (the default lora_impl)
-    assert isinstance(q, lora_layers.LoraLinear) and q.lora_A.dtype == torch.float32
+    assert isinstance(q, adapters.LoraLinear) and q.lora_A.dtype == torch.float32
     if qlora:
         assert q.base_layer.weight.device.type == "cuda"
         assert (

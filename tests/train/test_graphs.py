@@ -10,7 +10,7 @@ import torch
 
 from llmray.config import LoraConfig, ModelConfig
 from llmray.model.qwen3 import Qwen3ForCausalLM
-from llmray.train import lora_layers
+from llmray.train import adapters
 from llmray.train.graphs import StepGraphs
 from llmray.train.harness import train_step
 from llmray.train.loop import build_optimizer
@@ -42,7 +42,7 @@ def test_graphed_steps_equal_eager(kind, accumulate):
     torch.manual_seed(0)
     base = Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="triton").cuda().train()
     if kind == "lora":
-        base = lora_layers.apply_lora(base.to(torch.bfloat16), LoraConfig(r=4, alpha=8, targets="all-linear"))
+        base = adapters.apply_lora(base.to(torch.bfloat16), LoraConfig(r=4, alpha=8, targets="all-linear"))
     shapes = [(4, 33)] * 5 + [(2, 17)] + [(4, 33)] * 2  # one other shape in between: eager
     batches = _batches(base.config.vocab_size, shapes)
     opt = "muon" if kind == "pretrain" else "adamw"

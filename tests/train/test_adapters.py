@@ -10,7 +10,7 @@ import torch
 
 from llmray.config import LoraConfig, ModelConfig
 from llmray.model.qwen3 import Qwen3ForCausalLM
-from llmray.train import lora, lora_layers
+from llmray.train import adapters, peft_adapters
 
 peft = pytest.importorskip("peft")
 
@@ -31,10 +31,10 @@ def _randomize_b(model) -> None:
 
 def _pair(cfg: LoraConfig):
     """(ours, peft's) on copies of one base, with equal adapter weights."""
-    ours = lora_layers.apply_lora(_base(), cfg)
+    ours = adapters.apply_lora(_base(), cfg)
     _randomize_b(ours)
-    pm = lora.apply_lora(_base(), cfg, gradient_checkpointing=False)
-    lora.load_adapter_state(pm, lora_layers.adapter_state(ours))
+    pm = peft_adapters.apply_lora(_base(), cfg, gradient_checkpointing=False)
+    peft_adapters.load_adapter_state(pm, adapters.adapter_state(ours))
     return ours, pm
 
 
@@ -86,15 +86,15 @@ def test_adapters_round_trip_with_peft(tmp_path):
     with torch.no_grad():
         want = ours(ids)
     # peft loads what we write, with our logits
-    lora_layers.save_adapter(ours, tmp_path / "ours", None)
+    adapters.save_adapter(ours, tmp_path / "ours", None)
     conf = peft.PeftConfig.from_pretrained(str(tmp_path / "ours"))
     assert conf.task_type == "CAUSAL_LM" and conf.r == 4 and conf.lora_alpha == 8
     conf.task_type = None  # the plain PeftModel wrapper around llmray's model (transformers takes CAUSAL_LM)
     loaded = peft.PeftModel.from_pretrained(_base().eval(), str(tmp_path / "ours"), config=conf).eval()
     # we load what peft writes, with peft's logits
-    lora.save_adapter(pm, tmp_path / "peft", None)
+    peft_adapters.save_adapter(pm, tmp_path / "peft", None)
     mine = _base().eval()
-    lora_layers.apply_peft_adapter(mine, tmp_path / "peft")
+    adapters.apply_peft_adapter(mine, tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mine(ids), pm.eval()(ids), rtol=1e-5, atol=1e-5)
@@ -104,10 +104,10 @@ def test_qlora_nf4_base_matches_peft():
     pytest.importorskip("bitsandbytes")
     cfg = LoraConfig(r=4, alpha=8, targets="all-linear", qlora=True)
     base = _base()
-    ours = lora_layers.apply_lora(lora.quantize_nf4(copy.deepcopy(base), "cpu", torch.float32), cfg)
+    ours = adapters.apply_lora(peft_adapters.quantize_nf4(copy.deepcopy(base), "cpu", torch.float32), cfg)
     _randomize_b(ours)
-    pm = lora.apply_lora(copy.deepcopy(base), cfg, gradient_checkpointing=False)
-    lora.load_adapter_state(pm, lora_layers.adapter_state(ours))
+    pm = peft_adapters.apply_lora(copy.deepcopy(base), cfg, gradient_checkpointing=False)
+    peft_adapters.load_adapter_state(pm, adapters.adapter_state(ours))
     ids, tgt = _batch(base.config.vocab_size)
     loss_o, loss_p = ours(ids, targets=tgt), pm(ids, targets=tgt)
     loss_o.backward()
@@ -121,13 +121,13 @@ def test_qlora_nf4_base_matches_peft():
 
 def test_rejects_unknown_targets():
     with pytest.raises(ValueError, match="name no linear layer"):
-        lora_layers.apply_lora(_base(), LoraConfig(targets="qq_proj"))
+        adapters.apply_lora(_base(), LoraConfig(targets="qq_proj"))
 
 
 def test_siblings_share_one_shrink_and_fall_back_when_inputs_differ():
     """q/k/v (and gate/up) reading one input run as one autograd node; layers called with different
     inputs still give each layer's own output (the group switches itself off)."""
-    ours = lora_layers.apply_lora(_base(), LoraConfig(r=4, alpha=8, targets="all-linear"))
+    ours = adapters.apply_lora(_base(), LoraConfig(r=4, alpha=8, targets="all-linear"))
     _randomize_b(ours)
     attn = ours.model.layers[0].self_attn
     assert attn.q_proj.group is attn.k_proj.group is attn.v_proj.group is not None
@@ -136,7 +136,7 @@ def test_siblings_share_one_shrink_and_fall_back_when_inputs_differ():
     q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     nodes = {t.grad_fn.next_functions[0][0] for t in (q, k, v)}  # under each output's view
     assert len(nodes) == 1 and "LoraGroupFn" in type(nodes.pop()).__name__  # one node for the three
-    alone = [lora_layers._run([m], x)[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    alone = [adapters._run([m], x)[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     for got, want in zip((q, k, v), alone, strict=True):
         torch.testing.assert_close(got, want)
     (q.sum() + 2 * k.sum() + 3 * v.sum()).backward()
@@ -146,8 +146,8 @@ def test_siblings_share_one_shrink_and_fall_back_when_inputs_differ():
     torch.testing.assert_close(gx, x.grad)
     y = torch.randn_like(x)
     q2, k2 = attn.q_proj(x), attn.k_proj(y)  # v never taken, k reads another tensor
-    torch.testing.assert_close(k2, lora_layers._run([attn.k_proj], y)[0])
-    torch.testing.assert_close(q2, lora_layers._run([attn.q_proj], x)[0])
+    torch.testing.assert_close(k2, adapters._run([attn.k_proj], y)[0])
+    torch.testing.assert_close(q2, adapters._run([attn.q_proj], x)[0])
     assert not attn.q_proj.group.shared
 
 

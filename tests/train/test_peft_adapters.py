@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from llmray.config import LoraConfig
 from llmray.model.checkpoint import load_model
-from llmray.train import lora
+from llmray.train import peft_adapters
 
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
@@ -29,13 +29,13 @@ def _randomise_adapters(pm, seed: int = 0) -> None:
 
 
 def test_lora_only_adapters_trainable(tiny_model):
-    pm = lora.apply_lora(tiny_model, LoraConfig(r=4, alpha=8, targets="attn"))
+    pm = peft_adapters.apply_lora(tiny_model, LoraConfig(r=4, alpha=8, targets="attn"))
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
     # attn preset = q and v of every layer, A and B each
     assert len(trainable) == 2 * 2 * tiny_model.config.num_hidden_layers
     assert all(("q_proj" in n or "v_proj" in n) for n in trainable)
-    n_train, n_total = lora.trainable_parameters(pm)
+    n_train, n_total = peft_adapters.trainable_parameters(pm)
     h, layers = tiny_model.config.hidden_size, tiny_model.config.num_hidden_layers
     q_out = tiny_model.config.num_attention_heads * tiny_model.config.head_dim
     kv_out = tiny_model.config.num_key_value_heads * tiny_model.config.head_dim
@@ -44,11 +44,11 @@ def test_lora_only_adapters_trainable(tiny_model):
 
 def test_unknown_target_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="name no linear layer"):
-        lora.apply_lora(tiny_model, LoraConfig(targets="q_proj,qkv_proj"))
+        peft_adapters.apply_lora(tiny_model, LoraConfig(targets="q_proj,qkv_proj"))
 
 
 def test_qlora_targets_are_peft_bnb_linear4bit_over_uint8(tiny_model):
-    pm = lora.apply_lora(tiny_model, LoraConfig(r=4, targets="all-linear", qlora=True))
+    pm = peft_adapters.apply_lora(tiny_model, LoraConfig(r=4, targets="all-linear", qlora=True))
     targeted = [(n, m) for n, m in pm.named_modules() if n.rsplit(".", 1)[-1] in LINEAR_NAMES]
     assert len(targeted) == 7 * tiny_model.config.num_hidden_layers
     for name, module in targeted:
@@ -61,7 +61,7 @@ def test_qlora_targets_are_peft_bnb_linear4bit_over_uint8(tiny_model):
 
 
 def test_qlora_attn_preset_quantises_every_linear_but_wraps_only_targets(tiny_model):
-    pm = lora.apply_lora(tiny_model, LoraConfig(r=4, targets="attn", qlora=True))
+    pm = peft_adapters.apply_lora(tiny_model, LoraConfig(r=4, targets="attn", qlora=True))
     layer = pm.base_model.model.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, peft.tuners.lora.bnb.Linear4bit)
     assert (
@@ -82,7 +82,7 @@ def test_qlora_gradients_equal_lora_over_dequantised_base(tiny_model):
 
     ref = copy.deepcopy(tiny_model)  # apply_lora quantises tiny_model in place
     cfg = LoraConfig(r=4, alpha=8, targets="all-linear", qlora=True)
-    qpm = lora.apply_lora(tiny_model, cfg, gradient_checkpointing=True)
+    qpm = peft_adapters.apply_lora(tiny_model, cfg, gradient_checkpointing=True)
     _randomise_adapters(qpm)
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 12))
     with torch.no_grad():
@@ -93,7 +93,9 @@ def test_qlora_gradients_equal_lora_over_dequantised_base(tiny_model):
         if isinstance(mod, peft.tuners.lora.bnb.Linear4bit):
             w = mod.get_base_layer().weight
             ref.get_submodule(name).weight.data = dequantize_4bit(w.data, w.quant_state).float()
-    rpm = lora.apply_lora(ref, LoraConfig(r=4, alpha=8, targets="all-linear"), gradient_checkpointing=False)
+    rpm = peft_adapters.apply_lora(
+        ref, LoraConfig(r=4, alpha=8, targets="all-linear"), gradient_checkpointing=False
+    )
     _randomise_adapters(rpm)
     rpm.train()(ids, targets=ids.roll(-1, 1)).backward()
     qgrads = {n: p.grad for n, p in qpm.named_parameters() if p.requires_grad}
@@ -108,9 +110,11 @@ def test_qlora_gradients_equal_lora_over_dequantised_base(tiny_model):
 @pytest.fixture
 def adapter_dir(tiny_model_dir, tmp_path):
     base = load_model(tiny_model_dir, dtype=torch.float32, kernels="torch")
-    pm = lora.apply_lora(base, LoraConfig(r=4, alpha=8, targets="all-linear"), gradient_checkpointing=False)
+    pm = peft_adapters.apply_lora(
+        base, LoraConfig(r=4, alpha=8, targets="all-linear"), gradient_checkpointing=False
+    )
     _randomise_adapters(pm, seed=1)
-    return lora.save_adapter(pm, tmp_path / "adapter", tiny_model_dir, extra={"qlora": False})
+    return peft_adapters.save_adapter(pm, tmp_path / "adapter", tiny_model_dir, extra={"qlora": False})
 
 
 def test_adapter_loads_on_transformers_with_same_logits(tiny_model_dir, adapter_dir):
@@ -118,7 +122,7 @@ def test_adapter_loads_on_transformers_with_same_logits(tiny_model_dir, adapter_
     assert cfg["task_type"] == "CAUSAL_LM" and cfg["auto_mapping"] is None and cfg["r"] == 4
     assert (adapter_dir / "adapter_model.safetensors").exists()
     ids = torch.randint(0, 300, (2, 16))
-    ours = lora.load_with_adapter(tiny_model_dir, adapter_dir)
+    ours = peft_adapters.load_with_adapter(tiny_model_dir, adapter_dir)
     hf = transformers.Qwen3ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, str(adapter_dir)).eval()
     with torch.no_grad():
@@ -132,18 +136,18 @@ def test_adapter_loads_on_transformers_with_same_logits(tiny_model_dir, adapter_
 def test_merge_equals_base_plus_adapter(tiny_model_dir, adapter_dir, tmp_path):
     ids = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
-        ref = lora.load_with_adapter(tiny_model_dir, adapter_dir)(ids)
-    out32 = lora.merge_adapter(tiny_model_dir, adapter_dir, tmp_path / "m32", dtype=torch.float32)
+        ref = peft_adapters.load_with_adapter(tiny_model_dir, adapter_dir)(ids)
+    out32 = peft_adapters.merge_adapter(tiny_model_dir, adapter_dir, tmp_path / "m32", dtype=torch.float32)
     merged = load_model(out32, kernels="torch")
     assert not any("lora" in k for k in merged.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), ref, rtol=1e-5, atol=1e-5)
     # default: bf16 checkpoint (rounded once after an fp32 merge), tokenizer copied
-    out16 = lora.merge_adapter(tiny_model_dir, adapter_dir, tmp_path / "m16")
+    out16 = peft_adapters.merge_adapter(tiny_model_dir, adapter_dir, tmp_path / "m16")
     assert json.loads((out16 / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert (out16 / "tokenizer.json").exists()
     with torch.no_grad():
         got16 = load_model(out16, dtype=torch.float32, kernels="torch")(ids)
     torch.testing.assert_close(got16, ref, rtol=0.0, atol=0.05)  # bf16 weights: ~3 significant digits
     with pytest.raises(FileExistsError):
-        lora.merge_adapter(tiny_model_dir, adapter_dir, out16)
+        peft_adapters.merge_adapter(tiny_model_dir, adapter_dir, out16)

@@ -19,7 +19,7 @@ backward, never kept. Adapters are fp32 parameters; they are cast to the compute
 Format: the module keeps peft's names (``<target>.base_layer`` for the frozen layer), adapters save as
 ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` in adapter_model.safetensors with peft's
 own adapter_config.json, so ``peft.PeftModel.from_pretrained`` loads what we write and we load what
-peft writes. ``lora_impl="peft"`` (``llmray.train.lora.apply_lora``) stays as the fallback.
+peft writes. ``lora_impl="peft"`` (``llmray.train.peft_adapters.apply_lora``) stays as the fallback.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_dir: str | Path | N
     """Write adapter_config.json (peft's own LoraConfig) + adapter_model.safetensors into ``out_dir``."""
     from safetensors.torch import save_file
 
-    from llmray.train.lora import peft_config
+    from llmray.train.peft_adapters import peft_config
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
