@@ -376,3 +376,58 @@ def test_adapter_requests_are_observed_under_the_adapter_name(tmp_path, monkeypa
     assert wanted <= by_model[MODEL], seen
     e2e = [m for n, m in seen if n == "llmray_e2e_request_latency_seconds"]
     assert sorted(e2e) == sorted(["chat", MODEL])  # one request each, each under its own name
+
+
+class _DiesOnce:
+    """A DeploymentHandle double: the first ``stream`` call's replica dies after ``died_after`` items."""
+
+    def __init__(self, server: LLMServer, died_after: int) -> None:
+        self.server, self.died_after, self.calls, self.cancelled = server, died_after, 0, 0
+        self.stream = self
+
+    def options(self, **_):
+        return self
+
+    def remote(self, kind, body, arrival_s, request_id):
+        from ray.exceptions import ActorDiedError
+
+        self.calls += 1
+        first, handle = self.calls == 1, self
+
+        class Gen:
+            def __aiter__(self):
+                return self.gen()
+
+            async def gen(self):
+                n = 0
+                async for item in handle.server.stream(kind, body, arrival_s, request_id):
+                    if first and n == handle.died_after:
+                        raise ActorDiedError()
+                    yield item
+                    n += 1
+
+            def cancel(self):
+                handle.cancelled += 1
+
+        return Gen()
+
+
+@pytest.mark.parametrize("died_after", [0, 2])
+def test_separate_ingress_resends_a_request_whose_replica_died_before_output(died_after):
+    """HandleBackend: a replica lost before the request produced anything -> sent again (200, full answer);
+    lost after output went out -> the retryable 503 in-band, not sent again."""
+    from llmray.serve.backends import HandleBackend
+
+    server = LLMServer("unused", MODEL, engine_factory=MOCK_ENGINE, engine_kwargs={"token_delay_s": 0.0},
+                       enable_metrics=False)  # fmt: skip
+    handle = _DiesOnce(server, died_after)
+    client = TestClient(build_openai_app(HandleBackend(handle), IngressConfig(MODEL)))
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 8, "stream": True, "ignore_eos": True}
+    r = client.post("/v1/completions", json=body)
+    events = sse_events(r.text)
+    assert r.status_code == 200
+    if died_after == 0:
+        assert handle.calls == 2 and "error" not in events[-1]
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+    else:
+        assert handle.calls == 1 and events[-1]["error"]["code"] == "engine_unavailable"
