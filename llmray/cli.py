@@ -177,14 +177,17 @@ def _run(argv: list[str]) -> int:
 
 
 def _message(e: BaseException) -> str:
-    """A pydantic ValidationError as ``field: problem; ...`` (one line), anything else as ``str(e)``."""
+    """A pydantic ValidationError as ``field: problem; ...`` (one line; a validator's own ValueError as its
+    message alone, without pydantic's "Value error, " prefix), anything else as ``str(e)``."""
     errors = getattr(e, "errors", None)
     if callable(errors):
         try:
-            items = errors()
-            return "; ".join(
-                f"{'.'.join(map(str, it.get('loc', ()))) or 'input'}: {it['msg']}" for it in items
-            )
+            parts = []
+            for it in errors():
+                msg = it["msg"].removeprefix("Value error, ")
+                loc = ".".join(map(str, it.get("loc", ())))
+                parts.append(f"{loc}: {msg}" if loc else msg)
+            return "; ".join(parts)
         except Exception:
             pass
     return str(e)

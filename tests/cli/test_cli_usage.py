@@ -223,3 +223,26 @@ def test_warmup_longer_than_the_run_is_named(tmp_path, corpus):
         ]
     )
     assert not any("warning" in n for n in preflight.check_pretrain(config_from_args(args)))
+
+
+def test_a_pydantic_error_is_one_clean_line():
+    from pydantic import BaseModel, Field, ValidationError, model_validator
+
+    from llmray.cli import _message
+
+    class Args(BaseModel):
+        model: str
+        replicas: int = Field(1, ge=1)
+
+        @model_validator(mode="after")
+        def _exists(self) -> Args:
+            if self.model == "missing":
+                raise ValueError("model directory 'missing' does not exist")
+            return self
+
+    with pytest.raises(ValidationError) as e:
+        Args(model="missing")
+    assert _message(e.value) == "model directory 'missing' does not exist"  # no "Value error, ", no dump
+    with pytest.raises(ValidationError) as e:
+        Args(model="m", replicas=0)
+    assert _message(e.value) == "replicas: Input should be greater than or equal to 1"
