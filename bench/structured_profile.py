@@ -1,0 +1,237 @@
+"""Where a constrained step's time goes: host phases (perf_counter) and GPU time (CUDA events), the half-schema
+batch of bench/structured.py next to the all-free batch, in one process.
+
+Per ``step()`` call (steps holding ``--num`` rows only): host ms of launch (schedule + inputs + forward enqueue),
+collect (the wait for the read-back), accept (every constrained row's ``accept_token`` + stop check), fill (the
+step's ``fill_bitmasks``), sampler (the sampler's host time: its kernels enqueued), the rest; on CUDA the GPU ms
+between consecutive launch ends (``gpu_step_ms``), the sampler's GPU ms (events around it) and the bubble before
+each launch. Then a ``torch.profiler`` table of a few half-batch steps (CUDA kernels and CPU ops by time).
+
+    python bench/structured_profile.py --tokenizer .data/bpe151k --out /tmp/prof            # H200
+    python bench/structured_profile.py --preset tiny --num 32 --max-tokens 24 --out /tmp/p  # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from structured import SCHEMA, build_llm, load_tokenizer  # noqa: E402
+
+import llmray.engine.structured.batch as sbatch  # noqa: E402
+from llmray.engine.sampling_params import SamplingParams  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+class Probe:
+    """Wraps the engine's step pieces with timers; ``rows`` is one dict per ``step()`` call."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.runner = engine, engine.runner
+        self.rows: list[dict] = []
+        self.cur: dict = {}
+        self.marks: list = []  # per launch: (end event, seqs)
+        self.sampler_events: list = []
+        self._orig: list = []
+
+    def _wrap(self, obj, name: str, key: str, cuda_mark: str | None = None) -> None:
+        fn = getattr(obj, name)
+        self._orig.append((obj, name, fn))
+        cur = self.cur
+
+        def wrapped(*a, **k):
+            ev0 = None
+            if CUDA and cuda_mark:
+                ev0 = torch.cuda.Event(enable_timing=True)
+                ev0.record()
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            cur[key] = cur.get(key, 0.0) + time.perf_counter() - t
+            if CUDA and cuda_mark:
+                ev1 = torch.cuda.Event(enable_timing=True)
+                ev1.record()
+                if cuda_mark == "launch":
+                    self.marks.append((ev0, ev1, len(a[0]) if a else 0))
+                else:
+                    self.sampler_events.append((ev0, ev1))
+            return out
+
+        setattr(obj, name, wrapped)
+
+    def __enter__(self) -> Probe:
+        self._wrap(self.runner, "launch", "launch", "launch")
+        self._wrap(self.runner, "collect", "collect")
+        self._wrap(self.runner, "_sample", "sampler", "sampler")
+        self._wrap(self.engine, "_check_constraint", "accept")
+        self._wrap(self.engine, "_read_back", "read_back")
+        self._wrap(sbatch, "fill_bitmasks", "fill")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for obj, name, fn in reversed(self._orig):
+            if isinstance(obj, type(sbatch)):
+                setattr(obj, name, fn)
+            else:
+                delattr(obj, name)  # the instance attribute set by _wrap
+
+    def run(self, prompts, params, tag: str) -> None:
+        eng = self.engine
+        for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
+            eng.add_request(f"{tag}-{i}-{time.monotonic_ns()}", p, s)
+        while eng.has_unfinished():
+            self.cur.clear()
+            n = len(eng.scheduler.running)
+            t = time.perf_counter()
+            eng.step()
+            self.cur["wall"] = time.perf_counter() - t
+            self.cur["running"] = n
+            self.rows.append(dict(self.cur))
+        _sync()
+
+
+def summarize(probe: Probe, full: int, tokens: int, seconds: float) -> dict:
+    keep = [r for r in probe.rows if r["running"] == full]
+    n = max(1, len(keep))
+    res: dict = {"steps": len(keep), "tok_s": round(tokens / seconds)}
+    for k in ("wall", "launch", "collect", "read_back", "accept", "fill", "sampler"):
+        vals = [r.get(k, 0.0) * 1e3 for r in keep]
+        res[f"{k}_ms"] = round(sum(vals) / n, 3)
+        if k in ("wall", "fill", "accept"):
+            res[f"{k}_ms_p90"] = round(sorted(vals)[int(0.9 * (len(vals) - 1))], 3) if vals else 0.0
+    res["other_host_ms"] = round(
+        res["wall_ms"] - res["launch_ms"] - res["read_back_ms"] - res["fill_ms"] - res["sampler_ms"], 3
+    )
+    if CUDA:
+        steps, gaps = [], []
+        for (_a0, a1, _s0), (b0, b1, s1) in zip(probe.marks, probe.marks[1:], strict=False):
+            if s1 == full:
+                steps.append(a1.elapsed_time(b1))
+                gaps.append(max(0.0, a1.elapsed_time(b0)))
+        res["gpu_step_ms"] = round(statistics.median(steps), 3) if steps else None
+        samp = [a.elapsed_time(b) for a, b in probe.sampler_events]
+        res["gpu_sampler_ms"] = round(statistics.median(samp), 3) if samp else None
+    return res
+
+
+def profile_table(llm, prompts, params, out: Path, steps: int = 6) -> None:
+    """torch.profiler over ``steps`` steps of a full batch: tables by CUDA and by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = llm.engine
+    for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
+        eng.add_request(f"prof-{i}-{time.monotonic_ns()}", p, s)
+    for _ in range(4):  # prefill + a few decode steps first
+        eng.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            eng.step()
+        _sync()
+    while eng.has_unfinished():
+        eng.step()
+    ka = prof.key_averages()
+    text = ""
+    if CUDA:
+        text += ka.table(sort_by="cuda_time_total", row_limit=25) + "\n"
+    text += ka.table(sort_by="self_cpu_time_total", row_limit=30)
+    out.write_text(text)
+    try:
+        import gzip
+        import shutil
+
+        trace = out.with_suffix(".json")
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as f, gzip.open(str(trace) + ".gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+        trace.unlink()
+    except Exception as e:  # a trace is a bonus
+        print("trace export failed:", e)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokenizer", default=".data/bpe151k")
+    ap.add_argument("--preset", default="qwen3-0.6b")
+    ap.add_argument("--num", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--seeded", type=int, default=1, help="the profiled batch: 1 = per-request seeds")
+    ap.add_argument("--variants", default="free,half,half+nodefer,half+oldmask,free+unseeded,half+unseeded")
+    ap.add_argument("--profile-steps", type=int, default=6)
+    ap.add_argument("--out", default="/tmp/structured_profile")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(args.tokenizer)
+    llm = build_llm(tok, args.preset)
+    eng = llm.engine
+    gen = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(300, tok.vocab_size - 10, (args.prompt_len,), generator=gen).tolist()
+        for _ in range(args.num)
+    ]
+
+    def params(i: int, schema: bool, seeded: bool) -> SamplingParams:
+        kw = {"structured_output": {"json": SCHEMA}} if schema else {"ignore_eos": True}
+        return SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=i if seeded else None, **kw)
+
+    w = min(8, args.num)
+    llm.generate(prompts[:w], [params(i, i % 2 == 1, True) for i in range(w)])  # warm-up: grammar compile
+    result: dict = {
+        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+        "command": "python " + " ".join(sys.argv),
+        "runs": [],
+    }
+    sampler = eng.runner.sampler
+    for variant in [v for v in args.variants.split(",") if v]:
+        # "free" | "half", then "+" flags: nodefer (constrained steps synchronous), oldmask (the torch fp32 mask
+        # path), unseeded (no per-request seeds), threadsN (llguidance's mask executor on N threads)
+        kind, *flags = variant.split("+")
+        seeded = "unseeded" not in flags
+        batch = [params(i, kind == "half" and i % 2 == 1, seeded) for i in range(args.num)]
+        eng.defer_constrained_sampling = "nodefer" not in flags
+        threads = next((int(f[7:]) for f in flags if f.startswith("threads")), None)
+        llg = eng._grammars.backend("llguidance")
+        default_executor = llg.executor
+        if threads:
+            import llguidance
+
+            llg.executor = llguidance.LLExecutor(threads)
+        if hasattr(sampler, "kernel_mask"):
+            sampler.kernel_mask = "oldmask" not in flags
+        _sync()
+        t0, tokens0 = time.perf_counter(), eng.generation_tokens_total
+        with Probe(eng) as probe:
+            probe.run(prompts, batch, variant)
+        dt = time.perf_counter() - t0
+        eng.defer_constrained_sampling = True
+        llg.executor = default_executor
+        if hasattr(sampler, "kernel_mask"):
+            sampler.kernel_mask = True
+        res = {"variant": variant, **summarize(probe, args.num, eng.generation_tokens_total - tokens0, dt)}
+        result["runs"].append(res)
+        print(time.strftime("%T"), json.dumps(res), flush=True)
+        (out / "structured_profile.json").write_text(json.dumps(result, indent=1) + "\n")
+    half = [params(i, i % 2 == 1, bool(args.seeded)) for i in range(args.num)]
+    if args.profile_steps:
+        profile_table(llm, prompts, half, out / "profile_half.txt", args.profile_steps)
+        print(time.strftime("%T"), "profile written", flush=True)
+
+
+if __name__ == "__main__":
+    main()
