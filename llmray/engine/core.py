@@ -15,6 +15,9 @@ tuples (pickled when the core runs in its own process, passed as is when it runs
          ("failed", [rid, ...], message)  a step raised: these requests failed, the engine keeps serving
          ("reply", call_id, ok, result)   ("dead", message)
 
+``python -m llmray.engine.core --prewarm SPEC LOCK PID`` (``llmray serve`` starts it on a GPU machine while
+Ray starts) builds an engine once to fill the Triton cache; a core waits for it before loading the model.
+
 Run as ``python -m llmray.engine.core FD_IN FD_OUT`` (started by ``llmray.engine.core_client``): the first
 message on FD_IN is the spec ``{"model_dir", "engine_kwargs", "loras", "engine_factory"}``. The process
 exits when its parent dies (PR_SET_PDEATHSIG where the parent asked for it, a parent-pid watchdog, and EOF
@@ -236,9 +239,62 @@ def _die_with_parent(parent_pid: int, use_pdeathsig: bool) -> None:
         os._exit(3)
 
 
+PREWARM_LOCK_ENV = "LLMRAY_PREWARM_LOCK"  # a file a kernel pre-warm holds locked while it runs
+PREWARM_WAIT_S = 120.0  # a core waits at most this long for it
+
+
+def prewarm(spec: dict[str, Any], lock_path: str, parent_pid: int) -> int:
+    """Build (and drop) an engine with the core's settings but a small KV cache, holding ``lock_path``
+    locked meanwhile: its Triton kernels land in the shared cache while Ray and Serve start, and the core
+    (which waits for the lock, so the two never share the device's memory) starts warm."""
+    import fcntl
+
+    _die_with_parent(parent_pid, True)
+    lock = open(lock_path, "a+")  # noqa: SIM115 - held until this process exits
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    t0 = time.perf_counter()
+    from llmray.engine.llm import build_engine
+
+    kw = spec["engine_kwargs"]
+    # the kernels, not the cache, are the point: blocks for one longest sequence (the engine checks that)
+    blocks = max(256, (kw.get("max_model_len") or 40960) // kw.get("block_size", 16) + 16)
+    kwargs = {**kw, "num_kv_blocks": blocks}
+    try:
+        build_engine(spec["model_dir"], **kwargs)
+    except Exception as e:  # the core compiles what this could not; nothing is lost but time
+        print(f"llmray: kernel pre-warm failed ({type(e).__name__}: {e})", flush=True)
+        return 1
+    print(f"llmray: kernels compiled while Ray started ({time.perf_counter() - t0:.1f}s)", flush=True)
+    return 0
+
+
+def _wait_for_prewarm(progress: Callable[[str], None]) -> None:
+    """Wait (bounded) until a running kernel pre-warm (``llmray serve`` started it) has finished."""
+    path = os.environ.get(PREWARM_LOCK_ENV)
+    if not path or not os.path.exists(path):
+        return
+    import fcntl
+
+    with open(path) as lock:
+        deadline, told = time.monotonic() + PREWARM_WAIT_S, False
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return  # released when the file closes
+            except OSError:
+                if not told:
+                    progress("waiting for the kernel pre-warm to finish (it compiles what this core needs)")
+                    told = True
+                time.sleep(0.2)
+
+
 def main(argv: list[str]) -> int:
     from multiprocessing.connection import Connection
 
+    if argv[0] == "--prewarm":  # python -m llmray.engine.core --prewarm SPEC_JSON LOCK PARENT_PID
+        import json
+
+        return prewarm(json.loads(argv[1]), argv[2], int(argv[3]))
     fd_in, fd_out = int(argv[0]), int(argv[1])
     _die_with_parent(int(os.environ["LLMRAY_CORE_PARENT"]), os.environ.get("LLMRAY_CORE_PDEATHSIG") == "1")
     rx = Connection(fd_in, writable=False)
@@ -253,6 +309,8 @@ def main(argv: list[str]) -> int:
         tx.send(("progress", f"[engine core {os.getpid()}] {text} ({time.perf_counter() - t0:.1f}s)"))
 
     try:
+        if not spec.get("engine_factory"):
+            _wait_for_prewarm(progress)
         progress("loading the model")
         if spec.get("engine_factory"):
             engine = load_factory(spec["engine_factory"])(

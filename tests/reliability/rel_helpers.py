@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,6 +36,8 @@ def serve_app(app_args: dict[str, Any], shutdown: bool = True) -> Iterator[str]:
 
     if ray.is_initialized():
         ray.shutdown()
+    tests_dir = str(Path(__file__).resolve().parents[1])  # replicas import the test doubles (_support)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     try:

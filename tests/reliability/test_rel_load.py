@@ -1,12 +1,13 @@
 """Load: 500 concurrent streaming clients on one CPU replica of the real engine, a fifth hanging up mid-stream.
 
-One LLMServer replica (tiny model, torch kernels, 2 shared cores) behind the real Serve proxy and ingress.
+One LLMServer replica (tiny model, torch kernels, 2 shared cores) serving the HTTP app itself (the default
+layout) behind the real Serve proxy.
 Limits are set so no client gets a 429 (``max_ongoing_requests`` covers all 500; the engine batches 64 and
 queues the rest). The 400 clients that stay ask for 8 tokens and must each get a well-formed stream: role-
 less completion chunks, finish_reason "length", the usage chunk (8 tokens) and ``data: [DONE]``. The 100
 that leave ask for 64 tokens and hang up after their first chunk: their engine requests are aborted (the
 tokens generated in all stay far below 100 x 64) and free their KV blocks. Afterwards the engine is idle
-with every block free, the replica's and the ingress's memory are back near their warmed-up baseline,
+with every block free, the replica's and its engine core's memory are back near their warmed-up baseline,
 and the server still answers.
 """
 
@@ -47,8 +48,6 @@ def url(tiny_model_dir):
         },
         "max_ongoing_requests": 600,  # every client is admitted: no 429 in this test
         "max_queued_requests": 600,
-        "ingress_mode": "separate",  # the test names the ingress replica too
-        "ingress_replicas": 1,
         "num_cpus": 0.5,
     }
     with serve_app(args) as base:
@@ -124,12 +123,12 @@ def _run_and_check(url: str) -> tuple[float, int]:
 
 def test_500_streaming_clients_with_a_fifth_disconnecting(url):
     [replica] = replica_pids("LLMServer")
-    [ingress] = replica_pids("OpenAIIngress")
+    core = engine_stats()["core_pid"]
     # first crowd: also the warm-up (allocator arenas, Ray streaming buffers reach their high-water mark)
     first = _run_and_check(url)
-    base = {"replica": rss_mb(replica), "ingress": rss_mb(ingress)}
+    base = {"replica": rss_mb(replica), "core": rss_mb(core)}
     second = _run_and_check(url)  # the same load again: memory must come back to the same level
-    grown = {"replica": rss_mb(replica) - base["replica"], "ingress": rss_mb(ingress) - base["ingress"]}
+    grown = {"replica": rss_mb(replica) - base["replica"], "core": rss_mb(core) - base["core"]}
     assert all(g < MAX_GROWTH_MB for g in grown.values()), grown
     assert replica_pids("LLMServer") == [replica]  # the same replica served it all
 

@@ -1,12 +1,13 @@
 """Faults in serving: the engine replica is SIGKILLed mid-load; graceful shutdown drains in-flight requests.
 
-One Serve app (real engine, tiny model, one LLMServer replica with a 1 s health check, one ingress). While
+One Serve app (the real serving stack and engine core process over the paced engine double, one LLMServer
+replica with a 1 s health check, one ingress). While
 streamed and non-streamed requests run, the LLMServer replica's process is killed with SIGKILL (a crash,
 no cleanup). Then: every in-flight client ends well before its timeout with an error in the OpenAI
 envelope, as a retryable 503 ``engine_unavailable`` (an SSE ``data: {"error": ...}`` event then ``[DONE]``
 for streams, a JSON body otherwise); Serve starts a new replica; ``/health`` answers promptly throughout
-(503 while no engine can answer, 200 after); requests sent after the crash wait for the new replica, and
-they and later ones succeed with the same greedy output as before the crash; the killed replica's engine
+(503 while no engine can answer, 200 after); requests sent after the crash (or sent before it but not started: the ingress sends them
+again) wait for the new replica, and they and later ones succeed with the same greedy output as before the crash; the killed replica's engine
 core process exits too (no orphan holds the device). Then the engine core process alone is SIGKILLed
 mid-stream: every stream gets the 503 in-band, the replica turns unhealthy and Serve replaces it. Last,
 deleting the app while requests stream drains them: each finishes with all its tokens.
@@ -23,6 +24,7 @@ import time
 import httpx
 import pytest
 from _support.local_backend import MOCK_ENGINE
+from _support.paced_engine import write_tokenizer_dir
 from rel_helpers import AUTH, MODEL, engine_stats, replica_pids, serve_app, stream_completion, wait_for
 
 pytestmark = pytest.mark.timeout(400)
@@ -32,12 +34,13 @@ LONG = {"model": MODEL, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def url(tiny_model_dir):
+def url(tmp_path_factory):
     args = {
-        "model": str(tiny_model_dir),
-        "engine": "llmray",
-        # a tight token budget keeps 200-token requests running for seconds on the tiny model
-        "engine_kwargs": {"max_num_seqs": 16, "num_kv_blocks": 256, "max_model_len": 512, "kernels": "torch"},
+        "model": str(write_tokenizer_dir(tmp_path_factory.mktemp("paced"))),
+        # the engine core process runs the paced double (tests/_support/paced_engine.py): a replica and its
+        # core restart in seconds; 20 ms steps keep 200-token requests running for 4 s
+        "engine_factory": "_support.paced_engine:PacedAsyncLLM",
+        "engine_kwargs": {"max_num_seqs": 16, "max_model_len": 512, "step_ms": 20},
         # the ingress as a deployment of its own: it outlives the killed engine replica and reports the cut
         # streams in-band (in the default layout the HTTP server dies with the replica: a cut connection)
         "ingress_mode": "separate",
@@ -67,7 +70,7 @@ def _health(url: str) -> tuple[int, float]:
 
 async def _non_streamed(client: httpx.AsyncClient, url: str, i: int) -> tuple[int, dict, float]:
     t0 = time.perf_counter()
-    body = {**LONG, "prompt": f"non-streamed {i}"}
+    body = {**LONG, "prompt": f"non streamed {i}"}
     r = await client.post(f"{url}/v1/completions", headers=AUTH, json=body, timeout=CLIENT_TIMEOUT_S)
     return r.status_code, r.json(), time.perf_counter() - t0
 
@@ -86,6 +89,12 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _all_running(tokens_before: int, n: int = 16) -> bool:
+    """All ``n`` requests run in the engine and have made tokens (the first reached the ingress)."""
+    s = engine_stats()
+    return s["num_running"] == n and s["generation_tokens_total"] >= tokens_before + n * 2
+
+
 def _envelope(err: dict) -> bool:
     return set(err) >= {"message", "type", "param", "code"} and isinstance(err["message"], str)
 
@@ -93,7 +102,8 @@ def _envelope(err: dict) -> bool:
 def test_replica_crash_mid_load(url):
     before_text = _greedy_text(url)
     [pid] = replica_pids("LLMServer")
-    core_pid = engine_stats()["core_pid"]
+    stats = engine_stats()
+    core_pid, tokens_before = stats["core_pid"], stats["generation_tokens_total"]
     health_log: list[tuple[int, float]] = []
 
     async def scenario():
@@ -103,7 +113,10 @@ def test_replica_crash_mid_load(url):
                 for i in range(12)
             ]
             plain = [asyncio.create_task(_non_streamed(client, url, i)) for i in range(4)]
-            await asyncio.sleep(1.5)  # the streams are producing tokens now
+            # all 16 run in the engine (its whole batch) and have produced tokens: every one is in flight
+            running = await asyncio.to_thread(wait_for, lambda: _all_running(tokens_before), 30, 0.1)
+            assert running, engine_stats()
+            await asyncio.sleep(0.5)
             os.kill(pid, signal.SIGKILL)
             t_kill = time.perf_counter()
             await asyncio.sleep(0.5)
@@ -164,7 +177,8 @@ def test_engine_core_killed_mid_stream(url):
     assert wait_for(lambda: _health(url)[0] == 200, 120, interval_s=0.5)
     before_text = _greedy_text(url)
     [pid] = replica_pids("LLMServer")
-    core_pid = engine_stats()["core_pid"]
+    stats = engine_stats()
+    core_pid, tokens_before = stats["core_pid"], stats["generation_tokens_total"]
     assert core_pid not in (None, pid)
 
     async def scenario():
@@ -173,7 +187,9 @@ def test_engine_core_killed_mid_stream(url):
                 asyncio.create_task(stream_completion(client, url, {**LONG, "prompt": f"core {i}"}))
                 for i in range(8)
             ]
-            await asyncio.sleep(1.5)
+            running = await asyncio.to_thread(wait_for, lambda: _all_running(tokens_before, 8), 30, 0.1)
+            assert running, engine_stats()
+            await asyncio.sleep(0.5)
             os.kill(core_pid, signal.SIGKILL)
             return await asyncio.gather(*streams)
 
@@ -219,20 +235,20 @@ def test_graceful_shutdown_drains_in_flight_requests(url):
     assert "llmray" not in serve.status().applications  # and the app is gone
 
 
-def test_deployments_drain_for_longer_than_serves_default(tiny_model_dir):
+def test_deployments_drain_for_longer_than_serves_default(tmp_path):
     """Serve's default graceful_shutdown_timeout_s (20 s) would cut long generations at downscale."""
     from llmray.serve.app import build_app
 
-    app = build_app({"model": str(tiny_model_dir), "engine_factory": MOCK_ENGINE})
+    app = build_app({"model": str(tmp_path), "engine_factory": MOCK_ENGINE})
     assert (
         app._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 120.0
     )  # the HTTP app's replica
-    app = build_app({"model": str(tiny_model_dir), "engine_factory": MOCK_ENGINE, "ingress_mode": "separate"})
+    app = build_app({"model": str(tmp_path), "engine_factory": MOCK_ENGINE, "ingress_mode": "separate"})
     ingress = app._bound_deployment
     llm_server = ingress.init_args[0]._bound_deployment
     for dep in (ingress, llm_server):
         assert dep._deployment_config.graceful_shutdown_timeout_s == 120.0
     app = build_app(
-        {"model": str(tiny_model_dir), "engine_factory": MOCK_ENGINE, "graceful_shutdown_timeout_s": 600}
+        {"model": str(tmp_path), "engine_factory": MOCK_ENGINE, "graceful_shutdown_timeout_s": 600}
     )
     assert app._bound_deployment._deployment_config.graceful_shutdown_timeout_s == 600

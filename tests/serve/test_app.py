@@ -90,3 +90,33 @@ def test_serve_env_for_a_local_ray(tmp_path, monkeypatch):
     assert args["ingress_mode"] == "separate" and "ingress_mode" not in args_to_app_args(
         parse(["--model", str(tmp_path)])
     )
+
+
+def test_kernel_prewarm_decision_and_the_core_waiting_for_it(tmp_path, monkeypatch):
+    """`llmray serve` pre-warms only for llmray's engine on a Ray it starts (never with --no-prewarm, a
+    stand-in engine or RAY_ADDRESS); an engine core waits while the pre-warm holds its lock file."""
+    import fcntl
+    import threading
+    import time
+
+    from llmray.engine import core
+    from llmray.serve.cli import start_prewarm
+
+    assert start_prewarm(parse(["--model", str(tmp_path), "--no-prewarm"])) is None
+    assert start_prewarm(parse(["--model", str(tmp_path), "--prewarm", "--engine-factory", "m:f"])) is None
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert start_prewarm(parse(["--model", str(tmp_path), "--prewarm"])) is None
+
+    lock = tmp_path / "prewarm.lock"
+    lock.touch()
+    monkeypatch.setenv(core.PREWARM_LOCK_ENV, str(lock))
+    said: list[str] = []
+    with open(lock) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the pre-warm is running
+        waiter = threading.Thread(target=core._wait_for_prewarm, args=(said.append,))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and said  # the core waits, and says why
+        fcntl.flock(held, fcntl.LOCK_UN)  # the pre-warm ended
+        waiter.join(5)
+    assert not waiter.is_alive()
