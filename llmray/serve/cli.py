@@ -193,8 +193,23 @@ def start_prewarm(ns: argparse.Namespace) -> subprocess.Popen | None:
                              str(os.getpid())])  # fmt: skip
 
 
+def check_args(ns: argparse.Namespace) -> None:
+    """Paths made absolute against the caller's cwd, then every argument validated as ``build_app`` will:
+    bad input raises ValueError (``llmray`` prints one ``error:`` line, exit 2) before anything starts."""
+    from llmray.serve.app import ServeArgs
+
+    def absolute(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path))
+
+    ns.model = absolute(ns.model)
+    ns.lora_root = absolute(ns.lora_root) if ns.lora_root else ns.lora_root
+    ns.lora = [(name, absolute(path)) for name, path in ns.lora]
+    ServeArgs(**args_to_app_args(ns)).lora_dirs()
+
+
 def run_serve(ns: argparse.Namespace) -> int:
     """Start (or join, with RAY_ADDRESS / a running `ray start`) Ray, deploy, block until Ctrl-C."""
+    check_args(ns)  # before the pre-warm and Ray start
     # before the imports below: the pre-warm's head start is the time Ray and Serve take to come up
     prewarm = start_prewarm(ns) if not os.environ.get("RAY_ADDRESS") else None
     try:

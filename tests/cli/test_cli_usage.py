@@ -152,6 +152,7 @@ def test_paths_are_resolved_against_the_callers_cwd(tmp_path, monkeypatch):
         (["merge", "--base", "{tmp}/nobase", "--lora", "{tmp}/a", "--out", "{tmp}/out"], "nobase"),
         (["generate", "--model", "{tmp}/nomodel", "--prompt", "hi"], "nomodel"),
         (["serve", "--model", "{tmp}/m", "--lora", "no-equals-sign"], "NAME=DIR"),
+        (["serve", "--model", "{tmp}/nomodel"], "model directory '{tmp}/nomodel' does not exist"),
         (["batch", "--model", "{tmp}/m", "--input", "i", "--output", "o", "--lora", "x="], "NAME=DIR"),
         (["pretrain", "--out", "{tmp}/out"], "--data"),
         (
@@ -164,7 +165,7 @@ def test_bad_input_is_one_error_line_exit_2_nothing_written_no_ray(argv, needle,
     argv = [a.format(tmp=tmp_path, corpus=corpus) for a in argv]
     assert main(argv) == 2
     line = _err_line(capsys)
-    assert needle in line, line
+    assert needle.format(tmp=tmp_path) in line, line
     assert not (tmp_path / "out").exists() and not _ray_started()
 
 
