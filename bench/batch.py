@@ -15,7 +15,7 @@ with a character tokenizer, on CPU, short rows).
    ``--side-by-side`` (default when 2 GPUs are visible) it runs on GPU 1 while ``llmray batch``'s one-engine
    runs use GPU 0, at the same time; otherwise before them.
 2. ``run_batch`` (what ``llmray batch`` runs: the rows as a JSONL file, Ray Data, output files) per workload,
-   per ``--variants`` (``stage``: rows tokenized by the RowPreparer stage, the default; ``in_engine``: in the
+   per ``--variants`` (``stage``: rows tokenized by the prepare_batch stage, the default; ``in_engine``: in the
    engine actor, as before), for 1 engine and (2 GPUs) 2 engines, timed from the call to the last output file.
    Each engine writes its timeline (``stats_dir``); ``steady`` = output tokens / (last finish - first row in
    any engine), the figure to set beside ``LLM.generate``'s. Start-up is reported as measured, never subtracted.
@@ -297,7 +297,14 @@ def start_ray(gpus: str | None) -> float:
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus
     t = time.perf_counter()
-    ray.init(configure_logging=False, log_to_driver=False, include_dashboard=False)
+    for attempt in range(3):  # an overloaded host can miss Ray's fixed 30 s raylet start-up wait
+        try:
+            ray.init(configure_logging=False, log_to_driver=False, include_dashboard=False)
+            break
+        except Exception as e:
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
     return time.perf_counter() - t
 
 

@@ -1,6 +1,6 @@
 """Row preparation as a Ray Data stage ahead of the engines: parse, render the chat template, tokenize.
 
-It runs in its own processes (an actor pool of ``RowPreparer``), so the engine actor receives token ids and
+It runs in Ray Data tasks of its own (fused with the reading), so the engine actor receives token ids and
 its engine thread never waits on tokenizing: a Hugging Face tokenizer's ``encode`` holds the GIL for the
 whole call (milliseconds for a long prompt), and each time the engine thread let the GIL go (a CUDA call, a
 queue wait) it could find it taken for that long. Prepared batches carry four extra columns (``PREP_*``):
@@ -11,7 +11,9 @@ and drops the columns from its output.
 
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
 from typing import Any
 
 from llmray.batch.rows import Prepared, RowError, clip, param_dict, prompt_of
@@ -96,40 +98,36 @@ def tokenize(items: list[Any], tokenizer: Any) -> list[Any]:
     return out
 
 
-class RowPreparer:
-    """Ray Data stage (an actor per process): adds the ``PREP_*`` columns to each pyarrow batch."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_dir: str) -> Any:
+    """The model's tokenizer, loaded once per worker process (None when the directory has none)."""
+    from llmray.model.tokenizer import Tokenizer
 
-    def __init__(self, model_dir: str, defaults: dict[str, Any], json_column: str | None = None) -> None:
-        from pathlib import Path
+    return Tokenizer.load(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
 
-        from llmray.model.tokenizer import Tokenizer
 
-        has_tokenizer = (Path(model_dir) / "tokenizer.json").is_file()
-        self.tokenizer = Tokenizer.load(model_dir) if has_tokenizer else None
-        self.defaults = defaults
-        self.json_column = json_column
+def prepare_batch(
+    batch: Any, *, model_dir: str, defaults: dict[str, Any], json_column: str | None = None
+) -> Any:
+    """Ray Data ``map_batches`` function (a task, fused with the reading before it): the pyarrow batch plus
+    the ``PREP_*`` columns."""
+    import pyarrow as pa
 
-    def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-
-        items = tokenize(
-            render(batch_rows(batch, self.json_column), self.tokenizer, self.defaults), self.tokenizer
-        )
-        ok = [not isinstance(item, str) for item in items]
-        columns = {
-            PREP_IDS: pa.array(
-                [item[0] if good else None for item, good in zip(items, ok)], pa.list_(pa.int64())
-            ),
-            PREP_PARAMS: pa.array(
-                [json.dumps(item[1]) if good else None for item, good in zip(items, ok)], pa.string()
-            ),
-            PREP_LORA: pa.array([item[2] if good else None for item, good in zip(items, ok)], pa.string()),
-            PREP_ERROR: pa.array([None if good else item for item, good in zip(items, ok)], pa.string()),
-        }
-        table = batch.drop_columns([n for n in PREP_COLUMNS if n in batch.column_names])
-        for name, column in columns.items():
-            table = table.append_column(name, column)
-        return table
+    tokenizer = _tokenizer(model_dir)
+    items = tokenize(render(batch_rows(batch, json_column), tokenizer, defaults), tokenizer)
+    ok = [not isinstance(item, str) for item in items]
+    columns = {
+        PREP_IDS: pa.array([it[0] if good else None for it, good in zip(items, ok)], pa.list_(pa.int64())),
+        PREP_PARAMS: pa.array(
+            [json.dumps(it[1]) if good else None for it, good in zip(items, ok)], pa.string()
+        ),
+        PREP_LORA: pa.array([it[2] if good else None for it, good in zip(items, ok)], pa.string()),
+        PREP_ERROR: pa.array([None if good else it for it, good in zip(items, ok)], pa.string()),
+    }
+    table = batch.drop_columns([n for n in PREP_COLUMNS if n in batch.column_names])
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table
 
 
 def prepared_rows(batch: Any, engine: Any) -> list[Prepared | str]:

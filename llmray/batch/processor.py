@@ -1,6 +1,6 @@
 """A Ray Data processor running the llmray engine over a dataset: ``build_processor(model_dir, ...)(ds)``.
 
-Two stages: ``RowPreparer`` actors (llmray/batch/prepare.py) parse rows, render chat templates and tokenize,
+Two stages: ``prepare_batch`` tasks (llmray/batch/prepare.py) parse rows, render chat templates and tokenize,
 then the engine actors generate. One engine per actor (``num_gpus=1`` with ``use_gpu``, else a fraction of
 a CPU, so a 2-core machine runs two). The default actor is asynchronous, as ``ray.data.llm``'s vLLM stage: Ray Data hands each actor
 several batches at once (``max_concurrent_batches``), every batch's rows go into one feed, and a single
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmray.batch.prepare import PREP_COLUMNS, PREP_ERROR, RowPreparer, batch_rows, prepared_rows
+from llmray.batch.prepare import PREP_COLUMNS, PREP_ERROR, batch_rows, prepare_batch, prepared_rows
 from llmray.batch.rows import Prepared, RowError, clip, prepare, result_table
 from llmray.batch.stats import EngineStats
 
@@ -76,7 +76,7 @@ class _EngineHolder:
         self.json_column = json_column
 
     def _prepare(self, batch: Any) -> list[Prepared | str]:
-        """Each row ready for the engine, or its error: from the ``RowPreparer`` stage's columns, or (a batch
+        """Each row ready for the engine, or its error: from the ``prepare_batch`` stage's columns, or (a batch
         that did not go through it) parsed and tokenized here."""
         if PREP_ERROR in batch.column_names:
             return prepared_rows(batch, self.llm.engine)
@@ -193,7 +193,7 @@ class StreamingEngineActor(_EngineHolder):
 
     # --- Ray Data's side ----------------------------------------------------------------------
     async def __call__(self, batch: Any) -> AsyncIterator[Any]:
-        if PREP_ERROR in batch.column_names:  # prepared by the RowPreparer stage: token ids already
+        if PREP_ERROR in batch.column_names:  # prepared by the prepare_batch stage: token ids already
             prepared = self._prepare(batch)
         else:
             prepared = await asyncio.to_thread(self._prepare, batch)  # tokenizing off the loop
@@ -242,12 +242,10 @@ class Processor:
     preprocess: Callable[[dict], dict] | None = None
     postprocess: Callable[[dict], dict] | None = None
     prepare_stage: bool = True  # False: the engine actors tokenize (bench/batch.py compares)
-    prepare_cpus: float = 0.25  # per RowPreparer actor; one per engine
 
     def cpus_needed(self) -> float:
-        """CPUs the stages' actors reserve (engines and preparers; reading tasks come on top)."""
-        engines = self.concurrency * (1 if self.use_gpu else self.num_cpus)
-        return engines + (self.concurrency * self.prepare_cpus if self.prepare_stage else 0)
+        """CPUs the engine actors reserve (reading and preparing tasks come on top)."""
+        return self.concurrency * (1 if self.use_gpu else self.num_cpus)
 
     def __call__(self, ds: Any) -> Any:
         import ray.data
@@ -256,15 +254,14 @@ class Processor:
             ds = ds.map(self.preprocess, num_cpus=0.25)
         if self.prepare_stage:
             ds = ds.map_batches(
-                RowPreparer,
-                fn_constructor_kwargs=dict(
+                prepare_batch,
+                fn_kwargs=dict(
                     model_dir=self.model_dir, defaults=self.defaults, json_column=self.json_column
                 ),
                 batch_size=self.batch_size,
                 batch_format="pyarrow",
                 zero_copy_batch=True,
-                compute=ray.data.ActorPoolStrategy(size=self.concurrency),
-                num_cpus=self.prepare_cpus,
+                num_cpus=0.25,
             )
         wait = self.concurrency > 1 if self.wait_for_engines is None else self.wait_for_engines
         if wait and ds.context.wait_for_min_actors_s <= 0:
@@ -344,7 +341,7 @@ def build_processor(
     up does not take them all; without it, reading overlaps the engines' start-up.
     ``stats_dir``: each engine writes its timeline and totals there (``engine-<pid>.json``, local to the
     node the actor runs on; see ``EngineStats``). ``prepare_stage`` (default): rows are parsed, templated and
-    tokenized by ``RowPreparer`` actors (one per engine) before the engines; False: in the engine actors.
+    tokenized by ``prepare_batch`` tasks before the engines; False: in the engine actors.
     """
     if concurrency < 1 or batch_size < 1 or max_concurrent_batches < 1:
         raise ValueError("concurrency, batch_size and max_concurrent_batches must be >= 1")

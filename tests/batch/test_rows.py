@@ -56,3 +56,15 @@ def test_prepare_rows(engine):
 def test_bad_rows_say_why(engine, row, message):
     with pytest.raises(RowError, match=message):
         prepare(row, engine, {"max_tokens": 4}, None)
+
+
+def test_shards_per_engine_keeps_engines_fed_and_leaves_work_to_share():
+    from llmray.batch.cli import shards_per_engine
+
+    assert shards_per_engine(40, 256, 1, 256) == 8  # 2,048 rows held: enough for 256 running + queued
+    assert shards_per_engine(40, 1000, 1, 256) == 3
+    assert shards_per_engine(4, 10, 1, 2) == 2  # never below 2
+    assert shards_per_engine(1000, 8, 1, 256) == 16  # never above 16
+    # two engines: at most half of each one's share, so an engine up early (or faster) takes more later
+    assert shards_per_engine(16, 256, 2, 256) == 4
+    assert shards_per_engine(64, 64, 2, 256) == 16

@@ -1,5 +1,5 @@
 """The engine actor without Ray: several batches share one engine, ``stats_dir`` gets its timeline, and rows
-prepared by the ``RowPreparer`` stage give the same tokens and errors as rows tokenized in the actor."""
+prepared by the ``prepare_batch`` stage give the same tokens and errors as rows tokenized in the actor."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from llmray.batch.prepare import PREP_COLUMNS, RowPreparer
+from llmray.batch.prepare import PREP_COLUMNS, prepare_batch
 from llmray.batch.processor import StreamingEngineActor
 
 DEFAULTS = {"max_tokens": 3, "ignore_eos": True, "temperature": 0.0}
@@ -66,8 +66,7 @@ def test_prepared_rows_match_rows_tokenized_in_the_actor(actor, tiny_model_dir):
     ]
     texts = [json.dumps(row) for row in lines] + ["{not json", "[1, 2]"]
     batch = pa.table({"line": list(range(len(texts))), "_json": texts})
-    preparer = RowPreparer(str(tiny_model_dir), DEFAULTS, json_column="_json")
-    prepared = preparer(batch)
+    prepared = prepare_batch(batch, model_dir=str(tiny_model_dir), defaults=DEFAULTS, json_column="_json")
     assert set(PREP_COLUMNS) <= set(prepared.column_names)
     actor.json_column = "_json"
     try:
