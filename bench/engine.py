@@ -241,6 +241,27 @@ def decode_kernel_ms(cfg: ModelConfig) -> dict:
     return out
 
 
+def apply_decode_config(path: str) -> dict:
+    """Set the decode kernel's launch configs to the best of a ``bench/decode_sweep.py`` run (this process)."""
+    from llmray.kernels import paged_attention as pa
+
+    best = json.loads(Path(path).read_text()).get("best", {})
+    if "bf16" in best:
+        pa.DECODE_CONFIG[torch.bfloat16] = tuple(best["bf16"]["config"])
+        pa.DECODE_SPLIT_MULT[False] = best["bf16"]["split_mult"]
+    if "fp8" in best:
+        pa.DECODE_CONFIG_FP8 = tuple(best["fp8"]["config"])
+        pa.DECODE_SPLIT_MULT[True] = best["fp8"]["split_mult"]
+    if "bs1" in best:
+        pa.DECODE_CONFIG_SMALL = tuple(best["bs1"]["config"])
+    applied = {k: pa.__dict__[k] for k in ("DECODE_CONFIG_FP8", "DECODE_CONFIG_SMALL", "DECODE_SPLIT_MULT")}
+    applied["DECODE_CONFIG_bf16"] = pa.DECODE_CONFIG[torch.bfloat16]
+    print("decode configs:", applied, flush=True)
+    return {
+        k: v if not isinstance(v, dict) else {str(a): b for a, b in v.items()} for k, v in applied.items()
+    }
+
+
 def profile_child(args) -> None:
     """``--profile-only``: the profile and two workload runs of whatever ``llmray`` is first on the path."""
     model, cfg = build_model(args.quick)
@@ -266,6 +287,8 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="a checkout holding the llmray package to compare with")
     ap.add_argument("--baseline-timeout", type=int, default=150)
     ap.add_argument("--baseline-runs", type=int, default=2, help="timed workload runs of the baseline")
+    ap.add_argument("--decode-config", default=None, help="decode_sweep.json: run with its best configs")
+    ap.add_argument("--skip-profile", action="store_true", help="no decode-kernel timing or step profile")
     ap.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -277,6 +300,7 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
+    applied = apply_decode_config(args.decode_config) if args.decode_config else None
     model, cfg = build_model(args.quick)
     prompts, outs = workload(args.num_seqs, args.min_len, args.max_len, cfg.vocab_size)
     res: dict = {
@@ -286,6 +310,8 @@ def main() -> None:
         "model": "qwen3-0.6b shapes, random bf16 weights" if not args.quick else "tiny preset (script check)",
         "workload": f"{args.num_seqs} seqs, prompt/output U[{args.min_len}, {args.max_len}], seed 0, T=0.6",
     }
+    if applied:
+        res["decode_config"] = applied
     prof: dict = {"command": res["command"], "device": res["device"]}
 
     def save():
@@ -302,7 +328,7 @@ def main() -> None:
         if kv == "auto":
             res.update(latency(llm, cfg.vocab_size, args.quick))
             save()
-            if cuda:
+            if cuda and not args.skip_profile:
                 prof["decode_kernel_ms_bs256_ctx843"] = decode_kernel_ms(cfg)
                 prof["after"] = profile(llm, prompts, [min(o, args.profile_tokens) for o in outs])
                 prof["after"]["warmup_s"] = getattr(r, "warmup_s", None)

@@ -120,7 +120,7 @@ class ModelRunner:
         if not self.is_cuda:
             return 2
         bucket = next((b for b in self.buckets if b >= rows), rows)
-        return default_num_splits(bucket, self.cache.num_kv_heads, self.num_sms)
+        return default_num_splits(bucket, self.cache.num_kv_heads, self.num_sms, fp8=self.cache.fp8)
 
     def _set_lora_enabled(self, enabled: bool) -> None:
         if self.lora_batch is not None:

@@ -41,9 +41,14 @@ def _decode_kernel(
     FP8: tl.constexpr,
     CDT: tl.constexpr,  # dot input dtype (fp16 for an fp8 cache under bf16: e4m3 -> f16 is one instruction)
     PREFETCH: tl.constexpr = False,  # load tile i+1 (pages, K, V) into registers before computing tile i
+    HEADS_FAST: tl.constexpr = False,  # grid (Hkv, B, splits): a sequence's KV heads run side by side
 ):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEADS_FAST:
+        kvh = tl.program_id(0)
+        b = tl.program_id(1)
+    else:
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
     tok = b
     if INDIRECT:

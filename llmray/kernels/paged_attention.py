@@ -24,7 +24,14 @@ import triton.language as tl
 from llmray.kernels._paged_attention_kernels import _decode_kernel, _merge_kernel, _prefill_kernel
 from llmray.kernels.kv_store import from_cache, is_fp8
 
-__all__ = ["default_num_splits", "paged_attention_ref", "paged_decode", "paged_prefill", "prefill_block_m"]
+__all__ = [
+    "decode_config",
+    "default_num_splits",
+    "paged_attention_ref",
+    "paged_decode",
+    "paged_prefill",
+    "prefill_block_m",
+]
 __all__ += ["_decode_kernel", "_merge_kernel", "_prefill_kernel"]
 
 LOG2E = 1.4426950408889634
@@ -43,17 +50,35 @@ def _compute_dtype(dtype: torch.dtype, fp8: bool):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-# decode kernel launch configuration by query dtype: (BLOCK_N, num_warps, num_stages[, prefetch]).
+# decode kernel launch configuration by query dtype: (BLOCK_N, num_warps, num_stages[, prefetch[, heads_fast]]).
 # bf16/fp16 with a model-dtype cache: 3 stages (H200 sweep, bench/engine_diag.py: batch 256 x context 843
 # 0.224 ms vs 0.240 with 2 stages; batch 1 x 800 0.034 vs 0.049); an fp8 cache keeps 2 (the best it was
-# measured with, 0.267 ms at batch 256).
+# measured with, 0.267 ms at batch 256). Batches of at most SMALL_BATCH sequences (split-K over the context)
+# use DECODE_CONFIG_SMALL. ``bench/decode_sweep.py`` times the candidates against these on the GPU.
 DECODE_CONFIG = {torch.float32: (32, 4, 2), torch.bfloat16: (64, 4, 3), torch.float16: (64, 4, 3)}
 DECODE_CONFIG_FP8 = (64, 4, 2)
+DECODE_CONFIG_SMALL = (64, 4, 3)
+SMALL_BATCH = 16
+# split-K multiplier over ``default_num_splits`` by cache kind (False: model dtype, True: fp8)
+DECODE_SPLIT_MULT = {False: 1, True: 1}
 
 
-def default_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = 132, max_splits: int = 32) -> int:
-    """Enough split-K programs for about four per SM when the batch alone has fewer."""
-    return max(1, min(max_splits, (4 * num_sms) // max(1, num_seqs * num_kv_heads)))
+def decode_config(dtype: torch.dtype, fp8: bool, num_seqs: int) -> tuple:
+    """The launch configuration ``paged_decode`` uses for this query dtype, cache kind and batch."""
+    if fp8:
+        return DECODE_CONFIG_FP8
+    if num_seqs <= SMALL_BATCH and dtype != torch.float32:
+        return DECODE_CONFIG_SMALL
+    return DECODE_CONFIG.get(dtype, (64, 4, 2))
+
+
+def default_num_splits(
+    num_seqs: int, num_kv_heads: int, num_sms: int = 132, max_splits: int = 32, fp8: bool = False
+) -> int:
+    """Enough split-K programs for about four per SM when the batch alone has fewer; a batch that fills the
+    SMs alone takes DECODE_SPLIT_MULT[fp8] splits (shorter programs: less tail in the last wave)."""
+    splits = max(1, min(max_splits, (4 * num_sms) // max(1, num_seqs * num_kv_heads)))
+    return splits if splits > 1 else DECODE_SPLIT_MULT[fp8]
 
 
 def paged_decode(
@@ -69,7 +94,7 @@ def paged_decode(
     query_start: torch.Tensor | None = None,  # (B + 1,): q/out rows are packed tokens; only q_len 1 runs
     k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
     v_scale: torch.Tensor | None = None,
-    config: tuple | None = None,  # (BLOCK_N, num_warps, num_stages[, prefetch]); None: DECODE_CONFIG
+    config: tuple | None = None,  # (BLOCK_N, warps, stages[, prefetch[, heads_fast]]); None: decode_config()
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over its paged context (Triton).
 
@@ -92,11 +117,10 @@ def paged_decode(
     else:
         part_out = part_lse = out  # unused
     block_d = triton.next_power_of_2(d)
-    block_n, warps, stages, *rest = config or (
-        DECODE_CONFIG_FP8 if fp8 else DECODE_CONFIG.get(q.dtype, (64, 4, 2))
-    )
+    block_n, warps, stages, *rest = config or decode_config(q.dtype, fp8, bsz)
     prefetch = bool(rest and rest[0])
-    _decode_kernel[(bsz, hkv, num_splits)](
+    heads_fast = len(rest) > 1 and bool(rest[1])
+    _decode_kernel[(hkv, bsz, num_splits) if heads_fast else (bsz, hkv, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -130,6 +154,7 @@ def paged_decode(
         FP8=fp8,
         CDT=_compute_dtype(q.dtype, fp8),
         PREFETCH=prefetch,
+        HEADS_FAST=heads_fast,
         num_warps=warps,
         num_stages=stages,
     )

@@ -76,6 +76,12 @@ def test_decode_prefetch_variant_matches_reference(splits):
     )
 
 
+def test_decode_heads_fast_grid_matches_reference():
+    # grid (Hkv, B, splits) with 5 stages (the H200 candidates): the same function as the default grid
+    cfg = (8 if DEVICE == "cpu" else 32, 4, 5, False, True)
+    _decode_check([1, 7, 37], h=4, hkv=2, d=16, page=4, dtype=torch.float32, splits=3, atol=1e-5, config=cfg)
+
+
 def test_decode_mha_and_short_context_with_many_splits():
     # more splits than the context has tiles: empty splits must merge away (lse = -inf)
     _decode_check([2, 5], h=2, hkv=2, d=16, page=8, dtype=torch.float32, splits=4, atol=1e-5)

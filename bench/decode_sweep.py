@@ -1,0 +1,154 @@
+"""Paged decode kernel alone: launch configurations side by side with the committed one, same run.
+
+    python bench/decode_sweep.py --out DIR [--budget-s 45]     # one H200
+    TRITON_INTERPRET=1 python bench/decode_sweep.py --quick --out /tmp/d   # CPU: tiny shapes, logic check
+
+Cases (Qwen3-0.6B heads: 16 query / 8 KV, head dim 128, 16-token pages, pages shuffled):
+- batch 256 at the nano-vllm workload's contexts (prompt U[100, 1024] + a uniform share of an output
+  U[100, 1024]: mean ~840, so the programs are uneven as in the engine), bf16 cache and fp8 cache;
+- batch 1 at context 800 (single-stream decode: split-K over the context).
+Each config = (BLOCK_N, num_warps, num_stages) x a split multiplier. The committed config runs first and again
+last (its spread is the noise). Every config's output is checked against the committed one's (and that one
+against the torch reference on the first sequences). Writes decode_sweep.json with the times (median ms,
+``triton.testing.do_bench``), the achieved bandwidth (KV bytes / time) and ``best`` per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llmray.kernels import paged_attention as pa  # noqa: E402
+
+H, HKV, D, PAGE = 16, 8, 128, 16
+CONFIGS = {  # candidates, most promising first: (BLOCK_N, warps, stages, split multiplier, heads fast);
+    # 5 stages double-buffer K/V behind the page-table stage (3-4 stages: one K/V buffer, no overlap within a
+    # program); heads fast: grid (Hkv, B) so that a sequence's KV heads (one 2 KB row per token) run together
+    "bf16": [(64, 4, 5, 1, 0), (64, 4, 3, 1, 1), (64, 4, 5, 1, 1), (32, 4, 5, 1, 0), (32, 4, 5, 1, 1),
+             (64, 4, 5, 2, 0), (32, 2, 5, 1, 0), (64, 2, 5, 1, 0), (64, 8, 5, 1, 0)],
+    "fp8": [(32, 4, 5, 1, 0), (32, 4, 5, 1, 1), (64, 4, 2, 1, 1), (64, 4, 5, 1, 0), (64, 4, 5, 1, 1),
+            (64, 2, 5, 1, 0), (32, 2, 5, 1, 0), (32, 4, 5, 2, 0), (64, 8, 5, 1, 0)],
+    "bs1": [(32, 4, 5, 1, 0), (64, 4, 5, 1, 0), (16, 4, 5, 1, 0)],
+}  # fmt: skip
+
+
+def _lens(bsz: int, ctx: int | None, hi: int = 1024, seed: int = 0) -> list[int]:
+    if ctx is not None:
+        return [ctx] * bsz
+    rng = random.Random(seed)
+    return [rng.randint(hi // 10, hi) + int(rng.random() * rng.randint(hi // 10, hi)) for _ in range(bsz)]
+
+
+def make_case(bsz: int, ctx: int | None, kv_dtype: torch.dtype, dev: str, hi: int = 1024) -> dict:
+    lens = _lens(bsz, ctx, hi)
+    nblk = -(-max(lens) // PAGE)
+    total = sum(-(-n // PAGE) for n in lens)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    perm = torch.randperm(total, generator=g)
+    tables = torch.zeros(bsz, nblk, dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(lens):
+        k = -(-n // PAGE)
+        tables[b, :k] = perm[i : i + k].to(torch.int32)
+        i += k
+    kc = (torch.randn(total, PAGE, HKV, D, generator=g) * 0.5).to(kv_dtype)
+    vc = (torch.randn(total, PAGE, HKV, D, generator=g) * 0.5).to(kv_dtype)
+    q = torch.randn(bsz, H, D, generator=g).to(torch.bfloat16 if dev == "cuda" else torch.float32)
+    one = torch.ones(1)
+    t = dict(q=q, kc=kc, vc=vc, tables=tables, lens=torch.tensor(lens, dtype=torch.int32), one=one)
+    t = {k: v.to(dev) for k, v in t.items()}
+    t["kv_bytes"] = sum(lens) * HKV * D * 2 * kc.element_size()
+    return t
+
+
+def run(c: dict, conf: tuple | None, splits: int) -> torch.Tensor:
+    return pa.paged_decode(
+        c["q"], c["kc"], c["vc"], c["tables"], c["lens"], D**-0.5, num_splits=splits,
+        k_scale=c["one"], v_scale=c["one"], config=conf,
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="tiny batch on CPU (TRITON_INTERPRET=1): logic only")
+    ap.add_argument("--budget-s", type=float, default=60.0, help="stop starting new configs after this")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 132
+    t0 = time.perf_counter()
+    if cuda:
+        import triton
+
+        def bench(f) -> float:
+            return triton.testing.do_bench(f, warmup=10, rep=40, return_mode="median")
+
+    bsz_big = 4 if args.quick else 256
+    cases = [
+        ("bf16", bsz_big, None, torch.bfloat16),
+        ("fp8", bsz_big, None, torch.float8_e4m3fn),
+        ("bs1", 1, 40 if args.quick else 800, torch.bfloat16),
+    ]
+    res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cases": {}, "best": {}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, bsz, ctx, kv_dtype in cases:
+        c = make_case(bsz, ctx, kv_dtype, dev, 40 if args.quick else 1024)
+        base_splits = pa.default_num_splits(bsz, HKV, sms, fp8=kv_dtype != torch.bfloat16)
+        committed = pa.DECODE_CONFIG_FP8 if name == "fp8" else pa.DECODE_CONFIG[torch.bfloat16]
+        ref = run(c, None, base_splits).float()
+        n = min(bsz, 4)  # the committed kernel against the torch reference on the first sequences
+        qs = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        one = c["one"]
+        tref = pa.paged_attention_ref(c["q"][:n], c["kc"], c["vc"], c["tables"][:n], qs, c["lens"][:n],
+                                      D**-0.5, one, one).float()  # fmt: skip
+        row: dict = {"committed": list(committed), "splits": base_splits, "kv_bytes": c["kv_bytes"],
+                     "ref_rel_err": ((ref[:n] - tref).norm() / tref.norm()).item(), "configs": {}}  # fmt: skip
+        hf0 = int(len(committed) > 4 and committed[4])
+        confs = [(*committed[:3], 1, hf0)] + CONFIGS[name] + [(*committed[:3], 1, hf0)]
+        for i, (bn, w, s, mult, hf) in enumerate(confs):
+            conf = (bn, w, s, False, bool(hf))
+            key = f"{(bn, w, s)} splits{base_splits * mult}" + (" heads_fast" if hf else "")
+            key += " committed" if i in (0, len(confs) - 1) else ""
+            key += " again" if i == len(confs) - 1 else ""
+            if time.perf_counter() - t0 > args.budget_s and 0 < i < len(confs) - 1:
+                row["configs"][key] = "skipped (budget)"
+                continue
+            try:
+                o = run(c, conf, base_splits * mult).float()
+                err = ((o - ref).norm() / ref.norm()).item()
+                ms = bench(lambda c=c, cf=conf, ns=base_splits * mult: run(c, cf, ns)) if cuda else 0.0
+                row["configs"][key] = {
+                    "ms": ms,
+                    "rel_err": err,
+                    "tb_s": c["kv_bytes"] / ms / 1e9 if ms else 0,
+                }
+                if err > 1e-2 or not torch.isfinite(o).all():
+                    row["configs"][key]["wrong"] = True
+            except Exception as e:  # a config that does not compile or launch: note it, go on
+                row["configs"][key] = f"error {type(e).__name__}: {str(e)[:300]}"
+            print(f"[{time.perf_counter() - t0:5.1f}s] {name} {key}: {row['configs'][key]}", flush=True)
+        ok = {k: v for k, v in row["configs"].items() if isinstance(v, dict) and not v.get("wrong")}
+        if ok:
+            k = min(ok, key=lambda k: ok[k]["ms"])
+            bn, w, s = (int(x) for x in k.split(")")[0].strip("(").split(","))
+            mult = int(k.split("splits")[1].split()[0]) // base_splits
+            conf = [bn, w, s] + ([False, True] if "heads_fast" in k else [])
+            res["best"][name] = {"config": conf, "split_mult": mult, "ms": ok[k]["ms"], "key": k}
+        res["cases"][name] = row
+        (out / "decode_sweep.json").write_text(json.dumps(res, indent=2))
+        c = {}
+    print(json.dumps(res["best"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
