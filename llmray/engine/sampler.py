@@ -54,6 +54,7 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.base_seed, self._draws = seed, 0  # the fused kernel's Philox seed: one per sampling call
         self.fused = True  # temperature-only steps through the fused kernel (CUDA)
+        self.kernel_mask = True  # masks applied in place by kernels/token_bitmask.py (CUDA)
         self.seq_generators: dict[int, torch.Generator] = {}  # seq_id -> its own generator (seeded requests)
         # per-step parameters go through persistent pinned arenas (a pageable copy or a fresh pinned
         # allocation would stall the host while the previous step runs: see pinned.py)
@@ -107,7 +108,12 @@ class Sampler:
                     masks.append((i, eos_token_id))
                 masks.extend((i, t) for t in p.stop_token_ids)
             greedy.append(p.temperature < 1e-5)  # SamplingParams.greedy
-        if n_logprobs is not None or penalties or masks or bitmask is not None:
+        if (
+            n_logprobs is not None
+            or penalties
+            or masks
+            or (bitmask is not None and not self._mask_in_place(logits))
+        ):
             logits = logits.float()  # (argmax and sampling read model-dtype logits as they are)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if n_logprobs is not None else None
 
@@ -121,7 +127,7 @@ class Sampler:
             )
 
         if bitmask is not None:
-            logits = apply_token_bitmask(logits, bitmask)
+            logits = self._apply_bitmask(logits, bitmask)
 
         if all(greedy):
             tokens = logits.argmax(dim=-1)
@@ -138,6 +144,18 @@ class Sampler:
                 ids.append(top.indices)
             out.logprobs, out.logprob_ids = torch.cat(vals, 1), torch.cat(ids, 1)
         return out
+
+    def _mask_in_place(self, logits: torch.Tensor) -> bool:
+        return self.kernel_mask and logits.is_cuda
+
+    def _apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+        """-inf where a row's bit is 0. CUDA: in place, in the logits' dtype, one kernel (the step's own lm_head
+        output or its fp32 copy; raw logprobs were taken before); else the torch ops (fp32 logits)."""
+        if self._mask_in_place(logits):
+            from llmray.kernels.token_bitmask import apply_token_bitmask_
+
+            return apply_token_bitmask_(logits, bitmask)
+        return apply_token_bitmask(logits, bitmask)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         bsz, vocab = logits.shape

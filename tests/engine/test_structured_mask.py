@@ -47,3 +47,28 @@ def test_kernel_matches_torch(dtype, select):
     for t in (0, 31, 32, 33, 2099):
         allowed = (int(mask[i, t // 32]) >> (t % 32)) & 1
         assert (want[r, t] == float("-inf")) == (not allowed)
+
+
+def test_sampler_masks_constrained_rows_in_the_model_dtype():
+    """The sampler with a bitmask: every row samples an allowed token; greedy rows take the allowed argmax; on
+    CUDA the in-place kernel path (bf16 logits) and the torch path give the same greedy tokens."""
+    from llmray.engine.sampler import Sampler
+    from llmray.engine.sampling_params import SamplingParams
+    from llmray.engine.sequence import Sequence
+
+    gen = torch.Generator().manual_seed(2)
+    vocab, bsz = 2100, 4
+    mask = _bitmask(bsz, vocab, gen)
+    allowed = apply_token_bitmask_torch(torch.zeros(bsz, vocab), mask) == 0
+    logits = torch.randn(bsz, vocab, generator=gen).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)] * 2
+    seqs = [Sequence(f"r{i}", [1, 2], p) for i, p in enumerate(params)]
+    sampler = Sampler(torch.device(DEVICE))
+    outs = []
+    for kernel in (True, False):
+        sampler.kernel_mask = kernel
+        tokens = sampler(logits.to(DEVICE).clone(), seqs, None, mask.to(DEVICE)).token_ids.cpu()
+        assert all(allowed[i, t] for i, t in enumerate(tokens.tolist()))
+        outs.append(tokens)
+    want = logits.float().masked_fill(~allowed, float("-inf")).argmax(-1)
+    assert outs[0][0::2].tolist() == outs[1][0::2].tolist() == want[0::2].tolist()
