@@ -19,6 +19,7 @@ Writes engine.json and engine_profile.json after every section.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -289,6 +290,7 @@ def main() -> None:
     ap.add_argument("--baseline-runs", type=int, default=2, help="timed workload runs of the baseline")
     ap.add_argument("--decode-config", default=None, help="decode_sweep.json: run with its best configs")
     ap.add_argument("--skip-profile", action="store_true", help="no decode-kernel timing or step profile")
+    ap.add_argument("--unfused-qk", action="store_true", help="q/k norms + rope as three launches")
     ap.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -301,6 +303,11 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     applied = apply_decode_config(args.decode_config) if args.decode_config else None
+    if args.unfused_qk:  # the op set without the fused q/k norm + rope kernel (before the model resolves it)
+        from llmray.model import ops as model_ops
+
+        base_ops = model_ops.triton_ops()
+        model_ops.triton_ops = lambda: dataclasses.replace(base_ops, qk_norm_rope=None)  # type: ignore
     model, cfg = build_model(args.quick)
     prompts, outs = workload(args.num_seqs, args.min_len, args.max_len, cfg.vocab_size)
     res: dict = {
@@ -312,6 +319,7 @@ def main() -> None:
     }
     if applied:
         res["decode_config"] = applied
+    res["fused_qk_norm_rope"] = not args.unfused_qk
     prof: dict = {"command": res["command"], "device": res["device"]}
 
     def save():

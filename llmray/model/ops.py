@@ -34,6 +34,9 @@ class ModelOps:
     linear_cross_entropy: Callable[..., torch.Tensor]
     # silu(x[..., :I]) * x[..., I:] over a fused gate|up projection (the engine's fused MLP)
     gated_swiglu: Callable[..., torch.Tensor] | None = None
+    # inference only: rope(rms_norm(q), rms_norm(k)) in one launch, q/k may be strided views of a fused row
+    # (kernels/qk_norm_rope.py); None: the model calls rms_norm twice and rope
+    qk_norm_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _gated_swiglu_torch(x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +60,7 @@ def triton_ops() -> ModelOps:
     """The Triton op set (imported on first use: ``@triton.jit`` binds the interpreter at import time)."""
     from llmray.kernels.cross_entropy import linear_cross_entropy
     from llmray.kernels.gated_swiglu import gated_swiglu
+    from llmray.kernels.qk_norm_rope import qk_norm_rope
     from llmray.kernels.rmsnorm import add_rms_norm, rms_norm
     from llmray.kernels.rope import rope
     from llmray.kernels.swiglu import swiglu
@@ -69,6 +73,7 @@ def triton_ops() -> ModelOps:
         swiglu=swiglu,
         linear_cross_entropy=linear_cross_entropy,
         gated_swiglu=gated_swiglu,
+        qk_norm_rope=qk_norm_rope,
     )
 
 

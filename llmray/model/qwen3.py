@@ -62,9 +62,11 @@ class Qwen3Attention(nn.Module):
         attn_metadata: AttentionBackend | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        # the fused GEMM for one token only: with more, the q/k slices of the fused row are not viewable as
-        # rows and the q/k norms would copy them (two more kernels than the two GEMM launches it saves)
-        fused = self.qkv_weight if b * t == 1 and type(self.q_proj) is nn.Linear else None
+        # one fused q/k-norm + rope launch (inference, Triton) reads q/k as strided views of the fused row; the
+        # unfused ops would copy those slices, so without it the fused GEMM serves one-token forwards only
+        norm_rope = ops.qk_norm_rope if not torch.is_grad_enabled() else None
+        one_row = b * t == 1 or norm_rope is not None
+        fused = self.qkv_weight if one_row and type(self.q_proj) is nn.Linear else None
         if fused is not None and not torch.is_grad_enabled():
             nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = F.linear(x, fused).split([nq, nk, nk], dim=-1)  # one GEMM
@@ -75,9 +77,13 @@ class Qwen3Attention(nn.Module):
             q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
             k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
             v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
-        k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        q, k = ops.rope(q, k, positions, rope_cos, rope_sin)
+        if norm_rope is not None:
+            qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+            q, k = norm_rope(q, k, qw, kw, eps, positions, rope_cos, rope_sin)
+        else:
+            q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+            k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+            q, k = ops.rope(q, k, positions, rope_cos, rope_sin)
         if attn_metadata is None:
             out = causal_attention(q, k, v, self.scale)
         else:

@@ -28,3 +28,18 @@ def test_fused_projections_match_and_follow_dtype_changes():
     model(ids, targets=ids).backward()  # with autograd the separate projections run and get gradients
     assert attn.q_proj.weight.grad is not None and attn.v_proj.weight.grad is not None
     assert model.unfuse_projections() and attn.qkv_weight is None
+
+
+def test_fused_qkv_with_the_fused_norm_rope_kernel_over_many_tokens():
+    # Triton ops (the interpreter on CPU): a multi-token forward runs the fused q|k|v GEMM and reads q/k as
+    # strided views of its row in the one-launch q/k norm + rope kernel; same logits as the torch ops
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", num_hidden_layers=1)
+    model = Qwen3ForCausalLM(cfg, kernels="torch").eval()
+    ids = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        ref = model(ids)
+        model.fuse_projections()
+        model.set_kernels("triton")
+        assert model.ops.qk_norm_rope is not None
+        torch.testing.assert_close(model(ids), ref, rtol=1e-4, atol=1e-4)
