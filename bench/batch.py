@@ -447,9 +447,15 @@ def main() -> None:
                 res.setdefault("gpu_free_wait_s", []).append(wait_gpus_free(baseline, [0] if side else None))
             tag = f"{kind}-{n}-{variant}"
             print(time.strftime("%H:%M:%S"), f"llmray batch, {tag} ...", flush=True)
-            b = run_batch_timed(model_dir, Path(files[kind]), engine, cuda, n, tag, args, variant == "stage")
+            try:
+                b = run_batch_timed(
+                    model_dir, Path(files[kind]), engine, cuda, n, tag, args, variant == "stage"
+                )
+            except Exception as e:  # keep what the other runs measure
+                b = {"error": repr(e)[:2000], "output_tokens": None}
+                print(time.strftime("%H:%M:%S"), tag, "failed:", repr(e), flush=True)
             off = work[kind].get("offline_llm_generate")
-            if off and b["output_tokens"] != off["output_tokens"]:
+            if off and b["output_tokens"] not in (None, off["output_tokens"]):
                 b["error"] = f"{b['output_tokens']} output tokens, LLM.generate {off['output_tokens']}"
             key = "llmray_batch_streaming" if n == 1 else f"llmray_batch_{n}_engines"
             work[kind][key + ("" if variant == "stage" else "_tokenize_in_engine")] = b
