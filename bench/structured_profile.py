@@ -163,6 +163,23 @@ def profile_table(llm, prompts, params, out: Path, steps: int = 6) -> None:
         print("trace export failed:", e)
 
 
+def kernel_check() -> str:
+    """The in-place mask kernel against the torch ops on this device ("ok" or what went wrong)."""
+    if not CUDA:
+        return "ok"
+    try:
+        from llmray.kernels.token_bitmask import apply_token_bitmask_, apply_token_bitmask_torch
+
+        g = torch.Generator(device="cuda").manual_seed(0)
+        logits = torch.randn(6, 151_936, device="cuda", generator=g).to(torch.bfloat16)
+        mask = torch.randint(-(2**31), 2**31 - 1, (6, 4748), device="cuda", dtype=torch.int32, generator=g)
+        want = apply_token_bitmask_torch(logits, mask)
+        got = apply_token_bitmask_(logits.clone(), mask)
+        return "ok" if torch.equal(got, want) else "mismatch"
+    except Exception as e:  # the bench goes on with the torch path
+        return repr(e)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", default=".data/bpe151k")
@@ -198,6 +215,10 @@ def main() -> None:
         "runs": [],
     }
     sampler = eng.runner.sampler
+    result["kernel_mask_check"] = kernel_check()
+    if result["kernel_mask_check"] != "ok" and hasattr(sampler, "kernel_mask"):
+        sampler.kernel_mask = False
+        print("mask kernel check failed, torch path:", result["kernel_mask_check"], flush=True)
     for variant in [v for v in args.variants.split(",") if v]:
         # "free" | "half", then "+" flags: nodefer (constrained steps synchronous), oldmask (the torch fp32 mask
         # path), unseeded (no per-request seeds), threadsN (llguidance's mask executor on N threads)
@@ -213,16 +234,34 @@ def main() -> None:
 
             llg.executor = llguidance.LLExecutor(threads)
         if hasattr(sampler, "kernel_mask"):
-            sampler.kernel_mask = "oldmask" not in flags
+            sampler.kernel_mask = "oldmask" not in flags and result["kernel_mask_check"] == "ok"
         _sync()
         t0, tokens0 = time.perf_counter(), eng.generation_tokens_total
-        with Probe(eng) as probe:
-            probe.run(prompts, batch, variant)
+        failed = None
+        try:
+            with Probe(eng) as probe:
+                probe.run(prompts, batch, variant)
+        except Exception as e:  # one variant's failure must not cost the others
+            failed = repr(e)
+            for _ in range(10_000):
+                try:
+                    for r in list(eng.requests):
+                        eng.abort(r)
+                    if not eng.has_unfinished():
+                        break
+                    eng.step()
+                except Exception:
+                    break
+        finally:
+            eng.defer_constrained_sampling = True
+            llg.executor = default_executor
+            if hasattr(sampler, "kernel_mask"):
+                sampler.kernel_mask = result["kernel_mask_check"] == "ok"
         dt = time.perf_counter() - t0
-        eng.defer_constrained_sampling = True
-        llg.executor = default_executor
-        if hasattr(sampler, "kernel_mask"):
-            sampler.kernel_mask = True
+        if failed is not None:
+            print("variant", variant, "failed:", failed, flush=True)
+            result["runs"].append({"variant": variant, "error": failed})
+            continue
         res = {"variant": variant, **summarize(probe, args.num, eng.generation_tokens_total - tokens0, dt)}
         result["runs"].append(res)
         print(time.strftime("%T"), json.dumps(res), flush=True)
