@@ -3,7 +3,8 @@
 One ``torch.multiprocessing`` spawn (no Ray: its start-up would dominate) runs in each of 2 ranks:
 (1) ``train_steps`` with DDP, (2) with ``parallel="fsdp"`` (Muon gathering each sharded matrix),
 (3) FSDP2 resumed from its own step-3 checkpoint; plus the row gather/scatter helpers on a matrix whose
-7 rows do not split evenly. Each rank takes its half of the same global batch, so (1) and (2) do the same
+7 rows do not split evenly, and Muon's DDP split (each rank orthogonalises its share of the matrices)
+against one process. Each rank takes its half of the same global batch, so (1) and (2) do the same
 arithmetic up to the order of the gradient reductions. Rank 0 writes what it saw to JSON; the test
 asserts on it and on the checkpoint files. Last, one short Ray Train run (``llmray pretrain --parallel
 fsdp``, 2 workers) checks the production path end to end.
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from llmray.config import ModelConfig
 from llmray.train import data as D
@@ -95,6 +96,26 @@ def _helpers_check(rank: int) -> dict:
     }
 
 
+MUON_SHAPES = [(16, 8), (16, 8), (16, 8), (8, 24)]  # 3 of one shape: ranks own 2 and 1 (padding)
+
+
+def _muon_steps(world_rank: int | None) -> list[torch.Tensor]:
+    """Two Muon steps on MUON_SHAPES with fixed gradients: in one process (None) or as a DDP rank, where
+    each rank orthogonalises its share of a shape group and the new weights are all-gathered."""
+    from llmray.train.muon import MuonWithAuxAdam
+
+    torch.manual_seed(1)
+    grads = [[torch.randn(s) for s in MUON_SHAPES] for _ in range(2)]
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in MUON_SHAPES]
+    opt = MuonWithAuxAdam([dict(params=params, use_muon=True, lr=0.02, weight_decay=0.05)])
+    for step_grads in grads:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
 def _worker(rank: int, port: int, root: str) -> None:
     import torch.distributed as dist
 
@@ -119,8 +140,13 @@ def _worker(rank: int, port: int, root: str) -> None:
         _run(cfg, mc, train, val, rank, resume, keep)
         dist.barrier()
     helpers = _helpers_check(rank)
+    muon = _muon_steps(rank)
     if rank == 0:
         (root_p / "helpers.json").write_text(json.dumps(helpers))
+    if rank == 1:  # rank 1 owns the padded, shorter share
+        save_file(
+            {str(i): p.contiguous() for i, p in enumerate(muon)}, str(root_p / "muon_rank1.safetensors")
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -189,6 +215,14 @@ def test_row_helpers_even_and_uneven_shards(runs):
     assert h == {"uneven_gather_ok": True, "uneven_local_ok": True, "local_rows": [4, 4, 4],
                  "even_gather_ok": True, "even_orthogonalize_ok": True,
                  "uneven_orthogonalize_ok": True}  # fmt: skip
+
+
+def test_muon_ddp_split_equals_single_device(runs):
+    """Muon under DDP (each rank orthogonalises its share, weights all-gathered) = one process, 2 steps."""
+    loaded = load_file(str(runs / "muon_rank1.safetensors"))
+    single = _muon_steps(None)
+    for i, want in enumerate(single):
+        torch.testing.assert_close(loaded[str(i)], want, atol=1e-6, rtol=0)
 
 
 def test_ray_train_fsdp_run_exports_a_loadable_model(ray_local, tmp_path):

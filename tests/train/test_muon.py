@@ -1,4 +1,6 @@
-"""Muon: one step equals a plain reference implementation and torch.optim.Muon; one state dict; DDP split."""
+"""Muon: one step equals a plain reference implementation and torch.optim.Muon; one state dict.
+
+The DDP split (each rank orthogonalises its share) is checked in tests/train/test_fsdp.py's 2-rank spawn."""
 
 from __future__ import annotations
 
@@ -6,8 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
 
 from llmray.train.loop import build_optimizer
 from llmray.train.muon import MuonWithAuxAdam, muon_param_groups, zeropower_via_newtonschulz5
@@ -122,49 +122,3 @@ def test_param_split_and_single_state_dict(tiny_model):
     kinds = {k for s in sd["state"].values() for k in s}
     assert kinds == {"momentum_buffer", "exp_avg", "exp_avg_sq", "step"}
     assert len(sd["state"]) == len({id(p) for p in tiny_model.parameters()})
-
-
-def _ddp_worker(rank: int, world: int, rendezvous: str, shapes, grads, out_file: str):
-    # a file rendezvous: no TCP port that another test on the machine could hold
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world
-    )
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = MuonWithAuxAdam([dict(params=params, use_muon=True, lr=0.02, weight_decay=0.05)])
-    for step_grads in grads:
-        for p, g in zip(params, step_grads, strict=True):
-            p.grad = g.clone()
-        opt.step()
-    if rank == 1:
-        save_file({str(i): p.detach().contiguous() for i, p in enumerate(params)}, out_file)
-    torch.distributed.barrier()  # neither rank tears gloo down while the other still talks to it
-    torch.distributed.destroy_process_group()
-
-
-def test_distributed_split_equals_single_device(tmp_path):
-    shapes = [(16, 8), (16, 8), (16, 8), (8, 24)]  # 3 of one shape: ranks own 2 and 1 (padding)
-    torch.manual_seed(1)
-    grads = [[torch.randn(s) for s in shapes] for _ in range(2)]
-    torch.manual_seed(0)
-    single = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = MuonWithAuxAdam([dict(params=single, use_muon=True, lr=0.02, weight_decay=0.05)])
-    for step_grads in grads:
-        for p, g in zip(single, step_grads, strict=True):
-            p.grad = g.clone()
-        opt.step()
-    ctx = mp.get_context("spawn")
-    out_file = str(tmp_path / "rank1.safetensors")
-    rendezvous = str(tmp_path / "rendezvous")
-    procs = [
-        ctx.Process(target=_ddp_worker, args=(r, 2, rendezvous, shapes, grads, out_file)) for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    loaded = load_file(out_file)
-    got = [loaded[str(i)] for i in range(len(shapes))]
-    for a, b in zip(got, single, strict=True):
-        torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=0)
