@@ -1,6 +1,7 @@
-"""Structured outputs and forced tool calls on a real local Ray Serve app (the real engine, the tiny
-random-weight model) through the official ``openai`` client: every answer that finishes "stop" validates
-against its schema because the grammar, not the weights, guarantees it."""
+"""Structured outputs and forced tool calls through the official ``openai`` client against the app a Serve
+replica runs (``LLMServerIngress``: the OpenAI app inside the LLMServer, the real engine, the tiny random-weight
+model), in-process (no Ray: the Serve plumbing itself is covered by tests/serve/test_serve_app.py): every answer
+that finishes "stop" validates against its schema because the grammar, not the weights, guarantees it."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from types import SimpleNamespace
 import jsonschema
 import openai
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import BaseModel
-from serve_helpers import KEY, serve_app
 
+from llmray.serve.app import LLMServerIngress
+
+KEY = "sk-llmray-test"
 pytestmark = pytest.mark.timeout(600)
 MODEL = "tiny"
 PET = {
@@ -69,23 +73,29 @@ class Verdict(BaseModel):
 
 @pytest.fixture(scope="module")
 def app(tiny_model_dir):
-    args = {
-        "model": str(tiny_model_dir),
-        "served_model_name": MODEL,
-        "api_key": KEY,
-        "engine_kwargs": {
-            "max_num_seqs": 8,
-            "num_kv_blocks": 256,
-            "max_model_len": 1024,
-            "enable_prefix_caching": False,  # alone vs mixed: the same prefill path, no cache hits
-        },
-        "ingress_replicas": 1,
-        "num_cpus": 0.25,
+    engine_kwargs = {
+        "max_num_seqs": 8,
+        "num_kv_blocks": 256,
+        "max_model_len": 1024,
+        "enable_prefix_caching": False,  # alone vs mixed: the same prefill path, no cache hits
     }
-    with serve_app(args) as url:
-        yield SimpleNamespace(
-            url=url, client=openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
-        )
+    server = LLMServerIngress(
+        str(tiny_model_dir),
+        MODEL,
+        engine_kwargs=engine_kwargs,
+        enable_metrics=False,
+        ingress_config={"served_model_name": MODEL, "api_key": KEY, "max_model_len": 1024},
+        max_requests=None,
+    )
+    try:
+        with TestClient(server.__serve_build_asgi_app__()) as http:  # one event loop for every request
+            yield SimpleNamespace(
+                client=openai.OpenAI(
+                    base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0, timeout=120
+                )
+            )
+    finally:
+        server.engine.shutdown()
 
 
 def ask(text: str = "Answer in JSON.") -> list[dict]:
