@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import random
 import sysconfig
 import textwrap
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -133,6 +136,46 @@ def loss_story(metrics_file: str | Path, points: int = 5) -> str:
     return "loss " + " -> ".join(parts)
 
 
+@contextlib.contextmanager
+def follow_steps(
+    metrics_file: Path, total: int, t0: float, parts: int = 4, poll_s: float = 2.0
+) -> Iterator[None]:
+    """While the block runs, one line ``  step 100/400  loss 4.62  (t+95s)`` each time the run writing
+    ``metrics_file`` passes another 1/``parts`` of its ``total`` steps (rows appended before it started are
+    not this run's; the last part is the stage's own summary line)."""
+    marks = [max(1, round(total * i / parts)) for i in range(1, parts)]
+    start = metrics_file.stat().st_size if metrics_file.exists() else 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        stopped = False
+        while marks and not stopped:
+            stopped = stop.wait(poll_s)  # once stopped: a last read of what the run wrote before it returned
+            with contextlib.suppress(FileNotFoundError), metrics_file.open() as f:
+                f.seek(start)
+                lines = f.read().splitlines()
+                rows = []
+                for ln in lines:
+                    with contextlib.suppress(ValueError):  # a line still being written
+                        rows.append(json.loads(ln))
+                rows = [r for r in rows if "loss" in r and "step" in r and r.get("event") is None]
+                while marks and rows and rows[-1]["step"] >= marks[0]:
+                    row = next(r for r in rows if r["step"] >= marks[0])
+                    when = time.time() - t0
+                    print(
+                        f"  step {row['step']}/{total}  loss {row['loss']:.2f}  (t+{when:.0f}s)", flush=True
+                    )
+                    marks.pop(0)
+
+    thread = threading.Thread(target=watch, name="demo-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=poll_s + 5)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     import openai
     import ray
@@ -189,27 +232,31 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         stages.start(f"pretrain ({knobs['preset']}, {knobs['max_steps']} steps, BPE tokenizer) on Ray Train")
         base_dir = out / "base"
-        pre = run_pretrain(
-            PretrainConfig(
-                data=str(out / "corpus" / "*.txt"), out=str(base_dir), preset=knobs["preset"], tokenizer="bpe",
-                bpe_vocab=knobs["bpe_vocab"], max_steps=knobs["max_steps"], seq_len=knobs["seq_len"],
-                batch_size=16, eval_every=max(10, knobs["max_steps"] // 4), checkpoint_every=knobs["max_steps"],
-                warmup_steps=max(5, knobs["max_steps"] // 20), use_gpu=args.use_gpu, lr=3e-3,
-            )
-        )  # fmt: skip
+        # a line per quarter of the steps (the workers' own step lines only with --verbose)
+        follow = follow_steps if not args.verbose else lambda *a: contextlib.nullcontext()
+        with follow(base_dir / "metrics.jsonl", knobs["max_steps"], stages.t0):
+            pre = run_pretrain(
+                PretrainConfig(
+                    data=str(out / "corpus" / "*.txt"), out=str(base_dir), preset=knobs["preset"], tokenizer="bpe",
+                    bpe_vocab=knobs["bpe_vocab"], max_steps=knobs["max_steps"], seq_len=knobs["seq_len"],
+                    batch_size=16, eval_every=max(10, knobs["max_steps"] // 4), checkpoint_every=knobs["max_steps"],
+                    warmup_steps=max(5, knobs["max_steps"] // 20), use_gpu=args.use_gpu, lr=3e-3,
+                )
+            )  # fmt: skip
         last = pre["last"]
         print(f"{loss_story(pre['metrics_file'])}; validation {last.get('val_loss', float('nan')):.2f}")
         print(f"took {stages.took()}", flush=True)
         stages.start(f"fine-tune a LoRA adapter ({knobs['ft_steps']} steps) on Ray Train")
         adapter_dir = out / "adapter"
-        ft = run_finetune(
-            FinetuneConfig(
-                base=str(base_dir), data=str(chat_train), val_data=str(chat_val), out=str(adapter_dir),
-                max_steps=knobs["ft_steps"], batch_size=8, seq_len=knobs["seq_len"], lr=2e-3,
-                checkpoint_every=knobs["ft_steps"], use_gpu=args.use_gpu,
-                lora=LoraConfig(r=8, alpha=16, targets="all-linear"),
-            )
-        )  # fmt: skip
+        with follow(adapter_dir / "metrics.jsonl", knobs["ft_steps"], stages.t0):
+            ft = run_finetune(
+                FinetuneConfig(
+                    base=str(base_dir), data=str(chat_train), val_data=str(chat_val), out=str(adapter_dir),
+                    max_steps=knobs["ft_steps"], batch_size=8, seq_len=knobs["seq_len"], lr=2e-3,
+                    checkpoint_every=knobs["ft_steps"], use_gpu=args.use_gpu,
+                    lora=LoraConfig(r=8, alpha=16, targets="all-linear"),
+                )
+            )  # fmt: skip
         print(f"{loss_story(adapter_dir / 'metrics.jsonl')}; took {stages.took()}", flush=True)
         stages.start("serve base + adapter on Ray Serve (OpenAI API)")
         app = build_app(

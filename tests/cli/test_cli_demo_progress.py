@@ -1,0 +1,33 @@
+"""`make demo` says it is alive during a stage: one line per quarter of a run's steps, read from the run's
+metrics.jsonl while it is written (rows of an earlier run in the same file are not this run's)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from llmray.demo import follow_steps
+
+
+def _row(step: int, loss: float) -> str:
+    return json.dumps({"step": step, "loss": loss, "lr": 1e-3}) + "\n"
+
+
+def test_a_line_per_quarter_of_the_steps(tmp_path, capsys):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(_row(400, 0.5))  # an earlier run into the same --out: not this one's progress
+    with follow_steps(metrics, total=40, t0=time.time(), poll_s=0.01):
+        for step in range(1, 41):
+            with metrics.open("a") as f:
+                f.write(_row(step, 5.0 - step / 10))
+            if step % 10 == 0:
+                time.sleep(0.1)  # the watcher reads while the run goes on
+        with metrics.open("a") as f:
+            f.write('{"step": 41, "lo')  # a line still being written
+        time.sleep(0.1)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("(t+")[0].strip() for ln in lines] == [
+        "step 10/40  loss 4.00",
+        "step 20/40  loss 3.00",
+        "step 30/40  loss 2.00",
+    ], lines
