@@ -53,7 +53,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.lora_batch = lora.batch if lora is not None else None  # per-row adapter slots (LoraManager)
-        if lora is None and hasattr(model, "fuse_projections"):
+        if hasattr(model, "fuse_projections"):  # with LoRA too: its groups add deltas to the fused outputs
             model.fuse_projections()  # q/k/v and gate/up as one GEMM each (before the cache takes the memory)
         self.config = config
         self.max_model_len = max_model_len

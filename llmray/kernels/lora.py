@@ -62,11 +62,18 @@ def _expand_kernel(
     y_ptr, b_ptr, slot_ptr, out_ptr,
     N, O, R, stride_ys, stride_yn, stride_bs, stride_bo, stride_on,
     SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SEG1: tl.constexpr = 0, SEG2: tl.constexpr = 0,
 ):  # fmt: skip
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o0 = tl.program_id(1) * BLOCK_O
+    o = o0 + tl.arange(0, BLOCK_O)
     r = tl.arange(0, BLOCK_R)
+    # grouped expand: output columns [0, SEG1) belong to member 0, [SEG1, SEG2) to member 1, the rest to the
+    # last; member j's shrink output is y[..., j * R:(j + 1) * R] (0: one member)
+    member = (o0 >= SEG1).to(tl.int32) if SEG1 > 0 else 0
+    if SEG2 > 0:
+        member += (o0 >= SEG2).to(tl.int32)
+    y_ptr += member * R
     slots = tl.load(slot_ptr + m, mask=m < N, other=-1)
     first = _next_slot(slots, -1)
     if first < 1 << 30:  # a tile of base-model rows only is left untouched
@@ -128,8 +135,14 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, scales: t
     return y
 
 
-def lora_expand(y: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (N, O) += B[slots] @ y rows; y (N, R) or (splits, N, R) fp32, b (S, O, R). Returns ``out``."""
+def lora_expand(
+    y: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, out: torch.Tensor, seg: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """out (N, O) += B[slots] @ y rows; y (N, R) or (splits, N, R) fp32, b (S, O, R). Returns ``out``.
+
+    Grouped (``seg`` = the member boundaries in O, at most two, multiples of 128): members stacked along O
+    (B rows [seg[j-1], seg[j]) belong to member j) and y (splits, N, G·R) holds member j's shrink output at
+    columns [j·R, (j+1)·R): one launch for a fused q|k|v or gate|up output."""
     n, o = out.shape
     if n == 0:
         return out
@@ -138,9 +151,15 @@ def lora_expand(y: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, out: torc
     block_m = _block_m(n)
     block_r = max(16, triton.next_power_of_2(r))
     block_o = 128
+    if len(seg) > 2 or any(s % block_o or not 0 < s < o for s in seg) or y.shape[-1] != r * (len(seg) + 1):
+        raise ValueError(
+            f"grouped lora_expand: bad member boundaries {seg} for O={o}, R={r}, y {tuple(y.shape)}"
+        )
+    seg1, seg2 = (tuple(seg) + (0, 0))[:2]
     _expand_kernel[(triton.cdiv(n, block_m), triton.cdiv(o, block_o))](
         y, b, slots, out, n, o, r, y.stride(0), y.stride(1), b.stride(0), b.stride(1), out.stride(0),
         SPLITS=y.shape[0], BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_R=block_r, PRECISION=_precision(b.dtype),
+        SEG1=seg1, SEG2=seg2,
     )  # fmt: skip
     return out
 

@@ -68,9 +68,15 @@ class LoraManager:
             # linears reading the same input share one stacked shrink
             groups: dict[str, tuple[ShrinkGroup, int]] = {}
             for members in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-                first = getattr(layer.self_attn if members[0] == "q_proj" else layer.mlp, members[0])
-                group = ShrinkGroup(len(members), max_loras, max_rank, first.in_features, first.weight)
+                owner = layer.self_attn if members[0] == "q_proj" else layer.mlp
+                first = getattr(owner, members[0])
+                outs = [getattr(owner, m).out_features for m in members]
+                group = ShrinkGroup(
+                    len(members), max_loras, max_rank, first.in_features, first.weight, outs, self.batch
+                )
                 groups.update({m: (group, j) for j, m in enumerate(members)})
+                # the model's fused q|k|v / gate|up GEMM adds the group's deltas through this hook
+                setattr(owner, "qkv_delta" if members[0] == "q_proj" else "gate_up_delta", group.fused_delta)
             for module in MODULES:
                 parent = layer.self_attn if module in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
                 shared, index = groups.get(module, (None, 0))

@@ -39,6 +39,25 @@ def test_shrink_expand_match_reference_fp32(n, k, o, r, s):
     assert torch.equal(out[untouched], base[untouched])  # base rows get no delta at all
 
 
+@pytest.mark.parametrize("seg", [(128,), (256, 384)])
+def test_grouped_expand_matches_per_member_reference(seg):
+    # members stacked along O (a fused q|k|v or gate|up output), one shrink over their stacked A, one expand
+    n, k, r, s, o = 9, 40, 4, 3, seg[-1] + 128
+    bounds = (0, *seg, o)
+    x, a, b, slots, scales = _case(n, k, o, r * len(bounds[1:]), s, torch.float32)
+    a = a.view(s, len(bounds) - 1, r, k).reshape(s, -1, k)  # (S, G*R, K): member j's A at rows [jR, (j+1)R)
+    b = b[..., :r].contiguous()  # (S, O, R)
+    base = torch.randn(n, o, device=DEVICE)
+    out = lora_expand(lora_shrink(x, a, slots, scales), b, slots, base.clone(), seg=seg)
+    ref = base.clone()
+    for j in range(len(bounds) - 1):
+        lo, hi = bounds[j], bounds[j + 1]
+        ref[:, lo:hi] += lora_delta_ref(x, a[:, j * r : (j + 1) * r], b[:, lo:hi], slots, scales)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="member boundaries"):
+        lora_expand(lora_shrink(x, a, slots, scales), b, slots, base.clone(), seg=(100,))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,o,r,s", [(256, 1024, 2048, 16, 16), (4097, 3072, 1024, 8, 4)])
 def test_shrink_expand_bf16_gpu(n, k, o, r, s):
