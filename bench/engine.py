@@ -347,6 +347,12 @@ def main() -> None:
             torch.cuda.empty_cache()
     res["first_over_third"] = res["nano_vllm_tok_s"][0] / res["nano_vllm_tok_s"][-1]
     save()
+    try:  # engine.png from these figures
+        from engine_plot import plot
+
+        plot(res, out_dir / "engine.png")
+    except Exception as e:  # no matplotlib on the machine: the JSON is what counts
+        print(f"engine.png not drawn: {e!r}", flush=True)
     if args.baseline:
         del model
         gc.collect()
