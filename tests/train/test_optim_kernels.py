@@ -36,20 +36,28 @@ def test_apply_kernel_reads_transposed_updates(shape):
         torch.testing.assert_close(p, r, atol=1e-6, rtol=1e-6)
 
 
-def test_fused_adamw_equals_foreach():
+def _twin_steps(
+    shapes, group: dict, steps: int, setup
+) -> tuple[list, list, MuonWithAuxAdam, MuonWithAuxAdam]:
+    """Two optimizers over equal copies of random parameters, fed the same random gradients for ``steps``
+    steps; ``setup(a_opt, b_opt)`` switches what differs between them."""
     torch.manual_seed(0)
-    init = [torch.randn(7, 5), torch.randn(11)]
-    a = [torch.nn.Parameter(t.clone()) for t in init]
-    b = [torch.nn.Parameter(t.clone()) for t in init]
-    oa = MuonWithAuxAdam([dict(params=a, use_muon=False, lr=1e-2, weight_decay=0.1)])
-    ob = MuonWithAuxAdam([dict(params=b, use_muon=False, lr=1e-2, weight_decay=0.1)])
-    ob.fused_adamw = False
-    for _ in range(3):
+    init = [torch.randn(s) for s in shapes]
+    a, b = ([torch.nn.Parameter(t.clone()) for t in init] for _ in range(2))
+    oa, ob = MuonWithAuxAdam([dict(params=a, **group)]), MuonWithAuxAdam([dict(params=b, **group)])
+    setup(oa, ob)
+    for _ in range(steps):
         for pa, pb in zip(a, b, strict=True):
-            g = torch.randn_like(pa)
-            pa.grad, pb.grad = g.clone(), g.clone()
+            pa.grad = torch.randn_like(pa)
+            pb.grad = pa.grad.clone()
         oa.step()
         ob.step()
+    return a, b, oa, ob
+
+
+def test_fused_adamw_equals_foreach():
+    group = dict(use_muon=False, lr=1e-2, weight_decay=0.1)
+    a, b, oa, ob = _twin_steps([(7, 5), (11,)], group, 3, lambda oa, ob: setattr(ob, "fused_adamw", False))
     for pa, pb in zip(a, b, strict=True):
         torch.testing.assert_close(pa.detach(), pb.detach(), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(oa.state[pa]["exp_avg_sq"], ob.state[pb]["exp_avg_sq"])
@@ -59,24 +67,15 @@ def test_fused_adamw_equals_foreach():
 
 
 def test_muon_step_fused_equals_unfused():
-    torch.manual_seed(0)
-    shapes = [(32, 16), (32, 16), (16, 48)]
-    init = [torch.randn(s) for s in shapes]
-    a = [torch.nn.Parameter(t.clone()) for t in init]
-    b = [torch.nn.Parameter(t.clone()) for t in init]
-    oa = MuonWithAuxAdam([dict(params=a, use_muon=True, lr=0.02, weight_decay=0.1)])
-    ob = MuonWithAuxAdam([dict(params=b, use_muon=True, lr=0.02, weight_decay=0.1)])
-    oa.fused_passes = True  # the Triton kernels, here in the interpreter
-    for _ in range(2):
-        for pa, pb in zip(a, b, strict=True):
-            g = torch.randn_like(pa)
-            pa.grad, pb.grad = g.clone(), g.clone()
-        oa.step()
-        ob.step()
+    group = dict(use_muon=True, lr=0.02, weight_decay=0.1)
+    # a: the Triton kernels, here in the interpreter; b: the torch passes
+    a, b, _, _ = _twin_steps(
+        [(32, 16), (32, 16), (16, 48)], group, 2, lambda oa, ob: setattr(oa, "fused_passes", True)
+    )
     for pa, pb in zip(a, b, strict=True):
         torch.testing.assert_close(
             pa.detach(), pb.detach(), atol=2e-3, rtol=0
-        )  # bf16 NS inputs may differ by an ulp
+        )  # bf16 NS inputs: an ulp apart
 
 
 @pytest.mark.gpu
