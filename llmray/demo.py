@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import random
+import socket
 import sysconfig
 import textwrap
 import threading
@@ -177,15 +178,8 @@ def follow_steps(
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    import openai
-    import ray
-    from ray import serve
-
     from llmray.config import ModelConfig
-    from llmray.serve.app import build_app
-    from llmray.train.finetune import FinetuneConfig, run_finetune
-    from llmray.train.preflight import check_gpus
-    from llmray.train.pretrain import PretrainConfig, run_pretrain
+    from llmray.train.preflight import check_gpus  # imports neither torch nor Ray
 
     knobs = (QUICK if args.quick else FULL).copy()
     if args.preset is not None:
@@ -197,7 +191,23 @@ def run_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-steps must be >= 1, got {knobs['max_steps']}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    with socket.socket() as sock:  # stage 4 serves there: say so now, not after minutes of training
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds it
+        try:
+            sock.bind(("127.0.0.1", args.port))
+        except OSError as e:
+            raise ValueError(
+                f"--port {args.port} is taken on 127.0.0.1 ({e.strerror}): pick a free one"
+            ) from None
     check_gpus(args.use_gpu, 1)
+    import openai  # the flags were good: now the heavy imports (seconds)
+    import ray
+    from ray import serve
+
+    from llmray.serve.app import build_app
+    from llmray.train.finetune import FinetuneConfig, run_finetune
+    from llmray.train.pretrain import PretrainConfig, run_pretrain
+
     out = Path(args.out).resolve()
     stages = Stages(5)
     stages.start(

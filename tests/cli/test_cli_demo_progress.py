@@ -31,3 +31,18 @@ def test_a_line_per_quarter_of_the_steps(tmp_path, capsys):
         "step 20/40  loss 3.00",
         "step 30/40  loss 2.00",
     ], lines
+
+
+def test_a_taken_port_is_refused_before_anything_starts(tmp_path, capsys):
+    import socket
+
+    from llmray.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --port {port} is taken") and "\n" not in err, err
+    assert not (tmp_path / "d").exists()
