@@ -15,6 +15,7 @@ from llmray.config import EngineConfig
 from llmray.engine.detokenizer import IncrementalDetokenizer
 from llmray.engine.errors import RequestError
 from llmray.engine.outputs import RequestOutput
+from llmray.engine.postprocess import RequestState, build_output, check_stop
 from llmray.engine.runner import ModelRunner, PendingStep
 from llmray.engine.sampling_params import SamplingParams
 from llmray.engine.scheduler import Scheduler, SchedulerOutput
@@ -52,16 +53,6 @@ class _Step:
     sched: SchedulerOutput
     pending: PendingStep
     slots: list[int]  # index in seq.token_ids of each sampled token's placeholder
-
-
-@dataclass(eq=False)
-class _RequestState:
-    seq: Sequence
-    detok: IncrementalDetokenizer | None  # None in the core process (the front-end detokenizes)
-    logprobs: list[dict[int, float]] | None
-    num_known: int = 0  # output tokens read back (later ones may be placeholders of a step in flight)
-    num_reported: int = 0  # output tokens already handed out
-    stop_reason: str | int | None = None
 
 
 class LLMEngine:
@@ -102,7 +93,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.scheduler.admit = self._admit if self.lora is not None else None
-        self.requests: dict[str, _RequestState] = {}
+        self.requests: dict[str, RequestState] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.peak_blocks_used = 0
@@ -207,7 +198,7 @@ class LLMEngine:
         req.stop_reason = message
         self.failed.append((seq.request_id, message))
         if not self.delta_outputs:
-            self._failed_outputs.append(self._output(req))
+            self._failed_outputs.append(build_output(req))
 
     def pop_failed(self) -> list[tuple[str, str]]:
         """(request_id, message) of the requests that failed alone since the last call."""
@@ -243,7 +234,7 @@ class LLMEngine:
         seq.constraint = constraint
         self.scheduler.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop) if self.detokenize else None
-        self.requests[request_id] = _RequestState(seq, detok, [] if params.logprobs is not None else None)
+        self.requests[request_id] = RequestState(seq, detok, [] if params.logprobs is not None else None)
         self.prompt_tokens_total += len(ids)
 
     def _constraint(self, params: SamplingParams) -> Any:
@@ -267,7 +258,7 @@ class LLMEngine:
             return None
         self.scheduler.finish(req.seq, "abort")
         self._release(req.seq)
-        return self._output(req)
+        return build_output(req)
 
     def abort_all(self) -> list[str]:
         """Abort every request and drop a launched step (after a failed step); returns their ids."""
@@ -333,6 +324,7 @@ class LLMEngine:
         failed = pending.failed
         requests = self.requests
         delta, stream = self.delta_outputs, self.stream_outputs
+        eos, max_len, detok_on = self.eos_token_id, self.max_model_len, self.tokenizer is not None
         outputs: list[Any] = []  # RequestOutputs, or (id, token, finish, stop, logprobs) when delta_outputs
         known = 0
         for r, (seq, slot, token) in enumerate(zip(pending.seqs, step.slots, tokens, strict=True)):
@@ -353,7 +345,7 @@ class LLMEngine:
                 req.logprobs.append(lp)
             try:
                 done = self._check_constraint(seq, token) if seq.constraint is not None else None
-                reason = self._check_stop(req, token) or done
+                reason = check_stop(req, token, eos, max_len, detok_on) or done
             except Exception as e:  # this request's stop check or constraint broke: it fails alone
                 del seq.token_ids[slot + 1 :]
                 self._fail_request(seq, f"processing its output failed: {e!r}")
@@ -368,7 +360,7 @@ class LLMEngine:
             if delta:
                 outputs.append((seq.request_id, token, reason, req.stop_reason, lp))
             elif reason is not None or stream:
-                outputs.append(self._output(req))
+                outputs.append(build_output(req))
         self.generation_tokens_total += known
         self.scheduler.cache_blocks(step.sched)
         return outputs
@@ -380,43 +372,6 @@ class LLMEngine:
         if not constraint.accept_token(token):
             raise ValueError(f"its token constraint rejected the sampled token {token}")
         return "stop" if constraint.is_terminated() else None
-
-    def _check_stop(self, req: _RequestState, token: int) -> str | None:
-        seq = req.seq
-        p = seq.sampling_params
-        n = req.num_known
-        stop_str = req.detok.update([token]) if req.detok is not None and self.tokenizer is not None else None
-        if n >= p.min_tokens:
-            if p.stop_token_ids and token in p.stop_token_ids:
-                req.stop_reason = token
-                return "stop"
-            if token == self.eos_token_id and not p.ignore_eos:
-                return "stop"
-            if stop_str is not None:
-                req.stop_reason = stop_str
-                return "stop"
-        if n >= p.max_tokens or len(seq.prompt_token_ids) + n >= self.max_model_len:
-            return "length"
-        return None
-
-    def _output(self, req: _RequestState) -> RequestOutput:
-        seq = req.seq
-        out_ids = seq.token_ids[seq.num_prompt_tokens : seq.num_prompt_tokens + req.num_known]
-        new = out_ids[req.num_reported :]
-        req.num_reported = len(out_ids)
-        finished = seq.finish_reason is not None
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            token_ids=out_ids,
-            text=req.detok.text if req.detok is not None else "",
-            finish_reason=seq.finish_reason,
-            logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            num_cached_tokens=seq.num_cached_tokens,
-            new_token_ids=new,
-            new_text=req.detok.delta(finished) if req.detok is not None else "",
-            stop_reason=req.stop_reason,
-        )
 
     def stats(self) -> dict[str, Any]:
         bm = self.scheduler.block_manager
