@@ -87,6 +87,7 @@ def measure(
         "warmup_s_incl_compile": warm, "loss": float(loss),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
         "graph_replays": graphs.replays if graphs is not None else None,
+        "timed_from_unix_s": round(time.time() - s_per_step * steps, 1),  # when the timed steps ran (wall clock)
     }  # fmt: skip
 
 
