@@ -6,8 +6,8 @@ One ``torch.multiprocessing`` spawn (no Ray: its start-up would dominate) runs i
 7 rows do not split evenly, and Muon's DDP split (each rank orthogonalises its share of the matrices)
 against one process. Each rank takes its half of the same global batch, so (1) and (2) do the same
 arithmetic up to the order of the gradient reductions. Rank 0 writes what it saw to JSON; the test
-asserts on it and on the checkpoint files. Last, one short Ray Train run (``llmray pretrain --parallel
-fsdp``, 2 workers) checks the production path end to end.
+asserts on it and on the checkpoint files. The production path (``--parallel fsdp`` on 2 Ray Train workers,
+killed and resumed, exported) is tests/train/test_pretrain.py's fault test.
 """
 
 from __future__ import annotations
@@ -223,36 +223,3 @@ def test_muon_ddp_split_equals_single_device(runs):
     single = _muon_steps(None)
     for i, want in enumerate(single):
         torch.testing.assert_close(loaded[str(i)], want, atol=1e-6, rtol=0)
-
-
-def test_ray_train_fsdp_run_exports_a_loadable_model(ray_local, tmp_path):
-    """The production path: ``llmray pretrain --parallel fsdp`` on 2 Ray Train workers (gloo)."""
-    from _support.data import shared_data
-
-    from llmray.model.checkpoint import load_model
-    from llmray.train.cli import add_cli, config_from_args
-    from llmray.train.pretrain import run_pretrain
-
-    corpus = tmp_path / "small.txt"
-    corpus.write_text(shared_data("tinyshakespeare/input.txt").read_text()[:20_000])
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers())
-    args = parser.parse_args(
-        ["pretrain", "--data", str(corpus), "--out", str(tmp_path / "run"), "--preset", "tiny",
-         "--parallel", "fsdp", "--num-workers", "2", "--max-steps", "6", "--seq-len", "32", "--batch-size", "4",
-         "--checkpoint-every", "3", "--eval-every", "3", "--eval-windows", "9", "--warmup-steps", "1",
-         "--kernels", "torch"]
-    )  # fmt: skip
-    cfg = config_from_args(args)
-    assert cfg.parallel == "fsdp"
-    result = run_pretrain(cfg)
-    records = read_metrics(result["metrics_file"])
-    assert [r["step"] for r in records] == list(range(1, 7))
-    assert records[-1]["loss"] < records[0]["loss"] and "val_loss" in records[-1]
-    model = load_model(result["out"], kernels="torch")
-    ckpt = load_file(str(Path(result["checkpoint"]) / MODEL_FILE))
-    torch.testing.assert_close(model.model.embed_tokens.weight, ckpt["model.embed_tokens.weight"])
-    with pytest.raises(SystemExit):
-        parser.parse_args(["pretrain", "--data", "x", "--out", "y", "--parallel", "zero3"])

@@ -1,9 +1,11 @@
 """Pretraining on Ray Train (2 CPU workers, gloo): learns, survives a SIGKILLed worker on the same curve,
 exports an HF model; the Triton kernels train like torch's on Ray Train workers (Triton's interpreter).
 
-One Ray Train run does the fault test (Ray start-up dominates on a 2-core machine): 2 workers, DDP, Muon;
-at step 10 the rank-0 worker process kills itself with SIGKILL (no exception, no cleanup: as the OOM
-killer would) and ``FailureConfig(max_failures=1)`` restarts the worker group from the step-8 checkpoint.
+Two Ray Train runs in all (Ray start-up dominates on a 2-core machine), between them both parallel modes:
+the fault test is FSDP2 (``--parallel fsdp``: sharded checkpoint gather, resume and export on Ray Train),
+the Triton test DDP. Fault test: 2 workers, Muon; at step 10 the rank-0 worker process kills itself with
+SIGKILL (no exception, no cleanup: as the OOM killer would) and ``FailureConfig(max_failures=1)`` restarts
+the worker group from the step-8 checkpoint.
 The uninterrupted reference is ``train_steps`` in 2 spawned gloo ranks (no Ray), each taking its half of
 the same global batch: with ``preserve_order`` Ray's split hands worker 0 rows [0, B), worker 1 rows
 [B, 2B), ... (tests/train/test_data.py), so both runs do the same arithmetic and must agree exactly.
@@ -67,7 +69,7 @@ def _cfg(corpus, out, **kw) -> PretrainConfig:
 @pytest.fixture(scope="module")
 def resumed_run(ray_local, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = _cfg(corpus, out, fail_at_step=KILL_AT, fail_kill=True, max_failures=1)
+    cfg = _cfg(corpus, out, fail_at_step=KILL_AT, fail_kill=True, max_failures=1, parallel="fsdp")
     result = run_pretrain(cfg)
     return cfg, result
 
@@ -171,6 +173,10 @@ def test_cli_flags_and_config_validation(tmp_path):
         True,
         True,
     )
+    args = parser.parse_args(["pretrain", "--data", "x", "--out", "y", "--parallel", "fsdp"])
+    assert config_from_args(args).parallel == "fsdp"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pretrain", "--data", "x", "--out", "y", "--parallel", "zero3"])
     with pytest.raises(ValueError, match="--optimizer must be muon or adamw"):
         dataclasses.replace(cfg, optimizer="sgd")
     with pytest.raises(ValueError, match="multiple of --grad-accum"):
@@ -179,22 +185,23 @@ def test_cli_flags_and_config_validation(tmp_path):
 
 
 def test_triton_kernels_train_like_torch_on_ray_train_under_the_interpreter(ray_local, corpus, tmp_path):
-    """``--kernels triton`` on CPU: a Ray Train worker runs the Triton kernels in Triton's interpreter
+    """``--kernels triton`` on CPU: 2 Ray Train workers (DDP) run the Triton kernels in Triton's interpreter
     (TRITON_INTERPRET=1, inherited from the driver's environment) through the training loop under bf16
-    autocast with fp32 master weights, and its loss curve is the torch kernels' (same rows, in-process).
-    Small shapes: the interpreter's time grows with the rows; every kernel branch runs at any size."""
+    autocast with fp32 master weights, and the loss curve is the torch kernels' on the same rows in one
+    process (the global batch of both workers). Small shapes: the interpreter's time grows with the rows;
+    every kernel branch runs at any size."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     assert (
         resolve_precision("auto", "cpu") == torch.float32
         and resolve_precision("bf16", "cpu") == torch.bfloat16
     )
-    cfg = _cfg(corpus, tmp_path / "out", kernels="triton", precision="bf16", num_workers=1, max_steps=2,
-               batch_size=2, seq_len=16, checkpoint_every=2, eval_every=2, eval_windows=2)  # fmt: skip
+    cfg = _cfg(corpus, tmp_path / "out", kernels="triton", precision="bf16", num_workers=2, max_steps=2,
+               batch_size=1, seq_len=16, checkpoint_every=2, eval_every=2, eval_windows=2)  # fmt: skip
     result = run_pretrain(cfg)
     records = read_metrics(result["metrics_file"])
     assert [r["step"] for r in records] == [1, 2] and np.isfinite(records[-1]["val_loss"])
     assert os.path.exists(os.path.join(result["out"], "model.safetensors"))
-    ref = dataclasses.replace(cfg, kernels="torch", out=str(tmp_path / "torch"))
+    ref = dataclasses.replace(cfg, kernels="torch", out=str(tmp_path / "torch"), num_workers=1, batch_size=2)
     _, mc, train, val = prepare_corpus(ref)
     train_steps(ref, mc, D.local_batches(train, ref.seq_len, ref.seed, ref.batch_size), val, LocalSession())
     torch_records = read_metrics(tmp_path / "torch" / "metrics.jsonl")
