@@ -51,13 +51,19 @@ def _compute_dtype(dtype: torch.dtype, fp8: bool):
 
 
 # decode kernel launch configuration by query dtype: (BLOCK_N, num_warps, num_stages[, prefetch[, heads_fast]]).
-# bf16/fp16 with a model-dtype cache: 3 stages (H200 sweep, bench/engine_diag.py: batch 256 x context 843
-# 0.224 ms vs 0.240 with 2 stages; batch 1 x 800 0.034 vs 0.049); an fp8 cache keeps 2 (the best it was
-# measured with, 0.267 ms at batch 256). Batches of at most SMALL_BATCH sequences (split-K over the context)
-# use DECODE_CONFIG_SMALL. ``bench/decode_sweep.py`` times the candidates against these on the GPU.
-DECODE_CONFIG = {torch.float32: (32, 4, 2), torch.bfloat16: (64, 4, 3), torch.float16: (64, 4, 3)}
-DECODE_CONFIG_FP8 = (64, 4, 2)
-DECODE_CONFIG_SMALL = (64, 4, 3)
+# From the H200 sweep (bench/decode_sweep.py, batch 256 at the nano-vllm workload's contexts, window A
+# 2026-11-30): 5 stages give the K/V tiles two buffers behind the page-table stage (2-4 stages: one, so a
+# program's loads never overlap its math); heads_fast runs a sequence's KV heads side by side (their rows
+# share each token's 2 KB). bf16 0.228 ms (3.86 TB/s) vs 0.239 with (64, 4, 3); an fp8 cache (64, 2, 5)
+# 0.216 ms vs 0.244 with (64, 4, 2); batch 1 x 800 (64, 4, 5) 0.034 ms vs 0.036. Batches of at most
+# SMALL_BATCH sequences (split-K over the context) use DECODE_CONFIG_SMALL.
+DECODE_CONFIG = {
+    torch.float32: (32, 4, 2),
+    torch.bfloat16: (64, 4, 5, False, True),
+    torch.float16: (64, 4, 5),
+}
+DECODE_CONFIG_FP8 = (64, 2, 5)
+DECODE_CONFIG_SMALL = (64, 4, 5)
 SMALL_BATCH = 16
 # split-K multiplier over ``default_num_splits`` by cache kind (False: model dtype, True: fp8)
 DECODE_SPLIT_MULT = {False: 1, True: 1}

@@ -57,14 +57,16 @@ def _check_add_rms_norm(rows, width, dtype, device, assert_matches):
     assert_matches(w.grad, wr.grad, dtype, "dw", reduced=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows,width", CPU_SHAPES)
+# the 4097-row case (more than one dW partial-sum program) in fp32 only: bf16 rounding is covered by the rest
+CPU_CASES = [(r, w, d) for r, w in CPU_SHAPES for d in DTYPES if r < 4096 or d == torch.float32]
+
+
+@pytest.mark.parametrize("rows,width,dtype", CPU_CASES, ids=str)
 def test_rms_norm(rows, width, dtype, device, assert_matches):
     _check_rms_norm(rows, width, dtype, device, assert_matches)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("rows,width", CPU_SHAPES)
+@pytest.mark.parametrize("rows,width,dtype", CPU_CASES, ids=str)
 def test_add_rms_norm(rows, width, dtype, device, assert_matches):
     _check_add_rms_norm(rows, width, dtype, device, assert_matches)
 

@@ -9,8 +9,8 @@ from llmray.kernels.rope import rope, rope_apply, rope_ref
 from llmray.model.qwen3 import rope_tables
 
 DTYPES = [torch.float32, torch.bfloat16]
-# (B, T, H, Hkv, D): token counts 1, 7, 123 on CPU (one interpreted program per token)
-CPU_SHAPES = [(1, 1, 4, 2, 16), (2, 7, 3, 1, 64), (1, 123, 4, 2, 32)]
+# (B, T, H, Hkv, D): token counts 1, 7, 37 on CPU (one interpreted program per token; 123 on the GPU)
+CPU_SHAPES = [(1, 1, 4, 2, 16), (2, 7, 3, 1, 64), (1, 37, 4, 2, 32)]
 GPU_SHAPES = [
     (1, 1, 16, 8, 128),
     (1, 7, 16, 8, 128),
