@@ -38,6 +38,9 @@ from typing import Any
 
 IDLE_POLL_S = 0.05  # how long an idle core waits for a command before looking again
 LOADING_POLL_S = 0.005  # the same while an adapter loads on the loader thread
+# while a batch decodes, new requests are held up to this long to enter it together (admit_held);
+# $LLMRAY_ADMIT_WINDOW_MS overrides it, 0 admits every request at once
+ADMIT_WINDOW_MS = 20.0
 
 
 class EngineCore:
@@ -57,6 +60,11 @@ class EngineCore:
         self._calls: deque[list] = deque()  # [call_id, name, args, Future | None]
         self._loader: ThreadPoolExecutor | None = None
         self.timer: LoopTimer | None = None
+        self.held: list[tuple] = []  # "add" commands not yet handed to the engine (admit_held)
+        self.held_since: float | None = None
+        self.admit_window_s = float(os.environ.get("LLMRAY_ADMIT_WINDOW_MS", ADMIT_WINDOW_MS)) / 1000.0
+        cfg = getattr(engine, "config", None)
+        self.max_num_seqs = int(getattr(cfg, "max_num_seqs", None) or getattr(engine, "max_num_seqs", 256))
 
     # --- commands ---------------------------------------------------------------------------------
     def handle(self, msg: tuple) -> None:
@@ -65,19 +73,19 @@ class EngineCore:
             for m in msg[1]:
                 self.handle(m)
         elif kind == "add":
-            _, rid, ids, params, lora = msg
             if self.draining:
-                self.send(("error", rid, "the engine is shutting down; retry the request", None))
+                self.send(("error", msg[1], "the engine is shutting down; retry the request", None))
                 return
-            try:
-                self.engine.add_request(rid, ids, params, lora)
-            except ValueError as e:  # the client's mistake: RequestError names the field
-                self.send(("error", rid, str(e), getattr(e, "param", None)))
-            except Exception as e:  # anything else fails this request alone, never the core
-                self.send(("failed", [rid], f"the engine could not add the request: {type(e).__name__}: {e}"))
+            if not self.held:
+                self.held_since = time.monotonic()
+            self.held.append(msg)  # admitted by admit_held(), at once unless a batch is decoding
         elif kind == "abort":
             for rid in msg[1]:
-                if self.engine.abort(rid) is not None:
+                held = next((m for m in self.held if m[1] == rid), None)
+                if held is not None:
+                    self.held.remove(held)
+                    self.finished.append((rid, "abort", None))
+                elif self.engine.abort(rid) is not None:
                     self.finished.append((rid, "abort", None))
         elif kind == "call":
             _, call_id, name, args = msg
@@ -85,8 +93,32 @@ class EngineCore:
             self.advance_calls()
         elif kind == "drain":
             self.draining = True
+            self.admit_held(force=True)
         elif kind == "shutdown":
             self.stopped = True
+
+    def admit_held(self, force: bool = False) -> None:
+        """Hand the held requests to the engine: at once when it is idle, when they fill its free batch
+        slots (or it already queues requests), or once the oldest waited ``admit_window_s``. Why: requests
+        that trickle in one by one while a batch decodes would each make a step a mixed prefill step (run
+        without CUDA graphs, slower for the whole batch); a few milliseconds of holding groups them."""
+        if not self.held:
+            return
+        engine = self.engine
+        if not force and engine.has_unfinished() and self.admit_window_s > 0:
+            stats = engine.stats()
+            free = self.max_num_seqs - stats["num_running"]
+            waited = time.monotonic() - (self.held_since or 0.0)
+            if stats["num_waiting"] == 0 and len(self.held) < free and waited < self.admit_window_s:
+                return
+        held, self.held, self.held_since = self.held, [], None
+        for _, rid, ids, params, lora in held:
+            try:
+                engine.add_request(rid, ids, params, lora)
+            except ValueError as e:  # the client's mistake: RequestError names the field
+                self.send(("error", rid, str(e), getattr(e, "param", None)))
+            except Exception as e:  # anything else fails this request alone, never the core
+                self.send(("failed", [rid], f"the engine could not add the request: {type(e).__name__}: {e}"))
 
     def advance_calls(self) -> None:
         """Answer the adapter commands whose turn it is. ``add_lora`` reads and validates the adapter on the
@@ -164,6 +196,7 @@ class EngineCore:
                 timer.mark("poll")
             for msg in msgs:
                 self.handle(msg)
+            self.admit_held()
             if self._calls:
                 self.advance_calls()
             if engine.has_unfinished():
