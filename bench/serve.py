@@ -196,6 +196,7 @@ def main() -> int:
     ap.add_argument("--stream-interval-ms", type=float, default=20.0)
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--skip-startup", action="store_true", help="one launch only (not timed cold/warm)")
+    ap.add_argument("--startup-only", action="store_true", help="the cold and warm launches only, no levels")
     ap.add_argument("--cpu", action="store_true", help="no GPU: the server runs its engine on the CPU")
     ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VAL",
                     help="environment of the llmray serve process (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")  # fmt: skip
@@ -277,6 +278,15 @@ def main() -> int:
         proc, cold = launch_serve(flags, port, env, logs / "cold.log")
         result["startup_s"]["cold"] = round(cold, 1)
         stop_serve(proc)
+    if a.startup_only:  # cold (above), then warm unless the deadline says no
+        if not a.deadline_s or time.monotonic() - t_start < a.deadline_s:
+            proc, warm = launch_serve(flags, port, env, logs / "warm.log")
+            result["startup_s"]["warm"] = round(warm, 1)
+            stop_serve(proc)
+        result["startup_detail"], result["total_s"] = STARTUP, round(time.monotonic() - t_start, 1)
+        save()
+        print(json.dumps({"startup_s": result["startup_s"], "detail": STARTUP}), flush=True)
+        return 0
     # with --skip-startup the server starts while this process loads its own engines (levels only: the
     # start-up time is then not the figure, and is filed as "first_overlapped")
     overlap = a.skip_startup and not a.http_only
