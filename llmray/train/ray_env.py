@@ -26,14 +26,14 @@ WORKER_ENV = {
 WORKER_ONLY_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 # Ray's own lines that other processes send to the driver's console (the workers' step lines are ours):
+# Ray's C++ log lines, and the raylet's worker-pool warning (2-core hosts)
 RAY_NOISE = (
-    re.compile(
-        r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] \w+\.cc:\d+: "
-    ),  # Ray's C++ log lines
-    re.compile(
-        r"worker processes have been started on node"
-    ),  # the raylet's worker-pool warning (2-core hosts)
+    re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] \w+\.cc:\d+: "),
+    re.compile(r"worker processes have been started on node"),
 )
+# Ray's own actors whose output is all Ray's: Ray Train V2's PlacementGroupCleaner prints a traceback when two
+# local Rays run on one host (its State API call finds both and picks neither)
+RAY_QUIET_ACTORS = ("PlacementGroupCleaner",)
 
 
 def verbose() -> bool:
@@ -151,7 +151,8 @@ def divert_ray_noise(log_file: Path) -> None:
 
     def print_or_divert(data: dict[str, Any], ignore_prefix: bool) -> None:
         lines = data.get("lines") or []
-        noise = [ln for ln in lines if any(p.search(ln) for p in RAY_NOISE)]
+        quiet = data.get("actor_name") in RAY_QUIET_ACTORS
+        noise = [ln for ln in lines if quiet or any(p.search(ln) for p in RAY_NOISE)]
         if noise:
             with open(log_file, "a") as f:
                 f.writelines(f"({data.get('actor_name') or data.get('pid')}) {ln}\n" for ln in noise)

@@ -49,9 +49,15 @@ def test_ray_noise_goes_to_the_log_file_and_step_lines_stay(ray_worker, tmp_path
     ray_worker.global_worker_stdstream_dispatcher.emit(
         {**worker, "lines": ["Traceback: a real error"], "is_err": True}
     )
+    # Ray Train's PlacementGroupCleaner when two local Rays share the host: all of its output is Ray's
+    cleaner = {**worker, "actor_name": "PlacementGroupCleaner", "is_err": True}
+    ray_worker.global_worker_stdstream_dispatcher.emit(
+        {**cleaner, "lines": ["ConnectionError: multiple Rays"]}
+    )
     out, err = capsys.readouterr()
     assert step in out and "Traceback: a real error" in err
     assert "worker processes have been started" not in out + err and "core_worker.cc" not in out + err
+    assert "multiple Rays" not in out + err
     written = log.read_text()
     assert "(raylet) WARNING: 8 PYTHON worker processes" in written and "(W) [2026-11-30" in written
-    assert step not in written
+    assert "(PlacementGroupCleaner) ConnectionError: multiple Rays" in written and step not in written
