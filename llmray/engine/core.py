@@ -98,19 +98,22 @@ class EngineCore:
             self.stopped = True
 
     def admit_held(self, force: bool = False) -> None:
-        """Hand the held requests to the engine: at once when it is idle, when they fill its free batch
-        slots (or it already queues requests), or once the oldest waited ``admit_window_s``. Why: requests
-        that trickle in one by one while a batch decodes would each make a step a mixed prefill step (run
-        without CUDA graphs, slower for the whole batch); a few milliseconds of holding groups them."""
+        """Hand the held requests to the engine: at once when it is idle or decodes a small batch (under a
+        quarter of ``max_num_seqs``), when they fill its free batch slots (or it already queues requests),
+        else once the oldest waited ``admit_window_s``. Why: requests that trickle in one by one while a large
+        batch decodes make many of its steps mixed prefill steps (slower for the whole batch: 4.4 instead of
+        3.7 ms per step at 256 streams on the H200); a few milliseconds of holding groups them."""
         if not self.held:
             return
         engine = self.engine
         if not force and engine.has_unfinished() and self.admit_window_s > 0:
             stats = engine.stats()
-            free = self.max_num_seqs - stats["num_running"]
+            running = stats["num_running"]
             waited = time.monotonic() - (self.held_since or 0.0)
-            if stats["num_waiting"] == 0 and len(self.held) < free and waited < self.admit_window_s:
-                return
+            big = 4 * running >= self.max_num_seqs  # a small batch's steps are cheap: latency first
+            if big and stats["num_waiting"] == 0 and len(self.held) < self.max_num_seqs - running:
+                if waited < self.admit_window_s:
+                    return
         held, self.held, self.held_since = self.held, [], None
         for _, rid, ids, params, lora in held:
             try:

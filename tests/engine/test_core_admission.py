@@ -63,11 +63,16 @@ def test_a_decoding_batch_holds_newcomers_until_the_window_ends_or_they_fill_it(
     assert engine.added == [1, 2, 3] and not core.held
 
 
-def test_a_queueing_engine_or_a_zero_window_admits_at_once():
+def test_a_queueing_engine_a_small_batch_or_a_zero_window_admits_at_once():
     engine = _Engine(running=4, waiting=3)
     core, _ = _core(engine)
     _add(core, 1)
     assert engine.added == [1]
+    engine = _Engine(running=3)
+    core, _ = _core(engine)
+    core.max_num_seqs = 16  # 3 running of 16: under a quarter, latency first
+    _add(core, 4)
+    assert engine.added == [4]
     engine = _Engine(running=1)
     core, _ = _core(engine, window_ms=0)
     _add(core, 2)
