@@ -59,6 +59,21 @@ def test_grouped_expand_matches_per_member_reference(seg):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n", [256, 4097])
+def test_grouped_expand_qkv_shapes_gpu(n):
+    # Qwen3-0.6B's fused q|k|v output (2048 | 1024 | 1024), rank 16, 16 slots, bf16
+    r, s, seg, o = 16, 16, (2048, 3072), 4096
+    x, a, b, slots, scales = _case(n, 1024, o, 3 * r, s, torch.bfloat16)
+    b = b[..., :r].contiguous()
+    base = torch.randn(n, o, device=DEVICE, dtype=torch.bfloat16)
+    out = lora_expand(lora_shrink(x, a, slots, scales), b, slots, base.clone(), seg=seg)
+    ref = base.float()
+    for j, (lo, hi) in enumerate(zip((0, *seg), (*seg, o), strict=True)):
+        ref[:, lo:hi] += lora_delta_ref(x, a[:, j * r : (j + 1) * r], b[:, lo:hi], slots, scales)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n,k,o,r,s", [(256, 1024, 2048, 16, 16), (4097, 3072, 1024, 8, 4)])
 def test_shrink_expand_bf16_gpu(n, k, o, r, s):
     x, a, b, slots, scales = _case(n, k, o, r, s, torch.bfloat16)
