@@ -16,7 +16,8 @@ with a character tokenizer, on CPU, short rows).
    runs use GPU 0, at the same time; otherwise before them.
 2. ``run_batch`` (what ``llmray batch`` runs: the rows as a JSONL file, Ray Data, output files) per workload,
    per ``--variants`` (``stage``: rows tokenized by the prepare_batch stage, the default; ``in_engine``: in the
-   engine actor, as before), for 1 engine and (2 GPUs) 2 engines, timed from the call to the last output file.
+   engine actor, as before), for 1 engine and (2 GPUs, first workload only) 2 engines, timed from the call to
+   the last output file.
    Each engine writes its timeline (``stats_dir``); ``steady`` = output tokens / (last finish - first row in
    any engine), the figure to set beside ``LLM.generate``'s. Start-up is reported as measured, never subtracted.
 
@@ -44,46 +45,18 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-WORK = Path("/tmp/llmray_bench_batch")
-VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
-
-
-def shared_text() -> Path:
-    root = Path(os.environ.get("LLMRAY_SHARED_DATA", REPO.parent / "shared" / "data"))
-    for path in (root / "tinyshakespeare" / "input.txt", REPO / ".data" / "tinyshakespeare" / "input.txt"):
-        if path.exists():
-            return path
-    raise SystemExit(f"no tinyshakespeare/input.txt under {root} or .data/ (set LLMRAY_SHARED_DATA)")
-
-
-def make_model_dir(quick: bool, tokenizer_dir: Path, text: str) -> Path:
-    """Random-weight Qwen3 directory: 0.6B shapes + the BPE tokenizer, or (quick) tiny + a char tokenizer."""
-    from llmray.config import ModelConfig
-    from llmray.model.checkpoint import save_model
-    from llmray.model.qwen3 import Qwen3ForCausalLM
-    from llmray.model.tokenizer import Tokenizer, char_tokenizer
-
-    if quick:
-        cfg = ModelConfig.preset("tiny", max_position_embeddings=4096)
-        tok = char_tokenizer(text)
-    else:
-        cfg = ModelConfig.preset("qwen3-0.6b")
-        tok = Tokenizer.load(tokenizer_dir)
-    if tok.vocab_size > cfg.vocab_size:
-        raise SystemExit(f"tokenizer {tokenizer_dir} has {tok.vocab_size} tokens, the model {cfg.vocab_size}")
-    out = WORK / ("tiny-char" if quick else "qwen3-0.6b-bpe151k")
-    if (out / "config.json").exists():
-        return out
-    torch.manual_seed(0)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(dev):
-        model = Qwen3ForCausalLM(cfg)
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    save_model(model.to(dtype), out, tokenizer=tok, dtype=dtype)
-    del model
-    if dev == "cuda":
-        torch.cuda.empty_cache()
-    return out
+from batch_tools import (  # noqa: E402  (bench/ is the script's folder)
+    VISIBLE,
+    WORK,
+    gpu_memory_used,
+    make_model_dir,
+    py_spy,
+    shared_text,
+    start_ray,
+    sync,
+    wait_gpus_free,
+    watch_engines,
+)
 
 
 def make_rows(kind: str, n: int, args, text: str, vocab: int) -> tuple[list[dict], str]:
@@ -111,29 +84,6 @@ def make_rows(kind: str, n: int, args, text: str, vocab: int) -> tuple[list[dict
         f"tinyshakespeare passages of {args.min_chars}-{args.max_chars} characters as text prompts, "
         f"max_tokens {args.max_tokens}, temperature 0.6, ignore_eos"
     )
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def py_spy(binary: str | None, pid: int, path: Path, seconds: float, delay: float = 0.0) -> None:
-    """Record ``pid`` for ``seconds`` (after ``delay``), in the background, as raw stacks per thread: into
-    ``path`` the threads on a CPU (a thread waiting for the GIL is not), into ``path``-gil.txt the thread
-    holding the GIL. Nothing when ``binary`` is None."""
-    if not binary:
-        return
-
-    def run(extra: list[str], dest: str) -> None:
-        time.sleep(delay)
-        cmd = [binary, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200"]
-        cmd += ["--nonblocking", "--threads", "--format", "raw", "-o", dest, *extra]
-        with open(dest + ".log", "w") as log:
-            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
-
-    for extra, dest in (([], str(path)), (["--gil"], str(path)[: -len(".txt")] + "-gil.txt")):
-        threading.Thread(target=run, args=(extra, dest), daemon=True).start()
 
 
 def offline_child(args) -> None:
@@ -165,53 +115,6 @@ def offline_child(args) -> None:
         res[name] = r
         print(json.dumps({name: r}), file=sys.stderr, flush=True)
     print(json.dumps(res))
-
-
-def gpu_memory_used() -> list[int]:
-    """MiB in use on each GPU (nvidia-smi; empty when it cannot tell)."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout
-        return [int(x) for x in out.split()]
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return []
-
-
-def wait_gpus_free(baseline: list[int], which: list[int] | None = None, limit_s: float = 20.0) -> float:
-    """Wait until the GPUs in ``which`` (default all) are back within 1 GiB of ``baseline`` (the last run's
-    engines have exited)."""
-    t = time.perf_counter()
-    while time.perf_counter() - t < limit_s:
-        used = gpu_memory_used()
-        idx = which if which is not None else range(len(baseline))
-        if len(used) != len(baseline) or all(used[i] <= baseline[i] + 1024 for i in idx):
-            break
-        time.sleep(0.5)
-    return time.perf_counter() - t
-
-
-def watch_engines(stats_dir: Path, args, tag: str, stop: threading.Event) -> None:
-    """py-spy each engine process of a run once its stats file appears (engine up)."""
-    if not args.py_spy:
-        return
-
-    def run() -> None:
-        seen: set[str] = set()
-        while not stop.is_set():
-            for f in stats_dir.glob("engine-*.json"):
-                pid = f.stem.split("-")[1]
-                if pid not in seen:
-                    seen.add(pid)
-                    out = Path(args.out) / f"pyspy-{tag}-{pid}.txt"
-                    py_spy(args.py_spy, int(pid), out, args.py_spy_s, delay=args.py_spy_delay)
-            stop.wait(0.2)
-
-    threading.Thread(target=run, daemon=True).start()
 
 
 def run_batch_timed(model_dir: Path, rows_path: Path, engine: dict, cuda: bool, engines: int, tag: str, args,
@@ -282,30 +185,6 @@ def run_batch_timed(model_dir: Path, rows_path: Path, engine: dict, cuda: bool, 
         for st in stats
     ]
     return res
-
-
-def start_ray(gpus: str | None) -> float:
-    """(Re)start a local Ray that sees the GPUs in ``gpus`` (a CUDA_VISIBLE_DEVICES value; None: as given)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    if gpus is None:
-        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        if VISIBLE is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = VISIBLE
-    else:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus
-    t = time.perf_counter()
-    for attempt in range(3):  # an overloaded host can miss Ray's fixed 30 s raylet start-up wait
-        try:
-            ray.init(configure_logging=False, log_to_driver=False, include_dashboard=False)
-            break
-        except Exception as e:
-            if attempt == 2 or "timed out during startup" not in str(e):
-                raise
-            ray.shutdown()
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -416,7 +295,7 @@ def main() -> None:
 
     def ratios(w: dict) -> None:
         off, one = w.get("offline_llm_generate"), w.get("llmray_batch_streaming")
-        for key, b in ((k, v) for k, v in w.items() if k.startswith("llmray_batch_streaming")):
+        for key, b in [(k, v) for k, v in w.items() if k.startswith("llmray_batch_streaming")]:
             if off and "steady" in b:
                 suffix = key[len("llmray_batch_streaming") :]
                 w["batch_over_offline" + suffix] = b["steady"]["tok_per_s"] / off["tok_per_s"]
@@ -439,7 +318,8 @@ def main() -> None:
             offline_done()  # both GPUs for the engines from here
             side = False
             res["ray_restart_s"] = start_ray(None)
-        runs = [(k, v) for v in (variants if n == 1 else ["stage"]) for k in work]
+        # several engines: the headline workload only
+        runs = [(k, v) for v in variants for k in work] if n == 1 else [(next(iter(work)), "stage")]
         for kind, variant in runs:  # tokenizing in the engine: only text prompts have any to do
             if variant == "in_engine" and kind != "text":
                 continue

@@ -171,11 +171,10 @@ def _output_row(row: dict[str, Any]) -> dict[str, Any]:
 
 def shards_per_engine(pending: int, shard_rows: int, engines: int, max_num_seqs: int) -> int:
     """Shards (Ray Data tasks) an engine works on at once, none queued beyond: enough rows to keep its
-    continuous batch full (8 x max_num_seqs: a shard holds its slot until its slowest row is done), but with
-    several engines at most half of each one's share, so the rest goes to whichever engine is free first (the
-    first engine up, or the faster one, takes more) while reading overlaps the engines' start-up."""
+    continuous batch full (8 x max_num_seqs: a shard holds its slot until its slowest row is done), and with
+    several engines no more than its share (rows go out once every engine is up: ``wait_for_engines``)."""
     fill = -(-8 * max_num_seqs // max(shard_rows, 1))
-    cap = fill if engines == 1 else min(fill, -(-pending // (2 * engines)))
+    cap = fill if engines == 1 else min(fill, -(-pending // engines))
     return max(2, min(16, cap))
 
 
@@ -221,7 +220,9 @@ def run_batch(
         include_token_ids=include_token_ids,
         json_column="_json",
         stats_dir=stats_dir,
-        wait_for_engines=False,  # see below: each engine takes at most its share of the shards
+        # one engine: reading overlaps its start-up; several: rows go out once all are up (one up early
+        # would otherwise take more than its share, or leave the others idle at the end)
+        wait_for_engines=concurrency > 1,
         prepare_stage=prepare_stage,
     )
     shards = _plan(inputs, output, shard_rows, fmt)

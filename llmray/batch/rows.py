@@ -195,3 +195,24 @@ def result_table(
     if include_token_ids:
         table = table.append_column("generated_token_ids", pa.array(token_ids, type=pa.list_(pa.int64())))
     return table
+
+
+def final_texts(tokenizer: Any, prompts: list[list[int]], outputs: list[list[int]]) -> list[str]:
+    """Each output's text as the engine's incremental detokenizer builds it (decoded after the prompt's last
+    few tokens, so leading spaces come out right; a trailing incomplete character left out), in two
+    ``decode_batch`` calls, which let the GIL go."""
+    from llmray.engine.detokenizer import _CONTEXT
+
+    if tokenizer is None or not outputs:
+        return [""] * len(outputs)
+    ctx = [list(p[-_CONTEXT:]) for p in prompts]
+    full_ids = [c + list(o) for c, o in zip(ctx, outputs, strict=True)]
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None and hasattr(backend, "decode_batch"):
+        prefix = backend.decode_batch(ctx, skip_special_tokens=True)
+        full = backend.decode_batch(full_ids, skip_special_tokens=True)
+    else:
+        prefix, full = [tokenizer.decode(c) for c in ctx], [tokenizer.decode(f) for f in full_ids]
+    return [
+        f[len(p) :].rstrip("\ufffd") if len(f) > len(p) else "" for p, f in zip(prefix, full, strict=True)
+    ]

@@ -141,9 +141,9 @@ def _read_outputs(out_dir, fmt="jsonl"):
 def test_cli_killed_mid_run_resumes_without_loss_or_duplicates(ray_local, tiny_model_dir, ref_llm, tmp_path):
     from llmray.batch.cli import run_batch
 
-    rows = [r for r in _rows(80) if "lora" not in r]
+    rows = [r for r in _rows(40) if "lora" not in r]
     for r in rows:
-        r["sampling_params"]["max_tokens"] = 16
+        r["sampling_params"]["max_tokens"] = 8
     src, out = tmp_path / "in.jsonl", tmp_path / "out"
     _write_jsonl(src, rows, extra_lines=["", "{broken json"])
     # batches of one shard, two sequences at a time: shards finish one after another, so the kill lands mid-run

@@ -65,6 +65,7 @@ def test_shards_per_engine_keeps_engines_fed_and_leaves_work_to_share():
     assert shards_per_engine(40, 1000, 1, 256) == 3
     assert shards_per_engine(4, 10, 1, 2) == 2  # never below 2
     assert shards_per_engine(1000, 8, 1, 256) == 16  # never above 16
-    # two engines: at most half of each one's share, so an engine up early (or faster) takes more later
-    assert shards_per_engine(16, 256, 2, 256) == 4
-    assert shards_per_engine(64, 64, 2, 256) == 16
+    # two engines (both up before rows go out): at most each one's share
+    assert shards_per_engine(16, 256, 2, 256) == 8
+    assert shards_per_engine(17, 62, 2, 256) == 9
+    assert shards_per_engine(400, 256, 2, 256) == 8

@@ -58,6 +58,7 @@ def test_prepared_rows_match_rows_tokenized_in_the_actor(actor, tiny_model_dir):
         {"messages": [{"role": "user", "content": "hello there"}]},
         {"prompt_token_ids": [5, 6, 7, 8]},
         {"prompt": "x", "sampling_params": {"max_tokens": 2, "temperature": None}},
+        {"prompt": "the", "sampling_params": {"max_tokens": 12, "stop": ["e", "t"]}},  # detokenized per step
         {"prompt": ""},  # empty: the actor's check
         {"prompt_token_ids": [10**6]},  # outside the vocabulary: the actor's check
         {"prompt": "x", "sampling_params": {"max_tokens": 0}},  # the preparer's check
@@ -75,9 +76,30 @@ def test_prepared_rows_match_rows_tokenized_in_the_actor(actor, tiny_model_dir):
         actor.json_column = None
     assert [r["generated_token_ids"] for r in staged] == [r["generated_token_ids"] for r in direct]
     assert [r["error"] for r in staged] == [r["error"] for r in direct]
-    assert [r["num_generated_tokens"] for r in staged] == [3, 3, 3, 2, 0, 0, 0, 0, 0, 0, 0]
+    assert [r["num_generated_tokens"] for r in staged][:4] == [3, 3, 3, 2]
+    assert [r["num_generated_tokens"] for r in staged][5:] == [0] * 7
     errors = [r["error"] or "" for r in staged]
-    for i, words in [(4, "empty"), (5, "vocabulary"), (6, "max_tokens"), (7, "zzz"), (8, "exactly one")]:
+    for i, words in [(5, "empty"), (6, "vocabulary"), (7, "max_tokens"), (8, "zzz"), (9, "exactly one")]:
         assert words in errors[i], (i, errors[i])
-    assert "not valid JSON" in errors[9] and "JSON object" in errors[10]
+    assert "not valid JSON" in errors[10] and "JSON object" in errors[11]
+    # texts decoded once a row is done (stop-string rows step by step) are LLM.generate's
+    from llmray.engine.llm import LLM
+    from llmray.engine.sampling_params import SamplingParams
+
+    llm = LLM(str(tiny_model_dir), kernels="torch", max_model_len=64, device="cpu")
+    good = lines[:5]
+    prompts = [
+        r.get("prompt") or r.get("prompt_token_ids") or llm.tokenizer.apply_chat_template(r["messages"])
+        for r in good
+    ]
+    params = [
+        SamplingParams(
+            **{**DEFAULTS, **{k: v for k, v in r.get("sampling_params", {}).items() if v is not None}}
+        )
+        for r in good
+    ]
+    want = llm.generate(prompts, params)
+    assert [r["generated_text"] for r in staged[:5]] == [o.text for o in want]
+    assert [r["generated_token_ids"] for r in staged[:5]] == [o.token_ids for o in want]
+    assert want[4].finish_reason == "stop" or want[4].text.count("e") + want[4].text.count("t") == 0
     assert not set(PREP_COLUMNS) & set(staged[0]) and staged[0]["line"] == 0
