@@ -78,7 +78,8 @@ class EngineCore:
                 return
             if not self.held:
                 self.held_since = time.monotonic()
-            self.held.append(msg)  # admitted by admit_held(), at once unless a batch is decoding
+            self.held.append(msg)
+            self.admit_held()  # at once unless a large batch is decoding (then the loop admits it)
         elif kind == "abort":
             for rid in msg[1]:
                 held = next((m for m in self.held if m[1] == rid), None)
