@@ -108,39 +108,62 @@ def test_crash_between_the_renames_keeps_the_previous_checkpoint(tmp_path, monke
     assert loop.load_checkpoint(path, model)["step"] == 3
 
 
+# one interpreter imports torch and llmray once and forks a child per stage (no torch op before the fork)
 KILL = textwrap.dedent(
     """
-    import os, signal, sys, torch
+    import json, os, signal, sys, torch
     from llmray.config import ModelConfig
     from llmray.model.qwen3 import Qwen3ForCausalLM
     from llmray.train import loop
 
-    path, stage = sys.argv[1], int(sys.argv[2])
-    real, n = os.replace, [0]
+    def save_dying(path, stage):
+        real, n = os.replace, [0]
 
-    def dying_replace(src, dst):
-        n[0] += 1
-        if n[0] == stage:  # killed like the OOM killer kills: no exception, no cleanup
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(src, dst)
+        def dying_replace(src, dst):
+            n[0] += 1
+            if n[0] == stage:  # killed like the OOM killer kills: no exception, no cleanup
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(src, dst)
 
-    loop.os.replace = dying_replace
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="torch")
-    with torch.no_grad():
-        model.model.norm.weight.fill_(2.0)
-    loop.save_checkpoint(path, model, None, {"step": 2})
+        loop.os.replace = dying_replace
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="torch")
+        with torch.no_grad():
+            model.model.norm.weight.fill_(2.0)
+        loop.save_checkpoint(path, model, None, {"step": 2})
+
+    status = {}
+    for path, stage in json.loads(sys.argv[1]):
+        pid = os.fork()
+        if pid == 0:
+            save_dying(path, stage)
+            os._exit(0)
+        _, code = os.waitpid(pid, 0)
+        status[str(stage)] = -os.WTERMSIG(code) if os.WIFSIGNALED(code) else os.WEXITSTATUS(code)
+    print(json.dumps(status))
     """
 )
+STAGES = [1, 2]  # killed before moving the old one aside / before moving the new in
 
 
-@pytest.mark.parametrize("stage", [1, 2])  # killed before moving the old one aside / before moving the new in
-def test_kill_during_replacement_leaves_the_previous_one_usable(tmp_path, stage):
-    path = tmp_path / "checkpoint"
-    _save(path, 1)
-    proc = subprocess.run([sys.executable, "-c", KILL, str(path), str(stage)], cwd=REPO, capture_output=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
-    assert proc.returncode == -9, proc.stderr[-2000:]
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> dict[int, tuple[int, Path]]:
+    """stage -> (the writer's exit status, the checkpoint path that held step 1 before the write)."""
+    root = tmp_path_factory.mktemp("kill")
+    cases = [(str(root / f"stage{s}" / "checkpoint"), s) for s in STAGES]
+    for path, _ in cases:
+        _save(Path(path), 1)
+    proc = subprocess.run([sys.executable, "-c", KILL, json.dumps(cases)], cwd=REPO, capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {s: (status[str(s)], Path(p)) for p, s in cases}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_kill_during_replacement_leaves_the_previous_one_usable(killed, stage):
+    code, path = killed[stage]
+    assert code == -9
     model = _model()
     assert loop.load_checkpoint(path, model)["step"] == 1
     assert model.model.norm.weight.eq(1.0).all()
