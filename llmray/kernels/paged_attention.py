@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llmray.kernels._decode_cc_kernel import _decode_cc_kernel
 from llmray.kernels._paged_attention_kernels import _decode_kernel, _merge_kernel, _prefill_kernel
 from llmray.kernels.kv_store import from_cache, is_fp8
 
@@ -100,7 +101,8 @@ def paged_decode(
     query_start: torch.Tensor | None = None,  # (B + 1,): q/out rows are packed tokens; only q_len 1 runs
     k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
     v_scale: torch.Tensor | None = None,
-    config: tuple | None = None,  # (BLOCK_N, warps, stages[, prefetch[, heads_fast]]); None: decode_config()
+    config: tuple
+    | None = None,  # (BLOCK_N, warps, stages[, prefetch[, heads_fast[, cuda_cores]]]); None: default
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over its paged context (Triton).
 
@@ -126,7 +128,10 @@ def paged_decode(
     block_n, warps, stages, *rest = config or decode_config(q.dtype, fp8, bsz)
     prefetch = bool(rest and rest[0])
     heads_fast = len(rest) > 1 and bool(rest[1])
-    _decode_kernel[(hkv, bsz, num_splits) if heads_fast else (bsz, hkv, num_splits)](
+    cuda_cores = len(rest) > 2 and bool(rest[2])  # the experimental no-MMA kernel (_decode_cc_kernel.py)
+    kernel = _decode_cc_kernel if cuda_cores else _decode_kernel
+    block_g = triton.next_power_of_2(group) if cuda_cores else max(16, triton.next_power_of_2(group))
+    kernel[(hkv, bsz, num_splits) if heads_fast else (bsz, hkv, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -149,7 +154,7 @@ def paged_decode(
         k_cache.stride(2),
         H=h,
         GROUP=group,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_G=block_g,
         D=d,
         BLOCK_D=block_d,
         PAGE=page,
