@@ -34,6 +34,9 @@ RAY_NOISE = (
 # Ray's own actors whose output is all Ray's: Ray Train V2's PlacementGroupCleaner prints a traceback when two
 # local Rays run on one host (its State API call finds both and picks neither)
 RAY_QUIET_ACTORS = ("PlacementGroupCleaner",)
+# a message whose traceback follows it in the same batch of lines: the whole batch is Ray's (Ray Train's
+# controller, when a busy CPU delays its autoscaling request: "safe to ignore", it says)
+RAY_NOISE_BATCHES = (re.compile(r"Failed to send resource request for "),)
 
 
 def verbose() -> bool:
@@ -151,7 +154,9 @@ def divert_ray_noise(log_file: Path) -> None:
 
     def print_or_divert(data: dict[str, Any], ignore_prefix: bool) -> None:
         lines = data.get("lines") or []
-        quiet = data.get("actor_name") in RAY_QUIET_ACTORS
+        quiet = data.get("actor_name") in RAY_QUIET_ACTORS or any(
+            p.search(ln) for p in RAY_NOISE_BATCHES for ln in lines
+        )
         noise = [ln for ln in lines if quiet or any(p.search(ln) for p in RAY_NOISE)]
         if noise:
             with open(log_file, "a") as f:

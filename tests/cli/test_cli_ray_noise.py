@@ -54,10 +54,19 @@ def test_ray_noise_goes_to_the_log_file_and_step_lines_stay(ray_worker, tmp_path
     ray_worker.global_worker_stdstream_dispatcher.emit(
         {**cleaner, "lines": ["ConnectionError: multiple Rays"]}
     )
+    # Ray Train's controller on a busy CPU: a "safe to ignore" warning and its traceback, one batch
+    timeout = [
+        "Failed to send resource request for train-1. It's safe to ignore",
+        "GetTimeoutError: not ready",
+    ]
+    ray_worker.global_worker_stdstream_dispatcher.emit(
+        {**worker, "actor_name": "TrainController", "lines": timeout}
+    )
     out, err = capsys.readouterr()
     assert step in out and "Traceback: a real error" in err
     assert "worker processes have been started" not in out + err and "core_worker.cc" not in out + err
-    assert "multiple Rays" not in out + err
+    assert "multiple Rays" not in out + err and "GetTimeoutError" not in out + err
     written = log.read_text()
     assert "(raylet) WARNING: 8 PYTHON worker processes" in written and "(W) [2026-11-30" in written
     assert "(PlacementGroupCleaner) ConnectionError: multiple Rays" in written and step not in written
+    assert "(TrainController) GetTimeoutError: not ready" in written
