@@ -16,8 +16,8 @@ with a character tokenizer, on CPU, short rows).
    runs use GPU 0, at the same time; otherwise before them.
 2. ``run_batch`` (what ``llmray batch`` runs: the rows as a JSONL file, Ray Data, output files) per workload,
    per ``--variants`` (``stage``: rows tokenized by the prepare_batch stage, the default; ``in_engine``: in the
-   engine actor, as before), for 1 engine and (2 GPUs, first workload only) 2 engines, timed from the call to
-   the last output file.
+   engine actor, as before), for 1 engine and (2 GPUs, first workload only, right after its 1-engine runs)
+   2 engines, timed from the call to the last output file.
    Each engine writes its timeline (``stats_dir``); ``steady`` = output tokens / (last finish - first row in
    any engine), the figure to set beside ``LLM.generate``'s. Start-up is reported as measured, never subtracted.
 
@@ -310,7 +310,13 @@ def main() -> None:
                 sum(e["tok_per_s"] for e in two["per_engine"]) / one["steady"]["tok_per_s"]
             )
 
-    for n in counts:
+    # the headline workload with one engine, then with several (first workload only), then the others
+    head, rest = next(iter(work)), list(work)[1:]
+    runs = [(1, head, v) for v in variants if 1 in counts] + [(n, head, "stage") for n in counts if n > 1]
+    runs += [(1, k, v) for k in rest for v in variants if 1 in counts]
+    for n, kind, variant in runs:
+        if variant == "in_engine" and kind != "text":
+            continue  # tokenizing in the engine: only text prompts have any to do
         if cuda and n > gpus:
             res[f"llmray_batch_{n}_engines"] = f"skipped: {gpus} GPU(s) visible"
             continue
@@ -318,30 +324,23 @@ def main() -> None:
             offline_done()  # both GPUs for the engines from here
             side = False
             res["ray_restart_s"] = start_ray(None)
-        # several engines: the headline workload only
-        runs = [(k, v) for v in variants for k in work] if n == 1 else [(next(iter(work)), "stage")]
-        for kind, variant in runs:  # tokenizing in the engine: only text prompts have any to do
-            if variant == "in_engine" and kind != "text":
-                continue
-            if cuda:  # the last run's engines (or the offline child) have let their GPU go
-                res.setdefault("gpu_free_wait_s", []).append(wait_gpus_free(baseline, [0] if side else None))
-            tag = f"{kind}-{n}-{variant}"
-            print(time.strftime("%H:%M:%S"), f"llmray batch, {tag} ...", flush=True)
-            try:
-                b = run_batch_timed(
-                    model_dir, Path(files[kind]), engine, cuda, n, tag, args, variant == "stage"
-                )
-            except Exception as e:  # keep what the other runs measure
-                b = {"error": repr(e)[:2000], "output_tokens": None}
-                print(time.strftime("%H:%M:%S"), tag, "failed:", repr(e), flush=True)
-            off = work[kind].get("offline_llm_generate")
-            if off and b["output_tokens"] not in (None, off["output_tokens"]):
-                b["error"] = f"{b['output_tokens']} output tokens, LLM.generate {off['output_tokens']}"
-            key = "llmray_batch_streaming" if n == 1 else f"llmray_batch_{n}_engines"
-            work[kind][key + ("" if variant == "stage" else "_tokenize_in_engine")] = b
-            ratios(work[kind])
-            save()
-            print(json.dumps(b), flush=True)
+        if cuda:  # the last run's engines (or the offline child) have let their GPU go
+            res.setdefault("gpu_free_wait_s", []).append(wait_gpus_free(baseline, [0] if side else None))
+        tag = f"{kind}-{n}-{variant}"
+        print(time.strftime("%H:%M:%S"), f"llmray batch, {tag} ...", flush=True)
+        try:
+            b = run_batch_timed(model_dir, Path(files[kind]), engine, cuda, n, tag, args, variant == "stage")
+        except Exception as e:  # keep what the other runs measure
+            b = {"error": repr(e)[:2000], "output_tokens": None}
+            print(time.strftime("%H:%M:%S"), tag, "failed:", repr(e), flush=True)
+        off = work[kind].get("offline_llm_generate")
+        if off and b["output_tokens"] not in (None, off["output_tokens"]):
+            b["error"] = f"{b['output_tokens']} output tokens, LLM.generate {off['output_tokens']}"
+        key = "llmray_batch_streaming" if n == 1 else f"llmray_batch_{n}_engines"
+        work[kind][key + ("" if variant == "stage" else "_tokenize_in_engine")] = b
+        ratios(work[kind])
+        save()
+        print(json.dumps(b), flush=True)
     if side:
         offline_done()
     for w in work.values():
