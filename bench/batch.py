@@ -284,7 +284,7 @@ def main() -> None:
         if proc.returncode != 0:
             raise SystemExit(f"offline child failed:\n{(out / 'offline.log').read_text()[-4000:]}")
         for name, r in json.loads(stdout.strip().splitlines()[-1]).items():
-            work[name]["offline_llm_generate"] = r
+            work.setdefault(name, {})["offline_llm_generate"] = r
             work[name]["prompt_tokens"] = r["prompt_tokens"]
         save()
         print(time.strftime("%H:%M:%S"), "offline", stdout.strip().splitlines()[-1], flush=True)
