@@ -237,6 +237,11 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.verbose:
         os.environ["LLMRAY_VERBOSE"] = "1"
     embedded = local_ray_starts()  # its own Ray: ray.shutdown() ends Serve too (quietly)
+    if embedded:
+        # one machine: no cloud node drains for Ray Train's preemption watcher (an actor per run) to log,
+        # and no idle Python worker per logical CPU started up front (workers start when needed)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     # logical CPUs beyond the cores: train workers, Ray Data and Serve replicas ask fractions of them
     init_ray(out / "ray.log", worker_output=args.verbose, num_cpus=max(8, os.cpu_count() or 1))
     try:

@@ -11,6 +11,16 @@ import pytest
 # OpenMP threads that spin while waiting starve every other process on a 2-core CI machine (Ray workers, the
 # engine core, serve replicas: CPU steps ran ~30x slower under load): wait passively. Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Every Ray a test starts (ray.init here, `ray start` heads, subprocesses, Ray jobs) inherits these:
+# - no prestarted workers: a raylet starts one idle Python worker per logical CPU (8 here, ~3 CPU-s each
+#   on two cores) when the first driver connects, and most were never used; workers start on demand;
+# - no Ray Train preemption watcher: an extra actor per Train run that polls for cloud node drains.
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# and longer start-up waits than Ray's (60 s for the dashboard, 15-30 s for the agents), which a 2-core
+# machine running two test workers can exceed
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "180")
+os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
 
 import torch  # noqa: E402
 
@@ -62,10 +72,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 # start first, longest first, so the two workers finish together instead of one running a two-minute module
 # alone at the end. Order only: a module not named here runs after these, in the usual order.
 SLOW_MODULES = {
+    "cluster/test_local_cluster.py": 280,  # the demo as a Ray job, then serve deploy
     "train/test_pretrain.py": 190,
-    "demo/test_demo_quick.py": 135,
     "batch/test_batch.py": 125,
-    "cluster/test_local_cluster.py": 100,
     "cluster/test_autoscaling.py": 80,
     "train/test_finetune.py": 80,
     "reliability/test_rel_serve_faults.py": 75,

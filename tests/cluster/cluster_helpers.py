@@ -121,7 +121,7 @@ class LocalRayHead:
 
         return f"{ray._private.services.get_node_ip_address()}:{self.gcs_port}"
 
-    def start(self, timeout: float = 120.0) -> LocalRayHead:
+    def start(self, timeout: float = 300.0) -> LocalRayHead:  # > RAY_DASHBOARD_STARTUP_TIMEOUT_S (conftest)
         try:
             proc = subprocess.run(
                 self.cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir

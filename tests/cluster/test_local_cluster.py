@@ -1,8 +1,14 @@
 """A real Ray head (``ray start --head``) runs what the KubeRay manifests run, the way KubeRay runs it.
 
-- ``ray job submit --working-dir . -- python jobs/pretrain.py ...`` with the flags of
-  cluster/rayjob-pretrain.yaml on a tiny config; the job succeeds, its checkpoint exists, and the
-  dashboard's REST API (``/api/jobs/``) reports it;
+- ``llmray demo --quick`` submitted with ``ray job submit --working-dir .`` and cluster/rayjob-pretrain.yaml's
+  runtime env: the whole pipeline on a cluster (a BPE tokenizer and pretraining on Ray Train, chat data and
+  a LoRA fine-tune on Ray Train, base and adapter on Ray Serve, both asked through the ``openai`` client).
+  The job succeeds and the dashboard's REST API reports it and its two Train runs; the answers came back
+  through HTTP, the adapter lowers the validation loss, every artifact loads in llmray and in
+  transformers/peft. This one run is both the demo's CI test and the job-submission test (a second Ray
+  Train job cost two minutes of CI);
+- ``python jobs/pretrain.py`` with the RayJob's exact flags (paths made local) gets through its flags,
+  config and pre-flight checks and stops at ``--use-gpu`` with one clear error (no GPUs here), before Ray;
 - ``serve deploy`` of cluster/rayservice.yaml's serveConfigV2 (a tiny model dir, CPU); the OpenAI client
   gets answers, ``/api/serve/applications/`` shows the app, and the metrics export port serves every
   ``ray_llmray_*`` series the Grafana dashboard (cluster/monitoring/) queries.
@@ -16,10 +22,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from cluster_helpers import (
     BIN,
@@ -29,12 +38,14 @@ from cluster_helpers import (
     http_json,
     http_text,
     local_serve_config,
+    ray_env,
     wait_for,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 DASHBOARD_JSON = REPO / "cluster" / "monitoring" / "grafana-dashboard-llmray.json"
+DEMO_TIMEOUT_S = 840  # `llmray demo --quick` takes ~3.5 min on two idle cores
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +54,13 @@ def head():
         yield h
 
 
-def manifest_entrypoint(name: str) -> list[str]:
+def manifest_doc(name: str) -> dict:
     (doc,) = [d for d in yaml.safe_load_all((REPO / "cluster" / name).read_text()) if d]
-    return shlex.split(doc["spec"]["entrypoint"])
+    return doc
+
+
+def manifest_entrypoint(name: str) -> list[str]:
+    return shlex.split(manifest_doc(name)["spec"]["entrypoint"])
 
 
 def with_flags(argv: list[str], drop: set[str], **values: str) -> list[str]:
@@ -65,27 +80,17 @@ def with_flags(argv: list[str], drop: set[str], **values: str) -> list[str]:
     return out
 
 
-def test_pretrain_job_submit(head, tmp_path):
-    assert (REPO / "jobs" / "pretrain.py").exists(), (
-        "jobs/pretrain.py (the pretraining entry script) is missing"
-    )
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(
-        "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
-    )
-    out = tmp_path / "run"
-    argv = with_flags(
-        manifest_entrypoint("rayjob-pretrain.yaml"),
-        drop={"--use-gpu"},
-        data=str(corpus), out=str(out), storage_path=str(tmp_path / "ray_results"), preset="tiny",
-        tokenizer="char", max_steps="4", checkpoint_every="2", num_workers="1", cpus_per_worker="1",
-    )  # fmt: skip
-    assert argv[:2] == ["python", "jobs/pretrain.py"]
-    submission_id = f"llmray-pretrain-{uuid.uuid4().hex[:8]}"
-    (job_doc,) = [d for d in yaml.safe_load_all((REPO / "cluster" / "rayjob-pretrain.yaml").read_text()) if d]
-    runtime_env = yaml.safe_load(job_doc["spec"]["runtimeEnvYAML"])  # the RayJob's env vars ...
-    runtime_env.pop("working_dir")  # ... with this checkout as the working dir instead of the image's
-    runtime_env["excludes"] = [".git", ".venv", ".gpu", "bench/results", "runs", "outputs"]
+@pytest.fixture(scope="module")
+def demo_job(head, tmp_path_factory) -> dict:
+    """``llmray demo --quick`` as a Ray job on the head, run to its end: the job, its logs, the summary."""
+    out = tmp_path_factory.mktemp("demo")
+    argv = ["python", "-m", "llmray.cli", "demo", "--quick", "--out", str(out), "--port", str(free_port())]
+    submission_id = f"llmray-demo-{uuid.uuid4().hex[:8]}"
+    # the RayJob's runtime env (its env vars: Ray Train V2, the dashboard's Train tab), this checkout as
+    # the working dir instead of the image's
+    runtime_env = yaml.safe_load(manifest_doc("rayjob-pretrain.yaml")["spec"]["runtimeEnvYAML"])
+    runtime_env.pop("working_dir")
+    runtime_env["excludes"] = [".git", ".venv", ".gpu", ".data", ".whl", "bench/results", "runs", "outputs"]
     cmd = [
         str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--submission-id", submission_id,
         "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--no-wait", "--", *argv,
@@ -98,25 +103,101 @@ def test_pretrain_job_submit(head, tmp_path):
         job = http_json(f"{head.dashboard_url}/api/jobs/{submission_id}")
         return job if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED") else None
 
-    job = wait_for(finished, 300, interval=2, what=f"job {submission_id} to finish")
-    job_logs = http_json(f"{head.dashboard_url}/api/jobs/{submission_id}/logs")["logs"]
-    assert job["status"] == "SUCCEEDED", f"{job['status']}: {job.get('message')}\n{job_logs[-4000:]}"
-    assert job["entrypoint"] == shlex.join(argv)
+    job = wait_for(finished, DEMO_TIMEOUT_S, interval=2, what=f"job {submission_id} (the demo) to finish")
+    logs = http_json(f"{head.dashboard_url}/api/jobs/{submission_id}/logs")["logs"]
+    assert job["status"] == "SUCCEEDED", f"{job['status']}: {job.get('message')}\n{logs[-6000:]}"
+    summary = json.loads((out / "demo_summary.json").read_text())
+    return {"job": job, "logs": logs, "argv": argv, "out": out, "summary": summary}
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
+def test_demo_job_succeeds_and_the_dashboard_reports_it(head, demo_job):
+    job, logs, out = demo_job["job"], demo_job["logs"], demo_job["out"]
+    assert job["entrypoint"] == shlex.join(demo_job["argv"])
     listed = {j["submission_id"]: j["status"] for j in http_json(f"{head.dashboard_url}/api/jobs/")}
-    assert listed[submission_id] == "SUCCEEDED"
-    assert str(out) in job_logs, "jobs/pretrain.py should print where its results went"
+    assert listed[job["submission_id"]] == "SUCCEEDED"
+    for stage in ("[1/5] corpus", "[2/5] pretrain", "[3/5] fine-tune", "[4/5] serve", "[5/5] ask"):
+        assert stage in logs  # a progress line per stage, in the job's logs
+    assert str(out / "demo_summary.json") in logs, "the demo prints where its results went"
 
-    # The Train run behind the job, as the dashboard's Train tab shows it.
+    # The job's Train runs, as the dashboard's Train tab shows them.
     runs = http_json(f"{head.dashboard_url}/api/train/v2/runs/v1")["train_runs"]
-    (run,) = [r for r in runs if r["job_id"] == job["job_id"]]
-    assert run["name"] == "pretrain" and run["status"] == "FINISHED", {k: run[k] for k in ("name", "status")}
+    mine = {r["name"]: r["status"] for r in runs if r["job_id"] == job["job_id"]}
+    assert mine == {"pretrain": "FINISHED", "finetune": "FINISHED"}, mine
 
-    # The Hugging Face model in --out, Ray Train's checkpoints in --storage-path.
-    config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "qwen3" and (out / "model.safetensors").stat().st_size > 0
-    assert (out / "metrics.jsonl").read_text().count("\n") >= 4
-    checkpoints = sorted((tmp_path / "ray_results").rglob("checkpoint_*"))
-    assert checkpoints, f"no Ray Train checkpoint under {tmp_path / 'ray_results'}"
+    # The Hugging Face model, Ray Train's checkpoints of the pretraining run, the adapter.
+    base = Path(demo_job["summary"]["artifacts"]["base_model"])
+    config = json.loads((base / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and (base / "model.safetensors").stat().st_size > 0
+    assert (base / "metrics.jsonl").read_text().count("\n") >= 4
+    assert sorted((base / "ray_results").rglob("checkpoint_*")), f"no Ray Train checkpoint under {base}"
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
+def test_demo_answers_came_back_through_http_from_base_and_adapter(demo_job):
+    summary = demo_job["summary"]
+    assert summary["served_models"] == ["demo-base", "demo-docstrings"]
+    assert set(summary["answers"]) == {"demo-base", "demo-docstrings"}
+    assert all(isinstance(a, str) and a for a in summary["answers"].values())
+    assert all(n > 0 for n in summary["completion_tokens"].values())
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
+def test_demo_adapter_lowered_the_validation_loss(demo_job):
+    summary = demo_job["summary"]
+    ft = summary["finetune"]
+    assert ft["val_loss_adapter"] < ft["val_loss_base"]
+    assert summary["pretrain"]["steps"] == 40 and summary["pretrain"]["val_loss"] < 7.0  # ln(1024) = 6.93
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
+def test_demo_artifacts_exist_and_load(demo_job):
+    summary = demo_job["summary"]
+    for path in summary["artifacts"].values():
+        assert Path(path).exists(), path
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from llmray.lora.adapter import load_adapter
+    from llmray.model.checkpoint import load_model
+    from llmray.model.tokenizer import Tokenizer
+
+    base_dir, adapter_dir = summary["artifacts"]["base_model"], summary["artifacts"]["adapter"]
+    ours = load_model(base_dir, kernels="torch").eval()
+    hf = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
+    ids = torch.tensor([Tokenizer.load(base_dir).encode("def dedent(text):")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+        tuned = peft.PeftModel.from_pretrained(hf, adapter_dir).eval()
+        assert not torch.allclose(tuned(ids).logits, ours(ids), atol=1e-4)  # the adapter changes the model
+    assert load_adapter("x", adapter_dir, ours.config, 64).rank == 8
+    metrics = [
+        json.loads(line) for line in Path(summary["artifacts"]["finetune_metrics"]).read_text().splitlines()
+    ]
+    assert metrics and all("loss" in m or "val_loss" in m for m in metrics)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 4, reason="with 4 GPUs the manifest's command would train")
+def test_pretrain_job_script_takes_the_rayjob_entrypoint(tmp_path):
+    """The RayJob's command as written (data, out and storage paths made local), run the way the job runs
+    it (``python jobs/pretrain.py`` in the working dir): its flags parse, the config validates, the
+    pre-flight checks pass up to ``--use-gpu`` (4 workers, no GPUs here): one clear error, exit 2, before
+    Ray starts or anything is written. The training itself is the demo job's pretraining stage above."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the quick brown fox jumps over the lazy dog.\n" * 50)
+    out, storage = tmp_path / "run", tmp_path / "ray_results"
+    argv = with_flags(
+        manifest_entrypoint("rayjob-pretrain.yaml"), drop=set(),
+        data=str(corpus / "*.txt"), out=str(out), storage_path=str(storage),
+    )  # fmt: skip
+    assert argv[:2] == ["python", "jobs/pretrain.py"] and "--use-gpu" in argv
+    proc = subprocess.run(
+        [sys.executable, *argv[1:]], cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: --use-gpu needs 4 GPU(s)" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists() and not storage.exists()
 
 
 def _serve_config(tiny_model_dir: Path, tmp_path: Path, port: int) -> dict:
