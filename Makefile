@@ -5,11 +5,15 @@ BIN := $(VENV)/bin
 
 .PHONY: venv test test-fast lint format demo gpu-test clean
 
+# pip byte-compiles the ~20k installed .py files one after another (~100 s of one core): install with
+# --no-compile, then compile the same files on every core (the same venv, about half the wall time).
+SITE_PACKAGES = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-compile --upgrade pip
+	$(BIN)/pip install -q --no-compile torch==2.13.0 -e ".[test]"
+	$(BIN)/python -m compileall -q -j 0 "$(SITE_PACKAGES)" > /dev/null || true  # (pip also skips unparsable files)
 
 venv: $(BIN)/activate
 
