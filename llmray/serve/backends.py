@@ -10,6 +10,7 @@ replica); once output went out, the ingress reports the cut in-band (503 ``engin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -19,6 +20,7 @@ from llmray.serve.lora_registry import is_adapter_name
 
 logger = logging.getLogger("llmray.serve")
 REPLICA_LOST_RETRIES = 2  # a request that got no output yet is sent again when its replica died
+RETRY_AFTER_S = 0.5  # times the attempt number
 
 
 def _replica_died(exc: BaseException) -> bool:
@@ -113,6 +115,7 @@ class HandleBackend:
                 if started or attempt == REPLICA_LOST_RETRIES or not _replica_died(e):
                     raise
                 logger.warning("the engine replica died before the request started; sending it again")
+                await asyncio.sleep(RETRY_AFTER_S * (attempt + 1))  # the router learns the replica is gone
             finally:
                 if not finished:
                     gen.cancel()  # propagates to the replica: its generator is cancelled, the engine aborts
