@@ -82,7 +82,8 @@ def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # Ray >= 2.52 turns on token auth when ~/.ray/auth_token exists (another local ray.init may have
     # written it); pin the mode so the REST calls below behave the same on every machine.
     env["RAY_AUTH_MODE"] = "disabled"
-    env["RAY_metrics_report_interval_ms"] = "1000"  # export metrics every second, not every 10 s
+    # export metrics every 5 s, not every 10 s (every second cost the agent ~0.07 of a core for the head's life)
+    env["RAY_metrics_report_interval_ms"] = "5000"
     env.update(extra or {})
     return env
 
