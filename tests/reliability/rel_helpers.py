@@ -38,7 +38,7 @@ def serve_app(app_args: dict[str, Any], shutdown: bool = True) -> Iterator[str]:
         ray.shutdown()
     tests_dir = str(Path(__file__).resolve().parents[1])  # replicas import the test doubles (_support)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray_init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -53,6 +53,20 @@ def serve_app(app_args: dict[str, Any], shutdown: bool = True) -> Iterator[str]:
             with contextlib.suppress(Exception):
                 serve.shutdown()
         ray.shutdown()
+
+
+def ray_init(**kwargs: Any) -> None:
+    """``ray.init``, tried again when Ray's node did not come up within its fixed 30 s (a busy machine)."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
 
 
 def engine_stats() -> dict[str, Any]:

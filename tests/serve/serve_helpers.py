@@ -43,7 +43,7 @@ def serve_app(app_args: dict[str, Any], metrics_port: int | None = None) -> Iter
         Path(__file__).resolve().parents[1]
     )  # replicas import test doubles (_support.mock_engine)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    ray_init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -52,6 +52,21 @@ def serve_app(app_args: dict[str, Any], metrics_port: int | None = None) -> Iter
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def ray_init(**kwargs: Any) -> None:
+    """``ray.init``, tried again when Ray's node did not come up within its fixed 30 s (a machine so busy
+    that the raylet registers late; CI's 2 cores under other test workers)."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
 
 
 def llm_server_handle() -> Any:
