@@ -141,6 +141,9 @@ def main() -> None:
             result["half_schema_over_free_xgrammar"] = round(med["half_xgrammar"] / med["free"], 3)
         if "free" in med and "half_nodefer" in med:
             result["half_schema_over_free_sync_steps"] = round(med["half_nodefer"] / med["free"], 3)
+        for k in [k for k in med if k.startswith("half_threads")]:
+            if "free" in med:
+                result[f"{k.replace('half_', 'half_schema_over_free_')}"] = round(med[k] / med["free"], 3)
         if "free" in med and "free_sync" in med:
             result["free_sync_over_free"] = round(med["free_sync"] / med["free"], 3)
         result.update({f"{k}_tok_s": [round(x) for x in v] for k, v in res.items()})
@@ -185,6 +188,14 @@ def main() -> None:
             llm.engine.async_scheduling = False
             res["free_sync"] = [timed(llm, prompts, free)[0]]
             llm.engine.async_scheduling = True
+        elif extra.startswith("threads"):  # llguidance's mask executor on N threads
+            import llguidance
+
+            llg = llm.engine._grammars.backend("llguidance")
+            default_executor = llg.executor
+            llg.executor = llguidance.LLExecutor(int(extra[7:]))
+            res[f"half_{extra}"] = [timed(llm, prompts, half)[0]]
+            llg.executor = default_executor
         elif extra == "xgrammar":
             hx = [params(i, i % 2 == 1, "xgrammar") for i in range(args.num)]
             llm.generate(prompts[:w], hx[:w])  # compile
