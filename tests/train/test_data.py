@@ -42,10 +42,11 @@ def test_tokenize_text_jsonl_parquet_in_order(ray_local, tmp_path):
     ids = D.tokenize_corpus(ds, tok, add_eos=True, batch_size=4)
     expected = [t for d in docs for t in tok.encode(d) + [tok.eos_token_id]]
     assert ids.tolist() == expected
-    # parquet with another column name
+    # parquet with another column name: the same documents in order (the tokenizing stage is format-blind,
+    # so one tokenizing pipeline fewer: an actor pool's start-up is most of each)
     pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet")
     ds = D.read_documents([str(tmp_path / "c.parquet")], text_field="body")
-    assert D.tokenize_corpus(ds, tok, add_eos=True, batch_size=7).tolist() == expected
+    assert [r["text"] for r in ds.take_all()] == docs
 
 
 def test_split_is_first_90_last_10():
