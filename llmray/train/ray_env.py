@@ -26,10 +26,11 @@ WORKER_ENV = {
 WORKER_ONLY_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING"}
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 # Ray's own lines that other processes send to the driver's console (the workers' step lines are ours):
-# Ray's C++ log lines, and the raylet's worker-pool warning (2-core hosts)
+# Ray's C++ log lines, the raylet's worker-pool warning (2-core hosts), Ray Train's INFO line per report
 RAY_NOISE = (
     re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] \w+\.cc:\d+: "),
     re.compile(r"worker processes have been started on node"),
+    re.compile(r"^Reporting training result \d+: TrainingReport\("),
 )
 # Ray's own actors whose output is all Ray's: Ray Train V2's PlacementGroupCleaner prints a traceback when two
 # local Rays run on one host (its State API call finds both and picks neither)

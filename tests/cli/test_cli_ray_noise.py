@@ -44,7 +44,16 @@ def test_ray_noise_goes_to_the_log_file_and_step_lines_stay(ray_worker, tmp_path
     )
     # the workers' forwarded output, as log_to_driver's dispatcher hands it over
     step = "step 7/100 | loss 5.8912 | 812 tok/s | eta 1m02s"
-    worker = {"lines": [CPP_LINE, step], "pid": 4242, "ip": "192.0.2.2", "is_err": False, "actor_name": "W"}
+    report = (
+        "Reporting training result 1: TrainingReport(checkpoint=Checkpoint(path=/x), metrics={'step': 7})"
+    )
+    worker = {
+        "lines": [CPP_LINE, step, report],
+        "pid": 4242,
+        "ip": "192.0.2.2",
+        "is_err": False,
+        "actor_name": "W",
+    }
     ray_worker.global_worker_stdstream_dispatcher.emit(worker)
     ray_worker.global_worker_stdstream_dispatcher.emit(
         {**worker, "lines": ["Traceback: a real error"], "is_err": True}
@@ -65,7 +74,11 @@ def test_ray_noise_goes_to_the_log_file_and_step_lines_stay(ray_worker, tmp_path
     out, err = capsys.readouterr()
     assert step in out and "Traceback: a real error" in err
     assert "worker processes have been started" not in out + err and "core_worker.cc" not in out + err
-    assert "multiple Rays" not in out + err and "GetTimeoutError" not in out + err
+    assert (
+        "multiple Rays" not in out + err
+        and "GetTimeoutError" not in out + err
+        and "TrainingReport" not in out
+    )
     written = log.read_text()
     assert "(raylet) WARNING: 8 PYTHON worker processes" in written and "(W) [2026-11-30" in written
     assert "(PlacementGroupCleaner) ConnectionError: multiple Rays" in written and step not in written
