@@ -29,15 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmray.kernels import paged_attention as pa  # noqa: E402
 
 H, HKV, D, PAGE = 16, 8, 128, 16
-CONFIGS = {  # candidates, most promising first: (BLOCK_N, warps, stages, split multiplier, heads fast[,
-    # cuda cores]); 5 stages double-buffer K/V behind the page-table stage (3-4 stages: one K/V buffer, no
-    # overlap within a program); heads fast: grid (Hkv, B) so that a sequence's KV heads (one 2 KB row per
-    # token) run together; cuda cores: _decode_cc_kernel.py (no MMA: no 16-row padding, no fp8 V transpose).
-    # Round 1 (window A, bench/results/decode_sweep.json) chose the committed configs; round 2 tries these
-    "bf16": [(32, 4, 3, 1, 1, 1), (64, 2, 5, 1, 1), (64, 4, 5, 2, 1)],
-    "fp8": [(32, 4, 3, 1, 1, 1), (16, 4, 3, 1, 1, 1), (32, 8, 3, 1, 1, 1), (64, 2, 5, 1, 1), (64, 1, 5, 1, 0),
-            (32, 1, 5, 1, 0), (64, 2, 5, 2, 0), (64, 4, 5, 2, 1)],
-    "bs1": [(32, 4, 3, 1, 0, 1), (64, 2, 5, 1, 0)],
+CONFIGS = {  # candidates, most promising first: (BLOCK_N, warps, stages, split multiplier, heads fast);
+    # 5 stages double-buffer K/V behind the page-table stage (3-4 stages: one K/V buffer, no overlap within a
+    # program); heads fast: grid (Hkv, B) so that a sequence's KV heads (one 2 KB row per token) run together.
+    # Rounds 1 and 2 (windows A and B): bench/results/decode_sweep.json, decode_sweep_b.json
+    "bf16": [(64, 2, 5, 1, 1), (64, 4, 5, 2, 1), (64, 2, 5, 1, 0)],
+    "fp8": [(64, 2, 5, 2, 1), (64, 4, 5, 1, 1), (32, 1, 5, 1, 1), (64, 2, 6, 1, 1)],
+    "bs1": [(64, 2, 5, 1, 0), (32, 4, 5, 1, 0)],
 }  # fmt: skip
 
 
@@ -116,10 +114,9 @@ def main() -> None:
                      "ref_rel_err": ((ref[:n] - tref).norm() / tref.norm()).item(), "configs": {}}  # fmt: skip
         hf0 = int(len(committed) > 4 and committed[4])
         confs = [(*committed[:3], 1, hf0)] + CONFIGS[name] + [(*committed[:3], 1, hf0)]
-        for i, (bn, w, s, mult, hf, *cc) in enumerate(confs):
-            conf = (bn, w, s, False, bool(hf), bool(cc and cc[0]))
+        for i, (bn, w, s, mult, hf) in enumerate(confs):
+            conf = (bn, w, s, False, bool(hf))
             key = f"{(bn, w, s)} splits{base_splits * mult}" + (" heads_fast" if hf else "")
-            key += " cuda_cores" if conf[5] else ""
             key += " committed" if i in (0, len(confs) - 1) else ""
             key += " again" if i == len(confs) - 1 else ""
             if time.perf_counter() - t0 > args.budget_s and 0 < i < len(confs) - 1:
@@ -144,7 +141,7 @@ def main() -> None:
             k = min(ok, key=lambda k: ok[k]["ms"])
             bn, w, s = (int(x) for x in k.split(")")[0].strip("(").split(","))
             mult = int(k.split("splits")[1].split()[0]) // base_splits
-            conf = [bn, w, s, False, "heads_fast" in k, "cuda_cores" in k]
+            conf = [bn, w, s, False, "heads_fast" in k]
             res["best"][name] = {"config": conf, "split_mult": mult, "ms": ok[k]["ms"], "key": k}
         res["cases"][name] = row
         (out / "decode_sweep.json").write_text(json.dumps(res, indent=2))
