@@ -143,38 +143,46 @@ def init_ray(
     return path
 
 
-def divert_ray_noise(log_file: Path) -> None:
-    """Lines matching ``RAY_NOISE`` that reach this driver from Ray's processes go to ``log_file`` instead
-    of the console: the raylet's messages (Ray's error listener prints them whatever ``log_to_driver``
-    says) and the forwarded output of workers and actors. Every other line is printed as before."""
-    import ray._private.worker as ray_worker
+class _DivertRayNoise:
+    """Ray's ``print_to_stdstream`` with the lines matching ``RAY_NOISE`` written to ``log_file`` instead."""
 
-    original = ray_worker.print_to_stdstream
-    if getattr(original, "_llmray", False):
-        return
+    def __init__(self, original: Any, log_file: Path) -> None:
+        self.original, self.log_file = original, log_file
 
-    def print_or_divert(data: dict[str, Any], ignore_prefix: bool) -> None:
+    def __call__(self, data: dict[str, Any], ignore_prefix: bool) -> None:
         lines = data.get("lines") or []
         quiet = data.get("actor_name") in RAY_QUIET_ACTORS or any(
             p.search(ln) for p in RAY_NOISE_BATCHES for ln in lines
         )
         noise = [ln for ln in lines if quiet or any(p.search(ln) for p in RAY_NOISE)]
         if noise:
-            with open(log_file, "a") as f:
+            with open(self.log_file, "a") as f:
                 f.writelines(f"({data.get('actor_name') or data.get('pid')}) {ln}\n" for ln in noise)
             lines = [ln for ln in lines if ln not in noise]
             if not lines:
                 return
             data = {**data, "lines": lines}
-        original(data, ignore_prefix=ignore_prefix)
+        self.original(data, ignore_prefix=ignore_prefix)
 
-    print_or_divert._llmray = True  # type: ignore[attr-defined]  # our mark: init_ray may run twice
-    ray_worker.print_to_stdstream = print_or_divert  # looked up per message by Ray's error listener
+
+def divert_ray_noise(log_file: Path) -> None:
+    """Lines matching ``RAY_NOISE`` that reach this driver from Ray's processes go to ``log_file`` instead
+    of the console: the raylet's messages (Ray's error listener prints them whatever ``log_to_driver``
+    says) and the forwarded output of workers and actors. Every other line is printed as before. A later
+    run in the same process (tests, a notebook) moves the noise to its own ``log_file``."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if isinstance(original, _DivertRayNoise):
+        original.log_file = log_file
+        return
+    divert = _DivertRayNoise(original, log_file)
+    ray_worker.print_to_stdstream = divert  # looked up per message by Ray's error listener
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     for name, handler in list(dispatcher.handlers):  # log_to_driver's handler holds the original function
         if isinstance(handler, functools.partial) and handler.func is original:
             dispatcher.remove_handler(name)
-            dispatcher.add_handler(name, functools.partial(print_or_divert, **handler.keywords))
+            dispatcher.add_handler(name, functools.partial(divert, **handler.keywords))
 
 
 def train_run_kwargs() -> dict[str, Any]:

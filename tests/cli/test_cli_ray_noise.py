@@ -27,6 +27,10 @@ def ray_worker(monkeypatch):
 
     original = ray_worker.print_to_stdstream
     monkeypatch.setattr(ray_worker, "print_to_stdstream", original)
+    if hasattr(
+        original, "log_file"
+    ):  # an earlier run in this process diverts already: its file comes back after
+        monkeypatch.setattr(original, "log_file", original.log_file)
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     monkeypatch.setattr(dispatcher, "handlers", list(dispatcher.handlers))
     # what ray.init(log_to_driver=True) registers: the workers' output, printed through the original
@@ -36,8 +40,8 @@ def ray_worker(monkeypatch):
 
 def test_ray_noise_goes_to_the_log_file_and_step_lines_stay(ray_worker, tmp_path, capsys):
     log = tmp_path / "ray.log"
-    ray_env.divert_ray_noise(log)
-    ray_env.divert_ray_noise(log)  # a second init_ray in the process wraps nothing twice
+    ray_env.divert_ray_noise(tmp_path / "an earlier run's ray.log")
+    ray_env.divert_ray_noise(log)  # a later run in the process: its own log file, nothing wrapped twice
     # the raylet's message, as Ray's error listener prints it (looked up by name on each message)
     ray_worker.print_to_stdstream(
         {"lines": [RAYLET_WARNING], "pid": "raylet", "is_err": False}, ignore_prefix=False
