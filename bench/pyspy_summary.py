@@ -47,7 +47,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+")
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--match", default="step,_launch,_read_back,add_request,_prepare,tokenize,get_all,_finish")
+    ap.add_argument(
+        "--match", default="step,_launch,_read_back,add_request,_prepare,tokenize,get_all,_finish"
+    )
     args = ap.parse_args()
     for f in args.files:
         print(summarize(Path(f), args.top, [w for w in args.match.split(",") if w]))

@@ -64,7 +64,8 @@ class EngineCore:
         self.held_since: float | None = None
         self.admit_window_s = float(os.environ.get("LLMRAY_ADMIT_WINDOW_MS", ADMIT_WINDOW_MS)) / 1000.0
         cfg = getattr(engine, "config", None)
-        self.max_num_seqs = int(getattr(cfg, "max_num_seqs", None) or getattr(engine, "max_num_seqs", 256))
+        max_num_seqs = getattr(cfg, "max_num_seqs", None) or getattr(engine, "max_num_seqs", None)
+        self.max_num_seqs = int(max_num_seqs or 256)
 
     # --- commands ---------------------------------------------------------------------------------
     def handle(self, msg: tuple) -> None:

@@ -20,7 +20,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -82,14 +82,14 @@ async def send_json(send: Any, status: int, content: Any, headers: dict[str, str
     await send({"type": "http.response.body", "body": body})
 
 
-def header(scope: dict, name: bytes) -> bytes | None:
+def header(scope: MutableMapping[str, Any], name: bytes) -> bytes | None:
     for k, v in scope["headers"]:
         if k == name:
             return v
     return None
 
 
-async def read_json(scope: dict, receive: Any, limit: int) -> dict[str, Any]:
+async def read_json(scope: MutableMapping[str, Any], receive: Any, limit: int) -> dict[str, Any]:
     """The body as a JSON object; 413 once it passes ``limit`` bytes (checked before parsing)."""
 
     def too_big() -> APIError:
@@ -119,7 +119,7 @@ async def read_json(scope: dict, receive: Any, limit: int) -> dict[str, Any]:
     return data
 
 
-def check_auth(scope: dict, api_key: str | None) -> None:
+def check_auth(scope: MutableMapping[str, Any], api_key: str | None) -> None:
     if api_key is None:
         return
     value = (header(scope, b"authorization") or b"").decode("latin-1")
@@ -266,7 +266,8 @@ class GenerationRoutes:
             watcher.remove_done_callback(on_receive)
             await send_json(send, 200, body)
         except asyncio.CancelledError:
-            if left and task is not None and task.uncancel() == 0:
+            uncancel = getattr(task, "uncancel", None)  # Task.uncancel is Python 3.11+
+            if left and task is not None and (uncancel is None or uncancel() == 0):
                 return  # the client is gone: nothing to answer
             raise
         finally:

@@ -88,7 +88,8 @@ class RequestPlanner:
 
     def _max_tokens(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> int:
         chat = isinstance(req, ChatCompletionRequest)  # (a missing attribute of a pydantic model is slow)
-        param = "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens"
+        asked_completion = chat and getattr(req, "max_completion_tokens", None)
+        param = "max_completion_tokens" if asked_completion else "max_tokens"
         room = self.max_model_len - prompt_len
         asked = req.max_new_tokens()
         if room < 1:  # the prompt alone fills the window: no max_tokens helps
