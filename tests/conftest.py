@@ -32,6 +32,7 @@ from llmray.config import ModelConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _support.data import shared_data  # noqa: E402,F401  (re-exported for tests)
+from _support.ray_start import ray_init  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,14 +137,7 @@ def ray_local(request):
 
 def _init_ray(ray) -> None:
     """ray.init, once more if the raylet took longer than Ray's fixed 30 s to register (an overloaded host)."""
-    for attempt in range(2):
-        try:
-            ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            return
-        except Exception as e:
-            if attempt or "timed out during startup" not in str(e):
-                raise
-            ray.shutdown()
+    ray_init(attempts=2, num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def _gcs_address(ray) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 from _support.polling import wait_for  # noqa: F401  (re-exported for the tests here)
+from _support.ray_start import ray_init
 
 KEY = "sk-rel"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -53,20 +54,6 @@ def serve_app(app_args: dict[str, Any], shutdown: bool = True) -> Iterator[str]:
             with contextlib.suppress(Exception):
                 serve.shutdown()
         ray.shutdown()
-
-
-def ray_init(**kwargs: Any) -> None:
-    """``ray.init``, tried again when Ray's node did not come up within its fixed 30 s (a busy machine)."""
-    import ray
-
-    for attempt in range(3):
-        try:
-            ray.init(**kwargs)
-            return
-        except Exception as e:
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            ray.shutdown()
 
 
 def engine_stats() -> dict[str, Any]:

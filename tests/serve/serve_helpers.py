@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from _support.polling import wait_for  # noqa: F401  (re-exported for the tests here)
+from _support.ray_start import ray_init
 
 KEY = "sk-llmray-test"
 
@@ -52,21 +53,6 @@ def serve_app(app_args: dict[str, Any], metrics_port: int | None = None) -> Iter
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def ray_init(**kwargs: Any) -> None:
-    """``ray.init``, tried again when Ray's node did not come up within its fixed 30 s (a machine so busy
-    that the raylet registers late; CI's 2 cores under other test workers)."""
-    import ray
-
-    for attempt in range(3):
-        try:
-            ray.init(**kwargs)
-            return
-        except Exception as e:
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            ray.shutdown()
 
 
 def llm_server_handle() -> Any:
