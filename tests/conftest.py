@@ -21,6 +21,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # machine running two test workers can exceed
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "180")
 os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+# Serve's controller kills an HTTP proxy that is not ready within 5 s (10 s per health check): under load
+# `serve deploy` then failed with "ProxyActor ... killed by ray.kill" (CI, 2026-11-30). `llmray serve` sets
+# the same ready timeout for the same reason.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 
 import torch  # noqa: E402
 
