@@ -4,8 +4,8 @@
     python bench/batch.py --workloads nano:1024,text:2048 --variants stage,in_engine --py-spy .data/serving/py-spy
     python bench/batch.py --quick --out /tmp/b                       # tiny model on CPU (checks the script)
 
-Workloads (``--workloads NAME:ROWS,...``; the first is the headline): ``nano``, the nano-vllm shape (issue 23's
-target): prompts of random token ids and ``max_tokens`` both uniform in [100, 1024] (seed 0); ``text``:
+Workloads (``--workloads NAME:ROWS,...``; the first is the headline): ``nano``, the nano-vllm shape (the batch
+target's): prompts of random token ids and ``max_tokens`` both uniform in [100, 1024] (seed 0); ``text``:
 tinyshakespeare passages of 150-1500 characters as text prompts (both sides tokenize), ``--max-tokens`` each.
 All rows: temperature 0.6, ``ignore_eos`` (both sides generate the same tokens count). The model: Qwen3-0.6B
 shapes with random bf16 weights and the 151,936-token BPE in ``--tokenizer-dir`` (``--quick``: the tiny preset
