@@ -39,21 +39,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Shows ``(default: X)`` after every option whose help does not already say its default."""
+    """Shows ``(default: X)`` after every option whose help does not already say its default (``none`` for an
+    option left unset: an optional file, key or override); on/off flags (store_true) say nothing."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if (
-            text == argparse.SUPPRESS
-            or "(default" in text
-            or "(required" in text
-            or not action.option_strings
-        ):
+        if text == argparse.SUPPRESS or "(default" in text or "default:" in text or "(required" in text:
+            return action.help
+        if not action.option_strings:
             return action.help
         if action.required:
             return f"{text} (required)".strip()
-        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
-            return action.help  # flags (store_true) and options without a default
+        if action.nargs == 0 or action.default is argparse.SUPPRESS:
+            return action.help  # on/off flags
+        if action.default is None or action.default == []:
+            return f"{text} (default: none)".strip()
         return f"{text} (default: %(default)s)".strip()
 
 

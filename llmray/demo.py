@@ -342,7 +342,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", help="corpus glob (default: the Python standard library's own sources)")
     p.add_argument("--preset", help="model preset (default: mini; tiny with --quick)")
-    p.add_argument("--max-steps", type=int, help="pretraining steps")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help=f"pretraining steps (default: {FULL['max_steps']}; {QUICK['max_steps']} with --quick)",
+    )
     p.add_argument(
         "--use-gpu", action="store_true", help="one GPU per Ray Train worker and per engine replica"
     )

@@ -32,21 +32,31 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "--input", required=True, help="FILE | GLOB | DIR | s3://... (.jsonl or .parquet; comma list)"
     )
     p.add_argument("--output", required=True, help="output directory (one file per input shard)")
-    p.add_argument("--lora", action="append", type=lora_pair, default=[], metavar="NAME=DIR")
+    p.add_argument("--lora", action="append", type=lora_pair, default=[], metavar="NAME=DIR",
+                   help="an adapter rows may name in their 'lora' field (repeatable)")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=1, help="engines (actors); one GPU each with --use-gpu")
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--max-tokens", type=int, default=None, help="default for rows without their own")
-    p.add_argument("--temperature", type=float, default=None, help="default for rows without their own")
-    p.add_argument("--top-p", type=float, default=None, help="default for rows without their own")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per engine (actor); without it, CPU")
+    p.add_argument("--max-tokens", type=int, default=None, help="for rows without their own (default: 16)")
+    p.add_argument(
+        "--temperature", type=float, default=None, help="for rows without their own (default: 1.0)"
+    )
+    p.add_argument("--top-p", type=float, default=None, help="for rows without their own (default: 1.0)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per Ray Data batch")
     p.add_argument("--shard-rows", type=int, default=1000, help="rows per output file (the resume unit)")
     p.add_argument("--output-format", choices=("jsonl", "parquet"), default=None, help="default: the input's")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="engine: sequences per step")
-    p.add_argument("--max-model-len", type=int, default=None, help="engine: context window")
-    p.add_argument("--max-shards", type=int, default=None, help="process at most N pending shards this run")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="engine: sequences per step (default: 256)")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="engine: context window (default: the model's)"
+    )
+    p.add_argument(
+        "--max-shards",
+        type=int,
+        default=None,
+        help="process at most N pending shards this run (default: all)",
+    )
     p.add_argument("--token-ids", action="store_true", help="also write generated_token_ids")
     p.add_argument("--sync", action="store_true", help="one batch at a time per engine (for comparison)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.add_argument("--stats-dir", default=None, help="each engine writes its timings here (engine-PID.json)")
     p.set_defaults(func=run_cli)
 

@@ -4,7 +4,9 @@ traceback, nothing written, no Ray) for bad input, paths resolved against the ca
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import re
 import subprocess
 import sys
 import time
@@ -62,6 +64,46 @@ def test_every_help_exits_0_and_shows_defaults(command, capsys):
         assert "--kernels {auto,triton,torch}" in out and "--use-gpu" in out
     if command == "pretrain":
         assert "mini" in out  # every preset named
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_option_says_its_default_and_batch_says_the_real_ones():
+    """Each option that takes a value shows its default (or `required`) in --help; batch's unset sampling and
+    engine options name the defaults SamplingParams / EngineConfig apply."""
+    missing, helps = [], {}
+    for name, p in _subcommands().items():
+        fmt = p._get_formatter()
+        for a in p._actions:
+            if name == "bench" or not a.option_strings or a.nargs == 0 or a.help == argparse.SUPPRESS:
+                continue
+            helps[(name, a.option_strings[0])] = text = fmt._get_help_string(a) or ""
+            if not re.search(r"\(default|default:|\(required", text):
+                missing.append(f"{name} {a.option_strings[0]}: {text!r}")
+    assert not missing, missing
+    from llmray.config import EngineConfig
+    from llmray.engine.sampling_params import SamplingParams
+
+    sp, ec = SamplingParams(), EngineConfig()
+    assert f"(default: {sp.max_tokens})" in helps[("batch", "--max-tokens")]
+    assert f"(default: {sp.temperature})" in helps[("batch", "--temperature")]
+    assert f"(default: {sp.top_p})" in helps[("batch", "--top-p")]
+    assert f"(default: {ec.max_num_seqs})" in helps[("batch", "--max-num-seqs")]
+
+
+def test_use_gpu_means_one_gpu_per_worker_everywhere():
+    """`--use-gpu` asks for one GPU per unit of work (Ray Train worker, engine replica or actor) on every
+    subcommand that has it; the help names the unit."""
+    seen = {}
+    for name, p in _subcommands().items():
+        for a in p._actions:
+            if "--use-gpu" in a.option_strings:
+                seen[name] = a.help or ""
+    assert set(seen) == {"pretrain", "finetune", "serve", "demo", "batch"}, seen
+    assert all(text.startswith("one GPU per ") for text in seen.values()), seen
 
 
 def _flattened_fields(cls: type, prefix: str = "") -> list[str]:
