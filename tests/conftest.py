@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _under_tests(path: Path) -> str:
     tests = Path(__file__).resolve().parent
     return path.relative_to(tests).as_posix() if path.is_relative_to(tests) else str(path)
+
+
+# Per xdist worker: seconds spent per module (setup + call + teardown) and when its last test ended, printed at
+# the end of a `make test` run, so SLOW_MODULES can be kept in step with CI (the two workers should end together).
+_WORKER_MODULES: dict[str, dict[str, float]] = {}
+_WORKER_DONE: dict[str, float] = {}
+_T0 = time.monotonic()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    node = getattr(report, "node", None)  # set by xdist on the controller
+    if node is None:
+        return
+    worker = str(node.gateway.id)
+    module = report.location[0].removeprefix("tests/")
+    mods = _WORKER_MODULES.setdefault(worker, {})
+    mods[module] = mods.get(module, 0.0) + report.duration
+    _WORKER_DONE[worker] = time.monotonic() - _T0
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _WORKER_MODULES:
+        return
+    terminalreporter.write_sep("-", "xdist workers: busy seconds, end time, modules >= 15 s in run order")
+    for worker in sorted(_WORKER_MODULES):
+        mods = _WORKER_MODULES[worker]
+        slow = ", ".join(f"{m} {s:.0f}" for m, s in mods.items() if s >= 15)
+        terminalreporter.write_line(
+            f"{worker}: busy {sum(mods.values()):.0f} s, done at {_WORKER_DONE[worker]:.0f} s, "
+            f"{len(mods)} modules; {slow}"
+        )
 
 
 _RAY: dict[str, str] = {}  # the gcs address of the Ray that ray_local started, while it runs
