@@ -71,6 +71,9 @@ class ReplicaBackend:
     async def list_adapters(self) -> list[dict]:
         return self.server.list_adapters()
 
+    async def max_model_len(self) -> int:
+        return int(self.server.max_model_len)
+
     async def load_adapter(self, name: str, path: str) -> dict:
         return await self.server.load_adapter(name, path)
 
@@ -125,6 +128,9 @@ class HandleBackend:
 
     async def list_adapters(self) -> list[dict]:
         return await self.handle.list_adapters.remote()
+
+    async def max_model_len(self) -> int:
+        return int((await self.handle.model_info.remote())["max_model_len"])
 
     async def load_adapter(self, name: str, path: str) -> dict:
         return await self._for(self.handle, name).load_adapter.remote(name, path)

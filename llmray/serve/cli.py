@@ -23,6 +23,7 @@ from typing import Any
 
 from llmray.engine.cli import lora_pair as _lora_pair  # NAME=DIR, shared with `llmray batch`
 from llmray.engine.core import PREWARM_LOCK_ENV
+from llmray.serve.ray_logs import default_log_file, quiet_ray_init, verbose
 
 ENGINE_FLAGS = {  # flag -> (EngineConfig field, type)
     "max-num-seqs": ("max_num_seqs", int),
@@ -151,6 +152,8 @@ def serve_env(ns: argparse.Namespace) -> dict[str, str]:
     # a proxy (or the HAProxy manager) gets 30 s rather than 5 to report ready: on a busy machine Serve
     # otherwise kills it three times over and the start fails
     env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "30"
+    if not verbose():  # Serve's processes log to the session's logs/serve/ files only, not to this console
+        env["RAY_SERVE_LOG_TO_STDERR"] = "0"
     haproxy = ns.haproxy if ns.haproxy is not None else haproxy_usable()
     if haproxy:
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
@@ -166,6 +169,16 @@ def metrics_url(nodes: list[dict[str, Any]], node_ip: str) -> str | None:
         if node.get("Alive") and node.get("NodeManagerAddress") == node_ip and node.get("MetricsExportPort"):
             return f"http://{node_ip}:{node['MetricsExportPort']}/metrics"
     return None
+
+
+def ray_logs_dir() -> str:
+    """The logs folder of the Ray session this driver is connected to."""
+    try:
+        import ray._private.worker as worker
+
+        return str(worker._global_node.get_logs_dir_path())
+    except Exception:  # a Ray version without it: the usual place
+        return os.path.join(tempfile.gettempdir(), "ray", "session_latest", "logs")
 
 
 def _gpu_here() -> bool:
@@ -239,9 +252,13 @@ def _run_serve(ns: argparse.Namespace, prewarm: subprocess.Popen | None) -> int:
     if prewarm is not None:
         progress("compiling the engine's kernels in the background (--no-prewarm to skip)")
     progress("starting Ray" + (" with its dashboard" if ns.dashboard else ""))
-    ray.init(**ray_init_kwargs(ns))
+    log_file = None if verbose() else default_log_file()
+    with quiet_ray_init(log_file):
+        ray.init(**ray_init_kwargs(ns))
     url = metrics_url(ray.nodes(), ray.util.get_node_ip_address())
     progress(f"Ray is up; metrics at {url or 'no metrics port reported by Ray'}")
+    if log_file is not None:
+        progress(f"Ray's and Serve's messages: {log_file}; their processes' logs: {ray_logs_dir()}")
     progress("deploying (the engine core prints its own progress)")
     try:
         app = build_app(args_to_app_args(ns))

@@ -132,6 +132,8 @@ def build_openai_app(backend: Any, config: IngressConfig) -> GenerationRoutes:
     async def models(request: Request) -> dict[str, Any]:
         check_auth(request.scope, config.api_key)
         created = now()
+        if config.max_model_len is None:  # not set at deploy time: the engine's own (the model's default)
+            config.max_model_len = await backend.max_model_len()
         cards = [ModelCard(id=config.served_model_name, created=created, max_model_len=config.max_model_len)]
         adapters = await backend.list_adapters() if config.dynamic_loras else []
         cards += [

@@ -39,6 +39,7 @@ from llmray.serve.lora_registry import LoraRegistry
 from llmray.serve.metrics import ServeMetrics
 from llmray.serve.prepare import RequestPlanner, api_param
 from llmray.serve.protocol import ChatCompletionRequest, CompletionRequest, fast_id
+from llmray.serve.ray_logs import write_console
 from llmray.serve.replica_adapters import ReplicaAdapters, multiplexed_hook
 from llmray.serve.request_log import REQUEST_ID, install_log_filter
 from llmray.serve.structured_api import ChatPlan, ChoiceOutput, split_event
@@ -52,7 +53,7 @@ _DONE = object()
 
 
 def _progress(text: str) -> None:
-    print(text, flush=True)  # start-up progress of the engine core, in the replica's log
+    write_console(text)  # start-up progress of the engine core: the replica's stdout reaches the driver
 
 
 def load_engine(

@@ -76,7 +76,12 @@ def test_serve_env_for_a_local_ray(tmp_path, monkeypatch):
     an environment variable the user set always wins."""
     from llmray.serve.cli import serve_env
 
-    for key in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"):
+    keys = (
+        "RAY_SERVE_ENABLE_HA_PROXY",
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD",
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S",
+    )
+    for key in keys:  # (tests/conftest.py sets the ready timeout for every Ray a test starts)
         monkeypatch.delenv(key, raising=False)
     env = serve_env(parse(["--model", str(tmp_path), "--haproxy"]))
     assert (
@@ -120,3 +125,52 @@ def test_kernel_prewarm_decision_and_the_core_waiting_for_it(tmp_path, monkeypat
         fcntl.flock(held, fcntl.LOCK_UN)  # the pre-warm ended
         waiter.join(5)
     assert not waiter.is_alive()
+
+
+def test_ray_and_serve_messages_go_to_a_named_file_not_the_console(tmp_path, capfd, monkeypatch):
+    """`llmray serve`: Ray's token-auth warning (logged while ray.init has dropped the "ray" logger's
+    handlers) and Serve's driver INFO lines land in the log file; errors still reach the console; Serve's
+    processes stop logging to stderr; the engine core's progress still reaches stdout in a replica whose
+    print Serve redirected."""
+    import builtins
+    import logging
+
+    from ray._private.authentication.authentication_token_setup import _warn_token_auth_enabled
+
+    from llmray.serve.cli import serve_env
+    from llmray.serve.ray_logs import quiet_ray_init, write_console
+
+    saved = {
+        n: (lg.handlers[:], lg.level, lg.propagate)
+        for n in ("ray", "ray.serve")
+        for lg in [logging.getLogger(n)]
+    }
+    log = tmp_path / "ray.log"
+    try:
+        with quiet_ray_init(log):
+            for name in ("ray", "ray.serve"):
+                logging.getLogger(name).handlers.clear()  # what ray.init does before it warns
+            _warn_token_auth_enabled()
+        logging.getLogger("ray.serve").info("Started Serve in namespace")
+        logging.getLogger("ray.serve").error("a real problem")
+        for h in logging.getLogger("ray").handlers:
+            h.flush()
+        text = log.read_text()
+        assert "Token authentication is enabled" in text and "Started Serve" in text
+        err = capfd.readouterr().err
+        assert "Token authentication" not in err and "Started Serve" not in err and "a real problem" in err
+    finally:
+        for name, (handlers, level, propagate) in saved.items():
+            lg = logging.getLogger(name)
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+
+    monkeypatch.delenv("RAY_SERVE_LOG_TO_STDERR", raising=False)
+    monkeypatch.delenv("LLMRAY_VERBOSE", raising=False)
+    assert serve_env(parse(["--model", str(tmp_path)]))["RAY_SERVE_LOG_TO_STDERR"] == "0"
+    monkeypatch.setenv("LLMRAY_VERBOSE", "1")
+    assert "RAY_SERVE_LOG_TO_STDERR" not in serve_env(parse(["--model", str(tmp_path)]))
+
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: None)  # Serve's redirected print, roughly
+    write_console("[engine core 1] engine ready")
+    monkeypatch.undo()
+    assert "[engine core 1] engine ready" in capfd.readouterr().out

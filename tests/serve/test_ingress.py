@@ -43,6 +43,16 @@ def test_models_and_health(client):
     assert client.get("/health").status_code == 200  # open without a key
 
 
+def test_models_card_names_the_engines_max_model_len():
+    """Deployed without --max-model-len, the base model's card shows the engine's own context window."""
+    client, server = make_client(token_delay_s=0.0, max_model_len=300)
+    [card] = client.get("/v1/models", headers=AUTH).json()["data"]
+    assert card["max_model_len"] == server.engine.max_model_len == 300
+    config = IngressConfig(MODEL, api_key=KEY, max_model_len=128)  # set at deploy time: that one
+    pinned = TestClient(build_openai_app(LocalBackend(server), config))
+    assert pinned.get("/v1/models", headers=AUTH).json()["data"][0]["max_model_len"] == 128
+
+
 def test_completions_non_streamed(client):
     body = {
         "model": MODEL,
