@@ -1,4 +1,4 @@
-"""Issue 17's engine figures: throughput from the first run, fp8 KV, single-stream TPOT, prefix hits, profile.
+"""The engine's figures: throughput from the first run, fp8 KV, single-stream TPOT, prefix hits, profile.
 
     python bench/engine.py --out bench/results [--baseline .data/baseline]   # one H200, ~3 minutes
     python bench/engine.py --quick --out /tmp/b                              # tiny model on CPU: script check
@@ -13,7 +13,8 @@ everything it will use before returning), one small warm-up ``generate``, then t
   device ms (CUDA events around the step's work) with synchronous scheduling, plus the step wall time
   with async scheduling, for batch-256 decode steps and mixed steps; ``--baseline DIR`` runs the same
   profile (and two workload runs) on another checkout's ``llmray`` in a subprocess: before vs after.
-Writes engine.json and engine_profile.json after every section.
+Writes engine.json and engine_profile.json after every section; ``--trace``: engine_trace.json, what each
+bf16 run paid (prefill vs decode phase, Triton compiles, GC, allocator growth; bench/engine_trace.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ sys.path.insert(0, os.environ.get("LLMRAY_BENCH_SOURCE", str(REPO)))  # a baseli
 from llmray.config import ModelConfig  # noqa: E402
 from llmray.engine.llm import LLM  # noqa: E402
 from llmray.engine.sampling_params import SamplingParams  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # (the bench modules below, whatever the cwd)
+from engine_profile import decode_kernel_ms, profile  # noqa: E402
 
 
 def sync() -> None:
@@ -74,15 +78,20 @@ def make_llm(model, **kw) -> tuple[LLM, float]:
     return llm, time.perf_counter() - t
 
 
-def timed_runs(llm, prompts, outs, runs: int, vocab: int) -> list[float]:
+def timed_runs(llm, prompts, outs, runs: int, vocab: int, tracer=None) -> list[float]:
+    """Output tok/s of each run; ``tracer`` (engine_trace.RunTracer): what each run paid (steps, compiles)."""
     # what a new user does once: one small generate
     llm.generate(workload(4, 16, 64, vocab, seed=1)[0], SamplingParams(max_tokens=8, ignore_eos=True))
     sp = [SamplingParams(max_tokens=o, temperature=0.6, ignore_eos=True) for o in outs]
     rates = []
-    for _ in range(runs):
+    for i in range(runs):
         sync()
         t = time.perf_counter()
-        llm.generate(prompts, sp)
+        if tracer is not None:
+            with tracer.run(f"run {i + 1}"):
+                llm.generate(prompts, sp)
+        else:
+            llm.generate(prompts, sp)
         sync()
         rates.append(sum(outs) / (time.perf_counter() - t))
         print(f"  run {len(rates)}: {rates[-1]:.0f} output tok/s", flush=True)
@@ -132,116 +141,6 @@ def latency(llm, vocab: int, quick: bool) -> dict:
     }
     res["prefix_hit_over_cold"] = hit / cold
     return res
-
-
-def profile(llm, prompts, outs) -> dict:
-    """Per-step host ms vs device ms (sync scheduling) and step wall ms (async), by step kind. Each mode runs
-    prompts no earlier run has seen (token ids shifted), so its prefill steps miss the prefix cache."""
-    engine = llm.engine
-    runner, sched = engine.runner, engine.scheduler
-    launch, collect, schedule = runner.launch, runner.collect, sched.schedule
-    rows: list[dict] = []
-    cur: dict = {}
-
-    def schedule_(*a):
-        t = time.perf_counter()
-        out = schedule(*a)
-        cur["schedule"] = time.perf_counter() - t
-        cur["seqs"], cur["tokens"] = len(out.scheduled), out.num_tokens
-        return out
-
-    def launch_(*a):
-        if not torch.cuda.is_available():
-            t = time.perf_counter()
-            out = launch(*a)
-            cur["launch"] = time.perf_counter() - t
-            return out
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t = time.perf_counter()
-        start.record()
-        out = launch(*a)
-        end.record()
-        cur["launch"], cur["events"] = time.perf_counter() - t, (start, end)
-        return out
-
-    def collect_(*a):
-        t = time.perf_counter()
-        out = collect(*a)
-        cur["collect"] = time.perf_counter() - t
-        return out
-
-    sched.schedule, runner.launch, runner.collect = schedule_, launch_, collect_
-    sp = [SamplingParams(max_tokens=o, temperature=0.6, ignore_eos=True) for o in outs]
-    res = {}
-    try:
-        vocab = engine.model_config.vocab_size
-        for m, mode in enumerate(("sync", "async")):
-            engine.async_scheduling = mode == "async"
-            for i, (p, s) in enumerate(zip(prompts, sp, strict=True)):
-                engine.add_request(f"prof-{mode}-{i}", [(t + 7919 * (m + 1)) % vocab for t in p], s)
-            rows.clear()
-            while engine.has_unfinished():
-                cur.clear()
-                t = time.perf_counter()
-                engine.step()
-                cur["wall"] = time.perf_counter() - t
-                rows.append(dict(cur))
-            sync()
-            res[mode] = _summarise(rows, mode)
-    finally:
-        sched.schedule, runner.launch, runner.collect = schedule, launch, collect
-        engine.async_scheduling = True
-    return res
-
-
-def _summarise(rows: list[dict], mode: str) -> dict:
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        if "seqs" not in r:
-            continue
-        key = "mixed" if r["tokens"] != r["seqs"] else ("decode_bs200+" if r["seqs"] >= 200 else None)
-        if key:
-            groups.setdefault(key, []).append(r)
-    out = {}
-    for key, rs in groups.items():
-        n = len(rs)
-        mean = lambda k, rs=rs, n=n: sum(r.get(k, 0.0) for r in rs) / n * 1e3  # noqa: E731
-        d = {"steps": n, "mean_tokens": sum(r["tokens"] for r in rs) / n, "step_wall_ms": mean("wall")}
-        if mode == "sync":
-            d |= {
-                "host_schedule_ms": mean("schedule"),
-                "host_launch_ms (inputs + enqueue)": mean("launch"),
-                "host_postprocess_ms": mean("wall") - mean("schedule") - mean("launch") - mean("collect"),
-                "device_ms (events around the step)": sum(
-                    r["events"][0].elapsed_time(r["events"][1]) for r in rs if "events" in r
-                )
-                / n,
-            }
-        out[key] = d
-    return out
-
-
-def decode_kernel_ms(cfg: ModelConfig) -> dict:
-    """Paged decode kernel alone at batch 256, context 843 (the workload's mean): bf16 vs fp8 cache."""
-    import triton
-
-    from llmray.kernels.paged_attention import paged_decode
-
-    h, hkv, d, page, bsz, ctx = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 16, 256, 843
-    nblk = -(-ctx // page)
-    q = torch.randn(bsz, h, d, device="cuda", dtype=torch.bfloat16)
-    tables = torch.randperm(bsz * nblk, device="cuda").view(bsz, nblk).to(torch.int32)
-    lens = torch.full((bsz,), ctx, device="cuda", dtype=torch.int32)
-    scale = torch.ones(1, device="cuda")
-    out = {}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
-        kc = torch.randn(bsz * nblk, page, hkv, d, device="cuda").to(dtype)
-        vc = torch.randn_like(kc, dtype=torch.float32).to(dtype)
-        out[name] = triton.testing.do_bench(
-            lambda kc=kc, vc=vc: paged_decode(q, kc, vc, tables, lens, d**-0.5, k_scale=scale, v_scale=scale)
-        )
-        del kc, vc
-    return out
 
 
 def apply_decode_config(path: str) -> dict:
@@ -294,6 +193,7 @@ def main() -> None:
     ap.add_argument("--skip-profile", action="store_true", help="no decode-kernel timing or step profile")
     ap.add_argument("--unfused-qk", action="store_true", help="q/k norms + rope as three launches")
     ap.add_argument("--no-fp8", action="store_true", help="bf16 KV runs only")
+    ap.add_argument("--trace", action="store_true", help="engine_trace.json: what each bf16 run paid")
     ap.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -332,7 +232,16 @@ def main() -> None:
     for key, kv in (("nano_vllm_tok_s", "auto"), ("nano_vllm_fp8_tok_s", "fp8"))[: 1 if args.no_fp8 else 2]:
         print(f"{key}:", flush=True)
         llm, startup = make_llm(model, kv_cache_dtype=kv)
-        res[key] = timed_runs(llm, prompts, outs, args.runs, cfg.vocab_size)
+        tracer = None
+        if args.trace and kv == "auto":
+            from engine_trace import RunTracer
+
+            tracer = RunTracer(llm.engine)
+        res[key] = timed_runs(llm, prompts, outs, args.runs, cfg.vocab_size, tracer)
+        if tracer is not None:
+            trace = {"device": res["device"], "warmup_s": getattr(llm.engine.runner, "warmup_s", None)}
+            trace |= {"startup_s": startup, "runs": tracer.runs}
+            (out_dir / "engine_trace.json").write_text(json.dumps(trace, indent=2))
         r = llm.engine.runner
         res[f"{key.replace('_tok_s', '')}_startup_s"] = startup
         res[f"{key.replace('_tok_s', '')}_kv_blocks"] = r.num_blocks

@@ -5,10 +5,13 @@ CUDA graphs compile their kernels while being captured; this covers the eager st
 ``max_graph_tokens``, or every step with ``enforce_eager``): token counts on both sides of Triton's
 divisible-by-16 specialisation, decode rows next to prefill chunks, chunks after a cached prefix, each
 sampler path (greedy, temperature + top-k/top-p/min-p, seeded, logprobs, penalties), with LoRA rows if
-adapters are served. Fake sequences point at arbitrary KV blocks: nothing is registered in the block
-manager, and a block's K/V is always written before it is read once a real sequence owns it. Compiled
-kernels also persist in Triton's on-disk cache (``TRITON_CACHE_DIR``, default ~/.triton/cache), so a
-second start-up compiles nothing.
+adapters are served. Then the shapes of a loaded engine's first batch: a full budget of prefill chunks next
+to many decode rows, many short chunks after cached prefixes (prompts that share most of their blocks), and
+the LM head + sampler at every row count up to ``max_num_seqs`` (each picks its own GEMM kernel, loaded
+on first use). Fake sequences point at arbitrary KV blocks: nothing is registered in the block manager,
+and a block's K/V is always written before it is read once a real sequence owns it. Compiled kernels also
+persist in Triton's on-disk cache (``TRITON_CACHE_DIR``, default ~/.triton/cache), so a second start-up
+compiles nothing.
 """
 
 from __future__ import annotations
@@ -41,22 +44,47 @@ def _seq(runner, ctx: int, params: SamplingParams, lora: bool, salt: int) -> Seq
     return seq
 
 
-def _step(runner, decodes: int, prefill: int, prefix: int, params: SamplingParams, lora: bool) -> None:
+def _step(runner, decodes: int, chunks: list[tuple[int, int]], params: SamplingParams, lora: bool) -> None:
+    """One step: ``decodes`` one-token rows, then a prefill chunk per (new tokens, cached prefix) pair."""
     items = []
+    top = runner.max_model_len - 1
     for i in range(decodes):
-        seq = _seq(runner, 40 + 17 * i, params, lora and i % 2 == 0, i)
+        seq = _seq(runner, min(40 + 17 * i, top), params, lora and i % 2 == 0, i)
         items.append(ScheduledSeq(seq, 1, seq.num_tokens - 1))
-    if prefill:
-        seq = _seq(runner, prefix + prefill, params, lora, decodes)
-        items.append(ScheduledSeq(seq, prefill, prefix))
+    for j, (new, prefix) in enumerate(chunks):
+        seq = _seq(runner, prefix + new, params, lora, decodes + j)
+        items.append(ScheduledSeq(seq, new, prefix))
     runner.collect(runner.launch(items))
     for it in items:
         runner.release(it.seq)
 
 
+def _loaded_shapes(runner, budget: int, lora: bool) -> None:
+    """A workload's first batch: full-budget prefill next to many decode rows; many chunks after prefixes;
+    the LM head and sampler at every row count (what decode steps of a draining batch meet)."""
+    seqs = runner.config.max_num_seqs
+    temp = _PARAMS[1]
+    for d in sorted({seqs // 4, seqs // 2, seqs - 1}):
+        if 0 < d < budget:
+            _step(runner, d, [(budget - d, 0)], temp, lora)
+    new = 8
+    prefix = max(0, min(35 * runner.block_size, runner.max_model_len - new))
+    many = min(seqs, budget // new)
+    if many > 1:
+        _step(runner, 0, [(new, prefix)] * many, temp, False)
+    hidden = torch.zeros(seqs, runner.model.config.hidden_size, dtype=runner.dtype, device=runner.device)
+    rows = [Sequence(f"warmup-row-{r}", [0], temp) for r in range(seqs)]
+    for r in range(1, seqs + 1):
+        logits = runner.model.lm_head(hidden[:r])
+        runner.sampler(logits, rows[:r], runner.eos_token_id)
+        logits.argmax(dim=-1)
+    for seq in rows:
+        runner.sampler.release(seq)
+
+
 @torch.inference_mode()
 def warmup(runner) -> float:
-    """Run the warm-up steps on ``runner`` (a ModelRunner on CUDA); returns the seconds it took."""
+    """Run the warm-up steps on ``runner`` (a ModelRunner); returns the seconds it took."""
     t0 = time.perf_counter()
     cfg = runner.config
     budget = min(cfg.max_num_batched_tokens, runner.max_model_len - 1)
@@ -68,13 +96,15 @@ def warmup(runner) -> float:
     for k, n in enumerate(sizes):
         params = _PARAMS[k % len(_PARAMS)]
         decodes = min(8, n - 1, cfg.max_num_seqs - 1)
-        _step(runner, 0, n, 0, params, False)  # a fresh prompt
+        _step(runner, 0, [(n, 0)], params, False)  # a fresh prompt
         if decodes > 0:
             prefix = min(2 * runner.block_size + 3, runner.max_model_len - n)
-            _step(runner, decodes, n - decodes, prefix, params, lora)  # decodes + a chunk after a prefix
+            _step(runner, decodes, [(n - decodes, prefix)], params, lora)  # decodes + a chunk after a prefix
     for params in _PARAMS:  # decode-only steps through each sampler path
-        _step(runner, min(4, cfg.max_num_seqs), 0, 0, params, lora)
-    torch.cuda.synchronize()
+        _step(runner, min(4, cfg.max_num_seqs), [], params, lora)
+    _loaded_shapes(runner, budget, lora)
+    if runner.is_cuda:
+        torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    logger.info("engine warm-up: %d step shapes in %.1f s", len(sizes), dt)
+    logger.info("engine warm-up: %d step shapes + a loaded batch's in %.1f s", len(sizes), dt)
     return dt
