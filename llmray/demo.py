@@ -338,7 +338,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="CI-sized settings (about 75 s on 2 idle cores; the full demo about 5.5 min)",
+        help=f"CI-sized settings: the {QUICK['preset']} preset, {QUICK['max_steps']} pretraining and "
+        f"{QUICK['ft_steps']} fine-tuning steps (a few minutes)",
     )
     p.add_argument("--data", help="corpus glob (default: the Python standard library's own sources)")
     p.add_argument("--preset", help="model preset (default: mini; tiny with --quick)")
@@ -352,5 +353,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--verbose", action="store_true", help="Ray's logs and every step line on the console too")
     p.add_argument("--out", default="runs/demo", help="where every artifact goes")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--port", type=int, default=8000, help="HTTP port of the demo's server (a taken port is refused)"
+    )
     p.set_defaults(func=run_demo)
