@@ -67,6 +67,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     val_fraction: float = 0.1  # held out of --data when --val-data is not given
     checkpoint_every: int = 100
+    print_every: int | None = None  # steps between console progress lines (None: max_steps // 20)
     gradient_checkpointing: bool | None = None  # default: on for QLoRA
     compute_dtype: str = "auto"  # QLoRA compute dtype: the precision's (bf16 on CUDA, fp32 on CPU)
     kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
@@ -246,7 +247,7 @@ def train_loop(config: dict, session: Session) -> dict:
     pad_multiple = GRAPH_PAD_MULTIPLE if graphs is not None else 1
     with session.resume_dir() as resume:
         state: dict[str, Any] = _resume(resume, model, opt) if resume is not None else {"step": 0}
-    logger = MetricsLogger(config.get("metrics_file"), total, resume_step=state["step"], enabled=rank == 0)
+    logger = MetricsLogger(config.get("metrics_file"), total, state["step"], rank == 0, cfg.print_every)
     if resume is not None:
         logger.log({"event": "resumed", "step": state["step"], "from": str(resume)}, console=False)
         print(f"resumed from {resume} at step {state['step']}", flush=True)

@@ -32,15 +32,24 @@ def mfu(
 
 # --- logging --------------------------------------------------------------------------------------------
 class MetricsLogger:
-    """Per-step metrics of rank 0: one JSON line each in ``path`` and a progress line on the console.
+    """Per-step metrics of rank 0: one JSON line each in ``path``, a progress line on the console every
+    ``print_every`` steps (default: about 20 lines a run), on the first and last step and with validation.
 
     ``resume_step`` drops lines past the step a resumed run restarts from, so the file holds one curve.
     """
 
-    def __init__(self, path: str | Path | None, max_steps: int, resume_step: int = 0, enabled: bool = True):
+    def __init__(
+        self,
+        path: str | Path | None,
+        max_steps: int,
+        resume_step: int = 0,
+        enabled: bool = True,
+        print_every: int | None = None,
+    ):
         self.path = Path(path) if path else None
         self.max_steps = max_steps
         self.enabled = enabled
+        self.print_every = print_every or max(1, max_steps // 20)
         self.t0 = time.perf_counter()
         self.first_step = resume_step
         if enabled and self.path is not None:
@@ -56,8 +65,14 @@ class MetricsLogger:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        if console:
+        if console and self._prints(record):
             print(self.progress_line(record), flush=True, file=sys.stdout)
+
+    def _prints(self, r: dict[str, Any]) -> bool:
+        step = r.get("step")
+        if step is None or "val_loss" in r or step in (self.first_step + 1, self.max_steps):
+            return True
+        return step % self.print_every == 0
 
     def progress_line(self, r: dict[str, Any]) -> str:
         step = r.get("step", 0)

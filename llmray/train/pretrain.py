@@ -80,6 +80,7 @@ class PretrainConfig:
     eval_windows: int = 512  # validation windows per evaluation (from the start of the split)
     checkpoint_every: int = 200
     log_every: int = 1
+    print_every: int | None = None  # steps between console progress lines (None: max_steps // 20)
     seed: int = 0
     compile: bool = False
     cuda_graphs: bool = True  # forward + backward replayed from CUDA graphs (one GPU worker, no compile)
@@ -222,7 +223,7 @@ def train_steps(
         _next_batch(batches, w.state["batches_consumed"])
     val, n_val = _val_batches(val_tokens, cfg, rank, world)
     logger = MetricsLogger(
-        Path(cfg.out) / "metrics.jsonl", cfg.max_steps, resume_step=w.state["step"], enabled=rank == 0
+        Path(cfg.out) / "metrics.jsonl", cfg.max_steps, w.state["step"], rank == 0, cfg.print_every
     )
     tokens_per_step = cfg.batch_size * cfg.seq_len * world
     t_start = t_log = time.perf_counter()

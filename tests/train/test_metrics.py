@@ -1,4 +1,5 @@
-"""The per-step progress line: MFU only where there is a peak to compare with (not on CPU)."""
+"""The per-step progress line: MFU only where there is a peak to compare with (not on CPU); about 20 lines
+a run on the console, every step in the file."""
 
 from llmray.train.metrics import MetricsLogger
 
@@ -9,3 +10,14 @@ def test_progress_line_omits_mfu_on_cpu(tmp_path):
     gpu = log.progress_line({"step": 3, "loss": 2.5, "mfu": 0.352})
     assert "mfu" not in cpu and cpu.startswith("step 3/10 | loss 2.5000")
     assert "mfu 35.2%" in gpu
+
+
+def test_console_lines_every_n_steps_file_every_step(tmp_path, capsys):
+    log = MetricsLogger(tmp_path / "m.jsonl", max_steps=100, resume_step=40)
+    for step in range(41, 101):
+        log.log({"step": step, "loss": 1.0, **({"val_loss": 2.0} if step == 63 else {})})
+    printed = [int(line.split()[1].split("/")[0]) for line in capsys.readouterr().out.splitlines()]
+    assert printed == [41, 45, 50, 55, 60, 63, 65, 70, 75, 80, 85, 90, 95, 100]  # first, every 5, val, last
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 60
+    MetricsLogger(tmp_path / "n.jsonl", max_steps=10, print_every=3).log({"step": 2, "loss": 1.0})
+    assert capsys.readouterr().out == ""
