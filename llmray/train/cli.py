@@ -52,7 +52,8 @@ PRETRAIN_HELP = {
     "eval_every": "steps between validations",
     "eval_windows": "validation windows per evaluation",
     "checkpoint_every": "steps between checkpoints",
-    "log_every": "steps between progress lines",
+    "log_every": "steps between metrics.jsonl records",
+    "print_every": "steps between console progress lines; the first, the last and validations always print",
     "compile": "torch.compile the model",
     "cuda_graphs": "replay forward+backward from CUDA graphs (one GPU worker, no --compile)",
     "kernels": "auto (Triton on CUDA) | triton | torch",
@@ -65,7 +66,7 @@ PRETRAIN_HELP = {
     "max_failures": "worker-group restarts from the last checkpoint",
     "target_val_loss": "stop once validation loss reaches it",
 }
-PRETRAIN_NONE = {"storage_path": "OUT/ray_results", "target_val_loss": "off"}
+PRETRAIN_NONE = {"storage_path": "OUT/ray_results", "target_val_loss": "off", "print_every": "max-steps / 20"}
 
 FINETUNE_HELP = {
     "base": "base checkpoint directory (Hugging Face Qwen3 format)",
@@ -86,6 +87,7 @@ FINETUNE_HELP = {
     "seq_len": "longer examples are truncated",
     "val_fraction": "share of --data held out when --val-data is not given",
     "checkpoint_every": "steps between checkpoints",
+    "print_every": "steps between console progress lines; the first, the last and validations always print",
     "gradient_checkpointing": "recompute activations in backward",
     "compute_dtype": "QLoRA compute dtype: auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32",
     "kernels": "auto (Triton on CUDA) | triton | torch",
@@ -102,6 +104,7 @@ FINETUNE_NONE = {
     "max_steps": "one epoch",
     "warmup_steps": "5% of the steps",
     "gradient_checkpointing": "on for QLoRA",
+    "print_every": "the run's steps / 20",
 }
 
 
