@@ -256,6 +256,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     bpe_vocab=knobs["bpe_vocab"], max_steps=knobs["max_steps"], seq_len=knobs["seq_len"],
                     batch_size=16, eval_every=max(10, knobs["max_steps"] // 4), checkpoint_every=knobs["max_steps"],
                     warmup_steps=max(5, knobs["max_steps"] // 20), use_gpu=args.use_gpu, lr=3e-3,
+                    print_every=1 if args.verbose else None,
                 )
             )  # fmt: skip
         last = pre["last"]
@@ -268,7 +269,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 FinetuneConfig(
                     base=str(base_dir), data=str(chat_train), val_data=str(chat_val), out=str(adapter_dir),
                     max_steps=knobs["ft_steps"], batch_size=8, seq_len=knobs["seq_len"], lr=2e-3,
-                    checkpoint_every=knobs["ft_steps"], use_gpu=args.use_gpu,
+                    checkpoint_every=knobs["ft_steps"], use_gpu=args.use_gpu, print_every=1 if args.verbose else None,
                     lora=LoraConfig(r=8, alpha=16, targets="all-linear"),
                 )
             )  # fmt: skip
