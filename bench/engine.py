@@ -234,7 +234,7 @@ def main() -> None:
         llm, startup = make_llm(model, kv_cache_dtype=kv)
         tracer = None
         if args.trace and kv == "auto":
-            from engine_trace import RunTracer
+            from engine_trace import RunTracer, prefill_step_kernels
 
             tracer = RunTracer(llm.engine)
         res[key] = timed_runs(llm, prompts, outs, args.runs, cfg.vocab_size, tracer)
@@ -246,8 +246,14 @@ def main() -> None:
         res[f"{key.replace('_tok_s', '')}_startup_s"] = startup
         res[f"{key.replace('_tok_s', '')}_kv_blocks"] = r.num_blocks
         if kv == "auto":
+            res["first_over_third"] = res[key][0] / res[key][-1]
+            save()  # the runs first: a time limit may cut what follows
             res.update(latency(llm, cfg.vocab_size, args.quick))
             save()
+            if tracer is not None:  # where a fresh full-budget prefill step's device time goes
+                budget = 8192 if not args.quick else 64
+                trace["prefill_step"] = prefill_step_kernels(llm, cfg.vocab_size, budget, 16 if cuda else 4)
+                (out_dir / "engine_trace.json").write_text(json.dumps(trace, indent=2))
             if cuda and not args.skip_profile:
                 prof["decode_kernel_ms_bs256_ctx843"] = decode_kernel_ms(cfg)
                 prof["after"] = profile(llm, prompts, [min(o, args.profile_tokens) for o in outs])

@@ -127,3 +127,38 @@ def _summary(label, t0, t1, events, returns, gcs, compiles, stats0, stats1) -> d
             round(s.get("reserved_bytes.all.current", 0) / 2**30, 3) for s in (stats0, stats1)
         ],
     }
+
+
+def prefill_step_kernels(llm, vocab: int, tokens: int = 8192, seqs: int = 16, top: int = 12) -> dict:
+    """torch.profiler over one fresh full-budget prefill step (``seqs`` prompts of tokens/seqs, one output
+    token each: nothing cached): device ms by kernel, the largest ``top``, and the step's wall ms."""
+    import random
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from llmray.engine.sampling_params import SamplingParams
+
+    rng = random.Random(7)
+    prompts = [[rng.randrange(vocab) for _ in range(tokens // seqs)] for _ in range(seqs)]
+    one = SamplingParams(max_tokens=1, temperature=0.6, ignore_eos=True)
+    llm.generate([[(t + 1) % vocab for t in p] for p in prompts], one)  # the same shapes, unprofiled, no hits
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        llm.generate(prompts, one)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    rows = []
+    for e in prof.key_averages():
+        dev = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if dev > 0:
+            rows.append((e.key[:90], e.count, round(dev / 1e3, 3)))
+    rows.sort(key=lambda r: -r[2])
+    return {
+        "tokens": tokens,
+        "seqs": seqs,
+        "wall_ms (profiled)": round(wall * 1e3, 2),
+        "device_ms_total": round(sum(r[2] for r in rows), 3),
+        "top_kernels (name, calls, device ms)": rows[:top],
+    }

@@ -2,7 +2,8 @@
 
 Qwen3-0.6B shapes with random bf16 weights; adapters are random PEFT directories written at start.
 Rows: base model on an engine without LoRA, base requests on the LoRA engine, then 1/4/16 adapters
-(requests assigned round-robin). Target (issue 8): 16 adapters >= 80% of base throughput.
+(requests assigned round-robin). Target: 16 adapters >= 80% of base throughput. ``--wait-for FILE``:
+build the models and write the adapters first, then wait for FILE (another benchmark finishing on the GPU).
 
     python bench/lora.py --out bench/results/lora.json [--num-seqs 256 --prompt-len 256 --output-len 256]
 """
@@ -52,10 +53,22 @@ def write_adapter(path: Path, config: ModelConfig, rank: int, seed: int) -> None
     (path / "adapter_config.json").write_text(json.dumps(cfg))
 
 
-def run(llm: LLM, prompts: list[list[int]], loras: list[str | None], output_len: int, repeats: int) -> dict:
-    """Best of ``repeats`` timed runs of the whole workload, after one untimed warm-up run of it."""
+def run(
+    llm: LLM,
+    prompts: list[list[int]],
+    loras: list[str | None],
+    output_len: int,
+    repeats: int,
+    warmup_seqs: int | None = None,
+) -> dict:
+    """Best of ``repeats`` timed runs of the whole workload, after one untimed warm-up run of it (or of its
+    first ``warmup_seqs`` requests with 8 output tokens: adapters into their slots, a shorter window)."""
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
-    llm.generate(prompts, params, lora=loras)  # warm-up: the same workload (Triton compiles, adapter slots)
+    if warmup_seqs:  # every adapter of the row still loads (requests are assigned round-robin)
+        short = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
+        llm.generate(prompts[:warmup_seqs], short, lora=loras[:warmup_seqs])
+    else:  # warm-up: the same workload (Triton compiles, adapter slots)
+        llm.generate(prompts, params, lora=loras)
     walls = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -112,10 +125,18 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3-0.6b")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-kernels", action="store_true", help="no shrink/expand kernel timings")
+    ap.add_argument("--adapters", default="16,1,4,0", help="adapter counts of the LoRA-engine rows, in order")
+    ap.add_argument("--warmup-seqs", type=int, default=None, help="warm-up run on this many requests only")
+    ap.add_argument(
+        "--wait-for",
+        default=None,
+        help="prepare (models, adapters), then wait for this file before any engine",
+    )
     args = ap.parse_args()
     config = ModelConfig.preset(args.preset)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(config).to("cuda", torch.bfloat16)
+    lora_model = Qwen3ForCausalLM(config).to("cuda", torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, config.vocab_size, (args.num_seqs, args.prompt_len), generator=g).tolist()
     results: dict = {"workload": vars(args), "device": torch.cuda.get_device_name(), "rows": {}}
@@ -130,31 +151,35 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
 
-    base = LLM.from_model(model, None, enable_prefix_caching=False)
-    results["rows"]["base_engine_without_lora"] = run(
-        base, prompts, [None] * len(prompts), args.output_len, args.repeats
-    )
-    print("base", results["rows"]["base_engine_without_lora"], flush=True)
-    save()
-    del base
-    gc.collect()
-    torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as tmp:
         names = [f"a{i}" for i in range(16)]
         for i, name in enumerate(names):
             write_adapter(Path(tmp) / name, config, args.rank, seed=i)
+        if args.wait_for:  # (another benchmark holds the GPU until it writes this file)
+            print("prepared; waiting for", args.wait_for, flush=True)
+            while not Path(args.wait_for).exists():
+                time.sleep(0.05)
+        base = LLM.from_model(model, None, enable_prefix_caching=False)
+        results["rows"]["base_engine_without_lora"] = run(
+            base, prompts, [None] * len(prompts), args.output_len, args.repeats, args.warmup_seqs
+        )
+        print("base", results["rows"]["base_engine_without_lora"], flush=True)
+        save()
+        del base
+        gc.collect()
+        torch.cuda.empty_cache()
         llm = LLM.from_model(
-            Qwen3ForCausalLM(config).to("cuda", torch.bfloat16),
+            lora_model,
             None,
             enable_prefix_caching=False,
             max_loras=16,
             max_lora_rank=args.rank,
             loras={n: str(Path(tmp) / n) for n in names},
         )
-        for k in (16, 1, 4, 0):  # the target row first
+        for k in (int(c) for c in args.adapters.split(",")):  # the target row first
             loras = [names[i % k] if k else None for i in range(len(prompts))]
             key = f"{k}_adapters" if k else "base_on_lora_engine"
-            results["rows"][key] = run(llm, prompts, loras, args.output_len, args.repeats)
+            results["rows"][key] = run(llm, prompts, loras, args.output_len, args.repeats, args.warmup_seqs)
             print(key, results["rows"][key], flush=True)
             save()
     if not args.skip_kernels:
