@@ -1,12 +1,25 @@
-"""The llmray app on a real local Ray Serve, the real engine on the tiny model, through the `openai` client.
+"""The llmray app on a real local Ray Serve, the real engine on the tiny model (CPU, torch kernels).
 
-One Serve app for the whole module (startup is slow on 2 cores): one engine replica (max_num_seqs=4, so
-max_ongoing_requests=4, max_queued_requests=2), one ingress replica, an API key, Ray metrics exported.
+One Ray + Serve for the module (start-up is slow on 2 cores), two apps in turn:
+
+1. the API through the `openai` client: one engine replica (max_num_seqs=4, so the replica holds
+   max_ongoing_requests=8 + max_queued_requests=2 requests and answers 429 beyond), an API key, Ray
+   metrics exported;
+2. load: 500 concurrent streaming clients on one replica, a fifth hanging up mid-stream. Limits are set so
+   no client gets a 429 (``max_ongoing_requests`` covers all 500; the engine batches 64 and queues the
+   rest). The 400 clients that stay ask for 8 tokens and must each get a well-formed stream: role-less
+   completion chunks, finish_reason "length", the usage chunk (8 tokens) and ``data: [DONE]``. The 100
+   that leave ask for 64 tokens and hang up after their first chunk: their engine requests are aborted
+   (the tokens generated in all stay far below 100 x 64) and free their KV blocks. Afterwards the engine
+   is idle with every block free, the replica's and its engine core's memory are back near their
+   warmed-up baseline, and the server still answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
+import threading
 import time
 import urllib.request
 from types import SimpleNamespace
@@ -14,7 +27,19 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-from serve_helpers import KEY, engine_under_test, free_port, llm_server_handle, serve_app, sse_data, wait_for
+from serve_helpers import (
+    AUTH,
+    KEY,
+    engine_stats,
+    engine_under_test,
+    free_port,
+    replica_pids,
+    rss_mb,
+    serve_session,
+    sse_data,
+    stream_completion,
+    wait_for,
+)
 
 from llmray.serve.metrics import METRIC_NAMES
 
@@ -25,8 +50,15 @@ LONG_JSON = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}  # the sam
 
 
 @pytest.fixture(scope="module")
-def app(tiny_model_dir):
+def session():
     metrics_port = free_port()
+    with serve_session(metrics_port=metrics_port) as s:
+        s.metrics_port = metrics_port  # type: ignore[attr-defined]
+        yield s
+
+
+@pytest.fixture(scope="module")
+def app(session, tiny_model_dir):
     args = {
         "model": str(tiny_model_dir),
         "served_model_name": MODEL,
@@ -38,13 +70,9 @@ def app(tiny_model_dir):
         "num_cpus": 0.25,
         "max_body_bytes": 1024 * 1024,
     }
-    with serve_app(args, metrics_port=metrics_port) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
-        yield SimpleNamespace(url=url, metrics_port=metrics_port, client=client)
-
-
-def engine_stats() -> dict:
-    return llm_server_handle().stats.remote().result()
+    url = session.deploy(args)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    return SimpleNamespace(url=url, metrics_port=session.metrics_port, client=client)
 
 
 def test_models_and_health(app):
@@ -173,15 +201,20 @@ def test_error_statuses(app):
 
 
 def test_queue_full_is_429(app):
+    """12 long streams at once: the replica holds 10 (8 ongoing + 2 queued) and refuses the rest with 429 +
+    Retry-After. A stream that got its 200 hangs up once a refusal was seen (its slot is then free again)."""
+    refused = threading.Event()
+
     def one(i: int) -> tuple[int, str | None, dict | None]:
         body = {"model": MODEL, "prompt": f"request {i}", "stream": True, **LONG_JSON}
-        headers = {"Authorization": f"Bearer {KEY}"}
-        with httpx.stream("POST", f"{app.url}/v1/completions", json=body, headers=headers, timeout=60) as r:
+        with httpx.stream("POST", f"{app.url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
             if r.status_code != 200:
                 r.read()
+                refused.set()
                 return r.status_code, r.headers.get("retry-after"), r.json()
             for _ in r.iter_lines():
-                pass
+                if refused.is_set():
+                    break  # leaving closes the stream: the engine aborts the request
             return 200, None, None
 
     with cf.ThreadPoolExecutor(12) as pool:
@@ -190,6 +223,7 @@ def test_queue_full_is_429(app):
     assert statuses.count(200) >= 4 and statuses.count(429) >= 1, statuses
     rejected = [(h, b) for s, h, b in results if s == 429]
     assert all(h == "1" and b["error"]["type"] == "rate_limit_error" for h, b in rejected)
+    assert wait_for(lambda: engine_stats()["num_running"] == 0, 30)  # every stream ended or was aborted
 
 
 def test_disconnect_aborts_and_frees_blocks(app):
@@ -223,3 +257,121 @@ def test_metrics_exported_to_prometheus(app):
                 for line in text.splitlines() if line.startswith("ray_llmray_")}  # fmt: skip
 
     assert wait_for(lambda: wanted <= exported(), 30, interval_s=1.0), wanted - exported()
+
+
+# --- load ------------------------------------------------------------------------------------------------------
+N_CLIENTS, N_LEAVE = 500, 100
+STAY_TOKENS, LEAVE_TOKENS = 8, 64
+MAX_GROWTH_MB = 64  # per process, after a warm-up run of the same shape
+
+
+@pytest.fixture(scope="module")
+def load_url(session, tiny_model_dir):
+    args = {
+        "model": str(tiny_model_dir),
+        "served_model_name": MODEL,
+        "api_key": KEY,
+        "engine": "llmray",
+        "engine_kwargs": {
+            "max_num_seqs": 64,
+            "num_kv_blocks": 512,
+            "max_model_len": 256,
+            "kernels": "torch",
+        },
+        "max_ongoing_requests": 600,  # every client is admitted: no 429 in this test
+        "max_queued_requests": 600,
+        "num_cpus": 0.5,
+    }
+    return session.deploy(args)
+
+
+def _body(i: int, leave: bool) -> dict:
+    return {
+        "model": MODEL,
+        "prompt": f"client {i} says hello",
+        "max_tokens": LEAVE_TOKENS if leave else STAY_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def _crowd(url: str, n: int, n_leave: int):
+    limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+        jobs = []
+        for i in range(n):
+            leave = i % (n // n_leave) == 0 if n_leave else False
+            jobs.append(
+                stream_completion(client, url, _body(i, leave), disconnect_after=1 if leave else None)
+            )
+        return await asyncio.gather(*jobs)
+
+
+def _check_stayer(res) -> None:
+    assert res.status == 200 and res.exception is None and res.error is None, res
+    assert res.done and not res.disconnected
+    content = [c for c in res.chunks if c["choices"]]
+    assert all(c["object"] == "text_completion" and c["model"] == MODEL for c in res.chunks)
+    assert len({c["id"] for c in res.chunks}) == 1
+    assert content[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in content[:-1])
+    usage = res.chunks[-1]["usage"]
+    assert res.chunks[-1]["choices"] == [] and usage["completion_tokens"] == STAY_TOKENS
+    assert usage["total_tokens"] == usage["prompt_tokens"] + STAY_TOKENS
+
+
+def _idle() -> bool:
+    s = engine_stats()
+    return s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]
+
+
+def _run_and_check(url: str) -> tuple[float, int]:
+    """One crowd of 500; returns (seconds, tokens the 100 leavers generated before their abort)."""
+    before = engine_stats()
+    t0 = time.perf_counter()
+    results = asyncio.run(_crowd(url, N_CLIENTS, N_LEAVE))
+    elapsed = time.perf_counter() - t0
+
+    stayers = [r for r in results if not r.disconnected]
+    leavers = [r for r in results if r.disconnected]
+    assert len(stayers) == N_CLIENTS - N_LEAVE and len(leavers) == N_LEAVE
+    assert not [r for r in results if r.status == 429]
+    for res in stayers:
+        _check_stayer(res)
+    assert all(r.status == 200 and r.chunks and r.error is None for r in leavers)
+
+    # every aborted request leaves the engine: nothing running or waiting, every KV block free
+    assert wait_for(_idle, 30), engine_stats()
+    after = engine_stats()
+    generated = after["generation_tokens_total"] - before["generation_tokens_total"]
+    stay_tokens = (N_CLIENTS - N_LEAVE) * STAY_TOKENS
+    # each leaver made >= 1 token, and together far fewer than the 6,400 they asked for: they were aborted
+    assert stay_tokens + N_LEAVE <= generated < stay_tokens + N_LEAVE * LEAVE_TOKENS * 3 // 4, generated
+    assert after["num_running"] == 0 and after["num_free_blocks"] == after["num_total_blocks"]
+    return elapsed, generated - stay_tokens
+
+
+@pytest.mark.timeout(400)
+def test_500_streaming_clients_with_a_fifth_disconnecting(load_url):
+    url = load_url
+    [replica] = replica_pids("LLMServer")
+    core = engine_stats()["core_pid"]
+    # first crowd: also the warm-up (allocator arenas, Ray streaming buffers reach their high-water mark)
+    first = _run_and_check(url)
+    base = {"replica": rss_mb(replica), "core": rss_mb(core)}
+    second = _run_and_check(url)  # the same load again: memory must come back to the same level
+    grown = {"replica": rss_mb(replica) - base["replica"], "core": rss_mb(core) - base["core"]}
+    assert all(g < MAX_GROWTH_MB for g in grown.values()), grown
+    assert replica_pids("LLMServer") == [replica]  # the same replica served it all
+
+    # the server answers afterwards
+    r = httpx.post(
+        f"{url}/v1/completions", headers=AUTH, timeout=30,
+        json={"model": MODEL, "prompt": "still there?", "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+    )  # fmt: skip
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    print(
+        f"\n500 clients: {first[0]:.1f}s and {second[0]:.1f}s; leavers generated {first[1]} and "
+        f"{second[1]} tokens (of {N_LEAVE * LEAVE_TOKENS} asked); RSS growth MB {grown}"
+    )

@@ -1,8 +1,8 @@
 """Serving LoRA adapters: /v1/models cards, load/unload routes, path rules, the shared registry, routing.
 
-Most tests run the ingress over in-process ``LLMServer`` replicas on the mock engine (no Ray); one runs the
-real engine with a peft adapter on the tiny model and compares with ``LLM(..., loras=...)``; one runs two
-replicas on a local Ray Serve to exercise multiplexed routing with streaming.
+The tests run the ingress over in-process ``LLMServer`` replicas on the mock engine (no Ray); one runs the
+real engine with a peft adapter on the tiny model and compares with ``LLM(..., loras=...)``. Multiplexed
+routing with streaming over two replicas on a local Ray Serve: test_serve_replicas.py.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
 from _support.local_backend import MOCK_ENGINE, LocalBackend
 from fastapi.testclient import TestClient
+from serve_helpers import fake_adapter
 
 from llmray.serve.ingress import IngressConfig, build_openai_app
 from llmray.serve.lora_registry import REGISTRY_FILE, LoraRegistry
@@ -24,14 +24,6 @@ from llmray.serve.server import LLMServer
 MODEL = "base-model"
 KEY = "sk-lora"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def fake_adapter(path: Path) -> Path:
-    """A directory the mock engine accepts (it checks the two file names only)."""
-    path.mkdir(parents=True)
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    (path / "adapter_model.safetensors").write_bytes(b"")
-    return path
 
 
 @pytest.fixture
@@ -323,44 +315,6 @@ def test_real_engine_serves_a_loaded_adapter_like_llm(tiny_model_dir, tmp_path):
     expect = llm.generate("hello world", sp, lora="t1")[0]
     assert served["choices"][0]["text"] == expect.text
     assert base["choices"][0]["text"] == llm.generate("hello world", sp)[0].text
-
-
-# --- Ray Serve: two replicas, multiplexed routing, streaming -------------------------------------------------
-@pytest.mark.timeout(300)
-def test_two_replicas_on_ray_serve(root, tmp_path):
-    import httpx
-    from serve_helpers import llm_server_handle, serve_app, sse_data
-
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    args = {"model": str(model_dir), "served_model_name": MODEL, "engine_factory": MOCK_ENGINE, "api_key": KEY,
-            "lora_root": str(root), "min_replicas": 2, "max_replicas": 2, "ingress_replicas": 1,
-            "ingress_mode": "separate",  # multiplexed routing: a separate ingress calls through the handle
-            "num_cpus": 0.25, "engine_kwargs": {"token_delay_s": 0.001}}  # fmt: skip
-    with serve_app(args) as url, httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
-        ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
-        assert ids == [MODEL, "alpha", "spare"]
-        fake_adapter(root / "later")  # copied in while serving
-        r = http.post("/v1/load_lora_adapter", json={"lora_name": "later", "lora_path": "later"})
-        assert r.status_code == 200, r.text
-        time.sleep(1.0)  # the replica reports its multiplexed ids to the router every 0.1 s
-        body = {"model": "later", "prompt": "hi", "max_tokens": 5, "temperature": 0, "stream": True}
-        texts = []
-        for _ in range(4):  # multiplexed routing + streaming through the DeploymentHandle
-            with http.stream("POST", "/v1/completions", json=body) as resp:
-                assert resp.status_code == 200
-                events = list(sse_data(resp.iter_lines()))
-            assert events[-1] == "[DONE]"
-            texts.append("".join(e["choices"][0]["text"] for e in events[:-1]))
-        assert len(set(texts)) == 1 and len(texts[0]) > 0
-        # Serve routed every request to the replica that got the load call: the other never loaded it
-        held = {tuple(llm_server_handle().model_info.remote().result()["loras_held"]) for _ in range(20)}
-        assert held == {("later",), ()}
-        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "later"}).status_code == 200
-        for _ in range(3):  # whichever replica answers, the unloaded adapter is gone
-            r = http.post("/v1/completions", json={**body, "stream": False})
-            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    assert not list(root.glob("*.tmp"))  # every registry write was replaced atomically
 
 
 def test_registry_writes_from_many_writers_are_not_lost(root):

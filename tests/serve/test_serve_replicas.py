@@ -1,16 +1,24 @@
-"""Faults in serving: the engine replica is SIGKILLed mid-load; graceful shutdown drains in-flight requests.
+"""The llmray app on a real local Ray Serve over test-double engines: replicas that come, go and crash.
 
-One Serve app (the real serving stack and engine core process over the paced engine double, one LLMServer
-replica with a 1 s health check, one ingress). While
-streamed and non-streamed requests run, the LLMServer replica's process is killed with SIGKILL (a crash,
-no cleanup). Then: every in-flight client ends well before its timeout with an error in the OpenAI
-envelope, as a retryable 503 ``engine_unavailable`` (an SSE ``data: {"error": ...}`` event then ``[DONE]``
-for streams, a JSON body otherwise); Serve starts a new replica; ``/health`` answers promptly throughout
-(503 while no engine can answer, 200 after); requests sent after the crash (or sent before it but not started: the ingress sends them
-again) wait for the new replica, and they and later ones succeed with the same greedy output as before the crash; the killed replica's engine
-core process exits too (no orphan holds the device). Then the engine core process alone is SIGKILLed
-mid-stream: every stream gets the 503 in-band, the replica turns unhealthy and Serve replaces it. Last,
-deleting the app while requests stream drains them: each finishes with all its tokens.
+One Ray + Serve for the module (starting them costs more than deploying a test-double app); each scenario
+deploys its own app (``ServeSession.deploy`` replaces the one before):
+
+- multiplexed LoRA routing over two ``LLMServer`` replicas behind a separate ingress (the mock engine);
+- autoscaling: under load the engine deployment goes from 1 to 2 replicas, and back to 1 when idle;
+- faults (the real serving stack and engine core process over the paced double, one LLMServer replica
+  with a 1 s health check, one separate ingress): while streamed and non-streamed requests run, the
+  replica's process is SIGKILLed (a crash, no cleanup). Every in-flight client ends well before its
+  timeout with an error in the OpenAI envelope, as a retryable 503 ``engine_unavailable`` (an SSE
+  ``data: {"error": ...}`` event then ``[DONE]`` for streams, a JSON body otherwise); Serve starts a new
+  replica; ``/health`` answers promptly throughout (503 while no engine can answer, 200 after); requests
+  sent after the crash (or sent before it but not started: the ingress sends them again) wait for the new
+  replica, and they and later ones succeed with the same greedy output as before the crash; the killed
+  replica's engine core process exits too (no orphan holds the device). Then the engine core process alone
+  is SIGKILLed mid-stream: every stream gets the 503 in-band, the replica turns unhealthy and Serve
+  replaces it. Last, deleting the app while requests stream drains them: each finishes with all its tokens.
+
+The paced double (``tests/_support/paced_engine.py``: 20 ms steps, no model) makes a new replica ready in
+seconds; replicas ask for a fraction of a CPU (Ray has 8 logical CPUs on the 2-core CI machine).
 """
 
 from __future__ import annotations
@@ -25,32 +33,145 @@ import httpx
 import pytest
 from _support.local_backend import MOCK_ENGINE
 from _support.paced_engine import write_tokenizer_dir
-from rel_helpers import AUTH, MODEL, engine_stats, replica_pids, serve_app, stream_completion, wait_for
+from serve_helpers import (
+    AUTH,
+    KEY,
+    engine_stats,
+    fake_adapter,
+    llm_server_handle,
+    replica_count,
+    replica_pids,
+    serve_session,
+    sse_data,
+    stream_completion,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(400)
+MODEL = "tiny"
 CLIENT_TIMEOUT_S = 60.0
 GREEDY = {"model": MODEL, "prompt": "the same prompt", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
 LONG = {"model": MODEL, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
-    args = {
-        "model": str(write_tokenizer_dir(tmp_path_factory.mktemp("paced"))),
-        # the engine core process runs the paced double (tests/_support/paced_engine.py): a replica and its
-        # core restart in seconds; 20 ms steps keep 200-token requests running for 4 s
-        "engine_factory": "_support.paced_engine:PacedAsyncLLM",
-        "engine_kwargs": {"max_num_seqs": 16, "max_model_len": 512, "step_ms": 20},
-        # the ingress as a deployment of its own: it outlives the killed engine replica and reports the cut
-        # streams in-band (in the default layout the HTTP server dies with the replica: a cut connection)
-        "ingress_mode": "separate",
-        "ingress_replicas": 1,
-        "num_cpus": 0.5,
-        "health_check_period_s": 1.0,
-        "stream_interval_ms": 0,
-    }
-    with serve_app(args) as base:
-        yield base
+def session():
+    with serve_session() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def paced_dir(tmp_path_factory):
+    return str(write_tokenizer_dir(tmp_path_factory.mktemp("paced")))
+
+
+# --- LoRA: two replicas, multiplexed routing, streaming -----------------------------------------------------
+def test_two_replicas_route_adapter_requests(session, tmp_path):
+    root = tmp_path / "loras"
+    fake_adapter(root / "alpha")
+    fake_adapter(root / "spare")
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    args = {"model": str(model_dir), "served_model_name": MODEL, "engine_factory": MOCK_ENGINE, "api_key": KEY,
+            "lora_root": str(root), "min_replicas": 2, "max_replicas": 2, "ingress_replicas": 1,
+            "ingress_mode": "separate",  # multiplexed routing: a separate ingress calls through the handle
+            "num_cpus": 0.25, "engine_kwargs": {"token_delay_s": 0.001}}  # fmt: skip
+    url = session.deploy(args)
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+        ids = [m["id"] for m in http.get("/v1/models").json()["data"]]
+        assert ids == [MODEL, "alpha", "spare"]
+        fake_adapter(root / "later")  # copied in while serving
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "later", "lora_path": "later"})
+        assert r.status_code == 200, r.text
+        time.sleep(1.0)  # the replica reports its multiplexed ids to the router every 0.1 s
+        body = {"model": "later", "prompt": "hi", "max_tokens": 5, "temperature": 0, "stream": True}
+        texts = []
+        for _ in range(4):  # multiplexed routing + streaming through the DeploymentHandle
+            with http.stream("POST", "/v1/completions", json=body) as resp:
+                assert resp.status_code == 200
+                events = list(sse_data(resp.iter_lines()))
+            assert events[-1] == "[DONE]"
+            texts.append("".join(e["choices"][0]["text"] for e in events[:-1]))
+        assert len(set(texts)) == 1 and len(texts[0]) > 0
+        # Serve routed every request to the replica that got the load call: the other never loaded it
+        held = {tuple(llm_server_handle().model_info.remote().result()["loras_held"]) for _ in range(20)}
+        assert held == {("later",), ()}
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "later"}).status_code == 200
+        for _ in range(3):  # whichever replica answers, the unloaded adapter is gone
+            r = http.post("/v1/completions", json={**body, "stream": False})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert not list(root.glob("*.tmp"))  # every registry write was replaced atomically
+
+
+# --- autoscaling ------------------------------------------------------------------------------------------------
+def test_autoscale_up_under_load_and_back_down(session, paced_dir):
+    url = session.deploy(
+        {
+            "model": paced_dir,
+            "served_model_name": MODEL,
+            "engine_factory": "_support.paced_engine:PacedAsyncLLM",
+            "api_key": KEY,
+            "engine_kwargs": {"max_num_seqs": 8, "max_model_len": 512, "step_ms": 20},
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 1,
+            "autoscaling_overrides": {
+                "upscale_delay_s": 0.5,
+                "downscale_delay_s": 2.0,
+                "metrics_interval_s": 0.5,
+                "look_back_period_s": 1.0,
+            },
+            "num_cpus": 0.25,
+        }
+    )
+    assert replica_count() == 1
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def load(i: int) -> None:
+        body = {"model": MODEL, "prompt": f"load {i}", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
+            while not stop.is_set():
+                with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                    statuses.append(r.status_code)
+                    for _ in r.iter_lines():
+                        if stop.is_set():
+                            break
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_for(lambda: replica_count() == 2, 60, interval_s=0.5), "never scaled to 2 replicas"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    assert wait_for(lambda: replica_count() == 1, 60, interval_s=0.5), "never scaled back to 1 replica"
+
+
+# --- faults ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def url(session, paced_dir):
+    return session.deploy(
+        {
+            "model": paced_dir,
+            "served_model_name": MODEL,
+            "api_key": KEY,
+            # the engine core process runs the paced double: a replica and its core restart in seconds;
+            # 20 ms steps keep 200-token requests running for 4 s
+            "engine_factory": "_support.paced_engine:PacedAsyncLLM",
+            "engine_kwargs": {"max_num_seqs": 16, "max_model_len": 512, "step_ms": 20},
+            # the ingress as a deployment of its own: it outlives the killed engine replica and reports the
+            # cut streams in-band (in the default layout the HTTP server dies with the replica: a cut connection)
+            "ingress_mode": "separate",
+            "ingress_replicas": 1,
+            "num_cpus": 0.5,
+            "health_check_period_s": 1.0,
+            "stream_interval_ms": 0,
+        }
+    )
 
 
 def _greedy_text(url: str) -> str:
