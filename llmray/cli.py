@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(subparsers)
     for sub in subparsers.choices.values():
         sub.formatter_class = DefaultsHelpFormatter
+        # argparse prints nothing, not even the default, for an option without help text
+        for action in sub._actions:
+            if action.option_strings and not action.help and action.nargs != 0:
+                action.help = "(default: %(default)s)" if action.default is not None else "(default: none)"
         if sub.prog.endswith(" bench"):
             continue
         sub.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys are long flag names")

@@ -64,6 +64,8 @@ def test_every_help_exits_0_and_shows_defaults(command, capsys):
         assert "--kernels {auto,triton,torch}" in out and "--use-gpu" in out
     if command == "pretrain":
         assert "mini" in out  # every preset named
+    if command in ("pretrain", "finetune"):  # about 20 console lines a run; metrics.jsonl keeps every step
+        assert "--print-every" in out and "steps / 20" in " ".join(out.split())
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -81,7 +83,8 @@ def test_every_option_says_its_default_and_batch_says_the_real_ones():
             if name == "bench" or not a.option_strings or a.nargs == 0 or a.help == argparse.SUPPRESS:
                 continue
             helps[(name, a.option_strings[0])] = text = fmt._get_help_string(a) or ""
-            if not re.search(r"\(default|default:|\(required", text):
+            # argparse prints nothing at all for an option without help text, its default included
+            if not (a.help or "").strip() or not re.search(r"\(default|default:|\(required", text):
                 missing.append(f"{name} {a.option_strings[0]}: {text!r}")
     assert not missing, missing
     from llmray.config import EngineConfig
