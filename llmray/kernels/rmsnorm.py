@@ -65,37 +65,89 @@ def _rms_norm_fwd_kernel(
 
 
 @triton.jit
+def _rms_norm_bwd_tile(
+    DS, DX, w, rows, cols, cmask, stride_ds, stride_dx, M, N, dy, x, rstd, HAS_DS: tl.constexpr
+):
+    """dx of one tile of rows from its loaded dy, x (fp32) and rstd; returns dy * x_hat for dW."""
+    rmask = rows < M
+    mask = rmask[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    xhat = x * rstd[:, None]
+    wdy = w[None, :] * dy
+    c = tl.sum(xhat * wdy, axis=1) / N  # (BLOCK_M,)
+    dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+    if HAS_DS:  # gradient flowing into the residual-sum output of add_rms_norm
+        dx += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    return dy * xhat
+
+
+@triton.jit
+def _rms_norm_bwd_load(DY, X, RSTD, rows, cols, cmask, stride_dy, stride_x, end):
+    """One tile's dy, x (fp32) and rstd; rows at or past ``end`` read as zeros."""
+    rmask = rows < end
+    mask = rmask[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+    return dy, x, rstd
+
+
+@triton.jit
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DS, DX, DW_PART,  # DW_PART: (P, N) fp32 partial weight gradients
     stride_dy, stride_x, stride_ds, stride_dx,
     M, N, rows_per_prog,
-    HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """A program walks its rows_per_prog rows a tile at a time. PREFETCH: the next tile's loads are issued
+    before this tile's math (register double-buffering), so a program keeps loads in flight throughout."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row0 = pid * rows_per_prog
-    for i in range(0, rows_per_prog, BLOCK_M):  # rows_per_prog is a multiple of BLOCK_M
-        rows = row0 + i + tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        mask = rmask[:, None] & cmask[None, :]
-        r64 = rows.to(tl.int64)[:, None]
-        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-        xhat = x * rstd[:, None]
-        wdy = w[None, :] * dy
-        c = tl.sum(xhat * wdy, axis=1) / N  # (BLOCK_M,)
-        dx = (wdy - xhat * c[:, None]) * rstd[:, None]
-        if HAS_DS:  # gradient flowing into the residual-sum output of add_rms_norm
-            dx += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-        if COMPUTE_DW:
-            dw_acc += dy * xhat
+    end = tl.minimum(row0 + rows_per_prog, M)
+    if PREFETCH:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        dy, x, rstd = _rms_norm_bwd_load(DY, X, RSTD, rows, cols, cmask, stride_dy, stride_x, end)
+        for i in range(BLOCK_M, rows_per_prog + BLOCK_M, BLOCK_M):  # rows_per_prog: a multiple of BLOCK_M
+            nxt = row0 + i + tl.arange(0, BLOCK_M)
+            dy_n, x_n, rstd_n = _rms_norm_bwd_load(DY, X, RSTD, nxt, cols, cmask, stride_dy, stride_x, end)
+            g = _rms_norm_bwd_tile(
+                DS, DX, w, rows, cols, cmask, stride_ds, stride_dx, end, N, dy, x, rstd, HAS_DS
+            )
+            if COMPUTE_DW:
+                dw_acc += g
+            rows, dy, x, rstd = nxt, dy_n, x_n, rstd_n
+    else:
+        for i in range(0, rows_per_prog, BLOCK_M):  # rows_per_prog is a multiple of BLOCK_M
+            rows = row0 + i + tl.arange(0, BLOCK_M)
+            dy, x, rstd = _rms_norm_bwd_load(DY, X, RSTD, rows, cols, cmask, stride_dy, stride_x, end)
+            g = _rms_norm_bwd_tile(
+                DS, DX, w, rows, cols, cmask, stride_ds, stride_dx, end, N, dy, x, rstd, HAS_DS
+            )
+            if COMPUTE_DW:
+                dw_acc += g
     if COMPUTE_DW:
         tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+
+
+@triton.jit
+def _dw_sum_kernel(PART, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dW (N,) = the column sums of the partials (P, N) fp32, stored in dW's dtype: sum and cast in one
+    pass, in a fixed order (deterministic)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        prow = p0 + tl.arange(0, BLOCK_P)
+        mask = (prow < P)[:, None] & cmask[None, :]
+        acc += tl.load(PART + prow.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(acc, axis=0).to(DW.dtype.element_ty), mask=cmask)
 
 
 def rms_norm_fwd(
@@ -160,10 +212,15 @@ def rms_norm_bwd(
     compute_dw: bool = True,
     config: tuple[int, int] | None = None,
     programs_per_sm: int | None = None,
+    prefetch: bool = False,
+    dw_sum: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Backward on rows: dy, x (M, N), rstd (M,), optional ds (M, N) added to dx -> (dx in x.dtype, dw or None).
 
-    dy may be of another dtype than x (a bf16 output of an fp32 input under autocast)."""
+    dy may be of another dtype than x (a bf16 output of an fp32 input under autocast). ``config`` and
+    ``programs_per_sm`` override the heuristics; ``prefetch`` issues the next tile's loads before this
+    tile's math; ``dw_sum`` = (BLOCK_P, BLOCK_N, num_warps) sums the dW partials and casts them in one
+    kernel, None with torch's sum(0) and .to() (bench/results/kernels_rms.json "rms_bwd_variants")."""
     m, n = x.shape
     dx = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
@@ -180,11 +237,27 @@ def rms_norm_bwd(
         dy, x, weight, rstd, d_s, dx, dw_part,
         dy.stride(0), x.stride(0), d_s.stride(0), dx.stride(0),
         m, n, rows_per_prog,
-        HAS_DS=ds is not None, COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        HAS_DS=ds is not None, COMPUTE_DW=compute_dw, PREFETCH=prefetch,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
     if not compute_dw:
         return dx, None
-    return dx, (dw_part[0] if progs == 1 else dw_part.sum(0)).to(weight.dtype)
+    return dx, _sum_partials(dw_part, weight.dtype, dw_sum)
+
+
+def _sum_partials(part: torch.Tensor, dtype: torch.dtype, cfg: tuple[int, int, int] | None) -> torch.Tensor:
+    """dW (N,) in ``dtype`` from the (P, N) fp32 partial sums."""
+    p, n = part.shape
+    if p == 1 and part.dtype == dtype:
+        return part[0]
+    if cfg is None:
+        return (part[0] if p == 1 else part.sum(0)).to(dtype)
+    block_p, block_n, warps = cfg
+    dw = torch.empty(n, device=part.device, dtype=dtype)
+    _dw_sum_kernel[(triton.cdiv(n, block_n),)](
+        part, dw, p, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps
+    )
+    return dw
 
 
 def _out_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:

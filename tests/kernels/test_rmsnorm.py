@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmray.kernels.rmsnorm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+from llmray.kernels.rmsnorm import (
+    add_rms_norm,
+    add_rms_norm_ref,
+    rms_norm,
+    rms_norm_bwd,
+    rms_norm_fwd,
+    rms_norm_ref,
+)
 
 EPS = 1e-6
 DTYPES = [torch.float32, torch.bfloat16]
@@ -69,6 +76,22 @@ def test_rms_norm(rows, width, dtype, device, assert_matches):
 @pytest.mark.parametrize("rows,width,dtype", CPU_CASES, ids=str)
 def test_add_rms_norm(rows, width, dtype, device, assert_matches):
     _check_add_rms_norm(rows, width, dtype, device, assert_matches)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_launch_variants(dtype, device, assert_matches):
+    """The backward's prefetching loop and one-pass dW sum + cast agree with the reference: 37 rows in
+    tiles of 4 over 4 programs (a partial last tile, a program past the end), with a residual gradient."""
+    x, w, dy = _inputs(37, 96, dtype, device)
+    ds = _inputs(37, 96, dtype, device, seed=1)[2]
+    _, _, rstd = rms_norm_fwd(x, w, EPS)
+    xr, wr = x.float().requires_grad_(True), w.float().requires_grad_(True)
+    rms_norm_ref(xr, wr, EPS).backward(dy.float())
+    for prefetch, dw_sum in ((True, None), (False, (16, 32, 4)), (True, (8, 16, 2))):
+        dx, dw = rms_norm_bwd(dy, x, w, rstd, ds=ds, config=(4, 4), prefetch=prefetch, dw_sum=dw_sum)
+        assert dx.dtype == dw.dtype == dtype
+        assert_matches(dx, xr.grad + ds.float(), dtype, f"dx {prefetch} {dw_sum}")
+        assert_matches(dw, wr.grad, dtype, f"dw {prefetch} {dw_sum}", reduced=True)
 
 
 def test_head_norm_on_strided_views(device, assert_matches):
