@@ -10,43 +10,15 @@ Here that is two passes:
 ``adamw_``: AdamW over a group in one pass per tensor (``torch._fused_adamw_``, the kernel behind
 ``torch.optim.AdamW(fused=True)``) instead of seven foreach passes; same formula as
 ``MuonWithAuxAdam._adamw_group``'s foreach fallback (bias-corrected, decoupled weight decay).
+The Triton kernels live in ``llmray.train._optim_triton``, imported on first use: a CPU worker (tests, Ray
+Train on CPU) never imports triton.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 BLOCK = 4096
-
-
-@triton.jit
-def _momentum_kernel(G, BUF, U, n, mu, NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(BUF + offs, mask=mask, other=0.0).to(tl.float32)
-    b = b + (1.0 - mu) * (g - b)  # torch.lerp(b, g, 1 - mu), weight < 0.5
-    tl.store(BUF + offs, b.to(BUF.dtype.element_ty), mask=mask)
-    if NESTEROV:
-        u = b - (b - g) * (1.0 - mu)  # torch.lerp(g, b, mu), weight >= 0.5
-    else:
-        u = b
-    tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _apply_kernel(P, O, R, C, so_r, so_c, decay, step, BR: tl.constexpr, BC: tl.constexpr):
-    # P: (R, C) contiguous; O: (R, C) with any strides (a tall weight's update arrives transposed)
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    mask = (r < R)[:, None] & (c < C)[None, :]
-    r64 = r.to(tl.int64)[:, None]
-    c64 = c.to(tl.int64)[None, :]
-    p = tl.load(P + r64 * C + c64, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(O + r64 * so_r + c64 * so_c, mask=mask, other=0.0).to(tl.float32)
-    tl.store(P + r64 * C + c64, (p * decay - step * o).to(P.dtype.element_ty), mask=mask)
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -76,11 +48,11 @@ def muon_momentum_(
         for i, u in enumerate(upd):
             out[i].copy_(u)
         return
+    from llmray.train._optim_triton import _momentum_kernel, cdiv
+
     for i, (g, b) in enumerate(zip(grads, bufs, strict=True)):
         n = g.numel()
-        _momentum_kernel[(triton.cdiv(n, BLOCK),)](
-            g, b, out[i], n, mu, NESTEROV=nesterov, BLOCK=BLOCK, num_warps=8
-        )
+        _momentum_kernel[(cdiv(n, BLOCK),)](g, b, out[i], n, mu, NESTEROV=nesterov, BLOCK=BLOCK, num_warps=8)
 
 
 def muon_apply_(
@@ -100,8 +72,10 @@ def muon_apply_(
             torch._foreach_mul_(params, decay)
         torch._foreach_add_(params, list(ortho.to(params[0].dtype).unbind(0)), alpha=-step)
         return
+    from llmray.train._optim_triton import _apply_kernel, cdiv
+
     rows, cols = ortho.shape[1:]
-    grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))
+    grid = (cdiv(rows, 64), cdiv(cols, 64))
     for i, p in enumerate(params):
         o = ortho[i]
         _apply_kernel[grid](
