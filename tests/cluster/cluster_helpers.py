@@ -43,14 +43,15 @@ def free_port() -> int:
             return port
 
 
-def http_json(url: str, data: dict | None = None, timeout: float = 10.0, method: str | None = None) -> Any:
+# Generous timeouts: the dashboard answers in milliseconds on an idle machine and in seconds on a busy 2-core one.
+def http_json(url: str, data: dict | None = None, timeout: float = 60.0, method: str | None = None) -> Any:
     body = None if data is None else json.dumps(data).encode()
     req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read().decode())
 
 
-def http_text(url: str, timeout: float = 10.0) -> str:
+def http_text(url: str, timeout: float = 60.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return resp.read().decode()
 
@@ -122,18 +123,27 @@ class LocalRayHead:
 
         return f"{ray._private.services.get_node_ip_address()}:{self.gcs_port}"
 
-    def start(self, timeout: float = 300.0) -> LocalRayHead:  # > RAY_DASHBOARD_STARTUP_TIMEOUT_S (conftest)
-        try:
-            proc = subprocess.run(
-                self.cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"ray start failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-            wait_for(lambda: http_json(f"{self.dashboard_url}/api/version"), 60, what="the Ray dashboard")
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def start(self, timeout: float = 300.0, attempts: int = 2) -> LocalRayHead:
+        """``ray start --head`` and wait for the dashboard; once more when it fails to come up (``ray start``
+        gives the raylet a fixed 30 s to register: an overloaded 2-core machine can miss it)."""
+        for attempt in range(attempts):
+            try:
+                proc = subprocess.run(  # timeout > RAY_DASHBOARD_STARTUP_TIMEOUT_S (conftest)
+                    self.cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.temp_dir
+                )
+                if proc.returncode != 0:
+                    raise RuntimeError(f"ray start failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+                wait_for(
+                    lambda: http_json(f"{self.dashboard_url}/api/version"), 180, what="the Ray dashboard"
+                )
+                return self
+            except BaseException as e:
+                self._kill()
+                if attempt == attempts - 1 or not isinstance(e, (RuntimeError, TimeoutError)):
+                    self.stop()
+                    raise
+                print(f"ray start failed, trying once more: {str(e)[-2000:]}", file=sys.stderr, flush=True)
+        raise AssertionError("unreachable")
 
     def run_cli(self, args: list[str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
         return subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
@@ -161,6 +171,11 @@ class LocalRayHead:
         return list(procs.values())
 
     def stop(self) -> None:
+        self._kill()
+        if not os.environ.get("LLMRAY_KEEP_RAY_TMP"):  # set it to keep the session logs for debugging
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _kill(self) -> None:
         procs = self._own_processes()
         for p in procs:
             try:
@@ -174,8 +189,6 @@ class LocalRayHead:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=5)
-        if not os.environ.get("LLMRAY_KEEP_RAY_TMP"):  # set it to keep the session logs for debugging
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRayHead:
         return self.start()
