@@ -187,12 +187,14 @@ def run_step(w: _Worker, cfg: PretrainConfig, batches: Iterator[torch.Tensor], w
 
 
 def _maybe_fail(cfg: PretrainConfig, step: int, rank: int) -> None:
-    """Testing: the first attempt raises (or SIGKILLs itself) at ``fail_at_step``."""
+    """Testing: the first attempt raises (or SIGKILLs itself) at ``fail_at_step``, once its record is
+    logged; the marker file keeps the metrics it logged (a resumed run replaces the steps it replays)."""
     if cfg.fail_at_step is None or step != cfg.fail_at_step or rank != 0:
         return
     marker = Path(cfg.out) / ".injected_failure"
     if not marker.exists():
-        marker.write_text("1")
+        metrics = Path(cfg.out) / "metrics.jsonl"
+        marker.write_text(metrics.read_text() if metrics.exists() else "")
         if cfg.fail_kill:  # a hard crash of the worker process: no exception, no cleanup
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected failure at step {step} (fail_at_step, for tests)")
@@ -233,7 +235,6 @@ def train_steps(
     while w.state["step"] < cfg.max_steps:
         out = run_step(w, cfg, batches, world)
         step = w.state["step"]
-        _maybe_fail(cfg, step, rank)
         is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
         is_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
         record: dict[str, Any] = {}
@@ -259,6 +260,7 @@ def train_steps(
         if record:
             logger.log(record)
             last = record
+        _maybe_fail(cfg, step, rank)  # after the step's record, before its checkpoint
         if is_ckpt or reached:
             w.state["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
             _checkpoint(w, cfg, session, dict(last, step=step))
