@@ -11,6 +11,7 @@ cluster manifests use); start-up prints this node's ``/metrics`` URL (a joined c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmray.config import EngineConfig
 from llmray.engine.cli import lora_pair as _lora_pair  # NAME=DIR, shared with `llmray batch`
 from llmray.engine.core import PREWARM_LOCK_ENV
 from llmray.serve.ray_logs import default_log_file, quiet_ray_init, verbose
@@ -51,12 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapters load only from under DIR: its adapter sub-directories are served by name, "
                    "POST /v1/load_lora_adapter adds more; the replicas' shared registry lives there")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on all interfaces)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $LLMRAY_API_KEY)")
     p.add_argument("--min-replicas", type=int, default=1, help="engine replicas kept at least")
     p.add_argument("--max-replicas", type=int, default=1, help="engine replicas the autoscaler may add")
-    p.add_argument("--target-ongoing-requests", type=float, help="autoscaling target per engine replica")
-    p.add_argument("--max-queued-requests", type=int, help="queued requests per deployment before 429")
+    p.add_argument("--target-ongoing-requests", type=float,
+                   help="autoscaling target per engine replica (default: half of max-num-seqs)")  # fmt: skip
+    p.add_argument("--max-queued-requests", type=int,
+                   help="queued requests per deployment before 429 (default: 2 x max-ongoing-requests; -1 = no limit)")  # fmt: skip
     p.add_argument("--max-ongoing-requests", type=int,
                    help="requests one engine replica takes at once (default: 2 x max-num-seqs)")  # fmt: skip
     p.add_argument("--ingress-mode", choices=["replica", "separate"], default=None,
@@ -71,8 +75,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one GPU per engine replica (default: when the cluster has GPUs)")  # fmt: skip
     p.add_argument("--engine-factory", metavar="MODULE:CALLABLE",
                    help="build a stand-in engine instead of llmray's (test doubles; importable by the replicas)")  # fmt: skip
-    for flag, (_, typ) in ENGINE_FLAGS.items():
-        p.add_argument(f"--{flag}", type=typ, default=None, help=f"engine: {flag.replace('-', ' ')}")
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    unset = {"max_model_len": "the model's", "num_kv_blocks": "sized from free GPU memory"}
+    for flag, (field, typ) in ENGINE_FLAGS.items():
+        shown = unset.get(field, defaults[field])
+        p.add_argument(
+            f"--{flag}", type=typ, default=None, help=f"engine: {flag.replace('-', ' ')} (default: {shown})"
+        )
     p.add_argument("--enforce-eager", action="store_true", help="engine: no CUDA graphs")
     p.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=False,
                    help="start Ray's dashboard with a new local Ray (slower start-up; off by default)")  # fmt: skip
