@@ -5,6 +5,7 @@ that ``llmray`` uses, so a renamed or removed flag fails here instead of in a ne
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import shlex
 from pathlib import Path
@@ -105,3 +106,57 @@ def test_a_renamed_flag_is_caught():
     (argv,) = [llmray_argv(c) for c in shell_commands(docs)]
     with pytest.raises(SystemExit):
         _lenient_parser().parse_args(argv)
+
+
+ISSUE_NUMBER = re.compile(r"\bissues?[ -]#?\d+", re.I)  # "issue 3", "issue-4 run", "Issues 12"
+
+
+def _help_texts() -> dict[str, str]:
+    """Every ``llmray X --help`` text, and the docstrings that ``llmray bench X --help`` prints."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    texts = {f"llmray {name} --help": p.format_help() for name, p in sub.choices.items()}
+    texts["llmray --help"] = parser.format_help()
+    for script in sorted((ROOT / "bench").glob("*.py")):
+        source = script.read_text()
+        if "__doc__" in source:  # its argparse description is the module docstring
+            texts[f"{script.relative_to(ROOT)} --help"] = ast.get_docstring(ast.parse(source)) or ""
+    return texts
+
+
+def test_no_issue_numbers_in_the_docs_or_help():
+    """A reader has no issue tracker: the docs and --help say what a thing is, not which issue asked for it."""
+    texts = {str(doc.relative_to(ROOT)): doc.read_text() for doc in DOCS} | _help_texts()
+    found = [f"{where}: {m.group(0)!r}" for where, text in texts.items() for m in ISSUE_NUMBER.finditer(text)]
+    assert not found, found
+    assert ISSUE_NUMBER.search("the issue-4 run") and ISSUE_NUMBER.search("Issue 3's anchors")
+
+
+def test_local_job_submit_recipes_disable_token_auth_first():
+    """Once any local Ray run wrote ~/.ray/auth_token, `ray start` turns on token auth and a plain `ray job
+    submit` is refused ("Missing authentication token"): every local recipe sets RAY_AUTH_MODE=disabled
+    before `ray start`, and the README says why."""
+    recipes = []
+    for doc in DOCS:
+        for block in re.findall(r"^```[a-z]*\n(.*?)^```", doc.read_text(), flags=re.S | re.M):
+            if "ray start --head" in block and "ray job submit" in block:
+                recipes.append(doc.name)
+                assert "RAY_AUTH_MODE=disabled" in block.split("ray start --head")[0], doc.name
+    assert {"training.md", "deploy.md"} <= set(recipes), recipes
+    readme = (ROOT / "README.md").read_text()
+    assert "RAY_AUTH_MODE=disabled" in readme and "Missing authentication token" in readme
+
+
+def test_every_test_the_reliability_table_names_exists():
+    """docs/reliability.md's first column names test files (under tests/reliability/ unless a folder is given)
+    and functions (a trailing ``*`` is a prefix): a moved or renamed test must move its row too."""
+    rows = re.findall(r"^\| `([^`]+)` \|", (ROOT / "docs" / "reliability.md").read_text(), flags=re.M)
+    assert len(rows) >= 8, rows
+    missing = []
+    for row in rows:
+        file, _, func = row.partition("::")
+        path = ROOT / file if "/" in file else ROOT / "tests" / "reliability" / file
+        text = path.read_text() if path.exists() else ""
+        if not text or (func and f"def {func.rstrip('*')}" not in text):
+            missing.append(row)
+    assert not missing, missing
