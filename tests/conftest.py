@@ -80,20 +80,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 # start first, longest first, so the two workers finish together instead of one running a two-minute module
 # alone at the end. Order only: a module not named here runs after these, in the usual order.
 SLOW_MODULES = {
-    "cluster/test_local_cluster.py": 280,  # the demo as a Ray job, then serve deploy
+    "cluster/test_local_cluster.py": 330,  # the demo as a Ray job, then the RayService deploy + autoscaling
     "train/test_pretrain.py": 190,
     "batch/test_batch.py": 125,
-    "cluster/test_autoscaling.py": 80,
+    "serve/test_serve_replicas.py": 120,
+    "serve/test_serve_app.py": 110,
     "train/test_finetune.py": 80,
-    "reliability/test_rel_serve_faults.py": 75,
-    "serve/test_autoscale.py": 60,
     "cli/test_cli_ray.py": 55,
     "train/test_fsdp.py": 55,
     "train/test_data.py": 50,
     "serve/test_serve_lora.py": 50,
     "serve/test_structured_serve.py": 50,
-    "serve/test_serve_app.py": 50,
-    "reliability/test_rel_load.py": 45,
     "reliability/test_rel_bad_input.py": 30,
 }
 
