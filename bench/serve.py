@@ -100,6 +100,8 @@ def start_serve(
     proc = subprocess.Popen(
         cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
+    # its process group, for a job script that must stop it after killing this bench (a time limit)
+    log.with_suffix(".pid").write_text(str(proc.pid))
     return proc, t0
 
 
@@ -219,6 +221,9 @@ def main() -> int:
     ap.add_argument(
         "--deadline-s", type=float, default=0, help="start no new level after this long (0 = none)"
     )
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure each level (HTTP, then offline) this many times; the runs after the first go "
+                    "to the mix's 'repeats' (the offline baseline itself varies between runs)")  # fmt: skip
     ap.add_argument("--out", default="bench/results/serve.json")
     a = ap.parse_args()
 
@@ -314,13 +319,27 @@ def main() -> int:
         run_http_level(pool, a.client_procs, url, "bench", warmup, 32, 16)
         for m_i, (plen, olen) in enumerate(mixes):
             mix = result["mixes"].setdefault(f"{plen}/{olen}", {"offline": {}, "async_llm": {}, "http": {}})
-            for c in levels:
+            for c, rep in ((c, r) for c in levels for r in range(a.repeat)):
                 if a.deadline_s and time.monotonic() - t_start > a.deadline_s:
-                    result.setdefault("skipped_for_time", []).append(f"{plen}/{olen}@{c}")
+                    result.setdefault("skipped_for_time", []).append(
+                        f"{plen}/{olen}@{c}" + f"#{rep}" * (rep > 0)
+                    )
                     continue
                 n = counts.get(c, max(c, 8)) // (1 if m_i == 0 else 2)
-                prompts = make_prompts(max(n, 1), plen, vocab, seed=1000 * m_i + c)
+                # a repeat gets prompts of its own: the first run's would hit both engines' prefix caches
+                prompts = make_prompts(max(n, 1), plen, vocab, seed=1000 * m_i + c + 100_000 * rep)
                 k = str(c)
+                if rep > 0:  # the same level again: HTTP and offline back to back
+                    again = {"http": run_http_level(pool, a.client_procs, url, "bench", prompts, c, olen)}
+                    if offline is not None and not a.http_only:
+                        again["offline"] = run_offline(offline, prompts, c, olen)
+                        again["http_vs_offline"] = round(
+                            again["http"]["output_tok_per_s"] / again["offline"]["output_tok_per_s"], 3
+                        )
+                    mix.setdefault("repeats", {}).setdefault(k, []).append(again)
+                    print(json.dumps({"mix": f"{plen}/{olen}", "c": c, "repeat": rep, **again}), flush=True)
+                    save()
+                    continue
                 mix["http"][k] = run_http_level(pool, a.client_procs, url, "bench", prompts, c, olen)
                 if a.http_only:
                     print(json.dumps({"mix": f"{plen}/{olen}", "c": c, "http": mix["http"][k]}), flush=True)

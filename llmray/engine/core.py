@@ -38,9 +38,7 @@ from typing import Any
 
 IDLE_POLL_S = 0.05  # how long an idle core waits for a command before looking again
 LOADING_POLL_S = 0.005  # the same while an adapter loads on the loader thread
-# while a batch decodes, new requests are held up to this long to enter it together (admit_held);
-# $LLMRAY_ADMIT_WINDOW_MS overrides it, 0 admits every request at once
-ADMIT_WINDOW_MS = 20.0
+ADMIT_WINDOW_MS = 20.0  # newcomers wait <= this to enter a decoding batch together ($LLMRAY_ADMIT_WINDOW_MS)
 
 
 class EngineCore:
@@ -61,11 +59,13 @@ class EngineCore:
         self._loader: ThreadPoolExecutor | None = None
         self.timer: LoopTimer | None = None
         self.held: list[tuple] = []  # "add" commands not yet handed to the engine (admit_held)
-        self.held_since: float | None = None
+        self.held_at: list[float] = []  # when each arrived
+        self.free_since: float | None = None  # since when a backlog of held requests has slots to fill
         self.admit_window_s = float(os.environ.get("LLMRAY_ADMIT_WINDOW_MS", ADMIT_WINDOW_MS)) / 1000.0
         cfg = getattr(engine, "config", None)
         max_num_seqs = getattr(cfg, "max_num_seqs", None) or getattr(engine, "max_num_seqs", None)
         self.max_num_seqs = int(max_num_seqs or 256)
+        self.admit_group = int(os.environ.get("LLMRAY_ADMIT_GROUP", max(1, self.max_num_seqs // 8)))  # _due
 
     # --- commands ---------------------------------------------------------------------------------
     def handle(self, msg: tuple) -> None:
@@ -77,15 +77,14 @@ class EngineCore:
             if self.draining:
                 self.send(("error", msg[1], "the engine is shutting down; retry the request", None))
                 return
-            if not self.held:
-                self.held_since = time.monotonic()
             self.held.append(msg)
+            self.held_at.append(time.monotonic())
             self.admit_held()  # at once unless a large batch is decoding (then the loop admits it)
         elif kind == "abort":
             for rid in msg[1]:
-                held = next((m for m in self.held if m[1] == rid), None)
-                if held is not None:
-                    self.held.remove(held)
+                at = next((i for i, m in enumerate(self.held) if m[1] == rid), None)
+                if at is not None:
+                    del self.held[at], self.held_at[at]
                     self.finished.append((rid, "abort", None))
                 elif self.engine.abort(rid) is not None:
                     self.finished.append((rid, "abort", None))
@@ -100,23 +99,20 @@ class EngineCore:
             self.stopped = True
 
     def admit_held(self, force: bool = False) -> None:
-        """Hand the held requests to the engine: at once when it is idle or decodes a small batch (under a
-        quarter of ``max_num_seqs``), when they fill its free batch slots (or it already queues requests),
-        else once the oldest waited ``admit_window_s``. Why: requests that trickle in one by one while a large
-        batch decodes make many of its steps mixed prefill steps (slower for the whole batch: 4.4 instead of
-        3.7 ms per step at 256 streams on the H200); a few milliseconds of holding groups them."""
+        """Hand held requests to the engine: at once when it is idle or decodes a small batch (under a quarter
+        of ``max_num_seqs``) or when they fill its free slots, else after ``admit_window_s`` (``_due``).
+        Why: requests that enter one by one while a large batch decodes make many of its steps mixed prefill
+        steps (slower for the whole batch: 4.4 instead of 3.7 ms per step at 256 streams on the H200)."""
         if not self.held:
             return
-        engine = self.engine
+        n, engine = len(self.held), self.engine
         if not force and engine.has_unfinished() and self.admit_window_s > 0:
-            stats = engine.stats()
-            running = stats["num_running"]
-            waited = time.monotonic() - (self.held_since or 0.0)
-            big = 4 * running >= self.max_num_seqs  # a small batch's steps are cheap: latency first
-            if big and stats["num_waiting"] == 0 and len(self.held) < self.max_num_seqs - running:
-                if waited < self.admit_window_s:
-                    return
-        held, self.held, self.held_since = self.held, [], None
+            st = engine.stats()
+            if 4 * st["num_running"] >= self.max_num_seqs:  # a small batch's steps are cheap: latency first
+                n = self._due(self.max_num_seqs - st["num_running"] - st["num_waiting"], time.monotonic())
+        if n <= 0:
+            return
+        held, self.held, self.held_at, self.free_since = self.held[:n], self.held[n:], self.held_at[n:], None
         for _, rid, ids, params, lora in held:
             try:
                 engine.add_request(rid, ids, params, lora)
@@ -124,6 +120,18 @@ class EngineCore:
                 self.send(("error", rid, str(e), getattr(e, "param", None)))
             except Exception as e:  # anything else fails this request alone, never the core
                 self.send(("failed", [rid], f"the engine could not add the request: {type(e).__name__}: {e}"))
+
+    def _due(self, free: int, now: float) -> int:
+        """How many held requests enter a large batch with ``free`` open slots. With a backlog (more held than
+        free slots) the engine gets only what its batch takes, once ``admit_group`` slots are free or the
+        first was free for the window (its queue stays empty: refills come in groups, not one per step)."""
+        if (held := len(self.held)) and free <= 0:  # batch and queue full: newcomers wait here
+            self.free_since = None
+            return 0
+        if held <= free:  # they fit: at once when they fill the batch, else after the window
+            return held if held == free or now - self.held_at[0] >= self.admit_window_s else 0
+        self.free_since = now if self.free_since is None else self.free_since
+        return free if free >= self.admit_group or now - self.free_since >= self.admit_window_s else 0
 
     def advance_calls(self) -> None:
         """Answer the adapter commands whose turn it is. ``add_lora`` reads and validates the adapter on the
@@ -184,8 +192,10 @@ class EngineCore:
         tokens = [o[1] for o in outs]
         finished = self.finished + [(o[0], o[2], o[3]) for o in outs if o[2] is not None]
         lps = {o[0]: o[4] for o in outs if o[4] is not None} or None
-        self.finished = []
-        self.send(("step", rids, tokens, finished, lps, self.engine.stats()))
+        self.finished, stats = [], self.engine.stats()
+        if self.held:  # requests the core holds wait too (the metrics' queue length)
+            stats = {**stats, "num_waiting": stats["num_waiting"] + len(self.held)}
+        self.send(("step", rids, tokens, finished, lps, stats))
 
     def run(self, poll: Callable[[float], list[tuple]]) -> None:
         """Step without pause while there is work; ``poll(timeout)`` returns the commands that arrived."""

@@ -1,6 +1,6 @@
 """The engine core's admission window (``EngineCore.admit_held``): requests that arrive while a batch decodes
-are held briefly and enter the batch together; an idle engine, a batch they fill, or a full engine queue
-admits them at once; a held request can be aborted."""
+are held briefly and enter the batch together; an idle engine or a batch they fill admits them at once; a
+backlog waits in the core and refills free slots in groups; a held request can be aborted."""
 
 from __future__ import annotations
 
@@ -63,11 +63,7 @@ def test_a_decoding_batch_holds_newcomers_until_the_window_ends_or_they_fill_it(
     assert engine.added == [1, 2, 3] and not core.held
 
 
-def test_a_queueing_engine_a_small_batch_or_a_zero_window_admits_at_once():
-    engine = _Engine(running=4, waiting=3)
-    core, _ = _core(engine)
-    _add(core, 1)
-    assert engine.added == [1]
+def test_a_small_batch_or_a_zero_window_admits_at_once():
     engine = _Engine(running=3)
     core, _ = _core(engine)
     core.max_num_seqs = 16  # 3 running of 16: under a quarter, latency first
@@ -77,6 +73,32 @@ def test_a_queueing_engine_a_small_batch_or_a_zero_window_admits_at_once():
     core, _ = _core(engine, window_ms=0)
     _add(core, 2)
     assert engine.added == [2]
+
+
+def test_a_backlog_waits_in_the_core_and_refills_free_slots_in_groups():
+    engine = _Engine(running=4, waiting=3)  # batch and engine queue full: newcomers stay in the core
+    core, _ = _core(engine)
+    for rid in range(1, 6):
+        _add(core, rid)
+    time.sleep(0.06)
+    core.admit_held()
+    assert engine.added == [] and len(core.held) == 5
+    core.max_num_seqs, core.admit_group = 16, 3
+    engine.running, engine.waiting = 14, 0  # 2 free slots, 5 held: fewer free than a group
+    core.admit_held()
+    assert engine.added == []
+    time.sleep(0.06)  # the slots stayed free for the window: they are refilled
+    core.admit_held()
+    assert engine.added == [1, 2]
+    engine.running = 13  # 3 free, 3 held: they fill the batch, at once
+    core.admit_held()
+    assert engine.added == [1, 2, 3, 4, 5] and not core.held
+    engine.running = 16  # (the fake engine does not count what it was given)
+    for rid in range(6, 12):
+        _add(core, rid)
+    engine.running = 12  # 4 free >= a group of 3, 6 held: the 4 oldest at once
+    core.admit_held()
+    assert engine.added[5:] == [6, 7, 8, 9] and [m[1] for m in core.held] == [10, 11]
 
 
 def test_a_held_request_can_be_aborted_and_drain_admits_the_rest():
