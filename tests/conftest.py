@@ -19,10 +19,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # and longer start-up waits than Ray's (60 s for the dashboard, 15-30 s for the agents, 60 s for a new
-# worker process to register), which a 2-core machine running two test workers can exceed
+# worker process to register and for a Ray Train worker group to start), which a 2-core machine running
+# two test workers can exceed
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "180")
 os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
 os.environ.setdefault("RAY_worker_register_timeout_seconds", "300")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 # Serve's controller kills an HTTP proxy that is not ready within 5 s (10 s per health check): under load
 # `serve deploy` then failed with "ProxyActor ... killed by ray.kill" (CI, 2026-11-30). `llmray serve` sets
 # the same ready timeout for the same reason.

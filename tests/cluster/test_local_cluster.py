@@ -308,6 +308,7 @@ def _check_metrics(head: LocalRayHead, name: str, completion_tokens: int) -> Non
     assert sum(map(float, re.findall(tokens, text, flags=re.M))) >= completion_tokens
 
 
+@pytest.mark.timeout(900)  # ~80 s on two cores; its waits add up to more on a machine under load
 def test_rayservice_deploys_answers_exports_metrics_and_autoscales(
     cluster, tiny_model_dir, tmp_path, record_property
 ):
