@@ -24,15 +24,14 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import yaml
+from _support.load import streaming_load
 from autoscaling_cluster import (
     IsolatedAutoscalingCluster,
     gpu_nodes,
@@ -350,31 +349,13 @@ def test_rayservice_deploys_answers_exports_metrics_and_autoscales(
     _check_metrics(head, name, _ask_through_openai(port, name))
     mark("answers through the openai client; the dashboard's series on the metrics ports")
 
-    stop, statuses_seen = threading.Event(), []
-
-    def load(i: int) -> None:
-        body = {"model": name, "prompt": f"load {i}", "max_tokens": 200, "stream": True}
-        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
-            while not stop.is_set():
-                with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
-                    statuses_seen.append(r.status_code)
-                    for _ in r.iter_lines():
-                        if stop.is_set():
-                            break
-
-    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    bodies = [{"model": name, "prompt": f"load {i}", "max_tokens": 200, "stream": True} for i in range(4)]
+    with streaming_load(f"http://127.0.0.1:{port}/v1/completions", bodies, KEY) as statuses_seen:
         mark("load started (4 streaming clients)")
         wait_for(lambda: gpu_nodes(head) == 2, 180, what="the autoscaler to add a second GPU node")
         mark("2 GPU nodes")
         wait_for(lambda: llm_replicas(head, app["name"]) == 2, 180, what="a second LLMServer replica")
         mark("2 LLMServer replicas")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
     assert statuses_seen and set(statuses_seen) == {200}, sorted(set(statuses_seen))
     mark(f"load stopped ({len(statuses_seen)} requests, all 200)")
 
