@@ -160,3 +160,25 @@ def test_every_test_the_reliability_table_names_exists():
         if not text or (func and f"def {func.rstrip('*')}" not in text):
             missing.append(row)
     assert not missing, missing
+
+
+REPO_PATH = re.compile(
+    r"(?<![\w/.-])((?:tests|bench|llmray|cluster|jobs|docs)/[\w/.-]*\w\.(?:py|ya?ml|json|sh|png))"
+)
+
+
+def test_every_linked_or_named_file_exists():
+    """Markdown links to local files resolve, and a path like tests/cluster/x.py named in prose exists."""
+    missing = []
+    for doc in [*DOCS, ROOT / "CHANGELOG.md"]:
+        text = doc.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if not target.startswith(("http://", "https://", "#", "mailto:")):
+                if not (doc.parent / target.split("#")[0]).exists():
+                    missing.append(f"{doc.name}: link {target}")
+        if doc.name != "CHANGELOG.md":  # the changelog names files as they were then
+            for path in REPO_PATH.findall(text):
+                if "NAME" not in path and not (ROOT / path).exists():
+                    missing.append(f"{doc.name}: {path}")
+    assert not missing, missing
+    assert REPO_PATH.findall("the run (`tests/cluster/gone.py`), ../bench/x.py") == ["tests/cluster/gone.py"]
