@@ -29,21 +29,24 @@ def test_resolve_paths_globs_dirs_and_uris(tmp_path):
 
 
 def test_tokenize_text_jsonl_parquet_in_order(ray_local, tmp_path):
+    """One tokenizing pipeline (an actor pool's start-up is most of one): the tokenizing stage is
+    format-blind, so the formats are checked on their documents, and the no-separator stream in-process."""
     docs = [f"doc {i}: hear me speak." for i in range(30)]
     tok = char_tokenizer(TEXT + "".join(docs))
-    # plain text: one document, no separators -> exactly the tokenizer's encoding (nanoGPT's stream)
-    (tmp_path / "input.txt").write_text(TEXT)
-    ds = D.read_documents(D.resolve_paths(str(tmp_path / "input.txt")))
-    ids = D.tokenize_corpus(ds, tok, add_eos=False)
-    assert ids.tolist() == tok.encode(TEXT)
-    # JSONL: documents in file order, each followed by eos
+    # JSONL: documents in file order, each followed by eos, over several batches
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)))
     ds = D.read_documents([str(tmp_path / "c.jsonl")])
     ids = D.tokenize_corpus(ds, tok, add_eos=True, batch_size=4)
     expected = [t for d in docs for t in tok.encode(d) + [tok.eos_token_id]]
     assert ids.tolist() == expected
-    # parquet with another column name: the same documents in order (the tokenizing stage is format-blind,
-    # so one tokenizing pipeline fewer: an actor pool's start-up is most of each)
+    # plain text: the whole file is one document; without separators the stream is exactly the
+    # tokenizer's encoding (nanoGPT's stream), as the tokenizing stage builds it
+    (tmp_path / "input.txt").write_text(TEXT)
+    ds = D.read_documents(D.resolve_paths(str(tmp_path / "input.txt")))
+    assert [r["text"] for r in ds.take_all()] == [TEXT]
+    udf = D._TokenizeBatch(tok.backend.to_str(), tok.config, eos_id=None)
+    assert udf({"text": np.array([TEXT], dtype=object)})["ids"][0].tolist() == tok.encode(TEXT)
+    # parquet with another column name: the same documents in order
     pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet")
     ds = D.read_documents([str(tmp_path / "c.parquet")], text_field="body")
     assert [r["text"] for r in ds.take_all()] == docs
