@@ -26,7 +26,9 @@ def _case(n, k, o, r, s, dtype, seed=0):
 
 
 @pytest.mark.parametrize(
-    "n,k,o,r,s", [(1, 64, 48, 8, 1), (7, 100, 130, 16, 3), (33, 72, 200, 4, 5), (1500, 40, 24, 8, 3)]
+    # 1040 rows: above 1024, the 64-row tiles (17, the last one partial)
+    "n,k,o,r,s",
+    [(1, 64, 48, 8, 1), (7, 100, 130, 16, 3), (33, 72, 200, 4, 5), (1040, 40, 24, 8, 3)],
 )
 def test_shrink_expand_match_reference_fp32(n, k, o, r, s):
     x, a, b, slots, scales = _case(n, k, o, r, s, torch.float32)
