@@ -164,17 +164,19 @@ def test_ray_train_run_two_workers_qlora(ray_local, tiny_model_dir, chat_files, 
         out,
         num_workers=2,
         batch_size=4,
-        max_steps=8,
-        checkpoint_every=8,
+        max_steps=4,
+        checkpoint_every=4,
         lora=LoraConfig(r=4, alpha=8, targets="attn", qlora=True),
     )
-    metrics = finetune.run_finetune(cfg)
-    assert metrics["step"] == 8 and metrics["val_loss_after"] < metrics["val_loss_before"]
+    with pytest.MonkeyPatch.context() as env:  # Ray Train's controller polls its workers every 2 s by default
+        env.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        metrics = finetune.run_finetune(cfg)
+    assert metrics["step"] == 4 and metrics["val_loss_after"] < metrics["val_loss_before"]
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     saved = json.loads((out / "llmray.json").read_text())
     assert saved["val_loss_after"] == metrics["val_loss_after"] and saved["lora"]["qlora"] is True
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r and r.get("event") is None] == list(range(1, 9))
+    assert [r["step"] for r in rows if "loss" in r and r.get("event") is None] == list(range(1, 5))
     assert rows[-1]["event"] == "final" and rows[-1]["val_loss_before"] == metrics["val_loss_before"]
     assert "validation loss" in capsys.readouterr().out
     # merge the QLoRA-trained adapter into the full-precision base
