@@ -18,6 +18,7 @@ import triton.language as tl
 
 from llmray.kernels._common import check_device
 from llmray.kernels.reference import rms_norm_ref, rope_ref
+from llmray.kernels.rope import _store_rotated, _token_cos_sin
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_ref"]
 
@@ -36,9 +37,7 @@ def _norm_rotate(src, dst, w_ptr, c, s, s_h, so_h, n_heads, eps, HALF: tl.conste
     w2 = tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]
     n1 = (x1 * rstd * w1).to(dt).to(tl.float32)
     n2 = (x2 * rstd * w2).to(dt).to(tl.float32)
-    out = dst + h[:, None] * so_h + d[None, :]
-    tl.store(out, (n1 * c - n2 * s).to(dst.dtype.element_ty), mask=m)
-    tl.store(out + HALF, (n2 * c + n1 * s).to(dst.dtype.element_ty), mask=m)
+    _store_rotated(dst + h[:, None] * so_h + d[None, :], n1, n2, c, s, HALF, m)
 
 
 @triton.jit
@@ -48,12 +47,8 @@ def _qk_norm_rope_kernel(
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    b = (pid // T).to(tl.int64)
-    t = (pid % T).to(tl.int64)
-    pos = tl.load(POS + b * sp_b + t * sp_t).to(tl.int64)
     d = tl.arange(0, HALF)
-    c = tl.load(COS + pos * s_cos + d).to(tl.float32)[None, :]
-    s = tl.load(SIN + pos * s_cos + d).to(tl.float32)[None, :]
+    b, t, c, s = _token_cos_sin(POS, COS, SIN, pid, T, sp_b, sp_t, s_cos, d, HALF, 1.0, False)
     row = pid.to(tl.int64)  # outputs are contiguous: token row b * T + t
     _norm_rotate(Q + b * sq_b + t * sq_t, QO + row * sqo_t, QW, c, s, sq_h, sqo_h, HQ, eps, HALF, BLOCK_HQ)
     _norm_rotate(K + b * sk_b + t * sk_t, KO + row * sko_t, KW, c, s, sk_h, sko_h, HK, eps, HALF, BLOCK_HK)

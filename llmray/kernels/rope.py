@@ -24,38 +24,57 @@ __all__ = ["rope", "rope_ref", "rope_apply"]
 
 
 @triton.jit
+def _token_cos_sin(
+    POS, COS, SIN, pid, T, sp_b, sp_t, s_cos, d, half, SIGN: tl.constexpr, MASKED: tl.constexpr
+):  # fmt: skip
+    """(b, t) of program ``pid`` over B x T tokens, and the cos and SIGN * sin rows (1, BLOCK) at its position
+    in fp32; MASKED: columns d >= half read 0 (shared with qk_norm_rope.py, whose d spans exactly half)."""
+    b = (pid // T).to(tl.int64)
+    t = (pid % T).to(tl.int64)
+    pos = tl.load(POS + b * sp_b + t * sp_t).to(tl.int64)
+    if MASKED:
+        c = tl.load(COS + pos * s_cos + d, mask=d < half, other=0.0).to(tl.float32)[None, :]
+        s = SIGN * tl.load(SIN + pos * s_cos + d, mask=d < half, other=0.0).to(tl.float32)[None, :]
+    else:
+        c = tl.load(COS + pos * s_cos + d).to(tl.float32)[None, :]
+        s = SIGN * tl.load(SIN + pos * s_cos + d).to(tl.float32)[None, :]
+    return b, t, c, s
+
+
+@triton.jit
+def _store_rotated(dst, x1, x2, c, s, half, mask):
+    """dst[:half] = x1 c - x2 s and dst[half:] = x2 c + x1 s (fp32 halves in, dst's dtype out)."""
+    tl.store(dst, (x1 * c - x2 * s).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + half, (x2 * c + x1 * s).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate_heads(src, dst, c, s, s_h, so_h, n_heads, half, d, dmask, BLOCK_H: tl.constexpr):
+    """Rotate one token's ``n_heads`` heads (head stride s_h in, so_h out) by (c, s)."""
+    h = tl.arange(0, BLOCK_H)
+    m = (h < n_heads)[:, None] & dmask[None, :]
+    x = src + h[:, None] * s_h + d[None, :]
+    x1 = tl.load(x, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x + half, mask=m, other=0.0).to(tl.float32)
+    _store_rotated(dst + h[:, None] * so_h + d[None, :], x1, x2, c, s, half, m)
+
+
+@triton.jit
 def _rope_kernel(
     Q, K, QO, KO, POS, COS, SIN,
     T, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sqo_b, sqo_t, sqo_h, sko_b, sko_t, sko_h, sp_b, sp_t, s_cos,
     HQ, HK, HALF,
     SIGN: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = (pid // T).to(tl.int64)
-    t = (pid % T).to(tl.int64)
-    pos = tl.load(POS + b * sp_b + t * sp_t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dmask = d < HALF
-    c = tl.load(COS + pos * s_cos + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    s = SIGN * tl.load(SIN + pos * s_cos + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-
-    hq = tl.arange(0, BLOCK_HQ)
-    mq = (hq < HQ)[:, None] & dmask[None, :]
-    src = Q + b * sq_b + t * sq_t + hq[:, None] * sq_h + d[None, :]
-    q1 = tl.load(src, mask=mq, other=0.0).to(tl.float32)
-    q2 = tl.load(src + HALF, mask=mq, other=0.0).to(tl.float32)
-    dst = QO + b * sqo_b + t * sqo_t + hq[:, None] * sqo_h + d[None, :]
-    tl.store(dst, (q1 * c - q2 * s).to(QO.dtype.element_ty), mask=mq)
-    tl.store(dst + HALF, (q2 * c + q1 * s).to(QO.dtype.element_ty), mask=mq)
-
-    hk = tl.arange(0, BLOCK_HK)
-    mk = (hk < HK)[:, None] & dmask[None, :]
-    src = K + b * sk_b + t * sk_t + hk[:, None] * sk_h + d[None, :]
-    k1 = tl.load(src, mask=mk, other=0.0).to(tl.float32)
-    k2 = tl.load(src + HALF, mask=mk, other=0.0).to(tl.float32)
-    dst = KO + b * sko_b + t * sko_t + hk[:, None] * sko_h + d[None, :]
-    tl.store(dst, (k1 * c - k2 * s).to(KO.dtype.element_ty), mask=mk)
-    tl.store(dst + HALF, (k2 * c + k1 * s).to(KO.dtype.element_ty), mask=mk)
+    b, t, c, s = _token_cos_sin(POS, COS, SIN, tl.program_id(0), T, sp_b, sp_t, s_cos, d, HALF, SIGN, True)
+    _rotate_heads(
+        Q + b * sq_b + t * sq_t, QO + b * sqo_b + t * sqo_t, c, s, sq_h, sqo_h, HQ, HALF, d, dmask, BLOCK_HQ
+    )
+    _rotate_heads(
+        K + b * sk_b + t * sk_t, KO + b * sko_b + t * sko_t, c, s, sk_h, sko_h, HK, HALF, d, dmask, BLOCK_HK
+    )
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
