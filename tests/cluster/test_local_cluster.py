@@ -349,9 +349,9 @@ def test_rayservice_deploys_answers_exports_metrics_and_autoscales(
     _check_metrics(head, name, _ask_through_openai(port, name))
     mark("answers through the openai client; the dashboard's series on the metrics ports")
 
-    bodies = [{"model": name, "prompt": f"load {i}", "max_tokens": 200, "stream": True} for i in range(4)]
+    bodies = [{"model": name, "prompt": f"load {i}", "max_tokens": 200, "stream": True} for i in range(2)]
     with streaming_load(f"http://127.0.0.1:{port}/v1/completions", bodies, KEY) as statuses_seen:
-        mark("load started (4 streaming clients)")
+        mark("load started (2 streaming clients: 2 ongoing requests, target 1 per replica)")
         wait_for(lambda: gpu_nodes(head) == 2, 180, what="the autoscaler to add a second GPU node")
         mark("2 GPU nodes")
         wait_for(lambda: llm_replicas(head, app["name"]) == 2, 180, what="a second LLMServer replica")
