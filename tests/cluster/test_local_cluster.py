@@ -119,7 +119,7 @@ def demo_job(head, tmp_path_factory) -> dict:
         str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--submission-id", submission_id,
         "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--no-wait", "--", *argv,
     ]  # fmt: skip
-    proc = head.run_cli(cmd, timeout=120)
+    proc = head.run_cli(cmd, timeout=300)  # packs and uploads this checkout: slow on a busy machine
     assert proc.returncode == 0 and submission_id in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
     # Poll the job through the dashboard's REST API (what `ray job status` and KubeRay's RayJob use).
