@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--unfused-qk", action="store_true", help="q/k norms + rope as three launches")
     ap.add_argument("--no-fp8", action="store_true", help="bf16 KV runs only")
     ap.add_argument("--trace", action="store_true", help="engine_trace.json: what each bf16 run paid")
+    ap.add_argument("--no-plot", action="store_true", help="no engine.png")
     ap.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -265,12 +266,13 @@ def main() -> None:
             torch.cuda.empty_cache()
     res["first_over_third"] = res["nano_vllm_tok_s"][0] / res["nano_vllm_tok_s"][-1]
     save()
-    try:  # engine.png from these figures
-        from engine_plot import plot
+    if not args.no_plot:
+        try:  # engine.png from these figures
+            from engine_plot import plot
 
-        plot(res, out_dir / "engine.png")
-    except Exception as e:  # no matplotlib on the machine: the JSON is what counts
-        print(f"engine.png not drawn: {e!r}", flush=True)
+            plot(res, out_dir / "engine.png")
+        except Exception as e:  # no matplotlib on the machine: the JSON is what counts
+            print(f"engine.png not drawn: {e!r}", flush=True)
     if args.baseline:
         del model
         gc.collect()
