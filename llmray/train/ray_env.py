@@ -31,6 +31,7 @@ RAY_NOISE = (
     re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] \w+\.cc:\d+: "),
     re.compile(r"worker processes have been started on node"),
     re.compile(r"^Reporting training result \d+: TrainingReport\("),
+    re.compile(r"^Progress bars disabled\. To enable, set "),  # Ray Data, once per worker that reads
 )
 # Ray's own actors whose output is all Ray's: Ray Train V2's PlacementGroupCleaner prints a traceback when two
 # local Rays run on one host (its State API call finds both and picks neither)

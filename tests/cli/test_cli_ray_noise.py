@@ -51,8 +51,9 @@ def test_ray_noise_goes_to_the_log_file_and_step_lines_stay(ray_worker, tmp_path
     report = (
         "Reporting training result 1: TrainingReport(checkpoint=Checkpoint(path=/x), metrics={'step': 7})"
     )
+    bars = "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`."
     worker = {
-        "lines": [CPP_LINE, step, report],
+        "lines": [CPP_LINE, step, report, bars],
         "pid": 4242,
         "ip": "192.0.2.2",
         "is_err": False,
@@ -82,6 +83,7 @@ def test_ray_noise_goes_to_the_log_file_and_step_lines_stay(ray_worker, tmp_path
         "multiple Rays" not in out + err
         and "GetTimeoutError" not in out + err
         and "TrainingReport" not in out
+        and "Progress bars disabled" not in out
     )
     written = log.read_text()
     assert "(raylet) WARNING: 8 PYTHON worker processes" in written and "(W) [2026-11-30" in written
