@@ -5,12 +5,12 @@ One Ray + Serve for the module (start-up is slow on 2 cores), two apps in turn:
 1. the API through the `openai` client: one engine replica (max_num_seqs=4, so the replica holds
    max_ongoing_requests=8 + max_queued_requests=2 requests and answers 429 beyond), an API key, Ray
    metrics exported;
-2. load: 500 concurrent streaming clients on one replica, a fifth hanging up mid-stream. Limits are set so
-   no client gets a 429 (``max_ongoing_requests`` covers all 500; the engine batches 64 and queues the
-   rest). The 400 clients that stay ask for 8 tokens and must each get a well-formed stream: role-less
-   completion chunks, finish_reason "length", the usage chunk (8 tokens) and ``data: [DONE]``. The 100
+2. load: 300 concurrent streaming clients on one replica, a fifth hanging up mid-stream. Limits are set so
+   no client gets a 429 (``max_ongoing_requests`` covers all 300; the engine batches 64, the rest wait in
+   its core). The 240 clients that stay ask for 8 tokens and must each get a well-formed stream: role-less
+   completion chunks, finish_reason "length", the usage chunk (8 tokens) and ``data: [DONE]``. The 60
    that leave ask for 64 tokens and hang up after their first chunk: their engine requests are aborted
-   (the tokens generated in all stay far below 100 x 64) and free their KV blocks. Afterwards the engine
+   (the tokens generated in all stay far below 60 x 64) and free their KV blocks. Afterwards the engine
    is idle with every block free, the replica's and its engine core's memory are back near their
    warmed-up baseline, and the server still answers.
 """
@@ -260,7 +260,7 @@ def test_metrics_exported_to_prometheus(app):
 
 
 # --- load ------------------------------------------------------------------------------------------------------
-N_CLIENTS, N_LEAVE = 500, 100
+N_CLIENTS, N_LEAVE = 300, 60  # (was 500: still most of them queue past the batch of 64, in 40% less time)
 STAY_TOKENS, LEAVE_TOKENS = 8, 64
 MAX_GROWTH_MB = 64  # per process, after a warm-up run of the same shape
 
@@ -327,7 +327,7 @@ def _idle() -> bool:
 
 
 def _run_and_check(url: str) -> tuple[float, int]:
-    """One crowd of 500; returns (seconds, tokens the 100 leavers generated before their abort)."""
+    """One crowd; returns (seconds, tokens the leavers generated before their abort)."""
     before = engine_stats()
     t0 = time.perf_counter()
     results = asyncio.run(_crowd(url, N_CLIENTS, N_LEAVE))
@@ -346,14 +346,14 @@ def _run_and_check(url: str) -> tuple[float, int]:
     after = engine_stats()
     generated = after["generation_tokens_total"] - before["generation_tokens_total"]
     stay_tokens = (N_CLIENTS - N_LEAVE) * STAY_TOKENS
-    # each leaver made >= 1 token, and together far fewer than the 6,400 they asked for: they were aborted
+    # each leaver made >= 1 token, and together far fewer than the N_LEAVE x 64 they asked for: aborted
     assert stay_tokens + N_LEAVE <= generated < stay_tokens + N_LEAVE * LEAVE_TOKENS * 3 // 4, generated
     assert after["num_running"] == 0 and after["num_free_blocks"] == after["num_total_blocks"]
     return elapsed, generated - stay_tokens
 
 
 @pytest.mark.timeout(400)
-def test_500_streaming_clients_with_a_fifth_disconnecting(load_url):
+def test_streaming_crowd_with_a_fifth_disconnecting(load_url):
     url = load_url
     [replica] = replica_pids("LLMServer")
     core = engine_stats()["core_pid"]
@@ -372,6 +372,6 @@ def test_500_streaming_clients_with_a_fifth_disconnecting(load_url):
     )  # fmt: skip
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     print(
-        f"\n500 clients: {first[0]:.1f}s and {second[0]:.1f}s; leavers generated {first[1]} and "
+        f"\n{N_CLIENTS} clients: {first[0]:.1f}s and {second[0]:.1f}s; leavers generated {first[1]} and "
         f"{second[1]} tokens (of {N_LEAVE * LEAVE_TOKENS} asked); RSS growth MB {grown}"
     )
