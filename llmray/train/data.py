@@ -230,19 +230,23 @@ def rank_rows(local_rows: np.ndarray, rank: int, world: int, batch_size: int) ->
     return (local_rows // batch_size) * world * batch_size + rank * batch_size + local_rows % batch_size
 
 
-class _WindowBatch:
-    """Ray Data UDF: a worker's row ids -> packed windows (the token stream is shipped once per actor)."""
+_SAMPLERS: dict[tuple[int, int, int], WindowSampler] = {}  # per task worker: (tokens, seq_len, seed)
 
-    def __init__(self, tokens: Any, seq_len: int, seed: int, rank: int, world: int, batch_size: int):
-        import ray
 
-        self.tokens = ray.get(tokens) if isinstance(tokens, ray.ObjectRef) else tokens  # (N,) int32
-        self.sampler = WindowSampler(len(self.tokens), seq_len, seed)
-        self.rank, self.world, self.batch_size = rank, world, batch_size
+def _window_batch(
+    batch: dict[str, np.ndarray], tokens: Any, seq_len: int, seed: int, rank: int, world: int, batch_size: int
+) -> dict[str, np.ndarray]:
+    """Ray Data UDF (tasks): a worker's row ids -> packed windows. ``tokens`` is the stream's object ref,
+    read from the node's object store without a copy; the epoch permutations are kept per process."""
+    import ray
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = rank_rows(batch["data"].astype(np.int64), self.rank, self.world, self.batch_size)
-        return {"tokens": self.sampler.windows(self.tokens, rows)}
+    stream = ray.get(tokens) if isinstance(tokens, ray.ObjectRef) else tokens  # (N,) int32
+    key = (len(stream), seq_len, seed)
+    if key not in _SAMPLERS:
+        _SAMPLERS.clear()
+        _SAMPLERS[key] = WindowSampler(len(stream), seq_len, seed)
+    rows = rank_rows(batch["data"].astype(np.int64), rank, world, batch_size)
+    return {"tokens": _SAMPLERS[key].windows(stream, rows)}
 
 
 def train_windows_datasets(
@@ -251,7 +255,9 @@ def train_windows_datasets(
     """One Ray Dataset per worker, ``train_<rank>``: its ``rows_per_worker`` windows, in order.
 
     Each worker's rows are fixed by (seed, rank, world) rather than by how ``streaming_split`` happens
-    to hand out blocks, so any run (and any restart) feeds every worker the same batches.
+    to hand out blocks, so any run (and any restart) feeds every worker the same batches. The windows are
+    cut by tasks (pooled Ray workers, reused across pipelines and restarts; an actor pool would start a
+    process per worker and attempt).
     """
     import ray.data
 
@@ -259,11 +265,10 @@ def train_windows_datasets(
     tokens_ref = ray.put(tokens)  # shipped once, shared by every worker's pipeline
     return {
         # row ids from the driver's object store, not ray.data.range: its read tasks take 1 CPU each, and
-        # with the window actor (0.25) that is more than a 2-CPU head has next to a 1-CPU worker (a hang)
-        f"train_{rank}": _map_actors(  # a lost window actor fails the worker: Ray Train restarts it
-            ray.data.from_numpy(_row_id_blocks(rows_per_worker, batch_size)),
-            _WindowBatch,
-            fn_constructor_kwargs=dict(
+        # with the window tasks (0.25) that is more than a 2-CPU head has next to a 1-CPU worker (a hang)
+        f"train_{rank}": ray.data.from_numpy(_row_id_blocks(rows_per_worker, batch_size)).map_batches(
+            _window_batch,
+            fn_kwargs=dict(
                 tokens=tokens_ref,
                 seq_len=seq_len,
                 seed=seed,
@@ -273,7 +278,6 @@ def train_windows_datasets(
             ),
             batch_size=batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=0.25,
         )
         for rank in range(num_workers)
