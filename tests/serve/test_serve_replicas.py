@@ -31,6 +31,7 @@ import time
 
 import httpx
 import pytest
+from _support.load import streaming_load
 from _support.local_backend import MOCK_ENGINE
 from _support.paced_engine import write_tokenizer_dir
 from serve_helpers import (
@@ -125,28 +126,12 @@ def test_autoscale_up_under_load_and_back_down(session, paced_dir):
         }
     )
     assert replica_count() == 1
-    stop = threading.Event()
-    statuses: list[int] = []
-
-    def load(i: int) -> None:
-        body = {"model": MODEL, "prompt": f"load {i}", "max_tokens": 300, "ignore_eos": True, "stream": True}
-        with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
-            while not stop.is_set():
-                with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                    statuses.append(r.status_code)
-                    for _ in r.iter_lines():
-                        if stop.is_set():
-                            break
-
-    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    bodies = [
+        {"model": MODEL, "prompt": f"load {i}", "max_tokens": 300, "ignore_eos": True, "stream": True}
+        for i in range(4)
+    ]
+    with streaming_load(f"{url}/v1/completions", bodies, KEY) as statuses:
         assert wait_for(lambda: replica_count() == 2, 60, interval_s=0.5), "never scaled to 2 replicas"
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
     assert wait_for(lambda: replica_count() == 1, 60, interval_s=0.5), "never scaled back to 1 replica"
 
