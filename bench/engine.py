@@ -40,12 +40,8 @@ from llmray.engine.llm import LLM  # noqa: E402
 from llmray.engine.sampling_params import SamplingParams  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # (the bench modules below, whatever the cwd)
+from engine_common import stream_times, sync  # noqa: E402
 from engine_profile import decode_kernel_ms, profile  # noqa: E402
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def build_model(quick: bool):
@@ -96,21 +92,6 @@ def timed_runs(llm, prompts, outs, runs: int, vocab: int, tracer=None) -> list[f
         rates.append(sum(outs) / (time.perf_counter() - t))
         print(f"  run {len(rates)}: {rates[-1]:.0f} output tok/s", flush=True)
     return rates
-
-
-def stream_times(engine, rid: str, prompt: list[int], params) -> list[float]:
-    """Seconds from submission to each output of request ``rid`` (the engine alone in the loop)."""
-    engine.stream_outputs = True
-    sync()
-    t0 = time.perf_counter()
-    engine.add_request(rid, prompt, params)
-    stamps = []
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.request_id == rid:
-                stamps.append(time.perf_counter() - t0)
-    engine.stream_outputs = False
-    return stamps
 
 
 def latency(llm, vocab: int, quick: bool) -> dict:

@@ -1,4 +1,5 @@
-"""Helpers shared by bench/engine_baselines.py and the modules it runs: model, workload, timing."""
+"""Helpers shared by the engine benches (engine.py, engine_baselines.py and its modules): model, workload,
+timing."""
 
 from __future__ import annotations
 
@@ -56,4 +57,5 @@ def stream_times(engine, rid: str, prompt: list[int], params) -> list[float]:
         for out in engine.step():
             if out.request_id == rid:
                 stamps.append(time.perf_counter() - t0)
+    engine.stream_outputs = False  # (LLM.generate's setting)
     return stamps

@@ -39,58 +39,29 @@ from llmray.engine.sampling_params import SamplingParams  # noqa: E402
 
 sys.path.insert(1, str(REPO / "bench"))
 from engine import build_model, make_llm, stream_times, sync, timed_runs, workload  # noqa: E402
+from engine_profile import step_timers  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
 
 def phases(engine, prompts, params, async_on: bool, keep) -> dict:
     """Host ms per phase and GPU ms per step over the ``step()`` calls whose batch passes ``keep``."""
-    runner, sched = engine.runner, engine.scheduler
-    schedule, launch, collect = sched.schedule, runner.launch, runner.collect
     cur: dict = {}
-    marks: list = []  # (start event, end event) per launch
-
-    def schedule_(*a):
-        t = time.perf_counter()
-        out = schedule(*a)
-        cur["schedule"] = time.perf_counter() - t
-        cur["seqs"], cur["tokens"] = len(out.scheduled), out.num_tokens
-        return out
-
-    def launch_(*a):
-        t = time.perf_counter()
-        ev = None
-        if CUDA:
-            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            ev[0].record()
-        out = launch(*a)
-        if ev is not None:
-            ev[1].record()
-        marks.append((ev, cur.get("seqs"), cur.get("tokens")))
-        cur["launch"] = time.perf_counter() - t
-        return out
-
-    def collect_(*a):
-        t = time.perf_counter()
-        out = collect(*a)
-        cur["collect"] = time.perf_counter() - t
-        return out
-
-    sched.schedule, runner.launch, runner.collect = schedule_, launch_, collect_
+    marks: list = []  # (start, end) events per launch, with the step's seqs and tokens
     rows = []
     try:
-        engine.async_scheduling = async_on
-        for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
-            engine.add_request(f"diag-{async_on}-{i}-{time.monotonic_ns()}", p, s)
-        while engine.has_unfinished():
-            cur.clear()
-            t = time.perf_counter()
-            engine.step()
-            cur["wall"] = time.perf_counter() - t
-            rows.append(dict(cur))
-        sync()
+        with step_timers(engine, cur, marks):
+            engine.async_scheduling = async_on
+            for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
+                engine.add_request(f"diag-{async_on}-{i}-{time.monotonic_ns()}", p, s)
+            while engine.has_unfinished():
+                cur.clear()
+                t = time.perf_counter()
+                engine.step()
+                cur["wall"] = time.perf_counter() - t
+                rows.append(dict(cur))
+            sync()
     finally:
-        sched.schedule, runner.launch, runner.collect = schedule, launch, collect
         engine.async_scheduling = True
     keep_rows = [r for r in rows if "seqs" in r and keep(r["seqs"], r["tokens"])]
     n = max(1, len(keep_rows))

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -21,14 +22,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def profile(llm, prompts, outs) -> dict:
-    """Per-step host ms vs device ms (sync scheduling) and step wall ms (async), by step kind. Each mode runs
-    prompts no earlier run has seen (token ids shifted), so its prefill steps miss the prefix cache."""
-    engine = llm.engine
+@contextmanager
+def step_timers(engine, cur: dict, marks: list | None = None):
+    """Wrap the engine's schedule / launch / collect while inside: host seconds of each into ``cur`` (and the
+    scheduled step's seqs and tokens); on CUDA, (start, end) events around each launch into cur["events"]
+    and, with ``marks``, appended there as (events, seqs, tokens)."""
     runner, sched = engine.runner, engine.scheduler
-    launch, collect, schedule = runner.launch, runner.collect, sched.schedule
-    rows: list[dict] = []
-    cur: dict = {}
+    schedule, launch, collect = sched.schedule, runner.launch, runner.collect
+    cuda = torch.cuda.is_available()
 
     def schedule_(*a):
         t = time.perf_counter()
@@ -38,17 +39,18 @@ def profile(llm, prompts, outs) -> dict:
         return out
 
     def launch_(*a):
-        if not torch.cuda.is_available():
-            t = time.perf_counter()
-            out = launch(*a)
-            cur["launch"] = time.perf_counter() - t
-            return out
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t = time.perf_counter()
-        start.record()
+        ev = None
+        if cuda:
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
         out = launch(*a)
-        end.record()
-        cur["launch"], cur["events"] = time.perf_counter() - t, (start, end)
+        if ev is not None:
+            ev[1].record()
+            cur["events"] = ev
+        if marks is not None:
+            marks.append((ev, cur.get("seqs"), cur.get("tokens")))
+        cur["launch"] = time.perf_counter() - t
         return out
 
     def collect_(*a):
@@ -58,25 +60,37 @@ def profile(llm, prompts, outs) -> dict:
         return out
 
     sched.schedule, runner.launch, runner.collect = schedule_, launch_, collect_
+    try:
+        yield
+    finally:
+        sched.schedule, runner.launch, runner.collect = schedule, launch, collect
+
+
+def profile(llm, prompts, outs) -> dict:
+    """Per-step host ms vs device ms (sync scheduling) and step wall ms (async), by step kind. Each mode runs
+    prompts no earlier run has seen (token ids shifted), so its prefill steps miss the prefix cache."""
+    engine = llm.engine
+    rows: list[dict] = []
+    cur: dict = {}
     sp = [SamplingParams(max_tokens=o, temperature=0.6, ignore_eos=True) for o in outs]
     res = {}
     try:
-        vocab = engine.model_config.vocab_size
-        for m, mode in enumerate(("sync", "async")):
-            engine.async_scheduling = mode == "async"
-            for i, (p, s) in enumerate(zip(prompts, sp, strict=True)):
-                engine.add_request(f"prof-{mode}-{i}", [(t + 7919 * (m + 1)) % vocab for t in p], s)
-            rows.clear()
-            while engine.has_unfinished():
-                cur.clear()
-                t = time.perf_counter()
-                engine.step()
-                cur["wall"] = time.perf_counter() - t
-                rows.append(dict(cur))
-            sync()
-            res[mode] = _summarise(rows, mode)
+        with step_timers(engine, cur):
+            vocab = engine.model_config.vocab_size
+            for m, mode in enumerate(("sync", "async")):
+                engine.async_scheduling = mode == "async"
+                for i, (p, s) in enumerate(zip(prompts, sp, strict=True)):
+                    engine.add_request(f"prof-{mode}-{i}", [(t + 7919 * (m + 1)) % vocab for t in p], s)
+                rows.clear()
+                while engine.has_unfinished():
+                    cur.clear()
+                    t = time.perf_counter()
+                    engine.step()
+                    cur["wall"] = time.perf_counter() - t
+                    rows.append(dict(cur))
+                sync()
+                res[mode] = _summarise(rows, mode)
     finally:
-        sched.schedule, runner.launch, runner.collect = schedule, launch, collect
         engine.async_scheduling = True
     return res
 
