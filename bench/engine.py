@@ -176,6 +176,12 @@ def main() -> None:
     ap.add_argument("--no-fp8", action="store_true", help="bf16 KV runs only")
     ap.add_argument("--trace", action="store_true", help="engine_trace.json: what each bf16 run paid")
     ap.add_argument("--no-plot", action="store_true", help="no engine.png")
+    ap.add_argument(
+        "--max-graph-tokens",
+        type=int,
+        default=None,
+        help="engine option: mixed steps up to this replay graphs",
+    )
     ap.add_argument("--profile-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -205,6 +211,8 @@ def main() -> None:
     if applied:
         res["decode_config"] = applied
     res["fused_qk_norm_rope"] = not args.unfused_qk
+    if args.max_graph_tokens:
+        res["max_graph_tokens"] = args.max_graph_tokens
     prof: dict = {"command": res["command"], "device": res["device"]}
 
     def save():
@@ -213,7 +221,8 @@ def main() -> None:
 
     for key, kv in (("nano_vllm_tok_s", "auto"), ("nano_vllm_fp8_tok_s", "fp8"))[: 1 if args.no_fp8 else 2]:
         print(f"{key}:", flush=True)
-        llm, startup = make_llm(model, kv_cache_dtype=kv)
+        graph_kw = {"max_graph_tokens": args.max_graph_tokens} if args.max_graph_tokens else {}
+        llm, startup = make_llm(model, kv_cache_dtype=kv, **graph_kw)
         tracer = None
         if args.trace and kv == "auto":
             from engine_trace import RunTracer, prefill_step_kernels

@@ -25,8 +25,9 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
 
 
 def mixed_buckets(max_graph_tokens: int, max_num_batched_tokens: int) -> list[int]:
+    """Token buckets of the mixed graphs: powers of two from 16 up to the smaller limit."""
     top = min(max_graph_tokens, max_num_batched_tokens)
-    return [t for t in (16, 32, 64, 128, 256, 512, 1024, 2048) if t <= top]
+    return [1 << e for e in range(4, 31) if 1 << e <= top]
 
 
 class CudaGraphs:

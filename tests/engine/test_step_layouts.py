@@ -24,6 +24,7 @@ def test_layout_sizes_and_buckets():
     assert tile_capacity(64, 32, 64) == 1 + 32 + 1
     assert mixed_buckets(512, 8192) == [16, 32, 64, 128, 256, 512]
     assert mixed_buckets(100, 48) == [16, 32]
+    assert mixed_buckets(8192, 8192)[-3:] == [2048, 4096, 8192]  # full-budget steps can replay graphs too
 
 
 def test_graph_layouts_run_eagerly_match_the_reference(model):
