@@ -152,7 +152,8 @@ def prefill_step_kernels(llm, vocab: int, tokens: int = 8192, seqs: int = 16, to
     rows = []
     for e in prof.key_averages():
         dev = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if dev > 0 and not e.key.startswith(("aten::", "cu")):  # kernels only: no op or runtime-call rows
+        runtime = e.key.startswith(("aten::", "cuda", "cuLaunch", "cuMem", "cuStream", "cuEvent"))
+        if dev > 0 and not runtime:  # kernels only: no op or CUDA runtime-call rows (counted twice)
             rows.append((e.key[:90], e.count, round(dev / 1e3, 3)))
     rows.sort(key=lambda r: -r[2])
     return {
