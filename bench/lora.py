@@ -60,6 +60,7 @@ def run(
     output_len: int,
     repeats: int,
     warmup_seqs: int | None = None,
+    trace: bool = False,
 ) -> dict:
     """Best of ``repeats`` timed runs of the whole workload, after one untimed warm-up run of it (or of its
     first ``warmup_seqs`` requests with 8 output tokens: adapters into their slots, a shorter window)."""
@@ -70,20 +71,32 @@ def run(
     else:  # warm-up: the same workload (Triton compiles, adapter slots)
         llm.generate(prompts, params, lora=loras)
     walls = []
-    for _ in range(repeats):
+    tracer = None
+    if trace:  # what each timed run paid (bench/engine_trace.py: phases, Triton compiles, GC, allocator)
+        from engine_trace import RunTracer
+
+        tracer = RunTracer(llm.engine)
+    for i in range(repeats):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, lora=loras)
+        if tracer is not None:
+            with tracer.run(f"run {i + 1}"):
+                outs = llm.generate(prompts, params, lora=loras)
+        else:
+            outs = llm.generate(prompts, params, lora=loras)
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - t0)
     tokens = sum(len(o.token_ids) for o in outs)
     wall = min(walls)
-    return {
+    row = {
         "output_tokens": tokens,
         "wall_s": round(wall, 3),
         "walls_s": [round(w, 3) for w in walls],
         "tokens_per_s": round(tokens / wall, 1),
     }
+    if tracer is not None:
+        row["trace"] = tracer.runs
+    return row
 
 
 def kernel_times(rank: int) -> dict:
@@ -128,6 +141,9 @@ def main() -> None:
     ap.add_argument("--adapters", default="16,1,4,0", help="adapter counts of the LoRA-engine rows, in order")
     ap.add_argument("--warmup-seqs", type=int, default=None, help="warm-up run on this many requests only")
     ap.add_argument(
+        "--trace", action="store_true", help="per timed run: phases, Triton compiles, GC (each row)"
+    )
+    ap.add_argument(
         "--wait-for",
         default=None,
         help="prepare (models, adapters), then wait for this file before any engine",
@@ -161,7 +177,7 @@ def main() -> None:
                 time.sleep(0.05)
         base = LLM.from_model(model, None, enable_prefix_caching=False)
         results["rows"]["base_engine_without_lora"] = run(
-            base, prompts, [None] * len(prompts), args.output_len, args.repeats, args.warmup_seqs
+            base, prompts, [None] * len(prompts), args.output_len, args.repeats, args.warmup_seqs, args.trace
         )
         print("base", results["rows"]["base_engine_without_lora"], flush=True)
         save()
@@ -179,7 +195,9 @@ def main() -> None:
         for k in (int(c) for c in args.adapters.split(",")):  # the target row first
             loras = [names[i % k] if k else None for i in range(len(prompts))]
             key = f"{k}_adapters" if k else "base_on_lora_engine"
-            results["rows"][key] = run(llm, prompts, loras, args.output_len, args.repeats, args.warmup_seqs)
+            results["rows"][key] = run(
+                llm, prompts, loras, args.output_len, args.repeats, args.warmup_seqs, args.trace
+            )
             print(key, results["rows"][key], flush=True)
             save()
     if not args.skip_kernels:
