@@ -39,7 +39,7 @@ from llmray.engine.sampling_params import SamplingParams  # noqa: E402
 
 sys.path.insert(1, str(REPO / "bench"))
 from engine import build_model, make_llm, stream_times, sync, timed_runs, workload  # noqa: E402
-from engine_profile import step_timers  # noqa: E402
+from engine_profile import drain_steps, step_timers  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -48,18 +48,12 @@ def phases(engine, prompts, params, async_on: bool, keep) -> dict:
     """Host ms per phase and GPU ms per step over the ``step()`` calls whose batch passes ``keep``."""
     cur: dict = {}
     marks: list = []  # (start, end) events per launch, with the step's seqs and tokens
-    rows = []
     try:
         with step_timers(engine, cur, marks):
             engine.async_scheduling = async_on
             for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
                 engine.add_request(f"diag-{async_on}-{i}-{time.monotonic_ns()}", p, s)
-            while engine.has_unfinished():
-                cur.clear()
-                t = time.perf_counter()
-                engine.step()
-                cur["wall"] = time.perf_counter() - t
-                rows.append(dict(cur))
+            rows = drain_steps(engine, cur)
             sync()
     finally:
         engine.async_scheduling = True

@@ -66,11 +66,23 @@ def step_timers(engine, cur: dict, marks: list | None = None):
         sched.schedule, runner.launch, runner.collect = schedule, launch, collect
 
 
+def drain_steps(engine, cur: dict) -> list[dict]:
+    """Step ``engine`` until no request is left; one row per step: what ``step_timers`` put in ``cur``,
+    plus the step's wall seconds."""
+    rows = []
+    while engine.has_unfinished():
+        cur.clear()
+        t = time.perf_counter()
+        engine.step()
+        cur["wall"] = time.perf_counter() - t
+        rows.append(dict(cur))
+    return rows
+
+
 def profile(llm, prompts, outs) -> dict:
     """Per-step host ms vs device ms (sync scheduling) and step wall ms (async), by step kind. Each mode runs
     prompts no earlier run has seen (token ids shifted), so its prefill steps miss the prefix cache."""
     engine = llm.engine
-    rows: list[dict] = []
     cur: dict = {}
     sp = [SamplingParams(max_tokens=o, temperature=0.6, ignore_eos=True) for o in outs]
     res = {}
@@ -81,13 +93,7 @@ def profile(llm, prompts, outs) -> dict:
                 engine.async_scheduling = mode == "async"
                 for i, (p, s) in enumerate(zip(prompts, sp, strict=True)):
                     engine.add_request(f"prof-{mode}-{i}", [(t + 7919 * (m + 1)) % vocab for t in p], s)
-                rows.clear()
-                while engine.has_unfinished():
-                    cur.clear()
-                    t = time.perf_counter()
-                    engine.step()
-                    cur["wall"] = time.perf_counter() - t
-                    rows.append(dict(cur))
+                rows = drain_steps(engine, cur)
                 sync()
                 res[mode] = _summarise(rows, mode)
     finally:
