@@ -137,7 +137,13 @@ def build_openai_app(backend: Any, config: IngressConfig) -> GenerationRoutes:
         cards = [ModelCard(id=config.served_model_name, created=created, max_model_len=config.max_model_len)]
         adapters = await backend.list_adapters() if config.dynamic_loras else []
         cards += [
-            ModelCard(id=a["id"], created=a["created"], root=a["id"], parent=config.served_model_name)
+            ModelCard(
+                id=a["id"],
+                created=a["created"],
+                root=a["id"],
+                parent=config.served_model_name,
+                max_model_len=config.max_model_len,
+            )  # an adapter runs in the base model's engine
             for a in adapters
         ]
         return ModelList(data=cards).model_dump()

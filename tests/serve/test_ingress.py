@@ -53,6 +53,20 @@ def test_models_card_names_the_engines_max_model_len():
     assert pinned.get("/v1/models", headers=AUTH).json()["data"][0]["max_model_len"] == 128
 
 
+def test_adapter_cards_name_the_base_engines_max_model_len(tmp_path):
+    """An adapter runs in its base model's engine: its card shows that engine's context window, not null."""
+    adapter = tmp_path / "chat"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    server = LLMServer("unused", MODEL, engine_factory=MOCK_ENGINE, engine_kwargs={"max_model_len": 300},
+                       loras={"chat": str(adapter)}, enable_metrics=False)  # fmt: skip
+    client = TestClient(build_openai_app(LocalBackend(server), IngressConfig(MODEL, dynamic_loras=True)))
+    cards = {c["id"]: c for c in client.get("/v1/models").json()["data"]}
+    assert cards["chat"]["parent"] == MODEL
+    assert cards["chat"]["max_model_len"] == cards[MODEL]["max_model_len"] == 300
+
+
 def test_completions_non_streamed(client):
     body = {
         "model": MODEL,
