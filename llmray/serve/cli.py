@@ -11,10 +11,13 @@ cluster manifests use); start-up prints this node's ``/metrics`` URL (a joined c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +28,7 @@ from typing import Any
 from llmray.config import EngineConfig
 from llmray.engine.cli import lora_pair as _lora_pair  # NAME=DIR, shared with `llmray batch`
 from llmray.engine.core import PREWARM_LOCK_ENV
-from llmray.serve.ray_logs import default_log_file, quiet_ray_init, verbose
+from llmray.serve.ray_logs import default_log_file, quiet_ray_init, quiet_shutdown, verbose
 
 ENGINE_FLAGS = {  # flag -> (EngineConfig field, type)
     "max-num-seqs": ("max_num_seqs", int),
@@ -295,20 +298,42 @@ def _run_serve(ns: argparse.Namespace, prewarm: subprocess.Popen | None) -> int:
     serve.run(app, name="llmray", route_prefix="/", blocking=False)
     progress(f"serving on http://{ns.host}:{ns.port}/v1 (Ctrl-C to stop)")
 
+    try:
+        wait_for_stop()
+    except KeyboardInterrupt:
+        print("llmray: shutting down", flush=True)
+    finally:
+        with quiet_shutdown(log_file):  # Ray's messages about the actors it is stopping: to the log file
+            serve.shutdown()
+            ray.shutdown()
+    return 0
+
+
+def wait_for_stop(poll_s: float = 1.0) -> None:
+    """Block until SIGINT (Ctrl-C) or SIGTERM (`kill`, a pod's shutdown), raising KeyboardInterrupt.
+
+    A signal can land on any of Ray's threads: Python then runs its handler only when the main thread runs
+    again, and a main thread asleep in ``time.sleep`` slept on (Ctrl-C ignored for a minute). The wakeup fd
+    is written whichever thread the signal hits, so the ``select`` below returns at once."""
+
     def stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGINT, stop)  # also when started in the background (SIGINT ignored there)
-    signal.signal(signal.SIGTERM, stop)  # `kill`, Kubernetes pod shutdown
+    signal.signal(signal.SIGTERM, stop)
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    previous = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     try:
         while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("llmray: shutting down", flush=True)
+            select.select([wake_r], [], [], poll_s)  # the handler raises once this returns to Python
+            with contextlib.suppress(BlockingIOError):
+                wake_r.recv(512)
     finally:
-        serve.shutdown()
-        ray.shutdown()
-    return 0
+        signal.set_wakeup_fd(previous)
+        wake_r.close()
+        wake_w.close()
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -71,6 +71,31 @@ def quiet_ray_init(log_file: Path | None) -> Iterator[None]:
         route_ray_logs(log_file)  # again: ray.init replaced the handlers
 
 
+@contextlib.contextmanager
+def quiet_shutdown(log_file: Path | None) -> Iterator[None]:
+    """Around ``serve.shutdown(); ray.shutdown()``: what Ray's processes send this console meanwhile (the
+    raylet's "Task ServeController.graceful_shutdown failed ... killed by `ray.kill`" when Serve stops its
+    controller) goes to ``log_file``; Ray's error listener looks ``print_to_stdstream`` up per message."""
+    if log_file is None:
+        yield
+        return
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+
+    def to_file(data: dict, ignore_prefix: bool = False) -> None:
+        with open(log_file, "a") as f:
+            f.writelines(
+                f"({data.get('actor_name') or data.get('pid')}) {ln}\n" for ln in data.get("lines") or []
+            )
+
+    ray_worker.print_to_stdstream = to_file
+    try:
+        yield
+    finally:
+        ray_worker.print_to_stdstream = original
+
+
 def write_console(text: str) -> None:
     """A line on this process's real stdout (a Serve replica with ``RAY_SERVE_LOG_TO_STDERR=0`` turns
     ``print`` into a log record that never reaches the driver's console)."""

@@ -199,3 +199,50 @@ def test_ray_start_is_tried_again_when_its_node_times_out(monkeypatch):
     monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(ValueError("bad address")))
     with pytest.raises(ValueError):  # anything else is not retried
         init_ray({}, lines.append)
+
+
+def test_ctrl_c_landing_on_another_thread_stops_serve_at_once(tmp_path):
+    """A terminal's SIGINT can land on any of Ray's threads: `llmray serve`'s wait must still end at once
+    (it slept on in ``time.sleep(3600)`` for a minute). A fresh process: the signal goes to a thread."""
+    import subprocess
+    import sys
+
+    code = (
+        "import signal, sys, threading, time\n"
+        "from llmray.serve.cli import wait_for_stop\n"
+        "def hit():\n"
+        "    time.sleep(0.3)\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # this thread, not the main one\n"
+        "threading.Thread(target=hit).start()\n"
+        "t0 = time.monotonic()\n"
+        "try:\n"
+        "    wait_for_stop(poll_s=30)\n"
+        "except KeyboardInterrupt:\n"
+        "    print(f'stopped {time.monotonic() - t0:.1f}')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.startswith("stopped "), proc.stdout + proc.stderr[-2000:]
+    assert float(proc.stdout.split()[1]) < 5
+
+
+def test_rays_messages_while_serve_stops_go_to_the_log_file(tmp_path, capfd):
+    """After Ctrl-C, the raylet's "Task ServeController.graceful_shutdown failed ..." (Serve killing its own
+    controller) lands in the log file, not under `llmray: shutting down`."""
+    import ray._private.worker as ray_worker
+
+    from llmray.serve.ray_logs import quiet_shutdown
+
+    line = (
+        "Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task will "
+        "be retried. Error: The actor is dead because it was killed by `ray.kill`."
+    )
+    log = tmp_path / "serve.log"
+    original = ray_worker.print_to_stdstream
+    with quiet_shutdown(log):
+        ray_worker.print_to_stdstream(
+            {"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False
+        )
+    assert ray_worker.print_to_stdstream is original
+    out, err = capfd.readouterr()
+    assert "graceful_shutdown" not in out + err
+    assert f"(raylet) {line}" in log.read_text()
