@@ -26,7 +26,9 @@ def _next_slot(slots, cur):
     return tl.min(tl.where(slots > cur, slots, 1 << 30), axis=0)
 
 
-@triton.jit
+# Sizes that change from step to step (rows, the split-K width) are not specialised on: one compiled variant
+# serves every step shape (a first batch of new sizes compiles nothing while serving)
+@triton.jit(do_not_specialize=["N", "K_PER_SPLIT", "stride_ys"])
 def _shrink_kernel(
     x_ptr, a_ptr, slot_ptr, scale_ptr, y_ptr,
     N, K, R, K_PER_SPLIT, stride_xn, stride_as, stride_ar, stride_ys, stride_yn,
@@ -57,11 +59,11 @@ def _shrink_kernel(
     tl.store(y_ptrs, y, mask=(m[:, None] < N) & (r[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "SPLITS", "stride_ys"])
 def _expand_kernel(
     y_ptr, b_ptr, slot_ptr, out_ptr,
     N, O, R, stride_ys, stride_yn, stride_bs, stride_bo, stride_on,
-    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+    SPLITS, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr, SEG1: tl.constexpr = 0, SEG2: tl.constexpr = 0,
 ):  # fmt: skip
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -83,7 +85,7 @@ def _expand_kernel(
             rows = slots == cur
             y_mask = rows[:, None] & (r[None, :] < R)
             yv = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            for sp in tl.static_range(SPLITS):  # the shrink's split-K partial sums, added in a fixed order
+            for sp in range(SPLITS):  # the shrink's split-K partial sums, added in a fixed order
                 y_off = sp * stride_ys + m[:, None] * stride_yn + r[None, :]
                 yv += tl.load(y_ptr + y_off, mask=y_mask, other=0.0)
             b_off = cur * stride_bs + o[None, :] * stride_bo + r[:, None]
@@ -113,14 +115,16 @@ def _num_splits(tiles: int, k: int, device: torch.device) -> int:
     return max(1, min(16, triton.cdiv(2 * num_sms(device), tiles), k // 128))
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def lora_shrink(
+    x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor, splits: int | None = None
+) -> torch.Tensor:
     """x (N, K), a (S, R, K), slots (N,) int32, scales (S,) fp32 -> y (splits, N, R) fp32 partial sums over
-    K splits (``lora_expand`` adds them; ``y.sum(0)`` is the shrink result)."""
+    K splits (``lora_expand`` adds them; ``y.sum(0)`` is the shrink result). ``splits``: override (benches)."""
     n, k = x.shape
     r = a.shape[1]
     block_m = _block_m(n)
     tiles = triton.cdiv(n, block_m)
-    splits = _num_splits(tiles, k, x.device)
+    splits = splits or _num_splits(tiles, k, x.device)
     y = torch.empty(splits, n, r, device=x.device, dtype=torch.float32)
     if n == 0:
         return y
@@ -136,13 +140,19 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, scales: t
 
 
 def lora_expand(
-    y: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, out: torch.Tensor, seg: tuple[int, ...] = ()
+    y: torch.Tensor,
+    b: torch.Tensor,
+    slots: torch.Tensor,
+    out: torch.Tensor,
+    seg: tuple[int, ...] = (),
+    block_o: int = 128,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """out (N, O) += B[slots] @ y rows; y (N, R) or (splits, N, R) fp32, b (S, O, R). Returns ``out``.
 
     Grouped (``seg`` = the member boundaries in O, at most two, multiples of 128): members stacked along O
     (B rows [seg[j-1], seg[j]) belong to member j) and y (splits, N, G·R) holds member j's shrink output at
-    columns [j·R, (j+1)·R): one launch for a fused q|k|v or gate|up output."""
+    columns [j·R, (j+1)·R): one launch for a fused q|k|v or gate|up output. ``block_o``/``num_warps``: tuning."""
     n, o = out.shape
     if n == 0:
         return out
@@ -150,7 +160,6 @@ def lora_expand(
     r = b.shape[2]
     block_m = _block_m(n)
     block_r = max(16, triton.next_power_of_2(r))
-    block_o = 128
     if len(seg) > 2 or any(s % block_o or not 0 < s < o for s in seg) or y.shape[-1] != r * (len(seg) + 1):
         raise ValueError(
             f"grouped lora_expand: bad member boundaries {seg} for O={o}, R={r}, y {tuple(y.shape)}"
@@ -159,7 +168,7 @@ def lora_expand(
     _expand_kernel[(triton.cdiv(n, block_m), triton.cdiv(o, block_o))](
         y, b, slots, out, n, o, r, y.stride(0), y.stride(1), b.stride(0), b.stride(1), out.stride(0),
         SPLITS=y.shape[0], BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_R=block_r, PRECISION=_precision(b.dtype),
-        SEG1=seg1, SEG2=seg2,
+        SEG1=seg1, SEG2=seg2, num_warps=num_warps,
     )  # fmt: skip
     return out
 
