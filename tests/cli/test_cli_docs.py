@@ -182,3 +182,40 @@ def test_every_linked_or_named_file_exists():
                     missing.append(f"{doc.name}: {path}")
     assert not missing, missing
     assert REPO_PATH.findall("the run (`tests/cluster/gone.py`), ../bench/x.py") == ["tests/cluster/gone.py"]
+
+
+CURL_OUTPUT = re.compile(r"\bcurl\b[^|;&]*?-[a-zA-Z]*o\s+(\S+)")  # curl -fsSL -o FILE URL
+
+
+def test_every_data_path_the_docs_read_is_fetched_where_a_reader_finds_it():
+    """A fresh clone has no .data/: each ``.data/...`` file a doc names is downloaded by a command in a doc's
+    code block, and a doc that names it without fetching it links the doc that does."""
+    fetched: dict[str, Path] = {}
+    for doc in DOCS:
+        for command in shell_commands(doc.read_text()):
+            for target in CURL_OUTPUT.findall(command):
+                fetched[target] = doc
+    named = [(doc, path) for doc in DOCS for path in re.findall(r"(\.data/[\w/-]+\.\w+)", doc.read_text())]
+    assert named and fetched, (named, fetched)
+    missing = [f"{doc.name}: {path}" for doc, path in named if path not in fetched]
+    unlinked = [f"{doc.name}: {path}" for doc, path in named
+                if path in fetched and fetched[path] != doc and fetched[path].name not in doc.read_text()]  # fmt: skip
+    assert not missing and not unlinked, (missing, unlinked)
+    assert CURL_OUTPUT.findall("mkdir -p .data/x && curl -fsSL -o .data/x/in.txt https://h/in.txt") == [
+        ".data/x/in.txt"
+    ]
+
+
+def test_plots_are_shown_inline_where_they_help():
+    """The training loss, the serving latency and the results overview are images in the page, not only
+    links; the architecture is a diagram at the top of its page, which the README links."""
+
+    def images(name: str) -> list[str]:
+        return re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", (ROOT / name).read_text())
+
+    assert any("train_" in p and p.endswith(".png") for p in images("docs/training.md"))
+    assert any("serve_latency" in p for p in images("docs/serving.md"))
+    assert any("results_overview" in p for p in images("README.md"))
+    architecture = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    assert re.match(r"# [^\n]+\n+```\n[^`]*──▶", architecture), "ARCHITECTURE.md opens with its diagram"
+    assert "(docs/ARCHITECTURE.md)" in (ROOT / "README.md").read_text()
