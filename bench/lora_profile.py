@@ -4,7 +4,8 @@
    at decode (256 rows) and prefill (8192 rows) sizes, 16 adapters (rows sorted by slot, as the runner packs
    them), each variant captured in one CUDA graph and replayed: the base GEMMs alone, + our shrink/expand
    (default and tuned launch parameters), with the shrinks on a side stream overlapping the base GEMM, and a
-   "wide GEMM" estimate (shrink + one GEMM over [W | B of every slot]: the expand folded into the base GEMM).
+   the "wide" path (one shrink writing [x | y] + one GEMM over [W | B of every slot]: the expand folded into
+   the base GEMM) and that GEMM alone.
 2. ``engine``: one LoRA engine with 16 adapters (bench/lora.py's workload): start-up (Triton compiles),
    a first timed run right after a short warm-up (traced), then base rows and a warm run; then torch.profiler
    over 20 decode steps and over the prefill steps of a batch, with and without adapters: device ms per
@@ -55,7 +56,7 @@ def _graph_ms(fn, reps: int = 20) -> float:
 
 
 def micro(rows_list=(256, 8192)) -> dict:
-    from llmray.kernels.lora import lora_expand, lora_shrink
+    from llmray.kernels.lora import lora_expand, lora_shrink, lora_wide_shrink
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
@@ -92,8 +93,11 @@ def micro(rows_list=(256, 8192)) -> dict:
                 for name, k, _ in PROJS:
                     w, a, b, wide, seg = layer[name]
                     x, y_out = xs[k], res[name]
-                    if mode == "wide":  # shrink (its cost) + one GEMM over the widened input and weight
-                        lora_shrink(x, a, slots, scales)
+                    if mode == "wide":  # the wide shrink ([x | y]) + one GEMM over [W | B]
+                        xy = lora_wide_shrink(x, a, slots, scales, members=len(seg) + 1)
+                        torch.mm(xy, wide.t(), out=y_out)
+                        continue
+                    if mode == "wide_gemm":  # the wide GEMM alone
                         torch.mm(xw[name], wide.t(), out=y_out)
                         continue
                     if mode == "overlap":
@@ -126,10 +130,9 @@ def micro(rows_list=(256, 8192)) -> dict:
             "lora": ("lora",),
             "lora_only": ("lora_only",),
             "lora_block_o_256": ("lora", 256),
-            "lora_warps_2": ("lora", 128, 2),
-            "lora_splits_half": ("lora", 128, 4, 0.5),
             "overlap_shrink": ("overlap",),
-            "wide_gemm_estimate": ("wide",),
+            "wide": ("wide",),
+            "wide_gemm_only": ("wide_gemm",),
         }
         row = {}
         for key, args in variants.items():
@@ -156,7 +159,8 @@ def _kernel_table(prof, wall_s: float, steps: int) -> dict:
     for key, ms, _ in kernels:
         low = key.lower()
         cls = (
-            "lora_shrink" if "_shrink_kernel" in key
+            "lora_wide_shrink" if "_wide_shrink_kernel" in key
+            else "lora_shrink" if "_shrink_kernel" in key
             else "lora_expand" if "_expand_kernel" in key
             else "gemm" if any(s in low for s in ("gemm", "sm90", "cutlass", "nvjet", "cublas"))
             else "attention" if "attention" in low or "paged" in low or "decode" in low or "prefill" in low
@@ -275,16 +279,34 @@ def engine_part(out_dir: Path, results: dict, save) -> None:
         save()
         prof: dict = {}
         eng["profile"] = prof
-        for phase in ("decode", "prefill"):
-            for key, loras in (("16_adapters", lora16), ("base", base)):
-                prof[f"{phase}_{key}"] = _profile_steps(llm, prompts, loras, 64, phase)
-                print(
-                    phase,
-                    key,
-                    {k: v for k, v in prof[f"{phase}_{key}"].items() if k != "top_kernels"},
-                    flush=True,
-                )
-                save()
+        for phase, key, loras in (
+            ("decode", "16_adapters", lora16),
+            ("decode", "base", base),
+            ("prefill", "16_adapters", lora16),
+        ):
+            prof[f"{phase}_{key}"] = _profile_steps(llm, prompts, loras, 64, phase)
+            print(
+                phase,
+                key,
+                {k: v for k, v in prof[f"{phase}_{key}"].items() if k != "top_kernels"},
+                flush=True,
+            )
+            save()
+        # A/B in the same engine: the split kernels only (shrink + expand after each base GEMM), graphs re-captured
+        runner = llm.engine.runner
+        llm.engine.lora.batch.wide_max_rows = 0
+        t1 = time.perf_counter()
+        runner.graphs.clear()
+        torch.cuda.empty_cache()
+        runner._cuda_graphs.capture()
+        eng["split_recapture_s"] = round(time.perf_counter() - t1, 2)
+        split = run(llm, prompts, lora16, 256, 1, warmup_seqs=None, trace=True)
+        split["vs_base_on_lora_engine"] = round(split["tokens_per_s"] / ref, 3)
+        rows["16_adapters_split_kernels"] = split
+        print("split", {k: v for k, v in split.items() if k != "trace"}, flush=True)
+        save()
+        prof["decode_16_adapters_split_kernels"] = _profile_steps(llm, prompts, lora16, 64, "decode")
+        save()
         del llm
         gc.collect()
 

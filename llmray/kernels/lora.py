@@ -62,7 +62,7 @@ def _shrink_kernel(
 @triton.jit(do_not_specialize=["N", "SPLITS", "stride_ys"])
 def _expand_kernel(
     y_ptr, b_ptr, slot_ptr, out_ptr,
-    N, O, R, stride_ys, stride_yn, stride_bs, stride_bo, stride_on,
+    N, O, R, stride_ys, stride_yn, stride_bs, stride_bo, stride_bg, stride_on,
     SPLITS, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr, SEG1: tl.constexpr = 0, SEG2: tl.constexpr = 0,
 ):  # fmt: skip
@@ -76,6 +76,7 @@ def _expand_kernel(
     if SEG2 > 0:
         member += (o0 >= SEG2).to(tl.int32)
     y_ptr += member * R
+    b_ptr += member * stride_bg  # member j's B columns (0: stacked along O only)
     slots = tl.load(slot_ptr + m, mask=m < N, other=-1)
     first = _next_slot(slots, -1)
     if first < 1 << 30:  # a tile of base-model rows only is left untouched
@@ -98,6 +99,45 @@ def _expand_kernel(
         ptrs = out_ptr + m[:, None] * stride_on + o[None, :]
         out = tl.load(ptrs, mask=mask, other=0.0)
         tl.store(ptrs, (out.to(tl.float32) + delta).to(out.dtype), mask=mask)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _wide_shrink_kernel(
+    x_ptr, a_ptr, slot_ptr, scale_ptr, xy_ptr,
+    N, K, R, S, stride_xn, stride_as, stride_ar, stride_xyn,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = tl.program_id(1)  # member: rows [g·R, (g+1)·R) of A, columns K + g·S·R + [0, S·R) of xy
+    live = m < N
+    slots = tl.load(slot_ptr + m, mask=live, other=-1)
+    r = tl.arange(0, BLOCK_R)
+    y = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    cur = _next_slot(slots, -1)
+    if g == 0 and cur == 1 << 30:  # no adapter row in the tile: the x copy alone
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            mask = live[:, None] & (k[None, :] < K)
+            xv = tl.load(x_ptr + m[:, None] * stride_xn + k[None, :], mask=mask, other=0.0)
+            tl.store(xy_ptr + m[:, None] * stride_xyn + k[None, :], xv, mask=mask)
+    while cur < 1 << 30:
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            mask = live[:, None] & (k[None, :] < K)
+            xv = tl.load(x_ptr + m[:, None] * stride_xn + k[None, :], mask=mask, other=0.0)  # (M, BLOCK_K)
+            if g == 0:  # the x half of the GEMM input (again for a second slot in the tile: same values)
+                tl.store(xy_ptr + m[:, None] * stride_xyn + k[None, :], xv, mask=mask)
+            a_off = cur * stride_as + (g * R + r[None, :]) * stride_ar + k[:, None]
+            av = tl.load(a_ptr + a_off, mask=(r[None, :] < R) & (k[:, None] < K), other=0.0)  # (BLOCK_K, R)
+            acc = tl.dot(xv, av, acc, input_precision=PRECISION)
+        y = tl.where((slots == cur)[:, None], acc * tl.load(scale_ptr + cur), y)
+        cur = _next_slot(slots, cur)
+    yv = y.to(xy_ptr.dtype.element_ty)
+    col = K + g * S * R + r[None, :]
+    for s in range(0, S):  # every slot's block of this member: the row's own slot gets y, the others zero
+        val = tl.where((slots == s)[:, None], yv, 0.0)
+        tl.store(xy_ptr + m[:, None] * stride_xyn + col + s * R, val, mask=live[:, None] & (r[None, :] < R))
 
 
 def _block_m(n: int) -> int:
@@ -147,12 +187,15 @@ def lora_expand(
     seg: tuple[int, ...] = (),
     block_o: int = 128,
     num_warps: int = 4,
+    member_stride: int = 0,
 ) -> torch.Tensor:
     """out (N, O) += B[slots] @ y rows; y (N, R) or (splits, N, R) fp32, b (S, O, R). Returns ``out``.
 
     Grouped (``seg`` = the member boundaries in O, at most two, multiples of 128): members stacked along O
     (B rows [seg[j-1], seg[j]) belong to member j) and y (splits, N, G·R) holds member j's shrink output at
-    columns [j·R, (j+1)·R): one launch for a fused q|k|v or gate|up output. ``block_o``/``num_warps``: tuning."""
+    columns [j·R, (j+1)·R): one launch for a fused q|k|v or gate|up output; ``member_stride``: elements from
+    member j's B to member j+1's at the same (slot, row) (0: B is stacked along O only; else ``b`` is member
+    0's view, see ``lora_wide_shrink``). ``block_o``/``num_warps``: tuning."""
     n, o = out.shape
     if n == 0:
         return out
@@ -166,11 +209,36 @@ def lora_expand(
         )
     seg1, seg2 = (tuple(seg) + (0, 0))[:2]
     _expand_kernel[(triton.cdiv(n, block_m), triton.cdiv(o, block_o))](
-        y, b, slots, out, n, o, r, y.stride(0), y.stride(1), b.stride(0), b.stride(1), out.stride(0),
+        y, b, slots, out, n, o, r, y.stride(0), y.stride(1), b.stride(0), b.stride(1), member_stride,
+        out.stride(0),
         SPLITS=y.shape[0], BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_R=block_r, PRECISION=_precision(b.dtype),
         SEG1=seg1, SEG2=seg2, num_warps=num_warps,
     )  # fmt: skip
     return out
+
+
+def lora_wide_shrink(
+    x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor, members: int = 1
+) -> torch.Tensor:
+    """The input of a "wide" LoRA GEMM: x (N, K), a (S, G·R, K) -> xy (N, K + G·S·R) in x's dtype where
+    xy[:, :K] = x and xy[n, K + g·S·R + s·R : ... + R] = scale[s] · A[s, g] @ x[n] if slots[n] == s, else 0.
+
+    ``xy @ [W | B_0 | ... | B_{G-1}]ᵀ`` is then the base projection plus every row's adapter delta in ONE GEMM,
+    with W (O, K) and member g's B laid out (O, S·R) (zero outside member g's output rows): the expand is
+    folded into the base GEMM (no read-modify-write of the output, no extra launch)."""
+    n, k = x.shape
+    s, gr, _ = a.shape
+    r = gr // members
+    xy = torch.empty(n, k + members * s * r, device=x.device, dtype=x.dtype)
+    if n == 0:
+        return xy
+    x = x.contiguous()
+    block_m = 16 if n <= 4096 else 64
+    _wide_shrink_kernel[(triton.cdiv(n, block_m), members)](
+        x, a, slots, scales, xy, n, k, r, s, x.stride(0), a.stride(0), a.stride(1), xy.stride(0),
+        BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=max(16, triton.next_power_of_2(r)), PRECISION=_precision(a.dtype),
+    )  # fmt: skip
+    return xy
 
 
 def lora_delta_ref(

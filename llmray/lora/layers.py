@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from llmray.kernels.lora import lora_delta_ref, lora_expand, lora_shrink
+from llmray.kernels.lora import lora_delta_ref, lora_expand, lora_shrink, lora_wide_shrink
 
 
 class LoraBatch:
@@ -28,6 +29,8 @@ class LoraBatch:
         self.slots = torch.full((max_rows,), -1, dtype=torch.int32, device=device)  # (max_rows,)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)  # alpha / r per slot
         self.enabled = False  # False: no row of this step uses an adapter (skip the LoRA kernels)
+        # steps of at most this many rows run a wide group's one-GEMM path, larger ones the split kernels
+        self.wide_max_rows = 1 << 30
 
     def set_rows(self, row_slots: torch.Tensor) -> None:
         """row_slots (N,) int32 for the packed rows of this step; rows past N are reset to -1."""
@@ -39,49 +42,105 @@ class LoraBatch:
 
 
 class ShrinkGroup:
-    """Stacked A matrices of linears sharing an input: (S, G·R, K); member i owns rows [i·R, (i+1)·R).
-    With ``out_features`` (one per member) also their B matrices, stacked along the output: (S, ΣO, R)."""
+    """The LoRA state of one GEMM site: ``weights`` are the base weights (O_i, K) of the linears reading the
+    same input (q/k/v, gate/up; or one linear). A matrices stacked: (S, G·R, K), member i owns rows
+    [i·R, (i+1)·R). B: member i's (S, O_i, R) is ``member_b(i)``, laid out one of two ways:
+    - "wide" (when G·S·R <= K): ``w_ext`` (ΣO, K + G·S·R) = [W | B of member 0 | ... ], member i's B in its
+      own output rows (O_i, S·R), zero elsewhere; ``w_ext[:, :K]`` IS the base weight the model uses. A LoRA
+      step then runs one shrink (``lora_wide_shrink``: xy = [x | y]) and ONE GEMM ``xy @ w_ext.T``.
+    - stacked: ``lora_b`` (S, ΣO, R); the deltas are added to the base GEMM's output by ``lora_expand``.
+    Either way the split path (``lora_shrink`` + ``lora_expand``) can run on it (wide: above
+    ``LoraBatch.wide_max_rows`` rows, or when the model's weight is not ``w_ext``'s)."""
 
     def __init__(
         self,
-        size: int,
+        weights: list[torch.Tensor],
         num_slots: int,
         max_rank: int,
-        in_features: int,
-        like: torch.Tensor,
-        out_features: list[int] | None = None,
         batch: LoraBatch | None = None,
+        wide: bool | None = None,
     ):
-        self.size, self.rank, self.batch = size, max_rank, batch
-        self.lora_a = torch.zeros(
-            num_slots, size * max_rank, in_features, dtype=like.dtype, device=like.device
+        like = weights[0]
+        k = like.shape[1]
+        self.size, self.rank, self.slots, self.in_features, self.batch = (
+            len(weights),
+            max_rank,
+            num_slots,
+            k,
+            batch,
         )
-        self.bounds = [0]  # member i's output columns in the stacked B: [bounds[i], bounds[i + 1])
-        for o in out_features or []:
-            self.bounds.append(self.bounds[-1] + o)
-        self.lora_b = (
-            torch.zeros(num_slots, self.bounds[-1], max_rank, dtype=like.dtype, device=like.device)
-            if out_features
-            else None
-        )
+        self.lora_a = torch.zeros(num_slots, self.size * max_rank, k, dtype=like.dtype, device=like.device)
+        self.bounds = [0]  # member i's output columns: [bounds[i], bounds[i + 1])
+        for w in weights:
+            self.bounds.append(self.bounds[-1] + w.shape[0])
+        width = self.size * num_slots * max_rank
+        self.w_ext: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None
+        if wide if wide is not None else width <= k:
+            self.w_ext = torch.zeros(self.bounds[-1], k + width, dtype=like.dtype, device=like.device)
+            with torch.no_grad():
+                torch.cat(weights, out=self.w_ext[:, :k]) if self.size > 1 else self.w_ext[:, :k].copy_(like)
+        else:
+            self.lora_b = torch.zeros(
+                num_slots, self.bounds[-1], max_rank, dtype=like.dtype, device=like.device
+            )
         self._x: torch.Tensor | None = None  # the input of the current shrink (identity marks it)
         self._y: torch.Tensor | None = None  # its output (splits, N, G·R) fp32
         self._unread = (
             0  # members yet to read ``_y``; at 0 both are dropped (no activation outlives the step)
         )
 
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The base weight (ΣO, K) as a view of ``w_ext`` (wide), for the model's GEMM; None otherwise."""
+        return None if self.w_ext is None else self.w_ext[:, : self.in_features]
+
     def member_a(self, i: int) -> torch.Tensor:
         return self.lora_a[:, i * self.rank : (i + 1) * self.rank]  # (S, R, K) view
 
-    def member_b(self, i: int) -> torch.Tensor | None:
-        if self.lora_b is None:
-            return None
-        return self.lora_b[:, self.bounds[i] : self.bounds[i + 1]]  # (S, O_i, R) view
+    def member_b(self, i: int) -> torch.Tensor:
+        lo, hi, s, r = self.bounds[i], self.bounds[i + 1], self.slots, self.rank
+        if self.w_ext is None:
+            assert self.lora_b is not None, "a group has either w_ext or lora_b"
+            return self.lora_b[:, lo:hi]  # (S, O_i, R) view
+        c = self.in_features + i * s * r
+        return self.w_ext[lo:hi, c : c + s * r].view(hi - lo, s, r).permute(1, 0, 2)  # (S, O_i, R) strided
 
-    def fused_delta(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out (..., ΣO) += every member's delta: the fused projection of x (..., K) (model hook)."""
+    def _stacked_b(self) -> tuple[torch.Tensor, int]:
+        """(S, ΣO, R) B of member 0's layout and the offset of member i+1's B from member i's (elements)."""
+        if self.w_ext is None:
+            assert self.lora_b is not None, "a group has either w_ext or lora_b"
+            return self.lora_b, 0
+        k, sr = self.in_features, self.slots * self.rank
+        return self.w_ext[:, k : k + sr].view(-1, self.slots, self.rank).permute(1, 0, 2), sr
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., ΣO): the projection with base ``weight`` (ΣO, K) plus every row's adapter delta
+        (the model's fused q|k|v / gate|up hook, and ``LoRALinear`` of a one-member group)."""
         batch = self.batch
-        assert batch is not None and self.lora_b is not None, "a fused group has its batch and stacked B"
+        assert batch is not None, "a group used as a projection has its batch"
+        if not batch.enabled:
+            return F.linear(x, weight)
+        flat_x = x.reshape(-1, x.shape[-1])
+        n = flat_x.shape[0]
+        kernels = x.is_cuda or LoRALinear.use_kernels_on_cpu
+        w_ext = self.w_ext
+        if (
+            kernels
+            and w_ext is not None
+            and n <= batch.wide_max_rows
+            and weight.data_ptr() == w_ext.data_ptr()
+        ):
+            xy = lora_wide_shrink(flat_x, self.lora_a, batch.slots[:n], batch.scales, self.size)
+            return F.linear(xy, w_ext).view(*x.shape[:-1], w_ext.shape[0])  # (N, K + G·S·R) x (ΣO, ...)ᵀ
+        out = F.linear(x, weight)
+        self.add_delta(x, out)
+        return out
+
+    def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out (..., ΣO) += every member's delta for x (..., K) (the split path: shrink + grouped expand)."""
+        batch = self.batch
+        assert batch is not None, "a group used as a projection has its batch"
         if not batch.enabled:
             return
         flat_x = x.reshape(-1, x.shape[-1])
@@ -91,16 +150,21 @@ class ShrinkGroup:
             y = lora_shrink(flat_x, self.lora_a, slots, batch.scales)  # (splits, N, G·R)
             seg = tuple(self.bounds[1:-1])
             if all(b % 128 == 0 for b in seg):  # the grouped expand's output tiles never straddle members
-                lora_expand(y, self.lora_b, slots, flat_out, seg=seg)
+                b, member_stride = self._stacked_b()
+                lora_expand(y, b, slots, flat_out, seg=seg, member_stride=member_stride)
                 return
             for i in range(self.size):
                 lo, hi, r = self.bounds[i], self.bounds[i + 1], self.rank
-                lora_expand(y[..., i * r : (i + 1) * r], self.lora_b[:, lo:hi], slots, flat_out[:, lo:hi])
+                lora_expand(y[..., i * r : (i + 1) * r], self.member_b(i), slots, flat_out[:, lo:hi])
             return
         for i in range(self.size):
             lo, hi = self.bounds[i], self.bounds[i + 1]
-            delta = lora_delta_ref(flat_x, self.member_a(i), self.lora_b[:, lo:hi], slots, batch.scales)
+            delta = lora_delta_ref(flat_x, self.member_a(i), self.member_b(i), slots, batch.scales)
             flat_out[:, lo:hi] += delta.to(flat_out.dtype)
+
+    def fused_delta(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The model's fused-GEMM hook (adds the deltas to its output): ``add_delta``."""
+        self.add_delta(x, out)
 
     def shrink(self, x: torch.Tensor, flat_x: torch.Tensor, batch: LoraBatch, i: int) -> torch.Tensor:
         """y (splits, N, R) of member ``i`` for the input ``x`` (rows flat_x (N, K)); one shrink per input."""
@@ -117,7 +181,7 @@ class ShrinkGroup:
 
 class LoRALinear(nn.Module):
     use_kernels_on_cpu = False  # tests set it (with TRITON_INTERPRET=1) to run the Triton path on the CPU
-    lora_b: torch.Tensor  # (S, out, R) buffer, registered in __init__
+    lora_b: torch.Tensor  # (S, out, R) view into the group's B, registered in __init__
 
     def __init__(
         self,
@@ -129,17 +193,16 @@ class LoRALinear(nn.Module):
         index: int = 0,
     ) -> None:
         super().__init__()
+        if group is None:
+            group = ShrinkGroup([base.weight.detach()], num_slots, max_rank, batch)
+        if group.size == 1 and group.weight is not None and type(base) is nn.Linear:
+            # the wide layout: the base weight becomes the first K columns of the group's [W | B]
+            base.weight = nn.Parameter(group.weight, requires_grad=base.weight.requires_grad)
         self.base = base
         self.batch = batch
-        w = base.weight
-        if group is None:
-            group = ShrinkGroup(1, num_slots, max_rank, base.in_features, w)
         self.group, self.index = group, index
         self.lora_a = group.member_a(index)  # (S, R, in) view into the group's stacked buffer
-        b = group.member_b(index)  # (S, out, R) view into the group's stacked B, or a buffer of its own
-        if b is None:
-            b = torch.zeros(num_slots, base.out_features, max_rank, dtype=w.dtype, device=w.device)
-        self.register_buffer("lora_b", b)
+        self.register_buffer("lora_b", group.member_b(index))  # (S, out, R) view into the group's B
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads .weight (tied heads, dtype checks) still works
@@ -155,13 +218,15 @@ class LoRALinear(nn.Module):
             self.lora_b[slot, :, :r].copy_(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
+        if self.group.size == 1 and self.batch.enabled and type(self.base) is nn.Linear:
+            return self.group.linear(x, self.base.weight)  # (wide: one GEMM with the deltas)
         out = self.base(x)
         if not self.batch.enabled:
             return out
         flat_x = x.reshape(-1, x.shape[-1])
         flat_out = out.view(-1, out.shape[-1])
         slots = self.batch.slots[: flat_x.shape[0]]
-        if x.is_cuda or self.use_kernels_on_cpu:
+        if x.is_cuda or self.use_kernels_on_cpu:  # a member of a q/k/v or gate/up group run unfused
             y = self.group.shrink(x, flat_x, self.batch, self.index)
             lora_expand(y, self.lora_b, slots, flat_out)
         else:

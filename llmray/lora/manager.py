@@ -52,6 +52,7 @@ class LoraManager:
         max_rank: int,
         max_cpu_loras: int,
         max_rows: int,
+        wide: bool | None = None,
     ) -> None:
         if max_loras < 1 or max_cpu_loras < max_loras:
             raise ValueError(f"need 1 <= max_loras ({max_loras}) <= max_cpu_loras ({max_cpu_loras})")
@@ -65,21 +66,26 @@ class LoraManager:
         self.batch = LoraBatch(max_rows, max_loras, device)
         self.layers: dict[tuple[int, str], LoRALinear] = {}
         for i, layer in enumerate(model.model.layers):
-            # linears reading the same input share one stacked shrink
+            # one ShrinkGroup per GEMM site: q|k|v and gate|up (linears reading the same input), o, down
             groups: dict[str, tuple[ShrinkGroup, int]] = {}
-            for members in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-                owner = layer.self_attn if members[0] == "q_proj" else layer.mlp
-                first = getattr(owner, members[0])
-                outs = [getattr(owner, m).out_features for m in members]
-                group = ShrinkGroup(
-                    len(members), max_loras, max_rank, first.in_features, first.weight, outs, self.batch
-                )
+            for members in (
+                ("q_proj", "k_proj", "v_proj"),
+                ("gate_proj", "up_proj"),
+                ("o_proj",),
+                ("down_proj",),
+            ):
+                owner = layer.self_attn if members[0] in ("q_proj", "o_proj") else layer.mlp
+                weights = [getattr(owner, m).weight.detach() for m in members]
+                group = ShrinkGroup(weights, max_loras, max_rank, self.batch, wide)
                 groups.update({m: (group, j) for j, m in enumerate(members)})
-                # the model's fused q|k|v / gate|up GEMM adds the group's deltas through this hook
-                setattr(owner, "qkv_delta" if members[0] == "q_proj" else "gate_up_delta", group.fused_delta)
+                if len(members) > 1:  # the model's fused q|k|v / gate|up GEMM runs through this hook
+                    fused = "qkv" if members[0] == "q_proj" else "gate_up"
+                    setattr(owner, f"{fused}_delta", group.fused_delta)
+                    if group.weight is not None:  # the fused base weight: a view of the group's [W | B]
+                        setattr(owner, f"{fused}_weight", group.weight)
             for module in MODULES:
                 parent = layer.self_attn if module in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-                shared, index = groups.get(module, (None, 0))
+                shared, index = groups[module]
                 wrapped = LoRALinear(getattr(parent, module), max_loras, max_rank, self.batch, shared, index)
                 setattr(parent, module, wrapped)
                 self.layers[(i, module)] = wrapped
