@@ -174,6 +174,14 @@ def main() -> None:
     ap.add_argument("--skip-profile", action="store_true", help="no decode-kernel timing or step profile")
     ap.add_argument("--unfused-qk", action="store_true", help="q/k norms + rope as three launches")
     ap.add_argument("--no-fp8", action="store_true", help="bf16 KV runs only")
+    ap.add_argument("--fp8-only", action="store_true", help="fp8 KV runs only (no latency section)")
+    ap.add_argument(
+        "--ab-graph-tokens",
+        type=int,
+        default=None,
+        help="then a bf16 engine with this max_graph_tokens (--ab-runs runs): ab_graph<N>_tok_s",
+    )
+    ap.add_argument("--ab-runs", type=int, default=1)
     ap.add_argument("--trace", action="store_true", help="engine_trace.json: what each bf16 run paid")
     ap.add_argument("--no-plot", action="store_true", help="no engine.png")
     ap.add_argument(
@@ -219,16 +227,20 @@ def main() -> None:
         (out_dir / "engine.json").write_text(json.dumps(res, indent=2))
         (out_dir / "engine_profile.json").write_text(json.dumps(prof, indent=2))
 
-    for key, kv in (("nano_vllm_tok_s", "auto"), ("nano_vllm_fp8_tok_s", "fp8"))[: 1 if args.no_fp8 else 2]:
+    engines = [("nano_vllm_tok_s", "auto", args.max_graph_tokens, args.runs)] * (not args.fp8_only)
+    engines += [("nano_vllm_fp8_tok_s", "fp8", args.max_graph_tokens, args.runs)] * (not args.no_fp8)
+    if args.ab_graph_tokens is not None:  # the same bf16 engine with another max_graph_tokens, after
+        engines.append((f"ab_graph{args.ab_graph_tokens}_tok_s", "auto", args.ab_graph_tokens, args.ab_runs))
+    for key, kv, graph_tokens, runs in engines:
         print(f"{key}:", flush=True)
-        graph_kw = {"max_graph_tokens": args.max_graph_tokens} if args.max_graph_tokens else {}
+        graph_kw = {"max_graph_tokens": graph_tokens} if graph_tokens is not None else {}
         llm, startup = make_llm(model, kv_cache_dtype=kv, **graph_kw)
         tracer = None
-        if args.trace and kv == "auto":
+        if args.trace and key == "nano_vllm_tok_s":
             from engine_trace import RunTracer, prefill_step_kernels
 
             tracer = RunTracer(llm.engine)
-        res[key] = timed_runs(llm, prompts, outs, args.runs, cfg.vocab_size, tracer)
+        res[key] = timed_runs(llm, prompts, outs, runs, cfg.vocab_size, tracer)
         if tracer is not None:
             trace = {"device": res["device"], "warmup_s": getattr(llm.engine.runner, "warmup_s", None)}
             trace |= {"startup_s": startup, "runs": tracer.runs}
@@ -236,12 +248,13 @@ def main() -> None:
         r = llm.engine.runner
         res[f"{key.replace('_tok_s', '')}_startup_s"] = startup
         res[f"{key.replace('_tok_s', '')}_kv_blocks"] = r.num_blocks
-        if kv == "auto":
+        res[f"{key.replace('_tok_s', '')}_max_graph_tokens"] = r.config.max_graph_tokens
+        if key == "nano_vllm_tok_s":
             res["first_over_third"] = res[key][0] / res[key][-1]
             save()  # the runs first: a time limit may cut what follows
             res.update(latency(llm, cfg.vocab_size, args.quick))
             save()
-            if tracer is not None:  # where a fresh full-budget prefill step's device time goes
+            if tracer is not None and not args.skip_profile:  # a fresh full-budget prefill step's kernels
                 budget = 8192 if not args.quick else 64
                 trace["prefill_step"] = prefill_step_kernels(llm, cfg.vocab_size, budget, 16 if cuda else 4)
                 (out_dir / "engine_trace.json").write_text(json.dumps(trace, indent=2))
@@ -254,9 +267,8 @@ def main() -> None:
         gc.collect()  # the runner and its graphs reference each other
         if cuda:
             torch.cuda.empty_cache()
-    res["first_over_third"] = res["nano_vllm_tok_s"][0] / res["nano_vllm_tok_s"][-1]
     save()
-    if not args.no_plot:
+    if not args.no_plot and "nano_vllm_tok_s" in res:
         try:  # engine.png from these figures
             from engine_plot import plot
 

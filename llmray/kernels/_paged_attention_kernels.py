@@ -42,6 +42,7 @@ def _decode_kernel(
     CDT: tl.constexpr,  # dot input dtype (fp16 for an fp8 cache under bf16: e4m3 -> f16 is one instruction)
     PREFETCH: tl.constexpr = False,  # load tile i+1 (pages, K, V) into registers before computing tile i
     HEADS_FAST: tl.constexpr = False,  # grid (Hkv, B, splits): a sequence's KV heads run side by side
+    V_SCALE_FIRST: tl.constexpr = False,  # FP8: V tile times its scale in CDT before the P.V dot (see below)
 ):
     if HEADS_FAST:
         kvh = tl.program_id(0)
@@ -58,6 +59,10 @@ def _decode_kernel(
     ctx = tl.load(context_lens_ptr + b)
     if FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
+    # An 8-bit V tile converted right before the dot is staged in shared memory as 8-bit and read back
+    # transposed one byte per load (no 8-bit ldmatrix.trans); a multiply after the conversion keeps the
+    # conversion in registers, so the 16-bit tile goes through shared memory with transposing ldmatrix.
+    vs = tl.load(v_scale_ptr).to(CDT) if FP8 and V_SCALE_FIRST else 1.0
     per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, ctx)
@@ -99,7 +104,7 @@ def _decode_kernel(
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m - m_new)
             l_sum = l_sum * alpha + tl.sum(p, 1)
-            vc = v.to(CDT)
+            vc = v.to(CDT) * vs if FP8 and V_SCALE_FIRST else v.to(CDT)
             acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc, input_precision=PRECISION)
             m = m_new
             k, v, nmask = k_nx, v_nx, nmask_nx
@@ -119,10 +124,11 @@ def _decode_kernel(
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m - m_new)
             l_sum = l_sum * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0).to(CDT)
+            v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = v.to(CDT) * vs if FP8 and V_SCALE_FIRST else v.to(CDT)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-    if FP8:
+    if FP8 and not V_SCALE_FIRST:
         acc = acc * tl.load(v_scale_ptr)
 
     omask = gmask[:, None] & dmask[None, :]

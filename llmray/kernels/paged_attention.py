@@ -50,7 +50,8 @@ def _compute_dtype(dtype: torch.dtype, fp8: bool):
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
-# decode kernel launch configuration by query dtype: (BLOCK_N, num_warps, num_stages[, prefetch[, heads_fast]]).
+# decode kernel launch configuration by query dtype:
+# (BLOCK_N, num_warps, num_stages[, prefetch[, heads_fast[, v_scale_first]]]).
 # From the H200 sweep (bench/decode_sweep.py, batch 256 at the nano-vllm workload's contexts, window A
 # 2026-11-30): 5 stages give the K/V tiles two buffers behind the page-table stage (2-4 stages: one, so a
 # program's loads never overlap its math); heads_fast runs a sequence's KV heads side by side (their rows
@@ -62,7 +63,9 @@ DECODE_CONFIG = {
     torch.bfloat16: (64, 4, 5, False, True),
     torch.float16: (64, 4, 5),
 }
-DECODE_CONFIG_FP8 = (64, 2, 5, False, True)  # heads fast: 0.205 ms vs 0.217 (window B sweep)
+# fp8: v_scale_first (V converted and scaled in registers: 16-bit transposing ldmatrix instead of one shared
+# load per byte; SASS for sm_90: 1,840 instructions and 147 registers vs 2,736 and 208)
+DECODE_CONFIG_FP8 = (64, 2, 5, False, True, True)
 DECODE_CONFIG_SMALL = (64, 4, 5)
 SMALL_BATCH = 16
 # split-K multiplier over ``default_num_splits`` by cache kind (False: model dtype, True: fp8)
@@ -100,7 +103,7 @@ def paged_decode(
     query_start: torch.Tensor | None = None,  # (B + 1,): q/out rows are packed tokens; only q_len 1 runs
     k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
     v_scale: torch.Tensor | None = None,
-    config: tuple | None = None,  # (BLOCK_N, warps, stages[, prefetch[, heads_fast]]); None: decode_config()
+    config: tuple | None = None,  # (BLOCK_N, warps, stages[, prefetch[, heads_fast[, v_scale_first]]])
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over its paged context (Triton).
 
@@ -126,6 +129,7 @@ def paged_decode(
     block_n, warps, stages, *rest = config or decode_config(q.dtype, fp8, bsz)
     prefetch = bool(rest and rest[0])
     heads_fast = len(rest) > 1 and bool(rest[1])
+    v_scale_first = len(rest) > 2 and bool(rest[2])
     _decode_kernel[(hkv, bsz, num_splits) if heads_fast else (bsz, hkv, num_splits)](
         q,
         k_cache,
@@ -161,6 +165,7 @@ def paged_decode(
         CDT=_compute_dtype(q.dtype, fp8),
         PREFETCH=prefetch,
         HEADS_FAST=heads_fast,
+        V_SCALE_FIRST=v_scale_first,
         num_warps=warps,
         num_stages=stages,
     )
