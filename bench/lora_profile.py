@@ -94,7 +94,7 @@ def micro(rows_list=(256, 8192)) -> dict:
                     w, a, b, wide, seg = layer[name]
                     x, y_out = xs[k], res[name]
                     if mode == "wide":  # the wide shrink ([x | y]) + one GEMM over [W | B]
-                        xy = lora_wide_shrink(x, a, slots, scales, members=len(seg) + 1)
+                        xy = lora_wide_shrink(x, a, slots, scales, members=len(seg) + 1, block_k=block_o)
                         torch.mm(xy, wide.t(), out=y_out)
                         continue
                     if mode == "wide_gemm":  # the wide GEMM alone
@@ -132,6 +132,8 @@ def micro(rows_list=(256, 8192)) -> dict:
             "lora_block_o_256": ("lora", 256),
             "overlap_shrink": ("overlap",),
             "wide": ("wide",),
+            "wide_block_k_64": ("wide", 64),
+            "wide_block_k_256": ("wide", 256),
             "wide_gemm_only": ("wide_gemm",),
         }
         row = {}

@@ -218,7 +218,12 @@ def lora_expand(
 
 
 def lora_wide_shrink(
-    x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor, members: int = 1
+    x: torch.Tensor,
+    a: torch.Tensor,
+    slots: torch.Tensor,
+    scales: torch.Tensor,
+    members: int = 1,
+    block_k: int = 128,
 ) -> torch.Tensor:
     """The input of a "wide" LoRA GEMM: x (N, K), a (S, G·R, K) -> xy (N, K + G·S·R) in x's dtype where
     xy[:, :K] = x and xy[n, K + g·S·R + s·R : ... + R] = scale[s] · A[s, g] @ x[n] if slots[n] == s, else 0.
@@ -236,7 +241,8 @@ def lora_wide_shrink(
     block_m = 16 if n <= 4096 else 64
     _wide_shrink_kernel[(triton.cdiv(n, block_m), members)](
         x, a, slots, scales, xy, n, k, r, s, x.stride(0), a.stride(0), a.stride(1), xy.stride(0),
-        BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=max(16, triton.next_power_of_2(r)), PRECISION=_precision(a.dtype),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        PRECISION=_precision(a.dtype),
     )  # fmt: skip
     return xy
 

@@ -37,3 +37,23 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed():
             break
     assert found == "stop here"
     assert streamed == d.text == TEXT[: TEXT.index("stop here")]
+
+
+def test_a_batch_ending_inside_a_character_keeps_the_text_before_it():
+    # a stream front-end hands over every token since its last read at once; when that batch ends inside a
+    # multi-byte character, the complete text before it is emitted now (was: the whole batch held back, and
+    # lost for good when the request ended there: a slow reader of a stream got a fraction of its text)
+    tok = _tok()
+    ids = tok.encode(TEXT)
+    one, batched = IncrementalDetokenizer(tok, [1], stop=[]), IncrementalDetokenizer(tok, [1], stop=[])
+    cut = next(i for i in range(2, len(ids)) if tok.decode(ids[:i]).endswith("\ufffd"))
+    for t in ids[:cut]:
+        one.update([t])
+    batched.update(ids[:cut])
+    assert batched.text == one.text == tok.decode(ids[:cut]).rstrip("\ufffd") != ""
+    for size in (3, 7):
+        d, streamed = IncrementalDetokenizer(tok, [1], stop=[]), ""
+        for i in range(0, len(ids), size):
+            d.update(ids[i : i + size])
+            streamed += d.delta(finished=False)
+        assert streamed + d.delta(finished=True) == TEXT
