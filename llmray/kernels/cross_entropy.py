@@ -98,9 +98,12 @@ def cross_entropy_rows(
     return loss
 
 
+CHUNK_ELEMENTS = 1 << 28  # logits elements per chunk at most (512 MB in bf16)
+
+
 def default_chunk_size(n_tokens: int, vocab: int) -> int:
-    """Rows per chunk: a power of two keeping one chunk of logits at <= 2^28 elements (512 MB in bf16)."""
-    rows = 1 << max(0, ((1 << 28) // max(vocab, 1)).bit_length() - 1)
+    """Rows per chunk: a power of two keeping one chunk of logits at <= ``CHUNK_ELEMENTS`` elements."""
+    rows = 1 << max(0, (CHUNK_ELEMENTS // max(vocab, 1)).bit_length() - 1)
     return max(1, min(rows, triton.next_power_of_2(max(n_tokens, 1))))
 
 

@@ -70,9 +70,11 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_tile(
-    DS, DX, w, rows, cols, cmask, stride_ds, stride_dx, M, N, dy, x, rstd, HAS_DS: tl.constexpr
-):
-    """dx of one tile of rows from its loaded dy, x (fp32) and rstd; returns dy * x_hat for dW."""
+    DS, DX, DX2, w, rows, cols, cmask, stride_ds, stride_dx, M, N, dy, x, rstd,
+    HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr,
+):  # fmt: skip
+    """dx of one tile of rows from its loaded dy, x (fp32) and rstd; returns dy * x_hat for dW.
+    HAS_DX2: dx is also stored in DX2's dtype (same strides as DX)."""
     rmask = rows < M
     mask = rmask[:, None] & cmask[None, :]
     r64 = rows.to(tl.int64)[:, None]
@@ -83,6 +85,8 @@ def _rms_norm_bwd_tile(
     if HAS_DS:  # gradient flowing into the residual-sum output of add_rms_norm
         dx += tl.load(DS + r64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_DX2:
+        tl.store(DX2 + r64 * stride_dx + cols[None, :], dx.to(DX2.dtype.element_ty), mask=mask)
     return dy * xhat
 
 
@@ -100,10 +104,10 @@ def _rms_norm_bwd_load(DY, X, RSTD, rows, cols, cmask, stride_dy, stride_x, end)
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, X, W, RSTD, DS, DX, DW_PART,  # DW_PART: (P, N) fp32 partial weight gradients
+    DY, X, W, RSTD, DS, DX, DX2, DW_PART,  # DW_PART: (P, N) fp32 partial weight gradients
     stride_dy, stride_x, stride_ds, stride_dx,
     M, N, rows_per_prog,
-    HAS_DS: tl.constexpr, COMPUTE_DW: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr, COMPUTE_DW: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """A program walks its rows_per_prog rows a tile at a time. PREFETCH: the next tile's loads are issued
@@ -122,7 +126,7 @@ def _rms_norm_bwd_kernel(
             nxt = row0 + i + tl.arange(0, BLOCK_M)
             dy_n, x_n, rstd_n = _rms_norm_bwd_load(DY, X, RSTD, nxt, cols, cmask, stride_dy, stride_x, end)
             g = _rms_norm_bwd_tile(
-                DS, DX, w, rows, cols, cmask, stride_ds, stride_dx, end, N, dy, x, rstd, HAS_DS
+                DS, DX, DX2, w, rows, cols, cmask, stride_ds, stride_dx, end, N, dy, x, rstd, HAS_DS, HAS_DX2
             )
             if COMPUTE_DW:
                 dw_acc += g
@@ -132,7 +136,7 @@ def _rms_norm_bwd_kernel(
             rows = row0 + i + tl.arange(0, BLOCK_M)
             dy, x, rstd = _rms_norm_bwd_load(DY, X, RSTD, rows, cols, cmask, stride_dy, stride_x, end)
             g = _rms_norm_bwd_tile(
-                DS, DX, w, rows, cols, cmask, stride_ds, stride_dx, end, N, dy, x, rstd, HAS_DS
+                DS, DX, DX2, w, rows, cols, cmask, stride_ds, stride_dx, end, N, dy, x, rstd, HAS_DS, HAS_DX2
             )
             if COMPUTE_DW:
                 dw_acc += g
@@ -209,6 +213,7 @@ def dw_programs(m: int, n: int, block_m: int, device: torch.device, per_sm: int 
     return max(1, min(blocks, per_sm * num_sms(device), cap))
 
 
+DX2_ONE_PASS = True  # add_rms_norm's backward writes both input dtypes' dx in one pass (False: a cast after)
 DW_SUM = (256, 8, 4)  # (BLOCK_P, BLOCK_N, num_warps) of the one-pass dW sum: 8 columns a program
 
 
@@ -223,8 +228,12 @@ def rms_norm_bwd(
     programs_per_sm: int | None = None,
     prefetch: bool = True,
     dw_sum: tuple[int, int, int] | None = DW_SUM,
+    dx2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Backward on rows: dy, x (M, N), rstd (M,), optional ds (M, N) added to dx -> (dx in x.dtype, dw or None).
+
+    ``dx2`` (M, N), contiguous, of another dtype: dx is also written there in the same pass (add_rms_norm's
+    bf16 branch input and fp32 residual under autocast each get their gradient without a cast kernel).
 
     dy may be of another dtype than x (a bf16 output of an fp32 input under autocast). ``config`` and
     ``programs_per_sm`` override the heuristics; ``prefetch`` issues the next tile's loads before this
@@ -242,11 +251,13 @@ def rms_norm_bwd(
     progs = triton.cdiv(m, rows_per_prog)
     dw_part = torch.empty((progs, n), device=x.device, dtype=torch.float32) if compute_dw else dx
     d_s = ds if ds is not None else dy
+    if dx2 is not None and (dx2.shape != dx.shape or dx2.stride() != dx.stride()):
+        raise ValueError(f"dx2 must be a contiguous ({m}, {n}) tensor, got {tuple(dx2.shape)} {dx2.stride()}")
     _rms_norm_bwd_kernel[(progs,)](
-        dy, x, weight, rstd, d_s, dx, dw_part,
+        dy, x, weight, rstd, d_s, dx, dx2 if dx2 is not None else dx, dw_part,
         dy.stride(0), x.stride(0), d_s.stride(0), dx.stride(0),
         m, n, rows_per_prog,
-        HAS_DS=ds is not None, COMPUTE_DW=compute_dw, PREFETCH=prefetch,
+        HAS_DS=ds is not None, HAS_DX2=dx2 is not None, COMPUTE_DW=compute_dw, PREFETCH=prefetch,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
     if not compute_dw:
@@ -309,9 +320,15 @@ class _AddRMSNormFn(torch.autograd.Function):
         if dy is None:  # only the residual sum was used downstream
             dy = torch.zeros_like(s2)
         ds2 = as_rows(ds) if ds is not None else None
-        dx, dw = rms_norm_bwd(as_rows(dy), s2, weight, rstd, ds=ds2, compute_dw=ctx.needs_input_grad[2])
-        dx = dx.view(ctx.x_shape)  # in the sum's dtype; each input gets its own
-        return dx.to(ctx.dtypes[0]), dx.to(ctx.dtypes[1]), dw, None, None
+        # dx is in the sum's dtype; an input of another dtype (the bf16 branch beside an fp32 residual under
+        # autocast) gets its copy from the same pass
+        other = next((d for d in ctx.dtypes if d != s2.dtype), None) if DX2_ONE_PASS else None
+        dx2 = torch.empty(s2.shape, device=s2.device, dtype=other) if other is not None else None
+        dx, dw = rms_norm_bwd(
+            as_rows(dy), s2, weight, rstd, ds=ds2, compute_dw=ctx.needs_input_grad[2], dx2=dx2
+        )
+        grads = [dx2 if dx2 is not None and d == other else dx.to(d) for d in ctx.dtypes]
+        return grads[0].view(ctx.x_shape), grads[1].view(ctx.x_shape), dw, None, None
 
 
 def _needs_autograd(*tensors: torch.Tensor) -> bool:

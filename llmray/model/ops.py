@@ -37,6 +37,9 @@ class ModelOps:
     # inference only: rope(rms_norm(q), rms_norm(k)) in one launch, q/k may be strided views of a fused row
     # (kernels/qk_norm_rope.py); None: the model calls rms_norm twice and rope
     qk_norm_rope: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    # training: differentiable silu(x[..., :I]) * x[..., I:] whose backward writes one (..., 2I) gradient; with
+    # it the model's training forward runs gate/up as one GEMM (kernels/swiglu.py swiglu_fused); None: two
+    swiglu_fused: Callable[..., torch.Tensor] | None = None
 
 
 def _gated_swiglu_torch(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +66,7 @@ def triton_ops() -> ModelOps:
     from llmray.kernels.qk_norm_rope import qk_norm_rope
     from llmray.kernels.rmsnorm import add_rms_norm, rms_norm
     from llmray.kernels.rope import rope
-    from llmray.kernels.swiglu import swiglu
+    from llmray.kernels.swiglu import swiglu, swiglu_fused
 
     return ModelOps(
         name="triton",
@@ -74,6 +77,7 @@ def triton_ops() -> ModelOps:
         linear_cross_entropy=linear_cross_entropy,
         gated_swiglu=gated_swiglu,
         qk_norm_rope=qk_norm_rope,
+        swiglu_fused=swiglu_fused,
     )
 
 

@@ -121,7 +121,24 @@ class Qwen3MLP(nn.Module):
             if ops.gated_swiglu is not None:
                 return self.down_proj(ops.gated_swiglu(gate_up))
             return self.down_proj(ops.swiglu(*gate_up.chunk(2, dim=-1)))
+        if ops.swiglu_fused is not None and torch.is_grad_enabled() and self._plain():
+            # training: one GEMM over [gate; up] (a bf16 copy of the two weights under autocast) and a
+            # SwiGLU whose backward writes one (..., 2I) gradient: the input gradient is one GEMM, not two + a sum
+            w = _cat_weights([self.gate_proj.weight, self.up_proj.weight], x.device.type)
+            return self.down_proj(ops.swiglu_fused(F.linear(x, w)))
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    def _plain(self) -> bool:
+        return type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear
+
+
+def _cat_weights(weights: list[torch.Tensor], device_type: str) -> torch.Tensor:
+    """The weights stacked along the output dim, in the autocast dtype when autocast is on (cast, then cat:
+    the copy is made at the narrower dtype; gradients flow back to each weight in its own dtype)."""
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        weights = [w.to(dt) for w in weights]
+    return torch.cat(weights)
 
 
 class Qwen3DecoderLayer(nn.Module):

@@ -270,16 +270,20 @@ def train_loop(config: dict, session: Session) -> dict:
         )  # fmt: skip
         step += 1
         tokens += ids.numel()
-        logger.log({"step": step, "loss": round(loss.item(), 5), "grad_norm": round(float(gnorm), 4),
-                    "lr": opt.param_groups[0]["lr"],
-                    "tokens_per_s": round(tokens * world / (time.perf_counter() - t0), 1)})  # fmt: skip
+        record = {"step": step, "loss": round(loss.item(), 5), "grad_norm": round(float(gnorm), 4),
+                  "lr": opt.param_groups[0]["lr"],
+                  "tokens_per_s": round(tokens * world / (time.perf_counter() - t0), 1)}  # fmt: skip
+        val_after = evaluate(model, val_b, device, dtype, world)["val_loss"] if step == total else None
+        if val_after is not None:  # the last step's one console line carries its validation loss
+            record["val_loss"] = val_after
+        logger.log(record)
         if step % cfg.checkpoint_every == 0 or step == total:
             state["step"] = step
             metrics = {"step": step, "loss": loss.item(), "val_loss_before": state["val_loss_before"]}
-            if step == total:
-                metrics["val_loss_after"] = evaluate(model, val_b, device, dtype, world)["val_loss"]
+            if val_after is not None:
+                metrics["val_loss_after"] = val_after
                 metrics.update(trainable_params=trainable, total_params=all_params)
-                logger.log({"event": "val", "val_loss": metrics["val_loss_after"], **metrics})
+                logger.log({"event": "val", "val_loss": val_after, **metrics}, console=False)
             _checkpoint(session, model, opt, {**state, "metrics": metrics}, cfg.base)
     return metrics if metrics is not None else state.get("metrics", {})
 

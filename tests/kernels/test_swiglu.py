@@ -55,3 +55,25 @@ def test_swiglu_gpu(rows, width, dtype, assert_matches):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     _check(rows, width, dtype, "cuda", assert_matches)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swiglu_fused_matches_reference(dtype, device, assert_matches):
+    """The fused [gate | up] layout: output and the one (..., 2I) gradient, against swiglu_ref on the halves."""
+    from llmray.kernels.swiglu import swiglu_fused
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = (2 * torch.randn(3, 5, 2 * 1100, generator=g)).to(device, dtype).requires_grad_(True)  # 2 col blocks
+    dy = torch.randn(3, 5, 1100, generator=g).to(device, dtype)
+    y = swiglu_fused(x)
+    y.backward(dy)
+    xr = x.detach().float().requires_grad_(True)
+    yr = swiglu_ref(*xr.chunk(2, dim=-1))
+    yr.backward(dy.float())
+    assert y.shape == (3, 5, 1100) and y.dtype == dtype
+    assert_matches(y, yr, dtype, "y")
+    assert_matches(x.grad, xr.grad, dtype, "d[gate|up]")
+    with torch.no_grad():
+        assert_matches(swiglu_fused(x), yr, dtype, "no-grad")
+    with pytest.raises(ValueError, match="even last dimension"):
+        swiglu_fused(torch.randn(2, 7, device=device))

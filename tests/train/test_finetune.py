@@ -77,7 +77,9 @@ def _adapter(session: LocalSession) -> Path:
 
 
 @pytest.mark.parametrize("qlora", [False, True], ids=["lora", "qlora"])
-def test_tiny_run_lowers_val_loss_and_changes_only_adapters(tiny_model_dir, chat_files, tmp_path, qlora):
+def test_tiny_run_lowers_val_loss_and_changes_only_adapters(
+    tiny_model_dir, chat_files, tmp_path, qlora, capsys
+):
     cfg = _cfg(
         tiny_model_dir,
         chat_files,
@@ -89,6 +91,8 @@ def test_tiny_run_lowers_val_loss_and_changes_only_adapters(tiny_model_dir, chat
     # a clear fall (0.27 to 0.55 nats over seeds and LoRA implementations), far above the noise
     assert metrics["val_loss_after"] < metrics["val_loss_before"] - 0.2, metrics
     assert "val_loss_after" in session.reports[-1][0]
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 16/16 ")]
+    assert len(last) == 1 and "val_loss" in last[0], last  # the last step: one line, with validation
     adapter = _adapter(session)
     # only adapter tensors were saved, and the base on disk is what training started from
     from safetensors import safe_open

@@ -78,6 +78,19 @@ def test_muon_step_fused_equals_unfused():
         )  # bf16 NS inputs: an ulp apart
 
 
+def test_muon_merged_transposed_stacks_equal_separate():
+    """Tall stacks orthogonalised in one batch with their transposes' stacks (q with o, gate/up with down)
+    give every matrix the update of its own stack; an unmatched tall shape and a square one stay alone."""
+    shapes = [(32, 16), (16, 32), (32, 16), (48, 16), (16, 48), (16, 48), (40, 8), (8, 8)]
+    group = dict(use_muon=True, lr=0.02, weight_decay=0.1)
+    a, b, oa, _ = _twin_steps(shapes, group, 2, lambda oa, ob: setattr(ob, "merge_transposed", False))
+    assert oa.merge_transposed
+    jobs = oa._merge_stacks([(tuple(s), [], None, None) for s in dict.fromkeys(map(tuple, shapes))])
+    assert sorted(len(j) for j in jobs) == [1, 1, 2, 2]
+    for pa, pb in zip(a, b, strict=True):
+        torch.testing.assert_close(pa.detach(), pb.detach(), atol=1e-6, rtol=0)
+
+
 @pytest.mark.gpu
 def test_cuda_fused_overlapped_step_equals_plain():
     """On CUDA: Triton passes + side stream + fused AdamW vs the foreach path on one stream, a small Qwen3."""
