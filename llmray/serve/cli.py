@@ -28,6 +28,7 @@ from typing import Any
 from llmray.config import EngineConfig
 from llmray.engine.cli import lora_pair as _lora_pair  # NAME=DIR, shared with `llmray batch`
 from llmray.engine.core import PREWARM_LOCK_ENV
+from llmray.ray_start import start_ray
 from llmray.serve.ray_logs import default_log_file, quiet_ray_init, quiet_shutdown, verbose
 
 ENGINE_FLAGS = {  # flag -> (EngineConfig field, type)
@@ -183,23 +184,6 @@ def metrics_url(nodes: list[dict[str, Any]], node_ip: str) -> str | None:
     return None
 
 
-def init_ray(kwargs: dict[str, Any], progress: Any = print, attempts: int = 3) -> None:
-    """``ray.init``, again when Ray's node did not come up within its fixed 30 s (a busy machine)."""
-    import ray
-
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(**kwargs)
-            return
-        except Exception as e:
-            if "timed out during startup" not in str(e) or attempt == attempts:
-                raise
-            progress(
-                f"Ray's node did not start within 30 s (a busy machine?); trying again ({attempt + 1}/{attempts})"
-            )
-            ray.shutdown()
-
-
 def ray_logs_dir() -> str:
     """The logs folder of the Ray session this driver is connected to."""
     try:
@@ -283,7 +267,7 @@ def _run_serve(ns: argparse.Namespace, prewarm: subprocess.Popen | None) -> int:
     progress("starting Ray" + (" with its dashboard" if ns.dashboard else ""))
     log_file = None if verbose() else default_log_file()
     with quiet_ray_init(log_file):
-        init_ray(ray_init_kwargs(ns), progress)
+        start_ray(ray_init_kwargs(ns), say=progress)  # again when Ray's node starts late (a busy machine)
     url = metrics_url(ray.nodes(), ray.util.get_node_ip_address())
     progress(f"Ray is up; metrics at {url or 'no metrics port reported by Ray'}")
     if log_file is not None:

@@ -8,6 +8,7 @@ import functools
 
 import pytest
 
+from llmray.ray_start import start_ray
 from llmray.train import ray_env
 
 RAYLET_WARNING = (
@@ -112,15 +113,15 @@ def test_a_ray_node_that_starts_late_is_started_again(capsys):
     """On a busy machine Ray's node can miss Ray's fixed 30 s (the demo in a fresh clone at load 97): the
     start is tried again with a line saying why, and the last failure is one sentence naming the load."""
     late = _SlowStartRay(failures=2)
-    ray_env.start_ray(late, {"num_cpus": 2})
+    start_ray({"num_cpus": 2}, ray=late)
     assert (late.inits, late.shutdowns) == (3, 2)
     assert capsys.readouterr().out.count("did not start within 30 s") == 2
     never = _SlowStartRay(failures=9)
     with pytest.raises(
         RuntimeError, match=r"did not start within 30 s, 3 times \(this machine's load average"
     ):
-        ray_env.start_ray(never, {})
+        start_ray({}, ray=never)
     other = _SlowStartRay(failures=1, error="some other start-up failure")
     with pytest.raises(Exception, match="some other start-up failure"):
-        ray_env.start_ray(other, {})
+        start_ray({}, ray=other)
     assert other.inits == 1

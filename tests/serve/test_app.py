@@ -176,31 +176,6 @@ def test_ray_and_serve_messages_go_to_a_named_file_not_the_console(tmp_path, cap
     assert "[engine core 1] engine ready" in capfd.readouterr().out
 
 
-def test_ray_start_is_tried_again_when_its_node_times_out(monkeypatch):
-    """A busy machine: Ray's node start gives up after a fixed 30 s; `llmray serve` tries up to 3 times."""
-    import ray
-
-    from llmray.serve.cli import init_ray
-
-    calls, lines = [], []
-
-    def fake_init(**kwargs):
-        calls.append(kwargs)
-        if len(calls) < 3:
-            raise Exception("The current node timed out during startup. This could happen because ...")
-
-    monkeypatch.setattr(ray, "init", fake_init)
-    monkeypatch.setattr(ray, "shutdown", lambda: None)
-    init_ray({"include_dashboard": False}, lines.append)
-    assert len(calls) == 3 and len(lines) == 2 and "trying again (2/3)" in lines[0]
-    calls.clear()
-    with pytest.raises(Exception, match="timed out"):
-        init_ray({}, lines.append, attempts=2)
-    monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(ValueError("bad address")))
-    with pytest.raises(ValueError):  # anything else is not retried
-        init_ray({}, lines.append)
-
-
 def test_ctrl_c_landing_on_another_thread_stops_serve_at_once(tmp_path):
     """A terminal's SIGINT can land on any of Ray's threads: `llmray serve`'s wait must still end at once
     (it slept on in ``time.sleep(3600)`` for a minute). A fresh process: the signal goes to a thread."""

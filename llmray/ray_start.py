@@ -1,0 +1,54 @@
+"""Starting Ray on a busy machine: ``ray.init``, again when Ray's node did not come up in time.
+
+Ray gives its node a fixed 30 s to register (ray/_private/node.py); on a loaded machine (a 2-core CI box under
+test workers, a laptop compiling) the raylet can miss it and ``ray.init`` fails with "The current node timed
+out during startup". The start is then tried again, with a line saying why; the last failure names the load.
+The one home of this retry for the training commands, ``llmray serve`` and the tests: it imports nothing from
+llmray, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+START_ATTEMPTS = 3
+NODE_TIMEOUT = "timed out during startup"  # in Ray's message when its node missed the 30 s
+
+
+def start_ray(
+    kwargs: dict[str, Any],
+    attempts: int = START_ATTEMPTS,
+    say: Callable[[str], Any] | None = None,
+    ray: Any = None,
+) -> None:
+    """``ray.init(**kwargs)``, started again (after ``ray.shutdown()``) when the node timed out, up to
+    ``attempts`` times; ``say`` gets one line per retry (default: printed). Any other failure is raised at
+    once; the last timeout is a RuntimeError naming the load average. ``ray``: the module (tests pass a
+    stand-in)."""
+    if ray is None:
+        import ray as ray_module
+
+        ray = ray_module
+    if say is None:
+        say = _print
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as e:
+            if NODE_TIMEOUT not in str(e):
+                raise
+            ray.shutdown()
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+            if attempt == attempts:
+                raise RuntimeError(
+                    f"Ray's node did not start within 30 s, {attempts} times (this machine's load average is "
+                    f"{load:.0f}); try again when it is less busy"
+                ) from e
+            say(f"Ray's node did not start within 30 s (load average {load:.0f}); starting it again")
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
