@@ -2,7 +2,7 @@
 
 Qwen3-0.6B shapes with random bf16 weights; adapters are random PEFT directories written at start.
 Rows: base model on an engine without LoRA, base requests on the LoRA engine, then 1/4/16 adapters
-(requests assigned round-robin). Target: 16 adapters >= 80% of base throughput. ``--wait-for FILE``:
+(requests assigned round-robin). Target: 16 adapters >= 85% of base throughput. ``--wait-for FILE``:
 build the models and write the adapters first, then wait for FILE (another benchmark finishing on the GPU).
 
     python bench/lora.py --out bench/results/lora.json [--num-seqs 256 --prompt-len 256 --output-len 256]
@@ -162,8 +162,9 @@ def main() -> None:
         ref = rows["base_engine_without_lora"]["tokens_per_s"]
         for row in rows.values():
             row["vs_base"] = round(row["tokens_per_s"] / ref, 3)
-        if "16_adapters" in rows:
-            results["target_16_adapters_ge_0.8x_base"] = rows["16_adapters"]["vs_base"] >= 0.8
+        if "16_adapters" in rows:  # issue 17's target: 16 adapters >= 0.85 x base
+            results["adapters_16_over_base"] = rows["16_adapters"]["vs_base"]
+            results["target_16_adapters_ge_0.85x_base"] = rows["16_adapters"]["vs_base"] >= 0.85
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
 

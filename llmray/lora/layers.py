@@ -79,7 +79,8 @@ class ShrinkGroup:
         if wide if wide is not None else width <= k:
             self.w_ext = torch.zeros(self.bounds[-1], k + width, dtype=like.dtype, device=like.device)
             with torch.no_grad():
-                torch.cat(weights, out=self.w_ext[:, :k]) if self.size > 1 else self.w_ext[:, :k].copy_(like)
+                for lo, hi, w in zip(self.bounds[:-1], self.bounds[1:], weights, strict=True):
+                    self.w_ext[lo:hi, :k].copy_(w)
         else:
             self.lora_b = torch.zeros(
                 num_slots, self.bounds[-1], max_rank, dtype=like.dtype, device=like.device
