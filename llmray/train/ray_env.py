@@ -110,6 +110,7 @@ def init_ray(
     env_vars = {k: os.environ[k] for k in WORKER_ENV if k not in taken}
     if not verbose():
         env_vars.update({k: v for k, v in WORKER_ONLY_ENV.items() if k not in taken and k not in os.environ})
+    from llmray.ray_start import start_ray
     from llmray.train.preflight import local_ray_starts
 
     kwargs: dict[str, Any] = dict(  # ray.init's keywords
@@ -130,7 +131,7 @@ def init_ray(
         logging.lastResort = logging.FileHandler(path)
         logging.lastResort.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     try:
-        start_ray(ray, kwargs)
+        start_ray(kwargs)  # again when the node misses Ray's fixed 30 s (a busy machine)
     finally:
         handler = logging.lastResort
         if handler is not None and handler is not fallback:
@@ -142,32 +143,6 @@ def init_ray(
     ray.data.DataContext.get_current().enable_progress_bars = False
     warn_if_cluster_lacks_gpus(gpus)
     return path
-
-
-START_ATTEMPTS = 3  # Ray waits a fixed 30 s for its node to register (ray/_private/node.py)
-
-
-def start_ray(ray: Any, kwargs: dict[str, Any], attempts: int = START_ATTEMPTS) -> None:
-    """``ray.init(**kwargs)``, started again when the node did not come up within Ray's fixed 30 s (a
-    machine so busy that the raylet registers late), with a line saying so; the last failure names the load."""
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(**kwargs)
-            return
-        except Exception as e:
-            if "timed out during startup" not in str(e):
-                raise
-            ray.shutdown()
-            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-            if attempt == attempts:
-                raise RuntimeError(
-                    f"Ray's node did not start within 30 s, {attempts} times (this machine's load average is "
-                    f"{load:.0f}); try again when it is less busy"
-                ) from e
-            print(
-                f"Ray's node did not start within 30 s (load average {load:.0f}); starting it again",
-                flush=True,
-            )
 
 
 class _DivertRayNoise:
