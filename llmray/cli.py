@@ -3,7 +3,8 @@ this module adds ``--config FILE.yaml`` to every one of them (keys = long flag n
 
 One error style for every command: bad input prints ``error: <what is wrong>`` (one line, naming the flag
 or file) and exits 2; anything else prints ``error: ...`` and exits 1. ``--debug`` (anywhere before a
-``bench`` script's own flags) or ``LLMRAY_DEBUG=1`` shows the traceback instead.
+``bench`` script's own flags) or ``LLMRAY_DEBUG=1`` shows the traceback instead. Ctrl-C prints one
+``interrupted: ...`` line (a training run's: the checkpoint it kept) and exits 130.
 """
 
 from __future__ import annotations
@@ -177,7 +178,41 @@ def _run(argv: list[str]) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Ray Train's own Ctrl-C handler aborts the run and calls sys.exit(0) inside ray.get, which Ray turns
+        # into SystemExit(1) carrying ray_terminate_msg: the command exited 1 without a word
+        if isinstance(e, SystemExit) and not hasattr(e, "ray_terminate_msg"):
+            raise
+        print(interrupted_line(args), file=sys.stderr, flush=True)
+        return 130
+
+
+def last_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The newest ``checkpoint_*`` directory a training command left under its ``--out`` / ``--storage-path``
+    (Ray Train's, a few levels down), or None."""
+    found: list[Path] = []
+    for root in {getattr(args, "out", None), getattr(args, "storage_path", None)} - {None}:
+        base = Path(os.path.abspath(os.path.expanduser(str(root))))
+        for depth in range(1, 5):  # OUT/ray_results/NAME/checkpoint_x; the demo's OUT/base/ray_results/...
+            found += [
+                p
+                for p in base.glob("/".join(["*"] * depth))
+                if p.name.startswith("checkpoint_") and p.is_dir()
+            ]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def interrupted_line(args: argparse.Namespace) -> str:
+    """``interrupted: ...``: what a stopped command kept (a training run's last checkpoint, resumed by the
+    same command)."""
+    if args.command not in ("pretrain", "finetune", "demo"):
+        return "interrupted"
+    ckpt = last_checkpoint(args)
+    if ckpt is None:
+        return "interrupted: no checkpoint was written yet, so a new run starts from step 0"
+    return f"interrupted: the last checkpoint {ckpt} is kept; the same command resumes from it"
 
 
 def _message(e: BaseException) -> str:

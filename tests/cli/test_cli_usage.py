@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -292,3 +293,39 @@ def test_a_pydantic_error_is_one_clean_line():
     with pytest.raises(ValidationError) as e:
         Args(model="m", replicas=0)
     assert _message(e.value) == "replicas: Input should be greater than or equal to 1"
+
+
+@pytest.mark.parametrize("how", ["ray_train_abort", "keyboard_interrupt"])
+def test_ctrl_c_during_training_says_what_is_kept_and_exits_130(how, tmp_path, corpus, capsys, monkeypatch):
+    """Ctrl-C in a Ray Train stage: Ray Train's own SIGINT handler aborts the run and calls sys.exit(0) inside
+    ray.get, which Ray turns into SystemExit(1) (``ray_terminate_msg``): the command exited 1 without a word.
+    Now: one line naming the checkpoint kept, exit 130. (Ray's own exception, raised where the run was.)"""
+    from ray._raylet import raise_sys_exit_with_custom_error_message
+
+    import llmray.train.pretrain as pretrain
+
+    out = tmp_path / "out"
+    older, newer = (
+        out / "ray_results" / "pretrain" / "checkpoint_a",
+        out / "ray_results" / "pretrain" / "checkpoint_b",
+    )
+
+    def interrupted_run(cfg):
+        older.mkdir(parents=True)
+        newer.mkdir()
+        os.utime(older, (1, 1))
+        if how == "keyboard_interrupt":
+            raise KeyboardInterrupt
+        raise_sys_exit_with_custom_error_message("SystemExit was raised from the worker.", exit_code=1)
+
+    monkeypatch.setattr(pretrain, "run_pretrain", interrupted_run)
+    assert main(["pretrain", "--data", str(corpus), "--out", str(out), "--max-steps", "100"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"interrupted: the last checkpoint {newer} is kept; the same command resumes from it", err
+    monkeypatch.setattr(
+        pretrain, "run_pretrain", lambda cfg: raise_sys_exit_with_custom_error_message("x", 1)
+    )
+    assert (
+        main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "o2"), "--max-steps", "100"]) == 130
+    )
+    assert "no checkpoint was written yet" in capsys.readouterr().err
