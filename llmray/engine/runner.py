@@ -21,10 +21,11 @@ from llmray.config import EngineConfig
 from llmray.engine.attention_metadata import PagedAttentionMetadata
 from llmray.engine.cuda_graphs import CudaGraphs, decode_buckets
 from llmray.engine.kv_cache import KVCache
-from llmray.engine.sampler import Sampler, SamplerOutput
+from llmray.engine.sampler import Bitmask, Sampler, SamplerOutput
 from llmray.engine.scheduler import ScheduledSeq
-from llmray.engine.sequence import PLACEHOLDER, Sequence
+from llmray.engine.sequence import Sequence
 from llmray.engine.step_inputs import Layout, StepBatch, StepInputs, tile_capacity
+from llmray.engine.structured.step_masks import StepMasks
 from llmray.engine.warmup import warmup
 from llmray.kernels._common import num_sms
 from llmray.kernels.paged_attention import default_num_splits, prefill_block_m
@@ -77,6 +78,9 @@ class ModelRunner:
             self.device, capacity, config.block_size, self.block_m, self.max_blocks_per_seq
         )
         self.sampler = Sampler(self.device, config.seed)
+        # constrained rows' masks (structured/step_masks.py); a deferred step waiting for its sampling
+        self.masks = StepMasks(self.device, self.vocab_size, seqs)
+        self._unsampled: PendingStep | None = None
         # the latest launch's samples; seq.sample_row is each sampling sequence's row here
         self.prev_tokens = torch.zeros(seqs, dtype=torch.long, device=self.device)
         self._out_bufs = [
@@ -175,6 +179,8 @@ class ModelRunner:
         pick = graphs.pick(num_tokens, len(items), all_decode) if graphs is not None else None
         layout = graphs.layout(*pick) if graphs is not None and pick is not None else None
         batch = self.inputs.build(items, sample_rows, layout, self.lora_batch is not None)
+        if self._unsampled is not None:  # a deferred step samples before this forward (its tokens are inputs)
+            self._flush_sampling()
         if graphs is not None and pick is not None:
             hidden = graphs.replay(pick[0], pick[1], use_lora, batch.tables)
         else:
@@ -193,7 +199,7 @@ class ModelRunner:
     def launch(self, scheduled: list[ScheduledSeq], defer_sampling: bool = False) -> PendingStep:
         """Queue one step on the device (no host sync). Inputs whose token id is a placeholder (-1) take the
         token sampled for that sequence by the previous launch, on the device. ``defer_sampling``: queue the
-        forward and logits only; ``sample(pending)`` queues the rest once the previous step is read back."""
+        forward and logits only; the sampling is queued later (``_flush_sampling``), after the masks fill."""
         # one-token (decode) chunks first; rows of one LoRA adapter next to each other (one A/B read per tile)
         later = [it.num_new_tokens != 1 for it in scheduled]
         if self.lora_batch is None and later == sorted(later):  # the scheduler's order already (the norm)
@@ -211,22 +217,34 @@ class ModelRunner:
         if seqs:
             # (R, V) in the model dtype: the sampler upcasts where it needs fp32
             logits = self.model.lm_head(hidden[batch.last])
-            if defer_sampling:
+            if defer_sampling:  # sampled just before the next forward or at its collect (_flush_sampling)
                 pending.logits = logits
+                self._unsampled = pending
+                for r, seq in enumerate(seqs):
+                    seq.sample_row = r  # the next launch's inputs read these rows of prev_tokens
                 return pending
             self._sample_step(pending, logits, deferred=False)
         return pending
 
-    @torch.inference_mode()
     def sample(self, pending: PendingStep) -> None:
-        """Queue the sampling of a step launched with ``defer_sampling`` (its masks filled now)."""
-        logits, pending.logits = pending.logits, None
-        assert logits is not None, "sample() is for a step launched with defer_sampling"
-        self._sample_step(pending, logits, deferred=True)
+        """A step launched with ``defer_sampling`` may be sampled once the previous step is read back: it is,
+        as late as possible — by the next ``launch`` just before its forward, or by this step's ``collect`` —
+        so that its constrained rows' masks fill on the host meanwhile (structured/step_masks.py)."""
+        assert pending.logits is None or pending is self._unsampled, "launched with defer_sampling"
+
+    @torch.inference_mode()
+    def _flush_sampling(self) -> None:
+        pending, self._unsampled = self._unsampled, None
+        if pending is not None and pending.logits is not None:
+            logits, pending.logits = pending.logits, None
+            self._sample_step(pending, logits, deferred=True)
 
     def _sample_step(self, pending: PendingStep, logits: torch.Tensor, deferred: bool) -> None:
         seqs = pending.seqs
-        bitmask = self._constraint_bitmask(seqs, pending.failed, deferred)
+        if deferred:  # masks started at the previous step's collect (or filled now)
+            bitmask = self.masks.finish(pending, pending.failed)
+        else:
+            bitmask = self.masks.fill_now(seqs, pending.failed)
         pending.out = out = self._sample(logits, seqs, bitmask, pending.failed)
         self.prev_tokens[: len(seqs)].copy_(out.token_ids)
         for r, seq in enumerate(seqs):
@@ -260,54 +278,8 @@ class ModelRunner:
         pending.host, pending.ready = host, torch.cuda.Event()
         pending.ready.record()
 
-    def _constraint_bitmask(
-        self, seqs: list[Sequence], failed: dict[int, str], deferred: bool = False
-    ) -> torch.Tensor | None:
-        """int32 (R, ceil(V/32)) on the device for steps with constrained rows (free rows all ones).
-        ``deferred``: the step's own placeholder already ends each sequence; the token before it must be
-        known. Finished sequences (their sample is discarded) keep all ones."""
-        if all(s.constraint is None for s in seqs):
-            return None
-        from llmray.engine.structured.batch import fill_bitmasks  # one call fills every constrained row
-
-        host = self._bitmask_buffer(len(seqs))
-        host.fill_(-1)
-        rows = []
-        for r, seq in enumerate(seqs):
-            if seq.constraint is None or seq.is_finished:
-                continue
-            if seq.num_tokens > deferred and seq.token_ids[-1 - deferred] == PLACEHOLDER:
-                raise RuntimeError("a constrained sequence was launched before its last token was known")
-            rows.append((r, seq.constraint))
-        for r, why in fill_bitmasks(host, rows).items():  # a broken constraint: its request fails alone
-            logger.warning("constraint of request %s failed: %s", seqs[r].request_id, why)
-            failed[r] = why
-            host[r] = -1
-        dev = host.to(self.device, non_blocking=True)
-        if self.is_cuda:
-            self._bitmask_fence[self._bitmask_turn] = torch.cuda.Event()
-            self._bitmask_fence[self._bitmask_turn].record()  # type: ignore[union-attr]  # just set
-        return dev
-
-    def _bitmask_buffer(self, rows: int) -> torch.Tensor:
-        """The step's host bitmask (rows, ceil(V/32)) int32: two persistent pinned buffers alternate (no
-        per-step pinned allocation); a buffer is reused once its last copy to the device has completed."""
-        words = -(-self.vocab_size // 32)
-        if not hasattr(self, "_bitmask_bufs") or self._bitmask_bufs[0].shape[0] < rows:
-            n = max(rows, self.prev_tokens.shape[0])
-            self._bitmask_bufs: list[torch.Tensor] = [
-                torch.empty((n, words), dtype=torch.int32, pin_memory=self.is_cuda) for _ in range(2)
-            ]
-            self._bitmask_fence: list[torch.cuda.Event | None] = [None, None]
-            self._bitmask_turn = 0
-        self._bitmask_turn ^= 1
-        fence = self._bitmask_fence[self._bitmask_turn]
-        if fence is not None:
-            fence.synchronize()
-        return self._bitmask_bufs[self._bitmask_turn][:rows]
-
     def _sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None, failed: dict[int, str]
+        self, logits: torch.Tensor, seqs: list[Sequence], bitmask: Bitmask | None, failed: dict[int, str]
     ) -> SamplerOutput:
         try:
             return self.sampler(logits, seqs, self.eos_token_id, bitmask)
@@ -342,6 +314,8 @@ class ModelRunner:
 
         Returns the token of each sampling row (``pending.seqs`` order; rows in ``pending.failed`` carry a
         meaningless token) and, if any row asked for logprobs, each row's {token: logprob} (chosen + top-n)."""
+        if self._unsampled is not None and pending is self._unsampled:
+            self._flush_sampling()
         out = pending.out
         if out is None:
             return [], None
@@ -350,6 +324,8 @@ class ModelRunner:
             assert pending.host is not None, "_copy_out sets host and ready together"
             out = pending.host
         tokens = out.token_ids.tolist()
+        if self._unsampled is not None:  # the deferred next step: its masks fill while we go on
+            self.masks.start(self._unsampled, pending, tokens)
         if out.logprobs is None:
             return tokens, None
         assert out.logprob_ids is not None, "the sampler sets logprobs and logprob_ids together"
@@ -366,7 +342,13 @@ class ModelRunner:
         return tokens, lps
 
 
-def _row(bitmask: torch.Tensor | None, rows) -> torch.Tensor | None:
+def _row(bitmask: Bitmask | None, rows) -> torch.Tensor | None:
+    """The (n, W) mask rows of sampling rows ``rows`` (an int or an index tensor); packed masks unpacked."""
     if bitmask is None:
         return None
+    if isinstance(bitmask, tuple):  # (masks (C, W), rows (C,)): every other row all ones (failure path only)
+        masks, index = bitmask
+        n = max((rows + 1) if isinstance(rows, int) else int(rows.max()) + 1, int(index.max()) + 1)
+        bitmask = torch.full((n, masks.shape[1]), -1, dtype=masks.dtype, device=masks.device)
+        bitmask[index.long()] = masks
     return bitmask[rows : rows + 1] if isinstance(rows, int) else bitmask[rows]
