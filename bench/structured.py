@@ -12,7 +12,10 @@ Reported: output tok/s per run, ``half_schema_over_free`` (median over median, t
 llguidance for JSON schemas), the share of constrained outputs that parse and validate (those that finished
 "stop"), then, as time allows (``--budget-s``): the half batch with constrained steps synchronous
 (``half_schema_over_free_sync_steps``: ``LLMEngine.defer_constrained_sampling`` off), the half batch on xgrammar
-(``half_schema_over_free_xgrammar``) and the all-free batch with async scheduling off (``free_sync_over_free``).
+(``half_schema_over_free_xgrammar``), the all-free batch with async scheduling off (``free_sync_over_free``),
+the all-free batch on the old seeded sampling path (``free_oldseed_over_free``: per-row generators instead of
+the fused kernel) and the half batch with masks filled when its step samples instead of from the previous
+read-back on (``half_schema_over_free_fill_at_sampling``).
 
     python bench/structured.py --tokenizer .data/bpe151k.tar.xz --out bench/results/structured.json
 """
@@ -96,7 +99,9 @@ def main() -> None:
         "--budget-s", type=float, default=1e9, help="skip the optional runs past this many seconds"
     )
     ap.add_argument(
-        "--extras", default="nodefer,xgrammar,sync", help="optional runs, in order: nodefer, xgrammar, sync"
+        "--extras",
+        default="nodefer,xgrammar,sync",
+        help="optional runs, in order: nodefer, xgrammar, sync, oldseed, noearly, threadsN",
     )
     ap.add_argument("--out", default="bench/results/structured.json")
     args = ap.parse_args()
@@ -144,6 +149,10 @@ def main() -> None:
         for k in [k for k in med if k.startswith("half_threads")]:
             if "free" in med:
                 result[f"{k.replace('half_', 'half_schema_over_free_')}"] = round(med[k] / med["free"], 3)
+        if "free" in med and "half_noearly" in med:
+            result["half_schema_over_free_fill_at_sampling"] = round(med["half_noearly"] / med["free"], 3)
+        if "free" in med and "free_oldseed" in med:
+            result["free_oldseed_over_free"] = round(med["free_oldseed"] / med["free"], 3)
         if "free" in med and "free_sync" in med:
             result["free_sync_over_free"] = round(med["free_sync"] / med["free"], 3)
         result.update({f"{k}_tok_s": [round(x) for x in v] for k, v in res.items()})
@@ -184,6 +193,16 @@ def main() -> None:
             llm.engine.defer_constrained_sampling = False
             res["half_nodefer"] = [timed(llm, prompts, half)[0]]
             llm.engine.defer_constrained_sampling = True
+        elif (
+            extra == "oldseed"
+        ):  # the free batch with seeded rows on per-row generators (the old sampler path)
+            llm.engine.runner.sampler.fused_seeded = False
+            res["free_oldseed"] = [timed(llm, prompts, free)[0]]
+            llm.engine.runner.sampler.fused_seeded = True
+        elif extra == "noearly":  # masks filled when the step samples, not from the previous read-back on
+            llm.engine.runner.masks.early = False
+            res["half_noearly"] = [timed(llm, prompts, half)[0]]
+            llm.engine.runner.masks.early = True
         elif extra == "sync":
             llm.engine.async_scheduling = False
             res["free_sync"] = [timed(llm, prompts, free)[0]]

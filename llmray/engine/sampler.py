@@ -5,8 +5,9 @@ masking of EOS/stop tokens, the constrained-decoding bitmask (tokens whose bit i
 top-k, top-p and min-p, and draw with the exponential-race trick (argmax p / E, E ~ Exp(1)), which equals
 sampling from p; on CUDA a step whose rows only set a temperature runs that as one fused Gumbel-max
 kernel (``llmray.kernels.sampling``: one pass over the logits, Philox noise drawn in the kernel from a
-per-call seed). A seeded request draws its noise from its own ``torch.Generator``, so its tokens do not
-depend on what else shares the batch. Logprobs are of the raw model distribution (before any processing).
+per-call seed; a seeded request's row draws from its own Philox seed, made of its seed and how many tokens
+it has drawn). Off the fused kernel a seeded request draws its noise from its own ``torch.Generator``. Either
+way its tokens do not depend on what else shares the batch. Logprobs are of the raw model distribution (before any processing).
 Nothing here syncs with the host; the engine reads the results once per step.
 """
 
@@ -23,6 +24,8 @@ from llmray.engine.sequence import Sequence
 
 logger = logging.getLogger("llmray.engine")
 _NP = {torch.float32: np.float32, torch.long: np.int64, torch.bool: np.bool_}
+# a step's constrained-decoding masks: int32 (B, W) for every row, or (masks (C, W), sampling rows (C,) int32)
+Bitmask = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -40,28 +43,25 @@ def _padded(rows: list[list[int]], pad: int) -> np.ndarray:
     return out
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """-inf where the row's bit for the token is 0. logits (B, V), bitmask int32 (B, ceil(V/32))."""
-    bsz, vocab = logits.shape
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).view(bsz, -1)[:, :vocab].bool()
-    return logits.masked_fill(~allowed, float("-inf"))
-
-
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.base_seed, self._draws = seed, 0  # the fused kernel's Philox seed: one per sampling call
         self.fused = True  # temperature-only steps through the fused kernel (CUDA)
+        self.fused_seeded = (
+            True  # ... seeded rows too, each on its own Philox seed (False: per-row generators)
+        )
         self.kernel_mask = True  # masks applied in place by kernels/token_bitmask.py (CUDA)
         self.seq_generators: dict[int, torch.Generator] = {}  # seq_id -> its own generator (seeded requests)
+        self.seq_draws: dict[int, int] = {}  # seq_id -> tokens drawn by the fused kernel (seeded requests)
         # per-step parameters go through persistent pinned arenas (a pageable copy or a fresh pinned
         # allocation would stall the host while the previous step runs: see pinned.py)
         self.stager = Stager(device)
 
     def release(self, seq: Sequence) -> None:
         self.seq_generators.pop(seq.seq_id, None)
+        self.seq_draws.pop(seq.seq_id, None)
 
     def _tensor(self, values: list | tuple, dtype: torch.dtype) -> torch.Tensor:
         return self.stager.to_device(values, _NP[dtype])
@@ -74,7 +74,7 @@ class Sampler:
         logits: torch.Tensor,
         seqs: list[Sequence],
         eos_token_id: int | None,
-        bitmask: torch.Tensor | None = None,
+        bitmask: Bitmask | None = None,
     ) -> SamplerOutput:
         """logits (B, V) (model dtype or fp32), one row per sequence that samples this step; bitmask int32 (B, ceil(V/32)) on
         the device (bit t%32 of word t//32 = token t allowed) for steps with constrained rows."""
@@ -89,7 +89,7 @@ class Sampler:
         logits: torch.Tensor,
         seqs: list[Sequence],
         eos_token_id: int | None,
-        bitmask: torch.Tensor | None,
+        bitmask: Bitmask | None,
     ) -> SamplerOutput:
         params = [s.sampling_params for s in seqs]
         bsz, vocab = logits.shape
@@ -148,14 +148,16 @@ class Sampler:
     def _mask_in_place(self, logits: torch.Tensor) -> bool:
         return self.kernel_mask and logits.is_cuda
 
-    def _apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-        """-inf where a row's bit is 0. CUDA: in place, in the logits' dtype, one kernel (the step's own lm_head
-        output or its fp32 copy; raw logprobs were taken before); else the torch ops (fp32 logits)."""
-        if self._mask_in_place(logits):
-            from llmray.kernels.token_bitmask import apply_token_bitmask_
+    def _apply_bitmask(self, logits: torch.Tensor, bitmask: Bitmask) -> torch.Tensor:
+        """-inf where a row's bit is 0. ``bitmask``: int32 (B, W) for every row, or (masks (C, W), rows (C,) int32)
+        for the constrained rows only (the others are not masked). CUDA: in place, in the logits' dtype, one
+        kernel (the step's own lm_head output or its fp32 copy; raw logprobs were taken before); else torch ops."""
+        from llmray.kernels.token_bitmask import apply_token_bitmask_, apply_token_bitmask_torch
 
-            return apply_token_bitmask_(logits, bitmask)
-        return apply_token_bitmask(logits, bitmask)
+        masks, rows = bitmask if isinstance(bitmask, tuple) else (bitmask, None)
+        if self._mask_in_place(logits):
+            return apply_token_bitmask_(logits, masks, rows)
+        return apply_token_bitmask_torch(logits, masks, rows)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         bsz, vocab = logits.shape
@@ -189,11 +191,16 @@ class Sampler:
                 min_p_on = True
             if p.seed is not None and not g:
                 seeded.append(i)
-        if self.fused and self.device.type == "cuda" and not (top_k_p or min_p_on or seeded):
+        if (
+            self.fused
+            and self.device.type == "cuda"
+            and not (top_k_p or min_p_on or (seeded and not self.fused_seeded))
+        ):
             # the common case (temperature only): one kernel streams the logits once (Gumbel-max with
-            # in-kernel Philox noise) instead of scale, softmax, noise tensor, divide and argmax
+            # in-kernel Philox noise) instead of scale, softmax, noise tensor, divide and argmax; with seeded
+            # rows each row draws from its own Philox seed (request seed, draw count): no per-row loop
             try:
-                return self._gumbel(logits, temps, greedy)
+                return self._gumbel(logits, temps, greedy, self._row_seeds(seqs, seeded) if seeded else None)
             except Exception as e:  # (a kernel that cannot compile here): the torch path from now on
                 logger.warning("fused sampling kernel unavailable, using torch ops: %r", e)
                 self.fused = False
@@ -219,13 +226,30 @@ class Sampler:
             return sampled
         return torch.where(self._tensor(greedy, torch.bool), logits.argmax(dim=-1), sampled)
 
-    def _gumbel(self, logits: torch.Tensor, temps: list[float], greedy: list[bool]) -> torch.Tensor:
+    def _row_seeds(self, seqs: list[Sequence], seeded: list[int]) -> list[int]:
+        """One Philox seed per row for the fused kernel: a seeded request's from (its seed, how many tokens it
+        has drawn), so its tokens do not depend on the batch; the other rows' from the step's draw and row."""
+        step = (self.base_seed * 1_000_003 + (self._draws + 1) * 7_919) % (2**31 - 1)
+        out = [(step * 31 + i * 1_000_003 + 1) % (2**31 - 1) for i in range(len(seqs))]
+        for i in seeded:
+            seq = seqs[i]
+            n = self.seq_draws.get(seq.seq_id, 0)
+            self.seq_draws[seq.seq_id] = n + 1
+            seed = seq.sampling_params.seed
+            assert seed is not None, "seeded rows are the rows with a seed"
+            out[i] = (seed * 1_000_003 + n * 7_919 + 12_345) % (2**31 - 1)
+        return out
+
+    def _gumbel(
+        self, logits: torch.Tensor, temps: list[float], greedy: list[bool], row_seeds: list[int] | None = None
+    ) -> torch.Tensor:
         from llmray.kernels.sampling import gumbel_argmax
 
         rows = self._tensor([[1.0 / t for t in temps], [0.0 if g else 1.0 for g in greedy]], torch.float32)
+        seeds = self._tensor(row_seeds, torch.long) if row_seeds is not None else None
         self._draws += 1
         seed = (self.base_seed * 1_000_003 + self._draws * 7_919) % (2**31 - 1)
-        return gumbel_argmax(logits, rows[0], rows[1], seed)
+        return gumbel_argmax(logits, rows[0], rows[1], seed, seeds)
 
     def _top_k_top_p(self, logits: torch.Tensor, params: list) -> torch.Tensor:
         vocab = logits.shape[1]

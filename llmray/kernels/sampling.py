@@ -20,14 +20,22 @@ def _gumbel_argmax_kernel(
     inv_temp_ptr,  # (B,) fp32: 1 / temperature
     noise_ptr,  # (B,) fp32: 1 = sample, 0 = argmax
     out_ptr,  # (B,) int64
+    seeds_ptr,  # (B,) int64: each row's own Philox seed (ROW_SEEDS)
     seed,
     stride_row,
     V,
+    ROW_SEEDS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     inv_t = tl.load(inv_temp_ptr + row)
     noise = tl.load(noise_ptr + row)
+    if ROW_SEEDS:  # the row's noise depends on its own seed only (seeded requests: batch-independent)
+        s = tl.load(seeds_ptr + row)
+        first = 0
+    else:
+        s = seed
+        first = row * V
     cols = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
@@ -36,7 +44,7 @@ def _gumbel_argmax_kernel(
         idx = start + cols
         mask = idx < V
         x = tl.load(base + idx, mask=mask, other=float("-inf")).to(tl.float32)
-        u = tl.rand(seed, row * V + idx)
+        u = tl.rand(s, first + idx)
         u = tl.maximum(u, 1e-20)  # (0, 1): no log(0)
         g = -tl.log(-tl.log(u))
         score = tl.where(mask, x * inv_t + g * noise, float("-inf"))
@@ -49,16 +57,31 @@ def _gumbel_argmax_kernel(
 
 
 def gumbel_argmax(
-    logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, seed: int
+    logits: torch.Tensor,
+    inv_temp: torch.Tensor,
+    noise: torch.Tensor,
+    seed: int,
+    row_seeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sampled token per row of logits (B, V) (any float dtype, unit stride along V); inv_temp, noise (B,)
-    fp32 on the same device; seed in [0, 2**31). Returns (B,) int64."""
+    fp32 on the same device; seed in [0, 2**31). ``row_seeds`` (B,) int64 in [0, 2**31): each row draws
+    from its own seed instead (``seed`` unused). Returns (B,) int64."""
     bsz, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     out = torch.empty(bsz, dtype=torch.int64, device=logits.device)
     if bsz:
         _gumbel_argmax_kernel[(bsz,)](
-            logits, inv_temp, noise, out, seed, logits.stride(0), vocab, BLOCK=4096, num_warps=8
+            logits,
+            inv_temp,
+            noise,
+            out,
+            row_seeds if row_seeds is not None else out,
+            seed,
+            logits.stride(0),
+            vocab,
+            ROW_SEEDS=row_seeds is not None,
+            BLOCK=4096,
+            num_warps=8,
         )
     return out

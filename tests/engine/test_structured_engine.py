@@ -91,12 +91,21 @@ def test_deferred_sampling_gives_the_tokens_of_synchronous_steps(llm):
         SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
         SamplingParams(max_tokens=40, seed=3, structured_output={"regex": r"[a-z]{3,9}( [a-z]{2,5}){2}"}),
     ]
-    assert llm.engine.defer_constrained_sampling and llm.engine.async_scheduling
+    engine, masks = llm.engine, llm.engine.runner.masks
+    assert engine.defer_constrained_sampling and engine.async_scheduling and masks.early
+    started = masks.started
     deferred = llm.generate(prompts, params)
-    llm.engine.defer_constrained_sampling = False
+    assert masks.started > started  # masks filled on the worker from the previous read-back on
+    engine.defer_constrained_sampling = False
     try:
         synchronous = llm.generate(prompts, params)
     finally:
-        llm.engine.defer_constrained_sampling = True
-    assert [o.token_ids for o in deferred] == [o.token_ids for o in synchronous]
-    assert [o.finish_reason for o in deferred] == [o.finish_reason for o in synchronous]
+        engine.defer_constrained_sampling = True
+    masks.early = False  # deferred, filled at sampling time
+    try:
+        late = llm.generate(prompts, params)
+    finally:
+        masks.early = True
+    for other in (synchronous, late):
+        assert [o.token_ids for o in deferred] == [o.token_ids for o in other]
+        assert [o.finish_reason for o in deferred] == [o.finish_reason for o in other]

@@ -48,3 +48,19 @@ def test_sampled_rows_follow_the_softmax_gpu():
     freq = torch.bincount(out, minlength=6).float() / out.numel()
     expect = torch.softmax(base.to(torch.bfloat16).float() / 0.7, -1)
     assert (freq - expect).abs().max() < 0.015, (freq, expect)
+
+
+def test_row_seeds_make_a_row_independent_of_its_batch():
+    """Per-row Philox seeds (seeded requests): a row's draw depends on its own seed, not on its row or batch."""
+    _, logits, inv, noise = _case(rows=4, vocab=40, temp=1.0, greedy=0)
+    seeds = torch.tensor([11, 22, 33, 44], device=DEVICE)
+    out = gumbel_argmax(logits, inv, noise, seed=0, row_seeds=seeds).cpu()
+    alone = gumbel_argmax(logits[2:3], inv[2:3], noise[2:3], seed=99, row_seeds=seeds[2:3]).cpu()
+    assert out[2] == alone[0]
+    flipped = gumbel_argmax(logits.flip(0), inv, noise, seed=5, row_seeds=seeds.flip(0)).cpu()
+    assert torch.equal(flipped.flip(0), out)  # the same logits rows (identical here) with the same seeds
+    draws = {
+        tuple(gumbel_argmax(logits, inv, noise, 0, torch.full((4,), s, device=DEVICE)).tolist())
+        for s in range(6)
+    }
+    assert len(draws) > 1

@@ -19,8 +19,10 @@ logger = logging.getLogger("llmray.engine")
 
 
 def fill_bitmasks(bitmask: torch.Tensor, rows: list[tuple[int, TokenConstraint]]) -> dict[int, str]:
-    """Fill ``bitmask[r]`` (host int32 (R, ceil(V/32)), contiguous, rows arriving all ones) for every
-    ``(r, constraint)``. Returns row -> why for the rows whose constraint failed."""
+    """Fill ``bitmask[r]`` (host int32 (R, ceil(V/32)), contiguous; a row's old content is overwritten) for
+    every ``(r, constraint)``. Returns row -> why for the rows whose constraint failed. A constraint class
+    whose fill writes every word (``fills_whole_row = True``: llguidance, xgrammar) gets the row as it is;
+    any other gets it reset to all ones first, as ``TokenConstraint.fill_bitmask`` promises."""
     failed: dict[int, str] = {}
     batched: dict[type, list[tuple[int, TokenConstraint]]] = {}
     for r, c in rows:
@@ -28,6 +30,8 @@ def fill_bitmasks(bitmask: torch.Tensor, rows: list[tuple[int, TokenConstraint]]
             batched.setdefault(type(c), []).append((r, c))
             continue
         try:
+            if not getattr(c, "fills_whole_row", False):
+                bitmask[r] = -1  # the protocol: the row arrives all ones
             c.fill_bitmask(bitmask, r)
         except Exception as e:  # this request's constraint is broken: it fails alone
             failed[r] = f"its token constraint failed: {e!r}"
@@ -38,6 +42,7 @@ def fill_bitmasks(bitmask: torch.Tensor, rows: list[tuple[int, TokenConstraint]]
             logger.warning("batched mask fill failed (%r); filling row by row", e)
             for r, c in group:
                 try:
+                    bitmask[r] = -1
                     c.fill_bitmask(bitmask, r)
                 except Exception as e_row:
                     failed[r] = f"its token constraint failed: {e_row!r}"

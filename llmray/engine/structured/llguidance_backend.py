@@ -88,6 +88,7 @@ class LLGuidanceConstraint:
     """One request's grammar state (the ``TokenConstraint`` protocol) on an ``LLMatcher``."""
 
     backend = "llguidance"
+    fills_whole_row = True  # its fill writes every word of the row (structured/batch.py skips the reset)
 
     def __init__(self, matcher: Any, executor: Any, eos_token_id: int, extra_stops: list[int]) -> None:
         self.matcher = matcher
@@ -96,6 +97,7 @@ class LLGuidanceConstraint:
         self.extra_stops = extra_stops  # the request's stop tokens beyond EOS
         self.num_accepted = 0
         self._terminated = False
+        self._pre: int | None = None  # a token the mask-fill thread consumes for us (preaccept)
 
     def _add_stops(self, bitmask: torch.Tensor, row: int) -> None:
         if self.extra_stops and self.matcher.is_accepting():
@@ -137,8 +139,35 @@ class LLGuidanceConstraint:
                 c._add_stops(bitmask, r)
         return failed
 
+    def preaccept(self, token_id: int) -> bool:
+        """Step masks (structured/step_masks.py): the fill thread consumes ``token_id`` (``consume_batch``) before
+        it fills the next mask, and ``accept_token(token_id)`` then returns without touching the matcher. The
+        token was sampled under this request's mask, so it is allowed; should the matcher still reject it, the
+        next fill reports the row and the request fails. Returns False when the token ends the document."""
+        self._pre = token_id
+        return not (token_id == self.eos_token_id or token_id in self.extra_stops)
+
+    @classmethod
+    def consume_batch(cls, group: list[tuple[LLGuidanceConstraint, int]]) -> list[LLGuidanceConstraint]:
+        """Consume each ``(constraint, token)`` (one parallel call per executor, GIL released); returns the
+        constraints whose matcher rejected its token. A request's extra stop token is not consumed."""
+        by_executor: dict[int, list[tuple[LLGuidanceConstraint, int]]] = {}
+        for c, t in group:
+            if t == c.eos_token_id or t not in c.extra_stops:
+                by_executor.setdefault(id(c.executor), []).append((c, t))
+        bad: list[LLGuidanceConstraint] = []
+        for g in by_executor.values():
+            oks = g[0][0].executor.consume_token_par([(c.matcher, t) for c, t in g])
+            bad.extend(c for (c, _), ok in zip(g, oks, strict=True) if not ok)
+        return bad
+
     def accept_token(self, token_id: int) -> bool:
         token_id = int(token_id)
+        pre, self._pre = self._pre, None
+        if pre is not None and pre == token_id:  # consumed by the mask-fill thread (see preaccept)
+            self.num_accepted += 1
+            self._terminated = token_id == self.eos_token_id or token_id in self.extra_stops
+            return True
         if token_id in self.extra_stops and token_id != self.eos_token_id:
             ok = bool(self.matcher.is_accepting())  # the document is complete: a stop token ends it
             self._terminated = ok
@@ -240,6 +269,7 @@ class LLGuidanceBackend:
         wrapper = llg.TokenizerWrapper(_Wrapper(tokenizer, tokens, eos_token_id, special_ids))
         self.tokenizer = llg.LLTokenizer(wrapper, n_vocab=vocab_size)
         self.whitespace = f"[\\x20\\x0A\\x0D\\x09]{{0,{max_whitespace}}}"
+        self.json_defaults: Any = {"whitespace_pattern": self.whitespace}  # llguidance's JSON options
         # 4 threads at most: on the H200 host (16 CPUs) a 128-row fill took 4.7 ms on 4 threads vs 5.6-6.6 on
         # llguidance's default 12, and a batch ran 0.443x vs 0.399x of the free batch (bench/results/
         # structured.json, structured_profile.json): the slowest masks bound the fill, more threads contend
@@ -254,9 +284,7 @@ class LLGuidanceBackend:
 
         kind, text = spec.kind, spec.key[1]
         if kind in ("json", "json_object"):
-            g = llg.LLMatcher.grammar_from_json_schema(
-                closed_objects(schema), defaults={"whitespace_pattern": self.whitespace}
-            )
+            g = llg.LLMatcher.grammar_from_json_schema(closed_objects(schema), defaults=self.json_defaults)
         elif kind == "regex":
             g = llg.LLMatcher.grammar_from_regex(ascii_classes(text))
         elif kind == "choice":

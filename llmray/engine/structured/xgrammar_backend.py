@@ -30,6 +30,7 @@ class XGrammarConstraint:
     """
 
     backend = "xgrammar"
+    fills_whole_row = True  # its fill writes every word of the row (structured/batch.py skips the reset)
 
     def __init__(
         self,

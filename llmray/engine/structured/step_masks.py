@@ -1,0 +1,224 @@
+"""A step's constraint masks, filled on the host while the device runs the step's forward (issue 19).
+
+With async scheduling a step with constrained rows is launched deferred: its forward is queued at once, its
+sampling later, because each constrained row's mask needs the row's previous token accepted. The runner
+calls ``StepMasks`` at three points (vLLM does the same with its scheduler-side bitmask):
+
+- ``start(next_pending, prev_pending, tokens)`` right after step N is read back (``ModelRunner.collect``):
+  step N's tokens go to a worker thread, which accepts them into the constraints of the deferred step N+1
+  (``consume_batch``) and fills N+1's masks (``fill_bitmasks``; llguidance releases the GIL for both). Each
+  such constraint is told the token first (``preaccept``), so that the engine's ``accept_token`` during the
+  read-back returns at once. Constraint classes without ``preaccept``/``consume_batch`` (xgrammar's, the
+  tests') keep the old order: accepted during the read-back, filled by ``finish``.
+- ``finish(pending, failed)`` when step N+1's sampling is queued (just before the next forward): waits for
+  the worker, fills the rows it did not take, and copies the masks to the device.
+- ``fill_now(seqs, failed, deferred)``: the synchronous fill of a step that was not started early.
+
+Masks are packed: int32 (C, ceil(V/32)) for the C constrained rows plus their sampling rows (C,) int32, in two
+pinned pairs that alternate (fenced by an event after their host->device copy). A row whose constraint
+breaks (or rejects its token on the worker) is reported in ``failed`` (row -> why) and left unmasked: its
+request then fails alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from llmray.engine.sequence import PLACEHOLDER, Sequence
+
+if TYPE_CHECKING:
+    from llmray.engine.sampler import Bitmask
+
+logger = logging.getLogger("llmray.engine")
+_WORKER: ThreadPoolExecutor | None = None
+
+
+def _worker() -> ThreadPoolExecutor:
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = ThreadPoolExecutor(1, thread_name_prefix="llmray-masks")
+    return _WORKER
+
+
+class _Job:
+    """A fill running on the worker: its pending step, the packed rows it covers and their buffers."""
+
+    def __init__(self, pending: Any, rows: list[tuple[int, Any]], host: torch.Tensor, index: torch.Tensor):
+        self.pending = pending
+        self.rows = rows  # (sampling row, constraint), packed row k = rows[k]
+        self.host, self.index = host, index
+        self.future: Future | None = None
+
+
+class StepMasks:
+    def __init__(self, device: torch.device, vocab_size: int, max_rows: int) -> None:
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+        self.words = -(-vocab_size // 32)
+        self.max_rows = max_rows
+        self._bufs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._fence: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+        self._job: _Job | None = None
+        self.early = True  # False: every fill synchronous at sampling time (the old order, for A/B runs)
+        self.started = 0  # fills started early (on the worker), for tests and benches
+
+    # --- buffers ----------------------------------------------------------------------------------
+    def _buffer(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host masks (rows, W) int32 and their sampling rows (rows,) int32: two pinned pairs alternate; a
+        pair is reused once its last copy to the device has completed."""
+        if not self._bufs or self._bufs[0][0].shape[0] < rows:
+            n = max(rows, self.max_rows)
+            self._bufs = [
+                (
+                    torch.empty((n, self.words), dtype=torch.int32, pin_memory=self.is_cuda),
+                    torch.empty(n, dtype=torch.int32, pin_memory=self.is_cuda),
+                )
+                for _ in range(2)
+            ]
+            self._fence = [None, None]
+        self._turn ^= 1
+        fence = self._fence[self._turn]
+        if fence is not None:
+            fence.synchronize()
+        host, index = self._bufs[self._turn]
+        return host[:rows], index[:rows]
+
+    def _to_device(self, host: torch.Tensor, index: torch.Tensor) -> Bitmask:
+        dev = (host.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
+        if self.is_cuda:
+            fence = torch.cuda.Event()
+            fence.record()
+            self._fence[self._turn] = fence
+        return dev
+
+    # --- the three calls --------------------------------------------------------------------------
+    @staticmethod
+    def _constrained(seqs: list[Sequence], deferred: bool) -> list[tuple[int, Any]]:
+        rows = []
+        for r, seq in enumerate(seqs):
+            if seq.constraint is None or seq.is_finished:
+                continue  # (a finished sequence's sample is discarded: no mask)
+            if seq.num_tokens > deferred and seq.token_ids[-1 - deferred] == PLACEHOLDER:
+                raise RuntimeError("a constrained sequence was launched before its last token was known")
+            rows.append((r, seq.constraint))
+        return rows
+
+    def fill_now(
+        self, seqs: list[Sequence], failed: dict[int, str], deferred: bool = False
+    ) -> Bitmask | None:
+        """The packed masks of the step's constrained rows, filled now (None: no row is constrained).
+        ``deferred``: the step's own placeholder already ends each sequence; the token before it must be known."""
+        job, self._job = self._job, None
+        if job is not None and job.future is not None:  # a stale job (its step was dropped): let it end
+            job.future.result()
+        rows = self._constrained(seqs, deferred)
+        if not rows:
+            return None
+        host, index = self._buffer(len(rows))
+        self._fill(host, index, rows, failed)
+        return self._to_device(host, index)
+
+    @staticmethod
+    def _fill(
+        host: torch.Tensor, index: torch.Tensor, rows: list[tuple[int, Any]], failed: dict[int, str]
+    ) -> None:
+        from llmray.engine.structured.batch import fill_bitmasks
+
+        index.numpy()[:] = [r for r, _ in rows]
+        for k, why in fill_bitmasks(host, [(k, c) for k, (_, c) in enumerate(rows)]).items():
+            _report(rows[k][0], why, host, k, failed)
+
+    def start(self, pending: Any, prev: Any, tokens: list[int]) -> None:
+        """Step N (``prev``) was read back with ``tokens``: accept them into the deferred step ``pending``'s
+        constraints and fill its masks on the worker thread."""
+        if not self.early or self._job is not None:
+            return
+        sampled = {
+            id(s): t for r, (s, t) in enumerate(zip(prev.seqs, tokens, strict=True)) if r not in prev.failed
+        }
+        rows: list[tuple[int, Any]] = []
+        accepts: dict[Any, list[tuple[Any, int]]] = {}
+        for r, seq in enumerate(pending.seqs):
+            c = seq.constraint
+            if c is None or seq.is_finished or not hasattr(type(c), "consume_batch"):
+                continue
+            token = sampled.get(id(seq))
+            if token is None:  # it did not sample in step N: its previous token is known (or it waits)
+                if seq.num_tokens > 1 and seq.token_ids[-2] == PLACEHOLDER:
+                    continue
+            else:
+                accepts.setdefault(type(c), []).append((c, token))
+                if not c.preaccept(token):
+                    continue  # the token ends its document: the request finishes, no mask
+            rows.append((r, c))
+        if not rows:
+            return
+        host, index = self._buffer(len(rows))
+        index.numpy()[:] = [r for r, _ in rows]
+        job = self._job = _Job(pending, rows, host, index)
+        job.future = _worker().submit(_accept_and_fill, host, rows, accepts)
+        self.started += 1
+
+    def finish(self, pending: Any, failed: dict[int, str]) -> Bitmask | None:
+        """The packed masks of the deferred step ``pending``, on the device: the worker's rows (waited for)
+        plus any constrained row it did not take, filled now."""
+        job, self._job = self._job, None
+        if job is None or job.pending is not pending:
+            self._job = job  # (fill_now waits for a stale job)
+            return self.fill_now(pending.seqs, failed, deferred=True)
+        assert job.future is not None
+        why_by_row = job.future.result()
+        for k, why in why_by_row.items():
+            _report(job.rows[k][0], why, job.host, k, failed)
+        taken = {r for r, _ in job.rows}
+        late = [(r, c) for r, c in self._constrained(pending.seqs, True) if r not in taken]
+        if not late:
+            return self._to_device(job.host, job.index)
+        # rows the worker did not take (constraints accepted in the read-back): one more packed buffer
+        n = len(job.rows)
+        host, index = self._buffer(n + len(late))
+        host[:n].copy_(job.host)
+        index[:n].copy_(job.index)
+        index.numpy()[n:] = [r for r, _ in late]
+        from llmray.engine.structured.batch import fill_bitmasks
+
+        for k, why in fill_bitmasks(host, [(n + k, c) for k, (_, c) in enumerate(late)]).items():
+            _report(late[k - n][0], why, host, k, failed)
+        return self._to_device(host, index)
+
+
+def _report(row: int, why: str, host: torch.Tensor, k: int, failed: dict[int, str]) -> None:
+    logger.warning("constraint of sampling row %d failed: %s", row, why)
+    failed[row] = why
+    host[k] = -1
+
+
+def _accept_and_fill(
+    host: torch.Tensor,
+    rows: list[tuple[int, Any]],
+    accepts: dict[Any, list[tuple[Any, int]]],
+) -> dict[int, str]:
+    """On the worker: step N's tokens into the constraints, then their masks (packed row k = rows[k])."""
+    from llmray.engine.structured.batch import fill_bitmasks
+
+    with torch.inference_mode():  # the engine's buffers are inference tensors (the mode is per thread)
+        bad: set[int] = set()
+        for cls, group in accepts.items():
+            try:
+                bad.update(id(c) for c in cls.consume_batch(group))
+            except Exception as e:  # the batch call broke: every row of it fails alone
+                logger.warning("batched token accept failed: %r", e)
+                bad.update(id(c) for c, _ in group)
+        ok = [(k, c) for k, (_, c) in enumerate(rows) if id(c) not in bad]
+        why = {
+            k: "its token constraint rejected the sampled token"
+            for k, (_, c) in enumerate(rows)
+            if id(c) in bad
+        }
+        why.update(fill_bitmasks(host, ok))
+        return why
