@@ -52,6 +52,7 @@ class _Job:
         self.rows = rows  # (sampling row, constraint), packed row k = rows[k]
         self.host, self.index = host, index
         self.future: Future | None = None
+        self.complete = True  # it covers every constrained row that will need a mask
 
 
 class StepMasks:
@@ -143,13 +144,18 @@ class StepMasks:
         }
         rows: list[tuple[int, Any]] = []
         accepts: dict[Any, list[tuple[Any, int]]] = {}
+        complete = True
         for r, seq in enumerate(pending.seqs):
             c = seq.constraint
-            if c is None or seq.is_finished or not hasattr(type(c), "consume_batch"):
+            if c is None or seq.is_finished:
+                continue
+            if not hasattr(type(c), "consume_batch"):
+                complete = False
                 continue
             token = sampled.get(id(seq))
             if token is None:  # it did not sample in step N: its previous token is known (or it waits)
                 if seq.num_tokens > 1 and seq.token_ids[-2] == PLACEHOLDER:
+                    complete = False
                     continue
             else:
                 accepts.setdefault(type(c), []).append((c, token))
@@ -161,6 +167,7 @@ class StepMasks:
         host, index = self._buffer(len(rows))
         index.numpy()[:] = [r for r, _ in rows]
         job = self._job = _Job(pending, rows, host, index)
+        job.complete = complete
         job.future = _worker().submit(_accept_and_fill, host, rows, accepts)
         self.started += 1
 
@@ -175,8 +182,10 @@ class StepMasks:
         why_by_row = job.future.result()
         for k, why in why_by_row.items():
             _report(job.rows[k][0], why, job.host, k, failed)
-        taken = {r for r, _ in job.rows}
-        late = [(r, c) for r, c in self._constrained(pending.seqs, True) if r not in taken]
+        late = []
+        if not job.complete:
+            taken = {r for r, _ in job.rows}
+            late = [(r, c) for r, c in self._constrained(pending.seqs, True) if r not in taken]
         if not late:
             return self._to_device(job.host, job.index)
         # rows the worker did not take (constraints accepted in the read-back): one more packed buffer
