@@ -70,8 +70,9 @@ class ModelRunner:
         self.num_sms = num_sms(self.device) if self.is_cuda else 1
         self.block_m = prefill_block_m(self.dtype)
         self.buckets = decode_buckets(config.max_num_seqs)
-        tokens = max(config.max_num_batched_tokens, config.max_num_seqs, config.max_graph_tokens)
-        seqs = max(config.max_num_seqs, min(tokens, config.max_graph_tokens))
+        # a step (graphs included: mixed buckets stop at the budget, hold <= max_num_seqs sequences) fits
+        tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+        seqs = config.max_num_seqs
         capacity = 5 * tokens + 3 * seqs + 2 * tile_capacity(tokens, seqs, self.block_m) + 24
         capacity += seqs * (self.max_blocks_per_seq + 1)
         self.inputs = StepInputs(
