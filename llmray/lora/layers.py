@@ -5,12 +5,15 @@ of it. All wrapped layers share one ``LoraBatch`` whose ``slots`` tensor (one in
 -1 = base model) the engine writes before each forward; it is a persistent buffer so CUDA graphs
 replay with the slots of the current step.
 
-Layers that read the same input (q/k/v, gate/up) share a ``ShrinkGroup``: their A matrices are slices of
-one stacked buffer, and the first member called with an input runs one shrink for all of them (x is read
-once, one launch instead of three); the others reuse its output when called with the same tensor. Their B
-matrices are slices of one buffer stacked along the output too, so when the model runs the members as one
-fused GEMM (q|k|v, gate|up: ``Qwen3Attention.qkv_delta`` / ``Qwen3MLP.gate_up_delta`` hooks), ``fused_delta``
-adds every member's delta to the fused output with one shrink and one grouped expand.
+Each GEMM site (the linears reading one input: q|k|v, gate|up; o; down) has a ``ShrinkGroup``: the A
+matrices stacked (one shrink reads x once for all members) and the B matrices laid out so that the model's
+fused q|k|v and gate|up GEMMs stay on with adapters (its ``qkv_linear`` / ``gate_up_linear`` hooks call
+``ShrinkGroup.linear``). Where G·S·R <= K (members x slots x max rank vs the input width) B lives next to
+the base weight, ``[W | B]`` (the "wide" layout): a LoRA step runs one shrink that writes ``[x | y]`` (y
+block-sparse: each row's adapter activations in its slot's columns, zeros elsewhere) and ONE GEMM, so the
+adapters cost a small kernel and a slightly wider GEMM instead of a shrink, an expand and a read-modify-write
+of the output per projection. Otherwise (or above ``LoraBatch.wide_max_rows`` rows) the split path runs:
+the base GEMM, then ``lora_shrink`` + a grouped ``lora_expand`` adding every member's delta in place.
 """
 
 from __future__ import annotations
@@ -162,10 +165,6 @@ class ShrinkGroup:
             lo, hi = self.bounds[i], self.bounds[i + 1]
             delta = lora_delta_ref(flat_x, self.member_a(i), self.member_b(i), slots, batch.scales)
             flat_out[:, lo:hi] += delta.to(flat_out.dtype)
-
-    def fused_delta(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """The model's fused-GEMM hook (adds the deltas to its output): ``add_delta``."""
-        self.add_delta(x, out)
 
     def shrink(self, x: torch.Tensor, flat_x: torch.Tensor, batch: LoraBatch, i: int) -> torch.Tensor:
         """y (splits, N, R) of member ``i`` for the input ``x`` (rows flat_x (N, K)); one shrink per input."""

@@ -78,12 +78,9 @@ class LoraManager:
                 weights = [getattr(owner, m).weight.detach() for m in members]
                 group = ShrinkGroup(weights, max_loras, max_rank, self.batch, wide)
                 groups.update({m: (group, j) for j, m in enumerate(members)})
-                if len(members) > 1:  # the model's fused q|k|v / gate|up GEMM runs through this hook
+                if len(members) > 1:  # the model's fused q|k|v / gate|up projection runs through this hook
                     fused = "qkv" if members[0] == "q_proj" else "gate_up"
-                    if hasattr(owner, f"{fused}_linear"):  # the hook computes the projection (wide: one GEMM)
-                        setattr(owner, f"{fused}_linear", group.linear)
-                    else:  # the hook adds the deltas to the model's GEMM output
-                        setattr(owner, f"{fused}_delta", group.fused_delta)
+                    setattr(owner, f"{fused}_linear", group.linear)
                     if group.weight is not None:  # the fused base weight: a view of the group's [W | B]
                         setattr(owner, f"{fused}_weight", group.weight)
             for module in MODULES:

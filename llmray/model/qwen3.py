@@ -53,8 +53,9 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(d, config.rms_norm_eps)
         self.k_norm = RMSNorm(d, config.rms_norm_eps)
         self.qkv_weight: torch.Tensor | None = None  # set by fuse_projections (inference)
-        # set from outside (LoRA): adds per-row adapter deltas to the fused q|k|v output in place
-        self.qkv_delta: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+        # set from outside (LoRA): computes the fused q|k|v projection of x with weight `fused` plus per-row
+        # adapter deltas, in place of F.linear(x, fused)
+        self.qkv_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(
         self,
@@ -70,13 +71,11 @@ class Qwen3Attention(nn.Module):
         # unfused ops would copy those slices, so without it the fused GEMM serves one-token forwards only
         norm_rope = ops.qk_norm_rope if not torch.is_grad_enabled() else None
         one_row = b * t == 1 or norm_rope is not None
-        plain = type(self.q_proj) is nn.Linear or self.qkv_delta is not None
+        plain = type(self.q_proj) is nn.Linear or self.qkv_linear is not None
         fused = self.qkv_weight if one_row and plain else None
         if fused is not None and not torch.is_grad_enabled():
             nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            qkv = F.linear(x, fused)  # one GEMM
-            if self.qkv_delta is not None:
-                self.qkv_delta(x, qkv)
+            qkv = F.linear(x, fused) if self.qkv_linear is None else self.qkv_linear(x, fused)  # one GEMM
             q, k, v = qkv.split([nq, nk, nk], dim=-1)
             q = q.view(b, t, self.num_heads, self.head_dim)
             k = k.view(b, t, self.num_kv_heads, self.head_dim)
@@ -107,17 +106,18 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse_projections (inference)
-        self.gate_up_delta: Callable[[torch.Tensor, torch.Tensor], None] | None = None  # as qkv_delta
+        # as qkv_linear, for the fused gate|up projection
+        self.gate_up_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
         if (
             self.gate_up_weight is not None
-            and (type(self.gate_proj) is nn.Linear or self.gate_up_delta is not None)
+            and (type(self.gate_proj) is nn.Linear or self.gate_up_linear is not None)
             and not torch.is_grad_enabled()
         ):
-            gate_up = F.linear(x, self.gate_up_weight)  # one GEMM: (..., 2I) = [gate | up]
-            if self.gate_up_delta is not None:
-                self.gate_up_delta(x, gate_up)
+            w = self.gate_up_weight
+            # one GEMM: (..., 2I) = [gate | up]
+            gate_up = F.linear(x, w) if self.gate_up_linear is None else self.gate_up_linear(x, w)
             if ops.gated_swiglu is not None:
                 return self.down_proj(ops.gated_swiglu(gate_up))
             return self.down_proj(ops.swiglu(*gate_up.chunk(2, dim=-1)))
@@ -233,17 +233,17 @@ class Qwen3ForCausalLM(nn.Module):
         """Inference: gate/up, and q/k/v for a single-token forward (a batch-1 decode step), each as ONE GEMM
         over a concatenated copy of their weights (fewer launches per layer; the engine calls it). Parameters, names and state_dict are untouched, so this
         costs a copy of those weights; the fused path runs only without autograd and for projections not
-        wrapped by another module, unless that module set the delta hook (LoRA: ``qkv_delta``/``gate_up_delta``
-        add the adapters' deltas to the fused output). ``.to()`` re-fuses; ``unfuse_projections``
+        wrapped by another module, unless that module set the projection hook (LoRA: ``qkv_linear``/``gate_up_linear``
+        compute the fused output with the adapters' deltas). ``.to()`` re-fuses; ``unfuse_projections``
         drops the copies (call it before changing the weights in place)."""
         for layer in self._decoder_layers():
             attn, mlp = layer.self_attn, layer.mlp
             projs = [attn.q_proj, attn.k_proj, attn.v_proj]
-            plain = attn.qkv_delta is not None or all(type(p) is nn.Linear for p in projs)
+            plain = attn.qkv_linear is not None or all(type(p) is nn.Linear for p in projs)
             if attn.qkv_weight is None and plain:
                 attn.qkv_weight = torch.cat([p.weight for p in projs])
             projs = [mlp.gate_proj, mlp.up_proj]
-            plain = mlp.gate_up_delta is not None or all(type(p) is nn.Linear for p in projs)
+            plain = mlp.gate_up_linear is not None or all(type(p) is nn.Linear for p in projs)
             if mlp.gate_up_weight is None and plain:
                 mlp.gate_up_weight = torch.cat([p.weight for p in projs])
 
