@@ -9,10 +9,14 @@ cdiv = triton.cdiv
 
 
 @triton.jit
-def _momentum_kernel(G, BUF, U, n, mu, NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+def _momentum_kernel(
+    G, BUF, U, SCALE, n, mu, NESTEROV: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:  # gradient clipping folded in: G * scale (a device scalar), G itself unchanged
+        g = g * tl.load(SCALE).to(tl.float32)
     b = tl.load(BUF + offs, mask=mask, other=0.0).to(tl.float32)
     b = b + (1.0 - mu) * (g - b)  # torch.lerp(b, g, 1 - mu), weight < 0.5
     tl.store(BUF + offs, b.to(BUF.dtype.element_ty), mask=mask)

@@ -76,10 +76,29 @@ def train_step(
         loss_sum += loss.detach()
     if after_backward is not None:
         after_backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
+    if FOLD_CLIP and getattr(optimizer, "accepts_grad_scale", False) and not _any_dtensor(optimizer, params):
+        # clipping folded into the optimizer's passes: the norm here, the scaling as the gradients are read
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        scale = (grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_
+        optimizer.step(grad_scale=scale)  # type: ignore[call-arg]
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
     optimizer.zero_grad(set_to_none=graphs is None or not graphs.accumulate)
     return loss_sum, grad_norm
+
+
+FOLD_CLIP = True  # optimizers with ``accepts_grad_scale`` (Muon) apply the clipping inside their passes
+
+
+def _any_dtensor(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> bool:
+    """Whether any parameter is a DTensor (FSDP2: clip_grad_norm_ keeps the sharded norm); cached."""
+    cached = getattr(optimizer, "_llmray_any_dtensor", None)
+    if cached is None:
+        cached = any(type(p).__name__ == "DTensor" for p in params)
+        optimizer._llmray_any_dtensor = cached  # type: ignore[attr-defined]
+    return cached
 
 
 @torch.no_grad()

@@ -131,8 +131,13 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             groups.append(group)
         super().__init__(groups, {})
 
+    accepts_grad_scale = True  # step(grad_scale=...): gradient clipping folded into the update passes
+
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scale: torch.Tensor | None = None):
+        """One step. ``grad_scale`` (a () device tensor, e.g. clipping's min(1, max_norm / norm)): every
+        gradient counts as ``grad * grad_scale``; the fused passes apply it as they read the gradients
+        (no pass of its own), other paths scale the gradients in place first."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -148,13 +153,17 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             side.wait_stream(torch.cuda.current_stream())
         # the momentum passes (memory-bound) go first on the side stream, AdamW after them, so both run
         # under the Newton-Schulz products (compute-bound) on the main stream
-        prepared = [(g, self._muon_prepare(g, side)) for g in local]
+        prepared = [(g, self._muon_prepare(g, side, grad_scale)) for g in local]
         with _on(side):
             for group in others:
                 if group["use_muon"]:
+                    if grad_scale is not None:
+                        torch._foreach_mul_(
+                            _local([p.grad for p in group["params"] if p.grad is not None]), grad_scale
+                        )
                     self._muon_group(group)
                 else:
-                    self._adamw_group(group)
+                    self._adamw_group(group, grad_scale)
         for group, stacks in prepared:
             jobs = self._merge_stacks(stacks) if self.merge_transposed else [[st] for st in stacks]
             self._muon_finish(group, jobs, side)
@@ -173,7 +182,9 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             self._stream = torch.cuda.Stream(device=dev)
         return self._stream
 
-    def _muon_prepare(self, group: dict[str, Any], side: torch.cuda.Stream | None) -> list[tuple]:
+    def _muon_prepare(
+        self, group: dict[str, Any], side: torch.cuda.Stream | None, scale: torch.Tensor | None = None
+    ) -> list[tuple]:
         """Momentum update + the Newton-Schulz input of each shape group (one bf16 stack per shape),
         on ``side`` if given; returns [(shape, params, stack, event or None)]."""
         params = [p for p in group["params"] if p.grad is not None]
@@ -196,6 +207,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
                     group["momentum"],
                     group["nesterov"],
                     self.fused_passes,
+                    scale,
                 )
                 event = side.record_event() if side is not None else None
             out.append((shape, plist, stack, event))
@@ -316,7 +328,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             step_lr = adjusted_lr(lr, shape, group["adjust_lr_fn"])
             torch._foreach_add_(_local(plist), _local(ortho), alpha=-step_lr)
 
-    def _adamw_group(self, group: dict[str, Any]) -> None:
+    def _adamw_group(self, group: dict[str, Any], scale: torch.Tensor | None = None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -335,8 +347,10 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         m = _local([self.state[p]["exp_avg"] for p in params])
         v = _local([self.state[p]["exp_avg_sq"] for p in params])
         params = _local(params)
-        if self.fused_adamw and adamw_(params, grads, m, v, step, lr, (beta1, beta2), eps, wd):
+        if self.fused_adamw and adamw_(params, grads, m, v, step, lr, (beta1, beta2), eps, wd, scale):
             return
+        if scale is not None:
+            torch._foreach_mul_(grads, scale)
         torch._foreach_lerp_(m, grads, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)

@@ -34,15 +34,19 @@ def muon_momentum_(
     mu: float,
     nesterov: bool,
     fused: bool | None = None,
+    scale: torch.Tensor | None = None,  # () fp32 device scalar: the gradients count as grads * scale
 ) -> None:
     """Update each momentum buffer in place and write the (Nesterov) update into ``out[i]``.
 
-    ``fused=None``: the Triton kernel where ``use_triton`` holds, torch ops otherwise."""
+    ``fused=None``: the Triton kernel where ``use_triton`` holds, torch ops otherwise. ``scale``: gradient
+    clipping's coefficient, applied as the gradients are read (the torch path scales them in place first)."""
     if len(grads) != len(bufs) or out.shape[0] != len(grads):
         raise ValueError(f"{len(grads)} gradients, {len(bufs)} buffers and {out.shape[0]} output slots")
     if fused is None:
         fused = use_triton(out, *grads, *bufs)
     if not fused:
+        if scale is not None:
+            torch._foreach_mul_(grads, scale)
         torch._foreach_lerp_(bufs, grads, 1 - mu)
         upd = torch._foreach_lerp(grads, bufs, mu) if nesterov else bufs
         for i, u in enumerate(upd):
@@ -52,7 +56,10 @@ def muon_momentum_(
 
     for i, (g, b) in enumerate(zip(grads, bufs, strict=True)):
         n = g.numel()
-        _momentum_kernel[(cdiv(n, BLOCK),)](g, b, out[i], n, mu, NESTEROV=nesterov, BLOCK=BLOCK, num_warps=8)
+        _momentum_kernel[(cdiv(n, BLOCK),)](
+            g, b, out[i], scale if scale is not None else g, n, mu,
+            NESTEROV=nesterov, HAS_SCALE=scale is not None, BLOCK=BLOCK, num_warps=8,
+        )  # fmt: skip
 
 
 def muon_apply_(
@@ -93,9 +100,11 @@ def adamw_(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    scale: torch.Tensor | None = None,  # () fp32 device scalar: the gradients count as grads * scale
 ) -> bool:
     """One fused AdamW update of a group (all tensors of one device and dtype); False if it cannot run
-    fused here (the caller then takes the foreach path)."""
+    fused here (the caller then takes the foreach path). ``scale`` reaches the kernel as its grad_scale
+    (which divides: 1 / scale), so clipping costs no pass of its own."""
     tensors = params + grads + exp_avgs + exp_avg_sqs
     if not params or not hasattr(torch, "_fused_adamw_"):
         return False
@@ -106,5 +115,6 @@ def adamw_(
     torch._fused_adamw_(
         params, grads, exp_avgs, exp_avg_sqs, [], steps,
         lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+        grad_scale=None if scale is None else (1.0 / scale).to(device=dev, dtype=torch.float32),
     )  # fmt: skip
     return True

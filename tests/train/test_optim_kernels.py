@@ -122,3 +122,35 @@ def test_cuda_fused_overlapped_step_equals_plain():
         o2.zero_grad(set_to_none=True)
     for (n, a), b in zip(m1.named_parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=2e-3, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["kernels", "torch"])
+def test_clipping_folded_into_the_step_equals_clip_then_step(fused):
+    """harness.train_step's folded clipping (norm, then step(grad_scale=...)) equals clip_grad_norm_ + step()
+    for Muon (momentum kernel / torch passes) and the AdamW group (fused AdamW's grad_scale / foreach)."""
+    torch.manual_seed(0)
+    shapes = [(32, 16), (16, 32), (24,), (40, 8)]
+    init = [torch.randn(s) for s in shapes]
+    runs = []
+    for fold in (False, True):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = MuonWithAuxAdam([dict(params=[p for p in ps if p.dim() == 2][:2], use_muon=True, lr=0.02),
+                               dict(params=[ps[2], ps[3]], use_muon=False, lr=1e-2)])  # fmt: skip
+        opt.fused_passes, opt.fused_adamw = fused, fused
+        norms = []
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = 5 * torch.randn(p.shape, generator=g)  # norm ~30 > 1: clipping is active
+            if fold:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in ps], 2.0, foreach=True)
+                opt.step(grad_scale=(1.0 / (norm + 1e-6)).clamp(max=1.0))
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(ps, 1.0)
+                opt.step()
+            norms.append(float(norm))
+        runs.append((ps, norms))
+    (a, na), (b, nb) = runs
+    assert na == nb and min(na) > 1.0
+    for pa, pb in zip(a, b, strict=True):
+        torch.testing.assert_close(pa.detach(), pb.detach(), atol=2e-6, rtol=1e-6)
