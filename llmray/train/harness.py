@@ -81,7 +81,7 @@ def train_step(
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
         scale = (grad_clip / (grad_norm + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_
-        optimizer.step(grad_scale=scale)  # type: ignore[call-arg]
+        optimizer.step(grad_scale=scale)  # type: ignore[call-overload]
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
