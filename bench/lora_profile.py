@@ -97,6 +97,9 @@ def micro(out: dict, save, rows_list=(256, 8192)) -> None:
                         xy = lora_wide_shrink(x, a, slots, scales, members=len(seg) + 1, block_k=block_o)
                         torch.mm(xy, wide.t(), out=y_out)
                         continue
+                    if mode == "wide_shrink":  # the wide shrink alone
+                        lora_wide_shrink(x, a, slots, scales, members=len(seg) + 1, block_k=block_o)
+                        continue
                     if mode == "wide_gemm":  # the wide GEMM alone
                         torch.mm(xw[name], wide.t(), out=y_out)
                         continue
@@ -127,14 +130,15 @@ def micro(out: dict, save, rows_list=(256, 8192)) -> None:
 
         variants = {
             "base_gemms": ("base",),
+            "wide": ("wide",),
             "lora": ("lora",),
+            "wide_gemm_only": ("wide_gemm",),
+            "wide_shrink_only": ("wide_shrink",),
+            "wide_block_k_64": ("wide", 64),
+            "wide_block_k_256": ("wide", 256),
             "lora_only": ("lora_only",),
             "lora_block_o_256": ("lora", 256),
             "overlap_shrink": ("overlap",),
-            "wide": ("wide",),
-            "wide_block_k_64": ("wide", 64),
-            "wide_block_k_256": ("wide", 256),
-            "wide_gemm_only": ("wide_gemm",),
         }
         row: dict = {}
         out[f"{n}_rows"] = row
