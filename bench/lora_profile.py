@@ -136,6 +136,7 @@ def micro(out: dict, save, rows_list=(256, 8192)) -> None:
             "wide_shrink_only": ("wide_shrink",),
             "wide_block_k_64": ("wide", 64),
             "wide_block_k_256": ("wide", 256),
+            "wide_block_k_512": ("wide", 512),
             "lora_only": ("lora_only",),
             "lora_block_o_256": ("lora", 256),
             "overlap_shrink": ("overlap",),
