@@ -40,6 +40,8 @@ class ModelOps:
     # training: differentiable silu(x[..., :I]) * x[..., I:] whose backward writes one (..., 2I) gradient; with
     # it the model's training forward runs gate/up as one GEMM (kernels/swiglu.py swiglu_fused); None: two
     swiglu_fused: Callable[..., torch.Tensor] | None = None
+    # training: qk_norm_rope with a backward (kernels/qk_norm_rope_train.py); None: rms_norm twice and rope
+    qk_norm_rope_train: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _gated_swiglu_torch(x: torch.Tensor) -> torch.Tensor:
@@ -64,6 +66,7 @@ def triton_ops() -> ModelOps:
     from llmray.kernels.cross_entropy import linear_cross_entropy
     from llmray.kernels.gated_swiglu import gated_swiglu
     from llmray.kernels.qk_norm_rope import qk_norm_rope
+    from llmray.kernels.qk_norm_rope_train import qk_norm_rope_train
     from llmray.kernels.rmsnorm import add_rms_norm, rms_norm
     from llmray.kernels.rope import rope
     from llmray.kernels.swiglu import swiglu, swiglu_fused
@@ -78,6 +81,7 @@ def triton_ops() -> ModelOps:
         gated_swiglu=gated_swiglu,
         qk_norm_rope=qk_norm_rope,
         swiglu_fused=swiglu_fused,
+        qk_norm_rope_train=qk_norm_rope_train,
     )
 
 

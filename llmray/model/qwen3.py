@@ -68,8 +68,9 @@ class Qwen3Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         # one fused q/k-norm + rope launch (inference, Triton) reads q/k as strided views of the fused row; the
-        # unfused ops would copy those slices, so without it the fused GEMM serves one-token forwards only
-        norm_rope = ops.qk_norm_rope if not torch.is_grad_enabled() else None
+        # unfused ops would copy those slices, so without it the fused GEMM serves one-token forwards only.
+        # Training (Triton): the same fusion with a backward (two passes over q/k instead of six)
+        norm_rope = ops.qk_norm_rope if not torch.is_grad_enabled() else ops.qk_norm_rope_train
         one_row = b * t == 1 or norm_rope is not None
         plain = type(self.q_proj) is nn.Linear or self.qkv_linear is not None
         fused = self.qkv_weight if one_row and plain else None

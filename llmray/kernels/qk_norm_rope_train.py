@@ -1,0 +1,151 @@
+"""Training's per-head q/k RMSNorm + rotary embedding: one launch forward, one backward (autograd).
+
+The forward is the inference kernel (``llmray.kernels.qk_norm_rope``: norm, round to the input dtype, rotate);
+the backward recomputes each row's 1/rms from the saved input and, per token and head, rotates the incoming
+gradient back (rope by -angle) and applies RMSNorm's backward:
+    g  = rope^-1(dy)                     (the gradient at the normed, rounded value)
+    dx = (w g - x_hat mean(x_hat w g)) / rms,   dw = sum over rows of g x_hat
+Unfused, the training step runs rms_norm on q, on k, and rope, each forward and backward (six passes over
+q/k); fused it is two: the rope pass is gone. A backward program walks a range of tokens and keeps fp32
+partial weight gradients in registers, summed by ``rmsnorm``'s one-pass dW kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmray.kernels._common import num_sms
+from llmray.kernels.qk_norm_rope import qk_norm_rope
+from llmray.kernels.rmsnorm import DW_SUM, _sum_partials
+from llmray.kernels.rope import _token_cos_sin
+
+__all__ = ["qk_norm_rope_train"]
+
+
+@triton.jit
+def _head_bwd(
+    src, dsrc, dst, w_ptr, c, s, s_h, sd_h, so_h, n_heads, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr
+):
+    """One token's heads: dx into dst; returns the (BLOCK_H, HALF) x 2 halves of g * x_hat for dW."""
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, HALF)
+    m = (h < n_heads)[:, None]
+    x1 = tl.load(src + h[:, None] * s_h + d[None, :], mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + h[:, None] * s_h + HALF + d[None, :], mask=m, other=0.0).to(tl.float32)
+    g1 = tl.load(dsrc + h[:, None] * sd_h + d[None, :], mask=m, other=0.0).to(tl.float32)
+    g2 = tl.load(dsrc + h[:, None] * sd_h + HALF + d[None, :], mask=m, other=0.0).to(tl.float32)
+    # rope backward: rotate by -angle (c, s broadcast over heads)
+    n1 = g1 * c + g2 * s
+    n2 = g2 * c - g1 * s
+    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
+    w2 = tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]
+    xh1, xh2 = x1 * rstd, x2 * rstd
+    mean = (tl.sum(xh1 * w1 * n1, 1) + tl.sum(xh2 * w2 * n2, 1))[:, None] / (2 * HALF)
+    dx1 = (w1 * n1 - xh1 * mean) * rstd
+    dx2 = (w2 * n2 - xh2 * mean) * rstd
+    out = dst + h[:, None] * so_h + d[None, :]
+    tl.store(out, dx1.to(dst.dtype.element_ty), mask=m)
+    tl.store(out + HALF, dx2.to(dst.dtype.element_ty), mask=m)
+    return tl.sum(n1 * xh1, 0), tl.sum(n2 * xh2, 0)
+
+
+@triton.jit
+def _qk_norm_rope_bwd_kernel(
+    Q, K, DQO, DKO, QW, KW, DQ, DK, DQW_PART, DKW_PART, POS, COS, SIN,
+    T, NTOK, tok_per_prog, sq_h, sk_h, HQ, HK, s_pb, s_pt, s_cos, eps,
+    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, COMPUTE_DW: tl.constexpr,
+):  # fmt: skip
+    """Q, K (saved inputs), DQO, DKO (incoming gradients), DQ, DK: contiguous (tokens, heads, D) rows, except
+    that Q/K have head stride sq_h/sk_h and token stride HQ*sq_h/HK*sk_h (contiguous projections)."""
+    pid = tl.program_id(0)
+    d = tl.arange(0, HALF)
+    aq1 = tl.zeros((HALF,), dtype=tl.float32)
+    aq2 = tl.zeros((HALF,), dtype=tl.float32)
+    ak1 = tl.zeros((HALF,), dtype=tl.float32)
+    ak2 = tl.zeros((HALF,), dtype=tl.float32)
+    start = pid * tok_per_prog
+    for i in range(0, tok_per_prog):
+        tok = start + i
+        if tok < NTOK:
+            b, t, c, s = _token_cos_sin(POS, COS, SIN, tok, T, s_pb, s_pt, s_cos, d, HALF, 1.0, False)
+            row = tok.to(tl.int64)
+            q1, q2 = _head_bwd(
+                Q + row * HQ * sq_h, DQO + row * HQ * 2 * HALF, DQ + row * HQ * 2 * HALF, QW, c, s,
+                sq_h, 2 * HALF, 2 * HALF, HQ, eps, HALF, BLOCK_HQ,
+            )  # fmt: skip
+            k1, k2 = _head_bwd(
+                K + row * HK * sk_h, DKO + row * HK * 2 * HALF, DK + row * HK * 2 * HALF, KW, c, s,
+                sk_h, 2 * HALF, 2 * HALF, HK, eps, HALF, BLOCK_HK,
+            )  # fmt: skip
+            aq1 += q1
+            aq2 += q2
+            ak1 += k1
+            ak2 += k2
+    if COMPUTE_DW:
+        tl.store(DQW_PART + pid * 2 * HALF + d, aq1)
+        tl.store(DQW_PART + pid * 2 * HALF + HALF + d, aq2)
+        tl.store(DKW_PART + pid * 2 * HALF + d, ak1)
+        tl.store(DKW_PART + pid * 2 * HALF + HALF + d, ak2)
+
+
+def _programs(ntok: int, device: torch.device) -> int:
+    return max(1, min(ntok, 4 * num_sms(device) if device.type == "cuda" else 4))
+
+
+class _QKNormRopeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, qw, kw, eps: float, positions, cos, sin):
+        q, k = q.contiguous(), k.contiguous()  # (B, T, H, D) projections: already contiguous
+        qo, ko = qk_norm_rope(q, k, qw, kw, eps, positions, cos, sin)
+        ctx.save_for_backward(q, k, qw, kw, positions, cos, sin)
+        ctx.eps = eps
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, dqo: torch.Tensor, dko: torch.Tensor):
+        q, k, qw, kw, positions, cos, sin = ctx.saved_tensors
+        dqo, dko = dqo.contiguous(), dko.contiguous()
+        bsz, t, hq, d = q.shape
+        hk = k.shape[2]
+        ntok = bsz * t
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        want_dw = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        progs = _programs(ntok, q.device)
+        per = triton.cdiv(ntok, progs)
+        progs = triton.cdiv(ntok, per)
+        part = torch.empty((2, progs, d), device=q.device, dtype=torch.float32)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        pos = positions.expand(bsz, t)
+        block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
+        warps = 4 if (block_hq + block_hk) * d >= 2048 else 2
+        _qk_norm_rope_bwd_kernel[(progs,)](
+            q, k, dqo, dko, qw, kw, dq, dk, part[0], part[1], pos, cos, sin,
+            t, ntok, per, q.stride(2), k.stride(2), hq, hk, *pos.stride(), cos.stride(0), ctx.eps,
+            HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, COMPUTE_DW=want_dw, num_warps=warps,
+        )  # fmt: skip
+        dqw = _sum_partials(part[0], qw.dtype, DW_SUM) if ctx.needs_input_grad[2] else None
+        dkw = _sum_partials(part[1], kw.dtype, DW_SUM) if ctx.needs_input_grad[3] else None
+        return dq, dk, dqw, dkw, None, None, None, None
+
+
+def qk_norm_rope_train(
+    q: torch.Tensor,  # (B, T, H, D)
+    k: torch.Tensor,  # (B, T, Hkv, D)
+    q_weight: torch.Tensor,  # (D,)
+    k_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,  # (B, T)
+    cos: torch.Tensor,  # (max_pos, D/2) fp32 constants
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope(rms_norm(q, q_weight), rms_norm(k, k_weight)), differentiable in q, k and both weights."""
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("the cos/sin tables are constants; they must not require grad")
+    if q.dtype != k.dtype or q_weight.dtype != k_weight.dtype:
+        raise ValueError(f"q/k and their weights must share dtypes, got {q.dtype}, {k.dtype}")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, q_weight, k_weight)):
+        return _QKNormRopeFn.apply(q, k, q_weight, k_weight, eps, positions, cos, sin)
+    return qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos, sin)
