@@ -93,12 +93,13 @@ def micro(out: dict, save, rows_list=(256, 8192)) -> None:
                 for name, k, _ in PROJS:
                     w, a, b, wide, seg = layer[name]
                     x, y_out = xs[k], res[name]
+                    wide_kw = {"block_k": block_o, "splits": warps or None}  # (wide modes: their knobs)
                     if mode == "wide":  # the wide shrink ([x | y]) + one GEMM over [W | B]
-                        xy = lora_wide_shrink(x, a, slots, scales, members=len(seg) + 1, block_k=block_o)
+                        xy = lora_wide_shrink(x, a, slots, scales, members=len(seg) + 1, **wide_kw)
                         torch.mm(xy, wide.t(), out=y_out)
                         continue
                     if mode == "wide_shrink":  # the wide shrink alone
-                        lora_wide_shrink(x, a, slots, scales, members=len(seg) + 1, block_k=block_o)
+                        lora_wide_shrink(x, a, slots, scales, members=len(seg) + 1, **wide_kw)
                         continue
                     if mode == "wide_gemm":  # the wide GEMM alone
                         torch.mm(xw[name], wide.t(), out=y_out)
@@ -130,19 +131,32 @@ def micro(out: dict, save, rows_list=(256, 8192)) -> None:
 
         variants = {
             "base_gemms": ("base",),
-            "wide": ("wide",),
+            "wide": ("wide", 128, 0),
             "lora": ("lora",),
             "wide_gemm_only": ("wide_gemm",),
-            "wide_shrink_only": ("wide_shrink",),
-            "wide_block_k_64": ("wide", 64),
-            "wide_block_k_256": ("wide", 256),
-            "wide_block_k_512": ("wide", 512),
+            "wide_shrink_only": ("wide_shrink", 128, 0),
+            "wide_no_split_k": ("wide", 128, 1),
+            "wide_block_k_64": ("wide", 64, 0),
+            "wide_block_k_256": ("wide", 256, 0),
+            "wide_block_k_512_no_split_k": ("wide", 512, 1),
             "lora_only": ("lora_only",),
             "lora_block_o_256": ("lora", 256),
             "overlap_shrink": ("overlap",),
         }
         row: dict = {}
         out[f"{n}_rows"] = row
+        try:  # split-K partial sums (inter-program tickets) against one program per tile, on the device
+            errs = []
+            for name, k, outs in PROJS:
+                _, a, *_ = layers[0][name]
+                one = lora_wide_shrink(xs[k], a, slots, scales, members=len(outs), splits=1).float()
+                for _ in range(3):
+                    many = lora_wide_shrink(xs[k], a, slots, scales, members=len(outs)).float()
+                    errs.append((many - one).abs().max().item() / max(one.abs().max().item(), 1e-9))
+            row["split_k_vs_one_program_max_rel_err"] = max(errs)
+        except Exception as e:
+            row["split_k_vs_one_program_max_rel_err"] = f"failed: {e!r}"[:300]
+        print(f"micro rows={n} split-K check: {row['split_k_vs_one_program_max_rel_err']}", flush=True)
         for key, args in variants.items():
             try:
                 row[key] = _graph_ms(lambda args=args: step(*args), reps=20 if n <= 1024 else 4)

@@ -101,43 +101,76 @@ def _expand_kernel(
         tl.store(ptrs, (out.to(tl.float32) + delta).to(out.dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "K_PER_SPLIT", "SPLITS"])
 def _wide_shrink_kernel(
-    x_ptr, a_ptr, slot_ptr, scale_ptr, xy_ptr,
-    N, K, R, S, stride_xn, stride_as, stride_ar, stride_xyn,
+    x_ptr, a_ptr, slot_ptr, scale_ptr, xy_ptr, part_ptr, count_ptr,
+    N, K, R, S, K_PER_SPLIT, SPLITS, stride_xn, stride_as, stride_ar, stride_xyn,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile = tl.program_id(0)
     g = tl.program_id(1)  # member: rows [g·R, (g+1)·R) of A, columns K + g·S·R + [0, S·R) of xy
+    G = tl.num_programs(1)
+    k_lo = tl.program_id(2) * K_PER_SPLIT  # this program's K range (split-K: SPLITS programs per tile)
+    k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
+    m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     live = m < N
     slots = tl.load(slot_ptr + m, mask=live, other=-1)
     r = tl.arange(0, BLOCK_R)
     y = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     cur = _next_slot(slots, -1)
     if g == 0 and cur == 1 << 30:  # no adapter row in the tile: the x copy alone
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            mask = live[:, None] & (k[None, :] < K)
+            mask = live[:, None] & (k[None, :] < k_hi)
             xv = tl.load(x_ptr + m[:, None] * stride_xn + k[None, :], mask=mask, other=0.0)
             tl.store(xy_ptr + m[:, None] * stride_xyn + k[None, :], xv, mask=mask)
     while cur < 1 << 30:
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            mask = live[:, None] & (k[None, :] < K)
+            mask = live[:, None] & (k[None, :] < k_hi)
             xv = tl.load(x_ptr + m[:, None] * stride_xn + k[None, :], mask=mask, other=0.0)  # (M, BLOCK_K)
             if g == 0:  # the x half of the GEMM input (again for a second slot in the tile: same values)
                 tl.store(xy_ptr + m[:, None] * stride_xyn + k[None, :], xv, mask=mask)
             a_off = cur * stride_as + (g * R + r[None, :]) * stride_ar + k[:, None]
-            av = tl.load(a_ptr + a_off, mask=(r[None, :] < R) & (k[:, None] < K), other=0.0)  # (BLOCK_K, R)
+            av = tl.load(
+                a_ptr + a_off, mask=(r[None, :] < R) & (k[:, None] < k_hi), other=0.0
+            )  # (BLOCK_K, R)
             acc = tl.dot(xv, av, acc, input_precision=PRECISION)
         y = tl.where((slots == cur)[:, None], acc * tl.load(scale_ptr + cur), y)
         cur = _next_slot(slots, cur)
-    yv = y.to(xy_ptr.dtype.element_ty)
-    col = K + g * S * R + r[None, :]
-    for s in range(0, S):  # every slot's block of this member: the row's own slot gets y, the others zero
-        val = tl.where((slots == s)[:, None], yv, 0.0)
-        tl.store(xy_ptr + m[:, None] * stride_xyn + col + s * R, val, mask=live[:, None] & (r[None, :] < R))
+    last = SPLITS < 2
+    if SPLITS > 1:  # partial sums to part (SPLITS, N, G·R); the tile's last program to finish adds them
+        p_off = m[:, None] * (G * R) + g * R + r[None, :]
+        p_mask = live[:, None] & (r[None, :] < R)
+        tl.store(part_ptr + tl.program_id(2) * N * G * R + p_off, y, mask=p_mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release)
+        ticket = tl.atomic_add(count_ptr + tile * G + g, 1, sem="acq_rel")
+        last = ticket == SPLITS - 1
+        if last:
+            y = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for sp in range(0, SPLITS):  # in a fixed order: the same sums whichever program came last
+                y += tl.load(part_ptr + sp * N * G * R + p_off, mask=p_mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + tile * G + g, 0)  # zero again for the next launch (CUDA graphs)
+    if last:
+        yv = y.to(xy_ptr.dtype.element_ty)
+        col = K + g * S * R + r[None, :]
+        for s in range(0, S):  # every slot's block of this member: the row's own slot gets y, the others zero
+            val = tl.where((slots == s)[:, None], yv, 0.0)
+            tl.store(
+                xy_ptr + m[:, None] * stride_xyn + col + s * R, val, mask=live[:, None] & (r[None, :] < R)
+            )
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: split-K tickets, zero between launches
+_MAX_TICKETS = 8192
+
+
+def _wide_splits(tiles: int, k: int, block_k: int, device: torch.device) -> int:
+    """Split K when the row tiles alone leave most SMs idle (decode): about one program per SM."""
+    if device.type != "cuda":
+        return 2 if k > block_k else 1  # the interpreter: still exercise the split path
+    return max(1, min(8, k // (2 * block_k), triton.cdiv(num_sms(device), tiles)))
 
 
 def _block_m(n: int) -> int:
@@ -224,13 +257,16 @@ def lora_wide_shrink(
     scales: torch.Tensor,
     members: int = 1,
     block_k: int = 128,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """The input of a "wide" LoRA GEMM: x (N, K), a (S, G·R, K) -> xy (N, K + G·S·R) in x's dtype where
     xy[:, :K] = x and xy[n, K + g·S·R + s·R : ... + R] = scale[s] · A[s, g] @ x[n] if slots[n] == s, else 0.
 
     ``xy @ [W | B_0 | ... | B_{G-1}]ᵀ`` is then the base projection plus every row's adapter delta in ONE GEMM,
     with W (O, K) and member g's B laid out (O, S·R) (zero outside member g's output rows): the expand is
-    folded into the base GEMM (no read-modify-write of the output, no extra launch)."""
+    folded into the base GEMM (no read-modify-write of the output, no extra launch). Few row tiles (decode)
+    split K over more programs; the last of a tile's programs to finish adds their partial sums in a fixed
+    order (deterministic). ``splits``/``block_k``: overrides (benches, tests)."""
     n, k = x.shape
     s, gr, _ = a.shape
     r = gr // members
@@ -239,8 +275,20 @@ def lora_wide_shrink(
         return xy
     x = x.contiguous()
     block_m = 16 if n <= 4096 else 64
-    _wide_shrink_kernel[(triton.cdiv(n, block_m), members)](
-        x, a, slots, scales, xy, n, k, r, s, x.stride(0), a.stride(0), a.stride(1), xy.stride(0),
+    tiles = triton.cdiv(n, block_m)
+    if splits is None:
+        splits = _wide_splits(tiles * members, k, block_k, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    if tiles * members > _MAX_TICKETS:
+        splits, k_per_split = 1, k
+    counters = _COUNTERS.get(x.device)
+    if counters is None:
+        counters = _COUNTERS[x.device] = torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=x.device)
+    part = torch.empty((splits, n, gr) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
+    _wide_shrink_kernel[(tiles, members, splits)](
+        x, a, slots, scales, xy, part, counters, n, k, r, s, k_per_split, splits, x.stride(0), a.stride(0),
+        a.stride(1), xy.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(r)),
         PRECISION=_precision(a.dtype),
     )  # fmt: skip

@@ -10,6 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from llmray.kernels import lora as lora_kernels  # noqa: E402
 from llmray.kernels.lora import lora_delta_ref, lora_expand, lora_shrink, lora_wide_shrink  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,11 +61,12 @@ def test_grouped_expand_matches_per_member_reference(seg):
         lora_expand(lora_shrink(x, a, slots, scales), b, slots, base.clone(), seg=(100,))
 
 
-@pytest.mark.parametrize("n", [5, 33])
-def test_wide_gemm_and_its_strided_expand_match_reference(n):
+@pytest.mark.parametrize("n,splits", [(5, 1), (33, 3)])
+def test_wide_gemm_and_its_strided_expand_match_reference(n, splits):
     # the "wide" layout: W_ext = [W | member 0's B (O, S*R) | member 1's B] (zero outside its rows); one GEMM
-    # over xy = [x | y] gives base + deltas, and the split expand reads the same B through member_stride
-    k, r, s, seg = 40, 4, 3, (128,)
+    # over xy = [x | y] gives base + deltas, and the split expand reads the same B through member_stride.
+    # splits > 1: split-K programs whose last one per tile adds the partial sums (tickets back to zero)
+    k, r, s, seg = 200, 4, 3, (128,)
     bounds, o = (0, 128, 256), 256
     x, a, _, slots, scales = _case(n, k, o, 2 * r, s, torch.float32)
     g = torch.Generator().manual_seed(1)
@@ -78,8 +80,9 @@ def test_wide_gemm_and_its_strided_expand_match_reference(n):
     ref = x @ w.t()
     for j, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         ref[:, lo:hi] += lora_delta_ref(x, a[:, j * r : (j + 1) * r], b[j], slots, scales)
-    xy = lora_wide_shrink(x, a, slots, scales, members=2)
+    xy = lora_wide_shrink(x, a, slots, scales, members=2, block_k=64, splits=splits)
     assert torch.equal(xy[:, :k], x)
+    assert not lora_kernels._COUNTERS or not lora_kernels._COUNTERS[xy.device].any()
     torch.testing.assert_close(xy @ w_ext.t(), ref, rtol=1e-4, atol=1e-4)
     b0 = w_ext[:, k : k + s * r].view(o, s, r).permute(1, 0, 2)  # (S, O, R) view of member 0's columns
     out = lora_expand(lora_shrink(x, a, slots, scales), b0, slots, x @ w.t(), seg=seg, member_stride=s * r)
