@@ -280,11 +280,13 @@ def lora_wide_shrink(
         splits = _wide_splits(tiles * members, k, block_k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
-    if tiles * members > _MAX_TICKETS:
-        splits, k_per_split = 1, k
     counters = _COUNTERS.get(x.device)
-    if counters is None:
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if counters is None and not capturing:  # (made outside a graph capture, which would not zero it)
         counters = _COUNTERS[x.device] = torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=x.device)
+    if counters is None or tiles * members > _MAX_TICKETS:
+        splits, k_per_split = 1, k
+        counters = torch.empty(1, dtype=torch.int32, device=x.device)  # (not read: one program per tile)
     part = torch.empty((splits, n, gr) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
     _wide_shrink_kernel[(tiles, members, splits)](
         x, a, slots, scales, xy, part, counters, n, k, r, s, k_per_split, splits, x.stride(0), a.stride(0),
