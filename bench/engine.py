@@ -236,7 +236,8 @@ def main() -> None:
         graph_kw = {"max_graph_tokens": graph_tokens} if graph_tokens is not None else {}
         llm, startup = make_llm(model, kv_cache_dtype=kv, **graph_kw)
         tracer = None
-        if args.trace and key == "nano_vllm_tok_s":
+        trace_file = {"nano_vllm_tok_s": "engine_trace.json", "nano_vllm_fp8_tok_s": "engine_trace_fp8.json"}
+        if args.trace and key in trace_file:
             from engine_trace import RunTracer, prefill_step_kernels
 
             tracer = RunTracer(llm.engine)
@@ -244,7 +245,7 @@ def main() -> None:
         if tracer is not None:
             trace = {"device": res["device"], "warmup_s": getattr(llm.engine.runner, "warmup_s", None)}
             trace |= {"startup_s": startup, "runs": tracer.runs}
-            (out_dir / "engine_trace.json").write_text(json.dumps(trace, indent=2))
+            (out_dir / trace_file[key]).write_text(json.dumps(trace, indent=2))
         r = llm.engine.runner
         res[f"{key.replace('_tok_s', '')}_startup_s"] = startup
         res[f"{key.replace('_tok_s', '')}_kv_blocks"] = r.num_blocks

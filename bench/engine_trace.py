@@ -19,6 +19,10 @@ import torch
 
 
 class RunTracer:
+    active: RunTracer | None = (
+        None  # the tracer inside run(): Triton's compile hook is patched once per process
+    )
+
     def __init__(self, engine) -> None:
         self.engine = engine
         self.runs: list[dict] = []
@@ -33,14 +37,14 @@ class RunTracer:
         orig = getattr(JITFunction, "_do_compile", None)
         if orig is None or getattr(orig, "_traced", False):
             return
-        tracer = self
 
         def traced(fn_self, *args, **kwargs):
             t = time.perf_counter()
             try:
                 return orig(fn_self, *args, **kwargs)
             finally:
-                if tracer._compiles is not None:
+                tracer = RunTracer.active
+                if tracer is not None and tracer._compiles is not None:
                     name = getattr(getattr(fn_self, "fn", None), "__name__", str(fn_self))
                     tracer._compiles.append((name, round(time.perf_counter() - t, 4)))
 
@@ -76,6 +80,7 @@ class RunTracer:
         graphs = len(getattr(engine.runner, "graphs", {}) or {})
         stats0 = torch.cuda.memory_stats() if cuda else {}
         self._compiles = []
+        RunTracer.active = self
         sched.schedule, engine.step = schedule_, step_
         gc.callbacks.append(on_gc)
         t0 = time.perf_counter()
@@ -86,6 +91,7 @@ class RunTracer:
             gc.callbacks.remove(on_gc)
             sched.schedule, engine.step = schedule, step
             compiles, self._compiles = self._compiles, None
+            RunTracer.active = None
             stats1 = torch.cuda.memory_stats() if cuda else {}
             self.runs.append(
                 _summary(label, t0, t1, events, returns, gcs, compiles, stats0, stats1)
