@@ -236,6 +236,7 @@ def check_args(ns: argparse.Namespace) -> None:
 def run_serve(ns: argparse.Namespace) -> int:
     """Start (or join, with RAY_ADDRESS / a running `ray start`) Ray, deploy, block until Ctrl-C."""
     check_args(ns)  # before the pre-warm and Ray start
+    stop_on_signals()
     # before the imports below: the pre-warm's head start is the time Ray and Serve take to come up
     prewarm = start_prewarm(ns) if not os.environ.get("RAY_ADDRESS") else None
     try:
@@ -293,18 +294,24 @@ def _run_serve(ns: argparse.Namespace, prewarm: subprocess.Popen | None) -> int:
     return 0
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_on_signals() -> None:
+    """SIGINT (Ctrl-C) and SIGTERM (`kill`, a pod's shutdown) raise KeyboardInterrupt in the main thread, also
+    in a server started in the background (where SIGINT is ignored) and during start-up."""
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+
+
 def wait_for_stop(poll_s: float = 1.0) -> None:
-    """Block until SIGINT (Ctrl-C) or SIGTERM (`kill`, a pod's shutdown), raising KeyboardInterrupt.
+    """Block until SIGINT or SIGTERM, raising KeyboardInterrupt.
 
     A signal can land on any of Ray's threads: Python then runs its handler only when the main thread runs
     again, and a main thread asleep in ``time.sleep`` slept on (Ctrl-C ignored for a minute). The wakeup fd
     is written whichever thread the signal hits, so the ``select`` below returns at once."""
-
-    def stop(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGINT, stop)  # also when started in the background (SIGINT ignored there)
-    signal.signal(signal.SIGTERM, stop)
+    stop_on_signals()  # again: Ray's start may have put its own SIGTERM handler in
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
