@@ -5,15 +5,19 @@ BIN := $(VENV)/bin
 
 .PHONY: venv test test-fast lint format demo gpu-test clean
 
-# pip byte-compiles the ~20k installed .py files one after another (~100 s of one core): install with
-# --no-compile, then compile the same files on every core (the same venv, about half the wall time).
-SITE_PACKAGES = $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+# Bytecode: Python compiles a module on its first import and writes the .pyc next to it, so every later
+# process (the test workers, each Ray worker, engine core and training rank: hundreds of processes) loads it
+# compiled. Compiling the whole venv up front (pip's default, or compileall) costs ~110 CPU-s for the
+# ~20k installed files, of which the tests import about a third: install with --no-compile instead. Some
+# environments set PYTHONDONTWRITEBYTECODE, which would make every process compile everything it imports
+# again (torch alone ~5 CPU-s, llmray ~0.5, pytest's assertion rewrite of the test modules and plugins
+# ~9): make's commands run without it.
+unexport PYTHONDONTWRITEBYTECODE
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --no-compile --upgrade pip
 	$(BIN)/pip install -q --no-compile torch==2.13.0 -e ".[test]"
-	$(BIN)/python -m compileall -q -j 0 "$(SITE_PACKAGES)" > /dev/null || true  # (pip also skips unparsable files)
 
 venv: $(BIN)/activate
 
