@@ -143,6 +143,12 @@ def test_demo_job_succeeds_and_the_dashboard_reports_it(head, demo_job):
     for stage in ("[1/5] corpus", "[2/5] pretrain", "[3/5] fine-tune", "[4/5] serve", "[5/5] ask"):
         assert stage in logs  # a progress line per stage, in the job's logs
     assert str(out / "demo_summary.json") in logs, "the demo prints where its results went"
+    # the demo's console: stages, times and losses; no worker step lines, Ray Train prefixes, progress bars or MFU
+    noise = re.compile(
+        r"step \d+/\d+ \||\((RayTrainWorker|TrainController)\b|Progress bars|Running Dataset|\bmfu\b"
+    )
+    noisy = [ln for ln in logs.splitlines() if noise.search(ln)]
+    assert not noisy, noisy[:10]
 
     # The job's Train runs, as the dashboard's Train tab shows them.
     runs = http_json(f"{head.dashboard_url}/api/train/v2/runs/v1")["train_runs"]
