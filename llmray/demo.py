@@ -18,6 +18,7 @@ import json
 import os
 import random
 import socket
+import sys
 import sysconfig
 import textwrap
 import threading
@@ -35,18 +36,19 @@ class Knobs(TypedDict):
     preset: str
     max_steps: int
     ft_steps: int
-    seq_len: int
+    seq_len: int  # pretraining windows
+    ft_seq_len: int  # fine-tuning examples (a docstring -> function chat: ~100-250 tokens)
     corpus_mb: float
     chat_examples: int
     bpe_vocab: int
 
 
-QUICK = Knobs(
-    preset="tiny", max_steps=40, ft_steps=30, seq_len=128, corpus_mb=0.4, chat_examples=200, bpe_vocab=1024
-)
-FULL = Knobs(
-    preset="mini", max_steps=400, ft_steps=150, seq_len=256, corpus_mb=2.0, chat_examples=800, bpe_vocab=2048
-)
+QUICK = Knobs(preset="tiny", max_steps=40, ft_steps=30, seq_len=128, ft_seq_len=128, corpus_mb=0.4,
+              chat_examples=200, bpe_vocab=1024)  # fmt: skip
+# about 5 minutes on two idle CPU cores (one torch thread: a second one made a step 4x slower on a 2-core box
+# with anything else running): the loss falls from ln(2048) = 7.6 to about 4.5, the adapter answers in code
+FULL = Knobs(preset="mini", max_steps=120, ft_steps=60, seq_len=128, ft_seq_len=256, corpus_mb=1.0,
+             chat_examples=400, bpe_vocab=2048)  # fmt: skip
 QUESTION = "Write a Python function `dedent`: Remove any common leading whitespace from every line in `text`."
 
 
@@ -126,27 +128,41 @@ class Stages:
         return f"{time.time() - self.t_stage:.0f}s"
 
 
-def loss_story(metrics_file: str | Path, points: int = 5) -> str:
-    """``loss 6.93 (step 1) -> 4.10 (10) -> ... -> 2.31 (40)``: a few points of a run's loss curve."""
-    rows = [json.loads(ln) for ln in Path(metrics_file).read_text().splitlines() if ln.strip()]
-    rows = [r for r in rows if "loss" in r and "step" in r and r.get("event") is None]
-    if not rows:
-        return "no loss recorded"
-    picks = sorted({round(i * (len(rows) - 1) / (points - 1)) for i in range(points)})
-    parts = [f"{rows[i]['loss']:.2f} (step {rows[i]['step']})" for i in picks]
-    return "loss " + " -> ".join(parts)
+MEAN_OF = 10  # a step line's loss: the mean of the last 10 steps' (one batch's loss is noisy)
+
+
+def step_rows(lines: list[str]) -> list[dict]:
+    """The training-step rows of metrics.jsonl lines (a line still being written is skipped)."""
+    rows = []
+    for ln in lines:
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(ln))
+    return [r for r in rows if isinstance(r, dict) and "loss" in r and "step" in r and r.get("event") is None]
+
+
+def step_line(rows: list[dict], upto: int, total: int) -> str:
+    """``  step 100/400  loss 4.62``: the loss averaged over the ``MEAN_OF`` steps up to ``upto``."""
+    last = [r for r in rows if r["step"] <= upto][-MEAN_OF:]
+    return f"  step {last[-1]['step']}/{total}  loss {sum(r['loss'] for r in last) / len(last):.2f}"
+
+
+def final_step_line(metrics_file: str | Path, total: int) -> str:
+    rows = step_rows(Path(metrics_file).read_text().splitlines())
+    return step_line(rows, rows[-1]["step"], total) if rows else "  no loss recorded"
 
 
 @contextlib.contextmanager
 def follow_steps(
-    metrics_file: Path, total: int, t0: float, parts: int = 4, poll_s: float = 2.0
+    metrics_file: Path, total: int, t0: float, parts: int = 4, poll_s: float = 2.0, first: bool = True
 ) -> Iterator[None]:
-    """While the block runs, one line ``  step 100/400  loss 4.62  (t+95s)`` each time the run writing
-    ``metrics_file`` passes another 1/``parts`` of its ``total`` steps (rows appended before it started are
-    not this run's; the last part is the stage's own summary line)."""
-    marks = [max(1, round(total * i / parts)) for i in range(1, parts)]
+    """While the block runs, one line ``  step 100/400  loss 4.62  (t+95s)`` for the run's first step (with
+    ``first``: where pretraining starts, ln(vocab)) and each time the run writing ``metrics_file`` passes another 1/``parts`` of its ``total`` steps (rows
+    appended before it started are not this run's; the last part is the stage's own summary line). The lines
+    go to the ``sys.stdout`` of the caller's entry, even while the block redirects its own output."""
+    marks = sorted(({1} if first else set()) | {max(1, round(total * i / parts)) for i in range(1, parts)})
     start = metrics_file.stat().st_size if metrics_file.exists() else 0
     stop = threading.Event()
+    console = sys.stdout
 
     def watch() -> None:
         stopped = False
@@ -154,18 +170,11 @@ def follow_steps(
             stopped = stop.wait(poll_s)  # once stopped: a last read of what the run wrote before it returned
             with contextlib.suppress(FileNotFoundError), metrics_file.open() as f:
                 f.seek(start)
-                lines = f.read().splitlines()
-                rows = []
-                for ln in lines:
-                    with contextlib.suppress(ValueError):  # a line still being written
-                        rows.append(json.loads(ln))
-                rows = [r for r in rows if "loss" in r and "step" in r and r.get("event") is None]
+                rows = step_rows(f.read().splitlines())
                 while marks and rows and rows[-1]["step"] >= marks[0]:
-                    row = next(r for r in rows if r["step"] >= marks[0])
-                    when = time.time() - t0
-                    print(
-                        f"  step {row['step']}/{total}  loss {row['loss']:.2f}  (t+{when:.0f}s)", flush=True
-                    )
+                    upto = next(r for r in rows if r["step"] >= marks[0])["step"]
+                    line = f"{step_line(rows, upto, total)}  (t+{time.time() - t0:.0f}s)"
+                    print(line, file=console, flush=True)
                     marks.pop(0)
 
     thread = threading.Thread(target=watch, name="demo-progress", daemon=True)
@@ -175,6 +184,16 @@ def follow_steps(
     finally:
         stop.set()
         thread.join(timeout=poll_s + 5)
+
+
+@contextlib.contextmanager
+def output_to(path: Path | None) -> Iterator[None]:
+    """The block's prints (a training run's own driver lines) appended to ``path``; None: the console."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f, contextlib.redirect_stdout(f):
+        yield
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -228,8 +247,10 @@ def run_demo(args: argparse.Namespace) -> int:
     n_val = max(10, len(pairs) // 10)
     chat_train = write_jsonl(pairs[n_val:], out / "chat" / "train.jsonl")
     chat_val = write_jsonl(pairs[:n_val], out / "chat" / "val.jsonl")
-    print(f"{len(corpus)} files ({sum(p.stat().st_size for p in corpus) / 1e6:.1f} MB) -> {out / 'corpus'}")
-    print(f"{len(pairs) - n_val} + {n_val} docstring->function chats -> {out / 'chat'}")
+    mb = sum(p.stat().st_size for p in corpus) / 1e6
+    print(
+        f"{len(corpus)} files ({mb:.1f} MB), {len(pairs) - n_val} + {n_val} docstring->function chats -> {out}"
+    )
 
     from llmray.train.preflight import local_ray_starts
     from llmray.train.ray_env import init_ray
@@ -248,8 +269,9 @@ def run_demo(args: argparse.Namespace) -> int:
         stages.start(f"pretrain ({knobs['preset']}, {knobs['max_steps']} steps, BPE tokenizer) on Ray Train")
         base_dir = out / "base"
         # a line per quarter of the steps (the workers' own step lines only with --verbose)
-        follow = follow_steps if not args.verbose else lambda *a: contextlib.nullcontext()
-        with follow(base_dir / "metrics.jsonl", knobs["max_steps"], stages.t0):
+        follow = follow_steps if not args.verbose else lambda *a, **k: contextlib.nullcontext()
+        quiet = None if args.verbose else out / "ray.log"  # the runs' own lines (data summary, paths) too
+        with follow(base_dir / "metrics.jsonl", knobs["max_steps"], stages.t0), output_to(quiet):
             pre = run_pretrain(
                 PretrainConfig(
                     data=str(out / "corpus" / "*.txt"), out=str(base_dir), preset=knobs["preset"], tokenizer="bpe",
@@ -260,20 +282,29 @@ def run_demo(args: argparse.Namespace) -> int:
                 )
             )  # fmt: skip
         last = pre["last"]
-        print(f"{loss_story(pre['metrics_file'])}; validation {last.get('val_loss', float('nan')):.2f}")
-        print(f"took {stages.took()}", flush=True)
+        val = f"validation {last.get('val_loss', float('nan')):.2f}"
+        print(
+            f"{final_step_line(pre['metrics_file'], knobs['max_steps'])}  {val}  took {stages.took()}",
+            flush=True,
+        )
         stages.start(f"fine-tune a LoRA adapter ({knobs['ft_steps']} steps) on Ray Train")
         adapter_dir = out / "adapter"
-        with follow(adapter_dir / "metrics.jsonl", knobs["ft_steps"], stages.t0):
+        with (
+            follow(adapter_dir / "metrics.jsonl", knobs["ft_steps"], stages.t0, first=False),
+            output_to(quiet),
+        ):
             ft = run_finetune(
                 FinetuneConfig(
                     base=str(base_dir), data=str(chat_train), val_data=str(chat_val), out=str(adapter_dir),
-                    max_steps=knobs["ft_steps"], batch_size=8, seq_len=knobs["seq_len"], lr=2e-3,
+                    max_steps=knobs["ft_steps"], batch_size=8, seq_len=knobs["ft_seq_len"], lr=2e-3,
                     checkpoint_every=knobs["ft_steps"], use_gpu=args.use_gpu, print_every=1 if args.verbose else None,
                     lora=LoraConfig(r=8, alpha=16, targets="all-linear"),
                 )
             )  # fmt: skip
-        print(f"{loss_story(adapter_dir / 'metrics.jsonl')}; took {stages.took()}", flush=True)
+        val = f"validation: base {ft['val_loss_before']:.2f} -> adapter {ft['val_loss_after']:.2f}"
+        print(
+            f"{final_step_line(adapter_dir / 'metrics.jsonl', knobs['ft_steps'])}  {val}  took {stages.took()}"
+        )
         stages.start("serve base + adapter on Ray Serve (OpenAI API)")
         app = build_app(
             {
@@ -289,7 +320,7 @@ def run_demo(args: argparse.Namespace) -> int:
         stages.start("ask both through the openai client")
         answers, usage = {}, {}
         served = sorted(m.id for m in client.models.list().data)
-        print(f"served models: {served}")
+        print(f"served models: {', '.join(served)}; the question: {QUESTION}")
         for model in ("demo-base", "demo-docstrings"):  # the base model and the LoRA adapter, one replica
             reply = client.chat.completions.create(
                 model=model,
@@ -301,7 +332,7 @@ def run_demo(args: argparse.Namespace) -> int:
             answers[model] = reply.choices[0].message.content
             assert reply.usage is not None, "llmray reports usage on every chat completion"
             usage[model] = reply.usage.completion_tokens
-            print(f"--- {model} ---\n{answers[model]}\n")
+            print(f"--- {model} ---\n{answers[model].strip()}", flush=True)
         if not embedded:  # on a shared cluster take the demo's app down (serve.shutdown logs retries)
             serve.shutdown()
     finally:
@@ -323,14 +354,11 @@ def run_demo(args: argparse.Namespace) -> int:
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n=== llmray demo done in {summary['wall_s']:.0f}s ===")
     print(
-        f"pretraining: val loss {summary['pretrain']['val_loss']:.3f} after {summary['pretrain']['steps']} steps"
+        f"validation loss: pretraining {summary['pretrain']['val_loss']:.2f} after {summary['pretrain']['steps']} "
+        f"steps; fine-tuning: base {ft['val_loss_before']:.2f} -> adapter {ft['val_loss_after']:.2f}"
     )
-    print(
-        f"fine-tuning: validation loss base {ft['val_loss_before']:.3f} -> adapter {ft['val_loss_after']:.3f}"
-    )
-    for key, path in summary["artifacts"].items():
-        print(f"  {key:18s} {path}")
-    print(f"  {'summary':18s} {out / 'demo_summary.json'}")
+    print(f"in {out}: base/ (model, metrics.jsonl, loss_curve.png), adapter/, corpus/, chat/, ray.log")
+    print(f"summary: {out / 'demo_summary.json'}")
     return 0
 
 
