@@ -96,6 +96,32 @@ SLOW_MODULES = {
 }
 
 
+# The modules that use ``ray_local`` run on ONE xdist worker, one after another, on one Ray (``ray_local`` stays
+# up between them): each Ray start costs ~20 CPU-s (its daemons and Ray Data's three helper actors) and a later
+# module reuses the earlier ones' idle worker processes (~3 CPU-s each). A module missing here still runs, on its
+# own Ray. Order: as in SLOW_MODULES.
+RAY_LOCAL_MODULES = (
+    "train/test_pretrain.py",
+    "batch/test_batch.py",
+    "train/test_finetune.py",
+    "train/test_data.py",
+)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadfile`` with RAY_LOCAL_MODULES as one unit of work (xdist hands out whole units)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class OneRayLocalWorker(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "ray_local modules" if path.removeprefix("tests/") in RAY_LOCAL_MODULES else path
+
+    return OneRayLocalWorker(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike; a plain run keeps the file order
         items.sort(key=lambda i: -SLOW_MODULES.get(_under_tests(i.path), 0))  # stable: modules stay whole
@@ -148,11 +174,12 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 @pytest.fixture(scope="module")
 def ray_local(request):
-    """A local Ray with more logical CPUs than the 2-core CI machine has, shared by a folder's modules.
+    """A local Ray with more logical CPUs than the 2-core CI machine has, shared by modules.
 
-    Starting Ray costs ~10 s on two cores, so the modules of one folder that use this fixture share one:
-    after a module it stays up while this process goes on in the same folder and a later module there
-    uses it (modules between them find it idle), and stops otherwise. A module reuses it only if nobody
+    Starting Ray costs ~10 s on two cores, so modules that use this fixture share one: after a module it
+    stays up when this process's next test uses it too (`make test` runs RAY_LOCAL_MODULES one after
+    another on one worker), or goes on in the same folder where a later module uses it (modules between
+    them find it idle), and stops otherwise. A module reuses it only if nobody
     replaced it (Serve and CLI tests start and stop Ray of their own). Tests must not leave Serve apps,
     named actors or placement groups behind. Train workers, Ray Data and Serve replicas must request
     fractional CPUs, or they wait forever.
@@ -165,7 +192,7 @@ def ray_local(request):
         _init_ray(ray)
         _RAY["gcs"] = _gcs_address(ray)
     yield ray
-    if _wanted_next_in_folder(request) and ray.is_initialized() and _gcs_address(ray) == _RAY["gcs"]:
+    if _wanted_next(request) and ray.is_initialized() and _gcs_address(ray) == _RAY["gcs"]:
         return  # a later module of this folder takes it over
     _RAY.clear()
     ray.shutdown()
@@ -180,12 +207,17 @@ def _gcs_address(ray) -> str:
     return str(ray.get_runtime_context().gcs_address)
 
 
-def _wanted_next_in_folder(request) -> bool:
-    """Whether this process goes on in this module's folder and a module there uses ray_local later."""
+def _wanted_next(request) -> bool:
+    """Whether this process's next module uses ray_local, or it goes on in this module's folder and a
+    module there uses ray_local later."""
     nxt, folder = _NEXT.get("item"), request.node.path.parent
-    if nxt is None or nxt.path.parent != folder:
+    if nxt is None:
         return False
     items = request.session.items
+    if any(i.path == nxt.path and "ray_local" in i.fixturenames for i in items):
+        return True
+    if nxt.path.parent != folder:
+        return False
     start = next((n for n, i in enumerate(items) if i is nxt), len(items))
     return any(i.path.parent == folder and "ray_local" in i.fixturenames for i in items[start:])
 
