@@ -125,3 +125,19 @@ def test_a_ray_node_that_starts_late_is_started_again(capsys):
     with pytest.raises(Exception, match="some other start-up failure"):
         start_ray({}, ray=other)
     assert other.inits == 1
+
+
+def test_on_a_cluster_short_of_gpus_the_run_says_it_waits(monkeypatch, capsys):
+    """On a cluster (an autoscaler may add GPU nodes) --use-gpu waits, and says for what: how many GPUs the run
+    asks and the cluster has now."""
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    ray_env.warn_if_cluster_lacks_gpus(4)
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "waiting for 4 GPU(s): the Ray cluster has 1 now; an autoscaler may add GPU nodes"
+    ), out
+    ray_env.warn_if_cluster_lacks_gpus(1)
+    ray_env.warn_if_cluster_lacks_gpus(0)
+    assert capsys.readouterr().out == ""

@@ -455,3 +455,13 @@ def test_separate_ingress_resends_a_request_whose_replica_died_before_output(die
         assert events[-1]["choices"][0]["finish_reason"] == "length"
     else:
         assert handle.calls == 1 and events[-1]["error"]["code"] == "engine_unavailable"
+
+
+def test_a_broken_adapter_config_is_named_in_clean_words(tmp_path):
+    """The reason a --lora-root directory is skipped reads as one sentence ("at at column" was one)."""
+    from llmray.serve.lora_registry import adapter_problem
+
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r"')
+    why = adapter_problem(tmp_path)
+    assert why == "adapter_config.json is not valid JSON (Expecting ':' delimiter, line 1 column 26)", why
+    assert not re.search(r"\b(\w+) \1\b", why)  # no doubled word
