@@ -98,7 +98,10 @@ def cross_entropy_rows(
     return loss
 
 
-CHUNK_ELEMENTS = 1 << 28  # logits elements per chunk at most (512 MB in bf16)
+# logits elements per chunk at most: 2 GB in bf16 (4,096 rows of a 151,936 vocabulary). Each chunk's dW GEMM
+# reads and writes the whole (V, h) accumulator, so fewer chunks save that traffic: H200, qwen3-0.6b 8 x 2048
+# step 188.3 ms at 2^28 (16 chunks) vs 185.4 at 2^30 (4); 2^29 and 2^31 as 2^30
+CHUNK_ELEMENTS = 1 << 30
 
 
 def default_chunk_size(n_tokens: int, vocab: int) -> int:

@@ -92,7 +92,10 @@ def _qk_norm_rope_bwd_kernel(
 
 
 def _programs(ntok: int, device: torch.device) -> int:
-    return max(1, min(ntok, 4 * num_sms(device) if device.type == "cuda" else 4))
+    """Backward programs: each walks ntok / programs tokens one at a time, so enough of them must be
+    resident for the loads in flight (H200, 16k tokens x 24 heads x 128: 4 per SM took 213 us a layer,
+    2x the time its bytes need); the fp32 partial dW rows (programs x D) stay small."""
+    return max(1, min(ntok, 16 * num_sms(device) if device.type == "cuda" else 4))
 
 
 class _QKNormRopeFn(torch.autograd.Function):

@@ -117,7 +117,7 @@ def test_rejects_bad_inputs(device):
 
 
 def test_default_chunk_size_bounds_logits():
-    assert default_chunk_size(8192, 151936) == 1024  # 1024 x 151936 logits <= 2^28 elements
+    assert default_chunk_size(16384, 151936) == 4096  # 4096 x 151936 logits <= 2^30 elements
     assert default_chunk_size(100, 512) == 128  # small problems: one chunk
     assert default_chunk_size(1, 10**9) == 1
 
