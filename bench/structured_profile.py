@@ -98,9 +98,10 @@ class Probe:
         while eng.has_unfinished():
             self.cur.clear()
             n = len(eng.scheduler.running)
-            t = time.perf_counter()
+            t, w = time.perf_counter(), self.runner.masks.work_s
             eng.step()
             self.cur["wall"] = time.perf_counter() - t
+            self.cur["fill_worker"] = self.runner.masks.work_s - w  # the mask thread's busy time
             self.cur["running"] = n
             self.rows.append(dict(self.cur))
         _sync()
@@ -111,6 +112,7 @@ def summarize(probe: Probe, full: int, tokens: int, seconds: float) -> dict:
     n = max(1, len(keep))
     res: dict = {"steps": len(keep), "tok_s": round(tokens / seconds)}
     for k in (
+        "fill_worker",
         "wall",
         "launch",
         "collect",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -140,7 +141,7 @@ class LLGuidanceConstraint:
         return failed
 
     def preaccept(self, token_id: int) -> bool:
-        """Step masks (structured/step_masks.py): the fill thread consumes ``token_id`` (``consume_batch``) before
+        """Step masks (structured/step_masks.py): the fill thread consumes ``token_id`` (``fill_job``) before
         it fills the next mask, and ``accept_token(token_id)`` then returns without touching the matcher. The
         token was sampled under this request's mask, so it is allowed; should the matcher still reject it, the
         next fill reports the row and the request fails. Returns False when the token ends the document."""
@@ -148,18 +149,56 @@ class LLGuidanceConstraint:
         return not (token_id == self.eos_token_id or token_id in self.extra_stops)
 
     @classmethod
-    def consume_batch(cls, group: list[tuple[LLGuidanceConstraint, int]]) -> list[LLGuidanceConstraint]:
-        """Consume each ``(constraint, token)`` (one parallel call per executor, GIL released); returns the
-        constraints whose matcher rejected its token. A request's extra stop token is not consumed."""
-        by_executor: dict[int, list[tuple[LLGuidanceConstraint, int]]] = {}
-        for c, t in group:
+    def fill_job(
+        cls,
+        bitmask: torch.Tensor,
+        accepts: list[tuple[LLGuidanceConstraint, int]],
+        rows: list[tuple[int, LLGuidanceConstraint]],
+    ) -> tuple[Callable[[], set[int]], Callable[[set[int]], dict[int, str]]]:
+        """A step's accepts and masks split for a worker thread (structured/step_masks.py): ``work()`` consumes
+        each ``(constraint, token)`` of ``accepts``, then fills ``bitmask[k]`` for each ``(k, constraint)`` of
+        ``rows`` — two calls into llguidance per executor, the GIL released inside both, their argument lists
+        built here beforehand so that the worker barely needs the GIL — and returns the ids of the constraints
+        that rejected their token. ``check(rejected)``, on the caller's thread once ``work`` is done, returns
+        packed row -> why and adds the extra stop tokens. A request's extra stop token is not consumed."""
+        assert bitmask.dtype == torch.int32 and not bitmask.is_cuda and bitmask.is_contiguous(), "host int32"
+        consume: dict[int, tuple[Any, list, list]] = {}
+        for c, t in accepts:
             if t == c.eos_token_id or t not in c.extra_stops:
-                by_executor.setdefault(id(c.executor), []).append((c, t))
-        bad: list[LLGuidanceConstraint] = []
-        for g in by_executor.values():
-            oks = g[0][0].executor.consume_token_par([(c.matcher, t) for c, t in g])
-            bad.extend(c for (c, _), ok in zip(g, oks, strict=True) if not ok)
-        return bad
+                e = consume.setdefault(id(c.executor), (c.executor, [], []))
+                e[1].append((c.matcher, t))
+                e[2].append(c)
+        fill: dict[int, tuple[Any, list, list]] = {}
+        for k, c in rows:
+            e = fill.setdefault(id(c.executor), (c.executor, [], []))
+            e[1].append((c.matcher, k))
+            e[2].append(c)
+        ptr, row_bytes, n = bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0]
+
+        def work() -> set[int]:
+            rejected: set[int] = set()
+            for ex, args, cons in consume.values():
+                oks = ex.consume_token_par(args)
+                if not all(oks):
+                    rejected.update(id(c) for c, ok in zip(cons, oks, strict=True) if not ok)
+            for ex, args, cons in fill.values():
+                if rejected:
+                    args = [a for a, c in zip(args, cons, strict=True) if id(c) not in rejected]
+                ex.unsafe_compute_mask_ptr(args, ptr, row_bytes, n)
+            return rejected
+
+        def check(rejected: set[int]) -> dict[int, str]:
+            why: dict[int, str] = {}
+            for k, c in rows:
+                if id(c) in rejected:
+                    why[k] = "its token constraint rejected the sampled token"
+                elif c.matcher.is_error():
+                    why[k] = f"llguidance: {c.matcher.get_error()}"
+                elif c.extra_stops:
+                    c._add_stops(bitmask, k)
+            return why
+
+        return work, check
 
     def accept_token(self, token_id: int) -> bool:
         token_id = int(token_id)

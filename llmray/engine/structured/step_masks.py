@@ -5,11 +5,13 @@ sampling later, because each constrained row's mask needs the row's previous tok
 calls ``StepMasks`` at three points (vLLM does the same with its scheduler-side bitmask):
 
 - ``start(next_pending, prev_pending, tokens)`` right after step N is read back (``ModelRunner.collect``):
-  step N's tokens go to a worker thread, which accepts them into the constraints of the deferred step N+1
-  (``consume_batch``) and fills N+1's masks (``fill_bitmasks``; llguidance releases the GIL for both). Each
-  such constraint is told the token first (``preaccept``), so that the engine's ``accept_token`` during the
-  read-back returns at once. Constraint classes without ``preaccept``/``consume_batch`` (xgrammar's, the
-  tests') keep the old order: accepted during the read-back, filled by ``finish``.
+  step N's tokens go to a worker thread, which accepts them into the constraints of the deferred step N+1 and
+  fills N+1's masks (the class's ``fill_job``: for llguidance one ``consume_token_par`` and one
+  ``LLExecutor`` fill, the GIL released in both; the interpreter's switch interval is lowered meanwhile so
+  that the worker gets the GIL back at once between them). Each such constraint is told the token first
+  (``preaccept``), so that the engine's ``accept_token`` during the read-back returns at once. Constraint
+  classes without ``preaccept``/``fill_job`` (xgrammar's, the tests') keep the old order: accepted during the
+  read-back, filled by ``finish``.
 - ``finish(pending, failed)`` when step N+1's sampling is queued (just before the next forward): waits for
   the worker, fills the rows it did not take, and copies the masks to the device.
 - ``fill_now(seqs, failed, deferred)``: the synchronous fill of a step that was not started early.
@@ -23,6 +25,8 @@ request then fails alone.
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("llmray.engine")
 _WORKER: ThreadPoolExecutor | None = None
+# the interpreter's switch interval while a fill is in flight: the worker takes the GIL back within this long
+# after each call into the grammar library instead of the default 5 ms (the main thread runs Python throughout)
+_SWITCH_S = 1e-4
 
 
 def _worker() -> ThreadPoolExecutor:
@@ -52,6 +59,7 @@ class _Job:
         self.rows = rows  # (sampling row, constraint), packed row k = rows[k]
         self.host, self.index = host, index
         self.future: Future | None = None
+        self.checks: list[tuple[Any, list]] = []  # per constraint class: (check, its packed rows)
         self.complete = True  # it covers every constrained row that will need a mask
 
 
@@ -67,6 +75,8 @@ class StepMasks:
         self._job: _Job | None = None
         self.early = True  # False: every fill synchronous at sampling time (the old order, for A/B runs)
         self.started = 0  # fills started early (on the worker), for tests and benches
+        self.work_s = 0.0  # the worker's busy seconds (benches)
+        self._switch = sys.getswitchinterval()
 
     # --- buffers ----------------------------------------------------------------------------------
     def _buffer(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +127,7 @@ class StepMasks:
         job, self._job = self._job, None
         if job is not None and job.future is not None:  # a stale job (its step was dropped): let it end
             job.future.result()
+            sys.setswitchinterval(self._switch)
         rows = self._constrained(seqs, deferred)
         if not rows:
             return None
@@ -139,28 +150,34 @@ class StepMasks:
         constraints and fill its masks on the worker thread."""
         if not self.early or self._job is not None:
             return
+        failed = prev.failed
         sampled = {
-            id(s): t for r, (s, t) in enumerate(zip(prev.seqs, tokens, strict=True)) if r not in prev.failed
+            id(s): t for r, (s, t) in enumerate(zip(prev.seqs, tokens, strict=True)) if r not in failed
         }
         rows: list[tuple[int, Any]] = []
-        accepts: dict[Any, list[tuple[Any, int]]] = {}
+        groups: dict[Any, tuple[list, list]] = {}  # constraint class -> (accepts, packed rows)
         complete = True
         for r, seq in enumerate(pending.seqs):
             c = seq.constraint
             if c is None or seq.is_finished:
                 continue
-            if not hasattr(type(c), "consume_batch"):
+            cls = type(c)
+            if not hasattr(cls, "fill_job"):
                 complete = False
                 continue
             token = sampled.get(id(seq))
+            group = groups.get(cls)
+            if group is None:
+                group = groups[cls] = ([], [])
             if token is None:  # it did not sample in step N: its previous token is known (or it waits)
                 if seq.num_tokens > 1 and seq.token_ids[-2] == PLACEHOLDER:
                     complete = False
                     continue
             else:
-                accepts.setdefault(type(c), []).append((c, token))
+                group[0].append((c, token))
                 if not c.preaccept(token):
                     continue  # the token ends its document: the request finishes, no mask
+            group[1].append((len(rows), c))
             rows.append((r, c))
         if not rows:
             return
@@ -168,7 +185,13 @@ class StepMasks:
         index.numpy()[:] = [r for r, _ in rows]
         job = self._job = _Job(pending, rows, host, index)
         job.complete = complete
-        job.future = _worker().submit(_accept_and_fill, host, rows, accepts)
+        jobs = [(cls.fill_job(host, acc, rws), rws) for cls, (acc, rws) in groups.items()]
+        job.checks = [(check, rws) for (_, check), rws in jobs]
+        # the worker needs the GIL only briefly (between its calls into the library): let it have it soon
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch, _SWITCH_S))
+        job.future = _worker().submit(_run, [work for (work, _), _ in jobs])
+        time.sleep(0)  # (releases the GIL: the worker can enter the library now)
         self.started += 1
 
     def finish(self, pending: Any, failed: dict[int, str]) -> Bitmask | None:
@@ -179,9 +202,16 @@ class StepMasks:
             self._job = job  # (fill_now waits for a stale job)
             return self.fill_now(pending.seqs, failed, deferred=True)
         assert job.future is not None
-        why_by_row = job.future.result()
-        for k, why in why_by_row.items():
-            _report(job.rows[k][0], why, job.host, k, failed)
+        results, work_s = job.future.result()
+        sys.setswitchinterval(self._switch)
+        self.work_s += work_s
+        for (check, rws), res in zip(job.checks, results, strict=True):
+            if isinstance(res, BaseException):  # the batch call broke: each of its rows fails alone
+                reasons = {k: f"its token constraint failed: {res!r}" for k, _ in rws}
+            else:
+                reasons = check(res)
+            for k, why in reasons.items():
+                _report(job.rows[k][0], why, job.host, k, failed)
         late = []
         if not job.complete:
             taken = {r for r, _ in job.rows}
@@ -207,27 +237,13 @@ def _report(row: int, why: str, host: torch.Tensor, k: int, failed: dict[int, st
     host[k] = -1
 
 
-def _accept_and_fill(
-    host: torch.Tensor,
-    rows: list[tuple[int, Any]],
-    accepts: dict[Any, list[tuple[Any, int]]],
-) -> dict[int, str]:
-    """On the worker: step N's tokens into the constraints, then their masks (packed row k = rows[k])."""
-    from llmray.engine.structured.batch import fill_bitmasks
-
-    with torch.inference_mode():  # the engine's buffers are inference tensors (the mode is per thread)
-        bad: set[int] = set()
-        for cls, group in accepts.items():
-            try:
-                bad.update(id(c) for c in cls.consume_batch(group))
-            except Exception as e:  # the batch call broke: every row of it fails alone
-                logger.warning("batched token accept failed: %r", e)
-                bad.update(id(c) for c, _ in group)
-        ok = [(k, c) for k, (_, c) in enumerate(rows) if id(c) not in bad]
-        why = {
-            k: "its token constraint rejected the sampled token"
-            for k, (_, c) in enumerate(rows)
-            if id(c) in bad
-        }
-        why.update(fill_bitmasks(host, ok))
-        return why
+def _run(works: list) -> tuple[list, float]:
+    """On the worker: each constraint class's ``work()`` (its result, or the exception it raised), and the time."""
+    t0 = time.perf_counter()
+    out: list = []
+    for work in works:
+        try:
+            out.append(work())
+        except Exception as e:  # reported per row by finish()
+            out.append(e)
+    return out, time.perf_counter() - t0
