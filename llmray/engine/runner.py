@@ -228,10 +228,13 @@ class ModelRunner:
         return pending
 
     def sample(self, pending: PendingStep) -> None:
-        """A step launched with ``defer_sampling`` may be sampled once the previous step is read back: it is,
-        as late as possible — by the next ``launch`` just before its forward, or by this step's ``collect`` —
-        so that its constrained rows' masks fill on the host meanwhile (structured/step_masks.py)."""
+        """A step launched with ``defer_sampling`` may be sampled once the previous step is read back: it is
+        now if its constrained rows' masks are already filled, else as late as possible — by the next
+        ``launch`` just before its forward, or by this step's ``collect`` — so that they fill on the host
+        meanwhile (structured/step_masks.py)."""
         assert pending.logits is None or pending is self._unsampled, "launched with defer_sampling"
+        if pending is self._unsampled and self.masks.ready(pending):  # its masks are done: sample now
+            self._flush_sampling()
 
     @torch.inference_mode()
     def _flush_sampling(self) -> None:

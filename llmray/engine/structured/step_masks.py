@@ -194,6 +194,12 @@ class StepMasks:
         time.sleep(0)  # (releases the GIL: the worker can enter the library now)
         self.started += 1
 
+    def ready(self, pending: Any) -> bool:
+        """Whether ``finish(pending)`` would not wait: the worker is done with its masks (a step whose fill
+        was not started early is not ready: it fills when it must)."""
+        job = self._job
+        return job is not None and job.pending is pending and job.future is not None and job.future.done()
+
     def finish(self, pending: Any, failed: dict[int, str]) -> Bitmask | None:
         """The packed masks of the deferred step ``pending``, on the device: the worker's rows (waited for)
         plus any constrained row it did not take, filled now."""
