@@ -42,6 +42,9 @@ class ModelOps:
     swiglu_fused: Callable[..., torch.Tensor] | None = None
     # training: qk_norm_rope with a backward (kernels/qk_norm_rope_train.py); None: rms_norm twice and rope
     qk_norm_rope_train: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    # training: linear(x, [w, ...]) over fp32 master weights under autocast with fp32 weight gradients out of
+    # the GEMM (model/master_linear.py); None: the nn.Linear modules (autocast casts, then a gradient cast)
+    linear: Callable[..., torch.Tensor] | None = None
 
 
 def _gated_swiglu_torch(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +73,7 @@ def triton_ops() -> ModelOps:
     from llmray.kernels.rmsnorm import add_rms_norm, rms_norm
     from llmray.kernels.rope import rope
     from llmray.kernels.swiglu import swiglu, swiglu_fused
+    from llmray.model.master_linear import master_linear
 
     return ModelOps(
         name="triton",
@@ -82,6 +86,7 @@ def triton_ops() -> ModelOps:
         qk_norm_rope=qk_norm_rope,
         swiglu_fused=swiglu_fused,
         qk_norm_rope_train=qk_norm_rope_train,
+        linear=master_linear,
     )
 
 

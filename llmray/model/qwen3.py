@@ -82,9 +82,9 @@ class Qwen3Attention(nn.Module):
             k = k.view(b, t, self.num_kv_heads, self.head_dim)
             v = v.view(b, t, self.num_kv_heads, self.head_dim)
         else:
-            q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-            k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-            v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+            q = _proj(self.q_proj, x, ops).view(b, t, self.num_heads, self.head_dim)
+            k = _proj(self.k_proj, x, ops).view(b, t, self.num_kv_heads, self.head_dim)
+            v = _proj(self.v_proj, x, ops).view(b, t, self.num_kv_heads, self.head_dim)
         if norm_rope is not None:
             qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
             q, k = norm_rope(q, k, qw, kw, eps, positions, rope_cos, rope_sin)
@@ -96,7 +96,7 @@ class Qwen3Attention(nn.Module):
             out = causal_attention(q, k, v, self.scale)
         else:
             out = attn_metadata.attend(self.layer_idx, q, k, v)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return _proj(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), ops)
 
 
 class Qwen3MLP(nn.Module):
@@ -125,12 +125,28 @@ class Qwen3MLP(nn.Module):
         if ops.swiglu_fused is not None and torch.is_grad_enabled() and self._plain():
             # training: one GEMM over [gate; up] (a bf16 copy of the two weights under autocast) and a
             # SwiGLU whose backward writes one (..., 2I) gradient: the input gradient is one GEMM, not two + a sum
-            w = _cat_weights([self.gate_proj.weight, self.up_proj.weight], x.device.type)
-            return self.down_proj(ops.swiglu_fused(F.linear(x, w)))
+            weights = [self.gate_proj.weight, self.up_proj.weight]
+            if ops.linear is not None:
+                gate_up = ops.linear(x, weights)
+            else:
+                gate_up = F.linear(x, _cat_weights(weights, x.device.type))
+            return _proj(self.down_proj, ops.swiglu_fused(gate_up), ops)
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
     def _plain(self) -> bool:
         return type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear
+
+
+def _proj(module: nn.Module, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
+    """``module(x)``; a plain nn.Linear in training goes through ``ops.linear`` where the op set has one."""
+    if (
+        ops.linear is not None
+        and type(module) is nn.Linear
+        and module.bias is None
+        and torch.is_grad_enabled()
+    ):
+        return ops.linear(x, [module.weight])
+    return module(x)
 
 
 def _cat_weights(weights: list[torch.Tensor], device_type: str) -> torch.Tensor:
