@@ -41,17 +41,22 @@ PYTEST_XDIST := -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart
 # test_schemathesis_covered_every_operation then fails): that module runs in a plain pytest of its own
 # (in-process, no Ray, no ports). `make test` starts it beside the xdist run, where it fills the CPU time
 # the workers leave while they wait on Ray and Serve (it took a minute alone after them); its output
-# follows theirs, and either one failing fails the target.
+# follows theirs, then both runs' counts added up (tests/_support/summary.py), and either one failing
+# fails the target.
 SERIAL_TESTS := tests/reliability/test_rel_bad_input.py
 
 test: venv lint
-	@log=$$(mktemp); $(BIN)/pytest -q -p no:cacheprovider $(SERIAL_TESTS) > $$log 2>&1 & serial=$$!; \
+	@log=$$(mktemp); xlog=$$(mktemp); \
+	$(BIN)/pytest -q -p no:cacheprovider $(SERIAL_TESTS) > $$log 2>&1 & serial=$$!; \
 	trap 'kill $$serial 2>/dev/null' INT TERM; \
 	echo "$(BIN)/pytest -q $(SERIAL_TESTS)  (beside the run below; its output follows)"; \
 	echo "$(BIN)/pytest -q $(PYTEST_XDIST) --durations=25 --ignore=$(SERIAL_TESTS)"; \
-	$(BIN)/pytest -q $(PYTEST_XDIST) --durations=25 --ignore=$(SERIAL_TESTS); rc=$$?; \
-	wait $$serial; serial_rc=$$?; echo "--- $(SERIAL_TESTS) (run beside the above):"; cat $$log; rm -f $$log; \
-	[ $$rc -eq 0 ] && [ $$serial_rc -eq 0 ]
+	{ $(BIN)/pytest -q $(PYTEST_XDIST) --durations=25 --ignore=$(SERIAL_TESTS) 2>&1; echo $$? > $$xlog.rc; } \
+		| tee $$xlog; rc=$$(cat $$xlog.rc); \
+	wait $$serial; serial_rc=$$?; echo "--- $(SERIAL_TESTS) (run beside the above):"; cat $$log; \
+	echo "--- make test: run 1 = the two-worker run, run 2 = $(SERIAL_TESTS)"; \
+	$(BIN)/python tests/_support/summary.py $$xlog $$rc $$log $$serial_rc; \
+	rm -f $$log $$xlog $$xlog.rc; [ $$rc -eq 0 ] && [ $$serial_rc -eq 0 ]
 
 # while you iterate: no lint, and the `slow` tests (real Ray clusters) deselected
 test-fast: venv
