@@ -141,6 +141,11 @@ def main() -> None:
     ap.add_argument("--adapters", default="16,1,4,0", help="adapter counts of the LoRA-engine rows, in order")
     ap.add_argument("--warmup-seqs", type=int, default=None, help="warm-up run on this many requests only")
     ap.add_argument(
+        "--ab-split",
+        action="store_true",
+        help="then 16 adapters again on the split kernels only (wide path off, graphs re-captured)",
+    )
+    ap.add_argument(
         "--trace", action="store_true", help="per timed run: phases, Triton compiles, GC (each row)"
     )
     ap.add_argument(
@@ -201,6 +206,18 @@ def main() -> None:
                 llm, prompts, loras, args.output_len, args.repeats, args.warmup_seqs, args.trace
             )
             print(key, results["rows"][key], flush=True)
+            save()
+        if args.ab_split:  # the same engine with every step on the split shrink + expand kernels
+            llm.engine.lora.batch.wide_max_rows = 0
+            runner = llm.engine.runner
+            runner.graphs.clear()
+            torch.cuda.empty_cache()
+            runner._cuda_graphs.capture()
+            loras = [names[i % 16] for i in range(len(prompts))]
+            results["rows"]["16_adapters_split_kernels"] = run(
+                llm, prompts, loras, args.output_len, args.repeats, args.warmup_seqs, args.trace
+            )
+            print("16_adapters_split_kernels", results["rows"]["16_adapters_split_kernels"], flush=True)
             save()
     if not args.skip_kernels:
         results["kernels"] = kernel_times(args.rank)

@@ -28,30 +28,43 @@ def _next_slot(slots, cur):
 
 # Sizes that change from step to step (rows, the split-K width) are not specialised on: one compiled variant
 # serves every step shape (a first batch of new sizes compiles nothing while serving)
-@triton.jit(do_not_specialize=["N", "K_PER_SPLIT", "stride_ys"])
+@triton.jit(do_not_specialize=["N", "KB_PER_SPLIT", "stride_ys"])
 def _shrink_kernel(
     x_ptr, a_ptr, slot_ptr, scale_ptr, y_ptr,
-    N, K, R, K_PER_SPLIT, stride_xn, stride_as, stride_ar, stride_ys, stride_yn,
+    N, K, R, KB_PER_SPLIT, stride_xn, stride_as, stride_ar, stride_ys, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)  # this program sums K in [split * K_PER_SPLIT, (split + 1) * K_PER_SPLIT)
-    k_end = tl.minimum(K, (split + 1) * K_PER_SPLIT)
-    slots = tl.load(slot_ptr + m, mask=m < N, other=-1)
+    split = tl.program_id(1)  # this program sums K over KB_PER_SPLIT blocks of BLOCK_K from k_lo
+    k_lo = split * KB_PER_SPLIT * BLOCK_K  # (a multiple of BLOCK_K: aligned, vectorised loads)
+    k_end = tl.minimum(K, k_lo + KB_PER_SPLIT * BLOCK_K)
+    live = m < N
+    slots = tl.load(slot_ptr + m, mask=live, other=-1)
     r = tl.arange(0, BLOCK_R)
-    y = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    cur = _next_slot(slots, -1)
-    while cur < 1 << 30:
+    # the tile's first slot (usually its only one): a plain K loop that the compiler pipelines (a tile of
+    # base rows only computes slot 0's product and keeps none of it)
+    first = _next_slot(slots, -1)
+    s0 = tl.where(first < 1 << 30, first, 0)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(k_lo, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(
+            x_ptr + m[:, None] * stride_xn + k[None, :], mask=live[:, None] & (k[None, :] < K), other=0.0
+        )
+        a_off = s0 * stride_as + r[None, :] * stride_ar + k[:, None]
+        av = tl.load(a_ptr + a_off, mask=(r[None, :] < R) & (k[:, None] < K), other=0.0)  # (BLOCK_K, R)
+        acc = tl.dot(xv, av, acc, input_precision=PRECISION)
+    y = tl.where((slots == first)[:, None], acc * tl.load(scale_ptr + s0), 0.0)
+    cur = _next_slot(slots, first)
+    while cur < 1 << 30:  # the tile's other slots (where two adapters' rows meet)
         rows = slots == cur
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
+        for k0 in range(k_lo, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             x_off = m[:, None] * stride_xn + k[None, :]
-            xv = tl.load(x_ptr + x_off, mask=rows[:, None] & (k[None, :] < k_end), other=0.0)  # (M, BLOCK_K)
+            xv = tl.load(x_ptr + x_off, mask=rows[:, None] & (k[None, :] < K), other=0.0)  # (M, BLOCK_K)
             a_off = cur * stride_as + r[None, :] * stride_ar + k[:, None]
-            av = tl.load(
-                a_ptr + a_off, mask=(r[None, :] < R) & (k[:, None] < k_end), other=0.0
-            )  # (BLOCK_K, R)
+            av = tl.load(a_ptr + a_off, mask=(r[None, :] < R) & (k[:, None] < K), other=0.0)
             acc = tl.dot(xv, av, acc, input_precision=PRECISION)
         y = tl.where(rows[:, None], acc * tl.load(scale_ptr + cur), y)
         cur = _next_slot(slots, cur)
@@ -80,9 +93,12 @@ def _expand_kernel(
     slots = tl.load(slot_ptr + m, mask=m < N, other=-1)
     first = _next_slot(slots, -1)
     if first < 1 << 30:  # a tile of base-model rows only is left untouched
+        mask = (m[:, None] < N) & (o[None, :] < O)
+        ptrs = out_ptr + m[:, None] * stride_on + o[None, :]
+        out = tl.load(ptrs, mask=mask, other=0.0)  # (issued before the slot-dependent loads)
         delta = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
         cur = first
-        while cur < 1 << 30:
+        while cur < 1 << 30:  # usually once: the tile's only slot
             rows = slots == cur
             y_mask = rows[:, None] & (r[None, :] < R)
             yv = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
@@ -95,47 +111,53 @@ def _expand_kernel(
             )  # (BLOCK_R, BLOCK_O)
             delta = tl.dot(yv, bv.to(tl.float32), delta, input_precision=PRECISION)
             cur = _next_slot(slots, cur)
-        mask = (m[:, None] < N) & (o[None, :] < O)
-        ptrs = out_ptr + m[:, None] * stride_on + o[None, :]
-        out = tl.load(ptrs, mask=mask, other=0.0)
         tl.store(ptrs, (out.to(tl.float32) + delta).to(out.dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["N", "K_PER_SPLIT", "SPLITS"])
+@triton.jit(do_not_specialize=["N", "KB_PER_SPLIT", "SPLITS"])
 def _wide_shrink_kernel(
     x_ptr, a_ptr, slot_ptr, scale_ptr, xy_ptr, part_ptr, count_ptr,
-    N, K, R, S, K_PER_SPLIT, SPLITS, stride_xn, stride_as, stride_ar, stride_xyn,
+    N, K, R, S, KB_PER_SPLIT, SPLITS, stride_xn, stride_as, stride_ar, stride_xyn,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     g = tl.program_id(1)  # member: rows [g·R, (g+1)·R) of A, columns K + g·S·R + [0, S·R) of xy
     G = tl.num_programs(1)
-    k_lo = tl.program_id(2) * K_PER_SPLIT  # this program's K range (split-K: SPLITS programs per tile)
-    k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
+    # this program's K range (split-K: SPLITS programs per tile), from a multiple of BLOCK_K (aligned loads)
+    k_lo = tl.program_id(2) * KB_PER_SPLIT * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + KB_PER_SPLIT * BLOCK_K)
     m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     live = m < N
     slots = tl.load(slot_ptr + m, mask=live, other=-1)
     r = tl.arange(0, BLOCK_R)
-    y = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    cur = _next_slot(slots, -1)
-    if g == 0 and cur == 1 << 30:  # no adapter row in the tile: the x copy alone
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            mask = live[:, None] & (k[None, :] < k_hi)
-            xv = tl.load(x_ptr + m[:, None] * stride_xn + k[None, :], mask=mask, other=0.0)
-            tl.store(xy_ptr + m[:, None] * stride_xyn + k[None, :], xv, mask=mask)
-    while cur < 1 << 30:
+    # the tile's first slot (usually its only one): a plain K loop that the compiler pipelines, which also
+    # copies x (member 0's programs); a tile of base rows only computes slot 0's product and keeps none of it
+    first = _next_slot(slots, -1)
+    s0 = tl.where(first < 1 << 30, first, 0)
+    copy_hi = (1 - tl.minimum(g, 1)) * K  # member 0 copies x; the others copy nothing
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = live[:, None] & (k[None, :] < K)
+        xv = tl.load(x_ptr + m[:, None] * stride_xn + k[None, :], mask=mask, other=0.0)  # (M, BLOCK_K)
+        copy = live[:, None] & (k[None, :] < copy_hi)  # (a predicate, not a branch: the loop stays pipelined)
+        tl.store(xy_ptr + m[:, None] * stride_xyn + k[None, :], xv, mask=copy)
+        a_off = s0 * stride_as + (g * R + r[None, :]) * stride_ar + k[:, None]
+        av = tl.load(a_ptr + a_off, mask=(r[None, :] < R) & (k[:, None] < K), other=0.0)  # (BLOCK_K, R)
+        acc = tl.dot(xv, av, acc, input_precision=PRECISION)
+    y = tl.where((slots == first)[:, None], acc * tl.load(scale_ptr + s0), 0.0)
+    cur = _next_slot(slots, first)
+    while cur < 1 << 30:  # the tile's other slots (where two adapters' rows meet)
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            mask = live[:, None] & (k[None, :] < k_hi)
-            xv = tl.load(x_ptr + m[:, None] * stride_xn + k[None, :], mask=mask, other=0.0)  # (M, BLOCK_K)
-            if g == 0:  # the x half of the GEMM input (again for a second slot in the tile: same values)
-                tl.store(xy_ptr + m[:, None] * stride_xyn + k[None, :], xv, mask=mask)
+            xv = tl.load(
+                x_ptr + m[:, None] * stride_xn + k[None, :],
+                mask=live[:, None] & (k[None, :] < K),
+                other=0.0,
+            )
             a_off = cur * stride_as + (g * R + r[None, :]) * stride_ar + k[:, None]
-            av = tl.load(
-                a_ptr + a_off, mask=(r[None, :] < R) & (k[:, None] < k_hi), other=0.0
-            )  # (BLOCK_K, R)
+            av = tl.load(a_ptr + a_off, mask=(r[None, :] < R) & (k[:, None] < K), other=0.0)
             acc = tl.dot(xv, av, acc, input_precision=PRECISION)
         y = tl.where((slots == cur)[:, None], acc * tl.load(scale_ptr + cur), y)
         cur = _next_slot(slots, cur)
@@ -203,9 +225,9 @@ def lora_shrink(
         return y
     x = x.contiguous()
     block_r = max(16, triton.next_power_of_2(r))
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), 64) * 64
+    kb_per_split = triton.cdiv(triton.cdiv(k, splits), 64)  # blocks of BLOCK_K=64
     _shrink_kernel[(tiles, splits)](
-        x, a, slots, scales, y, n, k, r, k_per_split, x.stride(0), a.stride(0), a.stride(1),
+        x, a, slots, scales, y, n, k, r, kb_per_split, x.stride(0), a.stride(0), a.stride(1),
         y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=block_r, PRECISION=_precision(a.dtype),
     )  # fmt: skip
@@ -278,18 +300,18 @@ def lora_wide_shrink(
     tiles = triton.cdiv(n, block_m)
     if splits is None:
         splits = _wide_splits(tiles * members, k, block_k, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)
+    kb_per_split = triton.cdiv(triton.cdiv(k, splits), block_k)  # blocks of block_k per program
+    splits = triton.cdiv(k, kb_per_split * block_k)
     counters = _COUNTERS.get(x.device)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if counters is None and not capturing:  # (made outside a graph capture, which would not zero it)
         counters = _COUNTERS[x.device] = torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=x.device)
     if counters is None or tiles * members > _MAX_TICKETS:
-        splits, k_per_split = 1, k
+        splits, kb_per_split = 1, triton.cdiv(k, block_k)
         counters = torch.empty(1, dtype=torch.int32, device=x.device)  # (not read: one program per tile)
     part = torch.empty((splits, n, gr) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
     _wide_shrink_kernel[(tiles, members, splits)](
-        x, a, slots, scales, xy, part, counters, n, k, r, s, k_per_split, splits, x.stride(0), a.stride(0),
+        x, a, slots, scales, xy, part, counters, n, k, r, s, kb_per_split, splits, x.stride(0), a.stride(0),
         a.stride(1), xy.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(r)),
         PRECISION=_precision(a.dtype),

@@ -32,8 +32,9 @@ class LoraBatch:
         self.slots = torch.full((max_rows,), -1, dtype=torch.int32, device=device)  # (max_rows,)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)  # alpha / r per slot
         self.enabled = False  # False: no row of this step uses an adapter (skip the LoRA kernels)
-        # steps of at most this many rows run a wide group's one-GEMM path, larger ones the split kernels
-        self.wide_max_rows = 1 << 30
+        # steps of at most this many rows (decode, graph-sized mixed steps) run a wide group's one-GEMM path;
+        # larger prefill steps the split kernels (there the widened GEMM's extra FLOPs cost more than the expand)
+        self.wide_max_rows = 1024
 
     def set_rows(self, row_slots: torch.Tensor) -> None:
         """row_slots (N,) int32 for the packed rows of this step; rows past N are reset to -1."""
