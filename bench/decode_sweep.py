@@ -30,13 +30,15 @@ from llmray.kernels import paged_attention as pa  # noqa: E402
 
 H, HKV, D, PAGE = 16, 8, 128, 16
 CONFIGS = {  # candidates, most promising first: (BLOCK_N, warps, stages, split multiplier, heads fast,
-    # v scale first); 5 stages double-buffer K/V behind the page-table stage (3-4 stages: one K/V buffer),
-    # 7 stages: three buffers; heads fast: grid (Hkv, B) so that a sequence's KV heads run together; v scale
-    # first (fp8): V converted in registers, 16-bit transposing ldmatrix (no byte-wise shared loads).
-    # Rounds 1 and 2 (windows A and B): bench/results/decode_sweep.json, decode_sweep_b.json
-    "fp8": [(64, 2, 5, 1, 1, 0), (64, 4, 5, 1, 1, 1), (64, 2, 7, 1, 1, 1), (64, 4, 7, 1, 1, 1),
-            (32, 2, 7, 1, 1, 1), (32, 1, 5, 1, 1, 1)],
-    "bf16": [(64, 4, 7, 1, 1, 0)],
+    # v scale first, kv heads); 5 stages double-buffer K/V behind the page-table stage (3-4 stages: one K/V
+    # buffer), 7 stages: three buffers; heads fast: grid (Hkv, B) so that a sequence's KV heads run together;
+    # v scale first (fp8): V converted in registers, 16-bit transposing ldmatrix (no byte-wise shared loads);
+    # kv heads 2: a program reads two adjacent heads' rows of a token as one row (fp8: 256 B, as bf16's one).
+    # Rounds 1-3: bench/results/decode_sweep.json, decode_sweep_b.json, decode_sweep_c.json (v scale first:
+    # fp8 0.188 ms vs 0.204; more stages or warps slower)
+    "fp8": [(32, 4, 5, 1, 1, 1, 2), (64, 4, 5, 1, 1, 1, 2), (32, 2, 5, 1, 1, 1, 2), (64, 2, 5, 2, 1, 1, 1),
+            (64, 2, 5, 1, 1, 0, 1)],
+    "bf16": [(32, 4, 5, 1, 1, 0, 2)],
     "bs1": [],
 }  # fmt: skip
 
@@ -124,11 +126,13 @@ def main() -> None:
                      "ref_rel_err": ((ref[:n] - tref).norm() / tref.norm()).item(), "configs": {}}  # fmt: skip
         hf0 = int(len(committed) > 4 and committed[4])
         vsf0 = int(len(committed) > 5 and committed[5])
-        confs = [(*committed[:3], 1, hf0, vsf0)] + CONFIGS[name] + [(*committed[:3], 1, hf0, vsf0)]
-        for i, (bn, w, s, mult, hf, vsf) in enumerate(confs):
-            conf = (bn, w, s, False, bool(hf), bool(vsf))
+        kvh0 = int(committed[6]) if len(committed) > 6 else 1
+        first = (*committed[:3], 1, hf0, vsf0, kvh0)
+        confs = [first] + CONFIGS[name] + [first]
+        for i, (bn, w, s, mult, hf, vsf, kvh) in enumerate(confs):
+            conf = (bn, w, s, False, bool(hf), bool(vsf), kvh)
             key = f"{(bn, w, s)} splits{base_splits * mult}" + (" heads_fast" if hf else "")
-            key += " v_scale_first" if vsf else ""
+            key += (" v_scale_first" if vsf else "") + (f" kv_heads{kvh}" if kvh > 1 else "")
             key += " committed" if i in (0, len(confs) - 1) else ""
             key += " again" if i == len(confs) - 1 else ""
             if time.perf_counter() - t0 > args.budget_s and 0 < i < len(confs) - 1:

@@ -264,7 +264,7 @@ def main() -> None:
                 prof["after"] = profile(llm, prompts, [min(o, args.profile_tokens) for o in outs])
                 prof["after"]["warmup_s"] = getattr(r, "warmup_s", None)
         save()
-        del llm, r
+        del llm, r, tracer  # (the tracer holds the engine)
         gc.collect()  # the runner and its graphs reference each other
         if cuda:
             torch.cuda.empty_cache()

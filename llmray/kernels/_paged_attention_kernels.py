@@ -43,13 +43,14 @@ def _decode_kernel(
     PREFETCH: tl.constexpr = False,  # load tile i+1 (pages, K, V) into registers before computing tile i
     HEADS_FAST: tl.constexpr = False,  # grid (Hkv, B, splits): a sequence's KV heads run side by side
     V_SCALE_FIRST: tl.constexpr = False,  # FP8: V tile times its scale in CDT before the P.V dot (see below)
+    KV_HEADS: tl.constexpr = 1,  # KV heads per program: 2 reads a token's two adjacent head rows as one row
 ):
     if HEADS_FAST:
-        kvh = tl.program_id(0)
+        kvh = tl.program_id(0) * KV_HEADS
         b = tl.program_id(1)
     else:
         b = tl.program_id(0)
-        kvh = tl.program_id(1)
+        kvh = tl.program_id(1) * KV_HEADS
     split = tl.program_id(2)
     tok = b
     if INDIRECT:
@@ -68,19 +69,25 @@ def _decode_kernel(
     end = tl.minimum(start + per_split, ctx)
 
     g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
     heads = kvh * GROUP + g
-    gmask = g < GROUP
-    dmask = d < D
-    q = tl.load(
-        q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :],
-        mask=gmask[:, None] & dmask[None, :],
-        other=0.0,
-    ).to(CDT)  # (BLOCK_G, BLOCK_D)
+    gmask = g < GROUP * KV_HEADS
+    if KV_HEADS == 1:
+        cols = tl.arange(0, BLOCK_D)  # column c of a K/V tile row = dim c of head kvh
+        d = cols
+        dmask = d < D
+        own = gmask[:, None] & dmask[None, :]
+    else:  # KV_HEADS head rows side by side (BLOCK_D == D): a query row uses its own head's columns only
+        cols = tl.arange(0, KV_HEADS * BLOCK_D)
+        d = cols % BLOCK_D
+        dmask = d < D
+        own = gmask[:, None] & ((g // GROUP)[:, None] == (cols // BLOCK_D)[None, :])
+    q = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=own, other=0.0).to(
+        CDT
+    )  # (BLOCK_G, KV_HEADS * BLOCK_D), zero outside a row's own head
 
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_G, KV_HEADS * BLOCK_D], tl.float32)
     if PREFETCH:
         # register double buffering: the next tile's page ids, K and V are in flight during this tile's math
         offs = start + tl.arange(0, BLOCK_N)
@@ -88,16 +95,16 @@ def _decode_kernel(
         page = tl.load(block_tables_ptr + b * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
         addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch
         kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)
         for n0 in range(start, end, BLOCK_N):
             offs_nx = n0 + BLOCK_N + tl.arange(0, BLOCK_N)
             nmask_nx = offs_nx < end
             page_nx = tl.load(block_tables_ptr + b * stride_bt + offs_nx // PAGE, mask=nmask_nx, other=0)
             addr_nx = page_nx.to(tl.int64) * stride_cb + (offs_nx % PAGE) * stride_cs + kvh * stride_ch
             mask_nx = nmask_nx[:, None] & dmask[None, :]
-            k_nx = tl.load(k_cache_ptr + addr_nx[:, None] + d[None, :], mask=mask_nx, other=0.0)
-            v_nx = tl.load(v_cache_ptr + addr_nx[:, None] + d[None, :], mask=mask_nx, other=0.0)
+            k_nx = tl.load(k_cache_ptr + addr_nx[:, None] + cols[None, :], mask=mask_nx, other=0.0)
+            v_nx = tl.load(v_cache_ptr + addr_nx[:, None] + cols[None, :], mask=mask_nx, other=0.0)
             s = tl.dot(q, tl.trans(k.to(CDT)), input_precision=PRECISION) * qk_scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -116,22 +123,22 @@ def _decode_kernel(
             addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch  # (BLOCK_N,)
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(
-                k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0
-            )  # (BLOCK_N, BLOCK_D)
+                k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0
+            )  # (BLOCK_N, KV_HEADS * BLOCK_D)
             s = tl.dot(q, tl.trans(k.to(CDT)), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
             alpha = tl.exp2(m - m_new)
             l_sum = l_sum * alpha + tl.sum(p, 1)
-            v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)
             v = v.to(CDT) * vs if FP8 and V_SCALE_FIRST else v.to(CDT)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
     if FP8 and not V_SCALE_FIRST:
         acc = acc * tl.load(v_scale_ptr)
 
-    omask = gmask[:, None] & dmask[None, :]
+    omask = own  # each output element from its own head's columns
     if NUM_SPLITS == 1:
         out = acc / l_sum[:, None]
         tl.store(

@@ -76,9 +76,11 @@ def test_decode_prefetch_variant_matches_reference(splits):
     )
 
 
-def test_decode_heads_fast_grid_matches_reference():
-    # grid (Hkv, B, splits) with 5 stages (the H200 candidates): the same function as the default grid
-    cfg = (8 if DEVICE == "cpu" else 32, 4, 5, False, True)
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_decode_heads_fast_grid_matches_reference(kv_heads):
+    # grid (Hkv, B, splits) with 5 stages (the H200 candidates): the same function as the default grid;
+    # kv_heads 2: a program reads both KV heads' rows of a token as one row (GQA group 2 -> 4 query rows)
+    cfg = (8 if DEVICE == "cpu" else 32, 4, 5, False, True, False, kv_heads)
     _decode_check([1, 7, 37], h=4, hkv=2, d=16, page=4, dtype=torch.float32, splits=3, atol=1e-5, config=cfg)
 
 
