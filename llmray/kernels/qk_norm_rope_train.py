@@ -149,6 +149,12 @@ def qk_norm_rope_train(
         raise ValueError("the cos/sin tables are constants; they must not require grad")
     if q.dtype != k.dtype or q_weight.dtype != k_weight.dtype:
         raise ValueError(f"q/k and their weights must share dtypes, got {q.dtype}, {k.dtype}")
+    d = q.shape[-1]
+    if d % 2 or d & (d - 1):  # the fused kernels take power-of-2 head dims; others: the three ops
+        from llmray.kernels.rmsnorm import rms_norm
+        from llmray.kernels.rope import rope
+
+        return rope(rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps), positions, cos, sin)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, q_weight, k_weight)):
         return _QKNormRopeFn.apply(q, k, q_weight, k_weight, eps, positions, cos, sin)
     return qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos, sin)

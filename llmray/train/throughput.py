@@ -54,6 +54,9 @@ def measure(
     x = torch.randint(0, mc.vocab_size, (bsz, seq + 1), device=device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     graphs = None
+    if compile_mode == "graphs_nolinear":  # for comparison: the projections as nn.Linear under autocast
+        model._ops = dataclasses.replace(model.ops, linear=None)
+        compile_mode = "graphs"
     if compile_mode in ("graphs", "graphs_acc"):  # graphs_acc: StepGraphs(accumulate=True), for comparison
         graphs = StepGraphs(
             model, params, torch.device(device), dtype, accumulate=compile_mode == "graphs_acc"
