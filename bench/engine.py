@@ -182,6 +182,12 @@ def main() -> None:
         help="then a bf16 engine with this max_graph_tokens (--ab-runs runs): ab_graph<N>_tok_s",
     )
     ap.add_argument("--ab-runs", type=int, default=1)
+    ap.add_argument(
+        "--ab-prefill-splits",
+        type=int,
+        default=1,
+        help="the A/B engine's prefill split-K for small steps (1: none, the engine before it); its latency too",
+    )
     ap.add_argument("--trace", action="store_true", help="engine_trace.json: what each bf16 run paid")
     ap.add_argument("--no-plot", action="store_true", help="no engine.png")
     ap.add_argument(
@@ -231,9 +237,14 @@ def main() -> None:
     engines += [("nano_vllm_fp8_tok_s", "fp8", args.max_graph_tokens, args.runs)] * (not args.no_fp8)
     if args.ab_graph_tokens is not None:  # the same bf16 engine with another max_graph_tokens, after
         engines.append((f"ab_graph{args.ab_graph_tokens}_tok_s", "auto", args.ab_graph_tokens, args.ab_runs))
+    from llmray.engine import runner as runner_mod
+
+    splits0 = runner_mod.PREFILL_SPLITS
     for key, kv, graph_tokens, runs in engines:
         print(f"{key}:", flush=True)
         graph_kw = {"max_graph_tokens": graph_tokens} if graph_tokens is not None else {}
+        ab = key.startswith("ab_")
+        runner_mod.PREFILL_SPLITS = args.ab_prefill_splits if ab else splits0  # (read at graph capture)
         llm, startup = make_llm(model, kv_cache_dtype=kv, **graph_kw)
         tracer = None
         trace_file = {"nano_vllm_tok_s": "engine_trace.json", "nano_vllm_fp8_tok_s": "engine_trace_fp8.json"}
@@ -250,7 +261,11 @@ def main() -> None:
         res[f"{key.replace('_tok_s', '')}_startup_s"] = startup
         res[f"{key.replace('_tok_s', '')}_kv_blocks"] = r.num_blocks
         res[f"{key.replace('_tok_s', '')}_max_graph_tokens"] = r.config.max_graph_tokens
+        if ab:  # the A/B engine's TPOT and prefix hit too
+            res[f"{key.replace('_tok_s', '')}_prefill_splits"] = runner_mod.PREFILL_SPLITS
+            res[f"{key.replace('_tok_s', '')}_latency"] = latency(llm, cfg.vocab_size, args.quick)
         if key == "nano_vllm_tok_s":
+            res["nano_vllm_prefill_splits"] = runner_mod.PREFILL_SPLITS
             res["first_over_third"] = res[key][0] / res[key][-1]
             save()  # the runs first: a time limit may cut what follows
             res.update(latency(llm, cfg.vocab_size, args.quick))

@@ -34,6 +34,7 @@ class PagedAttentionMetadata:
     tiles: tuple[torch.Tensor, torch.Tensor] | None  # prefill work list (tile_seq, tile_m); None: no prefill
     scale: float
     num_splits: int = 1  # split-K programs per decode sequence
+    prefill_splits: int = 1  # split-K programs per prefill tile (small steps: few tiles, maybe long prefixes)
     use_triton: bool = True
     k_scales: torch.Tensor | None = None  # (layers, 1) fp32 for an fp8 cache
     v_scales: torch.Tensor | None = None
@@ -90,5 +91,6 @@ class PagedAttentionMetadata:
                 tiles=self.tiles,
                 k_scale=ks,
                 v_scale=vs,
+                num_splits=self.prefill_splits,
             )
         return out.unsqueeze(0)

@@ -30,6 +30,9 @@ from llmray.engine.warmup import warmup
 from llmray.kernels._common import num_sms
 from llmray.kernels.paged_attention import default_num_splits, prefill_block_m
 
+# steps of at most PREFILL_SPLIT_TOKENS tokens have few prefill tiles (a 48-token chunk after a 2,000-token
+# cached prefix: one per head); their keys are split over PREFILL_SPLITS programs (merged after)
+PREFILL_SPLITS, PREFILL_SPLIT_TOKENS = 8, 256
 logger = logging.getLogger("llmray.engine")
 
 
@@ -164,6 +167,7 @@ class ModelRunner:
             tiles=(views["tile_seq"], views["tile_m"]) if with_tiles else None,
             scale=self.scale,
             num_splits=self._splits(decode_rows or 1),
+            prefill_splits=PREFILL_SPLITS if layout.tokens <= PREFILL_SPLIT_TOKENS else 1,
             use_triton=self.use_triton,
             k_scales=self.cache.k_scales,
             v_scales=self.cache.v_scales,

@@ -204,6 +204,8 @@ def _prefill_kernel(
     k_scale_ptr,
     v_scale_ptr,
     out_ptr,
+    part_out_ptr,  # NUM_SPLITS > 1: (N, H, S, D) fp32 partial outputs, (N, H, S) their log2-sum-exp
+    part_lse_ptr,
     qk_scale,
     stride_qt,
     stride_qh,
@@ -213,6 +215,8 @@ def _prefill_kernel(
     stride_cb,
     stride_cs,
     stride_ch,
+    H: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
     GROUP: tl.constexpr,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -224,10 +228,12 @@ def _prefill_kernel(
     FP8: tl.constexpr,
     CDT: tl.constexpr,
 ):
+    split = 0
     if TILED:
         sq = tl.load(tile_seq_ptr + tl.program_id(0))
         mblk = tl.load(tile_m_ptr + tl.program_id(0))
         h = tl.program_id(1)
+        split = tl.program_id(2)  # split-K: keys [split * per_split, +per_split) of the tile's range
         if sq < 0:
             return
     else:
@@ -257,7 +263,14 @@ def _prefill_kernel(
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     end = tl.minimum(ctx, prefix + (mblk + 1) * BLOCK_M)  # keys past the tile's last query are masked
-    for n0 in range(0, end, BLOCK_N):
+    start = 0
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(tl.cdiv(end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * per_split
+        if start >= end:
+            return  # an empty split: the merge reads only the splits that hold keys
+        end = tl.minimum(end, start + per_split)
+    for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
         page = tl.load(block_tables_ptr + sq * stride_bt + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
@@ -275,6 +288,73 @@ def _prefill_kernel(
         m = m_new
     if FP8:
         acc = acc * tl.load(v_scale_ptr)
+    if NUM_SPLITS == 1:
+        out = acc / l_sum[:, None]
+        tl.store(
+            out_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=mmask[:, None] & dmask[None, :],
+        )
+    else:  # a row whose keys in this split are all in its future has l = 0: weight 0 in the merge
+        nonempty = l_sum > 0
+        out = tl.where(nonempty[:, None], acc / tl.where(nonempty, l_sum, 1.0)[:, None], 0.0)
+        lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l_sum, 1.0)), float("-inf"))
+        row = ((q_start + offs_m).to(tl.int64) * H + h) * NUM_SPLITS + split
+        tl.store(part_out_ptr + row[:, None] * D + d[None, :], out, mask=mmask[:, None] & dmask[None, :])
+        tl.store(part_lse_ptr + row, lse, mask=mmask)
+
+
+@triton.jit
+def _prefill_merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    query_start_ptr,
+    context_lens_ptr,
+    tile_seq_ptr,
+    tile_m_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """One program per (tile, head): the tile's rows from the partial outputs of its non-empty splits."""
+    sq = tl.load(tile_seq_ptr + tl.program_id(0))
+    mblk = tl.load(tile_m_ptr + tl.program_id(0))
+    h = tl.program_id(1)
+    if sq < 0:
+        return
+    q_start = tl.load(query_start_ptr + sq)
+    q_len = tl.load(query_start_ptr + sq + 1) - q_start
+    if mblk * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(context_lens_ptr + sq)
+    end = tl.minimum(ctx, ctx - q_len + (mblk + 1) * BLOCK_M)
+    per_split = tl.cdiv(tl.cdiv(end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    used = tl.cdiv(end, per_split)  # splits that hold keys (the kernel wrote only those)
+    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < q_len
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    rows = ((q_start + offs_m).to(tl.int64) * H + h) * NUM_SPLITS
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for sp in range(0, used):  # split 0 holds key 0, which every row sees: m is finite after it
+        lse = tl.load(part_lse_ptr + rows + sp, mask=mmask, other=0.0)
+        o = tl.load(
+            part_out_ptr + (rows + sp)[:, None] * D + d[None, :], mask=mmask[:, None] & dmask[None, :]
+        )
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l_sum = l_sum * alpha + w
+        m = m_new
     out = acc / l_sum[:, None]
     tl.store(
         out_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + d[None, :],

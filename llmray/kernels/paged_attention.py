@@ -21,7 +21,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from llmray.kernels._paged_attention_kernels import _decode_kernel, _merge_kernel, _prefill_kernel
+from llmray.kernels._paged_attention_kernels import (
+    _decode_kernel,
+    _merge_kernel,
+    _prefill_kernel,
+    _prefill_merge_kernel,
+)
 from llmray.kernels.kv_store import from_cache, is_fp8
 
 __all__ = [
@@ -32,7 +37,7 @@ __all__ = [
     "paged_prefill",
     "prefill_block_m",
 ]
-__all__ += ["_decode_kernel", "_merge_kernel", "_prefill_kernel"]
+__all__ += ["_decode_kernel", "_merge_kernel", "_prefill_kernel", "_prefill_merge_kernel"]
 
 LOG2E = 1.4426950408889634
 
@@ -208,12 +213,15 @@ def paged_prefill(
     tiles: tuple[torch.Tensor, torch.Tensor] | None = None,  # (tile_seq, tile_m) int32 (T,), see below
     k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
     v_scale: torch.Tensor | None = None,
+    num_splits: int = 1,  # split-K over each tile's keys (with ``tiles``): short chunks after long prefixes
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix plus themselves (Triton).
 
     ``tiles``: the work list (one program per tile and head): tile i covers queries [tile_m[i] * BLOCK_M,
     +BLOCK_M) of sequence tile_seq[i] (-1: nothing), with BLOCK_M = ``prefill_block_m(q.dtype)``. The grid
-    then does not depend on the batch (CUDA graphs) and has no idle (sequence, block) programs."""
+    then does not depend on the batch (CUDA graphs) and has no idle (sequence, block) programs.
+    ``num_splits`` > 1 (tiled only): each tile's keys are split over that many programs whose partial
+    outputs a second kernel merges (a 48-token chunk after a 2,000-token prefix is one tile per head)."""
     _, h, d = q.shape
     _, page, hkv, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out
@@ -226,12 +234,17 @@ def paged_prefill(
     block_m = prefill_block_m(q.dtype)
     block_n = block_m
     grid: tuple[int, ...]
+    splits = num_splits if tiles is not None else 1
     if tiles is not None:
-        grid = (tiles[0].shape[0], h)
+        grid = (tiles[0].shape[0], h, splits)
         tile_seq, tile_m = tiles
     else:
         grid = (nseq, triton.cdiv(max_query_len, block_m), h)
         tile_seq = tile_m = query_start
+    part_out = part_lse = out  # (unused without splits)
+    if splits > 1:
+        part_out = torch.empty(q.shape[0], h, splits, d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(q.shape[0], h, splits, dtype=torch.float32, device=q.device)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -244,6 +257,8 @@ def paged_prefill(
         k_scale if fp8 else query_start,
         v_scale if fp8 else query_start,
         out,
+        part_out,
+        part_lse,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -253,6 +268,8 @@ def paged_prefill(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        H=h,
+        NUM_SPLITS=splits,
         GROUP=h // hkv,
         D=d,
         BLOCK_D=triton.next_power_of_2(d),
@@ -266,6 +283,24 @@ def paged_prefill(
         num_warps=4,
         num_stages=2,
     )
+    if splits > 1:
+        _prefill_merge_kernel[(tile_seq.shape[0], h)](
+            part_out,
+            part_lse,
+            query_start,
+            context_lens,
+            tile_seq,
+            tile_m,
+            out,
+            out.stride(0),
+            out.stride(1),
+            H=h,
+            D=d,
+            BLOCK_D=triton.next_power_of_2(d),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            NUM_SPLITS=splits,
+        )
     return out
 
 

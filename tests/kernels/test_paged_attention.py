@@ -140,9 +140,11 @@ def test_fp8_cache_decode_and_prefill_match_the_reference():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
-def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch():
+@pytest.mark.parametrize("prefill_splits", [1, 3])
+def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch(prefill_splits):
     """The CUDA-graph form: decode over every sequence slot (only 1-token chunks run, at their packed
-    token), prefill over a padded work list of (sequence, query block) tiles."""
+    token), prefill over a padded work list of (sequence, query block) tiles (split-K over each tile's keys:
+    seq 3's 13 queries after a 20-token prefix; seq 1's second tile has keys for one split only)."""
     ctx, qlen = [5, 40, 1, 33, 1], [1, 36, 1, 13, 0]  # the last sequence is padding (no tokens)
     q, kc, vc, bt, qs, cl = make_case(ctx, [max(n, 0) for n in qlen], 4, 2, 16, 4, torch.float32, seed=4)
     ref = paged_attention_ref(q, kc, vc, bt[:4], qs[:5], cl[:4], 0.25)
@@ -151,5 +153,7 @@ def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch():
     # 32-row tiles (fp32): seq 1 has 36 queries -> tiles 0 and 1; seq 3 one tile; then padding tiles
     tile_seq = torch.tensor([1, 1, 3, -1, -1], dtype=torch.int32, device=DEVICE)
     tile_m = torch.tensor([0, 1, 0, 0, 0], dtype=torch.int32, device=DEVICE)
-    paged_prefill(q, kc, vc, bt, qs, cl, 0, 0.25, out=out, tiles=(tile_seq, tile_m))
+    paged_prefill(
+        q, kc, vc, bt, qs, cl, 0, 0.25, out=out, tiles=(tile_seq, tile_m), num_splits=prefill_splits
+    )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
