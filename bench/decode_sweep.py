@@ -38,7 +38,7 @@ CONFIGS = {  # candidates, most promising first: (BLOCK_N, warps, stages, split 
     # fp8 0.188 ms vs 0.204; more stages or warps slower)
     "fp8": [(32, 4, 5, 1, 1, 1, 2), (64, 4, 5, 1, 1, 1, 2), (32, 2, 5, 1, 1, 1, 2), (64, 2, 5, 2, 1, 1, 1),
             (64, 2, 5, 1, 1, 0, 1)],
-    "bf16": [(32, 4, 5, 1, 1, 0, 2)],
+    "bf16": [(32, 4, 5, 1, 1, 0, 2), (64, 2, 5, 1, 1, 0, 1), (32, 4, 5, 1, 1, 0, 1)],
     "bs1": [],
 }  # fmt: skip
 
