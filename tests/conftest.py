@@ -18,6 +18,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # - no Ray Train preemption watcher: an extra actor per Train run that polls for cloud node drains.
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# - workers at nice 0, not Ray's 15: beside `make test`'s other xdist worker (in-process tests at nice 0) a
+#   Ray module's workers got a few % of a core, so it stretched (its Ray's daemons ticking all along: the
+#   local-cluster module took 674 s instead of ~300 in a full run) and could end the run alone on one core;
+os.environ.setdefault("RAY_worker_niceness", "0")
 # and longer start-up waits than Ray's (60 s for the dashboard, 15-30 s for the agents, 60 s for a new
 # worker process to register and for a Ray Train worker group to start), which a 2-core machine running
 # two test workers can exceed

@@ -112,10 +112,6 @@ class IsolatedAutoscalingCluster(AutoscalingCluster):
             # tokenizing was): here the only node type is a fake GPU node, a raylet and agents that cost
             # CPU-seconds on two cores and then sit idle; GPU nodes come for GPU demand (Serve) only
             **{f"RAY_DATA_DEFAULT_CLUSTER_SCALING_UP_{r}_UTIL_THRESHOLD": "2" for r in DATA_RESOURCES},
-            # Ray starts its workers at nice 15: beside `make test`'s other worker (in-process tests at nice 0)
-            # the demo job's driver and Train workers got a few % of a core, the module ran 674 s instead of
-            # ~330 (its head's daemons ticking all the while, ~0.14 of a core) and risked ending the run alone
-            "RAY_worker_niceness": "0",
             **(override_env or {}),
         }
         res = self._head_resources
