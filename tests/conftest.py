@@ -115,6 +115,7 @@ RAY_LOCAL_MODULES = (
 )
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which the GPU machine may not have
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """``--dist loadfile`` with RAY_LOCAL_MODULES as one unit of work (xdist hands out whole units)."""
     if config.getvalue("dist") != "loadfile":
