@@ -192,7 +192,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int = 16  # LRU of adapters in host memory
     kv_cache_dtype: str = "auto"  # auto = the model dtype; fp8 = e4m3 with per-layer scales (half the bytes)
-    max_graph_tokens: int = 512  # mixed prefill+decode steps up to this many tokens replay CUDA graphs
+    max_graph_tokens: int = 8192  # mixed prefill+decode steps up to this many tokens replay CUDA graphs
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in ("auto", "fp8"):

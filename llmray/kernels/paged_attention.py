@@ -66,16 +66,17 @@ def _compute_dtype(dtype: torch.dtype, fp8: bool):
 # SMALL_BATCH sequences (split-K over the context) use DECODE_CONFIG_SMALL.
 DECODE_CONFIG = {
     torch.float32: (32, 4, 2),
-    torch.bfloat16: (64, 4, 5, False, True),
+    torch.bfloat16: (64, 2, 5, False, True),  # 0.2215 ms (3.98 TB/s) vs (64, 4, 5) 0.2279 (sweep round 3)
     torch.float16: (64, 4, 5),
 }
 # fp8: v_scale_first (V converted and scaled in registers: 16-bit transposing ldmatrix instead of one shared
-# load per byte; SASS for sm_90: 1,840 instructions and 147 registers vs 2,736 and 208)
+# load per byte; SASS for sm_90: 1,840 instructions and 147 registers vs 2,736 and 208): 0.188 ms vs 0.205 at
+# batch 256 (rounds 2-3, bench/results/decode_sweep_c.json; kv_heads 2 and more stages or warps: slower)
 DECODE_CONFIG_FP8 = (64, 2, 5, False, True, True)
 DECODE_CONFIG_SMALL = (64, 4, 5)
 SMALL_BATCH = 16
 # split-K multiplier over ``default_num_splits`` by cache kind (False: model dtype, True: fp8)
-DECODE_SPLIT_MULT = {False: 1, True: 1}
+DECODE_SPLIT_MULT = {False: 1, True: 2}  # fp8 at batch 256: 2 splits 0.1862 ms vs 1 0.1878 (round 3)
 
 
 def decode_config(dtype: torch.dtype, fp8: bool, num_seqs: int) -> tuple:
