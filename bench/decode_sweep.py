@@ -35,7 +35,7 @@ CONFIGS = {  # candidates, most promising first: (BLOCK_N, warps, stages, split 
     # v scale first (fp8): V converted in registers, 16-bit transposing ldmatrix (no byte-wise shared loads);
     # kv heads 2: a program reads two adjacent heads' rows of a token as one row (fp8: 256 B, as bf16's one).
     # Rounds 1-3: bench/results/decode_sweep.json, decode_sweep_b.json, decode_sweep_c.json (v scale first:
-    # fp8 0.188 ms vs 0.204; more stages or warps slower)
+    # fp8 0.188 ms vs 0.205; kv heads 2, more stages or warps: slower; bf16 2 warps 0.2215 vs 4 warps 0.2279)
     "fp8": [(32, 4, 5, 1, 1, 1, 2), (64, 4, 5, 1, 1, 1, 2), (32, 2, 5, 1, 1, 1, 2), (64, 2, 5, 2, 1, 1, 1),
             (64, 2, 5, 1, 1, 0, 1)],
     "bf16": [(32, 4, 5, 1, 1, 0, 2), (64, 2, 5, 1, 1, 0, 1), (32, 4, 5, 1, 1, 0, 1)],
