@@ -67,13 +67,11 @@ def test_decode_matches_reference_fp32(splits):
     _decode_check([1, 7, 37], h=4, hkv=2, d=16, page=4, dtype=torch.float32, splits=splits, atol=1e-5)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_decode_prefetch_variant_matches_reference(splits):
-    # the register double-buffered loop: tiles of 8 tokens over contexts of 1, 7, 37 (a partial last tile)
+def test_decode_prefetch_variant_matches_reference():
+    # the register double-buffered loop: tiles of 8 tokens over contexts of 1, 7, 37 (a partial last tile),
+    # split-K 3 (an empty split for the 1-token context; the unsplit store is the default kernel's tests')
     cfg = (8 if DEVICE == "cpu" else 32, 4, 1, True)
-    _decode_check(
-        [1, 7, 37], h=4, hkv=2, d=16, page=4, dtype=torch.float32, splits=splits, atol=1e-5, config=cfg
-    )
+    _decode_check([1, 7, 37], h=4, hkv=2, d=16, page=4, dtype=torch.float32, splits=3, atol=1e-5, config=cfg)
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
