@@ -244,7 +244,7 @@ def main() -> None:
         print(f"{key}:", flush=True)
         graph_kw = {"max_graph_tokens": graph_tokens} if graph_tokens is not None else {}
         ab = key.startswith("ab_")
-        runner_mod.PREFILL_SPLITS = args.ab_prefill_splits if ab else splits0  # (read at graph capture)
+        runner_mod.PREFILL_SPLITS = args.ab_prefill_splits if ab else splits0  # (read by ModelRunner())
         llm, startup = make_llm(model, kv_cache_dtype=kv, **graph_kw)
         tracer = None
         trace_file = {"nano_vllm_tok_s": "engine_trace.json", "nano_vllm_fp8_tok_s": "engine_trace_fp8.json"}

@@ -70,6 +70,8 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.is_cuda = self.device.type == "cuda"
         self.use_triton = self.is_cuda  # tests set it on CPU under TRITON_INTERPRET=1
+        # split-K programs per prefill tile in small steps (CPU interpreter tests: 1 unless a test sets it)
+        self.prefill_splits = PREFILL_SPLITS if self.is_cuda else 1
         self.num_sms = num_sms(self.device) if self.is_cuda else 1
         self.block_m = prefill_block_m(self.dtype)
         self.buckets = decode_buckets(config.max_num_seqs)
@@ -167,7 +169,7 @@ class ModelRunner:
             tiles=(views["tile_seq"], views["tile_m"]) if with_tiles else None,
             scale=self.scale,
             num_splits=self._splits(decode_rows or 1),
-            prefill_splits=PREFILL_SPLITS if layout.tokens <= PREFILL_SPLIT_TOKENS else 1,
+            prefill_splits=self.prefill_splits if layout.tokens <= PREFILL_SPLIT_TOKENS else 1,
             use_triton=self.use_triton,
             k_scales=self.cache.k_scales,
             v_scales=self.cache.v_scales,

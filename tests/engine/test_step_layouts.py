@@ -27,10 +27,9 @@ def test_layout_sizes_and_buckets():
     assert mixed_buckets(8192, 8192)[-3:] == [2048, 4096, 8192]  # full-budget steps can replay graphs too
 
 
-def test_graph_layouts_run_eagerly_match_the_reference(model, monkeypatch):
+def test_graph_layouts_run_eagerly_match_the_reference(model):
     from triton.runtime.interpreter import InterpretedFunction
 
-    from llmray.engine import runner as runner_mod
     from llmray.kernels.paged_attention import _decode_kernel
 
     if torch.cuda.is_available() or not isinstance(_decode_kernel, InterpretedFunction):
@@ -46,9 +45,9 @@ def test_graph_layouts_run_eagerly_match_the_reference(model, monkeypatch):
     r = llm.engine.runner
     r.use_triton = True
     r._splits = lambda rows: 1  # (split-K decode + merge under the interpreter: test_engine.py's kernel test)
-    monkeypatch.setattr(
-        runner_mod, "PREFILL_SPLITS", 2
-    )  # small steps' split-K prefill + merge (2: fewer interpreted programs)
+    r.prefill_splits = (
+        2  # small steps' split-K prefill + merge (2: fewer interpreted programs than the GPU's 8)
+    )
     graphs = CudaGraphs(r._forward, r.inputs.dev, 4, r.max_blocks_per_seq, 16, 24, r.block_m, False)
     r._cuda_graphs = graphs
     used = []
