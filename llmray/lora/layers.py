@@ -12,7 +12,8 @@ fused q|k|v and gate|up GEMMs stay on with adapters (its ``qkv_linear`` / ``gate
 the base weight, ``[W | B]`` (the "wide" layout): a LoRA step runs one shrink that writes ``[x | y]`` (y
 block-sparse: each row's adapter activations in its slot's columns, zeros elsewhere) and ONE GEMM, so the
 adapters cost a small kernel and a slightly wider GEMM instead of a shrink, an expand and a read-modify-write
-of the output per projection. Otherwise (or above ``LoraBatch.wide_max_rows`` rows) the split path runs:
+of the output per projection. Otherwise (and outside ``LoraBatch.wide_min_rows..wide_max_rows`` rows: the
+wide shrink is latency-bound at decode sizes, where the split kernels are faster) the split path runs:
 the base GEMM, then ``lora_shrink`` + a grouped ``lora_expand`` adding every member's delta in place.
 """
 
@@ -32,9 +33,11 @@ class LoraBatch:
         self.slots = torch.full((max_rows,), -1, dtype=torch.int32, device=device)  # (max_rows,)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)  # alpha / r per slot
         self.enabled = False  # False: no row of this step uses an adapter (skip the LoRA kernels)
-        # steps of at most this many rows (decode, graph-sized mixed steps) run a wide group's one-GEMM path;
-        # larger prefill steps the split kernels (there the widened GEMM's extra FLOPs cost more than the expand)
-        self.wide_max_rows = 1024
+        # steps of wide_min_rows..wide_max_rows rows run a wide group's one-GEMM path, others the split kernels.
+        # H200, qwen3-0.6b, 16 adapters (bench/lora_profile.py micro): at 256 rows the split kernels are faster
+        # (1.58 vs 1.77 ms a forward: the wide shrink is latency-bound), at 8192 rows the wide path (16.5 vs 18.5)
+        self.wide_min_rows = 1025
+        self.wide_max_rows = 1 << 30
 
     def set_rows(self, row_slots: torch.Tensor) -> None:
         """row_slots (N,) int32 for the packed rows of this step; rows past N are reset to -1."""
@@ -54,7 +57,7 @@ class ShrinkGroup:
       step then runs one shrink (``lora_wide_shrink``: xy = [x | y]) and ONE GEMM ``xy @ w_ext.T``.
     - stacked: ``lora_b`` (S, ΣO, R); the deltas are added to the base GEMM's output by ``lora_expand``.
     Either way the split path (``lora_shrink`` + ``lora_expand``) can run on it (wide: above
-    ``LoraBatch.wide_max_rows`` rows, or when the model's weight is not ``w_ext``'s)."""
+    ``LoraBatch.wide_min_rows..wide_max_rows`` rows, or when the model's weight is not ``w_ext``'s)."""
 
     def __init__(
         self,
@@ -133,7 +136,7 @@ class ShrinkGroup:
         if (
             kernels
             and w_ext is not None
-            and n <= batch.wide_max_rows
+            and batch.wide_min_rows <= n <= batch.wide_max_rows
             and weight.data_ptr() == w_ext.data_ptr()
         ):
             xy = lora_wide_shrink(flat_x, self.lora_a, batch.slots[:n], batch.scales, self.size)

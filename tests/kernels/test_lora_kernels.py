@@ -113,3 +113,24 @@ def test_shrink_expand_bf16_gpu(n, k, o, r, s):
     ref = base.float() + lora_delta_ref(x, a, b, slots, scales)
     # bf16 output: one rounding of the sum (~2^-8 relative); fp32 accumulation inside
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [300, 8192])
+def test_wide_gemm_bf16_gpu(n):
+    # the wide path at a decode size (16-row tiles) and a prefill size (64-row tiles): q|k|v-like members
+    k, r, s, bounds = 1024, 16, 16, (0, 2048, 3072, 4096)
+    x, a, _, slots, scales = _case(n, k, 4096, 3 * r, s, torch.bfloat16)
+    slots = torch.sort(slots.clamp(min=0)).values.to(torch.int32)  # rows of one adapter together, as packed
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(4096, k, generator=g) / k**0.5).to(DEVICE, torch.bfloat16)
+    w_ext = torch.zeros(4096, k + 3 * s * r, device=DEVICE, dtype=torch.bfloat16)
+    w_ext[:, :k] = w
+    ref = (x.float() @ w.float().t()).clone()
+    for j, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        b = (torch.randn(s, hi - lo, r, generator=g) * 0.05).to(DEVICE, torch.bfloat16)
+        c = k + j * s * r
+        w_ext[lo:hi, c : c + s * r].view(hi - lo, s, r).copy_(b.permute(1, 0, 2))
+        ref[:, lo:hi] += lora_delta_ref(x, a[:, j * r : (j + 1) * r], b, slots, scales)
+    out = lora_wide_shrink(x, a, slots, scales, members=3) @ w_ext.t()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
