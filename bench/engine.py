@@ -262,10 +262,10 @@ def main() -> None:
         res[f"{key.replace('_tok_s', '')}_kv_blocks"] = r.num_blocks
         res[f"{key.replace('_tok_s', '')}_max_graph_tokens"] = r.config.max_graph_tokens
         if ab:  # the A/B engine's TPOT and prefix hit too
-            res[f"{key.replace('_tok_s', '')}_prefill_splits"] = runner_mod.PREFILL_SPLITS
+            res[f"{key.replace('_tok_s', '')}_prefill_splits"] = r.prefill_splits
             res[f"{key.replace('_tok_s', '')}_latency"] = latency(llm, cfg.vocab_size, args.quick)
         if key == "nano_vllm_tok_s":
-            res["nano_vllm_prefill_splits"] = runner_mod.PREFILL_SPLITS
+            res["nano_vllm_prefill_splits"] = r.prefill_splits
             res["first_over_third"] = res[key][0] / res[key][-1]
             save()  # the runs first: a time limit may cut what follows
             res.update(latency(llm, cfg.vocab_size, args.quick))
