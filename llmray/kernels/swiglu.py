@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from llmray.kernels._common import as_rows, check_device
+from llmray.kernels.gated_swiglu import _gated_swiglu_kernel
 from llmray.kernels.reference import swiglu_ref
 
 __all__ = ["swiglu", "swiglu_ref", "swiglu_fwd", "swiglu_bwd", "swiglu_fused"]
@@ -99,16 +100,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _fused_fwd_kernel(X, Y, n_cols, stride_x, stride_y, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(X + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (g * tl.sigmoid(g) * u).to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _fused_bwd_kernel(DY, X, DX, n_cols, stride_dy, stride_x, stride_dx, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -137,7 +128,7 @@ def swiglu_fused_fwd(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         grid = (m, triton.cdiv(n, FUSED_BLOCK))
-        _fused_fwd_kernel[grid](x, y, n, x.stride(0), y.stride(0), BLOCK=FUSED_BLOCK, num_warps=4)
+        _gated_swiglu_kernel[grid](x, y, n, x.stride(0), y.stride(0), BLOCK=FUSED_BLOCK, num_warps=4)
     return y
 
 
