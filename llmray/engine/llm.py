@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from llmray.engine.engine import LLMEngine, make_engine_config, resolve_device_dtype
 from llmray.engine.outputs import RequestOutput
 from llmray.engine.sampling_params import SamplingParams
@@ -46,9 +48,18 @@ def build_engine(
         model = load_model(model_dir, device=device, dtype=dtype, kernels=config.kernels)
         tokenizer = Tokenizer.load(model_dir)
     else:
-        model = model.to(device=device, dtype=dtype).eval()
+        # convert only if needed: ``.to()`` rebuilds the fused q/k/v and gate/up copies at new addresses, under
+        # the CUDA graphs of an engine built earlier on this model (its replays then read freed memory)
+        if any(_differs(p, device, dtype) for p in model.parameters()):
+            model = model.to(device=device, dtype=dtype)
+        model = model.eval()
         model.set_kernels(config.kernels)
     return LLMEngine(model, tokenizer, config, {k: str(v) for k, v in (loras or {}).items()})
+
+
+def _differs(p: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    same_device = p.device.type == device.type and (device.index is None or p.device.index == device.index)
+    return not same_device or (p.is_floating_point() and p.dtype != dtype)
 
 
 def _prompt_list(prompts: str | list[int] | Sequence[str | list[int]]) -> list[str | list[int]]:

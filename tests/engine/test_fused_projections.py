@@ -43,3 +43,23 @@ def test_fused_qkv_with_the_fused_norm_rope_kernel_over_many_tokens():
         model.set_kernels("triton")
         assert model.ops.qk_norm_rope is not None
         torch.testing.assert_close(model(ids), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_second_engine_on_one_model_leaves_the_first_ones_weights_in_place():
+    # CUDA graphs hold the addresses of the fused copies: building another engine on the same model (the fp8
+    # test: a bf16-KV and an fp8-KV engine) must not rebuild them (it did: the first engine's replays then
+    # read other layers' or freed memory, NaN perplexity / an illegal address on the H200)
+    from llmray.engine.llm import LLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(ModelConfig.preset("tiny", num_hidden_layers=2), kernels="torch").eval()
+    LLM.from_model(model, kernels="torch", num_kv_blocks=8)
+
+    def ptrs():
+        return [
+            (m.self_attn.qkv_weight.data_ptr(), m.mlp.gate_up_weight.data_ptr()) for m in model.model.layers
+        ]
+
+    before = ptrs()
+    LLM.from_model(model, kernels="torch", num_kv_blocks=8, kv_cache_dtype="fp8")
+    assert ptrs() == before
