@@ -69,7 +69,12 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model_config = model.config
         limit = model.config.max_position_embeddings
-        self.max_model_len = min(config.max_model_len or limit, limit)
+        if config.max_model_len is not None and config.max_model_len > limit:  # rope tables end there
+            raise ValueError(
+                f"max_model_len {config.max_model_len} is longer than the model's {limit} positions "
+                f"(max_position_embeddings); use at most {limit}"
+            )
+        self.max_model_len = config.max_model_len or limit
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.eos_token_id = eos if eos is not None else model.config.eos_token_id
         # a LoraManager when adapters are served (made before the runner: CUDA graphs capture it)

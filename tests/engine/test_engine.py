@@ -92,6 +92,8 @@ def test_too_long_request_names_both_numbers(model):
         llm.generate([list(range(60))], GREEDY)
     with pytest.raises(ValueError, match="unknown engine options"):
         LLM.from_model(model, kernels="torch", max_num_seq=3)
+    with pytest.raises(ValueError, match="max_model_len 8192 is longer than the model's 1024 positions"):
+        LLM.from_model(model, kernels="torch", max_model_len=8192)  # was silently cut to 1024
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], GREEDY)
 
