@@ -4,7 +4,8 @@ this module adds ``--config FILE.yaml`` to every one of them (keys = long flag n
 One error style for every command: bad input prints ``error: <what is wrong>`` (one line, naming the flag
 or file) and exits 2; anything else prints ``error: ...`` and exits 1. ``--debug`` (anywhere before a
 ``bench`` script's own flags) or ``LLMRAY_DEBUG=1`` shows the traceback instead. Ctrl-C prints one
-``interrupted: ...`` line (a training run's: the checkpoint it kept) and exits 130.
+``interrupted: ...`` line (a training run's: the checkpoint it kept) and exits 130; SIGTERM the same line as
+``interrupted (SIGTERM): ...``, exit 143 (no Ray stack dump).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import argparse
 import importlib
 import os
 import runpy
+import signal
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import NoReturn
 
 import yaml
@@ -178,6 +182,11 @@ def _run(argv: list[str]) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    global _terminated
+    _terminated = False
+    main_thread = threading.current_thread() is threading.main_thread()
+    # llmray.ray_start puts it back after ray.init (Ray's own would dump Ray's C++ stack first)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return int(args.func(args) or 0)
     except (KeyboardInterrupt, SystemExit) as e:
@@ -185,8 +194,28 @@ def _run(argv: list[str]) -> int:
         # into SystemExit(1) carrying ray_terminate_msg: the command exited 1 without a word
         if isinstance(e, SystemExit) and not hasattr(e, "ray_terminate_msg"):
             raise
-        print(interrupted_line(args), file=sys.stderr, flush=True)
-        return 130
+        line = interrupted_line(args)
+        if _terminated:
+            line = line.replace("interrupted", "interrupted (SIGTERM)", 1)
+        print(line, file=sys.stderr, flush=True)
+        return 143 if _terminated else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+_terminated = False  # a SIGTERM stopped the command (exit 143, not Ctrl-C's 130)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (`kill`, a pod's or a scheduler's stop) as Ctrl-C: a Ray Train run's own SIGINT handler aborts
+    the run (once), and the command ends with one "interrupted (SIGTERM)" line, exit 143."""
+    global _terminated
+    first, _terminated = not _terminated, True
+    handler = signal.getsignal(signal.SIGINT)
+    if first and callable(handler) and handler is not signal.default_int_handler:
+        handler(signal.SIGINT, frame)  # may raise SystemExit (Ray Train's)
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def last_checkpoint(args: argparse.Namespace) -> Path | None:

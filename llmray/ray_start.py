@@ -9,8 +9,11 @@ llmray, so every layer may use it.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 START_ATTEMPTS = 3
@@ -35,7 +38,8 @@ def start_ray(
         say = _print
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(**kwargs)
+            with _keep_sigterm_handler():
+                ray.init(**kwargs)
             return
         except Exception as e:
             if NODE_TIMEOUT not in str(e):
@@ -48,6 +52,20 @@ def start_ray(
                     f"{load:.0f}); try again when it is less busy"
                 ) from e
             say(f"Ray's node did not start within 30 s (load average {load:.0f}); starting it again")
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """A Python SIGTERM handler set before ``ray.init`` (``llmray``'s: one "interrupted" line) is put back
+    after it: Ray's driver puts in its own, under a C++ one that prints Ray's stack on `kill`. Without one
+    (a library user's script) Ray's stay."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):  # set again even where Python still lists it: Ray's C++ handler sits over it
+            signal.signal(signal.SIGTERM, before)
 
 
 def _print(line: str) -> None:

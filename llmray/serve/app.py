@@ -35,6 +35,7 @@ the token that lets the replicas of one deployment seed it with the startup adap
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -98,6 +99,8 @@ class ServeArgs(BaseModel):
             raise ValueError(f"max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}")
         if not Path(self.model).is_dir() and self.engine_factory is None:
             raise ValueError(f"model directory {self.model!r} does not exist")
+        if self.engine_factory is None:
+            check_max_model_len(self.model, self.engine_kwargs.get("max_model_len"))
         return self
 
     def lora_dirs(self) -> dict[str, str]:
@@ -111,6 +114,22 @@ class ServeArgs(BaseModel):
         for name in loras:
             check_adapter_name(name)  # names are client-visible model ids: never a path
         return loras
+
+
+def check_max_model_len(model: str, max_model_len: Any, flag: str = "max_model_len") -> None:
+    """ValueError when ``max_model_len`` exceeds the positions the model was built for (its config.json's
+    ``max_position_embeddings``): refused before Ray starts, not by each replica's engine."""
+    if max_model_len is None:
+        return
+    try:
+        positions = json.loads((Path(model) / "config.json").read_text())["max_position_embeddings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable config.json: the engine's loader names the problem
+    if int(max_model_len) > int(positions):
+        raise ValueError(
+            f"{flag} {max_model_len} is longer than the model's {positions} positions "
+            f"(max_position_embeddings in {Path(model) / 'config.json'}); use at most {positions}"
+        )
 
 
 def _cluster_has_gpu() -> bool:

@@ -222,7 +222,7 @@ def start_prewarm(ns: argparse.Namespace) -> subprocess.Popen | None:
 def check_args(ns: argparse.Namespace) -> None:
     """Paths made absolute against the caller's cwd, then every argument validated as ``build_app`` will:
     bad input raises ValueError (``llmray`` prints one ``error:`` line, exit 2) before anything starts."""
-    from llmray.serve.app import ServeArgs
+    from llmray.serve.app import ServeArgs, check_max_model_len
 
     def absolute(path: str) -> str:
         return os.path.abspath(os.path.expanduser(path))
@@ -230,6 +230,8 @@ def check_args(ns: argparse.Namespace) -> None:
     ns.model = absolute(ns.model)
     ns.lora_root = absolute(ns.lora_root) if ns.lora_root else ns.lora_root
     ns.lora = [(name, absolute(path)) for name, path in ns.lora]
+    if ns.engine_factory is None:
+        check_max_model_len(ns.model, ns.max_model_len, flag="--max-model-len")
     ServeArgs(**args_to_app_args(ns)).lora_dirs()
 
 

@@ -32,13 +32,23 @@ RAY_NOISE = (
     re.compile(r"worker processes have been started on node"),
     re.compile(r"^Reporting training result \d+: TrainingReport\("),
     re.compile(r"^Progress bars disabled\. To enable, set "),  # Ray Data, once per worker that reads
+    re.compile(r"^\[[WI]\d{4} \d\d:\d\d:\d\d\.\d+ [^\]]*\] "),  # torch's C++ warnings (c10d's hostname one)
 )
 # Ray's own actors whose output is all Ray's: Ray Train V2's PlacementGroupCleaner prints a traceback when two
 # local Rays run on one host (its State API call finds both and picks neither)
 RAY_QUIET_ACTORS = ("PlacementGroupCleaner",)
 # a message whose traceback follows it in the same batch of lines: the whole batch is Ray's (Ray Train's
-# controller, when a busy CPU delays its autoscaling request: "safe to ignore", it says)
-RAY_NOISE_BATCHES = (re.compile(r"Failed to send resource request for "),)
+# controller, when a busy CPU delays its autoscaling request: "safe to ignore", it says; its PlacementGroupCleaner
+# not stopping within 12 s at the end of a run, while its State API call is still out)
+RAY_NOISE_BATCHES = (
+    re.compile(r"Failed to send resource request for "),
+    re.compile(r"Failed to stop PlacementGroupCleaner gracefully"),
+)
+# the rest of such a traceback, when Ray sends it in later batches
+TRACEBACK_LINE = re.compile(r"^(\s|Traceback \(most recent call last\)|[\w.]+(Error|Exception|Exit)\b)")
+# the actors whose stdout is ours: the training function's step lines, printed without Ray's "(RayTrainWorker
+# pid=...)" prefix (their stderr, e.g. a traceback, keeps it)
+OUR_ACTORS = ("RayTrainWorker",)
 
 
 def verbose() -> bool:
@@ -146,24 +156,35 @@ def init_ray(
 
 
 class _DivertRayNoise:
-    """Ray's ``print_to_stdstream`` with the lines matching ``RAY_NOISE`` written to ``log_file`` instead."""
+    """Ray's ``print_to_stdstream`` with the lines matching ``RAY_NOISE`` written to ``log_file`` instead, and
+    the training workers' own lines printed without Ray's prefix."""
 
     def __init__(self, original: Any, log_file: Path) -> None:
         self.original, self.log_file = original, log_file
+        self.in_traceback: set[Any] = set()  # pids whose Ray traceback goes on in the next batch
 
     def __call__(self, data: dict[str, Any], ignore_prefix: bool) -> None:
         lines = data.get("lines") or []
+        pid = data.get("pid")
         quiet = data.get("actor_name") in RAY_QUIET_ACTORS or any(
             p.search(ln) for p in RAY_NOISE_BATCHES for ln in lines
         )
+        if not quiet and pid in self.in_traceback:
+            quiet = bool(lines) and all(TRACEBACK_LINE.search(ln) for ln in lines)
+        if quiet and data.get("actor_name") not in RAY_QUIET_ACTORS:
+            self.in_traceback.add(pid)
+        else:
+            self.in_traceback.discard(pid)
         noise = [ln for ln in lines if quiet or any(p.search(ln) for p in RAY_NOISE)]
         if noise:
             with open(self.log_file, "a") as f:
-                f.writelines(f"({data.get('actor_name') or data.get('pid')}) {ln}\n" for ln in noise)
+                f.writelines(f"({data.get('actor_name') or pid}) {ln}\n" for ln in noise)
             lines = [ln for ln in lines if ln not in noise]
             if not lines:
                 return
             data = {**data, "lines": lines}
+        if data.get("actor_name") in OUR_ACTORS and not data.get("is_err"):
+            ignore_prefix = True  # our step lines: as if printed here
         self.original(data, ignore_prefix=ignore_prefix)
 
 

@@ -34,8 +34,9 @@ def ray_worker(monkeypatch):
         monkeypatch.setattr(original, "log_file", original.log_file)
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
     monkeypatch.setattr(dispatcher, "handlers", list(dispatcher.handlers))
-    # what ray.init(log_to_driver=True) registers: the workers' output, printed through the original
-    dispatcher.add_handler("ray_print_logs", functools.partial(original, ignore_prefix=True))
+    # what ray.init(log_to_driver=True) registers: the workers' output, printed through the original with
+    # Ray's "(actor pid=...)" prefix
+    dispatcher.add_handler("ray_print_logs", functools.partial(original, ignore_prefix=False))
     return ray_worker
 
 
@@ -77,8 +78,25 @@ def test_ray_noise_goes_to_the_log_file_and_step_lines_stay(ray_worker, tmp_path
     ray_worker.global_worker_stdstream_dispatcher.emit(
         {**worker, "actor_name": "TrainController", "lines": timeout}
     )
+    # on the GPU (H200): torch's c10d warning from the worker; the controller's "Failed to stop
+    # PlacementGroupCleaner" traceback, its end in a later batch; our step line from a Ray Train worker
+    trainer = {**worker, "actor_name": "RayTrainWorker", "pid": 2499}
+    c10d = "[W1130 14:17:00.366370929 socket.cpp:207] [c10d] The hostname of the client socket cannot be retrieved."
+    ray_worker.global_worker_stdstream_dispatcher.emit({**trainer, "lines": [c10d], "is_err": True})
+    ray_worker.global_worker_stdstream_dispatcher.emit(
+        {**trainer, "lines": ["step 1/10 | loss 4.6324 | eta 0s"]}
+    )
+    controller = {**worker, "actor_name": "TrainController", "pid": 2433, "is_err": True}
+    failed = ["Failed to stop PlacementGroupCleaner gracefully.", "Traceback (most recent call last):"]
+    ray_worker.global_worker_stdstream_dispatcher.emit({**controller, "lines": failed})
+    rest = ['  File "placement_group_callback.py", line 126', "ray.exceptions.GetTimeoutError: Get timed out"]
+    ray_worker.global_worker_stdstream_dispatcher.emit({**controller, "lines": rest})
+    ray_worker.global_worker_stdstream_dispatcher.emit({**controller, "lines": ["a later real problem"]})
     out, err = capsys.readouterr()
     assert step in out and "Traceback: a real error" in err
+    assert "\nstep 1/10 | loss 4.6324 | eta 0s\n" in "\n" + out, out  # once, without Ray's prefix
+    assert "RayTrainWorker" not in out + err and "c10d" not in out + err and "a later real problem" in err
+    assert "PlacementGroupCleaner" not in out + err and "line 126" not in out + err
     assert "worker processes have been started" not in out + err and "core_worker.cc" not in out + err
     assert (
         "multiple Rays" not in out + err
@@ -90,6 +108,9 @@ def test_ray_noise_goes_to_the_log_file_and_step_lines_stay(ray_worker, tmp_path
     assert "(raylet) WARNING: 8 PYTHON worker processes" in written and "(W) [2026-11-30" in written
     assert "(PlacementGroupCleaner) ConnectionError: multiple Rays" in written and step not in written
     assert "(TrainController) GetTimeoutError: not ready" in written
+    assert (
+        "(RayTrainWorker) [W1130" in written and "(TrainController) ray.exceptions.GetTimeoutError" in written
+    )
 
 
 class _SlowStartRay:

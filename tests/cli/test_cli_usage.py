@@ -329,3 +329,62 @@ def test_ctrl_c_during_training_says_what_is_kept_and_exits_130(how, tmp_path, c
         main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "o2"), "--max-steps", "100"]) == 130
     )
     assert "no checkpoint was written yet" in capsys.readouterr().err
+
+
+def test_sigterm_during_training_is_one_line_exit_143(tmp_path, corpus, capsys, monkeypatch):
+    """`kill` (SIGTERM) of a training command: Ray's driver handler printed Ray's C++ stack (two dozen
+    ``logging.cc`` lines) before our line. Now one ``interrupted (SIGTERM): ...`` line, exit 143; the handler
+    is ours again after Ray starts (Ray's ``ray.init`` puts its own in: here a stand-in does), and a Ray Train
+    run's own SIGINT handler (its graceful abort) is what SIGTERM calls."""
+    import signal
+
+    import llmray.train.pretrain as pretrain
+    from llmray.ray_start import start_ray
+
+    class StartsLikeRay:  # ray.init's effect on the driver's SIGTERM disposition
+        def init(self, **kwargs) -> None:
+            signal.signal(signal.SIGTERM, lambda s, f: sys.exit(s))
+
+    aborted = []
+
+    def ray_train_sigint(signum, frame):  # Ray Train's: abort the run, then sys.exit(0) inside ray.get
+        aborted.append(signum)
+
+    def killed_run(cfg):
+        start_ray({}, ray=StartsLikeRay())
+        signal.signal(signal.SIGINT, ray_train_sigint)  # what Ray Train's fit() puts in
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(pretrain, "run_pretrain", killed_run)
+    before, sigint = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    t0 = time.monotonic()
+    try:
+        rc = main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "o"), "--max-steps", "9"])
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert rc == 143
+    assert time.monotonic() - t0 < 4 and aborted == [signal.SIGINT]
+    err = capsys.readouterr().err.strip()
+    assert err == "interrupted (SIGTERM): no checkpoint was written yet, so a new run starts from step 0", err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_serve_max_model_len_beyond_the_models_positions_is_refused_before_ray(tmp_path, capsys):
+    """`llmray serve --max-model-len 8192` on a 1,024-position model started Ray and the replicas: refused at
+    argument-check time, naming the flag and the model's limit (the YAML/`serve run` args too)."""
+    import json
+
+    from llmray.serve.app import ServeArgs
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3", "max_position_embeddings": 1024}))
+    assert main(["serve", "--model", str(model), "--max-model-len", "8192"]) == 2
+    line = _err_line(capsys)
+    assert line.startswith("error: --max-model-len 8192 is longer than the model's 1024 positions"), line
+    assert "use at most 1024" in line and not _ray_started()
+    with pytest.raises(ValueError, match="max_model_len 2048 is longer than the model's 1024"):
+        ServeArgs(model=str(model), engine_kwargs={"max_model_len": 2048})
+    ServeArgs(model=str(model), engine_kwargs={"max_model_len": 1024})
