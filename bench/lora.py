@@ -143,7 +143,8 @@ def main() -> None:
     ap.add_argument(
         "--ab-split",
         action="store_true",
-        help="then 16 adapters again on the split kernels only (wide path off, graphs re-captured)",
+        help="then 16 adapters again on the split kernels only (GEMM + shrink + expand per projection: fused "
+        "decode path and wide path off, graphs re-captured)",
     )
     ap.add_argument(
         "--trace", action="store_true", help="per timed run: phases, Triton compiles, GC (each row)"
@@ -207,8 +208,9 @@ def main() -> None:
             )
             print(key, results["rows"][key], flush=True)
             save()
-        if args.ab_split:  # the same engine with every step on the split shrink + expand kernels
+        if args.ab_split:  # the same engine with every step on the split GEMM + shrink + expand kernels
             llm.engine.lora.batch.wide_max_rows = 0
+            llm.engine.lora.batch.fused_max_rows = 0
             runner = llm.engine.runner
             runner.graphs.clear()
             torch.cuda.empty_cache()

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmray.kernels.lora import lora_delta_ref, lora_expand, lora_shrink, lora_wide_shrink
+from llmray.kernels.lora_fused import lora_linear, lora_linear_supported
 
 
 class LoraBatch:
@@ -40,6 +41,9 @@ class LoraBatch:
         # 33M outputs, not yet understood; benches set wide_min_rows to try it
         self.wide_min_rows = 1 << 30
         self.wide_max_rows = 1 << 30
+        # steps of at most fused_max_rows rows (decode) run each projection as ONE launch (lora_fused: the base
+        # GEMM with the shrink in its K loop and the expand in its epilogue) instead of GEMM + shrink + expand
+        self.fused_max_rows = 512
 
     def set_rows(self, row_slots: torch.Tensor) -> None:
         """row_slots (N,) int32 for the packed rows of this step; rows past N are reset to -1."""
@@ -135,6 +139,13 @@ class ShrinkGroup:
         n = flat_x.shape[0]
         kernels = x.is_cuda or LoRALinear.use_kernels_on_cpu
         w_ext = self.w_ext
+        seg = tuple(self.bounds[1:-1])
+        if kernels and n <= batch.fused_max_rows and lora_linear_supported(n, weight, seg):
+            b, member_stride = self._stacked_b()  # (decode: one launch for the projection and its deltas)
+            out = lora_linear(
+                flat_x, weight, self.lora_a, b, batch.slots[:n], batch.scales, seg, member_stride
+            )
+            return out.view(*x.shape[:-1], weight.shape[0])
         if (
             kernels
             and w_ext is not None

@@ -1,0 +1,109 @@
+"""The fused LoRA projection (one launch: base GEMM + shrink in its K loop + expand in its epilogue) against the
+split path (cuBLAS GEMM + shrink + expand), for one forward of Qwen3-0.6B's LoRA'd projections (28 layers x
+{fused q|k|v, o, fused gate|up, down}), 16 adapters rank 16, rows sorted by slot, each variant in one CUDA graph.
+Also the fused kernel's result against the split path's (max abs difference / max abs value, bf16).
+
+    python bench/lora_fused.py --out DIR [--rows 256,8192] [--configs default,32x64x64x2x4x3,8192:128x128x64x2x8x3]
+
+A config is BLOCK_M x BLOCK_N x BLOCK_K x T x num_warps x num_stages (applied to every projection); "default"
+is ``lora_fused.fused_config``'s choice per projection; "ROWS:CONFIG" applies at that many rows only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from lora_profile import LAYERS, PROJS, RANK, SLOTS, _graph_ms  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--rows", default="256")
+    ap.add_argument("--configs", default="default")
+    ap.add_argument("--adapters", type=int, default=16, help="adapters among the rows (round-robin, sorted)")
+    args = ap.parse_args()
+    from llmray.kernels.lora import lora_expand, lora_shrink
+    from llmray.kernels.lora_fused import lora_linear
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    out_path = Path(args.out) / "lora_fused.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    results: dict = {"device": torch.cuda.get_device_name(), "command": " ".join(sys.argv), "rows": {}}
+
+    def save() -> None:
+        out_path.write_text(json.dumps(results, indent=2))
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    layers = []
+    for _ in range(LAYERS):
+        layer = {}
+        for name, k, outs in PROJS:
+            o, gsz = sum(outs), len(outs)
+            w = torch.randn(o, k, device=dev, dtype=dt, generator=g) / k**0.5
+            a = torch.randn(SLOTS, gsz * RANK, k, device=dev, dtype=dt, generator=g) / k**0.5
+            b = torch.randn(SLOTS, o, RANK, device=dev, dtype=dt, generator=g) * 0.01
+            seg = [0, *torch.tensor(outs).cumsum(0).tolist()]
+            layer[name] = (w, a, b, tuple(seg[1:-1]))
+        layers.append(layer)
+    scales = torch.ones(SLOTS, device=dev)
+    for n in (int(r) for r in args.rows.split(",")):
+        slots = (torch.arange(n, device=dev) * args.adapters // n).to(torch.int32)
+        xs = {k: torch.randn(n, k, device=dev, dtype=dt, generator=g) for k in (1024, 2048, 3072)}
+        res = {name: torch.empty(n, sum(outs), device=dev, dtype=dt) for name, _, outs in PROJS}
+
+        def step(mode: str, config=None, n=n, slots=slots, xs=xs, res=res) -> None:
+            for layer in layers:
+                for name, k, _ in PROJS:
+                    w, a, b, seg = layer[name]
+                    x, y_out = xs[k], res[name]
+                    if mode == "fused":
+                        lora_linear(x, w, a, b, slots, scales, seg, config=config)
+                        continue
+                    torch.mm(x, w.t(), out=y_out)
+                    if mode == "split":
+                        lora_expand(lora_shrink(x, a, slots, scales), b, slots, y_out, seg=seg)
+
+        row: dict = {}
+        results["rows"][f"{n}_rows"] = row
+        try:  # the fused result against the split path's, every projection of layer 0
+            errs = []
+            for name, k, _ in PROJS:
+                w, a, b, seg = layers[0][name]
+                split = lora_expand(lora_shrink(xs[k], a, slots, scales), b, slots, xs[k] @ w.t(), seg=seg)
+                fused = lora_linear(xs[k], w, a, b, slots, scales, seg)
+                errs.append(
+                    (fused.float() - split.float()).abs().max().item() / split.float().abs().max().item()
+                )
+            row["fused_vs_split_max_rel_diff"] = round(max(errs), 5)
+        except Exception as e:
+            row["fused_vs_split_max_rel_diff"] = f"failed: {e!r}"[:300]
+        print(f"rows={n} fused vs split: {row['fused_vs_split_max_rel_diff']}", flush=True)
+        variants: dict = {"base_gemms": ("base", None), "split": ("split", None)}
+        for c in args.configs.split(","):
+            if ":" in c:  # "ROWS:CONFIG": only at that many rows
+                only, c = c.split(":")
+                if int(only) != n:
+                    continue
+            cfg = None if c == "default" else tuple(int(v) for v in c.split("x"))
+            variants[f"fused_{c}"] = ("fused", cfg)
+        for key, (mode, cfg) in variants.items():
+            t0 = time.perf_counter()
+            try:
+                row[key] = _graph_ms(lambda mode=mode, cfg=cfg: step(mode, cfg), reps=20 if n <= 1024 else 4)
+            except Exception as e:  # one failing variant must not cost the others
+                row[key] = f"failed: {e!r}"[:300]
+            print(f"rows={n} {key}: {row[key]} ms ({time.perf_counter() - t0:.1f} s)", flush=True)
+            save()
+    save()
+
+
+if __name__ == "__main__":
+    main()
