@@ -263,6 +263,24 @@ def write(results: dict, out: Path) -> None:
     (out / "train.json").write_text(json.dumps(row, indent=1))
 
 
+def smoke_cpu_variants(args) -> None:
+    """--smoke on CPU: no CUDA graphs; Triton kernels only under the interpreter (TRITON_INTERPRET=1)."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    variants = []
+    for v in args.c_variants.split(","):
+        kernels, mode = v.split(":")
+        if kernels != "torch" and not interp:
+            continue
+        variants.append(f"{kernels}:{'none' if mode.startswith('graphs') else mode}")
+    args.c_variants = ",".join(dict.fromkeys(variants)) or "torch:none"
+    args.e_no_graphs = True
+    if args.e_kernels != "torch" and not interp:
+        args.e_kernels = "torch"
+    if not interp:
+        log("--smoke on CPU: Triton variants run as kernels=torch (Triton on CPU needs TRITON_INTERPRET=1, "
+            "which runs them in the slow interpreter); no CUDA graphs")  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT / ".data" / "tinyshakespeare" / "input.txt"))
@@ -284,6 +302,7 @@ def main() -> int:
         DEVICE = "cpu"
         SMOKE.update(train=dict(max_steps=12, eval_every=6, eval_windows=8, log_every=3, compile=False,
                                 batch_size=4, seq_len=64), c_preset="tiny", c_shape=(64, 2))  # fmt: skip
+        smoke_cpu_variants(args)
     elif not torch.cuda.is_available():
         print("bench/train.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2

@@ -36,6 +36,9 @@ from llmray.train.muon import MuonWithAuxAdam, muon_param_groups
 
 
 # --- optimizer and schedule ----------------------------------------------------------------------------
+NS_SYM = False  # Muon's Newton-Schulz on our symmetric Triton products with kernels="triton" (GPU A/B first)
+
+
 def build_optimizer(
     model: torch.nn.Module,
     optimizer: str = "muon",
@@ -50,7 +53,10 @@ def build_optimizer(
     """
     if optimizer == "muon":
         groups = muon_param_groups(model, muon_lr=muon_lr, adam_lr=lr, weight_decay=weight_decay, betas=betas)
-        opt: torch.optim.Optimizer = MuonWithAuxAdam(groups)
+        muon = MuonWithAuxAdam(groups)
+        ops = getattr(model, "ops", None)  # our kernels: Newton-Schulz's symmetric products too
+        muon.ns_sym = NS_SYM and getattr(ops, "name", None) == "triton"
+        opt: torch.optim.Optimizer = muon
     elif optimizer == "adamw":
         seen: set[int] = set()
         decay: list[torch.nn.Parameter] = []

@@ -1,0 +1,143 @@
+"""Symmetric batched products for Muon's Newton-Schulz iteration: only the upper triangle is computed.
+
+Newton-Schulz forms, per iteration, A = X X^T (r, r) and P = b A + c A^2 (A symmetric, so A^2 = A A^T
+is the same product). Both outputs are symmetric: ``sym_gram`` computes the tiles on and above the
+diagonal (T (T + 1) / 2 of T^2 tiles: 36 of 64 at r = 1024 with 128-row tiles) and stores each
+off-diagonal tile twice (itself and its transpose), so these two products cost ~56% of a full GEMM's
+FLOPs. The epilogue folds in ``beta * S + diag * I`` (P = c A A^T + b A + a I in one pass: no copy of
+A into the output, no separate diagonal add).
+
+    out[n] = alpha * X[n] X[n]^T (+ beta * S[n]) (+ diag * I)      X: (n, r, k) any strides, out (n, r, r)
+
+fp32 accumulation, stored in ``out``'s dtype (bf16 in Muon), as ``torch.bmm`` / ``baddbmm`` compute it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmray.kernels._common import check_device, interpreting
+
+__all__ = ["sym_gram", "sym_gram_ref", "DEFAULT_CONFIG"]
+
+# (BLOCK_M, BLOCK_K, num_warps, num_stages): 128-row tiles on 8 warps; the GPU sweep in the W1 window
+# (bench in .gpu) picks the stage count
+DEFAULT_CONFIG = (128, 64, 8, 3)
+
+
+@triton.jit
+def _sym_gram_kernel(
+    X, S, OUT, TI, TJ, R, K,
+    sxb, sxr, sxk, ssb, ssr, ssc, sob, sor, soc,
+    alpha, beta, diag,
+    HAS_S: tl.constexpr, HAS_DIAG: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    ti = tl.load(TI + t)  # tile row <= tile column: the upper triangle
+    tj = tl.load(TJ + t)
+    rows = ti * BM + tl.arange(0, BM)
+    cols = tj * BM + tl.arange(0, BM)
+    ks = tl.arange(0, BK)
+    xa = X + b * sxb + rows[:, None] * sxr + ks[None, :] * sxk  # (BM, BK) rows of block ti
+    xb = X + b * sxb + cols[:, None] * sxr + ks[None, :] * sxk  # (BM, BK) rows of block tj
+    acc = tl.zeros((BM, BM), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN:
+            a = tl.load(xa)
+            bb = tl.load(xb)
+        else:
+            km = (k0 + ks) < K
+            a = tl.load(xa, mask=(rows[:, None] < R) & km[None, :], other=0.0)
+            bb = tl.load(xb, mask=(cols[:, None] < R) & km[None, :], other=0.0)
+        if UPCAST:  # the interpreter's dot reads bf16 as integers
+            a = a.to(tl.float32)
+            bb = bb.to(tl.float32)
+        acc = tl.dot(a, tl.trans(bb), acc, input_precision=PREC)
+        xa += BK * sxk
+        xb += BK * sxk
+    acc = acc * alpha
+    inside = (rows[:, None] < R) & (cols[None, :] < R)
+    if HAS_S:
+        s = tl.load(S + b * ssb + rows[:, None] * ssr + cols[None, :] * ssc, mask=inside, other=0.0)
+        acc += beta * s.to(tl.float32)
+    if HAS_DIAG:
+        acc += tl.where(rows[:, None] == cols[None, :], diag, 0.0)
+    out = acc.to(OUT.dtype.element_ty)
+    tl.store(OUT + b * sob + rows[:, None] * sor + cols[None, :] * soc, out, mask=inside)
+    if ti != tj:  # the mirrored tile below the diagonal (transposed in registers: coalesced stores)
+        mirror = OUT + b * sob + cols[:, None] * sor + rows[None, :] * soc
+        tl.store(mirror, tl.trans(out), mask=(cols[:, None] < R) & (rows[None, :] < R))
+
+
+_TILES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _tiles(t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tile row, tile column) index lists of the upper triangle of a t x t tile grid, cached per device."""
+    key = (t, str(device))
+    if key not in _TILES:
+        ij = [(i, j) for i in range(t) for j in range(i, t)]
+        ti = torch.tensor([i for i, _ in ij], dtype=torch.int32, device=device)
+        tj = torch.tensor([j for _, j in ij], dtype=torch.int32, device=device)
+        _TILES[key] = (ti, tj)
+    return _TILES[key]
+
+
+def sym_gram(
+    x: torch.Tensor,  # (n, r, k) or (r, k), any strides
+    alpha: float = 1.0,
+    s: torch.Tensor | None = None,  # (n, r, r) like out, symmetric
+    beta: float = 0.0,
+    diag: float = 0.0,
+    out: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """alpha * x x^T (+ beta * s) (+ diag * I) per matrix of the batch; symmetric, upper tiles computed once."""
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x.unsqueeze(0)
+        s = s.unsqueeze(0) if s is not None else None
+    if x.dim() != 3:
+        raise ValueError(f"sym_gram needs (n, r, k) or (r, k), got shape {tuple(x.shape)}")
+    n, r, k = x.shape
+    if s is not None and s.shape != (n, r, r):
+        raise ValueError(f"sym_gram: s must be {(n, r, r)}, got {tuple(s.shape)}")
+    check_device(x, *(t for t in (s, out) if t is not None))
+    if out is None:
+        out = torch.empty((n, r, r), dtype=x.dtype, device=x.device)
+    elif squeeze:
+        out = out.unsqueeze(0)
+    bm, bk, warps, stages = config or DEFAULT_CONFIG
+    if r <= 64:
+        bm, warps = max(16, triton.next_power_of_2(r)), 4
+    t = triton.cdiv(r, bm)
+    ti, tj = _tiles(t, x.device)
+    sv = s if s is not None else out
+    if n and r:
+        _sym_gram_kernel[(ti.numel(), n)](
+            x, sv, out, ti, tj, r, k,
+            x.stride(0), x.stride(1), x.stride(2), sv.stride(0), sv.stride(1), sv.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            float(alpha), float(beta), float(diag),
+            HAS_S=s is not None and beta != 0.0, HAS_DIAG=diag != 0.0, EVEN=r % bm == 0 and k % bk == 0,
+            UPCAST=interpreting(), PREC="ieee" if x.dtype == torch.float32 else "tf32",
+            BM=bm, BK=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    return out.squeeze(0) if squeeze else out
+
+
+def sym_gram_ref(
+    x: torch.Tensor, alpha: float = 1.0, s: torch.Tensor | None = None, beta: float = 0.0, diag: float = 0.0
+) -> torch.Tensor:
+    """The same in torch ops (fp32 math, result in x's dtype): the test reference."""
+    xf = x.float()
+    y = alpha * (xf @ xf.mT)
+    if s is not None and beta != 0.0:
+        y = y + beta * s.float()
+    if diag != 0.0:
+        y = y + diag * torch.eye(x.shape[-2], device=x.device)
+    return y.to(x.dtype)
