@@ -130,7 +130,10 @@ def init_ray(
     )
     if local_ray_starts():
         # the dashboard stays (Ray's default): without its State API, Ray Train V2's PlacementGroupCleaner
-        # can take a busy controller for dead and remove the workers' placement group mid-run
+        # can take a busy controller for dead and remove the workers' placement group mid-run. A Ray whose
+        # dashboard has no web build (some bundles) fails to start it after 60 s: then none, at once
+        if not dashboard_can_start():
+            kwargs["include_dashboard"] = False
         kwargs.update(local_kwargs)
     if path is not None:
         print(f"Ray's logs: {path}", flush=True)
@@ -153,6 +156,17 @@ def init_ray(
     ray.data.DataContext.get_current().enable_progress_bars = False
     warn_if_cluster_lacks_gpus(gpus)
     return path
+
+
+def dashboard_can_start() -> bool:
+    """Whether this Ray's dashboard has its web build: without it Ray's dashboard process exits at start and
+    ``ray.init`` waits 60 s for it first."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray.dashboard")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any((Path(p) / "client" / "build").is_dir() for p in spec.submodule_search_locations)
 
 
 class _DivertRayNoise:

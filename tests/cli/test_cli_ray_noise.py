@@ -162,3 +162,20 @@ def test_on_a_cluster_short_of_gpus_the_run_says_it_waits(monkeypatch, capsys):
     ray_env.warn_if_cluster_lacks_gpus(1)
     ray_env.warn_if_cluster_lacks_gpus(0)
     assert capsys.readouterr().out == ""
+
+
+def test_a_dashboard_without_its_web_build_is_not_started(tmp_path, monkeypatch):
+    """On the GPU machine's Ray bundle (no dashboard/client/build) Ray's dashboard exits at start and ray.init
+    waited 60 s for it before every training run: such a Ray starts without the dashboard."""
+    import importlib.machinery
+    import importlib.util
+
+    def spec(name):
+        found = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        found.submodule_search_locations = [str(tmp_path / "dashboard")]
+        return found
+
+    monkeypatch.setattr(importlib.util, "find_spec", spec)
+    assert not ray_env.dashboard_can_start()
+    (tmp_path / "dashboard" / "client" / "build").mkdir(parents=True)
+    assert ray_env.dashboard_can_start()
