@@ -59,9 +59,11 @@ def main() -> None:
         xs = {k: torch.randn(n, k, device=dev, dtype=dt, generator=g) for k in (1024, 2048, 3072)}
         res = {name: torch.empty(n, sum(outs), device=dev, dtype=dt) for name, _, outs in PROJS}
 
-        def step(mode: str, config=None, n=n, slots=slots, xs=xs, res=res) -> None:
+        def step(mode: str, config=None, only=None, n=n, slots=slots, xs=xs, res=res) -> None:
             for layer in layers:
                 for name, k, _ in PROJS:
+                    if only is not None and name != only:
+                        continue
                     w, a, b, seg = layer[name]
                     x, y_out = xs[k], res[name]
                     if mode == "fused":
@@ -96,10 +98,15 @@ def main() -> None:
             variants[f"fused_{c}"] = ("fused", cfg)
         for key, (mode, cfg) in variants.items():
             t0 = time.perf_counter()
-            try:
-                row[key] = _graph_ms(lambda mode=mode, cfg=cfg: step(mode, cfg), reps=20 if n <= 1024 else 4)
-            except Exception as e:  # one failing variant must not cost the others
-                row[key] = f"failed: {e!r}"[:300]
+            row[key] = {}
+            for only in (None, *(p[0] for p in PROJS)):  # the whole forward, then each projection alone
+                try:
+                    row[key][only or "all"] = _graph_ms(
+                        lambda mode=mode, cfg=cfg, only=only: step(mode, cfg, only),
+                        reps=20 if n <= 1024 else 4,
+                    )
+                except Exception as e:  # one failing variant must not cost the others
+                    row[key][only or "all"] = f"failed: {e!r}"[:300]
             print(f"rows={n} {key}: {row[key]} ms ({time.perf_counter() - t0:.1f} s)", flush=True)
             save()
     save()

@@ -21,10 +21,10 @@ import triton.language as tl
 from llmray.kernels.lora import _next_slot, _precision
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "SPLITS", "KB_PER_SPLIT"])
 def _lora_linear_kernel(
-    x_ptr, w_ptr, a_ptr, b_ptr, slot_ptr, scale_ptr, out_ptr,
-    N, O, K, stride_xn, stride_wo, stride_as, stride_ar, stride_bs, stride_bo, stride_bg, stride_on,
+    x_ptr, w_ptr, a_ptr, b_ptr, slot_ptr, scale_ptr, out_ptr, part_ptr, count_ptr,
+    N, O, K, SPLITS, KB_PER_SPLIT, stride_xn, stride_wo, stride_as, stride_ar, stride_bs, stride_bo, stride_bg, stride_on,
     R: tl.constexpr, T: tl.constexpr, SEG1: tl.constexpr, SEG2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -49,9 +49,13 @@ def _lora_linear_kernel(
     jvalid = (sj < 1 << 30) & (rj < R)
     sj0 = tl.where(sj < 1 << 30, sj, 0)
     a_rows = sj0 * stride_as + (member * R + rj) * stride_ar  # (T·BLOCK_R,) offsets of the gathered A rows
+    # split-K: this program sums K over [k_lo, k_hi) (whole BLOCK_K blocks); the product and the deltas are
+    # linear in the K range, so each split adds its own y @ B and the partial tiles are summed at the end
+    k_lo = tl.program_id(2) * KB_PER_SPLIT * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + KB_PER_SPLIT * BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     ys = tl.zeros([BLOCK_M, T * BLOCK_R], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kin = k < K
         xv = tl.load(
@@ -74,7 +78,7 @@ def _lora_linear_kernel(
     while cur < 1 << 30:  # slots past the first T (where many adapters' rows share a tile): one K pass each
         rows = slots == cur
         y1 = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             kin = k < K
             xv = tl.load(
@@ -92,17 +96,36 @@ def _lora_linear_kernel(
         acc = tl.dot(y1, b1.to(tl.float32), acc, input_precision=PRECISION)
         cur = _next_slot(slots, cur)
     mask = live[:, None] & (o[None, :] < O)
-    tl.store(out_ptr + m[:, None] * stride_on + o[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    last = SPLITS < 2
+    if SPLITS > 1:  # partial tiles to part (SPLITS, N, O); the tile's last program to finish adds them
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        p_off = m[:, None] * O + o[None, :]
+        tl.store(part_ptr + tl.program_id(2) * N * O + p_off, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket is taken (release)
+        ticket = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        last = ticket == SPLITS - 1
+        if last:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for sp in range(0, SPLITS):  # in a fixed order: the same sums whichever program came last
+                acc += tl.load(part_ptr + sp * N * O + p_off, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(count_ptr + tile, 0)  # zero again for the next launch (CUDA graphs)
+    if last:
+        tl.store(out_ptr + m[:, None] * stride_on + o[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, T, num_warps, num_stages) by (rows bucket, output columns, K); benches override
-CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
-    "default": (64, 64, 64, 4, 4, 3),
-    "narrow": (64, 32, 64, 4, 4, 3),  # few output columns, long K (o, down): more programs
+Config = tuple[
+    int, int, int, int, int, int, int
+]  # BLOCK_M, BLOCK_N, BLOCK_K, T, num_warps, num_stages, splits
+# by (output columns, K); benches override. splits > 1: split-K (the tile's last program adds the partials)
+CONFIGS: dict[str, Config] = {
+    "default": (64, 64, 64, 4, 4, 3, 1),
+    "narrow": (64, 32, 64, 4, 4, 3, 1),  # few output columns, long K (o, down): more programs
 }
+_COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: split-K tickets, zero between launches
+_MAX_TILES = 8192
 
 
-def fused_config(n: int, o: int, k: int) -> tuple[int, int, int, int, int, int]:
+def fused_config(n: int, o: int, k: int) -> Config:
     """Launch parameters for an (n, k) x (o, k)ᵀ projection (no autotuning: the same on every run)."""
     return CONFIGS["narrow"] if o * 2 <= k else CONFIGS["default"]
 
@@ -123,16 +146,19 @@ def lora_linear(
     scales: torch.Tensor,
     seg: tuple[int, ...] = (),
     member_stride: int = 0,
-    config: tuple[int, int, int, int, int, int] | None = None,
+    config: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """x (N, K) @ weight (O, K)ᵀ plus every row's delta -> (N, O) in x's dtype. a (S, G·R, K): member j's A
     at rows [j·R, (j+1)·R); b (S, O, R) member 0's view (``lora_expand``'s layout: members stacked along O,
     ``member_stride`` elements from one member's B to the next, 0 when stacked); seg: member boundaries in O
-    (at most two, multiples of the tile width); slots (N,) int32 (-1: no delta); scales (S,) fp32."""
+    (at most two, multiples of the tile width); slots (N,) int32 (-1: no delta); scales (S,) fp32.
+    ``config``: (BLOCK_M, BLOCK_N, BLOCK_K, T, num_warps, num_stages[, splits]) override (benches, tests)."""
     n, k = x.shape
     o = weight.shape[0]
     r = a.shape[1] // (len(seg) + 1)
-    block_m, block_n, block_k, tiles_t, warps, stages = config or fused_config(n, o, k)
+    block_m, block_n, block_k, tiles_t, warps, stages, splits = (
+        tuple(config or fused_config(n, o, k)) + (1,)
+    )[:7]
     if len(seg) > 2 or any(s % block_n or not 0 < s < o for s in seg):
         raise ValueError(f"lora_linear: member boundaries {seg} are not multiples of {block_n} inside O={o}")
     if weight.shape[1] != k or weight.stride(1) != 1 or b.stride(2) != 1:
@@ -142,9 +168,21 @@ def lora_linear(
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
     seg1, seg2 = (tuple(seg) + (0, 0))[:2]
-    _lora_linear_kernel[(triton.cdiv(n, block_m), triton.cdiv(o, block_n))](
-        x, weight, a, b, slots, scales, out, n, o, k, x.stride(0), weight.stride(0), a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), member_stride, out.stride(0),
+    tiles = triton.cdiv(n, block_m) * triton.cdiv(o, block_n)
+    kb_per_split = triton.cdiv(triton.cdiv(k, splits), block_k)  # whole BLOCK_K blocks per program
+    splits = triton.cdiv(k, kb_per_split * block_k)
+    counters = _COUNTERS.get(x.device)
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if counters is None and not capturing and splits > 1:  # (made outside a graph capture: zeroed once)
+        counters = _COUNTERS[x.device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=x.device)
+    if counters is None or tiles > _MAX_TILES:
+        splits, kb_per_split = 1, triton.cdiv(k, block_k)
+    part = torch.empty((splits, n, o) if splits > 1 else (1,), device=x.device, dtype=torch.float32)
+    if splits < 2:  # (not read with one program per tile)
+        counters = torch.empty(1, dtype=torch.int32, device=x.device)
+    _lora_linear_kernel[(triton.cdiv(n, block_m), triton.cdiv(o, block_n), splits)](
+        x, weight, a, b, slots, scales, out, part, counters, n, o, k, splits, kb_per_split, x.stride(0),
+        weight.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1), member_stride, out.stride(0),
         R=r, T=tiles_t, SEG1=seg1, SEG2=seg2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(r)), PRECISION=_precision(a.dtype),
         num_warps=warps, num_stages=stages,
