@@ -195,7 +195,8 @@ def kernels(results: Path) -> Path:
 
 # --- fine-tuning -----------------------------------------------------------------------------------
 def _ft_label(r: dict[str, Any]) -> str:
-    return "full" if r["mode"] == "full" else f"{r['mode']}\n{r['targets']} r{r['r']}"
+    label = "full" if r["mode"] == "full" else f"{r['mode']}\n{r['targets']} r{r['r']}"
+    return label + ("\n+graphs" if r.get("cuda_graphs") else "")
 
 
 def _ft_runs(results: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -229,7 +230,7 @@ def finetune(results: Path) -> Path:
             )
         ax.set_xticks(range(len(runs)), labels, fontsize=8)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{ft['preset']}, batch 8 × 1024 (finetune.json)", fontsize=10)
+        ax.set_title(f"{ft['preset']}, batch 8 × 1024 (finetune_details.json)", fontsize=10)
     cfgs = params["configs"]
     ax = axes[2]
     vals = [c["reduction_vs_full"] for c in cfgs]
@@ -325,14 +326,18 @@ def overview(results: Path, docs: Path) -> Path:
     ax.legend(fontsize=8)
 
     ax = axes[1][1]
-    runs = [r for r in ft_runs if r["targets"] in (None, "all-linear") and not r.get("lora_impl") == "peft"]
+    # one run per mode (the first: finetune_details.json also holds CUDA-graph variants of the same memory)
+    kept = [r for r in ft_runs if r["targets"] in (None, "all-linear") and not r.get("lora_impl") == "peft"]
+    runs = [
+        r for m in ("full", "lora", "qlora") for r in [next((r for r in kept if r["mode"] == m), None)] if r
+    ]
     vals = [r["peak_mem_gib"] for r in runs]
     ax.bar(range(len(runs)), vals, color=[GREY, BLUE, GREEN][: len(runs)])
     for i, v in enumerate(vals):
         ax.text(i, v, f"{v:.2f} GiB", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(runs)), [_ft_label(r) for r in runs], fontsize=8)
     ax.set_ylabel("peak GPU memory (GiB)")
-    ax.set_title("fine-tuning qwen3-0.6b, 8×1024 (finetune.json)", fontsize=10)
+    ax.set_title("fine-tuning qwen3-0.6b, 8×1024 (finetune_details.json)", fontsize=10)
     fig.suptitle("llmray on one NVIDIA H200 (random weights; bench/results/)", fontsize=11)
     return save(fig, docs / "results_overview.png")
 
