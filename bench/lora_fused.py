@@ -56,7 +56,7 @@ def main() -> None:
     scales = torch.ones(SLOTS, device=dev)
     for n in (int(r) for r in args.rows.split(",")):
         slots = (torch.arange(n, device=dev) * args.adapters // n).to(torch.int32)
-        xs = {k: torch.randn(n, k, device=dev, dtype=dt, generator=g) for k in (1024, 2048, 3072)}
+        xs = {k: torch.randn(n, k, device=dev, dtype=dt, generator=g) for k in {p[1] for p in PROJS}}
         res = {name: torch.empty(n, sum(outs), device=dev, dtype=dt) for name, _, outs in PROJS}
 
         def step(mode: str, config=None, only=None, n=n, slots=slots, xs=xs, res=res) -> None:
