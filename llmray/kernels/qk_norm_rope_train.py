@@ -21,7 +21,7 @@ from llmray.kernels.qk_norm_rope import qk_norm_rope
 from llmray.kernels.rmsnorm import DW_SUM, _sum_partials
 from llmray.kernels.rope import _token_cos_sin
 
-__all__ = ["qk_norm_rope_train"]
+__all__ = ["qk_norm_rope_train", "qkv_norm_rope_train"]
 
 
 @triton.jit
@@ -55,11 +55,13 @@ def _head_bwd(
 @triton.jit
 def _qk_norm_rope_bwd_kernel(
     Q, K, DQO, DKO, QW, KW, DQ, DK, DQW_PART, DKW_PART, POS, COS, SIN,
-    T, NTOK, tok_per_prog, sq_h, sk_h, HQ, HK, s_pb, s_pt, s_cos, eps,
+    T, NTOK, tok_per_prog, HQ, HK, s_pb, s_pt, s_cos, eps,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sgq_b, sgq_t, sgq_h, sgk_b, sgk_t, sgk_h,
+    sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, COMPUTE_DW: tl.constexpr,
 ):  # fmt: skip
-    """Q, K (saved inputs), DQO, DKO (incoming gradients), DQ, DK: contiguous (tokens, heads, D) rows, except
-    that Q/K have head stride sq_h/sk_h and token stride HQ*sq_h/HK*sk_h (contiguous projections)."""
+    """Q, K (saved inputs), DQO, DKO (incoming gradients), DQ, DK (outputs): (B, T, H, D) with any
+    (b, t, h) strides and unit stride along D (views of a fused q|k|v row, cuDNN's gradient layouts)."""
     pid = tl.program_id(0)
     d = tl.arange(0, HALF)
     aq1 = tl.zeros((HALF,), dtype=tl.float32)
@@ -71,14 +73,13 @@ def _qk_norm_rope_bwd_kernel(
         tok = start + i
         if tok < NTOK:
             b, t, c, s = _token_cos_sin(POS, COS, SIN, tok, T, s_pb, s_pt, s_cos, d, HALF, 1.0, False)
-            row = tok.to(tl.int64)
             q1, q2 = _head_bwd(
-                Q + row * HQ * sq_h, DQO + row * HQ * 2 * HALF, DQ + row * HQ * 2 * HALF, QW, c, s,
-                sq_h, 2 * HALF, 2 * HALF, HQ, eps, HALF, BLOCK_HQ,
+                Q + b * sq_b + t * sq_t, DQO + b * sgq_b + t * sgq_t, DQ + b * sdq_b + t * sdq_t, QW, c, s,
+                sq_h, sgq_h, sdq_h, HQ, eps, HALF, BLOCK_HQ,
             )  # fmt: skip
             k1, k2 = _head_bwd(
-                K + row * HK * sk_h, DKO + row * HK * 2 * HALF, DK + row * HK * 2 * HALF, KW, c, s,
-                sk_h, 2 * HALF, 2 * HALF, HK, eps, HALF, BLOCK_HK,
+                K + b * sk_b + t * sk_t, DKO + b * sgk_b + t * sgk_t, DK + b * sdk_b + t * sdk_t, KW, c, s,
+                sk_h, sgk_h, sdk_h, HK, eps, HALF, BLOCK_HK,
             )  # fmt: skip
             aq1 += q1
             aq2 += q2
@@ -98,40 +99,92 @@ def _programs(ntok: int, device: torch.device) -> int:
     return max(1, min(ntok, 16 * num_sms(device) if device.type == "cuda" else 4))
 
 
+def _unit_d(x: torch.Tensor) -> torch.Tensor:
+    """x with unit stride along the head dim (a copy only if it has none)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk):
+    """dq, dk (given outputs, any (b, t, h) strides) and the weights' gradients of rope(norm(q/k))."""
+    dqo, dko = _unit_d(dqo), _unit_d(dko)
+    bsz, t, hq, d = q.shape
+    hk = k.shape[2]
+    ntok = bsz * t
+    want_dw = ctx.needs_input_grad[ctx.w_index] or ctx.needs_input_grad[ctx.w_index + 1]
+    progs = _programs(ntok, q.device)
+    per = triton.cdiv(ntok, progs)
+    progs = triton.cdiv(ntok, per)
+    part = torch.empty((2, progs, d), device=q.device, dtype=torch.float32)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    pos = positions.expand(bsz, t)
+    block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
+    warps = 4 if (block_hq + block_hk) * d >= 2048 else 2
+    _qk_norm_rope_bwd_kernel[(progs,)](
+        q, k, dqo, dko, qw, kw, dq, dk, part[0], part[1], pos, cos, sin,
+        t, ntok, per, hq, hk, *pos.stride(), cos.stride(0), ctx.eps,
+        *q.stride()[:3], *k.stride()[:3], *dqo.stride()[:3], *dko.stride()[:3], *dq.stride()[:3], *dk.stride()[:3],
+        HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, COMPUTE_DW=want_dw, num_warps=warps,
+    )  # fmt: skip
+    dqw = _sum_partials(part[0], qw.dtype, DW_SUM) if ctx.needs_input_grad[ctx.w_index] else None
+    dkw = _sum_partials(part[1], kw.dtype, DW_SUM) if ctx.needs_input_grad[ctx.w_index + 1] else None
+    return dqw, dkw
+
+
 class _QKNormRopeFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, qw, kw, eps: float, positions, cos, sin):
-        q, k = q.contiguous(), k.contiguous()  # (B, T, H, D) projections: already contiguous
+        q, k = _unit_d(q), _unit_d(k)  # (B, T, H, D) projections: any (b, t, h) strides
         qo, ko = qk_norm_rope(q, k, qw, kw, eps, positions, cos, sin)
         ctx.save_for_backward(q, k, qw, kw, positions, cos, sin)
-        ctx.eps = eps
+        ctx.eps, ctx.w_index = eps, 2
         return qo, ko
 
     @staticmethod
     def backward(ctx, dqo: torch.Tensor, dko: torch.Tensor):
         q, k, qw, kw, positions, cos, sin = ctx.saved_tensors
-        dqo, dko = dqo.contiguous(), dko.contiguous()
-        bsz, t, hq, d = q.shape
-        hk = k.shape[2]
-        ntok = bsz * t
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
-        want_dw = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        progs = _programs(ntok, q.device)
-        per = triton.cdiv(ntok, progs)
-        progs = triton.cdiv(ntok, per)
-        part = torch.empty((2, progs, d), device=q.device, dtype=torch.float32)
-        cos, sin = cos.contiguous(), sin.contiguous()
-        pos = positions.expand(bsz, t)
-        block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
-        warps = 4 if (block_hq + block_hk) * d >= 2048 else 2
-        _qk_norm_rope_bwd_kernel[(progs,)](
-            q, k, dqo, dko, qw, kw, dq, dk, part[0], part[1], pos, cos, sin,
-            t, ntok, per, q.stride(2), k.stride(2), hq, hk, *pos.stride(), cos.stride(0), ctx.eps,
-            HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, COMPUTE_DW=want_dw, num_warps=warps,
-        )  # fmt: skip
-        dqw = _sum_partials(part[0], qw.dtype, DW_SUM) if ctx.needs_input_grad[2] else None
-        dkw = _sum_partials(part[1], kw.dtype, DW_SUM) if ctx.needs_input_grad[3] else None
+        dq, dk = (
+            torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+        )
+        dqw, dkw = _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk)
         return dq, dk, dqw, dkw, None, None, None, None
+
+
+class _QKVNormRopeFn(torch.autograd.Function):
+    """One fused (B, T, (Hq + 2 Hkv) D) q|k|v projection -> rope(norm(q)), rope(norm(k)), v (a view).
+
+    The backward writes dq, dk and dv into one (B, T, (Hq + 2 Hkv) D) gradient, so the fused projection's
+    input gradient is one GEMM and no cat of three gradients is made."""
+
+    @staticmethod
+    def forward(ctx, qkv, qw, kw, eps: float, positions, cos, sin, hq: int, hk: int):
+        bsz, t, width = qkv.shape
+        d = width // (hq + 2 * hk)
+        q = qkv[..., : hq * d].view(bsz, t, hq, d)  # strided views of the fused row
+        k = qkv[..., hq * d : (hq + hk) * d].view(bsz, t, hk, d)
+        v = qkv[..., (hq + hk) * d :].view(bsz, t, hk, d)
+        qo, ko = qk_norm_rope(q, k, qw, kw, eps, positions, cos, sin)
+        ctx.save_for_backward(qkv, qw, kw, positions, cos, sin)
+        ctx.eps, ctx.w_index, ctx.heads = eps, 1, (hq, hk, d)
+        return qo, ko, v
+
+    @staticmethod
+    def backward(ctx, dqo: torch.Tensor, dko: torch.Tensor, dv: torch.Tensor | None):
+        qkv, qw, kw, positions, cos, sin = ctx.saved_tensors
+        hq, hk, d = ctx.heads
+        bsz, t, _ = qkv.shape
+        dqkv = torch.empty_like(qkv)
+        q = qkv[..., : hq * d].view(bsz, t, hq, d)
+        k = qkv[..., hq * d : (hq + hk) * d].view(bsz, t, hk, d)
+        dq = dqkv[..., : hq * d].view(bsz, t, hq, d)
+        dk = dqkv[..., hq * d : (hq + hk) * d].view(bsz, t, hk, d)
+        dqw, dkw = _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk)
+        dvs = dqkv[..., (hq + hk) * d :].view(bsz, t, hk, d)
+        if dv is None:
+            dvs.zero_()
+        else:
+            dvs.copy_(dv)
+        return dqkv, dqw, dkw, None, None, None, None, None, None
 
 
 def qk_norm_rope_train(
@@ -158,3 +211,24 @@ def qk_norm_rope_train(
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, q_weight, k_weight)):
         return _QKNormRopeFn.apply(q, k, q_weight, k_weight, eps, positions, cos, sin)
     return qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos, sin)
+
+
+def qkv_norm_rope_train(
+    qkv: torch.Tensor,  # (B, T, (Hq + 2 Hkv) D): the fused q|k|v projection
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rope(norm(q)), rope(norm(k)), v) of a fused projection, differentiable in qkv and both weights;
+    one (B, T, (Hq + 2 Hkv) D) input gradient (power-of-2 head dims: the callers check)."""
+    if qkv.dim() != 3 or qkv.stride(-1) != 1 or qkv.shape[-1] % (num_heads + 2 * num_kv_heads):
+        raise ValueError(
+            f"qkv_norm_rope_train needs (B, T, (H + 2 Hkv) D) with unit last stride, got {qkv.shape}"
+        )
+    out = _QKVNormRopeFn.apply(qkv, q_weight, k_weight, eps, positions, cos, sin, num_heads, num_kv_heads)
+    return out[0], out[1], out[2]

@@ -45,6 +45,9 @@ class ModelOps:
     # training: linear(x, [w, ...]) over fp32 master weights under autocast with fp32 weight gradients out of
     # the GEMM (model/master_linear.py); None: the nn.Linear modules (autocast casts, then a gradient cast)
     linear: Callable[..., torch.Tensor] | None = None
+    # training, with ``linear``: q|k|v as one GEMM, then (rope(norm(q)), rope(norm(k)), v) whose backward
+    # writes one fused input gradient (kernels/qk_norm_rope_train.py qkv_norm_rope_train); None: three GEMMs
+    qkv_norm_rope_train: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
 def _gated_swiglu_torch(x: torch.Tensor) -> torch.Tensor:
@@ -63,13 +66,16 @@ TORCH_OPS = ModelOps(
 )
 
 
+FUSED_QKV_TRAIN = False  # the fused q|k|v training path in the Triton op set (on after its GPU A/B)
+
+
 @functools.cache
 def triton_ops() -> ModelOps:
     """The Triton op set (imported on first use: ``@triton.jit`` binds the interpreter at import time)."""
     from llmray.kernels.cross_entropy import linear_cross_entropy
     from llmray.kernels.gated_swiglu import gated_swiglu
     from llmray.kernels.qk_norm_rope import qk_norm_rope
-    from llmray.kernels.qk_norm_rope_train import qk_norm_rope_train
+    from llmray.kernels.qk_norm_rope_train import qk_norm_rope_train, qkv_norm_rope_train
     from llmray.kernels.rmsnorm import add_rms_norm, rms_norm
     from llmray.kernels.rope import rope
     from llmray.kernels.swiglu import swiglu, swiglu_fused
@@ -87,6 +93,7 @@ def triton_ops() -> ModelOps:
         swiglu_fused=swiglu_fused,
         qk_norm_rope_train=qk_norm_rope_train,
         linear=master_linear,
+        qkv_norm_rope_train=qkv_norm_rope_train if FUSED_QKV_TRAIN else None,
     )
 
 

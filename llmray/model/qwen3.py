@@ -74,6 +74,27 @@ class Qwen3Attention(nn.Module):
         one_row = b * t == 1 or norm_rope is not None
         plain = type(self.q_proj) is nn.Linear or self.qkv_linear is not None
         fused = self.qkv_weight if one_row and plain else None
+        d = self.head_dim
+        if (
+            torch.is_grad_enabled()
+            and ops.qkv_norm_rope_train is not None
+            and ops.linear is not None
+            and type(self.q_proj) is nn.Linear
+            and type(self.k_proj) is nn.Linear
+            and type(self.v_proj) is nn.Linear
+            and d % 2 == 0
+            and d & (d - 1) == 0
+        ):  # training: one q|k|v GEMM; the norm/rope node writes one fused gradient (no cat, no sum)
+            qkv = ops.linear(x, [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+            q, k, v = ops.qkv_norm_rope_train(
+                qkv, qw, kw, eps, positions, rope_cos, rope_sin, self.num_heads, self.num_kv_heads
+            )
+            if attn_metadata is None:
+                out = causal_attention(q, k, v, self.scale)
+            else:
+                out = attn_metadata.attend(self.layer_idx, q, k, v)
+            return _proj(self.o_proj, out.reshape(b, t, self.num_heads * d), ops)
         if fused is not None and not torch.is_grad_enabled():
             nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             qkv = F.linear(x, fused) if self.qkv_linear is None else self.qkv_linear(x, fused)  # one GEMM

@@ -39,3 +39,39 @@ def test_forward_and_gradients_match_reference(dtype, d, device, assert_matches)
         assert_matches(x.grad, r.grad, dtype, name)
     for x, r, name in zip((qw, kw), refs[2:], ("dqw", "dkw"), strict=True):
         assert_matches(x.grad, r.grad, torch.float32 if dtype == torch.float32 else dtype, name, reduced=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_qkv_gradient_matches_reference(dtype, device, assert_matches):
+    """qkv_norm_rope_train over one fused q|k|v row: outputs and the one fused input gradient; the incoming
+    q gradient in a transposed (B, H, T, D) layout (as SDPA backends return it: read in place)."""
+    from llmray.kernels.qk_norm_rope_train import qkv_norm_rope_train
+
+    g = torch.Generator().manual_seed(1)
+    b, t, hq, hk, d = 2, 5, 4, 2, 16
+    qkv = torch.randn(b, t, (hq + 2 * hk) * d, generator=g).to(device, dtype).requires_grad_(True)
+    qw = (1 + 0.1 * torch.randn(d, generator=g)).to(device).requires_grad_(True)
+    kw = (1 + 0.1 * torch.randn(d, generator=g)).to(device).requires_grad_(True)
+    positions = torch.arange(t, device=device).expand(b, t)
+    ang = torch.outer(torch.arange(16.0), torch.rand(d // 2, generator=g))
+    cos, sin = ang.cos().to(device), ang.sin().to(device)
+    dq = torch.randn(b, hq, t, d, generator=g).to(device, dtype).transpose(1, 2)  # (B, T, H, D) view
+    dk, dv = (torch.randn(b, t, h, d, generator=g).to(device, dtype) for h in (hk, hk))
+    qo, ko, v = qkv_norm_rope_train(qkv, qw, kw, 1e-6, positions, cos, sin, hq, hk)
+    torch.autograd.backward((qo, ko, v), (dq, dk, dv))
+    ref = [x.detach().float().requires_grad_(True) for x in (qkv, qw, kw)]
+    q_r, k_r, v_r = ref[0].split([hq * d, hk * d, hk * d], dim=-1)
+    qr, kr = rope_ref(
+        rms_norm_ref(q_r.reshape(b, t, hq, d), ref[1], 1e-6),
+        rms_norm_ref(k_r.reshape(b, t, hk, d), ref[2], 1e-6),
+        positions,
+        cos,
+        sin,
+    )
+    torch.autograd.backward((qr, kr, v_r.reshape(b, t, hk, d)), (dq.float(), dk.float(), dv.float()))
+    assert_matches(qo, qr, dtype, "q")
+    assert_matches(ko, kr, dtype, "k")
+    assert torch.equal(v, qkv.detach()[..., (hq + hk) * d :].view(b, t, hk, d))
+    assert_matches(qkv.grad, ref[0].grad, dtype, "dqkv")
+    for x, r, name in zip((qw, kw), ref[1:], ("dqw", "dkw"), strict=True):
+        assert_matches(x.grad, r.grad, torch.float32 if dtype == torch.float32 else dtype, name, reduced=True)
