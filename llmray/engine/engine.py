@@ -122,12 +122,12 @@ class LLMEngine:
                 raise ValueError("this engine has no tokenizer: pass prompts as lists of token ids")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            ids = list(map(int, prompt))
         if not ids:
             raise RequestError("the prompt is empty: it must hold at least one token", "prompt")
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
+        if min(ids) < 0 or max(ids) >= vocab:  # (C loops: a long prompt's check is on its TTFT)
+            bad = [t for t in ids if not 0 <= t < vocab]
             raise RequestError(
                 f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt"
             )
