@@ -99,6 +99,14 @@ def run(
     return row
 
 
+def recapture(llm: LLM) -> None:
+    """Capture the engine's CUDA graphs again (after a change to the LoRA kernels' launch settings)."""
+    runner = llm.engine.runner
+    runner.graphs.clear()
+    torch.cuda.empty_cache()
+    runner._cuda_graphs.capture()
+
+
 def kernel_times(rank: int) -> dict:
     """One LoRA'd linear (1024 -> 3072, bf16) at decode (256 rows) and prefill (8192 rows) sizes: our
     shrink+expand against the torch gather reference, rows sorted by slot as the runner packs them."""
@@ -145,6 +153,14 @@ def main() -> None:
         action="store_true",
         help="then 16 adapters again on the split kernels only (GEMM + shrink + expand per projection: fused "
         "decode path and wide path off, graphs re-captured)",
+    )
+    ap.add_argument(
+        "--ab-fused",
+        action="append",
+        default=[],
+        metavar="ROW:NAME=CFG[,NAME=CFG]",
+        help="then 16 adapters again with lora_fused.CONFIGS[NAME] set to CFG (BMxBNxBKxTxWARPSxSTAGES[xSPLITS]; "
+        "NAME=max_rows sets LoraBatch.fused_max_rows), graphs re-captured, as row ROW (before --ab-split)",
     )
     ap.add_argument(
         "--trace", action="store_true", help="per timed run: phases, Triton compiles, GC (each row)"
@@ -208,13 +224,28 @@ def main() -> None:
             )
             print(key, results["rows"][key], flush=True)
             save()
+        for spec in args.ab_fused:  # the same engine with other fused-kernel launch parameters
+            from llmray.kernels import lora_fused
+
+            row, _, sets = spec.partition(":")
+            for item in sets.split(","):
+                name, _, cfg = item.partition("=")
+                if name == "max_rows":
+                    llm.engine.lora.batch.fused_max_rows = int(cfg)
+                else:
+                    lora_fused.CONFIGS[name] = tuple(int(v) for v in cfg.split("x"))  # type: ignore[assignment]
+            recapture(llm)
+            loras = [names[i % 16] for i in range(len(prompts))]
+            results["rows"][row] = run(
+                llm, prompts, loras, args.output_len, args.repeats, args.warmup_seqs, args.trace
+            )
+            results["rows"][row]["fused_configs"] = {**lora_fused.CONFIGS}
+            print(row, results["rows"][row], flush=True)
+            save()
         if args.ab_split:  # the same engine with every step on the split GEMM + shrink + expand kernels
             llm.engine.lora.batch.wide_max_rows = 0
             llm.engine.lora.batch.fused_max_rows = 0
-            runner = llm.engine.runner
-            runner.graphs.clear()
-            torch.cuda.empty_cache()
-            runner._cuda_graphs.capture()
+            recapture(llm)
             loras = [names[i % 16] for i in range(len(prompts))]
             results["rows"]["16_adapters_split_kernels"] = run(
                 llm, prompts, loras, args.output_len, args.repeats, args.warmup_seqs, args.trace

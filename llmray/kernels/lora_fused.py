@@ -120,6 +120,7 @@ Config = tuple[
 CONFIGS: dict[str, Config] = {
     "default": (64, 64, 64, 4, 4, 3, 1),
     "narrow": (64, 32, 64, 4, 4, 3, 1),  # few output columns, long K (o, down): more programs
+    "prefill": (128, 128, 64, 2, 8, 3, 1),  # thousands of rows: compute-bound, a prompt chunk is one slot
 }
 _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: split-K tickets, zero between launches
 _MAX_TILES = 8192
@@ -127,6 +128,8 @@ _MAX_TILES = 8192
 
 def fused_config(n: int, o: int, k: int) -> Config:
     """Launch parameters for an (n, k) x (o, k)ᵀ projection (no autotuning: the same on every run)."""
+    if n > 512:
+        return CONFIGS["prefill"]
     return CONFIGS["narrow"] if o * 2 <= k else CONFIGS["default"]
 
 
