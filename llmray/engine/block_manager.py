@@ -90,15 +90,22 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
-        hashes = self._hash_blocks(seq, seq.num_tokens - 1)
+        hashes, ids, adapter = seq.block_hashes, seq.token_ids, seq.adapter_id
         found: list[int] = []
-        for i, h in enumerate(hashes[: (seq.num_tokens - 1) // bs]):
+        # hash chain extended only as far as the cache matches (each block's tuple built once: a long
+        # prompt's lookup is on its TTFT)
+        for i in range((seq.num_tokens - 1) // bs):
+            tokens = tuple(ids[i * bs : (i + 1) * bs])
+            if i < len(hashes):
+                h = hashes[i]
+            else:
+                h = hash((hashes[i - 1] if i else _ROOT_HASH, adapter, tokens))
+                hashes.append(h)
             block_id = self.hash_to_block.get(h)
             if block_id is None:
                 break
             block = self.blocks[block_id]
             parent = found[-1] if found else -1
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             if (
                 block.token_ids != tokens
                 or block.adapter_id != seq.adapter_id
