@@ -12,12 +12,14 @@ the decode kernel runs over ``decode_rows`` sequence slots and skips those whose
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from llmray.kernels.kv_store import kv_store, kv_store_ref
 from llmray.kernels.paged_attention import paged_attention_ref, paged_decode, paged_prefill
+from llmray.kernels.qk_norm_rope import qk_norm_rope_store
 
 
 @dataclass
@@ -41,26 +43,76 @@ class PagedAttentionMetadata:
     # the first decode_rows sequences are one-token chunks at tokens 0..decode_rows-1 (decode-only steps and
     # eager steps): the decode kernel indexes q directly, no query_start lookup before its loads
     decode_direct: bool = False
+    # Triton: the model's q/k norm + rope also stores k/v in the cache (``norm_rope_store``, one launch less)
+    fuse_store: bool = False
 
     @property
     def num_seqs(self) -> int:
         return self.block_tables.shape[0]
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (1, N, H, D), k/v (1, N, Hkv, D) -> (1, N, H, D)."""
-        q0, k0, v0 = q[0], k[0], v[0]
+    @property
+    def norm_rope_store(self) -> Callable[..., torch.Tensor] | None:
+        """The model's hook (inference): q/k RMSNorm + rope whose k and v go straight to this layer's cache;
+        ``attend`` then gets k = v = None. None where the step stores k/v in ``attend``."""
+        return self._norm_rope_store if self.fuse_store and self.use_triton else None
+
+    def _norm_rope_store(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,  # (1, N, H, D) views of the fused q|k|v row
+        k: torch.Tensor,  # (1, N, Hkv, D)
+        v: torch.Tensor,
+        q_weight: torch.Tensor,
+        k_weight: torch.Tensor,
+        eps: float,
+        positions: torch.Tensor,  # (1, N)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        ks = vs = None
+        if self.k_scales is not None:
+            assert self.v_scales is not None, "an fp8 cache has both scales"
+            ks, vs = self.k_scales[layer_idx], self.v_scales[layer_idx]
+        kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
+        q0 = qk_norm_rope_store(
+            q[0],
+            k[0],
+            v[0],
+            q_weight,
+            k_weight,
+            eps,
+            positions[0],
+            cos,
+            sin,
+            kc,
+            vc,
+            self.slot_mapping,
+            ks,
+            vs,
+        )
+        return q0.unsqueeze(0)
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q (1, N, H, D), k/v (1, N, Hkv, D) -> (1, N, H, D); k = v = None: already stored
+        (``norm_rope_store``)."""
+        q0 = q[0]
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
         ks = vs = None
         if self.k_scales is not None:
             assert self.v_scales is not None, "an fp8 cache has both scales"
             ks, vs = self.k_scales[layer_idx], self.v_scales[layer_idx]
         if not self.use_triton:
-            kv_store_ref(k0, v0, kc, vc, self.slot_mapping, ks, vs)
+            assert k is not None and v is not None, "the torch path stores k/v here"
+            kv_store_ref(k[0], v[0], kc, vc, self.slot_mapping, ks, vs)
             out = paged_attention_ref(
                 q0, kc, vc, self.block_tables, self.query_start, self.context_lens, self.scale, ks, vs
             )
             return out.unsqueeze(0)
-        kv_store(k0, v0, kc, vc, self.slot_mapping, ks, vs)
+        if k is not None:
+            assert v is not None, "k and v are stored together"
+            kv_store(k[0], v[0], kc, vc, self.slot_mapping, ks, vs)
         out = torch.empty_like(q0)
         if self.decode_rows:
             rows = self.decode_rows

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmray.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from llmray.kernels.kv_store import kv_store
+from llmray.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref, qk_norm_rope_store
 from llmray.model.qwen3 import rope_tables
 
 
@@ -48,3 +49,39 @@ def test_qk_norm_rope_rejects_bad_shapes(device):
     with pytest.raises(ValueError, match="power-of-2"):
         qk_norm_rope(q, q, torch.ones(12, device=device), torch.ones(12, device=device), 1e-6,
                      torch.zeros(1, 2, dtype=torch.long, device=device), cos, cos)  # fmt: skip
+
+
+def _check_store(n, h, hkv, d, cache_dtype, device):
+    """The fused store equals qk_norm_rope followed by kv_store, bit for bit (both cache dtypes)."""
+    cos, sin = rope_tables(d, 4096, 1e6)
+    cos, sin = cos.to(device), sin.to(device)
+    g = torch.Generator(device="cpu").manual_seed(n)
+    row = (torch.randn(n, (h + 2 * hkv) * d, generator=g) * 3).to(device, torch.bfloat16)
+    q, k, v = row.split([h * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(n, h, d), k.view(n, hkv, d), v.view(n, hkv, d)
+    qw = (1 + 0.3 * torch.randn(d, generator=g)).to(device, torch.bfloat16)
+    kw = (1 + 0.3 * torch.randn(d, generator=g)).to(device, torch.bfloat16)
+    pos = torch.randint(0, 4096, (n,), generator=g).to(device)
+    blocks, page = 6, 4
+    slots = torch.randperm(blocks * page, generator=g)[:n].to(device)
+    slots[1] = -1  # a padding token: nothing stored
+    scale = torch.tensor([0.05], device=device) if cache_dtype == torch.float8_e4m3fn else None
+    poison = torch.full((blocks, page, hkv, d), 7.0, device=device).to(cache_dtype)
+    kc, vc, ekc, evc = poison.clone(), poison.clone(), poison.clone(), poison.clone()
+    qo = qk_norm_rope_store(q, k, v, qw, kw, 1e-6, pos, cos, sin, kc, vc, slots, scale, scale)
+    eq, ek = qk_norm_rope(q[None], k[None], qw, kw, 1e-6, pos[None], cos, sin)
+    kv_store(ek[0], v, ekc, evc, slots, scale, scale)  # (the interpreter's fp8 rounding is its own)
+    assert torch.equal(qo, eq[0])
+    assert torch.equal(kc.float(), ekc.float()) and torch.equal(vc.float(), evc.float())
+    assert (kc.float() != 7.0).any() and (vc.float() != 7.0).any()
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_qk_norm_rope_store_equals_the_two_launches(cache_dtype, device):
+    _check_store(5, 3, 1, 16, cache_dtype, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_qk_norm_rope_store_real_shapes_gpu(cache_dtype):
+    _check_store(20, 16, 8, 128, cache_dtype, "cuda")
