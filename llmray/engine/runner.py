@@ -87,6 +87,7 @@ class ModelRunner:
         # constrained rows' masks (structured/step_masks.py); a deferred step waiting for its sampling
         self.masks = StepMasks(self.device, self.vocab_size, seqs)
         self._unsampled: PendingStep | None = None
+        self._sampled: PendingStep | None = None  # the latest step that sampled (its tokens: next masks)
         # the latest launch's samples; seq.sample_row is each sampling sequence's row here
         self.prev_tokens = torch.zeros(seqs, dtype=torch.long, device=self.device)
         self._out_bufs = [
@@ -229,6 +230,7 @@ class ModelRunner:
                 self._unsampled = pending
                 for r, seq in enumerate(seqs):
                     seq.sample_row = r  # the next launch's inputs read these rows of prev_tokens
+                self.masks.start(pending, self._sampled)  # masks fill on the worker once its tokens land
                 return pending
             self._sample_step(pending, logits, deferred=False)
         return pending
@@ -261,6 +263,7 @@ class ModelRunner:
             seq.sample_row = r
         if self.is_cuda:
             self._copy_out(pending)
+        self._sampled = pending
 
     def _copy_out(self, pending: PendingStep) -> None:
         """Start the device->host copy of the step's results now, behind its own work only."""

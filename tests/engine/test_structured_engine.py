@@ -95,17 +95,22 @@ def test_deferred_sampling_gives_the_tokens_of_synchronous_steps(llm):
     assert engine.defer_constrained_sampling and engine.async_scheduling and masks.early
     started = masks.started
     deferred = llm.generate(prompts, params)
-    assert masks.started > started  # masks filled on the worker from the previous read-back on
+    assert masks.started > started  # masks filled on the worker once the previous step's tokens landed
     engine.defer_constrained_sampling = False
     try:
         synchronous = llm.generate(prompts, params)
     finally:
         engine.defer_constrained_sampling = True
+    masks.from_event = False  # the fill started after the host's read-back, not when the tokens land
+    try:
+        after_read_back = llm.generate(prompts, params)
+    finally:
+        masks.from_event = True
     masks.early = False  # deferred, filled at sampling time
     try:
         late = llm.generate(prompts, params)
     finally:
         masks.early = True
-    for other in (synchronous, late):
+    for other in (synchronous, after_read_back, late):
         assert [o.token_ids for o in deferred] == [o.token_ids for o in other]
         assert [o.finish_reason for o in deferred] == [o.finish_reason for o in other]

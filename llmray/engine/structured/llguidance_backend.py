@@ -98,7 +98,7 @@ class LLGuidanceConstraint:
         self.extra_stops = extra_stops  # the request's stop tokens beyond EOS
         self.num_accepted = 0
         self._terminated = False
-        self._pre: int | None = None  # a token the mask-fill thread consumes for us (preaccept)
+        self._pre = False  # the mask-fill thread consumes our next token (preaccept)
 
     def _add_stops(self, bitmask: torch.Tensor, row: int) -> None:
         if self.extra_stops and self.matcher.is_accepting():
@@ -140,13 +140,12 @@ class LLGuidanceConstraint:
                 c._add_stops(bitmask, r)
         return failed
 
-    def preaccept(self, token_id: int) -> bool:
-        """Step masks (structured/step_masks.py): the fill thread consumes ``token_id`` (``fill_job``) before
-        it fills the next mask, and ``accept_token(token_id)`` then returns without touching the matcher. The
-        token was sampled under this request's mask, so it is allowed; should the matcher still reject it, the
-        next fill reports the row and the request fails. Returns False when the token ends the document."""
-        self._pre = token_id
-        return not (token_id == self.eos_token_id or token_id in self.extra_stops)
+    def preaccept(self) -> None:
+        """Step masks (structured/step_masks.py): the fill thread consumes this request's next sampled token
+        (``fill_job``) before it fills the next mask, and ``accept_token`` then returns without touching the
+        matcher. The token was sampled under this request's mask, so it is allowed; should the matcher still
+        reject it, the next fill reports the row and the request fails."""
+        self._pre = True
 
     @classmethod
     def fill_job(
@@ -154,47 +153,83 @@ class LLGuidanceConstraint:
         bitmask: torch.Tensor,
         accepts: list[tuple[LLGuidanceConstraint, int]],
         rows: list[tuple[int, LLGuidanceConstraint]],
+        tokens: Callable[[], list[int]],
     ) -> tuple[Callable[[], set[int]], Callable[[set[int]], dict[int, str]]]:
-        """A step's accepts and masks split for a worker thread (structured/step_masks.py): ``work()`` consumes
-        each ``(constraint, token)`` of ``accepts``, then fills ``bitmask[k]`` for each ``(k, constraint)`` of
-        ``rows`` — two calls into llguidance per executor, the GIL released inside both, their argument lists
-        built here beforehand so that the worker barely needs the GIL — and returns the ids of the constraints
-        that rejected their token. ``check(rejected)``, on the caller's thread once ``work`` is done, returns
-        packed row -> why and adds the extra stop tokens. A request's extra stop token is not consumed."""
+        """A step's accepts and masks split for a worker thread (structured/step_masks.py). ``work()`` gets the
+        previous step's sampled tokens from ``tokens()`` (it may block until they land: the GIL is released
+        meanwhile), consumes ``tokens[i]`` into each ``(constraint, i)`` of ``accepts``, then fills
+        ``bitmask[k]`` for each ``(k, constraint)`` of ``rows`` — two calls into llguidance per executor, the GIL
+        released inside both, their argument lists built here beforehand so that the worker barely needs the
+        GIL — and returns the ids of the constraints that rejected their token. A row whose token ends its
+        document (EOS, a request's stop token: that one is not consumed) is set to all ones, not filled (its
+        request finishes; the sample is discarded). ``check(rejected)``, on the caller's thread once ``work`` is
+        done, returns packed row -> why (matchers in an error state) and adds the extra stop tokens."""
         assert bitmask.dtype == torch.int32 and not bitmask.is_cuda and bitmask.is_contiguous(), "host int32"
-        consume: dict[int, tuple[Any, list, list]] = {}
-        for c, t in accepts:
-            if t == c.eos_token_id or t not in c.extra_stops:
-                e = consume.setdefault(id(c.executor), (c.executor, [], []))
-                e[1].append((c.matcher, t))
-                e[2].append(c)
-        fill: dict[int, tuple[Any, list, list]] = {}
+        index = {id(c): i for c, i in accepts}
+        # per executor: its consumes (constraints, their token rows) and fills ((matcher, packed row), token row)
+        groups: dict[int, tuple[Any, list, list, list, list]] = {}
+        for c, i in accepts:
+            g = groups.setdefault(id(c.executor), (c.executor, [], [], [], []))
+            g[1].append(c)
+            g[2].append(i)
         for k, c in rows:
-            e = fill.setdefault(id(c.executor), (c.executor, [], []))
-            e[1].append((c.matcher, k))
-            e[2].append(c)
+            g = groups.setdefault(id(c.executor), (c.executor, [], [], [], []))
+            g[3].append((c.matcher, k))
+            g[4].append(index.get(id(c), -1))
+        eos = rows[0][1].eos_token_id if rows else -1
+        extra = any(c.extra_stops for c, _ in accepts)
         ptr, row_bytes, n = bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0]
+        rows_np = bitmask.numpy()  # (written on the worker: no torch op on an inference tensor there)
 
         def work() -> set[int]:
+            toks = tokens() if accepts else []
             rejected: set[int] = set()
-            for ex, args, cons in consume.values():
-                oks = ex.consume_token_par(args)
-                if not all(oks):
-                    rejected.update(id(c) for c, ok in zip(cons, oks, strict=True) if not ok)
-            for ex, args, cons in fill.values():
-                if rejected:
-                    args = [a for a, c in zip(args, cons, strict=True) if id(c) not in rejected]
-                ex.unsafe_compute_mask_ptr(args, ptr, row_bytes, n)
+            for ex, cons, idx, fills, fidx in groups.values():
+                sampled = [toks[i] for i in idx]
+                if extra:  # a request's own stop token ends it unconsumed
+                    ended = {
+                        i
+                        for i, t, c in zip(idx, sampled, cons, strict=True)
+                        if t == eos or t in c.extra_stops
+                    }
+                    pairs = [
+                        (c, t)
+                        for c, t in zip(cons, sampled, strict=True)
+                        if t == eos or t not in c.extra_stops
+                    ]
+                else:
+                    ended = {i for i, t in zip(idx, sampled, strict=True) if t == eos}
+                    pairs = list(zip(cons, sampled, strict=True))
+                if pairs:
+                    oks = ex.consume_token_par([(c.matcher, t) for c, t in pairs])
+                    if not all(oks):
+                        rejected.update(id(c) for (c, _), ok in zip(pairs, oks, strict=True) if not ok)
+                if ended or rejected:
+                    bad = {id(c.matcher) for c, _ in pairs if id(c) in rejected}
+                    keep = []
+                    for a, i in zip(fills, fidx, strict=True):
+                        if i in ended:
+                            rows_np[a[1]] = -1  # its request finishes: any mask (the sample is discarded)
+                        elif id(a[0]) not in bad:
+                            keep.append(a)
+                    fills = keep
+                if fills:
+                    ex.unsafe_compute_mask_ptr(fills, ptr, row_bytes, n)
             return rejected
+
+        stop_rows = [(k, c) for k, c in rows if c.extra_stops]
 
         def check(rejected: set[int]) -> dict[int, str]:
             why: dict[int, str] = {}
             for k, c in rows:
-                if id(c) in rejected:
-                    why[k] = "its token constraint rejected the sampled token"
-                elif c.matcher.is_error():
-                    why[k] = f"llguidance: {c.matcher.get_error()}"
-                elif c.extra_stops:
+                if c.matcher.is_error():
+                    why[k] = (
+                        "its token constraint rejected the sampled token"
+                        if id(c) in rejected
+                        else f"llguidance: {c.matcher.get_error()}"
+                    )
+            for k, c in stop_rows:
+                if k not in why:
                     c._add_stops(bitmask, k)
             return why
 
@@ -202,8 +237,8 @@ class LLGuidanceConstraint:
 
     def accept_token(self, token_id: int) -> bool:
         token_id = int(token_id)
-        pre, self._pre = self._pre, None
-        if pre is not None and pre == token_id:  # consumed by the mask-fill thread (see preaccept)
+        pre, self._pre = self._pre, False
+        if pre:  # consumed by the mask-fill thread (see preaccept)
             self.num_accepted += 1
             self._terminated = token_id == self.eos_token_id or token_id in self.extra_stops
             return True

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +40,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("llmray.engine")
 _WORKER: ThreadPoolExecutor | None = None
+_landed = [0.0]  # when the worker's current job got its tokens (perf_counter; benches)
 # the interpreter's switch interval while a fill is in flight: the worker takes the GIL back within this long
 # after each call into the grammar library instead of the default 5 ms (the main thread runs Python throughout)
-_SWITCH_S = 1e-4
+_SWITCH_S = 2e-5
 
 
 def _worker() -> ThreadPoolExecutor:
@@ -74,6 +76,9 @@ class StepMasks:
         self._turn = 0
         self._job: _Job | None = None
         self.early = True  # False: every fill synchronous at sampling time (the old order, for A/B runs)
+        # True: a fill starts when the previous step's tokens land (the worker waits for them); False: only
+        # after the host has read them back (the older order, for A/B runs)
+        self.from_event = True
         self.started = 0  # fills started early (on the worker), for tests and benches
         self.work_s = 0.0  # the worker's busy seconds (benches)
         self._switch = sys.getswitchinterval()
@@ -145,15 +150,19 @@ class StepMasks:
         for k, why in fill_bitmasks(host, [(k, c) for k, (_, c) in enumerate(rows)]).items():
             _report(rows[k][0], why, host, k, failed)
 
-    def start(self, pending: Any, prev: Any, tokens: list[int]) -> None:
-        """Step N (``prev``) was read back with ``tokens``: accept them into the deferred step ``pending``'s
-        constraints and fill its masks on the worker thread."""
-        if not self.early or self._job is not None:
+    def start(self, pending: Any, prev: Any, tokens: list[int] | None = None) -> None:
+        """Fill the deferred step ``pending``'s masks on the worker thread, after accepting into its constraints
+        the tokens of step ``prev`` (the step sampled just before it; None: no step). ``tokens``: ``prev``'s
+        tokens, read back already; None: the worker reads them itself as soon as they land (``prev``'s
+        device->host copy event), so the fill starts then, not after the host's read-back of ``prev``."""
+        if not self.early or self._job is not None or (tokens is None and not self.from_event):
             return
-        failed = prev.failed
-        sampled = {
-            id(s): t for r, (s, t) in enumerate(zip(prev.seqs, tokens, strict=True)) if r not in failed
-        }
+        sampled: dict[int, int] = {}
+        source = None
+        if prev is not None and prev.out is not None:
+            failed = prev.failed
+            sampled = {id(s): r for r, s in enumerate(prev.seqs) if r not in failed}
+            source = _tokens_of(prev) if tokens is None else (lambda: tokens)
         rows: list[tuple[int, Any]] = []
         groups: dict[Any, tuple[list, list]] = {}  # constraint class -> (accepts, packed rows)
         complete = True
@@ -162,21 +171,20 @@ class StepMasks:
             if c is None or seq.is_finished:
                 continue
             cls = type(c)
-            if not hasattr(cls, "fill_job"):
-                complete = False
-                continue
-            token = sampled.get(id(seq))
             group = groups.get(cls)
             if group is None:
+                if not hasattr(cls, "fill_job"):
+                    complete = False
+                    continue
                 group = groups[cls] = ([], [])
-            if token is None:  # it did not sample in step N: its previous token is known (or it waits)
+            i = sampled.get(id(seq))
+            if i is None:  # it did not sample in ``prev``: its previous token is known (or it waits)
                 if seq.num_tokens > 1 and seq.token_ids[-2] == PLACEHOLDER:
                     complete = False
                     continue
             else:
-                group[0].append((c, token))
-                if not c.preaccept(token):
-                    continue  # the token ends its document: the request finishes, no mask
+                group[0].append((c, i))
+                c.preaccept()  # the worker consumes that token: the read-back's accept_token will not
             group[1].append((len(rows), c))
             rows.append((r, c))
         if not rows:
@@ -185,13 +193,12 @@ class StepMasks:
         index.numpy()[:] = [r for r, _ in rows]
         job = self._job = _Job(pending, rows, host, index)
         job.complete = complete
-        jobs = [(cls.fill_job(host, acc, rws), rws) for cls, (acc, rws) in groups.items()]
+        jobs = [(cls.fill_job(host, acc, rws, source), rws) for cls, (acc, rws) in groups.items() if rws]
         job.checks = [(check, rws) for (_, check), rws in jobs]
         # the worker needs the GIL only briefly (between its calls into the library): let it have it soon
         self._switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch, _SWITCH_S))
         job.future = _worker().submit(_run, [work for (work, _), _ in jobs])
-        time.sleep(0)  # (releases the GIL: the worker can enter the library now)
         self.started += 1
 
     def ready(self, pending: Any) -> bool:
@@ -243,13 +250,27 @@ def _report(row: int, why: str, host: torch.Tensor, k: int, failed: dict[int, st
     host[k] = -1
 
 
+def _tokens_of(step: Any) -> Callable[[], list[int]]:
+    """The sampled tokens of a launched step, read on the worker: it waits for the step's device->host copy
+    (CUDA: its event; the GIL is released while it waits)."""
+    ready, out = step.ready, step.host if step.host is not None else step.out
+
+    def read() -> list[int]:
+        if ready is not None:
+            ready.synchronize()
+        _landed[0] = time.perf_counter()
+        return out.token_ids.tolist()
+
+    return read
+
+
 def _run(works: list) -> tuple[list, float]:
     """On the worker: each constraint class's ``work()`` (its result, or the exception it raised), and the time."""
-    t0 = time.perf_counter()
+    t0 = _landed[0] = time.perf_counter()
     out: list = []
     for work in works:
         try:
             out.append(work())
         except Exception as e:  # reported per row by finish()
             out.append(e)
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - max(t0, _landed[0])  # (busy from the tokens' landing on)
