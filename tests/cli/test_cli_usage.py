@@ -334,8 +334,8 @@ def test_ctrl_c_during_training_says_what_is_kept_and_exits_130(how, tmp_path, c
 def test_sigterm_during_training_is_one_line_exit_143(tmp_path, corpus, capsys, monkeypatch):
     """`kill` (SIGTERM) of a training command: Ray's driver handler printed Ray's C++ stack (two dozen
     ``logging.cc`` lines) before our line. Now one ``interrupted (SIGTERM): ...`` line, exit 143; the handler
-    is ours again after Ray starts (Ray's ``ray.init`` puts its own in: here a stand-in does), and a Ray Train
-    run's own SIGINT handler (its graceful abort) is what SIGTERM calls."""
+    is ours again after Ray starts (Ray's ``ray.init`` puts its own in: here a stand-in does). It stops at once:
+    not through Ray Train's graceful abort (Ctrl-C's), which outlived `timeout -k 8` on a busy machine."""
     import signal
 
     import llmray.train.pretrain as pretrain
@@ -365,7 +365,7 @@ def test_sigterm_during_training_is_one_line_exit_143(tmp_path, corpus, capsys, 
     finally:
         signal.signal(signal.SIGINT, sigint)
     assert rc == 143
-    assert time.monotonic() - t0 < 4 and aborted == [signal.SIGINT]
+    assert time.monotonic() - t0 < 4 and aborted == []
     err = capsys.readouterr().err.strip()
     assert err == "interrupted (SIGTERM): no checkpoint was written yet, so a new run starts from step 0", err
     assert signal.getsignal(signal.SIGTERM) is before
