@@ -95,13 +95,15 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warm-runs", type=int, default=1, help="uncounted full-size runs of each batch first")
     ap.add_argument(
         "--budget-s", type=float, default=1e9, help="skip the optional runs past this many seconds"
     )
     ap.add_argument(
         "--extras",
         default="nodefer,xgrammar,sync",
-        help="optional runs, in order: nodefer, xgrammar, sync, oldseed, noearly, threadsN",
+        help="optional runs, in order: nodefer, xgrammar, sync, oldseed, noearly, noevent, nosplit, switch100, "
+        "threadsN",
     )
     ap.add_argument("--out", default="bench/results/structured.json")
     args = ap.parse_args()
@@ -125,9 +127,14 @@ def main() -> None:
     t0 = time.perf_counter()
     w = min(8, args.num)
     llm.generate(prompts[:w], [params(i, i % 2 == 1) for i in range(w)])  # warm-up: kernels, grammar compile
+    for _ in range(args.warm_runs):  # full-size runs, not counted (the first full run in a process is slow)
+        timed(llm, prompts, free)
+        timed(llm, prompts, half)
     warm_s = time.perf_counter() - t0
     res: dict = {"free": [], "half": []}
     result: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+    outs_free: list = []
 
     def write(outs_half: list) -> None:
         med = {k: statistics.median(v) for k, v in res.items() if v}
@@ -149,6 +156,19 @@ def main() -> None:
         for k in [k for k in med if k.startswith("half_threads")]:
             if "free" in med:
                 result[f"{k.replace('half_', 'half_schema_over_free_')}"] = round(med[k] / med["free"], 3)
+        for k, name in (("noevent", "fill_after_read_back"), ("switch100", "switch_100us")):
+            if "free" in med and f"half_{k}" in med:
+                result[f"half_schema_over_free_{name}"] = round(med[f"half_{k}"] / med["free"], 3)
+        if "free_nosplit" in med and "half_nosplit" in med:  # both batches on the one-program-per-row kernel
+            result["half_schema_over_free_unsplit_sampling"] = round(
+                med["half_nosplit"] / med["free_nosplit"], 3
+            )
+        if "free" in med and "free_nosplit" in med:
+            result["free_unsplit_sampling_over_free"] = round(med["free_nosplit"] / med["free"], 3)
+        if "free" in med and "half" in med:
+            result["spread"] = {  # (max - min) / median of each batch's runs
+                k: round((max(res[k]) - min(res[k])) / med[k], 3) for k in ("free", "half")
+            }
         if "free" in med and "half_noearly" in med:
             result["half_schema_over_free_fill_at_sampling"] = round(med["half_noearly"] / med["free"], 3)
         if "free" in med and "free_oldseed" in med:
@@ -160,6 +180,13 @@ def main() -> None:
             {
                 "grammar_library": "llguidance (backend auto)",
                 "constrained_finished_stop": sum(o.finish_reason == "stop" for o in constrained),
+                # free rows of the half batch (same prompts, seeds, params) with the free batch's tokens (of
+                # num/2; a decode batch of another size may round a near tie of random weights the other way)
+                "free_rows_same_tokens": sum(
+                    a.token_ids == b.token_ids for a, b in zip(outs_half[::2], outs_free[::2], strict=True)
+                )
+                if outs_free and outs_half
+                else None,
                 "constrained_stop_valid": valid,
                 "constrained_mean_tokens": round(statistics.mean(len(o.token_ids) for o in constrained), 1)
                 if constrained
@@ -180,7 +207,8 @@ def main() -> None:
 
     outs_half: list = []
     for _ in range(args.runs):
-        res["free"].append(timed(llm, prompts, free)[0])
+        tps, outs_free = timed(llm, prompts, free)
+        res["free"].append(tps)
         tps, outs_half = timed(llm, prompts, half)
         res["half"].append(tps)
         write(outs_half)
@@ -203,6 +231,25 @@ def main() -> None:
             llm.engine.runner.masks.early = False
             res["half_noearly"] = [timed(llm, prompts, half)[0]]
             llm.engine.runner.masks.early = True
+        elif extra == "noevent":  # the fill starts after the host's read-back, not when the tokens land
+            llm.engine.runner.masks.from_event = False
+            res["half_noevent"] = [timed(llm, prompts, half)[0]]
+            llm.engine.runner.masks.from_event = True
+        elif extra == "switch100":  # the old 0.1 ms GIL switch interval while a fill runs
+            import llmray.engine.structured.step_masks as step_masks
+
+            default_switch, step_masks._SWITCH_S = step_masks._SWITCH_S, 1e-4
+            res["half_switch100"] = [timed(llm, prompts, half)[0]]
+            step_masks._SWITCH_S = default_switch
+        elif extra == "nosplit":  # the sampling kernel on one program per row (both batches, alternating)
+            import llmray.kernels.sampling as sampling_kernel
+
+            default_programs, sampling_kernel.TARGET_PROGRAMS = sampling_kernel.TARGET_PROGRAMS, 0
+            res["free_nosplit"], res["half_nosplit"] = [], []
+            for _ in range(2):
+                res["free_nosplit"].append(timed(llm, prompts, free)[0])
+                res["half_nosplit"].append(timed(llm, prompts, half)[0])
+            sampling_kernel.TARGET_PROGRAMS = default_programs
         elif extra == "sync":
             llm.engine.async_scheduling = False
             res["free_sync"] = [timed(llm, prompts, free)[0]]

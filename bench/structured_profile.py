@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from structured import SCHEMA, build_llm, load_tokenizer  # noqa: E402
 
 import llmray.engine.structured.batch as sbatch  # noqa: E402
+import llmray.engine.structured.step_masks as step_masks  # noqa: E402
+import llmray.kernels.sampling as sampling_kernel  # noqa: E402
 from llmray.engine.sampling_params import SamplingParams  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -227,6 +229,7 @@ def main() -> None:
         "runs": [],
     }
     sampler = eng.runner.sampler
+    split_default, switch_default = sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S
     result["kernel_mask_check"] = kernel_check()
     if result["kernel_mask_check"] != "ok" and hasattr(sampler, "kernel_mask"):
         sampler.kernel_mask = False
@@ -235,7 +238,9 @@ def main() -> None:
         # "free" | "half", then "+" flags: nodefer (constrained steps synchronous), oldmask (the torch fp32 mask
         # path), unseeded (no per-request seeds), threadsN (llguidance's mask executor on N threads), oldseed
         # (seeded rows on per-row generators, not the fused kernel), noearly (masks filled at sampling time, not
-        # from the previous read-back on), compact (JSON without whitespace), xgrammar (the other library)
+        # from the previous read-back on), noevent (the fill starts after the host's read-back, not when the
+        # tokens land), nosplit (the sampling kernel on one program per row), switch100 (0.1 ms GIL switch
+        # interval while a fill runs), compact (JSON without whitespace), xgrammar (the other library)
         kind, *flags = variant.split("+")
         seeded = "unseeded" not in flags
         backend = "xgrammar" if "xgrammar" in flags else "auto"
@@ -243,6 +248,9 @@ def main() -> None:
         eng.defer_constrained_sampling = "nodefer" not in flags
         sampler.fused_seeded = "oldseed" not in flags
         eng.runner.masks.early = "noearly" not in flags
+        eng.runner.masks.from_event = "noevent" not in flags  # fill started after the host read-back
+        sampling_kernel.TARGET_PROGRAMS = 0 if "nosplit" in flags else split_default  # one program per row
+        step_masks._SWITCH_S = 1e-4 if "switch100" in flags else switch_default  # the old 0.1 ms
         llg_json = dict(eng._grammars.backend("llguidance").json_defaults)
         if "compact" in flags:
             eng._grammars.backend("llguidance").json_defaults = {"whitespace_flexible": False}
@@ -279,6 +287,8 @@ def main() -> None:
             eng.defer_constrained_sampling = True
             sampler.fused_seeded = True
             eng.runner.masks.early = True
+            eng.runner.masks.from_event = True
+            sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S = split_default, switch_default
             if "compact" in flags:
                 eng._grammars.backend("llguidance").json_defaults = llg_json
                 eng._grammars._cache.clear()

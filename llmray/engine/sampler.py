@@ -43,6 +43,17 @@ def _padded(rows: list[list[int]], pad: int) -> np.ndarray:
     return out
 
 
+@dataclass
+class _Plan:
+    """A plain step's sampling prepared ahead (``Sampler.prepare``): its kernel arguments, on the device."""
+
+    seqs: list[Sequence]
+    greedy: bool  # every row greedy: the argmax
+    rows: torch.Tensor | None = None  # (2, B) fp32: 1 / temperature, noise on/off
+    seeds: torch.Tensor | None = None  # (B,) int64: per-row Philox seeds (seeded rows in the step)
+    seed: int = 0
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
@@ -58,6 +69,7 @@ class Sampler:
         # per-step parameters go through persistent pinned arenas (a pageable copy or a fresh pinned
         # allocation would stall the host while the previous step runs: see pinned.py)
         self.stager = Stager(device)
+        self._plan: _Plan | None = None  # see prepare()
 
     def release(self, seq: Sequence) -> None:
         self.seq_generators.pop(seq.seq_id, None)
@@ -78,11 +90,89 @@ class Sampler:
     ) -> SamplerOutput:
         """logits (B, V) (model dtype or fp32), one row per sequence that samples this step; bitmask int32 (B, ceil(V/32)) on
         the device (bit t%32 of word t//32 = token t allowed) for steps with constrained rows."""
-        self.stager.begin_step()
+        plan, self._plan = self._plan, None
+        if plan is not None and plan.seqs is not seqs:  # prepared for another call: unused
+            self.stager.end_step()
+            plan = None
+        if plan is None:
+            self.stager.begin_step()
         try:
+            if plan is not None:
+                return self._call_planned(logits, seqs, eos_token_id, bitmask, plan)
             return self._call(logits, seqs, eos_token_id, bitmask)
         finally:
             self.stager.end_step()
+
+    def prepare(self, seqs: list[Sequence], eos_token_id: int | None) -> None:
+        """Do the host work of the next call for ``seqs`` (the same list object) now: the runner calls this
+        before it waits for a constrained step's masks, so that once they are filled only the mask copy and two
+        kernels are left to queue. Only plain steps (every row temperature-only: no logprobs, penalties,
+        min_tokens, top-k/p, min-p) on the fused CUDA kernel are prepared; any other step runs as usual."""
+        self._plan = None
+        if not (self.fused and self.device.type == "cuda") or not seqs:
+            return
+        temps: list[float] = []
+        noise: list[float] = []
+        seeded: list[int] = []
+        for i, s in enumerate(seqs):
+            p = s.sampling_params
+            if (
+                p.logprobs is not None
+                or p.presence_penalty != 0.0
+                or p.frequency_penalty != 0.0
+                or p.repetition_penalty != 1.0
+                or p.top_k > 0
+                or p.top_p < 1.0
+                or p.min_p > 0.0
+                or (p.min_tokens and len(s.token_ids) - len(s.prompt_token_ids) < p.min_tokens)
+            ):
+                return
+            if p.temperature < 1e-5:  # SamplingParams.greedy
+                temps.append(1.0)
+                noise.append(0.0)
+            else:
+                temps.append(1.0 / p.temperature)
+                noise.append(1.0)
+                if p.seed is not None:
+                    seeded.append(i)
+        if seeded and not self.fused_seeded:
+            return
+        self.stager.begin_step()
+        if not any(noise):
+            self._plan = _Plan(seqs, greedy=True)
+            return
+        seeds = self._row_seeds(seqs, seeded) if seeded else None
+        self._draws += 1
+        self._plan = _Plan(
+            seqs,
+            greedy=False,
+            rows=self._tensor([temps, noise], torch.float32),
+            seeds=self._tensor(seeds, torch.long) if seeds is not None else None,
+            seed=(self.base_seed * 1_000_003 + self._draws * 7_919) % (2**31 - 1),
+        )
+
+    def _call_planned(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        eos_token_id: int | None,
+        bitmask: Bitmask | None,
+        plan: _Plan,
+    ) -> SamplerOutput:
+        from llmray.kernels.sampling import gumbel_argmax
+
+        if bitmask is not None:
+            logits = self._apply_bitmask(logits, bitmask)  # (in place: CUDA)
+        if plan.greedy:
+            return SamplerOutput(logits.argmax(dim=-1))
+        assert plan.rows is not None, "a sampling plan carries its rows"
+        try:
+            return SamplerOutput(gumbel_argmax(logits, plan.rows[0], plan.rows[1], plan.seed, plan.seeds))
+        except Exception as e:  # (a kernel that cannot compile here): the torch path from now on
+            logger.warning("fused sampling kernel unavailable, using torch ops: %r", e)
+            self.fused = False
+            greedy = [s.sampling_params.temperature < 1e-5 for s in seqs]
+            return SamplerOutput(self._sample(logits, seqs, greedy))
 
     def _call(
         self,

@@ -72,3 +72,35 @@ def test_sampler_masks_constrained_rows_in_the_model_dtype():
         outs.append(tokens)
     want = logits.float().masked_fill(~allowed, float("-inf")).argmax(-1)
     assert outs[0][0::2].tolist() == outs[1][0::2].tolist() == want[0::2].tolist()
+
+
+def test_a_prepared_step_samples_the_tokens_of_an_unprepared_one():
+    """``Sampler.prepare`` (the host work of a constrained step done before its masks are filled) changes no
+    token: greedy, seeded and unseeded rows, two steps in a row (the draw counters advance alike). CPU: the
+    fused kernel under the Triton interpreter (the sampler told it is on CUDA: only its path choice reads it)."""
+    from llmray.engine.sampler import Sampler
+    from llmray.engine.sampling_params import SamplingParams
+    from llmray.engine.sequence import Sequence
+
+    gen = torch.Generator().manual_seed(3)
+    vocab = 2100
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, seed=5),
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.0, seed=9),
+    ]
+    seqs = [Sequence(f"r{i}", [1, 2], p) for i, p in enumerate(params)]
+    mask = _bitmask(len(seqs), vocab, gen).to(DEVICE)
+    plain, prepared = Sampler(torch.device(DEVICE), seed=4), Sampler(torch.device(DEVICE), seed=4)
+    if DEVICE == "cpu":
+        plain.device = prepared.device = torch.device("cuda")
+    for _ in range(2):
+        logits = torch.randn(len(seqs), vocab, generator=gen).to(DEVICE)
+        want = plain(logits.clone(), seqs, None, mask).token_ids
+        prepared.prepare(seqs, None)
+        assert prepared._plan is not None
+        got = prepared(logits.clone(), seqs, None, mask).token_ids
+        assert prepared._plan is None and torch.equal(got.cpu(), want.cpu())
+    prepared.prepare([Sequence("lp", [1], SamplingParams(logprobs=2))], None)
+    assert prepared._plan is None  # only plain steps are prepared

@@ -64,3 +64,20 @@ def test_row_seeds_make_a_row_independent_of_its_batch():
         for s in range(6)
     }
     assert len(draws) > 1
+
+
+def test_rows_split_into_parts_draw_the_same_tokens():
+    """A row split over several programs (parts merged by a second kernel) draws exactly the unsplit token,
+    ties included (the lowest index among the best), and a fully masked row gives token 0 either way."""
+    _, logits, inv, noise = _case(rows=3, vocab=8_500, temp=1.0, greedy=1)
+    logits[2, 8200:] = logits[2, 100]  # ties across parts: the first of them wins
+    noise[2] = 0.0
+    logits = torch.cat([logits, torch.full_like(logits[:1], float("-inf"))])
+    inv, noise = torch.cat([inv, inv[:1]]), torch.cat([noise, noise[:1]])
+    seeds = torch.tensor([5, 6, 7, 8], device=DEVICE)
+    for row_seeds in (None, seeds):
+        one = gumbel_argmax(logits, inv, noise, 3, row_seeds, splits=1).cpu()
+        for splits in (2, None):
+            assert torch.equal(gumbel_argmax(logits, inv, noise, 3, row_seeds, splits=splits).cpu(), one)
+    assert one[0] == logits[0].argmax().item() and one[3] == 0
+    assert one[2] == logits[2].argmax().item()
