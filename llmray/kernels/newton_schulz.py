@@ -29,10 +29,10 @@ DEFAULT_CONFIG = (128, 64, 8, 3)
 
 @triton.jit
 def _sym_gram_kernel(
-    X, S, OUT, TI, TJ, R, K,
+    X, S, OUT, TI, TJ, NSQ, R, K,
     sxb, sxr, sxk, ssb, ssr, ssc, sob, sor, soc,
-    alpha, beta, diag,
-    HAS_S: tl.constexpr, HAS_DIAG: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    alpha, beta, diag, eps_sq,
+    HAS_NSQ: tl.constexpr, HAS_S: tl.constexpr, HAS_DIAG: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
@@ -59,6 +59,12 @@ def _sym_gram_kernel(
         acc = tl.dot(a, tl.trans(bb), acc, input_precision=PREC)
         xa += BK * sxk
         xb += BK * sxk
+    if HAS_NSQ:  # first step on an unnormalized X: A = X X^T / n^2, result divided by n (n^2 = NSQ[b])
+        inv = 1.0 / tl.maximum(tl.load(NSQ + b).to(tl.float32), eps_sq)
+        inv_n = tl.sqrt(inv)
+        alpha = alpha * inv * inv * inv_n
+        beta = beta * inv * inv_n
+        diag = diag * inv_n
     acc = acc * alpha
     inside = (rows[:, None] < R) & (cols[None, :] < R)
     if HAS_S:
@@ -95,8 +101,14 @@ def sym_gram(
     diag: float = 0.0,
     out: torch.Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
+    norm_sq: torch.Tensor | None = None,  # (n,) fp32: see below
+    eps: float = 1e-7,
 ) -> torch.Tensor:
-    """alpha * x x^T (+ beta * s) (+ diag * I) per matrix of the batch; symmetric, upper tiles computed once."""
+    """alpha * x x^T (+ beta * s) (+ diag * I) per matrix of the batch; symmetric, upper tiles computed once.
+
+    With ``norm_sq`` (n,) = |X_n|_F^2 and ``x = s = X X^T`` of an unnormalized X, the result is Newton-Schulz's
+    first polynomial of the normalized A = X X^T / norm_sq, divided by |X_n|_F: (alpha A^2 + beta A + diag I) / |X|
+    (times the raw X it is the first step of the normalized iteration; no pass over X to normalize it)."""
     squeeze = x.dim() == 2
     if squeeze:
         x = x.unsqueeze(0)
@@ -119,11 +131,11 @@ def sym_gram(
     sv = s if s is not None else out
     if n and r:
         _sym_gram_kernel[(ti.numel(), n)](
-            x, sv, out, ti, tj, r, k,
+            x, sv, out, ti, tj, norm_sq if norm_sq is not None else ti, r, k,
             x.stride(0), x.stride(1), x.stride(2), sv.stride(0), sv.stride(1), sv.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            float(alpha), float(beta), float(diag),
-            HAS_S=s is not None and beta != 0.0, HAS_DIAG=diag != 0.0, EVEN=r % bm == 0 and k % bk == 0,
+            float(alpha), float(beta), float(diag), float(eps) ** 2,
+            HAS_NSQ=norm_sq is not None, HAS_S=s is not None and beta != 0.0, HAS_DIAG=diag != 0.0 or norm_sq is not None, EVEN=r % bm == 0 and k % bk == 0,
             UPCAST=interpreting(), PREC="ieee" if x.dtype == torch.float32 else "tf32",
             BM=bm, BK=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
