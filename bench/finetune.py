@@ -12,6 +12,7 @@ Two parts:
 
     python bench/finetune.py params --out bench/results/finetune_params.json
     python bench/finetune.py gpu --out $OUT/finetune.json [--batch 8] [--steps 6] [--runs A,B] [--profile A]
+    python bench/finetune.py gpu --preset tiny --device cpu --out /tmp/f.json   # CPU dry run: 2 x 64, 1 step (~30 s)
 """
 
 from __future__ import annotations
@@ -289,14 +290,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=("params", "gpu"))
     ap.add_argument("--out", required=True)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=None, help="default 8 (CUDA), 2 (CPU dry run)")
+    ap.add_argument("--seq-len", type=int, default=None, help="default 1024 (CUDA), 64 (CPU dry run)")
+    ap.add_argument("--steps", type=int, default=None, help="default 6 (CUDA), 1 (CPU dry run)")
     ap.add_argument("--runs", default=DEFAULT_RUNS, help=f"gpu part: comma-separated, of {', '.join(RUNS)}")
     ap.add_argument("--profile", default="", help="gpu part: runs to profile (GPU kernel time vs wall)")
     ap.add_argument("--preset", default=PRESET, help="gpu part only (tiny + --device cpu: a dry run)")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
+    cpu = args.device == "cpu"  # a dry run: small enough to finish in about a minute on a laptop core
+    args.batch = args.batch or (2 if cpu else 8)
+    args.seq_len = args.seq_len or (64 if cpu else 1024)
+    args.steps = args.steps or (1 if cpu else 6)
     t0 = time.time()
     if args.part == "params":
         result = bench_params()
