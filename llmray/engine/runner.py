@@ -33,6 +33,7 @@ from llmray.kernels.paged_attention import default_num_splits, prefill_block_m
 # steps of at most PREFILL_SPLIT_TOKENS tokens have few prefill tiles (a 48-token chunk after a 2,000-token
 # cached prefix: one per head); their keys are split over PREFILL_SPLITS programs (merged after)
 PREFILL_SPLITS, PREFILL_SPLIT_TOKENS = 8, 256
+FUSE_KV_STORE = True  # (read by ModelRunner(): benches A/B it)
 logger = logging.getLogger("llmray.engine")
 
 
@@ -72,6 +73,8 @@ class ModelRunner:
         self.use_triton = self.is_cuda  # tests set it on CPU under TRITON_INTERPRET=1
         # split-K programs per prefill tile in small steps (CPU interpreter tests: 1 unless a test sets it)
         self.prefill_splits = PREFILL_SPLITS if self.is_cuda else 1
+        # the model's q/k norm + rope also stores k/v in the cache (one launch less per layer; Triton only)
+        self.fuse_kv_store = FUSE_KV_STORE
         self.num_sms = num_sms(self.device) if self.is_cuda else 1
         self.block_m = prefill_block_m(self.dtype)
         self.buckets = decode_buckets(config.max_num_seqs)
@@ -175,6 +178,7 @@ class ModelRunner:
             k_scales=self.cache.k_scales,
             v_scales=self.cache.v_scales,
             decode_direct=kind != "mixed",
+            fuse_store=self.fuse_kv_store,
         )
         return self.model.hidden_states(ids[None], views["pos"][None], meta)[0]
 
@@ -254,6 +258,7 @@ class ModelRunner:
     def _sample_step(self, pending: PendingStep, logits: torch.Tensor, deferred: bool) -> None:
         seqs = pending.seqs
         if deferred:  # masks started at the previous step's collect (or filled now)
+            self.sampler.prepare(seqs, self.eos_token_id)  # its host work done before waiting for the masks
             bitmask = self.masks.finish(pending, pending.failed)
         else:
             bitmask = self.masks.fill_now(seqs, pending.failed)
