@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument(
         "--extras",
         default="nodefer,xgrammar,sync",
-        help="optional runs, in order: nodefer, xgrammar, sync, oldseed, noearly, noevent, nosplit, switch100, "
+        help="optional runs, in order: nodefer, xgrammar, sync, oldseed, noearly, noevent, nosplit, switch100, noplan, "
         "threadsN",
     )
     ap.add_argument("--out", default="bench/results/structured.json")
@@ -156,7 +156,11 @@ def main() -> None:
         for k in [k for k in med if k.startswith("half_threads")]:
             if "free" in med:
                 result[f"{k.replace('half_', 'half_schema_over_free_')}"] = round(med[k] / med["free"], 3)
-        for k, name in (("noevent", "fill_after_read_back"), ("switch100", "switch_100us")):
+        for k, name in (
+            ("noevent", "fill_after_read_back"),
+            ("switch100", "switch_100us"),
+            ("noplan", "sampler_host_after_wait"),
+        ):
             if "free" in med and f"half_{k}" in med:
                 result[f"half_schema_over_free_{name}"] = round(med[f"half_{k}"] / med["free"], 3)
         if "free_nosplit" in med and "half_nosplit" in med:  # both batches on the one-program-per-row kernel
@@ -235,6 +239,10 @@ def main() -> None:
             llm.engine.runner.masks.from_event = False
             res["half_noevent"] = [timed(llm, prompts, half)[0]]
             llm.engine.runner.masks.from_event = True
+        elif extra == "noplan":  # the sampler's host work after the wait for the masks, not before
+            llm.engine.runner.sampler.plan_ahead = False
+            res["half_noplan"] = [timed(llm, prompts, half)[0]]
+            llm.engine.runner.sampler.plan_ahead = True
         elif extra == "switch100":  # the old 0.1 ms GIL switch interval while a fill runs
             import llmray.engine.structured.step_masks as step_masks
 

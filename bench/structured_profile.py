@@ -194,6 +194,25 @@ def kernel_check() -> str:
         return repr(e)
 
 
+def sampling_kernel_ms(rows: int = 256, vocab: int = 151_936) -> dict:
+    """The fused sampling kernel alone (bf16 logits, seeded rows), one program per row vs split rows (ms)."""
+    if not CUDA:
+        return {}
+    import triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(rows, vocab, device="cuda", generator=g).to(torch.bfloat16)
+    inv, noise = torch.ones(rows, device="cuda"), torch.ones(rows, device="cuda")
+    seeds = torch.arange(rows, device="cuda", dtype=torch.int64) * 7 + 1
+    out = {}
+    for name, splits in (("one_program_per_row", 1), ("split", None)):
+        fn = lambda s=splits: sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds, splits=s)  # noqa: E731
+        out[f"{name}_ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=50), 4)
+    a = sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds, splits=1)
+    out["same_tokens"] = bool(torch.equal(a, sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", default=".data/bpe151k")
@@ -231,6 +250,8 @@ def main() -> None:
     sampler = eng.runner.sampler
     split_default, switch_default = sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S
     result["kernel_mask_check"] = kernel_check()
+    result["sampling_kernel"] = sampling_kernel_ms()
+    print("sampling kernel:", result["sampling_kernel"], flush=True)
     if result["kernel_mask_check"] != "ok" and hasattr(sampler, "kernel_mask"):
         sampler.kernel_mask = False
         print("mask kernel check failed, torch path:", result["kernel_mask_check"], flush=True)
@@ -240,7 +261,7 @@ def main() -> None:
         # (seeded rows on per-row generators, not the fused kernel), noearly (masks filled at sampling time, not
         # from the previous read-back on), noevent (the fill starts after the host's read-back, not when the
         # tokens land), nosplit (the sampling kernel on one program per row), switch100 (0.1 ms GIL switch
-        # interval while a fill runs), compact (JSON without whitespace), xgrammar (the other library)
+        # interval while a fill runs), noplan (no Sampler.prepare), compact (JSON without whitespace), xgrammar (the other library)
         kind, *flags = variant.split("+")
         seeded = "unseeded" not in flags
         backend = "xgrammar" if "xgrammar" in flags else "auto"
@@ -249,6 +270,7 @@ def main() -> None:
         sampler.fused_seeded = "oldseed" not in flags
         eng.runner.masks.early = "noearly" not in flags
         eng.runner.masks.from_event = "noevent" not in flags  # fill started after the host read-back
+        sampler.plan_ahead = "noplan" not in flags  # the sampler's host work after the wait for the masks
         sampling_kernel.TARGET_PROGRAMS = 0 if "nosplit" in flags else split_default  # one program per row
         step_masks._SWITCH_S = 1e-4 if "switch100" in flags else switch_default  # the old 0.1 ms
         llg_json = dict(eng._grammars.backend("llguidance").json_defaults)
@@ -288,6 +310,7 @@ def main() -> None:
             sampler.fused_seeded = True
             eng.runner.masks.early = True
             eng.runner.masks.from_event = True
+            sampler.plan_ahead = True
             sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S = split_default, switch_default
             if "compact" in flags:
                 eng._grammars.backend("llguidance").json_defaults = llg_json

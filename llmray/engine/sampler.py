@@ -70,6 +70,7 @@ class Sampler:
         # allocation would stall the host while the previous step runs: see pinned.py)
         self.stager = Stager(device)
         self._plan: _Plan | None = None  # see prepare()
+        self.plan_ahead = True  # False: prepare() does nothing (A/B runs)
 
     def release(self, seq: Sequence) -> None:
         self.seq_generators.pop(seq.seq_id, None)
@@ -109,7 +110,7 @@ class Sampler:
         kernels are left to queue. Only plain steps (every row temperature-only: no logprobs, penalties,
         min_tokens, top-k/p, min-p) on the fused CUDA kernel are prepared; any other step runs as usual."""
         self._plan = None
-        if not (self.fused and self.device.type == "cuda") or not seqs:
+        if not (self.plan_ahead and self.fused and self.device.type == "cuda") or not seqs:
             return
         temps: list[float] = []
         noise: list[float] = []
