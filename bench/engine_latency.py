@@ -285,6 +285,7 @@ def main() -> None:
     model, cfg = build_model(args.quick)
     llm, startup = make_llm(model)
     res: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "startup_s": startup}
+    res["fuse_kv_store"] = llm.engine.runner.fuse_kv_store
     res["command"] = "python " + " ".join(sys.argv)
 
     def save():
@@ -306,6 +307,23 @@ def main() -> None:
             res["run1"] = run1(llm, prompts, outs)
         elif section == "profile":
             res["profile"] = profile(llm, prompts, [min(o, 64) for o in outs])
+        elif section == "ab_fuse":  # the same figures with the k/v store as its own launch (a fresh engine)
+            import gc
+
+            from llmray.engine import runner as runner_mod
+
+            fused = llm.engine.runner.fuse_kv_store
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache() if CUDA else None
+            runner_mod.FUSE_KV_STORE = not fused
+            llm, startup = make_llm(model)
+            llm.generate(
+                workload(4, 16, 64, cfg.vocab_size, seed=1)[0], SamplingParams(max_tokens=8, ignore_eos=True)
+            )
+            res["ab_fuse"] = {"fuse_kv_store": not fused, "startup_s": startup}
+            res["ab_fuse"]["latency"] = latency(llm, cfg.vocab_size, args.quick)
+            res["ab_fuse"]["run1"] = {k: v for k, v in run1(llm, prompts, outs).items() if "phase" not in k}
         res.setdefault("section_s", {})[section] = round(time.perf_counter() - t, 2)
         print(f"{section}: {res['section_s'][section]} s", flush=True)
         save()
