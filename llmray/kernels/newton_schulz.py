@@ -124,7 +124,7 @@ def sym_gram(
     elif squeeze:
         out = out.unsqueeze(0)
     bm, bk, warps, stages = config or DEFAULT_CONFIG
-    if r <= 64:
+    if r <= 64 and config is None:
         bm, warps = max(16, triton.next_power_of_2(r)), 4
     t = triton.cdiv(r, bm)
     ti, tj = _tiles(t, x.device)

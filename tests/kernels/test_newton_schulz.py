@@ -15,7 +15,7 @@ CFG = (16, 16, 4, 1)  # 16-row tiles: several tiles (mirrored ones too) at test 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_sym_gram_matches_torch(dtype, device, assert_matches):
     torch.manual_seed(0)
-    x = torch.randn(2, 40, 56, device=device).to(dtype)  # 40 rows: a ragged last tile
+    x = torch.randn(1, 40, 48, device=device).to(dtype)  # 40 rows: a ragged last tile
     for xin in (x, x[:, :, :40].mT):  # contiguous and a transposed view (a tall stack's first step)
         ref = sym_gram_ref(xin.float())
         assert_matches(sym_gram(xin, config=CFG), ref, dtype, "x x^T")
