@@ -30,16 +30,25 @@ from llmray.kernels import paged_attention as pa  # noqa: E402
 
 H, HKV, D, PAGE = 16, 8, 128, 16
 CONFIGS = {  # candidates, most promising first: (BLOCK_N, warps, stages, split multiplier, heads fast,
-    # v scale first, kv heads); 5 stages double-buffer K/V behind the page-table stage (3-4 stages: one K/V
-    # buffer), 7 stages: three buffers; heads fast: grid (Hkv, B) so that a sequence's KV heads run together;
+    # v scale first, kv heads, trans g); 5 stages double-buffer K/V behind the page-table stage (3-4 stages: one
+    # K/V buffer), 7 stages: three buffers; heads fast: grid (Hkv, B) so that a sequence's KV heads run together;
     # v scale first (fp8): V converted in registers, 16-bit transposing ldmatrix (no byte-wise shared loads);
-    # kv heads 2: a program reads two adjacent heads' rows of a token as one row (fp8: 256 B, as bf16's one).
+    # kv heads 2: a program reads two adjacent heads' rows of a token as one row (fp8: 256 B, as bf16's one);
+    # trans g > 0: S^T = K q^T, O^T = V^T P^T with the group padded to g columns instead of 16 rows (sm_90 SASS:
+    # fp8 ~24 instructions per token and warp vs ~31; the kernel issues ~30 per token, so it is bound by
+    # instruction latency x warps per SM rather than by bytes).
     # Rounds 1-3: bench/results/decode_sweep.json, decode_sweep_b.json, decode_sweep_c.json (v scale first:
     # fp8 0.188 ms vs 0.205; kv heads 2, more stages or warps: slower; bf16 2 warps 0.2215 vs 4 warps 0.2279)
-    "fp8": [(32, 4, 5, 1, 1, 1, 2), (64, 4, 5, 1, 1, 1, 2), (32, 2, 5, 1, 1, 1, 2), (64, 2, 5, 2, 1, 1, 1),
-            (64, 2, 5, 1, 1, 0, 1)],
-    "bf16": [(32, 4, 5, 1, 1, 0, 2), (64, 2, 5, 1, 1, 0, 1), (32, 4, 5, 1, 1, 0, 1)],
-    "bs1": [],
+    "fp8": [(64, 2, 5, 1, 1, 1, 1, 8), (128, 4, 3, 1, 1, 1, 1, 8), (64, 2, 5, 1, 1, 1, 1, 2),
+            (128, 4, 3, 1, 1, 1, 1, 2), (64, 2, 3, 1, 1, 1, 1, 8), (128, 2, 3, 1, 1, 1, 1, 8),
+            (64, 4, 3, 1, 1, 1, 1, 8), (32, 2, 5, 1, 1, 1, 1, 8), (64, 2, 5, 2, 1, 1, 1, 8),
+            (128, 4, 3, 2, 1, 1, 1, 8), (128, 8, 3, 1, 1, 1, 1, 8), (64, 1, 3, 1, 1, 1, 1, 8),
+            (32, 2, 5, 1, 1, 1, 1, 0), (64, 1, 3, 1, 1, 1, 1, 0), (128, 4, 3, 1, 1, 1, 1, 0),
+            (64, 2, 4, 1, 1, 1, 1, 0), (64, 2, 5, 4, 1, 1, 1, 8)],
+    "bf16": [(128, 4, 3, 1, 1, 0, 1, 8), (64, 2, 5, 1, 1, 0, 1, 8), (128, 4, 3, 1, 1, 0, 1, 0),
+             (64, 4, 5, 1, 1, 0, 1, 8)],
+    "bs1": [(64, 4, 5, 1, 1, 0, 1, 8), (64, 4, 5, 1, 1, 0, 1, 2), (32, 4, 5, 1, 1, 0, 1, 8)],
+    "bs1_fp8": [(64, 4, 5, 1, 1, 1, 1, 8), (64, 2, 5, 1, 1, 1, 1, 8), (64, 4, 5, 1, 1, 1, 1, 0)],
 }  # fmt: skip
 
 
@@ -101,6 +110,7 @@ def main() -> None:
         ("fp8", bsz_big, None, torch.float8_e4m3fn),
         ("bf16", bsz_big, None, torch.bfloat16),
         ("bs1", 1, 40 if args.quick else 800, torch.bfloat16),
+        ("bs1_fp8", 1, 40 if args.quick else 800, torch.float8_e4m3fn),
     ]
     res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cases": {}, "best": {}}
     out = Path(args.out)
@@ -115,7 +125,7 @@ def main() -> None:
     for name, bsz, ctx, kv_dtype in cases:
         c = make_case(bsz, ctx, kv_dtype, dev, 40 if args.quick else 1024)
         base_splits = pa.default_num_splits(bsz, HKV, sms, fp8=kv_dtype != torch.bfloat16)
-        committed = pa.DECODE_CONFIG_FP8 if name == "fp8" else pa.DECODE_CONFIG[torch.bfloat16]
+        committed = pa.decode_config(torch.bfloat16, kv_dtype != torch.bfloat16, bsz)
         ref = run(c, None, base_splits).float()
         n = min(bsz, 4)  # the committed kernel against the torch reference on the first sequences
         qs = torch.arange(n + 1, dtype=torch.int32, device=dev)
@@ -127,12 +137,16 @@ def main() -> None:
         hf0 = int(len(committed) > 4 and committed[4])
         vsf0 = int(len(committed) > 5 and committed[5])
         kvh0 = int(committed[6]) if len(committed) > 6 else 1
-        first = (*committed[:3], 1, hf0, vsf0, kvh0)
+        tg0 = int(committed[7]) if len(committed) > 7 else 0
+        first = (*committed[:3], 1, hf0, vsf0, kvh0, tg0)
         confs = [first] + CONFIGS[name] + [first]
-        for i, (bn, w, s, mult, hf, vsf, kvh) in enumerate(confs):
-            conf = (bn, w, s, False, bool(hf), bool(vsf), kvh)
+        for i, (bn, w, s, mult, hf, vsf, kvh, tg) in enumerate(confs):
+            if args.quick:
+                bn = min(bn, 16)
+            conf = (bn, w, s, False, bool(hf), bool(vsf), kvh, tg)
             key = f"{(bn, w, s)} splits{base_splits * mult}" + (" heads_fast" if hf else "")
             key += (" v_scale_first" if vsf else "") + (f" kv_heads{kvh}" if kvh > 1 else "")
+            key += f" trans{tg}" if tg else ""
             key += " committed" if i in (0, len(confs) - 1) else ""
             key += " again" if i == len(confs) - 1 else ""
             if time.perf_counter() - t0 > args.budget_s and 0 < i < len(confs) - 1:

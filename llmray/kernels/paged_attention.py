@@ -56,8 +56,10 @@ def _compute_dtype(dtype: torch.dtype, fp8: bool):
 
 
 # decode kernel launch configuration by query dtype:
-# (BLOCK_N, num_warps, num_stages[, prefetch[, heads_fast[, v_scale_first[, kv_heads]]]]); kv_heads 2: a program
-# reads two adjacent KV heads' rows of each token as one row (2 x 128 B for fp8: bf16's row length).
+# (BLOCK_N, num_warps, num_stages[, prefetch[, heads_fast[, v_scale_first[, kv_heads[, trans_g]]]]]); kv_heads 2: a
+# program reads two adjacent KV heads' rows of each token as one row (2 x 128 B for fp8: bf16's row length);
+# trans_g > 0: S^T = K q^T and O^T = V^T P^T (tokens on the mma's M side, the GQA group padded to trans_g
+# columns instead of 16 rows: half the mma instructions and an 8x smaller softmax).
 # From the H200 sweep (bench/decode_sweep.py, batch 256 at the nano-vllm workload's contexts, window A
 # 2026-11-30): 5 stages give the K/V tiles two buffers behind the page-table stage (2-4 stages: one, so a
 # program's loads never overlap its math); heads_fast runs a sequence's KV heads side by side (their rows
@@ -110,8 +112,7 @@ def paged_decode(
     query_start: torch.Tensor | None = None,  # (B + 1,): q/out rows are packed tokens; only q_len 1 runs
     k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
     v_scale: torch.Tensor | None = None,
-    config: tuple
-    | None = None,  # (BLOCK_N, warps, stages[, prefetch[, heads_fast[, v_scale_first[, kv_heads]]]])
+    config: tuple | None = None,  # see DECODE_CONFIG
 ) -> torch.Tensor:
     """Decode attention of one query per sequence over its paged context (Triton).
 
@@ -139,8 +140,16 @@ def paged_decode(
     heads_fast = len(rest) > 1 and bool(rest[1])
     v_scale_first = len(rest) > 2 and bool(rest[2])
     kv_heads = int(rest[3]) if len(rest) > 3 else 1
-    if kv_heads > 1 and (hkv % kv_heads or block_d != d or k_cache.stride(2) != d or k_cache.stride(3) != 1):
-        kv_heads = 1  # (head rows not adjacent and dense: one head per program)
+    trans_g = int(rest[4]) if len(rest) > 4 else 0  # > 0: transposed dots with BLOCK_G >= trans_g
+    if kv_heads > 1 and (
+        trans_g or hkv % kv_heads or block_d != d or k_cache.stride(2) != d or k_cache.stride(3) != 1
+    ):
+        kv_heads = 1  # (head rows not adjacent and dense, or transposed dots: one head per program)
+    block_g = (
+        max(trans_g, triton.next_power_of_2(group))
+        if trans_g
+        else max(16, triton.next_power_of_2(group * kv_heads))
+    )
     grid_h = hkv // kv_heads
     _decode_kernel[(grid_h, bsz, num_splits) if heads_fast else (bsz, grid_h, num_splits)](
         q,
@@ -165,7 +174,7 @@ def paged_decode(
         k_cache.stride(2),
         H=h,
         GROUP=group,
-        BLOCK_G=max(16, triton.next_power_of_2(group * kv_heads)),
+        BLOCK_G=block_g,
         D=d,
         BLOCK_D=block_d,
         PAGE=page,
@@ -179,6 +188,7 @@ def paged_decode(
         HEADS_FAST=heads_fast,
         V_SCALE_FIRST=v_scale_first,
         KV_HEADS=kv_heads,
+        TRANS=trans_g > 0,
         num_warps=warps,
         num_stages=stages,
     )

@@ -82,6 +82,13 @@ def test_decode_heads_fast_grid_matches_reference(kv_heads):
     _decode_check([1, 7, 37], h=4, hkv=2, d=16, page=4, dtype=torch.float32, splits=3, atol=1e-5, config=cfg)
 
 
+@pytest.mark.parametrize("trans_g", [2, 8])
+def test_decode_transposed_dots_match_reference(trans_g):
+    # S^T = K q^T, O^T = V^T P^T with the group padded to trans_g columns; group 3 (padded to 4 or 8), split-K
+    cfg = (8 if DEVICE == "cpu" else 32, 4, 5, False, True, False, 1, trans_g)
+    _decode_check([1, 7, 37], h=6, hkv=2, d=16, page=4, dtype=torch.float32, splits=3, atol=1e-5, config=cfg)
+
+
 def test_decode_mha_and_short_context_with_many_splits():
     # more splits than the context has tiles: empty splits must merge away (lse = -inf)
     _decode_check([2, 5], h=2, hkv=2, d=16, page=8, dtype=torch.float32, splits=4, atol=1e-5)
@@ -132,10 +139,30 @@ def test_fp8_cache_decode_and_prefill_match_the_reference():
     torch.testing.assert_close(paged_attention_ref(q, kc8, vc8, bt, qs, cl, 0.25, ks, vs), ref)
     out = paged_decode(q, kc8, vc8, bt, cl, 0.25, num_splits=2, k_scale=ks, v_scale=vs)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    cfg = (8 if DEVICE == "cpu" else 32, 2, 5, False, True, True, 1, 8)  # transposed dots, V scaled first
+    out = paged_decode(q, kc8, vc8, bt, cl, 0.25, num_splits=1, k_scale=ks, v_scale=vs, config=cfg)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     q, kc8, vc8, bt, qs, cl, ks, vs = _fp8_case([9, 33], [9, 13], seed=3)
     ref = paged_attention_ref(q, kc8.float() * ks, vc8.float() * vs, bt, qs, cl, 0.25)
     out = paged_prefill(q, kc8, vc8, bt, qs, cl, 13, 0.25, k_scale=ks, v_scale=vs)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config", [None, (64, 2, 5, False, True, True, 1, 8), (128, 4, 3, False, True, True, 1, 2)]
+)
+@pytest.mark.parametrize("splits", [1, 8])
+def test_decode_fp8_real_shapes_gpu(config, splits):
+    """bf16 queries over an e4m3 cache (scales not 1): the default launch and the transposed-dot configs."""
+    q, kc, vc, bt, qs, cl = make_case([1, 17, 100, 1023, 4097], [1] * 5, 16, 8, 128, 16, torch.float32)
+    ks, vs = torch.tensor([0.02], device=DEVICE), torch.tensor([0.03], device=DEVICE)
+    kc8, vc8 = (kc / ks).to(torch.float8_e4m3fn), (vc / vs).to(torch.float8_e4m3fn)
+    ref = paged_attention_ref(q, kc8.float() * ks, vc8.float() * vs, bt, qs, cl, 128**-0.5)
+    out = paged_decode(
+        q.bfloat16(), kc8, vc8, bt, cl, 128**-0.5, num_splits=splits, k_scale=ks, v_scale=vs, config=config
+    )
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
 
 
 @pytest.mark.parametrize("prefill_splits", [1, 3])
