@@ -150,21 +150,22 @@ class LLGuidanceConstraint:
     @classmethod
     def fill_job(
         cls,
-        bitmask: torch.Tensor,
         accepts: list[tuple[LLGuidanceConstraint, int]],
         rows: list[tuple[int, LLGuidanceConstraint]],
-        tokens: Callable[[], list[int]],
-    ) -> tuple[Callable[[], set[int]], Callable[[set[int]], dict[int, str]]]:
-        """A step's accepts and masks split for a worker thread (structured/step_masks.py). ``work()`` gets the
-        previous step's sampled tokens from ``tokens()`` (it may block until they land: the GIL is released
-        meanwhile), consumes ``tokens[i]`` into each ``(constraint, i)`` of ``accepts``, then fills
-        ``bitmask[k]`` for each ``(k, constraint)`` of ``rows`` — two calls into llguidance per executor, the GIL
-        released inside both, their argument lists built here beforehand so that the worker barely needs the
-        GIL — and returns the ids of the constraints that rejected their token. A row whose token ends its
-        document (EOS, a request's stop token: that one is not consumed) is set to all ones, not filled (its
-        request finishes; the sample is discarded). ``check(rejected)``, on the caller's thread once ``work`` is
-        done, returns packed row -> why (matchers in an error state) and adds the extra stop tokens."""
-        assert bitmask.dtype == torch.int32 and not bitmask.is_cuda and bitmask.is_contiguous(), "host int32"
+    ) -> tuple[
+        Callable[[torch.Tensor, Callable[[], list[int]]], set[int]],
+        Callable[[torch.Tensor, set[int]], dict[int, str]],
+    ]:
+        """A step's accepts and masks split for a worker thread (structured/step_masks.py); reusable for the next
+        step of the same rows. ``work(bitmask, tokens)`` gets the previous step's sampled tokens from
+        ``tokens()`` (it may block until they land: the GIL is released meanwhile), consumes ``tokens[i]`` into
+        each ``(constraint, i)`` of ``accepts``, then fills ``bitmask[k]`` (host int32 (R, W), contiguous) for
+        each ``(k, constraint)`` of ``rows`` — two calls into llguidance per executor, the GIL released inside
+        both, their argument lists built here beforehand so that the worker barely needs the GIL — and returns
+        the ids of the constraints that rejected their token. A row whose token ends its document (EOS, a
+        request's stop token: that one is not consumed) is set to all ones, not filled (its request finishes;
+        the sample is discarded). ``check(bitmask, rejected)``, on the caller's thread once ``work`` is done,
+        returns packed row -> why (matchers in an error state) and adds the extra stop tokens."""
         index = {id(c): i for c, i in accepts}
         # per executor: its consumes (constraints, their token rows) and fills ((matcher, packed row), token row)
         groups: dict[int, tuple[Any, list, list, list, list]] = {}
@@ -178,10 +179,10 @@ class LLGuidanceConstraint:
             g[4].append(index.get(id(c), -1))
         eos = rows[0][1].eos_token_id if rows else -1
         extra = any(c.extra_stops for c, _ in accepts)
-        ptr, row_bytes, n = bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0]
-        rows_np = bitmask.numpy()  # (written on the worker: no torch op on an inference tensor there)
+        stop_rows = [(k, c) for k, c in rows if c.extra_stops]
 
-        def work() -> set[int]:
+        def work(bitmask: torch.Tensor, tokens: Callable[[], list[int]]) -> set[int]:
+            ptr, row_bytes, n = bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0]
             toks = tokens() if accepts else []
             rejected: set[int] = set()
             for ex, cons, idx, fills, fidx in groups.values():
@@ -206,6 +207,7 @@ class LLGuidanceConstraint:
                         rejected.update(id(c) for (c, _), ok in zip(pairs, oks, strict=True) if not ok)
                 if ended or rejected:
                     bad = {id(c.matcher) for c, _ in pairs if id(c) in rejected}
+                    rows_np = bitmask.numpy()  # (no torch op on an inference tensor on this thread)
                     keep = []
                     for a, i in zip(fills, fidx, strict=True):
                         if i in ended:
@@ -217,9 +219,7 @@ class LLGuidanceConstraint:
                     ex.unsafe_compute_mask_ptr(fills, ptr, row_bytes, n)
             return rejected
 
-        stop_rows = [(k, c) for k, c in rows if c.extra_stops]
-
-        def check(rejected: set[int]) -> dict[int, str]:
+        def check(bitmask: torch.Tensor, rejected: set[int]) -> dict[int, str]:
             why: dict[int, str] = {}
             for k, c in rows:
                 if c.matcher.is_error():

@@ -65,6 +65,21 @@ class _Job:
         self.complete = True  # it covers every constrained row that will need a mask
 
 
+class _Plan:
+    """A step's fill laid out (``StepMasks._new_plan``); reused while the rows stay the same (``key``)."""
+
+    def __init__(self, key: tuple | None) -> None:
+        self.key = key  # (ids of the step's sequences, ids of the previous step's), None: not reusable
+        self.rows: list[tuple[int, Any]] = []  # (sampling row, constraint), packed row k = rows[k]
+        self.index: list[int] = []  # the sampling rows
+        self.accepted: list[Any] = []  # constraints that consume the previous step's token on the worker
+        self.jobs: list[
+            tuple[tuple[Any, Any], list]
+        ] = []  # per constraint class: ((work, check), packed rows)
+        self.complete = True
+        self.alive: tuple = ()  # the sequences the key names, kept alive so that no other object takes an id
+
+
 class StepMasks:
     def __init__(self, device: torch.device, vocab_size: int, max_rows: int) -> None:
         self.device = device
@@ -75,6 +90,7 @@ class StepMasks:
         self._fence: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
         self._job: _Job | None = None
+        self._plan: _Plan | None = None
         self.early = True  # False: every fill synchronous at sampling time (the old order, for A/B runs)
         # True: a fill starts when the previous step's tokens land (the worker waits for them); False: only
         # after the host has read them back (the older order, for A/B runs)
@@ -157,15 +173,43 @@ class StepMasks:
         device->host copy event), so the fill starts then, not after the host's read-back of ``prev``."""
         if not self.early or self._job is not None or (tokens is None and not self.from_event):
             return
-        sampled: dict[int, int] = {}
         source = None
+        key: tuple | None = None
+        if prev is not None and prev.out is not None:
+            source = _tokens_of(prev) if tokens is None else (lambda: tokens)
+            if not prev.failed:  # the same rows as the step before (the norm): its plan again
+                key = (tuple(map(id, pending.seqs)), tuple(map(id, prev.seqs)))
+        plan = self._plan if key is not None and self._plan is not None and self._plan.key == key else None
+        if plan is None:
+            plan = self._plan = self._new_plan(pending, prev, key)
+        else:
+            for c in plan.accepted:
+                c.preaccept()  # the worker consumes its token: the read-back's accept_token will not
+        if not plan.rows:
+            return
+        host, index = self._buffer(len(plan.rows))
+        index.numpy()[:] = plan.index
+        job = self._job = _Job(pending, plan.rows, host, index)
+        job.complete = plan.complete
+        job.checks = [(check, rws) for (_, check), rws in plan.jobs]
+        # the worker needs the GIL only briefly (between its calls into the library): let it have it soon
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch, _SWITCH_S))
+        job.future = _worker().submit(_run, [work for (work, _), _ in plan.jobs], host, source)
+        self.started += 1
+
+    @staticmethod
+    def _new_plan(pending: Any, prev: Any, key: tuple | None) -> _Plan:
+        """Which rows of ``pending`` the worker fills, which of them first consume ``prev``'s token (marked
+        ``preaccept``), and each constraint class's ``fill_job`` over them."""
+        sampled: dict[int, int] = {}
         if prev is not None and prev.out is not None:
             failed = prev.failed
             sampled = {id(s): r for r, s in enumerate(prev.seqs) if r not in failed}
-            source = _tokens_of(prev) if tokens is None else (lambda: tokens)
-        rows: list[tuple[int, Any]] = []
+        plan = _Plan(key)
+        plan.alive = (pending.seqs, prev.seqs if prev is not None else None)  # (their ids stay theirs)
+        rows = plan.rows
         groups: dict[Any, tuple[list, list]] = {}  # constraint class -> (accepts, packed rows)
-        complete = True
         for r, seq in enumerate(pending.seqs):
             c = seq.constraint
             if c is None or seq.is_finished:
@@ -174,32 +218,25 @@ class StepMasks:
             group = groups.get(cls)
             if group is None:
                 if not hasattr(cls, "fill_job"):
-                    complete = False
+                    plan.complete = False
                     continue
                 group = groups[cls] = ([], [])
             i = sampled.get(id(seq))
             if i is None:  # it did not sample in ``prev``: its previous token is known (or it waits)
                 if seq.num_tokens > 1 and seq.token_ids[-2] == PLACEHOLDER:
-                    complete = False
+                    plan.complete = False
                     continue
             else:
                 group[0].append((c, i))
+                plan.accepted.append(c)
                 c.preaccept()  # the worker consumes that token: the read-back's accept_token will not
             group[1].append((len(rows), c))
             rows.append((r, c))
-        if not rows:
-            return
-        host, index = self._buffer(len(rows))
-        index.numpy()[:] = [r for r, _ in rows]
-        job = self._job = _Job(pending, rows, host, index)
-        job.complete = complete
-        jobs = [(cls.fill_job(host, acc, rws, source), rws) for cls, (acc, rws) in groups.items() if rws]
-        job.checks = [(check, rws) for (_, check), rws in jobs]
-        # the worker needs the GIL only briefly (between its calls into the library): let it have it soon
-        self._switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch, _SWITCH_S))
-        job.future = _worker().submit(_run, [work for (work, _), _ in jobs])
-        self.started += 1
+        plan.index = [r for r, _ in rows]
+        plan.jobs = [(cls.fill_job(acc, rws), rws) for cls, (acc, rws) in groups.items() if rws]
+        if not plan.complete:
+            plan.key = None  # (rows that wait: not reused)
+        return plan
 
     def ready(self, pending: Any) -> bool:
         """Whether ``finish(pending)`` would not wait: the worker is done with its masks (a step whose fill
@@ -222,7 +259,7 @@ class StepMasks:
             if isinstance(res, BaseException):  # the batch call broke: each of its rows fails alone
                 reasons = {k: f"its token constraint failed: {res!r}" for k, _ in rws}
             else:
-                reasons = check(res)
+                reasons = check(job.host, res)
             for k, why in reasons.items():
                 _report(job.rows[k][0], why, job.host, k, failed)
         late = []
@@ -264,13 +301,14 @@ def _tokens_of(step: Any) -> Callable[[], list[int]]:
     return read
 
 
-def _run(works: list) -> tuple[list, float]:
-    """On the worker: each constraint class's ``work()`` (its result, or the exception it raised), and the time."""
+def _run(works: list, host: torch.Tensor, tokens: Callable[[], list[int]] | None) -> tuple[list, float]:
+    """On the worker: each constraint class's ``work(host, tokens)`` (its result, or the exception it raised),
+    and the time."""
     t0 = _landed[0] = time.perf_counter()
     out: list = []
     for work in works:
         try:
-            out.append(work())
+            out.append(work(host, tokens))
         except Exception as e:  # reported per row by finish()
             out.append(e)
     return out, time.perf_counter() - max(t0, _landed[0])  # (busy from the tokens' landing on)
