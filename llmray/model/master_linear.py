@@ -28,11 +28,55 @@ def _wgrad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.mm(dy.t(), x).float()
 
 
+SHADOW = "_llmray_shadow"  # attribute of a weight: (its low-precision copy, the weight's _version it matches)
+
+
+def attach_shadows(groups: list[list[torch.Tensor]], dtype: torch.dtype) -> None:
+    """Give each group of fp32 weights (e.g. [w_q, w_k, w_v]) one ``dtype`` buffer over their concatenation,
+    each weight a row range of it (``weight.<SHADOW>``); the optimizer writes it as it updates the weight
+    (``llmray.train.optim_kernels.muon_apply_``), so the forward reads it instead of casting (and
+    concatenating) the fp32 weights: no cast/cat kernels on the critical path. A weight changed in place by
+    anything else (its ``_version`` moves) falls back to the cast."""
+    for ws in groups:
+        buf = torch.cat([w.detach().to(dtype) for w in ws])
+        row = 0
+        for w in ws:
+            setattr(w, SHADOW, (buf[row : row + w.shape[0]], w._version))
+            row += w.shape[0]
+
+
+def detach_shadows(weights: list[torch.Tensor]) -> None:
+    for w in weights:
+        if hasattr(w, SHADOW):
+            delattr(w, SHADOW)
+
+
+def _shadow(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """The current ``dtype`` copy of cat(weights) if the weights are one shadow buffer's rows, in order."""
+    views = []
+    for w in weights:
+        sh = getattr(w, SHADOW, None)
+        if sh is None or sh[0].dtype != dtype or sh[1] != w._version:
+            return None
+        views.append(sh[0])
+    if len(views) == 1:
+        return views[0]
+    first = views[0]
+    base, off, width = first.untyped_storage().data_ptr(), first.storage_offset(), first.shape[1]
+    for v in views:
+        if v.untyped_storage().data_ptr() != base or v.storage_offset() != off or v.shape[1] != width:
+            return None
+        off += v.numel()
+    return first.as_strided((sum(v.shape[0] for v in views), width), (width, 1))
+
+
 class _MasterLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, dtype: torch.dtype, *weights: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            w = weights[0].to(dtype) if len(weights) == 1 else torch.cat([v.to(dtype) for v in weights])
+            w = _shadow(weights, dtype)
+            if w is None:
+                w = weights[0].to(dtype) if len(weights) == 1 else torch.cat([v.to(dtype) for v in weights])
             xc = x.to(dtype)
             y = F.linear(xc, w)  # (..., N)
         ctx.save_for_backward(xc, w)

@@ -266,6 +266,18 @@ class Qwen3ForCausalLM(nn.Module):
         self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
         return out
 
+    def projection_groups(self) -> list[list[torch.Tensor]]:
+        """The weights each training GEMM reads together, per layer: [q, k, v], [o], [gate, up], [down]
+        (plain nn.Linear layers only; a layer wrapped by LoRA is left out)."""
+        groups: list[list[torch.Tensor]] = []
+        for layer in self.model.layers:
+            assert isinstance(layer, Qwen3DecoderLayer)
+            a, m = layer.self_attn, layer.mlp
+            for mods in ([a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [m.gate_proj, m.up_proj], [m.down_proj]):
+                if all(type(x) is nn.Linear for x in mods):
+                    groups.append([x.weight for x in mods if isinstance(x, nn.Linear)])
+        return groups
+
     @torch.no_grad()
     def fuse_projections(self) -> None:
         """Inference: gate/up, and q/k/v for a single-token forward (a batch-1 decode step), each as ONE GEMM

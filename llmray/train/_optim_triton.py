@@ -28,7 +28,9 @@ def _momentum_kernel(
 
 
 @triton.jit
-def _apply_kernel(P, O, R, C, so_r, so_c, decay, step, BR: tl.constexpr, BC: tl.constexpr):
+def _apply_kernel(
+    P, O, SH, R, C, so_r, so_c, decay, step, HAS_SH: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr
+):
     # P: (R, C) contiguous; O: (R, C) with any strides (a tall weight's update arrives transposed)
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -37,4 +39,7 @@ def _apply_kernel(P, O, R, C, so_r, so_c, decay, step, BR: tl.constexpr, BC: tl.
     c64 = c.to(tl.int64)[None, :]
     p = tl.load(P + r64 * C + c64, mask=mask, other=0.0).to(tl.float32)
     o = tl.load(O + r64 * so_r + c64 * so_c, mask=mask, other=0.0).to(tl.float32)
-    tl.store(P + r64 * C + c64, (p * decay - step * o).to(P.dtype.element_ty), mask=mask)
+    p = p * decay - step * o
+    tl.store(P + r64 * C + c64, p.to(P.dtype.element_ty), mask=mask)
+    if HAS_SH:  # the weight's low-precision shadow (model/master_linear.py), contiguous rows
+        tl.store(SH + r64 * C + c64, p.to(SH.dtype.element_ty), mask=mask)

@@ -34,9 +34,27 @@ from llmray.train.metrics import (  # noqa: F401  (re-exported: the loop's publi
 )
 from llmray.train.muon import MuonWithAuxAdam, muon_param_groups
 
-
 # --- optimizer and schedule ----------------------------------------------------------------------------
 NS_SYM = False  # Muon's Newton-Schulz on our symmetric Triton products with kernels="triton" (GPU A/B first)
+
+
+SHADOWS = False  # bf16 copies of the projection weights written by Muon's update pass (on after the GPU A/B)
+
+
+def attach_weight_shadows(model: torch.nn.Module) -> bool:
+    """bf16 shadows of the projection weights (``llmray.model.master_linear.attach_shadows``) on one CUDA
+    process (plain fp32 tensors; not under FSDP2 / DDP, whose updates take the unfused path anyway)."""
+    from llmray.model.master_linear import attach_shadows
+
+    get_groups = getattr(model, "projection_groups", None)
+    groups: list[list[torch.Tensor]] = get_groups() if callable(get_groups) else []
+    flat = [w for g in groups for w in g]
+    if not flat or any(
+        not w.is_cuda or w.dtype != torch.float32 or type(w).__name__ == "DTensor" for w in flat
+    ):
+        return False
+    attach_shadows(groups, torch.bfloat16)
+    return True
 
 
 def build_optimizer(
@@ -56,6 +74,8 @@ def build_optimizer(
         muon = MuonWithAuxAdam(groups)
         ops = getattr(model, "ops", None)  # our kernels: Newton-Schulz's symmetric products too
         muon.ns_sym = NS_SYM and getattr(ops, "name", None) == "triton"
+        if SHADOWS and getattr(ops, "name", None) == "triton" and getattr(ops, "linear", None) is not None:
+            attach_weight_shadows(model)
         opt: torch.optim.Optimizer = muon
     elif optimizer == "adamw":
         seen: set[int] = set()

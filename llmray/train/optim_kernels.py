@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from llmray.model.master_linear import SHADOW
+
 BLOCK = 4096
 
 
@@ -85,9 +87,13 @@ def muon_apply_(
     grid = (cdiv(rows, 64), cdiv(cols, 64))
     for i, p in enumerate(params):
         o = ortho[i]
+        sh = getattr(p, SHADOW, None)  # a low-precision copy the forward reads: written in the same pass
         _apply_kernel[grid](
-            p, o, rows, cols, o.stride(0), o.stride(1), decay, step, BR=64, BC=64, num_warps=4
-        )
+            p, o, sh[0] if sh is not None else p, rows, cols, o.stride(0), o.stride(1), decay, step,
+            HAS_SH=sh is not None, BR=64, BC=64, num_warps=4,
+        )  # fmt: skip
+        if sh is not None:
+            setattr(p, SHADOW, (sh[0], p._version))  # a Triton write moves no version counter: still current
 
 
 def adamw_(
