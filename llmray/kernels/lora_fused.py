@@ -113,11 +113,10 @@ def _lora_linear_kernel(
         tl.store(out_ptr + m[:, None] * stride_on + o[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-Config = tuple[
-    int, int, int, int, int, int, int
-]  # BLOCK_M, BLOCK_N, BLOCK_K, T, num_warps, num_stages, splits
-# by (output columns, K); benches override. splits > 1: split-K (the tile's last program adds the partials)
-CONFIGS: dict[str, Config] = {
+# BLOCK_M, BLOCK_N, BLOCK_K, T, num_warps, num_stages, splits (> 1: split-K; the tile's last program adds them)
+Config = tuple[int, int, int, int, int, int, int]
+# by step size and projection shape (benches override; None: that case runs the split kernels)
+CONFIGS: dict[str, Config | None] = {
     "default": (64, 64, 64, 4, 4, 3, 1),
     "narrow": (64, 32, 64, 4, 4, 3, 1),  # few output columns, long K (o, down): more programs
     "prefill": (128, 128, 64, 2, 8, 3, 1),  # thousands of rows: compute-bound, a prompt chunk is one slot
@@ -126,7 +125,7 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}  # per device: split-K tickets,
 _MAX_TILES = 8192
 
 
-def fused_config(n: int, o: int, k: int) -> Config:
+def fused_config(n: int, o: int, k: int) -> Config | None:
     """Launch parameters for an (n, k) x (o, k)ᵀ projection (no autotuning: the same on every run)."""
     if n > 512:
         return CONFIGS["prefill"]
@@ -136,8 +135,10 @@ def fused_config(n: int, o: int, k: int) -> Config:
 def lora_linear_supported(n: int, weight: torch.Tensor, seg: tuple[int, ...]) -> bool:
     """Whether ``lora_linear`` runs this projection: unit stride along K, member boundaries on tile edges."""
     o, k = weight.shape
-    block_n = fused_config(n, o, k)[1]
-    return weight.stride(1) == 1 and len(seg) <= 2 and all(s % block_n == 0 and 0 < s < o for s in seg)
+    config = fused_config(n, o, k)
+    if config is None or weight.stride(1) != 1 or len(seg) > 2:
+        return False
+    return all(s % config[1] == 0 and 0 < s < o for s in seg)
 
 
 def lora_linear(
@@ -159,9 +160,10 @@ def lora_linear(
     n, k = x.shape
     o = weight.shape[0]
     r = a.shape[1] // (len(seg) + 1)
-    block_m, block_n, block_k, tiles_t, warps, stages, splits = (
-        tuple(config or fused_config(n, o, k)) + (1,)
-    )[:7]
+    config = config or fused_config(n, o, k)
+    if config is None:
+        raise ValueError(f"lora_linear: no fused config for {n} rows x ({o}, {k})")
+    block_m, block_n, block_k, tiles_t, warps, stages, splits = (tuple(config) + (1,))[:7]
     if len(seg) > 2 or any(s % block_n or not 0 < s < o for s in seg):
         raise ValueError(f"lora_linear: member boundaries {seg} are not multiples of {block_n} inside O={o}")
     if weight.shape[1] != k or weight.stride(1) != 1 or b.stride(2) != 1:
