@@ -34,21 +34,21 @@ CONFIGS = {  # candidates, most promising first: (BLOCK_N, warps, stages, split 
     # K/V buffer), 7 stages: three buffers; heads fast: grid (Hkv, B) so that a sequence's KV heads run together;
     # v scale first (fp8): V converted in registers, 16-bit transposing ldmatrix (no byte-wise shared loads);
     # kv heads 2: a program reads two adjacent heads' rows of a token as one row (fp8: 256 B, as bf16's one);
-    # trans g > 0: S^T = K q^T, O^T = V^T P^T with the group padded to g columns instead of 16 rows (sm_90 SASS:
-    # fp8 ~24 instructions per token and warp vs ~31; the kernel issues ~30 per token, so it is bound by
-    # instruction latency x warps per SM rather than by bytes).
+    # trans g > 0: S^T = K q^T, O^T = V^T P^T with the group padded to g columns instead of 16 rows; v asm (fp8):
+    # V converted by inline PTX, scaled on the output (sm_90 SASS, fp8 (64, 2, 5): ~19 instructions per token
+    # and warp vs ~31 committed: the kernel looks bound by instruction latency x warps per SM, not by bytes).
     # Rounds 1-3: bench/results/decode_sweep.json, decode_sweep_b.json, decode_sweep_c.json (v scale first:
     # fp8 0.188 ms vs 0.205; kv heads 2, more stages or warps: slower; bf16 2 warps 0.2215 vs 4 warps 0.2279)
-    "fp8": [(64, 2, 5, 1, 1, 1, 1, 8), (128, 4, 3, 1, 1, 1, 1, 8), (64, 2, 5, 1, 1, 1, 1, 2),
-            (128, 4, 3, 1, 1, 1, 1, 2), (64, 2, 3, 1, 1, 1, 1, 8), (128, 2, 3, 1, 1, 1, 1, 8),
-            (64, 4, 3, 1, 1, 1, 1, 8), (32, 2, 5, 1, 1, 1, 1, 8), (64, 2, 5, 2, 1, 1, 1, 8),
-            (128, 4, 3, 2, 1, 1, 1, 8), (128, 8, 3, 1, 1, 1, 1, 8), (64, 1, 3, 1, 1, 1, 1, 8),
-            (32, 2, 5, 1, 1, 1, 1, 0), (64, 1, 3, 1, 1, 1, 1, 0), (128, 4, 3, 1, 1, 1, 1, 0),
-            (64, 2, 4, 1, 1, 1, 1, 0), (64, 2, 5, 4, 1, 1, 1, 8)],
+    "fp8": [(64, 2, 3, 1, 1, 1, 1, 8, 1), (128, 4, 3, 1, 1, 1, 1, 8, 1), (64, 4, 3, 1, 1, 1, 1, 8, 1),
+            (64, 2, 5, 1, 1, 1, 1, 8, 1), (32, 2, 5, 1, 1, 1, 1, 8, 1), (64, 2, 3, 1, 1, 1, 1, 2, 1),
+            (128, 8, 3, 1, 1, 1, 1, 8, 1), (64, 2, 3, 2, 1, 1, 1, 8, 1), (128, 4, 3, 2, 1, 1, 1, 8, 1),
+            (64, 4, 3, 2, 1, 1, 1, 8, 1), (64, 2, 5, 1, 1, 1, 1, 8, 0), (128, 4, 3, 1, 1, 1, 1, 8, 0),
+            (64, 2, 5, 1, 1, 1, 1, 0, 1), (32, 2, 5, 1, 1, 1, 1, 0, 0), (64, 1, 3, 1, 1, 1, 1, 0, 0),
+            (64, 2, 4, 1, 1, 1, 1, 0, 0), (64, 2, 3, 1, 1, 1, 1, 16, 1), (64, 2, 3, 4, 1, 1, 1, 8, 1)],
     "bf16": [(128, 4, 3, 1, 1, 0, 1, 8), (64, 2, 5, 1, 1, 0, 1, 8), (128, 4, 3, 1, 1, 0, 1, 0),
-             (64, 4, 5, 1, 1, 0, 1, 8)],
-    "bs1": [(64, 4, 5, 1, 1, 0, 1, 8), (64, 4, 5, 1, 1, 0, 1, 2), (32, 4, 5, 1, 1, 0, 1, 8)],
-    "bs1_fp8": [(64, 4, 5, 1, 1, 1, 1, 8), (64, 2, 5, 1, 1, 1, 1, 8), (64, 4, 5, 1, 1, 1, 1, 0)],
+             (64, 4, 3, 1, 1, 0, 1, 8)],
+    "bs1": [(64, 4, 5, 1, 1, 0, 1, 8), (64, 4, 3, 1, 1, 0, 1, 8), (32, 4, 5, 1, 1, 0, 1, 8)],
+    "bs1_fp8": [(64, 4, 3, 1, 1, 1, 1, 8, 1), (64, 2, 3, 1, 1, 1, 1, 8, 1), (64, 4, 5, 1, 1, 1, 1, 0, 0)],
 }  # fmt: skip
 
 
@@ -138,15 +138,17 @@ def main() -> None:
         vsf0 = int(len(committed) > 5 and committed[5])
         kvh0 = int(committed[6]) if len(committed) > 6 else 1
         tg0 = int(committed[7]) if len(committed) > 7 else 0
-        first = (*committed[:3], 1, hf0, vsf0, kvh0, tg0)
+        va0 = int(len(committed) > 8 and committed[8])
+        first = (*committed[:3], 1, hf0, vsf0, kvh0, tg0, va0)
         confs = [first] + CONFIGS[name] + [first]
-        for i, (bn, w, s, mult, hf, vsf, kvh, tg) in enumerate(confs):
+        for i, cf in enumerate(confs):
+            bn, w, s, mult, hf, vsf, kvh, tg, va = (*cf, 0, 0)[:9]
             if args.quick:
                 bn = min(bn, 16)
-            conf = (bn, w, s, False, bool(hf), bool(vsf), kvh, tg)
+            conf = (bn, w, s, False, bool(hf), bool(vsf), kvh, tg, bool(va))
             key = f"{(bn, w, s)} splits{base_splits * mult}" + (" heads_fast" if hf else "")
             key += (" v_scale_first" if vsf else "") + (f" kv_heads{kvh}" if kvh > 1 else "")
-            key += f" trans{tg}" if tg else ""
+            key += (f" trans{tg}" if tg else "") + (" v_asm" if va else "")
             key += " committed" if i in (0, len(confs) - 1) else ""
             key += " again" if i == len(confs) - 1 else ""
             if time.perf_counter() - t0 > args.budget_s and 0 < i < len(confs) - 1:

@@ -7,6 +7,21 @@ import triton.language as tl
 
 
 @triton.jit
+def _e4m3_to_f16(x):
+    """e4m3 -> fp16 by two cvt.rn.f16x2.e4m3x2 per 4 elements, as an opaque op: Triton keeps it in the load's
+    layout instead of fusing the conversion into the dot operand (an 8-bit V tile read back transposed one
+    byte per shared-memory load), and no multiply is needed to anchor it (the scale goes on the output)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r",
+        [x],
+        dtype=tl.float16,
+        is_pure=False,
+        pack=4,
+    )
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -45,6 +60,7 @@ def _decode_kernel(
     V_SCALE_FIRST: tl.constexpr = False,  # FP8: V tile times its scale in CDT before the P.V dot (see below)
     KV_HEADS: tl.constexpr = 1,  # KV heads per program: 2 reads a token's two adjacent head rows as one row
     TRANS: tl.constexpr = False,  # S^T = K q^T and O^T = V^T P^T: tokens on the dots' M side (see below)
+    V_ASM: tl.constexpr = False,  # FP8 (GPU only): V converted by inline PTX in registers, scaled at the end
 ):
     if HEADS_FAST:
         kvh = tl.program_id(0) * KV_HEADS
@@ -64,7 +80,7 @@ def _decode_kernel(
     # An 8-bit V tile converted right before the dot is staged in shared memory as 8-bit and read back
     # transposed one byte per load (no 8-bit ldmatrix.trans); a multiply after the conversion keeps the
     # conversion in registers, so the 16-bit tile goes through shared memory with transposing ldmatrix.
-    vs = tl.load(v_scale_ptr).to(CDT) if FP8 and V_SCALE_FIRST else 1.0
+    vs = tl.load(v_scale_ptr).to(CDT) if FP8 and V_SCALE_FIRST and not V_ASM else 1.0
     per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, ctx)
@@ -138,7 +154,10 @@ def _decode_kernel(
             alpha = tl.exp2(m_t - m_new)
             l_t = l_t * alpha + tl.sum(p_t, 0)
             v = tl.load(v_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)
-            v = v.to(CDT) * vs if FP8 and V_SCALE_FIRST else v.to(CDT)
+            if FP8 and V_ASM:
+                v = _e4m3_to_f16(v)
+            else:
+                v = v.to(CDT) * vs if FP8 and V_SCALE_FIRST else v.to(CDT)
             acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p_t.to(v.dtype), input_precision=PRECISION)
             m_t = m_new
         acc = tl.trans(acc_t)  # (BLOCK_G, BLOCK_D)
@@ -161,10 +180,13 @@ def _decode_kernel(
             alpha = tl.exp2(m - m_new)
             l_sum = l_sum * alpha + tl.sum(p, 1)
             v = tl.load(v_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)
-            v = v.to(CDT) * vs if FP8 and V_SCALE_FIRST else v.to(CDT)
+            if FP8 and V_ASM:
+                v = _e4m3_to_f16(v)
+            else:
+                v = v.to(CDT) * vs if FP8 and V_SCALE_FIRST else v.to(CDT)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-    if FP8 and not V_SCALE_FIRST:
+    if FP8 and (V_ASM or not V_SCALE_FIRST):
         acc = acc * tl.load(v_scale_ptr)
 
     omask = own  # each output element from its own head's columns

@@ -15,6 +15,7 @@ Softmax runs in fp32 with exp2; ``precision="ieee"`` keeps fp32 dots exact on th
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,8 @@ def _compute_dtype(dtype: torch.dtype, fp8: bool):
 # (BLOCK_N, num_warps, num_stages[, prefetch[, heads_fast[, v_scale_first[, kv_heads[, trans_g]]]]]); kv_heads 2: a
 # program reads two adjacent KV heads' rows of each token as one row (2 x 128 B for fp8: bf16's row length);
 # trans_g > 0: S^T = K q^T and O^T = V^T P^T (tokens on the mma's M side, the GQA group padded to trans_g
-# columns instead of 16 rows: half the mma instructions and an 8x smaller softmax).
+# columns instead of 16 rows: half the mma instructions and an 8x smaller softmax); v_asm (fp8, GPU): V
+# converted by inline PTX (kept in registers without the v_scale multiply; the scale goes on the output).
 # From the H200 sweep (bench/decode_sweep.py, batch 256 at the nano-vllm workload's contexts, window A
 # 2026-11-30): 5 stages give the K/V tiles two buffers behind the page-table stage (2-4 stages: one, so a
 # program's loads never overlap its math); heads_fast runs a sequence's KV heads side by side (their rows
@@ -141,6 +143,10 @@ def paged_decode(
     v_scale_first = len(rest) > 2 and bool(rest[2])
     kv_heads = int(rest[3]) if len(rest) > 3 else 1
     trans_g = int(rest[4]) if len(rest) > 4 else 0  # > 0: transposed dots with BLOCK_G >= trans_g
+    # inline PTX: not under the CPU interpreter
+    v_asm = (
+        len(rest) > 5 and bool(rest[5]) and fp8 and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    )
     if kv_heads > 1 and (
         trans_g or hkv % kv_heads or block_d != d or k_cache.stride(2) != d or k_cache.stride(3) != 1
     ):
@@ -189,6 +195,7 @@ def paged_decode(
         V_SCALE_FIRST=v_scale_first,
         KV_HEADS=kv_heads,
         TRANS=trans_g > 0,
+        V_ASM=v_asm,
         num_warps=warps,
         num_stages=stages,
     )

@@ -139,7 +139,7 @@ def test_fp8_cache_decode_and_prefill_match_the_reference():
     torch.testing.assert_close(paged_attention_ref(q, kc8, vc8, bt, qs, cl, 0.25, ks, vs), ref)
     out = paged_decode(q, kc8, vc8, bt, cl, 0.25, num_splits=2, k_scale=ks, v_scale=vs)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    cfg = (8 if DEVICE == "cpu" else 32, 2, 5, False, True, True, 1, 8)  # transposed dots, V scaled first
+    cfg = (8 if DEVICE == "cpu" else 32, 2, 5, False, True, True, 1, 8, True)  # transposed, V by PTX on GPU
     out = paged_decode(q, kc8, vc8, bt, cl, 0.25, num_splits=1, k_scale=ks, v_scale=vs, config=cfg)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     q, kc8, vc8, bt, qs, cl, ks, vs = _fp8_case([9, 33], [9, 13], seed=3)
@@ -150,11 +150,13 @@ def test_fp8_cache_decode_and_prefill_match_the_reference():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "config", [None, (64, 2, 5, False, True, True, 1, 8), (128, 4, 3, False, True, True, 1, 2)]
+    "config",
+    [None, (64, 2, 3, False, True, True, 1, 8, True), (128, 4, 3, False, True, True, 1, 2, True)],
 )
 @pytest.mark.parametrize("splits", [1, 8])
 def test_decode_fp8_real_shapes_gpu(config, splits):
-    """bf16 queries over an e4m3 cache (scales not 1): the default launch and the transposed-dot configs."""
+    """bf16 queries over an e4m3 cache (scales not 1): the default launch and transposed-dot configs with V
+    converted by inline PTX (group padded to 8 and to 2 columns)."""
     q, kc, vc, bt, qs, cl = make_case([1, 17, 100, 1023, 4097], [1] * 5, 16, 8, 128, 16, torch.float32)
     ks, vs = torch.tensor([0.02], device=DEVICE), torch.tensor([0.03], device=DEVICE)
     kc8, vc8 = (kc / ks).to(torch.float8_e4m3fn), (vc / vs).to(torch.float8_e4m3fn)
