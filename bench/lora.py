@@ -160,7 +160,8 @@ def main() -> None:
         default=[],
         metavar="ROW:NAME=CFG[,NAME=CFG]",
         help="then 16 adapters again with lora_fused.CONFIGS[NAME] set to CFG (BMxBNxBKxTxWARPSxSTAGES[xSPLITS]; "
-        "NAME=max_rows sets LoraBatch.fused_max_rows), graphs re-captured, as row ROW (before --ab-split)",
+        "none: split kernels; NAME=max_rows sets LoraBatch.fused_max_rows), graphs re-captured, as row ROW "
+        "(before --ab-split)",
     )
     ap.add_argument(
         "--trace", action="store_true", help="per timed run: phases, Triton compiles, GC (each row)"
@@ -233,7 +234,9 @@ def main() -> None:
                 if name == "max_rows":
                     llm.engine.lora.batch.fused_max_rows = int(cfg)
                 else:
-                    lora_fused.CONFIGS[name] = tuple(int(v) for v in cfg.split("x"))  # type: ignore[assignment]
+                    lora_fused.CONFIGS[name] = (  # type: ignore[assignment]
+                        None if cfg == "none" else tuple(int(v) for v in cfg.split("x"))
+                    )
             recapture(llm)
             loras = [names[i % 16] for i in range(len(prompts))]
             results["rows"][row] = run(
