@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument(
         "--extras",
         default="nodefer,xgrammar,sync",
-        help="optional runs, in order: nodefer, xgrammar, sync, oldseed, noearly, noevent, nosplit, switch100, noplan, "
+        help="optional runs, in order: nodefer, xgrammar, sync, oldseed, noearly, noevent, nosplit, switch100, noplan, noreuse, "
         "threadsN",
     )
     ap.add_argument("--out", default="bench/results/structured.json")
@@ -160,6 +160,7 @@ def main() -> None:
             ("noevent", "fill_after_read_back"),
             ("switch100", "switch_100us"),
             ("noplan", "sampler_host_after_wait"),
+            ("noreuse", "no_plan_reuse"),
         ):
             if "free" in med and f"half_{k}" in med:
                 result[f"half_schema_over_free_{name}"] = round(med[f"half_{k}"] / med["free"], 3)
@@ -239,6 +240,10 @@ def main() -> None:
             llm.engine.runner.masks.from_event = False
             res["half_noevent"] = [timed(llm, prompts, half)[0]]
             llm.engine.runner.masks.from_event = True
+        elif extra == "noreuse":  # every step's fill laid out anew, the sampler's rows too
+            llm.engine.runner.masks.reuse = False
+            res["half_noreuse"] = [timed(llm, prompts, half)[0]]
+            llm.engine.runner.masks.reuse = True
         elif extra == "noplan":  # the sampler's host work after the wait for the masks, not before
             llm.engine.runner.sampler.plan_ahead = False
             res["half_noplan"] = [timed(llm, prompts, half)[0]]

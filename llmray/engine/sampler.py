@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from llmray.engine.pinned import Stager
+from llmray.engine.sampler_plan import Plan, Rows, plain_rows
 from llmray.engine.sequence import Sequence
 
 logger = logging.getLogger("llmray.engine")
@@ -43,17 +44,6 @@ def _padded(rows: list[list[int]], pad: int) -> np.ndarray:
     return out
 
 
-@dataclass
-class _Plan:
-    """A plain step's sampling prepared ahead (``Sampler.prepare``): its kernel arguments, on the device."""
-
-    seqs: list[Sequence]
-    greedy: bool  # every row greedy: the argmax
-    rows: torch.Tensor | None = None  # (2, B) fp32: 1 / temperature, noise on/off
-    seeds: torch.Tensor | None = None  # (B,) int64: per-row Philox seeds (seeded rows in the step)
-    seed: int = 0
-
-
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0) -> None:
         self.device = device
@@ -69,7 +59,8 @@ class Sampler:
         # per-step parameters go through persistent pinned arenas (a pageable copy or a fresh pinned
         # allocation would stall the host while the previous step runs: see pinned.py)
         self.stager = Stager(device)
-        self._plan: _Plan | None = None  # see prepare()
+        self._plan: Plan | None = None  # see prepare()
+        self._rows: Rows | None = None  # ... and the rows it keeps
         self.plan_ahead = True  # False: prepare() does nothing (A/B runs)
 
     def release(self, seq: Sequence) -> None:
@@ -96,6 +87,7 @@ class Sampler:
             self.stager.end_step()
             plan = None
         if plan is None:
+            self._flush_draws()  # (the unprepared path reads and counts seq_draws itself)
             self.stager.begin_step()
         try:
             if plan is not None:
@@ -108,49 +100,50 @@ class Sampler:
         """Do the host work of the next call for ``seqs`` (the same list object) now: the runner calls this
         before it waits for a constrained step's masks, so that once they are filled only the mask copy and two
         kernels are left to queue. Only plain steps (every row temperature-only: no logprobs, penalties,
-        min_tokens, top-k/p, min-p) on the fused CUDA kernel are prepared; any other step runs as usual."""
-        self._plan = None
+        min_tokens, top-k/p, min-p) on the fused CUDA kernel are prepared; any other step runs as usual. The
+        rows' parameters are kept while the same sequences sample (``Rows``): a step then costs a few numpy
+        operations, whatever the batch size."""
+        if self._plan is not None:  # prepared and never used
+            self._plan = None
+            self.stager.end_step()
         if not (self.plan_ahead and self.fused and self.device.type == "cuda") or not seqs:
             return
-        temps: list[float] = []
-        noise: list[float] = []
-        seeded: list[int] = []
-        for i, s in enumerate(seqs):
-            p = s.sampling_params
-            if (
-                p.logprobs is not None
-                or p.presence_penalty != 0.0
-                or p.frequency_penalty != 0.0
-                or p.repetition_penalty != 1.0
-                or p.top_k > 0
-                or p.top_p < 1.0
-                or p.min_p > 0.0
-                or (p.min_tokens and len(s.token_ids) - len(s.prompt_token_ids) < p.min_tokens)
-            ):
-                return
-            if p.temperature < 1e-5:  # SamplingParams.greedy
-                temps.append(1.0)
-                noise.append(0.0)
-            else:
-                temps.append(1.0 / p.temperature)
-                noise.append(1.0)
-                if p.seed is not None:
-                    seeded.append(i)
-        if seeded and not self.fused_seeded:
-            return
+        key = tuple(map(id, seqs))
         self.stager.begin_step()
-        if not any(noise):
-            self._plan = _Plan(seqs, greedy=True)
+        rows = self._rows
+        if rows is None or rows.key != key:
+            self._flush_draws()
+            rows = self._rows = plain_rows(seqs, key, self.seq_draws, self.fused_seeded, self._from_numpy)
+        if rows is None:
+            self.stager.end_step()
             return
-        seeds = self._row_seeds(seqs, seeded) if seeded else None
+        if rows.greedy:
+            self._plan = Plan(seqs, greedy=True)
+            return
+        m = 2**31 - 1
+        step = (self.base_seed * 1_000_003 + (self._draws + 1) * 7_919) % m
+        out = (step * 31 + rows.row_terms) % m  # the rows' seeds as _row_seeds() gives them
+        if rows.seeded.size:
+            out[rows.seeded] = (rows.seed_terms + rows.draws * 7_919) % m
+            rows.draws += 1
         self._draws += 1
-        self._plan = _Plan(
+        self._plan = Plan(
             seqs,
             greedy=False,
-            rows=self._tensor([temps, noise], torch.float32),
-            seeds=self._tensor(seeds, torch.long) if seeds is not None else None,
-            seed=(self.base_seed * 1_000_003 + self._draws * 7_919) % (2**31 - 1),
+            rows=rows.params,
+            seeds=self._from_numpy(out) if rows.seeded.size else None,
+            seed=(self.base_seed * 1_000_003 + self._draws * 7_919) % m,
         )
+
+    def _flush_draws(self) -> None:
+        """Write the kept rows' draw counts back to ``seq_draws`` (before any other path reads them)."""
+        rows, self._rows = self._rows, None
+        if rows is None or not rows.seeded.size:
+            return
+        for i, n in zip(rows.seeded.tolist(), rows.draws.tolist(), strict=True):
+            seq = rows.seqs[i]
+            if not seq.is_finished:  # (a finished one was released)
+                self.seq_draws[seq.seq_id] = n
 
     def _call_planned(
         self,
@@ -158,7 +151,7 @@ class Sampler:
         seqs: list[Sequence],
         eos_token_id: int | None,
         bitmask: Bitmask | None,
-        plan: _Plan,
+        plan: Plan,
     ) -> SamplerOutput:
         from llmray.kernels.sampling import gumbel_argmax
 

@@ -76,7 +76,8 @@ def test_sampler_masks_constrained_rows_in_the_model_dtype():
 
 def test_a_prepared_step_samples_the_tokens_of_an_unprepared_one():
     """``Sampler.prepare`` (the host work of a constrained step done before its masks are filled) changes no
-    token: greedy, seeded and unseeded rows, two steps in a row (the draw counters advance alike). CPU: the
+    token: greedy, seeded and unseeded rows, steps in a row with and without it (the draw counters advance
+    alike). CPU: the
     fused kernel under the Triton interpreter (the sampler told it is on CUDA: only its path choice reads it)."""
     from llmray.engine.sampler import Sampler
     from llmray.engine.sampling_params import SamplingParams
@@ -95,12 +96,13 @@ def test_a_prepared_step_samples_the_tokens_of_an_unprepared_one():
     plain, prepared = Sampler(torch.device(DEVICE), seed=4), Sampler(torch.device(DEVICE), seed=4)
     if DEVICE == "cpu":
         plain.device = prepared.device = torch.device("cuda")
-    for _ in range(2):
+    for step in range(4):  # prepared twice (the second time from the kept rows), then not, then again
         logits = torch.randn(len(seqs), vocab, generator=gen).to(DEVICE)
         want = plain(logits.clone(), seqs, None, mask).token_ids
-        prepared.prepare(seqs, None)
-        assert prepared._plan is not None
+        if step != 2:
+            prepared.prepare(seqs, None)
+            assert prepared._plan is not None
         got = prepared(logits.clone(), seqs, None, mask).token_ids
-        assert prepared._plan is None and torch.equal(got.cpu(), want.cpu())
+        assert prepared._plan is None and torch.equal(got.cpu(), want.cpu()), step
     prepared.prepare([Sequence("lp", [1], SamplingParams(logprobs=2))], None)
     assert prepared._plan is None  # only plain steps are prepared

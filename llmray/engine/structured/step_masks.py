@@ -95,6 +95,7 @@ class StepMasks:
         # True: a fill starts when the previous step's tokens land (the worker waits for them); False: only
         # after the host has read them back (the older order, for A/B runs)
         self.from_event = True
+        self.reuse = True  # False: every step's fill laid out anew (A/B runs)
         self.started = 0  # fills started early (on the worker), for tests and benches
         self.work_s = 0.0  # the worker's busy seconds (benches)
         self._switch = sys.getswitchinterval()
@@ -177,7 +178,7 @@ class StepMasks:
         key: tuple | None = None
         if prev is not None and prev.out is not None:
             source = _tokens_of(prev) if tokens is None else (lambda: tokens)
-            if not prev.failed:  # the same rows as the step before (the norm): its plan again
+            if not prev.failed and self.reuse:  # the same rows as the step before (the norm): its plan again
                 key = (tuple(map(id, pending.seqs)), tuple(map(id, prev.seqs)))
         plan = self._plan if key is not None and self._plan is not None and self._plan.key == key else None
         if plan is None:
