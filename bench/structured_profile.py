@@ -261,7 +261,7 @@ def main() -> None:
         # (seeded rows on per-row generators, not the fused kernel), noearly (masks filled at sampling time, not
         # from the previous read-back on), noevent (the fill starts after the host's read-back, not when the
         # tokens land), nosplit (the sampling kernel on one program per row), switch100 (0.1 ms GIL switch
-        # interval while a fill runs), noplan (no Sampler.prepare), compact (JSON without whitespace), xgrammar (the other library)
+        # interval while a fill runs), noplan (no Sampler.prepare), noreuse (no fill plan reuse), compact (JSON without whitespace), xgrammar (the other library)
         kind, *flags = variant.split("+")
         seeded = "unseeded" not in flags
         backend = "xgrammar" if "xgrammar" in flags else "auto"
@@ -271,6 +271,7 @@ def main() -> None:
         eng.runner.masks.early = "noearly" not in flags
         eng.runner.masks.from_event = "noevent" not in flags  # fill started after the host read-back
         sampler.plan_ahead = "noplan" not in flags  # the sampler's host work after the wait for the masks
+        eng.runner.masks.reuse = "noreuse" not in flags  # every step's fill laid out anew
         sampling_kernel.TARGET_PROGRAMS = 0 if "nosplit" in flags else split_default  # one program per row
         step_masks._SWITCH_S = 1e-4 if "switch100" in flags else switch_default  # the old 0.1 ms
         llg_json = dict(eng._grammars.backend("llguidance").json_defaults)
@@ -311,6 +312,7 @@ def main() -> None:
             eng.runner.masks.early = True
             eng.runner.masks.from_event = True
             sampler.plan_ahead = True
+            eng.runner.masks.reuse = True
             sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S = split_default, switch_default
             if "compact" in flags:
                 eng._grammars.backend("llguidance").json_defaults = llg_json
