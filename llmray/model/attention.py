@@ -16,7 +16,8 @@ import torch.nn.functional as F
 @runtime_checkable
 class AttentionBackend(Protocol):
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, T, H, D), k/v (B, T, Hkv, D) for the new tokens -> out (B, T, H, D)."""
+        """q (B, T, H, D), k/v (B, T, Hkv, D) for the new tokens -> out (B, T, H, D).
+        k = v = None: the backend's norm_rope_store stored them."""
         ...
 
 

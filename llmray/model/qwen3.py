@@ -106,6 +106,12 @@ class Qwen3Attention(nn.Module):
             q = _proj(self.q_proj, x, ops).view(b, t, self.num_heads, self.head_dim)
             k = _proj(self.k_proj, x, ops).view(b, t, self.num_kv_heads, self.head_dim)
             v = _proj(self.v_proj, x, ops).view(b, t, self.num_kv_heads, self.head_dim)
+        store = getattr(attn_metadata, "norm_rope_store", None) if not torch.is_grad_enabled() else None
+        if norm_rope is not None and store is not None:  # engine: k/v go straight to the paged cache
+            qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+            q = store(self.layer_idx, q, k, v, qw, kw, eps, positions, rope_cos, rope_sin)
+            out = attn_metadata.attend(self.layer_idx, q, None, None)  # type: ignore[union-attr,arg-type]
+            return _proj(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), ops)
         if norm_rope is not None:
             qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
             q, k = norm_rope(q, k, qw, kw, eps, positions, rope_cos, rope_sin)
