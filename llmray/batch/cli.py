@@ -74,12 +74,16 @@ def run_cli(args: argparse.Namespace) -> int:
     engine_kwargs = {
         k: v for k, v in (("max_num_seqs", args.max_num_seqs), ("max_model_len", args.max_model_len)) if v
     }
+
+    def local(path: str) -> str:  # a local path as the caller meant it, before it reaches an engine actor
+        return os.path.abspath(os.path.expanduser(path)) if "://" not in path else path
+
     try:
         summary = run_batch(
-            args.model,
+            local(args.model),
             args.input,
-            args.output,
-            loras=dict(args.lora),
+            local(args.output),
+            loras={name: local(d) for name, d in args.lora},
             concurrency=args.concurrency,
             use_gpu=args.use_gpu,
             sampling_params=defaults,

@@ -66,7 +66,9 @@ def resolve_inputs(spec: str) -> list[str]:
             raise FileNotFoundError(f"--input {entry!r} matches no file")
         for m in matches:
             if os.path.isdir(m):
-                out.extend(sorted(str(p) for p in Path(m).rglob("*") if p.is_file() and _known(str(p))))
+                out.extend(
+                    sorted(os.path.abspath(p) for p in Path(m).rglob("*") if p.is_file() and _known(str(p)))
+                )
             else:
                 out.append(os.path.abspath(m))
     if not out:

@@ -388,3 +388,29 @@ def test_serve_max_model_len_beyond_the_models_positions_is_refused_before_ray(t
     with pytest.raises(ValueError, match="max_model_len 2048 is longer than the model's 1024"):
         ServeArgs(model=str(model), engine_kwargs={"max_model_len": 2048})
     ServeArgs(model=str(model), engine_kwargs={"max_model_len": 1024})
+
+
+def test_batch_paths_are_resolved_against_the_callers_cwd(tmp_path, monkeypatch):
+    """`llmray batch` handed its model, adapter and output paths to the engine actors as typed (relative: right
+    only where a worker's cwd happens to be the caller's); an input directory listed relative files."""
+    import llmray.batch.cli as batch_cli
+    from llmray.batch.io import resolve_inputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "q.jsonl").write_text('{"prompt": "hi"}\n')
+    seen = {}
+
+    def run_batch(model, input_spec, output, loras, **kwargs):
+        seen.update(model=model, output=output, loras=loras, inputs=resolve_inputs(input_spec))
+        return {}
+
+    monkeypatch.setattr(batch_cli, "run_batch", run_batch)
+    argv = ["batch", "--model", "out/m", "--input", "data", "--output", "out/a", "--lora", "s=out/l"]
+    assert main(argv) == 0
+    assert seen == {
+        "model": str(tmp_path / "out/m"),
+        "output": str(tmp_path / "out/a"),
+        "loras": {"s": str(tmp_path / "out/l")},
+        "inputs": [str(tmp_path / "data/q.jsonl")],
+    }
