@@ -271,14 +271,14 @@ def smoke_cpu_variants(args) -> None:
         kernels, mode = v.split(":")
         if kernels != "torch" and not interp:
             continue
-        variants.append(f"{kernels}:{'none' if mode.startswith('graphs') else mode}")
+        variants.append(f"{kernels}:none")  # no torch.compile (minutes on a loaded CPU), no CUDA graphs
     args.c_variants = ",".join(dict.fromkeys(variants)) or "torch:none"
     args.e_no_graphs = True
     if args.e_kernels != "torch" and not interp:
         args.e_kernels = "torch"
     if not interp:
         log("--smoke on CPU: Triton variants run as kernels=torch (Triton on CPU needs TRITON_INTERPRET=1, "
-            "which runs them in the slow interpreter); no CUDA graphs")  # fmt: skip
+            "which runs them in the slow interpreter); no compile, no CUDA graphs")  # fmt: skip
 
 
 def main() -> int:
