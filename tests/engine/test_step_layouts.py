@@ -7,13 +7,17 @@ graphs' padding but without capture, on decode-only steps, mixed steps and prefi
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from llmray.engine.attention_metadata import PagedAttentionMetadata
 from llmray.engine.cuda_graphs import CudaGraphs, mixed_buckets
 from llmray.engine.llm import LLM
 from llmray.engine.sampling_params import SamplingParams
 from llmray.engine.step_inputs import Layout, tile_capacity
+from llmray.kernels.qk_norm_rope import qk_norm_rope
 from llmray.model.generate import generate
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -53,7 +57,18 @@ def test_graph_layouts_run_eagerly_match_the_reference(model):
     used = []
     pick = graphs.pick
     graphs.pick = lambda *a: used.append(pick(*a)) or used[-1]
-    outs = llm.generate(prompts, GREEDY)
+    # the fused q/k norm + rope kernel, so the model takes the norm_rope_store hook: k/v reach the cache
+    # from that kernel (the other ops stay torch: interpreter time)
+    model._ops = dataclasses.replace(model.ops, qk_norm_rope=qk_norm_rope)
+    stores = []
+    hook = PagedAttentionMetadata._norm_rope_store
+    PagedAttentionMetadata._norm_rope_store = lambda self, *a: stores.append(1) or hook(self, *a)  # type: ignore
+    try:
+        outs = llm.generate(prompts, GREEDY)
+    finally:
+        PagedAttentionMetadata._norm_rope_store = hook  # type: ignore
+        model.set_kernels("torch")
+    assert stores and r.fuse_kv_store
     assert [o.token_ids for o in outs] == refs
     kinds = {u[0] for u in used if u is not None}
     assert kinds == {"decode", "mixed"} and None in used  # both graph kinds and eager steps ran
