@@ -29,7 +29,13 @@ from llmray.config import EngineConfig
 from llmray.engine.cli import lora_pair as _lora_pair  # NAME=DIR, shared with `llmray batch`
 from llmray.engine.core import PREWARM_LOCK_ENV
 from llmray.ray_start import start_ray
-from llmray.serve.ray_logs import default_log_file, quiet_ray_init, quiet_shutdown, verbose
+from llmray.serve.ray_logs import (
+    default_log_file,
+    quiet_ray_init,
+    quiet_shutdown,
+    unprefix_engine_lines,
+    verbose,
+)
 
 ENGINE_FLAGS = {  # flag -> (EngineConfig field, type)
     "max-num-seqs": ("max_num_seqs", int),
@@ -271,6 +277,8 @@ def _run_serve(ns: argparse.Namespace, prewarm: subprocess.Popen | None) -> int:
     log_file = None if verbose() else default_log_file()
     with quiet_ray_init(log_file):
         start_ray(ray_init_kwargs(ns), say=progress)  # again when Ray's node starts late (a busy machine)
+    if log_file is not None:
+        unprefix_engine_lines()  # the engine core's progress lines as llmray's own
     url = metrics_url(ray.nodes(), ray.util.get_node_ip_address())
     progress(f"Ray is up; metrics at {url or 'no metrics port reported by Ray'}")
     if log_file is not None:

@@ -10,6 +10,7 @@ Serve's own processes (controller, proxy, replicas) stop logging to stderr when 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -94,6 +95,33 @@ def quiet_shutdown(log_file: Path | None) -> Iterator[None]:
         yield
     finally:
         ray_worker.print_to_stdstream = original
+
+
+ENGINE_LINE = "[engine core "  # the engine core's progress lines, printed in a replica (write_console)
+
+
+def unprefix_engine_lines() -> None:
+    """The engine core's progress lines reach this console without Ray's ``(ServeReplica:llmray:LLMServer
+    pid=N)`` prefix, like llmray's own; every other forwarded line keeps it. Wraps the handler that
+    ``ray.init(log_to_driver=True)`` registered (once)."""
+    import ray._private.worker as ray_worker
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    for name, handler in list(dispatcher.handlers):
+        if not isinstance(handler, functools.partial) or handler.keywords.get("ignore_prefix") is not False:
+            continue  # not Ray's printer of the workers' output (or already ours)
+
+        def printer(data: dict, _handler: functools.partial = handler) -> None:
+            lines = data.get("lines") or []
+            ours = [ln for ln in lines if ln.startswith(ENGINE_LINE)]
+            if ours:
+                _handler.func({**data, "lines": ours}, ignore_prefix=True)
+            rest = [ln for ln in lines if not ln.startswith(ENGINE_LINE)]
+            if rest or not lines:
+                _handler({**data, "lines": rest})
+
+        dispatcher.remove_handler(name)
+        dispatcher.add_handler(name, functools.partial(printer))
 
 
 def write_console(text: str) -> None:

@@ -221,3 +221,30 @@ def test_rays_messages_while_serve_stops_go_to_the_log_file(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert "graceful_shutdown" not in out + err
     assert f"(raylet) {line}" in log.read_text()
+
+
+def test_the_engine_cores_progress_lines_come_without_rays_prefix(capsys, monkeypatch):
+    """A replica's "[engine core N] loading the model" lines read as llmray's own (they carried Ray's
+    "(ServeReplica:llmray:LLMServer pid=N)" prefix); any other forwarded line keeps the prefix."""
+    import functools
+
+    import ray._private.worker as ray_worker
+
+    from llmray.serve.ray_logs import unprefix_engine_lines
+
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    monkeypatch.setattr(dispatcher, "handlers", [])
+    dispatcher.add_handler(
+        "ray_print_logs", functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
+    )
+    unprefix_engine_lines()
+    unprefix_engine_lines()  # once only
+    replica = {"pid": 3508, "ip": "192.0.2.2", "is_err": False, "actor_name": "ServeReplica:llmray:LLMServer"}
+    dispatcher.emit({**replica, "lines": ["[engine core 4423] loading the model (6.6s)", "a user print"]})
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "[engine core 4423] loading the model (6.6s)", out
+    assert (
+        len(out) == 2
+        and "ServeReplica:llmray:LLMServer pid=3508" in out[1]
+        and out[1].endswith("a user print")
+    )
