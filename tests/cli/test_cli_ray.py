@@ -47,9 +47,8 @@ def test_two_cpu_head_trains_and_prints_each_step_once(quiet_ray_two_cpus, tmp_p
     captured = capfd.readouterr()
     steps = [ln for ln in captured.out.splitlines() if re.search(r"\bstep [123]/3\b", ln)]
     assert len(steps) == 3, captured.out[-3000:]
-    assert all(ln.startswith("step ") for ln in steps), (
-        steps
-    )  # as if printed here: no "(RayTrainWorker pid=..)"
+    # as if printed here: no "(RayTrainWorker pid=..)" prefix
+    assert all(ln.startswith("step ") for ln in steps), steps
     ray_log = quiet_ray_two_cpus.read_text()
     for line in ("Started a local Ray instance", "Execution plan of Dataset"):  # Ray's and Ray Data's logs
         assert line in ray_log and line not in captured.out + captured.err
