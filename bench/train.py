@@ -223,7 +223,7 @@ def part_e(args, results: dict, out: Path) -> None:
         log_every=50, checkpoint_every=10**6, compile=args.e_compile, kernels=args.e_kernels, use_gpu=True,
         num_workers=1, cpus_per_worker=1.0, target_val_loss=1.47, cuda_graphs=not args.e_no_graphs,
     )  # fmt: skip
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in SMOKE.get("train", {}).items() if k != "batch_size"})
+    cfg = dataclasses.replace(cfg, **SMOKE.get("train", {}))
     if SMOKE:
         cfg = dataclasses.replace(cfg, use_gpu=False, checkpoint_every=6)
     t = time.perf_counter()
