@@ -289,11 +289,10 @@ def _run_serve(ns: argparse.Namespace, prewarm: subprocess.Popen | None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    serve.start(http_options={"host": ns.host, "port": ns.port})
-    serve.run(app, name="llmray", route_prefix="/", blocking=False)
-    progress(f"serving on http://{ns.host}:{ns.port}/v1 (Ctrl-C to stop)")
-
-    try:
+    try:  # Ctrl-C while deploying (replicas may already answer) stops Serve like one while serving
+        serve.start(http_options={"host": ns.host, "port": ns.port})
+        serve.run(app, name="llmray", route_prefix="/", blocking=False)
+        progress(f"serving on http://{ns.host}:{ns.port}/v1 (Ctrl-C to stop)")
         wait_for_stop()
     except KeyboardInterrupt:
         print("llmray: shutting down", flush=True)

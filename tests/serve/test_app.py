@@ -248,3 +248,35 @@ def test_the_engine_cores_progress_lines_come_without_rays_prefix(capsys, monkey
         and "ServeReplica:llmray:LLMServer pid=3508" in out[1]
         and out[1].endswith("a user print")
     )
+
+
+def test_ctrl_c_while_deploying_shuts_serve_down_cleanly(tmp_path, monkeypatch, capsys):
+    """With adapters a replica can answer before `serve.run` returns; a Ctrl-C then ended `llmray serve` as
+    "interrupted", exit 130, without Serve's shutdown. Now it stops like a Ctrl-C while serving (exit 0)."""
+    import argparse
+
+    import ray
+    from ray import serve
+
+    import llmray.serve.app as app_module
+    import llmray.serve.cli as serve_cli
+
+    monkeypatch.setenv("LLMRAY_VERBOSE", "1")  # no log-file routing: nothing of Ray's is touched
+    monkeypatch.setattr(serve_cli, "start_ray", lambda kwargs, say=None: None)
+    monkeypatch.setattr(ray, "nodes", lambda: [])
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    monkeypatch.setattr(app_module, "build_app", lambda args: object())
+    stopped = []
+    monkeypatch.setattr(serve, "start", lambda **kw: None)
+
+    def deploying(*a, **kw):
+        raise KeyboardInterrupt("signal 2")  # what the SIGINT handler raises in the main thread
+
+    monkeypatch.setattr(serve, "run", deploying)
+    monkeypatch.setattr(serve, "shutdown", lambda: stopped.append("serve"))
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append("ray"))
+    p = argparse.ArgumentParser()
+    serve_cli.add_arguments(p)
+    ns = p.parse_args(["--model", str(tmp_path)])
+    assert serve_cli._run_serve(ns, None) == 0
+    assert "llmray: shutting down" in capsys.readouterr().out and stopped == ["serve", "ray"]
