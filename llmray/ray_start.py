@@ -70,3 +70,46 @@ def _keep_sigterm_handler() -> Iterator[None]:
 
 def _print(line: str) -> None:
     print(line, flush=True)
+
+
+RAY_LOGGERS = (
+    "ray",
+    "ray.data",
+    "ray.serve",
+    "py.warnings",
+)  # Ray's, Ray Data's, Serve's and warnings' lines
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def ray_logs_to_file(log_file: str | os.PathLike[str]) -> Iterator[None]:
+    """Ray's driver-side messages while the block runs (start-up and token-auth notes, Ray Data's execution
+    plans, its warnings, Python warnings from Ray's code) go to ``log_file``; ERROR and up stay on stderr.
+    For a command that starts Ray and prints its own progress (``llmray batch``); restored afterwards."""
+    import logging
+    import warnings
+
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    console = logging.StreamHandler()
+    console.setLevel(logging.ERROR)
+    saved = {}
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers[:], logger.level, logger.propagate)
+        logger.handlers = [handler, console]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    fallback, logging.lastResort = logging.lastResort, handler  # ray.init drops "ray"'s handlers, then warns
+    logging.captureWarnings(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            yield
+    finally:
+        logging.captureWarnings(False)
+        logging.lastResort = fallback
+        for name, (handlers, level, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers, logger.level, logger.propagate = handlers, level, propagate
+        handler.close()

@@ -11,9 +11,11 @@ number in the input file), ``generated_text``, ``num_generated_tokens``, ``num_p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from typing import Any
@@ -78,25 +80,35 @@ def run_cli(args: argparse.Namespace) -> int:
     def local(path: str) -> str:  # a local path as the caller meant it, before it reaches an engine actor
         return os.path.abspath(os.path.expanduser(path)) if "://" not in path else path
 
+    import ray.data  # noqa: F401  # configures Ray Data's loggers: routed below, after that
+
+    from llmray.ray_start import ray_logs_to_file
+
+    quiet: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if os.environ.get("LLMRAY_VERBOSE", "") in ("", "0"):  # Ray's and Ray Data's messages: to a file
+        log_file = os.path.join(tempfile.gettempdir(), f"llmray-batch-{os.getpid()}.log")
+        print(f"Ray's and Ray Data's messages: {log_file}", flush=True)
+        quiet = ray_logs_to_file(log_file)
     try:
-        summary = run_batch(
-            local(args.model),
-            args.input,
-            local(args.output),
-            loras={name: local(d) for name, d in args.lora},
-            concurrency=args.concurrency,
-            use_gpu=args.use_gpu,
-            sampling_params=defaults,
-            engine_kwargs=engine_kwargs,
-            batch_size=args.batch_size,
-            shard_rows=args.shard_rows,
-            output_format=args.output_format,
-            max_shards=args.max_shards,
-            include_token_ids=args.token_ids,
-            streaming=not args.sync,
-            progress=not args.no_progress,
-            stats_dir=args.stats_dir,
-        )
+        with quiet:
+            summary = run_batch(
+                local(args.model),
+                args.input,
+                local(args.output),
+                loras={name: local(d) for name, d in args.lora},
+                concurrency=args.concurrency,
+                use_gpu=args.use_gpu,
+                sampling_params=defaults,
+                engine_kwargs=engine_kwargs,
+                batch_size=args.batch_size,
+                shard_rows=args.shard_rows,
+                output_format=args.output_format,
+                max_shards=args.max_shards,
+                include_token_ids=args.token_ids,
+                streaming=not args.sync,
+                progress=not args.no_progress,
+                stats_dir=args.stats_dir,
+            )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -220,6 +232,14 @@ def run_batch(
     from llmray.batch.io import input_format
     from llmray.batch.processor import build_processor
 
+    if use_gpu and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        import torch  # a local Ray would start: refuse a GPU-less machine before it does
+
+        if torch.cuda.device_count() < concurrency:
+            raise ValueError(
+                f"--use-gpu --concurrency {concurrency} needs {concurrency} GPU(s); this machine has "
+                f"{torch.cuda.device_count()} (drop --use-gpu to run on CPU, or lower --concurrency)"
+            )
     inputs = resolve_inputs(input_spec)
     fmt = output_format or input_format(inputs[0])
     processor = build_processor(

@@ -179,3 +179,28 @@ def test_a_dashboard_without_its_web_build_is_not_started(tmp_path, monkeypatch)
     assert not ray_env.dashboard_can_start()
     (tmp_path / "dashboard" / "client" / "build").mkdir(parents=True)
     assert ray_env.dashboard_can_start()
+
+
+def test_batch_sends_rays_messages_to_a_file(tmp_path, capfd):
+    """`llmray batch` printed Ray's token-auth note, Ray Data's execution plans and a Ray Data UserWarning
+    among its own lines: inside ``ray_logs_to_file`` they land in the file; errors still reach stderr; the
+    loggers are as before afterwards."""
+    import logging
+    import warnings
+
+    from llmray.ray_start import ray_logs_to_file
+
+    log = tmp_path / "batch.log"
+    before = logging.getLogger("ray.data").handlers[:]
+    with ray_logs_to_file(log):
+        logging.getLogger("ray.data._internal.execution.streaming_executor").info(
+            "Execution plan of Dataset d"
+        )
+        logging.getLogger("ray").warning("Token authentication is enabled for this Ray cluster.")
+        warnings.warn("The minimum number of concurrent actors is set to 2", UserWarning, stacklevel=1)
+        logging.getLogger("ray").error("a real problem")
+    out, err = capfd.readouterr()
+    text = log.read_text()
+    assert "Execution plan" in text and "Token authentication" in text and "concurrent actors" in text
+    assert "Execution plan" not in out + err and "Token" not in out + err and "concurrent" not in out + err
+    assert "a real problem" in err and logging.getLogger("ray.data").handlers == before

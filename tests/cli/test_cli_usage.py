@@ -200,6 +200,10 @@ def test_paths_are_resolved_against_the_callers_cwd(tmp_path, monkeypatch):
         (["serve", "--model", "{tmp}/m", "--lora", "no-equals-sign"], "NAME=DIR"),
         (["serve", "--model", "{tmp}/nomodel"], "model directory '{tmp}/nomodel' does not exist"),
         (["batch", "--model", "{tmp}/m", "--input", "i", "--output", "o", "--lora", "x="], "NAME=DIR"),
+        (
+            ["batch", "--model", "{tmp}/m", "--input", "{corpus}", "--output", "{tmp}/out", "--use-gpu"],
+            "--use-gpu --concurrency 1 needs 1 GPU(s); this machine has 0",
+        ),
         (["pretrain", "--out", "{tmp}/out"], "--data"),
         (
             ["pretrain", "--data", "{corpus}", "--out", "{tmp}/out", "--config", "{tmp}/none.yaml"],
