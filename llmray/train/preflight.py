@@ -184,11 +184,30 @@ def check_finetune(cfg: Any) -> list[str]:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a directory")
     notes: list[str] = []
-    if any((out / "ray" / "finetune").glob("checkpoint_*")):
+    checkpoints = sorted((out / "ray" / "finetune").glob("checkpoint_*"))  # named by time: the last is newest
+    if checkpoints:
+        _same_adapter_shape(cfg, checkpoints[-1] / "adapter" / "adapter_config.json", out)
         notes.append(f"resuming from the latest checkpoint in {out / 'ray' / 'finetune'} (an earlier run)")
     check_gpus(cfg.use_gpu, cfg.num_workers)
     notes += warmup_warning(cfg.max_steps, cfg.warmup_steps)
     return notes
+
+
+def _same_adapter_shape(cfg: Any, adapter_config: Path, out: Path) -> None:
+    """An earlier run's checkpoint in ``--out`` resumes only a run of the same LoRA shape (another rank or
+    target set failed in the worker with an IndexError while loading the optimizer state)."""
+    try:
+        old = json.loads(adapter_config.read_text())
+    except (OSError, ValueError):
+        return
+    have_r, have_t = old.get("r"), sorted(old.get("target_modules") or [])
+    want_r, want_t = cfg.lora.r, sorted(cfg.lora.target_modules())
+    if (have_r, have_t) != (want_r, want_t):
+        raise ValueError(
+            f"--out {out} holds checkpoints of another adapter (rank {have_r} on {','.join(have_t)}), which "
+            f"cannot resume this run (--lora-r {want_r} on {','.join(want_t)}): choose another --out, or "
+            "rerun with that adapter's --lora-r/--lora-targets"
+        )
 
 
 def _strings(value: Any) -> list[str]:

@@ -72,3 +72,29 @@ def test_generate_refuses_a_prompt_it_cannot_encode(char_model_dir, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --prompt:2: ") and "U+1F600" in err and "Traceback" not in err, err
+
+
+def test_finetune_into_an_out_of_another_adapter_shape_is_refused(char_model_dir, tmp_path, capsys):
+    """fine-tuning.md's `--out runs/adapter` after README's all-linear r16 run there "resumed" and died in the
+    Ray Train worker (IndexError loading the optimizer state, a traceback): now one error line, exit 2; the
+    same shape still resumes."""
+    from llmray.cli import build_parser
+    from llmray.train import preflight
+    from llmray.train.cli import config_from_args
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(_chat("ok") * 8)
+    out = tmp_path / "out"
+    adapter = out / "ray" / "finetune" / "checkpoint_2026-11-30_15-16-38.561106" / "adapter"
+    adapter.mkdir(parents=True)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 16, "target_modules": targets}))
+    argv = ["finetune", "--base", str(char_model_dir), "--data", str(data), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {out} holds checkpoints of another adapter (rank 16 on "), err
+    assert "--lora-r 8 on q_proj,v_proj" in err and "Traceback" not in err
+    same = config_from_args(
+        build_parser().parse_args([*argv, "--lora-targets", "all-linear", "--lora-r", "16"])
+    )
+    assert any(n.startswith("resuming from the latest checkpoint") for n in preflight.check_finetune(same))
