@@ -182,8 +182,10 @@ def _run(argv: list[str]) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    global _terminated
+    global _terminated, _ray_log
     _terminated = False
+    out = getattr(args, "out", None) if args.command in ("pretrain", "finetune", "demo") else None
+    _ray_log = Path(os.path.abspath(os.path.expanduser(str(out)))) / "ray.log" if out else None
     main_thread = threading.current_thread() is threading.main_thread()
     # llmray.ray_start puts it back after ray.init (Ray's own would dump Ray's C++ stack first)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
@@ -205,6 +207,7 @@ def _run(argv: list[str]) -> int:
 
 
 _terminated = False  # a SIGTERM stopped the command (exit 143, not Ctrl-C's 130)
+_ray_log: Path | None = None  # a training command's OUT/ray.log: where a failed worker's traceback went
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -285,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if _debug():
             raise
-        print(
-            f"error: {type(e).__name__}: {_last_line(e)}\n(the full traceback: rerun with --debug)",
-            file=sys.stderr,
-        )
+        where = "rerun with --debug"
+        if _ray_log is not None and _ray_log.exists():  # a Ray Train worker's traceback is in Ray's log
+            where = f"{_ray_log}, or rerun with --debug"
+        print(f"error: {type(e).__name__}: {_last_line(e)}\n(the full traceback: {where})", file=sys.stderr)
         return 1
 
 

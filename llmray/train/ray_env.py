@@ -49,6 +49,13 @@ TRACEBACK_LINE = re.compile(r"^(\s|Traceback \(most recent call last\)|[\w.]+(Er
 # the actors whose stdout is ours: the training function's step lines, printed without Ray's "(RayTrainWorker
 # pid=...)" prefix (their stderr, e.g. a traceback, keeps it)
 OUR_ACTORS = ("RayTrainWorker",)
+# a failed training function's traceback (Ray Train prints it in the worker): to the log file, as the command's
+# own error line says, unless --debug / LLMRAY_DEBUG=1
+WORKER_TRACEBACK = re.compile(r"^(Error in training function|Traceback \(most recent call last\))")
+
+
+def _debug() -> bool:
+    return os.environ.get("LLMRAY_DEBUG", "") not in ("", "0")
 
 
 def verbose() -> bool:
@@ -183,6 +190,8 @@ class _DivertRayNoise:
         quiet = data.get("actor_name") in RAY_QUIET_ACTORS or any(
             p.search(ln) for p in RAY_NOISE_BATCHES for ln in lines
         )
+        if data.get("actor_name") in OUR_ACTORS and data.get("is_err") and not _debug():
+            quiet = quiet or any(WORKER_TRACEBACK.search(ln) for ln in lines)
         if not quiet and pid in self.in_traceback:
             quiet = bool(lines) and all(TRACEBACK_LINE.search(ln) for ln in lines)
         if quiet and data.get("actor_name") not in RAY_QUIET_ACTORS:

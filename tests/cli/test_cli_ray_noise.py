@@ -204,3 +204,26 @@ def test_batch_sends_rays_messages_to_a_file(tmp_path, capfd):
     assert "Execution plan" in text and "Token authentication" in text and "concurrent actors" in text
     assert "Execution plan" not in out + err and "Token" not in out + err and "concurrent" not in out + err
     assert "a real problem" in err and logging.getLogger("ray.data").handlers == before
+
+
+def test_a_failed_workers_traceback_goes_to_the_log_unless_debug(ray_worker, tmp_path, capsys, monkeypatch):
+    """A training function that raised: Ray Train printed its traceback on the console under
+    "(RayTrainWorker pid=N)"; the command's own error line says where it went. --debug keeps it here."""
+    log = tmp_path / "ray.log"
+    ray_env.divert_ray_noise(log)
+    failed = {"pid": 23077, "ip": "192.0.2.2", "is_err": True, "actor_name": "RayTrainWorker"}
+    head = [
+        "Error in training function:",
+        "Traceback (most recent call last):",
+        '  File "finetune.py", line 303',
+    ]
+    emit = ray_worker.global_worker_stdstream_dispatcher.emit
+    monkeypatch.delenv("LLMRAY_DEBUG", raising=False)
+    emit({**failed, "lines": head})
+    emit({**failed, "lines": ["    p = params[idx]", "IndexError: list index out of range"]})
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "IndexError" not in out + err
+    assert "(RayTrainWorker) IndexError: list index out of range" in log.read_text()
+    monkeypatch.setenv("LLMRAY_DEBUG", "1")
+    emit({**failed, "lines": head})
+    assert "Error in training function:" in capsys.readouterr().err

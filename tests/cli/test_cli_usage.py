@@ -418,3 +418,24 @@ def test_batch_paths_are_resolved_against_the_callers_cwd(tmp_path, monkeypatch)
         "loras": {"s": str(tmp_path / "out/l")},
         "inputs": [str(tmp_path / "data/q.jsonl")],
     }
+
+
+def test_a_failed_training_run_names_where_the_traceback_is(tmp_path, corpus, capsys, monkeypatch):
+    """A Ray Train worker's failure: one error line (its last line) and where the worker's traceback is."""
+    import llmray.train.pretrain as pretrain
+
+    out = tmp_path / "out"
+
+    def failing(cfg):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ray.log").write_text("Traceback ...")
+        raise RuntimeError("Training failed.\nIndexError: list index out of range")
+
+    monkeypatch.delenv("LLMRAY_DEBUG", raising=False)
+    monkeypatch.setattr(pretrain, "run_pretrain", failing)
+    assert main(["pretrain", "--data", str(corpus), "--out", str(out), "--max-steps", "9"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: RuntimeError: IndexError: list index out of range",
+        f"(the full traceback: {out / 'ray.log'}, or rerun with --debug)",
+    ], err
