@@ -73,10 +73,12 @@ DECODE_CONFIG = {
     torch.bfloat16: (64, 2, 5, False, True),  # 0.2215 ms (3.98 TB/s) vs (64, 4, 5) 0.2279 (sweep round 3)
     torch.float16: (64, 4, 5),
 }
-# fp8: v_scale_first (V converted and scaled in registers: 16-bit transposing ldmatrix instead of one shared
-# load per byte; SASS for sm_90: 1,840 instructions and 147 registers vs 2,736 and 208): 0.188 ms vs 0.205 at
-# batch 256 (rounds 2-3, bench/results/decode_sweep_c.json; kv_heads 2 and more stages or warps: slower)
-DECODE_CONFIG_FP8 = (64, 2, 5, False, True, True)
+# fp8: transposed dots (group padded to 8 columns) and V converted by inline PTX: 0.157 ms (2.80 TB/s) vs 0.186
+# for (64, 2, 5) with v_scale_first only (fifth session W1, bench/results/decode_sweep_d.json; sm_90 SASS:
+# ~19 instructions per token and warp vs ~31). Before: v_scale_first (V converted and scaled in registers:
+# 16-bit transposing ldmatrix instead of one shared load per byte): 0.188 ms vs 0.205 (decode_sweep_c.json).
+DECODE_CONFIG_FP8 = (64, 2, 5, False, True, True, 1, 8, True)
+DECODE_CONFIG_FP8_SMALL = (64, 4, 5, False, True, True)  # batch 1 x 800: 0.0386 ms vs transposed 0.050
 DECODE_CONFIG_SMALL = (64, 4, 5)
 SMALL_BATCH = 16
 # split-K multiplier over ``default_num_splits`` by cache kind (False: model dtype, True: fp8)
@@ -86,7 +88,7 @@ DECODE_SPLIT_MULT = {False: 1, True: 2}  # fp8 at batch 256: 2 splits 0.1862 ms 
 def decode_config(dtype: torch.dtype, fp8: bool, num_seqs: int) -> tuple:
     """The launch configuration ``paged_decode`` uses for this query dtype, cache kind and batch."""
     if fp8:
-        return DECODE_CONFIG_FP8
+        return DECODE_CONFIG_FP8_SMALL if num_seqs <= SMALL_BATCH else DECODE_CONFIG_FP8
     if num_seqs <= SMALL_BATCH and dtype != torch.float32:
         return DECODE_CONFIG_SMALL
     return DECODE_CONFIG.get(dtype, (64, 4, 2))
@@ -144,9 +146,8 @@ def paged_decode(
     kv_heads = int(rest[3]) if len(rest) > 3 else 1
     trans_g = int(rest[4]) if len(rest) > 4 else 0  # > 0: transposed dots with BLOCK_G >= trans_g
     # inline PTX: not under the CPU interpreter
-    v_asm = (
-        len(rest) > 5 and bool(rest[5]) and fp8 and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-    )
+    v_asm = len(rest) > 5 and bool(rest[5]) and fp8 and q.dtype != torch.float32  # (fp16 V: for 16-bit q)
+    v_asm = v_asm and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
     if kv_heads > 1 and (
         trans_g or hkv % kv_heads or block_d != d or k_cache.stride(2) != d or k_cache.stride(3) != 1
     ):
