@@ -1,9 +1,10 @@
-"""The fused LoRA projection (one launch: base GEMM + shrink in its K loop + expand in its epilogue) against the
-split path (cuBLAS GEMM + shrink + expand), for one forward of Qwen3-0.6B's LoRA'd projections (28 layers x
-{fused q|k|v, o, fused gate|up, down}), 16 adapters rank 16, rows sorted by slot, each variant in one CUDA graph.
-Also the fused kernel's result against the split path's (max abs difference / max abs value, bf16).
+"""The one-launch LoRA delta (``lora_fused.lora_delta``: shrink recomputed per output tile + expand) after the
+cuBLAS GEMM against the split path (GEMM + shrink + expand), for one forward of Qwen3-0.6B's LoRA'd projections
+(28 layers x {fused q|k|v, o, fused gate|up, down}), 16 adapters rank 16, rows sorted by slot, each variant in
+one CUDA graph: ms per forward for all four projections, then each alone. Also the one-launch result against
+the split path's (max abs difference / max abs value, bf16).
 
-    python bench/lora_fused.py --out DIR [--rows 256,8192] [--configs default,32x64x64x2x4x3,8192:128x128x64x2x8x3]
+    python bench/lora_fused.py --out DIR [--rows 256,8192] [--configs default,16x128x128x2x4x3,256:32x256x64x2x4x3]
 
 A config is BLOCK_M x BLOCK_N x BLOCK_K x T x num_warps x num_stages (applied to every projection); "default"
 is ``lora_fused.fused_config``'s choice per projection; "ROWS:CONFIG" applies at that many rows only.
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=16, help="adapters among the rows (round-robin, sorted)")
     args = ap.parse_args()
     from llmray.kernels.lora import lora_expand, lora_shrink
-    from llmray.kernels.lora_fused import lora_linear
+    from llmray.kernels.lora_fused import lora_delta
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     out_path = Path(args.out) / "lora_fused.json"
@@ -66,11 +67,10 @@ def main() -> None:
                         continue
                     w, a, b, seg = layer[name]
                     x, y_out = xs[k], res[name]
-                    if mode == "fused":
-                        lora_linear(x, w, a, b, slots, scales, seg, config=config)
-                        continue
                     torch.mm(x, w.t(), out=y_out)
-                    if mode == "split":
+                    if mode == "fused":
+                        lora_delta(x, a, b, slots, scales, y_out, seg, config=config)
+                    elif mode == "split":
                         lora_expand(lora_shrink(x, a, slots, scales), b, slots, y_out, seg=seg)
 
         row: dict = {}
@@ -80,7 +80,7 @@ def main() -> None:
             for name, k, _ in PROJS:
                 w, a, b, seg = layers[0][name]
                 split = lora_expand(lora_shrink(xs[k], a, slots, scales), b, slots, xs[k] @ w.t(), seg=seg)
-                fused = lora_linear(xs[k], w, a, b, slots, scales, seg)
+                fused = lora_delta(xs[k], a, b, slots, scales, xs[k] @ w.t(), seg)
                 errs.append(
                     (fused.float() - split.float()).abs().max().item() / split.float().abs().max().item()
                 )

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmray.kernels.lora import lora_delta_ref, lora_expand, lora_shrink, lora_wide_shrink
-from llmray.kernels.lora_fused import lora_linear, lora_linear_supported
+from llmray.kernels.lora_fused import lora_delta, lora_delta_supported
 
 
 class LoraBatch:
@@ -41,8 +41,8 @@ class LoraBatch:
         # 33M outputs, not yet understood; benches set wide_min_rows to try it
         self.wide_min_rows = 1 << 30
         self.wide_max_rows = 1 << 30
-        # steps of at most fused_max_rows rows (decode) run each projection as ONE launch (lora_fused: the base
-        # GEMM with the shrink in its K loop and the expand in its epilogue) instead of GEMM + shrink + expand
+        # steps of at most fused_max_rows rows (decode) add each projection's deltas in ONE launch after the
+        # base GEMM (lora_fused: the shrink recomputed per output tile) instead of a shrink and an expand
         self.fused_max_rows = 512
 
     def set_rows(self, row_slots: torch.Tensor) -> None:
@@ -139,13 +139,6 @@ class ShrinkGroup:
         n = flat_x.shape[0]
         kernels = x.is_cuda or LoRALinear.use_kernels_on_cpu
         w_ext = self.w_ext
-        seg = tuple(self.bounds[1:-1])
-        if kernels and n <= batch.fused_max_rows and lora_linear_supported(n, weight, seg):
-            b, member_stride = self._stacked_b()  # (decode: one launch for the projection and its deltas)
-            out = lora_linear(
-                flat_x, weight, self.lora_a, b, batch.slots[:n], batch.scales, seg, member_stride
-            )
-            return out.view(*x.shape[:-1], weight.shape[0])
         if (
             kernels
             and w_ext is not None
@@ -168,8 +161,13 @@ class ShrinkGroup:
         flat_out = out.view(-1, out.shape[-1])
         slots = batch.slots[: flat_x.shape[0]]
         if x.is_cuda or LoRALinear.use_kernels_on_cpu:
-            y = lora_shrink(flat_x, self.lora_a, slots, batch.scales)  # (splits, N, G·R)
             seg = tuple(self.bounds[1:-1])
+            n, o = flat_out.shape
+            if n <= batch.fused_max_rows and lora_delta_supported(n, o, flat_x.shape[1], seg):
+                b, member_stride = self._stacked_b()  # decode: shrink + expand in one launch
+                lora_delta(flat_x, self.lora_a, b, slots, batch.scales, flat_out, seg, member_stride)
+                return
+            y = lora_shrink(flat_x, self.lora_a, slots, batch.scales)  # (splits, N, G·R)
             if all(b % 128 == 0 for b in seg):  # the grouped expand's output tiles never straddle members
                 b, member_stride = self._stacked_b()
                 lora_expand(y, b, slots, flat_out, seg=seg, member_stride=member_stride)
