@@ -99,6 +99,27 @@ def run(
     return row
 
 
+def best_config(path: str, name: str) -> tuple[int, ...] | None:
+    """The lora_fused config of class ``name`` ("wide": q|k|v + gate|up, "narrow": o + down) that was fastest
+    for its projections in bench/lora_fused.py's JSON at 256 rows (the current one for "fused_default")."""
+    from llmray.kernels import lora_fused
+
+    projs = ("qkv", "gate_up") if name == "wide" else ("o", "down")
+    rows = json.loads(Path(path).read_text())["rows"]["256_rows"]
+    timed = {
+        key: sum(row[p] for p in projs)
+        for key, row in rows.items()
+        if key.startswith("fused_")
+        and isinstance(row, dict)
+        and all(isinstance(row.get(p), float) for p in projs)
+    }
+    best = min(timed, key=timed.__getitem__)
+    print(f"best {name} config: {best} ({timed[best]:.4f} ms; split {sum(rows['split'][p] for p in projs)})")
+    if best == "fused_default":
+        return lora_fused.CONFIGS[name]
+    return tuple(int(v) for v in best.removeprefix("fused_").split("x"))
+
+
 def recapture(llm: LLM) -> None:
     """Capture the engine's CUDA graphs again (after a change to the LoRA kernels' launch settings)."""
     runner = llm.engine.runner
@@ -159,8 +180,9 @@ def main() -> None:
         action="append",
         default=[],
         metavar="ROW:NAME=CFG[,NAME=CFG]",
-        help="then 16 adapters again with lora_fused.CONFIGS[NAME] set to CFG (BMxBNxBKxTxWARPSxSTAGES[xSPLITS]; "
-        "none: split kernels; NAME=max_rows sets LoraBatch.fused_max_rows), graphs re-captured, as row ROW "
+        help="then 16 adapters again with lora_fused.CONFIGS[NAME] set to CFG (BMxBNxBKxTxWARPSxSTAGES; "
+        "none: split kernels; best@FILE: the fastest in bench/lora_fused.py's JSON; NAME=max_rows sets "
+        "LoraBatch.fused_max_rows), graphs re-captured, as row ROW "
         "(before --ab-split)",
     )
     ap.add_argument(
@@ -233,6 +255,8 @@ def main() -> None:
                 name, _, cfg = item.partition("=")
                 if name == "max_rows":
                     llm.engine.lora.batch.fused_max_rows = int(cfg)
+                elif cfg.startswith("best@"):  # the fastest in bench/lora_fused.py's results (256 rows)
+                    lora_fused.CONFIGS[name] = best_config(cfg[5:], name)  # type: ignore[assignment]
                 else:
                     lora_fused.CONFIGS[name] = (  # type: ignore[assignment]
                         None if cfg == "none" else tuple(int(v) for v in cfg.split("x"))
