@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmray.engine.sequence import TokenConstraint
@@ -123,7 +124,13 @@ class GrammarCompiler:
         self.num_compiles = 0
         # tokens that are more than whitespace: a grammar whose first step allows none of them can only
         # emit a little leading whitespace and then get stuck
-        self._content = torch.tensor([bool(t.strip()) for t in self.tokens], dtype=torch.bool)
+        # (as int32 bitmask words, so that a mask is checked with one numpy AND, no torch op: a torch CPU op
+        # per request ran on every OpenMP thread and crawled when the host's cores were busy)
+        content = np.zeros(-(-vocab_size // 32) * 32, dtype=np.uint64)
+        content[:vocab_size] = [bool(t.strip()) for t in self.tokens]
+        shifts = np.arange(32, dtype=np.uint64)
+        self._content = (content.reshape(-1, 32) << shifts).sum(1).astype(np.uint32).view(np.int32)
+        self._startable: dict[tuple, bool] = {}  # spec key -> its first mask allows a content token
 
     def backend(self, name: str) -> Any:
         """The grammar library ``name`` ("llguidance" | "xgrammar") set up over this vocabulary (once)."""
@@ -214,9 +221,15 @@ class GrammarCompiler:
         compiled = self.compiled(spec)
         stops = list(dict.fromkeys([*self.stop_token_ids, *(extra_stop_token_ids or [])]))
         c = self.backend(spec.library).constraint(compiled, stops)
-        probe = torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32)
-        c.fill_bitmask(probe, 0)
-        if not bool((unpack_bitmask(probe[0], self.vocab_size) & self._content).any()):
+        ok = self._startable.get(spec.key)
+        if ok is None:  # (once per spec: the first mask of a fresh matcher is the same for every request)
+            probe = torch.zeros((1, self._content.shape[0]), dtype=torch.int32)
+            c.fill_bitmask(probe, 0)
+            ok = bool((probe.numpy()[0] & self._content).any())
+            if len(self._startable) >= 4 * self.max_entries:
+                self._startable.clear()
+            self._startable[spec.key] = ok
+        if not ok:
             raise ValueError(
                 f"structured_output.{spec.kind}: this model's vocabulary has no token that can start a matching "
                 "document (a char-level tokenizer lacks the characters it needs)"
