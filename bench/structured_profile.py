@@ -50,6 +50,7 @@ class Probe:
         self.marks: list = []  # per launch: (end event, seqs)
         self.sampler_events: list = []
         self._orig: list = []
+        self.add_s = 0.0
 
     def _wrap(self, obj, name: str, key: str, cuda_mark: str | None = None) -> None:
         fn = getattr(obj, name)
@@ -95,8 +96,10 @@ class Probe:
 
     def run(self, prompts, params, tag: str) -> None:
         eng = self.engine
+        t = time.perf_counter()
         for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
             eng.add_request(f"{tag}-{i}-{time.monotonic_ns()}", p, s)
+        self.add_s = time.perf_counter() - t
         while eng.has_unfinished():
             self.cur.clear()
             n = len(eng.scheduler.running)
@@ -130,6 +133,13 @@ def summarize(probe: Probe, full: int, tokens: int, seconds: float) -> dict:
         if k in ("wall", "fill", "accept", "masks_finish"):
             res[f"{k}_ms_p90"] = round(sorted(vals)[int(0.9 * (len(vals) - 1))], 3) if vals else 0.0
     res["other_host_ms"] = round(res["wall_ms"] - res["launch_ms"] - res["read_back_ms"], 3)
+    # the whole run: adding the requests, and the steps that did not hold the full batch (prefill, the end)
+    rest = [r["wall"] * 1e3 for r in probe.rows if r["running"] != full]
+    res["add_requests_ms"] = round(probe.add_s * 1e3, 1)
+    res["other_steps"] = len(rest)
+    res["other_steps_ms"] = round(sum(rest), 1)
+    res["full_steps_ms"] = round(sum(r["wall"] for r in keep) * 1e3, 1)
+    res["slowest_step_ms"] = round(max(r["wall"] for r in probe.rows) * 1e3, 1) if probe.rows else None
     if CUDA:
         steps, gaps = [], []
         for (_a0, a1, _s0), (b0, b1, s1) in zip(probe.marks, probe.marks[1:], strict=False):
