@@ -92,11 +92,95 @@ def _qk_norm_rope_bwd_kernel(
         tl.store(DKW_PART + pid * 2 * HALF + HALF + d, ak2)
 
 
+@triton.jit
+def _rows_bwd(
+    src, dsrc, dst, w_ptr, POS, COS, SIN, tok0, T, NTOK, s_pb, s_pt, s_cos,
+    sb, st, sh, gb, gt, gh, ob, ot, oh, n_heads, eps, HALF: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr,
+):  # fmt: skip
+    """BT tokens x BH heads as (BT * BH, HALF) row tiles (one row per token and head): dx into dst; returns
+    the two halves of sum over rows of g * x_hat for dW."""
+    r = tl.arange(0, BT * BH)
+    tok = tok0 + r // BH
+    h = (r % BH).to(tl.int64)
+    live = tok < NTOK
+    m = (live & (h < n_heads))[:, None]
+    b = (tok // T).to(tl.int64)
+    t = (tok % T).to(tl.int64)
+    d = tl.arange(0, HALF)[None, :]
+    pos = tl.load(POS + b * s_pb + t * s_pt, mask=live, other=0).to(tl.int64)[:, None]
+    c = tl.load(COS + pos * s_cos + d)  # (rows, HALF): each token's angles, once per head (cached)
+    s = tl.load(SIN + pos * s_cos + d)
+    xp = src + (b * sb + t * st + h * sh)[:, None] + d
+    gp = dsrc + (b * gb + t * gt + h * gh)[:, None] + d
+    x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
+    g1 = tl.load(gp, mask=m, other=0.0).to(tl.float32)
+    g2 = tl.load(gp + HALF, mask=m, other=0.0).to(tl.float32)
+    n1 = g1 * c + g2 * s
+    n2 = g2 * c - g1 * s
+    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(w_ptr + d).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
+    xh1, xh2 = x1 * rstd, x2 * rstd
+    mean = (tl.sum(xh1 * w1 * n1, 1) + tl.sum(xh2 * w2 * n2, 1))[:, None] / (2 * HALF)
+    op = dst + (b * ob + t * ot + h * oh)[:, None] + d
+    tl.store(op, ((w1 * n1 - xh1 * mean) * rstd).to(dst.dtype.element_ty), mask=m)
+    tl.store(op + HALF, ((w2 * n2 - xh2 * mean) * rstd).to(dst.dtype.element_ty), mask=m)
+    return tl.sum(n1 * xh1, 0), tl.sum(n2 * xh2, 0)
+
+
+@triton.jit
+def _qk_norm_rope_bwd_rows_kernel(
+    Q, K, DQO, DKO, QW, KW, DQ, DK, DQW_PART, DKW_PART, POS, COS, SIN,
+    T, NTOK, HQ, HK, s_pb, s_pt, s_cos, eps,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sgq_b, sgq_t, sgq_h, sgk_b, sgk_t, sgk_h,
+    sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h,
+    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BT: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+):  # fmt: skip
+    """As ``_qk_norm_rope_bwd_kernel``, BT tokens per iteration as row tiles; programs stride over the token
+    blocks (program p takes blocks p, p + P, ...)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    aq1 = tl.zeros((HALF,), dtype=tl.float32)
+    aq2 = tl.zeros((HALF,), dtype=tl.float32)
+    ak1 = tl.zeros((HALF,), dtype=tl.float32)
+    ak2 = tl.zeros((HALF,), dtype=tl.float32)
+    for tb in range(pid, tl.cdiv(NTOK, BT), nprog):
+        tok0 = tb * BT
+        q1, q2 = _rows_bwd(
+            Q, DQO, DQ, QW, POS, COS, SIN, tok0, T, NTOK, s_pb, s_pt, s_cos,
+            sq_b, sq_t, sq_h, sgq_b, sgq_t, sgq_h, sdq_b, sdq_t, sdq_h, HQ, eps, HALF, BLOCK_HQ, BT,
+        )  # fmt: skip
+        k1, k2 = _rows_bwd(
+            K, DKO, DK, KW, POS, COS, SIN, tok0, T, NTOK, s_pb, s_pt, s_cos,
+            sk_b, sk_t, sk_h, sgk_b, sgk_t, sgk_h, sdk_b, sdk_t, sdk_h, HK, eps, HALF, BLOCK_HK, BT,
+        )  # fmt: skip
+        aq1 += q1
+        aq2 += q2
+        ak1 += k1
+        ak2 += k2
+    if COMPUTE_DW:
+        d = tl.arange(0, HALF)
+        tl.store(DQW_PART + pid * 2 * HALF + d, aq1)
+        tl.store(DQW_PART + pid * 2 * HALF + HALF + d, aq2)
+        tl.store(DKW_PART + pid * 2 * HALF + d, ak1)
+        tl.store(DKW_PART + pid * 2 * HALF + HALF + d, ak2)
+
+
+# backward launch knobs (the GPU A/B sets them): ROWS_BT > 0 takes the row-tile kernel with that many tokens a
+# tile; PROGRAMS_PER_SM / NUM_WARPS None = the heuristics below
+ROWS_BT = 0
+PROGRAMS_PER_SM: int | None = None
+NUM_WARPS: int | None = None
+
+
 def _programs(ntok: int, device: torch.device) -> int:
     """Backward programs: each walks ntok / programs tokens one at a time, so enough of them must be
     resident for the loads in flight (H200, 16k tokens x 24 heads x 128: 4 per SM took 213 us a layer,
     2x the time its bytes need); the fp32 partial dW rows (programs x D) stay small."""
-    return max(1, min(ntok, 16 * num_sms(device) if device.type == "cuda" else 4))
+    per_sm = PROGRAMS_PER_SM or 16
+    return max(1, min(ntok, per_sm * num_sms(device) if device.type == "cuda" else 4))
 
 
 def _unit_d(x: torch.Tensor) -> torch.Tensor:
@@ -114,20 +198,37 @@ def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk):
     progs = _programs(ntok, q.device)
     per = triton.cdiv(ntok, progs)
     progs = triton.cdiv(ntok, per)
-    part = torch.empty((2, progs, d), device=q.device, dtype=torch.float32)
     cos, sin = cos.contiguous(), sin.contiguous()
     pos = positions.expand(bsz, t)
     block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
-    warps = 4 if (block_hq + block_hk) * d >= 2048 else 2
-    _qk_norm_rope_bwd_kernel[(progs,)](
-        q, k, dqo, dko, qw, kw, dq, dk, part[0], part[1], pos, cos, sin,
-        t, ntok, per, hq, hk, *pos.stride(), cos.stride(0), ctx.eps,
-        *q.stride()[:3], *k.stride()[:3], *dqo.stride()[:3], *dko.stride()[:3], *dq.stride()[:3], *dk.stride()[:3],
-        HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, COMPUTE_DW=want_dw, num_warps=warps,
-    )  # fmt: skip
+    warps = NUM_WARPS or (4 if (block_hq + block_hk) * d >= 2048 else 2)
+    if ROWS_BT > 0:
+        progs = min(progs, triton.cdiv(ntok, ROWS_BT))
+        part = torch.empty((2, progs, d), device=q.device, dtype=torch.float32)
+        _qk_norm_rope_bwd_rows_kernel[(progs,)](
+            q, k, dqo, dko, qw, kw, dq, dk, part[0], part[1], pos, cos, sin,
+            t, ntok, hq, hk, *pos.stride(), cos.stride(0), ctx.eps,
+            *q.stride()[:3], *k.stride()[:3], *dqo.stride()[:3], *dko.stride()[:3], *dq.stride()[:3],
+            *dk.stride()[:3],
+            HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BT=ROWS_BT, COMPUTE_DW=want_dw, num_warps=warps,
+        )  # fmt: skip
+    else:
+        part = torch.empty((2, progs, d), device=q.device, dtype=torch.float32)
+        _launch_tokens(q, k, dqo, dko, qw, kw, dq, dk, part, pos, cos, sin, t, ntok, per, hq, hk, ctx.eps,
+                       d, block_hq, block_hk, want_dw, warps, progs)  # fmt: skip
     dqw = _sum_partials(part[0], qw.dtype, DW_SUM) if ctx.needs_input_grad[ctx.w_index] else None
     dkw = _sum_partials(part[1], kw.dtype, DW_SUM) if ctx.needs_input_grad[ctx.w_index + 1] else None
     return dqw, dkw
+
+
+def _launch_tokens(q, k, dqo, dko, qw, kw, dq, dk, part, pos, cos, sin, t, ntok, per, hq, hk, eps, d,
+                   block_hq, block_hk, want_dw, warps, progs):  # fmt: skip
+    _qk_norm_rope_bwd_kernel[(progs,)](
+        q, k, dqo, dko, qw, kw, dq, dk, part[0], part[1], pos, cos, sin,
+        t, ntok, per, hq, hk, *pos.stride(), cos.stride(0), eps,
+        *q.stride()[:3], *k.stride()[:3], *dqo.stride()[:3], *dko.stride()[:3], *dq.stride()[:3], *dk.stride()[:3],
+        HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, COMPUTE_DW=want_dw, num_warps=warps,
+    )  # fmt: skip
 
 
 class _QKNormRopeFn(torch.autograd.Function):

@@ -41,14 +41,20 @@ def test_forward_and_gradients_match_reference(dtype, d, device, assert_matches)
         assert_matches(x.grad, r.grad, torch.float32 if dtype == torch.float32 else dtype, name, reduced=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_qkv_gradient_matches_reference(dtype, device, assert_matches):
+@pytest.mark.parametrize(
+    "dtype,rows_bt", [(torch.float32, 0), (torch.bfloat16, 0), (torch.bfloat16, 4)], ids=str
+)
+def test_fused_qkv_gradient_matches_reference(dtype, rows_bt, device, assert_matches, monkeypatch):
     """qkv_norm_rope_train over one fused q|k|v row: outputs and the one fused input gradient; the incoming
-    q gradient in a transposed (B, H, T, D) layout (as SDPA backends return it: read in place)."""
+    q gradient in a transposed (B, H, T, D) layout (as SDPA backends return it: read in place). rows_bt: the
+    backward's row-tile kernel (4 tokens a tile: a ragged last block, a program with two blocks)."""
+    from llmray.kernels import qk_norm_rope_train as mod
     from llmray.kernels.qk_norm_rope_train import qkv_norm_rope_train
 
+    monkeypatch.setattr(mod, "ROWS_BT", rows_bt)
+
     g = torch.Generator().manual_seed(1)
-    b, t, hq, hk, d = 2, 5, 4, 2, 16
+    b, t, hq, hk, d = 2, 9, 4, 2, 16  # 18 tokens: 5 blocks of 4 on 4 programs (CPU)
     qkv = torch.randn(b, t, (hq + 2 * hk) * d, generator=g).to(device, dtype).requires_grad_(True)
     qw = (1 + 0.1 * torch.randn(d, generator=g)).to(device).requires_grad_(True)
     kw = (1 + 0.1 * torch.randn(d, generator=g)).to(device).requires_grad_(True)
