@@ -100,12 +100,13 @@ def run(
 
 
 def best_config(path: str, name: str) -> tuple[int, ...] | None:
-    """The lora_fused config of class ``name`` ("wide": q|k|v + gate|up, "narrow": o + down) that was fastest
-    for its projections in bench/lora_fused.py's JSON at 256 rows (the current one for "fused_default")."""
+    """The lora_fused config of class ``name`` ("wide": q|k|v + gate|up, "narrow": o + down at 256 rows,
+    "prefill": all at 8192 rows) that was fastest in bench/lora_fused.py's JSON (the current one for
+    "fused_default"; None when the split kernels were faster)."""
     from llmray.kernels import lora_fused
 
-    projs = ("qkv", "gate_up") if name == "wide" else ("o", "down")
-    rows = json.loads(Path(path).read_text())["rows"]["256_rows"]
+    projs = {"wide": ("qkv", "gate_up"), "narrow": ("o", "down")}.get(name, ("all",))
+    rows = json.loads(Path(path).read_text())["rows"]["8192_rows" if name == "prefill" else "256_rows"]
     timed = {
         key: sum(row[p] for p in projs)
         for key, row in rows.items()
@@ -114,7 +115,10 @@ def best_config(path: str, name: str) -> tuple[int, ...] | None:
         and all(isinstance(row.get(p), float) for p in projs)
     }
     best = min(timed, key=timed.__getitem__)
-    print(f"best {name} config: {best} ({timed[best]:.4f} ms; split {sum(rows['split'][p] for p in projs)})")
+    split = sum(rows["split"][p] for p in projs)
+    print(f"best {name} config: {best} ({timed[best]:.4f} ms; split {split:.4f})", flush=True)
+    if timed[best] >= split:
+        return None
     if best == "fused_default":
         return lora_fused.CONFIGS[name]
     return tuple(int(v) for v in best.removeprefix("fused_").split("x"))

@@ -31,8 +31,9 @@ def _lora_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o0 = tl.program_id(1) * BLOCK_N
+    # the column tiles of one row tile are launched next to each other: their x rows come from the L2
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o0 = tl.program_id(0) * BLOCK_N
     o = o0 + tl.arange(0, BLOCK_N)
     member = (o0 >= SEG1).to(tl.int32) if SEG1 > 0 else 0  # which member's A rows / B columns (grouped)
     if SEG2 > 0:
@@ -100,18 +101,19 @@ def _lora_delta_kernel(
 
 # BLOCK_M, BLOCK_N, BLOCK_K, T, num_warps, num_stages
 Config = tuple[int, int, int, int, int, int]
-# by projection width (benches override; None: that case runs the split kernels)
+# by step size and projection width (benches override; None: that case runs the split kernels)
 CONFIGS: dict[str, Config | None] = {
-    "wide": (16, 256, 128, 2, 4, 3),  # q|k|v, gate|up (4096, 6144 columns)
-    "narrow": (16, 128, 128, 2, 4, 3),  # o, down (1024 columns)
+    "wide": (16, 256, 128, 2, 4, 3),  # decode: q|k|v, gate|up (4096, 6144 columns)
+    "narrow": (16, 128, 128, 2, 4, 3),  # decode: o, down (1024 columns)
+    "prefill": None,  # steps over MAX_ROWS rows (a shrink per column tile re-reads x: measure first)
 }
-MAX_ROWS = 512  # above (prefill): the split kernels (a shrink per column tile would re-read x too often)
+MAX_ROWS = 512
 
 
 def fused_config(n: int, o: int, k: int) -> Config | None:
     """Launch parameters for the deltas of an (n, k) x (o, k)ᵀ projection (no autotuning)."""
     if n > MAX_ROWS:
-        return None
+        return CONFIGS["prefill"]
     return CONFIGS["wide"] if o >= 4096 else CONFIGS["narrow"]
 
 
@@ -154,7 +156,7 @@ def lora_delta(
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
     seg1, seg2 = (tuple(seg) + (0, 0))[:2]
-    _lora_delta_kernel[(triton.cdiv(n, block_m), triton.cdiv(o, block_n))](
+    _lora_delta_kernel[(triton.cdiv(o, block_n), triton.cdiv(n, block_m))](
         x, a, b, slots, scales, out, n, o, k, x.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         member_stride, out.stride(0),
         R=r, T=tiles_t, SEG1=seg1, SEG2=seg2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

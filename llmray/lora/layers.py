@@ -41,9 +41,10 @@ class LoraBatch:
         # 33M outputs, not yet understood; benches set wide_min_rows to try it
         self.wide_min_rows = 1 << 30
         self.wide_max_rows = 1 << 30
-        # steps of at most fused_max_rows rows (decode) add each projection's deltas in ONE launch after the
-        # base GEMM (lora_fused: the shrink recomputed per output tile) instead of a shrink and an expand
-        self.fused_max_rows = 512
+        # steps of at most fused_max_rows rows add each projection's deltas in ONE launch after the base GEMM
+        # where lora_fused has a config for the size (decode; lora_fused.CONFIGS), instead of a shrink and an
+        # expand (0: always the split kernels, for A/B)
+        self.fused_max_rows = 1 << 30
 
     def set_rows(self, row_slots: torch.Tensor) -> None:
         """row_slots (N,) int32 for the packed rows of this step; rows past N are reset to -1."""
