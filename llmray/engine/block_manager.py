@@ -90,12 +90,13 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
-        hashes, ids, adapter = seq.block_hashes, seq.token_ids, seq.adapter_id
+        hashes, adapter = seq.block_hashes, seq.adapter_id
+        n = (seq.num_tokens - 1) // bs
+        # each full block's tokens as a tuple, chunked in C (a long prompt's lookup is on its TTFT); the hash
+        # chain is extended only as far as the cache matches
+        it = iter(seq.token_ids[: n * bs])
         found: list[int] = []
-        # hash chain extended only as far as the cache matches (each block's tuple built once: a long
-        # prompt's lookup is on its TTFT)
-        for i in range((seq.num_tokens - 1) // bs):
-            tokens = tuple(ids[i * bs : (i + 1) * bs])
+        for i, tokens in enumerate(zip(*[it] * bs)):
             if i < len(hashes):
                 h = hashes[i]
             else:

@@ -5,10 +5,12 @@ Single-threaded; ``LLM`` drives it in a loop and ``AsyncLLM`` from a background 
 
 from __future__ import annotations
 
+import array
 import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from llmray.config import EngineConfig
@@ -121,12 +123,22 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: pass prompts as lists of token ids")
             ids = self.tokenizer.encode(prompt)
+            view = np.asarray(ids, dtype=np.int64)
         else:
-            ids = list(map(int, prompt))
+            try:  # (C loops: a long prompt's conversion and check are on its TTFT)
+                packed = array.array("q", prompt)
+            except (TypeError, OverflowError, ValueError):
+                raise RequestError(
+                    "prompt token ids must be integers in the vocabulary [0, "
+                    f"{self.model_config.vocab_size})",
+                    "prompt",
+                ) from None
+            ids = packed.tolist()
+            view = np.frombuffer(packed, np.int64)
         if not ids:
             raise RequestError("the prompt is empty: it must hold at least one token", "prompt")
         vocab = self.model_config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:  # (C loops: a long prompt's check is on its TTFT)
+        if view.min() < 0 or view.max() >= vocab:
             bad = [t for t in ids if not 0 <= t < vocab]
             raise RequestError(
                 f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt"
