@@ -71,7 +71,10 @@ def main() -> None:
                     if mode == "fused":
                         lora_delta(x, a, b, slots, scales, y_out, seg, config=config)
                     elif mode == "split":
-                        lora_expand(lora_shrink(x, a, slots, scales), b, slots, y_out, seg=seg)
+                        block_o = 256 if n > 1024 else 128  # (as lora/layers.py launches it)
+                        lora_expand(
+                            lora_shrink(x, a, slots, scales), b, slots, y_out, seg=seg, block_o=block_o
+                        )
 
         row: dict = {}
         results["rows"][f"{n}_rows"] = row
