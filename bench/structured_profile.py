@@ -204,22 +204,25 @@ def kernel_check() -> str:
         return repr(e)
 
 
-def sampling_kernel_ms(rows: int = 256, vocab: int = 151_936) -> dict:
-    """The fused sampling kernel alone (bf16 logits, seeded rows), one program per row vs split rows (ms)."""
+def sampling_kernel_ms(vocab: int = 151_936) -> dict:
+    """The fused sampling kernel alone (bf16 logits, seeded rows), one program per row vs split rows (ms), at
+    256 rows (a full batch) and 1 row (a single request's decode step)."""
     if not CUDA:
         return {}
     import triton
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    logits = torch.randn(rows, vocab, device="cuda", generator=g).to(torch.bfloat16)
-    inv, noise = torch.ones(rows, device="cuda"), torch.ones(rows, device="cuda")
-    seeds = torch.arange(rows, device="cuda", dtype=torch.int64) * 7 + 1
-    out = {}
-    for name, splits in (("one_program_per_row", 1), ("split", None)):
-        fn = lambda s=splits: sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds, splits=s)  # noqa: E731
-        out[f"{name}_ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=50), 4)
-    a = sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds, splits=1)
-    out["same_tokens"] = bool(torch.equal(a, sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds)))
+    out: dict = {}
+    for rows in (256, 1):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        logits = torch.randn(rows, vocab, device="cuda", generator=g).to(torch.bfloat16)
+        inv, noise = torch.ones(rows, device="cuda"), torch.ones(rows, device="cuda")
+        seeds = torch.arange(rows, device="cuda", dtype=torch.int64) * 7 + 1
+        for name, splits in (("one_program_per_row", 1), ("split", None)):
+            fn = lambda s=splits: sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds, splits=s)  # noqa: E731
+            out[f"rows{rows}_{name}_ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=50), 4)
+        a = sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds, splits=1)
+        same = torch.equal(a, sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds))
+        out[f"rows{rows}_same_tokens"] = bool(same)
     return out
 
 
