@@ -218,7 +218,8 @@ def sampling_kernel_ms(vocab: int = 151_936) -> dict:
         inv, noise = torch.ones(rows, device="cuda"), torch.ones(rows, device="cuda")
         seeds = torch.arange(rows, device="cuda", dtype=torch.int64) * 7 + 1
         for name, splits in (("one_program_per_row", 1), ("split", None)):
-            fn = lambda s=splits: sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds, splits=s)  # noqa: E731
+            args = (logits, inv, noise, 1, seeds)
+            fn = lambda a=args, s=splits: sampling_kernel.gumbel_argmax(*a, splits=s)  # noqa: E731
             out[f"rows{rows}_{name}_ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=50), 4)
         a = sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds, splits=1)
         same = torch.equal(a, sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds))
