@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -54,6 +55,7 @@ class CudaGraphs:
         smax = max([self.decode[-1]] + [self.layout("mixed", b).seqs for b in self.mixed])
         self.tables = torch.zeros(smax, max_blocks_per_seq, dtype=torch.int64, device=dev_flat.device)
         self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool: Any = None  # the graphs' shared memory pool (the largest graph's, captured first)
 
     def layout(self, kind: str, bucket: int) -> Layout:
         if kind == "decode":
@@ -81,9 +83,12 @@ class CudaGraphs:
         return views
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        pool = None
+    def capture(self, only: Callable[[str, int], bool] | None = None) -> None:
+        """Capture every graph (``only``: those (kind, bucket) it accepts, replacing them: benches re-capture
+        after changing a runner setting baked into the graphs)."""
+        pool = self.pool
         keys = [("decode", b) for b in self.decode] + [("mixed", b) for b in self.mixed]
+        keys = [k for k in keys if only is None or only(*k)]
         keys.sort(key=lambda k: -self.layout(*k).tokens)  # largest first: later graphs reuse its pool
         for (kind, bucket), with_lora in itertools.product(keys, self.variants):
             layout = self.layout(kind, bucket)
@@ -94,7 +99,7 @@ class CudaGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self.forward(views, tables, layout, kind, with_lora)
-            pool = graph.pool() if pool is None else pool
+            pool = self.pool = graph.pool() if pool is None else pool
             self.graphs[(kind, bucket, with_lora)] = (graph, hidden)
         torch.cuda.synchronize()
 
