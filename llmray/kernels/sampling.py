@@ -3,8 +3,8 @@
 token = argmax_v (logits[v] / T + g_v), g_v = -log(-log u_v), u_v ~ U(0, 1) — the same distribution as
 softmax(logits / T) (and as the exponential race argmax p_v / E_v, E_v = -log u_v). One program per row
 streams the row once, keeping a running (max, argmax) per lane (a long row is split into parts, each program one part, and the parts' bests
-merged by a second small kernel: the same token either way); the uniforms come from Philox
-(``tl.rand(seed, row * V + v)``), so a step needs no noise tensor, no softmax and no host round trip.
+merged by a second small kernel: the same token either way); the uniforms come from Philox, one draw
+(``tl.randint4x``) for four neighbouring tokens (the draws were most of the kernel's time), so a step needs no noise tensor, no softmax and no host round trip.
 Rows with ``noise = 0`` take the plain argmax (greedy rows).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.random import uint_to_uniform_float
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed every call: one compiled variant for all of them
@@ -27,6 +28,7 @@ def _gumbel_argmax_kernel(
     stride_row,
     V,
     span,  # tokens per part (a multiple of BLOCK; V when not SPLIT)
+    row_draws,  # Philox counters per row: ceil(V / BLOCK) * BLOCK / 4
     ROW_SEEDS: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -40,19 +42,22 @@ def _gumbel_argmax_kernel(
         first = 0
     else:
         s = seed
-        first = row * V
+        first = row * row_draws
     lo = part * span
     hi = tl.minimum(lo + span, V)
     cols = tl.arange(0, BLOCK)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32) + lo
     base = logits_ptr + row.to(tl.int64) * stride_row
+    quarter = tl.arange(0, BLOCK // 4)
     for start in range(lo, hi, BLOCK):
         idx = start + cols
         mask = idx < hi
         x = tl.load(base + idx, mask=mask, other=float("-inf")).to(tl.float32)
-        u = tl.rand(s, first + idx)
-        u = tl.maximum(u, 1e-20)  # (0, 1): no log(0)
+        # one Philox draw, four uniforms: token start + 4i + k takes the k-th of draw first + start / 4 + i
+        r0, r1, r2, r3 = tl.randint4x(s, first + start // 4 + quarter)
+        r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+        u = tl.maximum(uint_to_uniform_float(r), 1e-20)  # (0, 1): no log(0)
         g = -tl.log(-tl.log(u))
         score = tl.where(mask, x * inv_t + g * noise, float("-inf"))
         take = score > best
@@ -112,14 +117,14 @@ def gumbel_argmax(
     seeds = row_seeds if row_seeds is not None else out
     if parts == 1:
         _gumbel_argmax_kernel[(bsz, 1)](
-            logits, inv_temp, noise, out, out, seeds, seed, logits.stride(0), vocab, vocab,
+            logits, inv_temp, noise, out, out, seeds, seed, logits.stride(0), vocab, vocab, blocks * BLOCK // 4,
             ROW_SEEDS=row_seeds is not None, SPLIT=False, BLOCK=BLOCK, num_warps=8,
         )  # fmt: skip
         return out
     picks = torch.empty((bsz, parts), dtype=torch.int32, device=logits.device)
     scores = torch.empty((bsz, parts), dtype=torch.float32, device=logits.device)
     _gumbel_argmax_kernel[(bsz, parts)](
-        logits, inv_temp, noise, picks, scores, seeds, seed, logits.stride(0), vocab, per * BLOCK,
+        logits, inv_temp, noise, picks, scores, seeds, seed, logits.stride(0), vocab, per * BLOCK, blocks * BLOCK // 4,
         ROW_SEEDS=row_seeds is not None, SPLIT=True, BLOCK=BLOCK, num_warps=8,
     )  # fmt: skip
     _pick_kernel[(bsz,)](scores, picks, out, vocab, S=parts, PARTS=triton.next_power_of_2(parts), num_warps=1)

@@ -42,9 +42,20 @@ def test_greedy_rows_take_the_argmax_and_a_seed_fixes_the_draws():
 
 
 @pytest.mark.gpu
-def test_sampled_rows_follow_the_softmax_gpu():
+@pytest.mark.parametrize("spread", [False, True])
+def test_sampled_rows_follow_the_softmax_gpu(spread):
+    """20,000 draws per token set; ``spread``: the six tokens sit at every position of a Philox draw's four
+    uniforms, in other draws and blocks (-inf elsewhere), and the row is split over several programs."""
     base, logits, inv, noise = _case(rows=20_000, vocab=6, temp=0.7, greedy=0)
-    out = gumbel_argmax(logits.to(torch.bfloat16), inv, noise, seed=7).cpu()
+    if spread:
+        where = torch.tensor([1, 2, 3, 4, 1030, 9001], device=DEVICE)
+        wide = torch.full((logits.shape[0], 9100), float("-inf"), device=DEVICE)
+        wide[:, where] = logits
+        out = gumbel_argmax(wide.to(torch.bfloat16), inv, noise, seed=7)
+        assert torch.isin(out, where).all()
+        out = torch.searchsorted(where, out).cpu()
+    else:
+        out = gumbel_argmax(logits.to(torch.bfloat16), inv, noise, seed=7).cpu()
     freq = torch.bincount(out, minlength=6).float() / out.numel()
     expect = torch.softmax(base.to(torch.bfloat16).float() / 0.7, -1)
     assert (freq - expect).abs().max() < 0.015, (freq, expect)
