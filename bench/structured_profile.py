@@ -204,14 +204,23 @@ def kernel_check() -> str:
         return repr(e)
 
 
-def sampling_kernel_ms(vocab: int = 151_936) -> dict:
+def sampling_kernel_ms(baseline: str | None = None, vocab: int = 151_936) -> dict:
     """The fused sampling kernel alone (bf16 logits, seeded rows), one program per row vs split rows (ms), at
-    256 rows (a full batch) and 1 row (a single request's decode step)."""
+    256 rows (a full batch) and 1 row (a single request's decode step); ``baseline``: an older
+    kernels/sampling.py to time beside it (its default launch)."""
     if not CUDA:
         return {}
     import triton
 
     out: dict = {}
+    old = None
+    if baseline:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("baseline_sampling", baseline)
+        assert spec is not None and spec.loader is not None
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
     for rows in (256, 1):
         g = torch.Generator(device="cuda").manual_seed(0)
         logits = torch.randn(rows, vocab, device="cuda", generator=g).to(torch.bfloat16)
@@ -221,6 +230,9 @@ def sampling_kernel_ms(vocab: int = 151_936) -> dict:
             args = (logits, inv, noise, 1, seeds)
             fn = lambda a=args, s=splits: sampling_kernel.gumbel_argmax(*a, splits=s)  # noqa: E731
             out[f"rows{rows}_{name}_ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=50), 4)
+        if old is not None:
+            fn = lambda a=(logits, inv, noise, 1, seeds): old.gumbel_argmax(*a)  # noqa: E731
+            out[f"rows{rows}_baseline_ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=50), 4)
         a = sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds, splits=1)
         same = torch.equal(a, sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds))
         out[f"rows{rows}_same_tokens"] = bool(same)
@@ -237,6 +249,7 @@ def main() -> None:
     ap.add_argument("--seeded", type=int, default=1, help="the profiled batch: 1 = per-request seeds")
     ap.add_argument("--variants", default="free,half,half+nodefer,half+oldmask,free+unseeded,half+unseeded")
     ap.add_argument("--profile-steps", type=int, default=6)
+    ap.add_argument("--baseline-sampling", default=None, help="an older kernels/sampling.py to time beside")
     ap.add_argument("--out", default="/tmp/structured_profile")
     args = ap.parse_args()
     out = Path(args.out)
@@ -264,7 +277,7 @@ def main() -> None:
     sampler = eng.runner.sampler
     split_default, switch_default = sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S
     result["kernel_mask_check"] = kernel_check()
-    result["sampling_kernel"] = sampling_kernel_ms()
+    result["sampling_kernel"] = sampling_kernel_ms(args.baseline_sampling)
     print("sampling kernel:", result["sampling_kernel"], flush=True)
     if result["kernel_mask_check"] != "ok" and hasattr(sampler, "kernel_mask"):
         sampler.kernel_mask = False
