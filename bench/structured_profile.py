@@ -277,7 +277,10 @@ def main() -> None:
     sampler = eng.runner.sampler
     split_default, switch_default = sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S
     result["kernel_mask_check"] = kernel_check()
-    result["sampling_kernel"] = sampling_kernel_ms(args.baseline_sampling)
+    try:
+        result["sampling_kernel"] = sampling_kernel_ms(args.baseline_sampling)
+    except Exception as e:  # a bonus: the run goes on
+        result["sampling_kernel"] = {"error": repr(e)}
     print("sampling kernel:", result["sampling_kernel"], flush=True)
     if result["kernel_mask_check"] != "ok" and hasattr(sampler, "kernel_mask"):
         sampler.kernel_mask = False
