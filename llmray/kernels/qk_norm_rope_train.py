@@ -57,8 +57,9 @@ def _qk_norm_rope_bwd_kernel(
     Q, K, DQO, DKO, QW, KW, DQ, DK, DQW_PART, DKW_PART, POS, COS, SIN,
     T, NTOK, tok_per_prog, HQ, HK, s_pb, s_pt, s_cos, eps,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sgq_b, sgq_t, sgq_h, sgk_b, sgk_t, sgk_h,
-    sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h,
+    sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, DVI, DVO, sv_b, sv_t, sv_h, sdv_b, sdv_t, sdv_h,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    COPY_V: tl.constexpr,
 ):  # fmt: skip
     """Q, K (saved inputs), DQO, DKO (incoming gradients), DQ, DK (outputs): (B, T, H, D) with any
     (b, t, h) strides and unit stride along D (views of a fused q|k|v row, cuDNN's gradient layouts)."""
@@ -85,11 +86,30 @@ def _qk_norm_rope_bwd_kernel(
             aq2 += q2
             ak1 += k1
             ak2 += k2
+            if COPY_V:
+                _copy_v(
+                    DVI, DVO, tok, T, NTOK, sv_b, sv_t, sv_h, sdv_b, sdv_t, sdv_h, HK, 2 * HALF, BLOCK_HK, 1
+                )
     if COMPUTE_DW:
         tl.store(DQW_PART + pid * 2 * HALF + d, aq1)
         tl.store(DQW_PART + pid * 2 * HALF + HALF + d, aq2)
         tl.store(DKW_PART + pid * 2 * HALF + d, ak1)
         tl.store(DKW_PART + pid * 2 * HALF + HALF + d, ak2)
+
+
+@triton.jit
+def _copy_v(DVI, DVO, tok0, T, NTOK, svb, svt, svh, sob, sot, soh, HK, D2: tl.constexpr, BH: tl.constexpr,
+            BT: tl.constexpr):  # fmt: skip
+    """BT tokens' v gradients (HK heads x D2) copied into their slice of the fused q|k|v gradient."""
+    r = tl.arange(0, BT * BH)
+    tok = tok0 + r // BH
+    h = (r % BH).to(tl.int64)
+    m = ((tok < NTOK) & (h < HK))[:, None]
+    b = (tok // T).to(tl.int64)
+    t = (tok % T).to(tl.int64)
+    d = tl.arange(0, D2)[None, :]
+    v = tl.load(DVI + (b * svb + t * svt + h * svh)[:, None] + d, mask=m, other=0.0)
+    tl.store(DVO + (b * sob + t * sot + h * soh)[:, None] + d, v, mask=m)
 
 
 @triton.jit
@@ -134,9 +154,9 @@ def _qk_norm_rope_bwd_rows_kernel(
     Q, K, DQO, DKO, QW, KW, DQ, DK, DQW_PART, DKW_PART, POS, COS, SIN,
     T, NTOK, HQ, HK, s_pb, s_pt, s_cos, eps,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sgq_b, sgq_t, sgq_h, sgk_b, sgk_t, sgk_h,
-    sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h,
+    sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, DVI, DVO, sv_b, sv_t, sv_h, sdv_b, sdv_t, sdv_h,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BT: tl.constexpr,
-    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DW: tl.constexpr, COPY_V: tl.constexpr,
 ):  # fmt: skip
     """As ``_qk_norm_rope_bwd_kernel``, BT tokens per iteration as row tiles; programs stride over the token
     blocks (program p takes blocks p, p + P, ...)."""
@@ -160,6 +180,10 @@ def _qk_norm_rope_bwd_rows_kernel(
         aq2 += q2
         ak1 += k1
         ak2 += k2
+        if COPY_V:
+            _copy_v(
+                DVI, DVO, tok0, T, NTOK, sv_b, sv_t, sv_h, sdv_b, sdv_t, sdv_h, HK, 2 * HALF, BLOCK_HK, BT
+            )
     if COMPUTE_DW:
         d = tl.arange(0, HALF)
         tl.store(DQW_PART + pid * 2 * HALF + d, aq1)
@@ -171,6 +195,7 @@ def _qk_norm_rope_bwd_rows_kernel(
 # backward launch knobs (the GPU A/B sets them): ROWS_BT > 0 takes the row-tile kernel with that many tokens a
 # tile; PROGRAMS_PER_SM / NUM_WARPS None = the heuristics below
 ROWS_BT = 0
+COPY_V = False  # the fused q|k|v backward copies v's gradient in the q/k pass (else a copy_ kernel)
 PROGRAMS_PER_SM: int | None = None
 NUM_WARPS: int | None = None
 
@@ -188,9 +213,15 @@ def _unit_d(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk):
-    """dq, dk (given outputs, any (b, t, h) strides) and the weights' gradients of rope(norm(q/k))."""
+def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk, dv=None, dv_out=None):
+    """dq, dk (given outputs, any (b, t, h) strides) and the weights' gradients of rope(norm(q/k)); with
+    ``dv``/``dv_out`` (``COPY_V``) the same pass copies v's gradient into its slice of the fused gradient."""
     dqo, dko = _unit_d(dqo), _unit_d(dko)
+    copy_v = dv is not None and dv_out is not None and COPY_V
+    if copy_v:
+        dv = _unit_d(dv)
+    vs = (*dv.stride()[:3], *dv_out.stride()[:3]) if copy_v else (0,) * 6
+    dvi, dvo = (dv, dv_out) if copy_v else (dq, dq)
     bsz, t, hq, d = q.shape
     hk = k.shape[2]
     ntok = bsz * t
@@ -209,25 +240,27 @@ def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk):
             q, k, dqo, dko, qw, kw, dq, dk, part[0], part[1], pos, cos, sin,
             t, ntok, hq, hk, *pos.stride(), cos.stride(0), ctx.eps,
             *q.stride()[:3], *k.stride()[:3], *dqo.stride()[:3], *dko.stride()[:3], *dq.stride()[:3],
-            *dk.stride()[:3],
-            HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BT=ROWS_BT, COMPUTE_DW=want_dw, num_warps=warps,
+            *dk.stride()[:3], dvi, dvo, *vs,
+            HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BT=ROWS_BT, COMPUTE_DW=want_dw, COPY_V=copy_v,
+            num_warps=warps,
         )  # fmt: skip
     else:
         part = torch.empty((2, progs, d), device=q.device, dtype=torch.float32)
         _launch_tokens(q, k, dqo, dko, qw, kw, dq, dk, part, pos, cos, sin, t, ntok, per, hq, hk, ctx.eps,
-                       d, block_hq, block_hk, want_dw, warps, progs)  # fmt: skip
+                       d, block_hq, block_hk, want_dw, warps, progs, dvi, dvo, vs, copy_v)  # fmt: skip
     dqw = _sum_partials(part[0], qw.dtype, DW_SUM) if ctx.needs_input_grad[ctx.w_index] else None
     dkw = _sum_partials(part[1], kw.dtype, DW_SUM) if ctx.needs_input_grad[ctx.w_index + 1] else None
-    return dqw, dkw
+    return dqw, dkw, copy_v
 
 
 def _launch_tokens(q, k, dqo, dko, qw, kw, dq, dk, part, pos, cos, sin, t, ntok, per, hq, hk, eps, d,
-                   block_hq, block_hk, want_dw, warps, progs):  # fmt: skip
+                   block_hq, block_hk, want_dw, warps, progs, dvi, dvo, vs, copy_v):  # fmt: skip
     _qk_norm_rope_bwd_kernel[(progs,)](
         q, k, dqo, dko, qw, kw, dq, dk, part[0], part[1], pos, cos, sin,
         t, ntok, per, hq, hk, *pos.stride(), cos.stride(0), eps,
         *q.stride()[:3], *k.stride()[:3], *dqo.stride()[:3], *dko.stride()[:3], *dq.stride()[:3], *dk.stride()[:3],
-        HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, COMPUTE_DW=want_dw, num_warps=warps,
+        dvi, dvo, *vs,
+        HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, COMPUTE_DW=want_dw, COPY_V=copy_v, num_warps=warps,
     )  # fmt: skip
 
 
@@ -247,7 +280,7 @@ class _QKNormRopeFn(torch.autograd.Function):
             torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
         )
-        dqw, dkw = _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk)
+        dqw, dkw, _ = _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk)
         return dq, dk, dqw, dkw, None, None, None, None
 
 
@@ -279,11 +312,11 @@ class _QKVNormRopeFn(torch.autograd.Function):
         k = qkv[..., hq * d : (hq + hk) * d].view(bsz, t, hk, d)
         dq = dqkv[..., : hq * d].view(bsz, t, hq, d)
         dk = dqkv[..., hq * d : (hq + hk) * d].view(bsz, t, hk, d)
-        dqw, dkw = _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk)
         dvs = dqkv[..., (hq + hk) * d :].view(bsz, t, hk, d)
+        dqw, dkw, copied = _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk, dv, dvs)
         if dv is None:
             dvs.zero_()
-        else:
+        elif not copied:
             dvs.copy_(dv)
         return dqkv, dqw, dkw, None, None, None, None, None, None
 

@@ -42,9 +42,11 @@ def test_forward_and_gradients_match_reference(dtype, d, device, assert_matches)
 
 
 @pytest.mark.parametrize(
-    "dtype,rows_bt", [(torch.float32, 0), (torch.bfloat16, 0), (torch.bfloat16, 4)], ids=str
+    "dtype,rows_bt,copy_v",
+    [(torch.float32, 0, False), (torch.bfloat16, 0, True), (torch.bfloat16, 4, True)],
+    ids=str,
 )
-def test_fused_qkv_gradient_matches_reference(dtype, rows_bt, device, assert_matches, monkeypatch):
+def test_fused_qkv_gradient_matches_reference(dtype, rows_bt, copy_v, device, assert_matches, monkeypatch):
     """qkv_norm_rope_train over one fused q|k|v row: outputs and the one fused input gradient; the incoming
     q gradient in a transposed (B, H, T, D) layout (as SDPA backends return it: read in place). rows_bt: the
     backward's row-tile kernel (4 tokens a tile: a ragged last block, a program with two blocks)."""
@@ -52,6 +54,7 @@ def test_fused_qkv_gradient_matches_reference(dtype, rows_bt, device, assert_mat
     from llmray.kernels.qk_norm_rope_train import qkv_norm_rope_train
 
     monkeypatch.setattr(mod, "ROWS_BT", rows_bt)
+    monkeypatch.setattr(mod, "COPY_V", copy_v)  # v's gradient copied by the q/k kernel
 
     g = torch.Generator().manual_seed(1)
     b, t, hq, hk, d = 2, 9, 4, 2, 16  # 18 tokens: 5 blocks of 4 on 4 programs (CPU)
