@@ -126,6 +126,7 @@ class StepInputs:
         self.capacity = capacity
         pin = device.type == "cuda"
         self.host = [torch.zeros(capacity, dtype=torch.int64, pin_memory=pin) for _ in range(2 if pin else 1)]
+        self.host_np = [h.numpy() for h in self.host]  # (numpy views: no torch op per step to reach them)
         self.dev = torch.zeros(capacity, dtype=torch.int64, device=device)
         self.rows = BlockTableRows(max_width)
         self._turn = 0
@@ -198,7 +199,7 @@ class StepInputs:
         if total > self.capacity:
             raise ValueError(f"step inputs need {total} ints; the staging buffer holds {self.capacity}")
         self._turn = (self._turn + 1) % len(self.host)
-        flat = self.host[self._turn]
+        flat, flat_np = self.host[self._turn], self.host_np[self._turn]
         h = self._host_views(self._turn, layout)
 
         if n == b:  # decode-only
@@ -215,7 +216,7 @@ class StepInputs:
             )
             pos = np.arange(n) - np.repeat(cu[:-1] - starts, q_lens)
             seq_of_token = np.repeat(np.arange(b), q_lens)
-        tables = flat[tables_at:total].numpy().reshape(s_pad, width)
+        tables = flat_np[tables_at:total].reshape(s_pad, width)
         np.take(self.rows.table[:, :width], np.array(row_list, np.int64), axis=0, out=tables[:b])
         tables[b:] = 0
         h["ids"][:n] = ids
@@ -248,7 +249,7 @@ class StepInputs:
         h["tile_seq"][c:] = -1
         h["tile_m"][:c] = np.arange(c) - np.repeat(np.cumsum(ntiles) - ntiles, ntiles)
         h["tile_m"][c:] = 0
-        flat[layout.fixed_size : layout.fixed_size + r].numpy()[:] = cu[1:][sample_rows] - 1
+        flat_np[layout.fixed_size : layout.fixed_size + r] = cu[1:][sample_rows] - 1
         self.dev[:total].copy_(flat[:total], non_blocking=True)
         dev = self.dev
         return StepBatch(
