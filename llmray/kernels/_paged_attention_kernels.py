@@ -139,14 +139,14 @@ def _decode_kernel(
         q_t = tl.trans(q)  # (BLOCK_D, BLOCK_G)
         m_t = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_t = tl.zeros([BLOCK_G], tl.float32)
-        acc_t = tl.zeros([BLOCK_D, BLOCK_G], tl.float32)
+        acc_t = tl.zeros([KV_HEADS * BLOCK_D, BLOCK_G], tl.float32)
         for n0 in range(start, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             nmask = offs < end
             page = tl.load(block_tables_ptr + b * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
             addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch  # (BLOCK_N,)
             kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, D)
+            k = tl.load(k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, KV_HEADS * D)
             s_t = tl.dot(k.to(CDT), q_t, input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_G)
             s_t = tl.where(nmask[:, None], s_t, float("-inf"))
             m_new = tl.maximum(m_t, tl.max(s_t, 0))

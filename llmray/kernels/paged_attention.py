@@ -148,15 +148,9 @@ def paged_decode(
     # inline PTX: not under the CPU interpreter
     v_asm = len(rest) > 5 and bool(rest[5]) and fp8 and q.dtype != torch.float32  # (fp16 V: for 16-bit q)
     v_asm = v_asm and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-    if kv_heads > 1 and (
-        trans_g or hkv % kv_heads or block_d != d or k_cache.stride(2) != d or k_cache.stride(3) != 1
-    ):
-        kv_heads = 1  # (head rows not adjacent and dense, or transposed dots: one head per program)
-    block_g = (
-        max(trans_g, triton.next_power_of_2(group))
-        if trans_g
-        else max(16, triton.next_power_of_2(group * kv_heads))
-    )
+    if kv_heads > 1 and (hkv % kv_heads or block_d != d or k_cache.stride(2) != d or k_cache.stride(3) != 1):
+        kv_heads = 1  # (head rows not adjacent and dense: one head per program)
+    block_g = max(trans_g or 16, triton.next_power_of_2(group * kv_heads))
     grid_h = hkv // kv_heads
     _decode_kernel[(grid_h, bsz, num_splits) if heads_fast else (bsz, grid_h, num_splits)](
         q,

@@ -82,10 +82,11 @@ def test_decode_heads_fast_grid_matches_reference(kv_heads):
     _decode_check([1, 7, 37], h=4, hkv=2, d=16, page=4, dtype=torch.float32, splits=3, atol=1e-5, config=cfg)
 
 
-@pytest.mark.parametrize("trans_g", [2, 8])
-def test_decode_transposed_dots_match_reference(trans_g):
-    # S^T = K q^T, O^T = V^T P^T with the group padded to trans_g columns; group 3 (padded to 4 or 8), split-K
-    cfg = (8 if DEVICE == "cpu" else 32, 4, 5, False, True, False, 1, trans_g)
+@pytest.mark.parametrize("trans_g,kv_heads", [(2, 1), (8, 2)])
+def test_decode_transposed_dots_match_reference(trans_g, kv_heads):
+    # S^T = K q^T, O^T = V^T P^T with the group padded to trans_g columns; group 3 (padded to 4 or 8), split-K;
+    # kv_heads 2: both KV heads' rows of a token as one 2 x D row, the 6 query rows block-diagonal in q^T
+    cfg = (8 if DEVICE == "cpu" else 32, 4, 5, False, True, False, kv_heads, trans_g)
     _decode_check([1, 7, 37], h=6, hkv=2, d=16, page=4, dtype=torch.float32, splits=3, atol=1e-5, config=cfg)
 
 
