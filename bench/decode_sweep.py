@@ -41,14 +41,18 @@ CONFIGS = {  # candidates, most promising first: (BLOCK_N, warps, stages, split 
     # fp8 0.188 ms vs 0.205; kv heads 2, more stages or warps: slower; bf16 2 warps 0.2215 vs 4 warps 0.2279)
     # Round 4 (bench/results/decode_sweep_d.json): fp8 trans 8 + v asm (64, 2, 5) 0.157 ms vs 0.186 committed;
     # 1 K/V buffer (3 stages) or 4 warps: slower; bf16 transposed: slower; batch 1 fp8 transposed: slower.
-    "fp8": [(64, 2, 7, 1, 1, 1, 1, 8, 1), (64, 4, 5, 1, 1, 1, 1, 8, 1), (32, 1, 5, 1, 1, 1, 1, 8, 1),
-            (32, 2, 5, 1, 1, 1, 2, 8, 1), (64, 4, 5, 1, 1, 1, 2, 8, 1), (64, 2, 5, 1, 1, 1, 2, 8, 1),
-            (32, 2, 3, 1, 1, 1, 2, 8, 1), (64, 2, 5, 0.5, 1, 1, 1, 8, 1), (64, 2, 5, 2, 1, 1, 1, 8, 1),
-            (32, 1, 5, 2, 1, 1, 1, 8, 1), (32, 2, 7, 1, 1, 1, 1, 8, 1), (64, 4, 7, 1, 1, 1, 1, 8, 1),
-            (128, 4, 5, 1, 1, 1, 1, 8, 1), (64, 2, 5, 1, 1, 1, 1, 2, 1), (32, 1, 7, 1, 1, 1, 1, 8, 1),
-            (32, 2, 5, 2, 1, 1, 2, 8, 1), (64, 2, 6, 1, 1, 1, 1, 8, 1), (32, 2, 7, 1, 1, 1, 2, 8, 1),
-            (64, 2, 7, 2, 1, 1, 1, 8, 1), (64, 2, 9, 1, 1, 1, 1, 8, 1)],
-    "bf16": [(64, 2, 6, 1, 1, 0, 1, 0), (64, 2, 5, 1, 1, 0, 2, 8)],
+    # The loop issues tile i+B-1's K/V copies after tile i's math (B buffers = (stages - 1) // 2 here): 2
+    # buffers hide one tile of latency; in flight per SM ~ programs x (B - 1) x tile bytes (bf16 (64, 2, 5):
+    # 3 x 1 x 32 KB -> 3.95 TB/s; fp8 (64, 2, 5): 4 x 1 x 16 KB; (32, 1, 9): 5 x 3 x 8 KB).
+    "fp8": [(32, 1, 9, 1, 1, 1, 1, 8, 1), (32, 2, 9, 1, 1, 1, 1, 8, 1), (64, 2, 7, 1, 1, 1, 1, 8, 1),
+            (32, 1, 11, 1, 1, 1, 1, 8, 1), (32, 2, 11, 1, 1, 1, 1, 8, 1), (32, 1, 9, 2, 1, 1, 1, 8, 1),
+            (32, 2, 9, 0.5, 1, 1, 1, 8, 1), (64, 4, 5, 1, 1, 1, 1, 8, 1), (32, 1, 5, 1, 1, 1, 1, 8, 1),
+            (32, 2, 5, 1, 1, 1, 2, 8, 1), (64, 2, 5, 1, 1, 1, 2, 8, 1), (32, 2, 7, 1, 1, 1, 2, 8, 1),
+            (32, 2, 9, 1, 1, 1, 2, 8, 1), (64, 2, 5, 0.5, 1, 1, 1, 8, 1), (64, 2, 5, 2, 1, 1, 1, 8, 1),
+            (32, 2, 7, 1, 1, 1, 1, 8, 1), (32, 1, 7, 1, 1, 1, 1, 8, 1), (64, 2, 9, 1, 1, 1, 1, 8, 1),
+            (64, 2, 7, 2, 1, 1, 1, 8, 1)],
+    "bf16": [(32, 2, 9, 1, 1, 0, 1, 0), (64, 2, 7, 1, 1, 0, 1, 0), (32, 2, 7, 1, 1, 0, 1, 0), (32, 1, 9, 1, 1, 0, 1, 0),
+             (64, 2, 6, 1, 1, 0, 1, 0)],
     "bs1": [(64, 4, 3, 1, 1, 0, 1, 8), (64, 4, 3, 1, 1, 0, 1, 0), (64, 2, 5, 1, 1, 0, 1, 8), (32, 4, 3, 1, 1, 0, 1, 8)],
     "bs1_fp8": [(64, 4, 5, 1, 1, 1, 1, 0, 1), (64, 4, 3, 1, 1, 1, 1, 0, 1), (32, 4, 5, 1, 1, 1, 1, 0, 0),
                 (64, 4, 5, 1, 1, 1, 2, 8, 1)],
@@ -113,10 +117,10 @@ def main() -> None:
     bsz_big = 4 if args.quick else 256
     cases = [
         ("fp8", bsz_big, None, torch.float8_e4m3fn),
-        ("bf16", bsz_big, None, torch.bfloat16),
         ("bs1", 1, 40 if args.quick else 800, torch.bfloat16),
-        ("bs1_fp8", 1, 40 if args.quick else 800, torch.float8_e4m3fn),
         ("b32_fp8", 4 if args.quick else 32, None, torch.float8_e4m3fn),
+        ("bs1_fp8", 1, 40 if args.quick else 800, torch.float8_e4m3fn),
+        ("bf16", bsz_big, None, torch.bfloat16),
     ]
     res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cases": {}, "best": {}}
     out = Path(args.out)
