@@ -22,6 +22,31 @@ def _e4m3_to_f16(x):
 
 
 @triton.jit
+def _page_slot(
+    table_ptr,
+    n0,
+    offs,
+    nmask,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FAST: tl.constexpr,
+    I64: tl.constexpr,
+):
+    """Page id and in-page slot of tokens offs = n0 + arange(BLOCK_N). FAST with n0 a multiple of PAGE: from
+    the tile's row number (no per-token signed division); I64: 64-bit page ids (offsets past 2^31)."""
+    if FAST and BLOCK_N % PAGE == 0:
+        rows = tl.arange(0, BLOCK_N)
+        page = tl.load(table_ptr + n0 // PAGE + rows // PAGE, mask=nmask, other=0)
+        slot = rows % PAGE
+    else:
+        page = tl.load(table_ptr + offs // PAGE, mask=nmask, other=0)
+        slot = offs % PAGE
+    if I64:
+        page = page.to(tl.int64)
+    return page, slot
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -61,6 +86,8 @@ def _decode_kernel(
     KV_HEADS: tl.constexpr = 1,  # KV heads per program: 2 reads a token's two adjacent head rows as one row
     TRANS: tl.constexpr = False,  # S^T = K q^T and O^T = V^T P^T: tokens on the dots' M side (see below)
     V_ASM: tl.constexpr = False,  # FP8 (GPU only): V converted by inline PTX in registers, scaled at the end
+    FAST_ADDR: tl.constexpr = False,  # page/slot from the tile's row (BLOCK_N % PAGE == 0); I64 below
+    I64: tl.constexpr = True,  # 64-bit cache offsets (False: the launcher found the cache < 2^31 elements)
 ):
     if HEADS_FAST:
         kvh = tl.program_id(0) * KV_HEADS
@@ -143,10 +170,14 @@ def _decode_kernel(
         for n0 in range(start, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             nmask = offs < end
-            page = tl.load(block_tables_ptr + b * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
-            addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch  # (BLOCK_N,)
+            page, slot = _page_slot(
+                block_tables_ptr + b * stride_bt, n0, offs, nmask, PAGE, BLOCK_N, FAST_ADDR, I64
+            )
+            addr = page * stride_cb + slot * stride_cs + kvh * stride_ch  # (BLOCK_N,)
             kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, KV_HEADS * D)
+            k = tl.load(
+                k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0
+            )  # (BLOCK_N, KV_HEADS * D)
             s_t = tl.dot(k.to(CDT), q_t, input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_G)
             s_t = tl.where(nmask[:, None], s_t, float("-inf"))
             m_new = tl.maximum(m_t, tl.max(s_t, 0))
@@ -167,8 +198,10 @@ def _decode_kernel(
         for n0 in range(start, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             nmask = offs < end
-            page = tl.load(block_tables_ptr + b * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
-            addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch  # (BLOCK_N,)
+            page, slot = _page_slot(
+                block_tables_ptr + b * stride_bt, n0, offs, nmask, PAGE, BLOCK_N, FAST_ADDR, I64
+            )
+            addr = page * stride_cb + slot * stride_cs + kvh * stride_ch  # (BLOCK_N,)
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(
                 k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0

@@ -148,6 +148,9 @@ def paged_decode(
     # inline PTX: not under the CPU interpreter
     v_asm = len(rest) > 5 and bool(rest[5]) and fp8 and q.dtype != torch.float32  # (fp16 V: for 16-bit q)
     v_asm = v_asm and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+    fast_addr = len(rest) > 6 and bool(rest[6])
+    # 32-bit cache offsets when every element of both caches is within reach (fast_addr configs only)
+    i64 = not fast_addr or max(c.shape[0] * c.stride(0) for c in (k_cache, v_cache)) >= 2**31
     if kv_heads > 1 and (hkv % kv_heads or block_d != d or k_cache.stride(2) != d or k_cache.stride(3) != 1):
         kv_heads = 1  # (head rows not adjacent and dense: one head per program)
     block_g = max(trans_g or 16, triton.next_power_of_2(group * kv_heads))
@@ -191,6 +194,8 @@ def paged_decode(
         KV_HEADS=kv_heads,
         TRANS=trans_g > 0,
         V_ASM=v_asm,
+        FAST_ADDR=fast_addr,
+        I64=i64,
         num_warps=warps,
         num_stages=stages,
     )

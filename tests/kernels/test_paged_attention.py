@@ -77,16 +77,18 @@ def test_decode_prefetch_variant_matches_reference():
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_decode_heads_fast_grid_matches_reference(kv_heads):
     # grid (Hkv, B, splits) with 5 stages (the H200 candidates): the same function as the default grid;
-    # kv_heads 2: a program reads both KV heads' rows of a token as one row (GQA group 2 -> 4 query rows)
-    cfg = (8 if DEVICE == "cpu" else 32, 4, 5, False, True, False, kv_heads)
+    # kv_heads 2: a program reads both KV heads' rows of a token as one row (GQA group 2 -> 4 query rows);
+    # kv_heads 1 with fast_addr (page and slot from the tile's row, 32-bit offsets)
+    cfg = (8 if DEVICE == "cpu" else 32, 4, 5, False, True, False, kv_heads, 0, False, kv_heads == 1)
     _decode_check([1, 7, 37], h=4, hkv=2, d=16, page=4, dtype=torch.float32, splits=3, atol=1e-5, config=cfg)
 
 
 @pytest.mark.parametrize("trans_g,kv_heads", [(2, 1), (8, 2)])
 def test_decode_transposed_dots_match_reference(trans_g, kv_heads):
     # S^T = K q^T, O^T = V^T P^T with the group padded to trans_g columns; group 3 (padded to 4 or 8), split-K;
-    # kv_heads 2: both KV heads' rows of a token as one 2 x D row, the 6 query rows block-diagonal in q^T
-    cfg = (8 if DEVICE == "cpu" else 32, 4, 5, False, True, False, kv_heads, trans_g)
+    # kv_heads 2: both KV heads' rows of a token as one 2 x D row, the 6 query rows block-diagonal in q^T;
+    # there with fast_addr (page and slot from the tile's row, 32-bit offsets)
+    cfg = (8 if DEVICE == "cpu" else 32, 4, 5, False, True, False, kv_heads, trans_g, False, kv_heads == 2)
     _decode_check([1, 7, 37], h=6, hkv=2, d=16, page=4, dtype=torch.float32, splits=3, atol=1e-5, config=cfg)
 
 
@@ -115,6 +117,14 @@ def test_decode_real_shapes_gpu(dtype, atol, splits):
     _decode_check(
         ctx, h=16, hkv=8, d=128, page=16, dtype=dtype, splits=splits, atol=atol, precision=precision
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 8])
+def test_decode_fast_addr_real_shapes_gpu(splits):
+    """bf16 decode with page/slot from the tile's row and 32-bit offsets (the bf16 candidate config)."""
+    cfg = (64, 2, 5, False, True, False, 1, 0, False, True)
+    _decode_check([1, 17, 100, 1023, 4097], 16, 8, 128, 16, torch.bfloat16, splits, atol=2e-2, config=cfg)
 
 
 @pytest.mark.gpu
@@ -152,7 +162,12 @@ def test_fp8_cache_decode_and_prefill_match_the_reference():
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "config",
-    [None, (64, 2, 3, False, True, True, 1, 8, True), (128, 4, 3, False, True, True, 1, 2, True)],
+    [
+        None,
+        (64, 2, 3, False, True, True, 1, 8, True, True),
+        (128, 4, 3, False, True, True, 1, 2, True),
+        (32, 2, 9, False, True, True, 2, 8, True, True),
+    ],
 )
 @pytest.mark.parametrize("splits", [1, 8])
 def test_decode_fp8_real_shapes_gpu(config, splits):
