@@ -4,6 +4,8 @@ A graph is captured per (kind, bucket, with LoRA):
 - "decode": ``bucket`` one-token sequences (T = S = bucket); buckets 1, 2, 4, 8, 16, 32, 48, 64, 96, ...
 - "mixed": ``bucket`` tokens of any mix of decodes and prefill chunks (S = min(bucket, max_num_seqs)
   sequence slots, a padded prefill tile list); buckets 16, 32, 64, ... up to ``max_graph_tokens``.
+- "prefill": the mixed layout for steps without a decode row (no decode-kernel launch: a new request's
+  first step, e.g. a short chunk after a cached prefix), buckets up to ``prefill_graph_tokens``.
 Its inputs are views of the runner's persistent device input buffer at the bucket's layout (see
 step_inputs.py), plus one static block-table buffer: replaying a step costs one copy of the block tables
 and ``graph.replay()``. Larger steps run eagerly (their device time dwarfs the launch cost).
@@ -44,6 +46,7 @@ class CudaGraphs:
         max_num_batched_tokens: int,
         block_m: int,
         lora_variants: bool,
+        prefill_graph_tokens: int = 0,
     ) -> None:
         self.forward = forward
         self.dev = dev_flat
@@ -51,6 +54,7 @@ class CudaGraphs:
         self.block_m = block_m
         self.decode = decode_buckets(max_num_seqs)
         self.mixed = mixed_buckets(max_graph_tokens, max_num_batched_tokens)
+        self.prefill = [b for b in self.mixed if b <= prefill_graph_tokens]
         self.variants = (False, True) if lora_variants else (False,)
         smax = max([self.decode[-1]] + [self.layout("mixed", b).seqs for b in self.mixed])
         self.tables = torch.zeros(smax, max_blocks_per_seq, dtype=torch.int64, device=dev_flat.device)
@@ -63,10 +67,16 @@ class CudaGraphs:
         seqs = min(bucket, self.max_num_seqs)
         return Layout(bucket, seqs, tile_capacity(bucket, seqs, self.block_m))
 
-    def pick(self, num_tokens: int, num_seqs: int, all_decode: bool) -> tuple[str, int] | None:
+    def pick(
+        self, num_tokens: int, num_seqs: int, all_decode: bool, no_decode: bool = False
+    ) -> tuple[str, int] | None:
         """The graph (kind, bucket) a step of this size replays, or None (run it eagerly)."""
         if all_decode and num_seqs <= self.decode[-1]:
             return "decode", next(b for b in self.decode if b >= num_seqs)
+        if no_decode:
+            for b in self.prefill:
+                if b >= num_tokens and self.layout("prefill", b).seqs >= num_seqs:
+                    return "prefill", b
         for b in self.mixed:
             if b >= num_tokens and self.layout("mixed", b).seqs >= num_seqs:
                 return "mixed", b
@@ -88,6 +98,7 @@ class CudaGraphs:
         after changing a runner setting baked into the graphs)."""
         pool = self.pool
         keys = [("decode", b) for b in self.decode] + [("mixed", b) for b in self.mixed]
+        keys += [("prefill", b) for b in self.prefill]
         keys = [k for k in keys if only is None or only(*k)]
         keys.sort(key=lambda k: -self.layout(*k).tokens)  # largest first: later graphs reuse its pool
         for (kind, bucket), with_lora in itertools.product(keys, self.variants):

@@ -34,6 +34,8 @@ from llmray.kernels.paged_attention import default_num_splits, prefill_block_m
 # cached prefix: one per head); their keys are split over PREFILL_SPLITS programs (merged after)
 PREFILL_SPLITS, PREFILL_SPLIT_TOKENS = 8, 256
 FUSE_KV_STORE = True  # (read by ModelRunner(): benches A/B it)
+# steps without decode rows up to this many tokens replay "prefill" graphs (no decode-kernel launch)
+PREFILL_GRAPH_TOKENS = 256
 logger = logging.getLogger("llmray.engine")
 
 
@@ -110,6 +112,7 @@ class ModelRunner:
                 config.max_num_batched_tokens,
                 self.block_m,
                 self.lora_batch is not None,
+                PREFILL_GRAPH_TOKENS,
             )
             if not config.enforce_eager:
                 self._cuda_graphs.capture()
@@ -152,7 +155,8 @@ class ModelRunner:
     ) -> torch.Tensor:
         """The model over a step's inputs (graph-capturable): hidden states (T, hidden).
 
-        kind "decode" | "mixed" (graphs: the decode kernel over every sequence slot) or "eager"."""
+        kind "decode" | "mixed" (graphs: the decode kernel over every sequence slot) | "prefill" (no decode
+        rows) or "eager"."""
         ids = views["ids"]
         if placeholders:
             ids = torch.where(ids < 0, self.prev_tokens[views["src"]], ids)
@@ -160,8 +164,10 @@ class ModelRunner:
         if with_lora:
             assert self.lora_batch is not None, "with_lora is set only when the runner serves adapters"
             self.lora_batch.set_rows(views["lora"])
+        if kind == "prefill":
+            decode_rows = 0
         decode_rows = layout.seqs if decode_rows is None else decode_rows
-        with_tiles = kind == "mixed" or (kind == "eager" and layout.tiles > 0)
+        with_tiles = kind in ("mixed", "prefill") or (kind == "eager" and layout.tiles > 0)
         meta = PagedAttentionMetadata(
             k_cache=self.cache.k_cache,
             v_cache=self.cache.v_cache,
@@ -177,7 +183,7 @@ class ModelRunner:
             use_triton=self.use_triton,
             k_scales=self.cache.k_scales,
             v_scales=self.cache.v_scales,
-            decode_direct=kind != "mixed",
+            decode_direct=kind not in ("mixed", "prefill"),
             fuse_store=self.fuse_kv_store,
         )
         return self.model.hidden_states(ids[None], views["pos"][None], meta)[0]
@@ -187,8 +193,9 @@ class ModelRunner:
         num_tokens = sum(it.num_new_tokens for it in items)
         use_lora = self.lora_batch is not None and any(it.seq.lora_slot >= 0 for it in items)
         all_decode = items[-1].num_new_tokens == 1
+        no_decode = items[0].num_new_tokens != 1  # (one-token chunks come first)
         graphs = self._cuda_graphs
-        pick = graphs.pick(num_tokens, len(items), all_decode) if graphs is not None else None
+        pick = graphs.pick(num_tokens, len(items), all_decode, no_decode) if graphs is not None else None
         layout = graphs.layout(*pick) if graphs is not None and pick is not None else None
         batch = self.inputs.build(items, sample_rows, layout, self.lora_batch is not None)
         if self._unsampled is not None:  # a deferred step samples before this forward (its tokens are inputs)

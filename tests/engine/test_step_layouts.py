@@ -52,7 +52,7 @@ def test_graph_layouts_run_eagerly_match_the_reference(model):
     r.prefill_splits = (
         2  # small steps' split-K prefill + merge (2: fewer interpreted programs than the GPU's 8)
     )
-    graphs = CudaGraphs(r._forward, r.inputs.dev, 4, r.max_blocks_per_seq, 16, 24, r.block_m, False)
+    graphs = CudaGraphs(r._forward, r.inputs.dev, 4, r.max_blocks_per_seq, 16, 24, r.block_m, False, 16)
     r._cuda_graphs = graphs
     used = []
     pick = graphs.pick
@@ -64,12 +64,22 @@ def test_graph_layouts_run_eagerly_match_the_reference(model):
     hook = PagedAttentionMetadata._norm_rope_store
     PagedAttentionMetadata._norm_rope_store = lambda self, *a: stores.append(1) or hook(self, *a)  # type: ignore
     try:
-        outs = llm.generate(prompts, GREEDY)
+        # the one-token prompt stops early: the last prompt joins running decodes (a mixed step)
+        params = (
+            [GREEDY] * 2 + [SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)] + [GREEDY] * 2
+        )
+        outs = llm.generate(prompts, params)
+        alone = llm.generate([shared + [9, 9]], GREEDY)[0]  # a prefix hit alone: a prefill graph
     finally:
         PagedAttentionMetadata._norm_rope_store = hook  # type: ignore
         model.set_kernels("torch")
     assert stores and r.fuse_kv_store
+    refs[2] = refs[2][:2]
     assert [o.token_ids for o in outs] == refs
+    assert (
+        alone.token_ids == generate(model, shared + [9, 9], GREEDY.max_tokens)
+        and alone.num_cached_tokens == 12
+    )
     kinds = {u[0] for u in used if u is not None}
-    assert kinds == {"decode", "mixed"} and None in used  # both graph kinds and eager steps ran
+    assert kinds == {"decode", "mixed", "prefill"} and None in used  # every graph kind and eager steps ran
     assert outs[4].num_cached_tokens == 12
