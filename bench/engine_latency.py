@@ -220,14 +220,14 @@ def prefix_pair(llm, vocab: int, quick: bool, seed: int, rounds: int = 5) -> dic
 
 
 def splits_ab(llm, vocab: int, quick: bool, values: list[int]) -> dict:
-    """The prefix figures at each split-K count of small prefill steps (mixed graphs <= 256 tokens captured
-    again per value), then back to the runner's own."""
+    """The prefix figures at each split-K count of small prefill steps (mixed and prefill graphs <= 256 tokens
+    captured again per value), then back to the runner's own."""
     from llmray.engine import runner as runner_mod
 
     r = llm.engine.runner
     own = r.prefill_splits
     graphs = r._cuda_graphs
-    small = lambda kind, b: kind == "mixed" and b <= runner_mod.PREFILL_SPLIT_TOKENS  # noqa: E731
+    small = lambda kind, b: kind != "decode" and b <= runner_mod.PREFILL_SPLIT_TOKENS  # noqa: E731
     out = {}
     for k, sp in enumerate([*values, own]):
         r.prefill_splits = sp
