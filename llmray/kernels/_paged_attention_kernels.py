@@ -405,8 +405,11 @@ def _prefill_merge_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # next power of two >= NUM_SPLITS
+    R: tl.constexpr,  # query rows per program (grid dim 2 = BLOCK_M // R)
 ):
-    """One program per (tile, head): the tile's rows from the partial outputs of its non-empty splits."""
+    """One program per (tile, head, R rows): all splits' partial outputs of its rows in one load wave (no chain
+    over splits), weighted by exp2(lse - max) and summed."""
     sq = tl.load(tile_seq_ptr + tl.program_id(0))
     mblk = tl.load(tile_m_ptr + tl.program_id(0))
     h = tl.program_id(1)
@@ -414,32 +417,30 @@ def _prefill_merge_kernel(
         return
     q_start = tl.load(query_start_ptr + sq)
     q_len = tl.load(query_start_ptr + sq + 1) - q_start
-    if mblk * BLOCK_M >= q_len:
+    r0 = mblk * BLOCK_M + tl.program_id(2) * R
+    if r0 >= q_len:
         return
     ctx = tl.load(context_lens_ptr + sq)
     end = tl.minimum(ctx, ctx - q_len + (mblk + 1) * BLOCK_M)
     per_split = tl.cdiv(tl.cdiv(end, NUM_SPLITS), BLOCK_N) * BLOCK_N
     used = tl.cdiv(end, per_split)  # splits that hold keys (the kernel wrote only those)
-    offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = r0 + tl.arange(0, R)
     mmask = offs_m < q_len
+    sp = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    rows = ((q_start + offs_m).to(tl.int64) * H + h) * NUM_SPLITS
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for sp in range(0, used):  # split 0 holds key 0, which every row sees: m is finite after it
-        lse = tl.load(part_lse_ptr + rows + sp, mask=mmask, other=0.0)
-        o = tl.load(
-            part_out_ptr + (rows + sp)[:, None] * D + d[None, :], mask=mmask[:, None] & dmask[None, :]
-        )
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * alpha[:, None] + o * w[:, None]
-        l_sum = l_sum * alpha + w
-        m = m_new
-    out = acc / l_sum[:, None]
+    rows = ((q_start + offs_m).to(tl.int64) * H + h) * NUM_SPLITS  # (R,)
+    lmask = (sp < used)[:, None] & mmask[None, :]
+    lse = tl.load(part_lse_ptr + rows[None, :] + sp[:, None], mask=lmask, other=float("-inf"))  # (S, R)
+    m = tl.max(lse, 0)  # split 0 holds key 0, which every row sees: finite for the rows in range
+    m = tl.where(mmask, m, 0.0)
+    w = tl.exp2(lse - m[None, :])  # (S, R), 0 for splits without keys
+    o = tl.load(
+        part_out_ptr + (rows[None, :, None] + sp[:, None, None]) * D + d[None, None, :],
+        mask=lmask[:, :, None] & dmask[None, None, :],
+        other=0.0,
+    )  # (S, R, BLOCK_D)
+    out = tl.sum(o * w[:, :, None], 0) / tl.where(mmask, tl.sum(w, 0), 1.0)[:, None]
     tl.store(
         out_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + d[None, :],
         out.to(out_ptr.dtype.element_ty),

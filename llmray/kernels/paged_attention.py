@@ -302,7 +302,9 @@ def paged_prefill(
         num_stages=2,
     )
     if splits > 1:
-        _prefill_merge_kernel[(tile_seq.shape[0], h)](
+        block_s = triton.next_power_of_2(splits)
+        rows = max(1, min(block_m, 64 // block_s))  # S x R x D fp32 partials per program: 64 rows' worth
+        _prefill_merge_kernel[(tile_seq.shape[0], h, block_m // rows)](
             part_out,
             part_lse,
             query_start,
@@ -318,6 +320,9 @@ def paged_prefill(
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             NUM_SPLITS=splits,
+            BLOCK_S=block_s,
+            R=rows,
+            num_warps=4,
         )
     return out
 

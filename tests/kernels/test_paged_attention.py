@@ -128,6 +128,20 @@ def test_decode_fast_addr_real_shapes_gpu(splits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("splits", [8, 32])
+def test_split_prefill_after_long_prefix_real_shapes_gpu(splits):
+    """The prefix-hit step: 48 new tokens after 2,000 cached and 100 after 30 (split-K over each tile's keys,
+    the merge over all splits in one load wave), bf16."""
+    ctx, qlen = [2048, 130], [48, 100]
+    q, kc, vc, bt, qs, cl = make_case(ctx, qlen, 16, 8, 128, 16, torch.bfloat16, seed=5)
+    ref = paged_attention_ref(q.float(), kc.float(), vc.float(), bt, qs, cl, 128**-0.5)
+    tile_seq = torch.tensor([0, 1, 1, -1], dtype=torch.int32, device=DEVICE)  # 64-row tiles
+    tile_m = torch.tensor([0, 0, 1, 0], dtype=torch.int32, device=DEVICE)
+    out = paged_prefill(q, kc, vc, bt, qs, cl, 0, 128**-0.5, tiles=(tile_seq, tile_m), num_splits=splits)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_prefill_real_shapes_gpu(dtype, atol):
     _prefill_check(
