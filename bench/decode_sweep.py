@@ -119,10 +119,10 @@ def main() -> None:
     bsz_big = 4 if args.quick else 256
     cases = [
         ("fp8", bsz_big, None, torch.float8_e4m3fn),
+        ("bf16", bsz_big, None, torch.bfloat16),
         ("bs1", 1, 40 if args.quick else 800, torch.bfloat16),
         ("b32_fp8", 4 if args.quick else 32, None, torch.float8_e4m3fn),
         ("bs1_fp8", 1, 40 if args.quick else 800, torch.float8_e4m3fn),
-        ("bf16", bsz_big, None, torch.bfloat16),
     ]
     res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cases": {}, "best": {}}
     out = Path(args.out)
