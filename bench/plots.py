@@ -249,25 +249,27 @@ def finetune(results: Path) -> Path:
 
 # --- pretraining -----------------------------------------------------------------------------------
 def train_summary(results: Path) -> Path:
+    """Pretraining throughput and MFU of each variant (train_details.json, else train.json), with the Muon vs
+    AdamW sweep beside it when the results hold one."""
     t = load(results, "train.json")
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
-    sweep = t["b_muon_vs_adamw"]["sweep"]
-    colors = [BLUE if r["optimizer"] == "muon" else ORANGE for r in sweep]
-    a.bar(range(len(sweep)), [r["steps_to_1.55"] for r in sweep], color=colors)
-    for i, r in enumerate(sweep):
-        a.text(i, r["steps_to_1.55"], f"{r['steps_to_1.55']}", ha="center", va="bottom", fontsize=8)
-    a.set_xticks(range(len(sweep)), [f"{r['optimizer']}\nlr {r['lr']}" for r in sweep], fontsize=8)
-    a.set_ylabel("steps to val loss 1.55 (eval every 50)")
-    a.set_title("shakespeare-char: Muon vs AdamW lr sweep (train.json)", fontsize=10)
+    details = load(results, "train_details.json") if (results / "train_details.json").exists() else {}
+    sweep = (t.get("b_muon_vs_adamw") or details.get("b_muon_vs_adamw") or {}).get("sweep")
+    c = t.get("c_qwen3_0.6b_throughput") or details["c_qwen3_0.6b_throughput"]
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(12 if sweep else 7, 4.2), squeeze=False)
+    if sweep:
+        a = axes[0][0]
+        colors = [BLUE if r["optimizer"] == "muon" else ORANGE for r in sweep]
+        a.bar(range(len(sweep)), [r["steps_to_1.55"] for r in sweep], color=colors)
+        for i, r in enumerate(sweep):
+            a.text(i, r["steps_to_1.55"], f"{r['steps_to_1.55']}", ha="center", va="bottom", fontsize=8)
+        a.set_xticks(range(len(sweep)), [f"{r['optimizer']}\nlr {r['lr']}" for r in sweep], fontsize=8)
+        a.set_ylabel("steps to val loss 1.55 (eval every 50)")
+        a.set_title("shakespeare-char: Muon vs AdamW lr sweep (train.json)", fontsize=10)
 
-    c = t["c_qwen3_0.6b_throughput"]
-    rows = [
-        ("llmray, torch ops\neager", c["torch"]),
-        ("llmray, torch ops\n+ torch.compile", c["torch+compile"]),
-    ]
-    rows.append(("HF transformers eager\n(issue 5 anchor)", c["hf_eager_reference"]))
+    b = axes[0][-1]
+    rows = [(name, r) for name, r in c.items() if isinstance(r, dict) and "tokens_per_s" in r]
     vals = [r["tokens_per_s"] for _, r in rows]
-    b.bar(range(len(rows)), vals, color=[BLUE, BLUE, GREY])
+    b.bar(range(len(rows)), vals, color=[BLUE if n.startswith("triton") else GREY for n, _ in rows])
     for i, (_, r) in enumerate(rows):
         b.text(
             i,
@@ -277,10 +279,11 @@ def train_summary(results: Path) -> Path:
             va="bottom",
             fontsize=8,
         )
-    b.set_xticks(range(len(rows)), [n for n, _ in rows], fontsize=8)
+    b.set_xticks(range(len(rows)), [n.replace("+", "\n+ ").replace("_", " ") for n, _ in rows], fontsize=8)
     b.set_ylim(0, max(vals) * 1.25)
     b.set_ylabel("training tokens / s")
-    b.set_title(f"qwen3-0.6b, {c['batch']}×{c['seq_len']} bf16, one H200 (train.json)", fontsize=10)
+    source = "train.json" if "c_qwen3_0.6b_throughput" in t else "train_details.json"
+    b.set_title(f"qwen3-0.6b, {c['batch']}×{c['seq_len']} bf16, one H200, Ray Train ({source})", fontsize=10)
     return save(fig, results / "train_summary.png")
 
 
