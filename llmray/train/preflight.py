@@ -184,7 +184,8 @@ def check_finetune(cfg: Any) -> list[str]:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a directory")
     notes: list[str] = []
-    checkpoints = sorted((out / "ray" / "finetune").glob("checkpoint_*"))  # named by time: the last is newest
+    # Ray Train's checkpoint_<time> directories (not its checkpoint_manager_snapshot.json): the last is newest
+    checkpoints = sorted(p for p in (out / "ray" / "finetune").glob("checkpoint_*") if p.is_dir())
     if checkpoints:
         _same_adapter_shape(cfg, checkpoints[-1] / "adapter" / "adapter_config.json", out)
         notes.append(f"resuming from the latest checkpoint in {out / 'ray' / 'finetune'} (an earlier run)")

@@ -87,6 +87,7 @@ def test_finetune_into_an_out_of_another_adapter_shape_is_refused(char_model_dir
     out = tmp_path / "out"
     adapter = out / "ray" / "finetune" / "checkpoint_2026-11-30_15-16-38.561106" / "adapter"
     adapter.mkdir(parents=True)
+    (adapter.parent.parent / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's, sorts last
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 16, "target_modules": targets}))
     argv = ["finetune", "--base", str(char_model_dir), "--data", str(data), "--out", str(out)]
