@@ -88,7 +88,7 @@ class MetricsLogger:
         ):
             if key in r:
                 parts.append(f"{key.replace('tokens_per_s', 'tok/s')} " + fmt.format(r[key]))
-        if r.get("mfu", 0) > 0:  # 0 on CPU, where there is no peak FLOP/s to compare with
+        if r.get("mfu", 0) >= 0.0005:  # 0 on CPU (no peak FLOP/s to compare with); ~0 on a step that compiled
             parts.append(f"mfu {100 * r['mfu']:.1f}%")
         parts.append(f"eta {eta:.0f}s")
         return " | ".join(parts)
