@@ -57,11 +57,15 @@ def _compute_dtype(dtype: torch.dtype, fp8: bool):
 
 
 # decode kernel launch configuration by query dtype:
-# (BLOCK_N, num_warps, num_stages[, prefetch[, heads_fast[, v_scale_first[, kv_heads[, trans_g]]]]]); kv_heads 2: a
-# program reads two adjacent KV heads' rows of each token as one row (2 x 128 B for fp8: bf16's row length);
+# (BLOCK_N, num_warps, num_stages[, prefetch[, heads_fast[, v_scale_first[, kv_heads[, trans_g[, v_asm[,
+# fast_addr]]]]]]]); kv_heads 2: a program reads two adjacent KV heads' rows of each token as one row;
 # trans_g > 0: S^T = K q^T and O^T = V^T P^T (tokens on the mma's M side, the GQA group padded to trans_g
 # columns instead of 16 rows: half the mma instructions and an 8x smaller softmax); v_asm (fp8, GPU): V
-# converted by inline PTX (kept in registers without the v_scale multiply; the scale goes on the output).
+# converted by inline PTX (kept in registers without the v_scale multiply; the scale goes on the output);
+# fast_addr: page and slot from the tile's row number (BLOCK_N a multiple of the page) and 32-bit cache
+# offsets when the cache has < 2^31 elements (sm_90 SASS: bf16 776 -> 539 instructions per tile and warp).
+# bench/attn_gather.py (round 5): reading the fp8 cache through the page tables with no math at all reaches
+# 2.9-3.4 TB/s (bf16 3.7), so the fp8 kernel (2.9 TB/s) is near what this gather allows.
 # From the H200 sweep (bench/decode_sweep.py, batch 256 at the nano-vllm workload's contexts, window A
 # 2026-11-30): 5 stages give the K/V tiles two buffers behind the page-table stage (2-4 stages: one, so a
 # program's loads never overlap its math); heads_fast runs a sequence's KV heads side by side (their rows
@@ -70,14 +74,16 @@ def _compute_dtype(dtype: torch.dtype, fp8: bool):
 # SMALL_BATCH sequences (split-K over the context) use DECODE_CONFIG_SMALL.
 DECODE_CONFIG = {
     torch.float32: (32, 4, 2),
-    torch.bfloat16: (64, 2, 5, False, True),  # 0.2215 ms (3.98 TB/s) vs (64, 4, 5) 0.2279 (sweep round 3)
+    # fast_addr (page/slot from the tile row, 32-bit offsets): 0.2213 ms vs 0.2225 (round 5, decode_sweep_e.json);
+    # before: (64, 2, 5) 0.2215 ms (3.98 TB/s) vs (64, 4, 5) 0.2279 (round 3)
+    torch.bfloat16: (64, 2, 5, False, True, False, 1, 0, False, True),
     torch.float16: (64, 4, 5),
 }
 # fp8: transposed dots (group padded to 8 columns) and V converted by inline PTX: 0.157 ms (2.80 TB/s) vs 0.186
 # for (64, 2, 5) with v_scale_first only (fifth session W1, bench/results/decode_sweep_d.json; sm_90 SASS:
 # ~19 instructions per token and warp vs ~31). Before: v_scale_first (V converted and scaled in registers:
 # 16-bit transposing ldmatrix instead of one shared load per byte): 0.188 ms vs 0.205 (decode_sweep_c.json).
-DECODE_CONFIG_FP8 = (64, 2, 5, False, True, True, 1, 8, True)
+DECODE_CONFIG_FP8 = (64, 2, 5, False, True, True, 1, 8, True, True)  # + fast_addr: 0.1525 ms (round 5)
 DECODE_CONFIG_FP8_SMALL = (64, 4, 5, False, True, True)  # batch 1 x 800: 0.0386 ms vs transposed 0.050
 DECODE_CONFIG_SMALL = (64, 4, 5)
 SMALL_BATCH = 16
