@@ -46,20 +46,15 @@ CONFIGS = {  # candidates, most promising first: (BLOCK_N, warps, stages, split 
     # 3 x 1 x 32 KB -> 3.95 TB/s; fp8 (64, 2, 5): 4 x 1 x 16 KB; (32, 1, 9): 5 x 3 x 8 KB).
     # fast addr: page/slot from the tile row, 32-bit offsets when the cache allows (SASS fp8 617 -> 541, bf16
     # 776 -> 539 instructions per tile and warp).
-    "fp8": [(64, 2, 5, 1, 1, 1, 1, 8, 1, 1), (32, 2, 9, 1, 1, 1, 1, 8, 1, 1), (64, 2, 7, 1, 1, 1, 1, 8, 1, 1),
-            (32, 1, 9, 1, 1, 1, 1, 8, 1, 1), (32, 2, 11, 1, 1, 1, 1, 8, 1, 1), (32, 1, 9, 1, 1, 1, 1, 8, 1),
-            (32, 2, 9, 1, 1, 1, 1, 8, 1), (64, 2, 7, 1, 1, 1, 1, 8, 1), (64, 4, 5, 1, 1, 1, 1, 8, 1),
-            (64, 2, 5, 1, 1, 1, 2, 8, 1), (32, 2, 7, 1, 1, 1, 2, 8, 1), (32, 2, 9, 1, 1, 1, 2, 8, 1),
-            (64, 2, 5, 2, 1, 1, 1, 8, 1), (32, 2, 7, 1, 1, 1, 1, 8, 1), (32, 2, 9, 0.5, 1, 1, 1, 8, 1, 1),
-            (32, 2, 9, 2, 1, 1, 1, 8, 1, 1), (64, 2, 9, 1, 1, 1, 1, 8, 1, 1)],
-    "bf16": [(64, 2, 5, 1, 1, 0, 1, 0, 0, 1), (32, 2, 9, 1, 1, 0, 1, 0, 0, 1), (32, 2, 9, 1, 1, 0, 1, 0),
-             (64, 2, 7, 1, 1, 0, 1, 0), (64, 2, 7, 1, 1, 0, 1, 0, 0, 1), (32, 1, 9, 1, 1, 0, 1, 0, 0, 1)],
-    "bs1": [(64, 4, 3, 1, 1, 0, 1, 8), (64, 4, 3, 1, 1, 0, 1, 8, 0, 1), (64, 4, 5, 1, 1, 0, 1, 0, 0, 1),
-            (64, 4, 3, 1, 1, 0, 1, 0), (32, 4, 3, 1, 1, 0, 1, 8, 0, 1)],
-    "bs1_fp8": [(64, 4, 5, 1, 1, 1, 1, 0, 1, 1), (64, 4, 5, 1, 1, 1, 1, 0, 0, 1), (32, 4, 5, 1, 1, 1, 1, 0, 0),
-                (64, 4, 5, 1, 1, 1, 2, 8, 1, 1)],
-    "b32_fp8": [(64, 4, 5, 1, 1, 1, 1, 0, 0), (64, 2, 5, 1, 1, 1, 1, 8, 1, 1), (32, 2, 9, 1, 1, 1, 1, 8, 1, 1),
-                (32, 1, 9, 1, 1, 1, 1, 8, 1, 1), (64, 2, 5, 2, 1, 1, 1, 8, 1, 1), (32, 2, 5, 1, 1, 1, 2, 8, 1, 1)],
+    # Round 5 (decode_sweep_e.json): fast addr fp8 0.1525 vs 0.1569, bf16 0.2213 vs 0.2225; (32, 1, 9) fa 0.1493;
+    # more stages (7-11), 4 warps, kv heads 2, other splits: slower. Gather ceiling: attn_gather.json.
+    # Round 6 (final, engine-sized caches): the committed configs vs the session's earlier ones.
+    "fp8": [(64, 2, 5, 1, 1, 1, 1, 8, 1), (64, 2, 5, 1, 1, 1), (32, 1, 9, 1, 1, 1, 1, 8, 1, 1)],
+    "bf16": [(64, 2, 5, 1, 1), (64, 2, 7, 1, 1, 0, 1, 0, 0, 1)],
+    "b128_fp8": [(64, 2, 5, 1, 1, 1), (32, 1, 9, 1, 1, 1, 1, 8, 1, 1)],
+    "b32_fp8": [(64, 2, 5, 1, 1, 1)],
+    "bs1": [(64, 4, 5, 1, 1, 0, 1, 0, 0, 1)],
+    "bs1_fp8": [(32, 4, 5, 1, 1, 1)],
 }  # fmt: skip
 
 
@@ -70,12 +65,17 @@ def _lens(bsz: int, ctx: int | None, hi: int = 1024, seed: int = 0) -> list[int]
     return [rng.randint(hi // 10, hi) + int(rng.random() * rng.randint(hi // 10, hi)) for _ in range(bsz)]
 
 
-def make_case(bsz: int, ctx: int | None, kv_dtype: torch.dtype, dev: str, hi: int = 1024) -> dict:
+def make_case(
+    bsz: int, ctx: int | None, kv_dtype: torch.dtype, dev: str, hi: int = 1024, pool: int = 0
+) -> dict:
+    """``pool``: KV blocks in the cache (>= the blocks the batch uses; its pages are spread over all of them),
+    e.g. the engine's: then the launcher picks 64-bit offsets exactly where the engine's cache needs them."""
     lens = _lens(bsz, ctx, hi)
     nblk = -(-max(lens) // PAGE)
     total = sum(-(-n // PAGE) for n in lens)
     g = torch.Generator(device="cpu").manual_seed(1)
-    perm = torch.randperm(total, generator=g)
+    pool = max(pool, total)
+    perm = torch.randperm(pool, generator=g)[:total]
     tables = torch.zeros(bsz, nblk, dtype=torch.int32)
     i = 0
     for b, n in enumerate(lens):
@@ -83,8 +83,8 @@ def make_case(bsz: int, ctx: int | None, kv_dtype: torch.dtype, dev: str, hi: in
         tables[b, :k] = perm[i : i + k].to(torch.int32)
         i += k
     gd = torch.Generator(device=dev).manual_seed(1)  # K/V drawn on the device (seconds on the CPU)
-    kc = (torch.randn(total, PAGE, HKV, D, generator=gd, device=dev) * 0.5).to(kv_dtype)
-    vc = (torch.randn(total, PAGE, HKV, D, generator=gd, device=dev) * 0.5).to(kv_dtype)
+    kc = (torch.randn(pool, PAGE, HKV, D, generator=gd, device=dev, dtype=torch.bfloat16) * 0.5).to(kv_dtype)
+    vc = (torch.randn(pool, PAGE, HKV, D, generator=gd, device=dev, dtype=torch.bfloat16) * 0.5).to(kv_dtype)
     q = torch.randn(bsz, H, D, generator=g).to(torch.bfloat16 if dev == "cuda" else torch.float32)
     one = torch.full((1,), 0.37)  # the fp8 scales (K and V), not 1: a kernel that drops one shows
     t = dict(q=q, kc=kc, vc=vc, tables=tables, lens=torch.tensor(lens, dtype=torch.int32), one=one)
@@ -105,6 +105,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="tiny batch on CPU (TRITON_INTERPRET=1): logic only")
     ap.add_argument("--budget-s", type=float, default=60.0, help="stop starting new configs after this")
+    ap.add_argument(
+        "--engine-pools", action="store_true",
+        help="caches as large as the nano-vllm engine's on an H200 (fp8 141,525 blocks, bf16 70,826: fp8 needs "
+        "64-bit offsets there)",
+    )  # fmt: skip
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -120,8 +125,9 @@ def main() -> None:
     cases = [
         ("fp8", bsz_big, None, torch.float8_e4m3fn),
         ("bf16", bsz_big, None, torch.bfloat16),
-        ("bs1", 1, 40 if args.quick else 800, torch.bfloat16),
+        ("b128_fp8", 4 if args.quick else 128, None, torch.float8_e4m3fn),
         ("b32_fp8", 4 if args.quick else 32, None, torch.float8_e4m3fn),
+        ("bs1", 1, 40 if args.quick else 800, torch.bfloat16),
         ("bs1_fp8", 1, 40 if args.quick else 800, torch.float8_e4m3fn),
     ]
     res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cases": {}, "best": {}}
@@ -135,7 +141,10 @@ def main() -> None:
         print(f"copy ceiling {res['copy_tb_s']:.2f} TB/s", flush=True)
         del src, dst
     for name, bsz, ctx, kv_dtype in cases:
-        c = make_case(bsz, ctx, kv_dtype, dev, 40 if args.quick else 1024)
+        pool = (141_525 if kv_dtype != torch.bfloat16 else 70_826) if args.engine_pools else 0
+        c = make_case(bsz, ctx, kv_dtype, dev, 40 if args.quick else 1024, pool)
+        if pool:
+            print(f"{name}: {pool} KV blocks in the cache", flush=True)
         base_splits = pa.default_num_splits(bsz, HKV, sms, fp8=kv_dtype != torch.bfloat16)
         committed = pa.decode_config(torch.bfloat16, kv_dtype != torch.bfloat16, bsz)
         ref = run(c, None, base_splits).float()
@@ -145,6 +154,7 @@ def main() -> None:
         tref = pa.paged_attention_ref(c["q"][:n], c["kc"], c["vc"], c["tables"][:n], qs, c["lens"][:n],
                                       D**-0.5, one, one).float()  # fmt: skip
         row: dict = {"committed": list(committed), "splits": base_splits, "kv_bytes": c["kv_bytes"],
+                     "kv_blocks": c["kc"].shape[0],
                      "ref_rel_err": ((ref[:n] - tref).norm() / tref.norm()).item(), "configs": {}}  # fmt: skip
         hf0 = int(len(committed) > 4 and committed[4])
         vsf0 = int(len(committed) > 5 and committed[5])
