@@ -186,7 +186,7 @@ def main() -> None:
         metavar="ROW:NAME=CFG[,NAME=CFG]",
         help="then 16 adapters again with lora_fused.CONFIGS[NAME] set to CFG (BMxBNxBKxTxWARPSxSTAGES; "
         "none: split kernels; best@FILE: the fastest in bench/lora_fused.py's JSON; NAME=max_rows sets "
-        "LoraBatch.fused_max_rows), graphs re-captured, as row ROW "
+        "LoraBatch.fused_max_rows, pdl=0/1 kernels.lora.PDL), graphs re-captured, as row ROW "
         "(before --ab-split)",
     )
     ap.add_argument(
@@ -259,6 +259,10 @@ def main() -> None:
                 name, _, cfg = item.partition("=")
                 if name == "max_rows":
                     llm.engine.lora.batch.fused_max_rows = int(cfg)
+                elif name == "pdl":  # programmatic dependent launch of the shrink/expand on or off
+                    from llmray.kernels import lora as lora_kernels
+
+                    lora_kernels.PDL = bool(int(cfg))
                 elif cfg.startswith("best@"):  # the fastest in bench/lora_fused.py's results (256 rows)
                     lora_fused.CONFIGS[name] = best_config(cfg[5:], name)  # type: ignore[assignment]
                 else:
@@ -270,7 +274,10 @@ def main() -> None:
             results["rows"][row] = run(
                 llm, prompts, loras, args.output_len, args.repeats, args.warmup_seqs, args.trace
             )
+            from llmray.kernels import lora as lora_kernels
+
             results["rows"][row]["fused_configs"] = {**lora_fused.CONFIGS}
+            results["rows"][row]["pdl"] = lora_kernels.PDL
             print(row, results["rows"][row], flush=True)
             save()
         if args.ab_split:  # the same engine with every step on the split GEMM + shrink + expand kernels

@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--configs", default="default")
     ap.add_argument("--adapters", type=int, default=16, help="adapters among the rows (round-robin, sorted)")
     args = ap.parse_args()
+    from llmray.kernels import lora as lora_kernels
     from llmray.kernels.lora import lora_expand, lora_shrink
     from llmray.kernels.lora_fused import lora_delta
 
@@ -91,8 +92,12 @@ def main() -> None:
         except Exception as e:
             row["fused_vs_split_max_rel_diff"] = f"failed: {e!r}"[:300]
         print(f"rows={n} fused vs split: {row['fused_vs_split_max_rel_diff']}", flush=True)
-        variants: dict = {"base_gemms": ("base", None), "split": ("split", None)}
-        for c in args.configs.split(","):
+        variants: dict = {
+            "base_gemms": ("base", None),
+            "split": ("split", None),
+            "split_no_pdl": ("split", None),
+        }
+        for c in filter(None, args.configs.split(",")):
             if ":" in c:  # "ROWS:CONFIG": only at that many rows
                 only, c = c.split(":")
                 if int(only) != n:
@@ -100,6 +105,7 @@ def main() -> None:
             cfg = None if c == "default" else tuple(int(v) for v in c.split("x"))
             variants[f"fused_{c}"] = ("fused", cfg)
         for key, (mode, cfg) in variants.items():
+            lora_kernels.PDL = key != "split_no_pdl"  # (the shrink/expand launched with PDL, or plainly)
             t0 = time.perf_counter()
             row[key] = {}
             for only in (None, *(p[0] for p in PROJS)):  # the whole forward, then each projection alone

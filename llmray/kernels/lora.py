@@ -33,7 +33,10 @@ def _shrink_kernel(
     x_ptr, a_ptr, slot_ptr, scale_ptr, y_ptr,
     N, K, R, KB_PER_SPLIT, stride_xn, stride_as, stride_ar, stride_ys, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
 ):  # fmt: skip
+    if USE_GDC:  # launched before the previous kernel (the base GEMM) finished: wait for its writes
+        tl.extra.cuda.gdc_wait()
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(1)  # this program sums K over KB_PER_SPLIT blocks of BLOCK_K from k_lo
     k_lo = split * KB_PER_SPLIT * BLOCK_K  # (a multiple of BLOCK_K: aligned, vectorised loads)
@@ -68,6 +71,8 @@ def _shrink_kernel(
             acc = tl.dot(xv, av, acc, input_precision=PRECISION)
         y = tl.where(rows[:, None], acc * tl.load(scale_ptr + cur), y)
         cur = _next_slot(slots, cur)
+    if USE_GDC:  # the expand may start launching (it waits for this grid's writes itself)
+        tl.extra.cuda.gdc_launch_dependents()
     y_ptrs = y_ptr + split * stride_ys + m[:, None] * stride_yn + r[None, :]
     tl.store(y_ptrs, y, mask=(m[:, None] < N) & (r[None, :] < R))
 
@@ -77,7 +82,7 @@ def _expand_kernel(
     y_ptr, b_ptr, slot_ptr, out_ptr,
     N, O, R, stride_ys, stride_yn, stride_bs, stride_bo, stride_bg, stride_on,
     SPLITS, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
-    PRECISION: tl.constexpr, SEG1: tl.constexpr = 0, SEG2: tl.constexpr = 0,
+    PRECISION: tl.constexpr, SEG1: tl.constexpr = 0, SEG2: tl.constexpr = 0, USE_GDC: tl.constexpr = False,
 ):  # fmt: skip
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o0 = tl.program_id(1) * BLOCK_O
@@ -93,6 +98,8 @@ def _expand_kernel(
     slots = tl.load(slot_ptr + m, mask=m < N, other=-1)
     first = _next_slot(slots, -1)
     if first < 1 << 30:  # a tile of base-model rows only is left untouched
+        if USE_GDC:  # launched before the shrink finished: wait for its (and the base GEMM's) writes
+            tl.extra.cuda.gdc_wait()
         mask = (m[:, None] < N) & (o[None, :] < O)
         ptrs = out_ptr + m[:, None] * stride_on + o[None, :]
         out = tl.load(ptrs, mask=mask, other=0.0)  # (issued before the slot-dependent loads)
@@ -200,6 +207,33 @@ def _block_m(n: int) -> int:
     return 16 if n <= 1024 else 64
 
 
+# Programmatic dependent launch (Hopper+): the shrink and the expand are launched while the kernel before them
+# drains (each waits for its predecessor's writes with griddepcontrol.wait): at decode sizes the launch
+# latency, not the work, is most of their cost. False: plain launches (A/B; set before graphs are captured).
+PDL = True
+_pdl_ok: dict[torch.device, bool] = {}
+
+
+def _pdl(device: torch.device) -> bool:
+    """Whether to launch with PDL on ``device`` (sm_90+, and the Triton launcher took it before)."""
+    if not PDL or device.type != "cuda":
+        return False
+    if device not in _pdl_ok:
+        _pdl_ok[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return _pdl_ok[device]
+
+
+def _launch(kernel, grid, args: tuple, device: torch.device, **meta) -> None:
+    """``kernel[grid](*args, **meta)``, with PDL where ``_pdl`` allows (a launcher without it: plain, once)."""
+    if _pdl(device):
+        try:
+            kernel[grid](*args, **meta, USE_GDC=True, launch_pdl=True)
+            return
+        except TypeError:  # (a Triton without launch_pdl: remember, launch plainly)
+            _pdl_ok[device] = False
+    kernel[grid](*args, **meta)
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 models keep fp32 products
 
@@ -227,10 +261,11 @@ def lora_shrink(
     x = x.contiguous()
     block_r = max(16, triton.next_power_of_2(r))
     kb_per_split = triton.cdiv(triton.cdiv(k, splits), 64)  # blocks of BLOCK_K=64
-    _shrink_kernel[(tiles, splits)](
-        x, a, slots, scales, y, n, k, r, kb_per_split, x.stride(0), a.stride(0), a.stride(1),
-        y.stride(0), y.stride(1),
-        BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=block_r, PRECISION=_precision(a.dtype),
+    _launch(
+        _shrink_kernel, (tiles, splits),
+        (x, a, slots, scales, y, n, k, r, kb_per_split, x.stride(0), a.stride(0), a.stride(1), y.stride(0),
+         y.stride(1)),
+        x.device, BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=block_r, PRECISION=_precision(a.dtype),
     )  # fmt: skip
     return y
 
@@ -264,11 +299,12 @@ def lora_expand(
             f"grouped lora_expand: bad member boundaries {seg} for O={o}, R={r}, y {tuple(y.shape)}"
         )
     seg1, seg2 = (tuple(seg) + (0, 0))[:2]
-    _expand_kernel[(triton.cdiv(n, block_m), triton.cdiv(o, block_o))](
-        y, b, slots, out, n, o, r, y.stride(0), y.stride(1), b.stride(0), b.stride(1), member_stride,
-        out.stride(0),
-        SPLITS=y.shape[0], BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_R=block_r, PRECISION=_precision(b.dtype),
-        SEG1=seg1, SEG2=seg2, num_warps=num_warps,
+    _launch(
+        _expand_kernel, (triton.cdiv(n, block_m), triton.cdiv(o, block_o)),
+        (y, b, slots, out, n, o, r, y.stride(0), y.stride(1), b.stride(0), b.stride(1), member_stride,
+         out.stride(0)),
+        out.device, SPLITS=y.shape[0], BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_R=block_r,
+        PRECISION=_precision(b.dtype), SEG1=seg1, SEG2=seg2, num_warps=num_warps,
     )  # fmt: skip
     return out
 
