@@ -13,6 +13,8 @@ each A/B matrix is read once per tile instead of once per row (SGMV rather than 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -209,8 +211,9 @@ def _block_m(n: int) -> int:
 
 # Programmatic dependent launch (Hopper+): the shrink and the expand are launched while the kernel before them
 # drains (each waits for its predecessor's writes with griddepcontrol.wait): at decode sizes the launch
-# latency, not the work, is most of their cost. False: plain launches (A/B; set before graphs are captured).
-PDL = True
+# latency, not the work, is most of their cost. False (or LLMRAY_LORA_PDL=0): plain launches (A/B; set before
+# graphs are captured).
+PDL = os.environ.get("LLMRAY_LORA_PDL", "1") != "0"
 _pdl_ok: dict[torch.device, bool] = {}
 
 
