@@ -86,6 +86,8 @@ def _expand_kernel(
     SPLITS, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr, SEG1: tl.constexpr = 0, SEG2: tl.constexpr = 0, USE_GDC: tl.constexpr = False,
 ):  # fmt: skip
+    if USE_GDC:  # launched before the shrink finished: wait for its (and the base GEMM's) writes; every
+        tl.extra.cuda.gdc_wait()  # program waits, so this grid never completes before the shrink's
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o0 = tl.program_id(1) * BLOCK_O
     o = o0 + tl.arange(0, BLOCK_O)
@@ -100,8 +102,6 @@ def _expand_kernel(
     slots = tl.load(slot_ptr + m, mask=m < N, other=-1)
     first = _next_slot(slots, -1)
     if first < 1 << 30:  # a tile of base-model rows only is left untouched
-        if USE_GDC:  # launched before the shrink finished: wait for its (and the base GEMM's) writes
-            tl.extra.cuda.gdc_wait()
         mask = (m[:, None] < N) & (o[None, :] < O)
         ptrs = out_ptr + m[:, None] * stride_on + o[None, :]
         out = tl.load(ptrs, mask=mask, other=0.0)  # (issued before the slot-dependent loads)
