@@ -4,8 +4,9 @@ A graph is captured per (kind, bucket, with LoRA):
 - "decode": ``bucket`` one-token sequences (T = S = bucket); buckets 1, 2, 4, 8, 16, 32, 48, 64, 96, ...
 - "mixed": ``bucket`` tokens of any mix of decodes and prefill chunks (S = min(bucket, max_num_seqs)
   sequence slots, a padded prefill tile list); buckets 16, 32, 64, ... up to ``max_graph_tokens``.
-- "prefill": the mixed layout for steps without a decode row (no decode-kernel launch: a new request's
-  first step, e.g. a short chunk after a cached prefix), buckets up to ``prefill_graph_tokens``.
+- "prefill": ONE sequence's chunk without decode rows (a new request's first step, e.g. a short chunk after a
+  cached prefix): no decode-kernel launch, and a tile list sized for one sequence (the mixed layout pads it
+  for many short ones: thousands of empty programs per layer), buckets up to ``prefill_graph_tokens``.
 Its inputs are views of the runner's persistent device input buffer at the bucket's layout (see
 step_inputs.py), plus one static block-table buffer: replaying a step costs one copy of the block tables
 and ``graph.replay()``. Larger steps run eagerly (their device time dwarfs the launch cost).
@@ -64,7 +65,7 @@ class CudaGraphs:
     def layout(self, kind: str, bucket: int) -> Layout:
         if kind == "decode":
             return Layout(bucket, bucket, 0)
-        seqs = min(bucket, self.max_num_seqs)
+        seqs = min(bucket, self.max_num_seqs) if kind == "mixed" else 1
         return Layout(bucket, seqs, tile_capacity(bucket, seqs, self.block_m))
 
     def pick(

@@ -34,7 +34,8 @@ from llmray.kernels.paged_attention import default_num_splits, prefill_block_m
 # cached prefix: one per head); their keys are split over PREFILL_SPLITS programs (merged after)
 PREFILL_SPLITS, PREFILL_SPLIT_TOKENS = 8, 256
 FUSE_KV_STORE = True  # (read by ModelRunner(): benches A/B it)
-# steps without decode rows up to this many tokens replay "prefill" graphs (no decode-kernel launch)
+# one sequence's chunk without decode rows, up to this many tokens, replays a "prefill" graph (no decode
+# kernel, a one-sequence tile list)
 PREFILL_GRAPH_TOKENS = 256
 logger = logging.getLogger("llmray.engine")
 
