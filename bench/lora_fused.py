@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=16, help="adapters among the rows (round-robin, sorted)")
     args = ap.parse_args()
     from llmray.kernels import lora as lora_kernels
-    from llmray.kernels.lora import lora_expand, lora_shrink
+    from llmray.kernels.lora import _block_m, _num_splits, lora_expand, lora_shrink
     from llmray.kernels.lora_fused import lora_delta
 
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -73,9 +73,12 @@ def main() -> None:
                         lora_delta(x, a, b, slots, scales, y_out, seg, config=config)
                     elif mode == "split":
                         block_o = 256 if n > 1024 else 128  # (as lora/layers.py launches it)
-                        lora_expand(
-                            lora_shrink(x, a, slots, scales), b, slots, y_out, seg=seg, block_o=block_o
-                        )
+                        splits = None
+                        if config:  # (an int: the default split count divided by it)
+                            tiles = -(-n // _block_m(n))
+                            splits = max(1, _num_splits(tiles, k, dev) // config)
+                        y = lora_shrink(x, a, slots, scales, splits=splits)
+                        lora_expand(y, b, slots, y_out, seg=seg, block_o=block_o)
 
         row: dict = {}
         results["rows"][f"{n}_rows"] = row
@@ -97,6 +100,7 @@ def main() -> None:
             "split": ("split", None),
             "split_no_pdl": ("split", None),
         }
+        variants.update({f"split_splits_div{d}": ("split", d) for d in (2, 4)})  # fewer split-K programs
         for c in filter(None, args.configs.split(",")):
             if ":" in c:  # "ROWS:CONFIG": only at that many rows
                 only, c = c.split(":")
