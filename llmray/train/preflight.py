@@ -156,7 +156,11 @@ def check_pretrain(cfg: Any) -> list[str]:
         if tok.is_char_level:
             _char_data_problem(tok, paths, "--data")
     run_dir = Path(cfg.storage_path or out / "ray_results") / cfg.name
-    if "://" not in str(run_dir) and any(run_dir.glob("checkpoint_*")):
+    checkpoints = (
+        sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()) if "://" not in str(run_dir) else []
+    )
+    if checkpoints:
+        _same_model_shape(cfg, checkpoints[-1] / "model.safetensors", run_dir)
         notes.append(f"resuming from the latest checkpoint in {run_dir} (an earlier run in --out)")
     check_gpus(cfg.use_gpu, cfg.num_workers)
     notes += warmup_warning(cfg.max_steps, cfg.warmup_steps)
@@ -192,6 +196,27 @@ def check_finetune(cfg: Any) -> list[str]:
     check_gpus(cfg.use_gpu, cfg.num_workers)
     notes += warmup_warning(cfg.max_steps, cfg.warmup_steps)
     return notes
+
+
+def _same_model_shape(cfg: Any, weights: Path, run_dir: Path) -> None:
+    """An earlier run's checkpoint resumes only a model of the same width and depth (another preset failed in
+    the Ray Train worker: "size mismatch for model.norm.weight")."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            names = list(f.keys())
+            hidden = f.get_slice("model.norm.weight").get_shape()[0]
+    except Exception:  # unreadable or another layout: the worker's own load names the problem
+        return
+    layers = len({n.split(".")[2] for n in names if n.startswith("model.layers.")})
+    want = ModelConfig.preset(cfg.preset)
+    if layers and (hidden, layers) != (want.hidden_size, want.num_hidden_layers):
+        raise ValueError(
+            f"{run_dir} holds checkpoints of another model ({layers} layers x {hidden}), which cannot resume "
+            f"--preset {cfg.preset} ({want.num_hidden_layers} layers x {want.hidden_size}): choose another --out "
+            "(or --storage-path), or rerun with that run's --preset"
+        )
 
 
 def _same_adapter_shape(cfg: Any, adapter_config: Path, out: Path) -> None:

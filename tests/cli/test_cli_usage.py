@@ -439,3 +439,23 @@ def test_a_failed_training_run_names_where_the_traceback_is(tmp_path, corpus, ca
         "error: RuntimeError: IndexError: list index out of range",
         f"(the full traceback: {out / 'ray.log'}, or rerun with --debug)",
     ], err
+
+
+def test_pretrain_into_an_out_of_another_model_shape_is_refused(tmp_path, corpus, capsys):
+    """A checkpoint of another preset in --out (an earlier run; the benchmarks' --smoke hit it in a fresh clone)
+    was "resumed" and failed in the worker ("size mismatch for model.norm.weight"): one error line, exit 2."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    ckpt = out / "ray_results" / "pretrain" / "checkpoint_2026-11-30_15-47-01.171167"
+    ckpt.mkdir(parents=True)
+    (ckpt.parent / "checkpoint_manager_snapshot.json").write_text("{}")
+    layers = {f"model.layers.{i}.input_layernorm.weight": torch.zeros(384) for i in range(6)}
+    save_file({"model.norm.weight": torch.zeros(384), **layers}, str(ckpt / "model.safetensors"))
+    argv = ["pretrain", "--data", str(corpus), "--out", str(out), "--preset", "tiny"]
+    assert main(argv) == 2
+    line = _err_line(capsys)
+    assert "holds checkpoints of another model (6 layers x 384)" in line and "--preset tiny" in line, line
+    same = config_from_args(build_parser().parse_args([*argv[:-1], "shakespeare-char"]))
+    assert any(n.startswith("resuming from the latest checkpoint") for n in preflight.check_pretrain(same))
