@@ -97,6 +97,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warm-runs", type=int, default=1, help="uncounted full-size runs of each batch first")
     ap.add_argument(
+        "--ab-runs",
+        type=int,
+        default=1,
+        help="> 1: each half-batch extra (noevent, noreuse, noplan, switch100, noearly, threadsN) runs this many "
+        "times alternating with the default half batch; ab_<extra>_over_default = median over median",
+    )
+    ap.add_argument(
         "--budget-s", type=float, default=1e9, help="skip the optional runs past this many seconds"
     )
     ap.add_argument(
@@ -153,7 +160,7 @@ def main() -> None:
             result["half_schema_over_free_xgrammar"] = round(med["half_xgrammar"] / med["free"], 3)
         if "free" in med and "half_nodefer" in med:
             result["half_schema_over_free_sync_steps"] = round(med["half_nodefer"] / med["free"], 3)
-        for k in [k for k in med if k.startswith("half_threads")]:
+        for k in [k for k in med if k.startswith("half_threads") and not k.endswith("_base")]:
             if "free" in med:
                 result[f"{k.replace('half_', 'half_schema_over_free_')}"] = round(med[k] / med["free"], 3)
         for k, name in (
@@ -219,10 +226,24 @@ def main() -> None:
         write(outs_half)
     per_run = (time.perf_counter() - t0 - warm_s) / (2 * args.runs)
     for extra in [e for e in args.extras.split(",") if e]:
-        if time.perf_counter() - t_start + 2.5 * per_run > args.budget_s:
+        toggle = _toggle(llm, extra)
+        need = (2 * args.ab_runs + 0.5) if toggle is not None and args.ab_runs > 1 else 2.5
+        if time.perf_counter() - t_start + need * per_run > args.budget_s:
             print(f"skipping {extra}: budget", flush=True)
             break
-        if extra == "nodefer":
+        if toggle is not None and args.ab_runs > 1:  # A/B: the variant, then the default, N times over
+            on, off = toggle
+            res[f"half_{extra}"], res[f"half_{extra}_base"] = [], []
+            for _ in range(args.ab_runs):
+                on()
+                try:
+                    res[f"half_{extra}"].append(timed(llm, prompts, half)[0])
+                finally:
+                    off()
+                res[f"half_{extra}_base"].append(timed(llm, prompts, half)[0])
+            a, b = statistics.median(res[f"half_{extra}"]), statistics.median(res[f"half_{extra}_base"])
+            result[f"ab_{extra}_over_default"] = round(a / b, 3)
+        elif extra == "nodefer":
             llm.engine.defer_constrained_sampling = False
             res["half_nodefer"] = [timed(llm, prompts, half)[0]]
             llm.engine.defer_constrained_sampling = True
@@ -280,6 +301,34 @@ def main() -> None:
             llm.generate(prompts[:w], hx[:w])  # compile
             res["half_xgrammar"] = [timed(llm, prompts, hx)[0]]
         write(outs_half)
+
+
+def _toggle(llm: LLM, extra: str):
+    """(turn the variant on, turn it off) for the half-batch extras that flip one engine setting, else None."""
+    runner = llm.engine.runner
+    if extra in ("noevent", "noreuse", "noearly"):
+        attr = {"noevent": "from_event", "noreuse": "reuse", "noearly": "early"}[extra]
+        return (lambda: setattr(runner.masks, attr, False)), (lambda: setattr(runner.masks, attr, True))
+    if extra == "noplan":
+        return (lambda: setattr(runner.sampler, "plan_ahead", False)), (
+            lambda: setattr(runner.sampler, "plan_ahead", True)
+        )
+    if extra == "switch100":
+        import llmray.engine.structured.step_masks as step_masks
+
+        default = step_masks._SWITCH_S
+        return (lambda: setattr(step_masks, "_SWITCH_S", 1e-4)), (
+            lambda: setattr(step_masks, "_SWITCH_S", default)
+        )
+    if extra.startswith("threads"):
+        import llguidance
+
+        llg = llm.engine._grammars.backend("llguidance")
+        default_executor, executor = llg.executor, llguidance.LLExecutor(int(extra[7:]))
+        return (lambda: setattr(llg, "executor", executor)), (
+            lambda: setattr(llg, "executor", default_executor)
+        )
+    return None
 
 
 if __name__ == "__main__":
