@@ -165,7 +165,7 @@ def main() -> None:
         first = (*committed[:3], 1, hf0, vsf0, kvh0, tg0, va0, fa0)
         confs = [first] + CONFIGS[name] + [first]
         for i, cf in enumerate(confs):
-            bn, w, s, mult, hf, vsf, kvh, tg, va, fa = (*cf, 0, 0, 0)[:10]
+            bn, w, s, mult, hf, vsf, kvh, tg, va, fa = (*cf, *(1, 0, 0, 1, 0, 0, 0)[len(cf) - 3 :])
             ns = max(1, int(base_splits * mult))  # (a multiplier 0.5: half the default splits)
             if args.quick:
                 bn = min(bn, 16)
