@@ -20,7 +20,7 @@ import triton.language as tl
 
 from llmray.kernels._common import check_device, interpreting
 
-__all__ = ["sym_gram", "sym_gram_ref", "DEFAULT_CONFIG"]
+__all__ = ["sym_gram", "sym_gram_ref", "newton_schulz_sym", "DEFAULT_CONFIG"]
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages): the best of a sweep on the H200 (Muon's stacks of qwen3-0.6b, all
 # five shapes: (128, 64, 4, 3) 13.67 ms, (128, 64, 8, 4) 13.91, (128, 128, 8, 3) 14.07, (128, 64, 8, 3) 14.41,
@@ -141,6 +141,29 @@ def sym_gram(
             BM=bm, BK=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return out.squeeze(0) if squeeze else out
+
+
+def newton_schulz_sym(
+    x: torch.Tensor,  # (n, r, c) or (r, c) bf16, r <= c (the wide orientation), not normalized
+    steps: int,
+    coefficients: tuple[float, float, float],
+    eps: float = 1e-7,
+) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration X <- (a I + b A + c A^2) X, A = X X^T, from the raw X, with the
+    symmetric products on ``sym_gram``. Step 1: G = X X^T, |X|_F^2 = trace(G); the kernel scales A = G / |X|^2
+    and divides the polynomial by |X| (the normalization without a pass over X)."""
+    a, b, c = coefficients
+    if steps <= 0:
+        return x
+    gram = sym_gram(x)
+    norm_sq = gram.diagonal(dim1=-2, dim2=-1).float().sum(-1).reshape(-1)
+    poly = sym_gram(gram, alpha=c, s=gram, beta=b, diag=a, norm_sq=norm_sq, eps=eps)
+    x = torch.matmul(poly, x)
+    for _ in range(steps - 1):
+        gram = sym_gram(x)  # A = X X^T
+        poly = sym_gram(gram, alpha=c, s=gram, beta=b, diag=a)  # c A A^T + b A + a I
+        x = torch.matmul(poly, x)
+    return x
 
 
 def sym_gram_ref(

@@ -66,18 +66,9 @@ def zeropower_via_newtonschulz5(
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.mT
     if sym and steps > 0:
-        from llmray.kernels.newton_schulz import sym_gram
+        from llmray.kernels.newton_schulz import newton_schulz_sym
 
-        # step 1 on the raw X: G = X X^T, |X|_F^2 = trace(G); the kernel scales A = G / |X|^2 and divides the
-        # polynomial by |X| (the normalization without a pass over X)
-        gram = sym_gram(x)
-        norm_sq = gram.diagonal(dim1=-2, dim2=-1).float().sum(-1).reshape(-1)
-        poly = sym_gram(gram, alpha=c, s=gram, beta=b, diag=a, norm_sq=norm_sq, eps=eps)
-        x = torch.matmul(poly, x)
-        for _ in range(steps - 1):
-            gram = sym_gram(x)  # A = X X^T
-            poly = sym_gram(gram, alpha=c, s=gram, beta=b, diag=a)  # c A A^T + b A + a I
-            x = torch.matmul(poly, x)
+        x = newton_schulz_sym(x, steps, (a, b, c), eps)
         return x.mT if tall else x
     # spectral norm <= Frobenius norm, so this puts every singular value in [0, 1]
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
