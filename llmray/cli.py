@@ -196,6 +196,7 @@ def _run(argv: list[str]) -> int:
         # into SystemExit(1) carrying ray_terminate_msg: the command exited 1 without a word
         if isinstance(e, SystemExit) and not hasattr(e, "ray_terminate_msg"):
             raise
+        _stop_worker_output()
         line = interrupted_line(args)
         if _terminated:
             line = line.replace("interrupted", "interrupted (SIGTERM)", 1)
@@ -207,6 +208,18 @@ def _run(argv: list[str]) -> int:
 
 
 _terminated = False  # a SIGTERM stopped the command (exit 143, not Ctrl-C's 130)
+
+
+def _stop_worker_output() -> None:
+    """After an interrupt, step lines still on their way from a Ray Train worker would print under the
+    "interrupted" line (H200: `step 400/2000 ...` after it): Ray's printing of workers' output stops here."""
+    ray, worker = sys.modules.get("ray"), sys.modules.get("ray._private.worker")
+    if ray is None or worker is None or not ray.is_initialized():
+        return
+    if hasattr(worker, "_worker_logs_enabled"):
+        setattr(worker, "_worker_logs_enabled", False)  # noqa: B010  # Ray's private module flag
+
+
 _ray_log: Path | None = None  # a training command's OUT/ray.log: where a failed worker's traceback went
 
 

@@ -356,11 +356,16 @@ def test_sigterm_during_training_is_one_line_exit_143(tmp_path, corpus, capsys, 
 
     def killed_run(cfg):
         start_ray({}, ray=StartsLikeRay())
+        monkeypatch.setattr(ray, "is_initialized", lambda: True)  # as after ray.init
         signal.signal(signal.SIGINT, ray_train_sigint)  # what Ray Train's fit() puts in
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises here
         raise AssertionError("SIGTERM did not stop the run")
 
+    import ray
+    import ray._private.worker as ray_worker
+
+    monkeypatch.setattr(ray_worker, "_worker_logs_enabled", True)  # restored after the test
     monkeypatch.setattr(pretrain, "run_pretrain", killed_run)
     before, sigint = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     t0 = time.monotonic()
@@ -372,6 +377,7 @@ def test_sigterm_during_training_is_one_line_exit_143(tmp_path, corpus, capsys, 
     assert time.monotonic() - t0 < 4 and aborted == []
     err = capsys.readouterr().err.strip()
     assert err == "interrupted (SIGTERM): no checkpoint was written yet, so a new run starts from step 0", err
+    assert ray_worker._worker_logs_enabled is False  # a worker's step line on its way is not printed after it
     assert signal.getsignal(signal.SIGTERM) is before
 
 
