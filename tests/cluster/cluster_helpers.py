@@ -210,8 +210,13 @@ def serve_configs() -> list[tuple[str, dict]]:
 def local_serve_config(config: dict, model_dir: Path, lora_root: Path) -> dict:
     """The manifest's serve config pointed at a local checkpoint (what the cluster tests deploy)."""
     config = copy.deepcopy(config)
+    positions = json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
     for app in config["applications"]:
         app["args"]["model"] = str(model_dir)
         if "lora_root" in app["args"]:
             app["args"]["lora_root"] = str(lora_root)
+        # the manifest's context (8192 for Qwen3-0.6B) is longer than the tiny model's: serve refuses that
+        for args in (app["args"], app["args"].get("engine_kwargs") or {}):
+            if "max_model_len" in args:
+                args["max_model_len"] = min(int(args["max_model_len"]), positions)
     return config
