@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lora_profile import LAYERS, PROJS, RANK, SLOTS, _graph_ms  # noqa: E402
+from lora_profile import PROJS, SLOTS, _graph_ms, random_layers  # noqa: E402
 
 
 def main() -> None:
@@ -44,17 +44,7 @@ def main() -> None:
         out_path.write_text(json.dumps(results, indent=2))
 
     g = torch.Generator(device=dev).manual_seed(0)
-    layers = []
-    for _ in range(LAYERS):
-        layer = {}
-        for name, k, outs in PROJS:
-            o, gsz = sum(outs), len(outs)
-            w = torch.randn(o, k, device=dev, dtype=dt, generator=g) / k**0.5
-            a = torch.randn(SLOTS, gsz * RANK, k, device=dev, dtype=dt, generator=g) / k**0.5
-            b = torch.randn(SLOTS, o, RANK, device=dev, dtype=dt, generator=g) * 0.01
-            seg = [0, *torch.tensor(outs).cumsum(0).tolist()]
-            layer[name] = (w, a, b, tuple(seg[1:-1]))
-        layers.append(layer)
+    layers = random_layers(dev, dt, g)
     scales = torch.ones(SLOTS, device=dev)
     for n in (int(r) for r in args.rows.split(",")):
         slots = (torch.arange(n, device=dev) * args.adapters // n).to(torch.int32)

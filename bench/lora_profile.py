@@ -55,12 +55,8 @@ def _graph_ms(fn, reps: int = 20) -> float:
     return round(sorted(times)[1], 4)
 
 
-def micro(out: dict, save, rows_list=(256, 8192)) -> None:
-    """Fills ``out`` ({"<rows>_rows": {variant: ms per forward}}), saving after each variant."""
-    from llmray.kernels.lora import lora_expand, lora_shrink, lora_wide_shrink
-
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    g = torch.Generator(device=dev).manual_seed(0)
+def random_layers(dev: torch.device, dt: torch.dtype, g: torch.Generator) -> list[dict]:
+    """LAYERS of {projection: (W (O, K), A (S, G*R, K), B (S, O, R), member boundaries)}, drawn from ``g``."""
     layers = []
     for _ in range(LAYERS):
         layer = {}
@@ -69,12 +65,26 @@ def micro(out: dict, save, rows_list=(256, 8192)) -> None:
             w = torch.randn(o, k, device=dev, dtype=dt, generator=g) / k**0.5
             a = torch.randn(SLOTS, gsz * RANK, k, device=dev, dtype=dt, generator=g) / k**0.5
             b = torch.randn(SLOTS, o, RANK, device=dev, dtype=dt, generator=g) * 0.01
-            # wide: [W | B of every slot, block-diagonal over the members] (O, K + G*S*R)
-            wide = torch.zeros(o, k + gsz * SLOTS * RANK, device=dev, dtype=dt)
-            wide[:, :k] = w
             seg = [0, *torch.tensor(outs).cumsum(0).tolist()]
-            layer[name] = (w, a, b, wide, tuple(seg[1:-1]))
+            layer[name] = (w, a, b, tuple(seg[1:-1]))
         layers.append(layer)
+    return layers
+
+
+def micro(out: dict, save, rows_list=(256, 8192)) -> None:
+    """Fills ``out`` ({"<rows>_rows": {variant: ms per forward}}), saving after each variant."""
+    from llmray.kernels.lora import lora_expand, lora_shrink, lora_wide_shrink
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    layers = random_layers(dev, dt, g)
+    for layer in layers:
+        for name, k, outs in PROJS:
+            w, a, b, seg = layer[name]
+            # wide: [W | B of every slot, block-diagonal over the members] (O, K + G*S*R)
+            wide = torch.zeros(w.shape[0], k + len(outs) * SLOTS * RANK, device=dev, dtype=dt)
+            wide[:, :k] = w
+            layer[name] = (w, a, b, wide, seg)
     scales = torch.ones(SLOTS, device=dev)
     side = torch.cuda.Stream()
     for n in rows_list:
