@@ -186,7 +186,8 @@ def main() -> None:
         metavar="ROW:NAME=CFG[,NAME=CFG]",
         help="then 16 adapters again with lora_fused.CONFIGS[NAME] set to CFG (BMxBNxBKxTxWARPSxSTAGES; "
         "none: split kernels; best@FILE: the fastest in bench/lora_fused.py's JSON; NAME=max_rows sets "
-        "LoraBatch.fused_max_rows, pdl=0/1 kernels.lora.PDL), graphs re-captured, as row ROW "
+        "LoraBatch.fused_max_rows, tall=N LoraBatch.tall_max_rows, pdl=0/1 kernels.lora.PDL), graphs re-captured, "
+        "as row ROW "
         "(before --ab-split)",
     )
     ap.add_argument(
@@ -259,6 +260,8 @@ def main() -> None:
                 name, _, cfg = item.partition("=")
                 if name == "max_rows":
                     llm.engine.lora.batch.fused_max_rows = int(cfg)
+                elif name == "tall":  # steps of at most this many rows on the tall layout's GEMM + expand
+                    llm.engine.lora.batch.tall_max_rows = int(cfg)
                 elif name == "pdl":  # programmatic dependent launch of the shrink/expand on or off
                     from llmray.kernels import lora as lora_kernels
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from llmray.kernels.lora import lora_delta_ref, lora_expand, lora_shrink, lora_wide_shrink
 from llmray.kernels.lora_fused import lora_delta, lora_delta_supported
+from llmray.kernels.lora_tall import lora_tall_expand
 
 
 class LoraBatch:
@@ -45,6 +46,9 @@ class LoraBatch:
         # where lora_fused has a config for the size (decode; lora_fused.CONFIGS), instead of a shrink and an
         # expand (0: always the split kernels, for A/B)
         self.fused_max_rows = 1 << 30
+        # steps of at most tall_max_rows rows run a tall group's one GEMM over [W ; A] (the shrink of every slot
+        # folded into the base GEMM) + one expand kernel, instead of GEMM + shrink + expand (0: split, for A/B)
+        self.tall_max_rows = 1 << 30
 
     def set_rows(self, row_slots: torch.Tensor) -> None:
         """row_slots (N,) int32 for the packed rows of this step; rows past N are reset to -1."""
@@ -73,6 +77,7 @@ class ShrinkGroup:
         max_rank: int,
         batch: LoraBatch | None = None,
         wide: bool | None = None,
+        tall: bool = False,
     ):
         like = weights[0]
         k = like.shape[1]
@@ -83,13 +88,23 @@ class ShrinkGroup:
             k,
             batch,
         )
-        self.lora_a = torch.zeros(num_slots, self.size * max_rank, k, dtype=like.dtype, device=like.device)
         self.bounds = [0]  # member i's output columns: [bounds[i], bounds[i + 1])
         for w in weights:
             self.bounds.append(self.bounds[-1] + w.shape[0])
         width = self.size * num_slots * max_rank
         self.w_ext: torch.Tensor | None = None
+        self.w_cat: torch.Tensor | None = None  # tall: [W ; A] (ΣO + S·G·R, K)
         self.lora_b: torch.Tensor | None = None
+        if tall:
+            o = self.bounds[-1]
+            self.w_cat = torch.zeros(o + width, k, dtype=like.dtype, device=like.device)
+            with torch.no_grad():
+                for lo, hi, w in zip(self.bounds[:-1], self.bounds[1:], weights, strict=True):
+                    self.w_cat[lo:hi].copy_(w)
+            self.lora_a = self.w_cat[o:].view(num_slots, self.size * max_rank, k)  # (S, G·R, K) view
+            self.lora_b = torch.zeros(num_slots, o, max_rank, dtype=like.dtype, device=like.device)
+            return
+        self.lora_a = torch.zeros(num_slots, self.size * max_rank, k, dtype=like.dtype, device=like.device)
         if wide if wide is not None else width <= k:
             self.w_ext = torch.zeros(self.bounds[-1], k + width, dtype=like.dtype, device=like.device)
             with torch.no_grad():
@@ -99,16 +114,25 @@ class ShrinkGroup:
             self.lora_b = torch.zeros(
                 num_slots, self.bounds[-1], max_rank, dtype=like.dtype, device=like.device
             )
-        self._x: torch.Tensor | None = None  # the input of the current shrink (identity marks it)
-        self._y: torch.Tensor | None = None  # its output (splits, N, G·R) fp32
-        self._unread = (
-            0  # members yet to read ``_y``; at 0 both are dropped (no activation outlives the step)
-        )
+
+    # the input of the current shrink (identity marks it), its output (splits, N, G·R) fp32, and the members yet
+    # to read it (at 0 both are dropped: no activation outlives the step)
+    _x: torch.Tensor | None = None
+    _y: torch.Tensor | None = None
+    _unread = 0
 
     @property
     def weight(self) -> torch.Tensor | None:
-        """The base weight (ΣO, K) as a view of ``w_ext`` (wide), for the model's GEMM; None otherwise."""
+        """The base weight (ΣO, K) as a view of ``w_ext`` (wide) or ``w_cat`` (tall), for the model's GEMM;
+        None otherwise."""
+        if self.w_cat is not None:
+            return self.w_cat[: self.bounds[-1]]
         return None if self.w_ext is None else self.w_ext[:, : self.in_features]
+
+    def _tall_block_o(self) -> int:
+        """Output tile width of the tall expand (member boundaries must not straddle a tile); 0: none fits."""
+        seg = self.bounds[1:-1]
+        return next((b for b in (128, 64, 32, 16) if all(c % b == 0 for c in seg)), 0)
 
     def member_a(self, i: int) -> torch.Tensor:
         return self.lora_a[:, i * self.rank : (i + 1) * self.rank]  # (S, R, K) view
@@ -139,6 +163,21 @@ class ShrinkGroup:
         flat_x = x.reshape(-1, x.shape[-1])
         n = flat_x.shape[0]
         kernels = x.is_cuda or LoRALinear.use_kernels_on_cpu
+        w_cat = self.w_cat
+        if (
+            kernels
+            and w_cat is not None
+            and n <= batch.tall_max_rows
+            and weight.data_ptr() == w_cat.data_ptr()
+            and self._tall_block_o()
+        ):
+            assert self.lora_b is not None, "a tall group stacks its B"
+            full = F.linear(flat_x, w_cat)  # (N, ΣO + S·G·R): the base projection and every slot's shrink
+            seg = tuple(self.bounds[1:-1])
+            out = lora_tall_expand(
+                full, self.lora_b, batch.slots[:n], batch.scales, self.size, seg, self._tall_block_o()
+            )
+            return out.view(*x.shape[:-1], self.bounds[-1])
         w_ext = self.w_ext
         if (
             kernels

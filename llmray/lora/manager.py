@@ -53,6 +53,7 @@ class LoraManager:
         max_cpu_loras: int,
         max_rows: int,
         wide: bool | None = None,
+        tall: bool = True,
     ) -> None:
         if max_loras < 1 or max_cpu_loras < max_loras:
             raise ValueError(f"need 1 <= max_loras ({max_loras}) <= max_cpu_loras ({max_cpu_loras})")
@@ -76,7 +77,7 @@ class LoraManager:
             ):
                 owner = layer.self_attn if members[0] in ("q_proj", "o_proj") else layer.mlp
                 weights = [getattr(owner, m).weight.detach() for m in members]
-                group = ShrinkGroup(weights, max_loras, max_rank, self.batch, wide)
+                group = ShrinkGroup(weights, max_loras, max_rank, self.batch, wide, tall and not wide)
                 groups.update({m: (group, j) for j, m in enumerate(members)})
                 if len(members) > 1:  # the model's fused q|k|v / gate|up projection runs through this hook
                     fused = "qkv" if members[0] == "q_proj" else "gate_up"
