@@ -186,7 +186,7 @@ def main() -> None:
         metavar="ROW:NAME=CFG[,NAME=CFG]",
         help="then 16 adapters again with lora_fused.CONFIGS[NAME] set to CFG (BMxBNxBKxTxWARPSxSTAGES; "
         "none: split kernels; best@FILE: the fastest in bench/lora_fused.py's JSON; NAME=max_rows sets "
-        "LoraBatch.fused_max_rows, tall=N LoraBatch.tall_max_rows, pdl=0/1 kernels.lora.PDL), graphs re-captured, "
+        "LoraBatch.fused_max_rows, tall=N LoraBatch.tall_max_rows, swiglu=0/1 LoraBatch.fuse_swiglu, pdl=0/1 kernels.lora.PDL), graphs re-captured, "
         "as row ROW "
         "(before --ab-split)",
     )
@@ -262,6 +262,8 @@ def main() -> None:
                     llm.engine.lora.batch.fused_max_rows = int(cfg)
                 elif name == "tall":  # steps of at most this many rows on the tall layout's GEMM + expand
                     llm.engine.lora.batch.tall_max_rows = int(cfg)
+                elif name == "swiglu":  # tall gate|up: expand + gated SwiGLU in one kernel (1) or two (0)
+                    llm.engine.lora.batch.fuse_swiglu = bool(int(cfg))
                 elif name == "pdl":  # programmatic dependent launch of the shrink/expand on or off
                     from llmray.kernels import lora as lora_kernels
 

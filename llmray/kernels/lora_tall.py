@@ -89,3 +89,72 @@ def lora_tall_expand(
         PRECISION=_precision(b.dtype), SEG1=seg1, SEG2=seg2, num_warps=num_warps,
     )  # fmt: skip
     return out
+
+
+@triton.jit(do_not_specialize=["N"])
+def _tall_expand_swiglu_kernel(
+    full_ptr, b_ptr, slot_ptr, scale_ptr, out_ptr,
+    N, I, R, stride_fn, stride_bs, stride_bo, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
+):  # fmt: skip
+    if USE_GDC:  # launched before the GEMM finished: wait for its writes
+        tl.extra.cuda.gdc_wait()
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)  # columns of the gate half (the up half: I + c)
+    r = tl.arange(0, BLOCK_R)
+    live = m < N
+    mask = live[:, None] & (c[None, :] < I)
+    row = full_ptr + m[:, None] * stride_fn
+    gate = tl.load(row + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(row + I + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    slots = tl.load(slot_ptr + m, mask=live, other=-1)
+    cur = _next_slot(slots, -1)
+    while cur < 1 << 30:  # usually once (rows sorted by slot); never for a tile of base-model rows
+        rows = slots == cur
+        y_mask = rows[:, None] & (r[None, :] < R)
+        scale = tl.load(scale_ptr + cur)
+        y_off = m[:, None] * stride_fn + 2 * I + cur * 2 * R + r[None, :]  # gate's y, then up's
+        yg = tl.load(full_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32) * scale
+        yu = tl.load(full_ptr + y_off + R, mask=y_mask, other=0.0).to(tl.float32) * scale
+        b_off = cur * stride_bs + c[None, :] * stride_bo + r[:, None]
+        b_mask = (r[:, None] < R) & (c[None, :] < I)
+        bg = tl.load(b_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_O)
+        bu = tl.load(b_ptr + b_off + I * stride_bo, mask=b_mask, other=0.0).to(tl.float32)
+        gate = tl.dot(yg, bg, gate, input_precision=PRECISION)
+        up = tl.dot(yu, bu, up, input_precision=PRECISION)
+        cur = _next_slot(slots, cur)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + m[:, None] * stride_on + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def lora_tall_expand_swiglu(
+    full: torch.Tensor,
+    b: torch.Tensor,
+    slots: torch.Tensor,
+    scales: torch.Tensor,
+    block_o: int = 64,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """The tall expand of a fused gate|up projection with the gated SwiGLU in the same launch: full
+    (N, 2I + S·2·R) = x @ [W_gate ; W_up ; A]ᵀ, b (S, 2I, R) -> silu(gate + Δgate) · (up + Δup) (N, I), fp32
+    math stored in full's dtype (the unfused path rounds gate|up to that dtype first)."""
+    n = full.shape[0]
+    s, o, r = b.shape
+    if o % 2 or full.shape[1] != o + s * 2 * r or full.stride(1) != 1:
+        raise ValueError(
+            f"lora_tall_expand_swiglu: full {tuple(full.shape)} does not hold 2I={o} base columns and "
+            f"{s}x2x{r} shrink columns (unit column stride)"
+        )
+    inter = o // 2
+    out = torch.empty(n, inter, device=full.device, dtype=full.dtype)
+    if n == 0:
+        return out
+    block_m = _block_m(n)
+    _launch(
+        _tall_expand_swiglu_kernel, (triton.cdiv(n, block_m), triton.cdiv(inter, block_o)),
+        (full, b, slots, scales, out, n, inter, r, full.stride(0), b.stride(0), b.stride(1), out.stride(0)),
+        full.device, BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        PRECISION=_precision(b.dtype), num_warps=num_warps,
+    )  # fmt: skip
+    return out

@@ -19,13 +19,15 @@ the base GEMM, then ``lora_shrink`` + a grouped ``lora_expand`` adding every mem
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from llmray.kernels.lora import lora_delta_ref, lora_expand, lora_shrink, lora_wide_shrink
 from llmray.kernels.lora_fused import lora_delta, lora_delta_supported
-from llmray.kernels.lora_tall import lora_tall_expand
+from llmray.kernels.lora_tall import lora_tall_expand, lora_tall_expand_swiglu
 
 
 class LoraBatch:
@@ -49,6 +51,8 @@ class LoraBatch:
         # steps of at most tall_max_rows rows run a tall group's one GEMM over [W ; A] (the shrink of every slot
         # folded into the base GEMM) + one expand kernel, instead of GEMM + shrink + expand (0: split, for A/B)
         self.tall_max_rows = 1 << 30
+        # tall gate|up: the expand and the gated SwiGLU in one launch (the model's ``gate_up_act`` hook)
+        self.fuse_swiglu = True
 
     def set_rows(self, row_slots: torch.Tensor) -> None:
         """row_slots (N,) int32 for the packed rows of this step; rows past N are reset to -1."""
@@ -164,14 +168,8 @@ class ShrinkGroup:
         n = flat_x.shape[0]
         kernels = x.is_cuda or LoRALinear.use_kernels_on_cpu
         w_cat = self.w_cat
-        if (
-            kernels
-            and w_cat is not None
-            and n <= batch.tall_max_rows
-            and weight.data_ptr() == w_cat.data_ptr()
-            and self._tall_block_o()
-        ):
-            assert self.lora_b is not None, "a tall group stacks its B"
+        if self._tall_ok(x, n, weight):
+            assert w_cat is not None and self.lora_b is not None, "a tall group has [W ; A] and its B"
             full = F.linear(flat_x, w_cat)  # (N, ΣO + S·G·R): the base projection and every slot's shrink
             seg = tuple(self.bounds[1:-1])
             out = lora_tall_expand(
@@ -190,6 +188,39 @@ class ShrinkGroup:
         out = F.linear(x, weight)
         self.add_delta(x, out)
         return out
+
+    def _tall_ok(self, x: torch.Tensor, n: int, weight: torch.Tensor) -> bool:
+        """Whether a step of ``n`` rows runs this group's tall GEMM + expand."""
+        batch, w_cat = self.batch, self.w_cat
+        return (
+            batch is not None
+            and batch.enabled
+            and (x.is_cuda or LoRALinear.use_kernels_on_cpu)
+            and w_cat is not None
+            and n <= batch.tall_max_rows
+            and weight.data_ptr() == w_cat.data_ptr()
+            and self._tall_block_o() > 0
+        )
+
+    def gate_up_act(
+        self, x: torch.Tensor, weight: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """x (..., K) -> act(x @ [gate | up]ᵀ + deltas) (..., I): the model's ``gate_up_act`` hook. On the tall
+        path with ``LoraBatch.fuse_swiglu`` the expand and the gated SwiGLU run as one kernel (``act`` is then
+        not called: it is the gated SwiGLU)."""
+        flat_x = x.reshape(-1, x.shape[-1])
+        batch = self.batch
+        if (
+            self.size == 2
+            and batch is not None
+            and batch.fuse_swiglu
+            and self._tall_ok(x, flat_x.shape[0], weight)
+        ):
+            assert self.w_cat is not None and self.lora_b is not None, "a tall group has [W ; A] and its B"
+            full = F.linear(flat_x, self.w_cat)  # (N, 2I + S·2·R)
+            out = lora_tall_expand_swiglu(full, self.lora_b, batch.slots[: flat_x.shape[0]], batch.scales)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return act(self.linear(x, weight))
 
     def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out (..., ΣO) += every member's delta for x (..., K) (the split path: shrink + grouped expand)."""

@@ -82,6 +82,8 @@ class LoraManager:
                 if len(members) > 1:  # the model's fused q|k|v / gate|up projection runs through this hook
                     fused = "qkv" if members[0] == "q_proj" else "gate_up"
                     setattr(owner, f"{fused}_linear", group.linear)
+                    if fused == "gate_up":  # the model's hook for gate|up + SwiGLU in one step
+                        setattr(owner, "gate_up_act", group.gate_up_act)  # noqa: B010
                     if group.weight is not None:  # the fused base weight: a view of the group's [W | B]
                         setattr(owner, f"{fused}_weight", group.weight)
             for module in MODULES:

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from llmray.kernels.lora import lora_delta_ref  # noqa: E402
-from llmray.kernels.lora_tall import lora_tall_expand  # noqa: E402
+from llmray.kernels.lora_tall import lora_tall_expand, lora_tall_expand_swiglu  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -65,3 +65,47 @@ def test_tall_expand_bf16_gpu(n):
         lo, hi = bounds[j], bounds[j + 1]
         ref[:, lo:hi] += lora_delta_ref(x, a[:, j * r : (j + 1) * r], b[:, lo:hi], slots, scales)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("n", [5, 37])
+def test_tall_expand_swiglu_matches_reference_fp32(n):
+    # a fused gate|up projection: members gate [0, I) and up [I, 2I), then silu(gate) * up in the same launch
+    k, r, s, inter = 24, 4, 3, 40
+    x, w_cat, a, b, slots, scales = _tall_case(n, k, (inter,), 2 * inter, r, s, torch.float32)
+    full = x @ w_cat.t()
+    out = lora_tall_expand_swiglu(full, b, slots, scales, block_o=16)
+    gate = full[:, :inter] + lora_delta_ref(x, a[:, :r], b[:, :inter], slots, scales)
+    up = full[:, inter : 2 * inter] + lora_delta_ref(x, a[:, r:], b[:, inter:], slots, scales)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="shrink columns"):
+        lora_tall_expand_swiglu(full[:, :-1], b, slots, scales)
+
+
+def test_tall_group_linear_and_gate_up_act_match_split(monkeypatch):
+    # ShrinkGroup(tall=True): [W ; A] in one GEMM + the tall expand (and the SwiGLU hook) = the split path
+    from llmray.lora.layers import LoraBatch, LoRALinear, ShrinkGroup
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(LoRALinear, "use_kernels_on_cpu", True)
+    n, k, inter, r, s = 9, 24, 32, 4, 3
+    g = torch.Generator().manual_seed(1)
+    weights = [(torch.randn(inter, k, generator=g) / k**0.5).to(DEVICE) for _ in range(2)]
+    batch = LoraBatch(16, s, torch.device(DEVICE))
+    group = ShrinkGroup(weights, s, r, batch, tall=True)
+    assert group.w_cat is not None and group.weight is not None
+    group.lora_a.copy_(torch.randn(s, 2 * r, k, generator=g))
+    group.lora_b.copy_(torch.randn(s, 2 * inter, r, generator=g))  # type: ignore[union-attr]
+    batch.scales.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    batch.set_rows(torch.tensor([-1, 0, 0, 1, 2, 2, -1, 1, 0], dtype=torch.int32, device=DEVICE))
+    batch.enabled = True
+    x = torch.randn(n, k, generator=g).to(DEVICE)
+    tall = group.linear(x, group.weight)
+    batch.tall_max_rows = 0  # the split path: base GEMM, shrink, expand
+    split = group.linear(x, group.weight)
+    torch.testing.assert_close(tall, split, rtol=1e-4, atol=1e-4)
+
+    def act(gu: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+
+    batch.tall_max_rows = 1 << 30
+    torch.testing.assert_close(group.gate_up_act(x, group.weight, act), act(split), rtol=1e-4, atol=1e-4)
