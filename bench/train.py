@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,6 +223,7 @@ def part_e(args, results: dict, out: Path) -> None:
         batch_size=64, max_steps=2000, warmup_steps=100, lr=3e-3, muon_lr=0.03, eval_every=50, eval_windows=512,
         log_every=50, checkpoint_every=10**6, compile=args.e_compile, kernels=args.e_kernels, use_gpu=True,
         num_workers=1, cpus_per_worker=1.0, target_val_loss=1.47, cuda_graphs=not args.e_no_graphs,
+        compile_ahead=args.compile_ahead,
     )  # fmt: skip
     cfg = dataclasses.replace(cfg, **SMOKE.get("train", {}))
     if SMOKE:
@@ -242,11 +244,60 @@ def part_e(args, results: dict, out: Path) -> None:
         "wall_s_total": wall,
         "ray_startup_data_and_export_s": wall - (records[-1]["elapsed_s"] if records else 0.0),
         "last": r["last"],
+        "warmup": _read_json(Path(cfg.out) / "warmup.json"),
         "clock": "from the worker's first training step (after model build): Ray start, Ray Data "
         "tokenization and the TorchTrainer start are in ray_startup_data_and_export_s",
     }  # fmt: skip
     log(f"(e) {results['e_ray_train']}")
     write(results, out)
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def local_char_corpus(cfg: PretrainConfig):
+    """The char corpus without Ray Data (part s): the same vocabulary (every character of the text) and split."""
+    from llmray.model.tokenizer import char_tokenizer
+
+    text = Path(cfg.data).read_text()
+    tok = char_tokenizer(text)
+    train, val = D.split_tokens(np.asarray(tok.encode(text), dtype=np.int32), cfg.val_fraction)
+    mc = ModelConfig.preset(cfg.preset).replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id,
+                                                bos_token_id=None)  # fmt: skip
+    return mc, train, val
+
+
+def part_s(args, results: dict, out: Path) -> None:
+    """Shakespeare-char in this process (``train_steps`` + ``LocalSession``, no Ray) for each of --s-kernels:
+    the Triton compiles and first steps apart from the rest (warmup.json); writes no target key."""
+    if args.ns_sym_min_size is not None:
+        import llmray.train.muon as muon
+
+        muon.NS_SYM_MIN_SIZE = args.ns_sym_min_size
+    for kernels in args.s_kernels.split(","):
+        cfg = PretrainConfig(
+            data=args.data, out=str(out / f"s_{kernels}"), preset="shakespeare-char", tokenizer="char",
+            seq_len=256, batch_size=64, max_steps=2000, warmup_steps=100, lr=3e-3, muon_lr=0.03, eval_every=50,
+            eval_windows=512, log_every=50, checkpoint_every=10**6, compile=args.e_compile, kernels=kernels,
+            target_val_loss=1.47, cuda_graphs=not args.e_no_graphs, compile_ahead=args.compile_ahead,
+        )  # fmt: skip
+        if SMOKE:
+            cfg = dataclasses.replace(cfg, preset="tiny", kernels="torch")  # see part_e
+        t = time.perf_counter()
+        mc, train, val = local_char_corpus(cfg)
+        prep = time.perf_counter() - t
+        run = train_run(cfg, mc, train, val)
+        hit = first_reaching(run["records"], 1.47)
+        results[f"s_inprocess_{kernels}"] = {
+            "kernels": cfg.kernels, "cuda_graphs": cfg.cuda_graphs, "corpus_prep_s": prep,
+            "train_s_to_1.47": hit["elapsed_s"] if hit else None, "step_at_1.47": hit["step"] if hit else None,
+            "evals": [(r["step"], round(r["elapsed_s"], 2), round(r["val_loss"], 4)) for r in run["records"]
+                      if "val_loss" in r],
+            "warmup": _read_json(Path(cfg.out) / "warmup.json"),
+        }  # fmt: skip
+        log(f"(s) {results[f's_inprocess_{kernels}']}")
+        write(results, out)
 
 
 def write(results: dict, out: Path) -> None:
@@ -292,6 +343,11 @@ def main() -> int:
         help="(c) kernels:mode pairs (mode: blocks = compile each block, graphs = CUDA graphs, none)",
     )
     p.add_argument("--e-kernels", default="triton", help="(e) kernels: auto | triton | torch")
+    p.add_argument("--s-kernels", default="torch,triton", help="(s) in-process runs, one per kernels value")
+    p.add_argument(
+        "--compile-ahead", action="store_true", help="(e, s) compile the first step's kernels in parallel"
+    )
+    p.add_argument("--ns-sym-min-size", type=int, default=None, help="(s) muon.NS_SYM_MIN_SIZE for this run")
     p.add_argument("--e-compile", action="store_true", help="(e) torch.compile (off: our kernels need none)")
     p.add_argument("--e-no-graphs", action="store_true", help="(e) eager steps instead of CUDA graphs")
     p.add_argument("--budget-s", type=float, default=280.0)
@@ -307,17 +363,18 @@ def main() -> int:
     elif not torch.cuda.is_available():
         print("bench/train.py needs a CUDA GPU (or --smoke)", file=sys.stderr)
         return 2
-    import ray
+    if set(args.parts) != {"s"}:  # part s alone runs without Ray
+        import ray
 
-    ray.init(num_cpus=max(8, os.cpu_count() or 8), include_dashboard=False, log_to_driver=False)
-    import ray.data
+        ray.init(num_cpus=max(8, os.cpu_count() or 8), include_dashboard=False, log_to_driver=False)
+        import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.data.DataContext.get_current().enable_progress_bars = False
     torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(sys.argv)}
-    parts = {"a": part_a_b, "d": part_d, "c": part_c, "e": part_e}
+    parts = {"a": part_a_b, "d": part_d, "c": part_c, "e": part_e, "s": part_s}
     order = [k for k in dict.fromkeys(args.parts.replace("b", "a")) if k in parts]  # in the order asked
     for key, fn in ((k, parts[k]) for k in order):
         if True:

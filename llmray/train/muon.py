@@ -41,6 +41,9 @@ from llmray.train.fsdp import is_dtensor, orthogonalize_rows
 from llmray.train.optim_kernels import adamw_, muon_apply_, muon_momentum_
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# the symmetric Triton products (``ns_sym``) for matrices whose smaller side is at least this: below it their
+# gain per step is microseconds and their compiles (five specialisations of a tl.dot kernel) cost seconds
+NS_SYM_MIN_SIZE = 512
 
 
 def zeropower_via_newtonschulz5(
@@ -231,7 +234,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         for shape, plist, stack, event in stacks:
             if event is not None:
                 torch.cuda.current_stream().wait_event(event)
-            sym = self.ns_sym and stack.is_cuda
+            sym = self.ns_sym and stack.is_cuda and min(shape) >= NS_SYM_MIN_SIZE
             ortho = zeropower_via_newtonschulz5(stack, steps=group["ns_steps"], sym=sym)  # (n, r, c) bf16
             step_lr = adjusted_lr(lr, shape, group["adjust_lr_fn"])
             if side is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import signal
@@ -44,6 +45,7 @@ from llmray.train.harness import PRECISIONS, evaluate, resolve_precision, train_
 from llmray.train.loop import build_optimizer, load_checkpoint, lr_multiplier, save_checkpoint, set_lr
 from llmray.train.metrics import MetricsLogger, mfu, plot_loss_curve, read_metrics
 from llmray.train.session import RaySession, Session, run_trainer
+from llmray.train.warmup import WarmupClock, precompile_training
 
 if TYPE_CHECKING:
     from llmray.model.qwen3 import Qwen3ForCausalLM
@@ -84,6 +86,7 @@ class PretrainConfig:
     seed: int = 0
     compile: bool = False
     cuda_graphs: bool = True  # forward + backward replayed from CUDA graphs (one GPU worker, no compile)
+    compile_ahead: bool = False  # Triton kernels: compile the first step's kernels in parallel (warmup.py)
     kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
     name: str = "pretrain"
@@ -228,44 +231,60 @@ def train_steps(
         Path(cfg.out) / "metrics.jsonl", cfg.max_steps, w.state["step"], rank == 0, cfg.print_every
     )
     tokens_per_step = cfg.batch_size * cfg.seq_len * world
+    clock = WarmupClock(device).start()  # Triton compiles and the first steps, until the first evaluation
     t_start = t_log = time.perf_counter()
     log_step, elapsed0 = w.state["step"], w.state.get("elapsed_s", 0.0)
     w.model.train()
     last: dict[str, Any] = {}
-    while w.state["step"] < cfg.max_steps:
-        out = run_step(w, cfg, batches, world)
-        step = w.state["step"]
-        is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
-        is_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
-        record: dict[str, Any] = {}
-        if step % cfg.log_every == 0 or is_eval or is_ckpt:
-            if world > 1:
-                torch.distributed.all_reduce(out["loss"], op=torch.distributed.ReduceOp.AVG)
-            now = time.perf_counter()
-            tok_s = tokens_per_step * (step - log_step) / max(now - t_log, 1e-9)
-            t_log, log_step = now, step
-            record = {
-                "step": step, "loss": out["loss"].item(), "lr": w.opt.param_groups[0]["lr"],
-                "grad_norm": parallelism.to_float(out["grad_norm"]), "tokens_per_s": tok_s,
-                "mfu": mfu(tok_s, model_config, cfg.seq_len) if device.type == "cuda" else 0.0,
-                "tokens": step * tokens_per_step, "elapsed_s": elapsed0 + now - t_start,
-            }  # fmt: skip
-            if w.graphs is not None:
-                record["cuda_graph_replays"] = w.graphs.replays
-        if is_eval:
-            lockstep = n_val if w.fsdp else None
-            record.update(evaluate(w.model, val, device, w.dtype, world, lockstep))
-            record["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
-        reached = cfg.target_val_loss is not None and record.get("val_loss", 1e9) <= cfg.target_val_loss
-        if record:
-            logger.log(record)
-            last = record
-        _maybe_fail(cfg, step, rank)  # after the step's record, before its checkpoint
-        if is_ckpt or reached:
-            w.state["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
-            _checkpoint(w, cfg, session, dict(last, step=step))
-        if reached:
-            break
+    if cfg.compile_ahead and device.type == "cuda" and w.model.ops.name == "triton":
+        first = _next_batch(batches, w.state["batches_consumed"])  # (B, T + 1), handed back below
+        batches = itertools.chain([first], batches)
+        ahead = precompile_training(w.model, first[:, :-1], first[:, 1:], device, w.dtype)
+        clock.marks["compile_ahead"] = dict(ahead, errors=ahead["errors"][:3], n_errors=len(ahead["errors"]))
+    try:
+        while w.state["step"] < cfg.max_steps:
+            out = run_step(w, cfg, batches, world)
+            clock.step_done()
+            step = w.state["step"]
+            is_eval = step % cfg.eval_every == 0 or step == cfg.max_steps
+            is_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+            record: dict[str, Any] = {}
+            if step % cfg.log_every == 0 or is_eval or is_ckpt:
+                if world > 1:
+                    torch.distributed.all_reduce(out["loss"], op=torch.distributed.ReduceOp.AVG)
+                now = time.perf_counter()
+                tok_s = tokens_per_step * (step - log_step) / max(now - t_log, 1e-9)
+                t_log, log_step = now, step
+                record = {
+                    "step": step, "loss": out["loss"].item(), "lr": w.opt.param_groups[0]["lr"],
+                    "grad_norm": parallelism.to_float(out["grad_norm"]), "tokens_per_s": tok_s,
+                    "mfu": mfu(tok_s, model_config, cfg.seq_len) if device.type == "cuda" else 0.0,
+                    "tokens": step * tokens_per_step, "elapsed_s": elapsed0 + now - t_start,
+                }  # fmt: skip
+                if w.graphs is not None:
+                    record["cuda_graph_replays"] = w.graphs.replays
+            if is_eval:
+                lockstep = n_val if w.fsdp else None
+                t_eval = time.perf_counter()
+                record.update(evaluate(w.model, val, device, w.dtype, world, lockstep))
+                record["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+                clock.first_eval_done(
+                    record, t_eval, t_start, Path(cfg.out) / "warmup.json" if rank == 0 else None
+                )
+            elif record and clock.active:
+                record.update(clock.record_fields())
+            reached = cfg.target_val_loss is not None and record.get("val_loss", 1e9) <= cfg.target_val_loss
+            if record:
+                logger.log(record)
+                last = record
+            _maybe_fail(cfg, step, rank)  # after the step's record, before its checkpoint
+            if is_ckpt or reached:
+                w.state["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
+                _checkpoint(w, cfg, session, dict(last, step=step))
+            if reached:
+                break
+    finally:
+        clock.stop()
     return last
 
 
