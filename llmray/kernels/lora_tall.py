@@ -25,8 +25,6 @@ def _tall_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     SEG1: tl.constexpr = 0, SEG2: tl.constexpr = 0, USE_GDC: tl.constexpr = False,
 ):  # fmt: skip
-    if USE_GDC:  # launched before the GEMM finished: wait for its writes
-        tl.extra.cuda.gdc_wait()
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     o0 = tl.program_id(1) * BLOCK_O
     o = o0 + tl.arange(0, BLOCK_O)
@@ -37,17 +35,27 @@ def _tall_expand_kernel(
     y_col = O + member * R  # + slot · G·R: this member's shrink output in the slot's block of columns
     live = m < N
     mask = live[:, None] & (o[None, :] < O)
-    base = tl.load(full_ptr + m[:, None] * stride_fn + o[None, :], mask=mask, other=0.0)
+    b_mask = (r[:, None] < R) & (o[None, :] < O)
+    # before the wait (the GEMM may still run): the slots and the tile's first slot's B and scale (written
+    # before the GEMM started); usually the tile's only slot
     slots = tl.load(slot_ptr + m, mask=live, other=-1)
-    delta = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
-    cur = _next_slot(slots, -1)
-    while cur < 1 << 30:  # usually once (rows sorted by slot); never for a tile of base-model rows
+    first = _next_slot(slots, -1)
+    s0 = tl.where(first < 1 << 30, first, 0)
+    b0 = tl.load(b_ptr + s0 * stride_bs + o[None, :] * stride_bo + r[:, None], mask=b_mask, other=0.0)
+    scale0 = tl.load(scale_ptr + s0)
+    if USE_GDC:  # launched before the GEMM finished: wait for its writes
+        tl.extra.cuda.gdc_wait()
+    base = tl.load(full_ptr + m[:, None] * stride_fn + o[None, :], mask=mask, other=0.0)
+    y_mask = (slots == first)[:, None] & (r[None, :] < R)  # (none: a tile of base-model rows)
+    y0 = tl.load(full_ptr + m[:, None] * stride_fn + y_col + s0 * GR + r[None, :], mask=y_mask, other=0.0)
+    delta = tl.dot((y0.to(tl.float32) * scale0), b0.to(tl.float32), input_precision=PRECISION)
+    cur = _next_slot(slots, first)
+    while cur < 1 << 30:  # the tile's other slots (where two adapters' rows meet)
         rows = slots == cur
         y_off = m[:, None] * stride_fn + y_col + cur * GR + r[None, :]
         yv = tl.load(full_ptr + y_off, mask=rows[:, None] & (r[None, :] < R), other=0.0).to(tl.float32)
         yv = yv * tl.load(scale_ptr + cur)
-        b_off = cur * stride_bs + o[None, :] * stride_bo + r[:, None]
-        bv = tl.load(b_ptr + b_off, mask=(r[:, None] < R) & (o[None, :] < O), other=0.0)  # (BLOCK_R, BLOCK_O)
+        bv = tl.load(b_ptr + cur * stride_bs + o[None, :] * stride_bo + r[:, None], mask=b_mask, other=0.0)
         delta = tl.dot(yv, bv.to(tl.float32), delta, input_precision=PRECISION)
         cur = _next_slot(slots, cur)
     out = (base.to(tl.float32) + delta).to(out_ptr.dtype.element_ty)
@@ -98,32 +106,39 @@ def _tall_expand_swiglu_kernel(
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     USE_GDC: tl.constexpr = False,
 ):  # fmt: skip
-    if USE_GDC:  # launched before the GEMM finished: wait for its writes
-        tl.extra.cuda.gdc_wait()
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)  # columns of the gate half (the up half: I + c)
     r = tl.arange(0, BLOCK_R)
     live = m < N
     mask = live[:, None] & (c[None, :] < I)
+    b_mask = (r[:, None] < R) & (c[None, :] < I)
+    # before the wait: the slots, the first slot's B (gate and up) and scale (see _tall_expand_kernel)
+    slots = tl.load(slot_ptr + m, mask=live, other=-1)
+    first = _next_slot(slots, -1)
+    s0 = tl.where(first < 1 << 30, first, 0)
+    b_off = s0 * stride_bs + c[None, :] * stride_bo + r[:, None]
+    bg = tl.load(b_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_O)
+    bu = tl.load(b_ptr + b_off + I * stride_bo, mask=b_mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + s0)
+    if USE_GDC:  # launched before the GEMM finished: wait for its writes
+        tl.extra.cuda.gdc_wait()
     row = full_ptr + m[:, None] * stride_fn
     gate = tl.load(row + c[None, :], mask=mask, other=0.0).to(tl.float32)
     up = tl.load(row + I + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    slots = tl.load(slot_ptr + m, mask=live, other=-1)
-    cur = _next_slot(slots, -1)
+    cur = first
     while cur < 1 << 30:  # usually once (rows sorted by slot); never for a tile of base-model rows
-        rows = slots == cur
-        y_mask = rows[:, None] & (r[None, :] < R)
-        scale = tl.load(scale_ptr + cur)
+        y_mask = (slots == cur)[:, None] & (r[None, :] < R)
         y_off = m[:, None] * stride_fn + 2 * I + cur * 2 * R + r[None, :]  # gate's y, then up's
         yg = tl.load(full_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32) * scale
         yu = tl.load(full_ptr + y_off + R, mask=y_mask, other=0.0).to(tl.float32) * scale
-        b_off = cur * stride_bs + c[None, :] * stride_bo + r[:, None]
-        b_mask = (r[:, None] < R) & (c[None, :] < I)
-        bg = tl.load(b_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_O)
-        bu = tl.load(b_ptr + b_off + I * stride_bo, mask=b_mask, other=0.0).to(tl.float32)
         gate = tl.dot(yg, bg, gate, input_precision=PRECISION)
         up = tl.dot(yu, bu, up, input_precision=PRECISION)
         cur = _next_slot(slots, cur)
+        if cur < 1 << 30:  # the next slot's B and scale (where two adapters' rows meet)
+            b_off = cur * stride_bs + c[None, :] * stride_bo + r[:, None]
+            bg = tl.load(b_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
+            bu = tl.load(b_ptr + b_off + I * stride_bo, mask=b_mask, other=0.0).to(tl.float32)
+            scale = tl.load(scale_ptr + cur)
     out = gate * tl.sigmoid(gate) * up
     tl.store(out_ptr + m[:, None] * stride_on + c[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
