@@ -239,7 +239,7 @@ def train_steps(
     if cfg.compile_ahead and device.type == "cuda" and w.model.ops.name == "triton":
         first = _next_batch(batches, w.state["batches_consumed"])  # (B, T + 1), handed back below
         batches = itertools.chain([first], batches)
-        ahead = precompile_training(w.model, first[:, :-1], first[:, 1:], device, w.dtype)
+        ahead = precompile_training(w.model, first[:, :-1], first[:, 1:], device, w.dtype, w.opt)
         clock.marks["compile_ahead"] = dict(ahead, errors=ahead["errors"][:3], n_errors=len(ahead["errors"]))
     try:
         while w.state["step"] < cfg.max_steps:

@@ -129,6 +129,19 @@ class WarmupClock:
         }
 
 
+def _cuda_triton() -> bool:
+    """Whether Triton compiles for a GPU here (not the CPU interpreter)."""
+    import os
+
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        import triton.runtime.jit  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def compile_ahead(threads: int = 16) -> Iterator[dict[str, Any]]:
     """Inside the block every Triton kernel launch becomes a compile on a thread pool (nothing runs on the
@@ -141,15 +154,12 @@ def compile_ahead(threads: int = 16) -> Iterator[dict[str, Any]]:
     raises there) and ``wall_s``. A no-op without a CUDA triton.
     """
     info: dict[str, Any] = {"errors": [], "submitted": 0}
-    try:
-        from triton.runtime.driver import driver
-        from triton.runtime.jit import JITFunction
-    except ImportError:
+    if not _cuda_triton():
         yield info
         return
-    if not torch.cuda.is_available():
-        yield info
-        return
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
     t0 = time.perf_counter()
     driver.active.get_current_device()  # the driver's one-time set-up on this thread, before any pool thread
     device = torch.cuda.current_device()
@@ -162,9 +172,9 @@ def compile_ahead(threads: int = 16) -> Iterator[dict[str, Any]]:
         torch.cuda.set_device(device)
         with locks[id(fn)]:
             kernel = orig(fn, *args, warmup=True, **kwargs)
-        init = getattr(kernel, "_init_handles", None)  # load the binary and build its launcher here too
-        if callable(init):
-            init()
+            init = getattr(kernel, "_init_handles", None)  # load the binary and build its launcher here too
+            if callable(init):
+                init()
 
     def run(fn: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
         if warmup:
@@ -194,17 +204,32 @@ def precompile_training(
     targets: torch.Tensor,  # (B, T)
     device: torch.device,
     dtype: torch.dtype,
+    optimizer: torch.optim.Optimizer | None = None,
     threads: int = 16,
 ) -> dict[str, Any]:
-    """Compile ahead (``compile_ahead``) the Triton kernels of one training forward + backward and of one
-    evaluation forward on this batch's shape; every gradient is None afterwards, the weights unchanged."""
-    from llmray.train.harness import autocast
+    """Compile ahead (``compile_ahead``) the Triton kernels of one training forward + backward, of Muon's
+    step (its Muon groups: their Triton passes launch nothing in the block; AdamW's torch pass would change
+    weights, so it is left out) and of one evaluation forward on this batch's shape; every gradient is None
+    afterwards, the weights unchanged (Muon's momentum buffers exist, zero, as before a first step)."""
+    from llmray.train.harness import FOLD_CLIP, autocast
 
+    if torch.device(device).type != "cuda" or not _cuda_triton():  # nothing to compile (the block would run)
+        return {"errors": [], "submitted": 0, "wall_s": 0.0}
     was_training = model.training
     with compile_ahead(threads) as info:
-        with autocast(device, dtype):
-            loss = model(ids, targets=targets)
-        loss.backward()
+        # the eager steps read views of the batch; a CUDA graph's capture reads contiguous copies of them
+        for x, y in ((ids, targets), (ids.contiguous(), targets.contiguous())):
+            with autocast(device, dtype):
+                loss = model(x, targets=y)
+            loss.backward()
+        if optimizer is not None and getattr(optimizer, "accepts_grad_scale", False):
+            groups = optimizer.param_groups
+            optimizer.param_groups = [g for g in groups if g.get("use_muon")]
+            try:  # with a clipping scale, as train_step calls it (FOLD_CLIP): the same specialisations
+                scale = torch.ones((), device=device) if FOLD_CLIP else None
+                optimizer.step(grad_scale=scale)  # type: ignore[call-overload]
+            finally:
+                optimizer.param_groups = groups
         model.eval()
         with torch.no_grad(), autocast(device, dtype):
             model(ids)

@@ -21,3 +21,31 @@ def test_console_lines_every_n_steps_file_every_step(tmp_path, capsys):
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 60
     MetricsLogger(tmp_path / "n.jsonl", max_steps=10, print_every=3).log({"step": 2, "loss": 1.0})
     assert capsys.readouterr().out == ""
+
+
+def test_warmup_clock_times_first_steps_and_writes_its_summary_once(tmp_path):
+    import json
+
+    import torch
+
+    from llmray.train.warmup import WarmupClock, precompile_training
+
+    clock = WarmupClock(
+        torch.device("cpu"), first_steps=2
+    ).start()  # CPU: nothing to patch, steps still timed
+    assert not clock.active
+    for _ in range(3):
+        clock.step_done()
+    assert len(clock.step_s) == 2
+    clock._restore = (object, None)  # as if started on a GPU: the first evaluation ends the clock
+    clock.stop = lambda: setattr(clock, "_restore", None)  # type: ignore[method-assign]
+    record: dict = {}
+    clock.first_eval_done(record, 0.0, 0.0, tmp_path / "warmup.json")
+    clock.first_eval_done(record, 0.0, 0.0, tmp_path / "again.json")
+    summary = json.loads((tmp_path / "warmup.json").read_text())
+    assert summary["first_steps_s"] == clock.step_s and "first_eval_s" in summary
+    assert record["triton_compiles"] == 0 and not (tmp_path / "again.json").exists()
+    w = torch.nn.Linear(2, 2)
+    before = w.weight.detach().clone()
+    out = precompile_training(w, torch.zeros(1, 2), torch.zeros(1, 2), torch.device("cpu"), torch.float32)
+    assert out["submitted"] == 0 and torch.equal(w.weight, before)  # on CPU nothing runs
