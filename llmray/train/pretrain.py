@@ -236,7 +236,7 @@ def train_steps(
     log_step, elapsed0 = w.state["step"], w.state.get("elapsed_s", 0.0)
     w.model.train()
     last: dict[str, Any] = {}
-    if cfg.compile_ahead and device.type == "cuda" and w.model.ops.name == "triton":
+    if cfg.compile_ahead and device.type == "cuda" and w.model.ops.name == "triton" and world == 1:
         first = _next_batch(batches, w.state["batches_consumed"])  # (B, T + 1), handed back below
         batches = itertools.chain([first], batches)
         ahead = precompile_training(w.model, first[:, :-1], first[:, 1:], device, w.dtype, w.opt)

@@ -210,7 +210,8 @@ def precompile_training(
     """Compile ahead (``compile_ahead``) the Triton kernels of one training forward + backward, of Muon's
     step (its Muon groups: their Triton passes launch nothing in the block; AdamW's torch pass would change
     weights, so it is left out) and of one evaluation forward on this batch's shape; every gradient is None
-    afterwards, the weights unchanged (Muon's momentum buffers exist, zero, as before a first step)."""
+    afterwards, the weights unchanged (Muon's momentum buffers exist, zero, as before a first step).
+    One process only: under DDP/FSDP the block would all-reduce and Muon's sharded path update in torch ops."""
     from llmray.train.harness import FOLD_CLIP, autocast
 
     if torch.device(device).type != "cuda" or not _cuda_triton():  # nothing to compile (the block would run)
