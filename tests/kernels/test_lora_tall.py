@@ -29,7 +29,7 @@ def _tall_case(n, k, seg, o, r, s, dtype, seed=0):
     return x, torch.cat([w, a.reshape(-1, k)]), a, b, slots, scales
 
 
-@pytest.mark.parametrize("n,seg,block_o", [(5, (), 16), (37, (32, 48), 16), (20, (64,), 32)])
+@pytest.mark.parametrize("n,seg,block_o", [(5, (), 16), (37, (32, 48), 16)])
 def test_tall_expand_matches_reference_fp32(n, seg, block_o):
     k, r, s = 24, 4, 3
     o = (seg[-1] if seg else 0) + 2 * block_o
@@ -67,8 +67,7 @@ def test_tall_expand_bf16_gpu(n):
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("n", [5, 37])
-def test_tall_expand_swiglu_matches_reference_fp32(n):
+def test_tall_expand_swiglu_matches_reference_fp32(n=37):
     # a fused gate|up projection: members gate [0, I) and up [I, 2I), then silu(gate) * up in the same launch
     k, r, s, inter = 24, 4, 3, 40
     x, w_cat, a, b, slots, scales = _tall_case(n, k, (inter,), 2 * inter, r, s, torch.float32)
