@@ -194,6 +194,12 @@ def main() -> None:
         "--trace", action="store_true", help="per timed run: phases, Triton compiles, GC (each row)"
     )
     ap.add_argument(
+        "--profile-decode",
+        action="store_true",
+        help="last: torch.profiler over 20 decode steps of the LoRA engine with 16 adapters and with none "
+        "(device ms per kernel class vs wall ms per step; bench/lora_profile.py)",
+    )
+    ap.add_argument(
         "--wait-for",
         default=None,
         help="prepare (models, adapters), then wait for this file before any engine",
@@ -295,6 +301,15 @@ def main() -> None:
             )
             print("16_adapters_split_kernels", results["rows"]["16_adapters_split_kernels"], flush=True)
             save()
+        if args.profile_decode:  # host vs device per decode step, with the settings of the last row
+            from lora_profile import _profile_steps
+
+            prof = results["decode_profile"] = {}
+            for key, loras in (("16_adapters", [names[i % 16] for i in range(len(prompts))]), ("base", None)):
+                rows = loras or [None] * len(prompts)
+                prof[key] = _profile_steps(llm, prompts, rows, 64, "decode")
+                print("decode profile", key, {k: v for k, v in prof[key].items() if k != "top_kernels"})
+                save()
     if not args.skip_kernels:
         results["kernels"] = kernel_times(args.rank)
     save()

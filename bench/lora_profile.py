@@ -190,7 +190,8 @@ def _kernel_table(prof, wall_s: float, steps: int) -> dict:
     for key, ms, _ in kernels:
         low = key.lower()
         cls = (
-            "lora_fused" if "_lora_delta_kernel" in key
+            "lora_tall_expand" if "_tall_expand" in key
+            else "lora_fused" if "_lora_delta_kernel" in key
             else "lora_wide_shrink" if "_wide_shrink_kernel" in key
             else "lora_shrink" if "_shrink_kernel" in key
             else "lora_expand" if "_expand_kernel" in key
