@@ -20,15 +20,17 @@ import os
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 from llmray.kernels._paged_attention_kernels import (
+    LOG2E,
+    _compute_dtype,
     _decode_kernel,
     _merge_kernel,
-    _prefill_kernel,
-    _prefill_merge_kernel,
+    _precision,
 )
+from llmray.kernels._paged_prefill_kernels import _prefill_gqa_kernel, _prefill_kernel, _prefill_merge_kernel
 from llmray.kernels.kv_store import from_cache, is_fp8
+from llmray.kernels.paged_prefill import paged_prefill, prefill_block_m
 
 __all__ = [
     "decode_config",
@@ -38,23 +40,13 @@ __all__ = [
     "paged_prefill",
     "prefill_block_m",
 ]
-__all__ += ["_decode_kernel", "_merge_kernel", "_prefill_kernel", "_prefill_merge_kernel"]
-
-LOG2E = 1.4426950408889634
-
-
-def _precision(dtype: torch.dtype, precision: str | None) -> str:
-    if precision is not None:
-        return precision
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _compute_dtype(dtype: torch.dtype, fp8: bool):
-    """Dot inputs: the query's dtype, but fp16 for an fp8 cache under bf16 (a native e4m3 conversion)."""
-    if fp8 and dtype == torch.bfloat16:
-        return tl.float16
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
+__all__ += [
+    "_decode_kernel",
+    "_merge_kernel",
+    "_prefill_gqa_kernel",
+    "_prefill_kernel",
+    "_prefill_merge_kernel",
+]
 
 # decode kernel launch configuration by query dtype:
 # (BLOCK_N, num_warps, num_stages[, prefetch[, heads_fast[, v_scale_first[, kv_heads[, trans_g[, v_asm[,
@@ -221,121 +213,6 @@ def paged_decode(
             INDIRECT=indirect,
         )
     return out
-
-
-def paged_prefill(
-    q: torch.Tensor,  # (N, H, D): the query tokens of all prefill sequences, packed
-    k_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D); already holds these tokens' K/V
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # (B, max_blocks) int32
-    query_start: torch.Tensor,  # (B + 1,) int32: sequence i's queries are q[query_start[i]:query_start[i+1]]
-    context_lens: torch.Tensor,  # (B,) int32: cached prefix + this chunk
-    max_query_len: int,
-    scale: float,
-    out: torch.Tensor | None = None,  # (N, H, D)
-    precision: str | None = None,
-    tiles: tuple[torch.Tensor, torch.Tensor] | None = None,  # (tile_seq, tile_m) int32 (T,), see below
-    k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
-    v_scale: torch.Tensor | None = None,
-    num_splits: int = 1,  # split-K over each tile's keys (with ``tiles``): short chunks after long prefixes
-) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its cached prefix plus themselves (Triton).
-
-    ``tiles``: the work list (one program per tile and head): tile i covers queries [tile_m[i] * BLOCK_M,
-    +BLOCK_M) of sequence tile_seq[i] (-1: nothing), with BLOCK_M = ``prefill_block_m(q.dtype)``. The grid
-    then does not depend on the batch (CUDA graphs) and has no idle (sequence, block) programs.
-    ``num_splits`` > 1 (tiled only): each tile's keys are split over that many programs whose partial
-    outputs a second kernel merges (a 48-token chunk after a 2,000-token prefix is one tile per head)."""
-    _, h, d = q.shape
-    _, page, hkv, _ = k_cache.shape
-    out = torch.empty_like(q) if out is None else out
-    nseq = block_tables.shape[0]
-    if nseq == 0 or (max_query_len == 0 and tiles is None):
-        return out
-    fp8 = is_fp8(k_cache)
-    if fp8 and (k_scale is None or v_scale is None):
-        raise ValueError("an fp8 KV cache needs k_scale and v_scale")
-    block_m = prefill_block_m(q.dtype)
-    block_n = block_m
-    grid: tuple[int, ...]
-    splits = num_splits if tiles is not None else 1
-    if tiles is not None:
-        grid = (tiles[0].shape[0], h, splits)
-        tile_seq, tile_m = tiles
-    else:
-        grid = (nseq, triton.cdiv(max_query_len, block_m), h)
-        tile_seq = tile_m = query_start
-    part_out = part_lse = out  # (unused without splits)
-    if splits > 1:
-        part_out = torch.empty(q.shape[0], h, splits, d, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(q.shape[0], h, splits, dtype=torch.float32, device=q.device)
-    _prefill_kernel[grid](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        query_start,
-        context_lens,
-        tile_seq,
-        tile_m,
-        k_scale if fp8 else query_start,
-        v_scale if fp8 else query_start,
-        out,
-        part_out,
-        part_lse,
-        scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        block_tables.stride(0),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        H=h,
-        NUM_SPLITS=splits,
-        GROUP=h // hkv,
-        D=d,
-        BLOCK_D=triton.next_power_of_2(d),
-        PAGE=page,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        PRECISION=_precision(q.dtype, precision),
-        TILED=tiles is not None,
-        FP8=fp8,
-        CDT=_compute_dtype(q.dtype, fp8),
-        num_warps=4,
-        num_stages=2,
-    )
-    if splits > 1:
-        block_s = triton.next_power_of_2(splits)
-        rows = max(1, min(block_m, 64 // block_s))  # S x R x D fp32 partials per program: 64 rows' worth
-        _prefill_merge_kernel[(tile_seq.shape[0], h, block_m // rows)](
-            part_out,
-            part_lse,
-            query_start,
-            context_lens,
-            tile_seq,
-            tile_m,
-            out,
-            out.stride(0),
-            out.stride(1),
-            H=h,
-            D=d,
-            BLOCK_D=triton.next_power_of_2(d),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            NUM_SPLITS=splits,
-            BLOCK_S=block_s,
-            R=rows,
-            num_warps=4,
-        )
-    return out
-
-
-def prefill_block_m(dtype: torch.dtype) -> int:
-    """Query rows per prefill program (the unit of ``tiles``)."""
-    return 32 if dtype == torch.float32 else 64
 
 
 def paged_attention_ref(

@@ -128,17 +128,34 @@ def test_decode_fast_addr_real_shapes_gpu(splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("splits", [8, 32])
-def test_split_prefill_after_long_prefix_real_shapes_gpu(splits):
-    """The prefix-hit step: 48 new tokens after 2,000 cached and 100 after 30 (split-K over each tile's keys,
-    the merge over all splits in one load wave), bf16."""
+@pytest.mark.parametrize(
+    "splits,config",
+    [(8, (0,)), (32, (0,)), (8, None), (16, None), (16, (16, 64, 4, 3, True)), (32, (32, 32, 2, 3, False))],
+)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_split_prefill_after_long_prefix_real_shapes_gpu(splits, config, fp8):
+    """The prefix-hit step: 48 new tokens after 2,000 cached and 100 after 30 (split-K over each tile's keys):
+    per-head programs + a merge kernel (config (0,)) and the one-launch GQA kernel whose last split merges
+    (run twice: its tickets are back at 0 after a launch), bf16 queries over a bf16 or an e4m3 cache."""
     ctx, qlen = [2048, 130], [48, 100]
-    q, kc, vc, bt, qs, cl = make_case(ctx, qlen, 16, 8, 128, 16, torch.bfloat16, seed=5)
-    ref = paged_attention_ref(q.float(), kc.float(), vc.float(), bt, qs, cl, 128**-0.5)
+    q, kc, vc, bt, qs, cl = make_case(ctx, qlen, 16, 8, 128, 16, torch.float32, seed=5)
+    ks = vs = None
+    if fp8:
+        ks, vs = torch.tensor([0.02], device=DEVICE), torch.tensor([0.03], device=DEVICE)
+        kc, vc = (kc / ks).to(torch.float8_e4m3fn), (vc / vs).to(torch.float8_e4m3fn)
+        ref = paged_attention_ref(q, kc.float() * ks, vc.float() * vs, bt, qs, cl, 128**-0.5)
+    else:
+        kc, vc = kc.bfloat16(), vc.bfloat16()
+        ref = paged_attention_ref(q.bfloat16().float(), kc.float(), vc.float(), bt, qs, cl, 128**-0.5)
     tile_seq = torch.tensor([0, 1, 1, -1], dtype=torch.int32, device=DEVICE)  # 64-row tiles
     tile_m = torch.tensor([0, 0, 1, 0], dtype=torch.int32, device=DEVICE)
-    out = paged_prefill(q, kc, vc, bt, qs, cl, 0, 128**-0.5, tiles=(tile_seq, tile_m), num_splits=splits)
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"), dtype=torch.bfloat16)
+        paged_prefill(
+            q.bfloat16(), kc, vc, bt, qs, cl, 0, 128**-0.5, out=out, tiles=(tile_seq, tile_m), k_scale=ks,
+            v_scale=vs, num_splits=splits, config=config,
+        )  # fmt: skip
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
 
 
 @pytest.mark.gpu
@@ -171,6 +188,12 @@ def test_fp8_cache_decode_and_prefill_match_the_reference():
     ref = paged_attention_ref(q, kc8.float() * ks, vc8.float() * vs, bt, qs, cl, 0.25)
     out = paged_prefill(q, kc8, vc8, bt, qs, cl, 13, 0.25, k_scale=ks, v_scale=vs)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    tiles = (
+        torch.tensor([0, 1], dtype=torch.int32, device=DEVICE),
+        torch.zeros(2, dtype=torch.int32, device=DEVICE),
+    )
+    out = paged_prefill(q, kc8, vc8, bt, qs, cl, 0, 0.25, tiles=tiles, k_scale=ks, v_scale=vs, num_splits=3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # (split-K, the one-launch GQA kernel)
 
 
 @pytest.mark.gpu
@@ -197,11 +220,15 @@ def test_decode_fp8_real_shapes_gpu(config, splits):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
 
 
-@pytest.mark.parametrize("prefill_splits", [1, 3])
-def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch(prefill_splits):
+@pytest.mark.parametrize(
+    "prefill_splits,config",
+    [(1, None), (3, None), (3, (0,)), (3, (16, 8, 4, 2, True)), (5, (32, 8, 4, 2, False))],
+)
+def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch(prefill_splits, config):
     """The CUDA-graph form: decode over every sequence slot (only 1-token chunks run, at their packed
     token), prefill over a padded work list of (sequence, query block) tiles (split-K over each tile's keys:
-    seq 3's 13 queries after a 20-token prefix; seq 1's second tile has keys for one split only)."""
+    seq 3's 13 queries after a 20-token prefix; seq 1's second tile has keys for one split only). Split-K
+    launches: the one-launch GQA kernel (default; 16 and 32 rows per program) and per-head programs + merge."""
     ctx, qlen = [5, 40, 1, 33, 1], [1, 36, 1, 13, 0]  # the last sequence is padding (no tokens)
     q, kc, vc, bt, qs, cl = make_case(ctx, [max(n, 0) for n in qlen], 4, 2, 16, 4, torch.float32, seed=4)
     ref = paged_attention_ref(q, kc, vc, bt[:4], qs[:5], cl[:4], 0.25)
@@ -211,6 +238,17 @@ def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch(prefill_splits):
     tile_seq = torch.tensor([1, 1, 3, -1, -1], dtype=torch.int32, device=DEVICE)
     tile_m = torch.tensor([0, 1, 0, 0, 0], dtype=torch.int32, device=DEVICE)
     paged_prefill(
-        q, kc, vc, bt, qs, cl, 0, 0.25, out=out, tiles=(tile_seq, tile_m), num_splits=prefill_splits
+        q,
+        kc,
+        vc,
+        bt,
+        qs,
+        cl,
+        0,
+        0.25,
+        out=out,
+        tiles=(tile_seq, tile_m),
+        num_splits=prefill_splits,
+        config=config,
     )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

@@ -1,0 +1,248 @@
+"""Paged prefill attention launchers (the kernels: ``_paged_prefill_kernels.py``; the module docs and the torch
+reference: ``paged_attention.py``, which re-exports ``paged_prefill`` and ``prefill_block_m``)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from llmray.kernels._paged_attention_kernels import LOG2E, _compute_dtype, _precision
+from llmray.kernels._paged_prefill_kernels import (
+    _prefill_gqa_kernel,
+    _prefill_kernel,
+    _prefill_merge_kernel,
+    tickets,
+)
+from llmray.kernels.kv_store import is_fp8
+
+# split-K prefill with ``tiles`` (a short chunk after a long cached prefix): (BLOCK_R query rows = (token, GQA
+# head) pairs per program, BLOCK_N keys per step, num_warps, num_stages, fast_addr), one launch with the merge
+# folded in (the last split of each group merges); BLOCK_R 0: per-head programs + a merge kernel.
+PREFILL_SPLIT_CONFIG: tuple = (0,)  # (until the H200 A/B of bench/attn_prefix.py picks the one-launch config)
+
+
+def paged_prefill(
+    q: torch.Tensor,  # (N, H, D): the query tokens of all prefill sequences, packed
+    k_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D); already holds these tokens' K/V
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # (B, max_blocks) int32
+    query_start: torch.Tensor,  # (B + 1,) int32: sequence i's queries are q[query_start[i]:query_start[i+1]]
+    context_lens: torch.Tensor,  # (B,) int32: cached prefix + this chunk
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,  # (N, H, D)
+    precision: str | None = None,
+    tiles: tuple[torch.Tensor, torch.Tensor] | None = None,  # (tile_seq, tile_m) int32 (T,), see below
+    k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
+    v_scale: torch.Tensor | None = None,
+    num_splits: int = 1,  # split-K over each tile's keys (with ``tiles``): short chunks after long prefixes
+    config: tuple | None = None,  # split-K launch (see PREFILL_SPLIT_CONFIG)
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached prefix plus themselves (Triton).
+
+    ``tiles``: the work list (one program per tile and head): tile i covers queries [tile_m[i] * BLOCK_M,
+    +BLOCK_M) of sequence tile_seq[i] (-1: nothing), with BLOCK_M = ``prefill_block_m(q.dtype)``. The grid
+    then does not depend on the batch (CUDA graphs) and has no idle (sequence, block) programs.
+    ``num_splits`` > 1 (tiled only): each tile's keys are split over that many programs whose partial
+    outputs are merged (a 48-token chunk after a 2,000-token prefix is one tile per head): by default in the
+    same launch (``PREFILL_SPLIT_CONFIG``, ``_paged_prefill_kernels.py``)."""
+    _, h, d = q.shape
+    _, page, hkv, _ = k_cache.shape
+    out = torch.empty_like(q) if out is None else out
+    nseq = block_tables.shape[0]
+    if nseq == 0 or (max_query_len == 0 and tiles is None):
+        return out
+    fp8 = is_fp8(k_cache)
+    if fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("an fp8 KV cache needs k_scale and v_scale")
+    block_m = prefill_block_m(q.dtype)
+    block_n = block_m
+    grid: tuple[int, ...]
+    splits = num_splits if tiles is not None else 1
+    if tiles is not None:
+        grid = (tiles[0].shape[0], h, splits)
+        tile_seq, tile_m = tiles
+    else:
+        grid = (nseq, triton.cdiv(max_query_len, block_m), h)
+        tile_seq = tile_m = query_start
+    cfg = PREFILL_SPLIT_CONFIG if config is None else config
+    if splits > 1 and cfg[0] > 0:
+        return _prefill_split_fused(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            query_start,
+            context_lens,
+            scale,
+            out,
+            precision,
+            tiles,
+            k_scale,
+            v_scale,
+            splits,
+            cfg,
+        )
+    part_out = part_lse = out  # (unused without splits)
+    if splits > 1:
+        part_out = torch.empty(q.shape[0], h, splits, d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(q.shape[0], h, splits, dtype=torch.float32, device=q.device)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start,
+        context_lens,
+        tile_seq,
+        tile_m,
+        k_scale if fp8 else query_start,
+        v_scale if fp8 else query_start,
+        out,
+        part_out,
+        part_lse,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        H=h,
+        NUM_SPLITS=splits,
+        GROUP=h // hkv,
+        D=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        PAGE=page,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PRECISION=_precision(q.dtype, precision),
+        TILED=tiles is not None,
+        FP8=fp8,
+        CDT=_compute_dtype(q.dtype, fp8),
+        num_warps=4,
+        num_stages=2,
+    )
+    if splits > 1:
+        block_s = triton.next_power_of_2(splits)
+        rows = max(1, min(block_m, 64 // block_s))  # S x R x D fp32 partials per program: 64 rows' worth
+        _prefill_merge_kernel[(tile_seq.shape[0], h, block_m // rows)](
+            part_out,
+            part_lse,
+            query_start,
+            context_lens,
+            tile_seq,
+            tile_m,
+            out,
+            out.stride(0),
+            out.stride(1),
+            H=h,
+            D=d,
+            BLOCK_D=triton.next_power_of_2(d),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            NUM_SPLITS=splits,
+            BLOCK_S=block_s,
+            R=rows,
+            num_warps=4,
+        )
+    return out
+
+
+def _prefill_split_fused(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    query_start,
+    context_lens,
+    scale,
+    out,
+    precision,
+    tiles,
+    k_scale,
+    v_scale,
+    splits,
+    cfg,
+) -> torch.Tensor:
+    """``paged_prefill`` with split-K: one program per (tile, KV head, row block, split), GQA rows packed,
+    the last split of each group merging them (``_prefill_gqa_kernel``)."""
+    _, h, d = q.shape
+    _, page, hkv, _ = k_cache.shape
+    group = h // hkv
+    block_m = prefill_block_m(q.dtype)
+    block_r, block_n, warps, stages, fast_addr = cfg
+    rb = triton.cdiv(block_m * group, block_r)
+    grid = (tiles[0].shape[0], hkv * rb, splits)
+    ticket = tickets(q.device, grid[0] * grid[1])
+    if ticket is None:  # (more groups than counters: the two-kernel path)
+        return paged_prefill(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            query_start,
+            context_lens,
+            0,
+            scale,
+            out=out,
+            precision=precision,
+            tiles=tiles,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            num_splits=splits,
+            config=(0,),
+        )
+    fp8 = is_fp8(k_cache)
+    i64 = not fast_addr or max(c.shape[0] * c.stride(0) for c in (k_cache, v_cache)) >= 2**31
+    part_out = torch.empty(q.shape[0], h, splits, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(q.shape[0], h, splits, dtype=torch.float32, device=q.device)
+    _prefill_gqa_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        query_start,
+        context_lens,
+        tiles[0],
+        tiles[1],
+        k_scale if fp8 else query_start,
+        v_scale if fp8 else query_start,
+        out,
+        part_out,
+        part_lse,
+        ticket,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        H=h,
+        NUM_SPLITS=splits,
+        GROUP=group,
+        D=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        PAGE=page,
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        PRECISION=_precision(q.dtype, precision),
+        FP8=fp8,
+        CDT=_compute_dtype(q.dtype, fp8),
+        FAST_ADDR=fast_addr,
+        I64=i64,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
+def prefill_block_m(dtype: torch.dtype) -> int:
+    """Query rows per prefill program (the unit of ``tiles``)."""
+    return 32 if dtype == torch.float32 else 64
