@@ -386,6 +386,23 @@ def run1(llm, prompts, outs) -> dict:
     }
 
 
+def skinny_configs(path: str | None) -> dict:
+    """(N, K) -> the fastest kernel config at 64 rows in bench/gemm_skinny.py's json, None where cuBLAS won."""
+    import ast
+
+    if path is None:
+        return {}
+    from gemm_skinny import SHAPES
+
+    rows = json.loads(Path(path).read_text())["us_per_call"]
+    out: dict = {}
+    for name, shape in SHAPES.items():
+        row = rows.get(f"{name} m64")
+        if row is not None:
+            out[shape] = ast.literal_eval(row["best"]) if row["speedup"] > 1.0 else None
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -393,6 +410,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sections", default="ttft,kernels,run1,profile")
     ap.add_argument("--traces", action="store_true", help="chrome traces of the hit and a decode-256 step")
+    ap.add_argument(
+        "--skinny-configs", default=None, help="ab_skinny: bench/gemm_skinny.py's json (best per shape)"
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -400,6 +420,7 @@ def main() -> None:
     llm, startup = make_llm(model)
     res: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "startup_s": startup}
     res["fuse_kv_store"] = llm.engine.runner.fuse_kv_store
+    res["llmray"] = str(Path(sys.modules["llmray"].__file__).parent)  # (a baseline run: its checkout)
     res["command"] = "python " + " ".join(sys.argv)
 
     def save():
@@ -427,6 +448,28 @@ def main() -> None:
             res["run1"] = run1(llm, prompts, outs)
         elif section == "profile":
             res["profile"] = profile(llm, prompts, [min(o, 64) for o in outs])
+        elif (
+            section == "ab_skinny"
+        ):  # prefill graphs <= 64 tokens on the weight-streaming GEMM (a fresh engine)
+            import gc
+
+            from llmray.engine import runner as runner_mod
+
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache() if CUDA else None
+            runner_mod.SKINNY_PREFILL = True
+            runner_mod.SKINNY_CONFIGS.update(skinny_configs(args.skinny_configs))
+            llm, startup = make_llm(model)
+            llm.generate(
+                workload(4, 16, 64, cfg.vocab_size, seed=1)[0], SamplingParams(max_tokens=8, ignore_eos=True)
+            )
+            res["ab_skinny"] = {
+                "configs": {str(k): v for k, v in runner_mod.SKINNY_CONFIGS.items()},
+                "startup_s": startup,
+                "latency": latency(llm, cfg.vocab_size, args.quick),
+                "ttft": ttft_breakdown(llm, cfg.vocab_size, args.quick, args.repeats),
+            }
         elif section == "ab_fuse":  # the same figures with the k/v store as its own launch (a fresh engine)
             import gc
 

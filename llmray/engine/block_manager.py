@@ -122,7 +122,7 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int]) -> bool:
         """Can a waiting ``seq`` start with ``cached`` blocks plus room for ``num_new_tokens`` more tokens?"""
         total = cdiv(len(cached) * self.block_size + num_new_tokens, self.block_size)
-        revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)  # taken from the free lists
+        revived = sum(map(self.free_cached.__contains__, cached))  # (ref count 0) taken from the free list
         return total - len(cached) <= self.num_free_blocks - revived
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int]) -> None:

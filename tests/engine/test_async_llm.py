@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -58,14 +59,27 @@ def test_consumer_that_stops_aborts_and_frees_blocks(engine):
     assert s["num_free_blocks"] == s["num_total_blocks"]
 
 
-def test_abort_by_id_ends_the_stream(engine):
+def test_abort_by_id_ends_the_stream(engine, monkeypatch):
+    # the core holds its next step once 3 tokens are out until the abort is sent: the request cannot run to
+    # its 120 tokens first however the threads are scheduled (and a wake-up may carry several tokens)
+    sent = threading.Event()
+    step = engine.engine.step
+
+    def held_step():
+        if engine.engine.generation_tokens_total >= 3:
+            sent.wait(10)
+        return step()
+
+    monkeypatch.setattr(engine.engine, "step", held_step)
+
     async def main():
         params = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
         last = None
         async for out in engine.generate_stream([5, 6, 7], params, request_id="a"):
             last = out
-            if len(out.token_ids) == 3:
+            if len(out.token_ids) >= 3 and not sent.is_set():
                 await engine.abort("a")
+                sent.set()
         return last
 
     last = asyncio.run(main())

@@ -55,6 +55,9 @@ def test_hash_collision_is_caught_by_the_exact_check():
     victim = bm.blocks[a.block_table[0]]
     victim.token_ids = (9, 9, 9, 9)  # pretend another prompt collided on this hash
     assert bm.find_cached_prefix(seq(range(9))) == []
+    victim.token_ids = (0, 1, 2, 3)
+    bm.blocks[a.block_table[1]].parent_block_id = 99  # a collision on the second block: the first still hits
+    assert bm.find_cached_prefix(seq(range(9))) == a.block_table[:1]
 
 
 def test_freed_cached_blocks_are_reused_lru_and_evicted_last():
