@@ -11,9 +11,14 @@ No torch here: the scheduler and these invariants are tested on CPU (cf. nano-vl
 
 from __future__ import annotations
 
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
+from operator import attrgetter
 
+import numpy as np
+
+from llmray.engine.block_hash import BlockHasher
 from llmray.engine.sequence import PLACEHOLDER, Sequence
 
 _ROOT_HASH = -1  # parent hash of a sequence's first block
@@ -24,13 +29,20 @@ class Block:
     block_id: int
     ref_count: int = 0
     hash: int | None = None  # set while the block is registered in the prefix cache
-    token_ids: tuple[int, ...] | None = None  # its tokens, for the exact check on a hit
+    token_ids: bytes | None = None  # its token ids (int64 bytes), for the exact check on a hit
     adapter_id: int = 0
     parent_block_id: int = -1  # physical id of the block before it in the sequence that registered it
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _bytes(tokens: list[int] | np.ndarray) -> bytes:
+    return tokens.tobytes() if isinstance(tokens, np.ndarray) else array("q", tokens).tobytes()
+
+
+_TOKENS, _PARENT, _ADAPTER = attrgetter("token_ids"), attrgetter("parent_block_id"), attrgetter("adapter_id")
 
 
 class BlockManager:
@@ -46,6 +58,7 @@ class BlockManager:
         self.free_empty: list[int] = list(range(num_blocks - 1, -1, -1))  # stack; no cached content
         self.free_cached: OrderedDict[int, None] = OrderedDict()  # LRU: oldest first, evicted first
         self.hash_to_block: dict[int, int] = {}
+        self.hasher = BlockHasher(block_size)
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which served from the cache
 
@@ -72,48 +85,62 @@ class BlockManager:
         block.ref_count = 1
         return block_id
 
+    @staticmethod
+    def _tokens(seq: Sequence, start: int, end: int) -> list[int] | np.ndarray:
+        """Token ids ``start:end`` of ``seq``: a view of its int64 prompt array where that covers them."""
+        pa = seq.prompt_array
+        return pa[start:end] if pa is not None and end <= pa.shape[0] else seq.token_ids[start:end]
+
     def _hash_blocks(self, seq: Sequence, num_tokens: int) -> list[int]:
         """Extend ``seq.block_hashes`` to cover the full blocks among the first ``num_tokens`` tokens."""
         bs = self.block_size
         hashes = seq.block_hashes
-        for i in range(len(hashes), num_tokens // bs):
-            parent = hashes[i - 1] if i else _ROOT_HASH
-            hashes.append(hash((parent, seq.adapter_id, tuple(seq.token_ids[i * bs : (i + 1) * bs]))))
+        have, want = len(hashes), num_tokens // bs
+        if want > have:
+            parent = hashes[-1] if have else self.hasher.root(seq.adapter_id)
+            hashes.extend(self.hasher.chain(self._tokens(seq, have * bs, want * bs), parent))
         return hashes
 
     # --- admission ----------------------------------------------------------------------------
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Physical ids of cached blocks matching the longest full-block prefix of ``seq``.
 
-        At least the last token is always left to compute (its logits pick the next token).
+        At least the last token is always left to compute (its logits pick the next token). The whole
+        prompt's hash chain, the lookups and the exact checks run in C (numpy, map, one bytes compare): a
+        long prompt's lookup is on its TTFT.
         """
         if not self.enable_prefix_caching:
             return []
         bs = self.block_size
-        hashes, adapter = seq.block_hashes, seq.adapter_id
         n = (seq.num_tokens - 1) // bs
-        # each full block's tokens as a tuple, chunked in C (a long prompt's lookup is on its TTFT); the hash
-        # chain is extended only as far as the cache matches
-        it = iter(seq.token_ids[: n * bs])
-        found: list[int] = []
-        for i, tokens in enumerate(zip(*[it] * bs)):
-            if i < len(hashes):
-                h = hashes[i]
-            else:
-                h = hash((hashes[i - 1] if i else _ROOT_HASH, adapter, tokens))
-                hashes.append(h)
-            block_id = self.hash_to_block.get(h)
-            if block_id is None:
-                break
-            block = self.blocks[block_id]
-            parent = found[-1] if found else -1
+        if n == 0:
+            return []
+        ids = list(map(self.hash_to_block.get, self._hash_blocks(seq, n * bs)[:n]))
+        found: list[int] = ids[: ids.index(None)] if None in ids else ids  # type: ignore[assignment]
+        if not found:
+            return found
+        k, adapter = len(found), seq.adapter_id
+        blocks = list(map(self.blocks.__getitem__, found))
+        data = _bytes(self._tokens(seq, 0, k * bs))
+        try:
+            same = b"".join(map(_TOKENS, blocks)) == data
+        except TypeError:  # (a block without token bytes: checked one by one below)
+            same = False
+        if (
+            same
+            and list(map(_PARENT, blocks)) == [-1, *found[:-1]]
+            and list(map(_ADAPTER, blocks)).count(adapter) == k
+        ):
+            return found
+        w = bs * 8
+        for i, block in enumerate(blocks):  # a hash collision: the prefix before the first failed check
+            parent = found[i - 1] if i else -1
             if (
-                block.token_ids != tokens
-                or block.adapter_id != seq.adapter_id
+                block.token_ids != data[i * w : (i + 1) * w]
+                or block.adapter_id != adapter
                 or block.parent_block_id != parent
             ):
-                break  # a hash collision: exact check failed
-            found.append(block_id)
+                return found[:i]
         return found
 
     def _num_new_blocks(self, seq: Sequence, num_new_tokens: int, num_have: int) -> int:
@@ -127,10 +154,11 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int]) -> None:
         assert not seq.block_table and seq.num_computed_tokens == 0, "allocate() is for waiting sequences"
+        blocks, free_cached = self.blocks, self.free_cached
         for block_id in cached:
-            block = self.blocks[block_id]
+            block = blocks[block_id]
             if block.ref_count == 0:
-                del self.free_cached[block_id]
+                del free_cached[block_id]
             block.ref_count += 1
         seq.block_table = list(cached)
         seq.num_computed_tokens = len(cached) * self.block_size
@@ -166,12 +194,14 @@ class BlockManager:
             if full <= seq.num_registered_blocks:
                 return
         hashes = self._hash_blocks(seq, n)
-        for i in range(seq.num_registered_blocks, full):
+        first, w = seq.num_registered_blocks, bs * 8
+        data = _bytes(self._tokens(seq, first * bs, full * bs))
+        for i in range(first, full):
             block = self.blocks[seq.block_table[i]]
             if block.token_ids is not None:
                 continue  # already registered (by this sequence or shared from the cache)
             block.hash = hashes[i]
-            block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            block.token_ids = data[(i - first) * w : (i - first + 1) * w]
             block.adapter_id = seq.adapter_id
             block.parent_block_id = seq.block_table[i - 1] if i else -1
             self.hash_to_block.setdefault(hashes[i], block.block_id)
@@ -179,17 +209,21 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release every block of ``seq`` (finish, abort or preemption)."""
+        blocks, registered = self.blocks, self.hash_to_block
+        free_cached, free_empty = self.free_cached, self.free_empty
         for block_id in reversed(seq.block_table):  # tail blocks end up evicted first
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                cached = block.hash is not None and self.hash_to_block.get(block.hash) == block_id
-                if block.token_ids is not None and cached:
-                    self.free_cached[block_id] = None
-                else:
-                    block.hash, block.token_ids, block.parent_block_id = None, None, -1
-                    self.free_empty.append(block_id)
+            block = blocks[block_id]
+            refs = block.ref_count - 1
+            block.ref_count = refs
+            if refs:
+                assert refs > 0, f"block {block_id} freed twice"
+                continue
+            h = block.hash
+            if h is not None and block.token_ids is not None and registered.get(h) == block_id:
+                free_cached[block_id] = None
+            else:
+                block.hash, block.token_ids, block.parent_block_id = None, None, -1
+                free_empty.append(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0

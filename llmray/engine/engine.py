@@ -119,6 +119,10 @@ class LLMEngine:
 
     # --- requests -----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
+        return self._encode(prompt)[0]
+
+    def _encode(self, prompt: str | list[int]) -> tuple[list[int], np.ndarray]:
+        """The prompt's ids, checked, as a list and an int64 array (the prefix cache hashes the array)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: pass prompts as lists of token ids")
@@ -143,7 +147,7 @@ class LLMEngine:
             raise RequestError(
                 f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt"
             )
-        return ids
+        return ids, view
 
     def validate(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> None:
         if lora is not None:
@@ -239,7 +243,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        ids = self.encode(prompt)
+        ids, view = self._encode(prompt)
         self.validate(ids, params, lora)
         constraint = self._constraint(params) if params.structured_output is not None else None
         adapter: LoraAdapter | None = None
@@ -249,6 +253,7 @@ class LLMEngine:
             adapter, adapter_id = self.lora.get(lora), self.lora.id_of(lora)
         seq = Sequence(request_id, ids, params, adapter_id, lora_name=lora, lora_adapter=adapter)
         seq.constraint = constraint
+        seq.prompt_array = view
         self.scheduler.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop) if self.detokenize else None
         self.requests[request_id] = RequestState(seq, detok, [] if params.logprobs is not None else None)

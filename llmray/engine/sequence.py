@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from llmray.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from llmray.lora.adapter import LoraAdapter
@@ -77,6 +78,8 @@ class Sequence:
     table_list: list[int] | None = field(default=None, repr=False)
     table_len: int = field(default=0, repr=False)
     sample_row: int = field(default=-1, repr=False)
+    # the prompt's ids as an int64 array (the engine's encode makes it), for the prefix cache's hashing
+    prompt_array: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

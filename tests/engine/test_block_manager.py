@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from array import array
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -55,7 +56,7 @@ def test_hash_collision_is_caught_by_the_exact_check():
     victim = bm.blocks[a.block_table[0]]
     victim.token_ids = (9, 9, 9, 9)  # pretend another prompt collided on this hash
     assert bm.find_cached_prefix(seq(range(9))) == []
-    victim.token_ids = (0, 1, 2, 3)
+    victim.token_ids = array("q", range(4)).tobytes()  # (blocks keep their ids as int64 bytes)
     bm.blocks[a.block_table[1]].parent_block_id = 99  # a collision on the second block: the first still hits
     assert bm.find_cached_prefix(seq(range(9))) == a.block_table[:1]
 
