@@ -175,3 +175,22 @@ def test_decodes_scheduled_before_prefill_chunks():
     s.add(b)
     out = s.schedule()
     assert [(i.seq.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", 5)]
+
+
+def test_block_hash_chain_numpy_equals_scalar_and_depends_on_prefix_and_adapter():
+    import numpy as np
+
+    from llmray.engine.block_hash import BlockHasher
+
+    hasher, rng = BlockHasher(4), random.Random(3)
+    toks = [rng.randrange(-1, 151936) for _ in range(4 * 40)]  # (-1: a placeholder hashes consistently)
+    root = hasher.root(0)
+    whole = hasher.chain(np.array(toks, np.int64), root)  # the numpy path
+    step, parent = [], root
+    for i in range(40):  # block by block: the scalar path
+        step += hasher.chain(toks[4 * i : 4 * i + 4], parent)
+        parent = step[-1]
+    assert whole == step and len(set(whole)) == 40
+    assert hasher.chain(toks[:8], hasher.root(1)) != whole[:2]  # the adapter is in the chain
+    other = [toks[0] + 1] + toks[1:8]
+    assert hasher.chain(other, root)[1] != whole[1]  # a block's hash names its whole prefix
