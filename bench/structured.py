@@ -175,6 +175,12 @@ def main() -> None:
             result["half_schema_over_free_unsplit_sampling"] = round(
                 med["half_nosplit"] / med["free_nosplit"], 3
             )
+        if "free_eagerdetok" in med and "half_eagerdetok" in med:  # both batches detokenizing every token
+            result["half_schema_over_free_eager_detok"] = round(
+                med["half_eagerdetok"] / med["free_eagerdetok"], 3
+            )
+        if "free" in med and "free_eagerdetok" in med:
+            result["free_eager_detok_over_free"] = round(med["free_eagerdetok"] / med["free"], 3)
         if "free" in med and "free_nosplit" in med:
             result["free_unsplit_sampling_over_free"] = round(med["free_nosplit"] / med["free"], 3)
         if "free" in med and "half" in med:
@@ -228,21 +234,45 @@ def main() -> None:
     for extra in [e for e in args.extras.split(",") if e]:
         toggle = _toggle(llm, extra)
         need = (2 * args.ab_runs + 0.5) if toggle is not None and args.ab_runs > 1 else 2.5
+        if extra == "eagerdetok":
+            need = 2 * max(2, args.ab_runs) + 0.5
         if time.perf_counter() - t_start + need * per_run > args.budget_s:
             print(f"skipping {extra}: budget", flush=True)
             break
         if toggle is not None and args.ab_runs > 1:  # A/B: the variant, then the default, N times over
             on, off = toggle
             res[f"half_{extra}"], res[f"half_{extra}_base"] = [], []
+            same = True
             for _ in range(args.ab_runs):
                 on()
                 try:
-                    res[f"half_{extra}"].append(timed(llm, prompts, half)[0])
+                    tps, outs_on = timed(llm, prompts, half)
+                    res[f"half_{extra}"].append(tps)
                 finally:
                     off()
-                res[f"half_{extra}_base"].append(timed(llm, prompts, half)[0])
+                tps, outs_off = timed(llm, prompts, half)
+                res[f"half_{extra}_base"].append(tps)
+                same = same and [o.token_ids for o in outs_on] == [o.token_ids for o in outs_off]
             a, b = statistics.median(res[f"half_{extra}"]), statistics.median(res[f"half_{extra}_base"])
             result[f"ab_{extra}_over_default"] = round(a / b, 3)
+            result[f"ab_{extra}_same_tokens"] = same  # (the variant changes no token)
+        elif extra == "eagerdetok":  # both batches with the read-back detokenizing every token (the old way)
+            import llmray.engine.engine as engine_mod
+
+            lazy_ok = engine_mod.IncrementalDetokenizer
+
+            class Eager(lazy_ok):  # type: ignore[misc,valid-type]
+                def __init__(self, tokenizer, prompt_ids, stop, lazy=False) -> None:
+                    super().__init__(tokenizer, prompt_ids, stop, False)
+
+            res["free_eagerdetok"], res["half_eagerdetok"] = [], []
+            engine_mod.IncrementalDetokenizer = Eager
+            try:
+                for _ in range(max(2, args.ab_runs)):
+                    res["free_eagerdetok"].append(timed(llm, prompts, free)[0])
+                    res["half_eagerdetok"].append(timed(llm, prompts, half)[0])
+            finally:
+                engine_mod.IncrementalDetokenizer = lazy_ok
         elif extra == "nodefer":
             llm.engine.defer_constrained_sampling = False
             res["half_nodefer"] = [timed(llm, prompts, half)[0]]
@@ -306,8 +336,8 @@ def main() -> None:
 def _toggle(llm: LLM, extra: str):
     """(turn the variant on, turn it off) for the half-batch extras that flip one engine setting, else None."""
     runner = llm.engine.runner
-    if extra in ("noevent", "noreuse", "noearly"):
-        attr = {"noevent": "from_event", "noreuse": "reuse", "noearly": "early"}[extra]
+    if extra in ("noevent", "noreuse", "noearly", "noside"):
+        attr = {"noevent": "from_event", "noreuse": "reuse", "noearly": "early", "noside": "side_copy"}[extra]
         return (lambda: setattr(runner.masks, attr, False)), (lambda: setattr(runner.masks, attr, True))
     if extra == "noplan":
         return (lambda: setattr(runner.sampler, "plan_ahead", False)), (

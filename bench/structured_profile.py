@@ -27,12 +27,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from structured import SCHEMA, build_llm, load_tokenizer  # noqa: E402
 
+import llmray.engine.engine as engine_mod  # noqa: E402
 import llmray.engine.structured.batch as sbatch  # noqa: E402
 import llmray.engine.structured.step_masks as step_masks  # noqa: E402
 import llmray.kernels.sampling as sampling_kernel  # noqa: E402
 from llmray.engine.sampling_params import SamplingParams  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+LAZY_OK = engine_mod.IncrementalDetokenizer
+
+
+class EagerDetokenizer(LAZY_OK):  # type: ignore[misc,valid-type]
+    """The detokenizer as before the lazy mode: two decodes per token in the read-back (A/B: eagerdetok)."""
+
+    def __init__(self, tokenizer, prompt_ids, stop, lazy=False) -> None:
+        super().__init__(tokenizer, prompt_ids, stop, False)
 
 
 def _sync() -> None:
@@ -51,6 +60,8 @@ class Probe:
         self.sampler_events: list = []
         self._orig: list = []
         self.add_s = 0.0
+        self.times: list = []  # per finish: (previous finish end, landed, fill done, finish start, end)
+        self.flushed = 0.0
 
     def _wrap(self, obj, name: str, key: str, cuda_mark: str | None = None) -> None:
         fn = getattr(obj, name)
@@ -62,9 +73,14 @@ class Probe:
             if CUDA and cuda_mark:
                 ev0 = torch.cuda.Event(enable_timing=True)
                 ev0.record()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             out = fn(*a, **k)
-            cur[key] = cur.get(key, 0.0) + time.perf_counter() - t
+            t1 = time.perf_counter()
+            cur[key] = cur.get(key, 0.0) + t1 - t
+            cur["cpu_" + key] = cur.get("cpu_" + key, 0.0) + time.thread_time() - c  # (the thread's CPU time)
+            if key == "masks_finish":  # the timeline: this step's tokens landed / fill done (worker) vs now
+                self.times.append((self.flushed, step_masks._landed[0], step_masks._done[0], t, t1))
+                self.flushed = t1
             if CUDA and cuda_mark:
                 ev1 = torch.cuda.Event(enable_timing=True)
                 ev1.record()
@@ -133,6 +149,22 @@ def summarize(probe: Probe, full: int, tokens: int, seconds: float) -> dict:
         if k in ("wall", "fill", "accept", "masks_finish"):
             res[f"{k}_ms_p90"] = round(sorted(vals)[int(0.9 * (len(vals) - 1))], 3) if vals else 0.0
     res["other_host_ms"] = round(res["wall_ms"] - res["launch_ms"] - res["read_back_ms"], 3)
+    for k in (
+        "read_back",
+        "launch",
+        "masks_finish",
+    ):  # the main thread's CPU time in each (wall - CPU: waits)
+        res[f"cpu_{k}_ms"] = round(sum(r.get(f"cpu_{k}", 0.0) * 1e3 for r in keep) / n, 3)
+    # the timeline of a deferred step (ms; medians over the run's full steps): its previous step's sampling
+    # queued (F) -> that step's tokens land -> the worker's fill done; the host's arrival at the wait
+    tl = [x for x in probe.times[1:] if x[1] > x[0] > 0 and x[2] >= x[1]]
+    if tl:
+        med = lambda v: round(statistics.median(v) * 1e3, 3)  # noqa: E731
+        res["tl_land_after_flush_ms"] = med([x[1] - x[0] for x in tl])
+        res["tl_fill_ms"] = med([x[2] - x[1] for x in tl])
+        res["tl_arrive_after_land_ms"] = med([x[3] - x[1] for x in tl])
+        res["tl_period_ms"] = med([x[4] - x[0] for x in tl])
+        res["tl_waited_frac"] = round(sum(x[2] > x[3] for x in tl) / len(tl), 3)
     # the whole run: adding the requests, and the steps that did not hold the full batch (prefill, the end)
     rest = [r["wall"] * 1e3 for r in probe.rows if r["running"] != full]
     res["add_requests_ms"] = round(probe.add_s * 1e3, 1)
@@ -174,17 +206,6 @@ def profile_table(llm, prompts, params, out: Path, steps: int = 6) -> None:
         text += ka.table(sort_by="cuda_time_total", row_limit=25) + "\n"
     text += ka.table(sort_by="self_cpu_time_total", row_limit=30)
     out.write_text(text)
-    try:
-        import gzip
-        import shutil
-
-        trace = out.with_suffix(".json")
-        prof.export_chrome_trace(str(trace))
-        with open(trace, "rb") as f, gzip.open(str(trace) + ".gz", "wb") as g:
-            shutil.copyfileobj(f, g)
-        trace.unlink()
-    except Exception as e:  # a trace is a bonus
-        print("trace export failed:", e)
 
 
 def kernel_check() -> str:
@@ -250,6 +271,7 @@ def main() -> None:
     ap.add_argument("--variants", default="free,half,half+nodefer,half+oldmask,free+unseeded,half+unseeded")
     ap.add_argument("--profile-steps", type=int, default=6)
     ap.add_argument("--baseline-sampling", default=None, help="an older kernels/sampling.py to time beside")
+    ap.add_argument("--kernel-bench", type=int, default=1, help="0: skip timing the sampling kernel alone")
     ap.add_argument("--out", default="/tmp/structured_profile")
     args = ap.parse_args()
     out = Path(args.out)
@@ -278,7 +300,7 @@ def main() -> None:
     split_default, switch_default = sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S
     result["kernel_mask_check"] = kernel_check()
     try:
-        result["sampling_kernel"] = sampling_kernel_ms(args.baseline_sampling)
+        result["sampling_kernel"] = sampling_kernel_ms(args.baseline_sampling) if args.kernel_bench else {}
     except Exception as e:  # a bonus: the run goes on
         result["sampling_kernel"] = {"error": repr(e)}
     print("sampling kernel:", result["sampling_kernel"], flush=True)
@@ -291,7 +313,9 @@ def main() -> None:
         # (seeded rows on per-row generators, not the fused kernel), noearly (masks filled at sampling time, not
         # from the previous read-back on), noevent (the fill starts after the host's read-back, not when the
         # tokens land), nosplit (the sampling kernel on one program per row), switch100 (0.1 ms GIL switch
-        # interval while a fill runs), noplan (no Sampler.prepare), noreuse (no fill plan reuse), compact (JSON without whitespace), xgrammar (the other library)
+        # interval while a fill runs), noplan (no Sampler.prepare), noreuse (no fill plan reuse), compact (JSON
+        # without whitespace), xgrammar (the other library), noside (the main thread copies the masks after the
+        # wait, not the worker on a side stream), eagerdetok (the read-back detokenizes every token)
         kind, *flags = variant.split("+")
         seeded = "unseeded" not in flags
         backend = "xgrammar" if "xgrammar" in flags else "auto"
@@ -302,6 +326,8 @@ def main() -> None:
         eng.runner.masks.from_event = "noevent" not in flags  # fill started after the host read-back
         sampler.plan_ahead = "noplan" not in flags  # the sampler's host work after the wait for the masks
         eng.runner.masks.reuse = "noreuse" not in flags  # every step's fill laid out anew
+        eng.runner.masks.side_copy = "noside" not in flags  # the main thread copies the masks after the wait
+        engine_mod.IncrementalDetokenizer = EagerDetokenizer if "eagerdetok" in flags else LAZY_OK
         sampling_kernel.TARGET_PROGRAMS = 0 if "nosplit" in flags else split_default  # one program per row
         step_masks._SWITCH_S = 1e-4 if "switch100" in flags else switch_default  # the old 0.1 ms
         llg_json = dict(eng._grammars.backend("llguidance").json_defaults)
@@ -343,6 +369,8 @@ def main() -> None:
             eng.runner.masks.from_event = True
             sampler.plan_ahead = True
             eng.runner.masks.reuse = True
+            eng.runner.masks.side_copy = True
+            engine_mod.IncrementalDetokenizer = LAZY_OK
             sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S = split_default, switch_default
             if "compact" in flags:
                 eng._grammars.backend("llguidance").json_defaults = llg_json

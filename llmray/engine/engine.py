@@ -255,7 +255,8 @@ class LLMEngine:
         seq.constraint = constraint
         seq.prompt_array = view
         self.scheduler.add(seq)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop) if self.detokenize else None
+        lazy = not self.stream_outputs  # (and no stop strings: the text is decoded when read, not per token)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop, lazy) if self.detokenize else None
         self.requests[request_id] = RequestState(seq, detok, [] if params.logprobs is not None else None)
         self.prompt_tokens_total += len(ids)
 
@@ -343,6 +344,8 @@ class LLMEngine:
     def _read_back(self, step: _Step) -> list[RequestOutput]:
         pending = step.pending
         tokens, lps = self.runner.collect(pending)
+        # constrained rows whose token the mask worker accepted already: row -> the tokens that end them
+        consumed = self.runner.masks.consumed(pending) or {}
         failed = pending.failed
         requests = self.requests
         delta, stream = self.delta_outputs, self.stream_outputs
@@ -366,7 +369,11 @@ class LLMEngine:
             if req.logprobs is not None and lp is not None:
                 req.logprobs.append(lp)
             try:
-                done = self._check_constraint(seq, token) if seq.constraint is not None else None
+                ends = consumed.get(r)
+                if ends is not None:
+                    done = "stop" if token in ends else None
+                else:
+                    done = self._check_constraint(seq, token) if seq.constraint is not None else None
                 reason = check_stop(req, token, eos, max_len, detok_on) or done
             except Exception as e:  # this request's stop check or constraint broke: it fails alone
                 del seq.token_ids[slot + 1 :]

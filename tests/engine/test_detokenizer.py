@@ -57,3 +57,30 @@ def test_a_batch_ending_inside_a_character_keeps_the_text_before_it():
             d.update(ids[i : i + size])
             streamed += d.delta(finished=False)
         assert streamed + d.delta(finished=True) == TEXT
+
+
+def test_lazy_text_equals_the_eager_text():
+    # LLM.generate's requests without stop strings decode when the text is read, not per token: the same text
+    # for any ids (random ones too: bytes of multi-byte characters, invalid sequences), read at any time
+    import random
+
+    tok = _tok()
+    rng = random.Random(0)
+    texts = [TEXT] + ["".join(rng.choice("aé日🎉 x") for _ in range(30)) for _ in range(5)]
+    runs = [tok.encode(t) for t in texts] + [
+        [rng.randrange(tok.vocab_size) for _ in range(40)] for _ in range(20)
+    ]
+    for ids in runs:
+        eager, lazy = (
+            IncrementalDetokenizer(tok, [1, 2], []),
+            IncrementalDetokenizer(tok, [1, 2], [], lazy=True),
+        )
+        streamed = ""
+        for i, t in enumerate(ids):
+            assert eager.update([t]) is None and lazy.update([t]) is None
+            if i % 7 == 3:  # a read in between (a stream toggled on later) catches up
+                assert lazy.text == eager.text
+                streamed += lazy.delta(finished=False)
+        assert lazy.text == eager.text
+        assert streamed + lazy.delta(finished=True) == eager.text
+    assert not IncrementalDetokenizer(tok, [1], ["stop"], lazy=True).lazy  # stop strings need every token

@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmray.engine.structured.spec import StructuredOutput
@@ -98,7 +99,9 @@ class LLGuidanceConstraint:
         self.extra_stops = extra_stops  # the request's stop tokens beyond EOS
         self.num_accepted = 0
         self._terminated = False
-        self._pre = False  # the mask-fill thread consumes our next token (preaccept)
+        # the tokens that end the document (EOS; extra stops once the grammar accepts): the step masks' worker
+        # consumes a row's token itself, and the read-back then only checks it against these (step_masks.py)
+        self.end_tokens = frozenset((eos_token_id, *extra_stops))
 
     def _add_stops(self, bitmask: torch.Tensor, row: int) -> None:
         if self.extra_stops and self.matcher.is_accepting():
@@ -140,20 +143,13 @@ class LLGuidanceConstraint:
                 c._add_stops(bitmask, r)
         return failed
 
-    def preaccept(self) -> None:
-        """Step masks (structured/step_masks.py): the fill thread consumes this request's next sampled token
-        (``fill_job``) before it fills the next mask, and ``accept_token`` then returns without touching the
-        matcher. The token was sampled under this request's mask, so it is allowed; should the matcher still
-        reject it, the next fill reports the row and the request fails."""
-        self._pre = True
-
     @classmethod
     def fill_job(
         cls,
         accepts: list[tuple[LLGuidanceConstraint, int]],
         rows: list[tuple[int, LLGuidanceConstraint]],
     ) -> tuple[
-        Callable[[torch.Tensor, Callable[[], list[int]]], set[int]],
+        Callable[[torch.Tensor, Callable[[], Any]], set[int]],
         Callable[[torch.Tensor, set[int]], dict[int, str]],
     ]:
         """A step's accepts and masks split for a worker thread (structured/step_masks.py); reusable for the next
@@ -177,17 +173,30 @@ class LLGuidanceConstraint:
             g = groups.setdefault(id(c.executor), (c.executor, [], [], [], []))
             g[3].append((c.matcher, k))
             g[4].append(index.get(id(c), -1))
+        # the token rows as index arrays and the matchers of the consumes: the worker gathers with numpy
+        gathers = {
+            key: (np.asarray(g[2], dtype=np.int64), [c.matcher for c in g[1]]) for key, g in groups.items()
+        }
         eos = rows[0][1].eos_token_id if rows else -1
         extra = any(c.extra_stops for c, _ in accepts)
         stop_rows = [(k, c) for k, c in rows if c.extra_stops]
 
-        def work(bitmask: torch.Tensor, tokens: Callable[[], list[int]]) -> set[int]:
+        def work(bitmask: torch.Tensor, tokens: Callable[[], Any]) -> set[int]:
             ptr, row_bytes, n = bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0]
-            toks = tokens() if accepts else []
+            toks = np.asarray(tokens()) if accepts else np.zeros(0, dtype=np.int64)
             rejected: set[int] = set()
-            for ex, cons, idx, fills, fidx in groups.values():
-                sampled = [toks[i] for i in idx]
-                if extra:  # a request's own stop token ends it unconsumed
+            for key, (ex, cons, idx, fills, fidx) in groups.items():
+                at, matchers = gathers[key]
+                picked = toks[at]
+                sampled = picked.tolist()
+                pairs: list = []
+                if not extra and not (picked == eos).any():  # (the norm): every row consumes its token
+                    ended: set[int] = set()
+                    if sampled:
+                        oks = ex.consume_token_par(list(zip(matchers, sampled, strict=True)))
+                        if not all(oks):
+                            rejected.update(id(c) for c, ok in zip(cons, oks, strict=True) if not ok)
+                elif extra:  # a request's own stop token ends it unconsumed
                     ended = {
                         i
                         for i, t, c in zip(idx, sampled, cons, strict=True)
@@ -206,7 +215,7 @@ class LLGuidanceConstraint:
                     if not all(oks):
                         rejected.update(id(c) for (c, _), ok in zip(pairs, oks, strict=True) if not ok)
                 if ended or rejected:
-                    bad = {id(c.matcher) for c, _ in pairs if id(c) in rejected}
+                    bad = {id(c.matcher) for c in cons if id(c) in rejected}
                     rows_np = bitmask.numpy()  # (no torch op on an inference tensor on this thread)
                     keep = []
                     for a, i in zip(fills, fidx, strict=True):
@@ -237,11 +246,6 @@ class LLGuidanceConstraint:
 
     def accept_token(self, token_id: int) -> bool:
         token_id = int(token_id)
-        pre, self._pre = self._pre, False
-        if pre:  # consumed by the mask-fill thread (see preaccept)
-            self.num_accepted += 1
-            self._terminated = token_id == self.eos_token_id or token_id in self.extra_stops
-            return True
         if token_id in self.extra_stops and token_id != self.eos_token_id:
             ok = bool(self.matcher.is_accepting())  # the document is complete: a stop token ends it
             self._terminated = ok

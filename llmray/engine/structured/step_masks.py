@@ -8,18 +8,18 @@ calls ``StepMasks`` at three points (vLLM does the same with its scheduler-side 
   step N's tokens go to a worker thread, which accepts them into the constraints of the deferred step N+1 and
   fills N+1's masks (the class's ``fill_job``: for llguidance one ``consume_token_par`` and one
   ``LLExecutor`` fill, the GIL released in both; the interpreter's switch interval is lowered meanwhile so
-  that the worker gets the GIL back at once between them). Each such constraint is told the token first
-  (``preaccept``), so that the engine's ``accept_token`` during the read-back returns at once. Constraint
-  classes without ``preaccept``/``fill_job`` (xgrammar's, the tests') keep the old order: accepted during the
-  read-back, filled by ``finish``.
+  that the worker gets the GIL back at once between them). The engine's read-back of step N asks
+  ``consumed(N)`` which rows' tokens the worker accepts (and which tokens end their documents: such a class
+  has ``end_tokens``), and does not accept those again. Constraint classes without ``fill_job`` (xgrammar's,
+  the tests') keep the old order: accepted during the read-back, filled by ``finish``.
 - ``finish(pending, failed)`` when step N+1's sampling is queued (just before the next forward): waits for
-  the worker, fills the rows it did not take, and copies the masks to the device.
+  the worker (which copied its masks to the device on a side stream: the sampling waits for that copy on the
+  device), fills the rows it did not take.
 - ``fill_now(seqs, failed, deferred)``: the synchronous fill of a step that was not started early.
 
 Masks are packed: int32 (C, ceil(V/32)) for the C constrained rows plus their sampling rows (C,) int32, in two
-pinned pairs that alternate (fenced by an event after their host->device copy). A row whose constraint
-breaks (or rejects its token on the worker) is reported in ``failed`` (row -> why) and left unmasked: its
-request then fails alone.
+pinned pairs that alternate (fenced by an event after their copy). A row whose constraint breaks (or rejects
+its token on the worker) is reported in ``failed`` (row -> why) and left unmasked: it fails alone.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("llmray.engine")
 _WORKER: ThreadPoolExecutor | None = None
-_landed = [0.0]  # when the worker's current job got its tokens (perf_counter; benches)
+_landed, _done = [0.0], [0.0]  # when the worker's latest job got its tokens / was done (perf_counter)
 # the interpreter's switch interval while a fill is in flight: the worker takes the GIL back within this long
 # after each call into the grammar library instead of the default 5 ms (the main thread runs Python throughout)
 _SWITCH_S = 2e-5
@@ -63,6 +63,9 @@ class _Job:
         self.future: Future | None = None
         self.checks: list[tuple[Any, list]] = []  # per constraint class: (check, its packed rows)
         self.complete = True  # it covers every constrained row that will need a mask
+        self.turn = 0  # its host pair
+        self.dev: tuple[torch.Tensor, torch.Tensor] | None = None  # the device pair the worker copies into
+        self.stops = False  # its check may change rows after the worker's copy (extra stop tokens)
 
 
 class _Plan:
@@ -73,11 +76,12 @@ class _Plan:
         self.rows: list[tuple[int, Any]] = []  # (sampling row, constraint), packed row k = rows[k]
         self.index: list[int] = []  # the sampling rows
         self.accepted: list[Any] = []  # constraints that consume the previous step's token on the worker
-        self.jobs: list[
-            tuple[tuple[Any, Any], list]
-        ] = []  # per constraint class: ((work, check), packed rows)
+        self.jobs: list[tuple[tuple, list]] = []  # per constraint class: ((work, check), packed rows)
         self.complete = True
         self.alive: tuple = ()  # the sequences the key names, kept alive so that no other object takes an id
+        # the previous step's rows whose token the worker accepts: row -> the tokens that end its document
+        self.consumed: dict[int, frozenset[int]] = {}
+        self.stops = False  # a row has extra stop tokens (its check adds them to the filled mask)
 
 
 class StepMasks:
@@ -91,13 +95,20 @@ class StepMasks:
         self._turn = 0
         self._job: _Job | None = None
         self._plan: _Plan | None = None
+        self._consumed: tuple[Any, dict[int, frozenset[int]]] | None = None  # (step, rows): ``consumed``
         self.early = True  # False: every fill synchronous at sampling time (the old order, for A/B runs)
         # True: a fill starts when the previous step's tokens land (the worker waits for them); False: only
         # after the host has read them back (the older order, for A/B runs)
         self.from_event = True
         self.reuse = True  # False: every step's fill laid out anew (A/B runs)
-        self.started = 0  # fills started early (on the worker), for tests and benches
-        self.work_s = 0.0  # the worker's busy seconds (benches)
+        # CUDA: the worker copies the masks it filled to the device on its own stream, and the sampling waits
+        # for that copy on the device (False: the main thread copies them after waiting for the worker)
+        self.side_copy = True
+        self._side: Any = None  # the worker's stream
+        self._dev: list[tuple[torch.Tensor, torch.Tensor]] = []  # device pairs, alternating per job
+        self._dev_turn = 0
+        self._started_ev: Any = None  # recorded at the latest start(): after the previous job's sampling
+        self.started, self.work_s = 0, 0.0  # fills started early, the worker's busy seconds (tests, benches)
         self._switch = sys.getswitchinterval()
 
     # --- buffers ----------------------------------------------------------------------------------
@@ -148,8 +159,10 @@ class StepMasks:
         ``deferred``: the step's own placeholder already ends each sequence; the token before it must be known."""
         job, self._job = self._job, None
         if job is not None and job.future is not None:  # a stale job (its step was dropped): let it end
-            job.future.result()
+            copied = job.future.result()[2]
             sys.setswitchinterval(self._switch)
+            if copied is not None:  # its host pair is free once the worker's copy is done
+                self._fence[job.turn] = copied
         rows = self._constrained(seqs, deferred)
         if not rows:
             return None
@@ -183,26 +196,61 @@ class StepMasks:
         plan = self._plan if key is not None and self._plan is not None and self._plan.key == key else None
         if plan is None:
             plan = self._plan = self._new_plan(pending, prev, key)
-        else:
-            for c in plan.accepted:
-                c.preaccept()  # the worker consumes its token: the read-back's accept_token will not
         if not plan.rows:
             return
         host, index = self._buffer(len(plan.rows))
         index.numpy()[:] = plan.index
         job = self._job = _Job(pending, plan.rows, host, index)
-        job.complete = plan.complete
+        job.complete, job.stops, job.turn = plan.complete, plan.stops, self._turn
         job.checks = [(check, rws) for (_, check), rws in plan.jobs]
+        copy = self._side_copy(job) if self.side_copy and self.is_cuda else None
         # the worker needs the GIL only briefly (between its calls into the library): let it have it soon
         self._switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch, _SWITCH_S))
-        job.future = _worker().submit(_run, [work for (work, _), _ in plan.jobs], host, source)
+        job.future = _worker().submit(_run, [work for (work, _), _ in plan.jobs], host, source, copy)
         self.started += 1
+        # the read-back of ``prev`` must not accept these rows' tokens again (``consumed``)
+        self._consumed = (prev, plan.consumed) if plan.consumed else None
+
+    def consumed(self, step: Any) -> dict[int, frozenset[int]] | None:
+        """For the read-back of ``step``: its rows whose sampled token the worker accepts into their constraint
+        (row -> the tokens that end that row's document: it finishes "stop" on one of them); the read-back must
+        not accept those tokens again. None: no such row (each constrained row is accepted as usual)."""
+        rec = self._consumed
+        if rec is None or rec[0] is not step:
+            return None
+        self._consumed = None
+        return rec[1]
+
+    def _side_copy(self, job: _Job) -> tuple:
+        """(side stream, event, device masks, device rows, host masks, host rows) for the worker's copy. The two
+        device pairs alternate per job: job J+2 writes J's pair once the event recorded at J+1's start (after
+        J's sampling was queued) has passed."""
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        n = job.host.shape[0]
+        if not self._dev or self._dev[0][0].shape[0] < n:
+            size = max(n, self.max_rows)
+            self._dev = [
+                (
+                    torch.empty((size, self.words), dtype=torch.int32, device=self.device),
+                    torch.empty(size, dtype=torch.int32, device=self.device),
+                )
+                for _ in range(2)
+            ]
+            torch.cuda.current_stream(self.device).synchronize()  # (new pairs: nothing reads them yet)
+            self._started_ev = None
+        self._dev_turn ^= 1
+        dm, di = self._dev[self._dev_turn]
+        after, self._started_ev = self._started_ev, torch.cuda.Event()
+        self._started_ev.record()
+        job.dev = (dm[:n], di[:n])
+        return (self._side, after, job.dev[0], job.dev[1], job.host, job.index)
 
     @staticmethod
     def _new_plan(pending: Any, prev: Any, key: tuple | None) -> _Plan:
-        """Which rows of ``pending`` the worker fills, which of them first consume ``prev``'s token (marked
-        ``preaccept``), and each constraint class's ``fill_job`` over them."""
+        """Which rows of ``pending`` the worker fills, which of them first consume ``prev``'s token (``consumed``:
+        by their row in ``prev``), and each constraint class's ``fill_job`` over them."""
         sampled: dict[int, int] = {}
         if prev is not None and prev.out is not None:
             failed = prev.failed
@@ -230,10 +278,11 @@ class StepMasks:
             else:
                 group[0].append((c, i))
                 plan.accepted.append(c)
-                c.preaccept()  # the worker consumes that token: the read-back's accept_token will not
+                plan.consumed[i] = c.end_tokens  # the worker consumes that token, not the read-back
             group[1].append((len(rows), c))
             rows.append((r, c))
         plan.index = [r for r, _ in rows]
+        plan.stops = any(getattr(c, "extra_stops", None) for _, c in rows)
         plan.jobs = [(cls.fill_job(acc, rws), rws) for cls, (acc, rws) in groups.items() if rws]
         if not plan.complete:
             plan.key = None  # (rows that wait: not reused)
@@ -253,9 +302,10 @@ class StepMasks:
             self._job = job  # (fill_now waits for a stale job)
             return self.fill_now(pending.seqs, failed, deferred=True)
         assert job.future is not None
-        results, work_s = job.future.result()
+        results, work_s, copied = job.future.result()
         sys.setswitchinterval(self._switch)
         self.work_s += work_s
+        dirty = job.stops
         for (check, rws), res in zip(job.checks, results, strict=True):
             if isinstance(res, BaseException):  # the batch call broke: each of its rows fails alone
                 reasons = {k: f"its token constraint failed: {res!r}" for k, _ in rws}
@@ -263,10 +313,22 @@ class StepMasks:
                 reasons = check(job.host, res)
             for k, why in reasons.items():
                 _report(job.rows[k][0], why, job.host, k, failed)
+                dirty = True
         late = []
         if not job.complete:
             taken = {r for r, _ in job.rows}
             late = [(r, c) for r, c in self._constrained(pending.seqs, True) if r not in taken]
+        if copied is not None:  # the worker's copy: the sampling waits for it on the device
+            assert job.dev is not None, "a job copied by the worker has its device pair"
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(copied)
+            if dirty and not late:  # rows changed after the worker's copy: copied again, behind it
+                job.dev[0].copy_(job.host, non_blocking=True)
+            fence = torch.cuda.Event()
+            fence.record(stream)
+            self._fence[job.turn] = fence  # (the host pair: free after both copies)
+            if not late:
+                return job.dev
         if not late:
             return self._to_device(job.host, job.index)
         # rows the worker did not take (constraints accepted in the read-back): one more packed buffer
@@ -288,23 +350,26 @@ def _report(row: int, why: str, host: torch.Tensor, k: int, failed: dict[int, st
     host[k] = -1
 
 
-def _tokens_of(step: Any) -> Callable[[], list[int]]:
-    """The sampled tokens of a launched step, read on the worker: it waits for the step's device->host copy
-    (CUDA: its event; the GIL is released while it waits)."""
+def _tokens_of(step: Any) -> Callable[[], Any]:
+    """The sampled tokens of a launched step (int64 array), read on the worker: it waits for the step's
+    device->host copy (CUDA: its event; the GIL is released while it waits)."""
     ready, out = step.ready, step.host if step.host is not None else step.out
 
-    def read() -> list[int]:
+    def read() -> Any:
         if ready is not None:
             ready.synchronize()
         _landed[0] = time.perf_counter()
-        return out.token_ids.tolist()
+        return out.token_ids.numpy()
 
     return read
 
 
-def _run(works: list, host: torch.Tensor, tokens: Callable[[], list[int]] | None) -> tuple[list, float]:
+def _run(
+    works: list, host: torch.Tensor, tokens: Callable[[], Any] | None, copy: tuple | None
+) -> tuple[list, float, Any]:
     """On the worker: each constraint class's ``work(host, tokens)`` (its result, or the exception it raised),
-    and the time."""
+    the time, and (``copy``: CUDA) the event after the masks' copy to the device on the side stream (None: not
+    copied; the main thread copies them)."""
     t0 = _landed[0] = time.perf_counter()
     out: list = []
     for work in works:
@@ -312,4 +377,23 @@ def _run(works: list, host: torch.Tensor, tokens: Callable[[], list[int]] | None
             out.append(work(host, tokens))
         except Exception as e:  # reported per row by finish()
             out.append(e)
-    return out, time.perf_counter() - max(t0, _landed[0])  # (busy from the tokens' landing on)
+    _done[0] = time.perf_counter()
+    busy = _done[0] - max(t0, _landed[0])  # (from the tokens' landing on)
+    copied = None
+    if copy is not None:
+        stream, after, dev_masks, dev_rows, host_masks, host_rows = copy
+        try:
+            with (
+                torch.inference_mode(),
+                torch.cuda.stream(stream),
+            ):  # (the device pairs are inference tensors)
+                if after is not None:
+                    stream.wait_event(after)
+                dev_masks.copy_(host_masks, non_blocking=True)
+                dev_rows.copy_(host_rows, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(stream)
+        except Exception as e:  # the main thread copies them instead
+            logger.warning("mask copy on the side stream failed: %r", e)
+            copied = None
+    return out, busy, copied
