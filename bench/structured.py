@@ -198,6 +198,8 @@ def main() -> None:
             {
                 "grammar_library": "llguidance (backend auto)",
                 "constrained_finished_stop": sum(o.finish_reason == "stop" for o in constrained),
+                # requests that failed (a token its mask should have excluded: the grammar rejected it)
+                "constrained_errors": sum(o.finish_reason not in ("stop", "length") for o in constrained),
                 # free rows of the half batch (same prompts, seeds, params) with the free batch's tokens (of
                 # num/2; a decode batch of another size may round a near tie of random weights the other way)
                 "free_rows_same_tokens": sum(
