@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmray.kernels.skinny_gemm import DEFAULT_CONFIG, skinny_fits, skinny_linear
+from llmray.kernels.skinny_gemm import skinny_fits, skinny_linear
 
 MAX_ROWS = 64
 INTERPRETED = False  # (CPU tests under TRITON_INTERPRET=1 set it: the kernel on CPU tensors)
@@ -26,9 +26,9 @@ INTERPRETED = False  # (CPU tests under TRITON_INTERPRET=1 set it: the kernel on
 def _linear(configs: dict[tuple[int, int], tuple | None]):
     def run(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        cfg = configs.get((w.shape[0], w.shape[1]), DEFAULT_CONFIG)
+        cfg = configs.get((w.shape[0], w.shape[1]))
         if (
-            cfg is None  # (this shape stays on cuBLAS)
+            cfg is None  # (an untuned shape stays on cuBLAS)
             or (x.device.type != "cuda" and not INTERPRETED)
             or rows.shape[0] > MAX_ROWS
             or not skinny_fits(rows, w, cfg)
@@ -42,7 +42,7 @@ def _linear(configs: dict[tuple[int, int], tuple | None]):
 @contextmanager
 def skinny_projections(model: nn.Module, configs: dict[tuple[int, int], tuple | None]) -> Iterator[None]:
     """Within the block, the model's projections of <= 64 rows run on ``skinny_linear`` (``configs``:
-    (N, K) -> kernel config, None = keep cuBLAS; missing shapes use the default)."""
+    (N, K) -> kernel config (bench/gemm_skinny.py measures them); other shapes keep cuBLAS)."""
     run = _linear(configs)
     undo: list[tuple[object, str, object]] = []
     for mod in model.modules():
