@@ -225,6 +225,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ray import serve
 
     from llmray.serve.app import build_app
+    from llmray.serve.deploy import deploy_until_serving
     from llmray.train.finetune import FinetuneConfig, run_finetune
     from llmray.train.pretrain import PretrainConfig, run_pretrain
 
@@ -314,8 +315,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 "use_gpu": args.use_gpu, "ingress_replicas": 1, "engine_kwargs": {"max_num_seqs": 16},
             }
         )  # fmt: skip
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        serve.run(app, name="llmray-demo", route_prefix="/")
+        deploy_until_serving(app, "127.0.0.1", args.port, name="llmray-demo")  # until /health answers
         print(f"serving on http://127.0.0.1:{args.port}/v1; took {stages.took()}", flush=True)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="demo")
         stages.start("ask both through the openai client")

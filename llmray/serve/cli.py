@@ -260,6 +260,7 @@ def _run_serve(ns: argparse.Namespace, prewarm: subprocess.Popen | None) -> int:
     from ray import serve
 
     from llmray.serve.app import build_app
+    from llmray.serve.deploy import deploy_until_serving
 
     t0 = time.monotonic()
 
@@ -290,8 +291,7 @@ def _run_serve(ns: argparse.Namespace, prewarm: subprocess.Popen | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:  # Ctrl-C while deploying (replicas may already answer) stops Serve like one while serving
-        serve.start(http_options={"host": ns.host, "port": ns.port})
-        serve.run(app, name="llmray", route_prefix="/", blocking=False)
+        deploy_until_serving(app, ns.host, ns.port)  # returns when /health answers through Serve's proxy
         progress(f"serving on http://{ns.host}:{ns.port}/v1 (Ctrl-C to stop)")
         wait_for_stop()
     except KeyboardInterrupt:

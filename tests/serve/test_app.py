@@ -272,7 +272,7 @@ def test_ctrl_c_while_deploying_shuts_serve_down_cleanly(tmp_path, monkeypatch, 
     def deploying(*a, **kw):
         raise KeyboardInterrupt("signal 2")  # what the SIGINT handler raises in the main thread
 
-    monkeypatch.setattr(serve, "run", deploying)
+    monkeypatch.setattr(serve, "_run", deploying)  # llmray.serve.deploy sends the deploy without its wait
     monkeypatch.setattr(serve, "shutdown", lambda: stopped.append("serve"))
     monkeypatch.setattr(ray, "shutdown", lambda: stopped.append("ray"))
     p = argparse.ArgumentParser()
@@ -280,3 +280,47 @@ def test_ctrl_c_while_deploying_shuts_serve_down_cleanly(tmp_path, monkeypatch, 
     ns = p.parse_args(["--model", str(tmp_path)])
     assert serve_cli._run_serve(ns, None) == 0
     assert "llmray: shutting down" in capsys.readouterr().out and stopped == ["serve", "ray"]
+
+
+def test_serving_is_said_when_health_answers_not_when_serve_marks_the_app_running(monkeypatch):
+    """`serve.run` returned (and "serving on" printed) seconds after the replica already answered: the deploy
+    now goes out without Serve's wait, and it returns at the first 200 from /health through the proxy while
+    Serve still says DEPLOYING; a failed deploy raises with Serve's message."""
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    import llmray.serve.deploy as deploy
+
+    answers = iter([503, 503, 200])
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(next(answers, 404) if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    status = {"llmray": SimpleNamespace(status="DEPLOYING", message="")}
+    sent = []
+    monkeypatch.setattr(serve, "start", lambda http_options: sent.append(("start", http_options)))
+    monkeypatch.setattr(serve, "_run", lambda app, **kw: sent.append(("run", kw)))
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=status))
+    try:
+        port = server.server_address[1]
+        deploy.deploy_until_serving("app", "0.0.0.0", port, poll_s=0.01)
+        assert sent == [
+            ("start", {"host": "0.0.0.0", "port": port}),
+            ("run", {"name": "llmray", "route_prefix": "/", "_blocking": False}),
+        ]
+        assert next(answers, "none left") == "none left"  # it returned at the first 200
+        status["llmray"] = SimpleNamespace(status="DEPLOY_FAILED", message="the replica's constructor raised")
+        with pytest.raises(RuntimeError, match="failed: the replica's constructor raised"):
+            deploy.deploy_until_serving("app", "127.0.0.1", port, poll_s=0.01)  # 404 until Serve says so
+    finally:
+        server.shutdown()
+    assert deploy.health_url("::", 8000) == "http://[::1]:8000/health"
+    assert deploy.health_url("10.0.0.5", 8000) == "http://10.0.0.5:8000/health"
