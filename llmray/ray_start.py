@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -113,3 +115,73 @@ def ray_logs_to_file(log_file: str | os.PathLike[str]) -> Iterator[None]:
             logger = logging.getLogger(name)
             logger.handlers, logger.level, logger.propagate = handlers, level, propagate
         handler.close()
+
+
+# The filter process of ``native_lines_to_file``: stdin = what this process writes to fd 2, stdout = the
+# console's stderr; a line matching one of the patterns (argv[2:]) goes to the file argv[1] instead. A
+# partial line is passed on at once unless it may be the start of a native log line ("[" + time stamp).
+_FILTER = r"""
+import os, re, sys
+log_file, patterns = sys.argv[1], [re.compile(p.encode()) for p in sys.argv[2:]]
+
+def write(fd, data):
+    while data:
+        data = data[os.write(fd, data):]
+
+def emit(line):
+    if any(p.search(line) for p in patterns):
+        try:
+            with open(log_file, "ab") as f:
+                f.write(line)
+            return
+        except OSError:
+            pass
+    write(1, line)
+
+pending = b""
+while chunk := os.read(0, 65536):
+    *lines, pending = (pending + chunk).split(b"\n")
+    for line in lines:
+        emit(line + b"\n")
+    if pending and not pending.startswith(b"["):
+        write(1, pending)
+        pending = b""
+if pending:
+    emit(pending)
+"""
+
+
+@contextlib.contextmanager
+def native_lines_to_file(log_file: str | os.PathLike[str], patterns: tuple[str, ...]) -> Iterator[None]:
+    """While the block runs, lines that native code in this process (Ray's C++ core worker) writes to file
+    descriptor 2 and that match one of the regular expressions ``patterns`` go to ``log_file``; every other
+    byte goes on to the console as before. A child process filters (in its own session: Ctrl-C leaves it
+    alone; it ends when the pipe closes), so what was written before a crash still arrives. Python's own
+    ``sys.stderr`` writes to the console directly meanwhile (a terminal stays a terminal for progress lines)."""
+    sys.stderr.flush()
+    console = os.dup(2)
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FILTER, os.fspath(log_file), *patterns],
+        stdin=read_end, stdout=console, stderr=console, start_new_session=True,
+    )  # fmt: skip
+    os.close(read_end)
+    python_stderr = sys.stderr
+    sys.stderr = open(
+        os.dup(console), "w", buffering=1, encoding=python_stderr.encoding, errors="backslashreplace"
+    )  # noqa: SIM115
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        python_stderr.flush()
+        os.dup2(console, 2)  # closes this process's write end of the pipe: the filter reads to its end
+        os.close(console)
+        sys.stderr.close()
+        sys.stderr = python_stderr
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a process started in the block still holds the pipe
+            pass

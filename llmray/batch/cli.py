@@ -63,6 +63,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_cli)
 
 
+# Ray's C++ core worker in this driver writes this ERROR line to fd 2 for every Ray Data actor pool in Ray
+# 2.60 (its map-transformer argument is an ObjectRef; ray-project/ray#57733): a restart of an engine actor
+# needs that object, which this driver holds for the whole run. Sent to the log file with Ray's messages.
+RAY_NATIVE_NOISE = (
+    r"core_worker\.cc:\d+: Actor with class name: 'MapWorker\(.*has constructor arguments in the object store "
+    r"and max_restarts > 0",
+)
+
+
 def run_cli(args: argparse.Namespace) -> int:
     defaults = {
         k: v
@@ -82,13 +91,14 @@ def run_cli(args: argparse.Namespace) -> int:
 
     import ray.data  # noqa: F401  # configures Ray Data's loggers: routed below, after that
 
-    from llmray.ray_start import ray_logs_to_file
+    from llmray.ray_start import native_lines_to_file, ray_logs_to_file
 
-    quiet: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    quiet = contextlib.ExitStack()
     if os.environ.get("LLMRAY_VERBOSE", "") in ("", "0"):  # Ray's and Ray Data's messages: to a file
         log_file = os.path.join(tempfile.gettempdir(), f"llmray-batch-{os.getpid()}.log")
         print(f"Ray's and Ray Data's messages: {log_file}", flush=True)
-        quiet = ray_logs_to_file(log_file)
+        quiet.enter_context(native_lines_to_file(log_file, RAY_NATIVE_NOISE))
+        quiet.enter_context(ray_logs_to_file(log_file))
     try:
         with quiet:
             summary = run_batch(

@@ -206,6 +206,57 @@ def test_batch_sends_rays_messages_to_a_file(tmp_path, capfd):
     assert "a real problem" in err and logging.getLogger("ray.data").handlers == before
 
 
+# what Ray 2.60's core worker wrote to the `llmray batch` console (docs/batch.md's command, 2026-11-30)
+ACTOR_ARGS_LINE = (
+    b"[2026-11-30 15:22:15,973 E 21083 21083] core_worker.cc:2465: Actor with class name: "
+    b"'MapWorker(MapBatches(StreamingEngineActor))' and ID: '9175402a1657c3d566df211101000000' has constructor "
+    b"arguments in the object store and max_restarts > 0. If the arguments in the object store go out of scope "
+    b"or are lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more "
+    b"details.\n"
+)
+
+
+def test_batch_sends_rays_native_actor_args_line_to_the_file_and_nothing_else(tmp_path, capfd):
+    """The one C++ line Ray's core worker printed on the `llmray batch` console (written to fd 2, past
+    Python's logging) goes to the log file; any other native line, a partial line and Python's own stderr
+    still reach the console, in order; fd 2 and sys.stderr are as before afterwards."""
+    import os
+    import sys
+
+    from llmray.batch.cli import RAY_NATIVE_NOISE
+    from llmray.ray_start import native_lines_to_file
+
+    log = tmp_path / "batch.log"
+    stderr_before = sys.stderr
+    with native_lines_to_file(log, RAY_NATIVE_NOISE):
+        os.write(2, ACTOR_ARGS_LINE)
+        os.write(2, b"[2026-11-30 15:22:16,001 E 21083 21083] core_worker.cc:812: a real native error\n")
+        print("batch: 10/12 rows", file=sys.stderr)
+        os.write(2, b"no newline yet")
+    os.write(2, b"\nafter\n")
+    err = capfd.readouterr().err
+    assert "has constructor arguments" not in err and "has constructor arguments" in log.read_text()
+    assert err.index("a real native error") < err.index("no newline yet") < err.index("after"), err
+    assert "batch: 10/12 rows" in err and sys.stderr is stderr_before
+
+
+def test_native_lines_written_just_before_a_crash_still_reach_the_console(tmp_path):
+    """The filtering is a child process: what the command wrote to fd 2 before it was killed arrives."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal\n"
+        "from llmray.ray_start import native_lines_to_file\n"
+        f"with native_lines_to_file({str(tmp_path / 'x.log')!r}, ('noise',)):\n"
+        "    os.write(2, b'noise\\n[E] core_worker.cc:1: Check failed: the real cause\\n')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == -9 and b"Check failed: the real cause" in proc.stderr, proc.stderr
+    assert b"noise\n" not in proc.stderr
+
+
 def test_a_failed_workers_traceback_goes_to_the_log_unless_debug(ray_worker, tmp_path, capsys, monkeypatch):
     """A training function that raised: Ray Train printed its traceback on the console under
     "(RayTrainWorker pid=N)"; the command's own error line says where it went. --debug keeps it here."""
