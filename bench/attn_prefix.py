@@ -31,24 +31,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmray.kernels import paged_attention as pa  # noqa: E402
 
 H, HKV, D, PAGE = 16, 8, 128, 16
-# (cache kind, splits, config): the committed path first and again last (its spread is the noise)
+# (cache kind, splits, config): the committed path first and again last (its spread is the noise); config
+# (BLOCK_R, BLOCK_N, warps, stages, fast_addr[, bf16 partials]) or (0,) (per-head programs + merge kernel)
 VARIANTS = [
     ("bf16", 8, (0,)),
+    ("bf16", 16, (32, 64, 4, 5, True)),
     ("bf16", 16, (32, 64, 4, 3, True)),
-    ("bf16", 8, (32, 64, 4, 3, True)),
-    ("bf16", 16, (16, 64, 4, 3, True)),
-    ("bf16", 8, (64, 64, 4, 3, True)),
-    ("bf16", 16, (64, 64, 4, 3, True)),
-    ("bf16", 8, (16, 64, 4, 3, True)),
-    ("bf16", 32, (32, 64, 4, 3, True)),
-    ("bf16", 16, (32, 32, 4, 3, True)),
-    ("bf16", 4, (128, 64, 8, 3, True)),
-    ("bf16", 16, (32, 64, 2, 3, True)),
+    ("bf16", 8, (32, 64, 4, 5, True)),
+    ("bf16", 16, (16, 64, 4, 5, True)),
+    ("bf16", 8, (16, 64, 4, 5, True)),
+    ("bf16", 8, (64, 64, 8, 3, True)),
+    ("bf16", 16, (32, 64, 4, 5, True, True)),
+    ("bf16", 32, (32, 32, 4, 5, True)),
+    ("bf16", 32, (16, 64, 4, 5, True)),
+    ("bf16", 16, (32, 32, 4, 5, True)),
+    ("bf16", 4, (64, 64, 8, 3, True)),
+    ("bf16", 16, (32, 64, 8, 5, True)),
     ("bf16", 16, (0,)),
     ("fp8", 8, (0,)),
-    ("fp8", 16, (32, 64, 4, 3, True)),
-    ("fp8", 8, (32, 64, 4, 3, True)),
-    ("fp8", 16, (16, 64, 4, 3, True)),
+    ("fp8", 16, (32, 64, 4, 5, True)),
+    ("fp8", 8, (32, 64, 4, 5, True)),
+    ("fp8", 16, (16, 64, 4, 5, True)),
+    ("fp8", 32, (16, 64, 4, 5, True)),
     ("bf16", 8, (0,)),
     ("fp8", 8, (0,)),
 ]  # fmt: skip

@@ -47,7 +47,7 @@ def _prefill_gqa_kernel(
     k_scale_ptr,
     v_scale_ptr,
     out_ptr,
-    part_out_ptr,  # NUM_SPLITS > 1: (N, H, S, D) fp32 partial outputs, (N, H, S) their log2-sum-exp
+    part_out_ptr,  # NUM_SPLITS > 1: (N, H, S, D) fp32 or bf16 partial outputs, (N, H, S) their log2-sum-exp
     part_lse_ptr,
     ticket_ptr,  # (grid0 * grid1,) int32 zeros: arrivals per (tile, KV head, row block)
     qk_scale,
@@ -147,7 +147,8 @@ def _prefill_gqa_kernel(
         own = tl.where(nonempty[:, None], acc / tl.where(nonempty, l_sum, 1.0)[:, None], 0.0)
         lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l_sum, 1.0)), float("-inf"))
         rows = ((q_start + tok).to(tl.int64) * H + head) * NUM_SPLITS  # (BLOCK_R,) split 0's row
-        tl.store(part_out_ptr + (rows + split)[:, None] * D + d[None, :], own, mask=io_mask)
+        own_p = own.to(part_out_ptr.dtype.element_ty)  # (fp32, or bf16: half the merge's bytes)
+        tl.store(part_out_ptr + (rows + split)[:, None] * D + d[None, :], own_p, mask=io_mask)
         tl.store(part_lse_ptr + rows + split, lse, mask=rmask)
         tl.debug_barrier()  # every thread's partials are written before the ticket releases them
         ticket = tl.atomic_add(ticket_ptr + group_id, 1, sem="acq_rel", scope="gpu")
@@ -164,7 +165,7 @@ def _prefill_gqa_kernel(
             mx = tl.where(mx == float("-inf"), 0.0, mx)  # (rows out of range)
             w = tl.exp2(lse - mx)
             den = w
-            res = own * w[:, None]
+            res = own_p.to(tl.float32) * w[:, None]  # (as the others see it)
             for s_i in tl.static_range(NUM_SPLITS):
                 sel = tl.zeros([BLOCK_R], tl.int32) + s_i  # (a vector: the CPU interpreter's masks)
                 other = (sel < used) & (sel != split)
@@ -176,7 +177,7 @@ def _prefill_gqa_kernel(
                     mask=io_mask & other[:, None],
                     other=0.0,
                     cache_modifier=".cg",
-                )
+                ).to(tl.float32)
                 w_i = tl.exp2(lse_i - mx)
                 den += w_i
                 res += o_i * w_i[:, None]

@@ -16,7 +16,7 @@ from llmray.kernels._paged_prefill_kernels import (
 from llmray.kernels.kv_store import is_fp8
 
 # split-K prefill with ``tiles`` (a short chunk after a long cached prefix): (BLOCK_R query rows = (token, GQA
-# head) pairs per program, BLOCK_N keys per step, num_warps, num_stages, fast_addr), one launch with the merge
+# head) pairs per program, BLOCK_N keys per step, num_warps, num_stages, fast_addr[, bf16 partial outputs]), one launch with the merge
 # folded in (the last split of each group merges); BLOCK_R 0: per-head programs + a merge kernel.
 PREFILL_SPLIT_CONFIG: tuple = (0,)  # (until the H200 A/B of bench/attn_prefix.py picks the one-launch config)
 
@@ -173,7 +173,10 @@ def _prefill_split_fused(
     _, page, hkv, _ = k_cache.shape
     group = h // hkv
     block_m = prefill_block_m(q.dtype)
-    block_r, block_n, warps, stages, fast_addr = cfg
+    block_r, block_n, warps, stages, fast_addr, *rest = cfg
+    part_dtype = (
+        torch.bfloat16 if rest and rest[0] else torch.float32
+    )  # partial outputs: bf16 halves the merge
     rb = triton.cdiv(block_m * group, block_r)
     grid = (tiles[0].shape[0], hkv * rb, splits)
     ticket = tickets(q.device, grid[0] * grid[1])
@@ -197,7 +200,7 @@ def _prefill_split_fused(
         )
     fp8 = is_fp8(k_cache)
     i64 = not fast_addr or max(c.shape[0] * c.stride(0) for c in (k_cache, v_cache)) >= 2**31
-    part_out = torch.empty(q.shape[0], h, splits, d, dtype=torch.float32, device=q.device)
+    part_out = torch.empty(q.shape[0], h, splits, d, dtype=part_dtype, device=q.device)
     part_lse = torch.empty(q.shape[0], h, splits, dtype=torch.float32, device=q.device)
     _prefill_gqa_kernel[grid](
         q,
