@@ -136,6 +136,12 @@ class Qwen3MLP(nn.Module):
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse_projections (inference)
         # as qkv_linear, for the fused gate|up projection
         self.gate_up_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # set from outside (LoRA): x, fused weight, the gated SwiGLU -> silu(gate) * up with per-row adapter
+        # deltas (the LoRA expand and the SwiGLU in one launch)
+        self.gate_up_act: (
+            Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+            | None
+        ) = None
 
     def forward(self, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
         if (
@@ -144,6 +150,8 @@ class Qwen3MLP(nn.Module):
             and not torch.is_grad_enabled()
         ):
             w = self.gate_up_weight
+            if self.gate_up_act is not None and ops.gated_swiglu is not None:
+                return self.down_proj(self.gate_up_act(x, w, ops.gated_swiglu))
             # one GEMM: (..., 2I) = [gate | up]
             gate_up = F.linear(x, w) if self.gate_up_linear is None else self.gate_up_linear(x, w)
             if ops.gated_swiglu is not None:
