@@ -223,7 +223,7 @@ def part_e(args, results: dict, out: Path) -> None:
         batch_size=64, max_steps=2000, warmup_steps=100, lr=3e-3, muon_lr=0.03, eval_every=50, eval_windows=512,
         log_every=50, checkpoint_every=10**6, compile=args.e_compile, kernels=args.e_kernels, use_gpu=True,
         num_workers=1, cpus_per_worker=1.0, target_val_loss=1.47, cuda_graphs=not args.e_no_graphs,
-        compile_ahead=args.compile_ahead,
+        compile_ahead=not args.no_compile_ahead,
     )  # fmt: skip
     cfg = dataclasses.replace(cfg, **SMOKE.get("train", {}))
     if SMOKE:
@@ -280,7 +280,7 @@ def part_s(args, results: dict, out: Path) -> None:
             data=args.data, out=str(out / f"s_{kernels}"), preset="shakespeare-char", tokenizer="char",
             seq_len=256, batch_size=64, max_steps=2000, warmup_steps=100, lr=3e-3, muon_lr=0.03, eval_every=50,
             eval_windows=512, log_every=50, checkpoint_every=10**6, compile=args.e_compile, kernels=kernels,
-            target_val_loss=1.47, cuda_graphs=not args.e_no_graphs, compile_ahead=args.compile_ahead,
+            target_val_loss=1.47, cuda_graphs=not args.e_no_graphs, compile_ahead=not args.no_compile_ahead,
         )  # fmt: skip
         if SMOKE:
             cfg = dataclasses.replace(cfg, preset="tiny", kernels="torch")  # see part_e
@@ -344,9 +344,7 @@ def main() -> int:
     )
     p.add_argument("--e-kernels", default="triton", help="(e) kernels: auto | triton | torch")
     p.add_argument("--s-kernels", default="torch,triton", help="(s) in-process runs, one per kernels value")
-    p.add_argument(
-        "--compile-ahead", action="store_true", help="(e, s) compile the first step's kernels in parallel"
-    )
+    p.add_argument("--no-compile-ahead", action="store_true", help="(e, s) first-use compiles, one at a time")
     p.add_argument("--ns-sym-min-size", type=int, default=None, help="(s) muon.NS_SYM_MIN_SIZE for this run")
     p.add_argument("--e-compile", action="store_true", help="(e) torch.compile (off: our kernels need none)")
     p.add_argument("--e-no-graphs", action="store_true", help="(e) eager steps instead of CUDA graphs")

@@ -56,7 +56,7 @@ PRETRAIN_HELP = {
     "print_every": "steps between console progress lines; the first, the last and validations always print",
     "compile": "torch.compile the model",
     "cuda_graphs": "replay forward+backward from CUDA graphs (one GPU worker, no --compile)",
-    "compile_ahead": "Triton kernels: compile the first step's kernels in parallel before it",
+    "compile_ahead": "Triton kernels: compile the first step's kernels ahead, on threads, before it",
     "kernels": "auto (Triton on CUDA) | triton | torch",
     "precision": "auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32",
     "weight_decay": "decoupled weight decay",

@@ -86,7 +86,7 @@ class PretrainConfig:
     seed: int = 0
     compile: bool = False
     cuda_graphs: bool = True  # forward + backward replayed from CUDA graphs (one GPU worker, no compile)
-    compile_ahead: bool = False  # Triton kernels: compile the first step's kernels in parallel (warmup.py)
+    compile_ahead: bool = True  # Triton: the first step's kernels compiled ahead on threads (warmup.py)
     kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | bf16 | fp32
     name: str = "pretrain"

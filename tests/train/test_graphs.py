@@ -52,3 +52,32 @@ def test_graphed_steps_equal_eager(kind, accumulate):
     torch.testing.assert_close(graphed, eager, rtol=2e-3, atol=2e-3)
     for (n, a), b in zip(m_eager.named_parameters(), m_graph.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3, msg=n)
+
+
+def test_compile_ahead_changes_nothing_but_the_kernel_caches():
+    """warmup.precompile_training before the first step (what ``train_steps`` does on one GPU): weights and
+    every gradient untouched, Muon's state as before a first step, the same losses and weights after it."""
+    from llmray.train.warmup import precompile_training
+
+    torch.manual_seed(1)
+    base = Qwen3ForCausalLM(ModelConfig.preset("tiny"), kernels="triton").cuda().train()
+    batches = _batches(base.config.vocab_size, [(4, 65)] * 4)
+    plain, m_plain, _ = _run(copy.deepcopy(base), "muon", batches, True)
+    model = copy.deepcopy(base)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = build_optimizer(model, "muon", lr=1e-3, muon_lr=0.02)
+    ids = batches[0]
+    info = precompile_training(model, ids[:, :-1], ids[:, 1:], torch.device("cuda"), torch.bfloat16, opt)
+    assert info["submitted"] > 0 and not info["errors"], info
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    params = list(model.parameters())
+    sg = StepGraphs(model, params, torch.device("cuda"), torch.bfloat16, warmup=1)
+    ahead = []
+    for x in batches:
+        loss, _ = train_step(model, [(x[:, :-1], x[:, 1:])], 1, opt, params, torch.device("cuda"),
+                             torch.bfloat16, 1.0, graphs=sg)  # fmt: skip
+        ahead.append(loss.item())
+    torch.testing.assert_close(ahead, plain, rtol=1e-4, atol=1e-5)  # atomics: not always bit-equal
+    for a, b in zip(m_plain.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
