@@ -24,9 +24,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--rows", default="256,8192")
+    ap.add_argument(
+        "--sweep",
+        default="",
+        help="then, at the first row count, each projection's tall expand alone per config BMxBOxWARPS "
+        "(comma-separated; gate_up also with the SwiGLU fusion)",
+    )
+    ap.add_argument("--modes", default="base,split,tall,tall_gemm")
     args = ap.parse_args()
     from llmray.kernels.lora import lora_expand, lora_shrink
-    from llmray.kernels.lora_tall import lora_tall_expand
+    from llmray.kernels.lora_tall import lora_tall_expand, lora_tall_expand_swiglu
 
     cuda = torch.cuda.is_available()  # (CPU: a logic check under TRITON_INTERPRET=1, fp32)
     dev, dt = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
@@ -53,8 +60,9 @@ def main() -> None:
         xs = {k: torch.randn(n, k, device=dev, dtype=dt, generator=g) for k in {p[1] for p in PROJS}}
         res = {name: torch.empty(n, sum(outs), device=dev, dtype=dt) for name, _, outs in PROJS}
 
-        def step(mode: str, only=None, n=n, slots=slots, xs=xs, res=res) -> dict:
+        def step(mode: str, only=None, cfg=(0, 128, 4), n=n, slots=slots, xs=xs, res=res) -> dict:
             outs = {}
+            bm, bo, warps = cfg
             for layer in layers:
                 for name, k, _ in PROJS:
                     if only is not None and name != only:
@@ -63,7 +71,13 @@ def main() -> None:
                     x = xs[k]
                     if mode == "tall":
                         full = torch.mm(x, w_cat.t())
-                        outs[name] = lora_tall_expand(full, b, slots, scales, len(seg) + 1, seg)
+                        outs[name] = lora_tall_expand(
+                            full, b, slots, scales, len(seg) + 1, seg, bo, warps, bm
+                        )
+                        continue
+                    if mode == "tall_swiglu":  # gate|up: the expand and the gated SwiGLU in one launch
+                        full = torch.mm(x, w_cat.t())
+                        outs[name] = lora_tall_expand_swiglu(full, b, slots, scales, bo, warps, bm)
                         continue
                     if mode == "tall_gemm":
                         outs[name] = torch.mm(x, w_cat.t())
@@ -84,7 +98,7 @@ def main() -> None:
         except Exception as e:
             row["tall_vs_split_max_rel_err"] = f"failed: {e!r}"[:300]
         print(f"rows={n} tall vs split: {row['tall_vs_split_max_rel_err']}", flush=True)
-        for mode in ("base", "split", "tall", "tall_gemm"):
+        for mode in args.modes.split(","):
             t = time.perf_counter()
             try:
                 per = {"all": _graph_ms(lambda mode=mode: step(mode), reps=20 if n <= 1024 else 4)}
@@ -96,6 +110,25 @@ def main() -> None:
                 row[mode] = f"failed: {e!r}"[:300]
             print(f"rows={n} {mode}: {row[mode]} ms ({time.perf_counter() - t:.1f} s)", flush=True)
             save()
+        if i == 0 and args.sweep:  # tile configs of the tall expand, each projection alone
+            sweep: dict = {}
+            row["sweep"] = sweep
+            for spec in args.sweep.split(","):
+                cfg = tuple(int(v) for v in spec.split("x"))
+                per: dict = {}
+                for name, _, _ in PROJS:
+                    try:
+                        per[name] = _graph_ms(lambda cfg=cfg, name=name: step("tall", name, cfg), reps=20)
+                        if name == "gate_up":
+                            per["gate_up_swiglu"] = _graph_ms(
+                                lambda cfg=cfg: step("tall_swiglu", "gate_up", (cfg[0], cfg[1] // 2, cfg[2])),
+                                reps=20,
+                            )
+                    except Exception as e:  # a config that does not fit (member boundaries) or fails
+                        per[name] = f"failed: {e!r}"[:200]
+                sweep[spec] = per
+                print(f"rows={n} sweep {spec}: {per}", flush=True)
+                save()
 
 
 if __name__ == "__main__":

@@ -71,10 +71,12 @@ def lora_tall_expand(
     seg: tuple[int, ...] = (),
     block_o: int = 128,
     num_warps: int = 4,
+    block_m: int = 0,
 ) -> torch.Tensor:
     """full (N, O + S·G·R) = x @ [W ; A]ᵀ, b (S, O, R) stacked B (member j's rows [seg[j-1], seg[j])),
     slots (N,) int32, scales (S,) fp32 -> out (N, O) in full's dtype: the base columns plus each row's delta.
-    ``seg``: member boundaries in O (at most two, multiples of ``block_o``); ``members`` = len(seg) + 1."""
+    ``seg``: member boundaries in O (at most two, multiples of ``block_o``); ``members`` = len(seg) + 1.
+    ``block_o``/``num_warps``/``block_m`` (0: by size): tuning."""
     n = full.shape[0]
     s, o, r = b.shape
     if len(seg) > 2 or any(c % block_o or not 0 < c < o for c in seg):
@@ -87,7 +89,7 @@ def lora_tall_expand(
     out = torch.empty(n, o, device=full.device, dtype=full.dtype)
     if n == 0:
         return out
-    block_m = _block_m(n)
+    block_m = block_m or _block_m(n)  # (benches: tile sizes)
     seg1, seg2 = (tuple(seg) + (0, 0))[:2]
     _launch(
         _tall_expand_kernel, (triton.cdiv(n, block_m), triton.cdiv(o, block_o)),
@@ -150,6 +152,7 @@ def lora_tall_expand_swiglu(
     scales: torch.Tensor,
     block_o: int = 64,
     num_warps: int = 4,
+    block_m: int = 0,
 ) -> torch.Tensor:
     """The tall expand of a fused gate|up projection with the gated SwiGLU in the same launch: full
     (N, 2I + S·2·R) = x @ [W_gate ; W_up ; A]ᵀ, b (S, 2I, R) -> silu(gate + Δgate) · (up + Δup) (N, I), fp32
@@ -165,7 +168,7 @@ def lora_tall_expand_swiglu(
     out = torch.empty(n, inter, device=full.device, dtype=full.dtype)
     if n == 0:
         return out
-    block_m = _block_m(n)
+    block_m = block_m or _block_m(n)  # (benches: tile sizes)
     _launch(
         _tall_expand_swiglu_kernel, (triton.cdiv(n, block_m), triton.cdiv(inter, block_o)),
         (full, b, slots, scales, out, n, inter, r, full.stride(0), b.stride(0), b.stride(1), out.stride(0)),
