@@ -341,6 +341,16 @@ def _toggle(llm: LLM, extra: str):
     if extra in ("noevent", "noreuse", "noearly", "noside"):
         attr = {"noevent": "from_event", "noreuse": "reuse", "noearly": "early", "noside": "side_copy"}[extra]
         return (lambda: setattr(runner.masks, attr, False)), (lambda: setattr(runner.masks, attr, True))
+    if extra in ("devwait", "nodevwait"):  # the device waits for the worker's masks (a flag) / the host does
+        default = runner.masks.device_wait
+        if torch.cuda.is_available():  # its wait kernel compiled now, not inside a timed run
+            from llmray.kernels.token_bitmask import wait_flag
+
+            one = torch.ones(1, dtype=torch.int32, device="cuda")
+            wait_flag(one, 0, torch.zeros_like(one))
+        return (lambda: setattr(runner.masks, "device_wait", extra == "devwait")), (
+            lambda: setattr(runner.masks, "device_wait", default)
+        )
     if extra == "noplan":
         return (lambda: setattr(runner.sampler, "plan_ahead", False)), (
             lambda: setattr(runner.sampler, "plan_ahead", True)

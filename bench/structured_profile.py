@@ -29,6 +29,7 @@ from structured import SCHEMA, build_llm, load_tokenizer  # noqa: E402
 
 import llmray.engine.engine as engine_mod  # noqa: E402
 import llmray.engine.structured.batch as sbatch  # noqa: E402
+import llmray.engine.structured.mask_worker as mask_worker  # noqa: E402
 import llmray.engine.structured.step_masks as step_masks  # noqa: E402
 import llmray.kernels.sampling as sampling_kernel  # noqa: E402
 from llmray.engine.sampling_params import SamplingParams  # noqa: E402
@@ -79,7 +80,7 @@ class Probe:
             cur[key] = cur.get(key, 0.0) + t1 - t
             cur["cpu_" + key] = cur.get("cpu_" + key, 0.0) + time.thread_time() - c  # (the thread's CPU time)
             if key == "masks_finish":  # the timeline: this step's tokens landed / fill done (worker) vs now
-                self.times.append((self.flushed, step_masks._landed[0], step_masks._done[0], t, t1))
+                self.times.append((self.flushed, mask_worker._landed[0], mask_worker._done[0], t, t1))
                 self.flushed = t1
             if CUDA and cuda_mark:
                 ev1 = torch.cuda.Event(enable_timing=True)
@@ -299,6 +300,14 @@ def main() -> None:
     sampler = eng.runner.sampler
     split_default, switch_default = sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S
     result["kernel_mask_check"] = kernel_check()
+    if CUDA:  # the device wait's kernel (devwait) compiled now, not inside a profiled run
+        from llmray.kernels.token_bitmask import wait_flag
+
+        wait_flag(
+            torch.ones(1, dtype=torch.int32, device="cuda"),
+            0,
+            torch.zeros(1, dtype=torch.int32, device="cuda"),
+        )
     try:
         result["sampling_kernel"] = sampling_kernel_ms(args.baseline_sampling) if args.kernel_bench else {}
     except Exception as e:  # a bonus: the run goes on
@@ -308,14 +317,8 @@ def main() -> None:
         sampler.kernel_mask = False
         print("mask kernel check failed, torch path:", result["kernel_mask_check"], flush=True)
     for variant in [v for v in args.variants.split(",") if v]:
-        # "free" | "half", then "+" flags: nodefer (constrained steps synchronous), oldmask (the torch fp32 mask
-        # path), unseeded (no per-request seeds), threadsN (llguidance's mask executor on N threads), oldseed
-        # (seeded rows on per-row generators, not the fused kernel), noearly (masks filled at sampling time, not
-        # from the previous read-back on), noevent (the fill starts after the host's read-back, not when the
-        # tokens land), nosplit (the sampling kernel on one program per row), switch100 (0.1 ms GIL switch
-        # interval while a fill runs), noplan (no Sampler.prepare), noreuse (no fill plan reuse), compact (JSON
-        # without whitespace), xgrammar (the other library), noside (the main thread copies the masks after the
-        # wait, not the worker on a side stream), eagerdetok (the read-back detokenizes every token)
+        # "free" | "half", then "+" flags (each switches one mechanism, as commented below): nodefer, oldmask,
+        # unseeded, threadsN, oldseed, noearly, noevent, nosplit, switch100, noplan, noreuse, compact, xgrammar...
         kind, *flags = variant.split("+")
         seeded = "unseeded" not in flags
         backend = "xgrammar" if "xgrammar" in flags else "auto"
@@ -327,6 +330,9 @@ def main() -> None:
         sampler.plan_ahead = "noplan" not in flags  # the sampler's host work after the wait for the masks
         eng.runner.masks.reuse = "noreuse" not in flags  # every step's fill laid out anew
         eng.runner.masks.side_copy = "noside" not in flags  # the main thread copies the masks after the wait
+        default_devwait = eng.runner.masks.device_wait
+        if "devwait" in flags or "nodevwait" in flags:  # the device (not the host) waits for the fill
+            eng.runner.masks.device_wait = "devwait" in flags
         engine_mod.IncrementalDetokenizer = EagerDetokenizer if "eagerdetok" in flags else LAZY_OK
         sampling_kernel.TARGET_PROGRAMS = 0 if "nosplit" in flags else split_default  # one program per row
         step_masks._SWITCH_S = 1e-4 if "switch100" in flags else switch_default  # the old 0.1 ms
@@ -370,6 +376,7 @@ def main() -> None:
             sampler.plan_ahead = True
             eng.runner.masks.reuse = True
             eng.runner.masks.side_copy = True
+            eng.runner.masks.device_wait = default_devwait
             engine_mod.IncrementalDetokenizer = LAZY_OK
             sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S = split_default, switch_default
             if "compact" in flags:

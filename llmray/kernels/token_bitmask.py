@@ -80,3 +80,23 @@ def apply_token_bitmask_torch(
     idx = rows.long()
     out[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
     return out
+
+
+@triton.jit
+def _wait_flag_kernel(flag_ptr, target, max_iters, late_ptr):
+    # one program polls the flag (volatile: from L2, where the copy engine's write lands) until it reaches
+    # ``target``; past ``max_iters`` polls it gives up and counts that in ``late_ptr`` (no hang, ever)
+    i = 0
+    v = tl.load(flag_ptr, volatile=True)
+    while (v < target) & (i < max_iters):
+        v = tl.load(flag_ptr, volatile=True)
+        i += 1
+    if v < target:
+        tl.atomic_add(late_ptr, 1)
+
+
+def wait_flag(flag: torch.Tensor, target: int, late: torch.Tensor, max_iters: int = 2_000_000) -> None:
+    """Queue on the current stream a wait until ``flag`` (int32 (1,), device) holds at least ``target``: the
+    kernels queued after it run once another stream (or the host, through a copy) has written the flag. It
+    gives up after ``max_iters`` polls (about a second or more), adding 1 to ``late`` (int32 (1,))."""
+    _wait_flag_kernel[(1,)](flag, target, max_iters, late, num_warps=1)

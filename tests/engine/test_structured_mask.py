@@ -49,6 +49,20 @@ def test_kernel_matches_torch(dtype, select):
         assert (want[r, t] == float("-inf")) == (not allowed)
 
 
+def test_wait_flag_passes_at_the_flag_and_gives_up_counting():
+    # the device-side wait for the mask worker (StepMasks.device_wait): it returns once the flag reaches the
+    # job's number, and past its poll limit it returns anyway and counts the late wait (never a hang)
+    from llmray.kernels.token_bitmask import wait_flag
+
+    flag = torch.tensor([7], dtype=torch.int32, device=DEVICE)
+    late = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    wait_flag(flag, 7, late)
+    wait_flag(flag, 3, late)
+    assert int(late[0]) == 0
+    wait_flag(flag, 8, late, max_iters=50)
+    assert int(late[0]) == 1
+
+
 def test_sampler_masks_constrained_rows_in_the_model_dtype():
     """The sampler with a bitmask: every row samples an allowed token; greedy rows take the allowed argmax; on
     CUDA the in-place kernel path (bf16 logits) and the torch path give the same greedy tokens."""

@@ -26,21 +26,19 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmray.engine.sequence import PLACEHOLDER, Sequence
+from llmray.engine.structured.mask_worker import DeviceMasks, run_job, tokens_of
 
 if TYPE_CHECKING:
     from llmray.engine.sampler import Bitmask
 
 logger = logging.getLogger("llmray.engine")
 _WORKER: ThreadPoolExecutor | None = None
-_landed, _done = [0.0], [0.0]  # when the worker's latest job got its tokens / was done (perf_counter)
 # the interpreter's switch interval while a fill is in flight: the worker takes the GIL back within this long
 # after each call into the grammar library instead of the default 5 ms (the main thread runs Python throughout)
 _SWITCH_S = 2e-5
@@ -65,6 +63,8 @@ class _Job:
         self.complete = True  # it covers every constrained row that will need a mask
         self.turn = 0  # its host pair
         self.dev: tuple[torch.Tensor, torch.Tensor] | None = None  # the device pair the worker copies into
+        self.flag_id = 0  # device_wait: the job number the worker writes into the device flag
+        self.failed: dict[int, str] | None = None  # device_wait: its step's failed rows, filled when settled
         self.stops = False  # its check may change rows after the worker's copy (extra stop tokens)
 
 
@@ -104,10 +104,10 @@ class StepMasks:
         # CUDA: the worker copies the masks it filled to the device on its own stream, and the sampling waits
         # for that copy on the device (False: the main thread copies them after waiting for the worker)
         self.side_copy = True
-        self._side: Any = None  # the worker's stream
-        self._dev: list[tuple[torch.Tensor, torch.Tensor]] = []  # device pairs, alternating per job
-        self._dev_turn = 0
-        self._started_ev: Any = None  # recorded at the latest start(): after the previous job's sampling
+        # with side_copy: the device waits for the worker's copy (a flag), the host never waits for the fill
+        self.device_wait = False
+        self._devm: DeviceMasks | None = None
+        self._unsettled: _Job | None = None  # device_wait: a job sampled but not yet waited for on the host
         self.started, self.work_s = 0, 0.0  # fills started early, the worker's busy seconds (tests, benches)
         self._switch = sys.getswitchinterval()
 
@@ -157,12 +157,11 @@ class StepMasks:
     ) -> Bitmask | None:
         """The packed masks of the step's constrained rows, filled now (None: no row is constrained).
         ``deferred``: the step's own placeholder already ends each sequence; the token before it must be known."""
+        self._settle()
         job, self._job = self._job, None
         if job is not None and job.future is not None:  # a stale job (its step was dropped): let it end
-            copied = job.future.result()[2]
-            sys.setswitchinterval(self._switch)
-            if copied is not None:  # its host pair is free once the worker's copy is done
-                self._fence[job.turn] = copied
+            self._unsettled = job
+            self._settle()
         rows = self._constrained(seqs, deferred)
         if not rows:
             return None
@@ -190,7 +189,7 @@ class StepMasks:
         source = None
         key: tuple | None = None
         if prev is not None and prev.out is not None:
-            source = _tokens_of(prev) if tokens is None else (lambda: tokens)
+            source = tokens_of(prev) if tokens is None else (lambda: tokens)
             if not prev.failed and self.reuse:  # the same rows as the step before (the norm): its plan again
                 key = (tuple(map(id, pending.seqs)), tuple(map(id, prev.seqs)))
         plan = self._plan if key is not None and self._plan is not None and self._plan.key == key else None
@@ -198,16 +197,27 @@ class StepMasks:
             plan = self._plan = self._new_plan(pending, prev, key)
         if not plan.rows:
             return
+        if self._unsettled is not None and self._unsettled.turn != self._turn:  # (its host pair is next)
+            self._settle()
         host, index = self._buffer(len(plan.rows))
         index.numpy()[:] = plan.index
         job = self._job = _Job(pending, plan.rows, host, index)
         job.complete, job.stops, job.turn = plan.complete, plan.stops, self._turn
         job.checks = [(check, rws) for (_, check), rws in plan.jobs]
-        copy = self._side_copy(job) if self.side_copy and self.is_cuda else None
+        copy, checks = None, None
+        if self.side_copy and self.is_cuda:
+            if self._devm is None:
+                self._devm = DeviceMasks(self.device, self.words)
+            flag = self.device_wait and plan.complete
+            copy = self._devm.plan(host, index, self.max_rows, flag)
+            job.dev, job.flag_id = (copy[2], copy[3]), copy[6][2] if flag else 0
+            checks = job.checks if flag else None  # (run by the worker, before its copy)
         # the worker needs the GIL only briefly (between its calls into the library): let it have it soon
-        self._switch = sys.getswitchinterval()
+        if sys.getswitchinterval() > _SWITCH_S:
+            self._switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch, _SWITCH_S))
-        job.future = _worker().submit(_run, [work for (work, _), _ in plan.jobs], host, source, copy)
+        works = [work for (work, _), _ in plan.jobs]
+        job.future = _worker().submit(run_job, works, host, source, copy, checks)
         self.started += 1
         # the read-back of ``prev`` must not accept these rows' tokens again (``consumed``)
         self._consumed = (prev, plan.consumed) if plan.consumed else None
@@ -216,36 +226,13 @@ class StepMasks:
         """For the read-back of ``step``: its rows whose sampled token the worker accepts into their constraint
         (row -> the tokens that end that row's document: it finishes "stop" on one of them); the read-back must
         not accept those tokens again. None: no such row (each constrained row is accepted as usual)."""
+        if self._unsettled is not None and self._unsettled.pending is step:
+            self._settle()  # (device_wait: its failed rows, before the read-back reads them)
         rec = self._consumed
         if rec is None or rec[0] is not step:
             return None
         self._consumed = None
         return rec[1]
-
-    def _side_copy(self, job: _Job) -> tuple:
-        """(side stream, event, device masks, device rows, host masks, host rows) for the worker's copy. The two
-        device pairs alternate per job: job J+2 writes J's pair once the event recorded at J+1's start (after
-        J's sampling was queued) has passed."""
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        n = job.host.shape[0]
-        if not self._dev or self._dev[0][0].shape[0] < n:
-            size = max(n, self.max_rows)
-            self._dev = [
-                (
-                    torch.empty((size, self.words), dtype=torch.int32, device=self.device),
-                    torch.empty(size, dtype=torch.int32, device=self.device),
-                )
-                for _ in range(2)
-            ]
-            torch.cuda.current_stream(self.device).synchronize()  # (new pairs: nothing reads them yet)
-            self._started_ev = None
-        self._dev_turn ^= 1
-        dm, di = self._dev[self._dev_turn]
-        after, self._started_ev = self._started_ev, torch.cuda.Event()
-        self._started_ev.record()
-        job.dev = (dm[:n], di[:n])
-        return (self._side, after, job.dev[0], job.dev[1], job.host, job.index)
 
     @staticmethod
     def _new_plan(pending: Any, prev: Any, key: tuple | None) -> _Plan:
@@ -292,7 +279,9 @@ class StepMasks:
         """Whether ``finish(pending)`` would not wait: the worker is done with its masks (a step whose fill
         was not started early is not ready: it fills when it must)."""
         job = self._job
-        return job is not None and job.pending is pending and job.future is not None and job.future.done()
+        if job is None or job.pending is not pending or job.future is None:
+            return False
+        return bool(job.flag_id) or job.future.done()  # (device_wait: the device waits, not the host)
 
     def finish(self, pending: Any, failed: dict[int, str]) -> Bitmask | None:
         """The packed masks of the deferred step ``pending``, on the device: the worker's rows (waited for)
@@ -302,8 +291,14 @@ class StepMasks:
             self._job = job  # (fill_now waits for a stale job)
             return self.fill_now(pending.seqs, failed, deferred=True)
         assert job.future is not None
-        results, work_s, copied = job.future.result()
-        sys.setswitchinterval(self._switch)
+        if job.flag_id:  # device_wait: the sampling waits on the device for the worker's flag
+            assert self._devm is not None and job.dev is not None, "a flagged job has its device pair"
+            self._settle()
+            job.failed, self._unsettled = failed, job
+            self._devm.wait(job.flag_id)
+            return job.dev
+        results, work_s, copied, _ = job.future.result()
+        self._restore_switch()
         self.work_s += work_s
         dirty = job.stops
         for (check, rws), res in zip(job.checks, results, strict=True):
@@ -343,57 +338,28 @@ class StepMasks:
             _report(late[k - n][0], why, host, k, failed)
         return self._to_device(host, index)
 
+    def _settle(self) -> None:
+        """device_wait: wait for the unsettled job's worker (done by the time its tokens are read back) and
+        report its failed rows into its step's ``failed``."""
+        job, self._unsettled = self._unsettled, None
+        if job is None or job.future is None:
+            return
+        _, work_s, copied, reasons = job.future.result()
+        self._restore_switch()
+        self.work_s += work_s
+        if copied is not None:
+            self._fence[job.turn] = copied  # (its host pair: free after the worker's copy)
+        for k, why in reasons.items():
+            logger.warning("constraint of sampling row %d failed: %s", job.rows[k][0], why)
+            if job.failed is not None:
+                job.failed[job.rows[k][0]] = why
+
+    def _restore_switch(self) -> None:
+        if self._job is None and self._unsettled is None:  # (no fill in flight any more)
+            sys.setswitchinterval(self._switch)
+
 
 def _report(row: int, why: str, host: torch.Tensor, k: int, failed: dict[int, str]) -> None:
     logger.warning("constraint of sampling row %d failed: %s", row, why)
     failed[row] = why
     host[k] = -1
-
-
-def _tokens_of(step: Any) -> Callable[[], Any]:
-    """The sampled tokens of a launched step (int64 array), read on the worker: it waits for the step's
-    device->host copy (CUDA: its event; the GIL is released while it waits)."""
-    ready, out = step.ready, step.host if step.host is not None else step.out
-
-    def read() -> Any:
-        if ready is not None:
-            ready.synchronize()
-        _landed[0] = time.perf_counter()
-        return out.token_ids.numpy()
-
-    return read
-
-
-def _run(
-    works: list, host: torch.Tensor, tokens: Callable[[], Any] | None, copy: tuple | None
-) -> tuple[list, float, Any]:
-    """On the worker: each constraint class's ``work(host, tokens)`` (its result, or the exception it raised),
-    the time, and (``copy``: CUDA) the event after the masks' copy to the device on the side stream (None: not
-    copied; the main thread copies them)."""
-    t0 = _landed[0] = time.perf_counter()
-    out: list = []
-    for work in works:
-        try:
-            out.append(work(host, tokens))
-        except Exception as e:  # reported per row by finish()
-            out.append(e)
-    _done[0] = time.perf_counter()
-    busy = _done[0] - max(t0, _landed[0])  # (from the tokens' landing on)
-    copied = None
-    if copy is not None:
-        stream, after, dev_masks, dev_rows, host_masks, host_rows = copy
-        try:
-            with (
-                torch.inference_mode(),
-                torch.cuda.stream(stream),
-            ):  # (the device pairs are inference tensors)
-                if after is not None:
-                    stream.wait_event(after)
-                dev_masks.copy_(host_masks, non_blocking=True)
-                dev_rows.copy_(host_rows, non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(stream)
-        except Exception as e:  # the main thread copies them instead
-            logger.warning("mask copy on the side stream failed: %r", e)
-            copied = None
-    return out, busy, copied
