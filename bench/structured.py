@@ -347,7 +347,11 @@ def _toggle(llm: LLM, extra: str):
             from llmray.kernels.token_bitmask import wait_flag
 
             one = torch.ones(1, dtype=torch.int32, device="cuda")
-            wait_flag(one, 0, torch.zeros_like(one))
+            try:
+                wait_flag(one, 0, torch.zeros_like(one))
+            except Exception as e:
+                print("wait_flag failed:", repr(e), flush=True)
+                return None
         return (lambda: setattr(runner.masks, "device_wait", extra == "devwait")), (
             lambda: setattr(runner.masks, "device_wait", default)
         )
