@@ -113,11 +113,19 @@ RAY_LOCAL_MODULES = (
     "train/test_finetune.py",
     "train/test_data.py",
 )
+# Likewise the modules that use ``serve_local`` (one Ray + Serve; each start costs ~40 CPU-s of Ray's and Serve's
+# processes on two cores): one unit of work, one session.
+SERVE_LOCAL_MODULES = (
+    "serve/test_serve_app.py",
+    "serve/test_serve_replicas.py",
+)
+UNITS = {"ray_local modules": RAY_LOCAL_MODULES, "serve_local modules": SERVE_LOCAL_MODULES}
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which the GPU machine may not have
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """``--dist loadfile`` with RAY_LOCAL_MODULES as one unit of work (xdist hands out whole units)."""
+    """``--dist loadfile`` with RAY_LOCAL_MODULES and SERVE_LOCAL_MODULES as units of work (xdist hands out
+    whole units)."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
@@ -125,7 +133,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     class OneRayLocalWorker(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = super()._split_scope(nodeid)
-            return "ray_local modules" if path.removeprefix("tests/") in RAY_LOCAL_MODULES else path
+            return next((unit for unit, mods in UNITS.items() if path.removeprefix("tests/") in mods), path)
 
     return OneRayLocalWorker(config, log)
 
@@ -215,19 +223,53 @@ def _gcs_address(ray) -> str:
     return str(ray.get_runtime_context().gcs_address)
 
 
-def _wanted_next(request) -> bool:
-    """Whether this process's next module uses ray_local, or it goes on in this module's folder and a
-    module there uses ray_local later."""
+def _wanted_next(request, fixture: str = "ray_local") -> bool:
+    """Whether this process's next module uses ``fixture``, or it goes on in this module's folder and a
+    module there uses ``fixture`` later."""
     nxt, folder = _NEXT.get("item"), request.node.path.parent
     if nxt is None:
         return False
     items = request.session.items
-    if any(i.path == nxt.path and "ray_local" in i.fixturenames for i in items):
+    if any(i.path == nxt.path and fixture in i.fixturenames for i in items):
         return True
     if nxt.path.parent != folder:
         return False
     start = next((n for n, i in enumerate(items) if i is nxt), len(items))
-    return any(i.path.parent == folder and "ray_local" in i.fixturenames for i in items[start:])
+    return any(i.path.parent == folder and fixture in i.fixturenames for i in items[start:])
+
+
+_SERVE: dict = {}  # the session serve_local started (its context manager, the session, its Ray's gcs address)
+
+
+@pytest.fixture(scope="module")
+def serve_local(request):
+    """A local Ray + Serve with Ray's metrics exported on a port (``session.metrics_port``), shared like
+    ``ray_local``: it stays up for this process's next module when that one uses it too (SERVE_LOCAL_MODULES run
+    one after another on one worker). Each module's llmray app is deleted at its end."""
+    import ray
+    from serve_helpers import free_port, serve_session  # tests/serve/, on sys.path for its modules
+
+    if not (_SERVE and ray.is_initialized() and _gcs_address(ray) == _SERVE["gcs"]):
+        _stop_serve_local()
+        metrics_port = free_port()
+        cm = serve_session(metrics_port=metrics_port)
+        session = cm.__enter__()
+        session.metrics_port = metrics_port
+        _SERVE.update(cm=cm, session=session, gcs=_gcs_address(ray))
+    yield _SERVE["session"]
+    _SERVE["session"].delete()
+    if _wanted_next(request, "serve_local") and ray.is_initialized() and _gcs_address(ray) == _SERVE["gcs"]:
+        return
+    _stop_serve_local()
+
+
+def _stop_serve_local() -> None:
+    import ray
+
+    if _SERVE:
+        if ray.is_initialized() and _gcs_address(ray) == _SERVE["gcs"]:  # not a Ray started since
+            _SERVE["cm"].__exit__(None, None, None)  # serve.shutdown(), ray.shutdown()
+        _SERVE.clear()
 
 
 def cuda_available() -> bool:

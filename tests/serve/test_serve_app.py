@@ -1,6 +1,7 @@
 """The llmray app on a real local Ray Serve, the real engine on the tiny model (CPU, torch kernels).
 
-One Ray + Serve for the module (start-up is slow on 2 cores), two apps in turn:
+One Ray + Serve (start-up is slow on 2 cores; shared with test_serve_replicas.py: ``serve_local``), two apps
+in turn:
 
 1. the API through the `openai` client: one engine replica (max_num_seqs=4, so the replica holds
    max_ongoing_requests=8 + max_queued_requests=2 requests and answers 429 beyond), an API key, Ray
@@ -32,10 +33,8 @@ from serve_helpers import (
     KEY,
     engine_stats,
     engine_under_test,
-    free_port,
     replica_pids,
     rss_mb,
-    serve_session,
     sse_data,
     stream_completion,
     wait_for,
@@ -50,11 +49,8 @@ LONG_JSON = {"max_tokens": 400, "temperature": 0, "ignore_eos": True}  # the sam
 
 
 @pytest.fixture(scope="module")
-def session():
-    metrics_port = free_port()
-    with serve_session(metrics_port=metrics_port) as s:
-        s.metrics_port = metrics_port  # type: ignore[attr-defined]
-        yield s
+def session(serve_local):
+    return serve_local  # Ray + Serve shared with test_serve_replicas.py (tests/conftest.py), metrics exported
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The llmray app on a real local Ray Serve over test-double engines: replicas that come, go and crash.
 
-One Ray + Serve for the module (starting them costs more than deploying a test-double app); each scenario
+One Ray + Serve (starting them costs more than deploying a test-double app; shared with test_serve_app.py:
+``serve_local``); each scenario
 deploys its own app (``ServeSession.deploy`` replaces the one before):
 
 - multiplexed LoRA routing over two ``LLMServer`` replicas behind a separate ingress (the mock engine);
@@ -42,7 +43,6 @@ from serve_helpers import (
     llm_server_handle,
     replica_count,
     replica_pids,
-    serve_session,
     sse_data,
     stream_completion,
     wait_for,
@@ -56,9 +56,8 @@ LONG = {"model": MODEL, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def session():
-    with serve_session() as s:
-        yield s
+def session(serve_local):
+    return serve_local  # Ray + Serve shared with test_serve_app.py (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
