@@ -115,6 +115,9 @@ class BlockManager:
         n = (seq.num_tokens - 1) // bs
         if n == 0:
             return []
+        # the first block alone first: a prompt that misses there (most new prompts) hashes no further now
+        if self.hash_to_block.get(self._hash_blocks(seq, bs)[0]) is None:
+            return []
         ids = list(map(self.hash_to_block.get, self._hash_blocks(seq, n * bs)[:n]))
         found: list[int] = ids[: ids.index(None)] if None in ids else ids  # type: ignore[assignment]
         if not found:
