@@ -11,14 +11,19 @@ from llmray.engine import skinny
 from llmray.engine.skinny import skinny_projections
 
 
-def test_skinny_projections_same_hidden_states_and_restored(model, monkeypatch):
+def test_skinny_projections_same_hidden_states_and_restored(monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
     from llmray.kernels.skinny_gemm import _skinny_kernel
 
     if torch.cuda.is_available() or not isinstance(_skinny_kernel, InterpretedFunction):
         pytest.skip("CPU check under TRITON_INTERPRET=1 (tests/engine/conftest.py)")
+    from llmray.config import ModelConfig
+    from llmray.model.qwen3 import Qwen3ForCausalLM
+
     monkeypatch.setattr(skinny, "INTERPRETED", True)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(ModelConfig.preset("tiny", num_hidden_layers=1), kernels="torch").eval()
     model.fuse_projections()
     shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)}
     shapes |= {tuple(w.shape) for w in (model.model.layers[0].self_attn.qkv_weight,)}
@@ -43,4 +48,4 @@ def test_skinny_projections_same_hidden_states_and_restored(model, monkeypatch):
     assert len(calls) == 3 * layers - 1
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     lin = model.model.layers[0].mlp.down_proj
-    assert "forward" not in vars(lin) and model.model.layers[1].self_attn.qkv_linear is None
+    assert "forward" not in vars(lin) and model.model.layers[0].self_attn.qkv_linear is None
