@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,27 +34,31 @@ from llmray.kernels import paged_attention as pa  # noqa: E402
 
 H, HKV, D, PAGE = 16, 8, 128, 16
 # (cache kind, splits, config): the committed path first and again last (its spread is the noise); config
-# (BLOCK_R, BLOCK_N, warps, stages, fast_addr[, bf16 partials]) or (0,) (per-head programs + merge kernel)
+# (BLOCK_R, BLOCK_N, warps, stages, fast_addr[, bf16 partials]) or (0,) (per-head programs + merge kernel);
+# (-1,): a kernel that does nothing over the one-launch grid of BLOCK_R 16 (the launch + scheduling floor)
+# W1 (bench/results/attn_prefix_w1.json): one-launch best 0.594 ms (8 splits, 16 rows) vs committed 0.785, and
+# ~1.3 us more per split: the merge's loads waited on a layout change + barrier per split (fixed: see the kernel)
 VARIANTS = [
     ("bf16", 8, (0,)),
-    ("bf16", 16, (32, 64, 4, 5, True)),
-    ("bf16", 16, (32, 64, 4, 3, True)),
-    ("bf16", 8, (32, 64, 4, 5, True)),
-    ("bf16", 16, (16, 64, 4, 5, True)),
-    ("bf16", 8, (16, 64, 4, 5, True)),
-    ("bf16", 8, (64, 64, 8, 3, True)),
-    ("bf16", 16, (32, 64, 4, 5, True, True)),
-    ("bf16", 32, (32, 32, 4, 5, True)),
-    ("bf16", 32, (16, 64, 4, 5, True)),
-    ("bf16", 16, (32, 32, 4, 5, True)),
-    ("bf16", 4, (64, 64, 8, 3, True)),
-    ("bf16", 16, (32, 64, 8, 5, True)),
     ("bf16", 16, (0,)),
+    ("bf16", 8, (-1,)),
+    ("bf16", 8, (16, 64, 4, 5, True)),
+    ("bf16", 16, (16, 64, 4, 5, True)),
+    ("bf16", 8, (32, 64, 4, 5, True)),
+    ("bf16", 16, (32, 64, 4, 5, True)),
+    ("bf16", 8, (16, 64, 4, 5, True, True)),
+    ("bf16", 16, (16, 64, 4, 5, True, True)),
+    ("bf16", 8, (16, 128, 4, 3, True)),
+    ("bf16", 12, (16, 64, 4, 5, True)),
+    ("bf16", 8, (16, 64, 2, 5, True)),
+    ("bf16", 8, (16, 32, 4, 5, True)),
+    ("bf16", 16, (16, 32, 4, 5, True)),
+    ("bf16", 4, (32, 64, 4, 5, True)),
     ("fp8", 8, (0,)),
-    ("fp8", 16, (32, 64, 4, 5, True)),
-    ("fp8", 8, (32, 64, 4, 5, True)),
+    ("fp8", 8, (16, 64, 4, 5, True)),
     ("fp8", 16, (16, 64, 4, 5, True)),
-    ("fp8", 32, (16, 64, 4, 5, True)),
+    ("fp8", 8, (32, 64, 4, 5, True)),
+    ("fp8", 16, (32, 64, 4, 5, True)),
     ("bf16", 8, (0,)),
     ("fp8", 8, (0,)),
 ]  # fmt: skip
@@ -97,7 +103,17 @@ def build(kind: str, layers: int, ctx: int, qlen: int, pool: int, dev: str, seed
     }
 
 
+@triton.jit
+def _noop_kernel(x_ptr):
+    if tl.program_id(0) < 0:  # never: the launch and scheduling of the grid only
+        tl.store(x_ptr, 0.0)
+
+
 def run_layers(case: dict, splits: int, cfg: tuple, layers: list[int]) -> None:
+    if cfg[0] == -1:
+        for i in layers:
+            _noop_kernel[(case["tiles"][0].shape[0], HKV * 8, splits)](case["outs"][i])
+        return
     for i in layers:
         (k, v), (ks, vs) = case["caches"][i], case["scales"][i]
         pa.paged_prefill(
@@ -204,18 +220,25 @@ def main() -> None:
         for i in check:
             case["outs"][i].fill_(float("nan"))
         run_layers(case, splits, cfg, check)
-        row = {"kind": kind, "splits": splits, "config": list(cfg), **errors(case, refs[kind], check)}
+        row = {"kind": kind, "splits": splits, "config": list(cfg)}
+        if cfg[0] != -1:
+            row.update(errors(case, refs[kind], check))
         if not quick:
             for i in check:
                 case["outs"][i].fill_(float("nan"))
             ms = time_graph(case, splits, cfg, layers, reps=40)
-            after = errors(case, refs[kind], check)
             row.update(ms_layers=round(ms, 4), us_per_layer=round(ms * 1000 / layers, 2))
-            row["rel_err_after_replays"] = after["rel_err"]
-            row["unwritten"] += after["unwritten"]
+            if cfg[0] != -1:
+                after = errors(case, refs[kind], check)
+                row["rel_err_after_replays"] = after["rel_err"]
+                row["unwritten"] += after["unwritten"]
         res["results"].append(row)
         print(f"[{time.time() - t0:.1f}s]", json.dumps(row), flush=True)
-        timed = [r for r in res["results"] if "ms_layers" in r and r["rel_err_after_replays"] < 2e-2]
+        timed = [
+            r
+            for r in res["results"]
+            if r.get("rel_err_after_replays", 1) < 2e-2 and not r.get("unwritten", 1)
+        ]
         for kind_ in ("bf16", "fp8"):
             rows = [r for r in timed if r["kind"] == kind_]
             if rows:

@@ -68,6 +68,8 @@ def _prefill_gqa_kernel(
     BLOCK_M: tl.constexpr,  # query tokens per tile (the work list's unit)
     BLOCK_R: tl.constexpr,  # query rows (token, head) per program
     BLOCK_N: tl.constexpr,  # keys per loop step
+    BLOCK_S: tl.constexpr,  # next power of two >= NUM_SPLITS
+    MERGE_C: tl.constexpr,  # splits per load wave of the merge (a power of two <= BLOCK_S)
     PRECISION: tl.constexpr,
     FP8: tl.constexpr,
     CDT: tl.constexpr,
@@ -154,33 +156,39 @@ def _prefill_gqa_kernel(
         ticket = tl.atomic_add(ticket_ptr + group_id, 1, sem="acq_rel", scope="gpu")
         if ticket == used - 1:  # the last of the group's splits: merge them all
             tl.store(ticket_ptr + group_id, 0)  # (the others are done with it: ready for the next launch)
-            mx = lse
-            for s_i in tl.static_range(NUM_SPLITS):
-                sel = tl.zeros([BLOCK_R], tl.int32) + s_i  # (a vector: the CPU interpreter's masks)
-                other = (sel < used) & (sel != split)
-                lse_i = tl.load(
-                    part_lse_ptr + rows + s_i, mask=rmask & other, other=float("-inf"), cache_modifier=".cg"
-                )
-                mx = tl.maximum(mx, lse_i)
+            # every split's lse of the block's rows in one load, then the partial outputs MERGE_C splits at a
+            # time as (BLOCK_R, MERGE_C, D) loads: few load waves and layout changes (one per split, each with
+            # a barrier, made the merge ~1.3 us per split on the H200)
+            sp = tl.arange(0, BLOCK_S)
+            lmask = rmask[:, None] & (sp < used)[None, :]
+            lse_all = tl.load(
+                part_lse_ptr + rows[:, None] + sp[None, :],
+                mask=lmask,
+                other=float("-inf"),
+                cache_modifier=".cg",
+            )  # (BLOCK_R, BLOCK_S)
+            mx = tl.max(lse_all, 1)
             mx = tl.where(mx == float("-inf"), 0.0, mx)  # (rows out of range)
-            w = tl.exp2(lse - mx)
-            den = w
-            res = own_p.to(tl.float32) * w[:, None]  # (as the others see it)
-            for s_i in tl.static_range(NUM_SPLITS):
-                sel = tl.zeros([BLOCK_R], tl.int32) + s_i  # (a vector: the CPU interpreter's masks)
-                other = (sel < used) & (sel != split)
-                lse_i = tl.load(
-                    part_lse_ptr + rows + s_i, mask=rmask & other, other=float("-inf"), cache_modifier=".cg"
+            res = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+            den = tl.zeros([BLOCK_R], tl.float32)
+            for c0 in tl.static_range(0, BLOCK_S, MERGE_C):
+                spc = c0 + tl.arange(0, MERGE_C)
+                cmask = rmask[:, None] & (spc < used)[None, :]  # (BLOCK_R, MERGE_C)
+                lse_c = tl.load(
+                    part_lse_ptr + rows[:, None] + spc[None, :],
+                    mask=cmask,
+                    other=float("-inf"),
+                    cache_modifier=".cg",
                 )
-                o_i = tl.load(
-                    part_out_ptr + (rows + s_i)[:, None] * D + d[None, :],
-                    mask=io_mask & other[:, None],
+                w_c = tl.exp2(lse_c - mx[:, None])  # 0 for splits without keys
+                o_c = tl.load(
+                    part_out_ptr + (rows[:, None] + spc[None, :])[:, :, None] * D + d[None, None, :],
+                    mask=cmask[:, :, None] & dmask[None, None, :],
                     other=0.0,
                     cache_modifier=".cg",
-                ).to(tl.float32)
-                w_i = tl.exp2(lse_i - mx)
-                den += w_i
-                res += o_i * w_i[:, None]
+                ).to(tl.float32)  # (BLOCK_R, MERGE_C, BLOCK_D)
+                res += tl.sum(o_c * w_c[:, :, None], 1)
+                den += tl.sum(w_c, 1)
             res = res / tl.where(den > 0, den, 1.0)[:, None]
             tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=io_mask)
 

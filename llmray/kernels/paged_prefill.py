@@ -18,7 +18,9 @@ from llmray.kernels.kv_store import is_fp8
 # split-K prefill with ``tiles`` (a short chunk after a long cached prefix): (BLOCK_R query rows = (token, GQA
 # head) pairs per program, BLOCK_N keys per step, num_warps, num_stages, fast_addr[, bf16 partial outputs]), one launch with the merge
 # folded in (the last split of each group merges); BLOCK_R 0: per-head programs + a merge kernel.
-PREFILL_SPLIT_CONFIG: tuple = (0,)  # (until the H200 A/B of bench/attn_prefix.py picks the one-launch config)
+# H200, 48 new tokens over 2,048, 28 layers in a CUDA graph (bench/attn_prefix.py, W1: attn_prefix_w1.json):
+# 8 splits x 16 rows 0.594 ms vs 0.785 for the two-kernel path (16 splits 0.650); (merge fixed after W1)
+PREFILL_SPLIT_CONFIG: tuple = (16, 64, 4, 5, True)
 
 
 def paged_prefill(
@@ -174,9 +176,8 @@ def _prefill_split_fused(
     group = h // hkv
     block_m = prefill_block_m(q.dtype)
     block_r, block_n, warps, stages, fast_addr, *rest = cfg
-    part_dtype = (
-        torch.bfloat16 if rest and rest[0] else torch.float32
-    )  # partial outputs: bf16 halves the merge
+    part_dtype = torch.bfloat16 if rest and rest[0] else torch.float32  # (bf16 halves the merge's bytes)
+    block_s = triton.next_power_of_2(splits)
     rb = triton.cdiv(block_m * group, block_r)
     grid = (tiles[0].shape[0], hkv * rb, splits)
     ticket = tickets(q.device, grid[0] * grid[1])
@@ -235,6 +236,8 @@ def _prefill_split_fused(
         BLOCK_M=block_m,
         BLOCK_R=block_r,
         BLOCK_N=block_n,
+        BLOCK_S=block_s,
+        MERGE_C=max(1, min(block_s, 64 * 32 * warps // (block_r * triton.next_power_of_2(d)))),
         PRECISION=_precision(q.dtype, precision),
         FP8=fp8,
         CDT=_compute_dtype(q.dtype, fp8),
