@@ -29,6 +29,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,10 +238,18 @@ def train_steps(
     w.model.train()
     last: dict[str, Any] = {}
     if cfg.compile_ahead and device.type == "cuda" and w.model.ops.name == "triton" and world == 1:
-        first = _next_batch(batches, w.state["batches_consumed"])  # (B, T + 1), handed back below
-        batches = itertools.chain([first], batches)
-        ahead = precompile_training(w.model, first[:, :-1], first[:, 1:], device, w.dtype, w.opt)
-        clock.marks["compile_ahead"] = dict(ahead, errors=ahead["errors"][:3], n_errors=len(ahead["errors"]))
+        # the first batch arrives (Ray Data's pipeline starts: seconds) while the kernels compile on a
+        # stand-in of its shape; then it is handed back to the loop
+        with ThreadPoolExecutor(1) as pool:
+            fetch = pool.submit(_next_batch, batches, w.state["batches_consumed"])
+            shape = torch.zeros((cfg.micro_batch_size, cfg.seq_len + 1), dtype=torch.long, device=device)
+            ahead = precompile_training(w.model, shape[:, :-1], shape[:, 1:], device, w.dtype, w.opt)
+            t_wait = time.perf_counter()
+            batches = itertools.chain([fetch.result()], batches)  # (B, T + 1)
+        ahead.update(errors=ahead["errors"][:3], n_errors=len(ahead["errors"]))
+        clock.marks["compile_ahead"] = dict(
+            ahead, then_waited_for_data_s=round(time.perf_counter() - t_wait, 3)
+        )
     try:
         while w.state["step"] < cfg.max_steps:
             out = run_step(w, cfg, batches, world)
