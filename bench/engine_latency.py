@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import build_model, latency, make_llm, workload  # noqa: E402
 from engine_common import sync  # noqa: E402
-from engine_latency_parts import line_times, skinny_configs, splits_ab  # noqa: E402
+from engine_latency_parts import line_times, splits_ab  # noqa: E402
 from engine_profile import profile, step_timers  # noqa: E402
 
 from llmray.engine.sampling_params import SamplingParams  # noqa: E402
@@ -280,9 +280,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sections", default="ttft,kernels,run1,profile")
     ap.add_argument("--traces", action="store_true", help="chrome traces of the hit and a decode-256 step")
-    ap.add_argument(
-        "--skinny-configs", default=None, help="ab_skinny: bench/gemm_skinny.py's json (best per shape)"
-    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -318,28 +315,6 @@ def main() -> None:
             res["run1"] = run1(llm, prompts, outs)
         elif section == "profile":
             res["profile"] = profile(llm, prompts, [min(o, 64) for o in outs])
-        elif (
-            section == "ab_skinny"
-        ):  # prefill graphs <= 64 tokens on the weight-streaming GEMM (a fresh engine)
-            import gc
-
-            from llmray.engine import runner as runner_mod
-
-            del llm
-            gc.collect()
-            torch.cuda.empty_cache() if CUDA else None
-            runner_mod.SKINNY_PREFILL = True
-            runner_mod.SKINNY_CONFIGS.update(skinny_configs(args.skinny_configs))
-            llm, startup = make_llm(model)
-            llm.generate(
-                workload(4, 16, 64, cfg.vocab_size, seed=1)[0], SamplingParams(max_tokens=8, ignore_eos=True)
-            )
-            res["ab_skinny"] = {
-                "configs": {str(k): v for k, v in runner_mod.SKINNY_CONFIGS.items()},
-                "startup_s": startup,
-                "latency": latency(llm, cfg.vocab_size, args.quick),
-                "ttft": ttft_breakdown(llm, cfg.vocab_size, args.quick, args.repeats),
-            }
         elif section == "ab_fuse":  # the same figures with the k/v store as its own launch (a fresh engine)
             import gc
 

@@ -1,14 +1,12 @@
 """Sections of bench/engine_latency.py beside its spans: per-source-line host us of a prefix hit (lines), the
-prefill split-K A/B (splits:8/16), the weight-streaming GEMM configs from bench/gemm_skinny.py (ab_skinny)."""
+prefill split-K A/B (splits:8/16)."""
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from llmray.engine.sampling_params import SamplingParams
 
@@ -124,21 +122,4 @@ def splits_ab(llm, vocab: int, quick: bool, values: list[int]) -> dict:
         if graphs is not None and graphs.graphs:
             graphs.capture(only=small)
         out[f"splits{sp}" + ("_again" if k == len(values) else "")] = prefix_pair(llm, vocab, quick, 100 + k)
-    return out
-
-
-def skinny_configs(path: str | None) -> dict:
-    """(N, K) -> the fastest kernel config at 64 rows in bench/gemm_skinny.py's json, None where cuBLAS won."""
-    import ast
-
-    if path is None:
-        return {}
-    from gemm_skinny import SHAPES
-
-    rows = json.loads(Path(path).read_text())["us_per_call"]
-    out: dict = {}
-    for name, shape in SHAPES.items():
-        row = rows.get(f"{name} m64")
-        if row is not None:
-            out[shape] = ast.literal_eval(row["best"]) if row["speedup"] > 1.0 else None
     return out

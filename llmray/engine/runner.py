@@ -24,7 +24,6 @@ from llmray.engine.kv_cache import KVCache
 from llmray.engine.sampler import Bitmask, Sampler, SamplerOutput
 from llmray.engine.scheduler import ScheduledSeq
 from llmray.engine.sequence import Sequence
-from llmray.engine.skinny import MAX_ROWS, skinny_projections
 from llmray.engine.step_inputs import Layout, StepBatch, StepInputs, tile_capacity
 from llmray.engine.structured.step_masks import StepMasks
 from llmray.engine.warmup import warmup
@@ -38,10 +37,6 @@ FUSE_KV_STORE = True  # (read by ModelRunner(): benches A/B it)
 # one sequence's chunk without decode rows, up to this many tokens, replays a "prefill" graph (no decode
 # kernel, a one-sequence tile list)
 PREFILL_GRAPH_TOKENS = 256
-# prefill graphs of <= 64 tokens run their projections on the weight-streaming GEMM (engine/skinny.py), with
-# kernel configs by (N, K) (read by ModelRunner(): benches A/B it)
-SKINNY_PREFILL = False
-SKINNY_CONFIGS: dict[tuple[int, int], tuple | None] = {}
 logger = logging.getLogger("llmray.engine")
 
 
@@ -83,8 +78,6 @@ class ModelRunner:
         self.prefill_splits = PREFILL_SPLITS if self.is_cuda else 1
         # the model's q/k norm + rope also stores k/v in the cache (one launch less per layer; Triton only)
         self.fuse_kv_store = FUSE_KV_STORE
-        self.skinny = SKINNY_PREFILL and self.is_cuda
-        self.skinny_configs = dict(SKINNY_CONFIGS)
         self.num_sms = num_sms(self.device) if self.is_cuda else 1
         self.block_m = prefill_block_m(self.dtype)
         self.buckets = decode_buckets(config.max_num_seqs)
@@ -194,9 +187,6 @@ class ModelRunner:
             decode_direct=kind not in ("mixed", "prefill"),
             fuse_store=self.fuse_kv_store,
         )
-        if kind == "prefill" and self.skinny and layout.tokens <= MAX_ROWS:
-            with skinny_projections(self.model, self.skinny_configs):
-                return self.model.hidden_states(ids[None], views["pos"][None], meta)[0]
         return self.model.hidden_states(ids[None], views["pos"][None], meta)[0]
 
     # --- one step -----------------------------------------------------------------------------------
