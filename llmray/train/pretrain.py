@@ -29,7 +29,6 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +45,7 @@ from llmray.train.harness import PRECISIONS, evaluate, resolve_precision, train_
 from llmray.train.loop import build_optimizer, load_checkpoint, lr_multiplier, save_checkpoint, set_lr
 from llmray.train.metrics import MetricsLogger, mfu, plot_loss_curve, read_metrics
 from llmray.train.session import RaySession, Session, run_trainer
-from llmray.train.warmup import WarmupClock, precompile_training
+from llmray.train.warmup import WarmupClock, precompile_while_fetching
 
 if TYPE_CHECKING:
     from llmray.model.qwen3 import Qwen3ForCausalLM
@@ -238,18 +237,11 @@ def train_steps(
     w.model.train()
     last: dict[str, Any] = {}
     if cfg.compile_ahead and device.type == "cuda" and w.model.ops.name == "triton" and world == 1:
-        # the first batch arrives (Ray Data's pipeline starts: seconds) while the kernels compile on a
-        # stand-in of its shape; then it is handed back to the loop
-        with ThreadPoolExecutor(1) as pool:
-            fetch = pool.submit(_next_batch, batches, w.state["batches_consumed"])
-            shape = torch.zeros((cfg.micro_batch_size, cfg.seq_len + 1), dtype=torch.long, device=device)
-            ahead = precompile_training(w.model, shape[:, :-1], shape[:, 1:], device, w.dtype, w.opt)
-            t_wait = time.perf_counter()
-            batches = itertools.chain([fetch.result()], batches)  # (B, T + 1)
-        ahead.update(errors=ahead["errors"][:3], n_errors=len(ahead["errors"]))
-        clock.marks["compile_ahead"] = dict(
-            ahead, then_waited_for_data_s=round(time.perf_counter() - t_wait, 3)
-        )
+        first, clock.marks["compile_ahead"] = precompile_while_fetching(
+            w.model, w.opt, lambda: _next_batch(batches, w.state["batches_consumed"]),
+            (cfg.micro_batch_size, cfg.seq_len + 1), device, w.dtype,
+        )  # fmt: skip
+        batches = itertools.chain([first], batches)  # the first batch, handed back to the loop
     try:
         while w.state["step"] < cfg.max_steps:
             out = run_step(w, cfg, batches, world)

@@ -14,7 +14,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -238,3 +238,24 @@ def precompile_training(
     for p in model.parameters():
         p.grad = None
     return info
+
+
+def precompile_while_fetching(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    fetch: Callable[[], torch.Tensor],
+    shape: tuple[int, int],  # (B, T + 1): the batches' shape
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``precompile_training`` on a stand-in (B, T + 1) int64 batch while ``fetch`` gets the first real batch
+    on a thread (Ray Data's pipeline starts meanwhile: seconds); returns that batch and what it took."""
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(fetch)
+        stand_in = torch.zeros(shape, dtype=torch.long, device=device)
+        info = precompile_training(model, stand_in[:, :-1], stand_in[:, 1:], device, dtype, optimizer)
+        t_wait = time.perf_counter()
+        batch = first.result()
+    info.update(errors=info["errors"][:3], n_errors=len(info["errors"]))
+    info["then_waited_for_data_s"] = round(time.perf_counter() - t_wait, 3)
+    return batch, info

@@ -28,7 +28,7 @@ def test_warmup_clock_times_first_steps_and_writes_its_summary_once(tmp_path):
 
     import torch
 
-    from llmray.train.warmup import WarmupClock, precompile_training
+    from llmray.train.warmup import WarmupClock, precompile_training, precompile_while_fetching
 
     clock = WarmupClock(
         torch.device("cpu"), first_steps=2
@@ -49,3 +49,6 @@ def test_warmup_clock_times_first_steps_and_writes_its_summary_once(tmp_path):
     before = w.weight.detach().clone()
     out = precompile_training(w, torch.zeros(1, 2), torch.zeros(1, 2), torch.device("cpu"), torch.float32)
     assert out["submitted"] == 0 and torch.equal(w.weight, before)  # on CPU nothing runs
+    batch, info = precompile_while_fetching(w, None, lambda: torch.ones(2, 3), (2, 3), torch.device("cpu"),
+                                            torch.float32)  # fmt: skip
+    assert torch.equal(batch, torch.ones(2, 3)) and info["n_errors"] == 0 and "then_waited_for_data_s" in info
