@@ -11,6 +11,8 @@ parent, so a collision costs a miss, never wrong K/V.
 
 from __future__ import annotations
 
+from operator import mul
+
 import numpy as np
 
 _M64 = (1 << 64) - 1
@@ -69,7 +71,7 @@ class BlockHasher:
                 tokens = tokens.tolist()
             out, h, r = [], parent, self.r_list
             for i in range(n):
-                c = sum(t * m for t, m in zip(tokens[i * bs : (i + 1) * bs], r, strict=True))
+                c = sum(map(mul, tokens[i * bs : (i + 1) * bs], r))
                 h = (h * _P + _mix(c & _M64)) & _M64
                 out.append(h)
             return out
