@@ -70,6 +70,7 @@ def _prefill_gqa_kernel(
     BLOCK_N: tl.constexpr,  # keys per loop step
     BLOCK_S: tl.constexpr,  # next power of two >= NUM_SPLITS
     MERGE_C: tl.constexpr,  # splits per load wave of the merge (a power of two <= BLOCK_S)
+    MERGE_BCAST: tl.constexpr,  # the merge's weights through global memory, read back per split as (BLOCK_R, 1)
     PRECISION: tl.constexpr,
     FP8: tl.constexpr,
     CDT: tl.constexpr,
@@ -169,28 +170,54 @@ def _prefill_gqa_kernel(
             )  # (BLOCK_R, BLOCK_S)
             mx = tl.max(lse_all, 1)
             mx = tl.where(mx == float("-inf"), 0.0, mx)  # (rows out of range)
-            res = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-            den = tl.zeros([BLOCK_R], tl.float32)
-            for c0 in tl.static_range(0, BLOCK_S, MERGE_C):
-                spc = c0 + tl.arange(0, MERGE_C)
-                cmask = rmask[:, None] & (spc < used)[None, :]  # (BLOCK_R, MERGE_C)
-                lse_c = tl.load(
-                    part_lse_ptr + rows[:, None] + spc[None, :],
-                    mask=cmask,
-                    other=float("-inf"),
-                    cache_modifier=".cg",
-                )
-                w_c = tl.exp2(lse_c - mx[:, None])  # 0 for splits without keys
-                o_c = tl.load(
-                    part_out_ptr + (rows[:, None] + spc[None, :])[:, :, None] * D + d[None, None, :],
-                    mask=cmask[:, :, None] & dmask[None, None, :],
-                    other=0.0,
-                    cache_modifier=".cg",
-                ).to(tl.float32)  # (BLOCK_R, MERGE_C, BLOCK_D)
-                res += tl.sum(o_c * w_c[:, :, None], 1)
-                den += tl.sum(w_c, 1)
-            res = res / tl.where(den > 0, den, 1.0)[:, None]
-            tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=io_mask)
+            if MERGE_BCAST:
+                # the normalised weights replace the lse (this block's rows are the last program's now) and are
+                # read back as (BLOCK_R, 1) next to each split's (BLOCK_R, D) partials: no layout change in the loop
+                w_all = tl.exp2(lse_all - mx[:, None])
+                w_all = w_all / tl.where(rmask, tl.sum(w_all, 1), 1.0)[:, None]
+                tl.store(part_lse_ptr + rows[:, None] + sp[None, :], w_all, mask=lmask)
+                tl.debug_barrier()  # (the CTA's global writes are visible to all its threads after the barrier)
+                res = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+                for s_i in tl.static_range(NUM_SPLITS):
+                    sel = tl.zeros([BLOCK_R], tl.int32) + s_i  # (a vector: the CPU interpreter's masks)
+                    smask = rmask & (sel < used)
+                    w_i = tl.load(
+                        part_lse_ptr + rows[:, None] + s_i,
+                        mask=smask[:, None],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    o_i = tl.load(
+                        part_out_ptr + (rows + s_i)[:, None] * D + d[None, :],
+                        mask=smask[:, None] & dmask[None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    ).to(tl.float32)
+                    res += o_i * w_i
+                tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=io_mask)
+            else:
+                res = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+                den = tl.zeros([BLOCK_R], tl.float32)
+                for c0 in tl.static_range(0, BLOCK_S, MERGE_C):
+                    spc = c0 + tl.arange(0, MERGE_C)
+                    cmask = rmask[:, None] & (spc < used)[None, :]  # (BLOCK_R, MERGE_C)
+                    lse_c = tl.load(
+                        part_lse_ptr + rows[:, None] + spc[None, :],
+                        mask=cmask,
+                        other=float("-inf"),
+                        cache_modifier=".cg",
+                    )
+                    w_c = tl.exp2(lse_c - mx[:, None])  # 0 for splits without keys
+                    o_c = tl.load(
+                        part_out_ptr + (rows[:, None] + spc[None, :])[:, :, None] * D + d[None, None, :],
+                        mask=cmask[:, :, None] & dmask[None, None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    ).to(tl.float32)  # (BLOCK_R, MERGE_C, BLOCK_D)
+                    res += tl.sum(o_c * w_c[:, :, None], 1)
+                    den += tl.sum(w_c, 1)
+                res = res / tl.where(den > 0, den, 1.0)[:, None]
+                tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit

@@ -16,7 +16,8 @@ from llmray.kernels._paged_prefill_kernels import (
 from llmray.kernels.kv_store import is_fp8
 
 # split-K prefill with ``tiles`` (a short chunk after a long cached prefix): (BLOCK_R query rows = (token, GQA
-# head) pairs per program, BLOCK_N keys per step, num_warps, num_stages, fast_addr[, bf16 partial outputs]), one launch with the merge
+# head) pairs per program, BLOCK_N keys per step, num_warps, num_stages, fast_addr[, bf16 partial outputs[, merge
+# weights read back per split]]), one launch with the merge
 # folded in (the last split of each group merges); BLOCK_R 0: per-head programs + a merge kernel.
 # H200, 48 new tokens over 2,048, 28 layers in a CUDA graph (bench/attn_prefix.py, W1: attn_prefix_w1.json):
 # 8 splits x 16 rows 0.594 ms vs 0.785 for the two-kernel path (16 splits 0.650); (merge fixed after W1)
@@ -237,6 +238,7 @@ def _prefill_split_fused(
         BLOCK_R=block_r,
         BLOCK_N=block_n,
         BLOCK_S=block_s,
+        MERGE_BCAST=len(rest) > 1 and bool(rest[1]),
         MERGE_C=max(1, min(block_s, 64 * 32 * warps // (block_r * triton.next_power_of_2(d)))),
         PRECISION=_precision(q.dtype, precision),
         FP8=fp8,

@@ -130,7 +130,15 @@ def test_decode_fast_addr_real_shapes_gpu(splits):
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "splits,config",
-    [(8, (0,)), (32, (0,)), (8, None), (16, None), (16, (16, 64, 4, 3, True)), (32, (32, 32, 2, 3, False))],
+    [
+        (8, (0,)),
+        (32, (0,)),
+        (8, None),
+        (16, (16, 64, 4, 3, True)),
+        (8, (64, 64, 8, 3, True, True, True)),
+        (12, (128, 64, 8, 3, True, False, True)),
+        (32, (32, 32, 2, 3, False)),
+    ],
 )
 @pytest.mark.parametrize("fp8", [False, True])
 def test_split_prefill_after_long_prefix_real_shapes_gpu(splits, config, fp8):
@@ -221,14 +229,14 @@ def test_decode_fp8_real_shapes_gpu(config, splits):
 
 
 @pytest.mark.parametrize(
-    "prefill_splits,config", [(1, None), (3, None), (3, (0,)), (5, (32, 8, 4, 2, False))]
+    "prefill_splits,config", [(1, None), (3, None), (3, (0,)), (2, (32, 16, 4, 2, False, False, True))]
 )  # fmt: skip
 def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch(prefill_splits, config):
     """The CUDA-graph form: decode over every sequence slot (only 1-token chunks run, at their packed
     token), prefill over a padded work list of (sequence, query block) tiles (split-K over each tile's keys:
     seq 3's 13 queries after a 20-token prefix; seq 1's second tile has keys for one split only). Split-K
-    launches: the one-launch GQA kernel (default: 16 rows per program, one key step per split; 32 rows, several
-    key steps, 5 splits, no fast_addr) and per-head programs + a merge kernel (0,)."""
+    launches: the one-launch GQA kernel (default: 16 rows per program, one key step per split; 32 rows, two key
+    steps per split, no fast_addr, the merge's weights read back per split) and per-head programs + a merge kernel."""
     ctx, qlen = [5, 40, 1, 33, 1], [1, 36, 1, 13, 0]  # the last sequence is padding (no tokens)
     q, kc, vc, bt, qs, cl = make_case(ctx, [max(n, 0) for n in qlen], 4, 2, 16, 4, torch.float32, seed=4)
     ref = paged_attention_ref(q, kc, vc, bt[:4], qs[:5], cl[:4], 0.25)
