@@ -19,9 +19,10 @@ from llmray.kernels.kv_store import is_fp8
 # head) pairs per program, BLOCK_N keys per step, num_warps, num_stages, fast_addr[, bf16 partial outputs[, merge
 # weights read back per split]]), one launch with the merge
 # folded in (the last split of each group merges); BLOCK_R 0: per-head programs + a merge kernel.
-# H200, 48 new tokens over 2,048, 28 layers in a CUDA graph (bench/attn_prefix.py, W1: attn_prefix_w1.json):
-# 8 splits x 16 rows 0.594 ms vs 0.785 for the two-kernel path (16 splits 0.650); (merge fixed after W1)
-PREFILL_SPLIT_CONFIG: tuple = (16, 64, 4, 5, True)
+# H200, 48 new tokens over 2,048, 28 layers in a CUDA graph (bench/attn_prefix.py): W1 (attn_prefix_w1.json) 8
+# splits x 16 rows 0.594 ms vs 0.785 for the two-kernel path (16 splits 0.650); W2 (merge without a barrier per
+# split, attn_prefix_w2.json): 128 keys per step 0.478 ms, 64 keys 0.536, vs 0.783
+PREFILL_SPLIT_CONFIG: tuple = (16, 128, 4, 3, True)
 
 
 def paged_prefill(
