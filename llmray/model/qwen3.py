@@ -225,7 +225,12 @@ class Qwen3DecoderLayer(nn.Module):
 class Qwen3Model(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # on the meta device (load_model builds there, then loads the weights) no init runs: a random op on a
+        # meta tensor goes through torch's Python references, whose first use imports torch._dynamo (~2 CPU-s
+        # in every process that loads a model: engine cores, batch actors, fine-tuning workers)
+        meta = torch.empty(0).is_meta
+        shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape)) if meta else nn.Embedding(*shape)
         self.layers = nn.ModuleList(Qwen3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -244,7 +249,12 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        if torch.empty(0).is_meta:  # computed on the CPU (see Qwen3Model); load_model recomputes them
+            with torch.device("cpu"):
+                cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+            cos, sin = cos.to("meta"), sin.to("meta")
+        else:
+            cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.gradient_checkpointing = False
@@ -253,6 +263,8 @@ class Qwen3ForCausalLM(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
+        if getattr(module, "weight", None) is not None and module.weight.is_meta:
+            return  # nothing to draw on the meta device (see Qwen3Model)
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.Embedding):
