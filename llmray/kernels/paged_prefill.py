@@ -21,7 +21,8 @@ from llmray.kernels.kv_store import is_fp8
 # folded in (the last split of each group merges); BLOCK_R 0: per-head programs + a merge kernel.
 # H200, 48 new tokens over 2,048, 28 layers in a CUDA graph (bench/attn_prefix.py): W1 (attn_prefix_w1.json) 8
 # splits x 16 rows 0.594 ms vs 0.785 for the two-kernel path (16 splits 0.650); W2 (merge without a barrier per
-# split, attn_prefix_w2.json): 128 keys per step 0.478 ms, 64 keys 0.536, vs 0.783
+# split, attn_prefix_w2.json): 128 keys per step 0.478 ms, 64 keys 0.536, vs 0.783; W3 (attn_prefix.json): 0.480
+# vs 0.784/0.792; 32-128 rows per program (8 warps), bf16 partials, weights read back per split: 0.485-0.60 (bf16)
 PREFILL_SPLIT_CONFIG: tuple = (16, 128, 4, 3, True)
 
 
