@@ -12,11 +12,11 @@ calls ``StepMasks`` at three points (vLLM does the same with its scheduler-side 
   ``consumed(N)`` which rows' tokens the worker accepts (and which tokens end their documents: such a class
   has ``end_tokens``), and does not accept those again. Constraint classes without ``fill_job`` (xgrammar's,
   the tests') keep the old order: accepted during the read-back, filled by ``finish``.
-- ``finish(pending, failed)`` when step N+1's sampling is queued (as soon as the host reads back step N):
-  on CUDA (``device_wait``) it does not wait for the worker at all: the worker checks its rows, copies the
-  masks to the device on a side stream and writes a flag there, and the sampling waits for that flag on the
-  device (``mask_worker.py``); the host settles the job (its failed rows) when it reads step N+1 back.
-  Otherwise it waits for the worker and fills the rows it did not take.
+- ``finish(pending, failed)`` when step N+1's sampling is queued (just before the next forward): waits for
+  the worker (which copied its masks to the device on a side stream) and fills the rows it did not take.
+  With ``device_wait`` (CUDA; off by default) it does not wait at all: the worker checks its rows, copies the
+  masks and writes a flag on its stream, the sampling waits for that flag on the device (``mask_worker.py``),
+  and the host settles the job (its failed rows) when it reads step N+1 back.
 - ``fill_now(seqs, failed, deferred)``: the synchronous fill of a step that was not started early.
 
 Masks are packed: int32 (C, ceil(V/32)) for the C constrained rows plus their sampling rows (C,) int32, in two
@@ -106,9 +106,10 @@ class StepMasks:
         # CUDA: the worker copies the masks it filled to the device on its own stream, and the sampling waits
         # for that copy on the device (False: the main thread copies them after waiting for the worker)
         self.side_copy = True
-        # with side_copy: the device waits for the worker's copy (a flag), the host never waits for the fill
-        # (False: the host waits for the worker before it queues the sampling; A/B runs)
-        self.device_wait = True
+        # True (CUDA, side_copy): the device waits for the worker's copy (a flag), the host never waits for the
+        # fill. Off: in W3 5 of 9 half-batch runs stalled (14-26k tok/s, likely a device-wide sync on some
+        # thread while the device polled: each poll gives up after ~1 s); its healthy runs were 5% faster
+        self.device_wait = False
         self._devm: DeviceMasks | None = None
         self._unsettled: _Job | None = None  # device_wait: a job sampled but not yet waited for on the host
         self.started, self.work_s = 0, 0.0  # fills started early, the worker's busy seconds (tests, benches)
