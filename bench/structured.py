@@ -194,6 +194,9 @@ def main() -> None:
         if "free" in med and "free_sync" in med:
             result["free_sync_over_free"] = round(med["free_sync"] / med["free"], 3)
         result.update({f"{k}_tok_s": [round(x) for x in v] for k, v in res.items()})
+        devm = llm.engine.runner.masks._devm
+        if devm is not None:  # device waits that gave up (the poll's limit; never, I hope)
+            result["device_wait_late"] = int(devm.late[0])
         result.update(
             {
                 "grammar_library": "llguidance (backend auto)",
@@ -341,8 +344,11 @@ def _toggle(llm: LLM, extra: str):
     if extra in ("noevent", "noreuse", "noearly", "noside"):
         attr = {"noevent": "from_event", "noreuse": "reuse", "noearly": "early", "noside": "side_copy"}[extra]
         return (lambda: setattr(runner.masks, attr, False)), (lambda: setattr(runner.masks, attr, True))
-    if extra in ("devwait", "nodevwait"):  # the device waits for the worker's masks (a flag) / the host does
-        default = runner.masks.device_wait
+    if extra in ("devwait", "nodevwait", "devflag", "hostflag"):
+        # the device waits for the worker's masks (devwait: by the default flag; devflag: a device flag the
+        # worker's copy sets; hostflag: a host flag the worker stores) / the host waits for the worker
+        masks = runner.masks
+        default = (masks.device_wait, masks.host_flag)
         if torch.cuda.is_available():  # its wait kernel compiled now, not inside a timed run
             from llmray.kernels.token_bitmask import wait_flag
 
@@ -352,18 +358,19 @@ def _toggle(llm: LLM, extra: str):
             except Exception as e:
                 print("wait_flag failed:", repr(e), flush=True)
                 return None
-        return (lambda: setattr(runner.masks, "device_wait", extra == "devwait")), (
-            lambda: setattr(runner.masks, "device_wait", default)
+        want = (extra != "nodevwait", {"devflag": False, "hostflag": True}.get(extra, default[1]))
+        return (lambda: (setattr(masks, "device_wait", want[0]), setattr(masks, "host_flag", want[1]))), (
+            lambda: (setattr(masks, "device_wait", default[0]), setattr(masks, "host_flag", default[1]))
         )
     if extra == "noplan":
         return (lambda: setattr(runner.sampler, "plan_ahead", False)), (
             lambda: setattr(runner.sampler, "plan_ahead", True)
         )
-    if extra == "switch100":
+    if extra.startswith("switch"):  # the GIL switch interval while a fill runs: switchN = N us
         import llmray.engine.structured.step_masks as step_masks
 
-        default = step_masks._SWITCH_S
-        return (lambda: setattr(step_masks, "_SWITCH_S", 1e-4)), (
+        default, value = step_masks._SWITCH_S, int(extra[6:]) * 1e-6
+        return (lambda: setattr(step_masks, "_SWITCH_S", value)), (
             lambda: setattr(step_masks, "_SWITCH_S", default)
         )
     if extra.startswith("threads"):

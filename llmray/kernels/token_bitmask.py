@@ -82,10 +82,11 @@ def apply_token_bitmask_torch(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["target", "max_iters"])
 def _wait_flag_kernel(flag_ptr, target, max_iters, late_ptr):
-    # one program polls the flag (volatile: from L2, where the copy engine's write lands) until it reaches
-    # ``target``; past ``max_iters`` polls it gives up and counts that in ``late_ptr`` (no hang, ever)
+    # one program polls the flag (volatile: from L2, where the copy engine's write lands, or over the bus from
+    # pinned host memory) until it reaches ``target``; past ``max_iters`` polls it gives up and counts that in
+    # ``late_ptr`` (no hang, ever)
     i = 0
     v = tl.load(flag_ptr, volatile=True)
     while (v < target) & (i < max_iters):
@@ -96,7 +97,8 @@ def _wait_flag_kernel(flag_ptr, target, max_iters, late_ptr):
 
 
 def wait_flag(flag: torch.Tensor, target: int, late: torch.Tensor, max_iters: int = 2_000_000) -> None:
-    """Queue on the current stream a wait until ``flag`` (int32 (1,), device) holds at least ``target``: the
-    kernels queued after it run once another stream (or the host, through a copy) has written the flag. It
-    gives up after ``max_iters`` polls (about a second or more), adding 1 to ``late`` (int32 (1,))."""
+    """Queue on the current stream a wait until ``flag`` (int32 (1,), on the device, or in pinned host memory:
+    the device reads it there) holds at least ``target``: the kernels queued after it run once another stream
+    or a host thread has written the flag. It gives up after ``max_iters`` polls (about a second or more),
+    adding 1 to ``late`` (int32 (1,), device)."""
     _wait_flag_kernel[(1,)](flag, target, max_iters, late, num_warps=1)

@@ -63,6 +63,34 @@ def test_wait_flag_passes_at_the_flag_and_gives_up_counting():
     assert int(late[0]) == 1
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the device polls pinned host memory")
+def test_wait_flag_on_a_host_flag_holds_a_copy_until_a_host_thread_stores_it():
+    # StepMasks.host_flag: the worker fills the host masks, then stores the job's number into a pinned host
+    # word; the copy queued behind the device's poll of that word must see the filled masks
+    import threading
+    import time
+
+    from llmray.kernels.token_bitmask import wait_flag
+
+    flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+    masks = torch.full((4, 1000), 5, dtype=torch.int32, pin_memory=True)
+    late = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    dev = torch.zeros(4, 1000, dtype=torch.int32, device=DEVICE)
+
+    def worker() -> None:
+        time.sleep(0.05)
+        masks.numpy()[:] = 7
+        flag.numpy()[0] = 3
+
+    wait_flag(flag, 3, late, max_iters=10_000_000)
+    dev.copy_(masks, non_blocking=True)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    torch.cuda.synchronize()
+    thread.join()
+    assert int(late[0]) == 0 and bool((dev == 7).all())
+
+
 def test_sampler_masks_constrained_rows_in_the_model_dtype():
     """The sampler with a bitmask: every row samples an allowed token; greedy rows take the allowed argmax; on
     CUDA the in-place kernel path (bf16 logits) and the torch path give the same greedy tokens."""

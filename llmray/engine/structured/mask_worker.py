@@ -3,10 +3,15 @@
 ``run_job`` runs on the worker: each constraint class's ``work`` (accept the previous step's tokens, fill the
 masks), then on CUDA copies the masks to the device on a side stream (``DeviceMasks.plan``: two device pairs
 that alternate per job). With ``device_wait`` it also applies the classes' checks (failed rows set to all
-ones, extra stop tokens added) before that copy and then writes the job's number into a device flag on the
-same stream; the main thread does not wait for the worker at all: it queues ``kernels.token_bitmask.wait_flag``
-before the sampling, so the device, not the host, waits for the masks (the step's host loop never blocks on
-the fill; the fill -> sampling -> next fill chain runs without a host hand-off).
+ones, extra stop tokens added) before the masks leave, and the main thread does not wait for the worker at
+all: it queues ``kernels.token_bitmask.wait_flag`` before the sampling, so the device, not the host, waits
+for the masks (the fill -> sampling -> next fill chain runs without a host hand-off). Two flags:
+
+- host flag (``StepMasks.host_flag``, the default): the worker only stores the job's number into a pinned
+  host word (``signal``); the main thread has queued, on its own stream, the poll of that word, the masks'
+  copy and the sampling. The worker makes no CUDA call, so after the fill it needs the GIL once, not once
+  per CUDA call (each a wait behind the main thread's Python, long when the host's CPUs are contended).
+- device flag: the worker copies the masks on its side stream, then the job's number into a device word.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 logger = logging.getLogger("llmray.engine")
 _landed, _done = [0.0], [0.0]  # when the worker's latest job got its tokens / was done (perf_counter)
+HOST_POLLS = 1_000_000  # the host flag's poll limit: each poll a read over the bus (~1 us)
 
 
 def tokens_of(step: Any) -> Callable[[], Any]:
@@ -53,6 +59,17 @@ class DeviceMasks:
         )  # device waits that gave up (never, I hope)
         self.ids = torch.zeros(64, dtype=torch.int32, pin_memory=True)  # job numbers to copy (a ring)
         self.next_id = 0
+        # host flag: the latest job whose masks are filled, stored by the worker, polled by the device (mapped)
+        self.host = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.host_np = self.host.numpy()
+        self.host_ok = True  # False: the device cannot read the host flag (the device flag instead)
+        try:
+            from llmray.kernels.token_bitmask import wait_flag
+
+            wait_flag(self.host, 0, self.late)
+        except Exception as e:
+            logger.warning("the device cannot poll a host flag, the mask worker copies: %r", e)
+            self.host_ok = False
 
     def plan(self, host: torch.Tensor, index: torch.Tensor, max_rows: int, flag: bool) -> tuple:
         """(stream, event to wait for, device masks, device rows, host masks, host rows, (flag, job number
@@ -60,7 +77,19 @@ class DeviceMasks:
         sampling was queued) has passed."""
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
-        n = host.shape[0]
+        dm, di = self.pair(host.shape[0], max_rows)
+        after, self.started = self.started, torch.cuda.Event()
+        self.started.record()
+        mark = None
+        if flag:
+            self.next_id += 1
+            slot = self.next_id % self.ids.shape[0]
+            self.ids[slot] = self.next_id  # (copied by the worker; reused 64 jobs later)
+            mark = (self.flag, self.ids[slot : slot + 1], self.next_id)
+        return (self.stream, after, dm, di, host, index, mark)
+
+    def pair(self, n: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next device pair's first ``n`` rows (masks (n, W), rows (n,) int32)."""
         if not self.pairs or self.pairs[0][0].shape[0] < n:
             size = max(n, max_rows)
             self.pairs = [
@@ -74,21 +103,27 @@ class DeviceMasks:
             self.started = None
         self.turn ^= 1
         dm, di = self.pairs[self.turn]
-        after, self.started = self.started, torch.cuda.Event()
-        self.started.record()
-        mark = None
-        if flag:
-            self.next_id += 1
-            slot = self.next_id % self.ids.shape[0]
-            self.ids[slot] = self.next_id  # (copied by the worker; reused 64 jobs later)
-            mark = (self.flag, self.ids[slot : slot + 1], self.next_id)
-        return (self.stream, after, dm[:n], di[:n], host, index, mark)
+        return dm[:n], di[:n]
 
     def wait(self, job_id: int) -> None:
         """On the current stream: the kernels queued next run once job ``job_id``'s masks are on the device."""
         from llmray.kernels.token_bitmask import wait_flag
 
         wait_flag(self.flag, job_id, self.late)
+
+    def wait_host(self, job_id: int, host: torch.Tensor, index: torch.Tensor, dev: tuple) -> None:
+        """Host flag, on the current stream: the poll of the host flag until the worker stores ``job_id``
+        (reads over the bus: a bounded poll of ~1 s at most, counted in ``late``), then the masks' copy into
+        the device pair ``dev``; the kernels queued next (the sampling) run behind both."""
+        from llmray.kernels.token_bitmask import wait_flag
+
+        wait_flag(self.host, job_id, self.late, max_iters=HOST_POLLS)
+        dev[0].copy_(host, non_blocking=True)
+        dev[1].copy_(index, non_blocking=True)
+
+    def next_flag(self) -> int:
+        self.next_id += 1
+        return self.next_id
 
 
 def run_job(
@@ -97,11 +132,23 @@ def run_job(
     tokens: Callable[[], Any] | None,
     copy: tuple | None,
     checks: list | None = None,
+    signal: tuple | None = None,
 ) -> tuple[list, float, Any, dict[int, str]]:
     """On the worker: each constraint class's ``work(host, tokens)`` (its result, or the exception it raised);
     ``checks`` (device_wait: ``(check, packed rows)`` per class): run here, failed rows set to all ones; then
-    (``copy``, CUDA) the masks' copy to the device on the side stream. Returns the results, the busy time, the
-    event after the copy (None: not copied; the main thread copies them) and the failed packed rows (-> why)."""
+    (``copy``, CUDA) the masks' copy to the device on the side stream, or (``signal``: (host flag as a numpy
+    array, job number)) the job's number stored into the host flag, always, even if the job broke. Returns the
+    results, the busy time, the event after the copy (None: not copied here) and the failed packed rows."""
+    try:
+        return _run(works, host, tokens, copy, checks)
+    finally:
+        if signal is not None:  # (after every write to the host masks: the device copies them next)
+            signal[0][0] = signal[1]
+
+
+def _run(
+    works: list, host: torch.Tensor, tokens: Callable[[], Any] | None, copy: tuple | None, checks: list | None
+) -> tuple[list, float, Any, dict[int, str]]:
     t0 = _landed[0] = time.perf_counter()
     out: list = []
     for work in works:

@@ -68,6 +68,7 @@ class _Job:
         self.flag_id = 0  # device_wait: the job number the worker writes into the device flag
         self.failed: dict[int, str] | None = None  # device_wait: its step's failed rows, filled when settled
         self.stops = False  # its check may change rows after the worker's copy (extra stop tokens)
+        self.host_flag = False  # device_wait by the host flag (``StepMasks.host_flag``)
 
 
 class _Plan:
@@ -110,6 +111,9 @@ class StepMasks:
         # fill. Off: in W3 5 of 9 half-batch runs stalled (14-26k tok/s, likely a device-wide sync on some
         # thread while the device polled: each poll gives up after ~1 s); its healthy runs were 5% faster
         self.device_wait = False
+        # device_wait: the worker stores a host flag and the main thread queues its poll and the masks' copy
+        # (the worker makes no CUDA call); False: the worker copies the masks and sets a device flag
+        self.host_flag = True
         self._devm: DeviceMasks | None = None
         self._unsettled: _Job | None = None  # device_wait: a job sampled but not yet waited for on the host
         self.started, self.work_s = 0, 0.0  # fills started early, the worker's busy seconds (tests, benches)
@@ -208,20 +212,24 @@ class StepMasks:
         job = self._job = _Job(pending, plan.rows, host, index)
         job.complete, job.stops, job.turn = plan.complete, plan.stops, self._turn
         job.checks = [(check, rws) for (_, check), rws in plan.jobs]
-        copy, checks = None, None
+        copy, checks, signal = None, None, None
         if self.side_copy and self.is_cuda:
             if self._devm is None:
                 self._devm = DeviceMasks(self.device, self.words)
             flag = self.device_wait and plan.complete
-            copy = self._devm.plan(host, index, self.max_rows, flag)
-            job.dev, job.flag_id = (copy[2], copy[3]), copy[6][2] if flag else 0
-            checks = job.checks if flag else None  # (run by the worker, before its copy)
+            if flag and self.host_flag and self._devm.host_ok:  # finish queues the poll and the copy
+                job.dev, job.flag_id = self._devm.pair(len(plan.rows), self.max_rows), self._devm.next_flag()
+                job.host_flag, signal = True, (self._devm.host_np, job.flag_id)
+            else:
+                copy = self._devm.plan(host, index, self.max_rows, flag)
+                job.dev, job.flag_id = (copy[2], copy[3]), copy[6][2] if flag else 0
+            checks = job.checks if flag else None  # (run by the worker, before its masks leave)
         # the worker needs the GIL only briefly (between its calls into the library): let it have it soon
         if sys.getswitchinterval() > _SWITCH_S:
             self._switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch, _SWITCH_S))
         works = [work for (work, _), _ in plan.jobs]
-        job.future = _worker().submit(run_job, works, host, source, copy, checks)
+        job.future = _worker().submit(run_job, works, host, source, copy, checks, signal)
         self.started += 1
         # the read-back of ``prev`` must not accept these rows' tokens again (``consumed``)
         self._consumed = (prev, plan.consumed) if plan.consumed else None
@@ -299,7 +307,13 @@ class StepMasks:
             assert self._devm is not None and job.dev is not None, "a flagged job has its device pair"
             self._settle()
             job.failed, self._unsettled = failed, job
-            self._devm.wait(job.flag_id)
+            if job.host_flag:  # the poll of the worker's host flag, then the masks' copy, on this stream
+                self._devm.wait_host(job.flag_id, job.host, job.index, job.dev)
+                fence = torch.cuda.Event()
+                fence.record()
+                self._fence[job.turn] = fence  # (its host pair: free after that copy)
+            else:
+                self._devm.wait(job.flag_id)
             return job.dev
         results, work_s, copied, _ = job.future.result()
         self._restore_switch()
