@@ -226,41 +226,6 @@ def kernel_check() -> str:
         return repr(e)
 
 
-def sampling_kernel_ms(baseline: str | None = None, vocab: int = 151_936) -> dict:
-    """The fused sampling kernel alone (bf16 logits, seeded rows), one program per row vs split rows (ms), at
-    256 rows (a full batch) and 1 row (a single request's decode step); ``baseline``: an older
-    kernels/sampling.py to time beside it (its default launch)."""
-    if not CUDA:
-        return {}
-    import triton
-
-    out: dict = {}
-    old = None
-    if baseline:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("baseline_sampling", baseline)
-        assert spec is not None and spec.loader is not None
-        old = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(old)
-    for rows in (256, 1):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        logits = torch.randn(rows, vocab, device="cuda", generator=g).to(torch.bfloat16)
-        inv, noise = torch.ones(rows, device="cuda"), torch.ones(rows, device="cuda")
-        seeds = torch.arange(rows, device="cuda", dtype=torch.int64) * 7 + 1
-        for name, splits in (("one_program_per_row", 1), ("split", None)):
-            args = (logits, inv, noise, 1, seeds)
-            fn = lambda a=args, s=splits: sampling_kernel.gumbel_argmax(*a, splits=s)  # noqa: E731
-            out[f"rows{rows}_{name}_ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=50), 4)
-        if old is not None:
-            fn = lambda a=(logits, inv, noise, 1, seeds): old.gumbel_argmax(*a)  # noqa: E731
-            out[f"rows{rows}_baseline_ms"] = round(triton.testing.do_bench(fn, warmup=10, rep=50), 4)
-        a = sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds, splits=1)
-        same = torch.equal(a, sampling_kernel.gumbel_argmax(logits, inv, noise, 1, seeds))
-        out[f"rows{rows}_same_tokens"] = bool(same)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", default=".data/bpe151k")
@@ -271,8 +236,6 @@ def main() -> None:
     ap.add_argument("--seeded", type=int, default=1, help="the profiled batch: 1 = per-request seeds")
     ap.add_argument("--variants", default="free,half,half+nodefer,half+oldmask,free+unseeded,half+unseeded")
     ap.add_argument("--profile-steps", type=int, default=6)
-    ap.add_argument("--baseline-sampling", default=None, help="an older kernels/sampling.py to time beside")
-    ap.add_argument("--kernel-bench", type=int, default=1, help="0: skip timing the sampling kernel alone")
     ap.add_argument("--out", default="/tmp/structured_profile")
     args = ap.parse_args()
     out = Path(args.out)
@@ -307,11 +270,6 @@ def main() -> None:
         wait_flag(one, 0, torch.zeros_like(one))
     except Exception as e:
         print("wait_flag failed:", repr(e), flush=True)
-    try:
-        result["sampling_kernel"] = sampling_kernel_ms(args.baseline_sampling) if args.kernel_bench else {}
-    except Exception as e:  # a bonus: the run goes on
-        result["sampling_kernel"] = {"error": repr(e)}
-    print("sampling kernel:", result["sampling_kernel"], flush=True)
     if result["kernel_mask_check"] != "ok" and hasattr(sampler, "kernel_mask"):
         sampler.kernel_mask = False
         print("mask kernel check failed, torch path:", result["kernel_mask_check"], flush=True)
@@ -329,9 +287,12 @@ def main() -> None:
         sampler.plan_ahead = "noplan" not in flags  # the sampler's host work after the wait for the masks
         eng.runner.masks.reuse = "noreuse" not in flags  # every step's fill laid out anew
         eng.runner.masks.side_copy = "noside" not in flags  # the main thread copies the masks after the wait
-        default_devwait = eng.runner.masks.device_wait
-        if "devwait" in flags or "nodevwait" in flags:  # the device (not the host) waits for the fill
-            eng.runner.masks.device_wait = "devwait" in flags
+        default_wait = (eng.runner.masks.device_wait, eng.runner.masks.host_flag)
+        if {"hostflag", "devflag", "nodevwait"} & set(flags):  # the device (host / device flag) or host waits
+            eng.runner.masks.device_wait, eng.runner.masks.host_flag = (
+                "nodevwait" not in flags,
+                "devflag" not in flags,
+            )
         engine_mod.IncrementalDetokenizer = EagerDetokenizer if "eagerdetok" in flags else LAZY_OK
         sampling_kernel.TARGET_PROGRAMS = 0 if "nosplit" in flags else split_default  # one program per row
         step_masks._SWITCH_S = 1e-4 if "switch100" in flags else switch_default  # the old 0.1 ms
@@ -375,7 +336,7 @@ def main() -> None:
             sampler.plan_ahead = True
             eng.runner.masks.reuse = True
             eng.runner.masks.side_copy = True
-            eng.runner.masks.device_wait = default_devwait
+            eng.runner.masks.device_wait, eng.runner.masks.host_flag = default_wait
             engine_mod.IncrementalDetokenizer = LAZY_OK
             sampling_kernel.TARGET_PROGRAMS, step_masks._SWITCH_S = split_default, switch_default
             if "compact" in flags:
