@@ -341,8 +341,10 @@ def main() -> None:
 def _toggle(llm: LLM, extra: str):
     """(turn the variant on, turn it off) for the half-batch extras that flip one engine setting, else None."""
     runner = llm.engine.runner
-    if extra in ("noevent", "noreuse", "noearly", "noside"):
-        attr = {"noevent": "from_event", "noreuse": "reuse", "noearly": "early", "noside": "side_copy"}[extra]
+    if extra in ("noevent", "noreuse", "noearly", "noside", "spincollect"):
+        attr = {"noevent": "from_event", "noreuse": "reuse", "noearly": "early", "noside": "side_copy"}.get(
+            extra, "sleep_collect"
+        )
         return (lambda: setattr(runner.masks, attr, False)), (lambda: setattr(runner.masks, attr, True))
     if extra in ("devwait", "nodevwait", "devflag", "hostflag"):
         # the device waits for the worker's masks (devwait: by the default flag; devflag: a device flag the

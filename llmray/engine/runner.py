@@ -346,6 +346,7 @@ class ModelRunner:
         if out is None:
             return [], None
         if pending.ready is not None:
+            self.masks.settle(pending)  # (device_wait: asleep until the mask worker is done, then the sync)
             pending.ready.synchronize()
             assert pending.host is not None, "_copy_out sets host and ready together"
             out = pending.host

@@ -114,6 +114,7 @@ class StepMasks:
         # device_wait: the worker stores a host flag and the main thread queues its poll and the masks' copy
         # (the worker makes no CUDA call); False: the worker copies the masks and sets a device flag
         self.host_flag = True
+        self.sleep_collect = True  # device_wait: the read-back sleeps until the worker is done (``settle``)
         self._devm: DeviceMasks | None = None
         self._unsettled: _Job | None = None  # device_wait: a job sampled but not yet waited for on the host
         self.started, self.work_s = 0, 0.0  # fills started early, the worker's busy seconds (tests, benches)
@@ -233,6 +234,12 @@ class StepMasks:
         self.started += 1
         # the read-back of ``prev`` must not accept these rows' tokens again (``consumed``)
         self._consumed = (prev, plan.consumed) if plan.consumed else None
+
+    def settle(self, step: Any) -> None:
+        """Before the host waits for ``step``'s tokens (device_wait): wait, asleep, for the worker's job that
+        ``step``'s sampling waits for on the device (its tokens come later anyway), not spinning beside it."""
+        if self.sleep_collect and self._unsettled is not None and self._unsettled.pending is step:
+            self._settle()
 
     def consumed(self, step: Any) -> dict[int, frozenset[int]] | None:
         """For the read-back of ``step``: its rows whose sampled token the worker accepts into their constraint
