@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from llmray.config import ModelConfig  # noqa: E402
 from llmray.train import data as D  # noqa: E402
+from llmray.train.data import prepare_corpus  # noqa: E402
 from llmray.train.loop import flops_per_token, plot_loss_curve, read_metrics  # noqa: E402
-from llmray.train.pretrain import PretrainConfig, prepare_corpus, train_steps  # noqa: E402
+from llmray.train.pretrain import PretrainConfig, train_steps  # noqa: E402
 from llmray.train.session import LocalSession  # noqa: E402
 from llmray.train.throughput import throughput_worker  # noqa: E402
 

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from llmray.kernels._common import check_device, interpreting
 
-__all__ = ["sym_gram", "sym_gram_ref", "newton_schulz_sym", "DEFAULT_CONFIG"]
+__all__ = ["sym_gram", "sym_gram_ref", "newton_schulz_sym", "newton_schulz_gram", "DEFAULT_CONFIG"]
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages): the best of a sweep on the H200 (Muon's stacks of qwen3-0.6b, all
 # five shapes: (128, 64, 4, 3) 13.67 ms, (128, 64, 8, 4) 13.91, (128, 128, 8, 3) 14.07, (128, 64, 8, 3) 14.41,
@@ -30,8 +30,8 @@ DEFAULT_CONFIG = (128, 64, 4, 3)
 
 @triton.jit
 def _sym_gram_kernel(
-    X, S, OUT, TI, TJ, NSQ, R, K,
-    sxb, sxr, sxk, ssb, ssr, ssc, sob, sor, soc,
+    X, Y, S, OUT, TI, TJ, NSQ, R, K,
+    sxb, sxr, sxk, syb, syr, syk, ssb, ssr, ssc, sob, sor, soc,
     alpha, beta, diag, eps_sq,
     HAS_NSQ: tl.constexpr, HAS_S: tl.constexpr, HAS_DIAG: tl.constexpr, EVEN: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr,
@@ -44,7 +44,7 @@ def _sym_gram_kernel(
     cols = tj * BM + tl.arange(0, BM)
     ks = tl.arange(0, BK)
     xa = X + b * sxb + rows[:, None] * sxr + ks[None, :] * sxk  # (BM, BK) rows of block ti
-    xb = X + b * sxb + cols[:, None] * sxr + ks[None, :] * sxk  # (BM, BK) rows of block tj
+    xb = Y + b * syb + cols[:, None] * syr + ks[None, :] * syk  # (BM, BK) rows of block tj (Y = X or another)
     acc = tl.zeros((BM, BM), dtype=tl.float32)
     for k0 in range(0, K, BK):
         if EVEN:
@@ -59,7 +59,7 @@ def _sym_gram_kernel(
             bb = bb.to(tl.float32)
         acc = tl.dot(a, tl.trans(bb), acc, input_precision=PREC)
         xa += BK * sxk
-        xb += BK * sxk
+        xb += BK * syk
     if HAS_NSQ:  # first step on an unnormalized X: A = X X^T / n^2, result divided by n (n^2 = NSQ[b])
         inv = 1.0 / tl.maximum(tl.load(NSQ + b).to(tl.float32), eps_sq)
         inv_n = tl.sqrt(inv)
@@ -104,8 +104,12 @@ def sym_gram(
     config: tuple[int, int, int, int] | None = None,
     norm_sq: torch.Tensor | None = None,  # (n,) fp32: see below
     eps: float = 1e-7,
+    y: torch.Tensor | None = None,  # (n, r, k) like x: alpha * x y^T instead (must be symmetric)
 ) -> torch.Tensor:
     """alpha * x x^T (+ beta * s) (+ diag * I) per matrix of the batch; symmetric, upper tiles computed once.
+
+    With ``y``: alpha * x y^T (...), for products known to be symmetric, e.g. of two commuting symmetric
+    matrices (polynomials of one Gram matrix: ``newton_schulz_gram``); only its upper tiles are computed.
 
     With ``norm_sq`` (n,) = |X_n|_F^2 and ``x = s = X X^T`` of an unnormalized X, the result is Newton-Schulz's
     first polynomial of the normalized A = X X^T / norm_sq, divided by |X_n|_F: (alpha A^2 + beta A + diag I) / |X|
@@ -119,7 +123,12 @@ def sym_gram(
     n, r, k = x.shape
     if s is not None and s.shape != (n, r, r):
         raise ValueError(f"sym_gram: s must be {(n, r, r)}, got {tuple(s.shape)}")
-    check_device(x, *(t for t in (s, out) if t is not None))
+    y = x if y is None else (y.unsqueeze(0) if squeeze else y)
+    if y.shape != x.shape or y.dtype != x.dtype:
+        raise ValueError(
+            f"sym_gram: y must be like x {tuple(x.shape)} {x.dtype}, got {tuple(y.shape)} {y.dtype}"
+        )
+    check_device(x, y, *(t for t in (s, out) if t is not None))
     if out is None:
         out = torch.empty((n, r, r), dtype=x.dtype, device=x.device)
     elif squeeze:
@@ -132,8 +141,9 @@ def sym_gram(
     sv = s if s is not None else out
     if n and r:
         _sym_gram_kernel[(ti.numel(), n)](
-            x, sv, out, ti, tj, norm_sq if norm_sq is not None else ti, r, k,
-            x.stride(0), x.stride(1), x.stride(2), sv.stride(0), sv.stride(1), sv.stride(2),
+            x, y, sv, out, ti, tj, norm_sq if norm_sq is not None else ti, r, k,
+            x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+            sv.stride(0), sv.stride(1), sv.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             float(alpha), float(beta), float(diag), float(eps) ** 2,
             HAS_NSQ=norm_sq is not None, HAS_S=s is not None and beta != 0.0, HAS_DIAG=diag != 0.0 or norm_sq is not None, EVEN=r % bm == 0 and k % bk == 0,
@@ -164,6 +174,47 @@ def newton_schulz_sym(
         poly = sym_gram(gram, alpha=c, s=gram, beta=b, diag=a)  # c A A^T + b A + a I
         x = torch.matmul(poly, x)
     return x
+
+
+def newton_schulz_gram(
+    x: torch.Tensor,  # (n, r, c) bf16, r <= c (the wide orientation), not normalized
+    steps: int,
+    coefficients: tuple[float, float, float],
+    eps: float = 1e-7,
+    restarts: tuple[int, ...] = (2,),
+) -> torch.Tensor:
+    """The same iteration on the (r, r) Gram matrix: Gram Newton-Schulz (Dao AI Lab, 2026; DeepSpeed's Muon).
+
+    With P = a I + b R + c R^2 (R = X X^T), X <- P X turns R into P R P (P commutes with R), so between
+    restarts the iterations only update R and accumulate Q = P_0 P_1 ...; X is read again only at a restart
+    (X <- Q X, R recomputed from it) and at the end (X <- Q X): per wide (r, 3r) matrix ~2/3 of the FLOPs.
+    R, P and Q are fp16 (all bounded once A is normalized: more mantissa than bf16) and every r x r product
+    is symmetric (polynomials of one R), so each runs on ``sym_gram``'s upper tiles; the restart after
+    iteration 2 keeps R's rounding from accumulating (the published fix for half precision). Against an
+    fp64 iteration its error is below the bf16 iteration's (tests/kernels/test_newton_schulz.py)."""
+    a, b, c = coefficients
+    if steps <= 0:
+        return x
+    n, r, _ = x.shape
+    g = sym_gram(x, out=torch.empty((n, r, r), dtype=torch.float32, device=x.device))
+    norm_sq = g.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=eps * eps).view(-1, 1, 1)
+    gram = (g / norm_sq).half()  # R of the normalized X
+    scale: torch.Tensor | None = norm_sq.rsqrt()  # Q applies to the raw X: Q / |X|
+    q: torch.Tensor | None = None
+    for i in range(steps):
+        if i in restarts and q is not None:
+            x = torch.matmul(_scaled(q, scale, x.dtype), x)  # X <- Q X
+            gram, q, scale = sym_gram(x, out=torch.empty_like(gram)), None, None
+        poly = sym_gram(gram, alpha=c, s=gram, beta=b, diag=a)  # P = a I + b R + c R^2
+        q = poly if q is None else sym_gram(q, y=poly)  # Q P
+        if i + 1 < steps and i + 1 not in restarts:
+            gram = sym_gram(poly, y=sym_gram(gram, y=poly))  # P (R P)
+    assert q is not None
+    return torch.matmul(_scaled(q, scale, x.dtype), x)
+
+
+def _scaled(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale if scale is not None else q).to(dtype)
 
 
 def sym_gram_ref(

@@ -39,6 +39,9 @@ from llmray.model.tokenizer import Tokenizer
 if TYPE_CHECKING:
     import torch
 
+    from llmray.config import ModelConfig
+    from llmray.train.pretrain import PretrainConfig
+
 TEXT_EXTS = (".txt", ".text", ".md", ".rst", ".py")
 JSON_EXTS = (".jsonl", ".json", ".ndjson")
 PARQUET_EXTS = (".parquet",)
@@ -324,3 +327,39 @@ def val_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None
         raise ValueError(f"the validation split has {len(tokens)} tokens, too few for seq_len={seq_len}")
     idx = (np.arange(n) * seq_len)[:, None] + np.arange(seq_len + 1)[None, :]
     return tokens[idx].astype(np.int64)
+
+
+def prepare_corpus(cfg: PretrainConfig) -> tuple[Any, ModelConfig, np.ndarray, np.ndarray]:
+    """Tokenizer (reused from ``out`` on resume, loaded, or trained), model config, train/val token streams."""
+    from llmray.config import ModelConfig
+    from llmray.model.tokenizer import char_tokenizer, train_bpe
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = resolve_paths(cfg.data)
+    ds = read_documents(paths, cfg.text_field)
+    trained_here = cfg.tokenizer in ("char", "bpe")
+    if (out / "tokenizer.json").exists():
+        tok = Tokenizer.load(out)  # a run in this directory already chose (or trained) it: keep ids stable
+    elif cfg.tokenizer == "char":
+        tok = char_tokenizer("".join(corpus_texts(ds)))
+    elif cfg.tokenizer == "bpe":
+        tok = train_bpe(corpus_texts(ds, max_chars=200_000_000), vocab_size=cfg.bpe_vocab)
+    elif Path(cfg.tokenizer).is_dir():
+        tok = Tokenizer.load(cfg.tokenizer)
+    else:
+        raise ValueError(
+            f"--tokenizer must be char, bpe or a directory with tokenizer.json, got {cfg.tokenizer!r}"
+        )
+    tok.save(out)
+    add_eos = len(paths) > 1 or file_format(paths[0]) != "text"
+    tokens = tokenize_corpus(ds, tok, add_eos=add_eos)
+    train, val = split_tokens(tokens, cfg.val_fraction)
+    mc = ModelConfig.preset(cfg.preset)
+    if trained_here:
+        mc = mc.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    elif tok.vocab_size > mc.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tok.vocab_size} tokens but preset {cfg.preset} only {mc.vocab_size}"
+        )
+    return tok, mc, train, val

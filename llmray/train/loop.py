@@ -32,7 +32,7 @@ from llmray.train.metrics import (  # noqa: F401  (re-exported: the loop's publi
     plot_loss_curve,
     read_metrics,
 )
-from llmray.train.muon import MuonWithAuxAdam, muon_param_groups
+from llmray.train.muon import MuonWithAuxAdam
 
 # --- optimizer and schedule ----------------------------------------------------------------------------
 NS_SYM = True  # Muon's Newton-Schulz on our symmetric Triton products with kernels="triton" (W1 H200: 19.1 -> 13.7 ms)
@@ -55,6 +55,48 @@ def attach_weight_shadows(model: torch.nn.Module) -> bool:
         return False
     attach_shadows(groups, torch.bfloat16)
     return True
+
+
+def muon_param_groups(
+    model: torch.nn.Module,
+    muon_lr: float,
+    adam_lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    adjust_lr_fn: str = "original",
+) -> list[dict[str, Any]]:
+    """Split a Qwen3 model: 2-D weights inside the decoder layers -> Muon; embeddings, head, norms -> AdamW.
+
+    The embedding and the head are 2-D too but are not "hidden" weights (their rows are looked up or
+    compared against one by one), so they stay with AdamW as Muon's authors prescribe. A tied head is
+    one parameter and appears once.
+    """
+    seen: set[int] = set()
+    hidden, matrices, vectors = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.dim() == 2 and ".layers." in f".{name}":
+            hidden.append(p)
+        elif p.dim() >= 2:
+            matrices.append(p)  # embed_tokens, lm_head
+        else:
+            vectors.append(p)  # RMSNorm weights
+    groups: list[dict[str, Any]] = []
+    if hidden:
+        groups.append(
+            dict(
+                params=hidden, use_muon=True, lr=muon_lr, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn
+            )
+        )
+    if matrices:
+        groups.append(
+            dict(params=matrices, use_muon=False, lr=adam_lr, betas=betas, weight_decay=weight_decay)
+        )
+    if vectors:
+        groups.append(dict(params=vectors, use_muon=False, lr=adam_lr, betas=betas, weight_decay=0.0))
+    return groups
 
 
 def build_optimizer(
@@ -284,3 +326,13 @@ def autocast_context(device: torch.device) -> Any:
     from llmray.train.harness import autocast, resolve_precision
 
     return autocast(device, resolve_precision("auto", device))
+
+
+def export_model(checkpoint_dir: str | Path, mc: Any, tokenizer: Any, out: str | Path) -> Path:
+    """Write a training checkpoint's weights as a Hugging Face Qwen3 directory (with the tokenizer)."""
+    from llmray.model.checkpoint import save_model
+    from llmray.model.qwen3 import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM(mc, kernels="torch")
+    load_checkpoint(checkpoint_dir, model, None)
+    return save_model(model, out, tokenizer=tokenizer, dtype=torch.float32)

@@ -39,10 +39,18 @@ import torch
 from llmray.config import ModelConfig
 from llmray.train import data as train_data
 from llmray.train import fsdp as parallelism
+from llmray.train.data import prepare_corpus
 from llmray.train.fsdp import PARALLEL_MODES
 from llmray.train.graphs import StepGraphs
 from llmray.train.harness import PRECISIONS, evaluate, resolve_precision, train_step
-from llmray.train.loop import build_optimizer, load_checkpoint, lr_multiplier, save_checkpoint, set_lr
+from llmray.train.loop import (
+    build_optimizer,
+    export_model,
+    load_checkpoint,
+    lr_multiplier,
+    save_checkpoint,
+    set_lr,
+)
 from llmray.train.metrics import MetricsLogger, mfu, plot_loss_curve, read_metrics
 from llmray.train.session import RaySession, Session, run_trainer
 from llmray.train.warmup import WarmupClock, precompile_while_fetching
@@ -324,41 +332,6 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 # --- the driver -------------------------------------------------------------------------------------------
-def prepare_corpus(cfg: PretrainConfig) -> tuple[Any, ModelConfig, np.ndarray, np.ndarray]:
-    """Tokenizer (reused from ``out`` on resume, loaded, or trained), model config, train/val token streams."""
-    from llmray.model.tokenizer import Tokenizer, char_tokenizer, train_bpe
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = train_data.resolve_paths(cfg.data)
-    ds = train_data.read_documents(paths, cfg.text_field)
-    trained_here = cfg.tokenizer in ("char", "bpe")
-    if (out / "tokenizer.json").exists():
-        tok = Tokenizer.load(out)  # a run in this directory already chose (or trained) it: keep ids stable
-    elif cfg.tokenizer == "char":
-        tok = char_tokenizer("".join(train_data.corpus_texts(ds)))
-    elif cfg.tokenizer == "bpe":
-        tok = train_bpe(train_data.corpus_texts(ds, max_chars=200_000_000), vocab_size=cfg.bpe_vocab)
-    elif Path(cfg.tokenizer).is_dir():
-        tok = Tokenizer.load(cfg.tokenizer)
-    else:
-        raise ValueError(
-            f"--tokenizer must be char, bpe or a directory with tokenizer.json, got {cfg.tokenizer!r}"
-        )
-    tok.save(out)
-    add_eos = len(paths) > 1 or train_data.file_format(paths[0]) != "text"
-    tokens = train_data.tokenize_corpus(ds, tok, add_eos=add_eos)
-    train, val = train_data.split_tokens(tokens, cfg.val_fraction)
-    mc = ModelConfig.preset(cfg.preset)
-    if trained_here:
-        mc = mc.replace(vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    elif tok.vocab_size > mc.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tok.vocab_size} tokens but preset {cfg.preset} only {mc.vocab_size}"
-        )
-    return tok, mc, train, val
-
-
 def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) pretraining on Ray Train; returns the last metrics and where results went."""
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # the default in Ray 2.60; explicit for older Rays
@@ -402,13 +375,3 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         "loss_curve": str(out / "loss_curve.png"),
         "last": metrics[-1] if metrics else {},
     }
-
-
-def export_model(checkpoint_dir: str | Path, mc: ModelConfig, tokenizer: Any, out: str | Path) -> Path:
-    """Write a training checkpoint's weights as a Hugging Face Qwen3 directory (with the tokenizer)."""
-    from llmray.model.checkpoint import save_model
-    from llmray.model.qwen3 import Qwen3ForCausalLM
-
-    model = Qwen3ForCausalLM(mc, kernels="torch")
-    load_checkpoint(checkpoint_dir, model, None)
-    return save_model(model, out, tokenizer=tokenizer, dtype=torch.float32)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,17 +22,15 @@ from llmray.train.metrics import mfu
 VARIANTS = [("torch", "blocks"), ("triton", "graphs"), ("triton", "none")]  # (kernels, compile | graphs)
 
 
-def measure(
-    mc: ModelConfig, kernels: str, compile_mode: str, bsz: int, seq: int, device: str, steps: int = 6
-) -> dict[str, Any]:
-    """Full training steps (fwd + bwd + Muon) on random tokens: 3 warm-up steps, ``steps`` timed (CUDA events).
+def build_step(
+    mc: ModelConfig, kernels: str, compile_mode: str, bsz: int, seq: int, device: str
+) -> SimpleNamespace:
+    """The model, Muon, random tokens and ``step()`` (one ``harness.train_step``) that ``measure`` times.
 
-    The harness's own step (``llmray.train.harness.train_step``: bf16 autocast over fp32 master weights,
-    clipping, the optimizer step inside the timed step). ``compile_mode="blocks"`` compiles each decoder
-    block (one graph reused by all 28); for the torch ops the loss (logits + cross-entropy) is compiled too,
-    so the torch.compile-only baseline fuses its loss as a whole-model compile would.
-    ``compile_mode="graphs"``: no compile; forward + backward replayed from a CUDA graph
-    (``llmray.train.graphs.StepGraphs``), as ``llmray pretrain`` runs on one GPU.
+    ``compile_mode="blocks"`` compiles each decoder block (one graph reused by all 28); for the torch ops
+    the loss (logits + cross-entropy) is compiled too, so the torch.compile-only baseline fuses its loss as
+    a whole-model compile would. ``compile_mode="graphs"``: no compile; forward + backward replayed from a
+    CUDA graph (``llmray.train.graphs.StepGraphs``), as ``llmray pretrain`` runs on one GPU.
     """
     from llmray.kernels.reference import linear_cross_entropy_ref
     from llmray.model.qwen3 import Qwen3ForCausalLM
@@ -62,10 +61,23 @@ def measure(
             model, params, torch.device(device), dtype, accumulate=compile_mode == "graphs_acc"
         )
 
-    def step():
+    def step() -> torch.Tensor:
         batch = [(x[:, :-1], x[:, 1:])]
         return train_step(model, batch, 1, opt, params, torch.device(device), dtype, 1.0, graphs=graphs)[0]
 
+    return SimpleNamespace(model=model, opt=opt, params=params, x=x, dtype=dtype, graphs=graphs, step=step)
+
+
+def measure(
+    mc: ModelConfig, kernels: str, compile_mode: str, bsz: int, seq: int, device: str, steps: int = 6
+) -> dict[str, Any]:
+    """Full training steps (fwd + bwd + Muon) on random tokens: 3 warm-up steps, ``steps`` timed (CUDA events).
+
+    The harness's own step (``llmray.train.harness.train_step``: bf16 autocast over fp32 master weights,
+    clipping, the optimizer step inside the timed step), built by ``build_step``.
+    """
+    s = build_step(mc, kernels, compile_mode, bsz, seq, device)
+    step, graphs = s.step, s.graphs
     t = time.perf_counter()
     for _ in range(4 if graphs is not None else 3):
         step()

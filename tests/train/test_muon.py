@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from llmray.train.loop import build_optimizer
-from llmray.train.muon import MuonWithAuxAdam, muon_param_groups, zeropower_via_newtonschulz5
+from llmray.train.loop import build_optimizer, muon_param_groups
+from llmray.train.muon import MuonWithAuxAdam, zeropower_via_newtonschulz5
 
 
 def reference_newton_schulz(g: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""Muon's Newton-Schulz alone on qwen3-0.6b's stacks (issue 18): the symmetric-kernel iteration, plain and
+Gram (``llmray.kernels.newton_schulz``), timed and compared with an fp32 iteration. Run by
+``bench/train_profile.py --ns``; alone: ``python bench/train_ns.py`` (prints the JSON)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+NS_SHAPES = {(2048, 1024): 28, (1024, 1024): 56, (1024, 2048): 28, (3072, 1024): 56, (1024, 3072): 28}
+
+
+def ns_fp32(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    tall = x.size(-2) > x.size(-1)
+    x = x.mT if tall else x
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
+    for _ in range(steps):
+        m = x @ x.mT
+        x = a * x + (b * m + c * m @ m) @ x
+    return x.mT if tall else x
+
+
+def ns_bench(reps: int = 10, shapes: dict | None = None, device: str = "cuda") -> dict:
+    """Muon's Newton-Schulz on qwen3-0.6b's stacks (one per weight shape) with the symmetric kernel, plain
+    (``muon.NS_GRAM=0``) and Gram: ms per optimizer step (CUDA events) and the error against an fp32
+    iteration (TF32 off) on 4 matrices of each stack, Gaussian and with singular values 1/k."""
+    import llmray.train.muon as M  # noqa: N812
+
+    shapes = shapes or NS_SHAPES
+    torch.manual_seed(0)
+    stacks = {sh: torch.randn(n, *sh, device=device).bfloat16() * 1e-3 for sh, n in shapes.items()}
+    decay = {}
+    for sh in shapes:
+        r = min(sh)
+        u = torch.linalg.qr(torch.randn(4, max(sh), r, device=device))[0]
+        v = torch.linalg.qr(torch.randn(4, r, r, device=device))[0]
+        m = u @ torch.diag_embed((1.0 / torch.arange(1, r + 1, device=device)).expand(4, r)) @ v.mT
+        decay[sh] = (m if sh[0] >= sh[1] else m.mT).bfloat16() * 1e-3
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    refs = {k: {sh: ns_fp32(x[:4].float()) for sh, x in d.items()}
+            for k, d in (("gauss", stacks), ("decay", decay))}  # fmt: skip
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    res: dict = {}
+    old = M.NS_GRAM
+    for name, gram in (("sym", 0), ("gram", 1)):
+        M.NS_GRAM = gram
+        for _ in range(2):
+            for x in stacks.values():
+                M.zeropower_via_newtonschulz5(x, sym=True)
+        per = {}
+        for sh, x in stacks.items():
+            t = _Timer(device)
+            for _ in range(reps):
+                M.zeropower_via_newtonschulz5(x, sym=True)
+            per[f"{shapes[sh]}x{sh[0]}x{sh[1]}"] = round(t.ms() / reps, 3)
+        errs = {}
+        for k, d in (("gauss", stacks), ("decay", decay)):
+            e = []
+            for sh, x in d.items():
+                o = M.zeropower_via_newtonschulz5(x[:4], sym=True).double()
+                ref = refs[k][sh].double()
+                e.append(((o - ref).norm(dim=(-2, -1)) / ref.norm(dim=(-2, -1))).max().item())
+            errs[k] = [round(v, 4) for v in e]
+        res[name] = {"ms": per, "total_ms": round(sum(per.values()), 2), "rel_err_vs_fp32": errs}
+        log(f"ns {name}: {res[name]}")
+    M.NS_GRAM = old
+    return res
+
+
+class _Timer:
+    """CUDA events on a GPU, the host clock elsewhere (the CPU check under the Triton interpreter)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device == "cuda"
+        self.t = time.perf_counter()
+        if self.cuda:
+            self.a = torch.cuda.Event(enable_timing=True)
+            self.a.record()
+
+    def ms(self) -> float:
+        if not self.cuda:
+            return 1e3 * (time.perf_counter() - self.t)
+        b = torch.cuda.Event(enable_timing=True)
+        b.record()
+        torch.cuda.synchronize()
+        return self.a.elapsed_time(b)
+
+
+if __name__ == "__main__":
+    print(json.dumps(ns_bench(), indent=1))
