@@ -200,7 +200,9 @@ def profile(s, graphed: bool) -> dict:
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as tprofile
 
-    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with tprofile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=not graphed
+    ) as prof:
         region_step(s, graphed, True, mark=lambda n: record_function("R:" + n))
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as d:
@@ -210,7 +212,7 @@ def profile(s, graphed: bool) -> dict:
     anns = [
         e for e in evs if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith("R:")
     ]
-    res = {}
+    res: dict = {"gemms": gemm_table(evs, kern)} if not graphed else {}
     spans = [(a["name"][2:], a["ts"], a["ts"] + a["dur"]) for a in anns]
     if not spans and kern:  # no GPU-side ranges: the whole step as one
         spans = [("step", min(k["ts"] for k in kern), max(k["ts"] + k["dur"] for k in kern))]
@@ -239,6 +241,39 @@ def profile(s, graphed: bool) -> dict:
             "top": [[n, c, round(v, 3)] for n, (c, v) in sorted(top.items(), key=lambda x: -x[1][1])[:25]],
         }  # fmt: skip
     return res
+
+
+MM_OPS = {
+    "aten::mm",
+    "aten::addmm",
+    "aten::addmm_",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::matmul",
+    "aten::linear",
+}
+
+
+def gemm_table(evs: list, kern: list) -> list:
+    """GEMM kernel time per (op, input shapes) with its TFLOP/s (kernels matched to their op by External id;
+    eager steps only: a graph replay has no ops)."""
+    ops = {}
+    for e in evs:
+        args = e.get("args") or {}
+        if e.get("cat") == "cpu_op" and e.get("name") in MM_OPS and args.get("Input Dims"):
+            ops[args.get("External id")] = (e["name"], args["Input Dims"])
+    acc: dict[str, list] = {}
+    for k in kern:
+        if category(k["name"], k["cat"]) != "gemm":
+            continue
+        op = ops.get((k.get("args") or {}).get("External id"))
+        mats = [d for d in op[1] if isinstance(d, list) and len(d) >= 2][-2:] if op else []
+        flops = 2 * float(torch.tensor(mats[0]).prod()) * mats[1][-1] if len(mats) == 2 else 0.0
+        a = acc.setdefault(f"{op[0]} {mats}" if op else "unattributed", [0, 0.0, 0.0])
+        a[0], a[1], a[2] = a[0] + 1, a[1] + k["dur"] / 1e3, a[2] + flops
+    rows = sorted(acc.items(), key=lambda x: -x[1][1])[:30]
+    return [[key, n, round(ms, 3), round(fl / (ms * 1e-3) / 1e12, 1) if ms and fl else None]
+            for key, (n, ms, fl) in rows]  # fmt: skip
 
 
 def set_flags(flags: str) -> list:
