@@ -198,7 +198,7 @@ def newton_schulz_gram(
     n, r, _ = x.shape
     g = sym_gram(x, out=torch.empty((n, r, r), dtype=torch.float32, device=x.device))
     norm_sq = g.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=eps * eps).view(-1, 1, 1)
-    gram = (g / norm_sq).half()  # R of the normalized X
+    gram = torch.div(g, norm_sq, out=torch.empty((n, r, r), dtype=torch.float16, device=x.device))  # R
     scale: torch.Tensor | None = norm_sq.rsqrt()  # Q applies to the raw X: Q / |X|
     q: torch.Tensor | None = None
     for i in range(steps):
@@ -214,7 +214,10 @@ def newton_schulz_gram(
 
 
 def _scaled(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale if scale is not None else q).to(dtype)
+    """q * scale (fp32 math) in ``dtype``: one pass."""
+    if scale is None:
+        return q.to(dtype)
+    return torch.mul(q, scale, out=torch.empty(q.shape, dtype=dtype, device=q.device))
 
 
 def sym_gram_ref(
