@@ -208,11 +208,16 @@ def profile(s, graphed: bool) -> dict:
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(f"{d}/t.json")
         evs = json.loads(Path(f"{d}/t.json").read_text())["traceEvents"]
+    return summarize(evs, gemms=not graphed)
+
+
+def summarize(evs: list, gemms: bool) -> dict:
+    """Per profiler range ("R:<region>"): kernel time, busy union, categories, top kernels (+ the GEMM table)."""
     kern = [e for e in evs if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     anns = [
         e for e in evs if e.get("cat") == "gpu_user_annotation" and str(e.get("name", "")).startswith("R:")
     ]
-    res: dict = {"gemms": gemm_table(evs, kern)} if not graphed else {}
+    res: dict = {"gemms": gemm_table(evs, kern)} if gemms else {}
     spans = [(a["name"][2:], a["ts"], a["ts"] + a["dur"]) for a in anns]
     if not spans and kern:  # no GPU-side ranges: the whole step as one
         spans = [("step", min(k["ts"] for k in kern), max(k["ts"] + k["dur"] for k in kern))]
@@ -327,6 +332,7 @@ def train_check(variants: list[str], steps: int = 12) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", default="triton:graphs,torch:blocks")
+    p.add_argument("--timed", default="", help="more variants, timed steps only (no regions, no profile)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--ns", action="store_true", help="first: Newton-Schulz alone, plain vs Gram")
@@ -348,7 +354,9 @@ def main() -> int:
     if a.ns and cuda:
         res["newton_schulz"] = ns_bench()
         (out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
-    for v in filter(None, a.variants.split(",")):
+
+    def run(v: str, full: bool) -> None:
+        s = None
         kernels, mode, *rest = v.split(":")
         old = set_flags(rest[0] if rest else "")
         try:
@@ -358,18 +366,24 @@ def main() -> int:
             r["tokens_per_s"] = round(bsz * seq / (r["step_ms"] / 1e3))
             r["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None
             log(f"{v}: step {r['step_ms']} ms, mfu {r['mfu']}, {r['steps_ms']}")
-            graphed = s.graphs is not None
-            r["regions_ms"] = {"eager": regions(s, False, cuda)}
+            graphed = s.graphs is not None and full
+            r["regions_ms"] = {"eager": regions(s, False, cuda)} if full else {}
             if graphed:
                 r["regions_ms"]["graphed"] = regions(s, True, cuda)
             log(f"{v}: regions {r['regions_ms']}")
-            if cuda and not a.no_profile:
-                r["profile"] = {"eager": profile(s, False)}
-                if graphed:
-                    r["profile"]["graphed"] = profile(s, True)
+            if cuda and full and not a.no_profile:
+                r["profile"] = {}
+                for mode_ in ("eager", "graphed") if graphed else ("eager",):
+                    try:  # a failed profile keeps the timings above
+                        r["profile"][mode_] = profile(s, mode_ == "graphed")
+                    except Exception as e:
+                        r["profile"][mode_] = {
+                            "error": {"busy_ms": 0, "span_ms": 0, "by_category_ms": repr(e)}
+                        }
                 for mode_, pr in r["profile"].items():
                     log(f"{v} {mode_}: " + "; ".join(f"{n}: busy {x['busy_ms']}/{x['span_ms']} ms "
-                                                      f"{x['by_category_ms']}" for n, x in pr.items()))  # fmt: skip
+                                                      f"{x['by_category_ms']}" for n, x in pr.items()
+                                                      if isinstance(x, dict)))  # fmt: skip
         except Exception as e:  # report it, keep the other variants
             import traceback
 
@@ -379,13 +393,18 @@ def main() -> int:
             restore(old)
         res["variants"][v] = r
         (out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
-        s = None
+        s = None  # noqa: F841  (frees the model before the next variant)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+
+    for v in filter(None, a.variants.split(",")):
+        run(v, True)
     if a.check and cuda:
         res["check"] = train_check(a.check.split(","))
         (out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
+    for v in filter(None, a.timed.split(",")):
+        run(v, False)
     return 0
 
 
