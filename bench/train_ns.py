@@ -1,6 +1,7 @@
-"""Muon's Newton-Schulz alone on qwen3-0.6b's stacks (issue 18): the symmetric-kernel iteration, plain and
-Gram (``llmray.kernels.newton_schulz``), timed and compared with an fp32 iteration. Run by
-``bench/train_profile.py --ns``; alone: ``python bench/train_ns.py`` (prints the JSON)."""
+"""Parts of the qwen3-0.6b training step alone (issue 18): Muon's Newton-Schulz on its stacks (the
+symmetric-kernel iteration, plain and Gram: ``llmray.kernels.newton_schulz``; timed and compared with an
+fp32 iteration) and the q/k norm + rope backward per launch config. Run by ``bench/train_profile.py --ns``
+/ ``--qk``; alone: ``python bench/train_ns.py`` (prints the JSON)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,54 @@ def ns_bench(reps: int = 10, shapes: dict | None = None, device: str = "cuda") -
     return res
 
 
+QK_CONFIGS = [{}, {"PROGRAMS_PER_SM": 4}, {"PROGRAMS_PER_SM": 16}, {"PROGRAMS_PER_SM": 200}, {"ROWS_BT": 2},
+              {"ROWS_BT": 4, "PROGRAMS_PER_SM": 4}, {"NUM_WARPS": 8}, {"NUM_WARPS": 2}]  # fmt: skip
+
+
+def qk_bench(reps: int = 10, device: str = "cuda", shape: tuple = (8, 2048, 16, 8, 128)) -> dict:
+    """The q/k norm + rope backward alone (``qkv_norm_rope_train`` on a fused (B, T, 32 x 128) row, as qwen3-0.6b
+    trains) per launch config of ``llmray.kernels.qk_norm_rope_train``: ms per backward (incl. the dW sums
+    and v's copy) for incoming gradients in (B, T, H, D) and in cuDNN's (B, H, T, D) layout; GB/s of the
+    bytes it must move (q, k, dq_out, dk_out read; dq, dk written)."""
+    import llmray.kernels.qk_norm_rope_train as QK  # noqa: N812
+    from llmray.model.qwen3 import rope_tables
+
+    b, t, hq, hk, d = shape
+    torch.manual_seed(0)
+    qkv = torch.randn(b, t, (hq + 2 * hk) * d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    qw = torch.ones(d, device=device, requires_grad=True)
+    kw = torch.ones(d, device=device, requires_grad=True)
+    cos, sin = (x.to(device) for x in rope_tables(d, t, 1e6))
+    pos = torch.arange(t, device=device).expand(b, t)
+    grads = {
+        "bthd": [torch.randn(b, t, h, d, device=device, dtype=torch.bfloat16) for h in (hq, hk, hk)],
+        "bhtd": [torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16).transpose(1, 2) for h in (hq, hk, hk)],
+    }  # fmt: skip
+    moved = 2 * b * t * (hq + hk) * d * 3  # bytes: read x and dy, write dx (bf16)
+    res: dict = {}
+    keys = ("PROGRAMS_PER_SM", "ROWS_BT", "NUM_WARPS")
+    base = {k: getattr(QK, k) for k in keys}
+    for cfg in QK_CONFIGS:
+        name = ",".join(f"{k}={v}" for k, v in cfg.items()) or "default"
+        for k, v in {**base, **cfg}.items():
+            setattr(QK, k, v)
+        try:
+            for layout, g in grads.items():
+                for i in range(reps + 2):
+                    if i == 2:
+                        tm = _Timer(device)
+                    out = QK.qkv_norm_rope_train(qkv, qw, kw, 1e-6, pos, cos, sin, hq, hk)
+                    torch.autograd.backward(out, g)
+                ms = tm.ms() / reps
+                res[f"{name} {layout}"] = [round(ms, 4), round(moved / ms / 1e6)]
+        except Exception as e:
+            res[name] = f"{type(e).__name__}: {str(e)[:200]}"
+        log(f"qk {name}: {[v for k, v in res.items() if k.startswith(name)]}")
+    for k, v in base.items():
+        setattr(QK, k, v)
+    return res
+
+
 class _Timer:
     """CUDA events on a GPU, the host clock elsewhere (the CPU check under the Triton interpreter)."""
 
@@ -101,4 +150,4 @@ class _Timer:
 
 
 if __name__ == "__main__":
-    print(json.dumps(ns_bench(), indent=1))
+    print(json.dumps({"newton_schulz": ns_bench(), "qk_bwd": qk_bench()}, indent=1))

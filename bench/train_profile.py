@@ -43,7 +43,7 @@ from llmray.train.metrics import mfu  # noqa: E402
 from llmray.train.throughput import build_step  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from train_ns import ns_bench  # noqa: E402
+from train_ns import ns_bench, qk_bench  # noqa: E402
 
 T0 = time.perf_counter()
 CATEGORIES = [  # (name, pattern on the kernel name), first match wins
@@ -336,6 +336,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--ns", action="store_true", help="first: Newton-Schulz alone, plain vs Gram")
+    p.add_argument("--qk", action="store_true", help="first: the q/k norm + rope backward per launch config")
     p.add_argument(
         "--check", default="", help="variants to train 12 steps each from one init (losses, weights)"
     )
@@ -351,9 +352,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
                  "shape": [bsz, seq], "preset": preset, "variants": {}}  # fmt: skip
-    if a.ns and cuda:
-        res["newton_schulz"] = ns_bench()
-        (out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
+    for flag, key, fn in ((a.ns, "newton_schulz", ns_bench), (a.qk, "qk_bwd", qk_bench)):
+        if flag and cuda:
+            try:
+                res[key] = fn()
+            except Exception as e:  # keep going: the step profile matters more
+                res[key] = f"{type(e).__name__}: {str(e)[:400]}"
+            (out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
 
     def run(v: str, full: bool) -> None:
         s = None
