@@ -83,7 +83,8 @@ def ns_bench(reps: int = 10, shapes: dict | None = None, device: str = "cuda") -
 
 
 QK_CONFIGS = [{}, {"PROGRAMS_PER_SM": 4}, {"PROGRAMS_PER_SM": 16}, {"PROGRAMS_PER_SM": 200}, {"ROWS_BT": 2},
-              {"ROWS_BT": 4, "PROGRAMS_PER_SM": 4}, {"NUM_WARPS": 8}, {"NUM_WARPS": 2}]  # fmt: skip
+              {"ROWS_BT": 4, "PROGRAMS_PER_SM": 4}, {"NUM_WARPS": 8}, {"NUM_WARPS": 2},
+              {"PROGRAMS_PER_SM": 200, "DW_SUM": None}, {"PROGRAMS_PER_SM": 64, "DW_SUM": None}]  # fmt: skip
 
 
 def qk_bench(reps: int = 10, device: str = "cuda", shape: tuple = (8, 2048, 16, 8, 128)) -> dict:
@@ -107,7 +108,7 @@ def qk_bench(reps: int = 10, device: str = "cuda", shape: tuple = (8, 2048, 16, 
     }  # fmt: skip
     moved = 2 * b * t * (hq + hk) * d * 3  # bytes: read x and dy, write dx (bf16)
     res: dict = {}
-    keys = ("PROGRAMS_PER_SM", "ROWS_BT", "NUM_WARPS")
+    keys = ("PROGRAMS_PER_SM", "ROWS_BT", "NUM_WARPS", "DW_SUM")  # DW_SUM None: torch's sum of the partials
     base = {k: getattr(QK, k) for k in keys}
     for cfg in QK_CONFIGS:
         name = ",".join(f"{k}={v}" for k, v in cfg.items()) or "default"
