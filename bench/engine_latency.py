@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import build_model, latency, make_llm, workload  # noqa: E402
 from engine_common import sync  # noqa: E402
-from engine_latency_parts import line_times, splits_ab  # noqa: E402
+from engine_latency_parts import host_profile, line_times, prefix_pair, splits_ab  # noqa: E402
 from engine_profile import profile, step_timers  # noqa: E402
 
 from llmray.engine.sampling_params import SamplingParams  # noqa: E402
@@ -309,6 +309,11 @@ def main() -> None:
             res["splits_ab"] = splits_ab(
                 llm, cfg.vocab_size, args.quick, [int(v) for v in section[7:].split("/")]
             )
+        elif section == "prefix":  # the prefix pair's medians over many rounds (an A/B's robust figure)
+            res["prefix"] = prefix_pair(llm, cfg.vocab_size, args.quick, 21, rounds=args.repeats * 2)
+            print(json.dumps(res["prefix"]), flush=True)
+        elif section == "hostprof":
+            res["hostprof"] = host_profile(llm, cfg.vocab_size, args.quick, args.repeats * 4)
         elif section == "lines":
             res["lines"] = line_times(llm, cfg.vocab_size, args.quick, args.repeats)
         elif section == "run1":

@@ -1,5 +1,6 @@
 """Sections of bench/engine_latency.py beside its spans: per-source-line host us of a prefix hit (lines), the
-prefill split-K A/B (splits:8/16)."""
+prefill split-K A/B (splits:8/16), the prefix pair's medians over many rounds (prefix), a cProfile of the
+hit's host path (hostprof)."""
 
 from __future__ import annotations
 
@@ -123,3 +124,35 @@ def splits_ab(llm, vocab: int, quick: bool, values: list[int]) -> dict:
             graphs.capture(only=small)
         out[f"splits{sp}" + ("_again" if k == len(values) else "")] = prefix_pair(llm, vocab, quick, 100 + k)
     return out
+
+
+def host_profile(llm, vocab: int, quick: bool, repeats: int, top: int = 40) -> dict:
+    """cProfile of ``repeats`` prefix hits (each after its cold prompt, which is not profiled): the functions
+    of the hit's host path by own time and by cumulative time (us per hit; the profiler inflates calls)."""
+    import cProfile
+    import pstats
+
+    from engine_common import stream_times
+
+    engine = llm.engine
+    rng = random.Random(13)
+    rand = lambda n: [rng.randrange(vocab) for _ in range(n)]  # noqa: E731
+    cold_len, shared = (2048, 2000) if not quick else (256, 240)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    prof = cProfile.Profile()
+    for i in range(repeats + 1):
+        a = rand(cold_len)
+        stream_times(engine, f"hpc{i}", a, one)
+        hit = a[:shared] + rand(cold_len - shared)
+        if i:
+            prof.enable()
+        stream_times(engine, f"hph{i}", hit, one)
+        prof.disable()
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, name), (_, ncalls, tot, cum, _) in st.stats.items():  # type: ignore[attr-defined]
+        where = f"{file.rsplit('/', 2)[-1]}:{line}({name})" if file != "~" else name
+        rows.append((where, ncalls / repeats, round(tot / repeats * 1e6, 1), round(cum / repeats * 1e6, 1)))
+    by_own = sorted(rows, key=lambda r: -r[2])[:top]
+    by_cum = sorted(rows, key=lambda r: -r[3])[:top]
+    return {"hits": repeats, "(where, calls, own us, cum us) by own": by_own, "by cum": by_cum}

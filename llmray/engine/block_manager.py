@@ -61,6 +61,10 @@ class BlockManager:
         self.hasher = BlockHasher(block_size)
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of which served from the cache
+        # block tables of finished sequences not released yet (``free(defer=True)``): the engine releases
+        # them once its next step is launched, while the device runs it; a check that finds too few free
+        # blocks releases them first
+        self.deferred: list[list[int]] = []
 
     # --- state --------------------------------------------------------------------------------
     @property
@@ -152,8 +156,11 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int]) -> bool:
         """Can a waiting ``seq`` start with ``cached`` blocks plus room for ``num_new_tokens`` more tokens?"""
         total = cdiv(len(cached) * self.block_size + num_new_tokens, self.block_size)
-        revived = sum(map(self.free_cached.__contains__, cached))  # (ref count 0) taken from the free list
-        return total - len(cached) <= self.num_free_blocks - revived
+        free_cached = self.free_cached
+        revived = sum(map(free_cached.__contains__, cached)) if free_cached else 0  # (ref count 0)
+        if total - len(cached) <= self.num_free_blocks - revived:
+            return True
+        return self.release_deferred() and self.can_allocate(seq, num_new_tokens, cached)
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[int]) -> None:
         assert not seq.block_table and seq.num_computed_tokens == 0, "allocate() is for waiting sequences"
@@ -174,7 +181,9 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
 
     def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self._num_new_blocks(seq, num_new_tokens, len(seq.block_table)) <= self.num_free_blocks
+        if self._num_new_blocks(seq, num_new_tokens, len(seq.block_table)) <= self.num_free_blocks:
+            return True
+        return self.release_deferred() and self.can_append(seq, num_new_tokens)
 
     def append(self, seq: Sequence, num_new_tokens: int) -> None:
         for _ in range(self._num_new_blocks(seq, num_new_tokens, len(seq.block_table))):
@@ -210,11 +219,31 @@ class BlockManager:
             self.hash_to_block.setdefault(hashes[i], block.block_id)
         seq.num_registered_blocks = full
 
-    def free(self, seq: Sequence) -> None:
-        """Release every block of ``seq`` (finish, abort or preemption)."""
+    def free(self, seq: Sequence, defer: bool = False) -> None:
+        """Release every block of ``seq`` (finish, abort or preemption). ``defer``: keep the blocks referenced
+        until ``release_deferred`` (a finished sequence: its release is not on the request's latency)."""
+        if defer:
+            if seq.block_table:
+                self.deferred.append(seq.block_table)
+        else:
+            self._release(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
+
+    def release_deferred(self) -> bool:
+        """Release the deferred block tables; False if there were none."""
+        if not self.deferred:
+            return False
+        tables, self.deferred = self.deferred, []
+        for table in tables:
+            self._release(table)
+        return True
+
+    def _release(self, table: list[int]) -> None:
         blocks, registered = self.blocks, self.hash_to_block
         free_cached, free_empty = self.free_cached, self.free_empty
-        for block_id in reversed(seq.block_table):  # tail blocks end up evicted first
+        for block_id in reversed(table):  # tail blocks end up evicted first
             block = blocks[block_id]
             refs = block.ref_count - 1
             block.ref_count = refs
@@ -227,13 +256,11 @@ class BlockManager:
             else:
                 block.hash, block.token_ids, block.parent_block_id = None, None, -1
                 free_empty.append(block_id)
-        seq.block_table = []
-        seq.num_computed_tokens = 0
-        seq.num_registered_blocks = 0
 
     # --- testing --------------------------------------------------------------------------------
     def check_invariants(self, live: list[Sequence]) -> None:
         """Assert the ref counts equal the live block tables' references and the free lists are exact."""
+        self.release_deferred()
         refs = [0] * self.num_blocks
         for seq in live:
             for block_id in seq.block_table:

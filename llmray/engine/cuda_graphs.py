@@ -57,16 +57,22 @@ class CudaGraphs:
         self.mixed = mixed_buckets(max_graph_tokens, max_num_batched_tokens)
         self.prefill = [b for b in self.mixed if b <= prefill_graph_tokens]
         self.variants = (False, True) if lora_variants else (False,)
+        self._layouts: dict[tuple[str, int], Layout] = {}  # (kind, bucket) -> its layout (pick, per step)
         smax = max([self.decode[-1]] + [self.layout("mixed", b).seqs for b in self.mixed])
         self.tables = torch.zeros(smax, max_blocks_per_seq, dtype=torch.int64, device=dev_flat.device)
         self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: Any = None  # the graphs' shared memory pool (the largest graph's, captured first)
 
     def layout(self, kind: str, bucket: int) -> Layout:
-        if kind == "decode":
-            return Layout(bucket, bucket, 0)
-        seqs = min(bucket, self.max_num_seqs) if kind == "mixed" else 1
-        return Layout(bucket, seqs, tile_capacity(bucket, seqs, self.block_m))
+        got = self._layouts.get((kind, bucket))
+        if got is None:
+            if kind == "decode":
+                got = Layout(bucket, bucket, 0)
+            else:
+                seqs = min(bucket, self.max_num_seqs) if kind == "mixed" else 1
+                got = Layout(bucket, seqs, tile_capacity(bucket, seqs, self.block_m))
+            self._layouts[(kind, bucket)] = got
+        return got
 
     def pick(
         self, num_tokens: int, num_seqs: int, all_decode: bool, no_decode: bool = False

@@ -328,12 +328,15 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return None
+        pending = self.runner.launch(sched.scheduled, defer_sampling)
+        self.scheduler.advance(sched)
+        # the blocks of requests that finished since the last launch are released now, while the device runs
+        # this step (not on those requests' latency)
         bm = self.scheduler.block_manager
+        bm.release_deferred()
         self.peak_blocks_used = max(
             self.peak_blocks_used, bm.num_blocks - len(bm.free_empty) - len(bm.free_cached)
         )
-        pending = self.runner.launch(sched.scheduled, defer_sampling)
-        self.scheduler.advance(sched)
         slots = []
         for seq in pending.seqs:
             tokens = seq.token_ids
@@ -404,6 +407,10 @@ class LLMEngine:
 
     def stats(self) -> dict[str, Any]:
         bm = self.scheduler.block_manager
+        if (
+            not self.has_unfinished()
+        ):  # idle: release the finished requests' blocks (else the next launch does)
+            bm.release_deferred()
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),

@@ -95,15 +95,16 @@ class Scheduler:
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Free a sequence's blocks at once and drop it from the queues (finish or abort). Its computed full
-        blocks enter the prefix cache first (a request that ends in the step of its prefill still leaves
-        its prompt for the next one sharing it)."""
+        """Drop a sequence from the queues and free its blocks (finish or abort). Its computed full blocks
+        enter the prefix cache first (a request that ends in the step of its prefill still leaves its prompt
+        for the next one sharing it); the blocks are released with the block manager's deferred ones (the
+        engine: once its next step is launched), or at once when a check needs them."""
         if seq.status is SequenceStatus.RUNNING:
             self.block_manager.cache_full_blocks(seq)
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:  # (not while being admitted)
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        self.block_manager.free(seq, defer=True)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

@@ -84,8 +84,9 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("a prompt must hold at least one token")
-        self.prompt_token_ids = list(self.prompt_token_ids)
-        self.token_ids = list(self.prompt_token_ids)
+        if type(self.prompt_token_ids) is not list:  # (a list is taken as is: the engine passes a fresh one)
+            self.prompt_token_ids = list(self.prompt_token_ids)
+        self.token_ids = self.prompt_token_ids.copy()
 
     @property
     def num_prompt_tokens(self) -> int:

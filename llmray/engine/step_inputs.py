@@ -16,7 +16,7 @@ alternate so building step N+1 never races the still pending copy of step N.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,14 +32,14 @@ class Layout:
     tokens: int  # T
     seqs: int  # S
     tiles: int  # C
+    fixed_size: int = field(init=False, compare=False, repr=False)  # ints before ``last``
+
+    def __post_init__(self) -> None:  # (read per step: computed once)
+        object.__setattr__(self, "fixed_size", sum(_even(n) for n in self.sizes()))
 
     def sizes(self) -> list[int]:
         t, s, c = self.tokens, self.seqs, self.tiles
         return [t, t, t, t, t, s + 1, s, c, c]
-
-    @property
-    def fixed_size(self) -> int:
-        return sum(_even(n) for n in self.sizes())
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each array starts 16-byte aligned (an even offset): Triton specialises on pointer alignment."""

@@ -194,3 +194,46 @@ def test_block_hash_chain_numpy_equals_scalar_and_depends_on_prefix_and_adapter(
     assert hasher.chain(toks[:8], hasher.root(1)) != whole[:2]  # the adapter is in the chain
     other = [toks[0] + 1] + toks[1:8]
     assert hasher.chain(other, root)[1] != whole[1]  # a block's hash names its whole prefix
+
+
+def test_same_prefix_computed_twice_registers_one_owner():
+    bm = BlockManager(16, 4)
+    a, b = seq(range(9)), seq(range(9))
+    for s in (a, b):  # both admitted before either registers: no hit, each computes the prefix
+        assert bm.find_cached_prefix(s) == []
+        bm.allocate(s, 9, [])
+    for s in (a, b):
+        s.num_computed_tokens = s.num_tokens
+        bm.cache_full_blocks(s)
+    assert set(bm.hash_to_block.values()) == set(a.block_table[:2])  # b's copies are not in the map
+    bm.check_invariants([a, b])
+    owners = a.block_table[:2]
+    bm.free(b)
+    bm.free(a)
+    assert sorted(bm.free_cached) == sorted(owners) and bm.num_free_blocks == 16
+    bm.check_invariants([])
+    c = seq(range(9))
+    assert len(admit(bm, c)) == 2
+    bm.check_invariants([c])
+
+
+def test_finished_blocks_are_released_later_or_when_a_check_needs_them():
+    s = Scheduler(4, 4, 4, 64, max_model_len=64)
+    bm = s.block_manager
+    a = Sequence("a", list(range(9)), SamplingParams(max_tokens=1))
+    s.add(a)
+    s.commit(s.schedule())
+    s.finish(a, "length")
+    assert bm.num_free_blocks == 1 and bm.deferred  # held until released (the engine: after its next launch)
+    b = Sequence("b", list(range(8)) + [60], SamplingParams(max_tokens=1))  # a hit on a's deferred blocks
+    s.add(b)
+    out = s.schedule()
+    assert [it.start for it in out.scheduled] == [8] and bm.deferred
+    assert bm.release_deferred() and not bm.release_deferred()
+    bm.check_invariants([b])
+    s.commit(out)
+    s.finish(b, "length")
+    c = Sequence("c", list(range(100, 115)), SamplingParams(max_tokens=1))  # needs all 4 blocks: frees b's
+    s.add(c)
+    assert s.schedule().scheduled and not bm.deferred
+    bm.check_invariants([c])

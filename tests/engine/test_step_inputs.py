@@ -17,8 +17,8 @@ from llmray.engine.step_inputs import StepInputs
 
 
 def _layout(kind: str, bucket: int, block_m: int):
-    graphs = CudaGraphs.__new__(CudaGraphs)  # (layout() needs only these two)
-    graphs.max_num_seqs, graphs.block_m = 8, block_m
+    graphs = CudaGraphs.__new__(CudaGraphs)  # (layout() needs only these)
+    graphs.max_num_seqs, graphs.block_m, graphs._layouts = 8, block_m, {}
     return graphs.layout(kind, bucket)
 
 
