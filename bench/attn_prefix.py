@@ -31,6 +31,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmray.kernels import paged_attention as pa  # noqa: E402
+from llmray.kernels.paged_prefill import SplitConfig  # noqa: E402
 
 H, HKV, D, PAGE = 16, 8, 128, 16
 # (cache kind, splits, config): the committed path first and again last (its spread is the noise); config
@@ -41,26 +42,51 @@ H, HKV, D, PAGE = 16, 8, 128, 16
 # W2 (attn_prefix_w2.json): 8 splits x 16 rows, 128 keys per step 0.478 ms vs 0.783 committed; launch floor 0.075
 # ms; 16 rows read each K/V tile 6 times (96 rows per KV head): W3 tries 64-128 rows (8 warps), the merge's
 # weights read back per split (no layout change in its loop), bf16 partials
+# Seventh session: SplitConfig = the new _prefill_split_kernel (grid over the tiles/rows the step can fill, one
+# load level for the tile and sequence bounds, PDL, first K/V step peeled); P/PT: with a q-writing kernel before
+S = SplitConfig
+P = {"pred": True}  # each layer's q copied into a shared buffer just before (the engine's rope kernel)
+# the same by a Triton copy that lets a PDL launch start at once (gdc_launch_dependents)
+PT = {"pred": "trig"}
 VARIANTS = [
+    ("bf16", 8, (16, 128, 4, 3, True)),  # committed (sixth session)
     ("bf16", 8, (0,)),
-    ("bf16", 8, (16, 64, 4, 5, True)),
-    ("bf16", 8, (16, 128, 4, 3, True)),
-    ("bf16", 8, (16, 128, 4, 3, True, False, True)),
-    ("bf16", 8, (32, 64, 4, 5, True, False, True)),
-    ("bf16", 8, (64, 64, 8, 3, True, True, True)),
-    ("bf16", 8, (128, 64, 8, 3, True, True, True)),
-    ("bf16", 8, (64, 64, 8, 3, True, False, True)),
-    ("bf16", 16, (64, 64, 8, 3, True, True, True)),
-    ("bf16", 8, (32, 128, 4, 3, True, False, True)),
-    ("bf16", 8, (64, 128, 8, 3, True, True, True)),
-    ("bf16", 4, (128, 64, 8, 3, True, True, True)),
-    ("fp8", 8, (0,)),
+    ("bf16", 8, (-1,)),
+    ("bf16", 8, S()),
+    ("bf16", 8, S(merge_c=2)),
+    ("bf16", 8, S(pdl=True)),
+    ("bf16", 8, S(preload=True)),
+    ("bf16", 8, S(preload=True, pdl=True)),
+    ("bf16", 8, S(keys=64)),
+    ("bf16", 8, S(keys=64, preload=True, pdl=True)),
+    ("bf16", 8, S(warps=8, preload=True, pdl=True)),
+    ("bf16", 8, S(rows=32, pdl=True)),
+    ("bf16", 8, S(rows=32, warps=8, preload=True, pdl=True)),
+    ("bf16", 8, S(bf16_parts=True, pdl=True)),
+    ("bf16", 8, S(pdl=True, maxnreg=128)),
+    ("bf16", 8, S(preload=True, pdl=True, maxnreg=168)),
+    ("bf16", 8, S(keys=64, pdl=True, maxnreg=128)),
+    ("bf16", 16, S(pdl=True)),
+    ("bf16", 16, S(keys=64, preload=True, pdl=True)),
+    ("bf16", 4, S(pdl=True)),
+    ("bf16", 8, (-2,), P),
+    ("bf16", 8, (16, 128, 4, 3, True), P),
+    ("bf16", 8, S(), P),
+    ("bf16", 8, S(pdl=True), P),
+    ("bf16", 8, S(preload=True, pdl=True), P),
+    ("bf16", 8, (-2,), PT),
+    ("bf16", 8, S(), PT),
+    ("bf16", 8, S(pdl=True), PT),
+    ("bf16", 8, S(preload=True, pdl=True), PT),
     ("fp8", 8, (16, 128, 4, 3, True)),
-    ("fp8", 8, (64, 64, 8, 3, True, True, True)),
-    ("fp8", 8, (128, 64, 8, 3, True, True, True)),
-    ("bf16", 8, (0,)),
-    ("fp8", 8, (0,)),
+    ("fp8", 8, S()),
+    ("fp8", 8, S(pdl=True)),
+    ("fp8", 8, S(preload=True, pdl=True)),
+    ("bf16", 8, (16, 128, 4, 3, True)),
+    ("fp8", 8, (16, 128, 4, 3, True)),
 ]  # fmt: skip
+TIMELINES = [("bf16", 8, S()), ("bf16", 8, S(pdl=True)),
+             ("bf16", 8, S(preload=True, pdl=True)), ("bf16", 8, S(keys=64, preload=True, pdl=True))]  # fmt: skip
 
 
 def build(kind: str, layers: int, ctx: int, qlen: int, pool: int, dev: str, seed: int = 0) -> dict:
@@ -95,6 +121,7 @@ def build(kind: str, layers: int, ctx: int, qlen: int, pool: int, dev: str, seed
         "scales": scales,
         "q": qs,
         "outs": [torch.empty_like(q) for q in qs],
+        "qbuf": torch.empty_like(qs[0]),
         "table": table,
         "qs": torch.tensor([0, qlen], dtype=torch.int32, device=dev),
         "cl": torch.tensor([ctx], dtype=torch.int32, device=dev),
@@ -108,15 +135,34 @@ def _noop_kernel(x_ptr):
         tl.store(x_ptr, 0.0)
 
 
-def run_layers(case: dict, splits: int, cfg: tuple, layers: list[int]) -> None:
+@triton.jit
+def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:  # the next kernel (PDL) may launch now: it waits for this grid's writes itself
+        tl.extra.cuda.gdc_launch_dependents()
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(dst_ptr + o, tl.load(src_ptr + o, mask=o < n), mask=o < n)
+
+
+def run_layers(case: dict, splits: int, cfg: tuple, layers: list[int], pred: bool | str = False) -> None:
+    """The layers' attention calls; ``pred``: each after a copy of its q into one shared buffer (a kernel
+    writing q just before, as the engine's rope: a PDL launch must wait for it); config (-2,): the copies."""
     if cfg[0] == -1:
         for i in layers:
             _noop_kernel[(case["tiles"][0].shape[0], HKV * 8, splits)](case["outs"][i])
         return
     for i in layers:
         (k, v), (ks, vs) = case["caches"][i], case["scales"][i]
+        q = case["q"][i]
+        if pred == "trig":
+            n = q.numel()
+            _copy_kernel[(triton.cdiv(n, 2048),)](q, case["qbuf"], n, BLOCK=2048, TRIGGER=q.is_cuda)
+            q = case["qbuf"]
+        elif pred or cfg[0] == -2:
+            q = case["qbuf"].copy_(q)
+        if cfg[0] == -2:
+            continue
         pa.paged_prefill(
-            case["q"][i], k, v, case["table"], case["qs"], case["cl"], 0, D**-0.5,
+            q, k, v, case["table"], case["qs"], case["cl"], 0, D**-0.5,
             out=case["outs"][i], tiles=case["tiles"], k_scale=ks, v_scale=vs, num_splits=splits, config=cfg,
         )  # fmt: skip
 
@@ -141,15 +187,19 @@ def errors(case: dict, refs: dict, layers: list[int]) -> dict:
     return out
 
 
-def time_graph(case: dict, splits: int, cfg: tuple, layers: int, reps: int) -> float:
+def time_graph(
+    case: dict, splits: int, cfg: tuple, layers: int, reps: int, pred: bool | str = False
+) -> float:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        run_layers(case, splits, cfg, list(range(layers)))  # (allocations and compiles outside the capture)
+        run_layers(
+            case, splits, cfg, list(range(layers)), pred
+        )  # (allocations, compiles outside the capture)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        run_layers(case, splits, cfg, list(range(layers)))
+        run_layers(case, splits, cfg, list(range(layers)), pred)
     for _ in range(5):
         graph.replay()
     times = []
@@ -170,14 +220,17 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="CPU interpreter: a few tiny layers, no timing")
     p.add_argument("--jobs", type=int, default=0, help="compile the variants in this many processes first")
     p.add_argument("--compile-only", default="", help="(worker) comma-separated variant indices")
+    p.add_argument("--only", default="", help="comma-separated variant indices (default: all)")
+    p.add_argument("--timeline-s", type=float, default=0.0, help="then per-program timelines for this long")
     a = p.parse_args()
     t0 = time.time()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     quick = a.quick or dev == "cpu"
     layers, ctx, qlen, pool = (2, 60, 13, 12) if quick else (28, 2048, 48, 1024)
-    idx = [int(x) for x in a.compile_only.split(",") if x] or list(range(len(VARIANTS)))
+    idx = [int(x) for x in (a.compile_only or a.only).split(",") if x] or list(range(len(VARIANTS)))
     if a.jobs > 1 and not a.compile_only and not quick:
-        chunks = [idx[j :: a.jobs] for j in range(a.jobs)]
+        todo = idx + (list(range(len(VARIANTS), len(VARIANTS) + len(TIMELINES))) if a.timeline_s else [])
+        chunks = [todo[j :: a.jobs] for j in range(a.jobs)]
         procs = [
             subprocess.Popen(
                 [sys.executable, __file__, "--out", a.out, "--compile-only", ",".join(map(str, c))]
@@ -203,11 +256,20 @@ def main() -> None:
     }
     Path(a.out).mkdir(parents=True, exist_ok=True)
     for n, vi in enumerate(idx):
-        kind, splits, cfg = VARIANTS[vi]
+        kind, splits, cfg, *opt = VARIANTS[vi] if vi < len(VARIANTS) else TIMELINES[vi - len(VARIANTS)]
+        pred = opt[0].get("pred", False) if opt else False
         if a.compile_only:
             if kind not in cases:
                 cases[kind] = build(kind, 1, ctx, qlen, pool, dev)
-            run_layers(cases[kind], splits, cfg, [0])
+            if vi < len(VARIANTS):
+                run_layers(cases[kind], splits, cfg, [0])
+            else:
+                from attn_timeline import timeline
+
+                try:  # (compiles the TIMES kernel; one layer has no timeline to summarize)
+                    timeline(cases[kind], splits, cfg, 1)
+                except Exception:  # noqa: BLE001, S110
+                    pass
             continue
         last = n == len(idx) - 1
         if time.time() - t0 > a.budget_s and not last:
@@ -218,16 +280,22 @@ def main() -> None:
         case, check = cases[kind], [0, layers - 1]
         for i in check:
             case["outs"][i].fill_(float("nan"))
-        run_layers(case, splits, cfg, check)
-        row = {"kind": kind, "splits": splits, "config": list(cfg)}
-        if cfg[0] != -1:
+        run_layers(case, splits, cfg, check, pred)
+        row = {
+            "kind": kind,
+            "splits": splits,
+            "config": cfg._asdict() if hasattr(cfg, "_asdict") else list(cfg),
+        }
+        if pred:
+            row["pred"] = pred
+        if cfg[0] >= 0:
             row.update(errors(case, refs[kind], check))
         if not quick:
             for i in check:
                 case["outs"][i].fill_(float("nan"))
-            ms = time_graph(case, splits, cfg, layers, reps=40)
+            ms = time_graph(case, splits, cfg, layers, reps=40, pred=pred)
             row.update(ms_layers=round(ms, 4), us_per_layer=round(ms * 1000 / layers, 2))
-            if cfg[0] != -1:
+            if cfg[0] >= 0:
                 after = errors(case, refs[kind], check)
                 row["rel_err_after_replays"] = after["rel_err"]
                 row["unwritten"] += after["unwritten"]
@@ -236,7 +304,7 @@ def main() -> None:
         timed = [
             r
             for r in res["results"]
-            if r.get("rel_err_after_replays", 1) < 2e-2 and not r.get("unwritten", 1)
+            if r.get("rel_err_after_replays", 1) < 2e-2 and not r.get("unwritten", 1) and not r.get("pred")
         ]
         for kind_ in ("bf16", "fp8"):
             rows = [r for r in timed if r["kind"] == kind_]
@@ -245,6 +313,23 @@ def main() -> None:
         Path(a.out, "attn_prefix.json").write_text(json.dumps(res, indent=1))
     if not a.compile_only:
         print(f"[{time.time() - t0:.1f}s] wrote {Path(a.out, 'attn_prefix.json')}", flush=True)
+    t1 = time.time()
+    for kind, splits, cfg in TIMELINES if a.timeline_s and not a.compile_only and not quick else []:
+        if time.time() - t1 > a.timeline_s:
+            break
+        from attn_timeline import timeline
+
+        if kind not in cases:
+            cases[kind] = build(kind, layers, ctx, qlen, pool, dev)
+        try:
+            tl_ = timeline(cases[kind], splits, cfg, layers)
+        except Exception as e:  # noqa: BLE001 (instrumentation only: report, keep the results)
+            print(f"timeline failed: {e!r}", flush=True)
+            break
+        tl_.update(kind=kind, splits=splits, config=cfg._asdict() if hasattr(cfg, "_asdict") else list(cfg))
+        res.setdefault("timelines", []).append(tl_)
+        print(f"[{time.time() - t0:.1f}s] timeline", json.dumps(tl_), flush=True)
+        Path(a.out, "attn_prefix.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ reference: ``paged_attention.py``, which re-exports ``paged_prefill`` and ``pref
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 
@@ -13,6 +15,7 @@ from llmray.kernels._paged_prefill_kernels import (
     _prefill_merge_kernel,
     tickets,
 )
+from llmray.kernels._prefill_split_kernel import _prefill_split_kernel
 from llmray.kernels.kv_store import is_fp8
 
 # split-K prefill with ``tiles`` (a short chunk after a long cached prefix): (BLOCK_R query rows = (token, GQA
@@ -24,6 +27,20 @@ from llmray.kernels.kv_store import is_fp8
 # split, attn_prefix_w2.json): 128 keys per step 0.478 ms, 64 keys 0.536, vs 0.783; W3 (attn_prefix.json): 0.480
 # vs 0.784/0.792; 32-128 rows per program (8 warps), bf16 partials, weights read back per split: 0.485-0.60 (bf16)
 PREFILL_SPLIT_CONFIG: tuple = (16, 128, 4, 3, True)
+
+
+class SplitConfig(NamedTuple):
+    """A launch of ``_prefill_split_kernel`` (``_prefill_split_kernel.py``)."""
+
+    rows: int = 16  # BLOCK_R: query rows = (token, GQA head) pairs per program
+    keys: int = 128  # BLOCK_N: keys per step
+    warps: int = 4
+    stages: int = 3
+    bf16_parts: bool = False  # bf16 partial outputs (half the merge's bytes)
+    merge_c: int = 0  # splits per merge load wave (0: as many as fit 64 fp32 registers per thread)
+    pdl: bool = False  # programmatic dependent launch (Hopper+; plain launch elsewhere)
+    preload: bool = False  # the first key step peeled: its loads first (before the PDL wait)
+    maxnreg: int = 0  # registers per thread cap (0: the compiler's choice)
 
 
 def paged_prefill(
@@ -71,6 +88,11 @@ def paged_prefill(
         grid = (nseq, triton.cdiv(max_query_len, block_m), h)
         tile_seq = tile_m = query_start
     cfg = PREFILL_SPLIT_CONFIG if config is None else config
+    if splits > 1 and isinstance(cfg, SplitConfig):
+        return prefill_split(
+            q, k_cache, v_cache, block_tables, query_start, context_lens, scale, out, precision, tiles,
+            k_scale, v_scale, splits, cfg,
+        )  # fmt: skip
     if splits > 1 and cfg[0] > 0:
         return _prefill_split_fused(
             q,
@@ -250,6 +272,70 @@ def _prefill_split_fused(
         num_warps=warps,
         num_stages=stages,
     )
+    return out
+
+
+_PDL_OK: dict[torch.device, bool] = {}
+
+
+def prefill_split(
+    q, k_cache, v_cache, block_tables, query_start, context_lens, scale, out, precision, tiles, k_scale, v_scale,
+    splits: int, cfg: SplitConfig, times: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``paged_prefill`` with split-K through ``_prefill_split_kernel``: grid (split, KV head x row block,
+    tile programs); ``times`` (bench instrumentation): (programs, 8) int64 global-timer stamps."""
+    _, h, d = q.shape
+    _, page, hkv, _ = k_cache.shape
+    group = h // hkv
+    block_m = prefill_block_m(q.dtype)
+    # active tiles come first in the list: a step of N tokens over S sequence slots fills at most
+    # cdiv(N, BLOCK_M) + S - 1 tiles, and rows of at most min(N, BLOCK_M) tokens per tile
+    c = min(tiles[0].shape[0], triton.cdiv(q.shape[0], block_m) + block_tables.shape[0] - 1)
+    rbs = triton.cdiv(min(q.shape[0], block_m) * group, cfg.rows)
+    if c <= 0:
+        return out
+    block_s = triton.next_power_of_2(splits)
+    grid = (splits, hkv * rbs, c)
+    ticket = tickets(q.device, c * grid[1])
+    if ticket is None or cfg.keys % page:  # (more groups than counters, pages across steps: two kernels)
+        return paged_prefill(
+            q, k_cache, v_cache, block_tables, query_start, context_lens, 0, scale, out=out,
+            precision=precision, tiles=tiles, k_scale=k_scale, v_scale=v_scale, num_splits=splits, config=(0,),
+        )  # fmt: skip
+    fp8 = is_fp8(k_cache)
+    i64 = max(x.shape[0] * x.stride(0) for x in (k_cache, v_cache)) >= 2**31
+    part_out = torch.empty(
+        q.shape[0], h, splits, d, dtype=torch.bfloat16 if cfg.bf16_parts else torch.float32, device=q.device
+    )
+    part_lse = torch.empty(q.shape[0], h, splits, dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(d)
+    merge_c = cfg.merge_c or max(1, min(block_s, 64 * 32 * cfg.warps // (cfg.rows * block_d)))
+    pdl = (
+        cfg.pdl
+        and q.is_cuda
+        and _PDL_OK.setdefault(q.device, torch.cuda.get_device_capability(q.device)[0] >= 9)
+    )
+    args = (
+        q, k_cache, v_cache, block_tables, query_start, context_lens, tiles[0], tiles[1],
+        k_scale if fp8 else query_start, v_scale if fp8 else query_start, out, part_out, part_lse, ticket,
+        times if times is not None else query_start, scale * LOG2E, q.stride(0), q.stride(1), out.stride(0),
+        out.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+    )  # fmt: skip
+    meta = dict(
+        H=h, HKV=hkv, NUM_SPLITS=splits, GROUP=group, D=d, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m, BLOCK_R=cfg.rows,
+        BLOCK_N=cfg.keys, BLOCK_S=block_s, MERGE_C=min(merge_c, block_s),
+        PRECISION=_precision(q.dtype, precision), FP8=fp8, CDT=_compute_dtype(q.dtype, fp8), I64=i64,
+        PRELOAD=cfg.preload, TIMES=times is not None, num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+    if cfg.maxnreg:
+        meta["maxnreg"] = cfg.maxnreg
+    if pdl:
+        try:
+            _prefill_split_kernel[grid](*args, **meta, PDL=True, launch_pdl=True)
+            return out
+        except TypeError:  # (a Triton launcher without launch_pdl: plain launches from now on)
+            _PDL_OK[q.device] = False
+    _prefill_split_kernel[grid](*args, **meta, PDL=False)
     return out
 
 

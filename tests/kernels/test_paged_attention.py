@@ -21,6 +21,7 @@ from llmray.kernels.paged_attention import (  # noqa: E402
     paged_decode,
     paged_prefill,
 )
+from llmray.kernels.paged_prefill import SplitConfig  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -138,6 +139,10 @@ def test_decode_fast_addr_real_shapes_gpu(splits):
         (8, (64, 64, 8, 3, True, True, True)),
         (12, (128, 64, 8, 3, True, False, True)),
         (32, (32, 32, 2, 3, False)),
+        (8, SplitConfig()),
+        (8, SplitConfig(preload=True, pdl=True)),
+        (16, SplitConfig(rows=32, keys=64, warps=8, pdl=True, maxnreg=128)),
+        (12, SplitConfig(keys=64, bf16_parts=True, merge_c=1, preload=True)),
     ],
 )
 @pytest.mark.parametrize("fp8", [False, True])
@@ -229,7 +234,9 @@ def test_decode_fp8_real_shapes_gpu(config, splits):
 
 
 @pytest.mark.parametrize(
-    "prefill_splits,config", [(1, None), (3, None), (3, (0,)), (2, (32, 16, 4, 2, False, False, True))]
+    "prefill_splits,config",
+    [(1, None), (3, None), (3, (0,)), (2, (32, 16, 4, 2, False, False, True)),
+     (3, SplitConfig(32, 16, 4, 2, preload=True, merge_c=1))],
 )  # fmt: skip
 def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch(prefill_splits, config):
     """The CUDA-graph form: decode over every sequence slot (only 1-token chunks run, at their packed
@@ -260,3 +267,28 @@ def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch(prefill_splits, co
         config=config,
     )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preload", [False, True])
+def test_split_prefill_pdl_waits_for_the_kernel_writing_q_gpu(preload):
+    """A PDL launch right after a kernel that writes its queries (as the engine's rope kernel does): the
+    programs read the page table and cached K/V early, but q only after griddepcontrol.wait. One shared q
+    buffer over 8 "layers": a read before the wait would see the previous layer's queries."""
+    q, kc, vc, bt, qs, cl = make_case([2048], [48], 16, 8, 128, 16, torch.float32, seed=6)
+    kc, vc = kc.bfloat16(), vc.bfloat16()
+    tiles = (
+        torch.tensor([0, -1, -1], dtype=torch.int32, device=DEVICE),
+        torch.zeros(3, dtype=torch.int32, device=DEVICE),
+    )
+    qsrc = [torch.randn_like(q).bfloat16() for _ in range(8)]
+    qbuf, outs = torch.empty_like(qsrc[0]), [torch.full_like(qsrc[0], float("nan")) for _ in range(8)]
+    cfg = SplitConfig(preload=preload, pdl=True)
+    for i in range(8):
+        qbuf.copy_(qsrc[i] * 2.0)  # (an elementwise kernel just before the launch)
+        paged_prefill(
+            qbuf, kc, vc, bt, qs, cl, 0, 128**-0.5, out=outs[i], tiles=tiles, num_splits=8, config=cfg
+        )
+    for i in range(8):
+        ref = paged_attention_ref((qsrc[i] * 2.0).float(), kc.float(), vc.float(), bt, qs, cl, 128**-0.5)
+        torch.testing.assert_close(outs[i].float(), ref, atol=2e-2, rtol=0)
