@@ -1,12 +1,13 @@
 """Prefix-cache block hashes: a 64-bit chain over the blocks' token ids, for a whole prompt in a few numpy calls.
 
-Block i of a sequence hashes to ``H_i = H_{i-1} * P + mix(sum_j t_ij * R_j)`` (mod 2^64), from a root that
-depends on the LoRA adapter id: the hash names the whole prefix up to that block. The recurrence unrolls to
-``H_i = P^i * (P * H_{-1} + cumsum_j(c_j * Q^j))`` with Q = P^-1 (P is odd), so a long prompt's chain is a
-handful of vectorized uint64 ops instead of a Python loop per block (a prefix hit's lookup is on its TTFT);
-one or two blocks (a decode filling a block) take the scalar path, which computes the same values. A hash
-only proposes a cached block: the block manager confirms every hit by its exact token bytes, adapter and
-parent, so a collision costs a miss, never wrong K/V.
+Block i of a sequence hashes to ``H_i = H_{i-1} * P + sum_j t_ij * R_j`` (mod 2^64, R_j random odd), from a
+root that depends on the LoRA adapter id: the hash names the whole prefix up to that block. The recurrence
+unrolls to ``H_i = P^i * (P * H_{-1} + cumsum_k(c_k * Q^k))`` with Q = P^-1 (P is odd), so a long prompt's
+chain is six vectorized uint64 calls instead of a Python loop per block (a prefix hit's lookup is on its
+TTFT); one to four blocks (a decode filling a block) take the scalar path, which computes the same values.
+A hash only proposes a cached block: the block manager confirms every hit by its exact token ids, adapter
+and parent, so a collision (for random odd R_j, about 2^-64 per pair of different blocks) costs a miss,
+never wrong K/V.
 """
 
 from __future__ import annotations
@@ -26,15 +27,6 @@ def _mix(x: int) -> int:
     x ^= x >> 31
     x = (x * _C1) & _M64
     return x ^ (x >> 29)
-
-
-_S31, _S29, _C1N = np.uint64(31), np.uint64(29), np.uint64(_C1)
-
-
-def _mix_np(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> _S31)
-    x *= _C1N
-    return x ^ (x >> _S29)
 
 
 class BlockHasher:
@@ -71,14 +63,14 @@ class BlockHasher:
                 tokens = tokens.tolist()
             out, h, r = [], parent, self.r_list
             for i in range(n):
-                c = sum(map(mul, tokens[i * bs : (i + 1) * bs], r))
-                h = (h * _P + _mix(c & _M64)) & _M64
+                h = (h * _P + sum(map(mul, tokens[i * bs : (i + 1) * bs], r))) & _M64
                 out.append(h)
             return out
         arr = tokens if isinstance(tokens, np.ndarray) else np.array(tokens, np.int64)
-        c = _mix_np(arr.reshape(n, bs).view(np.uint64) @ self.r)
         ppow, qpow = self._powers(n)
-        s = np.cumsum(c * qpow)
+        s = arr.reshape(n, bs).view(np.uint64) @ self.r  # c_k (n,)
+        s *= qpow
+        np.cumsum(s, out=s)
         s += np.uint64((parent * _P) & _M64)
         s *= ppow
         return s.tolist()

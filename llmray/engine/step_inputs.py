@@ -133,6 +133,7 @@ class StepInputs:
         self._views: dict[tuple[int, Layout], dict] = {}  # (host turn | -1 = device, layout) -> views
         # (layout, sampling rows, table width) -> device (views, last, tables): no torch slicing per step
         self._shipped: dict[tuple[Layout, int, int], tuple[dict, torch.Tensor, torch.Tensor]] = {}
+        self._templates: dict[tuple[Layout, bool], np.ndarray] = {}  # see _template
         self._copies: dict[
             tuple[int, int], tuple[torch.Tensor, torch.Tensor]
         ] = {}  # (turn, total) -> dst, src
@@ -200,12 +201,28 @@ class StepInputs:
             )
         return got
 
+    def _template(self, layout: Layout, with_lora: bool) -> np.ndarray:
+        """The fixed part of a one-sequence step with no tokens (padding everywhere), copied in first."""
+        key = (layout, with_lora)
+        tmpl = self._templates.get(key)
+        if tmpl is None:
+            if len(self._templates) > 64:  # (eager steps: exact layouts)
+                self._templates.clear()
+            tmpl = np.zeros(layout.fixed_size, np.int64)
+            h = {k: v.numpy() for k, v in layout.views(torch.from_numpy(tmpl)).items()}
+            h["slots"][:] = -1
+            if with_lora:
+                h["lora"][:] = -1
+            h["tile_seq"][:] = -1
+            self._templates[key] = tmpl
+        return tmpl
+
     def _build_one(
         self, it: ScheduledSeq, sample_rows: list[int], layout: Layout | None, with_lora: bool
     ) -> StepBatch:
         """``build`` for a one-sequence step (a request's first chunk, a lone stream's decode): the same
-        buffer contents from slice writes (the general path's per-array numpy calls are most of a lone
-        request's input time, which the device waits for)."""
+        buffer contents from a padded template and slice writes (the general path's per-array numpy calls
+        are most of a lone request's input time, which the device waits for)."""
         seq, n, start, bs = it.seq, it.num_new_tokens, it.start, self.block_size
         bt = seq.block_table
         row = seq.table_row if seq.table_list is bt and len(bt) == seq.table_len else self.rows.sync(seq)
@@ -215,50 +232,46 @@ class StepInputs:
         width = min(-(-max(seq.table_len, 1) // 16) * 16, self.max_width)
         r = len(sample_rows)
         tables_at, total, flat_np, h = self._stage(layout, r, width)
+        fixed = layout.fixed_size
+        flat_np[:fixed] = self._template(layout, with_lora)
         tables = flat_np[tables_at:total].reshape(layout.seqs, width)
         table = tables[0]
         table[:] = self.rows.table[row, :width]
-        tables[1:] = 0
-        ids, pos, slots, src = h["ids"], h["pos"], h["slots"], h["src"]
-        src[:] = 0
+        if layout.seqs > 1:
+            tables[1:] = 0
+        ids, pos, slots = h["ids"], h["pos"], h["slots"]
+        tokens = seq.token_ids
         if n == 1:
-            tok = seq.token_ids[start]
+            tok = tokens[start]
             ids[0] = tok
             pos[0] = start
             slots[0] = table[start // bs] * bs + start % bs
             has_placeholders = tok < 0
             if has_placeholders:
-                src[0] = seq.sample_row
+                h["src"][0] = seq.sample_row
         else:
-            ids[:n] = seq.token_ids[start : start + n]
+            chunk = tokens[start : start + n]
+            ids[:n] = chunk
             p = np.arange(start, start + n)
             pos[:n] = p
             blk, off = np.divmod(p, bs)
             slots[:n] = table[blk] * bs + off
-            placeholder = ids[:n] < 0
-            has_placeholders = bool(placeholder.any())
+            has_placeholders = chunk[-1] < 0  # (placeholders are a suffix of token_ids: samples in flight)
             if has_placeholders:
-                src[:n][placeholder] = seq.sample_row
+                placeholder = ids[:n] < 0
+                h["src"][:n][placeholder] = seq.sample_row
         if has_placeholders and seq.sample_row < 0:
             raise RuntimeError("a placeholder token of a sequence that no launch sampled")
-        ids[n:] = 0
-        pos[n:] = 0
-        slots[n:] = -1
         if with_lora:
             h["lora"][:n] = seq.lora_slot
-            h["lora"][n:] = -1
-        qstart, ctx, tile_seq, tile_m = h["qstart"], h["ctx"], h["tile_seq"], h["tile_m"]
-        qstart[0] = 0
-        qstart[1:] = n
-        ctx[0] = start + n
-        ctx[1:] = 0
-        tile_seq[:c] = 0
-        tile_seq[c:] = -1
-        tile_m[:] = 0
-        if c > 1:
-            tile_m[:c] = np.arange(c)
+        h["qstart"][1:] = n
+        h["ctx"][0] = start + n
+        if c:
+            h["tile_seq"][:c] = 0
+            if c > 1:
+                h["tile_m"][:c] = np.arange(c)
         if r:
-            flat_np[layout.fixed_size : layout.fixed_size + r] = n - 1  # (sample_rows == [0])
+            flat_np[fixed : fixed + r] = n - 1  # (sample_rows == [0])
         views, last, dev_tables = self._ship(layout, r, width, total)
         return StepBatch(
             layout=layout,
