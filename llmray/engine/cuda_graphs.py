@@ -9,7 +9,8 @@ A graph is captured per (kind, bucket, with LoRA):
   for many short ones: thousands of empty programs per layer), buckets up to ``prefill_graph_tokens``.
 Its inputs are views of the runner's persistent device input buffer at the bucket's layout (see
 step_inputs.py), plus one static block-table buffer: replaying a step costs one copy of the block tables
-and ``graph.replay()``. Larger steps run eagerly (their device time dwarfs the launch cost).
+and ``graph.replay()``; a one-sequence layout's graphs read the table row in place in the input buffer (no
+copy). Larger steps run eagerly (their device time dwarfs the launch cost).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llmray.engine.step_inputs import FIXED, Layout, tile_capacity
+from llmray.engine.step_inputs import FIXED, Layout, tables_offset, tile_capacity
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
@@ -58,6 +59,7 @@ class CudaGraphs:
         self.prefill = [b for b in self.mixed if b <= prefill_graph_tokens]
         self.variants = (False, True) if lora_variants else (False,)
         self._layouts: dict[tuple[str, int], Layout] = {}  # (kind, bucket) -> its layout (pick, per step)
+        self._dst: dict[tuple[int, int], torch.Tensor] = {}  # (rows, width) -> view of the static tables
         smax = max([self.decode[-1]] + [self.layout("mixed", b).seqs for b in self.mixed])
         self.tables = torch.zeros(smax, max_blocks_per_seq, dtype=torch.int64, device=dev_flat.device)
         self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -89,6 +91,14 @@ class CudaGraphs:
                 return "mixed", b
         return None
 
+    def _tables(self, layout: Layout) -> torch.Tensor:
+        """The block tables a graph of ``layout`` reads: the static buffer's first rows, or for one sequence
+        its row in place in the input buffer (where ``StepInputs`` stages it)."""
+        if layout.seqs != 1:
+            return self.tables[: layout.seqs]
+        at, width = tables_offset(layout, 1), self.tables.shape[1]
+        return self.dev[at : at + width].view(1, width)
+
     def _blank(self, layout: Layout) -> dict[str, torch.Tensor]:
         """Inputs of a step with no tokens in any slot: both attention kernels skip everything."""
         views = layout.views(self.dev)
@@ -111,7 +121,7 @@ class CudaGraphs:
         for (kind, bucket), with_lora in itertools.product(keys, self.variants):
             layout = self.layout(kind, bucket)
             views = self._blank(layout)
-            tables = self.tables[: layout.seqs]
+            tables = self._tables(layout)
             self.forward(views, tables, layout, kind, with_lora)  # warm-up: compiles the Triton kernels
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -124,10 +134,17 @@ class CudaGraphs:
     def replay(self, kind: str, bucket: int, with_lora: bool, tables: torch.Tensor) -> torch.Tensor:
         """Run the graph on the inputs already in the device buffer; ``tables`` (S, width) block tables."""
         # columns past ``width`` keep stale ids: the kernels never read past a sequence's context
-        self.tables[: tables.shape[0], : tables.shape[1]].copy_(tables)
+        rows, width = tables.shape
+        if rows != 1:  # (one sequence: its graphs read the row in place)
+            dst = self._dst.get((rows, width))
+            if dst is None:
+                if len(self._dst) > 256:
+                    self._dst.clear()
+                dst = self._dst[(rows, width)] = self.tables[:rows, :width]
+            dst.copy_(tables)
         if not self.graphs:  # not captured (CPU tests): the same padded step, run eagerly
             layout = self.layout(kind, bucket)
-            return self.forward(layout.views(self.dev), self.tables[: layout.seqs], layout, kind, with_lora)
+            return self.forward(layout.views(self.dev), self._tables(layout), layout, kind, with_lora)
         graph, hidden = self.graphs[(kind, bucket, with_lora)]
         graph.replay()
         return hidden

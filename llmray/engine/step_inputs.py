@@ -54,6 +54,13 @@ def _even(n: int) -> int:
     return n + (n & 1)
 
 
+def tables_offset(layout: Layout, rows: int) -> int:
+    """Where the block tables start: after the fixed part and ``last`` (``rows`` sampling rows). A one-sequence
+    layout (r <= 1) always reserves two ints for ``last``, so its table row sits at a fixed offset: its CUDA
+    graphs read it in place (no table copy per replay)."""
+    return layout.fixed_size + (2 if layout.seqs == 1 else _even(rows))
+
+
 def tile_capacity(tokens: int, seqs: int, block_m: int) -> int:
     """Most prefill tiles a step of ``tokens`` tokens over ``seqs`` sequences can need."""
     return tokens // block_m + min(seqs, tokens // 2) + 1
@@ -170,7 +177,7 @@ class StepInputs:
 
     def _stage(self, layout: Layout, r: int, width: int) -> tuple[int, int, np.ndarray, dict]:
         """Switch host buffers: (tables offset, total ints, the flat host array, its views at ``layout``)."""
-        tables_at = layout.fixed_size + _even(r)
+        tables_at = tables_offset(layout, r)
         total = tables_at + layout.seqs * width
         if total > self.capacity:
             raise ValueError(f"step inputs need {total} ints; the staging buffer holds {self.capacity}")
@@ -193,7 +200,7 @@ class StepInputs:
             if len(self._shipped) > 256:  # (eager steps: exact layouts)
                 self._shipped.clear()
             dev, at = self.dev, layout.fixed_size
-            tables_at = at + _even(r)
+            tables_at = tables_offset(layout, r)
             got = self._shipped[key] = (
                 self._dev_views(layout),
                 dev[at : at + r],
