@@ -161,11 +161,7 @@ class StepInputs:
         return views
 
     def build(
-        self,
-        items: list[ScheduledSeq],
-        sample_rows: list[int],
-        layout: Layout | None,
-        with_lora: bool,
+        self, items: list[ScheduledSeq], sample_rows: list[int], layout: Layout | None, with_lora: bool
     ) -> StepBatch:
         """Inputs of ``items`` (one-token chunks first) padded to ``layout`` (None: exact sizes).
 
