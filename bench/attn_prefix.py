@@ -72,6 +72,8 @@ VARIANTS = [
     ("bf16", 8, S(rows=32, merge_c=1)),
     ("bf16", 8, S(rows=32, merge_c=1, pdl=True)),
     ("bf16", 8, S(keys=256, warps=8, stages=1, pdl=True)),
+    ("bf16", 8, S(merge_online=True, pdl=True)),
+    ("bf16", 8, S(merge_online=True, merge_c=2, pdl=True)),
     ("bf16", 16, S(pdl=True)),
     ("bf16", 16, S(keys=64, preload=True, pdl=True)),
     ("bf16", 4, S(pdl=True)),

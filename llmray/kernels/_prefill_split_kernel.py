@@ -87,6 +87,7 @@ def _prefill_split_kernel(
     BLOCK_N: tl.constexpr,  # keys per loop step (a multiple of PAGE)
     BLOCK_S: tl.constexpr,  # next power of two >= NUM_SPLITS
     MERGE_C: tl.constexpr,  # splits per load wave of the merge (a power of two <= BLOCK_S)
+    MERGE_ONLINE: tl.constexpr,  # the waves rescaled as they come (no lse pass before them)
     PRECISION: tl.constexpr,
     FP8: tl.constexpr,
     CDT: tl.constexpr,
@@ -137,8 +138,8 @@ def _prefill_split_kernel(
         part_lse_ptr, ticket_ptr, times_ptr, qk_scale, sq, q_start, q_len, tok, rmask, head, d,
         dmask, prefix, start, end, per_split, split, group_id, kvh,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-        H, NUM_SPLITS, D, BLOCK_D, PAGE, BLOCK_R, BLOCK_N, BLOCK_S, MERGE_C, PRECISION, FP8, CDT, I64, PDL,
-        PRELOAD, TIMES,
+        H, NUM_SPLITS, D, BLOCK_D, PAGE, BLOCK_R, BLOCK_N, BLOCK_S, MERGE_C, MERGE_ONLINE, PRECISION, FP8, CDT, I64,
+        PDL, PRELOAD, TIMES,
     )  # fmt: skip
 
 
@@ -148,9 +149,10 @@ def _split_body(
     ticket_ptr, times_ptr, qk_scale, sq, q_start, q_len, tok, rmask, head, d, dmask, prefix, start, end,
     per_split, split, group_id, kvh,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
-    H: tl.constexpr, NUM_SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
-    CDT: tl.constexpr, I64: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, TIMES: tl.constexpr,
+    H: tl.constexpr, NUM_SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr,
+    MERGE_ONLINE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, CDT: tl.constexpr,
+    I64: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, TIMES: tl.constexpr,
 ):  # fmt: skip
     """One (tile, KV head, row block, split): its keys [start, stop), partials, ticket, maybe the merge."""
     stop = tl.minimum(end, start + per_split)
@@ -221,36 +223,59 @@ def _split_body(
     _stamp(times_ptr, 4, TIMES)
     if ticket == used - 1:  # the last of the group's splits: merge them all
         tl.store(ticket_ptr + group_id, 0)  # (the others are done with it: ready for the next launch)
-        sp = tl.arange(0, BLOCK_S)
-        lse_all = tl.load(
-            part_lse_ptr + rows[:, None] + sp[None, :],
-            mask=rmask[:, None] & (sp < used)[None, :],
-            other=float("-inf"),
-            cache_modifier=".cg",
-        )  # (BLOCK_R, BLOCK_S)
-        mx = tl.max(lse_all, 1)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)  # (rows out of range)
         res = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         den = tl.zeros([BLOCK_R], tl.float32)
-        for c0 in tl.static_range(0, BLOCK_S, MERGE_C):
-            spc = c0 + tl.arange(0, MERGE_C)
-            cmask = rmask[:, None] & (spc < used)[None, :]  # (BLOCK_R, MERGE_C)
-            lse_c = tl.load(
-                part_lse_ptr + rows[:, None] + spc[None, :],
-                mask=cmask,
+        if MERGE_ONLINE:  # the waves' loads depend on nothing: all can go out at once (rescaled as they come)
+            mx = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            for c0 in tl.static_range(0, BLOCK_S, MERGE_C):
+                lse_c, o_c = _merge_wave(
+                    part_lse_ptr, part_out_ptr, rows, rmask, used, d, dmask, c0, D, MERGE_C
+                )
+                m_new = tl.maximum(mx, tl.max(lse_c, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(mx - m_safe)
+                w_c = tl.exp2(lse_c - m_safe[:, None])  # 0 for splits without keys
+                res = res * alpha[:, None] + tl.sum(o_c * w_c[:, :, None], 1)
+                den = den * alpha + tl.sum(w_c, 1)
+                mx = m_new
+        else:
+            sp = tl.arange(0, BLOCK_S)
+            lse_all = tl.load(
+                part_lse_ptr + rows[:, None] + sp[None, :],
+                mask=rmask[:, None] & (sp < used)[None, :],
                 other=float("-inf"),
                 cache_modifier=".cg",
-            )
-            w_c = tl.exp2(lse_c - mx[:, None])  # 0 for splits without keys
-            o_c = tl.load(
-                part_out_ptr + (rows[:, None] + spc[None, :])[:, :, None] * D + d[None, None, :],
-                mask=cmask[:, :, None] & dmask[None, None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            ).to(tl.float32)  # (BLOCK_R, MERGE_C, BLOCK_D)
-            res += tl.sum(o_c * w_c[:, :, None], 1)
-            den += tl.sum(w_c, 1)
+            )  # (BLOCK_R, BLOCK_S)
+            mx = tl.max(lse_all, 1)
+            mx = tl.where(mx == float("-inf"), 0.0, mx)  # (rows out of range)
+            for c0 in tl.static_range(0, BLOCK_S, MERGE_C):
+                lse_c, o_c = _merge_wave(
+                    part_lse_ptr, part_out_ptr, rows, rmask, used, d, dmask, c0, D, MERGE_C
+                )
+                w_c = tl.exp2(lse_c - mx[:, None])  # 0 for splits without keys
+                res += tl.sum(o_c * w_c[:, :, None], 1)
+                den += tl.sum(w_c, 1)
         res = res / tl.where(den > 0, den, 1.0)[:, None]
         o_ptrs = out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=io_mask)
         _stamp(times_ptr, 5, TIMES)
+
+
+@triton.jit
+def _merge_wave(
+    part_lse_ptr, part_out_ptr, rows, rmask, used, d, dmask, c0, D: tl.constexpr, MERGE_C: tl.constexpr
+):
+    """Splits [c0, c0 + MERGE_C) of the block's rows: their lse (BLOCK_R, MERGE_C) and partial outputs
+    (BLOCK_R, MERGE_C, BLOCK_D) fp32 (-inf / 0 past ``used``)."""
+    spc = c0 + tl.arange(0, MERGE_C)
+    cmask = rmask[:, None] & (spc < used)[None, :]
+    lse_c = tl.load(
+        part_lse_ptr + rows[:, None] + spc[None, :], mask=cmask, other=float("-inf"), cache_modifier=".cg"
+    )
+    o_c = tl.load(
+        part_out_ptr + (rows[:, None] + spc[None, :])[:, :, None] * D + d[None, None, :],
+        mask=cmask[:, :, None] & dmask[None, None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    ).to(tl.float32)
+    return lse_c, o_c

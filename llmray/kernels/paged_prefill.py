@@ -41,6 +41,7 @@ class SplitConfig(NamedTuple):
     pdl: bool = False  # programmatic dependent launch (Hopper+; plain launch elsewhere)
     preload: bool = False  # the first key step peeled: its loads first (before the PDL wait)
     maxnreg: int = 0  # registers per thread cap (0: the compiler's choice)
+    merge_online: bool = False  # the merge's load waves rescaled as they come (no lse pass first)
 
 
 def paged_prefill(
@@ -322,10 +323,11 @@ def prefill_split(
         out.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
     )  # fmt: skip
     meta = dict(
-        H=h, HKV=hkv, NUM_SPLITS=splits, GROUP=group, D=d, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m, BLOCK_R=cfg.rows,
-        BLOCK_N=cfg.keys, BLOCK_S=block_s, MERGE_C=min(merge_c, block_s),
-        PRECISION=_precision(q.dtype, precision), FP8=fp8, CDT=_compute_dtype(q.dtype, fp8), I64=i64,
-        PRELOAD=cfg.preload, TIMES=times is not None, num_warps=cfg.warps, num_stages=cfg.stages,
+        H=h, HKV=hkv, NUM_SPLITS=splits, GROUP=group, D=d, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
+        BLOCK_R=cfg.rows, BLOCK_N=cfg.keys, BLOCK_S=block_s, MERGE_C=min(merge_c, block_s),
+        MERGE_ONLINE=cfg.merge_online, PRECISION=_precision(q.dtype, precision), FP8=fp8,
+        CDT=_compute_dtype(q.dtype, fp8), I64=i64, PRELOAD=cfg.preload, TIMES=times is not None,
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
     if cfg.maxnreg:
         meta["maxnreg"] = cfg.maxnreg
