@@ -74,6 +74,9 @@ VARIANTS = [
     ("bf16", 8, S(keys=256, warps=8, stages=1, pdl=True)),
     ("bf16", 8, S(merge_online=True, pdl=True)),
     ("bf16", 8, S(merge_online=True, merge_c=2, pdl=True)),
+    ("bf16", 8, S(sep_merge=True, pdl=True)),
+    ("bf16", 8, S(sep_merge=True, merge_online=True, pdl=True)),
+    ("bf16", 8, S(sep_merge=True, preload=True, pdl=True)),
     ("bf16", 16, S(pdl=True)),
     ("bf16", 16, S(keys=64, preload=True, pdl=True)),
     ("bf16", 4, S(pdl=True)),
@@ -86,6 +89,7 @@ VARIANTS = [
     ("bf16", 8, S(), PT),
     ("bf16", 8, S(pdl=True), PT),
     ("bf16", 8, S(preload=True, pdl=True), PT),
+    ("bf16", 8, S(sep_merge=True, pdl=True), PT),
     ("fp8", 8, (16, 128, 4, 3, True)),
     ("fp8", 8, S()),
     ("fp8", 8, S(pdl=True)),
@@ -94,7 +98,8 @@ VARIANTS = [
     ("fp8", 8, (16, 128, 4, 3, True)),
 ]  # fmt: skip
 TIMELINES = [("bf16", 8, S()), ("bf16", 8, S(pdl=True)),
-             ("bf16", 8, S(preload=True, pdl=True)), ("bf16", 8, S(keys=64, preload=True, pdl=True))]  # fmt: skip
+             ("bf16", 8, S(preload=True, pdl=True)), ("bf16", 8, S(keys=64, preload=True, pdl=True)),
+             ("bf16", 8, S(sep_merge=True, pdl=True))]  # fmt: skip
 
 
 def build(kind: str, layers: int, ctx: int, qlen: int, pool: int, dev: str, seed: int = 0) -> dict:

@@ -50,6 +50,37 @@ def _kv_step(
 
 
 @triton.jit
+def _tile_bounds(
+    tile_seq_ptr, tile_m_ptr, query_start_ptr, context_lens_ptr, k_scale_ptr, tile, rb, qk_scale,
+    NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, FP8: tl.constexpr,
+):  # fmt: skip
+    """A (tile, row block)'s sequence, bounds and split width (keys per split)."""
+    # one load level: the tile's entry and sequence 0's bounds (a split step is usually one sequence), all
+    # consumed before the one early exit (the compiler would sink loads used only after a branch below it)
+    # (volatile: ptxas keeps their order, so all go out before the predicate on ``sq`` stalls the warp)
+    sq = tl.load(tile_seq_ptr + tile, volatile=True)
+    mblk = tl.load(tile_m_ptr + tile, volatile=True)
+    q_start = tl.load(query_start_ptr, volatile=True)
+    q_end = tl.load(query_start_ptr + 1, volatile=True)
+    ctx = tl.load(context_lens_ptr, volatile=True)
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr, volatile=True)
+    other = sq > 0  # (sequence 1, 2, ...: its bounds after its id, predicated loads)
+    q_start = tl.where(other, tl.load(query_start_ptr + sq, mask=other, other=0, volatile=True), q_start)
+    q_end = tl.where(other, tl.load(query_start_ptr + sq + 1, mask=other, other=0, volatile=True), q_end)
+    ctx = tl.where(other, tl.load(context_lens_ptr + sq, mask=other, other=0, volatile=True), ctx)
+    q_len = q_end - q_start
+    first = mblk * BLOCK_M + (rb * BLOCK_R) // GROUP
+    last = tl.minimum(mblk * BLOCK_M + ((rb + 1) * BLOCK_R - 1) // GROUP, q_len - 1)
+    last = tl.minimum(last, (mblk + 1) * BLOCK_M - 1)
+    prefix = ctx - q_len  # tokens cached before this chunk
+    end = prefix + last + 1  # keys past the block's last query are masked for every row
+    per_split = tl.cdiv(tl.cdiv(end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    return sq, mblk, q_start, q_len, first, prefix, end, per_split, qk_scale
+
+
+@triton.jit
 def _prefill_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -88,6 +119,8 @@ def _prefill_split_kernel(
     BLOCK_S: tl.constexpr,  # next power of two >= NUM_SPLITS
     MERGE_C: tl.constexpr,  # splits per load wave of the merge (a power of two <= BLOCK_S)
     MERGE_ONLINE: tl.constexpr,  # the waves rescaled as they come (no lse pass before them)
+    SEP_MERGE: tl.constexpr,  # partials only: ``_split_merge_kernel`` (PDL) merges them
+    TRIGGER: tl.constexpr,  # SEP_MERGE with PDL
     PRECISION: tl.constexpr,
     FP8: tl.constexpr,
     CDT: tl.constexpr,
@@ -101,27 +134,12 @@ def _prefill_split_kernel(
     kvh = tl.program_id(1) % HKV
     rb = tl.program_id(1) // HKV  # (grid dim 1 = HKV x the row blocks a tile of this step can fill)
     tile = tl.program_id(2)
-    # one load level: the tile's entry and sequence 0's bounds (a split step is usually one sequence), all
-    # consumed before the one early exit (the compiler would sink loads used only after a branch below it)
-    # (volatile: ptxas keeps their order, so all go out before the predicate on ``sq`` stalls the warp)
-    sq = tl.load(tile_seq_ptr + tile, volatile=True)
-    mblk = tl.load(tile_m_ptr + tile, volatile=True)
-    q_start = tl.load(query_start_ptr, volatile=True)
-    q_end = tl.load(query_start_ptr + 1, volatile=True)
-    ctx = tl.load(context_lens_ptr, volatile=True)
-    if FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr, volatile=True)
-    other = sq > 0  # (sequence 1, 2, ...: its bounds after its id, predicated loads)
-    q_start = tl.where(other, tl.load(query_start_ptr + sq, mask=other, other=0, volatile=True), q_start)
-    q_end = tl.where(other, tl.load(query_start_ptr + sq + 1, mask=other, other=0, volatile=True), q_end)
-    ctx = tl.where(other, tl.load(context_lens_ptr + sq, mask=other, other=0, volatile=True), ctx)
-    q_len = q_end - q_start
-    first = mblk * BLOCK_M + (rb * BLOCK_R) // GROUP
-    last = tl.minimum(mblk * BLOCK_M + ((rb + 1) * BLOCK_R - 1) // GROUP, q_len - 1)
-    last = tl.minimum(last, (mblk + 1) * BLOCK_M - 1)
-    prefix = ctx - q_len  # tokens cached before this chunk
-    end = prefix + last + 1  # keys past the block's last query are masked for every row
-    per_split = tl.cdiv(tl.cdiv(end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if TRIGGER:  # (SEP_MERGE) the merge kernel may launch now (it waits for this grid's writes itself)
+        tl.extra.cuda.gdc_launch_dependents()
+    sq, mblk, q_start, q_len, first, prefix, end, per_split, qk_scale = _tile_bounds(
+        tile_seq_ptr, tile_m_ptr, query_start_ptr, context_lens_ptr, k_scale_ptr, tile, rb, qk_scale,
+        NUM_SPLITS, GROUP, BLOCK_M, BLOCK_R, BLOCK_N, FP8,
+    )  # fmt: skip
     start = split * per_split
     if (sq < 0) | (first >= q_len) | (start >= end):
         return  # (an empty split is not counted in ``used``)
@@ -139,7 +157,7 @@ def _prefill_split_kernel(
         dmask, prefix, start, end, per_split, split, group_id, kvh,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_cs, stride_ch,
         H, NUM_SPLITS, D, BLOCK_D, PAGE, BLOCK_R, BLOCK_N, BLOCK_S, MERGE_C, MERGE_ONLINE, PRECISION, FP8, CDT, I64,
-        PDL, PRELOAD, TIMES,
+        PDL, PRELOAD, TIMES, SEP_MERGE,
     )  # fmt: skip
 
 
@@ -152,7 +170,7 @@ def _split_body(
     H: tl.constexpr, NUM_SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr,
     MERGE_ONLINE: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr, CDT: tl.constexpr,
-    I64: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, TIMES: tl.constexpr,
+    I64: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, TIMES: tl.constexpr, SEP_MERGE: tl.constexpr,
 ):  # fmt: skip
     """One (tile, KV head, row block, split): its keys [start, stop), partials, ticket, maybe the merge."""
     stop = tl.minimum(end, start + per_split)
@@ -218,47 +236,89 @@ def _split_body(
     tl.store(part_out_ptr + (rows + split)[:, None] * D + d[None, :], own_p, mask=io_mask)
     tl.store(part_lse_ptr + rows + split, lse, mask=rmask)
     _stamp(times_ptr, 3, TIMES)
-    tl.debug_barrier()  # every thread's partials are written before the ticket releases them
-    ticket = tl.atomic_add(ticket_ptr + group_id, 1, sem="acq_rel", scope="gpu")
-    _stamp(times_ptr, 4, TIMES)
-    if ticket == used - 1:  # the last of the group's splits: merge them all
-        tl.store(ticket_ptr + group_id, 0)  # (the others are done with it: ready for the next launch)
-        res = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        den = tl.zeros([BLOCK_R], tl.float32)
-        if MERGE_ONLINE:  # the waves' loads depend on nothing: all can go out at once (rescaled as they come)
-            mx = tl.full([BLOCK_R], float("-inf"), tl.float32)
-            for c0 in tl.static_range(0, BLOCK_S, MERGE_C):
-                lse_c, o_c = _merge_wave(
-                    part_lse_ptr, part_out_ptr, rows, rmask, used, d, dmask, c0, D, MERGE_C
-                )
-                m_new = tl.maximum(mx, tl.max(lse_c, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(mx - m_safe)
-                w_c = tl.exp2(lse_c - m_safe[:, None])  # 0 for splits without keys
-                res = res * alpha[:, None] + tl.sum(o_c * w_c[:, :, None], 1)
-                den = den * alpha + tl.sum(w_c, 1)
-                mx = m_new
-        else:
-            sp = tl.arange(0, BLOCK_S)
-            lse_all = tl.load(
-                part_lse_ptr + rows[:, None] + sp[None, :],
-                mask=rmask[:, None] & (sp < used)[None, :],
-                other=float("-inf"),
-                cache_modifier=".cg",
-            )  # (BLOCK_R, BLOCK_S)
-            mx = tl.max(lse_all, 1)
-            mx = tl.where(mx == float("-inf"), 0.0, mx)  # (rows out of range)
-            for c0 in tl.static_range(0, BLOCK_S, MERGE_C):
-                lse_c, o_c = _merge_wave(
-                    part_lse_ptr, part_out_ptr, rows, rmask, used, d, dmask, c0, D, MERGE_C
-                )
-                w_c = tl.exp2(lse_c - mx[:, None])  # 0 for splits without keys
-                res += tl.sum(o_c * w_c[:, :, None], 1)
-                den += tl.sum(w_c, 1)
-        res = res / tl.where(den > 0, den, 1.0)[:, None]
-        o_ptrs = out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-        tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=io_mask)
-        _stamp(times_ptr, 5, TIMES)
+    if not SEP_MERGE:
+        tl.debug_barrier()  # every thread's partials are written before the ticket releases them
+        ticket = tl.atomic_add(ticket_ptr + group_id, 1, sem="acq_rel", scope="gpu")
+        _stamp(times_ptr, 4, TIMES)
+        if ticket == used - 1:  # the last of the group's splits: merge them all
+            tl.store(ticket_ptr + group_id, 0)  # (the others are done with it: ready for the next launch)
+            o_ptrs = out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+            _merge(part_out_ptr, part_lse_ptr, o_ptrs, rows, rmask, used, d, dmask, io_mask,
+                   D, BLOCK_R, BLOCK_D, BLOCK_S, MERGE_C, MERGE_ONLINE)  # fmt: skip
+            _stamp(times_ptr, 5, TIMES)
+
+
+@triton.jit
+def _merge(
+    part_out_ptr, part_lse_ptr, o_ptrs, rows, rmask, used, d, dmask, io_mask, D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr,
+    MERGE_ONLINE: tl.constexpr,
+):  # fmt: skip
+    """The rows' ``used`` partial outputs, weighted by their log2-sum-exp, stored at ``o_ptrs``."""
+    res = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    den = tl.zeros([BLOCK_R], tl.float32)
+    if MERGE_ONLINE:  # the waves' loads depend on nothing: all can go out at once (rescaled as they come)
+        mx = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for c0 in tl.static_range(0, BLOCK_S, MERGE_C):
+            lse_c, o_c = _merge_wave(part_lse_ptr, part_out_ptr, rows, rmask, used, d, dmask, c0, D, MERGE_C)
+            m_new = tl.maximum(mx, tl.max(lse_c, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(mx - m_safe)
+            w_c = tl.exp2(lse_c - m_safe[:, None])  # 0 for splits without keys
+            res = res * alpha[:, None] + tl.sum(o_c * w_c[:, :, None], 1)
+            den = den * alpha + tl.sum(w_c, 1)
+            mx = m_new
+    else:
+        sp = tl.arange(0, BLOCK_S)
+        lse_all = tl.load(
+            part_lse_ptr + rows[:, None] + sp[None, :],
+            mask=rmask[:, None] & (sp < used)[None, :],
+            other=float("-inf"),
+            cache_modifier=".cg",
+        )  # (BLOCK_R, BLOCK_S)
+        mx = tl.max(lse_all, 1)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)  # (rows out of range)
+        for c0 in tl.static_range(0, BLOCK_S, MERGE_C):
+            lse_c, o_c = _merge_wave(part_lse_ptr, part_out_ptr, rows, rmask, used, d, dmask, c0, D, MERGE_C)
+            w_c = tl.exp2(lse_c - mx[:, None])  # 0 for splits without keys
+            res += tl.sum(o_c * w_c[:, :, None], 1)
+            den += tl.sum(w_c, 1)
+    res = res / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(o_ptrs, res.to(o_ptrs.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _split_merge_kernel(
+    tile_seq_ptr, tile_m_ptr, query_start_ptr, context_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    stride_ot, stride_oh,
+    H: tl.constexpr, HKV: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, MERGE_C: tl.constexpr, MERGE_ONLINE: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """(SEP_MERGE) grid (HKV x row blocks, tiles): launched (PDL) while ``_prefill_split_kernel`` runs; its
+    bounds are read early, the partials after ``griddepcontrol.wait``."""
+    kvh = tl.program_id(0) % HKV
+    rb = tl.program_id(0) // HKV
+    sq, mblk, q_start, q_len, first, prefix, end, per_split, _ = _tile_bounds(
+        tile_seq_ptr, tile_m_ptr, query_start_ptr, context_lens_ptr, query_start_ptr, tl.program_id(1), rb,
+        1.0, NUM_SPLITS, GROUP, BLOCK_M, BLOCK_R, BLOCK_N, False,
+    )  # fmt: skip
+    if (sq < 0) | (first >= q_len):
+        return
+    used = tl.cdiv(end, per_split)
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    head = kvh * GROUP + r % GROUP
+    tok = mblk * BLOCK_M + r // GROUP
+    rmask = (r < BLOCK_M * GROUP) & (tok < q_len)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    io_mask = rmask[:, None] & dmask[None, :]
+    rows = ((q_start + tok).to(tl.int64) * H + head) * NUM_SPLITS
+    o_ptrs = out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    _merge(part_out_ptr, part_lse_ptr, o_ptrs, rows, rmask, used, d, dmask, io_mask,
+           D, BLOCK_R, BLOCK_D, BLOCK_S, MERGE_C, MERGE_ONLINE)  # fmt: skip
 
 
 @triton.jit

@@ -15,7 +15,7 @@ from llmray.kernels._paged_prefill_kernels import (
     _prefill_merge_kernel,
     tickets,
 )
-from llmray.kernels._prefill_split_kernel import _prefill_split_kernel
+from llmray.kernels._prefill_split_kernel import _prefill_split_kernel, _split_merge_kernel
 from llmray.kernels.kv_store import is_fp8
 
 # split-K prefill with ``tiles`` (a short chunk after a long cached prefix): (BLOCK_R query rows = (token, GQA
@@ -42,6 +42,7 @@ class SplitConfig(NamedTuple):
     preload: bool = False  # the first key step peeled: its loads first (before the PDL wait)
     maxnreg: int = 0  # registers per thread cap (0: the compiler's choice)
     merge_online: bool = False  # the merge's load waves rescaled as they come (no lse pass first)
+    sep_merge: bool = False  # CUDA: partials only, merged by a second kernel launched with PDL (no tickets)
 
 
 def paged_prefill(
@@ -311,11 +312,9 @@ def prefill_split(
     part_lse = torch.empty(q.shape[0], h, splits, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(d)
     merge_c = cfg.merge_c or max(1, min(block_s, 64 * 32 * cfg.warps // (cfg.rows * block_d)))
-    pdl = (
-        cfg.pdl
-        and q.is_cuda
-        and _PDL_OK.setdefault(q.device, torch.cuda.get_device_capability(q.device)[0] >= 9)
-    )
+    if q.is_cuda and q.device not in _PDL_OK:  # (Hopper+; a launcher without launch_pdl clears it below)
+        _PDL_OK[q.device] = torch.cuda.get_device_capability(q.device)[0] >= 9
+    pdl = cfg.pdl and _PDL_OK.get(q.device, False)
     args = (
         q, k_cache, v_cache, block_tables, query_start, context_lens, tiles[0], tiles[1],
         k_scale if fp8 else query_start, v_scale if fp8 else query_start, out, part_out, part_lse, ticket,
@@ -331,13 +330,39 @@ def prefill_split(
     )  # fmt: skip
     if cfg.maxnreg:
         meta["maxnreg"] = cfg.maxnreg
+    sep = cfg.sep_merge
+    meta.update(SEP_MERGE=sep, TRIGGER=sep and _PDL_OK.get(q.device, False))
     if pdl:
         try:
             _prefill_split_kernel[grid](*args, **meta, PDL=True, launch_pdl=True)
-            return out
         except TypeError:  # (a Triton launcher without launch_pdl: plain launches from now on)
-            _PDL_OK[q.device] = False
-    _prefill_split_kernel[grid](*args, **meta, PDL=False)
+            _PDL_OK[q.device] = pdl = False
+    if not pdl:
+        _prefill_split_kernel[grid](*args, **meta, PDL=False)
+    if sep:
+        margs = (
+            tiles[0],
+            tiles[1],
+            query_start,
+            context_lens,
+            out,
+            part_out,
+            part_lse,
+            out.stride(0),
+            out.stride(1),
+        )
+        mmeta = {
+            k: meta[k] for k in ("H", "HKV", "NUM_SPLITS", "GROUP", "D", "BLOCK_D", "BLOCK_M", "BLOCK_R")
+        }
+        mmeta.update(
+            BLOCK_N=cfg.keys, BLOCK_S=block_s, MERGE_C=meta["MERGE_C"], MERGE_ONLINE=cfg.merge_online
+        )
+        if meta["TRIGGER"]:
+            _split_merge_kernel[(grid[1], grid[2])](
+                *margs, **mmeta, PDL=True, num_warps=cfg.warps, launch_pdl=True
+            )
+        else:
+            _split_merge_kernel[(grid[1], grid[2])](*margs, **mmeta, PDL=False, num_warps=cfg.warps)
     return out
 
 

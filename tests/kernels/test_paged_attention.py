@@ -143,6 +143,7 @@ def test_decode_fast_addr_real_shapes_gpu(splits):
         (8, SplitConfig(preload=True, pdl=True)),
         (16, SplitConfig(rows=32, keys=64, warps=8, pdl=True, maxnreg=128)),
         (12, SplitConfig(keys=64, bf16_parts=True, merge_c=1, preload=True)),
+        (8, SplitConfig(sep_merge=True, merge_online=True, pdl=True)),
     ],
 )
 @pytest.mark.parametrize("fp8", [False, True])
@@ -236,7 +237,8 @@ def test_decode_fp8_real_shapes_gpu(config, splits):
 @pytest.mark.parametrize(
     "prefill_splits,config",
     [(1, None), (3, None), (3, (0,)), (2, (32, 16, 4, 2, False, False, True)),
-     (3, SplitConfig(32, 16, 4, 2, preload=True, merge_c=1))],
+     (3, SplitConfig(32, 16, 4, 2, preload=True, merge_c=1)),
+     (3, SplitConfig(16, 16, 4, 2, merge_online=True, sep_merge=True))],
 )  # fmt: skip
 def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch(prefill_splits, config):
     """The CUDA-graph form: decode over every sequence slot (only 1-token chunks run, at their packed
