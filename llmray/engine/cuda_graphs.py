@@ -122,11 +122,12 @@ class CudaGraphs:
             layout = self.layout(kind, bucket)
             views = self._blank(layout)
             tables = self._tables(layout)
-            self.forward(views, tables, layout, kind, with_lora)  # warm-up: compiles the Triton kernels
+            subst = kind != "prefill"  # placeholder substitution (a prefill chunk holds none: runner.pick)
+            self.forward(views, tables, layout, kind, with_lora, placeholders=subst)  # warm-up: compiles
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                hidden = self.forward(views, tables, layout, kind, with_lora)
+                hidden = self.forward(views, tables, layout, kind, with_lora, placeholders=subst)
             pool = self.pool = graph.pool() if pool is None else pool
             self.graphs[(kind, bucket, with_lora)] = (graph, hidden)
         torch.cuda.synchronize()
@@ -144,7 +145,8 @@ class CudaGraphs:
             dst.copy_(tables)
         if not self.graphs:  # not captured (CPU tests): the same padded step, run eagerly
             layout = self.layout(kind, bucket)
-            return self.forward(layout.views(self.dev), self._tables(layout), layout, kind, with_lora)
+            views, subst = layout.views(self.dev), kind != "prefill"
+            return self.forward(views, self._tables(layout), layout, kind, with_lora, placeholders=subst)
         graph, hidden = self.graphs[(kind, bucket, with_lora)]
         graph.replay()
         return hidden

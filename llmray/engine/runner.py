@@ -195,6 +195,9 @@ class ModelRunner:
         use_lora = self.lora_batch is not None and any(it.seq.lora_slot >= 0 for it in items)
         all_decode = items[-1].num_new_tokens == 1
         no_decode = items[0].num_new_tokens != 1  # (one-token chunks come first)
+        if no_decode and len(items) == 1:  # prefill graphs take no placeholder (a suffix: the last token)
+            it = items[0]
+            no_decode = it.seq.token_ids[it.start + it.num_new_tokens - 1] >= 0
         graphs = self._cuda_graphs
         pick = graphs.pick(num_tokens, len(items), all_decode, no_decode) if graphs is not None else None
         layout = graphs.layout(*pick) if graphs is not None and pick is not None else None
@@ -202,6 +205,8 @@ class ModelRunner:
         if self._unsampled is not None:  # a deferred step samples before this forward (its tokens are inputs)
             self._flush_sampling()
         if graphs is not None and pick is not None:
+            if pick[0] == "prefill" and batch.has_placeholders:
+                raise RuntimeError("a prefill graph got a placeholder token (it has no substitution)")
             hidden = graphs.replay(pick[0], pick[1], use_lora, batch.tables)
         else:
             hidden = self._forward(

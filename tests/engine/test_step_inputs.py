@@ -72,3 +72,27 @@ def test_one_sequence_path_equals_the_general_path(seed):
         assert a.has_placeholders == b.has_placeholders and a.use_lora == b.use_lora
         assert a.tables.shape == b.tables.shape and a.last.shape == b.last.shape
         slow.rows.release(seq)
+
+
+def test_a_chunk_ending_in_a_placeholder_gets_no_prefill_graph():
+    """Prefill graphs are captured without placeholder substitution: a one-sequence chunk whose last token is
+    in flight (a preempted sequence resuming) must go to a mixed graph or run eagerly."""
+    from llmray.engine.runner import ModelRunner
+
+    r = ModelRunner.__new__(ModelRunner)
+    r.lora_batch, r._unsampled = None, None
+    r.inputs = StepInputs(torch.device("cpu"), 4096, 4, 16, 64)
+    picks = []
+
+    class Graphs:
+        def pick(self, *args):
+            picks.append(args)  # (num_tokens, num_seqs, all_decode, no_decode)
+
+    r._cuda_graphs = Graphs()  # type: ignore[assignment]
+    r._forward = lambda *a, **k: torch.zeros(1)  # type: ignore[method-assign]
+    seq = Sequence("r", list(range(10)), SamplingParams(max_tokens=4))
+    seq.block_table = [0, 1, 2]
+    r._run_model([ScheduledSeq(seq, 10, 0)], [0])
+    seq.token_ids[-1], seq.sample_row = PLACEHOLDER, 0
+    r._run_model([ScheduledSeq(seq, 10, 0)], [0])
+    assert [p[3] for p in picks] == [True, False]
