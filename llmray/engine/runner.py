@@ -241,7 +241,11 @@ class ModelRunner:
         )
         if seqs:
             # (R, V) in the model dtype: the sampler upcasts where it needs fp32
-            logits = self.model.lm_head(hidden[batch.last])
+            # a one-sequence step samples its chunk's last row: a view, not a gather kernel
+            rows = (
+                hidden[batch.num_tokens - 1 : batch.num_tokens] if batch.num_seqs == 1 else hidden[batch.last]
+            )
+            logits = self.model.lm_head(rows)
             if defer_sampling:  # sampled just before the next forward or at its collect (_flush_sampling)
                 pending.logits = logits
                 self._unsampled = pending
