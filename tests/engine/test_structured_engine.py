@@ -53,7 +53,11 @@ def test_json_object_regex_and_choice(llm):
             SamplingParams(max_tokens=50, seed=3, structured_output={"choice": ["yes", "no"]}),
         ],
     )
-    assert isinstance(json.loads(outs[0].text), dict) and outs[0].finish_reason == "stop"
+    # any JSON object: its strings are unbounded, so a random-weight model may reach max_tokens (it did on an
+    # H200, where the weights and so the samples differ from the CPU's); what finished "stop" must parse
+    assert outs[0].finish_reason in ("stop", "length") and outs[0].text.lstrip().startswith("{")
+    if outs[0].finish_reason == "stop":
+        assert isinstance(json.loads(outs[0].text), dict)
     assert len(outs[1].text) == 6 and outs[1].text[:3].isdigit() and outs[1].text[3] == "-"
     assert outs[2].text in ("yes", "no")
 

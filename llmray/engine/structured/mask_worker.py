@@ -112,9 +112,9 @@ class DeviceMasks:
         wait_flag(self.flag, job_id, self.late)
 
     def wait_host(self, job_id: int, host: torch.Tensor, index: torch.Tensor, dev: tuple) -> None:
-        """Host flag, on the current stream: the poll of the host flag until the worker stores ``job_id``
-        (reads over the bus: a bounded poll of ~1 s at most, counted in ``late``), then the masks' copy into
-        the device pair ``dev``; the kernels queued next (the sampling) run behind both."""
+        """Host flag, on the current stream (the side stream: the copy overlaps the forward when the fill is
+        done before it): the poll of the host flag until the worker stores ``job_id`` (reads over the bus: a
+        bounded poll of ~1 s at most, counted in ``late``), then the masks' copy into the device pair ``dev``."""
         from llmray.kernels.token_bitmask import wait_flag
 
         wait_flag(self.host, job_id, self.late, max_iters=HOST_POLLS)

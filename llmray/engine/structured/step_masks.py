@@ -68,7 +68,9 @@ class _Job:
         self.flag_id = 0  # device_wait: the job number the worker writes into the device flag
         self.failed: dict[int, str] | None = None  # device_wait: its step's failed rows, filled when settled
         self.stops = False  # its check may change rows after the worker's copy (extra stop tokens)
-        self.host_flag = False  # device_wait by the host flag (``StepMasks.host_flag``)
+        self.side: tuple | None = (
+            None  # host flag (``StepMasks.host_flag``): (side stream, event to wait for)
+        )
 
 
 class _Plan:
@@ -218,12 +220,14 @@ class StepMasks:
             if self._devm is None:
                 self._devm = DeviceMasks(self.device, self.words)
             flag = self.device_wait and plan.complete
-            if flag and self.host_flag and self._devm.host_ok:  # finish queues the poll and the copy
-                job.dev, job.flag_id = self._devm.pair(len(plan.rows), self.max_rows), self._devm.next_flag()
-                job.host_flag, signal = True, (self._devm.host_np, job.flag_id)
-            else:
-                copy = self._devm.plan(host, index, self.max_rows, flag)
-                job.dev, job.flag_id = (copy[2], copy[3]), copy[6][2] if flag else 0
+            by_host = flag and self.host_flag and self._devm.host_ok
+            copy = self._devm.plan(host, index, self.max_rows, flag and not by_host)
+            job.dev = (copy[2], copy[3])
+            if by_host:  # the worker stores the host flag; finish queues its poll and the masks' copy
+                job.side, job.flag_id, copy = (copy[0], copy[1]), self._devm.next_flag(), None
+                signal = (self._devm.host_np, job.flag_id)
+            elif flag:
+                job.flag_id = copy[6][2]
             checks = job.checks if flag else None  # (run by the worker, before its masks leave)
         # the worker needs the GIL only briefly (between its calls into the library): let it have it soon
         if sys.getswitchinterval() > _SWITCH_S:
@@ -314,11 +318,16 @@ class StepMasks:
             assert self._devm is not None and job.dev is not None, "a flagged job has its device pair"
             self._settle()
             job.failed, self._unsettled = failed, job
-            if job.host_flag:  # the poll of the worker's host flag, then the masks' copy, on this stream
-                self._devm.wait_host(job.flag_id, job.host, job.index, job.dev)
-                fence = torch.cuda.Event()
-                fence.record()
-                self._fence[job.turn] = fence  # (its host pair: free after that copy)
+            if job.side is not None:  # the host flag's poll, then the masks' copy, on the side stream
+                stream, after = job.side
+                with torch.cuda.stream(stream):
+                    if after is not None:  # (the device pair's last sampling is done)
+                        stream.wait_event(after)
+                    self._devm.wait_host(job.flag_id, job.host, job.index, job.dev)
+                    copied = torch.cuda.Event()
+                    copied.record(stream)
+                torch.cuda.current_stream(self.device).wait_event(copied)
+                self._fence[job.turn] = copied  # (its host pair: free after that copy)
             else:
                 self._devm.wait(job.flag_id)
             return job.dev
