@@ -18,16 +18,6 @@ from llmray.kernels._paged_prefill_kernels import (
 from llmray.kernels._prefill_split_kernel import _prefill_split_kernel, _split_merge_kernel
 from llmray.kernels.kv_store import is_fp8
 
-# split-K prefill with ``tiles`` (a short chunk after a long cached prefix): (BLOCK_R query rows = (token, GQA
-# head) pairs per program, BLOCK_N keys per step, num_warps, num_stages, fast_addr[, bf16 partial outputs[, merge
-# weights read back per split]]), one launch with the merge
-# folded in (the last split of each group merges); BLOCK_R 0: per-head programs + a merge kernel.
-# H200, 48 new tokens over 2,048, 28 layers in a CUDA graph (bench/attn_prefix.py): W1 (attn_prefix_w1.json) 8
-# splits x 16 rows 0.594 ms vs 0.785 for the two-kernel path (16 splits 0.650); W2 (merge without a barrier per
-# split, attn_prefix_w2.json): 128 keys per step 0.478 ms, 64 keys 0.536, vs 0.783; W3 (attn_prefix.json): 0.480
-# vs 0.784/0.792; 32-128 rows per program (8 warps), bf16 partials, weights read back per split: 0.485-0.60 (bf16)
-PREFILL_SPLIT_CONFIG: tuple = (16, 128, 4, 3, True)
-
 
 class SplitConfig(NamedTuple):
     """A launch of ``_prefill_split_kernel`` (``_prefill_split_kernel.py``)."""
@@ -36,7 +26,7 @@ class SplitConfig(NamedTuple):
     keys: int = 128  # BLOCK_N: keys per step
     warps: int = 4
     stages: int = 3
-    bf16_parts: bool = False  # bf16 partial outputs (half the merge's bytes)
+    bf16_parts: bool = False  # bf16 partial outputs for bf16 queries (half the merge's bytes)
     merge_c: int = 0  # splits per merge load wave (0: as many as fit 64 fp32 registers per thread)
     pdl: bool = False  # programmatic dependent launch (Hopper+; plain launch elsewhere)
     preload: bool = False  # the first key step peeled: its loads first (before the PDL wait)
@@ -69,7 +59,8 @@ def paged_prefill(
     then does not depend on the batch (CUDA graphs) and has no idle (sequence, block) programs.
     ``num_splits`` > 1 (tiled only): each tile's keys are split over that many programs whose partial
     outputs are merged (a 48-token chunk after a 2,000-token prefix is one tile per head): by default in the
-    same launch (``PREFILL_SPLIT_CONFIG``, ``_paged_prefill_kernels.py``)."""
+    same launch (``PREFILL_SPLIT_CONFIG``, ``_prefill_split_kernel.py``), whose grid covers only the first
+    cdiv(N, BLOCK_M) + B - 1 tiles: the active tiles must come first in the list."""
     _, h, d = q.shape
     _, page, hkv, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out
@@ -277,6 +268,17 @@ def _prefill_split_fused(
     return out
 
 
+# split-K prefill with ``tiles`` (a short chunk after a long cached prefix): a SplitConfig (the one-launch
+# ``_prefill_split_kernel``, its last split merging); or, sixth session, (BLOCK_R query rows = (token, GQA head)
+# pairs per program, BLOCK_N keys per step, num_warps, num_stages, fast_addr[, bf16 partial outputs[, merge
+# weights read back per split]]) for ``_prefill_gqa_kernel`` (padding tiles of the graph's list are programs
+# too); BLOCK_R 0: per-head programs + a merge kernel. H200, 48 new tokens over 2,048, 28 layers in a CUDA graph
+# (bench/attn_prefix.py): sixth session (attn_prefix_w1/w2.json, W3 attn_prefix.json) (16, 128, 4, 3, True) 0.480
+# ms vs 0.784 for the two-kernel path. Seventh, W1 (attn_prefix_w1b.json): SplitConfig() 0.450 (a grid without
+# the padding tiles, one metadata load level), +PDL 0.443, +bf16 partials 0.416 vs 0.479 for (16, 128, 4, 3, True)
+PREFILL_SPLIT_CONFIG: tuple = SplitConfig(bf16_parts=True, pdl=True)
+
+
 _PDL_OK: dict[torch.device, bool] = {}
 
 
@@ -307,7 +309,12 @@ def prefill_split(
     fp8 = is_fp8(k_cache)
     i64 = max(x.shape[0] * x.stride(0) for x in (k_cache, v_cache)) >= 2**31
     part_out = torch.empty(
-        q.shape[0], h, splits, d, dtype=torch.bfloat16 if cfg.bf16_parts else torch.float32, device=q.device
+        q.shape[0],
+        h,
+        splits,
+        d,
+        dtype=torch.bfloat16 if cfg.bf16_parts and q.dtype == torch.bfloat16 else torch.float32,
+        device=q.device,
     )
     part_lse = torch.empty(q.shape[0], h, splits, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(d)
