@@ -201,6 +201,7 @@ def profile_table(llm, prompts, params, out: Path, steps: int = 6) -> None:
         _sync()
     while eng.has_unfinished():
         eng.step()
+    prof.export_chrome_trace(str(out.with_suffix(".trace.json")))  # (per-stream gaps: read it offline)
     ka = prof.key_averages()
     text = ""
     if CUDA:

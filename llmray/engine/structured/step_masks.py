@@ -109,10 +109,9 @@ class StepMasks:
         # CUDA: the worker copies the masks it filled to the device on its own stream, and the sampling waits
         # for that copy on the device (False: the main thread copies them after waiting for the worker)
         self.side_copy = True
-        # True (CUDA, side_copy): the device waits for the worker's copy (a flag), the host never waits for the
-        # fill. Off: in W3 5 of 9 half-batch runs stalled (14-26k tok/s, likely a device-wide sync on some
-        # thread while the device polled: each poll gives up after ~1 s); its healthy runs were 5% faster
-        self.device_wait = False
+        # True (CUDA, side_copy): the device waits for the worker's masks (a flag), the host never waits for
+        # the fill (False: the host waits for the worker, then queues the sampling)
+        self.device_wait = True
         # device_wait: the worker stores a host flag and the main thread queues its poll and the masks' copy
         # (the worker makes no CUDA call); False: the worker copies the masks and sets a device flag
         self.host_flag = True
