@@ -44,9 +44,11 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # the symmetric Triton products (``ns_sym``) for matrices whose smaller side is at least this: below it their
 # gain per step is microseconds and their compiles (five specialisations of a tl.dot kernel) cost seconds
 NS_SYM_MIN_SIZE = 512
-# with ``sym``, stacks at least twice as wide as tall iterate on their Gram matrix (``newton_schulz_gram``:
-# ~2/3 of the FLOPs for qwen3's MLP shapes); square ones (k, v) keep the plain symmetric iteration
+# with ``sym``, stacks at least NS_GRAM_MIN_RATIO times as wide as tall iterate on their Gram matrix
+# (``newton_schulz_gram``): H200, qwen3-0.6b, 7th session W1: (1024, 3072) stacks 8.65 -> 7.35 ms, but
+# (1024, 2048) ones 3.99 -> 4.17 (its r x r products run below the big ones' rate); the rest keep the plain one
 NS_GRAM = True
+NS_GRAM_MIN_RATIO = 3
 NS_GRAM_RESTARTS = (2,)  # iterations before which the Gram iteration restarts from X (see newton_schulz_gram)
 
 
@@ -63,7 +65,7 @@ def zeropower_via_newtonschulz5(
     5 steps rather than exactly 1, which trains as well as the exact polar factor (Keller Jordan).
     Returns bf16 with the input's shape. ``sym``: the two symmetric products (X X^T and b A + c A^2 + a I)
     by ``llmray.kernels.newton_schulz.sym_gram`` (upper tiles only, ~56% of their FLOPs; CUDA, or CPU
-    under the Triton interpreter), the same math; stacks at least twice as wide as tall (``NS_GRAM``)
+    under the Triton interpreter), the same math; stacks at least three times as wide as tall (``NS_GRAM``)
     iterate on their Gram matrix instead (``newton_schulz_gram``: fewer FLOPs, fp16 Gram matrices).
     """
     if g.dim() < 2:
@@ -76,7 +78,7 @@ def zeropower_via_newtonschulz5(
     if sym and steps > 0:
         from llmray.kernels.newton_schulz import newton_schulz_gram, newton_schulz_sym
 
-        use_gram = NS_GRAM and x.dim() == 3 and x.size(-1) >= 2 * x.size(-2)
+        use_gram = NS_GRAM and x.dim() == 3 and x.size(-1) >= NS_GRAM_MIN_RATIO * x.size(-2)
         if use_gram:
             x = newton_schulz_gram(x, steps, (a, b, c), eps, restarts=NS_GRAM_RESTARTS)
         else:
