@@ -302,6 +302,7 @@ def set_flags(flags: str) -> list:
         m = importlib.import_module(mod if mod.startswith("llmray") else f"llmray.train.{mod}")
         old.append((m, attr, getattr(m, attr)))
         v: object = tuple(int(x) for x in val.split("/") if x) if "/" in val else val  # 2/4 -> (2, 4)
+        v = None if v == "None" else v
         for conv in (int, float) if isinstance(v, str) else ():
             with contextlib.suppress(ValueError):
                 v = conv(val)
