@@ -79,7 +79,41 @@ def ns_bench(reps: int = 10, shapes: dict | None = None, device: str = "cuda") -
         res[name] = {"ms": per, "total_ms": round(sum(per.values()), 2), "rel_err_vs_fp32": errs}
         log(f"ns {name}: {res[name]}")
     M.NS_GRAM = old
+    res["configs_total_ms"] = ns_configs(stacks, reps, device)
     return res
+
+
+NS_CONFIGS = [
+    (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (128, 64, 4, 4),
+    (128, 64, 8, 4),
+    (64, 64, 4, 3),
+]
+
+
+def ns_configs(stacks: dict, reps: int, device: str) -> dict:
+    """Muon's Newton-Schulz over all stacks (as it runs now) per ``sym_gram`` config (BM, BK, warps, stages)."""
+    import llmray.kernels.newton_schulz as N  # noqa: N812
+    import llmray.train.muon as M  # noqa: N812
+
+    old, out = N.DEFAULT_CONFIG, {}
+    for cfg in NS_CONFIGS:
+        N.DEFAULT_CONFIG = cfg
+        try:
+            for x in stacks.values():
+                M.zeropower_via_newtonschulz5(x, sym=True)
+            t = _Timer(device)
+            for _ in range(reps):
+                for x in stacks.values():
+                    M.zeropower_via_newtonschulz5(x, sym=True)
+            out["/".join(map(str, cfg))] = round(t.ms() / reps, 3)
+        except Exception as e:
+            out["/".join(map(str, cfg))] = f"{type(e).__name__}: {str(e)[:120]}"
+    N.DEFAULT_CONFIG = old
+    log(f"ns configs: {out}")
+    return out
 
 
 QK_CONFIGS = [{}, {"PROGRAMS_PER_SM": 4}, {"PROGRAMS_PER_SM": 16}, {"PROGRAMS_PER_SM": 200}, {"ROWS_BT": 2},
