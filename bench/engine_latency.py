@@ -280,12 +280,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sections", default="ttft,kernels,run1,profile")
     ap.add_argument("--traces", action="store_true", help="chrome traces of the hit and a decode-256 step")
-    ap.add_argument("--raw-launch", action="store_true", help="replay graphs by cuGraphLaunch (A/B)")
     args = ap.parse_args()
-    if args.raw_launch:
-        from llmray.engine import cuda_graphs
-
-        cuda_graphs.RAW_LAUNCH = True  # (a checkout without it ignores the flag)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, cfg = build_model(args.quick)
@@ -293,8 +288,6 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "startup_s": startup}
     res["fuse_kv_store"] = llm.engine.runner.fuse_kv_store
     res["llmray"] = str(Path(sys.modules["llmray"].__file__).parent)  # (a baseline run: its checkout)
-    graphs = llm.engine.runner._cuda_graphs
-    res["raw_launch"] = getattr(graphs, "_launch", None) is not None
     res["command"] = "python " + " ".join(sys.argv)
 
     def save():

@@ -15,7 +15,6 @@ copy). Larger steps run eagerly (their device time dwarfs the launch cost).
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -25,26 +24,9 @@ import torch
 from llmray.engine.step_inputs import FIXED, Layout, tables_offset, tile_capacity
 
 
-def _driver_graph_launch() -> Callable[[int, int], int] | None:
-    """The driver's ``cuGraphLaunch(exec, stream)`` (None where there is no driver library).
-
-    ``CUDAGraph.replay()`` first refills the default generator's seed and offset on the device (two kernels
-    before every replay, for graphs that draw random numbers); these graphs draw none, so launching their
-    exec directly saves both the host calls and the device work ahead of the step."""
-    try:
-        fn = ctypes.CDLL("libcuda.so.1").cuGraphLaunch
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
-    return fn
-
-
 def decode_buckets(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8, 16, 32, 48, 64] + list(range(96, max_num_seqs + 32, 32))
     return sorted({min(s, max_num_seqs) for s in sizes})
-
-
-RAW_LAUNCH = False  # replay graphs by the driver's cuGraphLaunch (read at capture; benches A/B it)
 
 
 def mixed_buckets(max_graph_tokens: int, max_num_batched_tokens: int) -> list[int]:
@@ -81,10 +63,6 @@ class CudaGraphs:
         smax = max([self.decode[-1]] + [self.layout("mixed", b).seqs for b in self.mixed])
         self.tables = torch.zeros(smax, max_blocks_per_seq, dtype=torch.int64, device=dev_flat.device)
         self.graphs: dict[tuple[str, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._execs: dict[tuple[str, int, bool], int] = {}  # the graphs' cudaGraphExec_t handles
-        self._launch: Callable[[int, int], int] | None = None  # cuGraphLaunch (RAW_LAUNCH)
-        self._device = dev_flat.device.index or 0
-        self._stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # device -> current stream
         self.pool: Any = None  # the graphs' shared memory pool (the largest graph's, captured first)
 
     def layout(self, kind: str, bucket: int) -> Layout:
@@ -152,12 +130,7 @@ class CudaGraphs:
                 hidden = self.forward(views, tables, layout, kind, with_lora, placeholders=subst)
             pool = self.pool = graph.pool() if pool is None else pool
             self.graphs[(kind, bucket, with_lora)] = (graph, hidden)
-            exec_of = getattr(graph, "raw_cuda_graph_exec", None)
-            if exec_of is not None:
-                self._execs[(kind, bucket, with_lora)] = exec_of()
         torch.cuda.synchronize()
-        raw = RAW_LAUNCH and len(self._execs) == len(self.graphs) and self._stream is not None
-        self._launch = _driver_graph_launch() if raw else None
 
     def replay(self, kind: str, bucket: int, with_lora: bool, tables: torch.Tensor) -> torch.Tensor:
         """Run the graph on the inputs already in the device buffer; ``tables`` (S, width) block tables."""
@@ -174,13 +147,6 @@ class CudaGraphs:
             layout = self.layout(kind, bucket)
             views, subst = layout.views(self.dev), kind != "prefill"
             return self.forward(views, self._tables(layout), layout, kind, with_lora, placeholders=subst)
-        key = (kind, bucket, with_lora)
-        graph, hidden = self.graphs[key]
-        launch = self._launch
-        if launch is None:
-            graph.replay()
-        else:  # on the current stream, behind this step's input copy
-            rc = launch(self._execs[key], self._stream(self._device))  # type: ignore[misc]
-            if rc:
-                raise RuntimeError(f"cuGraphLaunch failed (CUresult {rc})")
+        graph, hidden = self.graphs[(kind, bucket, with_lora)]
+        graph.replay()
         return hidden
