@@ -71,7 +71,10 @@ def _qk_norm_rope_store_kernel(
     Q, K, V, QW, KW, QO, KC, VC, SLOT, KS, VS, POS, COS, SIN,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sqo_t, sqo_h, sp_t, s_cos, HQ, eps,
     HK: tl.constexpr, HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, FP8: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):  # fmt: skip
+    if TRIGGER:  # (Hopper) the attention after it, launched with PDL, may start its prologue; it waits for us
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     d = tl.arange(0, HALF)
     _, t, c, s = _token_cos_sin(POS, COS, SIN, pid, 1 << 30, 0, sp_t, s_cos, d, HALF, 1.0, False)
@@ -141,9 +144,21 @@ def qk_norm_rope_store(
         k_scale if fp8 else cos, v_scale if fp8 else cos, positions, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         qo.stride(0), qo.stride(1), positions.stride(0), cos.stride(0), hq, eps,
-        HK=hk, HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, FP8=fp8, num_warps=warps,
+        HK=hk, HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, FP8=fp8, TRIGGER=_trigger(q.device),
+        num_warps=warps,
     )  # fmt: skip
     return qo
+
+
+_TRIGGER: dict[torch.device, bool] = {}
+
+
+def _trigger(device: torch.device) -> bool:
+    """Whether the store kernel signals programmatic dependent launch (griddepcontrol: sm_90+)."""
+    got = _TRIGGER.get(device)
+    if got is None:
+        got = _TRIGGER[device] = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return got
 
 
 def qk_norm_rope_ref(
