@@ -44,62 +44,50 @@ H, HKV, D, PAGE = 16, 8, 128, 16
 # weights read back per split (no layout change in its loop), bf16 partials
 # Seventh session: SplitConfig = the new _prefill_split_kernel (grid over the tiles/rows the step can fill, one
 # load level for the tile and sequence bounds, PDL, first K/V step peeled); P/PT: with a q-writing kernel before
+# (PT: it triggers the PDL launch at its start). W1 (attn_prefix_w1b.json): S() 0.450 ms, +PDL 0.443, +bf16
+# partials 0.416 vs committed 0.479; peeled first step (preload) 0.60+ (registers), 16 splits 0.571, 4 splits
+# 0.475, 32 rows 0.442, merge kernel (sep_merge) 0.459; timeline of S(): 14.7 us span, of which 9.5 us the key
+# loop + partial stores, 0.8 bounds, 0.8 ticket, 1.5 merge. W2: more rows per program (fewer K/V re-reads from
+# L2), the merge kernel with its own row blocks; T3: the committed kernel with the engine's 3-tile list
 S = SplitConfig
+B = dict(bf16_parts=True, pdl=True)
 P = {"pred": True}  # each layer's q copied into a shared buffer just before (the engine's rope kernel)
 # the same by a Triton copy that lets a PDL launch start at once (gdc_launch_dependents)
 PT = {"pred": "trig"}
+T3 = {"tiles": 3}  # the engine's prefill graph for 48 tokens (bucket 64): a 3-tile list
 VARIANTS = [
     ("bf16", 8, (16, 128, 4, 3, True)),  # committed (sixth session)
-    ("bf16", 8, (0,)),
-    ("bf16", 8, (-1,)),
-    ("bf16", 8, S()),
-    ("bf16", 8, S(merge_c=2)),
-    ("bf16", 8, S(pdl=True)),
-    ("bf16", 8, S(preload=True)),
-    ("bf16", 8, S(preload=True, pdl=True)),
-    ("bf16", 8, S(keys=64)),
-    ("bf16", 8, S(keys=64, preload=True, pdl=True)),
-    ("bf16", 8, S(warps=8, preload=True, pdl=True)),
-    ("bf16", 8, S(rows=32, pdl=True)),
-    ("bf16", 8, S(rows=32, warps=8, preload=True, pdl=True)),
-    ("bf16", 8, S(bf16_parts=True, pdl=True)),
-    ("bf16", 8, S(pdl=True, maxnreg=128)),
-    ("bf16", 8, S(preload=True, pdl=True, maxnreg=168)),
-    ("bf16", 8, S(keys=64, pdl=True, maxnreg=128)),
-    ("bf16", 8, S(maxnreg=168)),
-    ("bf16", 8, S(pdl=True, maxnreg=168)),
-    ("bf16", 8, S(merge_c=1, pdl=True)),
-    ("bf16", 8, S(rows=32, merge_c=1)),
-    ("bf16", 8, S(rows=32, merge_c=1, pdl=True)),
-    ("bf16", 8, S(keys=256, warps=8, stages=1, pdl=True)),
-    ("bf16", 8, S(merge_online=True, pdl=True)),
-    ("bf16", 8, S(merge_online=True, merge_c=2, pdl=True)),
-    ("bf16", 8, S(sep_merge=True, pdl=True)),
-    ("bf16", 8, S(sep_merge=True, merge_online=True, pdl=True)),
-    ("bf16", 8, S(sep_merge=True, preload=True, pdl=True)),
-    ("bf16", 16, S(pdl=True)),
-    ("bf16", 16, S(keys=64, preload=True, pdl=True)),
-    ("bf16", 4, S(pdl=True)),
-    ("bf16", 8, (-2,), P),
-    ("bf16", 8, (16, 128, 4, 3, True), P),
-    ("bf16", 8, S(), P),
-    ("bf16", 8, S(pdl=True), P),
-    ("bf16", 8, S(preload=True, pdl=True), P),
+    ("bf16", 8, (16, 128, 4, 3, True), T3),
+    ("bf16", 8, S(**B)),  # default (W1)
+    ("bf16", 8, S(**B), T3),
+    ("bf16", 8, S(bf16_parts=True)),
+    ("bf16", 8, S(rows=32, **B)),
+    ("bf16", 8, S(rows=32, keys=64, **B)),
+    ("bf16", 8, S(rows=64, keys=64, warps=8, **B)),
+    ("bf16", 8, S(rows=64, keys=128, warps=8, **B)),
+    ("bf16", 16, S(rows=64, keys=64, warps=8, **B)),
+    ("bf16", 8, S(rows=64, keys=64, warps=8, sep_merge=True, merge_rows=16, **B)),
+    ("bf16", 16, S(rows=64, keys=64, warps=8, sep_merge=True, merge_rows=16, **B)),
+    ("bf16", 16, S(rows=128, keys=64, warps=8, sep_merge=True, merge_rows=16, **B)),
+    ("bf16", 8, S(rows=128, keys=64, warps=8, sep_merge=True, merge_rows=16, **B)),
+    ("bf16", 32, S(rows=128, keys=64, warps=8, sep_merge=True, merge_rows=16, **B)),
+    ("bf16", 6, S(**B)),
+    ("bf16", 8, S(merge_c=2, **B)),
+    ("bf16", 8, S(sep_merge=True, **B)),
+    ("bf16", 8, S(keys=64, **B)),
     ("bf16", 8, (-2,), PT),
-    ("bf16", 8, S(), PT),
-    ("bf16", 8, S(pdl=True), PT),
-    ("bf16", 8, S(preload=True, pdl=True), PT),
-    ("bf16", 8, S(sep_merge=True, pdl=True), PT),
+    ("bf16", 8, S(**B), PT),
+    ("bf16", 8, S(rows=64, keys=64, warps=8, **B), PT),
     ("fp8", 8, (16, 128, 4, 3, True)),
-    ("fp8", 8, S()),
-    ("fp8", 8, S(pdl=True)),
-    ("fp8", 8, S(preload=True, pdl=True)),
+    ("fp8", 8, S(**B)),
+    ("fp8", 8, S(rows=64, keys=64, warps=8, **B)),
+    ("fp8", 8, S(rows=32, **B)),
+    ("bf16", 8, (0,)),
     ("bf16", 8, (16, 128, 4, 3, True)),
     ("fp8", 8, (16, 128, 4, 3, True)),
 ]  # fmt: skip
-TIMELINES = [("bf16", 8, S()), ("bf16", 8, S(pdl=True)),
-             ("bf16", 8, S(preload=True, pdl=True)), ("bf16", 8, S(keys=64, preload=True, pdl=True)),
-             ("bf16", 8, S(sep_merge=True, pdl=True))]  # fmt: skip
+TIMELINES = [("bf16", 8, S(**B)), ("bf16", 8, S(rows=64, keys=64, warps=8, **B)), ("bf16", 8, S(rows=32, **B)),
+             ("bf16", 16, S(rows=128, keys=64, warps=8, sep_merge=True, merge_rows=16, **B))]  # fmt: skip
 
 
 def build(kind: str, layers: int, ctx: int, qlen: int, pool: int, dev: str, seed: int = 0) -> dict:
@@ -156,7 +144,9 @@ def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr, TRIGGER: tl.constexpr
     tl.store(dst_ptr + o, tl.load(src_ptr + o, mask=o < n), mask=o < n)
 
 
-def run_layers(case: dict, splits: int, cfg: tuple, layers: list[int], pred: bool | str = False) -> None:
+def run_layers(
+    case: dict, splits: int, cfg: tuple, layers: list[int], pred: bool | str = False, ntiles: int = 0
+) -> None:
     """The layers' attention calls; ``pred``: each after a copy of its q into one shared buffer (a kernel
     writing q just before, as the engine's rope: a PDL launch must wait for it); config (-2,): the copies."""
     if cfg[0] == -1:
@@ -174,9 +164,10 @@ def run_layers(case: dict, splits: int, cfg: tuple, layers: list[int], pred: boo
             q = case["qbuf"].copy_(q)
         if cfg[0] == -2:
             continue
+        tiles = case["tiles"] if not ntiles else (case["tiles"][0][:ntiles], case["tiles"][1][:ntiles])
         pa.paged_prefill(
             q, k, v, case["table"], case["qs"], case["cl"], 0, D**-0.5,
-            out=case["outs"][i], tiles=case["tiles"], k_scale=ks, v_scale=vs, num_splits=splits, config=cfg,
+            out=case["outs"][i], tiles=tiles, k_scale=ks, v_scale=vs, num_splits=splits, config=cfg,
         )  # fmt: skip
 
 
@@ -201,18 +192,18 @@ def errors(case: dict, refs: dict, layers: list[int]) -> dict:
 
 
 def time_graph(
-    case: dict, splits: int, cfg: tuple, layers: int, reps: int, pred: bool | str = False
+    case: dict, splits: int, cfg: tuple, layers: int, reps: int, pred: bool | str = False, ntiles: int = 0
 ) -> float:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         run_layers(
-            case, splits, cfg, list(range(layers)), pred
-        )  # (allocations, compiles outside the capture)
+            case, splits, cfg, list(range(layers)), pred, ntiles
+        )  # (allocations, compiles: not captured)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        run_layers(case, splits, cfg, list(range(layers)), pred)
+        run_layers(case, splits, cfg, list(range(layers)), pred, ntiles)
     for _ in range(5):
         graph.replay()
     times = []
@@ -271,6 +262,7 @@ def main() -> None:
     for n, vi in enumerate(idx):
         kind, splits, cfg, *opt = VARIANTS[vi] if vi < len(VARIANTS) else TIMELINES[vi - len(VARIANTS)]
         pred = opt[0].get("pred", False) if opt else False
+        ntiles = opt[0].get("tiles", 0) if opt else 0
         if a.compile_only:
             if kind not in cases:
                 cases[kind] = build(kind, 1, ctx, qlen, pool, dev)
@@ -293,7 +285,7 @@ def main() -> None:
         case, check = cases[kind], [0, layers - 1]
         for i in check:
             case["outs"][i].fill_(float("nan"))
-        run_layers(case, splits, cfg, check, pred)
+        run_layers(case, splits, cfg, check, pred, ntiles)
         row = {
             "kind": kind,
             "splits": splits,
@@ -301,12 +293,14 @@ def main() -> None:
         }
         if pred:
             row["pred"] = pred
+        if ntiles:
+            row["tiles"] = ntiles
         if cfg[0] >= 0:
             row.update(errors(case, refs[kind], check))
         if not quick:
             for i in check:
                 case["outs"][i].fill_(float("nan"))
-            ms = time_graph(case, splits, cfg, layers, reps=40, pred=pred)
+            ms = time_graph(case, splits, cfg, layers, reps=40, pred=pred, ntiles=ntiles)
             row.update(ms_layers=round(ms, 4), us_per_layer=round(ms * 1000 / layers, 2))
             if cfg[0] >= 0:
                 after = errors(case, refs[kind], check)
@@ -317,7 +311,10 @@ def main() -> None:
         timed = [
             r
             for r in res["results"]
-            if r.get("rel_err_after_replays", 1) < 2e-2 and not r.get("unwritten", 1) and not r.get("pred")
+            if r.get("rel_err_after_replays", 1) < 2e-2
+            and not r.get("unwritten", 1)
+            and not r.get("pred")
+            and not r.get("tiles")
         ]
         for kind_ in ("bf16", "fp8"):
             rows = [r for r in timed if r["kind"] == kind_]

@@ -2,8 +2,9 @@
 
 The kernel built with TIMES stamps the global timer (ns) at: 0 program start, 1 tile bounds known, 2 first
 K/V step issued / PDL wait passed, 3 partials stored, 4 ticket taken, 5 merge written (the last split only),
-and the SM id. A CUDA graph of the 28 layers is replayed; per layer: the kernel's span (first start to last
-stamp), the gap to the next layer's first start (negative: PDL overlap), the phases' medians over programs.
+6 the loop's first step done, and the SM id. A CUDA graph of the 28 layers is replayed; per layer: the
+kernel's span (first start to last stamp), the gap to the next layer's first start (negative: PDL overlap),
+the phases' medians over programs.
 """
 
 from __future__ import annotations
@@ -69,7 +70,12 @@ def summarize(bufs: list[torch.Tensor]) -> dict:
             gaps.append(starts[i + 1] - ends[i])
     mid = slice(1, len(bufs) - 1)
     sp = torch.cat(spread[mid])
+    ok = [b[(b[:, 6] > 0) & (b[:, 2] > 0) & (b[:, 3] > 0)] for b in bufs[mid]]
+    first = torch.cat([b[:, 6] - b[:, 2] for b in ok])
+    rest = torch.cat([b[:, 3] - b[:, 6] for b in ok])
     return {
+        "first_loop_step_us": _med(first),
+        "rest_loop_store_us": _med(rest),
         "programs": nprog[1],
         "span_us": _med(torch.tensor(spans[mid])),
         "gap_to_next_us": _med(torch.tensor(gaps[1:])),

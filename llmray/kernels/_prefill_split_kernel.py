@@ -72,10 +72,10 @@ def _tile_bounds(
     ctx = tl.where(other, tl.load(context_lens_ptr + sq, mask=other, other=0, volatile=True), ctx)
     q_len = q_end - q_start
     first = mblk * BLOCK_M + (rb * BLOCK_R) // GROUP
-    last = tl.minimum(mblk * BLOCK_M + ((rb + 1) * BLOCK_R - 1) // GROUP, q_len - 1)
-    last = tl.minimum(last, (mblk + 1) * BLOCK_M - 1)
     prefix = ctx - q_len  # tokens cached before this chunk
-    end = prefix + last + 1  # keys past the block's last query are masked for every row
+    # keys past the tile's last query are masked for every row: the same split width for every row block of
+    # the tile (a merge kernel may block the rows differently)
+    end = prefix + tl.minimum(q_len, (mblk + 1) * BLOCK_M)
     per_split = tl.cdiv(tl.cdiv(end, NUM_SPLITS), BLOCK_N) * BLOCK_N
     return sq, mblk, q_start, q_len, first, prefix, end, per_split, qk_scale
 
@@ -225,6 +225,14 @@ def _split_body(
         k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
         m, l_sum, acc = _kv_step(q, k, v, m, l_sum, acc, offs_n, nmask, q_pos, qk_scale, PRECISION, CDT)
+        if TIMES:
+            if n0 == loop_start:  # (the timer read waits for the first loop step's row maxima)
+                dep = tl.sum(tl.where(m > 0.0, 1, 0), 0)
+                lin = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0)
+                now = tl.inline_asm_elementwise(
+                    "mov.u64 $0, %globaltimer;", "=l,r", [dep], dtype=tl.int64, is_pure=False, pack=1
+                )
+                tl.store(times_ptr + (lin + tl.program_id(0)) * 8 + 6, now)
     if FP8:
         acc = acc * tl.load(v_scale_ptr)
     # a row whose keys in this split are all in its future has l = 0: weight 0 in the merge

@@ -33,6 +33,7 @@ class SplitConfig(NamedTuple):
     maxnreg: int = 0  # registers per thread cap (0: the compiler's choice)
     merge_online: bool = False  # the merge's load waves rescaled as they come (no lse pass first)
     sep_merge: bool = False  # CUDA: partials only, merged by a second kernel launched with PDL (no tickets)
+    merge_rows: int = 0  # sep_merge: rows per merge program (0: ``rows``)
 
 
 def paged_prefill(
@@ -358,18 +359,16 @@ def prefill_split(
             out.stride(0),
             out.stride(1),
         )
+        mrows = cfg.merge_rows or cfg.rows
         mmeta = {
-            k: meta[k] for k in ("H", "HKV", "NUM_SPLITS", "GROUP", "D", "BLOCK_D", "BLOCK_M", "BLOCK_R")
+            k: meta[k] for k in ("H", "HKV", "NUM_SPLITS", "GROUP", "D", "BLOCK_D", "BLOCK_M", "MERGE_C")
         }
-        mmeta.update(
-            BLOCK_N=cfg.keys, BLOCK_S=block_s, MERGE_C=meta["MERGE_C"], MERGE_ONLINE=cfg.merge_online
-        )
+        mmeta.update(BLOCK_R=mrows, BLOCK_N=cfg.keys, BLOCK_S=block_s, MERGE_ONLINE=cfg.merge_online)
+        mgrid = (hkv * triton.cdiv(min(q.shape[0], block_m) * group, mrows), grid[2])
         if meta["TRIGGER"]:
-            _split_merge_kernel[(grid[1], grid[2])](
-                *margs, **mmeta, PDL=True, num_warps=cfg.warps, launch_pdl=True
-            )
+            _split_merge_kernel[mgrid](*margs, **mmeta, PDL=True, num_warps=cfg.warps, launch_pdl=True)
         else:
-            _split_merge_kernel[(grid[1], grid[2])](*margs, **mmeta, PDL=False, num_warps=cfg.warps)
+            _split_merge_kernel[mgrid](*margs, **mmeta, PDL=False, num_warps=cfg.warps)
     return out
 
 
