@@ -144,6 +144,11 @@ def test_decode_fast_addr_real_shapes_gpu(splits):
         (16, SplitConfig(rows=32, keys=64, warps=8, pdl=True, maxnreg=128)),
         (12, SplitConfig(keys=64, bf16_parts=True, merge_c=1, preload=True)),
         (8, SplitConfig(sep_merge=True, merge_online=True, pdl=True)),
+        (8, SplitConfig(rows=64, keys=64, warps=8, bf16_parts=True, pdl=True)),
+        (
+            16,
+            SplitConfig(rows=128, keys=64, warps=8, bf16_parts=True, pdl=True, sep_merge=True, merge_rows=16),
+        ),
     ],
 )
 @pytest.mark.parametrize("fp8", [False, True])
