@@ -31,7 +31,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmray.kernels import paged_attention as pa  # noqa: E402
-from llmray.kernels.paged_prefill import SplitConfig  # noqa: E402
+from llmray.kernels.paged_prefill import SPLIT_CONFIGS, SplitConfig  # noqa: E402
 
 H, HKV, D, PAGE = 16, 8, 128, 16
 # (cache kind, splits, config): the committed path first and again last (its spread is the noise); config
@@ -48,46 +48,44 @@ H, HKV, D, PAGE = 16, 8, 128, 16
 # partials 0.416 vs committed 0.479; peeled first step (preload) 0.60+ (registers), 16 splits 0.571, 4 splits
 # 0.475, 32 rows 0.442, merge kernel (sep_merge) 0.459; timeline of S(): 14.7 us span, of which 9.5 us the key
 # loop + partial stores, 0.8 bounds, 0.8 ticket, 1.5 merge. W2: more rows per program (fewer K/V re-reads from
-# L2), the merge kernel with its own row blocks; T3: the committed kernel with the engine's 3-tile list
+# L2), the merge kernel with its own row blocks; T3: the committed kernel with the engine's 3-tile list.
+# W2 (attn_prefix_w2.json): default 0.423 vs 0.481 (0.451 with 3 tiles); 64/128 rows 0.45-0.47, but the 128-row
+# merge kernel ran 16 serial load waves (its wave width came from the split kernel's rows): fixed for W3
 S = SplitConfig
 B = dict(bf16_parts=True, pdl=True)
 P = {"pred": True}  # each layer's q copied into a shared buffer just before (the engine's rope kernel)
 # the same by a Triton copy that lets a PDL launch start at once (gdc_launch_dependents)
 PT = {"pred": "trig"}
 T3 = {"tiles": 3}  # the engine's prefill graph for 48 tokens (bucket 64): a 3-tile list
+W = SPLIT_CONFIGS["wide"]  # 128 rows, 16 splits of 2 x 64 keys, the merge in a second (PDL) kernel
 VARIANTS = [
     ("bf16", 8, (16, 128, 4, 3, True)),  # committed (sixth session)
     ("bf16", 8, (16, 128, 4, 3, True), T3),
     ("bf16", 8, S(**B)),  # default (W1)
-    ("bf16", 8, S(**B), T3),
-    ("bf16", 8, S(bf16_parts=True)),
+    ("bf16", 8, W),
+    ("bf16", 8, W._replace(splits=8)),
+    ("bf16", 8, W._replace(merge_rows=32)),
+    ("bf16", 8, W._replace(merge_rows=8)),
+    ("bf16", 8, W._replace(splits=32)),
+    ("bf16", 8, W._replace(splits=12)),
+    ("bf16", 8, W._replace(rows=64, merge_rows=16)),
+    ("bf16", 8, W._replace(keys=128)),
+    ("bf16", 8, W, T3),
     ("bf16", 8, S(rows=32, **B)),
-    ("bf16", 8, S(rows=32, keys=64, **B)),
-    ("bf16", 8, S(rows=64, keys=64, warps=8, **B)),
-    ("bf16", 8, S(rows=64, keys=128, warps=8, **B)),
-    ("bf16", 16, S(rows=64, keys=64, warps=8, **B)),
-    ("bf16", 8, S(rows=64, keys=64, warps=8, sep_merge=True, merge_rows=16, **B)),
-    ("bf16", 16, S(rows=64, keys=64, warps=8, sep_merge=True, merge_rows=16, **B)),
-    ("bf16", 16, S(rows=128, keys=64, warps=8, sep_merge=True, merge_rows=16, **B)),
-    ("bf16", 8, S(rows=128, keys=64, warps=8, sep_merge=True, merge_rows=16, **B)),
-    ("bf16", 32, S(rows=128, keys=64, warps=8, sep_merge=True, merge_rows=16, **B)),
-    ("bf16", 6, S(**B)),
     ("bf16", 8, S(merge_c=2, **B)),
-    ("bf16", 8, S(sep_merge=True, **B)),
-    ("bf16", 8, S(keys=64, **B)),
     ("bf16", 8, (-2,), PT),
     ("bf16", 8, S(**B), PT),
-    ("bf16", 8, S(rows=64, keys=64, warps=8, **B), PT),
+    ("bf16", 8, W, PT),
     ("fp8", 8, (16, 128, 4, 3, True)),
     ("fp8", 8, S(**B)),
-    ("fp8", 8, S(rows=64, keys=64, warps=8, **B)),
-    ("fp8", 8, S(rows=32, **B)),
+    ("fp8", 8, W),
     ("bf16", 8, (0,)),
     ("bf16", 8, (16, 128, 4, 3, True)),
+    ("bf16", 8, S(**B)),
+    ("bf16", 8, W),
     ("fp8", 8, (16, 128, 4, 3, True)),
 ]  # fmt: skip
-TIMELINES = [("bf16", 8, S(**B)), ("bf16", 8, S(rows=64, keys=64, warps=8, **B)), ("bf16", 8, S(rows=32, **B)),
-             ("bf16", 16, S(rows=128, keys=64, warps=8, sep_merge=True, merge_rows=16, **B))]  # fmt: skip
+TIMELINES = [("bf16", 8, S(**B)), ("bf16", 8, W), ("bf16", 8, W._replace(splits=8))]  # fmt: skip
 
 
 def build(kind: str, layers: int, ctx: int, qlen: int, pool: int, dev: str, seed: int = 0) -> dict:

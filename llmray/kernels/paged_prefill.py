@@ -3,6 +3,7 @@ reference: ``paged_attention.py``, which re-exports ``paged_prefill`` and ``pref
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -34,6 +35,7 @@ class SplitConfig(NamedTuple):
     merge_online: bool = False  # the merge's load waves rescaled as they come (no lse pass first)
     sep_merge: bool = False  # CUDA: partials only, merged by a second kernel launched with PDL (no tickets)
     merge_rows: int = 0  # sep_merge: rows per merge program (0: ``rows``)
+    splits: int = 0  # split-K programs per tile (0: the caller's ``num_splits``)
 
 
 def paged_prefill(
@@ -277,7 +279,19 @@ def _prefill_split_fused(
 # (bench/attn_prefix.py): sixth session (attn_prefix_w1/w2.json, W3 attn_prefix.json) (16, 128, 4, 3, True) 0.480
 # ms vs 0.784 for the two-kernel path. Seventh, W1 (attn_prefix_w1b.json): SplitConfig() 0.450 (a grid without
 # the padding tiles, one metadata load level), +PDL 0.443, +bf16 partials 0.416 vs 0.479 for (16, 128, 4, 3, True)
-PREFILL_SPLIT_CONFIG: tuple = SplitConfig(bf16_parts=True, pdl=True)
+SPLIT_CONFIGS = {
+    "default": SplitConfig(bf16_parts=True, pdl=True),
+    # 128 rows (a tile's whole GQA group) per program: each K/V tile read once from L2; 16 splits of two 64-key
+    # steps; the merge in a second kernel (PDL) over 16-row blocks
+    "wide": SplitConfig(
+        rows=128, keys=64, warps=8, bf16_parts=True, pdl=True, sep_merge=True, merge_rows=16, splits=16
+    ),
+}
+# (LLMRAY_PREFILL_SPLIT: a SPLIT_CONFIGS name, read at import, for A/B runs of the engine)
+_NAME = os.environ.get("LLMRAY_PREFILL_SPLIT", "default")
+if _NAME not in SPLIT_CONFIGS:
+    raise ValueError(f"LLMRAY_PREFILL_SPLIT={_NAME!r}: one of {sorted(SPLIT_CONFIGS)}")
+PREFILL_SPLIT_CONFIG: tuple = SPLIT_CONFIGS[_NAME]
 
 
 _PDL_OK: dict[torch.device, bool] = {}
@@ -293,6 +307,7 @@ def prefill_split(
     _, page, hkv, _ = k_cache.shape
     group = h // hkv
     block_m = prefill_block_m(q.dtype)
+    splits = cfg.splits or splits
     # active tiles come first in the list: a step of N tokens over S sequence slots fills at most
     # cdiv(N, BLOCK_M) + S - 1 tiles, and rows of at most min(N, BLOCK_M) tokens per tile
     c = min(tiles[0].shape[0], triton.cdiv(q.shape[0], block_m) + block_tables.shape[0] - 1)
@@ -359,16 +374,17 @@ def prefill_split(
             out.stride(0),
             out.stride(1),
         )
-        mrows = cfg.merge_rows or cfg.rows
-        mmeta = {
-            k: meta[k] for k in ("H", "HKV", "NUM_SPLITS", "GROUP", "D", "BLOCK_D", "BLOCK_M", "MERGE_C")
-        }
-        mmeta.update(BLOCK_R=mrows, BLOCK_N=cfg.keys, BLOCK_S=block_s, MERGE_ONLINE=cfg.merge_online)
+        mrows = cfg.merge_rows or cfg.rows  # (4 warps; load waves of <= 64 fp32 registers per thread)
+        mc = cfg.merge_c or max(1, min(block_s, 64 * 32 * 4 // (mrows * block_d)))
+        mmeta = {k: meta[k] for k in ("H", "HKV", "NUM_SPLITS", "GROUP", "D", "BLOCK_D", "BLOCK_M")}
+        mmeta.update(
+            BLOCK_R=mrows, BLOCK_N=cfg.keys, BLOCK_S=block_s, MERGE_C=mc, MERGE_ONLINE=cfg.merge_online
+        )
         mgrid = (hkv * triton.cdiv(min(q.shape[0], block_m) * group, mrows), grid[2])
         if meta["TRIGGER"]:
-            _split_merge_kernel[mgrid](*margs, **mmeta, PDL=True, num_warps=cfg.warps, launch_pdl=True)
+            _split_merge_kernel[mgrid](*margs, **mmeta, PDL=True, num_warps=4, launch_pdl=True)
         else:
-            _split_merge_kernel[mgrid](*margs, **mmeta, PDL=False, num_warps=cfg.warps)
+            _split_merge_kernel[mgrid](*margs, **mmeta, PDL=False, num_warps=4)
     return out
 
 

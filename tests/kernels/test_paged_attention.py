@@ -21,7 +21,7 @@ from llmray.kernels.paged_attention import (  # noqa: E402
     paged_decode,
     paged_prefill,
 )
-from llmray.kernels.paged_prefill import SplitConfig  # noqa: E402
+from llmray.kernels.paged_prefill import SPLIT_CONFIGS, SplitConfig  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -148,6 +148,11 @@ def test_decode_fast_addr_real_shapes_gpu(splits):
         (
             16,
             SplitConfig(rows=128, keys=64, warps=8, bf16_parts=True, pdl=True, sep_merge=True, merge_rows=16),
+        ),
+        (8, SPLIT_CONFIGS["wide"]),  # (16 splits from the config)
+        (
+            8,
+            SplitConfig(rows=128, keys=64, warps=8, bf16_parts=True, pdl=True, sep_merge=True, merge_rows=32),
         ),
     ],
 )
@@ -277,8 +282,8 @@ def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch(prefill_splits, co
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("preload", [False, True])
-def test_split_prefill_pdl_waits_for_the_kernel_writing_q_gpu(preload):
+@pytest.mark.parametrize("name", ["default", "wide", "preload"])
+def test_split_prefill_pdl_waits_for_the_kernel_writing_q_gpu(name):
     """A PDL launch right after a kernel that writes its queries (as the engine's rope kernel does): the
     programs read the page table and cached K/V early, but q only after griddepcontrol.wait. One shared q
     buffer over 8 "layers": a read before the wait would see the previous layer's queries."""
@@ -290,7 +295,7 @@ def test_split_prefill_pdl_waits_for_the_kernel_writing_q_gpu(preload):
     )
     qsrc = [torch.randn_like(q).bfloat16() for _ in range(8)]
     qbuf, outs = torch.empty_like(qsrc[0]), [torch.full_like(qsrc[0], float("nan")) for _ in range(8)]
-    cfg = SplitConfig(preload=preload, pdl=True)
+    cfg = SPLIT_CONFIGS.get(name, SplitConfig(preload=True, pdl=True))
     for i in range(8):
         qbuf.copy_(qsrc[i] * 2.0)  # (an elementwise kernel just before the launch)
         paged_prefill(
