@@ -296,7 +296,10 @@ def main() -> None:
             )
         engine_mod.IncrementalDetokenizer = EagerDetokenizer if "eagerdetok" in flags else LAZY_OK
         sampling_kernel.TARGET_PROGRAMS = 0 if "nosplit" in flags else split_default  # one program per row
-        step_masks._SWITCH_S = 1e-4 if "switch100" in flags else switch_default  # the old 0.1 ms
+        # the GIL switch interval while a fill runs: switchN = N us
+        step_masks._SWITCH_S = next(
+            (int(f[6:]) * 1e-6 for f in flags if f.startswith("switch")), switch_default
+        )
         llg_json = dict(eng._grammars.backend("llguidance").json_defaults)
         if "compact" in flags:
             eng._grammars.backend("llguidance").json_defaults = {"whitespace_flexible": False}
