@@ -53,7 +53,7 @@ def paged_prefill(
     k_scale: torch.Tensor | None = None,  # (1,) fp32, for an fp8 cache
     v_scale: torch.Tensor | None = None,
     num_splits: int = 1,  # split-K over each tile's keys (with ``tiles``): short chunks after long prefixes
-    config: tuple | None = None,  # split-K launch (see PREFILL_SPLIT_CONFIG)
+    config: tuple | None = None,  # split-K launch (PREFILL_SPLIT_CONFIG / _ONE_SEQ)
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix plus themselves (Triton).
 
@@ -62,8 +62,8 @@ def paged_prefill(
     then does not depend on the batch (CUDA graphs) and has no idle (sequence, block) programs.
     ``num_splits`` > 1 (tiled only): each tile's keys are split over that many programs whose partial
     outputs are merged (a 48-token chunk after a 2,000-token prefix is one tile per head): by default in the
-    same launch (``PREFILL_SPLIT_CONFIG``, ``_prefill_split_kernel.py``), whose grid covers only the first
-    cdiv(N, BLOCK_M) + B - 1 tiles: the active tiles must come first in the list."""
+    same launch (``PREFILL_SPLIT_CONFIG``, ``_ONE_SEQ`` for one sequence; ``_prefill_split_kernel.py``), whose
+    grid covers only the first cdiv(N, BLOCK_M) + B - 1 tiles: the active tiles must come first in the list."""
     _, h, d = q.shape
     _, page, hkv, _ = k_cache.shape
     out = torch.empty_like(q) if out is None else out
@@ -83,7 +83,9 @@ def paged_prefill(
     else:
         grid = (nseq, triton.cdiv(max_query_len, block_m), h)
         tile_seq = tile_m = query_start
-    cfg = PREFILL_SPLIT_CONFIG if config is None else config
+    if config is None:
+        config = PREFILL_SPLIT_ONE_SEQ if nseq == 1 else PREFILL_SPLIT_CONFIG
+    cfg = config
     if splits > 1 and isinstance(cfg, SplitConfig):
         return prefill_split(
             q, k_cache, v_cache, block_tables, query_start, context_lens, scale, out, precision, tiles,
@@ -280,18 +282,20 @@ def _prefill_split_fused(
 # ms vs 0.784 for the two-kernel path. Seventh, W1 (attn_prefix_w1b.json): SplitConfig() 0.450 (a grid without
 # the padding tiles, one metadata load level), +PDL 0.443, +bf16 partials 0.416 vs 0.479 for (16, 128, 4, 3, True)
 SPLIT_CONFIGS = {
-    "default": SplitConfig(bf16_parts=True, pdl=True),
+    "narrow": SplitConfig(bf16_parts=True, pdl=True),  # (W2, attn_prefix_w2b.json: 0.423 vs 0.481)
     # 128 rows (a tile's whole GQA group) per program: each K/V tile read once from L2; 16 splits of two 64-key
     # steps; the merge in a second kernel (PDL) over 16-row blocks
     "wide": SplitConfig(
         rows=128, keys=64, warps=8, bf16_parts=True, pdl=True, sep_merge=True, merge_rows=16, splits=16
     ),
 }
-# (LLMRAY_PREFILL_SPLIT: a SPLIT_CONFIGS name, read at import, for A/B runs of the engine)
-_NAME = os.environ.get("LLMRAY_PREFILL_SPLIT", "default")
+PREFILL_SPLIT_CONFIG: tuple = SPLIT_CONFIGS["narrow"]  # split steps of several sequences
+# one-sequence split steps (a request's first chunk: the prefix hit); LLMRAY_PREFILL_SPLIT (a SPLIT_CONFIGS
+# name, read at import) overrides it for A/B runs of the engine
+_NAME = os.environ.get("LLMRAY_PREFILL_SPLIT", "narrow")
 if _NAME not in SPLIT_CONFIGS:
     raise ValueError(f"LLMRAY_PREFILL_SPLIT={_NAME!r}: one of {sorted(SPLIT_CONFIGS)}")
-PREFILL_SPLIT_CONFIG: tuple = SPLIT_CONFIGS[_NAME]
+PREFILL_SPLIT_ONE_SEQ: tuple = SPLIT_CONFIGS[_NAME]
 
 
 _PDL_OK: dict[torch.device, bool] = {}

@@ -282,7 +282,7 @@ def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch(prefill_splits, co
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["default", "wide", "preload"])
+@pytest.mark.parametrize("name", ["narrow", "wide", "preload"])
 def test_split_prefill_pdl_waits_for_the_kernel_writing_q_gpu(name):
     """A PDL launch right after a kernel that writes its queries (as the engine's rope kernel does): the
     programs read the page table and cached K/V early, but q only after griddepcontrol.wait. One shared q
