@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import itertools
 import math
 import os
@@ -250,6 +251,8 @@ def train_steps(
             (cfg.micro_batch_size, cfg.seq_len + 1), device, w.dtype,
         )  # fmt: skip
         batches = itertools.chain([first], batches)  # the first batch, handed back to the loop
+    gc.collect()
+    gc.freeze()  # the set-up's objects (model, Triton, Ray) out of the collector's scans: no long pauses later
     try:
         while w.state["step"] < cfg.max_steps:
             out = run_step(w, cfg, batches, world)

@@ -8,7 +8,9 @@ measures what ``llmray pretrain`` runs) and writes their results to a JSON file.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -69,9 +71,10 @@ def build_step(
 
 
 def measure(
-    mc: ModelConfig, kernels: str, compile_mode: str, bsz: int, seq: int, device: str, steps: int = 6
+    mc: ModelConfig, kernels: str, compile_mode: str, bsz: int, seq: int, device: str, steps: int = 10
 ) -> dict[str, Any]:
-    """Full training steps (fwd + bwd + Muon) on random tokens: 3 warm-up steps, ``steps`` timed (CUDA events).
+    """Full training steps (fwd + bwd + Muon) on random tokens: 3 (graphed: 4) warm-up steps, then ``steps``
+    steps each timed by CUDA events; the step time is their median (the mean is reported beside it).
 
     The harness's own step (``llmray.train.harness.train_step``: bf16 autocast over fp32 master weights,
     clipping, the optimizer step inside the timed step), built by ``build_step``.
@@ -84,25 +87,34 @@ def measure(
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     warm = time.perf_counter() - t
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    t = time.perf_counter()
+    gc.collect()
+    gc.freeze()  # as train_steps does before its loop
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    per: list[float] = []
     for _ in range(steps):
-        loss = step()
-    if device == "cuda":
-        end.record()
-        sync()
-        s_per_step = start.elapsed_time(end) / 1e3 / steps
-    else:
-        s_per_step = (time.perf_counter() - t) / steps
+        if device == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            loss = step()
+            b.record()
+            events.append((a, b))
+        else:
+            t = time.perf_counter()
+            loss = step()
+            per.append(time.perf_counter() - t)
+    sync()
+    gc.unfreeze()  # the next variant's set-up may free this one's cycles
+    per += [a.elapsed_time(b) / 1e3 for a, b in events]
+    s_per_step = statistics.median(per)  # a step's time: the median (a host stall in one step is not ours)
     tok_s = bsz * seq / s_per_step
     return {
         "tokens_per_s": tok_s, "mfu": mfu(tok_s, mc, seq), "step_s": s_per_step,
+        "step_s_mean": sum(per) / len(per), "steps_s": [round(x, 5) for x in per],
+        "tokens_per_s_mean": bsz * seq * len(per) / sum(per),
         "warmup_s_incl_compile": warm, "loss": float(loss),
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
         "graph_replays": graphs.replays if graphs is not None else None,
-        "timed_from_unix_s": round(time.time() - s_per_step * steps, 1),  # when the timed steps ran (wall clock)
+        "timed_from_unix_s": round(time.time() - sum(per), 1),  # when the timed steps ran (wall clock)
     }  # fmt: skip
 
 
