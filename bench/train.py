@@ -1,7 +1,8 @@
 """Pretraining benchmarks on one GPU; writes train.json (the issue's keys) and train_details.json to --out.
 
 (c) ``qwen3-0.6b`` at 8 x 2048 in bf16 under Ray Train (a TorchTrainer with one GPU worker running
-    every variant in one process): tokens/s and MFU of the harness's training step with our Triton kernels
+    every variant in one process): tokens/s and MFU of the harness's training step (the median of 10
+    CUDA-event-timed steps, ``llmray.train.throughput.measure``) with our Triton kernels
     (eager, and with each decoder block compiled) against torch.compile only (blocks and loss compiled);
     ``mfu_triton`` is the best Triton variant's MFU.
 (e) TinyShakespeare char-level (``shakespeare-char``) through ``run_pretrain`` on Ray Train: seconds of
