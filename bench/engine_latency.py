@@ -280,7 +280,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sections", default="ttft,kernels,run1,profile")
     ap.add_argument("--traces", action="store_true", help="chrome traces of the hit and a decode-256 step")
+    ap.add_argument("--prefill-config", default=None, help="A/B: kernels.paged_prefill.PREFILL_SPLIT_CONFIG")
     args = ap.parse_args()
+    if args.prefill_config:  # (before the engine captures its graphs)
+        import ast
+
+        from llmray.kernels import paged_prefill
+
+        cfg = ast.literal_eval(args.prefill_config)
+        paged_prefill.PREFILL_SPLIT_CONFIG = cfg
+        if hasattr(paged_prefill, "PREFILL_SPLIT_ONE_SEQ"):  # (the one-sequence steps' own config)
+            paged_prefill.PREFILL_SPLIT_ONE_SEQ = cfg
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, cfg = build_model(args.quick)
@@ -288,6 +298,9 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "startup_s": startup}
     res["fuse_kv_store"] = llm.engine.runner.fuse_kv_store
     res["llmray"] = str(Path(sys.modules["llmray"].__file__).parent)  # (a baseline run: its checkout)
+    pp = sys.modules.get("llmray.kernels.paged_prefill")
+    res["prefill_split_config"] = repr(getattr(pp, "PREFILL_SPLIT_CONFIG", None))
+    res["prefill_split_one_seq"] = repr(getattr(pp, "PREFILL_SPLIT_ONE_SEQ", None))
     res["command"] = "python " + " ".join(sys.argv)
 
     def save():
