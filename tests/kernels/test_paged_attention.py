@@ -133,22 +133,12 @@ def test_decode_fast_addr_real_shapes_gpu(splits):
     "splits,config",
     [
         (8, (0,)),
-        (32, (0,)),
         (8, None),
-        (16, (16, 64, 4, 3, True)),
         (8, (64, 64, 8, 3, True, True, True)),
-        (12, (128, 64, 8, 3, True, False, True)),
-        (32, (32, 32, 2, 3, False)),
         (8, SplitConfig()),
-        (8, SplitConfig(preload=True, pdl=True)),
-        (16, SplitConfig(rows=32, keys=64, warps=8, pdl=True, maxnreg=128)),
         (12, SplitConfig(keys=64, bf16_parts=True, merge_c=1, preload=True)),
         (8, SplitConfig(sep_merge=True, merge_online=True, pdl=True)),
         (8, SplitConfig(rows=64, keys=64, warps=8, bf16_parts=True, pdl=True)),
-        (
-            16,
-            SplitConfig(rows=128, keys=64, warps=8, bf16_parts=True, pdl=True, sep_merge=True, merge_rows=16),
-        ),
         (8, SPLIT_CONFIGS["wide"]),  # (16 splits from the config)
         (
             8,
