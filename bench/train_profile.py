@@ -290,6 +290,7 @@ def main() -> int:
     p.add_argument("--variants", default="triton:graphs,torch:blocks")
     p.add_argument("--timed", default="", help="more variants, timed steps only (no regions, no profile)")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--no-smi", action="store_true", help="no nvidia-smi polling during the timed steps")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--ns", action="store_true", help="first: Newton-Schulz alone, plain vs Gram")
     p.add_argument("--qk", action="store_true", help="first: the q/k norm + rope backward per launch config")
@@ -300,6 +301,7 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="CPU: tiny preset, small batch, no profiler")
     a = p.parse_args()
     cuda = torch.cuda.is_available() and not a.smoke
+    Smi.ENABLED = not a.no_smi
     device = "cuda" if cuda else "cpu"
     preset, bsz, seq = ("tiny", 2, 64) if a.smoke else ("qwen3-0.6b", 8, 2048)
     torch.backends.cuda.matmul.allow_tf32 = True

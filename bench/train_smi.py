@@ -16,9 +16,14 @@ class Smi:
 
     FIELDS = "index,uuid,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu"
 
+    ENABLED = True  # bench/train_profile.py --no-smi: host load only
+
     def __enter__(self) -> Smi:
         self.rows: list[list[str]] = []
         self.cpu0 = _cpu_times()
+        self.proc = None
+        if not self.ENABLED:
+            return self
         try:
             self.proc = subprocess.Popen(
                 ["nvidia-smi", f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits", "-lms", "100"],
