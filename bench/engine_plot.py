@@ -1,4 +1,4 @@
-"""``bench/results/engine.png`` from engine.json (issue 17's figures): the nano-vllm workload's three runs with
+"""``bench/results/engine.png`` from engine.json: the nano-vllm workload's three runs with
 bf16 and fp8 KV against their targets, single-stream TPOT and the prefix-hit TTFT ratio against theirs.
 
     python bench/engine_plot.py [bench/results/engine.json]     # bench/engine.py calls it after its runs

@@ -1,4 +1,4 @@
-"""Parts of the qwen3-0.6b training step alone (issue 18): Muon's Newton-Schulz on its stacks (the
+"""Parts of the qwen3-0.6b training step alone: Muon's Newton-Schulz on its stacks (the
 symmetric-kernel iteration, plain and Gram: ``llmray.kernels.newton_schulz``; timed and compared with an
 fp32 iteration) and the q/k norm + rope backward per launch config. Run by ``bench/train_profile.py --ns``
 / ``--qk``; alone: ``python bench/train_ns.py`` (prints the JSON)."""

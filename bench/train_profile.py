@@ -1,4 +1,4 @@
-"""Where one qwen3-0.6b 8 x 2,048 bf16 training step goes (issue 18), our kernels vs torch.compile only.
+"""Where one qwen3-0.6b 8 x 2,048 bf16 training step goes, our kernels vs torch.compile only.
 
 One process, one GPU, the variants one after the other (``llmray.train.throughput.build_step``: the step
 ``bench/train.py --parts c`` times). Per variant:
