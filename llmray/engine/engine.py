@@ -410,9 +410,8 @@ class LLMEngine:
 
     def stats(self) -> dict[str, Any]:
         bm = self.scheduler.block_manager
-        if (
-            not self.has_unfinished()
-        ):  # idle: release the finished requests' blocks (else the next launch does)
+        # idle: release the finished requests' blocks (else the next launch does)
+        if not self.has_unfinished():
             bm.release_deferred()
         return {
             "num_running": len(self.scheduler.running),
