@@ -257,9 +257,10 @@ def test_replica_crash_mid_load(url):
 
     assert later == [(200, before_text)] * 3, later
     assert wait_for(lambda: not _pid_alive(core_pid), 15), "the engine core outlived its replica"
-    for status, seconds in health_log:  # 503 while no replica answers within 3 s, never a hang
+    # /health is prompt whether or not a replica answers: 503 while none does within 3 s, 200 once the new one
+    # has loaded (on a fast host that can already be the first probe, so which one we see is not asserted)
+    for status, seconds in health_log:
         assert status in (200, 503) and seconds < 6, health_log
-    assert health_log[0][0] == 503  # a new replica takes longer than 3 s to load the engine
 
     # Serve replaces the replica; /health reports it; requests succeed again with the same greedy output
     assert wait_for(lambda: replica_pids("LLMServer") not in ([], [pid]), 90, interval_s=1.0)
