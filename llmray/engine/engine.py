@@ -5,18 +5,15 @@ Single-threaded; ``LLM`` drives it in a loop and ``AsyncLLM`` from a background 
 
 from __future__ import annotations
 
-import array
-import dataclasses
-import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from llmray.config import EngineConfig
 from llmray.engine.detokenizer import IncrementalDetokenizer
 from llmray.engine.errors import RequestError
+from llmray.engine.intake import encode_prompt, validate_request
 from llmray.engine.outputs import RequestOutput
 from llmray.engine.postprocess import RequestState, build_output, check_stop
 from llmray.engine.runner import ModelRunner, PendingStep
@@ -29,26 +26,6 @@ from llmray.lora.adapter import LoraAdapter
 if TYPE_CHECKING:
     from llmray.lora.manager import LoraManager
     from llmray.model.qwen3 import Qwen3ForCausalLM
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    """device "auto" = cuda if available; dtype "auto" = bfloat16 on CUDA, float32 on CPU."""
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    )
-    if config.dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, DTYPES[config.dtype]
-
-
-def make_engine_config(**engine_kwargs: Any) -> EngineConfig:
-    names = {f.name for f in dataclasses.fields(EngineConfig)}
-    unknown = sorted(set(engine_kwargs) - names)
-    if unknown:
-        raise ValueError(f"unknown engine options {unknown}; EngineConfig has {sorted(names)}")
-    return EngineConfig(**engine_kwargs)
 
 
 @dataclass
@@ -124,57 +101,13 @@ class LLMEngine:
 
     def _encode(self, prompt: str | list[int]) -> tuple[list[int], np.ndarray]:
         """The prompt's ids, checked, as a list and an int64 array (the prefix cache hashes the array)."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this engine has no tokenizer: pass prompts as lists of token ids")
-            ids = self.tokenizer.encode(prompt)
-            view = np.asarray(ids, dtype=np.int64)
-        else:
-            if not hasattr(prompt, "__len__"):  # (an iterator)
-                prompt = list(prompt)
-            try:  # (C loops: a long prompt's conversion and check are on its TTFT; struct's is the fastest)
-                packed = array.array("q", struct.pack(f"{len(prompt)}q", *prompt))
-            except (TypeError, OverflowError, ValueError, struct.error):
-                raise RequestError(
-                    "prompt token ids must be integers in the vocabulary [0, "
-                    f"{self.model_config.vocab_size})",
-                    "prompt",
-                ) from None
-            ids = packed.tolist()
-            view = np.frombuffer(packed, np.int64)
-        if not ids:
-            raise RequestError("the prompt is empty: it must hold at least one token", "prompt")
-        vocab = self.model_config.vocab_size
-        if view.min() < 0 or view.max() >= vocab:
-            bad = [t for t in ids if not 0 <= t < vocab]
-            raise RequestError(
-                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", "prompt"
-            )
-        return ids, view
+        return encode_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams, lora: str | None = None) -> None:
-        if lora is not None:
-            if self.lora is None:
-                raise RequestError(
-                    f"LoRA adapter {lora!r} requested, but this engine was started without LoRA support "
-                    "(pass loras={name: dir} or enable_lora=True)",
-                    "model",
-                )
-            if lora not in self.lora.paths:
-                raise RequestError(
-                    f"unknown LoRA adapter {lora!r}; this engine has {self.lora.names()}", "model"
-                )
-        vocab = self.model_config.vocab_size
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise RequestError(
-                f"SamplingParams.stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})",
-                "stop_token_ids",
-            )
-        try:
-            self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
-        except ValueError as e:
-            raise RequestError(str(e), "max_tokens") from None
+        """RequestError for an unknown adapter, stop ids outside the vocabulary or a request too long."""
+        validate_request(
+            len(prompt_ids), params, lora, self.lora, self.model_config.vocab_size, self.scheduler
+        )
 
     # --- LoRA adapters (call from the engine's thread) -------------------------------------------
     def add_lora(self, name: str, path: str | LoraAdapter) -> None:

@@ -8,6 +8,7 @@ own process (or a thread, for an in-memory model); a consumer that stops iterati
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llmray.engine.engine import LLMEngine, make_engine_config, resolve_device_dtype
+from llmray.config import EngineConfig
+from llmray.engine.engine import LLMEngine
 from llmray.engine.outputs import RequestOutput
 from llmray.engine.sampling_params import SamplingParams
 
@@ -24,6 +26,26 @@ if TYPE_CHECKING:
 
 __all__ = ["LLM", "AsyncLLM", "RequestOutput", "SamplingParams", "build_engine"]
 logger = logging.getLogger("llmray.engine")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    """device "auto" = cuda if available; dtype "auto" = bfloat16 on CUDA, float32 on CPU."""
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    )
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, DTYPES[config.dtype]
+
+
+def make_engine_config(**engine_kwargs: Any) -> EngineConfig:
+    """An ``EngineConfig`` from keyword options (ValueError names unknown ones)."""
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(engine_kwargs) - names)
+    if unknown:
+        raise ValueError(f"unknown engine options {unknown}; EngineConfig has {sorted(names)}")
+    return EngineConfig(**engine_kwargs)
 
 
 def build_engine(
