@@ -354,7 +354,8 @@ def main() -> int:
             r = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
         finally:
             restore(old)
-        res["variants"][v] = r
+        n = sum(k.split("#")[0] == v for k in res["variants"])
+        res["variants"][v if n == 0 else f"{v}#{n + 1}"] = r  # a repeated variant keeps each run
         (out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
         s = None  # noqa: F841  (frees the model before the next variant)
         if cuda:

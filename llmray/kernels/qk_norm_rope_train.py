@@ -6,200 +6,35 @@ gradient back (rope by -angle) and applies RMSNorm's backward:
     g  = rope^-1(dy)                     (the gradient at the normed, rounded value)
     dx = (w g - x_hat mean(x_hat w g)) / rms,   dw = sum over rows of g x_hat
 Unfused, the training step runs rms_norm on q, on k, and rope, each forward and backward (six passes over
-q/k); fused it is two: the rope pass is gone. A backward program walks a range of tokens and keeps fp32
-partial weight gradients in registers, summed by ``rmsnorm``'s one-pass dW kernel.
+q/k); fused it is two: the rope pass is gone. The backward's kernels (``_qk_norm_rope_bwd``): by default
+(``BWD = "tile"``) one program per BT tokens with all of their heads as one tile, every load issued first,
+v's gradient copied into the fused gradient in the same pass, and both weights' gradients summed by one
+small kernel; ``BWD = "token"`` is the previous design (programs walking token ranges; A/B only).
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from llmray.kernels._common import interpreting, num_sms
+from llmray.kernels._qk_norm_rope_bwd import _copy_rows_kernel, _tile_kernel, _token_kernel
 from llmray.kernels.qk_norm_rope import qk_norm_rope
 from llmray.kernels.rmsnorm import DW_SUM, _sum_partials
-from llmray.kernels.rope import _token_cos_sin
 
 __all__ = ["qk_norm_rope_train", "qkv_norm_rope_train"]
 
-
-@triton.jit
-def _head_bwd(
-    src, dsrc, dst, w_ptr, c, s, s_h, sd_h, so_h, n_heads, eps, HALF: tl.constexpr, BLOCK_H: tl.constexpr
-):
-    """One token's heads: dx into dst; returns the (BLOCK_H, HALF) x 2 halves of g * x_hat for dW."""
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, HALF)
-    m = (h < n_heads)[:, None]
-    x1 = tl.load(src + h[:, None] * s_h + d[None, :], mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + h[:, None] * s_h + HALF + d[None, :], mask=m, other=0.0).to(tl.float32)
-    g1 = tl.load(dsrc + h[:, None] * sd_h + d[None, :], mask=m, other=0.0).to(tl.float32)
-    g2 = tl.load(dsrc + h[:, None] * sd_h + HALF + d[None, :], mask=m, other=0.0).to(tl.float32)
-    # rope backward: rotate by -angle (c, s broadcast over heads)
-    n1 = g1 * c + g2 * s
-    n2 = g2 * c - g1 * s
-    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-    w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
-    w2 = tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]
-    xh1, xh2 = x1 * rstd, x2 * rstd
-    mean = (tl.sum(xh1 * w1 * n1, 1) + tl.sum(xh2 * w2 * n2, 1))[:, None] / (2 * HALF)
-    dx1 = (w1 * n1 - xh1 * mean) * rstd
-    dx2 = (w2 * n2 - xh2 * mean) * rstd
-    out = dst + h[:, None] * so_h + d[None, :]
-    tl.store(out, dx1.to(dst.dtype.element_ty), mask=m)
-    tl.store(out + HALF, dx2.to(dst.dtype.element_ty), mask=m)
-    return tl.sum(n1 * xh1, 0), tl.sum(n2 * xh2, 0)
-
-
-@triton.jit
-def _qk_norm_rope_bwd_kernel(
-    Q, K, DQO, DKO, QW, KW, DQ, DK, DQW_PART, DKW_PART, POS, COS, SIN,
-    T, NTOK, tok_per_prog, HQ, HK, s_pb, s_pt, s_cos, eps,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sgq_b, sgq_t, sgq_h, sgk_b, sgk_t, sgk_h,
-    sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, DVI, DVO, sv_b, sv_t, sv_h, sdv_b, sdv_t, sdv_h,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    COPY_V: tl.constexpr,
-):  # fmt: skip
-    """Q, K (saved inputs), DQO, DKO (incoming gradients), DQ, DK (outputs): (B, T, H, D) with any
-    (b, t, h) strides and unit stride along D (views of a fused q|k|v row, cuDNN's gradient layouts)."""
-    pid = tl.program_id(0)
-    d = tl.arange(0, HALF)
-    aq1 = tl.zeros((HALF,), dtype=tl.float32)
-    aq2 = tl.zeros((HALF,), dtype=tl.float32)
-    ak1 = tl.zeros((HALF,), dtype=tl.float32)
-    ak2 = tl.zeros((HALF,), dtype=tl.float32)
-    start = pid * tok_per_prog
-    for i in range(0, tok_per_prog):
-        tok = start + i
-        if tok < NTOK:
-            b, t, c, s = _token_cos_sin(POS, COS, SIN, tok, T, s_pb, s_pt, s_cos, d, HALF, 1.0, False)
-            q1, q2 = _head_bwd(
-                Q + b * sq_b + t * sq_t, DQO + b * sgq_b + t * sgq_t, DQ + b * sdq_b + t * sdq_t, QW, c, s,
-                sq_h, sgq_h, sdq_h, HQ, eps, HALF, BLOCK_HQ,
-            )  # fmt: skip
-            k1, k2 = _head_bwd(
-                K + b * sk_b + t * sk_t, DKO + b * sgk_b + t * sgk_t, DK + b * sdk_b + t * sdk_t, KW, c, s,
-                sk_h, sgk_h, sdk_h, HK, eps, HALF, BLOCK_HK,
-            )  # fmt: skip
-            aq1 += q1
-            aq2 += q2
-            ak1 += k1
-            ak2 += k2
-            if COPY_V:
-                _copy_v(
-                    DVI, DVO, tok, T, NTOK, sv_b, sv_t, sv_h, sdv_b, sdv_t, sdv_h, HK, 2 * HALF, BLOCK_HK, 1
-                )
-    if COMPUTE_DW:
-        tl.store(DQW_PART + pid * 2 * HALF + d, aq1)
-        tl.store(DQW_PART + pid * 2 * HALF + HALF + d, aq2)
-        tl.store(DKW_PART + pid * 2 * HALF + d, ak1)
-        tl.store(DKW_PART + pid * 2 * HALF + HALF + d, ak2)
-
-
-@triton.jit
-def _copy_v(DVI, DVO, tok0, T, NTOK, svb, svt, svh, sob, sot, soh, HK, D2: tl.constexpr, BH: tl.constexpr,
-            BT: tl.constexpr):  # fmt: skip
-    """BT tokens' v gradients (HK heads x D2) copied into their slice of the fused q|k|v gradient."""
-    r = tl.arange(0, BT * BH)
-    tok = tok0 + r // BH
-    h = (r % BH).to(tl.int64)
-    m = ((tok < NTOK) & (h < HK))[:, None]
-    b = (tok // T).to(tl.int64)
-    t = (tok % T).to(tl.int64)
-    d = tl.arange(0, D2)[None, :]
-    v = tl.load(DVI + (b * svb + t * svt + h * svh)[:, None] + d, mask=m, other=0.0)
-    tl.store(DVO + (b * sob + t * sot + h * soh)[:, None] + d, v, mask=m)
-
-
-@triton.jit
-def _rows_bwd(
-    src, dsrc, dst, w_ptr, POS, COS, SIN, tok0, T, NTOK, s_pb, s_pt, s_cos,
-    sb, st, sh, gb, gt, gh, ob, ot, oh, n_heads, eps, HALF: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr,
-):  # fmt: skip
-    """BT tokens x BH heads as (BT * BH, HALF) row tiles (one row per token and head): dx into dst; returns
-    the two halves of sum over rows of g * x_hat for dW."""
-    r = tl.arange(0, BT * BH)
-    tok = tok0 + r // BH
-    h = (r % BH).to(tl.int64)
-    live = tok < NTOK
-    m = (live & (h < n_heads))[:, None]
-    b = (tok // T).to(tl.int64)
-    t = (tok % T).to(tl.int64)
-    d = tl.arange(0, HALF)[None, :]
-    pos = tl.load(POS + b * s_pb + t * s_pt, mask=live, other=0).to(tl.int64)[:, None]
-    c = tl.load(COS + pos * s_cos + d)  # (rows, HALF): each token's angles, once per head (cached)
-    s = tl.load(SIN + pos * s_cos + d)
-    xp = src + (b * sb + t * st + h * sh)[:, None] + d
-    gp = dsrc + (b * gb + t * gt + h * gh)[:, None] + d
-    x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
-    g1 = tl.load(gp, mask=m, other=0.0).to(tl.float32)
-    g2 = tl.load(gp + HALF, mask=m, other=0.0).to(tl.float32)
-    n1 = g1 * c + g2 * s
-    n2 = g2 * c - g1 * s
-    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-    w1 = tl.load(w_ptr + d).to(tl.float32)
-    w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
-    xh1, xh2 = x1 * rstd, x2 * rstd
-    mean = (tl.sum(xh1 * w1 * n1, 1) + tl.sum(xh2 * w2 * n2, 1))[:, None] / (2 * HALF)
-    op = dst + (b * ob + t * ot + h * oh)[:, None] + d
-    tl.store(op, ((w1 * n1 - xh1 * mean) * rstd).to(dst.dtype.element_ty), mask=m)
-    tl.store(op + HALF, ((w2 * n2 - xh2 * mean) * rstd).to(dst.dtype.element_ty), mask=m)
-    return tl.sum(n1 * xh1, 0), tl.sum(n2 * xh2, 0)
-
-
-@triton.jit
-def _qk_norm_rope_bwd_rows_kernel(
-    Q, K, DQO, DKO, QW, KW, DQ, DK, DQW_PART, DKW_PART, POS, COS, SIN,
-    T, NTOK, HQ, HK, s_pb, s_pt, s_cos, eps,
-    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sgq_b, sgq_t, sgq_h, sgk_b, sgk_t, sgk_h,
-    sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, DVI, DVO, sv_b, sv_t, sv_h, sdv_b, sdv_t, sdv_h,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BT: tl.constexpr,
-    COMPUTE_DW: tl.constexpr, COPY_V: tl.constexpr,
-):  # fmt: skip
-    """As ``_qk_norm_rope_bwd_kernel``, BT tokens per iteration as row tiles; programs stride over the token
-    blocks (program p takes blocks p, p + P, ...)."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    aq1 = tl.zeros((HALF,), dtype=tl.float32)
-    aq2 = tl.zeros((HALF,), dtype=tl.float32)
-    ak1 = tl.zeros((HALF,), dtype=tl.float32)
-    ak2 = tl.zeros((HALF,), dtype=tl.float32)
-    for tb in range(pid, tl.cdiv(NTOK, BT), nprog):
-        tok0 = tb * BT
-        q1, q2 = _rows_bwd(
-            Q, DQO, DQ, QW, POS, COS, SIN, tok0, T, NTOK, s_pb, s_pt, s_cos,
-            sq_b, sq_t, sq_h, sgq_b, sgq_t, sgq_h, sdq_b, sdq_t, sdq_h, HQ, eps, HALF, BLOCK_HQ, BT,
-        )  # fmt: skip
-        k1, k2 = _rows_bwd(
-            K, DKO, DK, KW, POS, COS, SIN, tok0, T, NTOK, s_pb, s_pt, s_cos,
-            sk_b, sk_t, sk_h, sgk_b, sgk_t, sgk_h, sdk_b, sdk_t, sdk_h, HK, eps, HALF, BLOCK_HK, BT,
-        )  # fmt: skip
-        aq1 += q1
-        aq2 += q2
-        ak1 += k1
-        ak2 += k2
-        if COPY_V:
-            _copy_v(
-                DVI, DVO, tok0, T, NTOK, sv_b, sv_t, sv_h, sdv_b, sdv_t, sdv_h, HK, 2 * HALF, BLOCK_HK, BT
-            )
-    if COMPUTE_DW:
-        d = tl.arange(0, HALF)
-        tl.store(DQW_PART + pid * 2 * HALF + d, aq1)
-        tl.store(DQW_PART + pid * 2 * HALF + HALF + d, aq2)
-        tl.store(DKW_PART + pid * 2 * HALF + d, ak1)
-        tl.store(DKW_PART + pid * 2 * HALF + HALF + d, ak2)
-
-
-@triton.jit
-def _copy_rows_kernel(SRC, DST, M, s_src, s_dst, N: tl.constexpr, BM: tl.constexpr):
-    """DST[r, :N] = SRC[r, :N] for M rows with their own row strides (v's gradient into the fused gradient)."""
-    r = tl.program_id(0) * BM + tl.arange(0, BM)
-    c = tl.arange(0, N)
-    m = (r < M)[:, None]
-    r64 = r.to(tl.int64)[:, None]
-    tl.store(DST + r64 * s_dst + c[None, :], tl.load(SRC + r64 * s_src + c[None, :], mask=m), mask=m)
+# backward knobs (the GPU A/B sets them): the kernel design, the tile kernel's tokens a tile, tiles a program,
+# warps and weight-gradient slot rows; the token kernel's programs per SM and warps (None: heuristics)
+BWD = "tile"
+TILE_BT = 2
+TILE_ITERS = 2
+TILE_WARPS: int | None = None
+NSLOT = 64
+COPY_V = True  # the tile kernel copies v's gradient into the fused gradient (else _copy_rows' kernel)
+COPY_ROWS = True  # v's gradient copied by _copy_rows_kernel (vs torch's strided copy_: 62 us a layer, H200)
+PROGRAMS_PER_SM: int | None = None
+NUM_WARPS: int | None = None
 
 
 def _copy_rows(src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -218,82 +53,71 @@ def _copy_rows(src: torch.Tensor, dst: torch.Tensor) -> None:
     )
 
 
-COPY_ROWS = (
-    True  # the v gradient's copy by _copy_rows_kernel (vs torch's strided copy_: 62 us a layer on the H200)
-)
-
-# backward launch knobs (the GPU A/B sets them): ROWS_BT > 0 takes the row-tile kernel with that many tokens a
-# tile; PROGRAMS_PER_SM / NUM_WARPS None = the heuristics below
-ROWS_BT = 0
-COPY_V = False  # the fused q|k|v backward copies v's gradient in the q/k pass (else a copy_ kernel)
-PROGRAMS_PER_SM: int | None = None
-NUM_WARPS: int | None = None
-
-
-def _programs(ntok: int, device: torch.device) -> int:
-    """Backward programs: each walks ntok / programs tokens one at a time, so enough of them must be
-    resident for the loads in flight (H200, 16k tokens x 24 heads x 128: 4 per SM took 213 us a layer,
-    2x the time its bytes need); the fp32 partial dW rows (programs x D) stay small."""
-    per_sm = (
-        PROGRAMS_PER_SM or 8
-    )  # W2 H200 sweep (fused q|k|v backward incl. dv copy): 8 0.375 ms, 16 0.458, 32 0.483
-    return max(1, min(ntok, per_sm * num_sms(device) if device.type == "cuda" else 4))
-
-
 def _unit_d(x: torch.Tensor) -> torch.Tensor:
     """x with unit stride along the head dim (a copy only if it has none)."""
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _split_dw(
+    part: torch.Tensor, qdt: torch.dtype, kdt: torch.dtype, d: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dqw, dkw) from (P, 2 D) fp32 partial rows [dqw | dkw]: one summing launch when the dtypes agree."""
+    if qdt == kdt:
+        dw = _sum_partials(part, qdt, DW_SUM)
+        return dw[:d], dw[d:]
+    return (_sum_partials(part[:, :d].contiguous(), qdt, DW_SUM),
+            _sum_partials(part[:, d:].contiguous(), kdt, DW_SUM))  # fmt: skip
+
+
 def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk, dv=None, dv_out=None):
     """dq, dk (given outputs, any (b, t, h) strides) and the weights' gradients of rope(norm(q/k)); with
-    ``dv``/``dv_out`` (``COPY_V``) the same pass copies v's gradient into its slice of the fused gradient."""
+    ``dv``/``dv_out`` the tile kernel copies v's gradient into its slice of the fused gradient (returns
+    whether it did)."""
     dqo, dko = _unit_d(dqo), _unit_d(dko)
-    copy_v = dv is not None and dv_out is not None and COPY_V
-    if copy_v:
-        dv = _unit_d(dv)
-    vs = (*dv.stride()[:3], *dv_out.stride()[:3]) if copy_v else (0,) * 6
-    dvi, dvo = (dv, dv_out) if copy_v else (dq, dq)
     bsz, t, hq, d = q.shape
     hk = k.shape[2]
     ntok = bsz * t
-    want_dw = ctx.needs_input_grad[ctx.w_index] or ctx.needs_input_grad[ctx.w_index + 1]
-    progs = _programs(ntok, q.device)
-    per = triton.cdiv(ntok, progs)
-    progs = triton.cdiv(ntok, per)
+    nq, nk = ctx.needs_input_grad[ctx.w_index], ctx.needs_input_grad[ctx.w_index + 1]
     cos, sin = cos.contiguous(), sin.contiguous()
     pos = positions.expand(bsz, t)
     block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
-    warps = NUM_WARPS or (4 if (block_hq + block_hk) * d >= 2048 else 2)
-    if ROWS_BT > 0:
-        progs = min(progs, triton.cdiv(ntok, ROWS_BT))
-        part = torch.empty((2, progs, d), device=q.device, dtype=torch.float32)
-        _qk_norm_rope_bwd_rows_kernel[(progs,)](
-            q, k, dqo, dko, qw, kw, dq, dk, part[0], part[1], pos, cos, sin,
-            t, ntok, hq, hk, *pos.stride(), cos.stride(0), ctx.eps,
-            *q.stride()[:3], *k.stride()[:3], *dqo.stride()[:3], *dko.stride()[:3], *dq.stride()[:3],
-            *dk.stride()[:3], dvi, dvo, *vs,
-            HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BT=ROWS_BT, COMPUTE_DW=want_dw, COPY_V=copy_v,
-            num_warps=warps,
+    strides = (*q.stride()[:3], *k.stride()[:3], *dqo.stride()[:3], *dko.stride()[:3], *dq.stride()[:3],
+               *dk.stride()[:3])  # fmt: skip
+    if BWD == "tile":
+        copy_v = dv is not None and dv_out is not None and COPY_V
+        if copy_v:
+            dv = _unit_d(dv)
+        vs = (*dv.stride()[:3], *dv_out.stride()[:3]) if copy_v else (0,) * 6
+        per = TILE_BT * TILE_ITERS
+        progs = triton.cdiv(ntok, per)
+        nslot = max(1, min(NSLOT, progs))
+        acc = torch.zeros((nslot, 2 * d), device=q.device, dtype=torch.float32) if nq or nk else dq
+        tile = TILE_BT * (block_hq + 2 * block_hk) * d  # elements loaded a tile (x and dy of q and k)
+        warps = TILE_WARPS or (8 if tile >= 8192 else 4 if tile >= 2048 else 2)
+        _tile_kernel[(progs,)](
+            q, k, dqo, dko, qw, kw, dq, dk, acc, pos, cos, sin,
+            dv if copy_v else dq, dv_out if copy_v else dq,
+            t, ntok, hq, hk, *pos.stride(), cos.stride(0), ctx.eps, *strides, *vs,
+            HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BT=TILE_BT, ITERS=TILE_ITERS, NSLOT=nslot,
+            COMPUTE_DW=nq or nk, COPY_V=copy_v, num_warps=warps,
         )  # fmt: skip
     else:
-        part = torch.empty((2, progs, d), device=q.device, dtype=torch.float32)
-        _launch_tokens(q, k, dqo, dko, qw, kw, dq, dk, part, pos, cos, sin, t, ntok, per, hq, hk, ctx.eps,
-                       d, block_hq, block_hk, want_dw, warps, progs, dvi, dvo, vs, copy_v)  # fmt: skip
-    dqw = _sum_partials(part[0], qw.dtype, DW_SUM) if ctx.needs_input_grad[ctx.w_index] else None
-    dkw = _sum_partials(part[1], kw.dtype, DW_SUM) if ctx.needs_input_grad[ctx.w_index + 1] else None
-    return dqw, dkw, copy_v
-
-
-def _launch_tokens(q, k, dqo, dko, qw, kw, dq, dk, part, pos, cos, sin, t, ntok, per, hq, hk, eps, d,
-                   block_hq, block_hk, want_dw, warps, progs, dvi, dvo, vs, copy_v):  # fmt: skip
-    _qk_norm_rope_bwd_kernel[(progs,)](
-        q, k, dqo, dko, qw, kw, dq, dk, part[0], part[1], pos, cos, sin,
-        t, ntok, per, hq, hk, *pos.stride(), cos.stride(0), eps,
-        *q.stride()[:3], *k.stride()[:3], *dqo.stride()[:3], *dko.stride()[:3], *dq.stride()[:3], *dk.stride()[:3],
-        dvi, dvo, *vs,
-        HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, COMPUTE_DW=want_dw, COPY_V=copy_v, num_warps=warps,
-    )  # fmt: skip
+        copy_v = False
+        per_sm = PROGRAMS_PER_SM or 8  # H200 W2 sweep: 8 per SM 0.375 ms, 16 0.458, 32 0.483
+        progs = max(1, min(ntok, per_sm * num_sms(q.device) if q.device.type == "cuda" else 4))
+        per = triton.cdiv(ntok, progs)
+        progs = triton.cdiv(ntok, per)
+        acc = torch.empty((progs, 2 * d), device=q.device, dtype=torch.float32)
+        warps = NUM_WARPS or (4 if (block_hq + block_hk) * d >= 2048 else 2)
+        _token_kernel[(progs,)](
+            q, k, dqo, dko, qw, kw, dq, dk, acc, pos, cos, sin,
+            t, ntok, per, hq, hk, *pos.stride(), cos.stride(0), ctx.eps, *strides,
+            HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, COMPUTE_DW=nq or nk, num_warps=warps,
+        )  # fmt: skip
+    if not (nq or nk):
+        return None, None, copy_v
+    dqw, dkw = _split_dw(acc, qw.dtype, kw.dtype, d)
+    return dqw if nq else None, dkw if nk else None, copy_v
 
 
 class _QKNormRopeFn(torch.autograd.Function):

@@ -43,3 +43,49 @@ def _apply_kernel(
     tl.store(P + r64 * C + c64, p.to(P.dtype.element_ty), mask=mask)
     if HAS_SH:  # the weight's low-precision shadow (model/master_linear.py), contiguous rows
         tl.store(SH + r64 * C + c64, p.to(SH.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _momentum_multi_kernel(
+    GP, BP, U, SCALE, n, mu, NESTEROV: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr
+):
+    """``_momentum_kernel`` over a shape group in one launch: matrix program_id(1), its fp32 gradient and
+    momentum at the addresses GP[i], BP[i] (int64 tables), its update at U + i * n (a contiguous stack)."""
+    i = tl.program_id(1)
+    g_ptr = tl.load(GP + i).to(tl.pointer_type(tl.float32))
+    b_ptr = tl.load(BP + i).to(tl.pointer_type(tl.float32))
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    if HAS_SCALE:
+        g = g * tl.load(SCALE).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0)
+    b = b + (1.0 - mu) * (g - b)
+    tl.store(b_ptr + offs, b, mask=mask)
+    if NESTEROV:
+        u = b - (b - g) * (1.0 - mu)
+    else:
+        u = b
+    tl.store(U + i.to(tl.int64) * n + offs, u.to(U.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_multi_kernel(
+    PP, SP, O, R, C, so_n, so_r, so_c, decay, step, HAS_SH: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr
+):
+    """``_apply_kernel`` over a shape group in one launch: matrix program_id(2), its fp32 weight (R, C) at
+    PP[i], its bf16 shadow rows at SP[i] (HAS_SH), its update O[i] (any strides)."""
+    i = tl.program_id(2)
+    p_ptr = tl.load(PP + i).to(tl.pointer_type(tl.float32))
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (r < R)[:, None] & (c < C)[None, :]
+    r64 = r.to(tl.int64)[:, None]
+    c64 = c.to(tl.int64)[None, :]
+    p = tl.load(p_ptr + r64 * C + c64, mask=mask, other=0.0)
+    o = tl.load(O + i.to(tl.int64) * so_n + r64 * so_r + c64 * so_c, mask=mask, other=0.0).to(tl.float32)
+    p = p * decay - step * o
+    tl.store(p_ptr + r64 * C + c64, p, mask=mask)
+    if HAS_SH:
+        s_ptr = tl.load(SP + i).to(tl.pointer_type(tl.bfloat16))
+        tl.store(s_ptr + r64 * C + c64, p.to(tl.bfloat16), mask=mask)

@@ -11,8 +11,12 @@ from llmray.train.optim_kernels import adamw_, muon_apply_, muon_momentum_
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels: CUDA, or the interpreter on CPU
 
 
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_momentum_kernel_equals_torch(nesterov):
+@pytest.mark.parametrize("nesterov,multi", [(True, True), (False, True), (True, False)])
+def test_momentum_kernel_equals_torch(nesterov, multi, monkeypatch):
+    """multi: one launch for the group (address tables); else one launch per matrix."""
+    import llmray.train.optim_kernels as ok
+
+    monkeypatch.setattr(ok, "MULTI", multi)
     torch.manual_seed(0)
     grads = [torch.randn(24, 40, device=DEV) for _ in range(3)]
     bufs = [torch.randn(24, 40, device=DEV) for _ in range(3)]
@@ -25,17 +29,28 @@ def test_momentum_kernel_equals_torch(nesterov):
     torch.testing.assert_close(out.float(), ref.float(), atol=0, rtol=1e-2)  # at most one bf16 rounding step
 
 
-@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
-def test_apply_kernel_reads_transposed_updates(shape):
+@pytest.mark.parametrize("shape,multi", [((48, 16), True), ((16, 48), True), ((48, 16), False)])
+def test_apply_kernel_reads_transposed_updates(shape, multi, monkeypatch):
+    """The update of each weight and its bf16 shadow (one buffer over both weights' rows), written in the
+    same pass; multi: one launch for the group."""
+    import llmray.train.optim_kernels as ok
+    from llmray.model.master_linear import SHADOW, attach_shadows
+
+    monkeypatch.setattr(ok, "MULTI", multi)
     torch.manual_seed(0)
     stack = torch.randn(2, *shape, device=DEV).bfloat16()
     ortho = zeropower_via_newtonschulz5(stack)  # a tall shape comes back as a transposed view
     params = [torch.randn(shape, device=DEV) for _ in range(2)]
     ref = [p.clone() for p in params]
+    attach_shadows([params], torch.bfloat16)
     muon_apply_(params, ortho, 0.99, 0.03, fused=True)
     muon_apply_(ref, ortho, 0.99, 0.03, fused=False)
     for p, r in zip(params, ref, strict=True):
         torch.testing.assert_close(p, r, atol=1e-6, rtol=1e-6)
+        sh, version = getattr(p, SHADOW)
+        assert version == p._version
+        # the weight in bf16: one rounding (the interpreter truncates, the GPU rounds to nearest)
+        torch.testing.assert_close(sh.float(), r, atol=0, rtol=2**-7)
 
 
 def _twin_steps(

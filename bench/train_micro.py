@@ -1,0 +1,271 @@
+"""Two parts of the qwen3-0.6b training step alone, new against old, side by side in one process (GPU):
+
+- ``qk``: the q/k RMSNorm + rope backward of one layer (``qkv_norm_rope_train``'s backward: dq, dk, v's
+  gradient into the fused q|k|v gradient, both weights' gradients) on 8 x 2,048 tokens, 16 / 8 heads x 128,
+  with the incoming gradients cuDNN's SDPA backward really returns (their layouts). Per variant: the error
+  against torch's fp32 autograd of rope(rms_norm(.)) and the time per call (20 calls in one CUDA graph,
+  replayed; CUDA events, median of 5 replays) and the GB/s of the bytes it must move. Variants: the
+  committed kernel (``--old``: a copy of the previous module), the token-range design, the tile kernel
+  per (tokens a tile, tiles a program, warps, v copied in the pass or apart).
+- ``optim``: Muon + AdamW's step over qwen3-0.6b's parameters (bf16 shadows, symmetric Newton-Schulz, as
+  training runs it) with the momentum / apply passes one launch per shape group (``optim_kernels.MULTI``)
+  or one per matrix: GPU ms per step (CUDA events), host ms per step, and whether both give the same weights.
+
+Writes OUT/micro.json after each part and OUT/best_flags.txt (the fastest correct tile config as
+``bench/train_profile.py`` flags).
+
+    python bench/train_micro.py --out DIR [--old .gpu/jobs/training_base/qk_norm_rope_train_old.py]
+    python bench/train_micro.py --smoke --out /tmp/tm   # CPU: small shapes under the Triton interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+T0 = time.perf_counter()
+QK_MOD = "llmray.kernels.qk_norm_rope_train"
+# (BT, ITERS, warps or None, COPY_V)
+TILES = [(2, 2, None, True), (1, 4, None, True), (2, 1, None, True), (4, 1, None, True), (4, 2, None, True),
+         (2, 4, None, True), (2, 2, 8, True), (1, 8, 4, True), (2, 2, None, False)]  # fmt: skip
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def _graph_ms(fn, calls: int, cuda: bool) -> float:
+    """ms per call of ``fn``: ``calls`` calls captured in one CUDA graph, median of 5 replays (CPU: wall)."""
+    if not cuda:
+        t = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    ms = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        ms.append(a.elapsed_time(b) / calls)
+    return statistics.median(ms)
+
+
+class _Grab(torch.autograd.Function):
+    """Identity whose backward keeps the incoming gradients as they arrive (cuDNN's layouts)."""
+
+    @staticmethod
+    def forward(ctx, box: list, *xs: torch.Tensor):
+        ctx.box = box
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *gs: torch.Tensor):
+        ctx.box.extend(gs)
+        return (None, *gs)
+
+
+def qk_part(shape: tuple, cuda: bool, old_path: str | None) -> tuple[dict, str]:
+    import llmray.kernels.qk_norm_rope_train as QK  # noqa: N812
+    from llmray.kernels.reference import rms_norm_ref, rope_ref
+    from llmray.model.attention import causal_attention
+    from llmray.model.qwen3 import rope_tables
+
+    dev = "cuda" if cuda else "cpu"
+    b, t, hq, hk, d = shape
+    torch.manual_seed(0)
+    qkv = torch.randn(b, t, (hq + 2 * hk) * d, device=dev, dtype=torch.bfloat16)
+    qw = (1 + 0.1 * torch.randn(d, device=dev)).requires_grad_(True)
+    kw = (1 + 0.1 * torch.randn(d, device=dev)).requires_grad_(True)
+    cos, sin = (x.to(dev) for x in rope_tables(d, t, 1e6))
+    pos = torch.arange(t, device=dev).expand(b, t)
+    # the incoming gradients as SDPA's backward returns them (cuDNN on the H200)
+    box: list = []
+    x = qkv.clone().requires_grad_(True)
+    q, k, v = QK.qkv_norm_rope_train(x, qw, kw, 1e-6, pos, cos, sin, hq, hk)
+    q, k, v = _Grab.apply(box, q, k, v)
+    out = causal_attention(q, k, v, d**-0.5)
+    out.backward(torch.randn_like(out))
+    dqo, dko, dv = (g.detach() for g in box)
+    res: dict = {"layouts": {n: list(g.stride()) for n, g in zip(("dq", "dk", "dv"), box, strict=True)}}
+    log(f"qk: incoming gradient strides {res['layouts']}")
+    # torch's fp32 reference
+    ref = [y.detach().float().requires_grad_(True) for y in (qkv, qw, kw)]
+    qr, kr, vr = ref[0].split([hq * d, hk * d, hk * d], dim=-1)
+    qo_r, ko_r = rope_ref(rms_norm_ref(qr.reshape(b, t, hq, d), ref[1], 1e-6),
+                          rms_norm_ref(kr.reshape(b, t, hk, d), ref[2], 1e-6), pos, cos, sin)  # fmt: skip
+    torch.autograd.backward((qo_r, ko_r, vr.reshape(b, t, hk, d)), (dqo.float(), dko.float(), dv.float()))
+    want = [r.grad for r in ref]
+    del qo_r, ko_r, qr, kr, vr, ref, x, q, k, v, out, box
+    moved = (
+        2 * b * t * d * (hq + hk + hq + hk + hk + hq + hk + hk)
+    )  # read q k dq dk dv, write dq dk dv (bf16)
+    mods = {"new": QK}
+    if old_path:
+        spec = importlib.util.spec_from_file_location("qk_old", old_path)
+        assert spec is not None and spec.loader is not None
+        mods["old"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods["old"])
+    keys = ("BWD", "TILE_BT", "TILE_ITERS", "TILE_WARPS", "COPY_V")
+    base = {k: getattr(QK, k) for k in keys}
+    variants: list[tuple[str, str, dict]] = [("old (committed)", "old", {})] if old_path else []
+    variants.append(("token", "new", {"BWD": "token"}))
+    for bt, it, w, cv in TILES:
+        cfg = {"BWD": "tile", "TILE_BT": bt, "TILE_ITERS": it, "TILE_WARPS": w, "COPY_V": cv}
+        variants.append((f"tile bt{bt} it{it} w{w or 'auto'}{'' if cv else ' vapart'}", "new", cfg))
+    best, best_ms = "", float("inf")
+    for name, which, cfg in variants:
+        mod = mods[which]
+        for k, v_ in {**base, **cfg}.items():
+            setattr(QK, k, v_)
+        ctx = SimpleNamespace(saved_tensors=(qkv, qw, kw, pos, cos, sin), needs_input_grad=(True,) * 9,
+                              heads=(hq, hk, d), eps=1e-6, w_index=1)  # fmt: skip
+        try:
+            got = mod._QKVNormRopeFn.backward(ctx, dqo, dko, dv)
+            err = [round(((g.float() - w_).abs().max() / w_.abs().max()).item(), 5)
+                   for g, w_ in zip(got[:3], want, strict=True)]  # fmt: skip
+            ok = err[0] < 2e-2 and max(err[1:]) < 1e-2
+            ms = _graph_ms(
+                lambda m=mod, c=ctx: m._QKVNormRopeFn.backward(c, dqo, dko, dv), 20 if cuda else 1, cuda
+            )
+            res[name] = {
+                "ms": round(ms, 4),
+                "gb_s": round(moved / ms / 1e6),
+                "err_dqkv_dqw_dkw": err,
+                "ok": ok,
+            }
+            if which == "new" and cfg.get("BWD") == "tile" and ok and ms < best_ms:
+                best, best_ms = name, ms
+                res["best_flags"] = "+".join(
+                    f"{QK_MOD}.{k}={int(v_) if isinstance(v_, bool) else v_}"
+                    for k, v_ in cfg.items()
+                    if k != "BWD"
+                )
+        except Exception as e:  # keep the other variants
+            res[name] = f"{type(e).__name__}: {str(e)[:300]}"
+        log(f"qk {name}: {res[name]}")
+    for k, v_ in base.items():
+        setattr(QK, k, v_)
+    res["best"] = best
+    return res, res.get("best_flags", "")
+
+
+def optim_part(preset: str, cuda: bool, steps: int) -> dict:
+    import llmray.train.optim_kernels as OK  # noqa: N812
+    from llmray.config import ModelConfig
+    from llmray.model.qwen3 import Qwen3ForCausalLM
+    from llmray.train.loop import build_optimizer
+
+    dev = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Qwen3ForCausalLM(ModelConfig.preset(preset), kernels="triton").train()
+    opt = build_optimizer(model, "muon", lr=3e-4, muon_lr=0.02)
+    if not cuda:  # the fused passes on CPU run under the interpreter only when asked
+        opt.fused_passes = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    scale = torch.tensor(0.5, device=dev)
+    muon = [p for g in opt.param_groups if g["use_muon"] for p in g["params"]]
+    res: dict = {"launches_note": "momentum + apply: one launch per matrix (MULTI=0) or per shape group (1)"}
+    old = OK.MULTI
+    # same weights from the same state either way
+    opt.step(grad_scale=scale)  # creates the state
+    snap = [(p.detach().clone(), opt.state[p]["momentum_buffer"].clone()) for p in muon]
+    after = {}
+    for multi in (0, 1):
+        OK.MULTI = bool(multi)
+        for p, (w, m) in zip(muon, snap, strict=True):
+            p.data.copy_(w)
+            opt.state[p]["momentum_buffer"].copy_(m)
+        opt.step(grad_scale=scale)
+        after[multi] = [p.detach().clone() for p in muon[:8]]
+    res["same_weights"] = all(torch.equal(a, b) for a, b in zip(after[0], after[1], strict=True))
+    del snap, after
+    gpu: dict[int, list[float]] = {0: [], 1: []}
+    host: dict[int, list[float]] = {0: [], 1: []}
+    for rep in range(steps):
+        for multi in (0, 1) if rep % 2 == 0 else (1, 0):
+            OK.MULTI = bool(multi)
+            if cuda:
+                torch.cuda.synchronize()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+            t = time.perf_counter()
+            opt.step(grad_scale=scale)
+            host[multi].append(1e3 * (time.perf_counter() - t))
+            if cuda:
+                b.record()
+                torch.cuda.synchronize()
+                gpu[multi].append(a.elapsed_time(b))
+    OK.MULTI = old
+    for multi in (0, 1):
+        res[f"MULTI={multi}"] = {
+            "gpu_ms_median": round(statistics.median(gpu[multi]), 3) if cuda else None,
+            "host_ms_median": round(statistics.median(host[multi]), 3),
+            "gpu_ms": [round(x, 2) for x in gpu[multi]],
+        }
+        log(f"optim MULTI={multi}: {res[f'MULTI={multi}']}")
+    log(f"optim same weights: {res['same_weights']}")
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="/tmp/train_micro")
+    p.add_argument("--old", default="", help="a copy of the committed qk_norm_rope_train.py (the baseline)")
+    p.add_argument("--parts", default="qk,optim")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per setting")
+    p.add_argument("--smoke", action="store_true", help="CPU: small shapes under the Triton interpreter")
+    a = p.parse_args()
+    cuda = torch.cuda.is_available() and not a.smoke
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+    shape, preset = ((8, 2048, 16, 8, 128), "qwen3-0.6b") if cuda else ((1, 6, 4, 2, 16), "tiny")
+    for part in filter(None, a.parts.split(",")):
+        try:
+            if part == "qk":
+                res["qk"], flags = qk_part(shape, cuda, a.old or None)
+                (out / "best_flags.txt").write_text(flags + "\n")
+            elif part == "optim":
+                res["optim"] = optim_part(preset, cuda, 2 if a.smoke else a.steps)
+        except Exception as e:  # keep going: the next part may still run
+            import traceback
+
+            traceback.print_exc()
+            res[part] = f"{type(e).__name__}: {str(e)[:400]}"
+        (out / "micro.json").write_text(json.dumps(res, indent=1))
+        if cuda:
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
