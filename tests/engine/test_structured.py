@@ -294,3 +294,51 @@ def test_a_requests_extra_stop_token_ends_the_document(tokenizers, compilers):
     allowed = unpack_bitmask(mask[0], comp.vocab_size)
     assert bool(allowed[stop]) and bool(allowed[tok.eos_token_id])
     assert c.accept_token(stop) and c.is_terminated()
+
+
+@pytest.mark.parametrize("final", [True, False])
+def test_the_mask_worker_signals_once_every_row_is_final(tokenizers, compilers, final):
+    # the host flag (structured/mask_worker.py): with ``final`` the worker stores it as soon as the fill returns
+    # (every row written: filled, or all ones where the sampled token ended or was rejected), before the
+    # checks that report failed rows; a work that breaks stores it only after its rows are reset
+    import numpy as np
+
+    from llmray.engine.structured.llguidance_backend import LLGuidanceConstraint
+    from llmray.engine.structured.mask_worker import run_job
+
+    tok, comp = tokenizers["byte_level"], compilers["byte_level"]
+    words = (comp.vocab_size + 31) // 32
+    cons = []
+    for _ in range(3):
+        c = comp.constraint(StructuredOutput(json=NESTED))
+        assert all(c.accept_token(t) for t in tok.encode('{"user": {"name": "x", "role": "'))
+        cons.append(c)
+    ok, bad = tok.encode("admin")[0], tok.encode("9")[0]
+    work, check = LLGuidanceConstraint.fill_job([(c, i) for i, c in enumerate(cons)], list(enumerate(cons)))
+    flag = np.zeros(1, dtype=np.int32)
+    seen: list[int] = []
+
+    def spy(host, res):
+        seen.append(int(flag[0]))
+        return check(host, res)
+
+    host = torch.zeros((3, words), dtype=torch.int32)
+    toks = np.array([ok, bad, tok.eos_token_id])
+    out, _, _, failed = run_job(
+        [work], host, lambda: toks, None, [(spy, list(enumerate(cons)))], (flag, 7), final
+    )
+    assert seen == [7 if final else 0] and int(flag[0]) == 7
+    assert list(failed) == [1, 2] and "rejected" in failed[1]
+    assert bool((host[1] == -1).all()) and bool((host[2] == -1).all())
+    one = torch.zeros((1, words), dtype=torch.int32)
+    cons[0].fill_bitmask(one, 0)
+    assert torch.equal(host[0], one[0])
+
+    def boom(host, tokens):
+        raise RuntimeError("broken")
+
+    flag[0], host[:] = 0, 0
+    _, _, _, failed = run_job(
+        [boom], host, lambda: toks, None, [(check, list(enumerate(cons)))], (flag, 8), final
+    )
+    assert sorted(failed) == [0, 1, 2] and int(flag[0]) == 8 and bool((host == -1).all())

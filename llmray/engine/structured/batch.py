@@ -4,18 +4,29 @@ The runner hands every constrained row of a step at once. Rows whose constraint 
 ``fill_bitmasks(bitmask, rows) -> {row: why}`` classmethod (llguidance: one call fills all its rows on
 parallel threads without the GIL) are filled by one call per class; any other ``TokenConstraint`` (xgrammar's,
 a test's) fills its row with ``fill_bitmask``. A row that fails is reported (row -> why), never raised, so that
-its request fails alone; its mask row is then reset to all ones by the caller.
+its request fails alone; its mask row is then reset to all ones by the caller. ``usable_cpus()``: the CPUs this
+process may run on (its affinity, not the machine's count), which sizes the grammar libraries' thread pools.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from llmray.engine.sequence import TokenConstraint
 
 logger = logging.getLogger("llmray.engine")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (a container or ``taskset`` may grant fewer than
+    the machine has), else the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (no affinity call on this platform)
+        return max(1, os.cpu_count() or 1)
 
 
 def fill_bitmasks(bitmask: torch.Tensor, rows: list[tuple[int, TokenConstraint]]) -> dict[int, str]:

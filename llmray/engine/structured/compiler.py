@@ -18,7 +18,6 @@ GIL), so the time limit holds; a compile that overruns finishes in the backgroun
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 from collections import OrderedDict
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from llmray.engine.sequence import TokenConstraint
+from llmray.engine.structured.batch import usable_cpus
 from llmray.engine.structured.spec import StructuredOutput
 from llmray.engine.structured.vocab import Vocab, build_vocab
 
@@ -112,7 +112,7 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
         self.stop_token_ids = [eos_token_id] if eos_token_id is not None else []
-        self.threads = max_threads or max(1, min(8, os.cpu_count() or 1))
+        self.threads = max_threads or min(8, usable_cpus())
         # xgrammar: next-token masks computed ahead on threads as tokens are accepted; 0 = in fill_bitmask
         self.fill_threads = self.threads if fill_threads is None else fill_threads
         self.compile_timeout_s = compile_timeout_s

@@ -20,14 +20,26 @@ whenever the grammar accepts, and taking one finishes the document as EOS does.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from llmray.engine.structured.batch import usable_cpus
+from llmray.engine.structured.schema_rules import ascii_classes, closed_objects
 from llmray.engine.structured.spec import StructuredOutput
+
+# the mask executor's threads at most: on the H200 host (16 CPUs) a 128-row fill took 4.7 ms on 4 threads vs
+# 5.6-6.6 on llguidance's default 12, and a batch ran 0.443x vs 0.399x of the free batch (bench/results/
+# structured.json, structured_profile.json): the slowest masks bound the fill, more threads contend
+MAX_FILL_THREADS = 4
+
+
+def fill_threads() -> int:
+    """The mask executor's threads: 4/5 of the CPUs this process may use (its affinity), 1 to
+    ``MAX_FILL_THREADS`` (a step's fill is bound by its few slow rows, bench/grammar_states.py)."""
+    return max(1, min(MAX_FILL_THREADS, usable_cpus() * 4 // 5))
 
 
 class _Wrapper:
@@ -159,9 +171,11 @@ class LLGuidanceConstraint:
         each ``(k, constraint)`` of ``rows`` — two calls into llguidance per executor, the GIL released inside
         both, their argument lists built here beforehand so that the worker barely needs the GIL — and returns
         the ids of the constraints that rejected their token. A row whose token ends its document (EOS, a
-        request's stop token: that one is not consumed) is set to all ones, not filled (its request finishes;
-        the sample is discarded). ``check(bitmask, rejected)``, on the caller's thread once ``work`` is done,
-        returns packed row -> why (matchers in an error state) and adds the extra stop tokens."""
+        request's stop token: that one is not consumed) or was rejected is set to all ones, not filled (its
+        request finishes or fails; the sample is discarded), so every row is final when ``work`` returns
+        (a matcher that breaks inside the fill writes an EOS-only mask). ``check(bitmask, rejected)``, on the
+        caller's thread once ``work`` is done, returns packed row -> why (matchers in an error state) and adds
+        the extra stop tokens (the only change it makes to the masks)."""
         index = {id(c): i for c, i in accepts}
         # per executor: its consumes (constraints, their token rows) and fills ((matcher, packed row), token row)
         groups: dict[int, tuple[Any, list, list, list, list]] = {}
@@ -219,9 +233,11 @@ class LLGuidanceConstraint:
                     rows_np = bitmask.numpy()  # (no torch op on an inference tensor on this thread)
                     keep = []
                     for a, i in zip(fills, fidx, strict=True):
-                        if i in ended:
-                            rows_np[a[1]] = -1  # its request finishes: any mask (the sample is discarded)
-                        elif id(a[0]) not in bad:
+                        if i in ended or id(a[0]) in bad:
+                            # its request finishes (the sample is discarded) or fails (check): any mask, so
+                            # that every row is final once the fill returns (the worker signals then)
+                            rows_np[a[1]] = -1
+                        else:
                             keep.append(a)
                     fills = keep
                 if fills:
@@ -260,60 +276,6 @@ class LLGuidanceConstraint:
         return self._terminated
 
 
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
-
-
-def closed_objects(node: Any) -> Any:
-    """A copy of a schema whose ``pattern`` regexes use ASCII ``\\d`` / ``\\w`` (``ascii_classes``) and where every object schema with ``properties`` and no ``additionalProperties`` (nor
-    ``unevaluatedProperties``) gets ``additionalProperties: false``: the strict reading xgrammar applies
-    and OpenAI's strict mode asks for, so a document never runs on with invented keys."""
-    if isinstance(node, list):
-        return [closed_objects(v) for v in node]
-    if not isinstance(node, dict):
-        return node
-    out = dict(node)
-    for k, v in node.items():
-        if k in _SUBSCHEMA_MAPS and isinstance(v, dict):
-            out[k] = {name: closed_objects(sub) for name, sub in v.items()}
-        elif k in _SUBSCHEMA_LISTS and isinstance(v, list):
-            out[k] = [closed_objects(sub) for sub in v]
-        elif k in ("items", "additionalProperties", "additionalItems") and isinstance(v, dict):
-            out[k] = closed_objects(v)
-    if isinstance(node.get("pattern"), str):
-        out["pattern"] = ascii_classes(node["pattern"])
-    if "properties" in node and "additionalProperties" not in node and "unevaluatedProperties" not in node:
-        out["additionalProperties"] = False
-    return out
-
-
-_ASCII_CLASSES = {"d": "0-9", "w": "0-9A-Za-z_"}
-
-
-def ascii_classes(regex: str) -> str:
-    """``\\d`` / ``\\w`` (and ``\\D`` / ``\\W`` outside brackets) as ASCII classes: llguidance's regexes are Rust's,
-    where they are Unicode classes; JSON schema patterns (ECMA-262) and xgrammar mean the ASCII ones."""
-    out, i, in_class = [], 0, False
-    while i < len(regex):
-        ch = regex[i]
-        if ch == "\\" and i + 1 < len(regex):
-            nxt = regex[i + 1]
-            if nxt.lower() in _ASCII_CLASSES and not (in_class and nxt.isupper()):
-                cls = _ASCII_CLASSES[nxt.lower()]
-                out.append(cls if in_class else f"[{'^' if nxt.isupper() else ''}{cls}]")
-            else:
-                out.append(regex[i : i + 2])
-            i += 2
-            continue
-        if ch == "[" and not in_class:
-            in_class = True
-        elif ch == "]" and in_class and out and out[-1] != "[" and out[-1] != "[^":
-            in_class = False
-        out.append(ch)
-        i += 1
-    return "".join(out)
-
-
 def _bit(t: int) -> int:
     """Bit ``t % 32`` of an int32 word, as a Python int in int32 range (bit 31 is negative)."""
     b = 1 << (t % 32)
@@ -348,12 +310,7 @@ class LLGuidanceBackend:
         self.tokenizer = llg.LLTokenizer(wrapper, n_vocab=vocab_size)
         self.whitespace = f"[\\x20\\x0A\\x0D\\x09]{{0,{max_whitespace}}}"
         self.json_defaults: Any = {"whitespace_pattern": self.whitespace}  # llguidance's JSON options
-        # 4 threads at most: on the H200 host (16 CPUs) a 128-row fill took 4.7 ms on 4 threads vs 5.6-6.6 on
-        # llguidance's default 12, and a batch ran 0.443x vs 0.399x of the free batch (bench/results/
-        # structured.json, structured_profile.json): the slowest masks bound the fill, more threads contend
-        if threads is None:
-            threads = max(1, min(4, (os.cpu_count() or 1) * 4 // 5))
-        self.executor = llg.LLExecutor(threads)
+        self.executor = llg.LLExecutor(threads or fill_threads())
 
     def grammar(self, spec: StructuredOutput, schema: Any) -> str:
         """The llguidance grammar (JSON text) of a spec; ``schema`` is its parsed JSON schema for json kinds.

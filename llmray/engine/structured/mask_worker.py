@@ -133,21 +133,32 @@ def run_job(
     copy: tuple | None,
     checks: list | None = None,
     signal: tuple | None = None,
+    final: bool = False,
 ) -> tuple[list, float, Any, dict[int, str]]:
     """On the worker: each constraint class's ``work(host, tokens)`` (its result, or the exception it raised);
     ``checks`` (device_wait: ``(check, packed rows)`` per class): run here, failed rows set to all ones; then
     (``copy``, CUDA) the masks' copy to the device on the side stream, or (``signal``: (host flag as a numpy
-    array, job number)) the job's number stored into the host flag, always, even if the job broke. Returns the
-    results, the busy time, the event after the copy (None: not copied here) and the failed packed rows."""
+    array, job number)) the job's number stored into the host flag, always, even if the job broke. ``final``:
+    the works leave every row final (no check adds stop tokens): unless a work broke, the masks leave (copy,
+    signal) before the checks, which then only report failed rows (a failed row's sample is discarded).
+    Returns the results, the busy time, the event after the copy (None: not copied here) and the failed
+    packed rows."""
+    sent = [signal is None]
     try:
-        return _run(works, host, tokens, copy, checks)
+        return _run(works, host, tokens, copy, checks, signal if final else None, sent)
     finally:
-        if signal is not None:  # (after every write to the host masks: the device copies them next)
-            signal[0][0] = signal[1]
+        if not sent[0]:  # (after every write to the host masks: the device copies them next)
+            signal[0][0] = signal[1]  # type: ignore[index]  # (sent is False only with a signal)
 
 
 def _run(
-    works: list, host: torch.Tensor, tokens: Callable[[], Any] | None, copy: tuple | None, checks: list | None
+    works: list,
+    host: torch.Tensor,
+    tokens: Callable[[], Any] | None,
+    copy: tuple | None,
+    checks: list | None,
+    early: tuple | None,
+    sent: list[bool],
 ) -> tuple[list, float, Any, dict[int, str]]:
     t0 = _landed[0] = time.perf_counter()
     out: list = []
@@ -156,6 +167,10 @@ def _run(
             out.append(work(host, tokens))
         except Exception as e:  # reported per row (finish / settle)
             out.append(e)
+    final = early is not None and not any(isinstance(r, BaseException) for r in out)
+    if final:  # the masks are final: the device may copy them now (host flag)
+        early[0][0] = early[1]  # type: ignore[index]  # (final implies early)
+        sent[0] = True
     failed: dict[int, str] = {}
     if checks is not None:
         with torch.inference_mode():  # (the host masks are inference tensors: the stop bits are set in place)
@@ -166,33 +181,35 @@ def _run(
                     failed.update(check(host, res))
                 except Exception as e:  # the batch call broke: each of its rows fails alone
                     failed.update({k: f"its token constraint failed: {e!r}" for k, _ in rows})
-        if failed:
+        if failed and not final:
             host_np = host.numpy()
             for k in failed:
                 host_np[k] = -1  # (left unmasked: its request fails alone)
     _done[0] = time.perf_counter()
     busy = _done[0] - max(t0, _landed[0])  # (from the tokens' landing on)
-    copied = None
-    if copy is not None:
-        stream, after, dev_masks, dev_rows, host_masks, host_rows, mark = copy
-        try:
-            with (
-                torch.inference_mode(),
-                torch.cuda.stream(stream),
-            ):  # (the device pairs are inference tensors)
-                try:
-                    if after is not None:
-                        stream.wait_event(after)
-                    dev_masks.copy_(host_masks, non_blocking=True)
-                    dev_rows.copy_(host_rows, non_blocking=True)
-                finally:
-                    if mark is not None:  # always: the device waits for this flag
-                        mark[0].copy_(mark[1], non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(stream)
-        except Exception as e:  # the main thread copies them instead (not with device_wait: all rows fail)
-            logger.warning("mask copy on the side stream failed: %r", e)
-            copied = None
-            if mark is not None:
-                failed.update({k: f"its mask could not be copied: {e!r}" for k in range(host.shape[0])})
+    copied = _copy(copy, host, failed) if copy is not None else None
     return out, busy, copied, failed
+
+
+def _copy(copy: tuple, host: torch.Tensor, failed: dict[int, str]) -> Any:
+    """The worker's copy of the masks to the device on the side stream, then the device flag (always); the
+    event after it, or None (then every row is in ``failed``: the device flag went up without the masks)."""
+    stream, after, dev_masks, dev_rows, host_masks, host_rows, mark = copy
+    try:
+        with torch.inference_mode(), torch.cuda.stream(stream):  # (the device pairs are inference tensors)
+            try:
+                if after is not None:
+                    stream.wait_event(after)
+                dev_masks.copy_(host_masks, non_blocking=True)
+                dev_rows.copy_(host_rows, non_blocking=True)
+            finally:
+                if mark is not None:  # always: the device waits for this flag
+                    mark[0].copy_(mark[1], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        return copied
+    except Exception as e:  # the main thread copies them instead (not with device_wait: all rows fail)
+        logger.warning("mask copy on the side stream failed: %r", e)
+        if mark is not None:
+            failed.update({k: f"its mask could not be copied: {e!r}" for k in range(host.shape[0])})
+        return None

@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("llmray.engine")
 _WORKER: ThreadPoolExecutor | None = None
 # the interpreter's switch interval while a fill is in flight: the worker takes the GIL back within this long
-# after each call into the grammar library instead of the default 5 ms (the main thread runs Python throughout)
-_SWITCH_S = 2e-5
+# after each call into the grammar library instead of the default 5 ms (the main thread runs Python throughout);
+# 5 us over 20 us: 1.019x the half batch on a quiet H200 host, 1.122x on a busy one (seventh session, W2/W2b)
+_SWITCH_S = 5e-6
 
 
 def _worker() -> ThreadPoolExecutor:
@@ -68,9 +69,7 @@ class _Job:
         self.flag_id = 0  # device_wait: the job number the worker writes into the device flag
         self.failed: dict[int, str] | None = None  # device_wait: its step's failed rows, filled when settled
         self.stops = False  # its check may change rows after the worker's copy (extra stop tokens)
-        self.side: tuple | None = (
-            None  # host flag (``StepMasks.host_flag``): (side stream, event to wait for)
-        )
+        self.side: tuple | None = None  # host flag: (side stream, event to wait for)
 
 
 class _Plan:
@@ -116,6 +115,9 @@ class StepMasks:
         # (the worker makes no CUDA call); False: the worker copies the masks and sets a device flag
         self.host_flag = True
         self.sleep_collect = True  # device_wait: the read-back sleeps until the worker is done (``settle``)
+        # host flag: stored as soon as the fill returns when no check changes the masks (no extra stop
+        # tokens), the checks after; False: after the checks (the older order, A/B runs)
+        self.early_signal = True
         self._devm: DeviceMasks | None = None
         self._unsettled: _Job | None = None  # device_wait: a job sampled but not yet waited for on the host
         self.started, self.work_s = 0, 0.0  # fills started early, the worker's busy seconds (tests, benches)
@@ -233,7 +235,8 @@ class StepMasks:
             self._switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch, _SWITCH_S))
         works = [work for (work, _), _ in plan.jobs]
-        job.future = _worker().submit(run_job, works, host, source, copy, checks, signal)
+        final = self.early_signal and not plan.stops
+        job.future = _worker().submit(run_job, works, host, source, copy, checks, signal, final)
         self.started += 1
         # the read-back of ``prev`` must not accept these rows' tokens again (``consumed``)
         self._consumed = (prev, plan.consumed) if plan.consumed else None
