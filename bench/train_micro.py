@@ -193,46 +193,60 @@ def optim_part(preset: str, cuda: bool, steps: int) -> dict:
         p.grad = torch.randn_like(p) * 1e-3
     scale = torch.tensor(0.5, device=dev)
     muon = [p for g in opt.param_groups if g["use_muon"] for p in g["params"]]
-    res: dict = {"launches_note": "momentum + apply: one launch per matrix (MULTI=0) or per shape group (1)"}
-    old = OK.MULTI
-    # same weights from the same state either way
+    adam = [p for g in opt.param_groups if not g["use_muon"] for p in g["params"]]
+    settings = {"old": (0, 0), "multi": (1, 0), "multi+adamw": (1, 1)}  # (MULTI, ADAMW_TRITON)
+    res: dict = {"settings": "momentum/apply one launch per matrix (MULTI 0) or per shape group (1); AdamW by "
+                 "torch._fused_adamw_ (ADAMW_TRITON 0) or our one-launch kernel (1)"}  # fmt: skip
+    old = OK.MULTI, OK.ADAMW_TRITON
     opt.step(grad_scale=scale)  # creates the state
-    snap = [(p.detach().clone(), opt.state[p]["momentum_buffer"].clone()) for p in muon]
+    # the same weights from the same state by every setting (Muon's exactly, AdamW's to rounding)
+    # (torch's fused AdamW writes the scaled gradients back: those are restored too)
+    snap = [(p, p.detach().clone(), {"grad": p.grad.clone(), **{k: v.clone() for k, v in opt.state[p].items()
+             if torch.is_tensor(v)}}) for p in muon + adam]  # fmt: skip
+    steps0 = {id(p): opt.state[p].get("step") for p in adam}
     after = {}
-    for multi in (0, 1):
-        OK.MULTI = bool(multi)
-        for p, (w, m) in zip(muon, snap, strict=True):
+    for name, (multi, tri) in settings.items():
+        OK.MULTI, OK.ADAMW_TRITON = bool(multi), bool(tri)
+        for p, w, st in snap:
             p.data.copy_(w)
-            opt.state[p]["momentum_buffer"].copy_(m)
+            for k, v in st.items():
+                (p.grad if k == "grad" else opt.state[p][k]).copy_(v)
+            if id(p) in steps0:
+                opt.state[p]["step"] = steps0[id(p)]
         opt.step(grad_scale=scale)
-        after[multi] = [p.detach().clone() for p in muon[:8]]
-    res["same_weights"] = all(torch.equal(a, b) for a, b in zip(after[0], after[1], strict=True))
+        after[name] = [p.detach().clone() for p in muon[:8] + adam[:1]]
+    res["same_muon_weights"] = all(torch.equal(x, y) for x, y in zip(after["old"][:-1], after["multi"][:-1]))
+    e = after["multi+adamw"][-1] - after["multi"][-1]
+    res["adamw_embed_max_rel_diff"] = (e.abs().max() / after["multi"][-1].abs().max()).item()
     del snap, after
-    gpu: dict[int, list[float]] = {0: [], 1: []}
-    host: dict[int, list[float]] = {0: [], 1: []}
+    gpu: dict[str, list[float]] = {k: [] for k in settings}
+    host: dict[str, list[float]] = {k: [] for k in settings}
+    names = list(settings)
     for rep in range(steps):
-        for multi in (0, 1) if rep % 2 == 0 else (1, 0):
-            OK.MULTI = bool(multi)
+        for name in names if rep % 2 == 0 else names[::-1]:
+            OK.MULTI, OK.ADAMW_TRITON = (bool(x) for x in settings[name])
             if cuda:
                 torch.cuda.synchronize()
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
             t = time.perf_counter()
             opt.step(grad_scale=scale)
-            host[multi].append(1e3 * (time.perf_counter() - t))
+            host[name].append(1e3 * (time.perf_counter() - t))
             if cuda:
                 b.record()
                 torch.cuda.synchronize()
-                gpu[multi].append(a.elapsed_time(b))
-    OK.MULTI = old
-    for multi in (0, 1):
-        res[f"MULTI={multi}"] = {
-            "gpu_ms_median": round(statistics.median(gpu[multi]), 3) if cuda else None,
-            "host_ms_median": round(statistics.median(host[multi]), 3),
-            "gpu_ms": [round(x, 2) for x in gpu[multi]],
+                gpu[name].append(a.elapsed_time(b))
+    OK.MULTI, OK.ADAMW_TRITON = old
+    for name in names:
+        res[name] = {
+            "gpu_ms_median": round(statistics.median(gpu[name]), 3) if cuda else None,
+            "host_ms_median": round(statistics.median(host[name]), 3),
+            "gpu_ms": [round(x, 2) for x in gpu[name]],
         }
-        log(f"optim MULTI={multi}: {res[f'MULTI={multi}']}")
-    log(f"optim same weights: {res['same_weights']}")
+        log(f"optim {name}: {res[name]}")
+    log(
+        f"optim same Muon weights: {res['same_muon_weights']}; AdamW rel diff {res['adamw_embed_max_rel_diff']:.2e}"
+    )
     return res
 
 

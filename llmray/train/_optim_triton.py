@@ -89,3 +89,34 @@ def _apply_multi_kernel(
     if HAS_SH:
         s_ptr = tl.load(SP + i).to(tl.pointer_type(tl.bfloat16))
         tl.store(s_ptr + r64 * C + c64, p.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def _adamw_multi_kernel(
+    PP, GP, MP, VP, NP, SCALE, beta1, beta2, eps, decay, step_size, bc2_sqrt,
+    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """AdamW over a group's fp32 tensors in one launch (``torch._fused_adamw_``'s formula): tensor
+    program_id(1) at the addresses PP/GP/MP/VP[i] with NP[i] elements; program_id(0) a block of it."""
+    i = tl.program_id(1)
+    n = tl.load(NP + i)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    if start < n:
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        p_ptr = tl.load(PP + i).to(tl.pointer_type(tl.float32))
+        g_ptr = tl.load(GP + i).to(tl.pointer_type(tl.float32))
+        m_ptr = tl.load(MP + i).to(tl.pointer_type(tl.float32))
+        v_ptr = tl.load(VP + i).to(tl.pointer_type(tl.float32))
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        if HAS_SCALE:
+            g = g * tl.load(SCALE)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0) * decay
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        tl.store(p_ptr + offs, p, mask=mask)

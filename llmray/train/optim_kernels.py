@@ -16,6 +16,8 @@ Train on CPU) never imports triton.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llmray.model.master_linear import SHADOW
@@ -148,12 +150,21 @@ def adamw_(
     eps: float,
     weight_decay: float,
     scale: torch.Tensor | None = None,  # () fp32 device scalar: the gradients count as grads * scale
+    triton: bool | None = None,
 ) -> bool:
     """One fused AdamW update of a group (all tensors of one device and dtype); False if it cannot run
     fused here (the caller then takes the foreach path). ``scale`` reaches the kernel as its grad_scale
-    (which divides: 1 / scale), so clipping costs no pass of its own."""
+    (which divides: 1 / scale), so clipping costs no pass of its own. ``triton`` (None: ``ADAMW_TRITON`` on
+    contiguous fp32 CUDA tensors): our one-launch kernel for the group instead of ``torch._fused_adamw_``."""
     tensors = params + grads + exp_avgs + exp_avg_sqs
-    if not params or not hasattr(torch, "_fused_adamw_"):
+    if not params:
+        return False
+    if triton is None:
+        triton = ADAMW_TRITON and use_triton(*tensors)
+    if triton and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        _adamw_triton(params, grads, exp_avgs, exp_avg_sqs, step, lr, betas, eps, weight_decay, scale)
+        return True
+    if not hasattr(torch, "_fused_adamw_"):
         return False
     dev, dt = params[0].device, params[0].dtype
     if any(t.device != dev or t.dtype != dt for t in tensors) or dt not in (torch.float32, torch.bfloat16):
@@ -165,3 +176,23 @@ def adamw_(
         grad_scale=None if scale is None else (1.0 / scale).to(device=dev, dtype=torch.float32),
     )  # fmt: skip
     return True
+
+
+ADAMW_TRITON = True  # AdamW groups of fp32 CUDA tensors by ``_adamw_multi_kernel`` (one launch a group)
+
+
+def _adamw_triton(params, grads, exp_avgs, exp_avg_sqs, step, lr, betas, eps, weight_decay, scale) -> None:
+    """``adamw_``'s update by our kernel: the same formula as ``torch._fused_adamw_`` (fp32 math)."""
+    from llmray.train._optim_triton import _adamw_multi_kernel, cdiv
+
+    b1, b2 = betas
+    sizes = [p.numel() for p in params]
+    key = (params[0].device, "numel", tuple(sizes))
+    nt = _TABLES.get(key)
+    if nt is None:
+        nt = _TABLES[key] = torch.tensor(sizes, dtype=torch.int64).to(params[0].device)
+    _adamw_multi_kernel[(cdiv(max(sizes), BLOCK), len(params))](
+        _table(params), _table(grads), _table(exp_avgs), _table(exp_avg_sqs), nt,
+        scale if scale is not None else nt, b1, b2, eps, 1 - lr * weight_decay, lr / (1 - b1**step),
+        math.sqrt(1 - b2**step), HAS_SCALE=scale is not None, BLOCK=BLOCK, num_warps=8,
+    )  # fmt: skip

@@ -83,6 +83,26 @@ def test_fused_adamw_equals_foreach():
                       [torch.zeros(2)], 1, 1e-3, (0.9, 0.95), 1e-8, 0.0)  # fmt: skip
 
 
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_triton_adamw_equals_torch_fused(with_scale):
+    """Our one-launch AdamW over a group of tensors of different sizes (interpreter on CPU) against
+    ``torch._fused_adamw_``: same weights and moments after three steps, clipping's scale folded in."""
+    torch.manual_seed(0)
+    shapes = [(7, 5), (11,), (3, 1000)]
+    init = [torch.randn(s, device=DEV) for s in shapes]
+    states = [[t.clone() for t in init] for _ in range(2)]
+    moments = [[[torch.zeros(s, device=DEV) for s in shapes] for _ in range(2)] for _ in range(2)]
+    scale = torch.tensor(0.7, device=DEV) if with_scale else None
+    for step in (1, 2, 3):
+        grads = [torch.randn(s, device=DEV) for s in shapes]
+        for (p, (m, v)), tri in zip(zip(states, moments, strict=True), (True, False), strict=True):
+            assert adamw_(p, grads, m, v, step, 1e-2, (0.9, 0.95), 1e-8, 0.1, scale, triton=tri)
+    for a, b in zip(
+        states[0] + moments[0][0] + moments[0][1], states[1] + moments[1][0] + moments[1][1], strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_muon_step_fused_equals_unfused():
     group = dict(use_muon=True, lr=0.02, weight_decay=0.1)
     # a: the Triton kernels, here in the interpreter; b: the torch passes
