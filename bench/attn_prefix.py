@@ -1,4 +1,4 @@
-"""Prefix-hit prefill attention alone: the split-K launches side by side with the committed ones, same run.
+"""Prefix-hit prefill attention alone: the split-K launch configs side by side, same run.
 
     python bench/attn_prefix.py --out DIR [--budget-s 40] [--jobs 4]     # one H200
     TRITON_INTERPRET=1 python bench/attn_prefix.py --quick --out /tmp/p   # CPU: tiny shapes, logic check
@@ -6,8 +6,9 @@
 The case of bench/engine.py's prefix figure: a 2,048-token prompt after one sharing 2,000 tokens, so 48 new
 query tokens attend to 2,048 (Qwen3-0.6B heads: 16 query / 8 KV, head dim 128, 16-token pages scattered over
 a pool), 28 layers each with its own cache. The step's work list is the prefill graph's (one tile, padding
-tiles -1). Each variant (split count, launch config; config (0,) = per-head programs + a merge kernel, the
-committed path before this bench) is captured as a CUDA graph of the 28 layers' attention calls and its
+tiles -1). Each variant (split count, ``SplitConfig``: "wide", the engine's one-sequence default, against
+"narrow", its default for several sequences; rows 0 = per-head programs + a merge kernel, the launcher's
+fallback) is captured as a CUDA graph of the 28 layers' attention calls and its
 replays are timed with CUDA events (median); launch latency is most of the cost, so the graph is the unit.
 Every variant's output (poisoned before, every element must be written) is checked against the torch
 reference in fp32, eagerly and again after the timed replays (the tickets must be reset by every launch).
@@ -34,52 +35,30 @@ from llmray.kernels import paged_attention as pa  # noqa: E402
 from llmray.kernels.paged_prefill import SPLIT_CONFIGS, SplitConfig  # noqa: E402
 
 H, HKV, D, PAGE = 16, 8, 128, 16
-# (cache kind, splits, config): the committed path first and again last (its spread is the noise); config
-# (BLOCK_R, BLOCK_N, warps, stages, fast_addr[, bf16 partials]) or (0,) (per-head programs + merge kernel);
-# (-1,): a kernel that does nothing over the one-launch grid of BLOCK_R 16 (the launch + scheduling floor)
-# W1 (bench/results/attn_prefix_w1.json): one-launch best 0.594 ms (8 splits, 16 rows) vs committed 0.785, and
-# ~1.3 us more per split: the merge's loads waited on a layout change + barrier per split (fixed: see the kernel)
-# W2 (attn_prefix_w2.json): 8 splits x 16 rows, 128 keys per step 0.478 ms vs 0.783 committed; launch floor 0.075
-# ms; 16 rows read each K/V tile 6 times (96 rows per KV head): W3 tries 64-128 rows (8 warps), the merge's
-# weights read back per split (no layout change in its loop), bf16 partials
-# Seventh session: SplitConfig = the new _prefill_split_kernel (grid over the tiles/rows the step can fill, one
-# load level for the tile and sequence bounds, PDL, first K/V step peeled); P/PT: with a q-writing kernel before
-# (PT: it triggers the PDL launch at its start). W1 (attn_prefix_w1b.json): S() 0.450 ms, +PDL 0.443, +bf16
-# partials 0.416 vs committed 0.479; peeled first step (preload) 0.60+ (registers), 16 splits 0.571, 4 splits
-# 0.475, 32 rows 0.442, merge kernel (sep_merge) 0.459; timeline of S(): 14.7 us span, of which 9.5 us the key
-# loop + partial stores, 0.8 bounds, 0.8 ticket, 1.5 merge. W2: more rows per program (fewer K/V re-reads from
-# L2), the merge kernel with its own row blocks; T3: the committed kernel with the engine's 3-tile list.
-# W2 (attn_prefix_w2.json): default 0.423 vs 0.481 (0.451 with 3 tiles); 64/128 rows 0.45-0.47, but the 128-row
-# merge kernel ran 16 serial load waves (its wave width came from the split kernel's rows): fixed. W2b
-# (attn_prefix_w2c.json): "wide" (128 rows, 16 splits, merge kernel over 16-row blocks) 0.375 ms vs narrow 0.421,
-# sixth session 0.482 (0.452 with 3 tiles); 8/12/32 splits 0.419/0.400/0.640, merge rows 8/32 0.397/0.522
+# (cache kind, splits, config[, options]): the engine's defaults first and again last (their spread is the
+# noise). History (H200, bench/results/attn_prefix*.json): per-head programs + a merge kernel 0.784 ms; the
+# sixth session's one-launch GQA kernel 0.480 (removed in the eighth: no default used it); seventh session's
+# _prefill_split_kernel: W1 0.416 (grid without the padding tiles, PDL, bf16 partials); W3 (attn_prefix.json)
+# wide 0.379 / 0.378, narrow 0.423 / 0.419, wide 12 splits 0.402, wide merge rows 8 0.403; fp8 wide 0.426.
+# Options: PT, each layer's q written just before by a Triton copy that triggers the PDL launch (the engine's
+# rope kernel: a read of q before griddepcontrol.wait would see the previous layer's); T3, the engine's
+# 3-tile list (its prefill graph for 48 tokens, bucket 64). Config "copies": the PT copies alone.
 S = SplitConfig
-B = dict(bf16_parts=True, pdl=True)
-P = {"pred": True}  # each layer's q copied into a shared buffer just before (the engine's rope kernel)
-# the same by a Triton copy that lets a PDL launch start at once (gdc_launch_dependents)
 PT = {"pred": "trig"}
-T3 = {"tiles": 3}  # the engine's prefill graph for 48 tokens (bucket 64): a 3-tile list
+T3 = {"tiles": 3}
 W = SPLIT_CONFIGS["wide"]  # 128 rows, 16 splits of 2 x 64 keys, the merge in a second (PDL) kernel
-N = SPLIT_CONFIGS["narrow"]  # W1/W2's default (16 rows, bf16 partials, PDL): steps of several sequences
+N = SPLIT_CONFIGS["narrow"]  # 16 rows, bf16 partials, PDL, the last split merging: steps of several sequences
 VARIANTS = [
-    ("bf16", 8, (16, 128, 4, 3, True)),  # committed (sixth session)
-    ("bf16", 8, W),  # the default for one-sequence steps (the prefix hit) since W2b
-    ("bf16", 8, N),
-    ("bf16", 8, (16, 128, 4, 3, True), T3),
-    ("bf16", 8, W, T3),
-    ("bf16", 8, W._replace(merge_rows=8)),
-    ("bf16", 8, W._replace(splits=12)),
-    ("bf16", 8, (-2,), PT),
-    ("bf16", 8, W, PT),
-    ("bf16", 8, N, PT),
-    ("fp8", 8, (16, 128, 4, 3, True)),
-    ("fp8", 8, W),
-    ("fp8", 8, N),
-    ("bf16", 8, (0,)),
-    ("bf16", 8, (16, 128, 4, 3, True)),
     ("bf16", 8, W),
     ("bf16", 8, N),
-    ("fp8", 8, (16, 128, 4, 3, True)),
+    ("fp8", 8, W),
+    ("fp8", 8, N),
+    ("bf16", 8, W, T3),
+    ("bf16", 8, W, PT),
+    ("bf16", 8, "copies", PT),
+    ("bf16", 8, S(rows=0)),
+    ("bf16", 8, W),
+    ("bf16", 8, N),
 ]  # fmt: skip
 TIMELINES = [("bf16", 8, W)]  # fmt: skip
 
@@ -125,12 +104,6 @@ def build(kind: str, layers: int, ctx: int, qlen: int, pool: int, dev: str, seed
 
 
 @triton.jit
-def _noop_kernel(x_ptr):
-    if tl.program_id(0) < 0:  # never: the launch and scheduling of the grid only
-        tl.store(x_ptr, 0.0)
-
-
-@triton.jit
 def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
     if TRIGGER:  # the next kernel (PDL) may launch now: it waits for this grid's writes itself
         tl.extra.cuda.gdc_launch_dependents()
@@ -139,14 +112,15 @@ def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr, TRIGGER: tl.constexpr
 
 
 def run_layers(
-    case: dict, splits: int, cfg: tuple, layers: list[int], pred: bool | str = False, ntiles: int = 0
+    case: dict,
+    splits: int,
+    cfg: SplitConfig | str,
+    layers: list[int],
+    pred: bool | str = False,
+    ntiles: int = 0,
 ) -> None:
     """The layers' attention calls; ``pred``: each after a copy of its q into one shared buffer (a kernel
-    writing q just before, as the engine's rope: a PDL launch must wait for it); config (-2,): the copies."""
-    if cfg[0] == -1:
-        for i in layers:
-            _noop_kernel[(case["tiles"][0].shape[0], HKV * 8, splits)](case["outs"][i])
-        return
+    writing q just before, as the engine's rope: a PDL launch must wait for it); config "copies": the copies."""
     for i in layers:
         (k, v), (ks, vs) = case["caches"][i], case["scales"][i]
         q = case["q"][i]
@@ -154,9 +128,9 @@ def run_layers(
             n = q.numel()
             _copy_kernel[(triton.cdiv(n, 2048),)](q, case["qbuf"], n, BLOCK=2048, TRIGGER=q.is_cuda)
             q = case["qbuf"]
-        elif pred or cfg[0] == -2:
+        elif pred:
             q = case["qbuf"].copy_(q)
-        if cfg[0] == -2:
+        if cfg == "copies":
             continue
         tiles = case["tiles"] if not ntiles else (case["tiles"][0][:ntiles], case["tiles"][1][:ntiles])
         pa.paged_prefill(
@@ -186,7 +160,13 @@ def errors(case: dict, refs: dict, layers: list[int]) -> dict:
 
 
 def time_graph(
-    case: dict, splits: int, cfg: tuple, layers: int, reps: int, pred: bool | str = False, ntiles: int = 0
+    case: dict,
+    splits: int,
+    cfg: SplitConfig | str,
+    layers: int,
+    reps: int,
+    pred: bool | str = False,
+    ntiles: int = 0,
 ) -> float:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -280,23 +260,19 @@ def main() -> None:
         for i in check:
             case["outs"][i].fill_(float("nan"))
         run_layers(case, splits, cfg, check, pred, ntiles)
-        row = {
-            "kind": kind,
-            "splits": splits,
-            "config": cfg._asdict() if hasattr(cfg, "_asdict") else list(cfg),
-        }
+        row = {"kind": kind, "splits": splits, "config": cfg if isinstance(cfg, str) else cfg._asdict()}
         if pred:
             row["pred"] = pred
         if ntiles:
             row["tiles"] = ntiles
-        if cfg[0] >= 0:
+        if cfg != "copies":
             row.update(errors(case, refs[kind], check))
         if not quick:
             for i in check:
                 case["outs"][i].fill_(float("nan"))
             ms = time_graph(case, splits, cfg, layers, reps=40, pred=pred, ntiles=ntiles)
             row.update(ms_layers=round(ms, 4), us_per_layer=round(ms * 1000 / layers, 2))
-            if cfg[0] >= 0:
+            if cfg != "copies":
                 after = errors(case, refs[kind], check)
                 row["rel_err_after_replays"] = after["rel_err"]
                 row["unwritten"] += after["unwritten"]
@@ -330,7 +306,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 (instrumentation only: report, keep the results)
             print(f"timeline failed: {e!r}", flush=True)
             break
-        tl_.update(kind=kind, splits=splits, config=cfg._asdict() if hasattr(cfg, "_asdict") else list(cfg))
+        tl_.update(kind=kind, splits=splits, config=cfg._asdict())
         res.setdefault("timelines", []).append(tl_)
         print(f"[{time.time() - t0:.1f}s] timeline", json.dumps(tl_), flush=True)
         Path(a.out, "attn_prefix.json").write_text(json.dumps(res, indent=1))

@@ -280,17 +280,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sections", default="ttft,kernels,run1,profile")
     ap.add_argument("--traces", action="store_true", help="chrome traces of the hit and a decode-256 step")
-    ap.add_argument("--prefill-config", default=None, help="A/B: kernels.paged_prefill.PREFILL_SPLIT_CONFIG")
+    ap.add_argument(
+        "--prefill-config",
+        default=None,
+        help="A/B: a kernels.paged_prefill.SPLIT_CONFIGS name for every split step",
+    )
     args = ap.parse_args()
     if args.prefill_config:  # (before the engine captures its graphs)
-        import ast
-
         from llmray.kernels import paged_prefill
 
-        cfg = ast.literal_eval(args.prefill_config)
-        paged_prefill.PREFILL_SPLIT_CONFIG = cfg
-        if hasattr(paged_prefill, "PREFILL_SPLIT_ONE_SEQ"):  # (the one-sequence steps' own config)
-            paged_prefill.PREFILL_SPLIT_ONE_SEQ = cfg
+        cfg = paged_prefill.SPLIT_CONFIGS[args.prefill_config]
+        paged_prefill.PREFILL_SPLIT_CONFIG = paged_prefill.PREFILL_SPLIT_ONE_SEQ = cfg
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, cfg = build_model(args.quick)

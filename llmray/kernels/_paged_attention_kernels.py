@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmray.kernels.kv_store import is_fp8
+
 LOG2E = 1.4426950408889634
 
 
@@ -21,6 +23,38 @@ def _compute_dtype(dtype: torch.dtype, fp8: bool):
     if fp8 and dtype == torch.bfloat16:
         return tl.float16
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+# --- what every paged-attention launch passes alike (decode, per-head prefill, split prefill) --------------
+def cache_scales(
+    k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, dummy: torch.Tensor
+) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(fp8, k_scale, v_scale) arguments: an fp8 cache needs both (1,) fp32 scales (ValueError otherwise);
+    another cache passes ``dummy``, a pointer the kernel never reads."""
+    if not is_fp8(k_cache):
+        return False, dummy, dummy
+    if k_scale is None or v_scale is None:
+        raise ValueError("an fp8 KV cache needs k_scale and v_scale")
+    return True, k_scale, v_scale
+
+
+def scale_and_strides(
+    q: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor, k_cache: torch.Tensor, scale: float
+) -> tuple:
+    """The arguments after the pointers: softmax scale * log2(e); q's and out's (token, head) strides; the
+    block table's row stride; the cache's (block, slot, head) strides (V's equal K's)."""
+    return (scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))  # fmt: skip
+
+
+def shape_meta(q: torch.Tensor, k_cache: torch.Tensor, precision: str | None, fp8: bool) -> dict:
+    """The constexprs every paged-attention kernel takes: heads, GQA group, head dim, page size, dot precision
+    and input dtype, cache kind."""
+    _, h, d = q.shape
+    _, page, hkv, _ = k_cache.shape
+    return dict(H=h, GROUP=h // hkv, D=d, BLOCK_D=triton.next_power_of_2(d), PAGE=page,
+                PRECISION=_precision(q.dtype, precision), FP8=fp8,
+                CDT=_compute_dtype(q.dtype, fp8))  # fmt: skip
 
 
 @triton.jit
@@ -61,6 +95,21 @@ def _page_slot(
     if I64:
         page = page.to(tl.int64)
     return page, slot
+
+
+@triton.jit
+def _kv_rows(
+    table_ptr, n0, end, kvh, dmask, stride_cb, stride_cs, stride_ch,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr, I64: tl.constexpr,
+):  # fmt: skip
+    """Keys [n0, n0 + BLOCK_N) of one sequence (``table_ptr``: its block-table row), those below ``end``:
+    positions (BLOCK_N,), their mask, the cache offsets of KV head ``kvh``'s rows (BLOCK_N,) and the K/V tile's
+    load mask (BLOCK_N, BLOCK_D)."""
+    offs = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs < end
+    page, slot = _page_slot(table_ptr, n0, offs, nmask, PAGE, BLOCK_N, FAST, I64)
+    addr = page * stride_cb + slot * stride_cs + kvh * stride_ch
+    return offs, nmask, addr, nmask[:, None] & dmask[None, :]
 
 
 @triton.jit
@@ -129,6 +178,7 @@ def _decode_kernel(
     start = split * per_split
     end = tl.minimum(start + per_split, ctx)
 
+    table = block_tables_ptr + b * stride_bt  # (this sequence's block-table row)
     g = tl.arange(0, BLOCK_G)
     heads = kvh * GROUP + g
     gmask = g < GROUP * KV_HEADS
@@ -151,19 +201,16 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_G, KV_HEADS * BLOCK_D], tl.float32)
     if PREFETCH:
         # register double buffering: the next tile's page ids, K and V are in flight during this tile's math
-        offs = start + tl.arange(0, BLOCK_N)
-        nmask = offs < end
-        page = tl.load(block_tables_ptr + b * stride_bt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
-        addr = page * stride_cb + (offs % PAGE) * stride_cs + kvh * stride_ch
-        kv_mask = nmask[:, None] & dmask[None, :]
+        _, nmask, addr, kv_mask = _kv_rows(
+            table, start, end, kvh, dmask, stride_cb, stride_cs, stride_ch, PAGE, BLOCK_N, False, True
+        )
         k = tl.load(k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)
         for n0 in range(start, end, BLOCK_N):
-            offs_nx = n0 + BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask_nx = offs_nx < end
-            page_nx = tl.load(block_tables_ptr + b * stride_bt + offs_nx // PAGE, mask=nmask_nx, other=0)
-            addr_nx = page_nx.to(tl.int64) * stride_cb + (offs_nx % PAGE) * stride_cs + kvh * stride_ch
-            mask_nx = nmask_nx[:, None] & dmask[None, :]
+            nx = n0 + BLOCK_N
+            _, nmask_nx, addr_nx, mask_nx = _kv_rows(
+                table, nx, end, kvh, dmask, stride_cb, stride_cs, stride_ch, PAGE, BLOCK_N, False, True
+            )
             k_nx = tl.load(k_cache_ptr + addr_nx[:, None] + cols[None, :], mask=mask_nx, other=0.0)
             v_nx = tl.load(v_cache_ptr + addr_nx[:, None] + cols[None, :], mask=mask_nx, other=0.0)
             s = tl.dot(q, tl.trans(k.to(CDT)), input_precision=PRECISION) * qk_scale
@@ -185,16 +232,11 @@ def _decode_kernel(
         l_t = tl.zeros([BLOCK_G], tl.float32)
         acc_t = tl.zeros([KV_HEADS * BLOCK_D, BLOCK_G], tl.float32)
         for n0 in range(start, end, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs < end
-            page, slot = _page_slot(
-                block_tables_ptr + b * stride_bt, n0, offs, nmask, PAGE, BLOCK_N, FAST_ADDR, I64
+            _, nmask, addr, kv_mask = _kv_rows(
+                table, n0, end, kvh, dmask, stride_cb, stride_cs, stride_ch, PAGE, BLOCK_N, FAST_ADDR, I64
             )
-            addr = page * stride_cb + slot * stride_cs + kvh * stride_ch  # (BLOCK_N,)
-            kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(
-                k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0
-            )  # (BLOCK_N, KV_HEADS * D)
+            # (BLOCK_N, KV_HEADS * BLOCK_D)
+            k = tl.load(k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)
             s_t = tl.dot(k.to(CDT), q_t, input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_G)
             s_t = tl.where(nmask[:, None], s_t, float("-inf"))
             m_new = tl.maximum(m_t, tl.max(s_t, 0))
@@ -213,16 +255,11 @@ def _decode_kernel(
         l_sum = l_t
     else:
         for n0 in range(start, end, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs < end
-            page, slot = _page_slot(
-                block_tables_ptr + b * stride_bt, n0, offs, nmask, PAGE, BLOCK_N, FAST_ADDR, I64
+            _, nmask, addr, kv_mask = _kv_rows(
+                table, n0, end, kvh, dmask, stride_cb, stride_cs, stride_ch, PAGE, BLOCK_N, FAST_ADDR, I64
             )
-            addr = page * stride_cb + slot * stride_cs + kvh * stride_ch  # (BLOCK_N,)
-            kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(
-                k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0
-            )  # (BLOCK_N, KV_HEADS * BLOCK_D)
+            # (BLOCK_N, KV_HEADS * BLOCK_D)
+            k = tl.load(k_cache_ptr + addr[:, None] + cols[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(k.to(CDT)), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))

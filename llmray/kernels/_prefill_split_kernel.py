@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from llmray.kernels._paged_attention_kernels import _page_slot
+from llmray.kernels._paged_attention_kernels import _kv_rows
 
 
 @triton.jit
@@ -31,6 +31,12 @@ def _stamp(times_ptr, slot: tl.constexpr, TIMES: tl.constexpr):
         tl.store(times_ptr + lin * 8 + slot, tl.extra.cuda.globaltimer())
         if slot == 0:
             tl.store(times_ptr + lin * 8 + 7, tl.extra.cuda.smid().to(tl.int64))
+
+
+@triton.jit
+def _row_ptrs(ptr, tok, head, d, stride_t, stride_h):
+    """Pointers (BLOCK_R, BLOCK_D) to the (token, head) rows of a (N, H, D) q or out."""
+    return ptr + tok[:, None] * stride_t + head[:, None] * stride_h + d[None, :]
 
 
 @triton.jit
@@ -183,11 +189,9 @@ def _split_body(
     table = block_tables_ptr + sq * stride_bt
     loop_start = start
     if PRELOAD:  # the first step's page entries and K/V go out before anything else
-        offs_n = start + tl.arange(0, BLOCK_N)
-        nmask = offs_n < stop
-        page, slot = _page_slot(table, start, offs_n, nmask, PAGE, BLOCK_N, True, I64)
-        addr = page * stride_cb + slot * stride_cs + kvh * stride_ch
-        kv_mask = nmask[:, None] & dmask[None, :]
+        offs_n, nmask, addr, kv_mask = _kv_rows(
+            table, start, stop, kvh, dmask, stride_cb, stride_cs, stride_ch, PAGE, BLOCK_N, True, I64
+        )
         if PDL:  # keys cached before this step: not written by the kernel this one overlaps
             early = start + BLOCK_N <= prefix
             k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask & early, other=0.0)
@@ -200,28 +204,20 @@ def _split_body(
             k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
         _stamp(times_ptr, 2, TIMES)
-        q = tl.load(
-            q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-            mask=io_mask,
-            other=0.0,
-        ).to(CDT)  # (BLOCK_R, BLOCK_D)
+        q_ptrs = _row_ptrs(q_ptr, q_start + tok, head, d, stride_qt, stride_qh)
+        q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(CDT)  # (BLOCK_R, BLOCK_D)
         m, l_sum, acc = _kv_step(q, k, v, m, l_sum, acc, offs_n, nmask, q_pos, qk_scale, PRECISION, CDT)
         loop_start = start + BLOCK_N
     else:
         if PDL:
             tl.extra.cuda.gdc_wait()
         _stamp(times_ptr, 2, TIMES)
-        q = tl.load(
-            q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-            mask=io_mask,
-            other=0.0,
-        ).to(CDT)
+        q_ptrs = _row_ptrs(q_ptr, q_start + tok, head, d, stride_qt, stride_qh)
+        q = tl.load(q_ptrs, mask=io_mask, other=0.0).to(CDT)  # (BLOCK_R, BLOCK_D)
     for n0 in range(loop_start, stop, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < stop
-        page, slot = _page_slot(table, n0, offs_n, nmask, PAGE, BLOCK_N, True, I64)
-        addr = page * stride_cb + slot * stride_cs + kvh * stride_ch
-        kv_mask = nmask[:, None] & dmask[None, :]
+        offs_n, nmask, addr, kv_mask = _kv_rows(
+            table, n0, stop, kvh, dmask, stride_cb, stride_cs, stride_ch, PAGE, BLOCK_N, True, I64
+        )
         k = tl.load(k_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
         m, l_sum, acc = _kv_step(q, k, v, m, l_sum, acc, offs_n, nmask, q_pos, qk_scale, PRECISION, CDT)
@@ -250,7 +246,7 @@ def _split_body(
         _stamp(times_ptr, 4, TIMES)
         if ticket == used - 1:  # the last of the group's splits: merge them all
             tl.store(ticket_ptr + group_id, 0)  # (the others are done with it: ready for the next launch)
-            o_ptrs = out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+            o_ptrs = _row_ptrs(out_ptr, q_start + tok, head, d, stride_ot, stride_oh)
             _merge(part_out_ptr, part_lse_ptr, o_ptrs, rows, rmask, used, d, dmask, io_mask,
                    D, BLOCK_R, BLOCK_D, BLOCK_S, MERGE_C, MERGE_ONLINE)  # fmt: skip
             _stamp(times_ptr, 5, TIMES)
@@ -322,7 +318,7 @@ def _split_merge_kernel(
     dmask = d < D
     io_mask = rmask[:, None] & dmask[None, :]
     rows = ((q_start + tok).to(tl.int64) * H + head) * NUM_SPLITS
-    o_ptrs = out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    o_ptrs = _row_ptrs(out_ptr, q_start + tok, head, d, stride_ot, stride_oh)
     if PDL:
         tl.extra.cuda.gdc_wait()
     _merge(part_out_ptr, part_lse_ptr, o_ptrs, rows, rmask, used, d, dmask, io_mask,

@@ -22,14 +22,14 @@ import torch.nn.functional as F
 import triton
 
 from llmray.kernels._paged_attention_kernels import (
-    LOG2E,
-    _compute_dtype,
     _decode_kernel,
     _merge_kernel,
-    _precision,
+    cache_scales,
+    scale_and_strides,
+    shape_meta,
 )
-from llmray.kernels._paged_prefill_kernels import _prefill_gqa_kernel, _prefill_kernel, _prefill_merge_kernel
-from llmray.kernels.kv_store import from_cache, is_fp8
+from llmray.kernels._paged_prefill_kernels import _prefill_kernel, _prefill_merge_kernel
+from llmray.kernels.kv_store import from_cache
 from llmray.kernels.paged_prefill import paged_prefill, prefill_block_m
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
 __all__ += [
     "_decode_kernel",
     "_merge_kernel",
-    "_prefill_gqa_kernel",
     "_prefill_kernel",
     "_prefill_merge_kernel",
 ]
@@ -122,14 +121,12 @@ def paged_decode(
     whose chunk is not exactly one token are skipped (a CUDA graph can launch over every sequence slot)."""
     bsz = block_tables.shape[0]
     _, h, d = q.shape
-    _, page, hkv, _ = k_cache.shape
+    hkv = k_cache.shape[2]
     group = h // hkv
     out = torch.empty_like(q) if out is None else out
     if bsz == 0:
         return out
-    fp8 = is_fp8(k_cache)
-    if fp8 and (k_scale is None or v_scale is None):
-        raise ValueError("an fp8 KV cache needs k_scale and v_scale")
+    fp8, ks, vs = cache_scales(k_cache, k_scale, v_scale, context_lens)
     indirect = query_start is not None
     if num_splits > 1:
         part_out = torch.empty(bsz, h, num_splits, d, dtype=torch.float32, device=q.device)
@@ -151,52 +148,15 @@ def paged_decode(
     i64 = not fast_addr or max(c.shape[0] * c.stride(0) for c in (k_cache, v_cache)) >= 2**31
     if kv_heads > 1 and (hkv % kv_heads or block_d != d or k_cache.stride(2) != d or k_cache.stride(3) != 1):
         kv_heads = 1  # (head rows not adjacent and dense: one head per program)
-    block_g = max(trans_g or 16, triton.next_power_of_2(group * kv_heads))
     grid_h = hkv // kv_heads
+    block_g = max(trans_g or 16, triton.next_power_of_2(group * kv_heads))
     _decode_kernel[(grid_h, bsz, num_splits) if heads_fast else (bsz, grid_h, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        context_lens,
-        query_start if indirect else context_lens,
-        k_scale if fp8 else context_lens,
-        v_scale if fp8 else context_lens,
-        out,
-        part_out,
-        part_lse,
-        scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        block_tables.stride(0),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        H=h,
-        GROUP=group,
-        BLOCK_G=block_g,
-        D=d,
-        BLOCK_D=block_d,
-        PAGE=page,
-        BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
-        PRECISION=_precision(q.dtype, precision),
-        INDIRECT=indirect,
-        FP8=fp8,
-        CDT=_compute_dtype(q.dtype, fp8),
-        PREFETCH=prefetch,
-        HEADS_FAST=heads_fast,
-        V_SCALE_FIRST=v_scale_first,
-        KV_HEADS=kv_heads,
-        TRANS=trans_g > 0,
-        V_ASM=v_asm,
-        FAST_ADDR=fast_addr,
-        I64=i64,
-        num_warps=warps,
-        num_stages=stages,
-    )
+        q, k_cache, v_cache, block_tables, context_lens, query_start if indirect else context_lens, ks, vs, out,
+        part_out, part_lse, *scale_and_strides(q, out, block_tables, k_cache, scale),
+        **shape_meta(q, k_cache, precision, fp8), BLOCK_G=block_g, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        INDIRECT=indirect, PREFETCH=prefetch, HEADS_FAST=heads_fast, V_SCALE_FIRST=v_scale_first, KV_HEADS=kv_heads, TRANS=trans_g > 0, V_ASM=v_asm, FAST_ADDR=fast_addr,
+        I64=i64, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
     if num_splits > 1:
         _merge_kernel[(bsz, h)](
             part_out,

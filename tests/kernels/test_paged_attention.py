@@ -132,9 +132,8 @@ def test_decode_fast_addr_real_shapes_gpu(splits):
 @pytest.mark.parametrize(
     "splits,config",
     [
-        (8, (0,)),
+        (8, SplitConfig(rows=0)),
         (8, None),
-        (8, (64, 64, 8, 3, True, True, True)),
         (8, SplitConfig()),
         (12, SplitConfig(keys=64, bf16_parts=True, merge_c=1, preload=True)),
         (8, SplitConfig(sep_merge=True, merge_online=True, pdl=True)),
@@ -149,8 +148,8 @@ def test_decode_fast_addr_real_shapes_gpu(splits):
 @pytest.mark.parametrize("fp8", [False, True])
 def test_split_prefill_after_long_prefix_real_shapes_gpu(splits, config, fp8):
     """The prefix-hit step: 48 new tokens after 2,000 cached and 100 after 30 (split-K over each tile's keys):
-    per-head programs + a merge kernel (config (0,)) and the one-launch GQA kernel whose last split merges
-    (run twice: its tickets are back at 0 after a launch), bf16 queries over a bf16 or an e4m3 cache."""
+    per-head programs + a merge kernel (rows 0) and the split kernel, its last split merging or a merge kernel
+    (run twice: the tickets are back at 0 after a launch), bf16 queries over a bf16 or an e4m3 cache."""
     ctx, qlen = [2048, 130], [48, 100]
     q, kc, vc, bt, qs, cl = make_case(ctx, qlen, 16, 8, 128, 16, torch.float32, seed=5)
     ks = vs = None
@@ -207,7 +206,7 @@ def test_fp8_cache_decode_and_prefill_match_the_reference():
         torch.zeros(2, dtype=torch.int32, device=DEVICE),
     )
     out = paged_prefill(q, kc8, vc8, bt, qs, cl, 0, 0.25, tiles=tiles, k_scale=ks, v_scale=vs, num_splits=3)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # (split-K, the one-launch GQA kernel)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # (split-K: "narrow", several sequences)
 
 
 @pytest.mark.gpu
@@ -236,7 +235,7 @@ def test_decode_fp8_real_shapes_gpu(config, splits):
 
 @pytest.mark.parametrize(
     "prefill_splits,config",
-    [(1, None), (3, None), (3, (0,)), (2, (32, 16, 4, 2, False, False, True)),
+    [(1, None), (3, None), (3, SplitConfig(rows=0)), (2, SplitConfig(keys=2)), (2, SPLIT_CONFIGS["wide"]),
      (3, SplitConfig(32, 16, 4, 2, preload=True, merge_c=1)),
      (3, SplitConfig(16, 16, 4, 2, merge_online=True, sep_merge=True))],
 )  # fmt: skip
@@ -244,8 +243,9 @@ def test_indirect_decode_and_tiled_prefill_over_a_mixed_batch(prefill_splits, co
     """The CUDA-graph form: decode over every sequence slot (only 1-token chunks run, at their packed
     token), prefill over a padded work list of (sequence, query block) tiles (split-K over each tile's keys:
     seq 3's 13 queries after a 20-token prefix; seq 1's second tile has keys for one split only). Split-K
-    launches: the one-launch GQA kernel (default: 16 rows per program, one key step per split; 32 rows, two key
-    steps per split, no fast_addr, the merge's weights read back per split) and per-head programs + a merge kernel."""
+    launches: the split kernel ("narrow" by default: 16 rows per program, its last split merging; "wide": 128
+    rows, 16 splits, a merge kernel; peeled first step, online merge) and per-head programs + a merge kernel
+    (rows 0, or a key step of 2 within 4-token pages: the launcher's fallback)."""
     ctx, qlen = [5, 40, 1, 33, 1], [1, 36, 1, 13, 0]  # the last sequence is padding (no tokens)
     q, kc, vc, bt, qs, cl = make_case(ctx, [max(n, 0) for n in qlen], 4, 2, 16, 4, torch.float32, seed=4)
     ref = paged_attention_ref(q, kc, vc, bt[:4], qs[:5], cl[:4], 0.25)
