@@ -100,7 +100,8 @@ def main() -> None:
         "--ab-runs",
         type=int,
         default=1,
-        help="> 1: each half-batch extra (noevent, noreuse, noplan, switch100, noearly, threadsN) runs this many "
+        help="> 1: each half-batch extra (noevent, noreuse, noplan, switchN, noearly, threadsN, latesignal, bitmaskN, "
+        "hostflag, devflag, nodevwait, spincollect) runs this many "
         "times alternating with the default half batch; ab_<extra>_over_default = median over median",
     )
     ap.add_argument(
@@ -341,10 +342,14 @@ def main() -> None:
 def _toggle(llm: LLM, extra: str):
     """(turn the variant on, turn it off) for the half-batch extras that flip one engine setting, else None."""
     runner = llm.engine.runner
-    if extra in ("noevent", "noreuse", "noearly", "noside", "spincollect"):
-        attr = {"noevent": "from_event", "noreuse": "reuse", "noearly": "early", "noside": "side_copy"}.get(
-            extra, "sleep_collect"
-        )
+    if extra in ("noevent", "noreuse", "noearly", "noside", "spincollect", "latesignal"):
+        attr = {
+            "noevent": "from_event",
+            "noreuse": "reuse",
+            "noearly": "early",
+            "noside": "side_copy",
+            "latesignal": "early_signal",  # the host flag stored after the worker's checks (the older order)
+        }.get(extra, "sleep_collect")
         return (lambda: setattr(runner.masks, attr, False)), (lambda: setattr(runner.masks, attr, True))
     if extra in ("devwait", "nodevwait", "devflag", "hostflag"):
         # the device waits for the worker's masks (devwait: by the default flag; devflag: a device flag the
@@ -374,6 +379,21 @@ def _toggle(llm: LLM, extra: str):
         default, value = step_masks._SWITCH_S, int(extra[6:]) * 1e-6
         return (lambda: setattr(step_masks, "_SWITCH_S", value)), (
             lambda: setattr(step_masks, "_SWITCH_S", default)
+        )
+    if extra.startswith("bitmask"):  # the mask kernel's block (tokens per program): bitmaskN
+        import llmray.kernels.token_bitmask as token_bitmask
+
+        default_block, block = token_bitmask.BLOCK, int(extra[7:])
+        if torch.cuda.is_available():  # compiled now (both dtypes, selected rows), not inside a timed run
+            words, rows = (
+                torch.ones((2, 4748), dtype=torch.int32, device="cuda"),
+                torch.arange(2, device="cuda"),
+            )
+            for dt in (torch.float32, torch.bfloat16):
+                x = torch.zeros((4, 151936), dtype=dt, device="cuda")
+                token_bitmask.apply_token_bitmask_(x, words, rows.to(torch.int32), block=block)
+        return (lambda: setattr(token_bitmask, "BLOCK", block)), (
+            lambda: setattr(token_bitmask, "BLOCK", default_block)
         )
     if extra.startswith("threads"):
         import llguidance

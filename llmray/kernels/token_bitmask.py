@@ -37,12 +37,17 @@ def _token_bitmask_kernel(
     tl.store(ptr, tl.full([BLOCK], float("-inf"), logits_ptr.dtype.element_ty), mask=inside & banned)
 
 
+# tokens per program (16 per thread: BLOCK // 512 warps): 4096 launches half the programs of 2048 (a
+# 128-row, 151,936-token step: 4,736 programs); bench/structured_bitmask.py times the choices
+BLOCK = 4096
+
+
 def apply_token_bitmask_(
-    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None, block: int | None = None
 ) -> torch.Tensor:
     """In place on logits (B, V) (unit stride along V), CUDA: ``logits[rows[i], t] = -inf`` where bit t of
-    ``bitmask[i]`` (int32 (R, ceil(V/32)), contiguous) is 0; ``rows`` int32/int64 (R,) or None (R = B).
-    Returns logits."""
+    ``bitmask[i]`` (int32 (R, ceil(V/32)), contiguous) is 0; ``rows`` int32/int64 (R,) or None (R = B);
+    ``block``: tokens per program (a power of two >= 512; None: ``BLOCK``). Returns logits."""
     bsz, vocab = logits.shape
     n = bitmask.shape[0]
     assert logits.stride(1) == 1 and bitmask.is_contiguous() and bitmask.dtype == torch.int32
@@ -50,7 +55,7 @@ def apply_token_bitmask_(
     assert rows is not None or n == bsz, "without rows, one bitmask row per logits row"
     if n == 0:
         return logits
-    block = 2048
+    block = block or BLOCK
     grid = (n, triton.cdiv(vocab, block))
     rows_arg = rows if rows is not None else bitmask  # (unused when HAS_ROWS is False)
     _token_bitmask_kernel[grid](
@@ -62,7 +67,7 @@ def apply_token_bitmask_(
         vocab,
         HAS_ROWS=rows is not None,
         BLOCK=block,
-        num_warps=4,
+        num_warps=max(1, block // 512),
     )
     return logits
 

@@ -29,7 +29,7 @@ def _bitmask(rows: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("select", [False, True])
 def test_kernel_matches_torch(dtype, select):
     gen = torch.Generator().manual_seed(1)
-    vocab, bsz = 2100, 5  # 2100 = 65.6 words, and past one 2048-token block
+    vocab, bsz = 2100, 5  # 2100 = 65.6 words, and past one 2048-token block (bf16: blocks of 1024 or 2048)
     logits = torch.randn(bsz, vocab, generator=gen).to(dtype)
     if select:
         rows = torch.tensor([3, 0, 4], dtype=torch.int32)
@@ -38,7 +38,8 @@ def test_kernel_matches_torch(dtype, select):
         rows, mask = None, _bitmask(bsz, vocab, gen)
     want = apply_token_bitmask_torch(logits, mask, rows)
     got = logits.to(DEVICE)
-    out = apply_token_bitmask_(got, mask.to(DEVICE), None if rows is None else rows.to(DEVICE))
+    block = None if dtype == torch.float32 else 1024 if select else 2048  # (None: the default, one block)
+    out = apply_token_bitmask_(got, mask.to(DEVICE), None if rows is None else rows.to(DEVICE), block=block)
     assert out is got  # in place
     assert torch.equal(got.cpu(), want)
     # the bit convention: token t allowed iff bit t % 32 of word t // 32
