@@ -101,7 +101,7 @@ def main() -> None:
         type=int,
         default=1,
         help="> 1: each half-batch extra (noevent, noreuse, noplan, switchN, noearly, threadsN, latesignal, bitmaskN, "
-        "hostflag, devflag, nodevwait, spincollect) runs this many "
+        "hostflag, devflag, nodevwait, spincollect, prev: the previous default) runs this many "
         "times alternating with the default half batch; ab_<extra>_over_default = median over median",
     )
     ap.add_argument(
@@ -380,6 +380,11 @@ def _toggle(llm: LLM, extra: str):
         return (lambda: setattr(step_masks, "_SWITCH_S", value)), (
             lambda: setattr(step_masks, "_SWITCH_S", default)
         )
+    if (
+        extra == "prev"
+    ):  # the seventh session's default: flag after the checks, 20 us switch, 2048-token block
+        toggles = [_toggle(llm, e) for e in ("latesignal", "switch20", "bitmask2048")]
+        return (lambda: [t[0]() for t in toggles if t]), (lambda: [t[1]() for t in toggles if t])
     if extra.startswith("bitmask"):  # the mask kernel's block (tokens per program): bitmaskN
         import llmray.kernels.token_bitmask as token_bitmask
 
