@@ -250,11 +250,55 @@ def optim_part(preset: str, cuda: bool, steps: int) -> dict:
     return res
 
 
+# add_rms_norm's backward launch: (BWD_CONFIG (BLOCK_M, warps) or None, BWD_PER_SM or None, prefetch)
+RMS = [(None, None, True), (None, 2, True), (None, 8, True), (None, 16, True), ((1, 4), None, True),
+       ((4, 8), None, True), ((4, 8), 2, True), ((2, 8), None, True), ((1, 4), 8, True), (None, None, False)]  # fmt: skip
+
+
+def rms_part(rows: int, n: int, cuda: bool) -> tuple[dict, str]:
+    """add_rms_norm's backward as training runs it (bf16 dy, fp32 residual sum and its gradient in, fp32 dx
+    and the bf16 branch's dx out, dW) per launch config: ms per call (CUDA graph) and GB/s."""
+    import llmray.kernels.rmsnorm as RN  # noqa: N812
+
+    dev = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)
+    s_ = torch.randn(rows, n, device=dev)
+    w = 1 + 0.1 * torch.randn(n, device=dev)
+    _, _, rstd = RN.rms_norm_fwd(s_, w, 1e-6)
+    dy = torch.randn(rows, n, device=dev, dtype=torch.bfloat16)
+    ds = torch.randn(rows, n, device=dev)
+    dx2 = torch.empty(rows, n, device=dev, dtype=torch.bfloat16)
+    moved = rows * n * (2 + 4 + 4 + 4 + 2)
+    want = RN.rms_norm_bwd(dy, s_, w, rstd, ds=ds, dx2=dx2)
+    res: dict = {}
+    best, best_ms, flags = "", float("inf"), ""
+    old = RN.BWD_CONFIG, RN.BWD_PER_SM
+    for cfg, per_sm, pre in RMS:
+        name = f"cfg{cfg} per_sm{per_sm}{'' if pre else ' noprefetch'}"
+        RN.BWD_CONFIG, RN.BWD_PER_SM = cfg, per_sm
+        try:
+            got = RN.rms_norm_bwd(dy, s_, w, rstd, ds=ds, dx2=dx2, prefetch=pre)
+            ok = torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-3)
+            ms = _graph_ms(lambda p=pre: RN.rms_norm_bwd(dy, s_, w, rstd, ds=ds, dx2=dx2, prefetch=p),
+                           20 if cuda else 1, cuda)  # fmt: skip
+            res[name] = {"ms": round(ms, 4), "gb_s": round(moved / ms / 1e6), "ok": ok}
+            if ok and pre and ms < best_ms:
+                best, best_ms = name, ms
+                flags = "+".join(f"llmray.kernels.rmsnorm.{k}={v}" for k, v in
+                                 (("BWD_CONFIG", "/".join(map(str, cfg)) if cfg else None), ("BWD_PER_SM", per_sm)))  # fmt: skip
+        except Exception as e:
+            res[name] = f"{type(e).__name__}: {str(e)[:300]}"
+        log(f"rms {name}: {res[name]}")
+    RN.BWD_CONFIG, RN.BWD_PER_SM = old
+    res["best"], res["best_flags"] = best, flags
+    return res, flags
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="/tmp/train_micro")
     p.add_argument("--old", default="", help="a copy of the committed qk_norm_rope_train.py (the baseline)")
-    p.add_argument("--parts", default="qk,optim")
+    p.add_argument("--parts", default="qk,optim,rms")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per setting")
     p.add_argument("--smoke", action="store_true", help="CPU: small shapes under the Triton interpreter")
     a = p.parse_args()
@@ -268,6 +312,9 @@ def main() -> int:
             if part == "qk":
                 res["qk"], flags = qk_part(shape, cuda, a.old or None)
                 (out / "best_flags.txt").write_text(flags + "\n")
+            elif part == "rms":
+                res["rms"], flags = rms_part(*((16384, 1024) if cuda else (12, 64)), cuda)
+                (out / "rms_flags.txt").write_text(flags + "\n")
             elif part == "optim":
                 res["optim"] = optim_part(preset, cuda, 2 if a.smoke else a.steps)
         except Exception as e:  # keep going: the next part may still run

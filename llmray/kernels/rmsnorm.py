@@ -214,6 +214,10 @@ def dw_programs(m: int, n: int, block_m: int, device: torch.device, per_sm: int 
 
 
 DX2_ONE_PASS = True  # add_rms_norm's backward writes both input dtypes' dx in one pass (False: a cast after)
+# the backward's launch when the caller passes none (training's A/B sets them): (BLOCK_M, num_warps) and
+# programs per SM; None = row_block_config / dw_programs' heuristics
+BWD_CONFIG: tuple[int, int] | None = None
+BWD_PER_SM: int | None = None
 DW_SUM = (256, 8, 4)  # (BLOCK_P, BLOCK_N, num_warps) of the one-pass dW sum: 8 columns a program
 
 
@@ -244,9 +248,10 @@ def rms_norm_bwd(
     if m == 0:
         return dx, torch.zeros_like(weight) if compute_dw else None
     block_m, block_n, warps = row_block_config(n, m)
+    config = config or BWD_CONFIG
     if config is not None:
         block_m, warps = config
-    progs = dw_programs(m, n, block_m, x.device, programs_per_sm)
+    progs = dw_programs(m, n, block_m, x.device, programs_per_sm or BWD_PER_SM)
     rows_per_prog = triton.cdiv(triton.cdiv(m, progs), block_m) * block_m
     progs = triton.cdiv(m, rows_per_prog)
     dw_part = torch.empty((progs, n), device=x.device, dtype=torch.float32) if compute_dw else dx
