@@ -14,8 +14,9 @@ llguidance for JSON schemas), the share of constrained outputs that parse and va
 (``half_schema_over_free_sync_steps``: ``LLMEngine.defer_constrained_sampling`` off), the half batch on xgrammar
 (``half_schema_over_free_xgrammar``), the all-free batch with async scheduling off (``free_sync_over_free``),
 the all-free batch on the old seeded sampling path (``free_oldseed_over_free``: per-row generators instead of
-the fused kernel) and the half batch with masks filled when its step samples instead of from the previous
-read-back on (``half_schema_over_free_fill_at_sampling``).
+the fused kernel); an extra that flips one engine setting (``_toggle``: e.g. ``prev``, the previous default)
+runs as an A/B against the default half batch in the same process (``ab_<extra>_over_default``, and whether
+it changed any token). ``--apply`` turns such toggles on for the whole run.
 
     python bench/structured.py --tokenizer .data/bpe151k.tar.xz --out bench/results/structured.json
 """
@@ -100,9 +101,9 @@ def main() -> None:
         "--ab-runs",
         type=int,
         default=1,
-        help="> 1: each half-batch extra (noevent, noreuse, noplan, switchN, noearly, threadsN, latesignal, bitmaskN, "
-        "hostflag, devflag, nodevwait, spincollect, prev: the previous default) runs this many "
-        "times alternating with the default half batch; ab_<extra>_over_default = median over median",
+        help="each half-batch extra that is a toggle (noevent, noreuse, noplan, switchN, noearly, threadsN, "
+        "latesignal, latecopy, bitmaskN, hostflag, devflag, nodevwait, spincollect, prev: the previous default) "
+        "runs this many times alternating with the default half batch; ab_<extra>_over_default = median over median",
     )
     ap.add_argument(
         "--budget-s", type=float, default=1e9, help="skip the optional runs past this many seconds"
@@ -113,6 +114,7 @@ def main() -> None:
         help="optional runs, in order: nodefer, xgrammar, sync, oldseed, noearly, noevent, nosplit, switch100, noplan, noreuse, "
         "threadsN",
     )
+    ap.add_argument("--apply", default="", help="extras (toggles) on for the whole run, e.g. prev")
     ap.add_argument("--out", default="bench/results/structured.json")
     args = ap.parse_args()
     import jsonschema
@@ -120,6 +122,11 @@ def main() -> None:
     t_start = time.perf_counter()
     tok = load_tokenizer(args.tokenizer)
     llm = build_llm(tok, args.preset)
+    for name in [e for e in args.apply.split(",") if e]:
+        toggle = _toggle(llm, name)
+        if toggle is None:
+            sys.exit(f"--apply {name}: not a toggle")
+        toggle[0]()
     gen = torch.Generator().manual_seed(0)
     prompts = [
         torch.randint(300, tok.vocab_size - 10, (args.prompt_len,), generator=gen).tolist()
@@ -141,6 +148,8 @@ def main() -> None:
     warm_s = time.perf_counter() - t0
     res: dict = {"free": [], "half": []}
     result: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    if args.apply:
+        result["applied"] = args.apply
 
     outs_free: list = []
 
@@ -161,17 +170,6 @@ def main() -> None:
             result["half_schema_over_free_xgrammar"] = round(med["half_xgrammar"] / med["free"], 3)
         if "free" in med and "half_nodefer" in med:
             result["half_schema_over_free_sync_steps"] = round(med["half_nodefer"] / med["free"], 3)
-        for k in [k for k in med if k.startswith("half_threads") and not k.endswith("_base")]:
-            if "free" in med:
-                result[f"{k.replace('half_', 'half_schema_over_free_')}"] = round(med[k] / med["free"], 3)
-        for k, name in (
-            ("noevent", "fill_after_read_back"),
-            ("switch100", "switch_100us"),
-            ("noplan", "sampler_host_after_wait"),
-            ("noreuse", "no_plan_reuse"),
-        ):
-            if "free" in med and f"half_{k}" in med:
-                result[f"half_schema_over_free_{name}"] = round(med[f"half_{k}"] / med["free"], 3)
         if "free_nosplit" in med and "half_nosplit" in med:  # both batches on the one-program-per-row kernel
             result["half_schema_over_free_unsplit_sampling"] = round(
                 med["half_nosplit"] / med["free_nosplit"], 3
@@ -188,8 +186,6 @@ def main() -> None:
             result["spread"] = {  # (max - min) / median of each batch's runs
                 k: round((max(res[k]) - min(res[k])) / med[k], 3) for k in ("free", "half")
             }
-        if "free" in med and "half_noearly" in med:
-            result["half_schema_over_free_fill_at_sampling"] = round(med["half_noearly"] / med["free"], 3)
         if "free" in med and "free_oldseed" in med:
             result["free_oldseed_over_free"] = round(med["free_oldseed"] / med["free"], 3)
         if "free" in med and "free_sync" in med:
@@ -239,13 +235,13 @@ def main() -> None:
     per_run = (time.perf_counter() - t0 - warm_s) / (2 * args.runs)
     for extra in [e for e in args.extras.split(",") if e]:
         toggle = _toggle(llm, extra)
-        need = (2 * args.ab_runs + 0.5) if toggle is not None and args.ab_runs > 1 else 2.5
+        need = (2 * args.ab_runs + 0.5) if toggle is not None else 2.5
         if extra == "eagerdetok":
             need = 2 * max(2, args.ab_runs) + 0.5
         if time.perf_counter() - t_start + need * per_run > args.budget_s:
             print(f"skipping {extra}: budget", flush=True)
             break
-        if toggle is not None and args.ab_runs > 1:  # A/B: the variant, then the default, N times over
+        if toggle is not None:  # A/B: the variant, then the default, N times over
             on, off = toggle
             res[f"half_{extra}"], res[f"half_{extra}_base"] = [], []
             same = True
@@ -289,28 +285,6 @@ def main() -> None:
             llm.engine.runner.sampler.fused_seeded = False
             res["free_oldseed"] = [timed(llm, prompts, free)[0]]
             llm.engine.runner.sampler.fused_seeded = True
-        elif extra == "noearly":  # masks filled when the step samples, not from the previous read-back on
-            llm.engine.runner.masks.early = False
-            res["half_noearly"] = [timed(llm, prompts, half)[0]]
-            llm.engine.runner.masks.early = True
-        elif extra == "noevent":  # the fill starts after the host's read-back, not when the tokens land
-            llm.engine.runner.masks.from_event = False
-            res["half_noevent"] = [timed(llm, prompts, half)[0]]
-            llm.engine.runner.masks.from_event = True
-        elif extra == "noreuse":  # every step's fill laid out anew, the sampler's rows too
-            llm.engine.runner.masks.reuse = False
-            res["half_noreuse"] = [timed(llm, prompts, half)[0]]
-            llm.engine.runner.masks.reuse = True
-        elif extra == "noplan":  # the sampler's host work after the wait for the masks, not before
-            llm.engine.runner.sampler.plan_ahead = False
-            res["half_noplan"] = [timed(llm, prompts, half)[0]]
-            llm.engine.runner.sampler.plan_ahead = True
-        elif extra == "switch100":  # the old 0.1 ms GIL switch interval while a fill runs
-            import llmray.engine.structured.step_masks as step_masks
-
-            default_switch, step_masks._SWITCH_S = step_masks._SWITCH_S, 1e-4
-            res["half_switch100"] = [timed(llm, prompts, half)[0]]
-            step_masks._SWITCH_S = default_switch
         elif extra == "nosplit":  # the sampling kernel on one program per row (both batches, alternating)
             import llmray.kernels.sampling as sampling_kernel
 
@@ -324,14 +298,6 @@ def main() -> None:
             llm.engine.async_scheduling = False
             res["free_sync"] = [timed(llm, prompts, free)[0]]
             llm.engine.async_scheduling = True
-        elif extra.startswith("threads"):  # llguidance's mask executor on N threads
-            import llguidance
-
-            llg = llm.engine._grammars.backend("llguidance")
-            default_executor = llg.executor
-            llg.executor = llguidance.LLExecutor(int(extra[7:]))
-            res[f"half_{extra}"] = [timed(llm, prompts, half)[0]]
-            llg.executor = default_executor
         elif extra == "xgrammar":
             hx = [params(i, i % 2 == 1, "xgrammar") for i in range(args.num)]
             llm.generate(prompts[:w], hx[:w])  # compile
@@ -342,13 +308,14 @@ def main() -> None:
 def _toggle(llm: LLM, extra: str):
     """(turn the variant on, turn it off) for the half-batch extras that flip one engine setting, else None."""
     runner = llm.engine.runner
-    if extra in ("noevent", "noreuse", "noearly", "noside", "spincollect", "latesignal"):
+    if extra in ("noevent", "noreuse", "noearly", "noside", "spincollect", "latesignal", "latecopy"):
         attr = {
             "noevent": "from_event",
             "noreuse": "reuse",
             "noearly": "early",
             "noside": "side_copy",
             "latesignal": "early_signal",  # the host flag stored after the worker's checks (the older order)
+            "latecopy": "copy_at_start",  # the host flag's poll and the copy queued at sampling (older order)
         }.get(extra, "sleep_collect")
         return (lambda: setattr(runner.masks, attr, False)), (lambda: setattr(runner.masks, attr, True))
     if extra in ("devwait", "nodevwait", "devflag", "hostflag"):
@@ -380,10 +347,9 @@ def _toggle(llm: LLM, extra: str):
         return (lambda: setattr(step_masks, "_SWITCH_S", value)), (
             lambda: setattr(step_masks, "_SWITCH_S", default)
         )
-    if (
-        extra == "prev"
-    ):  # the seventh session's default: flag after the checks, 20 us switch, 2048-token block
-        toggles = [_toggle(llm, e) for e in ("latesignal", "switch20", "bitmask2048")]
+    if extra == "prev":  # the seventh session's default: flag after the checks, copy queued at sampling,
+        # GIL switch 20 us, mask kernel block 2048
+        toggles = [_toggle(llm, e) for e in ("latesignal", "latecopy", "switch20", "bitmask2048")]
         return (lambda: [t[0]() for t in toggles if t]), (lambda: [t[1]() for t in toggles if t])
     if extra.startswith("bitmask"):  # the mask kernel's block (tokens per program): bitmaskN
         import llmray.kernels.token_bitmask as token_bitmask

@@ -117,13 +117,21 @@ def test_deferred_sampling_gives_the_tokens_of_synchronous_steps(llm):
         masks.early = True
     others = [synchronous, after_read_back, late]
     if masks.is_cuda:  # the device (not the host) waits for the worker: a host flag, a device flag; the host
-        default = (masks.device_wait, masks.host_flag)
+        # (host flag: stored after the worker's checks, its poll and copy queued at sampling: the older orders)
+        default = (masks.device_wait, masks.host_flag, masks.early_signal, masks.copy_at_start)
         try:
             for mode in ((True, True), (True, False), (False, True)):
                 masks.device_wait, masks.host_flag = mode
                 others.append(llm.generate(prompts, params))
+            masks.device_wait, masks.host_flag, masks.early_signal, masks.copy_at_start = (
+                True,
+                True,
+                False,
+                False,
+            )
+            others.append(llm.generate(prompts, params))
         finally:
-            masks.device_wait, masks.host_flag = default
+            masks.device_wait, masks.host_flag, masks.early_signal, masks.copy_at_start = default
     for other in others:
         assert [o.token_ids for o in deferred] == [o.token_ids for o in other]
         assert [o.finish_reason for o in deferred] == [o.finish_reason for o in other]

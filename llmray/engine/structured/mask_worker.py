@@ -8,9 +8,11 @@ all: it queues ``kernels.token_bitmask.wait_flag`` before the sampling, so the d
 for the masks (the fill -> sampling -> next fill chain runs without a host hand-off). Two flags:
 
 - host flag (``StepMasks.host_flag``, the default): the worker only stores the job's number into a pinned
-  host word (``signal``); the main thread has queued, on its own stream, the poll of that word, the masks'
-  copy and the sampling. The worker makes no CUDA call, so after the fill it needs the GIL once, not once
-  per CUDA call (each a wait behind the main thread's Python, long when the host's CPUs are contended).
+  host word (``signal``), as soon as its fill returns when no check changes the masks (``final``); the main
+  thread has queued, on a side stream when it started the job, the poll of that word and the masks' copy
+  (``copy_when_flagged``: it overlaps the forward), and the sampling waits for that copy. The worker makes
+  no CUDA call, so after the fill it needs the GIL once, not once per CUDA call (each a wait behind the main
+  thread's Python, long when the host's CPUs are contended).
 - device flag: the worker copies the masks on its side stream, then the job's number into a device word.
 """
 
@@ -111,15 +113,27 @@ class DeviceMasks:
 
         wait_flag(self.flag, job_id, self.late)
 
-    def wait_host(self, job_id: int, host: torch.Tensor, index: torch.Tensor, dev: tuple) -> None:
-        """Host flag, on the current stream (the side stream: the copy overlaps the forward when the fill is
-        done before it): the poll of the host flag until the worker stores ``job_id`` (reads over the bus: a
-        bounded poll of ~1 s at most, counted in ``late``), then the masks' copy into the device pair ``dev``."""
+    def copy_when_flagged(
+        self, job_id: int, host: torch.Tensor, index: torch.Tensor, dev: tuple, after: Any
+    ) -> torch.cuda.Event:
+        """Host flag, queued on the side stream (the copy overlaps the forward when the fill is done before
+        it): after the event ``after`` (the device pair's last sampling), the poll of the host flag until the
+        worker stores ``job_id`` (reads over the bus: a bounded poll of ~1 s at most, counted in ``late``), then
+        the masks' copy into the device pair ``dev``. Returns the event after the copy."""
         from llmray.kernels.token_bitmask import wait_flag
 
-        wait_flag(self.host, job_id, self.late, max_iters=HOST_POLLS)
-        dev[0].copy_(host, non_blocking=True)
-        dev[1].copy_(index, non_blocking=True)
+        with (
+            torch.inference_mode(),
+            torch.cuda.stream(self.stream),
+        ):  # (the device pairs are inference tensors)
+            if after is not None:
+                self.stream.wait_event(after)
+            wait_flag(self.host, job_id, self.late, max_iters=HOST_POLLS)
+            dev[0].copy_(host, non_blocking=True)
+            dev[1].copy_(index, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        return copied
 
     def next_flag(self) -> int:
         self.next_id += 1

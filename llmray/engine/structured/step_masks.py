@@ -13,10 +13,10 @@ calls ``StepMasks`` at three points (vLLM does the same with its scheduler-side 
   has ``end_tokens``), and does not accept those again. Constraint classes without ``fill_job`` (xgrammar's,
   the tests') keep the old order: accepted during the read-back, filled by ``finish``.
 - ``finish(pending, failed)`` when step N+1's sampling is queued (just before the next forward): waits for
-  the worker (which copied its masks to the device on a side stream) and fills the rows it did not take.
-  With ``device_wait`` (CUDA; off by default) it does not wait at all: the worker checks its rows, copies the
-  masks and writes a flag on its stream, the sampling waits for that flag on the device (``mask_worker.py``),
-  and the host settles the job (its failed rows) when it reads step N+1 back.
+  the worker and fills the rows it did not take. With ``device_wait`` (CUDA, the default) it does not wait:
+  the device polls a host flag the worker stores once its masks are final, then copies them (both queued on
+  a side stream by ``start``), the sampling waits for that copy (``mask_worker.py``), and the host settles
+  the job (its failed rows) when it reads step N+1 back.
 - ``fill_now(seqs, failed, deferred)``: the synchronous fill of a step that was not started early.
 
 Masks are packed: int32 (C, ceil(V/32)) for the C constrained rows plus their sampling rows (C,) int32, in two
@@ -69,7 +69,8 @@ class _Job:
         self.flag_id = 0  # device_wait: the job number the worker writes into the device flag
         self.failed: dict[int, str] | None = None  # device_wait: its step's failed rows, filled when settled
         self.stops = False  # its check may change rows after the worker's copy (extra stop tokens)
-        self.side: tuple | None = None  # host flag: (side stream, event to wait for)
+        self.side: tuple | None = None  # host flag: (the event its copy waits for,)
+        self.copied: Any = None  # host flag: the event after its poll and copy on the side stream
 
 
 class _Plan:
@@ -100,24 +101,21 @@ class StepMasks:
         self._job: _Job | None = None
         self._plan: _Plan | None = None
         self._consumed: tuple[Any, dict[int, frozenset[int]]] | None = None  # (step, rows): ``consumed``
-        self.early = True  # False: every fill synchronous at sampling time (the old order, for A/B runs)
-        # True: a fill starts when the previous step's tokens land (the worker waits for them); False: only
-        # after the host has read them back (the older order, for A/B runs)
-        self.from_event = True
-        self.reuse = True  # False: every step's fill laid out anew (A/B runs)
-        # CUDA: the worker copies the masks it filled to the device on its own stream, and the sampling waits
-        # for that copy on the device (False: the main thread copies them after waiting for the worker)
+        # switches, True by default; False gives an older order (A/B runs):
+        self.early = True  # False: every fill synchronous at sampling time
+        self.from_event = True  # a fill starts when the previous step's tokens land (False: once read back)
+        self.reuse = True  # False: every step's fill laid out anew
+        # CUDA: the masks are copied to the device on a side stream, the sampling waits for that copy on the
+        # device (False: the main thread copies them after waiting for the worker)
         self.side_copy = True
-        # True (CUDA, side_copy): the device waits for the worker's masks (a flag), the host never waits for
-        # the fill (False: the host waits for the worker, then queues the sampling)
-        self.device_wait = True
-        # device_wait: the worker stores a host flag and the main thread queues its poll and the masks' copy
-        # (the worker makes no CUDA call); False: the worker copies the masks and sets a device flag
+        self.device_wait = True  # (side_copy) the device waits for the masks by a flag, not the host
+        # device_wait: the worker stores a host flag, the device polls it (the worker makes no CUDA call);
+        # False: the worker copies the masks and sets a device flag
         self.host_flag = True
         self.sleep_collect = True  # device_wait: the read-back sleeps until the worker is done (``settle``)
-        # host flag: stored as soon as the fill returns when no check changes the masks (no extra stop
-        # tokens), the checks after; False: after the checks (the older order, A/B runs)
-        self.early_signal = True
+        # host flag: stored as soon as the fill returns if no check changes the masks (no extra stop tokens)
+        self.early_signal = True  # (False: after the checks)
+        self.copy_at_start = True  # host flag: its poll and the copy queued by ``start`` (False: ``finish``)
         self._devm: DeviceMasks | None = None
         self._unsettled: _Job | None = None  # device_wait: a job sampled but not yet waited for on the host
         self.started, self.work_s = 0, 0.0  # fills started early, the worker's busy seconds (tests, benches)
@@ -224,9 +222,13 @@ class StepMasks:
             by_host = flag and self.host_flag and self._devm.host_ok
             copy = self._devm.plan(host, index, self.max_rows, flag and not by_host)
             job.dev = (copy[2], copy[3])
-            if by_host:  # the worker stores the host flag; finish queues its poll and the masks' copy
-                job.side, job.flag_id, copy = (copy[0], copy[1]), self._devm.next_flag(), None
+            if by_host:  # the worker stores the host flag; the device polls it, then copies the masks
+                after = copy[1]
+                job.side, job.flag_id, copy = (after,), self._devm.next_flag(), None
                 signal = (self._devm.host_np, job.flag_id)
+                if self.copy_at_start:  # (queued now: the copy need not wait for the host to reach finish)
+                    job.copied = self._devm.copy_when_flagged(job.flag_id, host, index, job.dev, after)
+                    self._fence[job.turn] = job.copied
             elif flag:
                 job.flag_id = copy[6][2]
             checks = job.checks if flag else None  # (run by the worker, before its masks leave)
@@ -321,15 +323,12 @@ class StepMasks:
             self._settle()
             job.failed, self._unsettled = failed, job
             if job.side is not None:  # the host flag's poll, then the masks' copy, on the side stream
-                stream, after = job.side
-                with torch.cuda.stream(stream):
-                    if after is not None:  # (the device pair's last sampling is done)
-                        stream.wait_event(after)
-                    self._devm.wait_host(job.flag_id, job.host, job.index, job.dev)
-                    copied = torch.cuda.Event()
-                    copied.record(stream)
-                torch.cuda.current_stream(self.device).wait_event(copied)
-                self._fence[job.turn] = copied  # (its host pair: free after that copy)
+                if job.copied is None:  # (not queued by ``start``)
+                    job.copied = self._devm.copy_when_flagged(
+                        job.flag_id, job.host, job.index, job.dev, job.side[0]
+                    )
+                    self._fence[job.turn] = job.copied  # (its host pair: free after that copy)
+                torch.cuda.current_stream(self.device).wait_event(job.copied)
             else:
                 self._devm.wait(job.flag_id)
             return job.dev
