@@ -6,12 +6,13 @@
   against torch's fp32 autograd of rope(rms_norm(.)) and the time per call (20 calls in one CUDA graph,
   replayed; CUDA events, median of 5 replays) and the GB/s of the bytes it must move. Variants: the
   committed kernel (``--old``: a copy of the previous module), the token-range design, the tile kernel
-  per (tokens a tile, tiles a program, warps, v copied in the pass or apart).
+  per (tokens a tile, tiles a program, warps, v copied in the pass or apart), the one-head row kernel per
+  (tokens a program, warps, v copied in the pass or apart).
 - ``optim``: Muon + AdamW's step over qwen3-0.6b's parameters (bf16 shadows, symmetric Newton-Schulz, as
   training runs it) with the momentum / apply passes one launch per shape group (``optim_kernels.MULTI``)
   or one per matrix: GPU ms per step (CUDA events), host ms per step, and whether both give the same weights.
 
-Writes OUT/micro.json after each part and OUT/best_flags.txt (the fastest correct tile config as
+Writes OUT/micro.json after each part and OUT/best_flags.txt (the fastest correct tile/rows config as
 ``bench/train_profile.py`` flags).
 
     python bench/train_micro.py --out DIR [--old .gpu/jobs/training_base/qk_norm_rope_train_old.py]
@@ -41,7 +42,11 @@ T0 = time.perf_counter()
 QK_MOD = "llmray.kernels.qk_norm_rope_train"
 # (BT, ITERS, warps or None, COPY_V)
 TILES = [(2, 2, None, True), (1, 4, None, True), (2, 1, None, True), (4, 1, None, True), (4, 2, None, True),
-         (2, 4, None, True), (2, 2, 8, True), (1, 8, 4, True), (2, 2, None, False)]  # fmt: skip
+         (2, 4, None, True), (2, 2, 8, True), (1, 8, 4, True), (4, 1, 16, True), (8, 1, None, True),
+         (4, 4, None, True), (2, 2, None, False)]  # fmt: skip
+# (ROWS_BT, warps or None, COPY_V) of the one-head row kernel
+ROWS = [(32, None, True), (16, None, True), (64, None, True), (8, None, True), (32, 8, True), (128, 8, True),
+        (32, None, False)]  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -131,13 +136,16 @@ def qk_part(shape: tuple, cuda: bool, old_path: str | None) -> tuple[dict, str]:
         assert spec is not None and spec.loader is not None
         mods["old"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mods["old"])
-    keys = ("BWD", "TILE_BT", "TILE_ITERS", "TILE_WARPS", "COPY_V")
+    keys = ("BWD", "TILE_BT", "TILE_ITERS", "TILE_WARPS", "COPY_V", "ROWS_BT", "ROWS_WARPS")
     base = {k: getattr(QK, k) for k in keys}
     variants: list[tuple[str, str, dict]] = [("old (committed)", "old", {})] if old_path else []
     variants.append(("token", "new", {"BWD": "token"}))
     for bt, it, w, cv in TILES:
         cfg = {"BWD": "tile", "TILE_BT": bt, "TILE_ITERS": it, "TILE_WARPS": w, "COPY_V": cv}
         variants.append((f"tile bt{bt} it{it} w{w or 'auto'}{'' if cv else ' vapart'}", "new", cfg))
+    for bt, w, cv in ROWS:
+        cfg = {"BWD": "rows", "ROWS_BT": bt, "ROWS_WARPS": w, "COPY_V": cv}
+        variants.append((f"rows bt{bt} w{w or 'auto'}{'' if cv else ' vapart'}", "new", cfg))
     best, best_ms = "", float("inf")
     for name, which, cfg in variants:
         mod = mods[which]
@@ -159,12 +167,10 @@ def qk_part(shape: tuple, cuda: bool, old_path: str | None) -> tuple[dict, str]:
                 "err_dqkv_dqw_dkw": err,
                 "ok": ok,
             }
-            if which == "new" and cfg.get("BWD") == "tile" and ok and ms < best_ms:
+            if which == "new" and cfg.get("BWD") in ("tile", "rows") and ok and ms < best_ms:
                 best, best_ms = name, ms
                 res["best_flags"] = "+".join(
-                    f"{QK_MOD}.{k}={int(v_) if isinstance(v_, bool) else v_}"
-                    for k, v_ in cfg.items()
-                    if k != "BWD"
+                    f"{QK_MOD}.{k}={int(v_) if isinstance(v_, bool) else v_}" for k, v_ in cfg.items()
                 )
         except Exception as e:  # keep the other variants
             res[name] = f"{type(e).__name__}: {str(e)[:300]}"

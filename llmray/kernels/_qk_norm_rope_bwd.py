@@ -9,7 +9,8 @@ every load of its tile (q, k, their gradients, cos/sin, and v's gradient when it
 and is one of NTOK / (BT ITERS) programs: the hardware keeps many tiles in flight, no program walks a long
 token range. Weight gradients: each program adds its (2 D,) sum into one of NSLOT fp32 slot rows
 (``tl.atomic_add``; a handful of programs share a slot), which ``rmsnorm``'s dW kernel sums: q's and k's in
-one launch. ``_token_kernel`` (the previous design, kept for A/B): programs walk token ranges one token at a
+one launch. ``_head_rows_kernel``: one head of BT tokens a program (the (B, H, T, D) gradient layout read in
+long contiguous runs). ``_token_kernel`` (the previous design, kept for A/B): programs walk token ranges one token at a
 time and write an fp32 partial row each.
 """
 
@@ -111,6 +112,66 @@ def _tile_kernel(
         tl.atomic_add(row + HALF + d, aq2)
         tl.atomic_add(row + 2 * HALF + d, ak1)
         tl.atomic_add(row + 3 * HALF + d, ak2)
+
+
+@triton.jit
+def _head_rows_kernel(
+    Q, K, DQO, DKO, QW, KW, DQ, DK, ACC, POS, COS, SIN, DVI, DVO,
+    T, NTOK, HQ, HK, s_pb, s_pt, s_cos, eps,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sgq_b, sgq_t, sgq_h, sgk_b, sgk_t, sgk_h,
+    sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, sv_b, sv_t, sv_h, sdv_b, sdv_t, sdv_h,
+    HALF: tl.constexpr, BT: tl.constexpr, NSLOT: tl.constexpr, COMPUTE_DW: tl.constexpr, COPY_V: tl.constexpr,
+):  # fmt: skip
+    """One head of BT tokens a program (rows are independent: RMSNorm is per head), program p = head p % NH of
+    token block p // NH (NH = HQ + HK, + HK more copying v's gradient with COPY_V): neighbouring programs read
+    one token block's q|k|v rows, each head's incoming gradient is BT contiguous rows in a (B, H, T, D) layout."""
+    pid = tl.program_id(0)
+    nh = HQ + HK + (HK if COPY_V else 0)
+    h = pid % nh
+    tok = (pid // nh) * BT + tl.arange(0, BT)
+    live = tok < NTOK
+    b = (tok // T).to(tl.int64)[:, None]
+    t = (tok % T).to(tl.int64)[:, None]
+    m = live[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    if h >= HQ + HK:  # v's gradient into its slice of the fused gradient
+        hv = h - HQ - HK
+        d2 = tl.arange(0, 2 * HALF)[None, :]
+        v = tl.load(DVI + b * sv_b + t * sv_t + hv * sv_h + d2, mask=m, other=0.0)
+        tl.store(DVO + b * sdv_b + t * sdv_t + hv * sdv_h + d2, v, mask=m)
+    else:
+        if h < HQ:
+            xp = Q + b * sq_b + t * sq_t + h * sq_h + d
+            gp = DQO + b * sgq_b + t * sgq_t + h * sgq_h + d
+            op = DQ + b * sdq_b + t * sdq_t + h * sdq_h + d
+            w_ptr = QW
+        else:
+            hk = h - HQ
+            xp = K + b * sk_b + t * sk_t + hk * sk_h + d
+            gp = DKO + b * sgk_b + t * sgk_t + hk * sgk_h + d
+            op = DK + b * sdk_b + t * sdk_t + hk * sdk_h + d
+            w_ptr = KW
+        col = (h >= HQ).to(tl.int32) * (2 * HALF)  # [dqw | dkw] in a slot row
+        pos = tl.load(POS + b * s_pb + t * s_pt, mask=m, other=0).to(tl.int64)
+        x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + HALF, mask=m, other=0.0).to(tl.float32)
+        g1 = tl.load(gp, mask=m, other=0.0).to(tl.float32)
+        g2 = tl.load(gp + HALF, mask=m, other=0.0).to(tl.float32)
+        c = tl.load(COS + pos * s_cos + d)
+        s = tl.load(SIN + pos * s_cos + d)
+        n1 = g1 * c + g2 * s
+        n2 = g2 * c - g1 * s
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(w_ptr + d).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + d).to(tl.float32)
+        xh1, xh2 = x1 * rstd, x2 * rstd
+        mean = (tl.sum(xh1 * w1 * n1, 1) + tl.sum(xh2 * w2 * n2, 1))[:, None] / (2 * HALF)
+        tl.store(op, ((w1 * n1 - xh1 * mean) * rstd).to(DQ.dtype.element_ty), mask=m)
+        tl.store(op + HALF, ((w2 * n2 - xh2 * mean) * rstd).to(DQ.dtype.element_ty), mask=m)
+        if COMPUTE_DW:
+            row = ACC + (pid % NSLOT) * (4 * HALF) + col + tl.arange(0, HALF)
+            tl.atomic_add(row, tl.sum(n1 * xh1, 0))
+            tl.atomic_add(row + HALF, tl.sum(n2 * xh2, 0))
 
 
 @triton.jit

@@ -7,9 +7,11 @@ gradient back (rope by -angle) and applies RMSNorm's backward:
     dx = (w g - x_hat mean(x_hat w g)) / rms,   dw = sum over rows of g x_hat
 Unfused, the training step runs rms_norm on q, on k, and rope, each forward and backward (six passes over
 q/k); fused it is two: the rope pass is gone. The backward's kernels (``_qk_norm_rope_bwd``): by default
-(``BWD = "tile"``) one program per BT tokens with all of their heads as one tile, every load issued first,
-v's gradient copied into the fused gradient in the same pass, and both weights' gradients summed by one
-small kernel; ``BWD = "token"`` is the previous design (programs walking token ranges; A/B only).
+(``BWD = "rows"``) one program per head and ROWS_BT tokens (rows are independent: the norm is per head), so
+neighbouring programs read one block of q|k|v rows and each head's incoming gradient (cuDNN's (B, H, T, D)
+layout) in long contiguous runs, with v's gradient copied into the fused gradient by programs of the same
+launch and both weights' gradients summed by one small kernel; ``"tile"``: one program per BT tokens x all
+heads; ``"token"``: the previous design (programs walking token ranges, ~1.4 TB/s on the H200; A/B only).
 """
 
 from __future__ import annotations
@@ -18,20 +20,23 @@ import torch
 import triton
 
 from llmray.kernels._common import interpreting, num_sms
-from llmray.kernels._qk_norm_rope_bwd import _copy_rows_kernel, _tile_kernel, _token_kernel
+from llmray.kernels._qk_norm_rope_bwd import _copy_rows_kernel, _head_rows_kernel, _tile_kernel, _token_kernel
 from llmray.kernels.qk_norm_rope import qk_norm_rope
 from llmray.kernels.rmsnorm import DW_SUM, _sum_partials
 
 __all__ = ["qk_norm_rope_train", "qkv_norm_rope_train"]
 
-# backward knobs (the GPU A/B sets them): the kernel design, the tile kernel's tokens a tile, tiles a program,
-# warps and weight-gradient slot rows; the token kernel's programs per SM and warps (None: heuristics)
-BWD = "tile"
+# backward knobs (the GPU A/B sets them): the kernel design ("rows" | "tile" | "token"), the tile kernel's tokens
+# a tile, tiles a program and warps, weight-gradient slot rows, the row kernel's tokens a program and warps, the
+# token kernel's programs per SM and warps (None: heuristics)
+BWD = "rows"
 TILE_BT = 2
 TILE_ITERS = 2
 TILE_WARPS: int | None = None
 NSLOT = 64
-COPY_V = True  # the tile kernel copies v's gradient into the fused gradient (else _copy_rows' kernel)
+ROWS_BT = 32  # BWD = "rows": tokens of one head a program
+ROWS_WARPS: int | None = None
+COPY_V = True  # the rows/tile kernel copies v's gradient into the fused gradient (else _copy_rows' kernel)
 COPY_ROWS = True  # v's gradient copied by _copy_rows_kernel (vs torch's strided copy_: 62 us a layer, H200)
 PROGRAMS_PER_SM: int | None = None
 NUM_WARPS: int | None = None
@@ -83,7 +88,22 @@ def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk, dv=None,
     block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
     strides = (*q.stride()[:3], *k.stride()[:3], *dqo.stride()[:3], *dko.stride()[:3], *dq.stride()[:3],
                *dk.stride()[:3])  # fmt: skip
-    if BWD == "tile":
+    if BWD == "rows":
+        copy_v = dv is not None and dv_out is not None and COPY_V
+        if copy_v:
+            dv = _unit_d(dv)
+        vs = (*dv.stride()[:3], *dv_out.stride()[:3]) if copy_v else (0,) * 6
+        progs = triton.cdiv(ntok, ROWS_BT) * (hq + hk + (hk if copy_v else 0))
+        nslot = max(1, min(NSLOT, progs))
+        acc = torch.zeros((nslot, 2 * d), device=q.device, dtype=torch.float32) if nq or nk else dq
+        _head_rows_kernel[(progs,)](
+            q, k, dqo, dko, qw, kw, dq, dk, acc, pos, cos, sin,
+            dv if copy_v else dq, dv_out if copy_v else dq,
+            t, ntok, hq, hk, *pos.stride(), cos.stride(0), ctx.eps, *strides, *vs,
+            HALF=d // 2, BT=ROWS_BT, NSLOT=nslot, COMPUTE_DW=nq or nk, COPY_V=copy_v,
+            num_warps=ROWS_WARPS or (8 if ROWS_BT * d >= 8192 else 4),
+        )  # fmt: skip
+    elif BWD == "tile":
         copy_v = dv is not None and dv_out is not None and COPY_V
         if copy_v:
             dv = _unit_d(dv)

@@ -48,6 +48,8 @@ def test_forward_and_gradients_match_reference(dtype, d, device, assert_matches)
         (torch.bfloat16, "tile", 4, 1, False),
         (torch.bfloat16, "tile", 1, 3, True),
         (torch.bfloat16, "token", 0, 0, False),
+        (torch.bfloat16, "rows", 4, 0, True),
+        (torch.float32, "rows", 8, 0, False),
     ],
     ids=str,
 )
@@ -58,14 +60,14 @@ def test_fused_qkv_gradient_matches_reference(
     q gradient in a transposed (B, H, T, D) layout (as SDPA backends return it: read in place). The tile
     backward with bt tokens a tile and iters tiles a program (18 tokens: a ragged last tile and program;
     NSLOT 2: programs share weight-gradient slots), v's gradient copied in the same pass or apart; the
-    previous token-range kernel."""
+    one-head row kernel (bt tokens of one head a program); the previous token-range kernel."""
     from llmray.kernels import qk_norm_rope_train as mod
     from llmray.kernels.qk_norm_rope_train import qkv_norm_rope_train
 
     monkeypatch.setattr(mod, "BWD", bwd)
     monkeypatch.setattr(mod, "COPY_V", copy_v)
     if bt:
-        monkeypatch.setattr(mod, "TILE_BT", bt)
+        monkeypatch.setattr(mod, "TILE_BT" if bwd == "tile" else "ROWS_BT", bt)
         monkeypatch.setattr(mod, "TILE_ITERS", iters)
         monkeypatch.setattr(mod, "NSLOT", 2)
 
