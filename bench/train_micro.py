@@ -256,9 +256,12 @@ def optim_part(preset: str, cuda: bool, steps: int) -> dict:
     return res
 
 
-# add_rms_norm's backward launch: (BWD_CONFIG (BLOCK_M, warps) or None, BWD_PER_SM or None, prefetch)
-RMS = [(None, None, True), (None, 2, True), (None, 8, True), (None, 16, True), ((1, 4), None, True),
-       ((4, 8), None, True), ((4, 8), 2, True), ((2, 8), None, True), ((1, 4), 8, True), (None, None, False)]  # fmt: skip
+# add_rms_norm's backward launch: (BWD_CONFIG (BLOCK_M, warps) or None, BWD_PER_SM or None, prefetch, BWD_SLOTS,
+# BWD_TILES); BWD_SLOTS > 0: short programs of BWD_TILES tiles, dW by atomics
+RMS = [(None, None, True, 0, 1), (None, 2, True, 0, 1), (None, 8, True, 0, 1), ((1, 4), None, True, 0, 1),
+       ((4, 8), None, True, 0, 1), ((2, 8), None, True, 0, 1), (None, None, False, 0, 1),
+       (None, None, True, 64, 1), (None, None, True, 64, 2), (None, None, True, 64, 4), ((4, 8), None, True, 64, 1),
+       ((1, 4), None, True, 64, 4), ((4, 8), None, True, 64, 2)]  # fmt: skip
 
 
 def rms_part(rows: int, n: int, cuda: bool) -> tuple[dict, str]:
@@ -278,10 +281,10 @@ def rms_part(rows: int, n: int, cuda: bool) -> tuple[dict, str]:
     want = RN.rms_norm_bwd(dy, s_, w, rstd, ds=ds, dx2=dx2)
     res: dict = {}
     best, best_ms, flags = "", float("inf"), ""
-    old = RN.BWD_CONFIG, RN.BWD_PER_SM
-    for cfg, per_sm, pre in RMS:
-        name = f"cfg{cfg} per_sm{per_sm}{'' if pre else ' noprefetch'}"
-        RN.BWD_CONFIG, RN.BWD_PER_SM = cfg, per_sm
+    old = RN.BWD_CONFIG, RN.BWD_PER_SM, RN.BWD_SLOTS, RN.BWD_TILES
+    for cfg, per_sm, pre, slots, tiles in RMS:
+        name = f"cfg{cfg} per_sm{per_sm}{'' if pre else ' noprefetch'}{f' slots{slots} tiles{tiles}' if slots else ''}"
+        RN.BWD_CONFIG, RN.BWD_PER_SM, RN.BWD_SLOTS, RN.BWD_TILES = cfg, per_sm, slots, tiles
         try:
             got = RN.rms_norm_bwd(dy, s_, w, rstd, ds=ds, dx2=dx2, prefetch=pre)
             ok = torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-3)
@@ -290,12 +293,13 @@ def rms_part(rows: int, n: int, cuda: bool) -> tuple[dict, str]:
             res[name] = {"ms": round(ms, 4), "gb_s": round(moved / ms / 1e6), "ok": ok}
             if ok and pre and ms < best_ms:
                 best, best_ms = name, ms
-                flags = "+".join(f"llmray.kernels.rmsnorm.{k}={v}" for k, v in
-                                 (("BWD_CONFIG", "/".join(map(str, cfg)) if cfg else None), ("BWD_PER_SM", per_sm)))  # fmt: skip
+                kv = (("BWD_CONFIG", "/".join(map(str, cfg)) if cfg else None), ("BWD_PER_SM", per_sm),
+                      ("BWD_SLOTS", slots), ("BWD_TILES", tiles))  # fmt: skip
+                flags = "+".join(f"llmray.kernels.rmsnorm.{k}={v}" for k, v in kv)
         except Exception as e:
             res[name] = f"{type(e).__name__}: {str(e)[:300]}"
         log(f"rms {name}: {res[name]}")
-    RN.BWD_CONFIG, RN.BWD_PER_SM = old
+    RN.BWD_CONFIG, RN.BWD_PER_SM, RN.BWD_SLOTS, RN.BWD_TILES = old
     res["best"], res["best_flags"] = best, flags
     return res, flags
 

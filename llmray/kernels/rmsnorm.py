@@ -108,10 +108,12 @@ def _rms_norm_bwd_kernel(
     stride_dy, stride_x, stride_ds, stride_dx,
     M, N, rows_per_prog,
     HAS_DS: tl.constexpr, HAS_DX2: tl.constexpr, COMPUTE_DW: tl.constexpr, PREFETCH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSLOT: tl.constexpr,
 ):  # fmt: skip
     """A program walks its rows_per_prog rows a tile at a time. PREFETCH: the next tile's loads are issued
-    before this tile's math (register double-buffering), so a program keeps loads in flight throughout."""
+    before this tile's math (register double-buffering), so a program keeps loads in flight throughout.
+    NSLOT > 0: DW_PART is (NSLOT, N) zeros and the program adds its sum into row pid % NSLOT (atomics: many
+    short programs); else it stores its own row pid."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -141,7 +143,10 @@ def _rms_norm_bwd_kernel(
             if COMPUTE_DW:
                 dw_acc += g
     if COMPUTE_DW:
-        tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+        if NSLOT > 0:
+            tl.atomic_add(DW_PART + (pid % NSLOT) * N + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+        else:
+            tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -218,6 +223,8 @@ DX2_ONE_PASS = True  # add_rms_norm's backward writes both input dtypes' dx in o
 # programs per SM; None = row_block_config / dw_programs' heuristics
 BWD_CONFIG: tuple[int, int] | None = None
 BWD_PER_SM: int | None = None
+BWD_SLOTS = 0  # > 0: programs of BWD_TILES tiles each, dW summed by atomics into this many rows
+BWD_TILES = 1
 DW_SUM = (256, 8, 4)  # (BLOCK_P, BLOCK_N, num_warps) of the one-pass dW sum: 8 columns a program
 
 
@@ -251,10 +258,16 @@ def rms_norm_bwd(
     config = config or BWD_CONFIG
     if config is not None:
         block_m, warps = config
-    progs = dw_programs(m, n, block_m, x.device, programs_per_sm or BWD_PER_SM)
-    rows_per_prog = triton.cdiv(triton.cdiv(m, progs), block_m) * block_m
-    progs = triton.cdiv(m, rows_per_prog)
-    dw_part = torch.empty((progs, n), device=x.device, dtype=torch.float32) if compute_dw else dx
+    if BWD_SLOTS > 0:  # short programs (BWD_TILES tiles each), dW by atomics into BWD_SLOTS rows
+        rows_per_prog = block_m * BWD_TILES
+        progs = triton.cdiv(m, rows_per_prog)
+        nslot = min(BWD_SLOTS, progs)
+        dw_part = torch.zeros((nslot, n), device=x.device, dtype=torch.float32) if compute_dw else dx
+    else:
+        progs = dw_programs(m, n, block_m, x.device, programs_per_sm or BWD_PER_SM)
+        rows_per_prog = triton.cdiv(triton.cdiv(m, progs), block_m) * block_m
+        progs, nslot = triton.cdiv(m, rows_per_prog), 0
+        dw_part = torch.empty((progs, n), device=x.device, dtype=torch.float32) if compute_dw else dx
     d_s = ds if ds is not None else dy
     if dx2 is not None and (dx2.shape != dx.shape or dx2.stride() != dx.stride()):
         raise ValueError(f"dx2 must be a contiguous ({m}, {n}) tensor, got {tuple(dx2.shape)} {dx2.stride()}")
@@ -263,7 +276,7 @@ def rms_norm_bwd(
         dy.stride(0), x.stride(0), d_s.stride(0), dx.stride(0),
         m, n, rows_per_prog,
         HAS_DS=ds is not None, HAS_DX2=dx2 is not None, COMPUTE_DW=compute_dw, PREFETCH=prefetch,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, NSLOT=nslot, num_warps=warps,
     )  # fmt: skip
     if not compute_dw:
         return dx, None
