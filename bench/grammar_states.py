@@ -46,6 +46,17 @@ from llmray.engine.structured.llguidance_backend import fill_threads  # noqa: E4
 from llmray.model.tokenizer import Tokenizer  # noqa: E402
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def allowed(row: np.ndarray, vocab: int) -> np.ndarray:
     """The token ids a mask row (int32 words) allows."""
     bits = np.unpackbits(row.view(np.uint8), bitorder="little")[:vocab]
@@ -140,7 +151,7 @@ def main() -> None:
     row_us = [us for st in per_step for us in st.pop("times")]
     total = sum(s["row_sum_us"] for s in per_step)
     out = {
-        "device": f"cpu ({platform.processor() or platform.machine()}; llguidance on the host)",
+        "device": f"cpu ({cpu_name()}; llguidance on the host)",
         "rows": args.rows,
         "steps": len(per_step),
         "threads": args.threads or fill_threads(),
