@@ -167,7 +167,8 @@ def prefill_split(
     c = min(tiles[0].shape[0], triton.cdiv(q.shape[0], block_m) + block_tables.shape[0] - 1)
     if c <= 0:
         return out
-    meta = shape_meta(q, k_cache, precision, cache_scales(k_cache, k_scale, v_scale, query_start)[0])
+    fp8, ks, vs = cache_scales(k_cache, k_scale, v_scale, query_start)
+    meta = shape_meta(q, k_cache, precision, fp8)
     group, block_d = meta["GROUP"], meta["BLOCK_D"]
     rbs = triton.cdiv(min(q.shape[0], block_m) * group, cfg.rows or 1)
     grid = (splits, hkv * rbs, c)
@@ -175,7 +176,6 @@ def prefill_split(
     if not cfg.rows or ticket is None or cfg.keys % page:  # (see SplitConfig: per-head programs + merge)
         return _prefill_heads(q, k_cache, v_cache, block_tables, query_start, context_lens, 0, scale, out,
                               precision, tiles, k_scale, v_scale, splits)  # fmt: skip
-    _, ks, vs = cache_scales(k_cache, k_scale, v_scale, query_start)
     part_dtype = torch.bfloat16 if cfg.bf16_parts and q.dtype == torch.bfloat16 else torch.float32
     part_out = torch.empty(q.shape[0], h, splits, d, dtype=part_dtype, device=q.device)
     part_lse = torch.empty(q.shape[0], h, splits, dtype=torch.float32, device=q.device)
