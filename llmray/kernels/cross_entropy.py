@@ -19,13 +19,21 @@ op runs in that dtype; the casts are differentiable, so fp32 master weights rece
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from llmray.kernels._common import check_device
 from llmray.kernels.reference import linear_cross_entropy_ref
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "cross_entropy_rows", "default_chunk_size"]
+__all__ = [
+    "linear_cross_entropy",
+    "linear_cross_entropy_ref",
+    "cross_entropy_rows",
+    "default_chunk_size",
+    "tied_embedding",
+    "TiedHeadGrad",
+]
 
 
 @triton.jit
@@ -132,9 +140,49 @@ def _fused_forward(hidden, weight, targets, ignore_index, label_smoothing, grad_
     return losses.sum() / n_valid, dh, dw
 
 
+class TiedHeadGrad:
+    """The head's weight gradient of a tied embedding/head, handed from ``linear_cross_entropy`` (which
+    computes it, unscaled, in its forward) to the embedding lookup's backward (``tied_embedding``), which runs
+    last and returns the weight's whole gradient: dW_head * grad_loss, cast to the weight's dtype in one pass,
+    plus the looked-up rows' gradients added in place. Untied, autograd would cast the head's gradient back
+    (one pass), build the embedding's dense gradient (a zero fill and a scatter) and add the two (one more)."""
+
+    def __init__(self) -> None:
+        self.dw: torch.Tensor | None = None  # (V, h) in the head GEMMs' dtype, unscaled
+        self.scale: torch.Tensor | None = None  # the loss's incoming gradient (a device scalar)
+
+
+class _TiedEmbeddingFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, ids: torch.Tensor, box: TiedHeadGrad):
+        ctx.save_for_backward(ids)
+        ctx.box, ctx.w_meta = box, (weight.shape, weight.dtype)
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, dx: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        box, (shape, dtype) = ctx.box, ctx.w_meta
+        if box.dw is None or box.scale is None:
+            raise RuntimeError("tied_embedding: the head's gradient is missing (its linear_cross_entropy(tied=) "
+                               "must be part of the same backward)")  # fmt: skip
+        g = torch.empty(shape, dtype=dtype, device=dx.device)
+        torch.mul(box.dw, box.scale.to(box.dw.dtype), out=g)  # as the untied path: scaled in dW's dtype, cast
+        box.dw = box.scale = None
+        g.index_add_(0, ids.reshape(-1), dx.reshape(-1, shape[1]).to(dtype))
+        return g, None, None
+
+
+def tied_embedding(weight: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, TiedHeadGrad]:
+    """``F.embedding(ids, weight)`` of a weight that is also the head of ``linear_cross_entropy(..., tied=box)``
+    in the same graph: returns (embeddings, box); the weight's gradient comes out of this lookup's backward."""
+    box = TiedHeadGrad()
+    return _TiedEmbeddingFn.apply(weight, ids, box), box
+
+
 class _LinearCrossEntropyFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, label_smoothing, chunk_size):
+    def forward(ctx, hidden, weight, targets, ignore_index, label_smoothing, chunk_size, tied=None):
         loss, dh, dw = _fused_forward(
             hidden,
             weight,
@@ -142,10 +190,12 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             ignore_index,
             label_smoothing,
             ctx.needs_input_grad[0],
-            ctx.needs_input_grad[1],
+            ctx.needs_input_grad[1] or tied is not None,
             chunk_size,
         )
-        ctx.grads = (dh, dw)
+        if tied is not None:  # the embedding lookup's backward returns the weight's gradient
+            tied.dw, dw = dw, None
+        ctx.grads, ctx.tied = (dh, dw), tied
         return loss
 
     @staticmethod
@@ -158,7 +208,9 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
             dh.mul_(grad_loss.to(dh.dtype))
         if dw is not None:
             dw.mul_(grad_loss.to(dw.dtype))
-        return dh, dw, None, None, None, None
+        if ctx.tied is not None:
+            ctx.tied.scale = grad_loss
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -168,9 +220,11 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
+    tied: TiedHeadGrad | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of hidden (N, h) @ weight (V, h).T against targets (N,); differentiable in
-    hidden and weight. ``chunk_size`` rows of logits exist at a time (default: ``default_chunk_size``)."""
+    hidden and weight. ``chunk_size`` rows of logits exist at a time (default: ``default_chunk_size``).
+    ``tied``: the box of ``tied_embedding`` over the same weight: its gradient leaves through that lookup."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"linear_cross_entropy needs hidden (N, h) and weight (V, h), got {tuple(hidden.shape)} "
@@ -187,8 +241,9 @@ def linear_cross_entropy(
         # casts, so an fp32 master weight gets its gradient back in fp32), then no autocast inside
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
+            w = weight.detach() if tied is not None else weight  # tied: no gradient through this cast
             return linear_cross_entropy(
-                hidden.to(dt), weight.to(dt), targets, ignore_index, label_smoothing, chunk_size
+                hidden.to(dt), w.to(dt), targets, ignore_index, label_smoothing, chunk_size, tied
             )
     if hidden.dtype != weight.dtype:
         raise ValueError(
@@ -197,7 +252,12 @@ def linear_cross_entropy(
         )
     hidden, targets = hidden.contiguous(), targets.contiguous()
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropyFn.apply(hidden, weight, targets, ignore_index, label_smoothing, chunk)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or tied is not None):
+        w = weight.detach() if tied is not None else weight
+        return _LinearCrossEntropyFn.apply(hidden, w, targets, ignore_index, label_smoothing, chunk, tied)
     loss, _, _ = _fused_forward(hidden, weight, targets, ignore_index, label_smoothing, False, False, chunk)
     return loss
+
+
+# the model finds the tied-weight lookup beside the loss it belongs to (``ModelOps`` keeps its fields)
+linear_cross_entropy.tied_embedding = tied_embedding  # type: ignore[attr-defined]

@@ -22,6 +22,24 @@ from llmray.config import ModelConfig
 from llmray.model.attention import AttentionBackend, causal_attention
 from llmray.model.ops import ModelOps, resolve_ops
 
+# training with our loss: a tied embedding/head weight's gradient in one pass (kernels/cross_entropy.py)
+TIED_HEAD_GRAD = True
+
+
+def _tied_path(model: nn.Module, w: torch.Tensor) -> bool:
+    """The tied embedding/head gradient path applies: a tied, trainable weight, one process, no checkpointing."""
+    import torch.distributed as dist
+
+    return (
+        TIED_HEAD_GRAD
+        and torch.is_grad_enabled()
+        and w.requires_grad
+        and w is model.model.embed_tokens.weight  # type: ignore[union-attr]
+        and type(w).__name__ != "DTensor"
+        and not (dist.is_available() and dist.is_initialized())
+        and not getattr(model, "gradient_checkpointing", False)
+    )
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -356,6 +374,7 @@ class Qwen3ForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # (B, T) int64; the engine packs a step's tokens as (1, N)
         positions: torch.Tensor | None = None,  # (B, T); default 0..T-1
         attn_metadata: AttentionBackend | None = None,
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, hidden): the embedded input_ids, if given
     ) -> torch.Tensor:
         """Final-normed hidden states (B, T, hidden)."""
         if input_ids.dim() == 1:
@@ -366,7 +385,7 @@ class Qwen3ForCausalLM(nn.Module):
         elif positions.dim() == 1:
             positions = positions.unsqueeze(0)
         ops = self.ops
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
         for layer in self.model.layers:
             args = (x, residual, positions, self.rope_cos, self.rope_sin, ops, attn_metadata)
@@ -397,15 +416,24 @@ class Qwen3ForCausalLM(nn.Module):
         With targets the loss goes through ``ops.linear_cross_entropy`` so the Triton path never
         materialises the (tokens, vocab) logits.
         """
-        h = self.hidden_states(input_ids, positions, attn_metadata)
+        w, box = self.lm_head.weight, None
+        tied = getattr(self.ops.linear_cross_entropy, "tied_embedding", None)
+        embeds = None
+        if targets is not None and tied is not None and _tied_path(self, w):
+            # training, tied head with our loss: the weight's one gradient leaves through the lookup's backward
+            # (no cast-back of the head's gradient, no dense embedding gradient, no add of the two)
+            embeds, box = tied(w, input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0))
+        h = self.hidden_states(input_ids, positions, attn_metadata, inputs_embeds=embeds)
         if targets is None:
             return self.compute_logits(h)
+        kw = {"tied": box} if box is not None else {}
         return self.ops.linear_cross_entropy(
             h.reshape(-1, h.shape[-1]),
-            self.lm_head.weight,
+            w,
             targets.reshape(-1),
             ignore_index=-100,
             label_smoothing=label_smoothing,
+            **kw,
         )
 
     def num_params(self) -> int:

@@ -128,3 +128,39 @@ def test_linear_cross_entropy_gpu(case, assert_normwise):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     _check(*case, "cuda", assert_normwise, gpu=True)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_tied_embedding_gradient_equals_untied(autocast, device):
+    """A weight used as embedding and as the loss's head: ``tied_embedding`` + ``linear_cross_entropy(tied=)``
+    give the same loss and the same weight gradient (head part scaled by the loss's gradient, repeated ids
+    accumulated) as the plain lookup + loss, where autograd adds the two gradients; fp32 master weight under
+    bf16 autocast too (the training setup)."""
+    from llmray.kernels.cross_entropy import tied_embedding
+
+    g = torch.Generator(device="cpu").manual_seed(4)
+    w0 = (0.3 * torch.randn(90, 16, generator=g)).to(device)
+    mix = torch.randn(16, 16, generator=g).to(device)
+    ids = torch.tensor([[3, 7, 3, 89], [0, 7, 7, 5]], device=device)  # repeated ids: accumulated rows
+    t = torch.randint(0, 90, (8,), generator=g).to(device)
+    losses, grads = [], []
+    for tied in (True, False):
+        w = w0.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            x, box = tied_embedding(w, ids) if tied else (torch.nn.functional.embedding(ids, w), None)
+            h = torch.tanh(x.float() @ mix).reshape(-1, 16)
+            loss = linear_cross_entropy(h, w, t, chunk_size=4, tied=box)
+        (3.0 * loss).backward()  # a loss gradient != 1
+        losses.append(loss.detach())
+        grads.append(w.grad)
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+
+
+def test_tied_embedding_without_its_loss_is_an_error(device):
+    from llmray.kernels.cross_entropy import tied_embedding
+
+    w = torch.randn(10, 4, device=device, requires_grad=True)
+    x, _ = tied_embedding(w, torch.tensor([[1, 2]], device=device))
+    with pytest.raises(RuntimeError, match="head's gradient is missing"):
+        x.sum().backward()
