@@ -297,6 +297,7 @@ def main() -> int:
     p.add_argument(
         "--check", default="", help="variants to train 12 steps each from one init (losses, weights)"
     )
+    p.add_argument("--check-steps", type=int, default=12, help="training steps per --check variant")
     p.add_argument("--out", default="/tmp/train_profile")
     p.add_argument("--smoke", action="store_true", help="CPU: tiny preset, small batch, no profiler")
     a = p.parse_args()
@@ -365,7 +366,7 @@ def main() -> int:
     for v in filter(None, a.variants.split(",")):
         run(v, True)
     if a.check and cuda:
-        res["check"] = train_check(a.check.split(","))
+        res["check"] = train_check(a.check.split(","), a.check_steps)
         (out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
     for v in filter(None, a.timed.split(",")):
         run(v, False)
