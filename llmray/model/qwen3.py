@@ -27,7 +27,8 @@ TIED_HEAD_GRAD = True
 
 
 def _tied_path(model: nn.Module, w: torch.Tensor) -> bool:
-    """The tied embedding/head gradient path applies: a tied, trainable weight, one process, no checkpointing."""
+    """The tied embedding/head gradient path applies: a tied, trainable weight, one process (a Ray Train group
+    of one included), no checkpointing."""
     import torch.distributed as dist
 
     return (
@@ -36,8 +37,9 @@ def _tied_path(model: nn.Module, w: torch.Tensor) -> bool:
         and w.requires_grad
         and w is model.model.embed_tokens.weight  # type: ignore[union-attr]
         and type(w).__name__ != "DTensor"
-        and not (dist.is_available() and dist.is_initialized())
+        and not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
         and not getattr(model, "gradient_checkpointing", False)
+        and not torch.compiler.is_compiling()  # a whole-model compile traces the plain lookup
     )
 
 
