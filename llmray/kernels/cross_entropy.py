@@ -124,7 +124,9 @@ def _fused_forward(hidden, weight, targets, ignore_index, label_smoothing, grad_
     n_valid = (targets != ignore_index).sum()  # device scalar; no host sync
     losses = torch.empty(n, device=hidden.device, dtype=torch.float32)
     dh = torch.empty_like(hidden) if grad_h else None
-    dw = torch.zeros_like(weight) if grad_w else None
+    dw = torch.empty_like(weight) if grad_w else None  # the first chunk's GEMM writes it (no fill, no read)
+    if dw is not None and n == 0:
+        dw.zero_()
     compute_grad = grad_h or grad_w
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
@@ -136,7 +138,10 @@ def _fused_forward(hidden, weight, targets, ignore_index, label_smoothing, grad_
         if dh is not None:
             torch.mm(logits, weight, out=dh[start:end])
         if dw is not None:
-            dw.addmm_(logits.t(), h)
+            if start == 0:
+                torch.mm(logits.t(), h, out=dw)
+            else:
+                dw.addmm_(logits.t(), h)
     return losses.sum() / n_valid, dh, dw
 
 
