@@ -8,8 +8,8 @@ gradient back (rope by -angle) and applies RMSNorm's backward:
 Unfused, the training step runs rms_norm on q, on k, and rope, each forward and backward (six passes over
 q/k); fused it is two: the rope pass is gone. The backward's kernels (``_qk_norm_rope_bwd``): by default
 (``BWD = "rows"``) one program per head and ROWS_BT tokens (rows are independent: the norm is per head), so
-neighbouring programs read one block of q|k|v rows and each head's incoming gradient (cuDNN's (B, H, T, D)
-layout) in long contiguous runs, with v's gradient copied into the fused gradient by programs of the same
+neighbouring programs read one block of q|k|v rows and each head's incoming gradient in contiguous runs
+(in a (B, T, H, D) or a (B, H, T, D) layout), with v's gradient copied into the fused gradient by programs of the same
 launch and both weights' gradients summed by one small kernel; ``"tile"``: one program per BT tokens x all
 heads; ``"token"``: the previous design (programs walking token ranges, ~1.4 TB/s on the H200; A/B only).
 """
