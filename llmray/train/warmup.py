@@ -208,8 +208,8 @@ def precompile_training(
     threads: int = 16,
 ) -> dict[str, Any]:
     """Compile ahead (``compile_ahead``) the Triton kernels of one training forward + backward, of Muon's
-    step (its Muon groups: their Triton passes launch nothing in the block; AdamW's torch pass would change
-    weights, so it is left out) and of one evaluation forward on this batch's shape; every gradient is None
+    step (its Muon groups: their Triton passes launch nothing in the block; the AdamW groups' steps would count,
+    so AdamW's kernel compiles on stand-in tensors) and of one evaluation forward on this batch's shape; every gradient is None
     afterwards, the weights unchanged (Muon's momentum buffers exist, zero, as before a first step).
     One process only: under DDP/FSDP the block would all-reduce and Muon's sharded path update in torch ops."""
     from llmray.train.harness import FOLD_CLIP, autocast
@@ -229,6 +229,11 @@ def precompile_training(
             try:  # with a clipping scale, as train_step calls it (FOLD_CLIP): the same specialisations
                 scale = torch.ones((), device=device) if FOLD_CLIP else None
                 optimizer.step(grad_scale=scale)  # type: ignore[call-overload]
+                # AdamW's kernel on stand-in tensors (its groups' step counts must not move)
+                from llmray.train.optim_kernels import adamw_
+
+                t = [torch.zeros(16, device=device) for _ in range(4)]
+                adamw_(t[:1], t[1:2], t[2:3], t[3:], 1, 1e-3, (0.9, 0.95), 1e-8, 0.0, scale)
             finally:
                 optimizer.param_groups = groups
         model.eval()

@@ -154,7 +154,8 @@ def test_tied_embedding_gradient_equals_untied(autocast, device):
         losses.append(loss.detach())
         grads.append(w.grad)
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+    tol = 1e-6 if device == "cpu" else 1e-5  # CUDA's index_add_ adds repeated rows in any order
+    torch.testing.assert_close(grads[0], grads[1], rtol=tol, atol=tol / 10)
 
 
 def test_tied_embedding_without_its_loss_is_an_error(device):
