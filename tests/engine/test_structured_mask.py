@@ -38,7 +38,7 @@ def test_kernel_matches_torch(dtype, select):
         rows, mask = None, _bitmask(bsz, vocab, gen)
     want = apply_token_bitmask_torch(logits, mask, rows)
     got = logits.to(DEVICE)
-    block = None if dtype == torch.float32 else 1024 if select else 2048  # (None: the default, one block)
+    block = None if dtype == torch.float32 else 1024 if select else 2048  # (None: the default block)
     out = apply_token_bitmask_(got, mask.to(DEVICE), None if rows is None else rows.to(DEVICE), block=block)
     assert out is got  # in place
     assert torch.equal(got.cpu(), want)
