@@ -5,14 +5,14 @@
   with the incoming gradients cuDNN's SDPA backward really returns (their layouts). Per variant: the error
   against torch's fp32 autograd of rope(rms_norm(.)) and the time per call (20 calls in one CUDA graph,
   replayed; CUDA events, median of 5 replays) and the GB/s of the bytes it must move. Variants: the
-  committed kernel (``--old``: a copy of the previous module), the token-range design, the tile kernel
-  per (tokens a tile, tiles a program, warps, v copied in the pass or apart), the one-head row kernel per
-  (tokens a program, warps, v copied in the pass or apart).
+  committed kernel (``--old``: a copy of the previous module), the token-range design, the one-head row
+  kernel per (tokens a program, warps, v copied in the pass or apart). (W1 2026-12-01 also ran a tile kernel,
+  BT tokens x all heads a program, since removed: 0.30-0.51 ms against the row kernel's 0.142.)
 - ``optim``: Muon + AdamW's step over qwen3-0.6b's parameters (bf16 shadows, symmetric Newton-Schulz, as
   training runs it) with the momentum / apply passes one launch per shape group (``optim_kernels.MULTI``)
   or one per matrix: GPU ms per step (CUDA events), host ms per step, and whether both give the same weights.
 
-Writes OUT/micro.json after each part and OUT/best_flags.txt (the fastest correct tile/rows config as
+Writes OUT/micro.json after each part and OUT/best_flags.txt (the fastest correct row-kernel config as
 ``bench/train_profile.py`` flags).
 
     python bench/train_micro.py --out DIR [--old .gpu/jobs/training_base/qk_norm_rope_train_old.py]
@@ -41,8 +41,6 @@ sys.path.insert(0, str(ROOT))
 T0 = time.perf_counter()
 QK_MOD = "llmray.kernels.qk_norm_rope_train"
 # (BT, ITERS, warps or None, COPY_V)
-TILES = [(2, 2, None, True), (4, 1, None, True), (4, 2, None, True), (2, 2, 8, True), (8, 1, None, True),
-         (2, 2, None, False)]  # fmt: skip
 # (ROWS_BT, warps or None, COPY_V) of the one-head row kernel
 ROWS = [(32, None, True), (16, None, True), (64, None, True), (32, 8, True), (32, None, False)]  # fmt: skip
 
@@ -134,13 +132,10 @@ def qk_part(shape: tuple, cuda: bool, old_path: str | None, quick: bool = False)
         assert spec is not None and spec.loader is not None
         mods["old"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mods["old"])
-    keys = ("BWD", "TILE_BT", "TILE_ITERS", "TILE_WARPS", "COPY_V", "ROWS_BT", "ROWS_WARPS")
+    keys = ("BWD", "COPY_V", "ROWS_BT", "ROWS_WARPS")
     base = {k: getattr(QK, k) for k in keys}
     variants: list[tuple[str, str, dict]] = [("old (committed)", "old", {})] if old_path else []
     variants.append(("token", "new", {"BWD": "token"}))
-    for bt, it, w, cv in TILES[:3] if quick else TILES:
-        cfg = {"BWD": "tile", "TILE_BT": bt, "TILE_ITERS": it, "TILE_WARPS": w, "COPY_V": cv}
-        variants.append((f"tile bt{bt} it{it} w{w or 'auto'}{'' if cv else ' vapart'}", "new", cfg))
     for bt, w, cv in ROWS[:3] if quick else ROWS:
         cfg = {"BWD": "rows", "ROWS_BT": bt, "ROWS_WARPS": w, "COPY_V": cv}
         variants.append((f"rows bt{bt} w{w or 'auto'}{'' if cv else ' vapart'}", "new", cfg))
@@ -165,7 +160,7 @@ def qk_part(shape: tuple, cuda: bool, old_path: str | None, quick: bool = False)
                 "err_dqkv_dqw_dkw": err,
                 "ok": ok,
             }
-            if which == "new" and cfg.get("BWD") in ("tile", "rows") and ok and ms < best_ms:
+            if which == "new" and cfg.get("BWD") == "rows" and ok and ms < best_ms:
                 best, best_ms = name, ms
                 res["best_flags"] = "+".join(
                     f"{QK_MOD}.{k}={int(v_) if isinstance(v_, bool) else v_}" for k, v_ in cfg.items()
@@ -254,10 +249,9 @@ def optim_part(preset: str, cuda: bool, steps: int) -> dict:
     return res
 
 
-# add_rms_norm's backward launch: (BWD_CONFIG (BLOCK_M, warps) or None, BWD_PER_SM or None, prefetch, BWD_SLOTS,
-# BWD_TILES); BWD_SLOTS > 0: short programs of BWD_TILES tiles, dW by atomics
-RMS = [(None, None, True, 0, 1), (None, 2, True, 0, 1), (None, 8, True, 0, 1), ((4, 8), None, True, 0, 1),
-       (None, None, True, 64, 1), (None, None, True, 64, 2), ((4, 8), None, True, 64, 1), ((1, 4), None, True, 64, 4)]  # fmt: skip
+# add_rms_norm's backward launch: (BWD_CONFIG (BLOCK_M, warps) or None, BWD_PER_SM or None, prefetch)
+RMS = [(None, None, True), (None, 2, True), (None, 4, True), (None, 8, True), ((4, 8), None, True),
+       ((1, 4), 2, True), (None, None, False)]  # fmt: skip
 
 
 def rms_part(rows: int, n: int, cuda: bool, quick: bool = False) -> tuple[dict, str]:
@@ -277,10 +271,10 @@ def rms_part(rows: int, n: int, cuda: bool, quick: bool = False) -> tuple[dict, 
     want = RN.rms_norm_bwd(dy, s_, w, rstd, ds=ds, dx2=dx2)
     res: dict = {}
     best, best_ms, flags = "", float("inf"), ""
-    old = RN.BWD_CONFIG, RN.BWD_PER_SM, RN.BWD_SLOTS, RN.BWD_TILES
-    for cfg, per_sm, pre, slots, tiles in [RMS[i] for i in (0, 2, 4, 5)] if quick else RMS:
-        name = f"cfg{cfg} per_sm{per_sm}{'' if pre else ' noprefetch'}{f' slots{slots} tiles{tiles}' if slots else ''}"
-        RN.BWD_CONFIG, RN.BWD_PER_SM, RN.BWD_SLOTS, RN.BWD_TILES = cfg, per_sm, slots, tiles
+    old = RN.BWD_CONFIG, RN.BWD_PER_SM
+    for cfg, per_sm, pre in [RMS[i] for i in (0, 1, 2)] if quick else RMS:
+        name = f"cfg{cfg} per_sm{per_sm}{'' if pre else ' noprefetch'}"
+        RN.BWD_CONFIG, RN.BWD_PER_SM = cfg, per_sm
         try:
             got = RN.rms_norm_bwd(dy, s_, w, rstd, ds=ds, dx2=dx2, prefetch=pre)
             ok = torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-3)
@@ -289,13 +283,12 @@ def rms_part(rows: int, n: int, cuda: bool, quick: bool = False) -> tuple[dict, 
             res[name] = {"ms": round(ms, 4), "gb_s": round(moved / ms / 1e6), "ok": ok}
             if ok and pre and ms < best_ms:
                 best, best_ms = name, ms
-                kv = (("BWD_CONFIG", "/".join(map(str, cfg)) if cfg else None), ("BWD_PER_SM", per_sm),
-                      ("BWD_SLOTS", slots), ("BWD_TILES", tiles))  # fmt: skip
+                kv = (("BWD_CONFIG", "/".join(map(str, cfg)) if cfg else None), ("BWD_PER_SM", per_sm))
                 flags = "+".join(f"llmray.kernels.rmsnorm.{k}={v}" for k, v in kv)
         except Exception as e:
             res[name] = f"{type(e).__name__}: {str(e)[:300]}"
         log(f"rms {name}: {res[name]}")
-    RN.BWD_CONFIG, RN.BWD_PER_SM, RN.BWD_SLOTS, RN.BWD_TILES = old
+    RN.BWD_CONFIG, RN.BWD_PER_SM = old
     res["best"], res["best_flags"] = best, flags
     return res, flags
 

@@ -10,8 +10,8 @@ q/k); fused it is two: the rope pass is gone. The backward's kernels (``_qk_norm
 (``BWD = "rows"``) one program per head and ROWS_BT tokens (rows are independent: the norm is per head), so
 neighbouring programs read one block of q|k|v rows and each head's incoming gradient in contiguous runs
 (in a (B, T, H, D) or a (B, H, T, D) layout), with v's gradient copied into the fused gradient by programs of the same
-launch and both weights' gradients summed by one small kernel; ``"tile"``: one program per BT tokens x all
-heads; ``"token"``: the previous design (programs walking token ranges, ~1.4 TB/s on the H200; A/B only).
+launch and both weights' gradients summed by one small kernel (H200: 0.142 ms a layer, 2.6 TB/s of the bytes it
+must move); ``"token"``: the previous design (programs walking token ranges: 0.209 ms, 1.8 TB/s; A/B only).
 """
 
 from __future__ import annotations
@@ -20,23 +20,21 @@ import torch
 import triton
 
 from llmray.kernels._common import interpreting, num_sms
-from llmray.kernels._qk_norm_rope_bwd import _copy_rows_kernel, _head_rows_kernel, _tile_kernel, _token_kernel
+from llmray.kernels._qk_norm_rope_bwd import _copy_rows_kernel, _head_rows_kernel, _token_kernel
 from llmray.kernels.qk_norm_rope import qk_norm_rope
 from llmray.kernels.rmsnorm import DW_SUM, _sum_partials
 
 __all__ = ["qk_norm_rope_train", "qkv_norm_rope_train"]
 
-# backward knobs (the GPU A/B sets them): the kernel design ("rows" | "tile" | "token"), the tile kernel's tokens
-# a tile, tiles a program and warps, weight-gradient slot rows, the row kernel's tokens a program and warps, the
-# token kernel's programs per SM and warps (None: heuristics)
+# backward knobs (the GPU A/B sets them): the kernel design ("rows" | "token"), the row kernel's tokens a program
+# and warps (H200, qwen3-0.6b's 8 x 2,048 x (16 + 8) heads, W1 2026-12-01: 32 tokens 0.142 ms a layer, 16: 0.190,
+# 64: 0.161; 8 warps 0.196; the token kernel 0.209, a tile of 2-8 tokens x all heads 0.30-0.51), weight-gradient
+# slot rows, the token kernel's programs per SM and warps (None: heuristics)
 BWD = "rows"
-TILE_BT = 2
-TILE_ITERS = 2
-TILE_WARPS: int | None = None
 NSLOT = 64
-ROWS_BT = 32  # BWD = "rows": tokens of one head a program
+ROWS_BT = 32
 ROWS_WARPS: int | None = None
-COPY_V = True  # the rows/tile kernel copies v's gradient into the fused gradient (else _copy_rows' kernel)
+COPY_V = True  # the row kernel copies v's gradient into the fused gradient (else _copy_rows' kernel: +8 us)
 COPY_ROWS = True  # v's gradient copied by _copy_rows_kernel (vs torch's strided copy_: 62 us a layer, H200)
 PROGRAMS_PER_SM: int | None = None
 NUM_WARPS: int | None = None
@@ -76,7 +74,7 @@ def _split_dw(
 
 def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk, dv=None, dv_out=None):
     """dq, dk (given outputs, any (b, t, h) strides) and the weights' gradients of rope(norm(q/k)); with
-    ``dv``/``dv_out`` the tile kernel copies v's gradient into its slice of the fused gradient (returns
+    ``dv``/``dv_out`` the row kernel copies v's gradient into its slice of the fused gradient (returns
     whether it did)."""
     dqo, dko = _unit_d(dqo), _unit_d(dko)
     bsz, t, hq, d = q.shape
@@ -102,24 +100,6 @@ def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk, dv=None,
             t, ntok, hq, hk, *pos.stride(), cos.stride(0), ctx.eps, *strides, *vs,
             HALF=d // 2, BT=ROWS_BT, NSLOT=nslot, COMPUTE_DW=nq or nk, COPY_V=copy_v,
             num_warps=ROWS_WARPS or (8 if ROWS_BT * d >= 8192 else 4),
-        )  # fmt: skip
-    elif BWD == "tile":
-        copy_v = dv is not None and dv_out is not None and COPY_V
-        if copy_v:
-            dv = _unit_d(dv)
-        vs = (*dv.stride()[:3], *dv_out.stride()[:3]) if copy_v else (0,) * 6
-        per = TILE_BT * TILE_ITERS
-        progs = triton.cdiv(ntok, per)
-        nslot = max(1, min(NSLOT, progs))
-        acc = torch.zeros((nslot, 2 * d), device=q.device, dtype=torch.float32) if nq or nk else dq
-        tile = TILE_BT * (block_hq + 2 * block_hk) * d  # elements loaded a tile (x and dy of q and k)
-        warps = TILE_WARPS or (8 if tile >= 8192 else 4 if tile >= 2048 else 2)
-        _tile_kernel[(progs,)](
-            q, k, dqo, dko, qw, kw, dq, dk, acc, pos, cos, sin,
-            dv if copy_v else dq, dv_out if copy_v else dq,
-            t, ntok, hq, hk, *pos.stride(), cos.stride(0), ctx.eps, *strides, *vs,
-            HALF=d // 2, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BT=TILE_BT, ITERS=TILE_ITERS, NSLOT=nslot,
-            COMPUTE_DW=nq or nk, COPY_V=copy_v, num_warps=warps,
         )  # fmt: skip
     else:
         copy_v = False

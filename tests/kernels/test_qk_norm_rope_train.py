@@ -42,33 +42,26 @@ def test_forward_and_gradients_match_reference(dtype, d, device, assert_matches)
 
 
 @pytest.mark.parametrize(
-    "dtype,bwd,bt,iters,copy_v",
+    "dtype,bwd,bt,copy_v",
     [
-        (torch.float32, "tile", 2, 2, True),
-        (torch.bfloat16, "tile", 4, 1, False),
-        (torch.bfloat16, "tile", 1, 3, True),
-        (torch.bfloat16, "token", 0, 0, False),
-        (torch.bfloat16, "rows", 4, 0, True),
-        (torch.float32, "rows", 8, 0, False),
+        (torch.bfloat16, "token", 0, False),
+        (torch.bfloat16, "rows", 4, True),
+        (torch.float32, "rows", 8, False),
     ],
     ids=str,
 )
-def test_fused_qkv_gradient_matches_reference(
-    dtype, bwd, bt, iters, copy_v, device, assert_matches, monkeypatch
-):
+def test_fused_qkv_gradient_matches_reference(dtype, bwd, bt, copy_v, device, assert_matches, monkeypatch):
     """qkv_norm_rope_train over one fused q|k|v row: outputs and the one fused input gradient; the incoming
-    q gradient in a transposed (B, H, T, D) layout (as SDPA backends return it: read in place). The tile
-    backward with bt tokens a tile and iters tiles a program (18 tokens: a ragged last tile and program;
-    NSLOT 2: programs share weight-gradient slots), v's gradient copied in the same pass or apart; the
-    one-head row kernel (bt tokens of one head a program); the previous token-range kernel."""
+    q gradient in a transposed (B, H, T, D) layout (read in place). The row kernel with bt tokens of one head a
+    program (18 tokens: a ragged last block; NSLOT 2: programs share weight-gradient slots), v's gradient
+    copied in the same launch or apart; the previous token-range kernel."""
     from llmray.kernels import qk_norm_rope_train as mod
     from llmray.kernels.qk_norm_rope_train import qkv_norm_rope_train
 
     monkeypatch.setattr(mod, "BWD", bwd)
     monkeypatch.setattr(mod, "COPY_V", copy_v)
     if bt:
-        monkeypatch.setattr(mod, "TILE_BT" if bwd == "tile" else "ROWS_BT", bt)
-        monkeypatch.setattr(mod, "TILE_ITERS", iters)
+        monkeypatch.setattr(mod, "ROWS_BT", bt)
         monkeypatch.setattr(mod, "NSLOT", 2)
 
     g = torch.Generator().manual_seed(1)
