@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmray.config import ModelConfig
+from llmray.model import fusion
 from llmray.model.attention import AttentionBackend, causal_attention
 from llmray.model.ops import ModelOps, resolve_ops
 
@@ -313,46 +314,21 @@ class Qwen3ForCausalLM(nn.Module):
         return out
 
     def projection_groups(self) -> list[list[torch.Tensor]]:
-        """The weights each training GEMM reads together, per layer: [q, k, v], [o], [gate, up], [down]
-        (plain nn.Linear layers only; a layer wrapped by LoRA is left out)."""
-        groups: list[list[torch.Tensor]] = []
-        for layer in self.model.layers:
-            assert isinstance(layer, Qwen3DecoderLayer)
-            a, m = layer.self_attn, layer.mlp
-            for mods in ([a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [m.gate_proj, m.up_proj], [m.down_proj]):
-                if all(type(x) is nn.Linear for x in mods):
-                    groups.append([x.weight for x in mods if isinstance(x, nn.Linear)])
-        return groups
+        """The weights each training GEMM reads together, per layer (model/fusion.py)."""
+        return fusion.projection_groups(self._decoder_layers())
 
-    @torch.no_grad()
     def fuse_projections(self) -> None:
-        """Inference: gate/up, and q/k/v for a single-token forward (a batch-1 decode step), each as ONE GEMM
-        over a concatenated copy of their weights (fewer launches per layer; the engine calls it). Parameters, names and state_dict are untouched, so this
-        costs a copy of those weights; the fused path runs only without autograd and for projections not
-        wrapped by another module, unless that module set the projection hook (LoRA: ``qkv_linear``/``gate_up_linear``
-        compute the fused output with the adapters' deltas). ``.to()`` re-fuses; ``unfuse_projections``
-        drops the copies (call it before changing the weights in place)."""
-        for layer in self._decoder_layers():
-            attn, mlp = layer.self_attn, layer.mlp
-            projs = [attn.q_proj, attn.k_proj, attn.v_proj]
-            plain = attn.qkv_linear is not None or all(type(p) is nn.Linear for p in projs)
-            if attn.qkv_weight is None and plain:
-                attn.qkv_weight = torch.cat([p.weight for p in projs])
-            projs = [mlp.gate_proj, mlp.up_proj]
-            plain = mlp.gate_up_linear is not None or all(type(p) is nn.Linear for p in projs)
-            if mlp.gate_up_weight is None and plain:
-                mlp.gate_up_weight = torch.cat([p.weight for p in projs])
-
-    def _decoder_layers(self) -> list[Qwen3DecoderLayer]:
-        return [layer for layer in self.model.layers if isinstance(layer, Qwen3DecoderLayer)]
+        """Inference: q/k/v and gate/up each as ONE GEMM over a concatenated copy of their weights (the engine
+        calls it; model/fusion.py). ``.to()`` re-fuses; ``unfuse_projections`` drops the copies (call it before
+        changing the weights in place)."""
+        fusion.fuse_projections(self._decoder_layers())
 
     def unfuse_projections(self) -> bool:
         """Drop the fused copies; True if there were any."""
-        fused = False
-        for layer in self._decoder_layers():
-            fused = fused or layer.self_attn.qkv_weight is not None or layer.mlp.gate_up_weight is not None
-            layer.self_attn.qkv_weight = layer.mlp.gate_up_weight = None
-        return fused
+        return fusion.unfuse_projections(self._decoder_layers())
+
+    def _decoder_layers(self) -> list[Qwen3DecoderLayer]:
+        return [layer for layer in self.model.layers if isinstance(layer, Qwen3DecoderLayer)]
 
     # --- Hugging Face-style hooks used by peft / gradient checkpointing -----------------------
     def get_input_embeddings(self) -> nn.Embedding:
