@@ -29,18 +29,22 @@ MULTI = True
 _TABLES: dict[tuple, torch.Tensor] = {}
 
 
-def _table(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors' addresses as an int64 tensor on their device, cached by those addresses (the CUDA-graphed
-    step's gradients, the momentum buffers and the weights keep theirs: built once). Made on the current
-    stream (the optimizer's side stream), which is the one that reads it."""
-    key = (tensors[0].device, tuple(t.data_ptr() for t in tensors))
+def _int64_table(key: tuple, values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``, cached by ``key`` (built once for the CUDA-graphed step's
+    buffers, which keep their addresses). Made on the current stream (the optimizer's side stream), which is
+    the one that reads it."""
     tab = _TABLES.get(key)
     if tab is None:
         if len(_TABLES) >= 256:  # eager steps get new gradient buffers: keep the cache bounded
             _TABLES.clear()
-        tab = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(tensors[0].device)
-        _TABLES[key] = tab
+        tab = _TABLES[key] = torch.tensor(values, dtype=torch.int64).to(device)
     return tab
+
+
+def _table(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' addresses as an int64 tensor on their device (cached by those addresses)."""
+    ptrs = tuple(t.data_ptr() for t in tensors)
+    return _int64_table((tensors[0].device, ptrs), ptrs, tensors[0].device)
 
 
 def _all_fp32(*groups: list[torch.Tensor]) -> bool:
@@ -187,10 +191,7 @@ def _adamw_triton(params, grads, exp_avgs, exp_avg_sqs, step, lr, betas, eps, we
 
     b1, b2 = betas
     sizes = [p.numel() for p in params]
-    key = (params[0].device, "numel", tuple(sizes))
-    nt = _TABLES.get(key)
-    if nt is None:
-        nt = _TABLES[key] = torch.tensor(sizes, dtype=torch.int64).to(params[0].device)
+    nt = _int64_table((params[0].device, "numel", tuple(sizes)), tuple(sizes), params[0].device)
     _adamw_multi_kernel[(cdiv(max(sizes), BLOCK), len(params))](
         _table(params), _table(grads), _table(exp_avgs), _table(exp_avg_sqs), nt,
         scale if scale is not None else nt, b1, b2, eps, 1 - lr * weight_decay, lr / (1 - b1**step),
