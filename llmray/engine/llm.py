@@ -20,13 +20,13 @@ from llmray.config import EngineConfig
 from llmray.engine.engine import LLMEngine
 from llmray.engine.outputs import RequestOutput
 from llmray.engine.sampling_params import SamplingParams
+from llmray.model.checkpoint import DTYPES
 
 if TYPE_CHECKING:
     from llmray.model.qwen3 import Qwen3ForCausalLM
 
 __all__ = ["LLM", "AsyncLLM", "RequestOutput", "SamplingParams", "build_engine"]
 logger = logging.getLogger("llmray.engine")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
