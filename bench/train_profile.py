@@ -198,7 +198,7 @@ def summarize(evs: list, gemms: bool) -> dict:
             "kernel_ms": round(sum(k["dur"] for k in ks) / 1e3, 2), "n_kernels": len(ks),
             "streams_ms": {t: round(v, 2) for t, v in per_stream.items()},
             "by_category_ms": {c: round(v, 2) for c, v in sorted(cats.items(), key=lambda x: -x[1])},
-            "top": [[n, c, round(v, 3)] for n, (c, v) in sorted(top.items(), key=lambda x: -x[1][1])[:25]],
+            "top": [[n, c, round(v, 3)] for n, (c, v) in sorted(top.items(), key=lambda x: -x[1][1])[:45]],
         }  # fmt: skip
     return res
 

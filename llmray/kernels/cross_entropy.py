@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from llmray.kernels._common import check_device
+from llmray.kernels._common import check_device, num_sms
 from llmray.kernels.reference import linear_cross_entropy_ref
 
 __all__ = [
@@ -39,10 +39,21 @@ __all__ = [
 @triton.jit
 def _ce_rows_kernel(
     LOGITS, stride_l, TARGETS, LOSS, N_VALID,
-    V, ignore_index, smoothing,
-    COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+    R, V, ignore_index, smoothing,
+    COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    for i in range(0, tl.cdiv(R - pid, nprog)):  # one row per program unless the grid is capped
+        row = (pid + i * nprog).to(tl.int64)
+        _ce_row(LOGITS, stride_l, TARGETS, LOSS, N_VALID, row, V, ignore_index, smoothing,
+                COMPUTE_GRAD, HAS_SMOOTHING, BLOCK_V, REVERSE)  # fmt: skip
+
+
+@triton.jit
+def _ce_row(
+    LOGITS, stride_l, TARGETS, LOSS, N_VALID, row, V, ignore_index, smoothing,
+    COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr,
+):  # fmt: skip
     base = LOGITS + row * stride_l
     y = tl.load(TARGETS + row).to(tl.int64)
     valid = y != ignore_index
@@ -69,7 +80,10 @@ def _ce_rows_kernel(
     if COMPUTE_GRAD:
         # pass 2: overwrite the logits with d(mean loss)/d(logits)
         scale = tl.where(valid, 1.0 / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0), 0.0)
-        for off in range(0, V, BLOCK_V):
+        n_blocks = tl.cdiv(V, BLOCK_V)
+        for i in range(0, n_blocks):
+            # REVERSE: the row's tail first, the blocks pass 1 read last (the likeliest still in L2)
+            off = (n_blocks - 1 - i) * BLOCK_V if REVERSE else i * BLOCK_V
             cols = off + tl.arange(0, BLOCK_V)
             mask = cols < V
             x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
@@ -78,6 +92,13 @@ def _ce_rows_kernel(
                 g -= smoothing / V
             g = tl.where(cols == y_safe, g - (1.0 - smoothing), g)
             tl.store(base + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
+
+
+# the rows kernel's launch (A/B in bench/train_micro.py): programs per SM (0: one program per row), the
+# gradient pass from the row's end (its blocks still in L2), warps (0: by BLOCK_V)
+ROWS_PROGRAMS_PER_SM = 0
+ROWS_REVERSE = False
+ROWS_WARPS = 0
 
 
 def cross_entropy_rows(
@@ -97,11 +118,16 @@ def cross_entropy_rows(
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_rows needs logits with unit stride along the vocabulary")
     block_v = min(triton.next_power_of_2(v), 8192 if logits.element_size() < 4 else 4096)
-    _ce_rows_kernel[(r,)](
+    progs = (
+        r
+        if not ROWS_PROGRAMS_PER_SM or logits.device.type != "cuda"
+        else min(r, ROWS_PROGRAMS_PER_SM * num_sms(logits.device))
+    )
+    _ce_rows_kernel[(progs,)](
         logits, logits.stride(0), targets, loss, n_valid,
-        v, ignore_index, float(label_smoothing),
-        COMPUTE_GRAD=compute_grad, HAS_SMOOTHING=label_smoothing > 0, BLOCK_V=block_v,
-        num_warps=16 if block_v >= 8192 else 8,
+        r, v, ignore_index, float(label_smoothing),
+        COMPUTE_GRAD=compute_grad, HAS_SMOOTHING=label_smoothing > 0, BLOCK_V=block_v, REVERSE=ROWS_REVERSE,
+        num_warps=ROWS_WARPS or (16 if block_v >= 8192 else 8),
     )  # fmt: skip
     return loss
 
