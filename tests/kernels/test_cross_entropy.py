@@ -165,3 +165,16 @@ def test_tied_embedding_without_its_loss_is_an_error(device):
     x, _ = tied_embedding(w, torch.tensor([[1, 2]], device=device))
     with pytest.raises(RuntimeError, match="head's gradient is missing"):
         x.sum().backward()
+
+
+@pytest.mark.parametrize("n", [0, 5, 4096 + 3])
+def test_scale_cast_matches_torch(n, device):
+    """The tied head's one-pass scale + cast equals torch's mul in the input dtype followed by the cast."""
+    from llmray.kernels.cross_entropy import scale_cast
+
+    x = torch.randn(n, device=device).to(torch.bfloat16)
+    s = torch.tensor(0.37, device=device)
+    want = (x * s.to(x.dtype)).to(torch.float32)
+    got = scale_cast(x, s, torch.float32)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert torch.equal(got, want)
