@@ -116,6 +116,166 @@ def ns_configs(stacks: dict, reps: int, device: str) -> dict:
     return out
 
 
+# Muon's stacks of qwen3-0.6b by the wide orientation (muon.NS_GROUP_WIDE): q^T + o, k + v, gate^T + up^T + down
+WIDE_SHAPES = {(1024, 2048): 56, (1024, 1024): 56, (1024, 3072): 84}
+NS_MODULE = "llmray.kernels.newton_schulz"
+# the Newton-Schulz path before this session's changes: stacks by exact shape, torch passes around the Gram
+# iteration, the pointer kernel
+OLD_FLAGS = {"muon.NS_GROUP_WIDE": 0, "muon.NS_NORM_PARTS": 0, "muon.NS_FOLD": 0, f"{NS_MODULE}.SYM_TMA": 0,
+             f"{NS_MODULE}.SYM_TMA_OUT": 0, f"{NS_MODULE}.SYM_WIDE": 1, f"{NS_MODULE}.SYM_PERSIST": 0,
+             f"{NS_MODULE}.DEFAULT_CONFIG": (128, 64, 4, 3)}  # fmt: skip
+# sym_gram launch variants timed on the wide stacks: (name, flags)
+SYM_VARIANTS = [
+    ("ptr", {}),
+    ("tma", {"SYM_TMA": 1}),
+    ("tma_s4", {"SYM_TMA": 1, "DEFAULT_CONFIG": (128, 64, 4, 4)}),
+    ("tma_w8", {"SYM_TMA": 1, "DEFAULT_CONFIG": (128, 64, 8, 3)}),
+    ("tma_out", {"SYM_TMA": 1, "SYM_TMA_OUT": 1}),
+    ("tma_wide_w8", {"SYM_TMA": 1, "SYM_WIDE": 2, "DEFAULT_CONFIG": (128, 64, 8, 3)}),
+    ("tma_persist2", {"SYM_TMA": 1, "SYM_PERSIST": 2}),
+    ("ptr_wide_w8", {"SYM_WIDE": 2, "DEFAULT_CONFIG": (128, 64, 8, 3)}),
+]
+
+
+class Flags:
+    """Module attributes set for a block and restored after: {"muon.X": v, "llmray.kernels.m.Y": v}."""
+
+    def __init__(self, flags: dict) -> None:
+        import importlib
+
+        self.items = []
+        for path, v in flags.items():
+            mod, attr = path.rsplit(".", 1)
+            m = importlib.import_module(mod if mod.startswith("llmray") else f"llmray.train.{mod}")
+            self.items.append((m, attr, v))
+
+    def __enter__(self) -> Flags:
+        self.old = [(m, a, getattr(m, a)) for m, a, _ in self.items]
+        for m, a, v in self.items:
+            setattr(m, a, v)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, a, v in reversed(self.old):
+            setattr(m, a, v)
+
+
+def _ns_all(stacks: dict, norms: dict | None) -> dict:
+    import llmray.train.muon as M  # noqa: N812
+
+    return {sh: M.zeropower_via_newtonschulz5(x, sym=True, norm_sq=None if norms is None else norms[sh])
+            for sh, x in stacks.items()}  # fmt: skip
+
+
+def ns_sweep(reps: int = 10, device: str = "cuda", variants: list | None = None) -> dict:
+    """Newton-Schulz alone, before vs now: the 5 stacks by exact shape with the earlier path (``OLD_FLAGS``)
+    and the 3 wide stacks (|X|^2 given, as the momentum pass writes it) per ``sym_gram`` launch variant: ms per
+    optimizer step (CUDA events), each variant's largest relative difference from the first's output (same
+    math: summation order only) and the best variant's module flags (``best``)."""
+    torch.manual_seed(0)
+    old_stacks = {sh: torch.randn(n, *sh, device=device).bfloat16() * 1e-3 for sh, n in NS_SHAPES.items()}
+    wide = {sh: torch.randn(n, *sh, device=device).bfloat16() * 1e-3 for sh, n in WIDE_SHAPES.items()}
+    norms = {
+        sh: torch.linalg.vector_norm(x, dim=(1, 2), dtype=torch.float32).square() for sh, x in wide.items()
+    }
+    res: dict = {}
+
+    def timed(stacks, nrm) -> dict:
+        for _ in range(2):
+            _ns_all(stacks, nrm)
+        per = {}
+        for sh, x in stacks.items():
+            t = _Timer(device)
+            for _ in range(reps):
+                _ns_all({sh: x}, None if nrm is None else {sh: nrm[sh]})
+            per[f"{x.shape[0]}x{sh[0]}x{sh[1]}"] = round(t.ms() / reps, 3)
+        return {"ms": per, "total_ms": round(sum(per.values()), 3)}
+
+    with Flags(OLD_FLAGS):
+        res["before_5_stacks"] = timed(old_stacks, None)
+    log(f"ns before: {res['before_5_stacks']}")
+    with Flags({k: v for k, v in OLD_FLAGS.items() if "kernels" in k}):
+        res["wide_3_stacks_ptr_kernel"] = timed(wide, norms)
+    log(f"ns wide, pointer kernel: {res['wide_3_stacks_ptr_kernel']}")
+    ref, best = None, None
+    res["variants"] = {}
+    for name, flags in variants or SYM_VARIANTS:
+        full = {
+            **{k: v for k, v in OLD_FLAGS.items() if "kernels" in k},
+            **{f"{NS_MODULE}.{k}": v for k, v in flags.items()},
+        }
+        t0 = time.perf_counter()
+        try:
+            with Flags(full):
+                r = timed(wide, norms)
+                outs = _ns_all(wide, norms)
+            ref = ref or outs
+            r["max_rel_diff_vs_first"] = max(
+                ((o.float() - ref[sh].float()).norm() / ref[sh].float().norm()).item()
+                for sh, o in outs.items()
+            )
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+            if r["max_rel_diff_vs_first"] < 1e-2 and (best is None or r["total_ms"] < best[1]):
+                best = (name, r["total_ms"], full)
+        except Exception as e:
+            r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        res["variants"][name] = r
+        log(f"ns variant {name}: {r}")
+    if best is not None:
+        res["best"] = {"name": best[0], "total_ms": best[1],
+                       "flags": "+".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                         for k, v in best[2].items())}  # fmt: skip
+    return res
+
+
+QWEN_LAYER = [
+    (2048, 1024),
+    (1024, 1024),
+    (1024, 1024),
+    (1024, 2048),
+    (3072, 1024),
+    (3072, 1024),
+    (1024, 3072),
+]
+
+
+def opt_bench(layers: int = 28, reps: int = 10, device: str = "cuda", new_flags: dict | None = None) -> dict:
+    """Muon's step alone on qwen3-0.6b's hidden weights (``layers`` layers, fp32, overlapped passes, symmetric
+    kernels): ms per step before (``OLD_FLAGS``) and now (the modules' defaults, or ``new_flags``), and after
+    3 steps on the same gradients the largest difference of the weights (lr 0.02: an update is ~0.02 x O)."""
+    from llmray.train.muon import MuonWithAuxAdam
+
+    res: dict = {}
+    finals = {}
+    for name, flags in (("before", OLD_FLAGS), ("now", new_flags or {})):
+        torch.manual_seed(0)
+        params = [
+            torch.nn.Parameter(torch.randn(s, device=device) * 0.02)
+            for _ in range(layers)
+            for s in QWEN_LAYER
+        ]
+        opt = MuonWithAuxAdam([dict(params=params, use_muon=True, lr=0.02, weight_decay=0.1)])
+        opt.ns_sym = True
+        gen = torch.Generator(device=device).manual_seed(1)
+        with Flags(flags):
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, device=device, generator=gen) * 1e-3
+                opt.step()
+            finals[name] = [p.detach().clone() for p in params[: len(QWEN_LAYER) * 2]]
+            t = _Timer(device)
+            for _ in range(reps):
+                opt.step()
+            res[f"{name}_step_ms"] = round(t.ms() / reps, 3)
+        log(f"opt {name}: {res[f'{name}_step_ms']} ms")
+        del params, opt
+        torch.cuda.empty_cache() if device == "cuda" else None
+    diffs = [(a - b).abs().max().item() for a, b in zip(finals["before"], finals["now"], strict=True)]
+    res["max_abs_weight_diff_3_steps"] = max(diffs)
+    res["per_shape_max_abs_diff"] = [round(d, 7) for d in diffs[: len(QWEN_LAYER)]]
+    return res
+
+
 QK_CONFIGS = [{}, {"PROGRAMS_PER_SM": 4}, {"PROGRAMS_PER_SM": 16}, {"PROGRAMS_PER_SM": 200}, {"ROWS_BT": 2},
               {"ROWS_BT": 4, "PROGRAMS_PER_SM": 4}, {"NUM_WARPS": 8}, {"NUM_WARPS": 2},
               {"PROGRAMS_PER_SM": 200, "DW_SUM": None}, {"PROGRAMS_PER_SM": 64, "DW_SUM": None}]  # fmt: skip
@@ -184,5 +344,37 @@ class _Timer:
         return self.a.elapsed_time(b)
 
 
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Newton-Schulz / Muon step / q-k backward alone")
+    p.add_argument("--parts", default="sweep,opt", help="sweep (NS variants), opt (Muon step), ns, qk")
+    p.add_argument("--out", default="", help="JSON file; --best-flags FILE gets the best variant's flags")
+    p.add_argument("--best-flags", default="")
+    p.add_argument("--reps", type=int, default=10)
+    a = p.parse_args()
+    res: dict = {}
+    parts = a.parts.split(",")
+    if "sweep" in parts:
+        res["ns_sweep"] = ns_sweep(a.reps)
+        if a.best_flags and "best" in res["ns_sweep"]:
+            Path(a.best_flags).write_text(res["ns_sweep"]["best"]["flags"])
+    if "opt" in parts:
+        best = res.get("ns_sweep", {}).get("best", {}).get("flags", "")
+        flags = {}
+        for f in filter(None, best.split("+")):
+            k, v = f.split("=")
+            flags[k] = tuple(int(x) for x in v.split("/")) if "/" in v else int(v)
+        res["opt"] = opt_bench(reps=a.reps, new_flags=flags)
+    if "ns" in parts:
+        res["newton_schulz"] = ns_bench(a.reps)
+    if "qk" in parts:
+        res["qk_bwd"] = qk_bench(a.reps)
+    text = json.dumps(res, indent=1)
+    if a.out:
+        Path(a.out).write_text(text)
+    print(text)
+
+
 if __name__ == "__main__":
-    print(json.dumps({"newton_schulz": ns_bench(), "qk_bwd": qk_bench()}, indent=1))
+    main()

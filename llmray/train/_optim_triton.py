@@ -47,10 +47,13 @@ def _apply_kernel(
 
 @triton.jit
 def _momentum_multi_kernel(
-    GP, BP, U, SCALE, n, mu, NESTEROV: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr
-):
+    GP, BP, U, SCALE, PARTS, n, nparts, mu,
+    NESTEROV: tl.constexpr, HAS_SCALE: tl.constexpr, NSQ_OUT: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
     """``_momentum_kernel`` over a shape group in one launch: matrix program_id(1), its fp32 gradient and
-    momentum at the addresses GP[i], BP[i] (int64 tables), its update at U + i * n (a contiguous stack)."""
+    momentum at the addresses GP[i], BP[i] (int64 tables), its update at U + i * n (a contiguous stack).
+    NSQ_OUT: PARTS[i, program_id(0)] = the sum of squares of this block's update as stored (|U_i|_F^2 in
+    ``nparts`` partial sums, for Newton-Schulz's normalization)."""
     i = tl.program_id(1)
     g_ptr = tl.load(GP + i).to(tl.pointer_type(tl.float32))
     b_ptr = tl.load(BP + i).to(tl.pointer_type(tl.float32))
@@ -66,7 +69,45 @@ def _momentum_multi_kernel(
         u = b - (b - g) * (1.0 - mu)
     else:
         u = b
-    tl.store(U + i.to(tl.int64) * n + offs, u.to(U.dtype.element_ty), mask=mask)
+    uq = u.to(U.dtype.element_ty)
+    tl.store(U + i.to(tl.int64) * n + offs, uq, mask=mask)
+    if NSQ_OUT:
+        uf = uq.to(tl.float32)
+        tl.store(PARTS + i.to(tl.int64) * nparts + tl.program_id(0), tl.sum(uf * uf, axis=0))
+
+
+@triton.jit
+def _momentum_t_multi_kernel(
+    GP, BP, U, SCALE, PARTS, R, C, nparts, mu,
+    NESTEROV: tl.constexpr, HAS_SCALE: tl.constexpr, NSQ_OUT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """``_momentum_multi_kernel`` for tall weights (R, C), R > C: the update is stored transposed, as the
+    (C, R) slot U + i * R * C of a stack in the wide orientation; program (0, 1) is a (BR, BC) tile of matrix
+    program_id(2); NSQ_OUT: its sum of squares at PARTS[i, tile]."""
+    i = tl.program_id(2)
+    g_ptr = tl.load(GP + i).to(tl.pointer_type(tl.float32))
+    b_ptr = tl.load(BP + i).to(tl.pointer_type(tl.float32))
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (r < R)[:, None] & (c < C)[None, :]
+    offs = r.to(tl.int64)[:, None] * C + c[None, :]  # (BR, BC) in the weight's rows
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    if HAS_SCALE:
+        g = g * tl.load(SCALE).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0)
+    b = b + (1.0 - mu) * (g - b)
+    tl.store(b_ptr + offs, b, mask=mask)
+    if NESTEROV:
+        u = b - (b - g) * (1.0 - mu)
+    else:
+        u = b
+    uq = u.to(U.dtype.element_ty)
+    base = U + i.to(tl.int64) * R * C
+    tl.store(base + c.to(tl.int64)[None, :] * R + r[:, None], uq, mask=mask)  # U_i^T: (C, R) rows
+    if NSQ_OUT:
+        uf = uq.to(tl.float32)
+        t = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(PARTS + i.to(tl.int64) * nparts + t, tl.sum(tl.sum(uf * uf, axis=1), axis=0))
 
 
 @triton.jit

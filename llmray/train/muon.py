@@ -16,7 +16,8 @@ Muon update for a weight W (out, in) with gradient G:
 ("match_rms_adamw", Moonlight: the update's RMS matches AdamW's so AdamW learning rates carry over).
 
 Matrices of one shape are orthogonalised together as a batch (one bmm per Newton-Schulz product instead
-of one matmul per matrix). On one CUDA process the elementwise work is fused and overlapped
+of one matmul per matrix); with ``NS_GROUP_WIDE`` a tall weight joins the stack of its transposed shape
+(Newton-Schulz runs on the wide orientation anyway: the momentum pass writes its update transposed). On one CUDA process the elementwise work is fused and overlapped
 (``llmray.train.optim_kernels``): one Triton pass per matrix updates the momentum and writes the bf16
 Newton-Schulz input into its stack slot, one pass applies the update; these passes and AdamW (one
 ``torch._fused_adamw_`` pass) run on a side stream while the main stream runs the compute-bound
@@ -37,8 +38,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llmray.kernels._common import interpreting
 from llmray.train.fsdp import is_dtensor, orthogonalize_rows
-from llmray.train.optim_kernels import adamw_, muon_apply_, muon_momentum_
+from llmray.train.optim_kernels import adamw_, muon_apply_, muon_momentum_, norm_parts
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # the symmetric Triton products (``ns_sym``) for matrices whose smaller side is at least this: below it their
@@ -50,6 +52,13 @@ NS_SYM_MIN_SIZE = 512
 NS_GRAM = True
 NS_GRAM_MIN_RATIO = 3
 NS_GRAM_RESTARTS = (2,)  # iterations before which the Gram iteration restarts from X (see newton_schulz_gram)
+# Newton-Schulz stacks by the wide orientation (the momentum pass writes a tall weight's update transposed):
+# qwen3-0.6b's q^T join o (1024, 2048), gate^T and up^T join down (1024, 3072): 3 stacks instead of 5
+NS_GROUP_WIDE = True
+# |X|_F^2 for Newton-Schulz's normalization from the momentum pass (partial sums per block) with ``sym``
+NS_NORM_PARTS = True
+# the Gram iteration's normalization and casts in its products' epilogues (newton_schulz_gram(fold=True))
+NS_FOLD = True
 
 
 def zeropower_via_newtonschulz5(
@@ -58,6 +67,7 @@ def zeropower_via_newtonschulz5(
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     eps: float = 1e-7,
     sym: bool = False,
+    norm_sq: torch.Tensor | None = None,  # (n,) or (n, p) fp32: |g_n|_F^2 (in partial sums), if known (sym)
 ) -> torch.Tensor:
     """Quintic Newton-Schulz iteration towards the orthogonal factor of ``g``, in bf16.
 
@@ -66,7 +76,8 @@ def zeropower_via_newtonschulz5(
     Returns bf16 with the input's shape. ``sym``: the two symmetric products (X X^T and b A + c A^2 + a I)
     by ``llmray.kernels.newton_schulz.sym_gram`` (upper tiles only, ~56% of their FLOPs; CUDA, or CPU
     under the Triton interpreter), the same math; stacks at least three times as wide as tall (``NS_GRAM``)
-    iterate on their Gram matrix instead (``newton_schulz_gram``: fewer FLOPs, fp16 Gram matrices).
+    iterate on their Gram matrix instead (``newton_schulz_gram``: fewer FLOPs, fp16 Gram matrices);
+    ``norm_sq`` spares them the reduction for the normalization.
     """
     if g.dim() < 2:
         raise ValueError(f"Newton-Schulz needs a matrix (or a batch of matrices), got shape {tuple(g.shape)}")
@@ -80,9 +91,9 @@ def zeropower_via_newtonschulz5(
 
         use_gram = NS_GRAM and x.dim() == 3 and x.size(-1) >= NS_GRAM_MIN_RATIO * x.size(-2)
         if use_gram:
-            x = newton_schulz_gram(x, steps, (a, b, c), eps, restarts=NS_GRAM_RESTARTS)
+            x = newton_schulz_gram(x, steps, (a, b, c), eps, NS_GRAM_RESTARTS, norm_sq, fold=bool(NS_FOLD))
         else:
-            x = newton_schulz_sym(x, steps, (a, b, c), eps)
+            x = newton_schulz_sym(x, steps, (a, b, c), eps, norm_sq)
         return x.mT if tall else x
     # spectral norm <= Frobenius norm, so this puts every singular value in [0, 1]
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
@@ -209,50 +220,72 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
     def _muon_prepare(
         self, group: dict[str, Any], side: torch.cuda.Stream | None, scale: torch.Tensor | None = None
     ) -> list[tuple]:
-        """Momentum update + the Newton-Schulz input of each shape group (one bf16 stack per shape),
-        on ``side`` if given; returns [(shape, params, stack, event or None)]."""
+        """Momentum update + the Newton-Schulz input of each stack (one bf16 stack per shape, or per wide
+        shape with ``NS_GROUP_WIDE``: tall weights' updates written transposed), on ``side`` if given;
+        returns [(stack shape, members, stack, |X|^2 partial sums or None, event or None)], members
+        [(weight shape, params, first slot)]."""
         params = [p for p in group["params"] if p.grad is not None]
         for p in params:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        stacks: dict[tuple[int, ...], dict[tuple[int, ...], list[torch.Tensor]]] = {}
         for p in params:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
+            shape = tuple(p.shape)
+            key = (min(shape), max(shape)) if NS_GROUP_WIDE else shape
+            stacks.setdefault(key, {}).setdefault(shape, []).append(p)
         out = []
-        for shape, plist in by_shape.items():
+        for key, members in stacks.items():
+            n = sum(len(plist) for plist in members.values())
+            dev = next(iter(members.values()))[0].device
             # allocated on the main stream, which reads it last (after the event below)
-            stack = torch.empty((len(plist), *shape), dtype=torch.bfloat16, device=plist[0].device)
-            bufs = [self.state[p]["momentum_buffer"] for p in plist]
+            stack = torch.empty((n, *key), dtype=torch.bfloat16, device=dev)
+            parts = None
+            if NS_NORM_PARTS and self._ns_sym(stack):
+                parts = torch.zeros((n, norm_parts(*key)), dtype=torch.float32, device=dev)
+            slots, start = [], 0
             with _on(side):
-                muon_momentum_(
-                    [_grad(p) for p in plist],
-                    bufs,
-                    stack,
-                    group["momentum"],
-                    group["nesterov"],
-                    self.fused_passes,
-                    scale,
-                )
+                for shape, plist in members.items():
+                    end = start + len(plist)
+                    muon_momentum_(
+                        [_grad(p) for p in plist],
+                        [self.state[p]["momentum_buffer"] for p in plist],
+                        stack[start:end],
+                        group["momentum"],
+                        group["nesterov"],
+                        self.fused_passes,
+                        scale,
+                        transpose=shape != key,
+                        parts=parts[start:end] if parts is not None else None,
+                    )
+                    slots.append((shape, plist, start))
+                    start = end
                 event = side.record_event() if side is not None else None
-            out.append((shape, plist, stack, event))
+            out.append((key, slots, stack, parts, event))
         return out
+
+    def _ns_sym(self, stack: torch.Tensor) -> bool:
+        """Newton-Schulz of this stack on the symmetric Triton products (CUDA, or CPU under the interpreter)."""
+        return self.ns_sym and (stack.is_cuda or interpreting()) and min(stack.shape[-2:]) >= NS_SYM_MIN_SIZE
 
     def _muon_finish(
         self, group: dict[str, Any], stacks: list[tuple], side: torch.cuda.Stream | None
     ) -> None:
         """Newton-Schulz of each stack on the current stream, then the weight update (on ``side`` if given)."""
         lr, wd = group["lr"], group["weight_decay"]
-        for shape, plist, stack, event in stacks:
+        for key, slots, stack, parts, event in stacks:
             if event is not None:
                 torch.cuda.current_stream().wait_event(event)
-            sym = self.ns_sym and stack.is_cuda and min(shape) >= NS_SYM_MIN_SIZE
-            ortho = zeropower_via_newtonschulz5(stack, steps=group["ns_steps"], sym=sym)  # (n, r, c) bf16
-            step_lr = adjusted_lr(lr, shape, group["adjust_lr_fn"])
+            ortho = zeropower_via_newtonschulz5(
+                stack, steps=group["ns_steps"], sym=self._ns_sym(stack), norm_sq=parts
+            )  # (n, r, c) bf16
             if side is not None:
                 side.wait_event(torch.cuda.current_stream().record_event())
                 ortho.record_stream(side)  # its memory is not reused before the side stream has read it
             with _on(side):
-                muon_apply_(plist, ortho, 1 - lr * wd, step_lr, self.fused_passes)
+                for shape, plist, start in slots:
+                    o = ortho[start : start + len(plist)]
+                    step_lr = adjusted_lr(lr, shape, group["adjust_lr_fn"])
+                    muon_apply_(plist, o if shape == key else o.mT, 1 - lr * wd, step_lr, self.fused_passes)
 
     def _muon_group(self, group: dict[str, Any]) -> None:
         params = [p for p in group["params"] if p.grad is not None]

@@ -57,38 +57,80 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cuda" and t.is_contiguous() for t in tensors)
 
 
+TILE = (
+    64  # the transposing momentum kernel's (TILE, TILE) tiles: TILE * TILE = BLOCK elements, as a 1-D block
+)
+
+
+def norm_parts(rows: int, cols: int) -> int:
+    """How many partial sums of squares ``muon_momentum_`` writes per matrix of a (rows, cols) shape (either
+    orientation): one per block of its kernel."""
+    return max(math.ceil(rows * cols / BLOCK), math.ceil(rows / TILE) * math.ceil(cols / TILE))
+
+
 def muon_momentum_(
     grads: list[torch.Tensor],
     bufs: list[torch.Tensor],
-    out: torch.Tensor,  # (n, rows, cols), usually bf16: the Newton-Schulz input, written here
+    out: torch.Tensor,  # (n, rows, cols), or (n, cols, rows) with transpose; usually bf16: the NS input
     mu: float,
     nesterov: bool,
     fused: bool | None = None,
     scale: torch.Tensor | None = None,  # () fp32 device scalar: the gradients count as grads * scale
+    transpose: bool = False,
+    parts: torch.Tensor | None = None,  # (n, norm_parts(rows, cols)) fp32 zeros: |out[i]|_F^2 in partial sums
 ) -> None:
-    """Update each momentum buffer in place and write the (Nesterov) update into ``out[i]``.
+    """Update each momentum buffer in place and write the (Nesterov) update into ``out[i]`` (transposed
+    with ``transpose``: a tall weight's update in a stack of the wide orientation).
 
     ``fused=None``: the Triton kernel where ``use_triton`` holds, torch ops otherwise. ``scale``: gradient
-    clipping's coefficient, applied as the gradients are read (the torch path scales them in place first)."""
+    clipping's coefficient, applied as the gradients are read (the torch path scales them in place first).
+    ``parts``: the sum of squares of each written update (as stored), in partial sums that add up to
+    |out[i]|_F^2 (the kernels write one per block, the torch path the whole sum in column 0)."""
     if len(grads) != len(bufs) or out.shape[0] != len(grads):
         raise ValueError(f"{len(grads)} gradients, {len(bufs)} buffers and {out.shape[0]} output slots")
     if fused is None:
         fused = use_triton(out, *grads, *bufs)
+    n = out[0].numel()
+    multi = MULTI and out.is_contiguous() and _all_fp32(grads, bufs) and all(g.numel() == n for g in grads)
+    if fused and not multi and (transpose or parts is not None):
+        fused = False  # the per-matrix kernels write neither: the torch passes
     if not fused:
         if scale is not None:
             torch._foreach_mul_(grads, scale)
         torch._foreach_lerp_(bufs, grads, 1 - mu)
         upd = torch._foreach_lerp(grads, bufs, mu) if nesterov else bufs
         for i, u in enumerate(upd):
-            out[i].copy_(u)
+            out[i].copy_(u.mT if transpose else u)
+        if parts is not None:
+            parts.zero_()
+            parts[:, 0] = torch.linalg.vector_norm(out, dim=(-2, -1), dtype=torch.float32).square()
         return
-    from llmray.train._optim_triton import _momentum_kernel, _momentum_multi_kernel, cdiv
+    from llmray.train._optim_triton import (
+        _momentum_kernel,
+        _momentum_multi_kernel,
+        _momentum_t_multi_kernel,
+        cdiv,
+    )
 
-    n = out[0].numel()
-    if MULTI and out.is_contiguous() and _all_fp32(grads, bufs) and all(g.numel() == n for g in grads):
+    sc = scale if scale is not None else out
+    pa = parts if parts is not None else out
+    np_ = parts.shape[1] if parts is not None else 0
+    if multi and transpose:
+        rows, cols = grads[0].shape
+        if parts is not None and np_ < cdiv(rows, TILE) * cdiv(cols, TILE):
+            raise ValueError(f"parts: {np_} columns, the kernel writes {cdiv(rows, TILE) * cdiv(cols, TILE)}")
+        _momentum_t_multi_kernel[(cdiv(rows, TILE), cdiv(cols, TILE), len(grads))](
+            _table(grads), _table(bufs), out, sc, pa, rows, cols, np_, mu,
+            NESTEROV=nesterov, HAS_SCALE=scale is not None, NSQ_OUT=parts is not None, BR=TILE, BC=TILE,
+            num_warps=8,
+        )  # fmt: skip
+        return
+    if multi:
+        if parts is not None and np_ < cdiv(n, BLOCK):
+            raise ValueError(f"parts: {np_} columns, the kernel writes {cdiv(n, BLOCK)}")
         _momentum_multi_kernel[(cdiv(n, BLOCK), len(grads))](
-            _table(grads), _table(bufs), out, scale if scale is not None else out, n, mu,
-            NESTEROV=nesterov, HAS_SCALE=scale is not None, BLOCK=BLOCK, num_warps=8,
+            _table(grads), _table(bufs), out, sc, pa, n, np_, mu,
+            NESTEROV=nesterov, HAS_SCALE=scale is not None, NSQ_OUT=parts is not None, BLOCK=BLOCK, num_warps=8,
         )  # fmt: skip
         return
     for i, (g, b) in enumerate(zip(grads, bufs, strict=True)):

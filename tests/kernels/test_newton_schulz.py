@@ -72,3 +72,62 @@ def test_gram_newton_schulz_is_closer_to_fp32_than_the_bf16_iteration(device):
             e_gram,
             e_plain,
         )  # CPU 0.011 vs 0.03, H200 0.012 vs 0.015
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(SYM_TMA=1),
+        dict(SYM_TMA=1, SYM_TMA_OUT=1),
+        dict(SYM_WIDE=2),
+        dict(SYM_PERSIST=1, SYM_TMA=1, SYM_WIDE=2),
+    ],
+    ids=["tma", "tma_out", "wide", "persist_tma_wide"],
+)
+def test_sym_gram_launch_variants_match_torch(flags, monkeypatch):
+    """TMA descriptor loads / stores, (BM, 2 BM) tiles (element masks on the tiles that cross the diagonal)
+    and the persistent loop give the pointer kernel's products (fp32: exact up to summation order)."""
+    import llmray.kernels.newton_schulz as ns
+
+    for k, v in flags.items():
+        monkeypatch.setattr(ns, k, v)
+    torch.manual_seed(0)
+    for r, k in ((136, 48), (128, 64)):  # ragged and even; 2 BM = 32 columns: wide tiles from r = 128
+        x = torch.randn(2, r, k)
+        a = sym_gram(x, config=CFG)
+        torch.testing.assert_close(a, x @ x.mT, atol=1e-4, rtol=1e-5)
+        poly = sym_gram(a, alpha=0.5, s=a, beta=-1.5, diag=2.0, config=CFG)
+        torch.testing.assert_close(poly, 0.5 * a @ a.mT - 1.5 * a + 2 * torch.eye(r), atol=1e-2, rtol=1e-5)
+        xt = torch.randn(2, k, r).mT  # a transposed view: pointer loads
+        torch.testing.assert_close(sym_gram(xt, config=CFG), xt @ xt.mT, atol=1e-4, rtol=1e-5)
+
+
+def test_sym_gram_norm_modes_sum_partials():
+    """norm_sq given as (n, p) partial sums: "gram" = X X^T / |X|^2, "rsqrt" = X Y^T / |X|."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 24)
+    parts = torch.rand(2, 5) + 0.5
+    tot = parts.sum(1).view(2, 1, 1)
+    g = sym_gram(x, config=CFG, norm_sq=parts, nsq_mode="gram")
+    torch.testing.assert_close(g, x @ x.mT / tot, atol=1e-5, rtol=1e-5)
+    s = x @ x.mT
+    t = 0.3 * s + s @ s
+    q = sym_gram(s, y=t, config=CFG, norm_sq=parts, nsq_mode="rsqrt")
+    torch.testing.assert_close(q, s @ t / tot.sqrt(), atol=1e-2, rtol=1e-4)
+    with pytest.raises(ValueError, match="nsq_mode"):
+        sym_gram(x, norm_sq=parts, nsq_mode="other")
+
+
+def test_gram_fold_equals_the_unfolded_iteration():
+    """The Gram iteration with its normalization and casts in the products' epilogues (and |X|^2 given as
+    partial sums, as the momentum pass writes them) against the one with torch passes: bf16 rounding apart."""
+    torch.manual_seed(0)
+    coef = (3.4445, -4.7750, 2.0315)
+    x = (torch.randn(2, 32, 96) * 1e-3).bfloat16()
+    old = newton_schulz_gram(x, 5, coef, fold=False).float()
+    new = newton_schulz_gram(x, 5, coef).float()
+    parts = x.float().square().reshape(2, 4, -1).sum(-1)  # (2, 4) partial sums of |X|^2
+    given = newton_schulz_gram(x, 5, coef, norm_sq=parts).float()
+    for o in (new, given):
+        assert (o - old).norm() / old.norm() < 1e-2  # fp16 Q kept in fp32 before its bf16 cast: ~4e-3
+    torch.testing.assert_close(new, given, atol=4e-3, rtol=0)  # |X|^2 summed in another order: an ulp

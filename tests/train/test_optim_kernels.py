@@ -29,6 +29,31 @@ def test_momentum_kernel_equals_torch(nesterov, multi, monkeypatch):
     torch.testing.assert_close(out.float(), ref.float(), atol=0, rtol=1e-2)  # at most one bf16 rounding step
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_momentum_kernel_transposed_slots_and_norm_parts(transpose):
+    """A tall weight's update written transposed into a wide stack's slot, and the sum of squares of each
+    written update in partial sums (one per block), as the torch passes compute them."""
+    import llmray.train.optim_kernels as ok
+
+    torch.manual_seed(0)
+    shape = (136, 72)  # ragged tiles and blocks
+    grads = [torch.randn(shape, device=DEV) for _ in range(2)]
+    bufs = [torch.randn(shape, device=DEV) for _ in range(2)]
+    bufs_ref = [b.clone() for b in bufs]
+    slot = shape[::-1] if transpose else shape
+    out, ref = (torch.empty(2, *slot, dtype=torch.bfloat16, device=DEV) for _ in range(2))
+    parts, parts_ref = (torch.zeros(2, ok.norm_parts(*shape), device=DEV) for _ in range(2))
+    scale = torch.tensor(0.5, device=DEV)
+    muon_momentum_(grads, bufs, out, 0.95, True, True, scale, transpose=transpose, parts=parts)
+    muon_momentum_(grads, bufs_ref, ref, 0.95, True, False, scale, transpose=transpose, parts=parts_ref)
+    torch.testing.assert_close(out.float(), ref.float(), atol=0, rtol=1e-2)  # one bf16 rounding apart
+    torch.testing.assert_close(bufs[1], bufs_ref[1], atol=1e-6, rtol=1e-6)
+    assert (parts > 0).sum(1).tolist() == [parts.shape[1]] * 2 or not transpose  # a sum per block
+    # the partial sums add up to |out[i]|^2 of what was stored
+    torch.testing.assert_close(parts.sum(1), out.float().square().sum((1, 2)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(parts.sum(1), parts_ref.sum(1), rtol=2e-2, atol=0)
+
+
 @pytest.mark.parametrize("shape,multi", [((48, 16), True), ((16, 48), True), ((48, 16), False)])
 def test_apply_kernel_reads_transposed_updates(shape, multi, monkeypatch):
     """The update of each weight and its bf16 shadow (one buffer over both weights' rows), written in the
@@ -178,3 +203,33 @@ def test_clipping_folded_into_the_step_equals_clip_then_step(fused):
     assert na == nb and min(na) > 1.0
     for pa, pb in zip(a, b, strict=True):
         torch.testing.assert_close(pa.detach(), pb.detach(), atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("sym", [False, True], ids=["bmm", "sym_kernels"])
+def test_muon_wide_stacks_equal_the_shape_stacks(sym, monkeypatch):
+    """NS_GROUP_WIDE (tall weights' updates transposed into the stack of their wide shape), with |X|^2 from
+    the momentum pass (NS_NORM_PARTS) and the folded Gram iteration (NS_FOLD), equals stacks by exact shape
+    with the earlier passes: 2 steps, tall and wide weights of two ratios (Gram and plain iterations)."""
+    import llmray.train.muon as mu
+
+    monkeypatch.setattr(mu, "NS_SYM_MIN_SIZE", 0)  # the symmetric kernels at test sizes (interpreter on CPU)
+    shapes = [(48, 16), (16, 48), (48, 16), (32, 16), (16, 32), (16, 16)]
+    flags = ("NS_GROUP_WIDE", "NS_NORM_PARTS", "NS_FOLD")
+
+    torch.manual_seed(0)
+    init = [torch.randn(s, device=DEV) for s in shapes]
+    a, b = ([torch.nn.Parameter(t.clone()) for t in init] for _ in range(2))
+    oa, ob = (MuonWithAuxAdam([dict(params=p, use_muon=True, lr=0.02, weight_decay=0.1)]) for p in (a, b))
+    for o in (oa, ob):
+        o.fused_passes, o.ns_sym = True, sym
+    for _ in range(2):
+        for pa, pb in zip(a, b, strict=True):
+            pa.grad = torch.randn_like(pa)
+            pb.grad = pa.grad.clone()
+        for o, new in ((oa, True), (ob, False)):
+            for f in flags:
+                monkeypatch.setattr(mu, f, new)
+            o.step()
+    for pa, pb in zip(a, b, strict=True):
+        torch.testing.assert_close(pa.detach(), pb.detach(), atol=1e-3, rtol=0)  # bf16 NS outputs: an ulp
+        torch.testing.assert_close(oa.state[pa]["momentum_buffer"], ob.state[pb]["momentum_buffer"])
