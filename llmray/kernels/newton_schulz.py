@@ -12,8 +12,8 @@ of A into the output, no separate diagonal add) and per-matrix scales from |X|_F
 fp32 accumulation, stored in ``out``'s dtype (bf16 in Muon), as ``torch.bmm`` / ``baddbmm`` compute it.
 Launch options (module flags, for A/B on the GPU): ``SYM_TMA`` loads X and Y tiles by TMA tensor
 descriptors (contiguous stacks; pointer loads otherwise), ``SYM_TMA_OUT`` stores by descriptors too,
-``SYM_WIDE`` = 2 takes (BM, 2 BM) tiles (more work per tile, ~11% more FLOPs at r = 8 BM),
-``SYM_PERSIST`` = p > 0 launches p programs per SM that loop over the tiles.
+``SYM_PERSIST`` = p > 0 launches p programs per SM that loop over the tiles. (H200, 8th session: (BM, 2 BM)
+tiles, element masks on the tiles that cross the diagonal, ran 1.7x slower than square ones: removed.)
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ __all__ = ["sym_gram", "sym_gram_ref", "newton_schulz_sym", "newton_schulz_gram"
 # five shapes: (128, 64, 4, 3) 13.67 ms, (128, 64, 8, 4) 13.91, (128, 128, 8, 3) 14.07, (128, 64, 8, 3) 14.41,
 # (64, 64, 4, 4) 16.81; torch's bmm/baddbmm iteration 19.13 ms)
 DEFAULT_CONFIG = (128, 64, 4, 3)
-SYM_TMA = False
+SYM_TMA = True  # H200, qwen3-0.6b's 3 wide stacks: 12.6 (pointer loads) -> 11.4 ms
 SYM_TMA_OUT = False
-SYM_WIDE = 1
 SYM_PERSIST = 0
 NSQ_MODES = {"poly": 1, "gram": 2, "rsqrt": 3}  # how norm_sq scales the product: see sym_gram
 
@@ -46,23 +45,23 @@ def _sym_tile(
     alpha, beta, diag, eps_sq, nsq_p,
     NSQ_MODE: tl.constexpr, NSQ_PB: tl.constexpr, HAS_S: tl.constexpr, HAS_DIAG: tl.constexpr,
     EVEN: tl.constexpr, UPCAST: tl.constexpr, RTNE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    TMA_OUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    TMA_OUT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """One (BM, BN) tile t of matrix b: rows of X's block TI[t], columns of Y's block TJ[t]."""
-    ti = tl.load(TI + t)  # the tile reaches the diagonal or lies above it
+    """One (BM, BM) tile t of matrix b: rows of X's block TI[t], columns of Y's block TJ[t]."""
+    ti = tl.load(TI + t)  # tile row <= tile column: the upper triangle
     tj = tl.load(TJ + t)
     b64 = b.to(tl.int64)
     rows = ti * BM + tl.arange(0, BM)
-    cols = tj * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    cols = tj * BM + tl.arange(0, BM)
+    acc = tl.zeros((BM, BM), dtype=tl.float32)
     if (
         TMA
     ):  # X, Y: descriptors over the (n * R, K) rows; rows past R belong to the next matrix (masked below)
         ra = b * R + ti * BM
-        rb = b * R + tj * BN
+        rb = b * R + tj * BM
         for k0 in range(0, K, BK):
             a = X.load([ra, k0])  # (BM, BK), zeros past K
-            bb = Y.load([rb, k0])  # (BN, BK)
+            bb = Y.load([rb, k0])  # (BM, BK)
             if UPCAST:
                 a = a.to(tl.float32)
                 bb = bb.to(tl.float32)
@@ -72,7 +71,7 @@ def _sym_tile(
         xa = X + b64 * sxb + rows[:, None] * sxr + ks[None, :] * sxk  # (BM, BK) rows of block ti
         xb = (
             Y + b64 * syb + cols[:, None] * syr + ks[None, :] * syk
-        )  # (BN, BK) rows of block tj (Y = X or not)
+        )  # (BM, BK) rows of block tj (Y = X or not)
         for k0 in range(0, K, BK):
             if EVEN:
                 a = tl.load(xa)
@@ -113,28 +112,17 @@ def _sym_tile(
         bits = acc.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         acc = bits.to(tl.float32, bitcast=True)
-    if TMA_OUT:
+    if TMA_OUT:  # OUT: a descriptor over (n, R, R) with (1, BM, BM) blocks (clipped at R)
         out = acc.to(OUT.dtype)
+        OUT.store([b, ti * BM, tj * BM], out.reshape(1, BM, BM))
+        if ti != tj:
+            OUT.store([b, tj * BM, ti * BM], tl.trans(out).reshape(1, BM, BM))
     else:
         out = acc.to(OUT.dtype.element_ty)
-    if BN == BM:  # square tiles: a diagonal tile is stored whole, any other one and its mirror
-        if TMA_OUT:  # OUT: a descriptor over (n, R, R) with (1, BM, BM) blocks (clipped at R)
-            OUT.store([b, ti * BM, tj * BM], out.reshape(1, BM, BM))
-            if ti != tj:
-                OUT.store([b, tj * BM, ti * BM], tl.trans(out).reshape(1, BM, BM))
-        else:
-            tl.store(OUT + b64 * sob + rows[:, None] * sor + cols[None, :] * soc, out, mask=inside)
-            if ti != tj:  # the mirrored tile below the diagonal (transposed in registers: coalesced stores)
-                mirror = OUT + b64 * sob + cols[:, None] * sor + rows[None, :] * soc
-                tl.store(mirror, tl.trans(out), mask=(cols[:, None] < R) & (rows[None, :] < R))
-    else:  # (BM, BN) tiles: the upper part of a tile stored, its part above the diagonal mirrored
-        up = inside
-        mir = (cols[:, None] < R) & (rows[None, :] < R)
-        if (ti + 1) * BM > tj * BN:  # the tile crosses the diagonal: element masks (this tile only)
-            up = up & (cols[None, :] >= rows[:, None])
-            mir = mir & (cols[:, None] > rows[None, :])
-        tl.store(OUT + b64 * sob + rows[:, None] * sor + cols[None, :] * soc, out, mask=up)
-        tl.store(OUT + b64 * sob + cols[:, None] * sor + rows[None, :] * soc, tl.trans(out), mask=mir)
+        tl.store(OUT + b64 * sob + rows[:, None] * sor + cols[None, :] * soc, out, mask=inside)
+        if ti != tj:  # the mirrored tile below the diagonal (transposed in registers: coalesced stores)
+            mirror = OUT + b64 * sob + cols[:, None] * sor + rows[None, :] * soc
+            tl.store(mirror, tl.trans(out), mask=(cols[:, None] < R) & (rows[None, :] < R))
 
 
 @triton.jit
@@ -144,38 +132,32 @@ def _sym_gram_kernel(
     alpha, beta, diag, eps_sq, nsq_p,
     NSQ_MODE: tl.constexpr, NSQ_PB: tl.constexpr, HAS_S: tl.constexpr, HAS_DIAG: tl.constexpr,
     EVEN: tl.constexpr, UPCAST: tl.constexpr, RTNE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    TMA_OUT: tl.constexpr, PERSIST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    TMA_OUT: tl.constexpr, PERSIST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     # grid (NT tiles, NMAT matrices), or PERSIST: (programs,) each looping over tiles (matrix-major order)
     if PERSIST:
-        for w in tl.range(tl.program_id(0), NT * NMAT, tl.num_programs(0), flatten=True):
+        for w in tl.range(tl.program_id(0), NT * NMAT, tl.num_programs(0)):
             _sym_tile(
                 X, Y, S, OUT, TI, TJ, NSQ, w % NT, w // NT, R, K,
                 sxb, sxr, sxk, syb, syr, syk, ssb, ssr, ssc, sob, sor, soc, alpha, beta, diag, eps_sq, nsq_p,
-                NSQ_MODE, NSQ_PB, HAS_S, HAS_DIAG, EVEN, UPCAST, RTNE, PREC, TMA, TMA_OUT, BM, BN, BK,
+                NSQ_MODE, NSQ_PB, HAS_S, HAS_DIAG, EVEN, UPCAST, RTNE, PREC, TMA, TMA_OUT, BM, BK,
             )  # fmt: skip
     else:
         _sym_tile(
             X, Y, S, OUT, TI, TJ, NSQ, tl.program_id(0), tl.program_id(1), R, K,
             sxb, sxr, sxk, syb, syr, syk, ssb, ssr, ssc, sob, sor, soc, alpha, beta, diag, eps_sq, nsq_p,
-            NSQ_MODE, NSQ_PB, HAS_S, HAS_DIAG, EVEN, UPCAST, RTNE, PREC, TMA, TMA_OUT, BM, BN, BK,
+            NSQ_MODE, NSQ_PB, HAS_S, HAS_DIAG, EVEN, UPCAST, RTNE, PREC, TMA, TMA_OUT, BM, BK,
         )  # fmt: skip
 
 
-_TILES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_TILES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _tiles(r: int, bm: int, bn: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tile row, tile column) of the (bm, bn) tiles of an r x r matrix that reach its upper triangle
-    (the last column of the tile at or right of its first row), cached per device."""
-    key = (r, bm, bn, str(device))
+def _tiles(t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tile row, tile column) index lists of the upper triangle of a t x t tile grid, cached per device."""
+    key = (t, str(device))
     if key not in _TILES:
-        ij = [
-            (i, j)
-            for i in range(triton.cdiv(r, bm))
-            for j in range(triton.cdiv(r, bn))
-            if (j + 1) * bn > i * bm
-        ]
+        ij = [(i, j) for i in range(t) for j in range(i, t)]
         ti = torch.tensor([i for i, _ in ij], dtype=torch.int32, device=device)
         tj = torch.tensor([j for _, j in ij], dtype=torch.int32, device=device)
         _TILES[key] = (ti, tj)
@@ -249,17 +231,16 @@ def sym_gram(
     bm, bk, warps, stages = config or DEFAULT_CONFIG
     if r <= 64 and config is None:
         bm, warps = max(16, triton.next_power_of_2(r)), 4
-    bn = bm * SYM_WIDE if SYM_WIDE > 1 and r >= 4 * bm * SYM_WIDE else bm
-    ti, tj = _tiles(r, bm, bn, x.device)
+    ti, tj = _tiles(triton.cdiv(r, bm), x.device)
     sv = s if s is not None else out
     tma = bool(SYM_TMA) and _tma_ok(x) and _tma_ok(y)
-    tma_out = tma and bool(SYM_TMA_OUT) and bn == bm and out.stride(2) == 1 and _tma_ok(out)
+    tma_out = tma and bool(SYM_TMA_OUT) and out.stride(2) == 1 and _tma_ok(out)
     xa, ya, oa = x, y, out
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         xa = TensorDescriptor.from_tensor(x.reshape(n * r, k), [bm, bk])
-        ya = xa if y is x and bn == bm else TensorDescriptor.from_tensor(y.reshape(n * r, k), [bn, bk])
+        ya = xa if y is x else TensorDescriptor.from_tensor(y.reshape(n * r, k), [bm, bk])
         if tma_out:
             oa = TensorDescriptor.from_tensor(out, [1, bm, bm])
     nt = ti.numel()
@@ -277,10 +258,10 @@ def sym_gram(
             NSQ_PB=triton.next_power_of_2(norm_sq.shape[1]) if norm_sq is not None else 1,
             HAS_S=s is not None and beta != 0.0,
             HAS_DIAG=diag != 0.0 or (norm_sq is not None and nsq_mode == "poly"),
-            EVEN=r % bm == 0 and r % bn == 0 and k % bk == 0,
+            EVEN=r % bm == 0 and k % bk == 0,
             UPCAST=interpreting(), RTNE=out.dtype == torch.bfloat16, PREC="ieee" if x.dtype == torch.float32 else "tf32",
             TMA=tma, TMA_OUT=tma_out, PERSIST=persist > 0,
-            BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
+            BM=bm, BK=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return out.squeeze(0) if squeeze else out
 

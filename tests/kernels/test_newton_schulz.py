@@ -76,28 +76,23 @@ def test_gram_newton_schulz_is_closer_to_fp32_than_the_bf16_iteration(device):
 
 @pytest.mark.parametrize(
     "flags",
-    [
-        dict(SYM_TMA=1),
-        dict(SYM_TMA=1, SYM_TMA_OUT=1),
-        dict(SYM_WIDE=2),
-        dict(SYM_PERSIST=1, SYM_TMA=1, SYM_WIDE=2),
-    ],
-    ids=["tma", "tma_out", "wide", "persist_tma_wide"],
+    [dict(SYM_TMA=0), dict(SYM_TMA=1, SYM_TMA_OUT=1), dict(SYM_PERSIST=1)],
+    ids=["pointers", "tma_out", "persist"],
 )
 def test_sym_gram_launch_variants_match_torch(flags, monkeypatch):
-    """TMA descriptor loads / stores, (BM, 2 BM) tiles (element masks on the tiles that cross the diagonal)
-    and the persistent loop give the pointer kernel's products (fp32: exact up to summation order)."""
+    """Pointer loads, TMA descriptor loads (the default) and stores, and the persistent loop give torch's
+    products (fp32: equal up to summation order)."""
     import llmray.kernels.newton_schulz as ns
 
     for k, v in flags.items():
         monkeypatch.setattr(ns, k, v)
     torch.manual_seed(0)
-    for r, k in ((136, 48), (128, 64)):  # ragged and even; 2 BM = 32 columns: wide tiles from r = 128
+    for r, k in ((40, 48), (64, 64)):  # a ragged last tile; even tiles
         x = torch.randn(2, r, k)
         a = sym_gram(x, config=CFG)
         torch.testing.assert_close(a, x @ x.mT, atol=1e-4, rtol=1e-5)
         poly = sym_gram(a, alpha=0.5, s=a, beta=-1.5, diag=2.0, config=CFG)
-        torch.testing.assert_close(poly, 0.5 * a @ a.mT - 1.5 * a + 2 * torch.eye(r), atol=1e-2, rtol=1e-5)
+        torch.testing.assert_close(poly, 0.5 * a @ a.mT - 1.5 * a + 2 * torch.eye(r), atol=2e-3, rtol=1e-5)
         xt = torch.randn(2, k, r).mT  # a transposed view: pointer loads
         torch.testing.assert_close(sym_gram(xt, config=CFG), xt @ xt.mT, atol=1e-4, rtol=1e-5)
 
