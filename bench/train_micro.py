@@ -4,15 +4,19 @@
   gradient into the fused q|k|v gradient, both weights' gradients) on 8 x 2,048 tokens, 16 / 8 heads x 128,
   with the incoming gradients cuDNN's SDPA backward really returns (their layouts). Per variant: the error
   against torch's fp32 autograd of rope(rms_norm(.)) and the time per call (20 calls in one CUDA graph,
-  replayed; CUDA events, median of 5 replays) and the GB/s of the bytes it must move. Variants: the
-  committed kernel (``--old``: a copy of the previous module), the token-range design, the one-head row
-  kernel per (tokens a program, warps, v copied in the pass or apart). (W1 2026-12-01 also ran a tile kernel,
-  BT tokens x all heads a program, since removed: 0.30-0.51 ms against the row kernel's 0.142.)
+  replayed; CUDA events, median of 5 replays), the GB/s of the bytes it must move and whether the fused
+  gradient has the first variant's bits. Variants: the committed kernel (``--old``: a copy of the previous
+  module), the one-head row kernel ("rows", the default before session 9: the baseline when no --old), the
+  token-range design, the head-group kernel ("groups": tokens x heads a program, prefetch, eviction hints) and
+  the tensor-descriptor kernel ("tma": programs per SM, tokens an item, warps, pipeline stages); then the
+  baseline and the fastest correct "groups"/"tma" config side by side on both incoming-gradient layouts
+  (cuDNN's (B, T, H, D) and a (B, H, T, D) one), twice, alternating ("ab"). (W1 2026-12-01 also ran a tile
+  kernel, BT tokens x all heads a program, since removed: 0.30-0.51 ms against the row kernel's 0.142.)
 - ``optim``: Muon + AdamW's step over qwen3-0.6b's parameters (bf16 shadows, symmetric Newton-Schulz, as
   training runs it) with the momentum / apply passes one launch per shape group (``optim_kernels.MULTI``)
   or one per matrix: GPU ms per step (CUDA events), host ms per step, and whether both give the same weights.
 
-Writes OUT/micro.json after each part and OUT/best_flags.txt (the fastest correct row-kernel config as
+Writes OUT/micro.json after each part and OUT/best_flags.txt (the fastest correct "groups"/"tma" config as
 ``bench/train_profile.py`` flags).
 
     python bench/train_micro.py --out DIR [--old .gpu/jobs/training_base/qk_norm_rope_train_old.py]
@@ -40,9 +44,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 T0 = time.perf_counter()
 QK_MOD = "llmray.kernels.qk_norm_rope_train"
-# (BT, ITERS, warps or None, COPY_V)
-# (ROWS_BT, warps or None, COPY_V) of the one-head row kernel
+GKEYS = ("BT", "HG", "WARPS", "PREFETCH", "EVICT")
+TKEYS = ("BT", "STAGES", "WARPS", "PER_SM")
+# (ROWS_BT, warps or None, COPY_V) of the one-head row kernel ("rows": the committed default before the head-group
+# kernel; "rows bt32 wauto" is the old kernel in the A/B)
 ROWS = [(32, None, True), (16, None, True), (64, None, True), (32, 8, True), (32, None, False)]  # fmt: skip
+# (GROUP_BT, GROUP_HG, GROUP_WARPS, GROUP_PREFETCH, GROUP_EVICT) of the head-group kernel ("groups")
+GROUPS = [(32, 4, 4, True, False), (16, 4, 4, True, False), (16, 8, 4, True, False), (32, 2, 4, True, False),
+          (32, 4, 8, True, False), (16, 2, 2, True, False), (32, 4, 4, False, False), (32, 4, 4, True, True)]  # fmt: skip
+# (TMA_BT, TMA_STAGES, TMA_WARPS, TMA_PER_SM) of the tensor-descriptor design ("tma")
+TMAS = [(32, 3, 4, 2), (32, 4, 4, 2), (16, 4, 4, 3), (16, 6, 4, 3), (32, 3, 8, 1), (64, 3, 8, 1),
+        (16, 3, 4, 4)]  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -132,42 +144,81 @@ def qk_part(shape: tuple, cuda: bool, old_path: str | None, quick: bool = False)
         assert spec is not None and spec.loader is not None
         mods["old"] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mods["old"])
-    keys = ("BWD", "COPY_V", "ROWS_BT", "ROWS_WARPS")
+    keys = (
+        "BWD",
+        "COPY_V",
+        "ROWS_BT",
+        "ROWS_WARPS",
+        *(f"GROUP_{k}" for k in GKEYS),
+        *(f"TMA_{k}" for k in TKEYS),
+    )
     base = {k: getattr(QK, k) for k in keys}
     variants: list[tuple[str, str, dict]] = [("old (committed)", "old", {})] if old_path else []
-    variants.append(("token", "new", {"BWD": "token"}))
-    for bt, w, cv in ROWS[:3] if quick else ROWS:
+    for bt, w, cv in ROWS[:1] if quick else ROWS:
         cfg = {"BWD": "rows", "ROWS_BT": bt, "ROWS_WARPS": w, "COPY_V": cv}
         variants.append((f"rows bt{bt} w{w or 'auto'}{'' if cv else ' vapart'}", "new", cfg))
-    best, best_ms = "", float("inf")
+    if not quick:
+        variants.append(("token", "new", {"BWD": "token"}))
+    for g in GROUPS:
+        cfg = {"BWD": "groups", "COPY_V": True, **{f"GROUP_{k}": v_ for k, v_ in zip(GKEYS, g, strict=True)}}
+        variants.append(("groups bt{} hg{} w{}{}{}".format(*g[:3], "" if g[3] else " noprefetch", " evict" if g[4] else ""),
+                         "new", cfg))  # fmt: skip
+    for g in TMAS:
+        cfg = {"BWD": "tma", "COPY_V": True, **{f"TMA_{k}": v_ for k, v_ in zip(TKEYS, g, strict=True)}}
+        variants.append(("tma bt{} ns{} w{} per_sm{}".format(*g), "new", cfg))
+    # the incoming gradients in a (B, H, T, D) layout (the tests' other layout): the same values
+    tr = {
+        "bthd": (dqo, dko, dv),
+        "bhtd": tuple(g.transpose(1, 2).contiguous().transpose(1, 2) for g in (dqo, dko, dv)),
+    }
+    best, best_ms, first, best_cfg = "", float("inf"), None, {}
+    ctx = SimpleNamespace(saved_tensors=(qkv, qw, kw, pos, cos, sin), needs_input_grad=(True,) * 9,
+                          heads=(hq, hk, d), eps=1e-6, w_index=1)  # fmt: skip
+
+    def run(mod, name, layout):
+        gs = tr[layout]
+        got = mod._QKVNormRopeFn.backward(ctx, *gs)
+        err = [round(((g.float() - w_).abs().max() / w_.abs().max()).item(), 5)
+               for g, w_ in zip(got[:3], want, strict=True)]  # fmt: skip
+        ms = _graph_ms(lambda: mod._QKVNormRopeFn.backward(ctx, *gs), 20 if cuda else 1, cuda)
+        return got, {"ms": round(ms, 4), "gb_s": round(moved / ms / 1e6), "err_dqkv_dqw_dkw": err,
+                     "ok": err[0] < 2e-2 and max(err[1:]) < 1e-2}  # fmt: skip
+
     for name, which, cfg in variants:
-        mod = mods[which]
         for k, v_ in {**base, **cfg}.items():
             setattr(QK, k, v_)
-        ctx = SimpleNamespace(saved_tensors=(qkv, qw, kw, pos, cos, sin), needs_input_grad=(True,) * 9,
-                              heads=(hq, hk, d), eps=1e-6, w_index=1)  # fmt: skip
         try:
-            got = mod._QKVNormRopeFn.backward(ctx, dqo, dko, dv)
-            err = [round(((g.float() - w_).abs().max() / w_.abs().max()).item(), 5)
-                   for g, w_ in zip(got[:3], want, strict=True)]  # fmt: skip
-            ok = err[0] < 2e-2 and max(err[1:]) < 1e-2
-            ms = _graph_ms(
-                lambda m=mod, c=ctx: m._QKVNormRopeFn.backward(c, dqo, dko, dv), 20 if cuda else 1, cuda
-            )
-            res[name] = {
-                "ms": round(ms, 4),
-                "gb_s": round(moved / ms / 1e6),
-                "err_dqkv_dqw_dkw": err,
-                "ok": ok,
-            }
-            if which == "new" and cfg.get("BWD") == "rows" and ok and ms < best_ms:
-                best, best_ms = name, ms
+            got, res[name] = run(mods[which], name, "bthd")
+            first = got[0] if first is None else first  # the first variant's dqkv: the baseline's bits
+            res[name]["dqkv_bit_identical_to_first"] = bool(torch.equal(got[0], first))
+            if (
+                which == "new"
+                and cfg.get("BWD") in ("groups", "tma")
+                and res[name]["ok"]
+                and res[name]["ms"] < best_ms
+            ):
+                best, best_ms = name, res[name]["ms"]
                 res["best_flags"] = "+".join(
                     f"{QK_MOD}.{k}={int(v_) if isinstance(v_, bool) else v_}" for k, v_ in cfg.items()
                 )
+                best_cfg = cfg
         except Exception as e:  # keep the other variants
             res[name] = f"{type(e).__name__}: {str(e)[:300]}"
         log(f"qk {name}: {res[name]}")
+    # both layouts for the baseline and the best head-group config, side by side (alternating)
+    pairs = [(variants[0][0], variants[0][1], variants[0][2])] + ([(best, "new", best_cfg)] if best else [])
+    for rep in range(2):
+        for name, which, cfg in pairs:
+            for layout in ("bthd", "bhtd"):
+                for k, v_ in {**base, **cfg}.items():
+                    setattr(QK, k, v_)
+                try:
+                    got, r = run(mods[which], name, layout)
+                    r["dqkv_bit_identical_to_first"] = bool(torch.equal(got[0], first))
+                except Exception as e:
+                    r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                res.setdefault("ab", {})[f"{name} | {layout} | rep{rep}"] = r
+                log(f"qk A/B {name} | {layout} | rep{rep}: {r}")
     for k, v_ in base.items():
         setattr(QK, k, v_)
     res["best"] = best

@@ -6,12 +6,19 @@ gradient back (rope by -angle) and applies RMSNorm's backward:
     g  = rope^-1(dy)                     (the gradient at the normed, rounded value)
     dx = (w g - x_hat mean(x_hat w g)) / rms,   dw = sum over rows of g x_hat
 Unfused, the training step runs rms_norm on q, on k, and rope, each forward and backward (six passes over
-q/k); fused it is two: the rope pass is gone. The backward's kernels (``_qk_norm_rope_bwd``): by default
-(``BWD = "rows"``) one program per head and ROWS_BT tokens (rows are independent: the norm is per head), so
-neighbouring programs read one block of q|k|v rows and each head's incoming gradient in contiguous runs
-(in a (B, T, H, D) or a (B, H, T, D) layout), with v's gradient copied into the fused gradient by programs of the same
-launch and both weights' gradients summed by one small kernel (H200: 0.142 ms a layer, 2.6 TB/s of the bytes it
-must move); ``"token"``: the previous design (programs walking token ranges: 0.209 ms, 1.8 TB/s; A/B only).
+q/k); fused it is two: the rope pass is gone. The backward's kernels (``_qk_norm_rope_bwd``), by ``BWD``
+(H200, qwen3-0.6b's 8 x 2,048 tokens x (16 + 8) heads of 128, one layer's backward incl. v's gradient copied
+into the fused gradient and both weights' gradients, ~369 MB moved; session 9, one run, both gradient layouts):
+- ``"tma"`` (the default): a few persistent programs per SM walk (batch, token block, head) items; x and the
+  incoming gradient come as tensor-descriptor tiles, NS - 1 items ahead in shared memory (Triton's loop
+  pipelining), so the bytes in flight are not bounded by registers: 0.1075 ms (3.43 TB/s; in the graphed
+  step 0.102 ms a layer), the same bits as "rows". Needs Hopper (or the interpreter) and 16-byte aligned
+  strides, else "groups" runs.
+- ``"groups"``: HG heads of BT tokens a program (cos/sin loaded once for HG heads, the next head's tiles
+  loaded during this one's math): 0.113 ms at 16 tokens x 8 heads.
+- ``"rows"`` (the previous default): one head of ROWS_BT tokens a program: 0.1414 ms (2.61 TB/s; 0.1405 ms a
+  layer in the step). Its 254 registers a thread leave 2 programs, ~32 KB of loads in flight, per SM.
+- ``"token"``: programs walking token ranges (0.209 ms; A/B only).
 """
 
 from __future__ import annotations
@@ -20,21 +27,48 @@ import torch
 import triton
 
 from llmray.kernels._common import interpreting, num_sms
-from llmray.kernels._qk_norm_rope_bwd import _copy_rows_kernel, _head_rows_kernel, _token_kernel
+from llmray.kernels._qk_norm_rope_bwd import (
+    _copy_rows_kernel,
+    _head_group_kernel,
+    _head_rows_kernel,
+    _tma_kernel,
+    _token_kernel,
+)
+
+try:  # host-side tensor descriptors (Triton >= 3.4): the "tma" design
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 from llmray.kernels.qk_norm_rope import qk_norm_rope
 from llmray.kernels.rmsnorm import DW_SUM, _sum_partials
 
 __all__ = ["qk_norm_rope_train", "qkv_norm_rope_train"]
 
-# backward knobs (the GPU A/B sets them): the kernel design ("rows" | "token"), the row kernel's tokens a program
-# and warps (H200, qwen3-0.6b's 8 x 2,048 x (16 + 8) heads, W1 2026-12-01: 32 tokens 0.142 ms a layer, 16: 0.190,
-# 64: 0.161; 8 warps 0.196; the token kernel 0.209, a tile of 2-8 tokens x all heads 0.30-0.51), weight-gradient
-# slot rows, the token kernel's programs per SM and warps (None: heuristics)
-BWD = "rows"
+# backward knobs (the GPU A/B sets them, bench/train_micro.py): the design ("tma" | "groups" | "rows" | "token"),
+# weight-gradient slot rows; the row kernel's tokens a program and warps (W1: 32 tokens 0.142 ms, 16: 0.190, 64:
+# 0.161; 8 warps 0.196)
+BWD = "tma"
 NSLOT = 64
 ROWS_BT = 32
 ROWS_WARPS: int | None = None
-COPY_V = True  # the row kernel copies v's gradient into the fused gradient (else _copy_rows' kernel: +8 us)
+# "groups": tokens a program, heads a program, warps, the next head's loads before this head's math, eviction
+# hints (x/g evict_first, cos/sin evict_last). Session 9 sweep (ms): 16 x 8 0.113, 16 x 4 0.114, 32 x 4 0.1225
+# (8 warps 0.119, no prefetch 0.1435, eviction hints 0.1228), 32 x 2 0.1286, 16 x 2 on 2 warps 0.1186
+GROUP_BT = 16
+GROUP_HG = 8
+GROUP_WARPS = 4
+GROUP_PREFETCH = True
+GROUP_EVICT = False
+# "tma": programs per SM, tokens an item, warps, pipeline stages. Session 9 sweep (ms): 2 x 32 tokens, 4 warps,
+# 3 stages 0.1075 (4 stages 0.1082); 4 x 16, 3 stages 0.1086; 3 x 16, 4 stages 0.1162 (6 stages 0.1761);
+# 1 x 64 on 8 warps 0.1181; 1 x 32 on 8 warps 0.1427
+TMA_PER_SM = 2
+TMA_BT = 32
+TMA_WARPS = 4
+TMA_STAGES = 3
+COPY_V = (
+    True  # the backward kernel copies v's gradient into the fused gradient (else _copy_rows' kernel: +8 us)
+)
 COPY_ROWS = True  # v's gradient copied by _copy_rows_kernel (vs torch's strided copy_: 62 us a layer, H200)
 PROGRAMS_PER_SM: int | None = None
 NUM_WARPS: int | None = None
@@ -72,10 +106,27 @@ def _split_dw(
             _sum_partials(part[:, d:].contiguous(), kdt, DW_SUM))  # fmt: skip
 
 
+def _tma_ok(*xs: torch.Tensor) -> bool:
+    """Tensor descriptors apply: Hopper or newer (or the interpreter), 16-byte aligned bases and strides, and
+    no torch.compile tracing (fake tensors have no addresses)."""
+    if TensorDescriptor is None or torch.compiler.is_compiling():
+        return False
+    dev = xs[0].device
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] < 9:
+        return False
+    return all(x.data_ptr() % 16 == 0 and all(st * x.element_size() % 16 == 0 for st in x.stride()[:-1])
+               for x in xs)  # fmt: skip
+
+
+def _desc(x: torch.Tensor, bt: int) -> object:
+    """A (B, T, H, D) tensor descriptor with (1, bt, 1, D/2) blocks."""
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, bt, 1, x.shape[-1] // 2])
+
+
 def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk, dv=None, dv_out=None):
     """dq, dk (given outputs, any (b, t, h) strides) and the weights' gradients of rope(norm(q/k)); with
-    ``dv``/``dv_out`` the row kernel copies v's gradient into its slice of the fused gradient (returns
-    whether it did)."""
+    ``dv``/``dv_out`` the kernel copies v's gradient into its slice of the fused gradient (returns whether it
+    did)."""
     dqo, dko = _unit_d(dqo), _unit_d(dko)
     bsz, t, hq, d = q.shape
     hk = k.shape[2]
@@ -86,21 +137,52 @@ def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk, dv=None,
     block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
     strides = (*q.stride()[:3], *k.stride()[:3], *dqo.stride()[:3], *dko.stride()[:3], *dq.stride()[:3],
                *dk.stride()[:3])  # fmt: skip
-    if BWD == "rows":
-        copy_v = dv is not None and dv_out is not None and COPY_V
-        if copy_v:
-            dv = _unit_d(dv)
-        vs = (*dv.stride()[:3], *dv_out.stride()[:3]) if copy_v else (0,) * 6
-        progs = triton.cdiv(ntok, ROWS_BT) * (hq + hk + (hk if copy_v else 0))
+    copy_v = dv is not None and dv_out is not None and COPY_V
+    if copy_v:
+        dv = _unit_d(dv)
+    bwd = BWD
+    if bwd == "tma" and not _tma_ok(q, k, dqo, dko, *((dv,) if copy_v else ())):
+        bwd = "groups"
+    if bwd == "tma":
+        dw = nq or nk
+        items = bsz * triton.cdiv(t, TMA_BT) * (hq + hk)
+        progs = max(1, min(items, TMA_PER_SM * num_sms(q.device) if q.device.type == "cuda" else 3))
         nslot = max(1, min(NSLOT, progs))
-        acc = torch.zeros((nslot, 2 * d), device=q.device, dtype=torch.float32) if nq or nk else dq
-        _head_rows_kernel[(progs,)](
-            q, k, dqo, dko, qw, kw, dq, dk, acc, pos, cos, sin,
-            dv if copy_v else dq, dv_out if copy_v else dq,
-            t, ntok, hq, hk, *pos.stride(), cos.stride(0), ctx.eps, *strides, *vs,
-            HALF=d // 2, BT=ROWS_BT, NSLOT=nslot, COMPUTE_DW=nq or nk, COPY_V=copy_v,
-            num_warps=ROWS_WARPS or (8 if ROWS_BT * d >= 8192 else 4),
+        acc = torch.zeros((nslot, 2 * d), device=q.device, dtype=torch.float32) if dw else dq
+        vo = dv_out if copy_v else dq
+        _tma_kernel[(progs,)](
+            _desc(q, TMA_BT), _desc(k, TMA_BT), _desc(dqo, TMA_BT), _desc(dko, TMA_BT),
+            _desc(dv if copy_v else dqo, TMA_BT), qw, kw, dq, dk, vo, acc, pos, cos, sin,
+            bsz, t, hq, hk, *pos.stride(), cos.stride(0), ctx.eps, *dq.stride()[:3], *dk.stride()[:3],
+            *vo.stride()[:3], HALF=d // 2, BT=TMA_BT, NSLOT=nslot, COMPUTE_DW=dw, COPY_V=copy_v, NS=TMA_STAGES,
+            num_warps=TMA_WARPS,
         )  # fmt: skip
+    elif bwd in ("rows", "groups"):
+        vs = (*dv.stride()[:3], *dv_out.stride()[:3]) if copy_v else (0,) * 6
+        dvi, dvo = (dv, dv_out) if copy_v else (dq, dq)
+        dw = nq or nk
+        if bwd == "rows":
+            progs = triton.cdiv(ntok, ROWS_BT) * (hq + hk + (hk if copy_v else 0))
+        else:
+            hg = max(1, min(GROUP_HG, max(hq, hk)))  # heads a program (q and k groups alike)
+            ng = triton.cdiv(hq, hg) + triton.cdiv(hk, hg) * (2 if copy_v else 1)
+            progs = triton.cdiv(ntok, GROUP_BT) * ng
+        nslot = max(1, min(NSLOT, progs))
+        acc = torch.zeros((nslot, 2 * d), device=q.device, dtype=torch.float32) if dw else dq
+        args = (q, k, dqo, dko, qw, kw, dq, dk, acc, pos, cos, sin, dvi, dvo,
+                t, ntok, hq, hk, *pos.stride(), cos.stride(0), ctx.eps, *strides, *vs)  # fmt: skip
+        if bwd == "rows":
+            _head_rows_kernel[(progs,)](
+                *args, HALF=d // 2, BT=ROWS_BT, NSLOT=nslot, COMPUTE_DW=dw, COPY_V=copy_v,
+                num_warps=ROWS_WARPS or (8 if ROWS_BT * d >= 8192 else 4),
+            )  # fmt: skip
+        else:
+            _head_group_kernel[(progs,)](
+                *args, HALF=d // 2, BT=GROUP_BT, HG=hg, NSLOT=nslot, COMPUTE_DW=dw, COPY_V=copy_v,
+                VW=triton.next_power_of_2(hg) * d,
+                PREFETCH=GROUP_PREFETCH, EV_X="evict_first" if GROUP_EVICT else "",
+                EV_C="evict_last" if GROUP_EVICT else "", num_warps=GROUP_WARPS,
+            )  # fmt: skip
     else:
         copy_v = False
         per_sm = PROGRAMS_PER_SM or 8  # H200 W2 sweep: 8 per SM 0.375 ms, 16 0.458, 32 0.483
