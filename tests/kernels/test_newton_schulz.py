@@ -79,7 +79,7 @@ def test_gram_newton_schulz_is_closer_to_fp32_than_the_bf16_iteration(device):
     [dict(SYM_TMA=0), dict(SYM_TMA=1, SYM_TMA_OUT=1), dict(SYM_PERSIST=1)],
     ids=["pointers", "tma_out", "persist"],
 )
-def test_sym_gram_launch_variants_match_torch(flags, monkeypatch):
+def test_sym_gram_launch_variants_match_torch(flags, monkeypatch, device):
     """Pointer loads, TMA descriptor loads (the default) and stores, and the persistent loop give torch's
     products (fp32: equal up to summation order)."""
     import llmray.kernels.newton_schulz as ns
@@ -88,20 +88,22 @@ def test_sym_gram_launch_variants_match_torch(flags, monkeypatch):
         monkeypatch.setattr(ns, k, v)
     torch.manual_seed(0)
     for r, k in ((40, 48), (64, 64)):  # a ragged last tile; even tiles
-        x = torch.randn(2, r, k)
+        x = torch.randn(2, r, k, device=device)
         a = sym_gram(x, config=CFG)
         torch.testing.assert_close(a, x @ x.mT, atol=1e-4, rtol=1e-5)
         poly = sym_gram(a, alpha=0.5, s=a, beta=-1.5, diag=2.0, config=CFG)
-        torch.testing.assert_close(poly, 0.5 * a @ a.mT - 1.5 * a + 2 * torch.eye(r), atol=2e-3, rtol=1e-5)
-        xt = torch.randn(2, k, r).mT  # a transposed view: pointer loads
+        torch.testing.assert_close(
+            poly, 0.5 * a @ a.mT - 1.5 * a + 2 * torch.eye(r, device=device), atol=2e-3, rtol=1e-5
+        )
+        xt = torch.randn(2, k, r, device=device).mT  # a transposed view: pointer loads
         torch.testing.assert_close(sym_gram(xt, config=CFG), xt @ xt.mT, atol=1e-4, rtol=1e-5)
 
 
-def test_sym_gram_norm_modes_sum_partials():
+def test_sym_gram_norm_modes_sum_partials(device):
     """norm_sq given as (n, p) partial sums: "gram" = X X^T / |X|^2, "rsqrt" = X Y^T / |X|."""
     torch.manual_seed(0)
-    x = torch.randn(2, 40, 24)
-    parts = torch.rand(2, 5) + 0.5
+    x = torch.randn(2, 40, 24, device=device)
+    parts = torch.rand(2, 5, device=device) + 0.5
     tot = parts.sum(1).view(2, 1, 1)
     g = sym_gram(x, config=CFG, norm_sq=parts, nsq_mode="gram")
     torch.testing.assert_close(g, x @ x.mT / tot, atol=1e-5, rtol=1e-5)
@@ -113,12 +115,12 @@ def test_sym_gram_norm_modes_sum_partials():
         sym_gram(x, norm_sq=parts, nsq_mode="other")
 
 
-def test_gram_fold_equals_the_unfolded_iteration():
+def test_gram_fold_equals_the_unfolded_iteration(device):
     """The Gram iteration with its normalization and casts in the products' epilogues (and |X|^2 given as
     partial sums, as the momentum pass writes them) against the one with torch passes: bf16 rounding apart."""
     torch.manual_seed(0)
     coef = (3.4445, -4.7750, 2.0315)
-    x = (torch.randn(2, 32, 96) * 1e-3).bfloat16()
+    x = (torch.randn(2, 32, 96, device=device) * 1e-3).bfloat16()
     old = newton_schulz_gram(x, 5, coef, fold=False).float()
     new = newton_schulz_gram(x, 5, coef).float()
     parts = x.float().square().reshape(2, 4, -1).sum(-1)  # (2, 4) partial sums of |X|^2

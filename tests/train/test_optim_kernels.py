@@ -48,7 +48,8 @@ def test_momentum_kernel_transposed_slots_and_norm_parts(transpose):
     muon_momentum_(grads, bufs_ref, ref, 0.95, True, False, scale, transpose=transpose, parts=parts_ref)
     torch.testing.assert_close(out.float(), ref.float(), atol=0, rtol=1e-2)  # one bf16 rounding apart
     torch.testing.assert_close(bufs[1], bufs_ref[1], atol=1e-6, rtol=1e-6)
-    assert (parts > 0).sum(1).tolist() == [parts.shape[1]] * 2 or not transpose  # a sum per block
+    written = 3 * 2 if transpose else -(-136 * 72 // ok.BLOCK)  # (64, 64) tiles / 4096-element blocks
+    assert (parts[:, :written] > 0).all() and (parts[:, written:] == 0).all()  # a sum per block
     # the partial sums add up to |out[i]|^2 of what was stored
     torch.testing.assert_close(parts.sum(1), out.float().square().sum((1, 2)), rtol=1e-5, atol=0)
     torch.testing.assert_close(parts.sum(1), parts_ref.sum(1), rtol=2e-2, atol=0)
