@@ -12,7 +12,7 @@ of A into the output, no separate diagonal add) and per-matrix scales from |X|_F
 fp32 accumulation, stored in ``out``'s dtype (bf16 in Muon), as ``torch.bmm`` / ``baddbmm`` compute it.
 Launch options (module flags, for A/B on the GPU): ``SYM_TMA`` loads X and Y tiles by TMA tensor
 descriptors (contiguous stacks; pointer loads otherwise), ``SYM_TMA_OUT`` stores by descriptors too,
-``SYM_PERSIST`` = p > 0 launches p programs per SM that loop over the tiles. (H200, 8th session: (BM, 2 BM)
+``SYM_PERSIST`` = p > 0 launches p programs per SM that loop over the tiles. (H200, 9th session: (BM, 2 BM)
 tiles, element masks on the tiles that cross the diagonal, ran 1.7x slower than square ones: removed.)
 """
 
@@ -30,9 +30,11 @@ __all__ = ["sym_gram", "sym_gram_ref", "newton_schulz_sym", "newton_schulz_gram"
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages): the best of a sweep on the H200 (Muon's stacks of qwen3-0.6b, all
 # five shapes: (128, 64, 4, 3) 13.67 ms, (128, 64, 8, 4) 13.91, (128, 128, 8, 3) 14.07, (128, 64, 8, 3) 14.41,
-# (64, 64, 4, 4) 16.81; torch's bmm/baddbmm iteration 19.13 ms)
+# (64, 64, 4, 4) 16.81; torch's bmm/baddbmm iteration 19.13 ms). 9th session, TMA loads, the 3 wide stacks
+# (bench/train_ns.py, fastest of 3 rounds): (128, 64, 4, 3) 12.59 ms, (128, 64, 4, 4) 13.33, (128, 128, 4, 3)
+# 13.44, (128, 128, 8, 3) 13.48; TMA stores too 12.97; persistent 1 / SM 13.83, 2 / SM 12.37 (within noise)
 DEFAULT_CONFIG = (128, 64, 4, 3)
-SYM_TMA = True  # H200, qwen3-0.6b's 3 wide stacks: 12.6 (pointer loads) -> 11.4 ms
+SYM_TMA = True  # H200, qwen3-0.6b's 3 wide stacks: pointer loads 13.40 -> 12.59 ms (another run 12.6 -> 11.4)
 SYM_TMA_OUT = False
 SYM_PERSIST = 0
 NSQ_MODES = {"poly": 1, "gram": 2, "rsqrt": 3}  # how norm_sq scales the product: see sym_gram
