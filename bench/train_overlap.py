@@ -105,20 +105,31 @@ def ce_variants(reps: int) -> dict:
     work = logits.clone()
     res: dict = {}
     ref = None
-    for per_sm in (0, 1, 2, 4):
-        for rev in (False, True):
-            for warps in (0, 32) if per_sm else (0,):
-                ce.ROWS_PROGRAMS_PER_SM, ce.ROWS_REVERSE, ce.ROWS_WARPS = per_sm, rev, warps
-                work.copy_(logits)
-                loss = ce.cross_entropy_rows(work, tgt, n_valid)
-                if ref is None:
-                    ref = (loss.clone(), work.clone())
-                same = bool(torch.equal(loss, ref[0]) and torch.equal(work, ref[1]))
-                ms = timed(lambda: (work.copy_(logits), ce.cross_entropy_rows(work, tgt, n_valid)), reps)
-                copy_ms = timed(lambda: work.copy_(logits), reps)
-                res[f"per_sm{per_sm} rev{int(rev)} w{warps}"] = {"ms": round(ms - copy_ms, 4), "same": same}
-                print("ce", per_sm, rev, warps, res[f"per_sm{per_sm} rev{int(rev)} w{warps}"], flush=True)
-    ce.ROWS_PROGRAMS_PER_SM, ce.ROWS_REVERSE, ce.ROWS_WARPS = 0, False, 0
+    variants = [{"ROWS_REVERSE": False}, {"ROWS_REVERSE": True}]
+    for per_sm, bb, ns, w in [(1, 16, 3, 8), (1, 32, 3, 8), (1, 16, 4, 8), (1, 16, 2, 8), (1, 16, 3, 4),
+                              (1, 16, 3, 16), (2, 16, 3, 8), (2, 32, 2, 8), (1, 8, 4, 4), (2, 8, 3, 4)]:  # fmt: skip
+        variants.append({"ROWS_TMA": True, "ROWS_TMA_PER_SM": per_sm, "ROWS_TMA_BB": bb,
+                         "ROWS_TMA_STAGES": ns, "ROWS_TMA_WARPS": w})  # fmt: skip
+    defaults = {k: getattr(ce, k) for v in variants for k in v}
+    for var in variants:
+        for k, val in {**defaults, **var}.items():
+            setattr(ce, k, val)
+        name = " ".join(f"{k.removeprefix('ROWS_')}={val}" for k, val in var.items())
+        try:
+            work.copy_(logits)
+            loss = ce.cross_entropy_rows(work, tgt, n_valid)
+            if ref is None:
+                ref = (loss.clone(), work.clone())
+            same = bool(torch.equal(loss, ref[0]) and torch.equal(work, ref[1]))
+            diff = [float((loss - ref[0]).abs().max()), float((work.float() - ref[1].float()).abs().max())]
+            ms = timed(lambda: (work.copy_(logits), ce.cross_entropy_rows(work, tgt, n_valid)), reps)
+            copy_ms = timed(lambda: work.copy_(logits), reps)
+            res[name] = {"ms": round(ms - copy_ms, 4), "same": same, "max_diff_loss_grad": diff}
+        except Exception as e:  # a launch config that does not compile: report it, go on
+            res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print("ce", name, res[name], flush=True)
+    for k, val in defaults.items():
+        setattr(ce, k, val)
     return res
 
 
