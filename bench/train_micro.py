@@ -45,16 +45,17 @@ sys.path.insert(0, str(ROOT))
 T0 = time.perf_counter()
 QK_MOD = "llmray.kernels.qk_norm_rope_train"
 GKEYS = ("BT", "HG", "WARPS", "PREFETCH", "EVICT")
-TKEYS = ("BT", "STAGES", "WARPS", "PER_SM")
+TKEYS = ("BT", "STAGES", "WARPS", "PER_SM", "HG", "MAXNREG")
 # (ROWS_BT, warps or None, COPY_V) of the one-head row kernel ("rows": the committed default before the head-group
 # kernel; "rows bt32 wauto" is the old kernel in the A/B)
 ROWS = [(32, None, True), (16, None, True), (64, None, True), (32, 8, True), (32, None, False)]  # fmt: skip
 # (GROUP_BT, GROUP_HG, GROUP_WARPS, GROUP_PREFETCH, GROUP_EVICT) of the head-group kernel ("groups")
 GROUPS = [(32, 4, 4, True, False), (16, 4, 4, True, False), (16, 8, 4, True, False), (32, 2, 4, True, False),
           (32, 4, 8, True, False), (16, 2, 2, True, False), (32, 4, 4, False, False), (32, 4, 4, True, True)]  # fmt: skip
-# (TMA_BT, TMA_STAGES, TMA_WARPS, TMA_PER_SM) of the tensor-descriptor design ("tma")
-TMAS = [(32, 3, 4, 2), (32, 4, 4, 2), (16, 4, 4, 3), (16, 6, 4, 3), (32, 3, 8, 1), (64, 3, 8, 1),
-        (16, 3, 4, 4)]  # fmt: skip
+# (TMA_BT, TMA_STAGES, TMA_WARPS, TMA_PER_SM, TMA_HG, TMA_MAXNREG) of the tensor-descriptor design ("tma")
+TMAS = [(32, 3, 4, 2, 1, None), (16, 3, 4, 4, 1, 128), (16, 4, 4, 4, 1, 128), (16, 3, 4, 3, 2, 168),
+        (16, 3, 4, 4, 2, 128), (32, 3, 4, 3, 1, 168), (16, 3, 4, 2, 2, None), (32, 3, 4, 2, 2, None),
+        (16, 3, 4, 2, 4, None), (16, 2, 4, 4, 2, 128), (32, 2, 4, 3, 1, 168), (16, 3, 4, 4, 1, None)]  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -103,7 +104,13 @@ class _Grab(torch.autograd.Function):
         return (None, *gs)
 
 
-def qk_part(shape: tuple, cuda: bool, old_path: str | None, quick: bool = False) -> tuple[dict, str]:
+def qk_part(
+    shape: tuple,
+    cuda: bool,
+    old_path: str | None,
+    quick: bool = False,
+    designs: str = "rows,token,groups,tma",
+) -> tuple[dict, str]:
     import llmray.kernels.qk_norm_rope_train as QK  # noqa: N812
     from llmray.kernels.reference import rms_norm_ref, rope_ref
     from llmray.model.attention import causal_attention
@@ -157,15 +164,15 @@ def qk_part(shape: tuple, cuda: bool, old_path: str | None, quick: bool = False)
     for bt, w, cv in ROWS[:1] if quick else ROWS:
         cfg = {"BWD": "rows", "ROWS_BT": bt, "ROWS_WARPS": w, "COPY_V": cv}
         variants.append((f"rows bt{bt} w{w or 'auto'}{'' if cv else ' vapart'}", "new", cfg))
-    if not quick:
+    if not quick and "token" in designs:
         variants.append(("token", "new", {"BWD": "token"}))
-    for g in GROUPS:
+    for g in GROUPS if "groups" in designs else []:
         cfg = {"BWD": "groups", "COPY_V": True, **{f"GROUP_{k}": v_ for k, v_ in zip(GKEYS, g, strict=True)}}
         variants.append(("groups bt{} hg{} w{}{}{}".format(*g[:3], "" if g[3] else " noprefetch", " evict" if g[4] else ""),
                          "new", cfg))  # fmt: skip
-    for g in TMAS:
+    for g in TMAS if "tma" in designs else []:
         cfg = {"BWD": "tma", "COPY_V": True, **{f"TMA_{k}": v_ for k, v_ in zip(TKEYS, g, strict=True)}}
-        variants.append(("tma bt{} ns{} w{} per_sm{}".format(*g), "new", cfg))
+        variants.append(("tma bt{} ns{} w{} per_sm{} hg{} maxnreg{}".format(*g), "new", cfg))
     # the incoming gradients in a (B, H, T, D) layout (the tests' other layout): the same values
     tr = {
         "bthd": (dqo, dko, dv),
@@ -351,6 +358,7 @@ def main() -> int:
     p.add_argument("--parts", default="qk,optim,rms")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per setting")
     p.add_argument("--quick", action="store_true", help="fewer launch configs (a short GPU window)")
+    p.add_argument("--qk-designs", default="rows,token,groups,tma", help="qk: which designs' configs to time")
     p.add_argument("--smoke", action="store_true", help="CPU: small shapes under the Triton interpreter")
     a = p.parse_args()
     cuda = torch.cuda.is_available() and not a.smoke
@@ -361,7 +369,7 @@ def main() -> int:
     for part in filter(None, a.parts.split(",")):
         try:
             if part == "qk":
-                res["qk"], flags = qk_part(shape, cuda, a.old or None, a.quick)
+                res["qk"], flags = qk_part(shape, cuda, a.old or None, a.quick, a.qk_designs)
                 (out / "best_flags.txt").write_text(flags + "\n")
             elif part == "rms":
                 res["rms"], flags = rms_part(*((16384, 1024) if cuda else (12, 64)), cuda, a.quick)

@@ -260,32 +260,37 @@ def _copy_rows_kernel(SRC, DST, M, s_src, s_dst, N: tl.constexpr, BM: tl.constex
 
 @triton.jit
 def _tma_heads(XD, GD, O, W, ACC, POS, COS, SIN, col, pid, nprog, B, T, NH, s_pb, s_pt, s_cos, so_b, so_t, so_h,
-               eps, HALF: tl.constexpr, BT: tl.constexpr, NSLOT: tl.constexpr, COMPUTE_DW: tl.constexpr,
-               NS: tl.constexpr):  # fmt: skip
-    """Items (batch, BT-token block, head) pid, pid + nprog, ... of one of q / k: x and g (B, T, NH, D) tiles by
-    the tensor-memory engine, NS - 1 items ahead (shared memory holds what is in flight, not registers)."""
+               eps, HALF: tl.constexpr, BT: tl.constexpr, HG: tl.constexpr, NSLOT: tl.constexpr,
+               COMPUTE_DW: tl.constexpr, NS: tl.constexpr):  # fmt: skip
+    """Items (batch, BT-token block, group of HG heads) pid, pid + nprog, ... of one of q / k: x and g (B, T, NH,
+    D) tiles by the tensor-memory engine, NS - 1 items ahead (shared memory holds what is in flight, not
+    registers; heads past NH read as zeros and are not stored); cos/sin gathered once an item."""
     nblk = tl.cdiv(T, BT)
+    ng = tl.cdiv(NH, HG)
     d = tl.arange(0, HALF)[None, :]
     r = tl.arange(0, BT)[:, None]
     w1 = tl.load(W + d).to(tl.float32)
     w2 = tl.load(W + HALF + d).to(tl.float32)
     acc1 = tl.zeros((BT, HALF), dtype=tl.float32)
     acc2 = tl.zeros((BT, HALF), dtype=tl.float32)
-    for it in tl.range(pid, B * nblk * NH, nprog, num_stages=NS):
-        h = it % NH
-        b = it // NH // nblk
-        t0 = (it // NH % nblk) * BT
-        x1 = tl.reshape(XD.load([b, t0, h, 0]), (BT, HALF))
-        x2 = tl.reshape(XD.load([b, t0, h, HALF]), (BT, HALF))
-        g1 = tl.reshape(GD.load([b, t0, h, 0]), (BT, HALF))
-        g2 = tl.reshape(GD.load([b, t0, h, HALF]), (BT, HALF))
+    for it in tl.range(pid, B * nblk * ng, nprog, num_stages=NS):
+        h0 = it % ng * HG
+        b = it // ng // nblk
+        t0 = (it // ng % nblk) * BT
         t = t0 + r
-        m = t < T
-        pos = tl.load(POS + b.to(tl.int64) * s_pb + t * s_pt, mask=m, other=0).to(tl.int64)
+        pos = tl.load(POS + b.to(tl.int64) * s_pb + t * s_pt, mask=t < T, other=0).to(tl.int64)
         c = tl.load(COS + pos * s_cos + d)
         s = tl.load(SIN + pos * s_cos + d)
-        op = O + b.to(tl.int64) * so_b + t.to(tl.int64) * so_t + h * so_h
-        acc1, acc2 = _group_head(op, w1, w2, c, s, m, acc1, acc2, x1, x2, g1, g2, eps, HALF)
+        ob = O + b.to(tl.int64) * so_b + t.to(tl.int64) * so_t
+        for i in tl.static_range(HG):
+            x1 = tl.reshape(XD.load([b, t0, h0 + i, 0]), (BT, HALF))
+            x2 = tl.reshape(XD.load([b, t0, h0 + i, HALF]), (BT, HALF))
+            g1 = tl.reshape(GD.load([b, t0, h0 + i, 0]), (BT, HALF))
+            g2 = tl.reshape(GD.load([b, t0, h0 + i, HALF]), (BT, HALF))
+            m = t < tl.where(h0 + i < NH, T, 0)  # (a bool & in the interpreter fails)
+            acc1, acc2 = _group_head(
+                ob + (h0 + i) * so_h, w1, w2, c, s, m, acc1, acc2, x1, x2, g1, g2, eps, HALF
+            )
     if COMPUTE_DW:
         row = ACC + (pid % NSLOT) * (4 * HALF) + col + tl.arange(0, HALF)
         tl.atomic_add(row, tl.sum(acc1, 0))
@@ -296,8 +301,8 @@ def _tma_heads(XD, GD, O, W, ACC, POS, COS, SIN, col, pid, nprog, B, T, NH, s_pb
 def _tma_kernel(
     QD, KD, GQD, GKD, VD, QW, KW, DQ, DK, DVO, ACC, POS, COS, SIN,
     B, T, HQ, HK, s_pb, s_pt, s_cos, eps, sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
-    HALF: tl.constexpr, BT: tl.constexpr, NSLOT: tl.constexpr, COMPUTE_DW: tl.constexpr, COPY_V: tl.constexpr,
-    NS: tl.constexpr,
+    HALF: tl.constexpr, BT: tl.constexpr, HG: tl.constexpr, NSLOT: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    COPY_V: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
     """Persistent programs (a few per SM), each over every nprog-th (batch, token block, head) item: q's, then
     k's, then (COPY_V) v's gradient copied into its slice of the fused gradient. Inputs as tensor descriptors
@@ -305,9 +310,9 @@ def _tma_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     _tma_heads(QD, GQD, DQ, QW, ACC, POS, COS, SIN, 0, pid, nprog, B, T, HQ, s_pb, s_pt, s_cos,
-               sdq_b, sdq_t, sdq_h, eps, HALF, BT, NSLOT, COMPUTE_DW, NS)  # fmt: skip
+               sdq_b, sdq_t, sdq_h, eps, HALF, BT, HG, NSLOT, COMPUTE_DW, NS)  # fmt: skip
     _tma_heads(KD, GKD, DK, KW, ACC, POS, COS, SIN, 2 * HALF, pid, nprog, B, T, HK, s_pb, s_pt, s_cos,
-               sdk_b, sdk_t, sdk_h, eps, HALF, BT, NSLOT, COMPUTE_DW, NS)  # fmt: skip
+               sdk_b, sdk_t, sdk_h, eps, HALF, BT, HG, NSLOT, COMPUTE_DW, NS)  # fmt: skip
     if COPY_V:
         nblk = tl.cdiv(T, BT)
         d = tl.arange(0, HALF)[None, :]

@@ -8,17 +8,20 @@ gradient back (rope by -angle) and applies RMSNorm's backward:
 Unfused, the training step runs rms_norm on q, on k, and rope, each forward and backward (six passes over
 q/k); fused it is two: the rope pass is gone. The backward's kernels (``_qk_norm_rope_bwd``), by ``BWD``
 (H200, qwen3-0.6b's 8 x 2,048 tokens x (16 + 8) heads of 128, one layer's backward incl. v's gradient copied
-into the fused gradient and both weights' gradients, ~369 MB moved; session 9, one run, both gradient layouts):
-- ``"tma"`` (the default): a few persistent programs per SM walk (batch, token block, head) items; x and the
-  incoming gradient come as tensor-descriptor tiles, NS - 1 items ahead in shared memory (Triton's loop
-  pipelining), so the bytes in flight are not bounded by registers: 0.1075 ms (3.43 TB/s; in the graphed
-  step 0.102 ms a layer), the same bits as "rows". Needs Hopper (or the interpreter) and 16-byte aligned
-  strides, else "groups" runs.
+into the fused gradient and both weights' gradients, ~369 MB moved; session 9, bench/train_micro.py, old and
+new in one run, both incoming-gradient layouts):
+- ``"tma"`` (the default): a few persistent programs per SM walk (batch, token block, TMA_HG heads) items; x
+  and the incoming gradient come as tensor-descriptor tiles, STAGES - 1 items ahead in shared memory (Triton's
+  loop pipelining), so the bytes in flight are not bounded by registers; cos/sin gathered once an item:
+  0.1066 ms (3.46 TB/s; in the graphed step 0.1015 ms a layer against 0.1398), the same bits as "rows".
+  Needs Hopper (or the interpreter) and 16-byte aligned strides, else "groups" runs.
 - ``"groups"``: HG heads of BT tokens a program (cos/sin loaded once for HG heads, the next head's tiles
   loaded during this one's math): 0.113 ms at 16 tokens x 8 heads.
-- ``"rows"`` (the previous default): one head of ROWS_BT tokens a program: 0.1414 ms (2.61 TB/s; 0.1405 ms a
-  layer in the step). Its 254 registers a thread leave 2 programs, ~32 KB of loads in flight, per SM.
+- ``"rows"`` (the previous default): one head of ROWS_BT tokens a program: 0.1416 ms (2.61 TB/s). Its 254
+  registers a thread leave 2 programs, ~32 KB of loads in flight, per SM.
 - ``"token"``: programs walking token ranges (0.209 ms; A/B only).
+A persistent tensor-descriptor forward (the same items) was no faster than the inference kernel (0.0571 ms
+at best against 0.0564) and rounded some values differently: removed.
 """
 
 from __future__ import annotations
@@ -59,16 +62,17 @@ GROUP_HG = 8
 GROUP_WARPS = 4
 GROUP_PREFETCH = True
 GROUP_EVICT = False
-# "tma": programs per SM, tokens an item, warps, pipeline stages. Session 9 sweep (ms): 2 x 32 tokens, 4 warps,
-# 3 stages 0.1075 (4 stages 0.1082); 4 x 16, 3 stages 0.1086; 3 x 16, 4 stages 0.1162 (6 stages 0.1761);
-# 1 x 64 on 8 warps 0.1181; 1 x 32 on 8 warps 0.1427
+# "tma": programs per SM, tokens an item, warps, pipeline stages, heads an item, ptxas register cap. Session 9
+# sweeps (ms; two runs, ~1% apart): 2 x 32 tokens x 2 heads, 4 warps, 3 stages 0.1066-0.107; x 1 head 0.1075
+# (4 stages 0.1082); 3 x 32 x 1 at 168 registers 0.1079; 4 x 16 x 2 at 128 registers 0.1077, x 1 0.1095;
+# 3 x 16 x 2 at 168 0.1084; 2 x 16 x 4 0.1154; 3 x 16 x 1, 6 stages 0.1761; 1 x 64 on 8 warps 0.1181
 TMA_PER_SM = 2
 TMA_BT = 32
 TMA_WARPS = 4
 TMA_STAGES = 3
-COPY_V = (
-    True  # the backward kernel copies v's gradient into the fused gradient (else _copy_rows' kernel: +8 us)
-)
+TMA_HG = 2  # heads an item (cos/sin gathered once for them)
+TMA_MAXNREG: int | None = None  # registers a thread (ptxas' .maxnreg: more programs fit an SM, some spill)
+COPY_V = True  # the backward copies v's gradient into the fused gradient (else _copy_rows' kernel: +8 us)
 COPY_ROWS = True  # v's gradient copied by _copy_rows_kernel (vs torch's strided copy_: 62 us a layer, H200)
 PROGRAMS_PER_SM: int | None = None
 NUM_WARPS: int | None = None
@@ -145,7 +149,8 @@ def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk, dv=None,
         bwd = "groups"
     if bwd == "tma":
         dw = nq or nk
-        items = bsz * triton.cdiv(t, TMA_BT) * (hq + hk)
+        hg = max(1, min(TMA_HG, max(hq, hk)))  # heads an item (q and k alike)
+        items = bsz * triton.cdiv(t, TMA_BT) * (triton.cdiv(hq, hg) + triton.cdiv(hk, hg))
         progs = max(1, min(items, TMA_PER_SM * num_sms(q.device) if q.device.type == "cuda" else 3))
         nslot = max(1, min(NSLOT, progs))
         acc = torch.zeros((nslot, 2 * d), device=q.device, dtype=torch.float32) if dw else dq
@@ -154,8 +159,8 @@ def _backward(ctx, q, k, qw, kw, positions, cos, sin, dqo, dko, dq, dk, dv=None,
             _desc(q, TMA_BT), _desc(k, TMA_BT), _desc(dqo, TMA_BT), _desc(dko, TMA_BT),
             _desc(dv if copy_v else dqo, TMA_BT), qw, kw, dq, dk, vo, acc, pos, cos, sin,
             bsz, t, hq, hk, *pos.stride(), cos.stride(0), ctx.eps, *dq.stride()[:3], *dk.stride()[:3],
-            *vo.stride()[:3], HALF=d // 2, BT=TMA_BT, NSLOT=nslot, COMPUTE_DW=dw, COPY_V=copy_v, NS=TMA_STAGES,
-            num_warps=TMA_WARPS,
+            *vo.stride()[:3], HALF=d // 2, BT=TMA_BT, HG=hg, NSLOT=nslot, COMPUTE_DW=dw, COPY_V=copy_v, NS=TMA_STAGES,
+            num_warps=TMA_WARPS, **({"maxnreg": TMA_MAXNREG} if TMA_MAXNREG else {}),
         )  # fmt: skip
     elif bwd in ("rows", "groups"):
         vs = (*dv.stride()[:3], *dv_out.stride()[:3]) if copy_v else (0,) * 6

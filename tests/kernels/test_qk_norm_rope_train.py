@@ -160,15 +160,17 @@ def _groups(bt, hg, prefetch=True):
     return {"BWD": "groups", "GROUP_BT": bt, "GROUP_HG": hg, "GROUP_PREFETCH": prefetch}
 
 
-def _tma(bt, stages, per_sm=2):
-    return {"BWD": "tma", "TMA_BT": bt, "TMA_STAGES": stages, "TMA_PER_SM": per_sm}
+def _tma(bt, stages, per_sm=2, hg=1, maxnreg=None):
+    return {"BWD": "tma", "TMA_BT": bt, "TMA_STAGES": stages, "TMA_PER_SM": per_sm, "TMA_HG": hg,
+            "TMA_MAXNREG": maxnreg}  # fmt: skip
 
 
 @pytest.mark.parametrize("layout", ["bthd", "bhtd"])
 def test_new_kernels_match_the_row_kernel_bitwise(layout, device, assert_matches, monkeypatch):
     """Small shapes (CPU interpreter): 4 tokens x 4 heads a program over 6 q / 2 kv heads (q's second group
-    and the k/v groups half masked), 7 tokens (a ragged last block); 4-token items of the descriptor kernel."""
-    configs = [_groups(4, 4), _tma(4, 2)]
+    and the k/v groups half masked), 7 tokens (a ragged last block); 4-token items of the descriptor kernel,
+    one head or 4 heads an item (the same masking)."""
+    configs = [_groups(4, 4), _tma(4, 2), _tma(4, 3, hg=4, maxnreg=128)]
     _new_vs_rows((1, 7, 6, 2, 16), layout, device, assert_matches, monkeypatch, configs)
 
 
@@ -178,5 +180,6 @@ def test_new_kernels_real_shapes_gpu(layout, assert_matches, monkeypatch):
     """qwen3-0.6b's heads (16 q / 8 kv x 128) on 2 x 1,000 tokens (a ragged last block), launch configs of
     the sweep."""
     configs = [_groups(32, 4), _groups(16, 8), _groups(32, 2, False), _groups(64, 4), _groups(32, 1),
-               _tma(32, 3), _tma(16, 4, 3), _tma(64, 3, 1)]  # fmt: skip
+               _tma(32, 3), _tma(16, 4, 3), _tma(64, 3, 1), _tma(16, 3, 4, 1, 128), _tma(16, 3, 3, 2, 168),
+               _tma(16, 3, 2, 4)]  # fmt: skip
     _new_vs_rows((2, 1000, 16, 8, 128), layout, "cuda", assert_matches, monkeypatch, configs)
