@@ -61,6 +61,7 @@ def _ce_row(
     y = tl.load(TARGETS + row).to(tl.int64)
     valid = y != ignore_index
     y_safe = tl.where(valid, y, 0)
+    x_y = tl.load(base + y_safe).to(tl.float32)
     # pass 1: online max / sum-exp (and the plain sum of logits for smoothing)
     m = float("-inf")
     d = 0.0
@@ -75,12 +76,14 @@ def _ce_row(
         if HAS_SMOOTHING:
             sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
     lse = m + tl.log(d)
-    x_y = tl.load(base + y_safe).to(tl.float32)
     loss = lse - (1.0 - smoothing) * x_y
     if HAS_SMOOTHING:
         loss -= smoothing / V * sx
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     if COMPUTE_GRAD:
+        # every thread has read x_y before any thread overwrites the row (else a thread that finished its pass 1
+        # early can store the target's gradient first: a wrong loss for that row, H200, ~1 row in thousands)
+        tl.debug_barrier()
         # pass 2: overwrite the logits with d(mean loss)/d(logits)
         scale = tl.where(valid, 1.0 / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0), 0.0)
         n_blocks = tl.cdiv(V, BLOCK_V)
@@ -121,6 +124,7 @@ def _ce_rows_tma_kernel(
         y = tl.load(TARGETS + row).to(tl.int64)
         valid = y != ignore_index
         y_safe = tl.where(valid, y, 0)
+        x_y = tl.load(base + y_safe).to(tl.float32)
         xt = tl.load(base + tcols, mask=tmask, other=float("-inf")).to(tl.float32)
         m = tl.max(xt, axis=0)
         d = tl.sum(tl.where(tmask, tl.exp(xt - m), 0.0), axis=0)  # (no tail: m = -inf, d = 0)
@@ -134,12 +138,12 @@ def _ce_rows_tma_kernel(
             if HAS_SMOOTHING:
                 sx += tl.sum(tl.where(b * BB + j < NB, x, 0.0), axis=0)
         lse = m + tl.log(d)
-        x_y = tl.load(base + y_safe).to(tl.float32)
         loss = lse - (1.0 - smoothing) * x_y
         if HAS_SMOOTHING:
             loss -= smoothing / V * sx
         tl.store(LOSS + row, tl.where(valid, loss, 0.0))
         if COMPUTE_GRAD:
+            tl.debug_barrier()  # x_y read by every thread before the row is overwritten (see _ce_row)
             scale = tl.where(valid, 1.0 / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0), 0.0)
             g = tl.exp(xt - lse)
             if HAS_SMOOTHING:
@@ -149,12 +153,12 @@ def _ce_rows_tma_kernel(
             for i in tl.range(0, nblk, num_stages=NS):
                 b = nblk - 1 - i
                 x = tl.reshape(LD.load([row, b * BB, 0]), (BLOCK,)).to(tl.float32)
-                g = tl.exp(x - lse)
+                gb = tl.exp(x - lse)
                 if HAS_SMOOTHING:
-                    g -= smoothing / V
-                g = tl.where(b * BLOCK + tl.arange(0, BLOCK) == y_safe, g - (1.0 - smoothing), g)
+                    gb -= smoothing / V
+                gb = tl.where(b * BLOCK + tl.arange(0, BLOCK) == y_safe, gb - (1.0 - smoothing), gb)
                 # rows past NB are outside the descriptor: the tensor-memory engine drops them
-                LD.store([row, b * BB, 0], tl.reshape((g * scale).to(LOGITS.dtype.element_ty), (1, BB, 256)))
+                LD.store([row, b * BB, 0], tl.reshape((gb * scale).to(LOGITS.dtype.element_ty), (1, BB, 256)))
 
 
 # the rows kernel's launch (A/B in bench/train_micro.py): programs per SM (0: one program per row), the

@@ -202,3 +202,20 @@ def test_rows_descriptor_kernel_matches_rows_kernel(vocab, smoothing, dtype, dev
         assert ce._tma_rows_ok(logits) or not ce.ROWS_TMA
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-2, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True])
+def test_rows_losses_every_row(tma, monkeypatch):
+    """Every row's loss, not just the mean: the target's logit must be read before the gradient pass overwrites
+    the row (a race that gave ~1 row in thousands a wrong loss on the H200)."""
+    import llmray.kernels.cross_entropy as ce
+
+    monkeypatch.setattr(ce, "ROWS_TMA", tma)
+    g = torch.Generator(device="cpu").manual_seed(2)
+    logits = (4 * torch.randn(4096, 151936, generator=g)).to("cuda", torch.bfloat16)
+    t = torch.randint(0, 151936, (4096,), generator=g).to("cuda")
+    want = torch.nn.functional.cross_entropy(logits.float(), t, reduction="none")
+    for _ in range(3):
+        got = ce.cross_entropy_rows(logits.clone(), t, torch.tensor(4096, device="cuda"))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
