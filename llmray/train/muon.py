@@ -243,6 +243,8 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             parts = None
             if NS_NORM_PARTS and self._ns_sym(stack):
                 parts = torch.zeros((n, norm_parts(*key)), dtype=torch.float32, device=dev)
+                if side is not None:  # the fill above runs on the main stream: before the side's sums
+                    side.wait_stream(torch.cuda.current_stream())
             slots, start = [], 0
             with _on(side):
                 for shape, plist in members.items():
