@@ -106,10 +106,6 @@ def ce_variants(reps: int) -> dict:
     res: dict = {}
     ref = None
     variants = [{"ROWS_REVERSE": False}, {"ROWS_REVERSE": True}]
-    for per_sm, bb, ns, w in [(1, 16, 3, 8), (1, 32, 3, 8), (1, 16, 4, 8), (1, 16, 2, 8), (1, 16, 3, 4),
-                              (1, 16, 3, 16), (2, 16, 3, 8), (2, 32, 2, 8), (1, 8, 4, 4), (2, 8, 3, 4)]:  # fmt: skip
-        variants.append({"ROWS_TMA": True, "ROWS_TMA_PER_SM": per_sm, "ROWS_TMA_BB": bb,
-                         "ROWS_TMA_STAGES": ns, "ROWS_TMA_WARPS": w})  # fmt: skip
     defaults = {k: getattr(ce, k) for v in variants for k in v}
     for var in variants:
         for k, val in {**defaults, **var}.items():

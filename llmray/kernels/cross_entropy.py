@@ -18,8 +18,6 @@ op runs in that dtype; the casts are differentiable, so fp32 master weights rece
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -100,95 +98,11 @@ def _ce_row(
             tl.store(base + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _ce_rows_tma_kernel(
-    LD, LOGITS, stride_l, TARGETS, LOSS, N_VALID,
-    R, V, NB, ignore_index, smoothing,
-    COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BB: tl.constexpr, NS: tl.constexpr,
-):  # fmt: skip
-    """Persistent programs (one or two per SM), each over rows pid, pid + nprog, ...: the row's (NB, 256) body
-    by tensor-descriptor blocks of (BB, 256) pipelined NS deep through shared memory, the tail past NB * 256
-    by plain loads. Pass 2 walks the row from its end: with ~one row in flight per SM the rows' blocks are
-    still in L2 (132 x 304 KB for a 151,936 vocabulary), so the logits come from DRAM about twice, not three
-    times. Same math and rounding as ``_ce_rows_kernel``."""
-    BLOCK: tl.constexpr = BB * 256
-    TAIL: tl.constexpr = 256
-    pid, nprog = tl.program_id(0), tl.num_programs(0)
-    nblk = tl.cdiv(NB, BB)
-    j = tl.arange(0, BLOCK) // 256  # block row of each element
-    tcols = NB * 256 + tl.arange(0, TAIL)
-    tmask = tcols < V
-    for it in range(0, tl.cdiv(R - pid, nprog)):
-        row = pid + it * nprog
-        base = LOGITS + row.to(tl.int64) * stride_l
-        y = tl.load(TARGETS + row).to(tl.int64)
-        valid = y != ignore_index
-        y_safe = tl.where(valid, y, 0)
-        x_y = tl.load(base + y_safe).to(tl.float32)
-        xt = tl.load(base + tcols, mask=tmask, other=float("-inf")).to(tl.float32)
-        m = tl.max(xt, axis=0)
-        d = tl.sum(tl.where(tmask, tl.exp(xt - m), 0.0), axis=0)  # (no tail: m = -inf, d = 0)
-        sx = tl.sum(tl.where(tmask, xt, 0.0), axis=0)
-        for b in tl.range(0, nblk, num_stages=NS):
-            x = tl.reshape(LD.load([row, b * BB, 0]), (BLOCK,)).to(tl.float32)
-            x = tl.where(b * BB + j < NB, x, float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-            if HAS_SMOOTHING:
-                sx += tl.sum(tl.where(b * BB + j < NB, x, 0.0), axis=0)
-        lse = m + tl.log(d)
-        loss = lse - (1.0 - smoothing) * x_y
-        if HAS_SMOOTHING:
-            loss -= smoothing / V * sx
-        tl.store(LOSS + row, tl.where(valid, loss, 0.0))
-        if COMPUTE_GRAD:
-            tl.debug_barrier()  # x_y read by every thread before the row is overwritten (see _ce_row)
-            scale = tl.where(valid, 1.0 / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0), 0.0)
-            g = tl.exp(xt - lse)
-            if HAS_SMOOTHING:
-                g -= smoothing / V
-            g = tl.where(tcols == y_safe, g - (1.0 - smoothing), g)
-            tl.store(base + tcols, (g * scale).to(LOGITS.dtype.element_ty), mask=tmask)
-            for i in tl.range(0, nblk, num_stages=NS):
-                b = nblk - 1 - i
-                x = tl.reshape(LD.load([row, b * BB, 0]), (BLOCK,)).to(tl.float32)
-                gb = tl.exp(x - lse)
-                if HAS_SMOOTHING:
-                    gb -= smoothing / V
-                gb = tl.where(b * BLOCK + tl.arange(0, BLOCK) == y_safe, gb - (1.0 - smoothing), gb)
-                # rows past NB are outside the descriptor: the tensor-memory engine drops them
-                LD.store([row, b * BB, 0], tl.reshape((gb * scale).to(LOGITS.dtype.element_ty), (1, BB, 256)))
-
-
 # the rows kernel's launch (A/B in bench/train_micro.py): programs per SM (0: one program per row), the
 # gradient pass from the row's end (its blocks still in L2), warps (0: by BLOCK_V)
 ROWS_PROGRAMS_PER_SM = 0
 ROWS_REVERSE = True  # H200, 4,096 x 151,936 bf16: 1.006 vs 1.170 ms (bench/results/train_overlap.json)
 ROWS_WARPS = 0
-# the persistent tensor-descriptor rows kernel (Hopper+): on/off, programs per SM, (BB, 256) block rows,
-# pipeline depth, warps
-ROWS_TMA = False
-ROWS_TMA_PER_SM = 1
-ROWS_TMA_BB = 16
-ROWS_TMA_STAGES = 3
-ROWS_TMA_WARPS = 8
-
-try:  # host-side tensor descriptors (Triton >= 3.4)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
-
-
-def _tma_rows_ok(logits: torch.Tensor) -> bool:
-    """The descriptor kernel applies: Hopper+ (or the interpreter), a vocabulary of >= 256, 16-byte aligned rows."""
-    if not ROWS_TMA or TensorDescriptor is None or torch.compiler.is_compiling() or logits.shape[1] < 256:
-        return False
-    if logits.device.type == "cuda" and torch.cuda.get_device_capability(logits.device)[0] < 9:
-        return False
-    if logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    return logits.data_ptr() % 16 == 0 and logits.stride(0) * logits.element_size() % 16 == 0
 
 
 def cross_entropy_rows(
@@ -207,17 +121,6 @@ def cross_entropy_rows(
         return loss
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_rows needs logits with unit stride along the vocabulary")
-    if _tma_rows_ok(logits):
-        nb, bb = v // 256, ROWS_TMA_BB
-        desc = TensorDescriptor(logits, [r, nb, 256], [logits.stride(0), 256, 1], [1, bb, 256])
-        sms = num_sms(logits.device) if logits.is_cuda else 4
-        _ce_rows_tma_kernel[(min(r, ROWS_TMA_PER_SM * sms),)](
-            desc, logits, logits.stride(0), targets, loss, n_valid,
-            r, v, nb, ignore_index, float(label_smoothing),
-            COMPUTE_GRAD=compute_grad, HAS_SMOOTHING=label_smoothing > 0, BB=bb, NS=ROWS_TMA_STAGES,
-            num_warps=ROWS_TMA_WARPS,
-        )  # fmt: skip
-        return loss
     block_v = min(triton.next_power_of_2(v), 8192 if logits.element_size() < 4 else 4096)
     progs = (
         r
