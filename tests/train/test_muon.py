@@ -122,3 +122,27 @@ def test_param_split_and_single_state_dict(tiny_model):
     kinds = {k for s in sd["state"].values() for k in s}
     assert kinds == {"momentum_buffer", "exp_avg", "exp_avg_sq", "step"}
     assert len(sd["state"]) == len({id(p) for p in tiny_model.parameters()})
+
+
+@pytest.mark.gpu
+def test_side_stream_step_equals_one_stream_on_gpu():
+    """CUDA, the training configuration (symmetric Newton-Schulz, Gram iteration, |X|^2 partial sums from the
+    momentum pass on the side stream): several steps with the side stream equal the same steps on one stream
+    and stay finite. (The partial sums' zero fill once raced the side stream: NaN within a few steps.)"""
+    torch.manual_seed(0)
+    shapes = [(3072, 1024), (1024, 3072), (1024, 1024), (2048, 1024), (1024, 2048)] * 2
+    init = [torch.randn(s, device="cuda") * 0.02 for s in shapes]
+    grads = [[torch.randn(s, device="cuda") for s in shapes] for _ in range(4)]
+    finals = []
+    for overlap in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in init]
+        opt = MuonWithAuxAdam([{"params": params, "use_muon": True, "lr": 0.02}], overlap=overlap)
+        opt.ns_sym = True
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step(grad_scale=torch.tensor(0.5, device="cuda"))
+        finals.append([p.detach().clone() for p in params])
+    for a, b in zip(*finals, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
