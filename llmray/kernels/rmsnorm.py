@@ -18,6 +18,10 @@ pass (no atomics, deterministic). Each backward program issues the next tile's l
 math (register double-buffering). H200, 16k rows bf16, forward + backward (bench/results/kernels_rms_bwd.json):
 0.0507 ms at 1,024 wide = 1.13x torch.compile's (was 0.062 ms, 0.93x, with torch's sum + cast and no
 prefetch), 0.176 ms at 4,096 = 1.20x.
+
+Rows of 4,096 or more (power-of-two widths, Hopper) take a persistent backward with its loads pipelined
+through shared memory (``_rms_norm_bwd._pipe_kernel``, BWD_PIPELINED): H200, training's dtypes, 16k x 4,096
+0.3057 -> 0.2839 ms, dx bit-identical; at 1,024 wide it is no faster (0.0765 vs 0.0743 ms) and is not used.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmray.kernels._common import as_rows, check_device, num_sms, row_block_config
+from llmray.kernels import _rms_norm_bwd
+from llmray.kernels._common import as_rows, check_device, interpreting, num_sms, row_block_config
 from llmray.kernels.reference import add_rms_norm_ref, rms_norm_ref
 
 __all__ = [
@@ -219,6 +224,23 @@ DX2_ONE_PASS = True  # add_rms_norm's backward writes both input dtypes' dx in o
 BWD_CONFIG: tuple[int, int] | None = None
 BWD_PER_SM: int | None = None
 DW_SUM = (256, 8, 4)  # (BLOCK_P, BLOCK_N, num_warps) of the one-pass dW sum: 8 columns a program
+# the backward's design (A/B): True = persistent programs, loads pipelined through shared memory
+# (``_rms_norm_bwd._pipe_kernel``; Hopper or newer; power-of-two rows of at least PIPE_MIN_N), False (or where
+# it does not apply) the row-range kernel. H200, 16,384 rows, bf16 dy, fp32 x and ds in, fp32 + bf16 dx out
+# (bench/rms_bwd_micro.py, 2026-12-01), ms: 4,096 wide: row-range 0.3057, pipelined with pointer loads 0.2839
+# (bit-identical), with descriptor loads 0.2767 (dx within 1 ulp: another reduction layout); 1,024 wide:
+# row-range 0.0743, pipelined 0.0765 (pointer loads, bit-identical) / 0.0746 (descriptors), so 1,024 keeps the
+# row-range kernel. Knobs: programs per SM, pipeline stages, (BLOCK_M, num_warps) or None for
+# row_block_config's, loads and stores (0 / 1 / 2: see the kernel), the stores' eviction policy
+BWD_PIPELINED = True
+PIPE_MIN_N = 4096
+PIPE_PER_SM = 2
+PIPE_STAGES = 3
+PIPE_CONFIG: tuple[int, int] | None = None
+PIPE_LOADS = 2
+PIPE_STORES = 0
+PIPE_EVICT = ""  # "" or "evict_first"
+PIPE_INTERPRET = False  # the interpreter runs the row-range kernel unless set (the pipelined one's CPU tests)
 
 
 def rms_norm_bwd(
@@ -247,6 +269,11 @@ def rms_norm_bwd(
     dx = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return dx, torch.zeros_like(weight) if compute_dw else None
+    if dx2 is not None and (dx2.shape != dx.shape or dx2.stride() != dx.stride()):
+        raise ValueError(f"dx2 must be a contiguous ({m}, {n}) tensor, got {tuple(dx2.shape)} {dx2.stride()}")
+    pipelined = BWD_PIPELINED and n >= PIPE_MIN_N and config is None and programs_per_sm is None
+    if pipelined and _pipe_ok(n, dy, x, ds, dx2):
+        return _bwd_pipelined(dy, x, weight, rstd, ds, dx, dx2, compute_dw, dw_sum)
     block_m, block_n, warps = row_block_config(n, m)
     config = config or BWD_CONFIG
     if config is not None:
@@ -259,8 +286,6 @@ def rms_norm_bwd(
     progs = triton.cdiv(m, rows_per_prog)
     dw_part = torch.empty((progs, n), device=x.device, dtype=torch.float32) if compute_dw else dx
     d_s = ds if ds is not None else dy
-    if dx2 is not None and (dx2.shape != dx.shape or dx2.stride() != dx.stride()):
-        raise ValueError(f"dx2 must be a contiguous ({m}, {n}) tensor, got {tuple(dx2.shape)} {dx2.stride()}")
     _rms_norm_bwd_kernel[(progs,)](
         dy, x, weight, rstd, d_s, dx, dx2 if dx2 is not None else dx, dw_part,
         dy.stride(0), x.stride(0), d_s.stride(0), dx.stride(0),
@@ -271,6 +296,31 @@ def rms_norm_bwd(
     if not compute_dw:
         return dx, None
     return dx, _sum_partials(dw_part, weight.dtype, dw_sum)
+
+
+def _pipe_ok(n: int, *xs: torch.Tensor | None) -> bool:
+    """The pipelined backward applies: descriptors available (``_rms_norm_bwd.usable``), Hopper or newer (or
+    PIPE_INTERPRET), power-of-two rows of 16 to 65,536 elements, 16-byte aligned bases and row strides."""
+    dev = xs[0].device
+    if (dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] < 9) or (
+        dev.type != "cuda" and not (interpreting() and PIPE_INTERPRET)
+    ):
+        return False
+    return _rms_norm_bwd.usable(n, *xs)
+
+
+def _bwd_pipelined(
+    dy, x, weight, rstd, ds, dx, dx2, compute_dw: bool, dw_sum
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``rms_norm_bwd`` by ``_pipe_kernel``: PIPE_PER_SM programs an SM over (BLOCK_M, N) tiles of
+    row_block_config's size (the row-range kernel's) unless PIPE_CONFIG."""
+    m, n = x.shape
+    _, _, warps = cfg = row_block_config(n, m)
+    block_m, warps = PIPE_CONFIG or (cfg[0], warps)
+    progs = PIPE_PER_SM * num_sms(x.device) if x.device.type == "cuda" else 3
+    knobs = dict(NS=PIPE_STAGES, LOADS=PIPE_LOADS, STORES=PIPE_STORES, EVICT=PIPE_EVICT, num_warps=warps)
+    dw_part = _rms_norm_bwd.launch(dy, x, weight, rstd, ds, dx, dx2, compute_dw, block_m, progs, knobs)
+    return dx, _sum_partials(dw_part, weight.dtype, dw_sum) if compute_dw else None
 
 
 def _sum_partials(part: torch.Tensor, dtype: torch.dtype, cfg: tuple[int, int, int] | None) -> torch.Tensor:

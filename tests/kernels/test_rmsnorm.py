@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import llmray.kernels.rmsnorm as RN  # noqa: N812
 from llmray.kernels.rmsnorm import (
     add_rms_norm,
     add_rms_norm_ref,
@@ -92,6 +93,83 @@ def test_backward_launch_variants(dtype, device, assert_matches):
         assert dx.dtype == dw.dtype == dtype
         assert_matches(dx, xr.grad + ds.float(), dtype, f"dx {prefetch} {dw_sum}")
         assert_matches(dw, wr.grad, dtype, f"dw {prefetch} {dw_sum}", reduced=True)
+
+
+def _training_bwd_inputs(rows, width, device, seed=0):
+    """add_rms_norm's backward inputs under bf16 autocast: fp32 sum x, bf16 dy, fp32 ds (and rstd, w)."""
+    x, w, _ = _inputs(rows, width, torch.float32, device, seed)
+    dy = _inputs(rows, width, torch.bfloat16, device, seed + 1)[2]
+    ds = _inputs(rows, width, torch.float32, device, seed + 2)[2]
+    return x, w, rms_norm_fwd(x, w, EPS)[2], dy, ds
+
+
+def _pipelined_vs_row_range(x, w, rstd, dy, ds, flags, monkeypatch):
+    """(row-range kernel's dx, dx2, dw), (the pipelined kernel's with ``flags``) for the same inputs."""
+    outs = []
+    monkeypatch.setattr(RN, "PIPE_INTERPRET", True)
+    monkeypatch.setattr(RN, "PIPE_MIN_N", 0)
+    for pipelined in (False, True):
+        monkeypatch.setattr(RN, "BWD_PIPELINED", pipelined)
+        for k, v in (flags if pipelined else {}).items():
+            monkeypatch.setattr(RN, k, v)
+        dx2 = torch.full(dy.shape, 7.0, device=dy.device, dtype=torch.bfloat16)
+        dx, dw = rms_norm_bwd(dy, x, w, rstd, ds=ds, dx2=dx2 if x.dtype != torch.bfloat16 else None)
+        outs.append((dx, dx2, dw))
+    return outs
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {},
+        {"PIPE_LOADS": 0, "PIPE_STORES": 2},
+        {"PIPE_LOADS": 1, "PIPE_STORES": 1, "PIPE_EVICT": "evict_first"},
+    ],
+    ids=["pointers", "descriptors", "mixed"],
+)
+def test_pipelined_backward(flags, device, assert_matches, monkeypatch):
+    """The persistent, pipelined backward (pointer or descriptor loads and stores) against the reference and
+    the row-range kernel: 37 rows in tiles of 2 over 3 programs (a partial last tile), training's dtypes
+    (fp32 dx and bf16 dx2 in one pass)."""
+    x, w, rstd, dy, ds = _training_bwd_inputs(37, 256, device)
+    (dx0, dx20, dw0), (dx, dx2, dw) = _pipelined_vs_row_range(x, w, rstd, dy, ds, flags, monkeypatch)
+    assert RN._pipe_ok(256, dy, x, ds) and not RN._pipe_ok(96, dy[:, :96], x[:, :96])
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    rms_norm_ref(xr, wr, EPS).backward(dy.float())
+    assert_matches(dx, xr.grad + ds, torch.float32, "dx")
+    assert_matches(dx2, dx.to(torch.bfloat16), torch.bfloat16, "dx2")
+    assert_matches(dw, wr.grad, torch.float32, "dw", reduced=True)
+    torch.testing.assert_close(dx, dx0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dw, dw0, rtol=1e-5, atol=1e-5)
+
+
+def test_pipelined_backward_wide_bf16(device, assert_matches, monkeypatch):
+    """2,048-wide bf16 rows by descriptors (8 x 256 boxes a row), no ds, no weight gradient."""
+    x, w, dy = _inputs(5, 2048, torch.bfloat16, device)
+    _, _, rstd = rms_norm_fwd(x, w, EPS)
+    monkeypatch.setattr(RN, "BWD_PIPELINED", True)
+    monkeypatch.setattr(RN, "PIPE_INTERPRET", True)
+    monkeypatch.setattr(RN, "PIPE_MIN_N", 2048)
+    monkeypatch.setattr(RN, "PIPE_LOADS", 0)
+    assert RN._pipe_ok(2048, dy, x)
+    dx, dw = rms_norm_bwd(dy, x, w, rstd, compute_dw=False)
+    assert dw is None
+    xr = x.float().requires_grad_(True)
+    rms_norm_ref(xr, w.float(), EPS).backward(dy.float())
+    assert_matches(dx, xr.grad, torch.bfloat16, "dx")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,width", [(16384, 1024), (4097, 4096)])
+def test_pipelined_backward_bits_gpu(rows, width, monkeypatch):
+    """On the GPU the pipelined backward with pointer loads (the default) gives the row-range kernel's dx and
+    dx2 bit for bit (training's dtypes; H200 2026-12-01: equal at 16,384 x 1,024 and x 4,096)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x, w, rstd, dy, ds = _training_bwd_inputs(rows, width, "cuda")
+    (dx0, dx20, dw0), (dx, dx2, dw) = _pipelined_vs_row_range(x, w, rstd, dy, ds, {}, monkeypatch)
+    assert torch.equal(dx, dx0) and torch.equal(dx2, dx20)
+    torch.testing.assert_close(dw, dw0, rtol=1e-5, atol=1e-4)
 
 
 def test_head_norm_on_strided_views(device, assert_matches):
