@@ -301,7 +301,10 @@ def rms_norm_bwd(
 def _pipe_ok(n: int, *xs: torch.Tensor | None) -> bool:
     """The pipelined backward applies: descriptors available (``_rms_norm_bwd.usable``), Hopper or newer (or
     PIPE_INTERPRET), power-of-two rows of 16 to 65,536 elements, 16-byte aligned bases and row strides."""
-    dev = xs[0].device
+    first = xs[0]
+    if first is None:
+        return False
+    dev = first.device
     if (dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] < 9) or (
         dev.type != "cuda" and not (interpreting() and PIPE_INTERPRET)
     ):

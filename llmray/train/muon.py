@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 from llmray.kernels._common import interpreting
-from llmray.train.fsdp import is_dtensor, orthogonalize_rows
+from llmray.train.fsdp import is_dtensor
+from llmray.train.muon_dist import grad_of, local_tensors, muon_group_unfused
 from llmray.train.optim_kernels import adamw_, muon_apply_, muon_momentum_, norm_parts
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -196,7 +197,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
                 if group["use_muon"]:
                     if grad_scale is not None:
                         torch._foreach_mul_(
-                            _local([p.grad for p in group["params"] if p.grad is not None]), grad_scale
+                            local_tensors([p.grad for p in group["params"] if p.grad is not None]), grad_scale
                         )
                     self._muon_group(group)
                 else:
@@ -250,7 +251,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
                 for shape, plist in members.items():
                     end = start + len(plist)
                     muon_momentum_(
-                        [_grad(p) for p in plist],
+                        [grad_of(p) for p in plist],
                         [self.state[p]["momentum_buffer"] for p in plist],
                         stack[start:end],
                         group["momentum"],
@@ -291,69 +292,9 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
                     muon_apply_(plist, o if shape == key else o.mT, 1 - lr * wd, step_lr, self.fused_passes)
 
     def _muon_group(self, group: dict[str, Any]) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-        for p in params:
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_lerp_(_local(bufs), _local([_grad(p) for p in params]), 1 - mu)
-        by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        for p in params:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
-        if any(is_dtensor(p) for p in params):  # FSDP2: each rank holds rows of every matrix
-            self._muon_sharded(group, by_shape)
-            return
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        rank = dist.get_rank() if world > 1 else 0
-        for shape, plist in by_shape.items():
-            per_rank = math.ceil(len(plist) / world)
-            mine = plist[rank * per_rank : (rank + 1) * per_rank]  # this rank's share, may be empty
-            if mine:
-                bufs = [self.state[p]["momentum_buffer"] for p in mine]
-                if group["nesterov"]:
-                    upd = list(torch._foreach_lerp([_grad(p) for p in mine], bufs, mu))
-                else:
-                    upd = bufs
-                ortho = zeropower_via_newtonschulz5(torch.stack(upd), steps=group["ns_steps"])  # (n, r, c)
-                step_lr = adjusted_lr(lr, shape, group["adjust_lr_fn"])
-                if wd:
-                    torch._foreach_mul_(mine, 1 - lr * wd)
-                torch._foreach_add_(mine, list(ortho.to(mine[0].dtype).unbind(0)), alpha=-step_lr)
-            if world > 1:
-                # every rank contributes per_rank matrices (zero padding past the end); all receive all
-                send = torch.zeros((per_rank, *shape), dtype=plist[0].dtype, device=plist[0].device)
-                for i, p in enumerate(mine):
-                    send[i].copy_(p)
-                recv = [torch.empty_like(send) for _ in range(world)]
-                dist.all_gather(recv, send)
-                gathered = torch.cat(recv)  # (world * per_rank, rows, cols)
-                for i, p in enumerate(plist):
-                    p.copy_(gathered[i])
-
-    def _muon_sharded(
-        self, group: dict[str, Any], by_shape: dict[tuple[int, ...], list[torch.Tensor]]
-    ) -> None:
-        """FSDP2 (DTensor rows): each update matrix is orthogonalised whole by one rank, rows sent back.
-
-        ``orthogonalize_rows`` moves the matrices (all-to-all) so each rank runs Newton-Schulz on 1/world
-        of them; the result equals the unsharded update.
-        """
-        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-        ns_steps = group["ns_steps"]
-        for shape, plist in by_shape.items():
-            bufs = [self.state[p]["momentum_buffer"] for p in plist]
-            upd = bufs
-            if group["nesterov"]:  # elementwise on the local shards, then wrapped as DTensors again
-                local = torch._foreach_lerp(_local([_grad(p) for p in plist]), _local(bufs), mu)
-                upd = [_like(t, b) for t, b in zip(local, bufs, strict=True)]
-            ortho = orthogonalize_rows(upd, lambda x: zeropower_via_newtonschulz5(x, steps=ns_steps))
-            if wd:
-                torch._foreach_mul_(_local(plist), 1 - lr * wd)
-            step_lr = adjusted_lr(lr, shape, group["adjust_lr_fn"])
-            torch._foreach_add_(_local(plist), _local(ortho), alpha=-step_lr)
+        """Muon for a group under DDP (all-reduced gradients: each rank orthogonalises its share) or FSDP2
+        (DTensor rows), or on one process without the fused passes: ``llmray.train.muon_dist``."""
+        muon_group_unfused(self.state, group, zeropower_via_newtonschulz5, adjusted_lr)
 
     def _adamw_group(self, group: dict[str, Any], scale: torch.Tensor | None = None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -370,10 +311,10 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
             state["step"] += 1
         # every parameter of a group is created together, so they share one step count
         step = self.state[params[0]]["step"]
-        grads = _local([_grad(p) for p in params])
-        m = _local([self.state[p]["exp_avg"] for p in params])
-        v = _local([self.state[p]["exp_avg_sq"] for p in params])
-        params = _local(params)
+        grads = local_tensors([grad_of(p) for p in params])
+        m = local_tensors([self.state[p]["exp_avg"] for p in params])
+        v = local_tensors([self.state[p]["exp_avg_sq"] for p in params])
+        params = local_tensors(params)
         if self.fused_adamw and adamw_(params, grads, m, v, step, lr, (beta1, beta2), eps, wd, scale):
             return
         if scale is not None:
@@ -395,26 +336,3 @@ def _on(stream: torch.cuda.Stream | None) -> Any:
     import contextlib
 
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
-def _grad(p: torch.Tensor) -> torch.Tensor:
-    """``p.grad``; the groups' steps take only parameters that have one."""
-    assert p.grad is not None, "the optimizer steps only parameters with a gradient"
-    return p.grad
-
-
-def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The local shards of DTensors (FSDP2), other tensors as they are: the optimizer's elementwise
-    foreach ops run on shards (torch 2.11's DTensor has no sharding rule for some of them, e.g. lerp)."""
-    return [t.to_local() if is_dtensor(t) else t for t in tensors]
-
-
-def _like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``local`` wrapped as a DTensor placed like ``like`` (or ``local`` itself for a plain tensor)."""
-    if not is_dtensor(like):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
-    )
