@@ -9,6 +9,20 @@ cdiv = triton.cdiv
 
 
 @triton.jit
+def _momentum(g, b, mu):
+    """B <- mu B + (1 - mu) G: torch.lerp(b, g, 1 - mu) (its weight < 0.5 form)."""
+    return b + (1.0 - mu) * (g - b)
+
+
+@triton.jit
+def _nesterov(g, b, mu, NESTEROV: tl.constexpr):
+    """The update Muon orthogonalises: torch.lerp(g, b, mu) (weight >= 0.5 form) with Nesterov, else B."""
+    if NESTEROV:
+        return b - (b - g) * (1.0 - mu)
+    return b
+
+
+@triton.jit
 def _momentum_kernel(
     G, BUF, U, SCALE, n, mu, NESTEROV: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -17,14 +31,9 @@ def _momentum_kernel(
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:  # gradient clipping folded in: G * scale (a device scalar), G itself unchanged
         g = g * tl.load(SCALE).to(tl.float32)
-    b = tl.load(BUF + offs, mask=mask, other=0.0).to(tl.float32)
-    b = b + (1.0 - mu) * (g - b)  # torch.lerp(b, g, 1 - mu), weight < 0.5
+    b = _momentum(g, tl.load(BUF + offs, mask=mask, other=0.0).to(tl.float32), mu)
     tl.store(BUF + offs, b.to(BUF.dtype.element_ty), mask=mask)
-    if NESTEROV:
-        u = b - (b - g) * (1.0 - mu)  # torch.lerp(g, b, mu), weight >= 0.5
-    else:
-        u = b
-    tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)
+    tl.store(U + offs, _nesterov(g, b, mu, NESTEROV).to(U.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -62,14 +71,9 @@ def _momentum_multi_kernel(
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     if HAS_SCALE:
         g = g * tl.load(SCALE).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=mask, other=0.0)
-    b = b + (1.0 - mu) * (g - b)
+    b = _momentum(g, tl.load(b_ptr + offs, mask=mask, other=0.0), mu)
     tl.store(b_ptr + offs, b, mask=mask)
-    if NESTEROV:
-        u = b - (b - g) * (1.0 - mu)
-    else:
-        u = b
-    uq = u.to(U.dtype.element_ty)
+    uq = _nesterov(g, b, mu, NESTEROV).to(U.dtype.element_ty)
     tl.store(U + i.to(tl.int64) * n + offs, uq, mask=mask)
     if NSQ_OUT:
         uf = uq.to(tl.float32)
@@ -94,14 +98,9 @@ def _momentum_t_multi_kernel(
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     if HAS_SCALE:
         g = g * tl.load(SCALE).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=mask, other=0.0)
-    b = b + (1.0 - mu) * (g - b)
+    b = _momentum(g, tl.load(b_ptr + offs, mask=mask, other=0.0), mu)
     tl.store(b_ptr + offs, b, mask=mask)
-    if NESTEROV:
-        u = b - (b - g) * (1.0 - mu)
-    else:
-        u = b
-    uq = u.to(U.dtype.element_ty)
+    uq = _nesterov(g, b, mu, NESTEROV).to(U.dtype.element_ty)
     base = U + i.to(tl.int64) * R * C
     tl.store(base + c.to(tl.int64)[None, :] * R + r[:, None], uq, mask=mask)  # U_i^T: (C, R) rows
     if NSQ_OUT:
