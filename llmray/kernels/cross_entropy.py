@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from llmray.kernels._common import check_device, num_sms
+from llmray.kernels._common import check_device
 from llmray.kernels.reference import linear_cross_entropy_ref
 
 __all__ = [
@@ -40,21 +40,10 @@ __all__ = [
 @triton.jit
 def _ce_rows_kernel(
     LOGITS, stride_l, TARGETS, LOSS, N_VALID,
-    R, V, ignore_index, smoothing,
+    V, ignore_index, smoothing,
     COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr,
 ):  # fmt: skip
-    pid, nprog = tl.program_id(0), tl.num_programs(0)
-    for i in range(0, tl.cdiv(R - pid, nprog)):  # one row per program unless the grid is capped
-        row = (pid + i * nprog).to(tl.int64)
-        _ce_row(LOGITS, stride_l, TARGETS, LOSS, N_VALID, row, V, ignore_index, smoothing,
-                COMPUTE_GRAD, HAS_SMOOTHING, BLOCK_V, REVERSE)  # fmt: skip
-
-
-@triton.jit
-def _ce_row(
-    LOGITS, stride_l, TARGETS, LOSS, N_VALID, row, V, ignore_index, smoothing,
-    COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr,
-):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_l
     y = tl.load(TARGETS + row).to(tl.int64)
     valid = y != ignore_index
@@ -98,11 +87,10 @@ def _ce_row(
             tl.store(base + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 
-# the rows kernel's launch (A/B in bench/train_micro.py): programs per SM (0: one program per row), the
-# gradient pass from the row's end (its blocks still in L2), warps (0: by BLOCK_V)
-ROWS_PROGRAMS_PER_SM = 0
-ROWS_REVERSE = True  # H200, 4,096 x 151,936 bf16: 1.006 vs 1.170 ms (bench/results/train_overlap.json)
-ROWS_WARPS = 0
+# the rows kernel's gradient pass from the row's end, whose blocks are still in L2 (A/B in bench/train_overlap.py
+# --ce): H200, 4,096 x 151,936 bf16: 0.971 vs 1.156 ms, bit-identical (bench/results/train_ce_rows.json; a grid
+# capped at 1-4 programs per SM was slower, 1.13-1.63 ms, bench/results/train_overlap.json)
+ROWS_REVERSE = True
 
 
 def cross_entropy_rows(
@@ -122,16 +110,11 @@ def cross_entropy_rows(
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_rows needs logits with unit stride along the vocabulary")
     block_v = min(triton.next_power_of_2(v), 8192 if logits.element_size() < 4 else 4096)
-    progs = (
-        r
-        if not ROWS_PROGRAMS_PER_SM or logits.device.type != "cuda"
-        else min(r, ROWS_PROGRAMS_PER_SM * num_sms(logits.device))
-    )
-    _ce_rows_kernel[(progs,)](
+    _ce_rows_kernel[(r,)](
         logits, logits.stride(0), targets, loss, n_valid,
-        r, v, ignore_index, float(label_smoothing),
+        v, ignore_index, float(label_smoothing),
         COMPUTE_GRAD=compute_grad, HAS_SMOOTHING=label_smoothing > 0, BLOCK_V=block_v, REVERSE=ROWS_REVERSE,
-        num_warps=ROWS_WARPS or (16 if block_v >= 8192 else 8),
+        num_warps=16 if block_v >= 8192 else 8,
     )  # fmt: skip
     return loss
 
@@ -182,11 +165,7 @@ def _scale_cast_kernel(X, S, Y, n, BLOCK: tl.constexpr):
     # as torch's mul in x's dtype: the scale rounded to it, the product in fp32 rounded to it, then the cast
     s = tl.load(S).to(X.dtype.element_ty).to(tl.float32)
     x = tl.load(X + offs, mask=mask).to(tl.float32)
-    tl.store(
-        Y + offs,
-        (x * s).to(X.dtype.element_ty).to(Y.dtype.element_ty),
-        mask=mask,
-    )
+    tl.store(Y + offs, (x * s).to(X.dtype.element_ty).to(Y.dtype.element_ty), mask=mask)
 
 
 def scale_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

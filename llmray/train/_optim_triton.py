@@ -9,16 +9,18 @@ cdiv = triton.cdiv
 
 
 @triton.jit
-def _momentum(g, b, mu):
-    """B <- mu B + (1 - mu) G: torch.lerp(b, g, 1 - mu) (its weight < 0.5 form)."""
-    return b + (1.0 - mu) * (g - b)
-
-
-@triton.jit
-def _nesterov(g, b, mu, NESTEROV: tl.constexpr):
-    """The update Muon orthogonalises: torch.lerp(g, b, mu) (weight >= 0.5 form) with Nesterov, else B."""
+def _momentum_at(G, B, offs, mask, SCALE, mu, NESTEROV: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """The momentum step at G[offs], B[offs]: G * scale (clipping, a device scalar; G itself unchanged),
+    B <- torch.lerp(B, G, 1 - mu) stored in B's dtype; returns the update Muon orthogonalises (fp32):
+    torch.lerp(G, B, mu) with Nesterov, else B."""
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g * tl.load(SCALE).to(tl.float32)
+    b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    b = b + (1.0 - mu) * (g - b)  # lerp's weight < 0.5 form
+    tl.store(B + offs, b.to(B.dtype.element_ty), mask=mask)
     if NESTEROV:
-        return b - (b - g) * (1.0 - mu)
+        return b - (b - g) * (1.0 - mu)  # lerp's weight >= 0.5 form
     return b
 
 
@@ -28,12 +30,8 @@ def _momentum_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:  # gradient clipping folded in: G * scale (a device scalar), G itself unchanged
-        g = g * tl.load(SCALE).to(tl.float32)
-    b = _momentum(g, tl.load(BUF + offs, mask=mask, other=0.0).to(tl.float32), mu)
-    tl.store(BUF + offs, b.to(BUF.dtype.element_ty), mask=mask)
-    tl.store(U + offs, _nesterov(g, b, mu, NESTEROV).to(U.dtype.element_ty), mask=mask)
+    u = _momentum_at(G, BUF, offs, mask, SCALE, mu, NESTEROV, HAS_SCALE)
+    tl.store(U + offs, u.to(U.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -68,12 +66,7 @@ def _momentum_multi_kernel(
     b_ptr = tl.load(BP + i).to(tl.pointer_type(tl.float32))
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    if HAS_SCALE:
-        g = g * tl.load(SCALE).to(tl.float32)
-    b = _momentum(g, tl.load(b_ptr + offs, mask=mask, other=0.0), mu)
-    tl.store(b_ptr + offs, b, mask=mask)
-    uq = _nesterov(g, b, mu, NESTEROV).to(U.dtype.element_ty)
+    uq = _momentum_at(g_ptr, b_ptr, offs, mask, SCALE, mu, NESTEROV, HAS_SCALE).to(U.dtype.element_ty)
     tl.store(U + i.to(tl.int64) * n + offs, uq, mask=mask)
     if NSQ_OUT:
         uf = uq.to(tl.float32)
@@ -95,12 +88,7 @@ def _momentum_t_multi_kernel(
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     mask = (r < R)[:, None] & (c < C)[None, :]
     offs = r.to(tl.int64)[:, None] * C + c[None, :]  # (BR, BC) in the weight's rows
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    if HAS_SCALE:
-        g = g * tl.load(SCALE).to(tl.float32)
-    b = _momentum(g, tl.load(b_ptr + offs, mask=mask, other=0.0), mu)
-    tl.store(b_ptr + offs, b, mask=mask)
-    uq = _nesterov(g, b, mu, NESTEROV).to(U.dtype.element_ty)
+    uq = _momentum_at(g_ptr, b_ptr, offs, mask, SCALE, mu, NESTEROV, HAS_SCALE).to(U.dtype.element_ty)
     base = U + i.to(tl.int64) * R * C
     tl.store(base + c.to(tl.int64)[None, :] * R + r[:, None], uq, mask=mask)  # U_i^T: (C, R) rows
     if NSQ_OUT:

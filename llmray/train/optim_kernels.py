@@ -57,9 +57,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cuda" and t.is_contiguous() for t in tensors)
 
 
-TILE = (
-    64  # the transposing momentum kernel's (TILE, TILE) tiles: TILE * TILE = BLOCK elements, as a 1-D block
-)
+# the transposing momentum kernel's (TILE, TILE) tiles: TILE * TILE = BLOCK elements, as a 1-D block
+TILE = 64
 
 
 def norm_parts(rows: int, cols: int) -> int:
