@@ -105,7 +105,9 @@ def ce_variants(reps: int) -> dict:
     work = logits.clone()
     res: dict = {}
     ref = None
-    variants = [{"ROWS_REVERSE": False}, {"ROWS_REVERSE": True}]
+    variants = [{"ROWS_PASS1_REF": False}, {"ROWS_PASS1_REF": True}]
+    variants += [{"ROWS_PASS1_REF": r, "ROWS_BLOCK_V": b, "ROWS_WARPS": w} for r in (False, True)
+                 for b, w in ((4096, 8), (8192, 8), (16384, 16), (4096, 4))]  # fmt: skip
     defaults = {k: getattr(ce, k) for v in variants for k in v}
     for var in variants:
         for k, val in {**defaults, **var}.items():

@@ -34,6 +34,7 @@ __all__ = ["gemm_swiglu", "gemm_swiglu_bwd", "gemm_swiglu_ref", "gemm_swiglu_bwd
 FWD_CONFIG = (128, 128, 64, 3, 8, 8, 1)
 BWD_CONFIG = (128, 128, 64, 4, 8, 8, 1)
 FLATTEN = False  # tl.range(flatten=) on the persistent tile loop (A/B knob)
+WARP_SPECIALIZE = False  # tl.range(warp_specialize=) on it (A/B knob)
 
 
 @triton.jit
@@ -46,68 +47,98 @@ def _tile_mn(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _fwd_tile(
+    A, BG, BU, G, U, H, tile, num_m, num_n, K,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, NS: tl.constexpr,
+    EPI: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = _tile_mn(tile, num_m, num_n, GROUP_M)
+    om = pid_m * BM
+    on = pid_n * BN
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=NS):
+        a = A.load([om, k0])  # (BM, BK)
+        bg = BG.load([on, k0])  # (BN, BK)
+        if UPCAST:  # the interpreter's dot reads bf16 as integers
+            a = a.to(tl.float32)
+            bg = bg.to(tl.float32)
+        acc_g = tl.dot(a, bg.T, acc_g)
+        if EPI != 0:
+            bu = BU.load([on, k0])
+            if UPCAST:
+                bu = bu.to(tl.float32)
+            acc_u = tl.dot(a, bu.T, acc_u)
+    g = _round_bf16(acc_g, UPCAST)
+    G.store([om, on], g.to(G.dtype))
+    if EPI != 0:
+        u = _round_bf16(acc_u, UPCAST)
+        U.store([om, on], u.to(U.dtype))
+        H.store([om, on], (g * tl.sigmoid(g) * u).to(H.dtype))
+
+
+@triton.jit
 def _gemm_swiglu_fwd_kernel(
     A, BG, BU, G, U, H, M, I, K,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, NS: tl.constexpr,
-    EPI: tl.constexpr, UPCAST: tl.constexpr, FLAT: tl.constexpr,
+    EPI: tl.constexpr, UPCAST: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
     """A: x (M, K); BG, BU: the gate / up weight rows (I, K); G, U: gu's halves (M, I); H: h (M, I).
     EPI = 0 stores the plain product A @ BG^T into G only (the bench's GEMM-alone reference)."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(I, BN)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLAT):
-        pid_m, pid_n = _tile_mn(tile, num_m, num_n, GROUP_M)
-        om = pid_m * BM
-        on = pid_n * BN
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in tl.range(0, K, BK, num_stages=NS):
-            a = A.load([om, k0])  # (BM, BK)
-            bg = BG.load([on, k0])  # (BN, BK)
-            if UPCAST:  # the interpreter's dot reads bf16 as integers
-                a = a.to(tl.float32)
-                bg = bg.to(tl.float32)
-            acc_g = tl.dot(a, bg.T, acc_g)
-            if EPI != 0:
-                bu = BU.load([on, k0])
-                if UPCAST:
-                    bu = bu.to(tl.float32)
-                acc_u = tl.dot(a, bu.T, acc_u)
-        g = _round_bf16(acc_g, UPCAST)
-        G.store([om, on], g.to(G.dtype))
-        if EPI != 0:
-            u = _round_bf16(acc_u, UPCAST)
-            U.store([om, on], u.to(U.dtype))
-            H.store([om, on], (g * tl.sigmoid(g) * u).to(H.dtype))
+    if WS:  # warp-specialized persistent loop (A/B knob)
+        for tile in tl.range(
+            tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLAT, warp_specialize=True
+        ):
+            _fwd_tile(A, BG, BU, G, U, H, tile, num_m, num_n, K, BM, BN, BK, GROUP_M, NS, EPI, UPCAST)
+    else:
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLAT):
+            _fwd_tile(A, BG, BU, G, U, H, tile, num_m, num_n, K, BM, BN, BK, GROUP_M, NS, EPI, UPCAST)
+
+
+@triton.jit
+def _bwd_tile(
+    A, B, G, U, DG, DU, tile, num_m, num_n, K,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, NS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = _tile_mn(tile, num_m, num_n, GROUP_M)
+    om = pid_m * BM
+    on = pid_n * BN
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=NS):
+        a = A.load([om, k0])  # (BM, BK)
+        b = B.load([k0, on])  # (BK, BN)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+    dh = _round_bf16(acc, UPCAST)
+    g = G.load([om, on]).to(tl.float32)
+    u = U.load([om, on]).to(tl.float32)
+    sig = tl.sigmoid(g)
+    DG.store([om, on], (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype))
+    DU.store([om, on], (dh * g * sig).to(DU.dtype))
 
 
 @triton.jit
 def _gemm_swiglu_bwd_kernel(
     A, B, G, U, DG, DU, M, I, K,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, NS: tl.constexpr,
-    UPCAST: tl.constexpr, FLAT: tl.constexpr,
+    UPCAST: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr,
 ):  # fmt: skip
     """A: dy (M, K); B: Wd (K, I); G, U: gu's halves (M, I); DG, DU: dgu's halves (M, I)."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(I, BN)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLAT):
-        pid_m, pid_n = _tile_mn(tile, num_m, num_n, GROUP_M)
-        om = pid_m * BM
-        on = pid_n * BN
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in tl.range(0, K, BK, num_stages=NS):
-            a = A.load([om, k0])  # (BM, BK)
-            b = B.load([k0, on])  # (BK, BN)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-        dh = _round_bf16(acc, UPCAST)
-        g = G.load([om, on]).to(tl.float32)
-        u = U.load([om, on]).to(tl.float32)
-        sig = tl.sigmoid(g)
-        DG.store([om, on], (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype))
-        DU.store([om, on], (dh * g * sig).to(DU.dtype))
+    if WS:
+        for tile in tl.range(
+            tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLAT, warp_specialize=True
+        ):
+            _bwd_tile(A, B, G, U, DG, DU, tile, num_m, num_n, K, BM, BN, BK, GROUP_M, NS, UPCAST)
+    else:
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLAT):
+            _bwd_tile(A, B, G, U, DG, DU, tile, num_m, num_n, K, BM, BN, BK, GROUP_M, NS, UPCAST)
 
 
 @triton.jit
@@ -166,7 +197,7 @@ def gemm_swiglu(
     _gemm_swiglu_fwd_kernel[_grid(m, i, bm, bn, per_sm, x.device)](
         _desc(x, [bm, bk]), _desc(w[:i], [bn, bk]), _desc(w[i:], [bn, bk]),
         _desc(gu[:, :i], [bm, bn]), _desc(gu[:, i:], [bm, bn]), _desc(h, [bm, bn]), m, i, k,
-        BM=bm, BN=bn, BK=bk, GROUP_M=group_m, NS=ns, EPI=epi, UPCAST=interpreting(), FLAT=FLATTEN,
+        BM=bm, BN=bn, BK=bk, GROUP_M=group_m, NS=ns, EPI=epi, UPCAST=interpreting(), FLAT=FLATTEN, WS=WARP_SPECIALIZE,
         num_warps=warps, num_stages=ns,
     )  # fmt: skip
     return gu, h
@@ -198,7 +229,7 @@ def gemm_swiglu_bwd(
     _gemm_swiglu_bwd_kernel[_grid(m, i, bm, bn, per_sm, dy.device)](
         _desc(dy, [bm, bk]), _desc(wd, [bk, bn]), _desc(gu[:, :i], [bm, bn]), _desc(gu[:, i:], [bm, bn]),
         _desc(dgu[:, :i], [bm, bn]), _desc(dgu[:, i:], [bm, bn]), m, i, hd,
-        BM=bm, BN=bn, BK=bk, GROUP_M=group_m, NS=ns, UPCAST=interpreting(), FLAT=FLATTEN,
+        BM=bm, BN=bn, BK=bk, GROUP_M=group_m, NS=ns, UPCAST=interpreting(), FLAT=FLATTEN, WS=WARP_SPECIALIZE,
         num_warps=warps, num_stages=ns,
     )  # fmt: skip
     return dgu
