@@ -34,14 +34,21 @@ from llmray.kernels.swiglu import swiglu_fused_bwd, swiglu_fused_fwd  # noqa: E4
 # (BM, BN, BK, stages, warps, GROUP_M, programs per SM), then (FLATTEN, WARP_SPECIALIZE)
 # (H200, first sweep: fwd best (128, 64, 64, 3, 4, 8, 2) 0.396 ms vs cuBLAS + SwiGLU 0.351; bwd best
 # (64, 128, 64, 4, 4, 8, 2) 0.318 vs 0.274; the GEMM alone at most 593 TFLOP/s vs cuBLAS 693)
-KNOBS = [(False, False), (True, False), (False, True), (True, True)]
-FWD = [(c, *kn) for c in [(128, 64, 64, 3, 4, 8, 2), (128, 128, 64, 4, 8, 8, 1)] for kn in KNOBS]
-BWD = [(c, *kn) for c in [(64, 128, 64, 4, 4, 8, 2), (128, 64, 64, 4, 4, 8, 2), (128, 128, 64, 4, 8, 8, 1)]
-       for kn in KNOBS]  # fmt: skip
+# (H200, second sweep: flatten / warp_specialize: fwd no better; bwd (128, 128, 64, 4, 8, 8, 1) flatten 0.2805 ms vs
+# 0.2876; warp_specialize fails to compile in Triton 3.6 for Hopper or changes nothing)
+# knobs: (FLATTEN, WARP_SPECIALIZE, BWD_PREFETCH, BWD_PTR_STORE)
+FWD = [
+    ((128, 64, 64, 3, 4, 8, 2), False, False, False, False),
+    ((128, 128, 64, 4, 8, 8, 1), True, False, False, False),
+]
+BWD_KNOBS = [(True, False, False, False), (False, False, True, False), (False, False, True, True),
+             (True, False, True, False), (True, False, True, True), (False, False, False, True)]  # fmt: skip
+BWD = [(c, *kn) for c in [(128, 128, 64, 4, 8, 8, 1), (128, 128, 64, 3, 8, 8, 1), (128, 64, 64, 4, 4, 8, 2)]
+       for kn in BWD_KNOBS]  # fmt: skip
 
 
-def _knobs(flat: bool, ws: bool) -> None:
-    sg.FLATTEN, sg.WARP_SPECIALIZE = flat, ws
+def _knobs(flat: bool, ws: bool, pf: bool = False, ps: bool = False) -> None:
+    sg.FLATTEN, sg.WARP_SPECIALIZE, sg.BWD_PREFETCH, sg.BWD_PTR_STORE = flat, ws, pf, ps
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -92,7 +99,7 @@ def main() -> None:
         "gemm cublas": (lambda: torch.nn.functional.linear(x, w[:i]), fl_gemm),
     }
     checks: dict[str, dict] = {}
-    for cfg, flat, ws in FWD:
+    for cfg, flat, ws, _pf, _ps in FWD:
         name = f"fwd {cfg} flat={int(flat)} ws={int(ws)}"
         try:
             _knobs(flat, ws)
@@ -107,15 +114,15 @@ def main() -> None:
             )
         except Exception as e:  # noqa: BLE001 - a config that does not compile is a result
             checks[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    for cfg, flat, ws in BWD:
-        name = f"bwd {cfg} flat={int(flat)} ws={int(ws)}"
+    for cfg, flat, ws, pf, ps in BWD:
+        name = f"bwd {cfg} flat={int(flat)} ws={int(ws)} pf={int(pf)} ps={int(ps)}"
         try:
-            _knobs(flat, ws)
+            _knobs(flat, ws, pf, ps)
             d = sg.gemm_swiglu_bwd(dy, wd, gu0, cfg)
             torch.cuda.synchronize()
             checks[name] = {"dgu": _err(d, dgu0)}
             variants[name] = (
-                (lambda c=cfg, f=flat, s=ws: (_knobs(f, s), sg.gemm_swiglu_bwd(dy, wd, gu0, c))),
+                (lambda c=cfg, k=(flat, ws, pf, ps): (_knobs(*k), sg.gemm_swiglu_bwd(dy, wd, gu0, c))),
                 fl_bwd,
             )
         except Exception as e:  # noqa: BLE001

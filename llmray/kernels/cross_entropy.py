@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from llmray.kernels._common import check_device
+from llmray.kernels._common import check_device, num_sms
 from llmray.kernels.reference import linear_cross_entropy_ref
 
 __all__ = [
@@ -40,11 +40,30 @@ __all__ = [
 @triton.jit
 def _ce_rows_kernel(
     LOGITS, stride_l, TARGETS, LOSS, N_VALID,
-    V, ignore_index, smoothing,
+    R, V, ignore_index, smoothing,
+    COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr,
+    PASS1_REF: tl.constexpr, PERSIST: tl.constexpr,
+):  # fmt: skip
+    # one row a program, or PERSIST: programs looping over rows (fewer rows in flight: L2 keeps them for pass 2)
+    if PERSIST:
+        for row in range(tl.program_id(0), R, tl.num_programs(0)):
+            _ce_row(
+                LOGITS, stride_l, TARGETS, LOSS, N_VALID, row + tl.zeros([], tl.int64), V, ignore_index, smoothing,
+                COMPUTE_GRAD, HAS_SMOOTHING, BLOCK_V, REVERSE, PASS1_REF,
+            )  # fmt: skip
+    else:
+        _ce_row(
+            LOGITS, stride_l, TARGETS, LOSS, N_VALID, tl.program_id(0).to(tl.int64), V, ignore_index, smoothing,
+            COMPUTE_GRAD, HAS_SMOOTHING, BLOCK_V, REVERSE, PASS1_REF,
+        )  # fmt: skip
+
+
+@triton.jit
+def _ce_row(
+    LOGITS, stride_l, TARGETS, LOSS, N_VALID, row, V, ignore_index, smoothing,
     COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr,
     PASS1_REF: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_l
     y = tl.load(TARGETS + row).to(tl.int64)
     valid = y != ignore_index
@@ -126,6 +145,7 @@ ROWS_REVERSE = True
 ROWS_PASS1_REF = False  # pass 1 element-wise against a fixed reference (see the kernel); A/B knob
 ROWS_BLOCK_V = 0  # 0: 8,192 (bf16) / 4,096 (fp32) logits a block; A/B knob
 ROWS_WARPS = 0  # 0: 16 warps at 8,192 a block, else 8
+ROWS_PERSIST = 0  # > 0: that many programs per SM loop over the rows; A/B knob
 
 
 def cross_entropy_rows(
@@ -145,11 +165,13 @@ def cross_entropy_rows(
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_rows needs logits with unit stride along the vocabulary")
     block_v = min(triton.next_power_of_2(v), ROWS_BLOCK_V or (8192 if logits.element_size() < 4 else 4096))
-    _ce_rows_kernel[(r,)](
+    persist = ROWS_PERSIST > 0
+    grid = (min(r, ROWS_PERSIST * num_sms(logits.device)) if persist and logits.is_cuda else r,)
+    _ce_rows_kernel[grid](
         logits, logits.stride(0), targets, loss, n_valid,
-        v, ignore_index, float(label_smoothing),
+        r, v, ignore_index, float(label_smoothing),
         COMPUTE_GRAD=compute_grad, HAS_SMOOTHING=label_smoothing > 0, BLOCK_V=block_v, REVERSE=ROWS_REVERSE,
-        PASS1_REF=ROWS_PASS1_REF, num_warps=ROWS_WARPS or (16 if block_v >= 8192 else 8),
+        PASS1_REF=ROWS_PASS1_REF, PERSIST=persist, num_warps=ROWS_WARPS or (16 if block_v >= 8192 else 8),
     )  # fmt: skip
     return loss
 

@@ -35,6 +35,8 @@ FWD_CONFIG = (128, 128, 64, 3, 8, 8, 1)
 BWD_CONFIG = (128, 128, 64, 4, 8, 8, 1)
 FLATTEN = False  # tl.range(flatten=) on the persistent tile loop (A/B knob)
 WARP_SPECIALIZE = False  # tl.range(warp_specialize=) on it (A/B knob)
+BWD_PREFETCH = False  # the backward loads its g, u tile by pointers before the GEMM (A/B knob)
+BWD_PTR_STORE = False  # the backward stores dg, du by pointers (A/B knob)
 
 
 @triton.jit
@@ -99,13 +101,20 @@ def _gemm_swiglu_fwd_kernel(
 
 @triton.jit
 def _bwd_tile(
-    A, B, G, U, DG, DU, tile, num_m, num_n, K,
+    A, B, G, U, DG, DU, GP, DGP, stride_gu, stride_dgu, tile, num_m, num_n, M, I, K,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, NS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, PREFETCH: tl.constexpr, PTR_STORE: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = _tile_mn(tile, num_m, num_n, GROUP_M)
     om = pid_m * BM
     on = pid_n * BN
+    rows = om + tl.arange(0, BM)
+    cols = on + tl.arange(0, BN)
+    gp = GP + rows[:, None].to(tl.int64) * stride_gu + cols[None, :]  # (BM, BN) pointers into gu's gate half
+    rmask = rows[:, None] < M
+    if PREFETCH:  # pointer loads issued before the GEMM: they land while the tensor cores work
+        g = tl.load(gp, mask=rmask, other=0.0)
+        u = tl.load(gp + I, mask=rmask, other=0.0)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in tl.range(0, K, BK, num_stages=NS):
         a = A.load([om, k0])  # (BM, BK)
@@ -115,30 +124,48 @@ def _bwd_tile(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc)
     dh = _round_bf16(acc, UPCAST)
-    g = G.load([om, on]).to(tl.float32)
-    u = U.load([om, on]).to(tl.float32)
+    if PREFETCH:
+        g = g.to(tl.float32)
+        u = u.to(tl.float32)
+    else:
+        g = G.load([om, on]).to(tl.float32)
+        u = U.load([om, on]).to(tl.float32)
     sig = tl.sigmoid(g)
-    DG.store([om, on], (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype))
-    DU.store([om, on], (dh * g * sig).to(DU.dtype))
+    dg = (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype)
+    du = (dh * g * sig).to(DU.dtype)
+    if PTR_STORE:
+        dp = DGP + rows[:, None].to(tl.int64) * stride_dgu + cols[None, :]
+        tl.store(dp, dg, mask=rmask)
+        tl.store(dp + I, du, mask=rmask)
+    else:
+        DG.store([om, on], dg)
+        DU.store([om, on], du)
 
 
 @triton.jit
 def _gemm_swiglu_bwd_kernel(
-    A, B, G, U, DG, DU, M, I, K,
+    A, B, G, U, DG, DU, GP, DGP, stride_gu, stride_dgu, M, I, K,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, NS: tl.constexpr,
-    UPCAST: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr,
+    UPCAST: tl.constexpr, FLAT: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr, PTR_STORE: tl.constexpr,
 ):  # fmt: skip
-    """A: dy (M, K); B: Wd (K, I); G, U: gu's halves (M, I); DG, DU: dgu's halves (M, I)."""
+    """A: dy (M, K); B: Wd (K, I); G, U: gu's halves (M, I); DG, DU: dgu's halves (M, I) (descriptors);
+    GP, DGP: gu and dgu as pointers (row strides stride_gu, stride_dgu) for PREFETCH / PTR_STORE."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(I, BN)
     if WS:
         for tile in tl.range(
             tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLAT, warp_specialize=True
         ):
-            _bwd_tile(A, B, G, U, DG, DU, tile, num_m, num_n, K, BM, BN, BK, GROUP_M, NS, UPCAST)
+            _bwd_tile(
+                A, B, G, U, DG, DU, GP, DGP, stride_gu, stride_dgu, tile, num_m, num_n, M, I, K,
+                BM, BN, BK, GROUP_M, NS, UPCAST, PREFETCH, PTR_STORE,
+            )  # fmt: skip
     else:
         for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLAT):
-            _bwd_tile(A, B, G, U, DG, DU, tile, num_m, num_n, K, BM, BN, BK, GROUP_M, NS, UPCAST)
+            _bwd_tile(
+                A, B, G, U, DG, DU, GP, DGP, stride_gu, stride_dgu, tile, num_m, num_n, M, I, K,
+                BM, BN, BK, GROUP_M, NS, UPCAST, PREFETCH, PTR_STORE,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -228,8 +255,9 @@ def gemm_swiglu_bwd(
         return dgu
     _gemm_swiglu_bwd_kernel[_grid(m, i, bm, bn, per_sm, dy.device)](
         _desc(dy, [bm, bk]), _desc(wd, [bk, bn]), _desc(gu[:, :i], [bm, bn]), _desc(gu[:, i:], [bm, bn]),
-        _desc(dgu[:, :i], [bm, bn]), _desc(dgu[:, i:], [bm, bn]), m, i, hd,
+        _desc(dgu[:, :i], [bm, bn]), _desc(dgu[:, i:], [bm, bn]), gu, dgu, gu.stride(0), dgu.stride(0), m, i, hd,
         BM=bm, BN=bn, BK=bk, GROUP_M=group_m, NS=ns, UPCAST=interpreting(), FLAT=FLATTEN, WS=WARP_SPECIALIZE,
+        PREFETCH=BWD_PREFETCH, PTR_STORE=BWD_PTR_STORE,
         num_warps=warps, num_stages=ns,
     )  # fmt: skip
     return dgu
