@@ -105,11 +105,7 @@ def ce_variants(reps: int) -> dict:
     work = logits.clone()
     res: dict = {}
     ref = None
-    variants = [{"ROWS_PASS1_REF": False, "ROWS_PERSIST": 0}]
-    variants += [{"ROWS_PASS1_REF": r, "ROWS_PERSIST": p, "ROWS_BLOCK_V": b, "ROWS_WARPS": w} for r in (True, False)
-                 for p, b, w in ((1, 16384, 32), (1, 8192, 32), (1, 8192, 16), (2, 8192, 16), (2, 4096, 16),
-                                 (3, 4096, 8), (4, 4096, 8))]  # fmt: skip
-    variants += [{"ROWS_PASS1_REF": False, "ROWS_PERSIST": 0}]
+    variants = [{"ROWS_REVERSE": False}, {"ROWS_REVERSE": True}]
     defaults = {k: getattr(ce, k) for v in variants for k in v}
     for var in variants:
         for k, val in {**defaults, **var}.items():

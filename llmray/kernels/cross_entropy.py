@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from llmray.kernels._common import check_device, num_sms
+from llmray.kernels._common import check_device
 from llmray.kernels.reference import linear_cross_entropy_ref
 
 __all__ = [
@@ -40,80 +40,29 @@ __all__ = [
 @triton.jit
 def _ce_rows_kernel(
     LOGITS, stride_l, TARGETS, LOSS, N_VALID,
-    R, V, ignore_index, smoothing,
+    V, ignore_index, smoothing,
     COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr,
-    PASS1_REF: tl.constexpr, PERSIST: tl.constexpr,
 ):  # fmt: skip
-    # one row a program, or PERSIST: programs looping over rows (fewer rows in flight: L2 keeps them for pass 2)
-    if PERSIST:
-        for row in range(tl.program_id(0), R, tl.num_programs(0)):
-            _ce_row(
-                LOGITS, stride_l, TARGETS, LOSS, N_VALID, row + tl.zeros([], tl.int64), V, ignore_index, smoothing,
-                COMPUTE_GRAD, HAS_SMOOTHING, BLOCK_V, REVERSE, PASS1_REF,
-            )  # fmt: skip
-    else:
-        _ce_row(
-            LOGITS, stride_l, TARGETS, LOSS, N_VALID, tl.program_id(0).to(tl.int64), V, ignore_index, smoothing,
-            COMPUTE_GRAD, HAS_SMOOTHING, BLOCK_V, REVERSE, PASS1_REF,
-        )  # fmt: skip
-
-
-@triton.jit
-def _ce_row(
-    LOGITS, stride_l, TARGETS, LOSS, N_VALID, row, V, ignore_index, smoothing,
-    COMPUTE_GRAD: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr, REVERSE: tl.constexpr,
-    PASS1_REF: tl.constexpr,
-):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_l
     y = tl.load(TARGETS + row).to(tl.int64)
     valid = y != ignore_index
     y_safe = tl.where(valid, y, 0)
     x_y = tl.load(base + y_safe).to(tl.float32)
-    if PASS1_REF:
-        # pass 1, element-wise: exp against one reference r (the first block's max, at least x_y), per-lane sums
-        # and maxima reduced once after the loop (no cross-warp max + sum and rescale per block)
-        cols = tl.arange(0, BLOCK_V)
-        r = tl.maximum(
-            tl.max(tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32), 0), x_y
-        )
-        acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-        mx = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
-        sxv = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for off in range(0, V, BLOCK_V):
-            cols = off + tl.arange(0, BLOCK_V)
-            mask = cols < V
-            x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            acc += tl.exp(x - r)
-            mx = tl.maximum(mx, x)
-            if HAS_SMOOTHING:
-                sxv += tl.where(mask, x, 0.0)
-        m = tl.max(mx, axis=0)
-        d = tl.sum(acc, axis=0)
-        sx = tl.sum(sxv, axis=0)
-        if m - r > 60.0:  # a logit far above r: exp may have overflowed (past ~88): sum again against the max
-            acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-            for off in range(0, V, BLOCK_V):
-                cols = off + tl.arange(0, BLOCK_V)
-                x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                acc += tl.exp(x - m)
-            d = tl.sum(acc, axis=0)
-            r = m
-        lse = r + tl.log(d)
-    else:
-        # pass 1: online max / sum-exp (and the plain sum of logits for smoothing)
-        m = float("-inf")
-        d = 0.0
-        sx = 0.0
-        for off in range(0, V, BLOCK_V):
-            cols = off + tl.arange(0, BLOCK_V)
-            mask = cols < V
-            x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-            if HAS_SMOOTHING:
-                sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        lse = m + tl.log(d)
+    # pass 1: online max / sum-exp (and the plain sum of logits for smoothing)
+    m = float("-inf")
+    d = 0.0
+    sx = 0.0
+    for off in range(0, V, BLOCK_V):
+        cols = off + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+        if HAS_SMOOTHING:
+            sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+    lse = m + tl.log(d)
     loss = lse - (1.0 - smoothing) * x_y
     if HAS_SMOOTHING:
         loss -= smoothing / V * sx
@@ -142,10 +91,6 @@ def _ce_row(
 # --ce): H200, 4,096 x 151,936 bf16: 0.971 vs 1.156 ms, bit-identical (bench/results/train_ce_rows.json; a grid
 # capped at 1-4 programs per SM was slower, 1.13-1.63 ms, bench/results/train_overlap.json)
 ROWS_REVERSE = True
-ROWS_PASS1_REF = False  # pass 1 element-wise against a fixed reference (see the kernel); A/B knob
-ROWS_BLOCK_V = 0  # 0: 8,192 (bf16) / 4,096 (fp32) logits a block; A/B knob
-ROWS_WARPS = 0  # 0: 16 warps at 8,192 a block, else 8
-ROWS_PERSIST = 0  # > 0: that many programs per SM loop over the rows; A/B knob
 
 
 def cross_entropy_rows(
@@ -164,14 +109,12 @@ def cross_entropy_rows(
         return loss
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_rows needs logits with unit stride along the vocabulary")
-    block_v = min(triton.next_power_of_2(v), ROWS_BLOCK_V or (8192 if logits.element_size() < 4 else 4096))
-    persist = ROWS_PERSIST > 0
-    grid = (min(r, ROWS_PERSIST * num_sms(logits.device)) if persist and logits.is_cuda else r,)
-    _ce_rows_kernel[grid](
+    block_v = min(triton.next_power_of_2(v), 8192 if logits.element_size() < 4 else 4096)
+    _ce_rows_kernel[(r,)](
         logits, logits.stride(0), targets, loss, n_valid,
-        r, v, ignore_index, float(label_smoothing),
+        v, ignore_index, float(label_smoothing),
         COMPUTE_GRAD=compute_grad, HAS_SMOOTHING=label_smoothing > 0, BLOCK_V=block_v, REVERSE=ROWS_REVERSE,
-        PASS1_REF=ROWS_PASS1_REF, PERSIST=persist, num_warps=ROWS_WARPS or (16 if block_v >= 8192 else 8),
+        num_warps=16 if block_v >= 8192 else 8,
     )  # fmt: skip
     return loss
 

@@ -37,7 +37,6 @@ DEFAULT_CONFIG = (128, 64, 4, 3)
 SYM_TMA = True  # H200, qwen3-0.6b's 3 wide stacks: pointer loads 13.40 -> 12.59 ms (another run 12.6 -> 11.4)
 SYM_TMA_OUT = False
 SYM_PERSIST = 0
-SYM_FLATTEN = False  # the persistent loop flattened with the K loop (Triton pipelines across tiles); A/B knob
 NSQ_MODES = {"poly": 1, "gram": 2, "rsqrt": 3}  # how norm_sq scales the product: see sym_gram
 
 
@@ -135,11 +134,11 @@ def _sym_gram_kernel(
     alpha, beta, diag, eps_sq, nsq_p,
     NSQ_MODE: tl.constexpr, NSQ_PB: tl.constexpr, HAS_S: tl.constexpr, HAS_DIAG: tl.constexpr,
     EVEN: tl.constexpr, UPCAST: tl.constexpr, RTNE: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    TMA_OUT: tl.constexpr, PERSIST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, FLAT: tl.constexpr,
+    TMA_OUT: tl.constexpr, PERSIST: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     # grid (NT tiles, NMAT matrices), or PERSIST: (programs,) each looping over tiles (matrix-major order)
     if PERSIST:
-        for w in tl.range(tl.program_id(0), NT * NMAT, tl.num_programs(0), flatten=FLAT):
+        for w in tl.range(tl.program_id(0), NT * NMAT, tl.num_programs(0)):
             _sym_tile(
                 X, Y, S, OUT, TI, TJ, NSQ, w % NT, w // NT, R, K,
                 sxb, sxr, sxk, syb, syr, syk, ssb, ssr, ssc, sob, sor, soc, alpha, beta, diag, eps_sq, nsq_p,
@@ -263,7 +262,7 @@ def sym_gram(
             HAS_DIAG=diag != 0.0 or (norm_sq is not None and nsq_mode == "poly"),
             EVEN=r % bm == 0 and k % bk == 0,
             UPCAST=interpreting(), RTNE=out.dtype == torch.bfloat16, PREC="ieee" if x.dtype == torch.float32 else "tf32",
-            TMA=tma, TMA_OUT=tma_out, PERSIST=persist > 0, FLAT=bool(SYM_FLATTEN),
+            TMA=tma, TMA_OUT=tma_out, PERSIST=persist > 0,
             BM=bm, BK=bk, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return out.squeeze(0) if squeeze else out
