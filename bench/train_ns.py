@@ -140,15 +140,6 @@ SYM_VARIANTS = [
     ("tma_w8_s4", {"SYM_TMA": 1, "DEFAULT_CONFIG": (128, 64, 8, 4)}),
     ("tma_w8_s3", {"SYM_TMA": 1, "DEFAULT_CONFIG": (128, 64, 8, 3)}),
     ("tma_p1_w8_s4", {"SYM_TMA": 1, "SYM_PERSIST": 1, "DEFAULT_CONFIG": (128, 64, 8, 4)}),
-    (
-        "tma_p1_w8_s4_flat",
-    ),
-    (
-        "tma_p1_w8_s3_flat",
-    ),
-    (
-        "tma_p2_w8_s3_flat",
-    ),
 ]
 
 
