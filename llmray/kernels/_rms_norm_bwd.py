@@ -1,5 +1,6 @@
-"""The RMSNorm backward on persistent programs with its loads pipelined through shared memory
-(``_pipe_kernel``; launcher, flags and numbers: ``llmray.kernels.rmsnorm``).
+"""The RMSNorm backward's helpers: the dW partial sums (``_sum_partials``, also the q/k norm's) and the backward on
+persistent programs with its loads pipelined through shared memory (``_pipe_kernel``; launcher, flags and
+numbers: ``llmray.kernels.rmsnorm``).
 
 Per row (x: the normed input, rstd = 1 / rms(x), dy: the incoming gradient, ds: the residual sum's):
     x_hat = x rstd,   dx = (w dy - x_hat mean(x_hat w dy)) rstd + ds,   dw += dy x_hat (summed over rows)
@@ -20,6 +21,38 @@ try:  # host-side tensor descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
+
+
+DW_SUM = (256, 8, 4)  # (BLOCK_P, BLOCK_N, num_warps) of the one-pass dW sum: 8 columns a program
+
+
+@triton.jit
+def _dw_sum_kernel(PART, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dW (N,) = the column sums of the partials (P, N) fp32, stored in dW's dtype: sum and cast in one
+    pass, in a fixed order (deterministic)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        prow = p0 + tl.arange(0, BLOCK_P)
+        mask = (prow < P)[:, None] & cmask[None, :]
+        acc += tl.load(PART + prow.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(acc, axis=0).to(DW.dtype.element_ty), mask=cmask)
+
+
+def _sum_partials(part: torch.Tensor, dtype: torch.dtype, cfg: tuple[int, int, int] | None) -> torch.Tensor:
+    """dW (N,) in ``dtype`` from the (P, N) fp32 partial sums."""
+    p, n = part.shape
+    if p == 1 and part.dtype == dtype:
+        return part[0]
+    if cfg is None:
+        return (part[0] if p == 1 else part.sum(0)).to(dtype)
+    block_p, block_n, warps = cfg
+    dw = torch.empty(n, device=part.device, dtype=dtype)
+    _dw_sum_kernel[(triton.cdiv(n, block_n),)](
+        part, dw, p, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps
+    )
+    return dw
 
 
 @triton.jit

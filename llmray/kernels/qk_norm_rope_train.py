@@ -42,8 +42,8 @@ try:  # host-side tensor descriptors (Triton >= 3.4): the "tma" design
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
+from llmray.kernels._rms_norm_bwd import DW_SUM, _sum_partials
 from llmray.kernels.qk_norm_rope import qk_norm_rope
-from llmray.kernels.rmsnorm import DW_SUM, _sum_partials
 
 __all__ = ["qk_norm_rope_train", "qkv_norm_rope_train"]
 

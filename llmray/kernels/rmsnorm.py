@@ -32,6 +32,7 @@ import triton.language as tl
 
 from llmray.kernels import _rms_norm_bwd
 from llmray.kernels._common import as_rows, check_device, interpreting, num_sms, row_block_config
+from llmray.kernels._rms_norm_bwd import DW_SUM, _dw_sum_kernel, _sum_partials  # noqa: F401 (re-exported)
 from llmray.kernels.reference import add_rms_norm_ref, rms_norm_ref
 
 __all__ = [
@@ -149,20 +150,6 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=cmask)
 
 
-@triton.jit
-def _dw_sum_kernel(PART, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dW (N,) = the column sums of the partials (P, N) fp32, stored in dW's dtype: sum and cast in one
-    pass, in a fixed order (deterministic)."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        prow = p0 + tl.arange(0, BLOCK_P)
-        mask = (prow < P)[:, None] & cmask[None, :]
-        acc += tl.load(PART + prow.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(DW + cols, tl.sum(acc, axis=0).to(DW.dtype.element_ty), mask=cmask)
-
-
 def rms_norm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -223,7 +210,6 @@ DX2_ONE_PASS = True  # add_rms_norm's backward writes both input dtypes' dx in o
 # programs per SM; None = row_block_config / dw_programs' heuristics
 BWD_CONFIG: tuple[int, int] | None = None
 BWD_PER_SM: int | None = None
-DW_SUM = (256, 8, 4)  # (BLOCK_P, BLOCK_N, num_warps) of the one-pass dW sum: 8 columns a program
 # the backward's design (A/B): True = persistent programs, loads pipelined through shared memory
 # (``_rms_norm_bwd._pipe_kernel``; Hopper or newer; power-of-two rows of at least PIPE_MIN_N), False (or where
 # it does not apply) the row-range kernel. H200, 16,384 rows, bf16 dy, fp32 x and ds in, fp32 + bf16 dx out
@@ -324,21 +310,6 @@ def _bwd_pipelined(
     knobs = dict(NS=PIPE_STAGES, LOADS=PIPE_LOADS, STORES=PIPE_STORES, EVICT=PIPE_EVICT, num_warps=warps)
     dw_part = _rms_norm_bwd.launch(dy, x, weight, rstd, ds, dx, dx2, compute_dw, block_m, progs, knobs)
     return dx, _sum_partials(dw_part, weight.dtype, dw_sum) if compute_dw else None
-
-
-def _sum_partials(part: torch.Tensor, dtype: torch.dtype, cfg: tuple[int, int, int] | None) -> torch.Tensor:
-    """dW (N,) in ``dtype`` from the (P, N) fp32 partial sums."""
-    p, n = part.shape
-    if p == 1 and part.dtype == dtype:
-        return part[0]
-    if cfg is None:
-        return (part[0] if p == 1 else part.sum(0)).to(dtype)
-    block_p, block_n, warps = cfg
-    dw = torch.empty(n, device=part.device, dtype=dtype)
-    _dw_sum_kernel[(triton.cdiv(n, block_n),)](
-        part, dw, p, n, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps
-    )
-    return dw
 
 
 def _out_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.dtype:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from llmray.kernels.reference import (
     add_rms_norm_ref,
@@ -109,3 +110,15 @@ def resolve_ops(kernels: str, device: torch.device | str | None = None) -> Model
         except ImportError as e:  # triton missing: say so rather than silently using torch
             raise RuntimeError(f"kernels='triton' needs the triton package: {e}") from e
     raise ValueError(f"kernels must be 'torch', 'triton' or 'auto', got {kernels!r}")
+
+
+def project(module: nn.Module, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
+    """``module(x)``; a plain nn.Linear in training goes through ``ops.linear`` where the op set has one."""
+    if (
+        ops.linear is not None
+        and type(module) is nn.Linear
+        and module.bias is None
+        and torch.is_grad_enabled()
+    ):
+        return ops.linear(x, [module.weight])
+    return module(x)

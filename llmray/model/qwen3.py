@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 from llmray.config import ModelConfig
 from llmray.model import fusion
 from llmray.model.attention import AttentionBackend, causal_attention
-from llmray.model.ops import ModelOps, resolve_ops
+from llmray.model.mlp import Qwen3MLP
+from llmray.model.ops import ModelOps, project, resolve_ops
 
 # training with our loss: a tied embedding/head weight's gradient in one pass (kernels/cross_entropy.py)
 TIED_HEAD_GRAD = True
@@ -115,7 +116,7 @@ class Qwen3Attention(nn.Module):
                 out = causal_attention(q, k, v, self.scale)
             else:
                 out = attn_metadata.attend(self.layer_idx, q, k, v)
-            return _proj(self.o_proj, out.reshape(b, t, self.num_heads * d), ops)
+            return project(self.o_proj, out.reshape(b, t, self.num_heads * d), ops)
         if fused is not None and not torch.is_grad_enabled():
             nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             qkv = F.linear(x, fused) if self.qkv_linear is None else self.qkv_linear(x, fused)  # one GEMM
@@ -124,15 +125,15 @@ class Qwen3Attention(nn.Module):
             k = k.view(b, t, self.num_kv_heads, self.head_dim)
             v = v.view(b, t, self.num_kv_heads, self.head_dim)
         else:
-            q = _proj(self.q_proj, x, ops).view(b, t, self.num_heads, self.head_dim)
-            k = _proj(self.k_proj, x, ops).view(b, t, self.num_kv_heads, self.head_dim)
-            v = _proj(self.v_proj, x, ops).view(b, t, self.num_kv_heads, self.head_dim)
+            q = project(self.q_proj, x, ops).view(b, t, self.num_heads, self.head_dim)
+            k = project(self.k_proj, x, ops).view(b, t, self.num_kv_heads, self.head_dim)
+            v = project(self.v_proj, x, ops).view(b, t, self.num_kv_heads, self.head_dim)
         store = getattr(attn_metadata, "norm_rope_store", None) if not torch.is_grad_enabled() else None
         if norm_rope is not None and store is not None:  # engine: k/v go straight to the paged cache
             qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
             q = store(self.layer_idx, q, k, v, qw, kw, eps, positions, rope_cos, rope_sin)
             out = attn_metadata.attend(self.layer_idx, q, None, None)  # type: ignore[union-attr,arg-type]
-            return _proj(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), ops)
+            return project(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), ops)
         if norm_rope is not None:
             qw, kw, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
             q, k = norm_rope(q, k, qw, kw, eps, positions, rope_cos, rope_sin)
@@ -144,74 +145,7 @@ class Qwen3Attention(nn.Module):
             out = causal_attention(q, k, v, self.scale)
         else:
             out = attn_metadata.attend(self.layer_idx, q, k, v)
-        return _proj(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), ops)
-
-
-class Qwen3MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-        self.gate_up_weight: torch.Tensor | None = None  # set by fuse_projections (inference)
-        # as qkv_linear, for the fused gate|up projection
-        self.gate_up_linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-        # set from outside (LoRA): x, fused weight, the gated SwiGLU -> silu(gate) * up with per-row adapter
-        # deltas (the LoRA expand and the SwiGLU in one launch)
-        self.gate_up_act: (
-            Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
-            | None
-        ) = None
-
-    def forward(self, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
-        if (
-            self.gate_up_weight is not None
-            and (type(self.gate_proj) is nn.Linear or self.gate_up_linear is not None)
-            and not torch.is_grad_enabled()
-        ):
-            w = self.gate_up_weight
-            if self.gate_up_act is not None and ops.gated_swiglu is not None:
-                return self.down_proj(self.gate_up_act(x, w, ops.gated_swiglu))
-            # one GEMM: (..., 2I) = [gate | up]
-            gate_up = F.linear(x, w) if self.gate_up_linear is None else self.gate_up_linear(x, w)
-            if ops.gated_swiglu is not None:
-                return self.down_proj(ops.gated_swiglu(gate_up))
-            return self.down_proj(ops.swiglu(*gate_up.chunk(2, dim=-1)))
-        if ops.swiglu_fused is not None and torch.is_grad_enabled() and self._plain():
-            # training: one GEMM over [gate; up] (a bf16 copy of the two weights under autocast) and a
-            # SwiGLU whose backward writes one (..., 2I) gradient: the input gradient is one GEMM, not two + a sum
-            weights = [self.gate_proj.weight, self.up_proj.weight]
-            if ops.linear is not None:
-                gate_up = ops.linear(x, weights)
-            else:
-                gate_up = F.linear(x, _cat_weights(weights, x.device.type))
-            return _proj(self.down_proj, ops.swiglu_fused(gate_up), ops)
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
-
-    def _plain(self) -> bool:
-        return type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear
-
-
-def _proj(module: nn.Module, x: torch.Tensor, ops: ModelOps) -> torch.Tensor:
-    """``module(x)``; a plain nn.Linear in training goes through ``ops.linear`` where the op set has one."""
-    if (
-        ops.linear is not None
-        and type(module) is nn.Linear
-        and module.bias is None
-        and torch.is_grad_enabled()
-    ):
-        return ops.linear(x, [module.weight])
-    return module(x)
-
-
-def _cat_weights(weights: list[torch.Tensor], device_type: str) -> torch.Tensor:
-    """The weights stacked along the output dim, in the autocast dtype when autocast is on (cast, then cat:
-    the copy is made at the narrower dtype; gradients flow back to each weight in its own dtype)."""
-    if torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
-        weights = [w.to(dt) for w in weights]
-    return torch.cat(weights)
+        return project(self.o_proj, out.reshape(b, t, self.num_heads * self.head_dim), ops)
 
 
 class Qwen3DecoderLayer(nn.Module):
