@@ -3,7 +3,8 @@
 Inputs as in a qwen3 training step under bf16 autocast: bf16 dy, the fp32 residual sum x and its fp32
 gradient ds in; fp32 dx and the bf16 branch's dx2 out (one pass), dW. Per width and variant (module flags of
 ``llmray.kernels.rmsnorm``): whether dx / dx2 are bit-identical to the row-range kernel's, dW's largest
-relative difference, ms a call (CUDA graph of ``--calls`` calls, median over interleaved rounds) and GB/s.
+relative difference, ms a call (CUDA graph of ``--calls`` calls, ``train_micro.graph_ms``; the median over
+interleaved rounds) and GB/s.
 With ``--pytest`` the GPU tests of tests/kernels/test_rmsnorm.py run in the background while the variants
 compile (timing starts after they end). Writes OUT/rms_bwd.json after every phase.
 
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import llmray.kernels.rmsnorm as RN  # noqa: E402, N812
+from bench.train_micro import graph_ms  # noqa: E402
+from bench.train_ns import Flags as _ModuleFlags  # noqa: E402
 
 T0 = time.perf_counter()
 # (name, flags): flags over the module's defaults; "old" (the row-range kernel) is the reference. H200,
@@ -61,46 +64,9 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
-def graph_ms(fn, calls: int, cuda: bool) -> list[float]:
-    """ms a call over ``calls`` calls captured in one CUDA graph, for each of 3 replays (CPU: one wall time)."""
-    if not cuda:
-        t = time.perf_counter()
-        fn()
-        return [1e3 * (time.perf_counter() - t)]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    out = []
-    for _ in range(3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) / calls)
-    return out
-
-
-class Flags:
-    """Set module flags of ``llmray.kernels.rmsnorm`` for a block, then restore them."""
-
-    def __init__(self, flags: dict):
-        self.flags, self.old = flags, {}
-
-    def __enter__(self):
-        for k, v in self.flags.items():
-            self.old[k] = getattr(RN, k)
-            setattr(RN, k, v)
-
-    def __exit__(self, *exc):
-        for k, v in self.old.items():
-            setattr(RN, k, v)
+def rn_flags(flags: dict) -> _ModuleFlags:
+    """``llmray.kernels.rmsnorm``'s module flags set for a block, then restored."""
+    return _ModuleFlags({f"llmray.kernels.rmsnorm.{k}": v for k, v in flags.items()})
 
 
 def inputs(rows: int, n: int, dev: str) -> dict:
@@ -150,14 +116,14 @@ def main() -> None:
         t = inputs(rows, n, dev)
         moved = rows * n * (2 + 4 + 4 + 4 + 2)
         r = res.setdefault(str(n), {"gb_moved": round(moved / 1e9, 4)})
-        with Flags({"BWD_PIPELINED": False}):
+        with rn_flags({"BWD_PIPELINED": False}):
             ref = call(t)
         for name in WIDTHS.get(n, list(V)):
             flags = V[name]
             if only and name not in only and name != "old":
                 continue
             try:
-                with Flags(flags):
+                with rn_flags(flags):
                     got = call(t)
                 rel = ((got[2] - ref[2]).abs().max() / ref[2].abs().max()).item()
                 r[name] = {"dx_bit_identical": torch.equal(got[0], ref[0]),
@@ -179,8 +145,8 @@ def main() -> None:
         log(f"pytest rc {rc}: {(out / 'pytest.log').read_text().strip().splitlines()[-1:]}")
     for rnd in range(a.rounds if cuda else 1):  # interleaved rounds: clock drift hits every variant alike
         for (n, name), (flags, t, _) in fns.items():
-            with Flags(flags):
-                res[str(n)][name]["ms"] += graph_ms(lambda t=t: call(t), a.calls, cuda)
+            with rn_flags(flags):
+                res[str(n)][name]["ms"].append(graph_ms(lambda t=t: call(t), a.calls, cuda))
         log(f"round {rnd} done")
     for (n, name), (_, _, moved) in fns.items():
         v = res[str(n)][name]

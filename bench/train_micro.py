@@ -62,7 +62,7 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
 
 
-def _graph_ms(fn, calls: int, cuda: bool) -> float:
+def graph_ms(fn, calls: int, cuda: bool) -> float:
     """ms per call of ``fn``: ``calls`` calls captured in one CUDA graph, median of 5 replays (CPU: wall)."""
     if not cuda:
         t = time.perf_counter()
@@ -187,7 +187,7 @@ def qk_part(
         got = mod._QKVNormRopeFn.backward(ctx, *gs)
         err = [round(((g.float() - w_).abs().max() / w_.abs().max()).item(), 5)
                for g, w_ in zip(got[:3], want, strict=True)]  # fmt: skip
-        ms = _graph_ms(lambda: mod._QKVNormRopeFn.backward(ctx, *gs), 20 if cuda else 1, cuda)
+        ms = graph_ms(lambda: mod._QKVNormRopeFn.backward(ctx, *gs), 20 if cuda else 1, cuda)
         return got, {"ms": round(ms, 4), "gb_s": round(moved / ms / 1e6), "err_dqkv_dqw_dkw": err,
                      "ok": err[0] < 2e-2 and max(err[1:]) < 1e-2}  # fmt: skip
 
@@ -336,7 +336,7 @@ def rms_part(rows: int, n: int, cuda: bool, quick: bool = False) -> tuple[dict, 
         try:
             got = RN.rms_norm_bwd(dy, s_, w, rstd, ds=ds, dx2=dx2, prefetch=pre)
             ok = torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-3)
-            ms = _graph_ms(lambda p=pre: RN.rms_norm_bwd(dy, s_, w, rstd, ds=ds, dx2=dx2, prefetch=p),
+            ms = graph_ms(lambda p=pre: RN.rms_norm_bwd(dy, s_, w, rstd, ds=ds, dx2=dx2, prefetch=p),
                            20 if cuda else 1, cuda)  # fmt: skip
             res[name] = {"ms": round(ms, 4), "gb_s": round(moved / ms / 1e6), "ok": ok}
             if ok and pre and ms < best_ms:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from llmray.kernels._common import interpreting
 from llmray.train.fsdp import is_dtensor
-from llmray.train.muon_dist import grad_of, local_tensors, muon_group_unfused
+from llmray.train.muon_dist import grad_of, local_tensors, momentum_buffers, muon_group_unfused
 from llmray.train.optim_kernels import adamw_, muon_apply_, muon_momentum_, norm_parts
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -227,9 +227,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         returns [(stack shape, members, stack, |X|^2 partial sums or None, event or None)], members
         [(weight shape, params, first slot)]."""
         params = [p for p in group["params"] if p.grad is not None]
-        for p in params:
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        momentum_buffers(self.state, params)
         stacks: dict[tuple[int, ...], dict[tuple[int, ...], list[torch.Tensor]]] = {}
         for p in params:
             shape = tuple(p.shape)

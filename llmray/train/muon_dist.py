@@ -26,10 +26,7 @@ def muon_group_unfused(
     if not params:
         return
     mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-    for p in params:
-        if "momentum_buffer" not in state[p]:
-            state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    bufs = [state[p]["momentum_buffer"] for p in params]
+    bufs = momentum_buffers(state, params)
     torch._foreach_lerp_(local_tensors(bufs), local_tensors([grad_of(p) for p in params]), 1 - mu)
     by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for p in params:
@@ -90,6 +87,14 @@ def _muon_sharded(
             torch._foreach_mul_(local_tensors(plist), 1 - lr * wd)
         step_lr = lr_for(lr, shape, group["adjust_lr_fn"])
         torch._foreach_add_(local_tensors(plist), local_tensors(ortho), alpha=-step_lr)
+
+
+def momentum_buffers(state: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's momentum buffer in the optimizer's ``state`` (zeros like it on its first step)."""
+    for p in params:
+        if "momentum_buffer" not in state[p]:
+            state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return [state[p]["momentum_buffer"] for p in params]
 
 
 def grad_of(p: torch.Tensor) -> torch.Tensor:
